@@ -1,0 +1,198 @@
+"""Anatomy: the annotations on a captured graph that passes rely on.
+
+Everything here is read off the graph itself: layer membership from each node's
+`nn_module_stack`, attention from `aten.scaled_dot_product_attention` nodes, sequence and
+batch dimensions from the symbolic shapes of the dynamic export. Nothing looks at the
+model's Python classes, so a new architecture that exports to the same shape of graph
+needs no change here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .errors import UnsupportedModelError
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)$")
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def layer_of(node: fx.Node) -> int | None:
+    """Index of the decoder/encoder layer a node belongs to (None: prologue, epilogue, inserted)."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        m = _LAYER.search(path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+@dataclass
+class Attention:
+    """One layer's attention: the SDPA node and its post-RoPE operands."""
+    layer: int
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    scale: float | None
+    is_causal: bool
+    enable_gqa: bool
+
+    @classmethod
+    def of(cls, layer: int, node: fx.Node) -> "Attention":
+        a = list(node.args) + [None] * (7 - len(node.args))
+        kw = node.kwargs
+        return cls(layer, node, a[0], a[1], a[2], kw.get("attn_mask", a[3]), kw.get("scale", a[6]),
+                   bool(kw.get("is_causal", a[5] or False)), bool(kw.get("enable_gqa", False)))
+
+
+@dataclass
+class Layer:
+    index: int
+    nodes: list[fx.Node]
+    attention: Attention
+    kv_write: tuple[fx.Node, fx.Node] | None = None     # (keys, values) stored in the cache
+    output: fx.Node | None = None                       # residual stream leaving the layer
+
+    @property
+    def first(self) -> fx.Node:
+        return self.nodes[0]
+
+
+@dataclass
+class Anatomy:
+    """What a stage's graph is made of. Built by `read_anatomy`, extended by passes via the API."""
+    stage: str
+    model_class: str
+    layers: list[Layer]
+    inputs: dict[str, fx.Node]
+    outputs: list[fx.Node]
+    batch: object = None                 # sympy symbol of the batch dimension
+    seq: object = None                   # sympy symbol of the token dimension
+    grid: tuple[int, int] | None = None  # patch grid (H, W) of the vision encoder
+    has_cls: bool | None = None
+    features: fx.Node | None = None      # vision: per-patch features entering the projector
+    attention_kind: str = "sdpa"
+    token_dims: dict = field(default_factory=dict)      # node name -> (batch dim, token dims)
+    tokens: list = field(default_factory=list)          # TokenState per layer boundary (rewrite.py)
+    selections: list = field(default_factory=list)      # what passes selected, in order
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer(self, i: int) -> Layer:
+        if not 0 <= i < len(self.layers):
+            raise IndexError(f"layer {i} out of range: the {self.stage} graph has layers 0..{len(self.layers) - 1}")
+        return self.layers[i]
+
+    def summary(self) -> dict:
+        out = {"stage": self.stage, "layers": self.num_layers, "attention": self.attention_kind}
+        if self.stage == "vision":
+            out.update(grid=list(self.grid) if self.grid else None, cls=self.has_cls,
+                       tokens=self.grid[0] * self.grid[1] if self.grid else None)
+        else:
+            out.update(kv_cache="per-layer (k, v) outputs" if all(l.kv_write for l in self.layers) else "none")
+        return out
+
+
+def _expr(d):
+    return d.node.expr if isinstance(d, torch.SymInt) else None
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def read_anatomy(gm: fx.GraphModule, stage: str, model_class: str = "?") -> Anatomy:
+    graph = gm.graph
+    inputs = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    outputs = list(graph.find_nodes(op="output")[0].args[0])
+    by_layer: dict[int, list[fx.Node]] = {}
+    for n in graph.nodes:
+        i = layer_of(n)
+        if i is not None:
+            by_layer.setdefault(i, []).append(n)
+    layers = []
+    for i in sorted(by_layer):
+        sdpa = [n for n in by_layer[i] if n.target == SDPA]
+        if len(sdpa) != 1:
+            raise UnsupportedModelError(model_class, f"attention of {stage} layer {i}",
+                                        f"expected one scaled_dot_product_attention node, found {len(sdpa)}; "
+                                        "load the model with attn_implementation='sdpa'")
+        layers.append(Layer(i, by_layer[i], Attention.of(i, sdpa[0]), output=_layer_output(by_layer[i])))
+    if not layers:
+        raise UnsupportedModelError(model_class, f"{stage} layers",
+                                    "no node carries an nn_module_stack path ending in layers.<i>; "
+                                    "load the model with attn_implementation='sdpa'")
+    if [l.index for l in layers] != list(range(len(layers))):
+        raise UnsupportedModelError(model_class, f"contiguous {stage} layer indices")
+    anat = Anatomy(stage, model_class, layers, inputs, outputs)
+    if stage in ("prefill", "decode"):
+        _read_lm(anat, model_class)
+    else:
+        _read_vision(anat, gm, model_class)
+    return anat
+
+
+def _layer_output(nodes: list[fx.Node]) -> fx.Node | None:
+    inside = set(nodes)
+    leaving = [n for n in nodes if any(u not in inside and u.op != "output" for u in n.users)]
+    return leaving[-1] if leaving else None
+
+
+def _read_lm(anat: Anatomy, model_class: str) -> None:
+    emb = _val(anat.inputs.get("inputs_embeds"))
+    if emb is None:
+        raise UnsupportedModelError(model_class, "inputs_embeds input of the language model")
+    anat.batch, anat.seq = _expr(emb.shape[0]), _expr(emb.shape[1])
+    kv = anat.outputs[1:]
+    if len(kv) != 2 * len(anat.layers):
+        raise UnsupportedModelError(model_class, "KV-cache writes",
+                                    f"expected {2 * len(anat.layers)} cache outputs, found {len(kv)}")
+    for layer in anat.layers:
+        layer.kv_write = (kv[2 * layer.index], kv[2 * layer.index + 1])
+
+
+def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
+    conv = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)]
+    if not conv:
+        raise UnsupportedModelError(model_class, "patch embedding (conv2d) of the vision encoder")
+    shape = _val(conv[0]).shape
+    anat.grid = (int(shape[-2]), int(shape[-1]))
+    params = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    anat.has_cls = any(p.endswith("class_embedding") for p in params)
+    anat.batch = _expr(_val(anat.inputs["pixel_values"]).shape[0])
+    # the features entering the projector: the one value flowing into projector nodes from outside
+    proj = [n for n in gm.graph.nodes if "projector" in module_path(n)]
+    ins = {a for n in proj for a in n.all_input_nodes if "projector" not in module_path(a) and a.op != "get_attr"}
+    if len(ins) != 1:
+        raise UnsupportedModelError(model_class, "projector input (per-patch vision features)")
+    anat.features = ins.pop()
+    anat.token_dims[anat.features.name] = (0, (1,))
+    tokens = int(_val(anat.features).shape[1])
+    if tokens != anat.grid[0] * anat.grid[1]:
+        raise UnsupportedModelError(model_class, "patch grid matching the feature tokens",
+                                    f"grid {anat.grid} vs {tokens} feature tokens")
+
+
+def seq_dims(node: fx.Node, anat: Anatomy) -> tuple[int | None, tuple[int, ...]]:
+    """(batch dim, token dims) of a captured value, read from its symbolic shape."""
+    if node.name in anat.token_dims:
+        return anat.token_dims[node.name]
+    v = _val(node)
+    if not isinstance(v, torch.Tensor):
+        return None, ()
+    exprs = [_expr(d) for d in v.shape]
+    toks = tuple(i for i, e in enumerate(exprs) if e is not None and e == anat.seq)
+    batch = next((i for i, e in enumerate(exprs) if e is not None and e == anat.batch), None)
+    return batch, toks

@@ -1,0 +1,113 @@
+"""Per-layer KV caches of different lengths, and the decode-graph rewrite that attends to them.
+
+After a pruned prefill, layer l's cache holds exactly the tokens layer l kept. The captured
+decode step builds one attention mask from one cache length for all layers; `shrink_kv`
+rewires each layer's attention to a mask of its own, made from a per-layer input
+`kv_mask_<l>` (B, len_l + 1), so every layer attends to exactly its own cache.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .anatomy import Anatomy
+from .errors import GraphVerificationError
+
+
+def layer_mask(kv_mask):
+    """(B, P) 1/0 padding mask of a layer's cache + new token -> SDPA mask (B, 1, 1, P), True = attend."""
+    return kv_mask.bool()[:, None, None, :]
+
+
+def shrink_kv(gm: fx.GraphModule, anat: Anatomy) -> fx.GraphModule:
+    """Give every decode layer its own cache mask input; drop the shared mask computation."""
+    g = gm.graph
+    last = list(g.find_nodes(op="placeholder"))[-1]
+    masks = []
+    for layer in anat.layers:
+        with g.inserting_after(last):
+            last = g.placeholder(f"kv_mask_{layer.index}")
+        masks.append(last)
+    for layer, m in zip(anat.layers, masks):
+        sdpa = layer.attention.node
+        with g.inserting_before(sdpa):
+            mask = g.call_function(layer_mask, (m,))
+        args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
+        args[3] = mask
+        sdpa.args = tuple(args[:4]) + tuple(sdpa.args[4:])
+        kwargs = dict(sdpa.kwargs)
+        kwargs.pop("attn_mask", None)
+        kwargs["is_causal"] = False
+        sdpa.kwargs = kwargs
+    _own_lengths(g, anat)
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    for n in list(g.find_nodes(op="placeholder")):
+        if n.name == "attention_mask" and not n.users:
+            g.erase_node(n)
+    try:
+        g.lint()
+    except Exception as e:
+        raise GraphVerificationError(f"decode graph malformed after shrink_kv: {e}") from e
+    gm.recompile()
+    return gm
+
+
+def _own_lengths(g: fx.Graph, anat: Anatomy) -> None:
+    # The export unified every layer's past length with layer 0's (one shared mask forced it), so
+    # shapes inside layer l (repeat_kv's expand, ...) read layer 0's length: give each layer its own.
+    past = [n for n in g.find_nodes(op="placeholder") if n.name.startswith("past_")]
+    sym = past[0].meta["val"].shape[2].node.expr
+    for layer in anat.layers:
+        own = past[2 * layer.index]
+        inside, made = set(layer.nodes), {}
+        for n in layer.nodes:
+            for a in list(n.all_input_nodes):
+                v = a.meta.get("val")
+                if a in inside or not isinstance(v, torch.SymInt) or sym not in v.node.expr.free_symbols:
+                    continue
+                offset = v.node.expr - sym
+                if not offset.is_Integer:
+                    raise GraphVerificationError(f"decode layer {layer.index}: cannot rebase size {v.node.expr}")
+                if a not in made:
+                    with g.inserting_before(layer.first):
+                        size = g.call_function(torch.ops.aten.sym_size.int, (own, 2))
+                        made[a] = g.call_function(operator.add, (size, int(offset))) if offset else size
+                n.replace_input_with(a, made[a])
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor        # (B, H_kv, len, d)
+    values: torch.Tensor
+    mask: torch.Tensor        # (B, len) 1 for real tokens, 0 for padding
+    index: torch.Tensor       # (B, len) original prompt position of each cached token (-1: generated)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class KVCache(list):
+    """One LayerCache per decoder layer, each as long as what that layer kept."""
+
+    def lengths(self) -> list[int]:
+        return [c.length for c in self]
+
+    def bytes_per_layer(self) -> list[int]:
+        return [c.nbytes for c in self]
+
+    def append_step(self, new_kv: list[torch.Tensor]) -> "KVCache":
+        """The decode graph returns each layer's cache with the new token appended."""
+        out = KVCache()
+        for i, c in enumerate(self):
+            k, v = new_kv[2 * i], new_kv[2 * i + 1]
+            one = torch.ones_like(c.mask[:, :1])
+            out.append(LayerCache(k, v, torch.cat([c.mask, one], 1), torch.cat([c.index, -one], 1)))
+        return out

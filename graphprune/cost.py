@@ -1,0 +1,73 @@
+"""Cost accountant: matmul FLOPs per layer, counted from the graph's own nodes.
+
+An fx Interpreter runs the (rewritten) graph under FakeTensorMode, so no real compute happens
+and full-size models built on the meta device work too. Every linear / matmul / bmm / SDPA
+node adds 2 FLOPs per multiply-add, attributed to the layer in its nn_module_stack
+("head" for the lm_head / projector, "other" for the rest). Token-op nodes (scoring,
+selection) count their own small matmuls under "select".
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .anatomy import SDPA, layer_of, module_path
+
+aten = torch.ops.aten
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def node_flops(target, args, kwargs, out) -> int:
+    if target == aten.linear.default:
+        x, w = args[0], args[1]
+        return 2 * _numel(x.shape[:-1]) * w.shape[0] * w.shape[1]
+    if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, torch.matmul):
+        a, b = args[0], args[1]
+        return 2 * _numel(out.shape) * a.shape[-1]
+    if target == aten.addmm.default:
+        return 2 * _numel(out.shape) * args[1].shape[-1]
+    if target == SDPA:
+        q, k = args[0], args[1]
+        b, h, sq, d = q.shape
+        return 2 * 2 * _numel(q.shape[:-2]) * sq * k.shape[-2] * d      # QK^T and PV
+    if target in (aten.convolution.default, aten.conv2d.default):
+        w = args[1]
+        return 2 * _numel(out.shape) * _numel(w.shape[1:])
+    return 0
+
+
+class _Counter(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.flops = defaultdict(int)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op != "call_function":
+            return out
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        f = node_flops(n.target, args, kwargs, out)
+        if not f and n.target.__module__ == "graphprune.tokenops":
+            return out
+        if f:
+            layer = layer_of(n)
+            path = module_path(n)
+            key = layer if layer is not None else ("head" if ("head" in path or "projector" in path) else "other")
+            self.flops[key] += f
+        return out
+
+
+def count_flops(gm: fx.GraphModule, *inputs) -> dict:
+    """FLOPs per layer of one call of gm on inputs of these shapes (real, fake or meta tensors)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+        counter = _Counter(gm)
+        counter.run(*fake)
+    return dict(counter.flops)

@@ -1,0 +1,131 @@
+"""Pipelines: passes composed over stages, built from Python, a string or a TOML file.
+
+    "cls_topk(keep=128) | fastv(layer=2, keep=64)"      (also ';' between passes)
+    [[pass]]                                            (TOML: one table per pass)
+    method = "fastv"
+    layer = 2
+    keep = 64
+
+The pipeline runs passes stage by stage (vision, then prefill) in increasing layer order,
+verifying the graph after each one, and can print each graph after each pass (`debug=True`).
+"""
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass, field
+
+from .anatomy import Anatomy, read_anatomy
+from .capture import Stage
+from .errors import PassConfigError
+from .pass_api import PassResult, TokenPass, get_pass
+
+STAGE_ORDER = ("vision", "prefill")
+
+
+def parse_pipeline(text: str) -> list[TokenPass]:
+    """Parse "name(opt=value, ...) | name(...)" into pass instances (errors name the bad part)."""
+    passes = []
+    for part in text.replace(";", "|").split("|"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            expr = ast.parse(part if "(" in part else part + "()", mode="eval").body
+        except SyntaxError:
+            raise PassConfigError(f"cannot parse pipeline step {part!r}; write it as name(option=value, ...)") from None
+        if not isinstance(expr, ast.Call) or not isinstance(expr.func, ast.Name) or expr.args:
+            raise PassConfigError(f"pipeline step {part!r} must look like fastv(layer=2, keep=64)")
+        try:
+            options = {kw.arg: ast.literal_eval(kw.value) for kw in expr.keywords}
+        except ValueError:
+            raise PassConfigError(f"pipeline step {part!r}: option values must be literals") from None
+        passes.append(get_pass(expr.func.id)(**options))
+    return passes
+
+
+def load_toml(path: str) -> list[TokenPass]:
+    import tomllib
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    steps = doc.get("pass")
+    if not isinstance(steps, list) or not steps:
+        raise PassConfigError(f"{path}: expected one or more [[pass]] tables with a 'method' key")
+    passes = []
+    for step in steps:
+        step = dict(step)
+        if "method" not in step:
+            raise PassConfigError(f"{path}: a [[pass]] table lacks 'method'")
+        passes.append(get_pass(step.pop("method"))(**step))
+    return passes
+
+
+def as_passes(spec, **options) -> list[TokenPass]:
+    """Everything prune() accepts as a method: name (+ options), pipeline string, TOML path, passes."""
+    if isinstance(spec, TokenPass):
+        spec = [spec]
+    if isinstance(spec, (list, tuple)):
+        if options:
+            raise PassConfigError("options apply to a single method name, not to a list of passes")
+        for p in spec:
+            if not isinstance(p, TokenPass):
+                raise PassConfigError(f"pipeline items must be passes, got {p!r}")
+        return list(spec)
+    if not isinstance(spec, str):
+        raise PassConfigError(f"cannot build a pipeline from {spec!r}")
+    if spec.endswith(".toml"):
+        if not os.path.exists(spec):
+            raise PassConfigError(f"pipeline file {spec} does not exist")
+        return load_toml(spec)
+    if "(" in spec or "|" in spec or ";" in spec:
+        if options:
+            raise PassConfigError("give options inside the pipeline string, e.g. fastv(layer=2, keep=64)")
+        return parse_pipeline(spec)
+    return [get_pass(spec.strip())(**options)]
+
+
+@dataclass
+class Program:
+    """The captured stages of one model and their anatomy: what passes rewrite."""
+    stages: dict[str, Stage]
+    anatomy: dict[str, Anatomy]
+    family: object
+    results: list[PassResult] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls, model) -> "Program":
+        from .capture import capture
+        from .families import family_of
+        fam = family_of(model)
+        stages = capture(model)
+        anat = {k: read_anatomy(s.gm, k, fam.model_class) for k, s in stages.items() if s.gm is not None}
+        return cls(stages, anat, fam)
+
+    def copy(self) -> "Program":
+        stages = {k: s.copy() for k, s in self.stages.items()}
+        anat = {k: read_anatomy(s.gm, k, self.family.model_class) for k, s in stages.items() if s.gm is not None}
+        return Program(stages, anat, self.family)
+
+
+def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = False) -> Program:
+    """Apply passes to a copy of the program; the captured original is never modified."""
+    out = program.copy()
+    order = sorted(passes, key=lambda p: (STAGE_ORDER.index(_stage_of(p)), getattr(p.config, "layer", 0) or 0))
+    for p in order:
+        stage = _stage_of(p)
+        st = out.stages[stage]
+        if st.gm is None:
+            from .errors import PassNotApplicable
+            raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
+                                    f"{out.family.model_class}: {st.eager}")
+        result = p(st, out.anatomy[stage])
+        out.results.append(result)
+        if debug:
+            print(f"# ---- {stage} graph after {p!r}\n{st.gm.code}")
+    return out
+
+
+def _stage_of(p: TokenPass) -> str:
+    if p.stage not in STAGE_ORDER:
+        raise PassConfigError(f"{p.name}: stage must be one of {STAGE_ORDER}, got {p.stage!r}")
+    return p.stage

@@ -1,0 +1,281 @@
+"""Runtime: run the rewritten graphs as a model with forward() and generate().
+
+    pruned = graphprune.prune(model, "fastv", layer=2, keep=64)
+    out = pruned(**inputs)                 # prefill logits of the kept tokens + per-layer caches
+    ids = pruned.generate(**inputs, max_new_tokens=32)
+    print(pruned.report.table())
+
+Inputs are what the Hugging Face processor returns (image tokens already expanded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import tokenops
+from .cache import KVCache, LayerCache, shrink_kv
+from .errors import InputError, PassConfigError
+from .pipeline import Program, as_passes, run_pipeline
+from .report import Report
+
+
+@dataclass
+class PrunedOutput:
+    logits: torch.Tensor            # (B, S_kept, vocab): logits of every token the last layer kept
+    cache: KVCache                  # per-layer caches after prefill
+    positions: torch.Tensor         # position ids of the prompt as fed to the LM
+    kept: torch.Tensor              # (B, S_kept) original prompt index of each row of `logits`
+    report: Report = None
+
+
+@dataclass
+class _Prompt:
+    embeds: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    vision_pos: torch.Tensor       # (B, images, tokens)
+    index: torch.Tensor            # (B, S) index of each LM token in the processor's prompt
+    patches_kept: torch.Tensor | None = None
+    notes: list = field(default_factory=list)
+
+
+def _ensure_passes_registered():
+    from . import passes  # noqa: F401
+
+
+class PrunedModel:
+    def __init__(self, model, program: Program, pipeline: list, base: Program):
+        self.model = model
+        self.program = program          # the rewritten stages
+        self.base = base                # the captured, unpruned stages (text-only prompts)
+        self.pipeline = pipeline
+        self.family = program.family
+        self.decode_gm = shrink_kv(program.stages["decode"].gm, program.anatomy["decode"])
+        self.num_layers = program.anatomy["prefill"].num_layers
+        self.report: Report | None = None
+        self.results = program.results
+
+    # -- prompt preparation -----------------------------------------------------------------
+    def _layout(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, images, tokens) positions of the vision tokens, from the image-token mask."""
+        is_img = input_ids == self.family.image_token_id()
+        counts = is_img.sum(1)
+        if int(counts.max()) == 0:
+            return None
+        if not bool((counts == counts[0]).all()):
+            raise InputError(f"samples carry different numbers of vision tokens {counts.tolist()}; "
+                             "a batch needs the same images-per-sample and image size so budgets stay rectangular")
+        b, s = input_ids.shape
+        pos = torch.arange(s).expand(b, s)[is_img].reshape(b, -1)
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        n_img = starts.sum(1)
+        if not bool((n_img == n_img[0]).all()) or pos.shape[1] % int(n_img[0]):
+            raise InputError("images in the batch have different token counts; batch images of one size together")
+        n = int(n_img[0])
+        return pos.reshape(b, n, pos.shape[1] // n)
+
+    def _image_features(self, pixel_values, image_grid_thw, vision_pos):
+        b, n, v = vision_pos.shape
+        vision = self.program.stages["vision"]
+        if vision.gm is not None:
+            if pixel_values is None:
+                raise InputError("the prompt has image tokens but no pixel_values were given")
+            if pixel_values.shape[0] != b * n:
+                raise InputError(f"{pixel_values.shape[0]} images for {b} samples x {n} image blocks")
+            outs = _call(vision.gm, pixel_values=pixel_values)
+            feats, kept = outs["features"], outs.get("patches_kept")
+        else:
+            feats, kept = self.family.image_features(pixel_values, image_grid_thw), None
+        return feats.reshape(b, n, -1, feats.shape[-1]), kept
+
+    def _prompt(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
+                mm_token_type_ids=None) -> _Prompt | None:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vision_pos = self._layout(input_ids)
+        if vision_pos is None:
+            return None
+        b, n, v = vision_pos.shape
+        self._check_budgets(v)
+        positions = self.family.positions(input_ids, attention_mask, image_grid_thw=image_grid_thw,
+                                          mm_token_type_ids=mm_token_type_ids)
+        feats, kept = self._image_features(pixel_values, image_grid_thw, vision_pos)
+        index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        if kept is not None:                     # a vision-stage pass kept k of v patches per image
+            k = kept.shape[-1]
+            chosen = vision_pos.gather(2, kept.reshape(b, n, k))
+            keep, new_pos = tokenops._apply_choice(vision_pos, chosen, index, n * k)
+            input_ids, attention_mask, index = (t.gather(1, keep) for t in (input_ids, attention_mask, index))
+            if self._vision_positions() == "keep":
+                positions = tokenops.take_tokens(positions, keep, positions.dim() - 2, (positions.dim() - 1,))
+            else:
+                positions = self.family.positions(input_ids, attention_mask)
+            vision_pos = new_pos
+        embeds = tokenops.merge_image_features(self.family.embed(input_ids), feats, vision_pos)
+        return _Prompt(embeds, positions, attention_mask, vision_pos, index, kept)
+
+    def _vision_positions(self) -> str:
+        for r in self.results:
+            if r.info["stage"] == "vision":
+                return r.info["positions"]
+        return "keep"
+
+    def _check_budgets(self, tokens_per_image: int) -> None:
+        for r in self.results:
+            keep = r.info["keep"]
+            if isinstance(keep, int) and keep > tokens_per_image:
+                raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
+                                      "tokens per image of this prompt")
+            if r.info["stage"] == "vision":
+                tokens_per_image = tokenops.budget(keep, tokens_per_image)
+
+    # -- prefill ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, **unused) -> PrunedOutput:
+        return self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **unused)
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                mm_token_type_ids=None, **unused) -> PrunedOutput:
+        if unused:
+            raise InputError(f"unexpected inputs {sorted(unused)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        if prompt is None:                      # text-only prompt: nothing to prune
+            gm = self.base.stages["prefill"].gm
+            positions = self.family.positions(input_ids, attention_mask)
+            embeds = self.family.embed(input_ids)
+            outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
+            index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            note = "text-only prompt (no vision tokens): ran unpruned"
+            return self._finish(outs, attention_mask, positions, index, None, [note])
+        gm = self.program.stages["prefill"].gm
+        outs = _call(gm, inputs_embeds=prompt.embeds, position_ids=prompt.position_ids,
+                     attention_mask=prompt.attention_mask, vision_pos=prompt.vision_pos)
+        return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [])
+
+    def _finish(self, outs, attention_mask, positions, index, prompt, notes) -> PrunedOutput:
+        seq = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
+        cache, layer_index = KVCache(), seq
+        starts = {int(name.rsplit("_", 1)[1]): t for name, t in outs.items() if name.startswith("tokens_from_layer_")}
+        for i in range(self.num_layers):
+            layer_index = starts.get(i, layer_index)
+            cache.append(LayerCache(outs[f"k_{i}"], outs[f"v_{i}"], attention_mask.gather(1, layer_index),
+                                    index.gather(1, layer_index)))
+        kept = index.gather(1, layer_index)
+        vision = 0 if prompt is None else prompt.vision_pos.shape[1] * prompt.vision_pos.shape[2]
+        self.report = Report.build(self, cache, vision, prompt, notes)
+        return PrunedOutput(outs["logits"], cache, positions, kept, self.report)
+
+    # -- decode -----------------------------------------------------------------------------
+    def _step(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor):
+        embeds = self.family.embed(token[:, None])
+        args = {"inputs_embeds": embeds, "position_ids": position}
+        for i, c in enumerate(cache):
+            args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = c.keys, c.values
+            args[f"kv_mask_{i}"] = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], 1)
+        outs = _call(self.decode_gm, **args)
+        return outs["logits"][:, -1], cache.append_step([outs[k] for k in self.decode_gm.meta["graphprune_outputs"][1:]])
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, *, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy or sampled decoding through the per-layer caches; returns prompt + new tokens."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise InputError("temperature must be > 0 when sampling")
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if eos_token_id is None else eos_token_id
+        eos = set([eos] if isinstance(eos, int) else (eos or []))
+        pad = pad_token_id if pad_token_id is not None else (gen.pad_token_id if gen.pad_token_id is not None else 0)
+        out = self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        report = self.report
+        logits, cache = out.logits[:, -1], out.cache
+        pos = out.positions
+        next_pos = (pos.amax(dim=tuple(range(pos.dim() - 2))) if pos.dim() == 3 else pos).amax(-1, keepdim=True) + 1
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        new = []
+        for step in range(max_new_tokens):
+            tok = _choose(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            new.append(tok)
+            done |= torch.isin(tok, torch.tensor(sorted(eos), dtype=tok.dtype)) if eos else done
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            p = next_pos + step
+            p = p[None].expand(3, -1, -1) if self.family.position_axes == 3 else p
+            logits, cache = self._step(cache, tok, p)
+        self.report = report.with_decode(cache, len(new))
+        return torch.cat([input_ids, torch.stack(new, 1)], 1)
+
+
+def _choose(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _as_tuple(x):
+    return x if isinstance(x, (tuple, list)) else (x,)
+
+
+def _call(gm, **inputs) -> dict:
+    """Run a stage graph with inputs by placeholder name; outputs by name."""
+    args = [inputs[n.name] for n in gm.graph.find_nodes(op="placeholder")]
+    return dict(zip(gm.meta["graphprune_outputs"], _as_tuple(gm(*args))))
+
+
+_PROGRAMS: dict[int, tuple] = {}
+
+
+def prune(model, method=None, *, program: Program | None = None, debug: bool = False, **options) -> PrunedModel:
+    """Prune a Hugging Face VLM with a method name (+ options), a pipeline string/TOML file, or passes.
+
+    All options are validated, the model captured and the graphs rewritten before this returns;
+    nothing runs on data until the pruned model is called. `method=None` or `[]` gives the
+    unpruned captured model (useful as the baseline).
+    """
+    _ensure_passes_registered()
+    passes = [] if method is None else as_passes(method, **options)
+    if program is None:
+        key = id(model)
+        if key not in _PROGRAMS or _PROGRAMS[key][0] is not model:
+            _PROGRAMS[key] = (model, Program.capture(model))
+        program = _PROGRAMS[key][1]
+    _check_static_budgets(program, passes)
+    rewritten = run_pipeline(program, passes, debug=debug)
+    return PrunedModel(model, rewritten, passes, program)
+
+
+def _check_static_budgets(program: Program, passes) -> None:
+    """Budgets larger than a LLaVA image's token count fail here, before any rewriting."""
+    vision = program.anatomy.get("vision")
+    if vision is None or vision.grid is None:
+        return
+    tokens = vision.grid[0] * vision.grid[1]
+    for p in sorted(passes, key=lambda p: p.stage != "vision"):
+        keep = getattr(p.config, "keep", None)
+        if keep is None:
+            continue
+        if isinstance(keep, int) and keep > tokens:
+            raise PassConfigError(f"{p!r}: keep={keep} exceeds the {tokens} vision tokens per image "
+                                  f"({vision.grid[0]}x{vision.grid[1]} patch grid)")
+        if p.stage == "vision":
+            tokens = tokenops.budget(keep, tokens)

@@ -1,0 +1,138 @@
+"""Token ops: the scoring and selection nodes passes insert into captured graphs.
+
+Each op is one call_function node in the rewritten graph, so a printed graph reads like the
+method (`attention_rows -> select_topk -> take_tokens`). All shapes depend only on static
+budgets, never on data, so graphs stay exportable and CUDA-graph friendly.
+
+Layout conventions (prefill): `vision_pos` is (B, images, tokens_per_image), the positions of
+each image's vision tokens in the current sequence, ascending.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def budget(keep: int | float, available: int) -> int:
+    """Tokens kept per image for `keep` (an int count, or a float fraction in (0, 1])."""
+    k = keep if isinstance(keep, int) else max(1, round(keep * available))
+    if not 0 < k <= available:
+        raise ValueError(f"budget {keep!r} asks for {k} of {available} vision tokens per image")
+    return k
+
+
+def attention_rows(q, k, mask, scale, is_causal: bool, queries, keys):
+    """Head-averaged attention probabilities of a few query rows, recomputed from q and k.
+
+    q (B, H, S, d), k (B, H or H_kv, S, d) post-RoPE; queries (B, nq) positions; keys
+    (B, n, V) positions. Softmax runs over every key (the layer's own attention row), then the
+    columns at `keys` are taken: (B, nq, n, V). Only nq x S logits are formed, never S x S,
+    so the layer itself keeps its fused SDPA / flash kernel.
+    """
+    b, h, s, d = q.shape
+    if k.shape[1] != h:
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+    qi = queries[:, None, :, None].expand(b, h, queries.shape[1], d)
+    logits = torch.matmul(q.gather(2, qi).float(), k.float().transpose(-1, -2))
+    logits = logits * (scale if scale is not None else 1.0 / math.sqrt(d))
+    if mask is not None:
+        rows = mask.expand(b, -1, s, s).gather(2, queries[:, None, :, None].expand(b, mask.shape[1], queries.shape[1], s))
+        logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.float()
+    elif is_causal:
+        future = torch.arange(s, device=q.device)[None, None, None, :] > queries[:, None, :, None]
+        logits = logits.masked_fill(future, float("-inf"))
+    probs = logits.softmax(-1).mean(1)                                   # (B, nq, S)
+    n, v = keys.shape[1], keys.shape[2]
+    cols = probs.gather(2, keys.reshape(b, 1, n * v).expand(b, probs.shape[1], n * v))
+    return cols.reshape(b, probs.shape[1], n, v)
+
+
+def token_features(x, keys, batch_dim: int = 0, seq_dim: int = 1):
+    """Rows of x (B, S, ...) at the vision positions `keys` (B, n, V): (B, n, V, ...)."""
+    b, n, v = keys.shape
+    x = x.movedim(seq_dim, 1) if seq_dim != 1 else x
+    idx = keys.reshape(b, n * v, *([1] * (x.dim() - 2))).expand(b, n * v, *x.shape[2:])
+    return x.gather(1, idx).reshape(b, n, v, *x.shape[2:])
+
+
+def last_position(seq_index):
+    """(B, 1) position of the last token of the current sequence (the last prompt token)."""
+    return torch.full((seq_index.shape[0], 1), seq_index.shape[1] - 1, dtype=torch.long, device=seq_index.device)
+
+
+def first_position(seq_index):
+    """(B, 1) position 0: the CLS query of a vision encoder."""
+    return torch.zeros((seq_index.shape[0], 1), dtype=torch.long, device=seq_index.device)
+
+
+def _keep_from_mask(kept, count: int):
+    # positions of the True entries, ascending, with a static count: stable sort puts kept first
+    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)
+    return order[:, :count]
+
+
+def select_topk(scores, vision_pos, seq_index, k: int):
+    """Keep the top-k vision tokens of each image by score; every other token is kept.
+
+    Returns keep (B, S') ascending positions into the current sequence, the kept vision
+    tokens' positions in the new sequence (B, n, k), and which of each image's tokens were
+    kept (B, n, k, ascending local indices 0..V-1).
+    """
+    b, n, v = vision_pos.shape
+    picked = scores.float().topk(k, dim=-1, sorted=True).indices.sort(-1).values
+    chosen = vision_pos.gather(2, picked)
+    return _apply_choice(vision_pos, chosen, seq_index, n * k) + (picked,)
+
+
+def withdraw_all(vision_pos, seq_index):
+    """Drop every vision token (VTW): keep all other tokens."""
+    b, n, _ = vision_pos.shape
+    chosen = vision_pos[:, :, :0]
+    return _apply_choice(vision_pos, chosen, seq_index, 0) + (chosen,)
+
+
+def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
+    b, s = seq_index.shape
+    n = vision_pos.shape[1]
+    kept = torch.ones(b, s, dtype=torch.bool, device=seq_index.device)
+    kept = kept.scatter(1, vision_pos.reshape(b, -1), False).scatter(1, chosen.reshape(b, -1), True)
+    keep = _keep_from_mask(kept, s - vision_pos.shape[1] * vision_pos.shape[2] + kept_vision)
+    new_pos = torch.searchsorted(keep.contiguous(), chosen.reshape(b, -1)).reshape(b, n, -1)
+    return keep, new_pos
+
+
+def take_tokens(x, keep, batch_dim, seq_dims: tuple[int, ...]):
+    """Gather the kept tokens of x along each token dimension, per sample along batch_dim.
+
+    A value broadcast over the batch (size-1 batch dim, or none: then dim 0 is taken) is
+    expanded first, since samples keep different tokens.
+    """
+    b, n = keep.shape
+    batch_dim = 0 if batch_dim is None else batch_dim
+    if x.shape[batch_dim] != b:
+        x = x.expand(*[b if i == batch_dim else -1 for i in range(x.dim())])
+    for d in seq_dims:
+        shape = [1] * x.dim()
+        shape[batch_dim], shape[d] = b, n
+        idx = (keep if batch_dim < d else keep.t()).reshape(shape)
+        target = list(x.shape)
+        target[d] = n
+        x = x.gather(d, idx.expand(target))
+    return x
+
+
+def seq_positions(attention_mask):
+    """(B, S) ascending token positions 0..S-1: the original-index map of an unpruned sequence."""
+    b, s = attention_mask.shape[0], attention_mask.shape[-1]
+    return torch.arange(s, device=attention_mask.device).expand(b, s)
+
+
+def merge_image_features(embeds, features, vision_pos):
+    """Place image features (B, n, V, D) at the vision positions (B, n, V) of embeds (B, S, D).
+
+    LLaVA's masked_scatter at <image> tokens, as a fixed-shape scatter.
+    """
+    b, n, v = vision_pos.shape
+    idx = vision_pos.reshape(b, n * v, 1).expand(b, n * v, embeds.shape[-1])
+    return embeds.scatter(1, idx, features.reshape(b, n * v, -1).to(embeds.dtype))

@@ -1,0 +1,145 @@
+"""Small models built on the spot from configs: no download, no weights shipped.
+
+They have the real architectures (LLaVA-1.5: CLIP tower with CLS + MLP projector + Llama;
+Qwen2-VL: windowless ViT with 2x2 patch merger + Qwen2 LM with M-RoPE), only narrower and
+shallower, so every capture, anatomy and pass runs exactly as on the full-size checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Example:
+    """Model inputs the way the HF processor would produce them (image tokens already expanded)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
+
+    def as_kwargs(self) -> dict:
+        kw = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            kw["pixel_values"] = self.pixel_values
+        if self.image_grid_thw is not None:
+            kw["image_grid_thw"] = self.image_grid_thw
+        if self.mm_token_type_ids is not None:
+            kw["mm_token_type_ids"] = self.mm_token_type_ids
+        return kw
+
+
+def tiny_llava(seed: int = 0, *, layers: int = 4, image_size: int = 84, patch: int = 14,
+               hidden: int = 64, vision_hidden: int = 48, vision_layers: int = 3):
+    """LLaVA-1.5 architecture: 6x6 patch grid (36 vision tokens per image) by default."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                          num_hidden_layers=vision_layers, num_attention_heads=4,
+                          image_size=image_size, patch_size=patch, projection_dim=vision_hidden)
+    tc = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=160,
+                     max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=150,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _spread_logits(model)
+    return model
+
+
+def tiny_qwen2vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Qwen2-VL architecture (no CLS in the vision tower, 3-D M-RoPE positions in the LM)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    head_dim = hidden // 4
+    cfg = Qwen2VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=160,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": _mrope_section(head_dim)}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=150, video_token_id=151, vision_start_token_id=148, vision_end_token_id=149,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    _spread_logits(model)
+    return model
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    # temporal / height / width split of the rotary half-dimension, as Qwen2-VL's [16, 24, 24]
+    t = head_dim // 8
+    rest = head_dim // 2 - t
+    return [t, rest // 2, rest - rest // 2]
+
+
+def _spread_logits(model) -> None:
+    # Random init gives nearly flat logits, so greedy decoding would hinge on 1e-7 ties; a
+    # larger output head makes token choices well separated and parity tests meaningful.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+
+
+def llava_example(model, *, batch: int = 1, images_per_sample: int = 1, prefix: int = 5,
+                  suffix: int = 7, pad: tuple[int, ...] = (), seed: int = 0) -> Example:
+    """A processor-style LLaVA input: [pad][bos, prefix text][<image> x V]...[suffix text].
+
+    `pad[i]` left-pads sample i (so samples may have different text lengths).
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    v = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    img = cfg.image_token_id
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    rows = []
+    for b in range(batch):
+        ids = [1] + torch.randint(3, 140, (prefix,), generator=g).tolist()
+        for i in range(images_per_sample):
+            ids += [img] * v
+            if i + 1 < images_per_sample:
+                ids += torch.randint(3, 140, (2,), generator=g).tolist()
+        ids += torch.randint(3, 140, (suffix - pad[b],), generator=g).tolist()
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(batch * images_per_sample, 3, size, size, generator=g)
+    return Example(input_ids, mask, pixels)
+
+
+def qwen2vl_example(model, *, batch: int = 1, grid: tuple[int, int] = (8, 8), prefix: int = 5,
+                    suffix: int = 7, pad: tuple[int, ...] = (), seed: int = 0) -> Example:
+    """A processor-style Qwen2-VL input with one image of `grid` patches (merged 2x2 in the LM)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vc = cfg.vision_config
+    h, w = grid
+    v = (h // vc.spatial_merge_size) * (w // vc.spatial_merge_size)
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    rows = []
+    for b in range(batch):
+        ids = [1] + torch.randint(3, 140, (prefix,), generator=g).tolist()
+        ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * v + [cfg.vision_end_token_id]
+        ids += torch.randint(3, 140, (suffix - pad[b],), generator=g).tolist()
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    pixels = torch.randn(batch * h * w, patch_dim, generator=g)
+    thw = torch.tensor([[1, h, w]] * batch)
+    types = (input_ids == cfg.image_token_id).int()
+    return Example(input_ids, mask, pixels, thw, types)

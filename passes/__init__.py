@@ -1,0 +1,2 @@
+"""Built-in token-pruning methods, one module per method (imported as graphprune.passes)."""
+from . import cls_topk, fastv, vtw  # noqa: F401

@@ -1,0 +1,1 @@
+"""Lowerings of rewritten graphs (imported as graphprune.targets). Here: eager PyTorch."""

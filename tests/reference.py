@@ -1,0 +1,441 @@
+"""Independent reference implementation used to check graphprune.
+
+Everything here is plain PyTorch written from the papers' equations and the model architectures. It reads
+only a model's weights (``model.state_dict()``) and its config; it never calls a Hugging Face module's
+forward (no ``model(...)``, no ``layer(...)``). Attention is always computed explicitly as
+``softmax(Q K^T * scale + mask)`` in fp32, so that attention probabilities are available for the
+selection rules.
+
+Two pieces of bookkeeping are taken from Hugging Face, for Qwen2-VL only (see ``qwen2vl_inputs``):
+the vision features (``model.model.get_image_features``: Qwen2-VL has no CLS-based pass to check, and the
+pruning under test happens in the language model) and the 3-D M-RoPE position ids
+(``model.model.get_rope_index``: position bookkeeping, not the computation under test).
+
+Conventions (they match transformers 5.23 ``generate()``):
+  * left padding; LLaVA position ids are ``cumsum(attention_mask) - 1`` with padded positions set to 0
+    (``GenerationMixin._prepare_position_ids_for_generation``); Qwen2-VL uses ``get_rope_index`` which
+    also leaves padded positions at 0. Padded tokens are masked as keys, so their positions never
+    influence a real token.
+  * padded queries (rows with every key masked) get an additive mask of ``finfo.min`` everywhere, which
+    makes their softmax uniform (as HF's eager path) instead of NaN; their outputs are never used.
+  * decoding: the token generated at step t (t = 0 is the argmax of the prefill's last logits) is fed at
+    position ``max(prompt position ids of that sample) + 1 + t`` (all three M-RoPE axes alike).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "llava_image_features", "llava_inputs", "qwen2vl_inputs", "lm_generate",
+    "fastv_select", "vtw_select", "vtw_kl",
+]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _act(name: str) -> Callable[[Tensor], Tensor]:
+    """Activation functions, written out (names as in HF configs)."""
+    name = name.lower()
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "gelu":  # exact (erf) GELU
+        return lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if name in ("silu", "swish"):
+        return lambda x: x * torch.sigmoid(x)
+    if name == "relu":
+        return lambda x: torch.clamp(x, min=0)
+    raise NotImplementedError(f"activation {name!r}")
+
+
+def _weights(model) -> dict[str, Tensor]:
+    return {k: v.detach().float() for k, v in model.state_dict().items()}
+
+
+def _linear(x: Tensor, w: dict[str, Tensor], prefix: str) -> Tensor:
+    y = x @ w[prefix + ".weight"].t()
+    b = w.get(prefix + ".bias")
+    return y + b if b is not None else y
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * weight + bias
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float):
+    """q (B,H,T,d), k/v (B,H,L,d), allowed (B,T,L) bool or None -> (out (B,H,T,d), probs (B,H,T,L))."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        neg = torch.finfo(scores.dtype).min
+        scores = scores + torch.where(allowed, 0.0, neg)[:, None]
+    probs = torch.softmax(scores.float(), dim=-1)
+    return probs @ v, probs
+
+
+# --------------------------------------------------------------------------------- LLaVA vision tower
+
+@torch.no_grad()
+def llava_image_features(model, pixel_values: Tensor, cls_keep: int | None = None):
+    """CLIP vision tower + LLaVA projector, by hand.
+
+    Returns (features (n_images, V, D_text), kept_idx or None). With ``cls_keep=k`` (FasterVLM "cls_topk"),
+    keeps the k patches most attended by the CLS query in the layer that produces the selected features
+    (head-averaged attention probabilities, columns 1.. of row 0), indices sorted ascending.
+    """
+    cfg = model.config
+    vc = cfg.vision_config
+    w = _weights(model)
+    p = "model.vision_tower."
+    if p + "embeddings.class_embedding" not in w:  # older layouts: model.vision_tower.vision_model.*
+        p = "model.vision_tower.vision_model."
+    eps = vc.layer_norm_eps
+    n_heads = vc.num_attention_heads
+    d = vc.hidden_size
+    hd = d // n_heads
+    act = _act(vc.hidden_act)
+
+    x = pixel_values.float()
+    n = x.shape[0]
+    patches = F.conv2d(x, w[p + "embeddings.patch_embedding.weight"], stride=vc.patch_size)  # (n, d, g, g)
+    patches = patches.flatten(2).transpose(1, 2)  # (n, V, d), row-major over the grid
+    cls = w[p + "embeddings.class_embedding"].expand(n, 1, d)
+    h = torch.cat([cls, patches], dim=1)
+    pos = w[p + "embeddings.position_embedding.weight"]
+    assert pos.shape[0] == h.shape[1], "position-embedding interpolation is not supported"
+    h = h + pos[None]
+    h = _layer_norm(h, w[p + "pre_layrnorm.weight"], w[p + "pre_layrnorm.bias"], eps)
+
+    n_layers = vc.num_hidden_layers
+    layer = cfg.vision_feature_layer
+    assert isinstance(layer, int), "only a single vision_feature_layer is supported"
+    hs_index = layer % (n_layers + 1)  # index into hidden_states (hidden_states[0] = embeddings)
+    assert hs_index >= 1 or cls_keep is None
+
+    hidden_states = [h]
+    attn_of_layer = {}
+    for i in range(n_layers):
+        lp = f"{p}encoder.layers.{i}."
+        r = h
+        y = _layer_norm(h, w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], eps)
+        t = y.shape[1]
+        q = _linear(y, w, lp + "self_attn.q_proj").view(n, t, n_heads, hd).transpose(1, 2)
+        k = _linear(y, w, lp + "self_attn.k_proj").view(n, t, n_heads, hd).transpose(1, 2)
+        v = _linear(y, w, lp + "self_attn.v_proj").view(n, t, n_heads, hd).transpose(1, 2)
+        o, probs = _softmax_attention(q, k, v, None, hd ** -0.5)
+        attn_of_layer[i] = probs
+        o = o.transpose(1, 2).reshape(n, t, d)
+        h = r + _linear(o, w, lp + "self_attn.out_proj")
+        r = h
+        y = _layer_norm(h, w[lp + "layer_norm2.weight"], w[lp + "layer_norm2.bias"], eps)
+        y = _linear(act(_linear(y, w, lp + "mlp.fc1")), w, lp + "mlp.fc2")
+        h = r + y
+        hidden_states.append(h)
+        if i + 1 >= hs_index:
+            break  # later layers do not influence the selected features
+
+    feats = hidden_states[hs_index]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    else:
+        assert cls_keep is None, "cls_topk needs the CLS token to be dropped (strategy 'default')"
+    pact = _act(cfg.projector_hidden_act)
+    feats = _linear(pact(_linear(feats, w, "model.multi_modal_projector.linear_1")), w,
+                    "model.multi_modal_projector.linear_2")
+    if cls_keep is None:
+        return feats, None
+
+    probs = attn_of_layer[hs_index - 1]  # (n, H, 1+V, 1+V), layer producing hidden_states[hs_index]
+    cls_attn = probs[:, :, 0, 1:].mean(dim=1)  # (n, V)
+    kept = torch.topk(cls_attn, cls_keep, dim=-1).indices.sort(dim=-1).values
+    feats = torch.gather(feats, 1, kept[..., None].expand(-1, -1, feats.shape[-1]))
+    return feats, kept
+
+
+# ------------------------------------------------------------------------------------------ LM inputs
+
+def _positions_from_mask(mask: Tensor) -> Tensor:
+    # transformers 5.23 GenerationMixin._prepare_position_ids_for_generation: cumsum - 1, pads -> 0
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+@torch.no_grad()
+def llava_inputs(model, example, cls_keep: int | None = None):
+    """LM inputs for LLaVA: (inputs_embeds (B,S,D), attention_mask (B,S), position_ids (B,S), vision_mask (B,S)).
+
+    Image features fill the image-token positions in row-major order (as HF's ``masked_scatter``).
+    With ``cls_keep=k`` each image keeps only its k CLS-selected tokens; the other image tokens are removed
+    from the sequence and positions are recomputed over the shorter sequence ("compact").
+    """
+    cfg = model.config
+    w = _weights(model)
+    ids = example.input_ids
+    mask = example.attention_mask
+    emb = w["model.language_model.embed_tokens.weight"][ids]  # (B, S, D)
+    feats, kept = llava_image_features(model, example.pixel_values, cls_keep=cls_keep)
+    img = ids == cfg.image_token_id
+    b_idx, s_idx = img.nonzero(as_tuple=True)  # row-major order
+    n_images = feats.shape[0] if kept is None else kept.shape[0]
+    v_full = b_idx.numel() // n_images
+    b_idx = b_idx.view(n_images, v_full)
+    s_idx = s_idx.view(n_images, v_full)
+    keep_tok = torch.ones_like(ids, dtype=torch.bool)
+    if kept is not None:
+        drop = torch.ones(n_images, v_full, dtype=torch.bool)
+        drop[torch.arange(n_images)[:, None], kept] = False
+        keep_tok[b_idx[drop], s_idx[drop]] = False
+        b_idx = torch.gather(b_idx, 1, kept)
+        s_idx = torch.gather(s_idx, 1, kept)
+    emb = emb.clone()
+    emb[b_idx.reshape(-1), s_idx.reshape(-1)] = feats.reshape(-1, feats.shape[-1])
+    if kept is not None:
+        counts = keep_tok.sum(1)
+        assert bool((counts == counts[0]).all()), "every sample must keep the same number of tokens"
+        rows = [keep_tok[b].nonzero(as_tuple=True)[0] for b in range(ids.shape[0])]
+        idx = torch.stack(rows)
+        emb = torch.gather(emb, 1, idx[..., None].expand(-1, -1, emb.shape[-1]))
+        mask = torch.gather(mask, 1, idx)
+        img = torch.gather(img, 1, idx)
+    return emb, mask, _positions_from_mask(mask), img
+
+
+@torch.no_grad()
+def qwen2vl_inputs(model, example):
+    """LM inputs for Qwen2-VL: (inputs_embeds, attention_mask, position_ids (3,B,S), vision_mask).
+
+    NOTE: the vision features come from HF's visual module (``model.model.get_image_features``) and the
+    M-RoPE position ids from ``model.model.get_rope_index``. This is allowed for Qwen2-VL only: there is no
+    CLS-based pass to check in its vision tower, and the positions are bookkeeping, not the computation
+    under test. Everything in the language model is computed by hand in ``lm_generate``.
+    """
+    cfg = model.config
+    w = _weights(model)
+    ids = example.input_ids
+    emb = w["model.language_model.embed_tokens.weight"][ids].clone()
+    out = model.model.get_image_features(example.pixel_values, example.image_grid_thw)
+    pooled = out.pooler_output if hasattr(out, "pooler_output") else out
+    feats = torch.cat(list(pooled), dim=0).float() if isinstance(pooled, (list, tuple)) else pooled.float()
+    img = ids == cfg.image_token_id
+    emb[img] = feats  # row-major order, as masked_scatter
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=example.mm_token_type_ids,
+                                        image_grid_thw=example.image_grid_thw,
+                                        attention_mask=example.attention_mask)
+    return emb, example.attention_mask, pos, img
+
+
+# ------------------------------------------------------------------------------------ language model
+
+class _LM:
+    """Weights and hyper-parameters of the decoder (Llama or Qwen2 with M-RoPE)."""
+
+    def __init__(self, model):
+        cfg = model.config
+        tc = getattr(cfg, "text_config", cfg)
+        self.w = _weights(model)
+        pre = "model.language_model."
+        if pre + "embed_tokens.weight" not in self.w:
+            pre = "model."
+        self.pre = pre
+        self.n_layers = tc.num_hidden_layers
+        self.n_heads = tc.num_attention_heads
+        self.n_kv = tc.num_key_value_heads
+        self.hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        if cfg.model_type == "qwen2_vl":  # Qwen2VLAttention uses hidden_size // num_heads
+            self.hd = tc.hidden_size // tc.num_attention_heads
+        self.eps = tc.rms_norm_eps
+        self.act = _act(tc.hidden_act)
+        rp = tc.rope_parameters
+        assert rp.get("rope_type", "default") == "default", "only default RoPE is implemented"
+        theta = rp["rope_theta"]
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))
+        self.mrope_section = rp.get("mrope_section") if cfg.model_type == "qwen2_vl" else None
+        self.lm_head = self.w["lm_head.weight"]
+        self.embed = self.w[pre + "embed_tokens.weight"]
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """pos (B,T) or (3,B,T) -> cos, sin (B,T,hd)."""
+        if self.mrope_section is None:
+            assert pos.dim() == 2
+            freqs = pos.float()[..., None] * self.inv_freq  # (B,T,hd/2)
+        else:
+            if pos.dim() == 2:
+                pos = pos[None].expand(3, -1, -1)
+            f = pos.float()[..., None] * self.inv_freq  # (3,B,T,hd/2)
+            # M-RoPE: the rotary half-dim is split into [t, h, w] sections; section i uses axis i % 3
+            chunks = f.split(list(self.mrope_section), dim=-1)
+            freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def layer(self, i: int, h: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor | None,
+              past_v: Tensor | None, allowed: Tensor):
+        """One decoder layer. h (B,T,D); past k/v (B,KV,L0,hd) or None; allowed (B,T,L0+T) bool.
+
+        Returns (h_out, k_all, v_all, probs (B,H,T,L0+T)); k_all/v_all include the new tokens (post-RoPE).
+        """
+        w, lp = self.w, f"{self.pre}layers.{i}."
+        b, t, d = h.shape
+        r = h
+        y = _rms_norm(h, w[lp + "input_layernorm.weight"], self.eps)
+        q = _linear(y, w, lp + "self_attn.q_proj").view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = _linear(y, w, lp + "self_attn.k_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = _linear(y, w, lp + "self_attn.v_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        if past_k is not None:
+            k = torch.cat([past_k, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+        rep = self.n_heads // self.n_kv  # GQA: query head j uses kv head j // rep
+        kk = k.repeat_interleave(rep, dim=1)
+        vv = v.repeat_interleave(rep, dim=1)
+        o, probs = _softmax_attention(q, kk, vv, allowed, self.hd ** -0.5)
+        o = o.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
+        h = r + _linear(o, w, lp + "self_attn.o_proj")
+        r = h
+        y = _rms_norm(h, w[lp + "post_attention_layernorm.weight"], self.eps)
+        y = _linear(self.act(_linear(y, w, lp + "mlp.gate_proj")) * _linear(y, w, lp + "mlp.up_proj"),
+                    w, lp + "mlp.down_proj")
+        return r + y, k, v, probs
+
+    def logits(self, h: Tensor) -> Tensor:
+        return _rms_norm(h, self.w[self.pre + "norm.weight"], self.eps) @ self.lm_head.t()
+
+
+def _gather_seq(x: Tensor, keep: Tensor) -> Tensor:
+    """Gather along the sequence dim: x (B,S,...) -> (B,S',...)."""
+    idx = keep.view(*keep.shape, *([1] * (x.dim() - 2))).expand(*keep.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def _gather_pos(pos: Tensor, keep: Tensor) -> Tensor:
+    if pos.dim() == 2:
+        return torch.gather(pos, 1, keep)
+    return torch.gather(pos, 2, keep[None].expand(pos.shape[0], -1, -1))
+
+
+@torch.no_grad()
+def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, *,
+                select: Callable[[dict], Tensor] | None = None, select_layer: int | None = None,
+                max_new_tokens: int = 16, vision_mask: Tensor | None = None) -> dict:
+    """Prefill + greedy decoding of the language model by hand, optionally pruning at ``select_layer``.
+
+    Layers ``0..K-1`` see every token; after layer K-1, ``keep = select(ctx)`` (B,S') sorted indices; layers
+    ``>= K`` run on the kept tokens only (causal in the original order, original position ids kept).
+    """
+    lm = _LM(model)
+    h = inputs_embeds.float()
+    b, s, _ = h.shape
+    valid = attention_mask.bool()  # key validity (B,S)
+    pos = position_ids
+    vmask = vision_mask if vision_mask is not None else torch.zeros(b, s, dtype=torch.bool)
+    # decode positions: max prompt position (over all axes) + 1 + step, from the unpruned prompt
+    pmax = pos if pos.dim() == 2 else pos.amax(0)
+    pmax = pmax.masked_fill(~valid, torch.iinfo(pmax.dtype).min).amax(-1)  # (B,)
+
+    def prefill_allowed(valid_keys: Tensor) -> Tensor:
+        t = valid_keys.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        return causal[None] & valid_keys[:, None, :]
+
+    cache_k: list[Tensor] = []
+    cache_v: list[Tensor] = []
+    cache_valid: list[Tensor] = []
+    keep = None
+    cos, sin = lm.cos_sin(pos)
+    allowed = prefill_allowed(valid)
+    last_probs = None
+    for i in range(lm.n_layers):
+        if select is not None and i == select_layer:
+            ctx = {"attn": last_probs, "hidden": h, "vision_mask": vmask, "attention_mask": valid.long(),
+                   "position_ids": pos, "layer": i}
+            keep = select(ctx).long()
+            assert keep.dim() == 2 and keep.shape[0] == b
+            h = _gather_seq(h, keep)
+            valid = torch.gather(valid, 1, keep)
+            vmask = torch.gather(vmask, 1, keep)
+            pos = _gather_pos(pos, keep)
+            cos, sin = lm.cos_sin(pos)
+            allowed = prefill_allowed(valid)
+        h, k, v, last_probs = lm.layer(i, h, cos, sin, None, None, allowed)
+        cache_k.append(k)
+        cache_v.append(v)
+        cache_valid.append(valid.clone())
+    if select is not None and select_layer is not None and select_layer >= lm.n_layers:
+        raise ValueError("select_layer must be < number of layers")
+
+    prefill_logits = lm.logits(h)  # (B,S',V)
+    kv_lens = [k.shape[2] for k in cache_k]
+
+    step_logits = [prefill_logits[:, -1]]
+    tokens = [step_logits[0].argmax(-1)]
+    for step in range(max_new_tokens - 1):
+        x = lm.embed[tokens[-1]][:, None]  # (B,1,D)
+        p = (pmax + 1 + step)[:, None]  # (B,1)
+        if lm.mrope_section is not None:
+            p = p[None].expand(3, -1, -1)
+        c, sn = lm.cos_sin(p)
+        for i in range(lm.n_layers):
+            cache_valid[i] = torch.cat([cache_valid[i], torch.ones(b, 1, dtype=torch.bool)], dim=1)
+            x, cache_k[i], cache_v[i], _ = lm.layer(i, x, c, sn, cache_k[i], cache_v[i],
+                                                    cache_valid[i][:, None, :])
+        lg = lm.logits(x)[:, -1]
+        step_logits.append(lg)
+        tokens.append(lg.argmax(-1))
+    return dict(prefill_logits=prefill_logits, keep=keep, kv_lens=kv_lens,
+                tokens=torch.stack(tokens[:max_new_tokens], dim=1), step_logits=step_logits[:max_new_tokens])
+
+
+# ----------------------------------------------------------------------------------- selection rules
+
+def fastv_select(keep: int):
+    """FastV (Chen et al. 2024): after layer K-1, rank vision tokens by the attention they receive from the
+    last token (head-averaged), keep the top ``keep`` of them and every non-vision token."""
+
+    def select(ctx: dict) -> Tensor:
+        attn = ctx["attn"]  # (B,H,S,S)
+        vm = ctx["vision_mask"].bool()
+        scores = attn[:, :, -1, :].mean(dim=1)  # (B,S)
+        scores = scores.masked_fill(~vm, float("-inf"))
+        top = torch.topk(scores, keep, dim=-1).indices  # (B,keep)
+        rows = []
+        for bi in range(vm.shape[0]):
+            nonvis = (~vm[bi]).nonzero(as_tuple=True)[0]
+            rows.append(torch.cat([nonvis, top[bi]]).sort().values)
+        return torch.stack(rows)
+
+    return select
+
+
+def vtw_select():
+    """VTW (Lin et al. 2024): withdraw every vision token after layer K-1."""
+
+    def select(ctx: dict) -> Tensor:
+        vm = ctx["vision_mask"].bool()
+        return torch.stack([(~vm[bi]).nonzero(as_tuple=True)[0] for bi in range(vm.shape[0])])
+
+    return select
+
+
+def vtw_kl(full_logits_last: Tensor, withdrawn_logits_last: Tensor) -> float:
+    """KL(P_withdrawn || P_full) of the last-token distributions, mean over samples (VTW paper)."""
+    lw = torch.log_softmax(withdrawn_logits_last.float(), dim=-1)
+    lf = torch.log_softmax(full_logits_last.float(), dim=-1)
+    return float((lw.exp() * (lw - lf)).sum(-1).mean())
