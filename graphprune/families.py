@@ -16,6 +16,7 @@ from .errors import UnsupportedModelError
 class Family:
     name: str
     position_axes: int = 1          # 3 for M-RoPE (temporal, height, width)
+    vision_has_cls: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -93,6 +94,7 @@ class Qwen2VLFamily(Family):
     """Qwen2-VL: windowed-free ViT without CLS, 2x2 patch merger, Qwen2 LM with 3-D M-RoPE."""
     name = "qwen2_vl"
     position_axes = 3
+    vision_has_cls = False
 
     def language_model(self):
         return self._require(getattr(self.model.model, "language_model", None), "language model")

@@ -116,6 +116,7 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
         st = out.stages[stage]
         if st.gm is None:
             from .errors import PassNotApplicable
+            p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
                                     f"{out.family.model_class}: {st.eager}")
         result = p(st, out.anatomy[stage])

@@ -13,8 +13,7 @@ class Report:
     tokens_per_layer: list[int]                 # sequence length each layer ran on (per sample)
     kv_len_per_layer: list[int]                 # cache length after prefill
     kv_bytes_per_layer: list[int]               # whole batch
-    flops_per_layer: list[int] = field(default_factory=list)   # prefill, whole batch
-    flops_other: int = 0
+    _flops: object = field(default=None, repr=False)          # lazily counted {layer|"head"|"other": FLOPs}
     patches_kept: list | None = None
     decode_steps: int = 0
     kv_bytes_after_decode: int | None = None
@@ -24,17 +23,16 @@ class Report:
     def build(cls, pruned, cache, vision_tokens, prompt, notes) -> "Report":
         from .cost import count_flops
         lengths = cache.lengths()
-        flops, other = [], 0
-        if prompt is not None:
+        flops = None
+        if prompt is not None:     # counted on first use: a fake-tensor run of the prefill graph
             gm = pruned.program.stages["prefill"].gm
-            f = count_flops(gm, prompt.embeds, prompt.position_ids, prompt.attention_mask, prompt.vision_pos)
-            flops = [f.get(i, 0) for i in range(pruned.num_layers)]
-            other = sum(v for k, v in f.items() if not isinstance(k, int))
+            args = (prompt.embeds, prompt.position_ids, prompt.attention_mask, prompt.vision_pos)
+            flops = lambda: count_flops(gm, *args)  # noqa: E731
         return cls(
             pipeline=" | ".join(repr(p) for p in pruned.pipeline) or "(unpruned)",
             layers=pruned.num_layers, batch=cache[0].keys.shape[0], vision_tokens_in=vision_tokens,
             tokens_per_layer=lengths, kv_len_per_layer=lengths, kv_bytes_per_layer=cache.bytes_per_layer(),
-            flops_per_layer=flops, flops_other=other,
+            _flops=flops,
             patches_kept=None if prompt is None or prompt.patches_kept is None else prompt.patches_kept.tolist(),
             notes=list(notes))
 
@@ -47,13 +45,28 @@ class Report:
     def kv_bytes(self) -> int:
         return sum(self.kv_bytes_per_layer)
 
+    def _flop_counts(self) -> dict:
+        if callable(self._flops):
+            self._flops = self._flops()
+        return self._flops or {}
+
+    @property
+    def flops_per_layer(self) -> list[int]:
+        f = self._flop_counts()
+        return [f.get(i, 0) for i in range(self.layers)] if f else []
+
+    @property
+    def flops_other(self) -> int:
+        return sum(v for k, v in self._flop_counts().items() if not isinstance(k, int))
+
     @property
     def flops(self) -> int:
         return sum(self.flops_per_layer) + self.flops_other
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(kv_bytes=self.kv_bytes, flops=self.flops)
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d.update(kv_bytes=self.kv_bytes, flops=self.flops, flops_per_layer=self.flops_per_layer,
+                 flops_other=self.flops_other)
         return d
 
     def table(self) -> str:
@@ -64,5 +77,5 @@ class Report:
             fl = self.flops_per_layer[i] / 1e9 if self.flops_per_layer else float("nan")
             rows.append(f"{i:>5} {self.tokens_per_layer[i]:>7} {self.kv_bytes_per_layer[i]:>12,} {fl:>10.4f}")
         rows.append(f"{'total':>5} {'':>7} {self.kv_bytes:>12,} {self.flops / 1e9:>10.4f}"
-                    + ("  (incl. embedding-free head/other)" if self.flops_other else ""))
+                    + ("  (total includes lm_head)" if self.flops_other else ""))
         return "\n".join(rows)
