@@ -1,0 +1,408 @@
+"""Cost accountant: what a pruning pipeline saves on a full-size model, without its weights.
+
+    from graphprune.accountant import account
+    r = account("llava-1.5-7b", "vtw(layer=16)", text_tokens=64)
+    r["totals"]["flops"], r["ratio"]["flops"], r["layers"][20]["kv_bytes"]
+
+The model is built from a shipped config (graphprune/configs/*.json, or any config JSON /
+already built model) on the meta device, captured by graphprune like any other model, and
+rewritten by the pipeline. The rewritten graphs are then run under FakeTensorMode
+(graphprune.cost) on inputs laid out like a real prompt, batch 1:
+
+    [text_tokens // 2 text][vision tokens of image 1]...[vision tokens of image n][rest of the text]
+
+Per decoder layer it reports the tokens the layer runs on, its matmul FLOPs and its KV-cache
+bytes; plus the vision stage (LLaVA) and the unpruned baseline for ratios. Nothing is
+computed for real, so a 7B model costs seconds (most of it the export).
+
+FLOPs are 2 per multiply-add of linear / matmul / SDPA / conv nodes (graphprune.cost):
+attention is counted over the full S x S score matrix (no causal halving); norms,
+activations, RoPE, softmax and the small token-selection ops are not counted.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import tokenops
+from .errors import GraphpruneError, GraphVerificationError
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+# -- configs and meta models ---------------------------------------------------------------------
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with graphprune (usable as `--config NAME`)."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+
+
+def config_path(name_or_path: str) -> str:
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    path = os.path.join(CONFIG_DIR, name_or_path + ("" if name_or_path.endswith(".json") else ".json"))
+    if os.path.isfile(path):
+        return path
+    raise GraphpruneError(f"unknown config {name_or_path!r}: give a config JSON file or one of the shipped "
+                          f"configs: {', '.join(shipped_configs())}")
+
+
+def load_config(name_or_path: str):
+    """A transformers config from a shipped config name or a config.json path."""
+    from transformers import AutoConfig
+    path = config_path(name_or_path)
+    with open(path) as f:
+        d = json.load(f)
+    if "model_type" not in d:
+        raise GraphpruneError(f"{path}: a Hugging Face config.json with a 'model_type' key was expected")
+    try:
+        return AutoConfig.for_model(**d)
+    except (ValueError, TypeError) as e:
+        raise GraphpruneError(f"{path}: transformers cannot build a config from it: {e}") from None
+
+
+def model_class_for(config):
+    """The *ForConditionalGeneration class graphprune reads for this config."""
+    import transformers
+
+    from .families import FAMILIES
+    names = [a for a in (getattr(config, "architectures", None) or []) if a in FAMILIES]
+    by_type = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+    name = names[0] if names else by_type.get(config.model_type)
+    if name is None:
+        raise GraphpruneError(f"graphprune has no model family for model_type {config.model_type!r} "
+                              f"(architectures {getattr(config, 'architectures', None)}); it reads: "
+                              f"{', '.join(sorted(FAMILIES))}")
+    return getattr(transformers, name)
+
+
+def meta_model(name_or_path: str, dtype: str = "float16"):
+    """The full-size model of a config on the meta device (no memory, no weights), SDPA attention."""
+    cfg = load_config(name_or_path)
+    cls = model_class_for(cfg)
+    with torch.device("meta"):
+        model = cls._from_config(cfg, attn_implementation="sdpa", dtype=_dtype(dtype))
+    return model.eval()
+
+
+_META: dict = {}
+
+
+def meta_program(name_or_path: str, dtype: str = "float16", stages=("vision", "prefill")):
+    """(model, Program) of a config on the meta device; cached per config, stages captured on demand.
+
+    The decode stage is not needed for prefill accounting (and takes longer to export than the
+    other two together), so it is only captured when asked for.
+    """
+    key = (os.path.abspath(config_path(name_or_path)), str(_dtype(dtype)))
+    if key not in _META:
+        _META[key] = (meta_model(name_or_path, dtype), None)
+    model, program = _META[key]
+    program = capture_stages(model, stages, program)
+    _META[key] = (model, program)
+    return model, program
+
+
+def capture_stages(model, stages, program=None):
+    """Capture the missing `stages` of model into program (a new Program when None)."""
+    from .anatomy import read_anatomy
+    from .capture import capture
+    from .families import family_of
+    from .pipeline import Program
+    fam = program.family if program is not None else family_of(model)
+    missing = [s for s in stages if program is None or s not in program.stages]
+    new = capture(model, missing) if missing else {}
+    if program is None:
+        program = Program({}, {}, fam)
+    for name, st in new.items():
+        program.stages[name] = st
+        if st.gm is not None:
+            program.anatomy[name] = read_anatomy(st.gm, name, fam.model_class)
+    return program
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# -- prompt layout ---------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """Token layout of one sample: [prefix][image 1][between]...[image n][suffix]."""
+    prefix: int
+    images: int
+    tokens_per_image: int           # vision tokens per image as the processor lays them out
+    suffix: int
+    between: int = 0                # text tokens between consecutive images
+
+    @property
+    def text(self) -> int:
+        return self.prefix + self.suffix + self.between * max(self.images - 1, 0)
+
+    @property
+    def length(self) -> int:
+        return self.text + self.images * self.tokens_per_image
+
+    def spans(self) -> list[tuple[int, int]]:
+        out, start = [], self.prefix
+        for _ in range(self.images):
+            out.append((start, start + self.tokens_per_image))
+            start += self.tokens_per_image + self.between
+        return out
+
+    def to_dict(self) -> dict:
+        return {"text_before": self.prefix, "vision": [list(s) for s in self.spans()],
+                "text_between": self.between, "text_after": self.suffix, "length": self.length}
+
+
+def synthetic_layout(text_tokens: int, images: int, tokens_per_image: int) -> Layout:
+    if text_tokens < 1:
+        raise ValueError(f"text_tokens must be >= 1 (the last prompt token is text), got {text_tokens}")
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+    if tokens_per_image < 1:
+        raise ValueError(f"image tokens must be >= 1, got {tokens_per_image}")
+    prefix = text_tokens // 2
+    return Layout(prefix, images, tokens_per_image, text_tokens - prefix)
+
+
+def layout_of(input_ids: torch.Tensor, image_token_id: int) -> list[Layout]:
+    """The layout of each sample of a processor-style prompt (image tokens expanded)."""
+    out = []
+    for row in input_ids:
+        is_img = (row == image_token_id).tolist()
+        spans, start = [], None
+        for i, x in enumerate(is_img + [False]):
+            if x and start is None:
+                start = i
+            elif not x and start is not None:
+                spans.append((start, i))
+                start = None
+        if not spans:
+            out.append(Layout(len(is_img), 0, 0, 0))
+            continue
+        sizes = {e - s for s, e in spans}
+        gaps = {spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)}
+        if len(sizes) != 1 or len(gaps) > 1:
+            raise ValueError("images of different token counts or irregular gaps between them: "
+                             f"vision spans {spans}")
+        out.append(Layout(spans[0][0], len(spans), sizes.pop(), len(is_img) - spans[-1][1],
+                          gaps.pop() if gaps else 0))
+    return out
+
+
+def default_image_tokens(model) -> int:
+    """Vision tokens per image entering the LLM for a 336x336 image (LLaVA: fixed by its grid)."""
+    vc = model.config.vision_config
+    patch = vc.patch_size
+    size = getattr(vc, "image_size", None) or 336
+    merge = getattr(vc, "spatial_merge_size", 1) or 1
+    return (size // patch // merge) ** 2
+
+
+# -- accounting ------------------------------------------------------------------------------------
+
+def account(config_name_or_path, method: str | None = None, text_tokens: int = 64, images: int = 1, *,
+            image_tokens: int | None = None, dtype: str = "float16") -> dict:
+    """Per-layer tokens, prefill FLOPs and KV-cache bytes of `method` on a full-size model.
+
+    config_name_or_path: a shipped config name ("llava-1.5-7b", "qwen2-vl-7b") or a config
+    JSON path; the model is built on the meta device in `dtype` (which also sets the KV-cache
+    bytes). image_tokens: vision tokens per image (Qwen2-VL; default 144, a 336x336 image);
+    LLaVA's count is fixed by its patch grid.
+    """
+    model, program = meta_program(config_name_or_path, dtype)
+    out = account_model(model, method, program=program, text_tokens=text_tokens, images=images,
+                        image_tokens=image_tokens, dtype=dtype)
+    out["model"] = os.path.basename(config_path(config_name_or_path))[:-5]
+    return out
+
+
+def account_model(model, method=None, *, program=None, layout: Layout | None = None, text_tokens: int = 64,
+                  images: int = 1, image_tokens: int | None = None, dtype=None, baseline: bool = True) -> dict:
+    """account() for a model object (real or meta) and an optional captured program.
+
+    layout: the prompt layout (default: the synthetic one from text_tokens / images /
+    image_tokens). dtype: of the KV cache (default: the model's).
+    """
+    from .pipeline import as_passes, run_pipeline
+    from .runtime import _check_static_budgets, _ensure_passes_registered
+
+    _ensure_passes_registered()
+    passes = [] if method is None else as_passes(method)
+    if program is None:
+        program = capture_stages(model, ("vision", "prefill"))
+    kv_dtype = _dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+    vision_anat = program.anatomy.get("vision")
+    grid_tokens = vision_anat.grid[0] * vision_anat.grid[1] if vision_anat is not None and vision_anat.grid else None
+    if layout is None:
+        if grid_tokens is not None and image_tokens is not None and image_tokens != grid_tokens:
+            raise ValueError(f"{type(model).__name__}: vision tokens per image are fixed by its "
+                             f"{vision_anat.grid[0]}x{vision_anat.grid[1]} patch grid ({grid_tokens}); "
+                             "image_tokens cannot change them")
+        per_image = grid_tokens or image_tokens or default_image_tokens(model)
+        layout = synthetic_layout(text_tokens, images, per_image)
+    _check_static_budgets(program, passes)
+    pruned = run_pipeline(program, passes)
+    plan = _token_plan(pruned.results, layout, grid_tokens, pruned.anatomy["prefill"].num_layers)
+    res = _measure(model, pruned, layout, plan, kv_dtype)
+    res.update(model=type(model).__name__, model_class=type(model).__name__,
+               method=" | ".join(repr(p) for p in passes) or None, dtype=str(kv_dtype).replace("torch.", ""),
+               dtype_bytes=_bytes(kv_dtype), batch=1, layout=layout.to_dict())
+    res["layout"]["vision_tokens_per_image_llm"] = plan["vision_llm"]
+    if baseline:
+        if passes:
+            base = account_model(model, None, program=program, layout=layout, dtype=kv_dtype, baseline=False)
+            res["baseline"] = base["totals"]
+        else:
+            res["baseline"] = dict(res["totals"])
+        res["ratio"] = {k: (res["totals"][k] / res["baseline"][k] if res["baseline"][k] else None)
+                        for k in ("flops", "llm_flops", "prefill_flops", "kv_bytes")}
+    return res
+
+
+def _token_plan(results, layout: Layout, grid_tokens, num_layers: int) -> dict:
+    """Vision tokens per image entering the LLM and per decoder layer, from the passes' records."""
+    v = layout.tokens_per_image
+    for r in results:
+        if r.info["stage"] == "vision":
+            v = tokenops.budget(r.info["keep"], grid_tokens or v)
+    if grid_tokens is not None and layout.tokens_per_image != grid_tokens:
+        raise ValueError(f"the layout has {layout.tokens_per_image} vision tokens per image, the vision "
+                         f"encoder makes {grid_tokens}")
+    events = {r.info["layer"]: r.info["keep"] for r in results if r.info["stage"] == "prefill"}
+    per_layer, cur = [], v
+    for i in range(num_layers):
+        if i in events:
+            keep = events[i]
+            cur = 0 if keep == 0 else tokenops.budget(keep, cur)     # keep 0: WithdrawAll (vtw)
+        per_layer.append(cur)
+    return {"vision_llm": v, "vision_per_layer": per_layer}
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _run(gm, inputs: dict):
+    """FLOPs per layer (graphprune.cost) and fake outputs of one call of gm, by placeholder name."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .cost import _Counter
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise GraphpruneError(f"the graph takes inputs {missing} the accountant does not know how to make")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(inputs[n]) for n in names]
+        counter = _Counter(gm)
+        outs = counter.run(*fake)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    return dict(counter.flops), dict(zip(gm.meta.get("graphprune_outputs", []), outs))
+
+
+def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:
+    fam = pruned.family
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    notes = []
+    # vision stage
+    vision_st = pruned.stages.get("vision")
+    vision = {"captured": vision_st is not None and vision_st.gm is not None}
+    if vision["captured"]:
+        vc = model.config.vision_config
+        px = torch.empty(layout.images, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+        vflops, vouts = _run(vision_st.gm, {"pixel_values": px})
+        got = int(vouts["features"].shape[1])
+        if got != plan["vision_llm"]:
+            raise GraphVerificationError(f"vision graph returns {got} tokens per image, the pass records say "
+                                         f"{plan['vision_llm']}")
+        vision.update(images=layout.images, tokens_out=got, flops=sum(vflops.values()),
+                      flops_encoder=sum(v for k, v in vflops.items() if isinstance(k, int)),
+                      flops_projector=vflops.get("head", 0), flops_other=vflops.get("other", 0))
+    else:
+        vision.update(reason=vision_st.eager if vision_st is not None else "not captured", flops=0)
+        notes.append("vision encoder runs eagerly (not captured): its FLOPs are not counted; totals are the "
+                     "LLM prefill only")
+    # prefill
+    v = plan["vision_llm"]
+    s = layout.text + layout.images * v
+    hidden = fam.text_config().hidden_size
+    pos = torch.empty(1, s, device=device, dtype=torch.long)
+    if fam.position_axes > 1:
+        pos = torch.empty(fam.position_axes, 1, s, device=device, dtype=torch.long)
+    inputs = {"inputs_embeds": torch.empty(1, s, hidden, device=device, dtype=dtype), "position_ids": pos,
+              "attention_mask": torch.empty(1, s, device=device, dtype=torch.long),
+              "vision_pos": torch.empty(1, layout.images, v, device=device, dtype=torch.long)}
+    pflops, pouts = _run(pruned.stages["prefill"].gm, inputs)
+    rows, kv_total = [], 0
+    n = pruned.anatomy["prefill"].num_layers
+    for i in range(n):
+        vis = plan["vision_per_layer"][i]
+        tokens = layout.text + layout.images * vis
+        k = pouts[f"k_{i}"]
+        kv_heads, kv_len, head_dim = int(k.shape[1]), int(k.shape[2]), int(k.shape[3])
+        if kv_len != tokens:
+            raise GraphVerificationError(f"layer {i}: the rewritten graph caches {kv_len} tokens, the pass "
+                                         f"records say {tokens}")
+        kv = 2 * kv_heads * head_dim * tokens * _bytes(kv_dtype)
+        kv_total += kv
+        rows.append({"layer": i, "tokens": tokens, "vision_tokens": layout.images * vis,
+                     "flops": pflops.get(i, 0), "kv_bytes": kv})
+    llm = sum(r["flops"] for r in rows)
+    head = pflops.get("head", 0)
+    other = sum(f for k, f in pflops.items() if not isinstance(k, int) and k != "head")
+    prefill = llm + head + other
+    totals = {"llm_flops": llm, "head_flops": head, "other_flops": other, "prefill_flops": prefill,
+              "vision_flops": vision["flops"], "flops": prefill + vision["flops"], "kv_bytes": kv_total,
+              "tokens_in": s, "tokens_out": rows[-1]["tokens"] if rows else s}
+    notes.append("FLOPs: 2 per multiply-add of linear/matmul/SDPA/conv; attention over the full S x S "
+                 "scores (no causal halving); norms, activations, RoPE and token selection not counted")
+    notes.append("head_flops: lm_head over every kept prompt position, as HF prefill computes it")
+    notes.append(f"KV bytes: 2 (k, v) x kv_heads x head_dim x tokens x {_bytes(kv_dtype)} bytes "
+                 f"({str(kv_dtype).replace('torch.', '')}), batch 1")
+    return {"vision": vision, "layers": rows, "totals": totals, "notes": notes,
+            "kv_heads": kv_heads if rows else None, "head_dim": head_dim if rows else None}
+
+
+def format_table(res: dict) -> str:
+    """The per-layer cost table of an account() result, aligned for a terminal."""
+    lines = [f"method: {res['method'] or '(unpruned)'}   dtype: {res['dtype']}   batch: {res['batch']}",
+             f"prompt: {res['layout']['length']} tokens ({res['layout']['text_before']} text, "
+             f"{len(res['layout']['vision'])} image(s) x {res['layout']['vision'][0][1] - res['layout']['vision'][0][0] if res['layout']['vision'] else 0} "
+             f"vision, {res['layout']['text_after']} text); vision tokens per image entering the LLM: "
+             f"{res['layout']['vision_tokens_per_image_llm']}"]
+    lines.append(f"{'layer':>5} {'tokens':>7} {'vision':>7} {'GFLOPs':>11} {'KV MB':>10}")
+    for r in res["layers"]:
+        lines.append(f"{r['layer']:>5} {r['tokens']:>7} {r['vision_tokens']:>7} {r['flops'] / 1e9:>11.2f} "
+                     f"{r['kv_bytes'] / 2**20:>10.2f}")
+    t = res["totals"]
+    lines.append(f"{'LLM':>5} {'':>7} {'':>7} {t['llm_flops'] / 1e9:>11.2f} {t['kv_bytes'] / 2**20:>10.2f}")
+    lines.append(f"lm_head {t['head_flops'] / 1e9:.2f} GFLOPs, other {t['other_flops'] / 1e9:.2f} GFLOPs; "
+                 f"prefill {t['prefill_flops'] / 1e12:.4f} TFLOPs")
+    v = res["vision"]
+    if v["captured"]:
+        lines.append(f"vision stage ({v['images']} image(s)): {v['flops'] / 1e12:.4f} TFLOPs")
+    else:
+        lines.append("vision stage: not counted (runs eagerly)")
+    lines.append(f"total: {t['flops'] / 1e12:.4f} TFLOPs, KV cache {t['kv_bytes'] / 2**20:.2f} MB")
+    if "ratio" in res and res["method"]:
+        r, b = res["ratio"], res["baseline"]
+        lines.append(f"vs unpruned: total {_pct(r['flops'])} of {b['flops'] / 1e12:.4f} TFLOPs, LLM layers "
+                     f"{_pct(r['llm_flops'])}, KV cache {_pct(r['kv_bytes'])} of {b['kv_bytes'] / 2**20:.2f} MB")
+    lines += [f"note: {n}" for n in res["notes"]]
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -1,0 +1,174 @@
+"""Runtime behaviour: unpruned parity with Hugging Face, batching, text-only prompts, errors."""
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.zoo import llava_example, qwen2vl_example
+
+
+def test_unpruned_matches_hf(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3), images_per_sample=2)
+    base = gp.prune(model, program=program)
+    out = base(**ex.as_kwargs())
+    hf = model(**ex.as_kwargs()).logits
+    real = ex.attention_mask.bool()
+    torch.testing.assert_close(out.logits[real], hf[real], atol=1e-5, rtol=1e-5)
+    ours = base.generate(**ex.as_kwargs(), max_new_tokens=12)
+    theirs = model.generate(**ex.as_kwargs(), max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("spec", ["fastv(layer=2, keep=36)", "fastv(layer=1, keep=1.0)", "cls_topk(keep=36, positions='keep')"])
+def test_keep_everything_equals_unpruned(llava, spec):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3))
+    base = gp.prune(model, program=program)(**ex.as_kwargs())
+    out = gp.prune(model, spec, program=program)(**ex.as_kwargs())
+    torch.testing.assert_close(out.logits, base.logits, atol=1e-5, rtol=1e-5)
+    assert out.cache.lengths() == base.cache.lengths()
+
+
+@pytest.mark.parametrize("spec", ["fastv(layer=2, keep=9)", "vtw(layer=2)", "cls_topk(keep=9)"])
+def test_padded_batch_equals_samples_alone(llava, spec):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 4), seed=3)
+    pruned = gp.prune(model, spec, program=program)
+    both = pruned.generate(**ex.as_kwargs(), max_new_tokens=10, eos_token_id=[])
+    out = pruned(**ex.as_kwargs())
+    for b, pad in enumerate((0, 4)):
+        one = {k: v[b:b + 1, pad:] if k != "pixel_values" else v[b:b + 1] for k, v in ex.as_kwargs().items()}
+        alone = pruned.generate(**one, max_new_tokens=10, eos_token_id=[])
+        assert torch.equal(alone[0, -10:], both[b, -10:])
+        single = pruned(**one)
+        real = out.cache[-1].mask[b].bool()
+        torch.testing.assert_close(out.logits[b][real], single.logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_qwen2vl_batch_equals_samples_alone(qwen):
+    model, program = qwen
+    ex = qwen2vl_example(model, batch=2, pad=(0, 2))
+    pruned = gp.prune(model, "fastv(layer=2, keep=4)", program=program)
+    both = pruned.generate(**ex.as_kwargs(), max_new_tokens=8, eos_token_id=[])
+    for b, pad in enumerate((0, 2)):
+        one = dict(input_ids=ex.input_ids[b:b + 1, pad:], attention_mask=ex.attention_mask[b:b + 1, pad:],
+                   pixel_values=ex.pixel_values[b * 64:(b + 1) * 64], image_grid_thw=ex.image_grid_thw[b:b + 1],
+                   mm_token_type_ids=ex.mm_token_type_ids[b:b + 1, pad:])
+        assert torch.equal(pruned.generate(**one, max_new_tokens=8, eos_token_id=[])[0, -8:], both[b, -8:])
+
+
+def test_text_only_prompt_runs_unpruned(llava):
+    model, program = llava
+    ids = torch.tensor([[1, 5, 9, 17, 33, 4]])
+    pruned = gp.prune(model, "fastv", keep=9, program=program)
+    out = pruned(input_ids=ids)
+    hf = model(input_ids=ids).logits
+    torch.testing.assert_close(out.logits, hf, atol=1e-5, rtol=1e-5)
+    assert any("text-only" in n for n in out.report.notes)
+    assert out.cache.lengths() == [6] * 4
+
+
+def test_generate_stops_at_eos_and_pads(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3))
+    pruned = gp.prune(model, "fastv", layer=2, keep=9, program=program)
+    free = pruned.generate(**ex.as_kwargs(), max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, -6 + 2])          # the token sample 0 emits at step 2
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    new = ids[:, -ids.shape[1] + ex.input_ids.shape[1]:]
+    first = (new[0] == eos).nonzero()[0, 0]
+    assert torch.equal(new[0, :first + 1], free[0, -6:][:first + 1])
+    assert (new[0, first + 1:] == 0).all()
+
+
+def test_sampling_is_seeded_and_respects_top_k(llava):
+    model, program = llava
+    ex = llava_example(model)
+    pruned = gp.prune(model, "vtw", layer=2, program=program)
+    a = pruned.generate(**ex.as_kwargs(), max_new_tokens=8, do_sample=True, top_k=3,
+                        generator=torch.Generator().manual_seed(0), eos_token_id=[])
+    b = pruned.generate(**ex.as_kwargs(), max_new_tokens=8, do_sample=True, top_k=3,
+                        generator=torch.Generator().manual_seed(0), eos_token_id=[])
+    assert torch.equal(a, b)
+    g = pruned.generate(**ex.as_kwargs(), max_new_tokens=1, do_sample=True, top_k=1, eos_token_id=[])
+    greedy = pruned.generate(**ex.as_kwargs(), max_new_tokens=1, eos_token_id=[])
+    assert torch.equal(g, greedy)
+
+
+def test_report_counts(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3))
+    s = ex.input_ids.shape[1]
+    base = gp.prune(model, program=program)
+    base(**ex.as_kwargs())
+    full = base.report
+    pruned = gp.prune(model, "vtw(layer=2)", program=program)
+    pruned.generate(**ex.as_kwargs(), max_new_tokens=3, eos_token_id=[])
+    rep = pruned.report
+    assert rep.tokens_per_layer == [s, s, s - 36, s - 36]
+    assert rep.kv_bytes_per_layer[2] * s == full.kv_bytes_per_layer[2] * (s - 36)
+    assert rep.flops < full.flops and rep.flops_per_layer[:2] == full.flops_per_layer[:2]
+    assert rep.decode_steps == 3
+    assert "vtw(layer=2)" in rep.table() and rep.to_dict()["kv_bytes"] == sum(rep.kv_bytes_per_layer)
+
+
+# -- errors, all raised before any graph runs -------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,opts,match", [
+    ("nosuch", {}, "unknown method 'nosuch'"),
+    ("fastv", {"keep": 0}, "keeps no vision token"),
+    ("fastv", {"keep": 1.5}, r"fraction must lie in \(0, 1\]"),
+    ("fastv", {"keep": 37}, "exceeds the 36 vision tokens"),
+    ("fastv", {"layer": 4, "keep": 9}, "out of range for a 4-layer"),
+    ("fastv", {"layer": 0, "keep": 9}, "must be >= 1"),
+    ("vtw", {"layer": 9}, "out of range"),
+    ("fastv", {"bogus": 1}, "Options are: layer, keep"),
+    ("fastv(layer=2, keep=", {}, "cannot parse"),
+])
+def test_bad_options_fail_clearly(llava, spec, opts, match):
+    model, program = llava
+    with pytest.raises(gp.GraphpruneError, match=match):
+        gp.prune(model, spec, program=program, **opts)
+
+
+def test_cls_topk_on_qwen2vl_says_no_cls(qwen):
+    model, program = qwen
+    with pytest.raises(gp.PassNotApplicable, match="CLS"):
+        gp.prune(model, "cls_topk", keep=4, program=program)
+
+
+def test_unsupported_model_names_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, vocab_size=50))
+    with pytest.raises(gp.UnsupportedModelError, match="LlamaForCausalLM"):
+        gp.prune(m, "fastv")
+
+
+def test_mismatched_vision_tokens_in_batch(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2)
+    ex.input_ids[1, 10] = 7          # one image token fewer in sample 1
+    pruned = gp.prune(model, "fastv", keep=9, program=program)
+    with pytest.raises(gp.InputError, match="different numbers of vision tokens"):
+        pruned(**ex.as_kwargs())
+
+
+def test_pipeline_from_toml_and_debug_print(llava, tmp_path, capsys):
+    model, program = llava
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[[pass]]\nmethod = "cls_topk"\nkeep = 18\n\n[[pass]]\nmethod = "fastv"\nlayer = 2\nkeep = 6\n')
+    a = gp.prune(model, str(cfg), program=program, debug=True)
+    printed = capsys.readouterr().out
+    assert "select_topk" in printed and "attention_rows" in printed
+    b = gp.prune(model, "cls_topk(keep=18); fastv(layer=2, keep=6)", program=program)
+    ex = llava_example(model)
+    torch.testing.assert_close(a(**ex.as_kwargs()).logits, b(**ex.as_kwargs()).logits)
+
+
+def test_captured_program_is_not_modified(llava):
+    model, program = llava
+    before = program.stages["prefill"].gm.code
+    gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    assert program.stages["prefill"].gm.code == before
