@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import tokenops
+from .anatomy import read_anatomy
 from .cache import KVCache, LayerCache, shrink_kv
 from .errors import InputError, PassConfigError
 from .pipeline import Program, as_passes, run_pipeline
@@ -51,7 +52,8 @@ class PrunedModel:
         self.base = base                # the captured, unpruned stages (text-only prompts)
         self.pipeline = pipeline
         self.family = program.family
-        self.decode_gm = shrink_kv(program.stages["decode"].gm, program.anatomy["decode"])
+        decode = program.stages["decode"].copy()       # the program keeps its captured decode step
+        self.decode_gm = shrink_kv(decode.gm, read_anatomy(decode.gm, "decode", self.family.model_class))
         self.num_layers = program.anatomy["prefill"].num_layers
         self.report: Report | None = None
         self.results = program.results

@@ -53,7 +53,7 @@ def calibrate(model, samples, *, eta: float = 0.003, first: int = 5, program=Non
         raise ValueError(f"vtw.calibrate: first={first} leaves no candidate layer in a {n}-layer model")
     kls = {}
     for k in range(first, n):
-        pruned = prune(model, [VTW(layer=k)], program=base.program)
+        pruned = prune(model, [VTW(layer=k)], program=base.base)
         kl = torch.stack([kl_withdrawn_vs_full(f, pruned(**s).logits[:, -1]).mean() for f, s in zip(full, samples)])
         kls[k] = float(kl.mean())
         if kls[k] <= eta:

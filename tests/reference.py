@@ -365,7 +365,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     for i in range(lm.n_layers):
         if select is not None and i == select_layer:
             ctx = {"attn": last_probs, "hidden": h, "vision_mask": vmask, "attention_mask": valid.long(),
-                   "position_ids": pos, "layer": i}
+                   "position_ids": pos, "layer": i, "keys": cache_k[-1] if cache_k else None}
             keep = select(ctx).long()
             assert keep.dim() == 2 and keep.shape[0] == b
             h = _gather_seq(h, keep)
