@@ -1,0 +1,351 @@
+"""The `graphprune` command.
+
+    graphprune inspect tiny-llava                         anatomy of a model and its sample prompt
+    graphprune inspect --config llava-1.5-7b --method "vtw(layer=16)" --text-tokens 64
+                                                          + per-layer cost of a pipeline (meta device)
+    graphprune run                                        prune the built-in tiny LLaVA, generate,
+                                                          compare with unpruned, print reports
+
+MODEL is a built-in tiny model (tiny-llava, tiny-qwen2vl), a local directory, or a hub id
+already in the local Hugging Face cache (nothing is downloaded). --config NAME|PATH builds the
+full-size model of a shipped config (llava-1.5-7b, qwen2-vl-7b) or of a config.json on the
+meta device: no weights, no memory, the graphs and costs are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+TINY = ("tiny-llava", "tiny-qwen2vl")
+RUN_DEFAULTS = ("fastv(layer=2, keep=9)", "vtw(layer=2)", "cls_topk(keep=9)")
+
+
+class _Failure(Exception):
+    """An error to print as `graphprune: error: ...` (exit status 2)."""
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .errors import GraphpruneError
+    try:
+        return args.func(args)
+    except (GraphpruneError, ValueError, _Failure) as e:
+        print(f"graphprune: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphprune", description="Training-free vision-token pruning as graph "
+                                "passes over captured VLM graphs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    i = sub.add_parser("inspect", help="print a model's anatomy, its sample prompt and (with --method) the cost "
+                       "of a pruning pipeline", description="Print the anatomy graphprune reads off a model's "
+                       "captured graphs, the token spans of a sample prompt, and with --method the per-layer "
+                       "tokens, FLOPs and KV-cache size of the pruned prefill.")
+    i.add_argument("model", nargs="?", help="tiny-llava | tiny-qwen2vl | local path | hub id in the local HF "
+                   "cache (default: tiny-llava, or the --config model)")
+    i.add_argument("--config", help="build the model on the meta device from a shipped config "
+                   "(llava-1.5-7b, qwen2-vl-7b) or a config.json path")
+    i.add_argument("--method", help='pruning pipeline, e.g. "fastv(layer=2, keep=144)" or '
+                   '"cls_topk(keep=144) | fastv(layer=2, keep=0.5)" or a .toml file')
+    i.add_argument("--text-tokens", type=int, default=64, help="text tokens of the synthetic prompt "
+                   "(half before the image, half after; default 64)")
+    i.add_argument("--images", type=int, default=1, help="images in the synthetic prompt (default 1)")
+    i.add_argument("--image-tokens", type=int, help="vision tokens per image of the synthetic prompt "
+                   "(Qwen2-VL; default 144 = a 336x336 image; LLaVA's is fixed by its patch grid)")
+    i.add_argument("--dtype", default="float16", help="dtype of meta-device models and their KV cache "
+                   "(default float16)")
+    i.add_argument("--no-decode", action="store_true", help="skip capturing the decode stage (faster)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="prune a tiny built-in model, generate, compare with the unpruned model",
+                       description="Build the model, run it unpruned and pruned on a sample prompt, and print "
+                       "the generated tokens side by side, the per-layer reports and prefill timings.")
+    r.add_argument("--model", default="tiny-llava", help="tiny-llava (default) | tiny-qwen2vl | local path | "
+                   "hub id in the local HF cache (a random-token sample prompt is used)")
+    r.add_argument("--method", action="append", help="pruning pipeline (repeatable; default: "
+                   + ", ".join(RUN_DEFAULTS) + ")")
+    r.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
+    r.add_argument("--repeats", type=int, default=5, help="prefill runs timed per model (median; default 5)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+# -- models --------------------------------------------------------------------------------------
+
+def load_model(name: str):
+    """(model, source) for a built-in tiny name, a local path or a cached hub id."""
+    from . import zoo
+    if name == "tiny-llava":
+        return zoo.tiny_llava(), "built-in tiny model (graphprune.zoo.tiny_llava)"
+    if name == "tiny-qwen2vl":
+        return zoo.tiny_qwen2vl(), "built-in tiny model (graphprune.zoo.tiny_qwen2vl)"
+    from transformers import AutoConfig
+
+    from .accountant import model_class_for
+    try:
+        cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise _Failure(f"cannot load {name!r}: not a built-in model ({', '.join(TINY)}), a local directory or a "
+                       f"hub id in the local Hugging Face cache ({_first_line(e)}); for a full-size model "
+                       "without weights use --config") from None
+    cls = model_class_for(cfg)
+    try:
+        model = cls.from_pretrained(name, local_files_only=True, attn_implementation="sdpa", dtype="auto")
+    except OSError as e:
+        raise _Failure(f"cannot load the weights of {name!r} from the local cache: {_first_line(e)}") from None
+    return model.eval(), "pretrained (local files)"
+
+
+def _first_line(e) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def sample_prompt(model, name: str, *, any_model: bool = False):
+    """(example, source) for a tiny model (or, with any_model, any LLaVA / Qwen2-VL); else (None, None)."""
+    from . import zoo
+    cls = type(model).__name__
+    if name == "tiny-llava" or (any_model and cls == "LlavaForConditionalGeneration"):
+        return zoo.llava_example(model), "graphprune.zoo.llava_example"
+    if name == "tiny-qwen2vl" or (any_model and cls == "Qwen2VLForConditionalGeneration"):
+        return zoo.qwen2vl_example(model), "graphprune.zoo.qwen2vl_example"
+    return None, None
+
+
+# -- inspect --------------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from . import accountant
+    if args.model and args.config:
+        raise _Failure("give either MODEL or --config, not both")
+    for opt in ("text_tokens", "images"):
+        if getattr(args, opt) < 1:
+            raise _Failure(f"--{opt.replace('_', '-')} must be >= 1")
+    stages = ("vision", "prefill") if args.no_decode else ("vision", "prefill", "decode")
+    t0 = time.perf_counter()
+    if args.config:
+        model, program = accountant.meta_program(args.config, args.dtype, stages)
+        name = accountant.config_path(args.config)
+        name = args.config if not name.startswith(accountant.CONFIG_DIR) else args.config.removesuffix(".json")
+        source, kv_dtype = f"config on the meta device ({accountant.config_path(args.config)})", args.dtype
+    else:
+        name = args.model or "tiny-llava"
+        model, source = load_model(name)
+        program = accountant.capture_stages(model, stages)
+        kv_dtype = None
+    capture_s = time.perf_counter() - t0
+    example, example_src = sample_prompt(model, name)
+    if example is not None:
+        layouts = accountant.layout_of(example.input_ids, model.config.image_token_id)
+        prompt = {"source": example_src, "batch": len(layouts), "samples": [l.to_dict() for l in layouts]}
+        layout = layouts[0]
+    else:
+        vision = program.anatomy.get("vision")
+        if vision is not None and vision.grid:
+            if args.image_tokens is not None and args.image_tokens != vision.grid[0] * vision.grid[1]:
+                raise _Failure(f"--image-tokens: {type(model).__name__} makes {vision.grid[0] * vision.grid[1]} "
+                               f"vision tokens per image ({vision.grid[0]}x{vision.grid[1]} patch grid)")
+            per_image = vision.grid[0] * vision.grid[1]
+        else:
+            per_image = args.image_tokens or accountant.default_image_tokens(model)
+        layout = accountant.synthetic_layout(args.text_tokens, args.images, per_image)
+        prompt = {"source": f"synthetic: {args.text_tokens} text tokens (half before the image(s)), "
+                            f"{args.images} image(s) x {per_image} vision tokens",
+                  "batch": 1, "samples": [layout.to_dict()]}
+    out = {"model": name, "model_class": type(model).__name__, "source": source,
+           "capture_seconds": round(capture_s, 2),
+           "stages": _stages(model, program, layout, example), "prompt": prompt}
+    if args.method:
+        out["cost"] = accountant.account_model(model, args.method, program=program, layout=layout, dtype=kv_dtype)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(_format_inspect(out))
+    return 0
+
+
+def _stages(model, program, layout, example) -> dict:
+    out = {}
+    for name in ("vision", "prefill", "decode"):
+        st = program.stages.get(name)
+        if st is None:
+            out[name] = {"captured": False, "reason": "not captured (--no-decode)"}
+            continue
+        if st.gm is None:
+            out[name] = _eager_vision(model, st, layout, example)
+            continue
+        anat = program.anatomy[name]
+        d = {"captured": True, **{k: v for k, v in anat.summary().items() if k != "stage"}}
+        if name == "vision":
+            d["tokens_per_image"] = d.pop("tokens")
+            total = getattr(model.config.vision_config, "num_hidden_layers", None)
+            if total is not None and total != anat.num_layers:
+                d["encoder_layers"] = total
+                d["layers_note"] = (f"{anat.num_layers} of {total} encoder layers feed the features "
+                                    f"(vision_feature_layer={model.config.vision_feature_layer})")
+        else:
+            k = anat.layers[0].kv_write[0].meta.get("val") if anat.layers[0].kv_write else None
+            if k is not None:
+                d["kv_heads"], d["head_dim"] = int(k.shape[1]), int(k.shape[3])
+            d["attention_heads"] = model.config.text_config.num_attention_heads
+        out[name] = d
+    return out
+
+
+def _eager_vision(model, st, layout, example) -> dict:
+    vc = model.config.vision_config
+    cls = any(n.endswith("class_embedding") for n, _ in model.named_parameters())
+    merge = getattr(vc, "spatial_merge_size", 1) or 1
+    if example is not None and example.image_grid_thw is not None:
+        t, h, w = (int(x) for x in example.image_grid_thw[0])
+    else:
+        side = int(round(layout.tokens_per_image ** 0.5)) * merge
+        h = w = side
+    d = {"captured": False, "reason": st.eager,
+         "layers": getattr(vc, "depth", None) or getattr(vc, "num_hidden_layers", None),
+         "attention": f"{getattr(vc, '_attn_implementation', None) or 'eager'} (not captured)", "cls": cls,
+         "grid": [h, w], "spatial_merge": merge, "tokens_per_image": (h // merge) * (w // merge)}
+    return d
+
+
+def _format_inspect(out: dict) -> str:
+    from .accountant import format_table
+    lines = [f"model: {out['model']}  ({out['model_class']}; {out['source']})",
+             f"captured in {out['capture_seconds']:.1f} s", "", "stages:"]
+    for name, d in out["stages"].items():
+        if name == "vision":
+            state = "captured" if d["captured"] else "eager"
+            cols = [f"{name:<8}", f"{state:<9}", f"layers {d.get('layers', '?'):>3}",
+                    f"attention {d.get('attention', '?')}"]
+            if "cls" in d:
+                cols += [f"CLS {'yes' if d['cls'] else 'no'}", f"patch grid {d['grid'][0]}x{d['grid'][1]}"
+                         + (f" (merged {d['spatial_merge']}x{d['spatial_merge']})" if d.get("spatial_merge", 1) > 1
+                            else ""), f"tokens/image {d['tokens_per_image']}"]
+            lines.append("  " + "  ".join(cols))
+            if d.get("layers_note"):
+                lines.append(f"  {'':<8} {'':<9} ({d['layers_note']})")
+            if not d["captured"]:
+                lines.append(f"  {'':<8} {'':<9} reason: {d['reason']}")
+        else:
+            if not d["captured"]:
+                lines.append(f"  {name:<8} {'skipped':<9} {d['reason']}")
+                continue
+            lines.append("  " + "  ".join([f"{name:<8}", f"{'captured':<9}", f"layers {d['layers']:>3}",
+                                          f"attention {d['attention']}",
+                                          f"heads {d.get('attention_heads')}, kv heads {d.get('kv_heads')} "
+                                          f"x head dim {d.get('head_dim')}", f"KV cache: {d['kv_cache']}"]))
+    p = out["prompt"]
+    lines += ["", f"sample prompt ({p['source']}; batch {p['batch']}):"]
+    for i, s in enumerate(p["samples"]):
+        parts = [f"text {s['text_before']:>4}"]
+        for j, (a, b) in enumerate(s["vision"]):
+            if j:
+                parts.append(f"text {s['text_between']:>4}")
+            parts.append(f"vision [{a}, {b}) {b - a}")
+        parts.append(f"text {s['text_after']:>4}")
+        lines.append(f"  sample {i}: " + " | ".join(parts) + f"   (length {s['length']})")
+    if "cost" in out:
+        lines += ["", "cost of the pruned prefill (batch 1, the first sample's layout):", format_table(out["cost"])]
+    return "\n".join(lines)
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    import torch
+
+    from . import prune
+    from .errors import PassNotApplicable
+    from .pipeline import as_passes
+    if args.max_new_tokens < 1:
+        raise _Failure("--max-new-tokens must be >= 1")
+    if args.repeats < 1:
+        raise _Failure("--repeats must be >= 1")
+    methods = args.method or list(RUN_DEFAULTS)
+    for m in methods:            # bad options fail before any model is built
+        as_passes(m)
+    t0 = time.perf_counter()
+    model, source = load_model(args.model)
+    example, _ = sample_prompt(model, args.model, any_model=True)
+    if example is None:
+        raise _Failure(f"no sample prompt for {type(model).__name__}")
+    kw = example.as_kwargs()
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base = prune(model)
+    capture_s = time.perf_counter() - t0
+    rows, reports, skipped = [], [], []
+
+    def record(label, pm):
+        ids = pm.generate(**kw, max_new_tokens=args.max_new_tokens)[0, kw["input_ids"].shape[1]:].tolist()
+        report = pm.report
+        ms = _median_ms(lambda: pm(**kw), args.repeats)
+        rows.append({"method": label, "tokens": ids, "prefill_ms": ms})
+        reports.append((label, report))
+
+    record("unpruned", base)
+    for m in methods:
+        try:
+            pm = prune(model, m)
+        except PassNotApplicable as e:
+            if args.method:
+                raise
+            skipped.append({"method": m, "reason": str(e)})
+            continue
+        record(" | ".join(repr(p) for p in pm.pipeline), pm)
+    with torch.no_grad():
+        hf_ms = _median_ms(lambda: model(**kw), args.repeats)
+    ref = rows[0]["tokens"]
+    for r in rows:
+        r["matches_unpruned"] = r["tokens"] == ref
+        r["first_difference"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref)) if a != b),
+                                     None if len(r["tokens"]) == len(ref) else min(len(r["tokens"]), len(ref)))
+    n_img = int((kw["input_ids"] == model.config.image_token_id).sum())
+    out = {"model": args.model, "model_class": type(model).__name__, "source": source,
+           "prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": n_img,
+           "build_seconds": round(build_s, 2), "capture_seconds": round(capture_s, 2),
+           "hf_prefill_ms": hf_ms, "results": rows, "skipped": skipped,
+           "reports": {label: rep.to_dict() for label, rep in reports}}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"model: {args.model} ({type(model).__name__}; {source})")
+    print(f"prompt: {out['prompt_tokens']} tokens, {n_img} vision; build {build_s:.1f} s, capture {capture_s:.1f} s")
+    print()
+    width = max(len(r["method"]) for r in rows)
+    print(f"{'method':<{width}}  {'prefill ms':>10}  {'same as unpruned':<16}  generated tokens")
+    for r in rows:
+        same = "-" if r is rows[0] else ("yes" if r["matches_unpruned"] else f"no (from token {r['first_difference']})")
+        print(f"{r['method']:<{width}}  {r['prefill_ms']:>10.2f}  {same:<16}  {' '.join(map(str, r['tokens']))}")
+    print(f"{'HF model (eager forward)':<{width}}  {hf_ms:>10.2f}")
+    print(f"(prefill ms: median of {args.repeats} runs; pruned prefill includes preparing the prompt)")
+    for s in skipped:
+        print(f"skipped {s['method']}: {s['reason']}")
+    for label, rep in reports:
+        print()
+        print(rep.table())
+    return 0
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()    # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return round(statistics.median(ts) * 1e3, 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
