@@ -377,31 +377,54 @@ def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:
 
 def format_table(res: dict) -> str:
     """The per-layer cost table of an account() result, aligned for a terminal."""
-    lines = [f"method: {res['method'] or '(unpruned)'}   dtype: {res['dtype']}   batch: {res['batch']}",
-             f"prompt: {res['layout']['length']} tokens ({res['layout']['text_before']} text, "
-             f"{len(res['layout']['vision'])} image(s) x {res['layout']['vision'][0][1] - res['layout']['vision'][0][0] if res['layout']['vision'] else 0} "
-             f"vision, {res['layout']['text_after']} text); vision tokens per image entering the LLM: "
-             f"{res['layout']['vision_tokens_per_image_llm']}"]
-    lines.append(f"{'layer':>5} {'tokens':>7} {'vision':>7} {'GFLOPs':>11} {'KV MB':>10}")
+    lay, t, v = res["layout"], res["totals"], res["vision"]
+    per_image = lay["vision"][0][1] - lay["vision"][0][0] if lay["vision"] else 0
+    fu, fs = _unit([r["flops"] for r in res["layers"]], FLOP_UNITS)
+    ku, ks = _unit([r["kv_bytes"] for r in res["layers"]], BYTE_UNITS)
+    lines = [f"method: {res['method'] or '(unpruned)'}   KV dtype: {res['dtype']}   batch: {res['batch']}",
+             f"prompt: {lay['length']} tokens = {lay['text_before']} text + {len(lay['vision'])} image(s) x "
+             f"{per_image} vision + {lay['text_after']} text"
+             + (f" (+ {lay['text_between']} text between images)" if lay["text_between"] and len(lay["vision"]) > 1
+                else "") + f"; vision tokens per image entering the LLM: {lay['vision_tokens_per_image_llm']}",
+             f"{'layer':>5} {'tokens':>7} {'vision':>7} {fu:>10} {'KV ' + ku:>10}"]
     for r in res["layers"]:
-        lines.append(f"{r['layer']:>5} {r['tokens']:>7} {r['vision_tokens']:>7} {r['flops'] / 1e9:>11.2f} "
-                     f"{r['kv_bytes'] / 2**20:>10.2f}")
-    t = res["totals"]
-    lines.append(f"{'LLM':>5} {'':>7} {'':>7} {t['llm_flops'] / 1e9:>11.2f} {t['kv_bytes'] / 2**20:>10.2f}")
-    lines.append(f"lm_head {t['head_flops'] / 1e9:.2f} GFLOPs, other {t['other_flops'] / 1e9:.2f} GFLOPs; "
-                 f"prefill {t['prefill_flops'] / 1e12:.4f} TFLOPs")
-    v = res["vision"]
+        lines.append(f"{r['layer']:>5} {r['tokens']:>7} {r['vision_tokens']:>7} {r['flops'] / fs:>10.2f} "
+                     f"{r['kv_bytes'] / ks:>10.2f}")
+    lines.append(f"{'all':>5} {'':>7} {'':>7} {t['llm_flops'] / fs:>10.2f} {t['kv_bytes'] / ks:>10.2f}")
+    lines.append(f"prefill: layers {_fmt(t['llm_flops'], FLOP_UNITS)} + lm_head {_fmt(t['head_flops'], FLOP_UNITS)}"
+                 + (f" + other {_fmt(t['other_flops'], FLOP_UNITS)}" if t["other_flops"] else "")
+                 + f" = {_fmt(t['prefill_flops'], FLOP_UNITS)}")
     if v["captured"]:
-        lines.append(f"vision stage ({v['images']} image(s)): {v['flops'] / 1e12:.4f} TFLOPs")
+        lines.append(f"vision stage ({v['images']} image(s) -> {v['tokens_out']} tokens each): "
+                     f"{_fmt(v['flops'], FLOP_UNITS)}")
     else:
-        lines.append("vision stage: not counted (runs eagerly)")
-    lines.append(f"total: {t['flops'] / 1e12:.4f} TFLOPs, KV cache {t['kv_bytes'] / 2**20:.2f} MB")
-    if "ratio" in res and res["method"]:
+        lines.append("vision stage: runs eagerly, not counted")
+    lines.append(f"total: {_fmt(t['flops'], FLOP_UNITS)}; KV cache {_fmt(t['kv_bytes'], BYTE_UNITS)}")
+    if res.get("ratio") and res["method"]:
         r, b = res["ratio"], res["baseline"]
-        lines.append(f"vs unpruned: total {_pct(r['flops'])} of {b['flops'] / 1e12:.4f} TFLOPs, LLM layers "
-                     f"{_pct(r['llm_flops'])}, KV cache {_pct(r['kv_bytes'])} of {b['kv_bytes'] / 2**20:.2f} MB")
+        lines.append(f"vs unpruned: total {_pct(r['flops'])} of {_fmt(b['flops'], FLOP_UNITS)}, decoder layers "
+                     f"{_pct(r['llm_flops'])}, KV cache {_pct(r['kv_bytes'])} of {_fmt(b['kv_bytes'], BYTE_UNITS)}")
     lines += [f"note: {n}" for n in res["notes"]]
     return "\n".join(lines)
+
+
+FLOP_UNITS = [("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3), ("FLOPs", 1)]
+BYTE_UNITS = [("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)]
+
+
+def _unit(values, units):
+    top = max(values, default=0)
+    for name, scale in units[1:]:          # table columns: at most G / Gi
+        if top >= scale:
+            return name, scale
+    return units[-1]
+
+
+def _fmt(x, units) -> str:
+    for name, scale in units:
+        if abs(x) >= scale:
+            return f"{x / scale:.4g} {name}"
+    return f"{x} {units[-1][0]}"
 
 
 def _pct(x) -> str:

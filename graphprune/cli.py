@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--method", help='pruning pipeline, e.g. "fastv(layer=2, keep=144)" or '
                    '"cls_topk(keep=144) | fastv(layer=2, keep=0.5)" or a .toml file')
     i.add_argument("--text-tokens", type=int, default=64, help="text tokens of the synthetic prompt "
-                   "(half before the image, half after; default 64)")
+                   "used for --config and pretrained models (half before the image, half after; default 64); "
+                   "the tiny built-ins use their zoo example prompt")
     i.add_argument("--images", type=int, default=1, help="images in the synthetic prompt (default 1)")
     i.add_argument("--image-tokens", type=int, help="vision tokens per image of the synthetic prompt "
                    "(Qwen2-VL; default 144 = a 336x336 image; LLaVA's is fixed by its patch grid)")
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    + ", ".join(RUN_DEFAULTS) + ")")
     r.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
     r.add_argument("--repeats", type=int, default=5, help="prefill runs timed per model (median; default 5)")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny built-in models, whose "
+                   "ops are too small to gain from threads and whose timings suffer from oversubscribed cores)")
     r.add_argument("--json", action="store_true", help="print JSON instead of tables")
     r.set_defaults(func=cmd_run)
     return p
@@ -131,6 +134,9 @@ def cmd_inspect(args) -> int:
     for opt in ("text_tokens", "images"):
         if getattr(args, opt) < 1:
             raise _Failure(f"--{opt.replace('_', '-')} must be >= 1")
+    if args.method:
+        from .pipeline import as_passes
+        as_passes(args.method)      # bad options fail before any model is built
     stages = ("vision", "prefill") if args.no_decode else ("vision", "prefill", "decode")
     t0 = time.perf_counter()
     if args.config:
@@ -233,12 +239,12 @@ def _format_inspect(out: dict) -> str:
                             else ""), f"tokens/image {d['tokens_per_image']}"]
             lines.append("  " + "  ".join(cols))
             if d.get("layers_note"):
-                lines.append(f"  {'':<8} {'':<9} ({d['layers_note']})")
+                lines.append(f"  {'':<8}  {'':<9}  ({d['layers_note']})")
             if not d["captured"]:
-                lines.append(f"  {'':<8} {'':<9} reason: {d['reason']}")
+                lines.append(f"  {'':<8}  {'':<9}  reason: {d['reason']}")
         else:
             if not d["captured"]:
-                lines.append(f"  {name:<8} {'skipped':<9} {d['reason']}")
+                lines.append(f"  {name:<8}  {'skipped':<9}  {d['reason']}")
                 continue
             lines.append("  " + "  ".join([f"{name:<8}", f"{'captured':<9}", f"layers {d['layers']:>3}",
                                           f"attention {d['attention']}",
@@ -264,13 +270,14 @@ def _format_inspect(out: dict) -> str:
 def cmd_run(args) -> int:
     import torch
 
-    from . import prune
-    from .errors import PassNotApplicable
     from .pipeline import as_passes
     if args.max_new_tokens < 1:
         raise _Failure("--max-new-tokens must be >= 1")
     if args.repeats < 1:
         raise _Failure("--repeats must be >= 1")
+    threads = args.threads if args.threads is not None else (1 if args.model in TINY else torch.get_num_threads())
+    if threads < 1:
+        raise _Failure("--threads must be >= 1")
     methods = args.method or list(RUN_DEFAULTS)
     for m in methods:            # bad options fail before any model is built
         as_passes(m)
@@ -281,6 +288,25 @@ def cmd_run(args) -> int:
         raise _Failure(f"no sample prompt for {type(model).__name__}")
     kw = example.as_kwargs()
     build_s = time.perf_counter() - t0
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _run_methods(args, model, kw, methods, build_s)
+    finally:
+        torch.set_num_threads(previous_threads)
+    out.update(model=args.model, model_class=type(model).__name__, source=source, threads=threads)
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=2))
+        return 0
+    _print_run(out, args.repeats)
+    return 0
+
+
+def _run_methods(args, model, kw, methods, build_s) -> dict:
+    import torch
+
+    from . import prune
+    from .errors import PassNotApplicable
     t0 = time.perf_counter()
     base = prune(model)
     capture_s = time.perf_counter() - t0
@@ -305,36 +331,46 @@ def cmd_run(args) -> int:
         record(" | ".join(repr(p) for p in pm.pipeline), pm)
     with torch.no_grad():
         hf_ms = _median_ms(lambda: model(**kw), args.repeats)
+        hf = model.generate(**kw, max_new_tokens=args.max_new_tokens, do_sample=False)
+    hf_ids = hf[0, kw["input_ids"].shape[1]:].tolist()
     ref = rows[0]["tokens"]
     for r in rows:
         r["matches_unpruned"] = r["tokens"] == ref
-        r["first_difference"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref)) if a != b),
-                                     None if len(r["tokens"]) == len(ref) else min(len(r["tokens"]), len(ref)))
+        r["first_difference"] = _first_difference(r["tokens"], ref)
     n_img = int((kw["input_ids"] == model.config.image_token_id).sum())
-    out = {"model": args.model, "model_class": type(model).__name__, "source": source,
-           "prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": n_img,
-           "build_seconds": round(build_s, 2), "capture_seconds": round(capture_s, 2),
-           "hf_prefill_ms": hf_ms, "results": rows, "skipped": skipped,
-           "reports": {label: rep.to_dict() for label, rep in reports}}
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(f"model: {args.model} ({type(model).__name__}; {source})")
-    print(f"prompt: {out['prompt_tokens']} tokens, {n_img} vision; build {build_s:.1f} s, capture {capture_s:.1f} s")
+    return {"prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": n_img,
+            "build_seconds": round(build_s, 2), "capture_seconds": round(capture_s, 2),
+            "hf_prefill_ms": hf_ms, "hf_generate_tokens": hf_ids, "hf_matches_unpruned": hf_ids == ref,
+            "results": rows, "skipped": skipped, "reports": {label: rep.to_dict() for label, rep in reports},
+            "_tables": {label: rep.table() for label, rep in reports}}
+
+
+def _first_difference(a, b):
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return i if i is not None or len(a) == len(b) else min(len(a), len(b))
+
+
+def _print_run(out, repeats) -> None:
+    rows = out["results"]
+    print(f"model: {out['model']} ({out['model_class']}; {out['source']})")
+    print(f"prompt: {out['prompt_tokens']} tokens, {out['vision_tokens']} vision; build {out['build_seconds']:.1f} s, "
+          f"capture {out['capture_seconds']:.1f} s; {out['threads']} CPU thread(s)")
     print()
-    width = max(len(r["method"]) for r in rows)
-    print(f"{'method':<{width}}  {'prefill ms':>10}  {'same as unpruned':<16}  generated tokens")
+    width = max(len(r["method"]) for r in rows + [{"method": "HF model (reference)"}])
+    print(f"{'method':<{width}}  {'prefill ms':>10}  {'same as unpruned':<18}  generated tokens")
     for r in rows:
         same = "-" if r is rows[0] else ("yes" if r["matches_unpruned"] else f"no (from token {r['first_difference']})")
-        print(f"{r['method']:<{width}}  {r['prefill_ms']:>10.2f}  {same:<16}  {' '.join(map(str, r['tokens']))}")
-    print(f"{'HF model (eager forward)':<{width}}  {hf_ms:>10.2f}")
-    print(f"(prefill ms: median of {args.repeats} runs; pruned prefill includes preparing the prompt)")
-    for s in skipped:
+        print(f"{r['method']:<{width}}  {r['prefill_ms']:>10.2f}  {same:<18}  {' '.join(map(str, r['tokens']))}")
+    same = "yes" if out["hf_matches_unpruned"] else "no"
+    print(f"{'HF model (reference)':<{width}}  {out['hf_prefill_ms']:>10.2f}  {same:<18}  "
+          f"{' '.join(map(str, out['hf_generate_tokens']))}")
+    print(f"(prefill ms: median of {repeats} runs; graphprune rows include preparing the prompt, the HF row is "
+          "model(**inputs); tokens: greedy)")
+    for s in out["skipped"]:
         print(f"skipped {s['method']}: {s['reason']}")
-    for label, rep in reports:
+    for table in out["_tables"].values():
         print()
-        print(rep.table())
-    return 0
+        print(table)
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -4,7 +4,7 @@ An fx Interpreter runs the (rewritten) graph under FakeTensorMode, so no real co
 and full-size models built on the meta device work too. Every linear / matmul / bmm / SDPA
 node adds 2 FLOPs per multiply-add, attributed to the layer in its nn_module_stack
 ("head" for the lm_head / projector, "other" for the rest). Token-op nodes (scoring,
-selection) count their own small matmuls under "select".
+selection) are not counted: their matmuls cover a few query rows (nq x S), not S x S.
 """
 from __future__ import annotations
 
@@ -54,8 +54,6 @@ class _Counter(fx.Interpreter):
             return out
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         f = node_flops(n.target, args, kwargs, out)
-        if not f and n.target.__module__ == "graphprune.tokenops":
-            return out
         if f:
             layer = layer_of(n)
             path = module_path(n)
@@ -64,10 +62,11 @@ class _Counter(fx.Interpreter):
         return out
 
 
-def count_flops(gm: fx.GraphModule, *inputs) -> dict:
-    """FLOPs per layer of one call of gm on inputs of these shapes (real, fake or meta tensors)."""
+def count_flops(gm: fx.GraphModule, **inputs) -> dict:
+    """FLOPs per layer of one call of gm on inputs (by placeholder name) of these shapes."""
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+        fake = [mode.from_tensor(inputs[k]) if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in names]
         counter = _Counter(gm)
         counter.run(*fake)
     return dict(counter.flops)
