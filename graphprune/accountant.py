@@ -110,19 +110,13 @@ def meta_program(name_or_path: str, dtype: str = "float16", stages=("vision", "p
 
 def capture_stages(model, stages, program=None):
     """Capture the missing `stages` of model into program (a new Program when None)."""
-    from .anatomy import read_anatomy
-    from .capture import capture
-    from .families import family_of
     from .pipeline import Program
-    fam = program.family if program is not None else family_of(model)
     missing = [s for s in stages if program is None or s not in program.stages]
-    new = capture(model, missing) if missing else {}
+    new = Program.capture(model, missing)
     if program is None:
-        program = Program({}, {}, fam)
-    for name, st in new.items():
-        program.stages[name] = st
-        if st.gm is not None:
-            program.anatomy[name] = read_anatomy(st.gm, name, fam.model_class)
+        return new
+    program.stages.update(new.stages)
+    program.anatomy.update(new.anatomy)
     return program
 
 
@@ -296,19 +290,12 @@ def _bytes(dtype: torch.dtype) -> int:
 
 def _run(gm, inputs: dict):
     """FLOPs per layer (graphprune.cost) and fake outputs of one call of gm, by placeholder name."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .cost import _Counter
-    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-    missing = [n for n in names if n not in inputs]
-    if missing:
-        raise GraphpruneError(f"the graph takes inputs {missing} the accountant does not know how to make")
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(inputs[n]) for n in names]
-        counter = _Counter(gm)
-        outs = counter.run(*fake)
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-    return dict(counter.flops), dict(zip(gm.meta.get("graphprune_outputs", []), outs))
+    from .cost import run_fake
+    try:
+        flops, outs = run_fake(gm, **inputs)
+    except KeyError as e:
+        raise GraphpruneError(f"the accountant does not know how to make {e.args[0]}") from None
+    return flops, dict(zip(gm.meta.get("graphprune_outputs", []), outs))
 
 
 def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:

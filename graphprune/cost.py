@@ -62,11 +62,19 @@ class _Counter(fx.Interpreter):
         return out
 
 
-def count_flops(gm: fx.GraphModule, **inputs) -> dict:
-    """FLOPs per layer of one call of gm on inputs (by placeholder name) of these shapes."""
+def run_fake(gm: fx.GraphModule, **inputs) -> tuple[dict, tuple]:
+    """(FLOPs per layer, fake outputs) of one call of gm on inputs given by placeholder name."""
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    missing = [k for k in names if k not in inputs]
+    if missing:
+        raise KeyError(f"graph inputs {missing} were not given")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(inputs[k]) if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in names]
         counter = _Counter(gm)
-        counter.run(*fake)
-    return dict(counter.flops)
+        outs = counter.run(*fake)
+    return dict(counter.flops), outs if isinstance(outs, (tuple, list)) else (outs,)
+
+
+def count_flops(gm: fx.GraphModule, **inputs) -> dict:
+    """FLOPs per layer of one call of gm on inputs (by placeholder name) of these shapes."""
+    return run_fake(gm, **inputs)[0]

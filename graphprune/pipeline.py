@@ -93,11 +93,11 @@ class Program:
     results: list[PassResult] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, model) -> "Program":
+    def capture(cls, model, stages=("vision", "prefill", "decode")) -> "Program":
         from .capture import capture
         from .families import family_of
         fam = family_of(model)
-        stages = capture(model)
+        stages = capture(model, stages)
         anat = {k: read_anatomy(s.gm, k, fam.model_class) for k, s in stages.items() if s.gm is not None}
         return cls(stages, anat, fam)
 

@@ -118,7 +118,8 @@ def apply_plan(p: TokenPass, stage, anat: Anatomy) -> PassResult:
     rerouted = _reroute(gm, anat, anchor, layer, keep)
     anat.tokens.append(TokenState(layer, new_pos, new_index))
     if anat.stage == "vision":
-        add_output(gm, _append_flat(g, picked), "patches_kept")
+        with g.inserting_before(g.find_nodes(op="output")[0]):
+            add_output(gm, g.call_function(_flatten_positions, (picked,)), "patches_kept")
     else:
         add_output(gm, new_index, f"tokens_from_layer_{layer}")
     info = {"pass": repr(p), "stage": anat.stage, "layer": layer if anat.stage != "vision" else None,
@@ -127,12 +128,6 @@ def apply_plan(p: TokenPass, stage, anat: Anatomy) -> PassResult:
     anat.selections.append(info)
     verify(gm, anat)
     return PassResult(gm, True, info)
-
-
-def _append_flat(g, picked):
-    out = g.find_nodes(op="output")[0]
-    with g.inserting_before(out):
-        return g.call_function(_flatten_positions, (picked,))
 
 
 def _item(t, i):
