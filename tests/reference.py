@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "llava_image_features", "llava_inputs", "qwen2vl_inputs", "lm_generate",
+    "llava_vision", "llava_image_features", "llava_inputs", "qwen2vl_inputs", "lm_generate", "text_after_image",
     "fastv_select", "vtw_select", "vtw_kl",
 ]
 
@@ -92,12 +92,17 @@ def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, 
 # --------------------------------------------------------------------------------- LLaVA vision tower
 
 @torch.no_grad()
-def llava_image_features(model, pixel_values: Tensor, cls_keep: int | None = None):
-    """CLIP vision tower + LLaVA projector, by hand.
+def llava_vision(model, pixel_values: Tensor, after_layer: dict | None = None) -> dict:
+    """CLIP vision tower + LLaVA projector, by hand, with hooks between encoder layers.
 
-    Returns (features (n_images, V, D_text), kept_idx or None). With ``cls_keep=k`` (FasterVLM "cls_topk"),
-    keeps the k patches most attended by the CLS query in the layer that produces the selected features
-    (head-averaged attention probabilities, columns 1.. of row 0), indices sorted ascending.
+    ``after_layer={i: fn}``: after encoder layer i, ``fn(h, ctx)`` may replace the hidden states h
+    (n, t, d) (CLS at row 0) by returning ``h`` or ``(h, key_valid (n, t) bool)``; later layers then run on
+    the new sequence, with invalid keys masked. ``ctx`` has ``probs`` (the layer's attention probabilities
+    (n, H, t, t)), ``key_valid`` and ``index`` ((n, t) original encoder index of each row, CLS = 0).
+
+    Returns dict: ``features`` (n, V', D_text) after the projector, ``pre_features`` (n, V', d) entering it,
+    ``cls_attn`` (n, V') head-averaged CLS attention to the patch tokens in the layer producing the features,
+    ``patch_index`` (n, V') original patch index (0..V-1) of each feature row, ``valid`` (n, V') key validity.
     """
     cfg = model.config
     vc = cfg.vision_config
@@ -110,6 +115,7 @@ def llava_image_features(model, pixel_values: Tensor, cls_keep: int | None = Non
     d = vc.hidden_size
     hd = d // n_heads
     act = _act(vc.hidden_act)
+    after_layer = after_layer or {}
 
     x = pixel_values.float()
     n = x.shape[0]
@@ -126,11 +132,12 @@ def llava_image_features(model, pixel_values: Tensor, cls_keep: int | None = Non
     layer = cfg.vision_feature_layer
     assert isinstance(layer, int), "only a single vision_feature_layer is supported"
     hs_index = layer % (n_layers + 1)  # index into hidden_states (hidden_states[0] = embeddings)
-    assert hs_index >= 1 or cls_keep is None
+    assert hs_index >= 1
 
-    hidden_states = [h]
-    attn_of_layer = {}
-    for i in range(n_layers):
+    index = torch.arange(h.shape[1]).expand(n, -1)
+    key_valid = torch.ones(n, h.shape[1], dtype=torch.bool)
+    probs = None
+    for i in range(hs_index):  # later layers do not influence the selected features
         lp = f"{p}encoder.layers.{i}."
         r = h
         y = _layer_norm(h, w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], eps)
@@ -138,32 +145,42 @@ def llava_image_features(model, pixel_values: Tensor, cls_keep: int | None = Non
         q = _linear(y, w, lp + "self_attn.q_proj").view(n, t, n_heads, hd).transpose(1, 2)
         k = _linear(y, w, lp + "self_attn.k_proj").view(n, t, n_heads, hd).transpose(1, 2)
         v = _linear(y, w, lp + "self_attn.v_proj").view(n, t, n_heads, hd).transpose(1, 2)
-        o, probs = _softmax_attention(q, k, v, None, hd ** -0.5)
-        attn_of_layer[i] = probs
+        allowed = None if bool(key_valid.all()) else key_valid[:, None, :].expand(n, t, t)
+        o, probs = _softmax_attention(q, k, v, allowed, hd ** -0.5)
         o = o.transpose(1, 2).reshape(n, t, d)
         h = r + _linear(o, w, lp + "self_attn.out_proj")
         r = h
         y = _layer_norm(h, w[lp + "layer_norm2.weight"], w[lp + "layer_norm2.bias"], eps)
         y = _linear(act(_linear(y, w, lp + "mlp.fc1")), w, lp + "mlp.fc2")
         h = r + y
-        hidden_states.append(h)
-        if i + 1 >= hs_index:
-            break  # later layers do not influence the selected features
+        if i in after_layer and i + 1 < hs_index:
+            out = after_layer[i](h, {"probs": probs, "key_valid": key_valid, "index": index})
+            h, new_index, new_valid = out if isinstance(out, tuple) else (out, index, key_valid)
+            index, key_valid = new_index, new_valid
 
-    feats = hidden_states[hs_index]
-    if cfg.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]
-    else:
-        assert cls_keep is None, "cls_topk needs the CLS token to be dropped (strategy 'default')"
+    assert cfg.vision_feature_select_strategy == "default", "the reference drops CLS (strategy 'default')"
+    pre = h[:, 1:]
+    cls_attn = probs[:, :, 0, 1:].mean(dim=1)  # (n, V')
     pact = _act(cfg.projector_hidden_act)
-    feats = _linear(pact(_linear(feats, w, "model.multi_modal_projector.linear_1")), w,
+    feats = _linear(pact(_linear(pre, w, "model.multi_modal_projector.linear_1")), w,
                     "model.multi_modal_projector.linear_2")
+    return {"features": feats, "pre_features": pre, "cls_attn": cls_attn, "patch_index": index[:, 1:] - 1,
+            "valid": key_valid[:, 1:]}
+
+
+@torch.no_grad()
+def llava_image_features(model, pixel_values: Tensor, cls_keep: int | None = None):
+    """CLIP vision tower + LLaVA projector, by hand.
+
+    Returns (features (n_images, V, D_text), kept_idx or None). With ``cls_keep=k`` (FasterVLM "cls_topk"),
+    keeps the k patches most attended by the CLS query in the layer that produces the selected features
+    (head-averaged attention probabilities, columns 1.. of row 0), indices sorted ascending.
+    """
+    out = llava_vision(model, pixel_values)
+    feats = out["features"]
     if cls_keep is None:
         return feats, None
-
-    probs = attn_of_layer[hs_index - 1]  # (n, H, 1+V, 1+V), layer producing hidden_states[hs_index]
-    cls_attn = probs[:, :, 0, 1:].mean(dim=1)  # (n, V)
-    kept = torch.topk(cls_attn, cls_keep, dim=-1).indices.sort(dim=-1).values
+    kept = torch.topk(out["cls_attn"], cls_keep, dim=-1).indices.sort(dim=-1).values
     feats = torch.gather(feats, 1, kept[..., None].expand(-1, -1, feats.shape[-1]))
     return feats, kept
 
@@ -331,21 +348,52 @@ def _gather_pos(pos: Tensor, keep: Tensor) -> Tensor:
     return torch.gather(pos, 2, keep[None].expand(pos.shape[0], -1, -1))
 
 
+def text_after_image(vision_mask: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,S) bool: the real tokens after the last vision token of each sample (the instruction)."""
+    s = vision_mask.shape[1]
+    ar = torch.arange(s).expand_as(vision_mask)
+    last = torch.where(vision_mask.bool(), ar, torch.full_like(ar, -1)).amax(1, keepdim=True)
+    return (ar > last) & attention_mask.bool() & (last >= 0)
+
+
 @torch.no_grad()
 def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, *,
                 select: Callable[[dict], Tensor] | None = None, select_layer: int | None = None,
+                selects: dict | None = None, protected: Tensor | None = None,
+                cut_to_final: tuple[int, int] | None = None,
                 max_new_tokens: int = 16, vision_mask: Tensor | None = None) -> dict:
-    """Prefill + greedy decoding of the language model by hand, optionally pruning at ``select_layer``.
+    """Prefill + greedy decoding of the language model by hand, optionally pruning before some layers.
 
-    Layers ``0..K-1`` see every token; after layer K-1, ``keep = select(ctx)`` (B,S') sorted indices; layers
-    ``>= K`` run on the kept tokens only (causal in the original order, original position ids kept).
+    ``selects={K: fn}`` (or ``select`` + ``select_layer``): layers ``0..K-1`` see every token; after layer
+    K-1, ``fn(ctx)`` returns ``keep`` (B,S') sorted indices into the current sequence, or a dict with
+    ``keep`` and optionally ``hidden`` (B,S',D) (replaces the gathered hidden states: merges) and ``valid``
+    (B,S') bool (slots that are kept but masked as keys from then on: static-capacity modes). Layers ``>= K``
+    run on the kept tokens only (causal in the original order, original position ids kept).
+
+    ctx: ``attn`` (B,H,S,S) probabilities of layer K-1, ``hidden`` its output, ``keys``/``values``
+    (B,KV,S,hd) its post-RoPE cache entries, ``norm`` (the model's final RMSNorm), ``vision_mask``,
+    ``text_mask`` (instruction tokens after the last image), ``attention_mask`` (key validity as 0/1),
+    ``protected`` (B,S) bool, ``index`` (B,S) original prompt index, ``position_ids``, ``layer``.
+
+    ``cut_to_final=(a, b)``: after prefill, the caches of layers a..b-1 keep only the tokens that the final
+    selection kept (MustDrop's output-aware cache).
+    Returns prefill/step logits, greedy ``tokens``, ``keep`` (prompt indices kept after the last
+    selection), ``kv_lens``, ``kv_index`` (per layer, prompt index of each cache slot) and ``kv_valid``.
     """
     lm = _LM(model)
+    selects = dict(selects or {})
+    if select is not None:
+        selects[select_layer] = select
+    if any(k >= lm.n_layers or k < 1 for k in selects):
+        raise ValueError("select layers must be in 1..n_layers-1")
     h = inputs_embeds.float()
     b, s, _ = h.shape
     valid = attention_mask.bool()  # key validity (B,S)
     pos = position_ids
-    vmask = vision_mask if vision_mask is not None else torch.zeros(b, s, dtype=torch.bool)
+    vmask = vision_mask.bool() if vision_mask is not None else torch.zeros(b, s, dtype=torch.bool)
+    tmask = text_after_image(vmask, attention_mask)
+    prot = protected.bool() if protected is not None else torch.zeros(b, s, dtype=torch.bool)
+    index = torch.arange(s).expand(b, s)
     # decode positions: max prompt position (over all axes) + 1 + step, from the unpruned prompt
     pmax = pos if pos.dim() == 2 else pos.amax(0)
     pmax = pmax.masked_fill(~valid, torch.iinfo(pmax.dtype).min).amax(-1)  # (B,)
@@ -355,34 +403,53 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         return causal[None] & valid_keys[:, None, :]
 
+    def norm(x: Tensor) -> Tensor:
+        return _rms_norm(x, lm.w[lm.pre + "norm.weight"], lm.eps)
+
     cache_k: list[Tensor] = []
     cache_v: list[Tensor] = []
     cache_valid: list[Tensor] = []
+    cache_index: list[Tensor] = []
     keep = None
     cos, sin = lm.cos_sin(pos)
     allowed = prefill_allowed(valid)
     last_probs = None
     for i in range(lm.n_layers):
-        if select is not None and i == select_layer:
+        if i in selects:
             ctx = {"attn": last_probs, "hidden": h, "vision_mask": vmask, "attention_mask": valid.long(),
-                   "position_ids": pos, "layer": i, "keys": cache_k[-1] if cache_k else None}
-            keep = select(ctx).long()
-            assert keep.dim() == 2 and keep.shape[0] == b
-            h = _gather_seq(h, keep)
-            valid = torch.gather(valid, 1, keep)
-            vmask = torch.gather(vmask, 1, keep)
-            pos = _gather_pos(pos, keep)
+                   "text_mask": tmask, "protected": prot, "index": index, "norm": norm,
+                   "position_ids": pos, "layer": i, "keys": cache_k[-1], "values": cache_v[-1]}
+            out = selects[i](ctx)
+            out = out if isinstance(out, dict) else {"keep": out}
+            k_idx = out["keep"].long()
+            assert k_idx.dim() == 2 and k_idx.shape[0] == b
+            assert bool((prot & ~torch.zeros_like(prot).scatter(1, k_idx, True)).sum() == 0), \
+                "a selection dropped a protected token"
+            h = out.get("hidden", _gather_seq(h, k_idx))
+            valid = torch.gather(valid, 1, k_idx)
+            if "valid" in out:
+                valid = valid & out["valid"].bool()
+            vmask, tmask, prot, index = (torch.gather(t, 1, k_idx) for t in (vmask, tmask, prot, index))
+            pos = _gather_pos(pos, k_idx)
+            keep = index
             cos, sin = lm.cos_sin(pos)
             allowed = prefill_allowed(valid)
         h, k, v, last_probs = lm.layer(i, h, cos, sin, None, None, allowed)
         cache_k.append(k)
         cache_v.append(v)
         cache_valid.append(valid.clone())
-    if select is not None and select_layer is not None and select_layer >= lm.n_layers:
-        raise ValueError("select_layer must be < number of layers")
+        cache_index.append(index.clone())
+    if cut_to_final is not None:
+        for i in range(*cut_to_final):
+            at = torch.searchsorted(cache_index[i].contiguous(), index.contiguous())
+            cache_k[i] = cache_k[i].gather(2, at[:, None, :, None].expand(-1, cache_k[i].shape[1], -1, lm.hd))
+            cache_v[i] = cache_v[i].gather(2, at[:, None, :, None].expand(-1, cache_v[i].shape[1], -1, lm.hd))
+            cache_valid[i], cache_index[i] = valid.clone(), index.clone()
 
     prefill_logits = lm.logits(h)  # (B,S',V)
     kv_lens = [k.shape[2] for k in cache_k]
+    kv_index = [c.clone() for c in cache_index]
+    kv_valid = [c.clone() for c in cache_valid]
 
     step_logits = [prefill_logits[:, -1]]
     tokens = [step_logits[0].argmax(-1)]
@@ -399,7 +466,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
         lg = lm.logits(x)[:, -1]
         step_logits.append(lg)
         tokens.append(lg.argmax(-1))
-    return dict(prefill_logits=prefill_logits, keep=keep, kv_lens=kv_lens,
+    return dict(prefill_logits=prefill_logits, keep=keep, kv_lens=kv_lens, kv_index=kv_index, kv_valid=kv_valid,
                 tokens=torch.stack(tokens[:max_new_tokens], dim=1), step_logits=step_logits[:max_new_tokens])
 
 
