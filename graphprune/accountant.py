@@ -330,7 +330,10 @@ def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:
         pos = torch.empty(fam.position_axes, 1, s, device=device, dtype=torch.long)
     inputs = {"inputs_embeds": torch.empty(1, s, hidden, device=device, dtype=dtype), "position_ids": pos,
               "attention_mask": torch.empty(1, s, device=device, dtype=torch.long),
-              "vision_pos": torch.empty(1, layout.images, v, device=device, dtype=torch.long)}
+              "vision_pos": torch.empty(1, layout.images, v, device=device, dtype=torch.long),
+              "vision_protected": None,
+              "text_index": torch.empty(1, max(layout.suffix, 1), device=device, dtype=torch.long),
+              "text_mask": torch.empty(1, max(layout.suffix, 1), device=device, dtype=torch.bool)}
     pflops, pouts = _run(pruned.stages["prefill"].gm, inputs)
     rows, kv_total = [], 0
     n = pruned.anatomy["prefill"].num_layers

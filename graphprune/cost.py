@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from .anatomy import SDPA, layer_of, module_path
 
@@ -68,10 +68,16 @@ def run_fake(gm: fx.GraphModule, **inputs) -> tuple[dict, tuple]:
     missing = [k for k in names if k not in inputs]
     if missing:
         raise KeyError(f"graph inputs {missing} were not given")
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(inputs[k]) if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in names]
-        counter = _Counter(gm)
-        outs = counter.run(*fake)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(inputs[k]) if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in names]
+            counter = _Counter(gm)
+            outs = counter.run(*fake)
+    except (DynamicOutputShapeException, DataDependentOutputException):
+        # exact-threshold passes keep a data-dependent number of tokens: count on the real values
+        with torch.no_grad():
+            counter = _Counter(gm)
+            outs = counter.run(*[inputs[k] for k in names])
     return dict(counter.flops), outs if isinstance(outs, (tuple, list)) else (outs,)
 
 

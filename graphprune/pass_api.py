@@ -3,10 +3,12 @@
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
                reduced sequence (prefill); vision passes act on the features entering the projector
-  signals      what it looks at: AttentionRows, Keys, Hidden (extracted from the graph by graphprune)
+  signals      what it looks at: AttentionRows, Keys, Values, Hidden, TextMask, TextEmbeds
+               (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
-  select       the selection rule: TopK(keep) or WithdrawAll()
+  select       the selection rule: TopK(keep), Choose(keep, fn), Protect(keep), WithdrawAll()
+               or KeepCache (a cache rule: shallow layers' KV cut to the final kept set)
   positions    "keep" (kept tokens keep their position ids) or "compact" (renumbered)
 The framework inserts the nodes, rewires every downstream use (hidden states, rotary cos/sin,
 masks, sequence sizes, cache writes) and verifies the graph. Passes never see model classes.
@@ -16,6 +18,10 @@ Conventions, shared by every pass:
     sequence, so layers 0..K-1 see every token and a signal "of layer K-1" is available;
   * `keep` counts retained vision tokens per image (int), or a fraction of them (float);
     text tokens are never counted or dropped.
+  * signals are per image: vision tokens (B, images, tokens, ...); text tokens are the
+    instruction after the last image, (B, T, ...), padded: TextMask says which are real;
+  * protected tokens (a key set marked by Protect) survive every later rule.
+Semantics of every built-in method: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -30,26 +36,51 @@ from .errors import PassConfigError
 
 @dataclass(frozen=True)
 class AttentionRows:
-    """Head-averaged attention that chosen queries pay the vision tokens in `layer`.
+    """Head-averaged attention that chosen queries pay the vision (or text) tokens in `layer`.
 
-    query: "last" (last prompt token, FastV) or "cls" (vision encoder CLS token).
-    Value: (B, n_queries, images, tokens). Recomputed from that layer's post-RoPE q and k for
-    the chosen rows only; the layer's own attention stays fused SDPA.
+    query: "last" (last prompt token, FastV), "cls" (vision encoder CLS token) or "text" (every
+    instruction token; padded rows are zero). keys: "vision" -> (B, n_queries, images, tokens),
+    "text" -> (B, n_queries, T). Recomputed from that layer's post-RoPE q and k for the chosen
+    rows only; the layer's own attention stays fused SDPA.
     """
     layer: int
     query: str = "last"
+    keys: str = "vision"
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Post-RoPE keys of the vision tokens in `layer`, heads concatenated: (B, images, tokens, H*d)."""
+    """Post-RoPE keys in `layer`, heads concatenated: vision (B, images, tokens, H*d) or text (B, T, H*d)."""
     layer: int
+    tokens: str = "vision"
+
+
+@dataclass(frozen=True)
+class Values:
+    """Values (cache entries) in `layer`, heads concatenated, like Keys."""
+    layer: int
+    tokens: str = "vision"
 
 
 @dataclass(frozen=True)
 class Hidden:
-    """Output hidden states of `layer` at the vision tokens: (B, images, tokens, D)."""
+    """Output hidden states of `layer`: vision (B, images, tokens, D) or text (B, T, D).
+
+    norm=True applies the model's final norm (the one before the LM head) to them.
+    """
     layer: int
+    tokens: str = "vision"
+    norm: bool = False
+
+
+@dataclass(frozen=True)
+class TextMask:
+    """(B, T) bool: which text slots are real instruction tokens (the rest is padding)."""
+
+
+@dataclass(frozen=True)
+class TextEmbeds:
+    """Vision stage only: the LLM input embeddings of each image's instruction, (images, T, D)."""
 
 
 # -- selection rules -----------------------------------------------------------------------------
@@ -66,13 +97,43 @@ class WithdrawAll:
     """Remove every vision token (VTW)."""
 
 
+@dataclass(frozen=True)
+class Choose:
+    """The pass picks the tokens itself: `fn(k=..., protected=..., valid=..., **signals)`.
+
+    fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens, or a
+    dict with `picked` and optionally `values` (B, images, k, D) that replace the kept tokens'
+    hidden states (merging) and `valid` (B, images, k) bool (static capacity: invalid slots are
+    masked as keys from then on). `keep=None`: the count is data dependent (exact thresholds,
+    eager only). fn is recorded as one node of the graph, named after it; it must be a
+    module-level function so the graph prints and exports.
+    """
+    keep: int | float | None
+    fn: Callable
+    options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
+
+
+@dataclass(frozen=True)
+class Protect:
+    """Mark the `keep` highest-scoring vision tokens as protected; drop nothing."""
+    keep: int | float
+
+
+@dataclass(frozen=True)
+class KeepCache:
+    """Cut the KV caches of layers first..last-1 to the tokens that survive to layer `last`."""
+    first: int
+    last: int
+
+
 @dataclass
 class Plan:
-    select: TopK | WithdrawAll
-    layer: int | None = None
+    select: TopK | Choose | Protect | WithdrawAll | KeepCache
+    layer: int | None = None       # prefill: first reduced layer; vision: encoder layer (None: features)
     signals: dict = field(default_factory=dict)
     score: Callable | None = None
     positions: str = "keep"
+    after_projector: bool = False  # vision passes: act on the projector output instead of its input
 
 
 @dataclass
@@ -108,15 +169,20 @@ class TokenPass:
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
             raise PassConfigError(f"{self.name}: layer must be an int, got {layer!r}")
 
-    def plan(self) -> Plan:
+    def plan(self) -> Plan | list[Plan]:
+        """One Plan, or several (one per layer) applied in order."""
         raise NotImplementedError
 
     def requires(self, anatomy) -> None:
         """Check that the model has what the method needs; raise PassNotApplicable if not."""
 
+    def check_prompt(self, prompt) -> None:
+        """Check a prompt's layout (vision_pos, text_mask, ...) before it runs; raise InputError if
+        the method cannot handle it (e.g. too few instruction tokens for its pivots)."""
+
     def __call__(self, stage, anatomy) -> PassResult:
-        from .rewrite import apply_plan
-        return apply_plan(self, stage, anatomy)
+        from .rewrite import apply_pass
+        return apply_pass(self, stage, anatomy)
 
     def __repr__(self):
         args = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))

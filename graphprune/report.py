@@ -26,9 +26,7 @@ class Report:
         flops = None
         if prompt is not None:     # counted on first use: a fake-tensor run of the prefill graph
             gm = pruned.program.stages["prefill"].gm
-            args = dict(inputs_embeds=prompt.embeds, position_ids=prompt.position_ids,
-                        attention_mask=prompt.attention_mask, vision_pos=prompt.vision_pos)
-            flops = lambda: count_flops(gm, **args)  # noqa: E731
+            flops = lambda: count_flops(gm, **prompt.prefill_inputs())  # noqa: E731
         return cls(
             pipeline=" | ".join(repr(p) for p in pruned.pipeline) or "(unpruned)",
             layers=pruned.num_layers, batch=cache[0].keys.shape[0], vision_tokens_in=vision_tokens,

@@ -15,19 +15,30 @@ import torch
 from torch import fx
 
 from . import tokenops
-from .anatomy import Anatomy, layer_of, seq_dims
+from .anatomy import Anatomy, layer_of, module_path, seq_dims
 from .errors import GraphVerificationError, PassConfigError, PassNotApplicable
-from .pass_api import AttentionRows, Hidden, Keys, PassResult, TokenPass, TopK, WithdrawAll
+from .pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, PassResult, Plan, Protect, TextEmbeds,
+                       TextMask, TokenPass, TopK, Values, WithdrawAll)
 
 SYM_SIZE = torch.ops.aten.sym_size.int
 
 
 @dataclass
 class TokenState:
-    """Graph nodes describing the token sequence from `layer` on."""
+    """Graph nodes describing the token sequence from `layer` on.
+
+    coords: "sequence" (prefill), "encoder" (vision encoder layers: CLS first, then patches) or
+    "features" (the patch features around the projector). seq_index holds, for every current
+    token, its original index: prompt index (prefill) or patch index (vision; CLS = -1).
+    """
     layer: int
-    vision_pos: fx.Node          # (B, images, tokens) positions of vision tokens
-    seq_index: fx.Node           # (B, S) original position of every token
+    vision_pos: fx.Node          # (B, images, tokens) positions of vision tokens in the current sequence
+    seq_index: fx.Node           # (B, S) original index of every current token
+    coords: str = "sequence"
+    valid: fx.Node | None = None      # (B, images, tokens) bool, None: all valid
+    protected: fx.Node | None = None  # (B, images, tokens) bool, None: none protected
+    generation: int = 0               # bumped by every rule that changes which tokens exist
+    masked: bool = False              # some slots may be invalid (static capacity): later attention masks them
 
 
 def output_names(gm: fx.GraphModule) -> list[str]:
@@ -40,51 +51,169 @@ def add_output(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
     output_names(gm).append(name)
 
 
+def layout_input(gm: fx.GraphModule, anat: Anatomy, name: str) -> fx.Node:
+    """A layout input of the graph (vision_pos, text_index, ...), added on first use; the runtime fills it."""
+    if name not in anat.inputs:
+        last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+        with gm.graph.inserting_after(last):
+            anat.inputs[name] = gm.graph.placeholder(name)
+    return anat.inputs[name]
+
+
 def init_tokens(gm: fx.GraphModule, anat: Anatomy) -> None:
-    """Give the graph its token layout: inputs/nodes passes read vision positions from."""
+    """Give the graph its token layout: the nodes passes read vision positions from."""
     if anat.tokens:
         return
     g = gm.graph
     if anat.stage == "vision":
-        with g.inserting_after(anat.features):
-            vp = g.call_function(patch_positions, (anat.features,))
-        with g.inserting_after(vp):
-            si = g.call_function(_flatten_positions, (vp,))
+        with g.inserting_before(anat.layers[0].first):
+            vp = g.call_function(patch_positions, (anat.inputs["pixel_values"], anat.grid[0] * anat.grid[1],
+                                                   int(bool(anat.has_cls))))
+            si = g.call_function(encoder_index, (vp, int(bool(anat.has_cls))))
+        anat.tokens.append(TokenState(0, vp, si, "encoder"))
     else:
-        last = list(g.find_nodes(op="placeholder"))[-1]
-        with g.inserting_after(last):
-            vp = g.placeholder("vision_pos")
-        anat.inputs["vision_pos"] = vp
-        first = anat.layers[0].first
-        with g.inserting_before(first):
+        vp = layout_input(gm, anat, "vision_pos")
+        prot = layout_input(gm, anat, "vision_protected")
+        with g.inserting_before(anat.layers[0].first):
             si = g.call_function(tokenops.seq_positions, (anat.inputs["attention_mask"],))
-    anat.tokens.append(TokenState(0, vp, si))
+        anat.tokens.append(TokenState(0, vp, si, protected=prot))
 
 
-def patch_positions(features):
-    """(images, 1, tokens) positions of the patch tokens of each image: the vision-stage layout."""
-    n, v = features.shape[0], features.shape[1]
-    return torch.arange(v, device=features.device).expand(n, 1, v)
+def patch_positions(pixel_values, v: int, offset: int):
+    """(images, 1, tokens) positions of the patch tokens of each image in the encoder sequence."""
+    return (torch.arange(v, device=pixel_values.device) + offset).expand(pixel_values.shape[0], 1, v)
+
+
+def encoder_index(vision_pos, offset: int):
+    """(images, offset + tokens) original patch index of each encoder token (CLS: -1)."""
+    n, v = vision_pos.shape[0], vision_pos.shape[2]
+    return torch.arange(-offset, v, device=vision_pos.device).expand(n, v + offset)
 
 
 def _flatten_positions(vision_pos):
     return vision_pos[:, 0, :]
 
 
+def _to_features(vision_pos, seq_index, offset: int):
+    # encoder coordinates -> feature coordinates: the projector sees the patches without CLS
+    return vision_pos - offset, seq_index[:, offset:]
+
+
 def _state_at(anat: Anatomy, layer: int) -> TokenState:
     return [t for t in anat.tokens if t.layer <= layer][-1]
 
 
-def apply_plan(p: TokenPass, stage, anat: Anatomy) -> PassResult:
-    gm, g = stage.gm, stage.gm.graph
-    plan = p.plan()
+def apply_pass(p: TokenPass, stage, anat: Anatomy) -> PassResult:
+    """Apply every Plan of a pass (one per layer for multi-layer methods) in layer order."""
+    plans = p.plan()
+    plans = plans if isinstance(plans, list) else [plans]
     p.requires(anat)
+    infos = [apply_plan(p, plan, stage, anat) for plan in plans]
+    info = infos[0] if len(infos) == 1 else {**infos[0], "layer": [i["layer"] for i in infos], "plans": infos}
+    return PassResult(stage.gm, True, info)
+
+
+def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
+    gm, g = stage.gm, stage.gm.graph
     init_tokens(gm, anat)
     if plan.positions not in ("keep", "compact"):
         raise PassConfigError(f"{p.name}: positions must be 'keep' or 'compact', got {plan.positions!r}")
+    if isinstance(plan.select, KeepCache):
+        return _keep_cache(p, plan.select, gm, anat)
+    layer, anchor = _where(p, plan, anat)
+    state = _state_at(anat, layer)
+    if anat.stage == "vision" and layer == anat.num_layers and state.coords == "encoder":
+        with g.inserting_before(anchor):
+            conv = g.call_function(_to_features, (state.vision_pos, state.seq_index, int(bool(anat.has_cls))))
+            state = TokenState(layer, g.call_function(_item, (conv, 0)), g.call_function(_item, (conv, 1)),
+                               "features", state.valid, state.protected, state.generation, state.masked)
+
+    with g.inserting_before(anchor):
+        signals = {name: _signal(gm, anat, sig, layer, state, name, p) for name, sig in plan.signals.items()}
+        rule = plan.select
+        if isinstance(rule, Protect):
+            scores = _score(g, plan, signals, p)
+            k = g.call_function(_budget_for, (state.vision_pos, rule.keep))
+            prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, k))
+            anat.tokens.append(TokenState(layer, state.vision_pos, state.seq_index, state.coords, state.valid, prot,
+                                          state.generation, state.masked))
+            if anat.stage == "vision":
+                with g.inserting_before(g.find_nodes(op="output")[0]):
+                    add_output(gm, g.call_function(_flatten_positions, (prot,)), "patches_protected")
+            info = _info(p, plan, anat, layer, rule.keep, [])
+            verify(gm, anat)
+            return info
+        if isinstance(rule, WithdrawAll):
+            sel = g.call_function(tokenops.withdraw_all, (state.vision_pos, state.seq_index))
+            kept_desc = 0
+        elif isinstance(rule, TopK):
+            scores = _score(g, plan, signals, p)
+            k = g.call_function(_budget_for, (state.vision_pos, rule.keep))
+            sel = g.call_function(tokenops.select_topk, (scores, state.vision_pos, state.seq_index, k,
+                                                         state.protected, state.valid))
+            kept_desc = rule.keep
+        elif isinstance(rule, Choose):
+            k = None if rule.keep is None else g.call_function(_budget_for, (state.vision_pos, rule.keep))
+            choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
+                                                       **signals, **dict(rule.options)))
+            sel = g.call_function(tokenops.apply_choice, (choice, state.vision_pos, state.seq_index,
+                                                          state.protected, state.valid))
+            kept_desc = "data-dependent" if rule.keep is None else rule.keep
+        else:
+            raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
+        keep, new_pos, picked, values, valid, prot = (g.call_function(_item, (sel, i)) for i in range(6))
+        new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
+    hidden = _stream(anat, layer, state)
+    rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
+    _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
+                plan.after_projector)
+    masked = isinstance(rule, Choose) or state.masked
+    key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
+    anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
+                                  state.generation + 1, masked))
+    out = g.find_nodes(op="output")[0]
+    with g.inserting_before(out):
+        if anat.stage == "vision":
+            vis_index = g.call_function(tokenops.token_features, (new_index, new_pos))
+            add_output(gm, g.call_function(_flatten_positions, (vis_index,)), "patches_kept")
+            add_output(gm, g.call_function(_flatten_valid, (valid, vis_index)), "patches_valid")
+            add_output(gm, g.call_function(_flatten_valid, (prot, vis_index, False)), "patches_protected")
+        else:
+            add_output(gm, new_index, f"tokens_from_layer_{layer}")
+            if key_valid is not None:
+                add_output(gm, key_valid, f"valid_from_layer_{layer}")
+    info = _info(p, plan, anat, layer, kept_desc, rerouted)
+    verify(gm, anat)
+    return info
+
+
+def _flatten_valid(mask, like, default=True):
+    if mask is None:
+        return torch.full(like.shape[::2], default, dtype=torch.bool, device=like.device)
+    return mask[:, 0, :]
+
+
+def _info(p, plan, anat, layer, keep, rerouted) -> dict:
+    info = {"pass": repr(p), "stage": anat.stage, "layer": layer if anat.stage != "vision" else None,
+            "keep": keep, "positions": plan.positions, "rerouted": rerouted, "rule": type(plan.select).__name__,
+            "signals": {k: repr(v) for k, v in plan.signals.items()}}
+    anat.selections.append(info)
+    return info
+
+
+def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
+    """(first layer on the reduced sequence, node before which the selection is inserted)."""
     if anat.stage == "vision":
-        anchor = next(u for u in anat.features.users if u.target is not patch_positions)
-        layer = anat.num_layers                     # the projector runs on the reduced tokens
+        layer = anat.num_layers if plan.layer is None else plan.layer
+        if not 1 <= layer <= anat.num_layers:
+            raise PassConfigError(f"{p.name}: vision layer={layer}: the encoder has layers 0..{anat.num_layers - 1} "
+                                  f"feeding the features; use 1..{anat.num_layers - 1}, or none for the features")
+        if plan.after_projector:
+            anchor = g_output(anat)
+        elif layer == anat.num_layers:
+            anchor = next(n for n in anat.features.graph.nodes if n in anat.features.users)
+        else:
+            anchor = anat.layer(layer).first
     else:
         if plan.positions == "compact":
             raise PassNotApplicable(f"{p.name}: positions='compact' between LLM layers is not supported yet; "
@@ -93,41 +222,23 @@ def apply_plan(p: TokenPass, stage, anat: Anatomy) -> PassResult:
         if layer is None or not 1 <= layer < anat.num_layers:
             raise PassConfigError(f"{p.name}: layer={layer} is out of range for a {anat.num_layers}-layer "
                                   f"language model; use 1..{anat.num_layers - 1}")
-        if any(t.layer >= layer for t in anat.tokens[1:]):
-            raise PassConfigError(f"{p.name}: passes in one stage must act at increasing layers; "
-                                  f"layer {layer} comes after a selection at layer {anat.tokens[-1].layer}")
         anchor = anat.layer(layer).first
-    state = _state_at(anat, layer)
+    prev = anat.tokens[-1].layer
+    if len(anat.tokens) > 1 and layer < prev:
+        raise PassConfigError(f"{p.name}: passes in one stage must act at increasing layers; "
+                              f"layer {layer} comes after a selection at layer {prev}")
+    return layer, anchor
 
-    with g.inserting_before(anchor):
-        signals = {name: _signal(g, anat, sig, layer, name, p) for name, sig in plan.signals.items()}
-        if isinstance(plan.select, WithdrawAll):
-            sel = g.call_function(tokenops.withdraw_all, (state.vision_pos, state.seq_index))
-            kept_desc = 0
-        elif isinstance(plan.select, TopK):
-            scores = _score(g, plan, signals, p)
-            k = g.call_function(_budget_for, (state.vision_pos, plan.select.keep))
-            sel = g.call_function(tokenops.select_topk, (scores, state.vision_pos, state.seq_index, k))
-            kept_desc = plan.select.keep
-        else:
-            raise PassConfigError(f"{p.name}: unknown selection rule {plan.select!r}")
-        keep = g.call_function(_item, (sel, 0))
-        new_pos = g.call_function(_item, (sel, 1))
-        picked = g.call_function(_item, (sel, 2))
-        new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
-    rerouted = _reroute(gm, anat, anchor, layer, keep)
-    anat.tokens.append(TokenState(layer, new_pos, new_index))
-    if anat.stage == "vision":
-        with g.inserting_before(g.find_nodes(op="output")[0]):
-            add_output(gm, g.call_function(_flatten_positions, (picked,)), "patches_kept")
-    else:
-        add_output(gm, new_index, f"tokens_from_layer_{layer}")
-    info = {"pass": repr(p), "stage": anat.stage, "layer": layer if anat.stage != "vision" else None,
-            "keep": kept_desc, "positions": plan.positions, "rerouted": rerouted,
-            "signals": {k: repr(v) for k, v in plan.signals.items()}}
-    anat.selections.append(info)
-    verify(gm, anat)
-    return PassResult(gm, True, info)
+
+def g_output(anat: Anatomy) -> fx.Node:
+    return anat.features.graph.find_nodes(op="output")[0]
+
+
+def _stream(anat: Anatomy, layer: int, state: TokenState) -> fx.Node | None:
+    """The residual stream entering `layer` (what merged values replace)."""
+    if anat.stage == "vision" and layer == anat.num_layers:
+        return anat.features
+    return anat.layer(layer - 1).output
 
 
 def _item(t, i):
@@ -138,40 +249,100 @@ def _budget_for(vision_pos, keep):
     return tokenops.budget(keep, vision_pos.shape[-1])
 
 
-def _signal(g, anat: Anatomy, sig, layer: int, name: str, p: TokenPass) -> fx.Node:
+TEXT_SIGNALS = (TextMask, TextEmbeds)
+
+
+def _signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p: TokenPass) -> fx.Node:
+    g = gm.graph
+    if isinstance(sig, TextEmbeds):
+        if anat.stage != "vision":
+            raise PassConfigError(f"{p.name}: TextEmbeds is a vision-stage signal; use Hidden(tokens='text') in prefill")
+        return layout_input(gm, anat, "text_embeds")
+    if isinstance(sig, TextMask):
+        return layout_input(gm, anat, "text_mask")
     src = getattr(sig, "layer", None)
     if anat.stage == "vision" and isinstance(src, int) and src < 0:
         src += anat.num_layers
-    if anat.stage != "vision" and (src is None or not 0 <= src < layer):
+    if src is None or not 0 <= src < min(layer, anat.num_layers):
         raise PassConfigError(f"{p.name}: signal {name}={sig!r} must come from a layer in 0..{layer - 1} "
                               f"(before the selection at layer {layer})")
-    if anat.stage == "vision" and not 0 <= src < anat.num_layers:
-        raise PassConfigError(f"{p.name}: signal {name}={sig!r}: the vision encoder has layers "
-                              f"0..{anat.num_layers - 1} that feed the features")
-    state = _state_at(anat, src)
+    at = _state_at(anat, src)
+    if at.generation != state.generation:
+        raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
+                              f"at layer {anat.tokens[-1].layer}; take it from a later layer")
     att = anat.layer(src).attention
-    keys = state.vision_pos
-    if anat.stage == "vision" and anat.has_cls:
-        keys = g.call_function(torch.add, (keys, 1))      # CLS sits at 0 in the encoder sequence
+    tokens = getattr(sig, "tokens", None) or getattr(sig, "keys", "vision")
+    if tokens not in ("vision", "text"):
+        raise PassConfigError(f"{p.name}: signal {name}={sig!r}: tokens must be 'vision' or 'text'")
+    if tokens == "text" or getattr(sig, "query", None) == "text":
+        if anat.stage == "vision":
+            raise PassNotApplicable(f"{p.name}: the vision encoder sees no text tokens; use TextEmbeds")
+        text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
+        text_mask = layout_input(gm, anat, "text_mask")
+    keys = at.vision_pos if tokens == "vision" else text_pos
     if isinstance(sig, AttentionRows):
         pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
-        if pick is None:
-            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last' or 'cls', got {sig.query!r}")
         if sig.query == "cls" and not anat.has_cls:
             raise PassNotApplicable(f"{p.name} needs the CLS token of the vision encoder, and "
                                     f"{anat.model_class} has none")
-        seq_ref = state.seq_index if anat.stage != "vision" else g.call_function(_encoder_index, (att.q,))
-        queries = g.call_function(pick, (seq_ref,))
-        return g.call_function(tokenops.attention_rows, (att.q, att.k, att.mask, att.scale, att.is_causal, queries, keys))
-    if isinstance(sig, Keys):
-        k = anat.layer(src).kv_write[0] if anat.layer(src).kv_write else att.k
-        flat = g.call_function(_heads_to_features, (k,))
-        return g.call_function(tokenops.token_features, (flat, keys))
+        if sig.query == "text":
+            queries = text_pos
+        elif pick is None:
+            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls' or 'text', got {sig.query!r}")
+        else:
+            seq_ref = at.seq_index if anat.stage != "vision" else g.call_function(_encoder_index, (att.q,))
+            queries = g.call_function(pick, (seq_ref,))
+        cols = keys if tokens == "vision" else g.call_function(_as_one_group, (keys,))
+        rows = g.call_function(tokenops.attention_rows, (att.q, att.k, _sdpa_mask(att.node), att.scale, att.is_causal,
+                                                         queries, cols))
+        if tokens == "text":
+            rows = g.call_function(_item, (rows, (slice(None), slice(None), 0)))
+        if sig.query == "text":
+            rows = g.call_function(tokenops.zero_rows, (rows, text_mask))
+        return rows
+    if isinstance(sig, (Keys, Values)):
+        kv = anat.layer(src).kv_write
+        node = (kv[0] if isinstance(sig, Keys) else kv[1]) if kv else (att.k if isinstance(sig, Keys) else att.v)
+        flat = g.call_function(_heads_to_features, (node,))
+        return _features_at(g, flat, keys, tokens, 0, 1)
     if isinstance(sig, Hidden):
         out = anat.layer(src).output
+        if sig.norm:
+            out = _final_norm(gm, anat, out, p)
         b, toks = seq_dims(out, anat)
-        return g.call_function(tokenops.token_features, (out, keys, b or 0, toks[0] if toks else 1))
+        return _features_at(g, out, keys, tokens, b or 0, toks[0] if toks else 1)
     raise PassConfigError(f"{p.name}: unknown signal {sig!r}")
+
+
+def _features_at(g, x, keys, tokens, batch_dim, seq_dim):
+    if tokens == "vision":
+        return g.call_function(tokenops.token_features, (x, keys, batch_dim, seq_dim))
+    grouped = g.call_function(tokenops.token_features, (x, g.call_function(_as_one_group, (keys,)), batch_dim, seq_dim))
+    return g.call_function(_item, (grouped, (slice(None), 0)))
+
+
+def _as_one_group(pos):
+    # text tokens form a single group (B, 1, T), where vision tokens have one group per image
+    return pos[:, None, :]
+
+
+def _final_norm(gm, anat: Anatomy, x: fx.Node, p: TokenPass) -> fx.Node:
+    """Apply a copy of the model's final norm (the nodes between the last layer and the LM head) to x."""
+    g = gm.graph
+    last = anat.layers[-1].output
+    head = [n for n in g.nodes if n.op == "call_function" and layer_of(n) is None and module_path(n) == "head"]
+    if not head:
+        raise PassNotApplicable(f"{p.name}: no LM head found to locate the final norm in {anat.model_class}")
+    norm_path = module_path(head[0].args[0])
+    order = list(g.nodes)
+    after = order.index(anat.layers[-1].nodes[-1])
+    nodes = [n for n in order[after:] if layer_of(n) is None and module_path(n) == norm_path and n.op == "call_function"]
+    if not nodes or norm_path == module_path(last):
+        raise PassNotApplicable(f"{p.name}: cannot find the final norm of {anat.model_class}")
+    env = {last: x}
+    for n in nodes:
+        env[n] = g.node_copy(n, lambda a: env.get(a, a))
+    return env[nodes[-1]]
 
 
 def _encoder_index(q):
@@ -186,7 +357,7 @@ def _heads_to_features(k):
 def _score(g, plan, signals: dict, p: TokenPass) -> fx.Node:
     if plan.score is None:
         if len(signals) != 1:
-            raise PassConfigError(f"{p.name}: a TopK plan with several signals needs a score function")
+            raise PassConfigError(f"{p.name}: a plan with several signals needs a score function")
         node = next(iter(signals.values()))
         return g.call_function(_squeeze_queries, (node,))
     tracer = fx.proxy.GraphAppendingTracer(g)
@@ -201,28 +372,46 @@ def _squeeze_queries(x):
     return x[:, 0] if x.dim() == 4 else x
 
 
-def _reroute(gm, anat: Anatomy, anchor: fx.Node, layer: int, keep: fx.Node) -> list[str]:
+def _reroute(gm, anat: Anatomy, anchor: fx.Node, layer: int, keep: fx.Node, after_projector: bool = False):
     g = gm.graph
     nodes = list(g.nodes)
-    region = [n for n in nodes[nodes.index(anchor):]
-              if n.op not in ("output", "placeholder") and (layer_of(n) is None or layer_of(n) >= layer)]
+    if after_projector:
+        region = [anchor]                       # only the graph output reads the projected tokens
+    else:
+        region = [n for n in nodes[nodes.index(anchor):]
+                  if n.op not in ("output", "placeholder") and (layer_of(n) is None or layer_of(n) >= layer)]
     inside = set(region)
     replaced: dict[fx.Node, fx.Node | None] = {}
     for n in region:
         for a in list(n.all_input_nodes):
             if a in inside or a.op == "get_attr":
                 continue
+            if after_projector and not (a is n.args[0][0]):
+                continue                        # only the features output, not the bookkeeping outputs
             if a not in replaced:
                 replaced[a] = _reduced(g, anat, a, anchor, keep)
             if replaced[a] is not None:
                 n.replace_input_with(a, replaced[a])
-    return sorted(a.name for a, r in replaced.items() if r is not None)
+    if anat.stage == "vision" and not after_projector and layer < anat.num_layers:
+        _resize_static(g, region, anat, anchor, keep)
+    return sorted(a.name for a, r in replaced.items() if r is not None), replaced
+
+
+def _resize_static(g, region, anat: Anatomy, anchor: fx.Node, keep: fx.Node) -> None:
+    # The vision encoder is exported with a static token count, baked into view/reshape sizes.
+    n_tok = anat.grid[0] * anat.grid[1] + int(bool(anat.has_cls))
+    shape_ops = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default}
+    with g.inserting_before(anchor):
+        size = g.call_function(SYM_SIZE, (keep, 1))
+    for n in region:
+        if n.target in shape_ops and n_tok in list(n.args[1]):
+            n.args = (n.args[0], [size if d == n_tok else d for d in n.args[1]]) + tuple(n.args[2:])
 
 
 def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node) -> fx.Node | None:
     val = a.meta.get("val")
     if anat.token_dims.get(a.name) == "seq_size" or (
-            isinstance(val, torch.SymInt) and val.node.expr == anat.seq):
+            isinstance(val, torch.SymInt) and anat.seq is not None and val.node.expr == anat.seq):
         with g.inserting_before(anchor):
             size = g.call_function(SYM_SIZE, (keep, 1))
         anat.token_dims[size.name] = "seq_size"
@@ -237,6 +426,86 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node) -> fx
         node = g.call_function(tokenops.take_tokens, (a, keep, batch, toks))
     anat.token_dims[node.name] = (batch if batch is not None else 0, toks)
     return node
+
+
+def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_pos, values, after_projector) -> None:
+    """Merged tokens: overwrite the reduced residual stream at the kept vision slots with `values`."""
+    g = gm.graph
+    if after_projector:
+        out = g.find_nodes(op="output")[0]
+        stream = out.args[0][0]
+        with g.inserting_before(out):
+            put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+        out.args = ((put,) + tuple(out.args[0][1:]),)
+        return
+    if stream is None:
+        raise GraphVerificationError("no residual stream enters the reduced region to merge values into")
+    with g.inserting_before(anchor):
+        put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+    for u in list(stream.users):
+        if u is not put:
+            u.replace_input_with(stream, put)
+
+
+def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, valid) -> fx.Node:
+    """Static capacity: invalid slots stay in the tensors but no later attention may read them."""
+    g = gm.graph
+    with g.inserting_before(anchor):
+        key_valid = g.call_function(tokenops.key_validity, (new_index, new_pos, valid))
+    anat.token_dims[key_valid.name] = (0, (1,))
+    for l in anat.layers[layer:]:
+        sdpa, att = l.attention.node, l.attention
+        with g.inserting_before(sdpa):
+            mask = g.call_function(tokenops.mask_keys, (_sdpa_mask(sdpa), key_valid, sdpa.args[0], att.is_causal))
+        args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
+        args[3] = mask
+        if len(args) > 5:
+            args[5] = False
+        kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
+        if "is_causal" in kwargs:
+            kwargs["is_causal"] = False
+        sdpa.args, sdpa.kwargs = tuple(args), kwargs
+        att.mask, att.is_causal = mask, False
+    return key_valid
+
+
+def _sdpa_mask(sdpa: fx.Node):
+    """The mask an SDPA node reads now (after rerouting), not the one it was captured with."""
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def _keep_cache(p: TokenPass, rule: KeepCache, gm, anat: Anatomy) -> dict:
+    """Output-aware cache: layers first..last-1 store only the tokens that survive to layer `last`."""
+    g = gm.graph
+    final = _state_at(anat, rule.last)
+    if not 0 <= rule.first < rule.last <= anat.num_layers:
+        raise PassConfigError(f"{p.name}: cache layers {rule.first}..{rule.last} out of range")
+    key_valid = next((n for n in g.find_nodes(op="output")[0].args[0]
+                      if output_names(gm)[list(g.find_nodes(op="output")[0].args[0]).index(n)]
+                      == f"valid_from_layer_{final.layer}"), None)
+    out = g.find_nodes(op="output")[0]
+    cut = []
+    with g.inserting_before(out):
+        for i in range(rule.first, rule.last):
+            own = _state_at(anat, i)
+            if own is final:
+                continue
+            at = g.call_function(tokenops.positions_of, (own.seq_index, final.seq_index))
+            k, v = anat.layer(i).kv_write
+            kk = g.call_function(tokenops.take_tokens, (k, at, 0, (2,)))
+            vv = g.call_function(tokenops.take_tokens, (v, at, 0, (2,)))
+            out.replace_input_with(k, kk)
+            out.replace_input_with(v, vv)
+            anat.layer(i).kv_write = (kk, vv)
+            add_output(gm, final.seq_index, f"kv_tokens_{i}")
+            if key_valid is not None:
+                add_output(gm, key_valid, f"kv_valid_{i}")
+            cut.append(i)
+    info = {"pass": repr(p), "stage": anat.stage, "layer": rule.last, "keep": "cache", "positions": "keep",
+            "rerouted": [], "rule": "KeepCache", "signals": {}, "cut_layers": cut}
+    anat.selections.append(info)
+    verify(gm, anat)
+    return info
 
 
 def verify(gm: fx.GraphModule, anat: Anatomy) -> None:

@@ -37,8 +37,29 @@ class _Prompt:
     attention_mask: torch.Tensor
     vision_pos: torch.Tensor       # (B, images, tokens)
     index: torch.Tensor            # (B, S) index of each LM token in the processor's prompt
+    text_index: torch.Tensor       # (B, T) positions of the instruction tokens after the last image
+    text_mask: torch.Tensor        # (B, T) which of them are real (the rest pads a shorter instruction)
+    protected: torch.Tensor | None = None     # (B, images, tokens) key set of a vision-stage pass
     patches_kept: torch.Tensor | None = None
     notes: list = field(default_factory=list)
+
+    def prefill_inputs(self) -> dict:
+        """Every input a rewritten prefill graph may take, by placeholder name."""
+        return dict(inputs_embeds=self.embeds, position_ids=self.position_ids, attention_mask=self.attention_mask,
+                    vision_pos=self.vision_pos, vision_protected=self.protected, text_index=self.text_index,
+                    text_mask=self.text_mask)
+
+
+def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) positions of the tokens after each sample's last vision token, left-aligned, and a
+    mask of the real ones (left padding puts every sample's end at seq_len - 1)."""
+    start = vision_pos.reshape(vision_pos.shape[0], -1).amax(1) + 1          # (B,)
+    count = seq_len - start
+    t = max(int(count.max()), 1)
+    ar = torch.arange(t)
+    mask = ar[None] < count[:, None]
+    index = torch.where(mask, start[:, None] + ar[None], torch.full_like(mask, seq_len - 1, dtype=torch.long))
+    return index, mask
 
 
 def _ensure_passes_registered():
@@ -78,19 +99,29 @@ class PrunedModel:
         n = int(n_img[0])
         return pos.reshape(b, n, pos.shape[1] // n)
 
-    def _image_features(self, pixel_values, image_grid_thw, vision_pos):
+    def _image_features(self, pixel_values, image_grid_thw, vision_pos, input_ids):
+        """Features (B, n, k, D) and what the vision stage kept: original patch indices, validity
+        and key set (images, k) each, or None when it kept every patch."""
         b, n, v = vision_pos.shape
         vision = self.program.stages["vision"]
-        if vision.gm is not None:
-            if pixel_values is None:
-                raise InputError("the prompt has image tokens but no pixel_values were given")
-            if pixel_values.shape[0] != b * n:
-                raise InputError(f"{pixel_values.shape[0]} images for {b} samples x {n} image blocks")
-            outs = _call(vision.gm, pixel_values=pixel_values)
-            feats, kept = outs["features"], outs.get("patches_kept")
-        else:
-            feats, kept = self.family.image_features(pixel_values, image_grid_thw), None
-        return feats.reshape(b, n, -1, feats.shape[-1]), kept
+        if vision.gm is None:
+            feats = self.family.image_features(pixel_values, image_grid_thw)
+            return feats.reshape(b, n, -1, feats.shape[-1]), None, None, None
+        if pixel_values is None:
+            raise InputError("the prompt has image tokens but no pixel_values were given")
+        if pixel_values.shape[0] != b * n:
+            raise InputError(f"{pixel_values.shape[0]} images for {b} samples x {n} image blocks")
+        inputs = {"pixel_values": pixel_values}
+        names = {p.name for p in vision.gm.graph.find_nodes(op="placeholder")}
+        if "text_embeds" in names:     # text-guided vision passes: each image sees its sample's instruction
+            text_index, text_mask = text_layout(vision_pos, input_ids.shape[1])
+            emb = self.family.embed(input_ids.gather(1, text_index))
+            inputs["text_embeds"] = emb.repeat_interleave(n, 0)
+            inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
+        outs = _call(vision.gm, **inputs)
+        feats = outs["features"]
+        return (feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
+                outs.get("patches_protected"))
 
     def _prompt(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None) -> _Prompt | None:
@@ -103,20 +134,30 @@ class PrunedModel:
         self._check_budgets(v)
         positions = self.family.positions(input_ids, attention_mask, image_grid_thw=image_grid_thw,
                                           mm_token_type_ids=mm_token_type_ids)
-        feats, kept = self._image_features(pixel_values, image_grid_thw, vision_pos)
+        feats, kept, valid, protected = self._image_features(pixel_values, image_grid_thw, vision_pos, input_ids)
         index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        if kept is not None:                     # a vision-stage pass kept k of v patches per image
+        if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
             k = kept.shape[-1]
             chosen = vision_pos.gather(2, kept.reshape(b, n, k))
             keep, new_pos = tokenops._apply_choice(vision_pos, chosen, index, n * k)
             input_ids, attention_mask, index = (t.gather(1, keep) for t in (input_ids, attention_mask, index))
+            if valid is not None:                # static capacity: invalid slots act as padding in the LLM
+                attention_mask = attention_mask.scatter(1, new_pos.reshape(b, -1),
+                                                        attention_mask.gather(1, new_pos.reshape(b, -1))
+                                                        * valid.reshape(b, -1).to(attention_mask.dtype))
             if self._vision_positions() == "keep":
                 positions = tokenops.take_tokens(positions, keep, positions.dim() - 2, (positions.dim() - 1,))
             else:
                 positions = self.family.positions(input_ids, attention_mask)
             vision_pos = new_pos
+        if protected is not None:
+            protected = protected.reshape(b, n, -1)
         embeds = tokenops.merge_image_features(self.family.embed(input_ids), feats, vision_pos)
-        return _Prompt(embeds, positions, attention_mask, vision_pos, index, kept)
+        text_index, text_mask = text_layout(vision_pos, input_ids.shape[1])
+        prompt = _Prompt(embeds, positions, attention_mask, vision_pos, index, text_index, text_mask, protected, kept)
+        for p in self.pipeline:
+            p.check_prompt(prompt)
+        return prompt
 
     def _vision_positions(self) -> str:
         for r in self.results:
@@ -155,19 +196,21 @@ class PrunedModel:
             index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
             return self._finish(outs, attention_mask, positions, index, None, [note])
-        gm = self.program.stages["prefill"].gm
-        outs = _call(gm, inputs_embeds=prompt.embeds, position_ids=prompt.position_ids,
-                     attention_mask=prompt.attention_mask, vision_pos=prompt.vision_pos)
+        outs = _call(self.program.stages["prefill"].gm, **prompt.prefill_inputs())
         return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [])
 
     def _finish(self, outs, attention_mask, positions, index, prompt, notes) -> PrunedOutput:
         seq = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
-        cache, layer_index = KVCache(), seq
-        starts = {int(name.rsplit("_", 1)[1]): t for name, t in outs.items() if name.startswith("tokens_from_layer_")}
+        cache, layer_index, layer_valid = KVCache(), seq, None
         for i in range(self.num_layers):
-            layer_index = starts.get(i, layer_index)
-            cache.append(LayerCache(outs[f"k_{i}"], outs[f"v_{i}"], attention_mask.gather(1, layer_index),
-                                    index.gather(1, layer_index)))
+            layer_index = outs.get(f"tokens_from_layer_{i}", layer_index)
+            layer_valid = outs.get(f"valid_from_layer_{i}", layer_valid)
+            own_index = outs.get(f"kv_tokens_{i}", layer_index)          # output-aware cache cuts
+            own_valid = outs.get(f"kv_valid_{i}", layer_valid if own_index is layer_index else None)
+            mask = attention_mask.gather(1, own_index)
+            if own_valid is not None:
+                mask = mask * own_valid.to(mask.dtype)
+            cache.append(LayerCache(outs[f"k_{i}"], outs[f"v_{i}"], mask, index.gather(1, own_index)))
         kept = index.gather(1, layer_index)
         vision = 0 if prompt is None else prompt.vision_pos.shape[1] * prompt.vision_pos.shape[2]
         self.report = Report.build(self, cache, vision, prompt, notes)
@@ -239,7 +282,8 @@ def _as_tuple(x):
 
 
 def _call(gm, **inputs) -> dict:
-    """Run a stage graph with inputs by placeholder name; outputs by name."""
+    """Run a stage graph with inputs by placeholder name; outputs by name (a later output of the
+    same name, from a later pass, wins)."""
     args = [inputs[n.name] for n in gm.graph.find_nodes(op="placeholder")]
     return dict(zip(gm.meta["graphprune_outputs"], _as_tuple(gm(*args))))
 

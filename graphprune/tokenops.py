@@ -72,27 +72,59 @@ def _keep_from_mask(kept, count: int):
     return order[:, :count]
 
 
-def select_topk(scores, vision_pos, seq_index, k: int):
+def rank_scores(scores, protected=None, valid=None):
+    """float32 scores where protected tokens rank first and invalid (static-padding) slots last."""
+    s = scores.float()
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    if protected is not None:
+        s = s.masked_fill(protected, float("inf"))
+    return s
+
+
+def select_topk(scores, vision_pos, seq_index, k: int, protected=None, valid=None):
     """Keep the top-k vision tokens of each image by score; every other token is kept.
 
-    Returns keep (B, S') ascending positions into the current sequence, the kept vision
-    tokens' positions in the new sequence (B, n, k), and which of each image's tokens were
-    kept (B, n, k, ascending local indices 0..V-1).
+    Returns (keep, new_vision_pos, picked, values, valid, protected): keep (B, S') ascending
+    positions into the current sequence, the kept vision tokens' positions in the new sequence
+    (B, n, k), which of each image's tokens were kept (B, n, k ascending local indices), no
+    merged values, and the validity / protection of the kept tokens.
     """
-    b, n, v = vision_pos.shape
-    picked = scores.float().topk(k, dim=-1, sorted=True).indices.sort(-1).values
-    chosen = vision_pos.gather(2, picked)
-    return _apply_choice(vision_pos, chosen, seq_index, n * k) + (picked,)
+    picked = rank_scores(scores, protected, valid).topk(k, dim=-1, sorted=True).indices.sort(-1).values
+    return apply_choice(picked, vision_pos, seq_index, protected, valid)
+
+
+def protect_topk(scores, protected, valid, k: int):
+    """(B, n, V) bool: the k highest-scoring tokens of each image, joined to those already protected."""
+    picked = rank_scores(scores, None, valid).topk(k, dim=-1).indices
+    mark = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, picked, True)
+    return mark if protected is None else mark | protected
 
 
 def withdraw_all(vision_pos, seq_index):
     """Drop every vision token (VTW): keep all other tokens."""
-    b, n, _ = vision_pos.shape
-    chosen = vision_pos[:, :, :0]
-    return _apply_choice(vision_pos, chosen, seq_index, 0) + (chosen,)
+    return apply_choice(vision_pos[:, :, :0], vision_pos, seq_index)
+
+
+def apply_choice(choice, vision_pos, seq_index, protected=None, valid=None):
+    """Turn a pass's choice (picked local indices, or a dict with picked/values/valid) into the
+    new token layout: (keep, new_vision_pos, picked, values, valid, protected)."""
+    if isinstance(choice, dict):
+        picked, values, chosen_valid = choice["picked"], choice.get("values"), choice.get("valid")
+    else:
+        picked, values, chosen_valid = choice, None, None
+    b, n, k = picked.shape
+    chosen = vision_pos.gather(2, picked)
+    keep, new_pos = _apply_choice(vision_pos, chosen, seq_index, n * k)
+    new_valid = None if valid is None else valid.gather(2, picked)
+    if chosen_valid is not None:
+        new_valid = chosen_valid if new_valid is None else new_valid & chosen_valid
+    new_prot = None if protected is None else protected.gather(2, picked)
+    return keep, new_pos, picked, values, new_valid, new_prot
 
 
 def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
+    # keep (B, S') ascending positions, and the kept vision tokens' new positions (B, n, k)
     b, s = seq_index.shape
     n = vision_pos.shape[1]
     kept = torch.ones(b, s, dtype=torch.bool, device=seq_index.device)
@@ -136,3 +168,52 @@ def merge_image_features(embeds, features, vision_pos):
     b, n, v = vision_pos.shape
     idx = vision_pos.reshape(b, n * v, 1).expand(b, n * v, embeds.shape[-1])
     return embeds.scatter(1, idx, features.reshape(b, n * v, -1).to(embeds.dtype))
+
+
+def put_tokens(x, new_pos, values):
+    """Overwrite x (B, S, D) at the vision slots new_pos (B, n, k) with merged values (B, n, k, D)."""
+    if values is None:
+        return x
+    b, n, k = new_pos.shape
+    idx = new_pos.reshape(b, n * k, 1).expand(b, n * k, x.shape[-1])
+    return x.scatter(1, idx, values.reshape(b, n * k, -1).to(x.dtype))
+
+
+def key_validity(seq_index, new_pos, valid):
+    """(B, S) bool: False at the invalid vision slots of a static-capacity selection (None: all valid)."""
+    if valid is None:
+        return None
+    b, n, k = new_pos.shape
+    ones = torch.ones(seq_index.shape, dtype=torch.bool, device=seq_index.device)
+    return ones.scatter(1, new_pos.reshape(b, n * k), valid.reshape(b, n * k))
+
+
+def mask_keys(mask, key_valid, q, is_causal: bool):
+    """An SDPA mask that also hides the keys where key_valid is False (bool masks: True = attend)."""
+    if key_valid is None:
+        if mask is None and is_causal:
+            s = q.shape[-2]
+            return torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        return mask
+    cols = key_valid[:, None, None, :]
+    if mask is None:
+        if not is_causal:
+            return cols
+        s = q.shape[-2]
+        return torch.ones(s, s, dtype=torch.bool, device=q.device).tril() & cols
+    if mask.dtype == torch.bool:
+        return mask & cols
+    return mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
+
+
+def zero_rows(rows, row_mask):
+    """Attention rows (B, T, ...) of padded text queries set to 0."""
+    shape = row_mask.shape + (1,) * (rows.dim() - row_mask.dim())
+    return rows * row_mask.reshape(shape).to(rows.dtype)
+
+
+def positions_of(seq_index, original):
+    """Positions in a sequence (seq_index: original index of each token) of the tokens with the
+    given original indices (B, T), all of which that sequence holds: text tokens, or the later,
+    smaller token set of a deeper layer."""
+    return torch.searchsorted(seq_index.contiguous(), original.contiguous())

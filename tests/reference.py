@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "llava_vision", "llava_image_features", "llava_inputs", "qwen2vl_inputs", "lm_generate", "text_after_image",
-    "fastv_select", "vtw_select", "vtw_kl",
+    "llava_vision", "llava_image_features", "llava_inputs", "llava_inputs_from_vision", "qwen2vl_inputs",
+    "lm_generate", "text_after_image", "image_blocks", "fastv_select", "vtw_select", "vtw_kl",
 ]
 
 
@@ -96,9 +96,11 @@ def llava_vision(model, pixel_values: Tensor, after_layer: dict | None = None) -
     """CLIP vision tower + LLaVA projector, by hand, with hooks between encoder layers.
 
     ``after_layer={i: fn}``: after encoder layer i, ``fn(h, ctx)`` may replace the hidden states h
-    (n, t, d) (CLS at row 0) by returning ``h`` or ``(h, key_valid (n, t) bool)``; later layers then run on
-    the new sequence, with invalid keys masked. ``ctx`` has ``probs`` (the layer's attention probabilities
-    (n, H, t, t)), ``key_valid`` and ``index`` ((n, t) original encoder index of each row, CLS = 0).
+    (n, t, d) (CLS at row 0) by returning ``h`` or a 3-tuple ``(h', index' (n, t') long, key_valid' (n, t')
+    bool)``; later layers then run on the new sequence, with invalid keys masked. ``ctx`` has ``probs`` (the
+    layer's attention probabilities (n, H, t, t)), ``key_valid`` and ``index`` ((n, t) original encoder
+    index of each row, CLS = 0). Hooks run only between layers that feed the features (``i + 1`` below the
+    feature layer's hidden-state index); a hook after the feature layer itself is never called.
 
     Returns dict: ``features`` (n, V', D_text) after the projector, ``pre_features`` (n, V', d) entering it,
     ``cls_attn`` (n, V') head-averaged CLS attention to the patch tokens in the layer producing the features,
@@ -201,36 +203,82 @@ def llava_inputs(model, example, cls_keep: int | None = None):
     With ``cls_keep=k`` each image keeps only its k CLS-selected tokens; the other image tokens are removed
     from the sequence and positions are recomputed over the shorter sequence ("compact").
     """
+    feats, kept = llava_image_features(model, example.pixel_values, cls_keep=cls_keep)
+    if kept is None:
+        kept = torch.arange(feats.shape[1]).expand(feats.shape[0], -1)
+    emb, mask, pos, img, _ = llava_inputs_from_vision(model, example, {"features": feats, "patch_index": kept})
+    return emb, mask, pos, img
+
+
+@torch.no_grad()
+def llava_inputs_from_vision(model, example, vision_out: dict, positions: str = "compact",
+                             protected: Tensor | None = None):
+    """LM inputs for LLaVA from a (possibly reduced or merged) vision output.
+
+    ``vision_out``: ``features`` (n_images, V', D), ``patch_index`` (n_images, V') the original patch index
+    (0..V-1, ascending) of each feature row, i.e. its slot (a merged token sits at its representative's
+    slot), and optionally ``valid`` (n_images, V') bool (static-mode slots that stay but are masked).
+    Images go to samples in order: sample b holds images ``b*n .. b*n+n-1`` (n = images per sample), its
+    i-th run of V image tokens (in prompt order) being image ``b*n+i``.
+
+    The prompt keeps, for each image, only the image-token slots listed in ``patch_index`` (filled with the
+    features, in that order); the other image-token slots are removed. Invalid slots get attention mask 0
+    (they act like padding) but stay in ``vision_mask``. ``positions``: ``"compact"`` = cumsum of the new
+    attention mask - 1, masked slots at 0 (as ``_positions_from_mask``); ``"keep"`` = the full prompt's
+    position ids gathered at the kept slots. ``protected`` (n_images, V') bool is mapped onto the prompt.
+
+    Returns (inputs_embeds (B,S',D), attention_mask (B,S'), position_ids (B,S'), vision_mask (B,S'),
+    protected_mask (B,S') bool or None).
+    """
+    if positions not in ("compact", "keep"):
+        raise ValueError(f"positions must be 'compact' or 'keep', not {positions!r}")
     cfg = model.config
     w = _weights(model)
     ids = example.input_ids
     mask = example.attention_mask
+    if mask is None:
+        mask = torch.ones_like(ids)
     emb = w["model.language_model.embed_tokens.weight"][ids]  # (B, S, D)
-    feats, kept = llava_image_features(model, example.pixel_values, cls_keep=cls_keep)
+    feats = vision_out["features"].float()
+    pidx = vision_out["patch_index"].long()
+    n_images, v_new = pidx.shape
+    valid = vision_out.get("valid")
+    valid = torch.ones(n_images, v_new, dtype=torch.bool) if valid is None else valid.bool()
+    assert bool((pidx[:, 1:] > pidx[:, :-1]).all()), "patch_index must be strictly ascending per image"
     img = ids == cfg.image_token_id
-    b_idx, s_idx = img.nonzero(as_tuple=True)  # row-major order
-    n_images = feats.shape[0] if kept is None else kept.shape[0]
-    v_full = b_idx.numel() // n_images
-    b_idx = b_idx.view(n_images, v_full)
-    s_idx = s_idx.view(n_images, v_full)
-    keep_tok = torch.ones_like(ids, dtype=torch.bool)
-    if kept is not None:
-        drop = torch.ones(n_images, v_full, dtype=torch.bool)
-        drop[torch.arange(n_images)[:, None], kept] = False
-        keep_tok[b_idx[drop], s_idx[drop]] = False
-        b_idx = torch.gather(b_idx, 1, kept)
-        s_idx = torch.gather(s_idx, 1, kept)
-    emb = emb.clone()
-    emb[b_idx.reshape(-1), s_idx.reshape(-1)] = feats.reshape(-1, feats.shape[-1])
-    if kept is not None:
-        counts = keep_tok.sum(1)
-        assert bool((counts == counts[0]).all()), "every sample must keep the same number of tokens"
-        rows = [keep_tok[b].nonzero(as_tuple=True)[0] for b in range(ids.shape[0])]
-        idx = torch.stack(rows)
-        emb = torch.gather(emb, 1, idx[..., None].expand(-1, -1, emb.shape[-1]))
-        mask = torch.gather(mask, 1, idx)
-        img = torch.gather(img, 1, idx)
-    return emb, mask, _positions_from_mask(mask), img
+    b, s = ids.shape
+    assert n_images % b == 0, "every sample must hold the same number of images"
+    per = n_images // b
+    full_pos = _positions_from_mask(mask)
+
+    rows_emb, rows_mask, rows_pos, rows_img, rows_prot = [], [], [], [], []
+    for bi in range(b):
+        slots = img[bi].nonzero(as_tuple=True)[0]
+        assert slots.numel() % max(per, 1) == 0
+        slots = slots.view(per, -1)  # (images of this sample, V) prompt index of each patch slot
+        keep = ~img[bi]
+        e, m = emb[bi].clone(), mask[bi].clone()
+        prot = torch.zeros(s, dtype=torch.bool)
+        for j in range(per):
+            i = bi * per + j
+            at = slots[j][pidx[i]]  # prompt index of each kept slot
+            keep[at] = True
+            e[at] = feats[i]
+            m[at] = m[at] * valid[i].to(m.dtype)
+            if protected is not None:
+                prot[at] = protected[i].bool()
+        sel = keep.nonzero(as_tuple=True)[0]
+        rows_emb.append(e[sel])
+        rows_mask.append(m[sel])
+        rows_pos.append(full_pos[bi, sel])
+        rows_img.append(img[bi, sel])
+        rows_prot.append(prot[sel])
+    lens = {r.shape[0] for r in rows_mask}
+    assert len(lens) == 1, "every sample must keep the same number of tokens"
+    new_mask = torch.stack(rows_mask)
+    pos = _positions_from_mask(new_mask) if positions == "compact" else torch.stack(rows_pos)
+    prot_mask = torch.stack(rows_prot) if protected is not None else None
+    return torch.stack(rows_emb), new_mask, pos, torch.stack(rows_img), prot_mask
 
 
 @torch.no_grad()
@@ -354,6 +402,24 @@ def text_after_image(vision_mask: Tensor, attention_mask: Tensor) -> Tensor:
     ar = torch.arange(s).expand_as(vision_mask)
     last = torch.where(vision_mask.bool(), ar, torch.full_like(ar, -1)).amax(1, keepdim=True)
     return (ar > last) & attention_mask.bool() & (last >= 0)
+
+
+def image_blocks(vision_mask_row: Tensor, images: int | None = None) -> Tensor:
+    """Sequence indices of each image's current vision tokens in one sample: (n_images, V) long.
+
+    An image's vision tokens are one contiguous run of ``vision_mask_row`` (images are separated by text in
+    the prompt). With ``images=n`` the sample's vision tokens are instead split into n equal blocks in
+    sequence order (for prompts whose images touch). Every image must have the same count V.
+    """
+    pos = vision_mask_row.bool().nonzero(as_tuple=True)[0]
+    if images is None:
+        breaks = (pos[1:] - pos[:-1] != 1).nonzero(as_tuple=True)[0] + 1
+        runs = torch.tensor_split(pos, breaks.tolist())
+        sizes = {r.numel() for r in runs}
+        assert len(sizes) == 1, f"images of a sample have different token counts: {[r.numel() for r in runs]}"
+        return torch.stack(list(runs))
+    assert pos.numel() % images == 0, "vision tokens do not split evenly into the images"
+    return pos.view(images, -1)
 
 
 @torch.no_grad()
