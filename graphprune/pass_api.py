@@ -99,7 +99,7 @@ class WithdrawAll:
 
 @dataclass(frozen=True)
 class Choose:
-    """The pass picks the tokens itself: `fn(k=..., protected=..., valid=..., **signals)`.
+    """The pass picks the tokens itself: `fn(k=..., protected=..., valid=..., vision_pos=..., **signals)`.
 
     fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens, or a
     dict with `picked` and optionally `values` (B, images, k, D) that replace the kept tokens'
@@ -111,6 +111,7 @@ class Choose:
     keep: int | float | None
     fn: Callable
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
+    static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         elif isinstance(rule, Choose):
             k = None if rule.keep is None else g.call_function(_budget_for, (state.vision_pos, rule.keep))
             choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
-                                                       **signals, **dict(rule.options)))
+                                                       vision_pos=state.vision_pos, **signals, **dict(rule.options)))
             sel = g.call_function(tokenops.apply_choice, (choice, state.vision_pos, state.seq_index,
                                                           state.protected, state.valid))
             kept_desc = "data-dependent" if rule.keep is None else rule.keep
@@ -167,7 +167,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
     _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
                 plan.after_projector)
-    masked = isinstance(rule, Choose) or state.masked
+    masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
                                   state.generation + 1, masked))

@@ -11,8 +11,8 @@ Readings of the contract that it leaves open (stated again where they apply):
   * ``attn_max`` / ``attn_min``: the query is the last row of layer K-1's attention (the last prompt
     token; prompts are left padded). ``attn_min`` orders *both* vision and text pivots lowest first.
   * ``random`` criterion: one generator ``torch.Generator().manual_seed(seed)`` draws the vision scores
-    ``torch.rand((B, images, V))`` first, then the text scores ``torch.rand((B, S))`` over the current
-    sequence, read at the text positions (the instruction length may differ between samples).
+    ``torch.rand((B, images, V))`` first, then the text scores ``torch.rand((B, T))`` over the instruction
+    slots (T = the longest instruction in the batch; slot t is a sample's t-th instruction token).
   * a budget smaller than ``|vision pivots ∪ protected|`` (or a pivot count larger than V) is rejected
     with ``ValueError`` rather than silently keeping more than ``keep``.
 """
@@ -91,10 +91,14 @@ def _pivot_scores(ctx: dict, criterion: str, seed: int, blocks: list[Tensor]) ->
         g = torch.Generator().manual_seed(seed)
         n_img, v = blocks[0].shape
         u_vis = torch.rand((b, n_img, v), generator=g)
-        u = torch.rand((b, s), generator=g)  # text tokens read theirs from this second draw
-        u = u.clone()
+        tm = ctx["text_mask"].bool()
+        # text tokens: a second draw (B, T) over the instruction slots, T = the longest instruction
+        u_txt = torch.rand((b, int(tm.sum(1).max())), generator=g)
+        u = torch.zeros(b, s)
         for bi in range(b):
             u[bi, blocks[bi].reshape(-1)] = u_vis[bi].reshape(-1)
+            text = tm[bi].nonzero(as_tuple=True)[0]
+            u[bi, text] = u_txt[bi, :text.numel()]
         return u
     raise ValueError(f"unknown DART criterion {criterion!r}; expected one of {CRITERIA}")
 

@@ -1,0 +1,142 @@
+"""Building blocks shared by passes: similarity on the patch grid, windows, clustering merges.
+
+Plain batched torch functions over per-image token sets (B, images, V, ...) with static
+shapes, so any pass can call them from the function it records into the graph. Semantics
+are those of docs/methods.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+
+def grid_side(v: int) -> int:
+    """Side of the square patch grid holding v tokens."""
+    g = math.isqrt(v)
+    if g * g != v:
+        raise InputError(f"{v} vision tokens per image do not form a square patch grid; grid-based methods "
+                         "need the full grid (run them before any pass that drops tokens)")
+    return g
+
+
+def cosine_matrix(x, y=None):
+    """(..., N, M) cosine similarities between the rows of x (..., N, D) and y (..., M, D)."""
+    x = F.normalize(x.float(), dim=-1)
+    y = x if y is None else F.normalize(y.float(), dim=-1)
+    return x @ y.transpose(-1, -2)
+
+
+def tile_members(g: int, window: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of a g x g raster grid in window x window blocks (the last ones may be smaller).
+
+    Returns (members (tiles, window^2) token indices in raster order, padded with 0; mask of real members).
+    """
+    tiles = []
+    for r0 in range(0, g, window):
+        for c0 in range(0, g, window):
+            tiles.append([r * g + c for r in range(r0, min(r0 + window, g)) for c in range(c0, min(c0 + window, g))])
+    width = window * window
+    members = torch.tensor([t + [0] * (width - len(t)) for t in tiles], device=device)
+    mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tiles], device=device)
+    return members, mask
+
+
+def tile_scores(x, members, mask):
+    """Mean pairwise cosine similarity (ordered pairs, self excluded) of each tile: (..., tiles).
+
+    Tiles of one token get -inf: they never merge.
+    """
+    t = x[..., members.reshape(-1), :].reshape(*x.shape[:-2], *members.shape, x.shape[-1])
+    sim = cosine_matrix(t)                                              # (..., tiles, w, w)
+    pair = (mask[:, :, None] & mask[:, None, :]).float()
+    pair = pair * (1 - torch.eye(mask.shape[1], device=pair.device))
+    n_pairs = pair.sum((-1, -2))
+    score = (sim * pair).sum((-1, -2)) / n_pairs.clamp(min=1)
+    return score.masked_fill(n_pairs == 0, float("-inf"))
+
+
+def grid_neighbours(g: int, window: int, device=None) -> torch.Tensor:
+    """(V, V) bool: j lies in the window x window neighbourhood centred on i (clipped), j != i."""
+    if window % 2 == 0:
+        raise InputError(f"window={window}: a centred neighbourhood needs an odd window")
+    r = torch.arange(g * g, device=device) // g
+    c = torch.arange(g * g, device=device) % g
+    h = window // 2
+    near = ((r[:, None] - r[None]).abs() <= h) & ((c[:, None] - c[None]).abs() <= h)
+    return near & ~torch.eye(g * g, dtype=torch.bool, device=device)
+
+
+def _masked_std(x, mask):
+    # unbiased std of the entries of x (..., V, V) where mask (V, V), per leading index
+    n = mask.sum()
+    mean = (x * mask).sum((-1, -2), keepdim=True) / n
+    var = (((x - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / (n - 1)
+    return var.sqrt()
+
+
+def ltam_scores(feats, window: int = 3, w1: float = 1.0, w2: float = 1.0, w3: float = 1.0):
+    """Local Token Affinity Measure (VisionTrim Eq. 4-5) of tokens on a square grid: (..., V).
+
+    kappa_ij = softmax_j(feature kernel) + w3 softmax_j(position kernel) over i's neighbours;
+    a token's score is the mean affinity it receives from its neighbours (docs/methods.md).
+    """
+    v = feats.shape[-2]
+    g = grid_side(v)
+    near = grid_neighbours(g, window, feats.device)
+    f = feats.float()
+    exact = "donot_use_mm_for_euclid_dist"       # the matmul shortcut loses digits that rankings depend on
+    df = torch.cdist(f, f, compute_mode=exact)                                 # (..., V, V)
+    rc = torch.stack([torch.arange(v, device=f.device) // g, torch.arange(v, device=f.device) % g], -1).float()
+    dp = torch.cdist(rc, rc, compute_mode=exact).expand_as(df)
+    kf = -(df / (w1 * _masked_std(df, near))) ** 2
+    kp = -(dp / (w2 * _masked_std(dp, near))) ** 2
+    kappa = (kf.masked_fill(~near, float("-inf")).softmax(-1)
+             + w3 * kp.masked_fill(~near, float("-inf")).softmax(-1))
+    received = (kappa * near).sum(-2)                                          # sum over i of kappa_ij
+    return received / near.sum(0).clamp(min=1)
+
+
+def variance_weighting(s_global, s_local):
+    """S = a S_g + (1 - a) S_l with a = var(S_l) / (var(S_g) + var(S_l)) per image (VisionTrim Eq. 6)."""
+    vg = s_global.float().var(-1, keepdim=True)
+    vl = s_local.float().var(-1, keepdim=True)
+    a = vl / (vg + vl)
+    return a * s_global.float() + (1 - a) * s_local.float()
+
+
+def topk_ascending(scores, k: int):
+    """Indices of the k highest scores along the last dim, in ascending index order."""
+    return scores.float().topk(k, dim=-1).indices.sort(-1).values
+
+
+def tgvc(tokens, text, text_mask, r: int, iterations: int = 1):
+    """Text-guided vision complement (VisionTrim Eq. 7-11) of each image's remaining tokens.
+
+    tokens (..., N, d); text (..., T, d) with text_mask (..., T). Returns (centres (..., R) ascending
+    local indices, complement (..., R, d)): c_j = c0_j + sum_i w_ij v_i over the tokens whose best
+    centre is j, w_ij = a_ij normalised in the cluster.
+    """
+    d = tokens.shape[-1]
+    v, t = tokens.float(), text.float()
+    valid = text_mask.bool()[..., :, None]
+    logits = (t @ v.transpose(-1, -2)) / math.sqrt(d)                          # (..., T, N)
+    s = (logits.softmax(-1) * valid).sum(-2) / valid.sum(-2).clamp(min=1)    # mean over real text rows
+    centres = topk_ascending(s, r)
+    c0 = v.gather(-2, centres[..., None].expand(*centres.shape, d))
+    is_centre = torch.zeros(v.shape[:-1], dtype=torch.bool, device=v.device).scatter(-1, centres, True)
+    neg = float("-inf")
+    v2t = ((v @ t.transpose(-1, -2)) / math.sqrt(d)).masked_fill(~valid.transpose(-1, -2), neg).softmax(-1)
+    c = c0
+    for _ in range(iterations):
+        t2c = ((c @ t.transpose(-1, -2)) / math.sqrt(d)).masked_fill(~valid.transpose(-1, -2), neg).softmax(-1)
+        a = v2t @ t2c.transpose(-1, -2)                                          # (..., N, R)
+        best = a.argmax(-1)                                                      # first (lowest-slot) centre on ties
+        member = F.one_hot(best, r).bool() & ~is_centre[..., None]
+        w = a * member
+        w = w / w.sum(-2, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+        c = c0 + w.transpose(-1, -2) @ v
+    return centres, c

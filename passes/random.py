@@ -1,0 +1,43 @@
+"""Random: keep a uniformly random subset of each image's vision tokens (seeded).
+
+The baseline of DART's Fig. 2, which often matches attention-based methods at high reduction.
+Scores u ~ U(0, 1) come from `torch.Generator().manual_seed(seed)`, one per (sample, image,
+token); the top `keep` are kept (protected tokens first). Runs in the prefill at `layer`
+(positions kept) or in the vision stage before the projector (`stage="vision"`).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from graphprune import tokenops
+from graphprune.errors import PassConfigError
+from graphprune.pass_api import Choose, Plan, TokenPass, register_pass
+
+
+def random_keep(*, k, protected, valid, vision_pos, seed):
+    u = torch.rand(tuple(vision_pos.shape), generator=torch.Generator().manual_seed(seed)).to(vision_pos.device)
+    return tokenops.rank_scores(u, protected, valid).topk(k, dim=-1).indices.sort(-1).values
+
+
+@register_pass
+class Random(TokenPass):
+    name = "random"
+
+    @dataclass
+    class Config:
+        keep: int | float = 0.25
+        layer: int = 2               # prefill: first layer on the reduced sequence
+        stage: str = "prefill"       # or "vision": before the projector
+        seed: int = 0
+        positions: str = "keep"      # vision stage only: "keep" or "compact"
+
+    def validate(self):
+        super().validate()
+        if self.config.stage not in ("prefill", "vision"):
+            raise PassConfigError(f"random: stage must be 'prefill' or 'vision', got {self.config.stage!r}")
+        self.stage = self.config.stage
+
+    def plan(self) -> Plan:
+        return Plan(layer=self.config.layer if self.stage == "prefill" else None,
+                    select=Choose(self.config.keep, random_keep, (("seed", self.config.seed),)),
+                    positions=self.config.positions if self.stage == "vision" else "keep")
