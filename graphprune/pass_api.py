@@ -116,7 +116,9 @@ class Choose:
 
 @dataclass(frozen=True)
 class Protect:
-    """Mark the `keep` highest-scoring vision tokens as protected; drop nothing."""
+    """Mark each image's `keep` highest-scoring vision tokens as protected; drop nothing.
+
+    keep: int count, or float fraction: ceil(fraction x the image's valid tokens)."""
     keep: int | float
 
 
@@ -215,5 +217,7 @@ def register_pass(cls: type[TokenPass]) -> type[TokenPass]:
 def get_pass(name: str) -> type[TokenPass]:
     from . import passes  # noqa: F401  (registers the built-in methods)
     if name not in PASSES:
-        raise PassConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(PASSES))}")
+        from .pipeline import PIPELINES
+        raise PassConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(PASSES))}; "
+                              f"pipelines: {', '.join(sorted(PIPELINES))}")
     return PASSES[name]

@@ -23,6 +23,30 @@ from .pass_api import PassResult, TokenPass, get_pass
 STAGE_ORDER = ("vision", "prefill")
 
 
+PIPELINES: dict = {}
+
+
+def register_pipeline(name: str):
+    """Decorator: a named pipeline, a function of its options returning passes (e.g. "mustdrop")."""
+    def deco(fn):
+        PIPELINES[name] = fn
+        return fn
+    return deco
+
+
+def _named(name: str, options: dict) -> list[TokenPass]:
+    fn = PIPELINES[name]
+    try:
+        return fn(**options)
+    except TypeError as e:
+        raise PassConfigError(f"pipeline {name}: {e}") from None
+
+
+def is_pipeline(name: str) -> bool:
+    from . import passes  # noqa: F401
+    return name in PIPELINES
+
+
 def parse_pipeline(text: str) -> list[TokenPass]:
     """Parse "name(opt=value, ...) | name(...)" into pass instances (errors name the bad part)."""
     passes = []
@@ -40,7 +64,7 @@ def parse_pipeline(text: str) -> list[TokenPass]:
             options = {kw.arg: ast.literal_eval(kw.value) for kw in expr.keywords}
         except ValueError:
             raise PassConfigError(f"pipeline step {part!r}: option values must be literals") from None
-        passes.append(get_pass(expr.func.id)(**options))
+        passes += _named(expr.func.id, options) if is_pipeline(expr.func.id) else [get_pass(expr.func.id)(**options)]
     return passes
 
 
@@ -56,7 +80,8 @@ def load_toml(path: str) -> list[TokenPass]:
         step = dict(step)
         if "method" not in step:
             raise PassConfigError(f"{path}: a [[pass]] table lacks 'method'")
-        passes.append(get_pass(step.pop("method"))(**step))
+        method = step.pop("method")
+        passes += _named(method, step) if is_pipeline(method) else [get_pass(method)(**step)]
     return passes
 
 
@@ -81,6 +106,8 @@ def as_passes(spec, **options) -> list[TokenPass]:
         if options:
             raise PassConfigError("give options inside the pipeline string, e.g. fastv(layer=2, keep=64)")
         return parse_pipeline(spec)
+    if is_pipeline(spec.strip()):
+        return _named(spec.strip(), options)
     return [get_pass(spec.strip())(**options)]
 
 
@@ -110,7 +137,7 @@ class Program:
 def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = False) -> Program:
     """Apply passes to a copy of the program; the captured original is never modified."""
     out = program.copy()
-    order = sorted(passes, key=lambda p: (STAGE_ORDER.index(_stage_of(p)), getattr(p.config, "layer", 0) or 0))
+    order = sorted(passes, key=_position)
     for p in order:
         stage = _stage_of(p)
         st = out.stages[stage]
@@ -124,6 +151,17 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
         if debug:
             print(f"# ---- {stage} graph after {p!r}\n{st.gm.code}")
     return out
+
+
+def _position(p: TokenPass) -> tuple:
+    """Where a pass acts, for ordering: stage, then layer (vision: encoder layers, then the features,
+    then the projector output; a cache rule right after the selection at its layer)."""
+    from .pass_api import KeepCache
+    plans = p.plan()
+    first = plans[0] if isinstance(plans, list) else plans
+    layer = float("inf") if first.layer is None else first.layer
+    late = 1 if first.after_projector or isinstance(first.select, KeepCache) else 0
+    return STAGE_ORDER.index(_stage_of(p)), layer, late
 
 
 def _stage_of(p: TokenPass) -> str:

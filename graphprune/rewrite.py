@@ -39,6 +39,7 @@ class TokenState:
     protected: fx.Node | None = None  # (B, images, tokens) bool, None: none protected
     generation: int = 0               # bumped by every rule that changes which tokens exist
     masked: bool = False              # some slots may be invalid (static capacity): later attention masks them
+    key_valid: fx.Node | None = None  # (B, S) False at invalid slots, when masked
 
 
 def output_names(gm: fx.GraphModule) -> list[str]:
@@ -133,8 +134,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         rule = plan.select
         if isinstance(rule, Protect):
             scores = _score(g, plan, signals, p)
-            k = g.call_function(_budget_for, (state.vision_pos, rule.keep))
-            prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, k))
+            prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, rule.keep))
             anat.tokens.append(TokenState(layer, state.vision_pos, state.seq_index, state.coords, state.valid, prot,
                                           state.generation, state.masked))
             if anat.stage == "vision":
@@ -170,7 +170,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
-                                  state.generation + 1, masked))
+                                  state.generation + 1, masked, key_valid))
     out = g.find_nodes(op="output")[0]
     with g.inserting_before(out):
         if anat.stage == "vision":
@@ -480,9 +480,7 @@ def _keep_cache(p: TokenPass, rule: KeepCache, gm, anat: Anatomy) -> dict:
     final = _state_at(anat, rule.last)
     if not 0 <= rule.first < rule.last <= anat.num_layers:
         raise PassConfigError(f"{p.name}: cache layers {rule.first}..{rule.last} out of range")
-    key_valid = next((n for n in g.find_nodes(op="output")[0].args[0]
-                      if output_names(gm)[list(g.find_nodes(op="output")[0].args[0]).index(n)]
-                      == f"valid_from_layer_{final.layer}"), None)
+    key_valid = final.key_valid
     out = g.find_nodes(op="output")[0]
     cut = []
     with g.inserting_before(out):

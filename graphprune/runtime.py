@@ -168,6 +168,10 @@ class PrunedModel:
     def _check_budgets(self, tokens_per_image: int) -> None:
         for r in self.results:
             keep = r.info["keep"]
+            if r.info["rule"] not in ("TopK", "Choose") or isinstance(keep, bool) or not isinstance(keep, (int, float)):
+                if r.info["rule"] == "Choose":
+                    return                       # data-dependent counts: the pass checks its own budget
+                continue
             if isinstance(keep, int) and keep > tokens_per_image:
                 raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
                                       "tokens per image of this prompt")

@@ -94,10 +94,18 @@ def select_topk(scores, vision_pos, seq_index, k: int, protected=None, valid=Non
     return apply_choice(picked, vision_pos, seq_index, protected, valid)
 
 
-def protect_topk(scores, protected, valid, k: int):
-    """(B, n, V) bool: the k highest-scoring tokens of each image, joined to those already protected."""
-    picked = rank_scores(scores, None, valid).topk(k, dim=-1).indices
-    mark = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, picked, True)
+def protect_topk(scores, protected, valid, keep: int | float):
+    """(B, n, V) bool: each image's `keep` highest-scoring tokens (a float: ceil(keep x its valid
+    tokens)), joined to those already protected. Ties go to the lower index."""
+    s = rank_scores(scores, None, valid)
+    if isinstance(keep, float):
+        count = valid.sum(-1) if valid is not None else torch.full(s.shape[:-1], s.shape[-1], device=s.device)
+        k = torch.ceil(keep * count.double()).long()
+    else:
+        k = torch.full(s.shape[:-1], keep, device=s.device)
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    mark = rank < k[..., None]
     return mark if protected is None else mark | protected
 
 

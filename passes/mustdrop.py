@@ -1,0 +1,245 @@
+"""MustDrop: "Multi-Stage Vision Token Dropping" (Liu et al., 2024): four passes, three stages.
+
+1. mustdrop_merge (vision encoder, after layer 0): tile the patch grid into window x window
+   tiles; a tile whose tokens are alike (mean pairwise cosine >= tau) becomes one token, the
+   mean of its members, at its first member's slot. CLS is never merged.
+2. mustdrop_keys (vision encoder, feature layer): the patches the CLS token attends to most
+   (top ceil(8%)) become a protected key set that no later pass drops.
+3. mustdrop_filter (prefill, layers 2, 6, 10, 14): with A the attention the instruction tokens
+   pay each image's vision tokens in the layer before, drop token j when both its column sum
+   < gamma x total and its column max < alpha; key-set tokens always stay.
+4. mustdrop_cache (prefill outputs): the caches of the layers between the first and the last
+   filter keep only the tokens that survived the last filter (output-aware cache).
+
+Threshold rules keep a data-dependent number of tokens. mode="exact" does exactly that (eager,
+one count per batch); mode="static" (the default) keeps a fixed capacity per image, masks the
+slots the rule would have dropped, and so exports and batches. Exact semantics and how the
+modes differ: docs/methods.md. The vision stage compacts positions, as the authors' code does.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from graphprune.blocks import grid_side, tile_members, tile_scores
+from graphprune.errors import InputError, PassConfigError
+from graphprune.pass_api import (AttentionRows, Choose, Hidden, KeepCache, Plan, Protect, TokenPass,
+                                 register_pass)
+from graphprune.pipeline import register_pipeline
+
+MODES = ("static", "exact")
+FILTER_PRESETS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}   # keep -> (gamma, alpha)
+
+
+def _check_mode(name, mode):
+    if mode not in MODES:
+        raise PassConfigError(f"{name}: mode must be 'static' or 'exact', got {mode!r}")
+
+
+def _same_count(name, counts):
+    if bool((counts != counts.reshape(-1)[0]).any()):
+        raise InputError(f"{name}: exact thresholds kept {sorted(set(counts.reshape(-1).tolist()))} tokens in "
+                         "different images of the batch; use mode='static' to batch them")
+    return int(counts.reshape(-1)[0])
+
+
+def _slots(keep_mask, count):
+    # ascending indices of the True entries, `count` per image (static: padded with False slots after)
+    return torch.argsort((~keep_mask).to(torch.int8), dim=-1, stable=True)[..., :count]
+
+
+def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode, capacity):
+    b, n, v = vision_pos.shape
+    members, real = tile_members(grid_side(v), window, hidden.device)            # (tiles, w*w)
+    score = tile_scores(hidden, members, real)                                    # (B, n, tiles)
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    merge = score >= tau
+    if mode == "static":
+        # below tau too, most similar first, until at most `capacity` tokens survive
+        shrink = (real.sum(-1) - 1).expand_as(score).gather(-1, order).cumsum(-1)
+        needed = ((v - shrink) > capacity).sum(-1, keepdim=True) + 1 if v > capacity else torch.zeros_like(order[..., :1])
+        if bool((needed > score.shape[-1]).any()) or bool((v - shrink[..., -1] > capacity).any()):
+            raise InputError(f"mustdrop_merge: merging every tile still leaves more than capacity={capacity} tokens")
+        ranked = torch.empty_like(order).scatter(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        merge = merge | (ranked < needed) & (score > float("-inf"))
+    first = members[:, 0]                                                         # each tile's representative
+    d = hidden.shape[-1]
+    dropped = (merge[..., None] & real[:, 1:]).reshape(b, n, -1)                  # merged-away members
+    gone = torch.zeros(b, n, v, dtype=torch.bool, device=hidden.device)
+    gone = gone.scatter(-1, members[:, 1:].reshape(-1).expand(b, n, -1), dropped)
+    survive = ~gone
+    tiles = hidden[..., members.reshape(-1), :].reshape(b, n, *members.shape, d)
+    means = (tiles * real[..., None]).sum(-2) / real.sum(-1)[:, None]             # (B, n, tiles, D)
+    rep = torch.where(merge[..., None], means, hidden[..., first, :])
+    values = hidden.scatter(2, first[:, None].expand(-1, d).expand(b, n, -1, -1), rep)
+    if mode == "exact":
+        picked = _slots(survive, _same_count("mustdrop_merge", survive.sum(-1)))
+        return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d))}
+    fill = capacity - survive.sum(-1, keepdim=True)                               # lowest merged-away slots
+    filler_rank = gone.long().cumsum(-1)
+    slots = survive | (gone & (filler_rank <= fill))
+    picked = _slots(slots, capacity)
+    return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d)),
+            "valid": survive.gather(-1, picked)}
+
+
+@register_pass
+class MustDropMerge(TokenPass):
+    name = "mustdrop_merge"
+    stage = "vision"
+
+    @dataclass
+    class Config:
+        layer: int = 1                  # the encoder layer that first sees the merged tokens
+        window: int = 3
+        tau: float = 0.8
+        mode: str = "static"
+        capacity: int | None = None     # static mode: patch slots kept per image (default: all, masked)
+
+    def validate(self):
+        super().validate()
+        c = self.config
+        _check_mode(self.name, c.mode)
+        if c.window < 2:
+            raise PassConfigError(f"mustdrop_merge: window={c.window}: a window needs at least 2x2 patches")
+        if c.capacity is not None and (isinstance(c.capacity, bool) or not isinstance(c.capacity, int) or c.capacity < 1):
+            raise PassConfigError(f"mustdrop_merge: capacity must be a positive int, got {c.capacity!r}")
+        if c.capacity is not None and c.mode == "exact":
+            raise PassConfigError("mustdrop_merge: capacity applies to mode='static' only")
+
+    def requires(self, anatomy):
+        g = anatomy.grid
+        if g is not None and self.config.window > min(g):
+            raise PassConfigError(f"mustdrop_merge: window={self.config.window} is larger than the {g[0]}x{g[1]} patch grid")
+        if g is not None and self.config.capacity is not None and self.config.capacity > g[0] * g[1]:
+            raise PassConfigError(f"mustdrop_merge: capacity={self.config.capacity} exceeds the {g[0] * g[1]} patches")
+
+    def plan(self) -> Plan:
+        c = self.config
+        grid_tokens = None if c.capacity is None else c.capacity
+        options = (("window", c.window), ("tau", c.tau), ("mode", c.mode), ("capacity", grid_tokens))
+        return Plan(layer=c.layer, signals={"hidden": Hidden(c.layer - 1)}, positions="compact",
+                    select=Choose(None, _merge_with_capacity, options, static_mask=c.mode == "static"))
+
+
+def _merge_with_capacity(*, capacity, vision_pos, **kw):
+    return merge_windows(capacity=vision_pos.shape[-1] if capacity is None else capacity, vision_pos=vision_pos, **kw)
+
+
+@register_pass
+class MustDropKeys(TokenPass):
+    name = "mustdrop_keys"
+    stage = "vision"
+
+    @dataclass
+    class Config:
+        ratio: float = 0.08             # share of the patches kept as the key set
+
+    def validate(self):
+        super().validate()
+        if not 0.0 < self.config.ratio <= 1.0:
+            raise PassConfigError(f"mustdrop_keys: ratio must lie in (0, 1], got {self.config.ratio!r}")
+
+    def requires(self, anatomy):
+        if not anatomy.has_cls:
+            from graphprune.errors import PassNotApplicable
+            raise PassNotApplicable(f"mustdrop_keys needs the CLS token of the vision encoder; {anatomy.model_class} "
+                                    "has none (run mustdrop_filter alone)")
+
+    def plan(self) -> Plan:
+        return Plan(signals={"cls": AttentionRows(-1, "cls")}, select=Protect(float(self.config.ratio)),
+                    positions="compact")
+
+
+def filter_tokens(*, k, protected, valid, vision_pos, attn, gamma, alpha, mode, capacity):
+    col_sum, col_max = attn.sum(1), attn.amax(1)                                   # (B, n, V)
+    total = col_sum.sum(-1, keepdim=True)
+    keep = (col_sum >= gamma * total) | (col_max >= alpha)
+    if protected is not None:
+        keep = keep | protected
+    if mode == "exact":
+        return _slots(keep, _same_count("mustdrop_filter", keep.sum(-1)))
+    c = min(capacity, vision_pos.shape[-1])
+    tier = keep.long() + (protected.long() if protected is not None else 0)      # 2 protected, 1 rule, 0 rest
+    by_sum = col_sum.argsort(dim=-1, descending=True, stable=True)
+    by_tier = tier.gather(-1, by_sum).argsort(dim=-1, descending=True, stable=True)
+    picked = by_sum.gather(-1, by_tier)[..., :c].sort(-1).values
+    return {"picked": picked, "valid": keep.gather(-1, picked)}
+
+
+@register_pass
+class MustDropFilter(TokenPass):
+    name = "mustdrop_filter"
+
+    @dataclass
+    class Config:
+        layers: tuple = (2, 6, 10, 14)
+        keep: int | None = None         # budget preset (192, 128, 64): gamma/alpha and the static capacity
+        gamma: float | None = None
+        alpha: float | None = None
+        mode: str = "static"
+        capacity: int | None = None     # static mode: vision slots per image (default: keep)
+
+    def validate(self):
+        c = self.config
+        _check_mode(self.name, c.mode)
+        if isinstance(c.layers, int):
+            c.layers = (c.layers,)
+        c.layers = tuple(c.layers)
+        if not c.layers or list(c.layers) != sorted(set(c.layers)) or any(l < 1 for l in c.layers):
+            raise PassConfigError(f"mustdrop_filter: layers must be increasing layer indices >= 1, got {c.layers!r}")
+        if c.keep is not None:
+            from graphprune.pass_api import check_budget
+            check_budget(self.name, c.keep)
+        if c.gamma is None or c.alpha is None:
+            if c.keep not in FILTER_PRESETS:
+                raise PassConfigError(f"mustdrop_filter: give gamma and alpha, or keep in {sorted(FILTER_PRESETS)} "
+                                      f"for the authors' values (got keep={c.keep!r})")
+            gamma, alpha = FILTER_PRESETS[c.keep]
+            c.gamma = gamma if c.gamma is None else c.gamma
+            c.alpha = alpha if c.alpha is None else c.alpha
+        if c.gamma < 0 or c.alpha < 0:
+            raise PassConfigError(f"mustdrop_filter: thresholds must be >= 0 (gamma={c.gamma}, alpha={c.alpha})")
+        if c.mode == "static":
+            cap = c.capacity if c.capacity is not None else c.keep
+            if cap is None or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise PassConfigError("mustdrop_filter: static mode needs capacity (or keep) as a positive int, "
+                                      f"got {cap!r}")
+            c.capacity = cap
+
+    def plan(self) -> list[Plan]:
+        c = self.config
+        options = (("gamma", c.gamma), ("alpha", c.alpha), ("mode", c.mode), ("capacity", c.capacity))
+        return [Plan(layer=l, signals={"attn": AttentionRows(l - 1, query="text")},
+                     select=Choose(None, filter_tokens, options, static_mask=c.mode == "static"))
+                for l in c.layers]
+
+
+@register_pass
+class MustDropCache(TokenPass):
+    name = "mustdrop_cache"
+
+    @dataclass
+    class Config:
+        layers: tuple = (2, 6, 10, 14)  # the filter layers: caches from the first to the last are cut
+
+    def validate(self):
+        if isinstance(self.config.layers, int) or len(self.config.layers) < 2:
+            raise PassConfigError("mustdrop_cache: layers needs the first and last filter layer, e.g. (2, 14)")
+
+    def plan(self) -> Plan:
+        layers = sorted(self.config.layers)
+        return Plan(layer=layers[-1], select=KeepCache(layers[0], layers[-1]))
+
+
+@register_pipeline("mustdrop")
+def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), window: int = 3, tau: float = 0.8,
+             ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
+             merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True):
+    """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache."""
+    passes = [MustDropMerge(window=window, tau=tau, mode=mode, capacity=merge_capacity),
+              MustDropKeys(ratio=ratio),
+              MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode, capacity=capacity)]
+    if cache and len(layers) > 1:
+        passes.append(MustDropCache(layers=tuple(layers)))
+    return passes
