@@ -3,7 +3,7 @@
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
                reduced sequence (prefill); vision passes act on the features entering the projector
-  signals      what it looks at: AttentionRows, Keys, Values, Hidden, TextMask, TextEmbeds
+  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -71,6 +71,12 @@ class Hidden:
     layer: int
     tokens: str = "vision"
     norm: bool = False
+
+
+@dataclass(frozen=True)
+class Projected:
+    """Vision stage only: the projector's output at each image's tokens, (images, 1, tokens, D) (the
+    LLM-space vision tokens). Plans reading it act after the projector (Plan.after_projector)."""
 
 
 @dataclass(frozen=True)

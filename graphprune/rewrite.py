@@ -17,8 +17,8 @@ from torch import fx
 from . import tokenops
 from .anatomy import Anatomy, layer_of, module_path, seq_dims
 from .errors import GraphVerificationError, PassConfigError, PassNotApplicable
-from .pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, PassResult, Plan, Protect, TextEmbeds,
-                       TextMask, TokenPass, TopK, Values, WithdrawAll)
+from .pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, PassResult, Plan, Projected, Protect,
+                       TextEmbeds, TextMask, TokenPass, TopK, Values, WithdrawAll)
 
 SYM_SIZE = torch.ops.aten.sym_size.int
 
@@ -260,6 +260,12 @@ def _signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p:
         return layout_input(gm, anat, "text_embeds")
     if isinstance(sig, TextMask):
         return layout_input(gm, anat, "text_mask")
+    if isinstance(sig, Projected):
+        if anat.stage != "vision" or layer != anat.num_layers:
+            raise PassConfigError(f"{p.name}: Projected is the vision projector's output; the plan must set "
+                                  "after_projector=True")
+        out = g.find_nodes(op="output")[0].args[0][0]
+        return g.call_function(tokenops.token_features, (out, state.vision_pos))
     src = getattr(sig, "layer", None)
     if anat.stage == "vision" and isinstance(src, int) and src < 0:
         src += anat.num_layers
