@@ -82,7 +82,7 @@ def test_complements_are_centre_plus_convex_combination(scaled):
 
 def test_bad_options_fail_before_running(scaled):
     model, program = scaled
-    with pytest.raises(PassConfigError, match="does not fit"):
+    with pytest.raises(PassConfigError, match="exceeds the 36 vision tokens"):
         gp.prune(model, "visiontrim", program=program, keep=40, dominant=8)   # R = 32 > the 28 left of 36
     with pytest.raises(PassConfigError, match="dominant"):
         gp.prune(model, "visiontrim", program=program, keep=8, dominant=9)
