@@ -266,22 +266,16 @@ def account_model(model, method=None, *, program=None, layout: Layout | None = N
 
 
 def _token_plan(results, layout: Layout, grid_tokens, num_layers: int) -> dict:
-    """Vision tokens per image entering the LLM and per decoder layer, from the passes' records."""
-    v = layout.tokens_per_image
-    for r in results:
-        if r.info["stage"] == "vision":
-            v = tokenops.budget(r.info["keep"], grid_tokens or v)
+    """What the accountant can check before running: the layout fits the encoder, and no pass keeps
+    a data-dependent number of tokens (the graphs then have no static cost)."""
     if grid_tokens is not None and layout.tokens_per_image != grid_tokens:
         raise ValueError(f"the layout has {layout.tokens_per_image} vision tokens per image, the vision "
                          f"encoder makes {grid_tokens}")
-    events = {r.info["layer"]: r.info["keep"] for r in results if r.info["stage"] == "prefill"}
-    per_layer, cur = [], v
-    for i in range(num_layers):
-        if i in events:
-            keep = events[i]
-            cur = 0 if keep == 0 else tokenops.budget(keep, cur)     # keep 0: WithdrawAll (vtw)
-        per_layer.append(cur)
-    return {"vision_llm": v, "vision_per_layer": per_layer}
+    for r in results:
+        if r.info["keep"] == "data-dependent":
+            raise GraphpruneError(f"{r.info['pass']} keeps a data-dependent number of tokens, so it has no static "
+                                  "cost; account it with mode='static' (a fixed capacity)")
+    return {"vision_llm": layout.tokens_per_image}
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -309,11 +303,14 @@ def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:
     if vision["captured"]:
         vc = model.config.vision_config
         px = torch.empty(layout.images, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
-        vflops, vouts = _run(vision_st.gm, {"pixel_values": px})
+        vin = {"pixel_values": px}
+        if "text_embeds" in {n.name for n in vision_st.gm.graph.find_nodes(op="placeholder")}:
+            width = fam.text_config().hidden_size
+            vin.update(text_embeds=torch.empty(layout.images, max(layout.suffix, 1), width, device=device, dtype=dtype),
+                       text_mask=torch.ones(layout.images, max(layout.suffix, 1), device=device, dtype=torch.bool))
+        vflops, vouts = _run(vision_st.gm, vin)
         got = int(vouts["features"].shape[1])
-        if got != plan["vision_llm"]:
-            raise GraphVerificationError(f"vision graph returns {got} tokens per image, the pass records say "
-                                         f"{plan['vision_llm']}")
+        plan["vision_llm"] = got
         vision.update(images=layout.images, tokens_out=got, flops=sum(vflops.values()),
                       flops_encoder=sum(v for k, v in vflops.items() if isinstance(k, int)),
                       flops_projector=vflops.get("head", 0), flops_other=vflops.get("other", 0))
@@ -337,17 +334,15 @@ def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:
     pflops, pouts = _run(pruned.stages["prefill"].gm, inputs)
     rows, kv_total = [], 0
     n = pruned.anatomy["prefill"].num_layers
+    ran_on = s
     for i in range(n):
-        vis = plan["vision_per_layer"][i]
-        tokens = layout.text + layout.images * vis
         k = pouts[f"k_{i}"]
+        if f"tokens_from_layer_{i}" in pouts:
+            ran_on = int(pouts[f"tokens_from_layer_{i}"].shape[1])
         kv_heads, kv_len, head_dim = int(k.shape[1]), int(k.shape[2]), int(k.shape[3])
-        if kv_len != tokens:
-            raise GraphVerificationError(f"layer {i}: the rewritten graph caches {kv_len} tokens, the pass "
-                                         f"records say {tokens}")
-        kv = 2 * kv_heads * head_dim * tokens * _bytes(kv_dtype)
+        kv = 2 * kv_heads * head_dim * kv_len * _bytes(kv_dtype)
         kv_total += kv
-        rows.append({"layer": i, "tokens": tokens, "vision_tokens": layout.images * vis,
+        rows.append({"layer": i, "tokens": ran_on, "vision_tokens": ran_on - layout.text, "kv_tokens": kv_len,
                      "flops": pflops.get(i, 0), "kv_bytes": kv})
     llm = sum(r["flops"] for r in rows)
     head = pflops.get("head", 0)

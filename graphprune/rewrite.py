@@ -153,7 +153,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
                                                          state.protected, state.valid))
             kept_desc = rule.keep
         elif isinstance(rule, Choose):
-            k = None if rule.keep is None else g.call_function(_budget_for, (state.vision_pos, rule.keep))
+            k = None if rule.keep is None else g.call_function(_capacity_for, (state.vision_pos, rule.keep))
             choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
                                                        vision_pos=state.vision_pos, **signals, **dict(rule.options)))
             sel = g.call_function(tokenops.apply_choice, (choice, state.vision_pos, state.seq_index,
@@ -247,6 +247,12 @@ def _item(t, i):
 
 def _budget_for(vision_pos, keep):
     return tokenops.budget(keep, vision_pos.shape[-1])
+
+
+def _capacity_for(vision_pos, keep):
+    # a Choose rule's count: its budget, at most the tokens there are
+    v = vision_pos.shape[-1]
+    return min(keep, v) if isinstance(keep, int) else tokenops.budget(keep, v)
 
 
 TEXT_SIGNALS = (TextMask, TextEmbeds)

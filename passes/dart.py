@@ -43,9 +43,8 @@ def dart_keep(*, k, protected, valid, vision_pos, vis_score, text_score, vis_fea
                           text_feat.gather(1, txt_piv[..., None].expand(b, text_pivots, d))[:, None].expand(
                               b, n, text_pivots, d)], 2)
     p = vision_pivots + text_pivots
-    rest = k - chosen.sum(-1)                                                       # (B, n)
-    if bool((rest < 0).any()):
-        raise InputError(f"dart: keep={k} is smaller than the vision pivots plus protected tokens of an image")
+    # pivots and protected tokens beyond the budget: the first `keep` of them by position survive
+    rest = (k - chosen.sum(-1)).clamp(min=0)                                        # (B, n)
     share = rest[..., None] // p + (torch.arange(p, device=vs.device) < rest[..., None] % p)   # (B, n, P)
     sim = cosine_matrix(piv_feat, vis_feat)                                         # (B, n, P, V)
     most = min(math.ceil(k / p), v)

@@ -48,18 +48,17 @@ def _slots(keep_mask, count):
     return torch.argsort((~keep_mask).to(torch.int8), dim=-1, stable=True)[..., :count]
 
 
-def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode, capacity):
+def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode):
     b, n, v = vision_pos.shape
     members, real = tile_members(grid_side(v), window, hidden.device)            # (tiles, w*w)
     score = tile_scores(hidden, members, real)                                    # (B, n, tiles)
     order = score.argsort(dim=-1, descending=True, stable=True)
     merge = score >= tau
     if mode == "static":
-        # below tau too, most similar first, until at most `capacity` tokens survive
+        # below tau too, most similar first, until at most `k` (the capacity) tokens survive; requires()
+        # checked that merging every tile reaches it
         shrink = (real.sum(-1) - 1).expand_as(score).gather(-1, order).cumsum(-1)
-        needed = ((v - shrink) > capacity).sum(-1, keepdim=True) + 1 if v > capacity else torch.zeros_like(order[..., :1])
-        if bool((needed > score.shape[-1]).any()) or bool((v - shrink[..., -1] > capacity).any()):
-            raise InputError(f"mustdrop_merge: merging every tile still leaves more than capacity={capacity} tokens")
+        needed = ((v - shrink) > k).sum(-1, keepdim=True) + int(v > k)
         ranked = torch.empty_like(order).scatter(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         merge = merge | (ranked < needed) & (score > float("-inf"))
     first = members[:, 0]                                                         # each tile's representative
@@ -75,10 +74,10 @@ def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode,
     if mode == "exact":
         picked = _slots(survive, _same_count("mustdrop_merge", survive.sum(-1)))
         return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d))}
-    fill = capacity - survive.sum(-1, keepdim=True)                               # lowest merged-away slots
+    fill = k - survive.sum(-1, keepdim=True)                                      # lowest merged-away slots
     filler_rank = gone.long().cumsum(-1)
     slots = survive | (gone & (filler_rank <= fill))
-    picked = _slots(slots, capacity)
+    picked = _slots(slots, k)
     return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d)),
             "valid": survive.gather(-1, picked)}
 
@@ -108,22 +107,22 @@ class MustDropMerge(TokenPass):
             raise PassConfigError("mustdrop_merge: capacity applies to mode='static' only")
 
     def requires(self, anatomy):
-        g = anatomy.grid
-        if g is not None and self.config.window > min(g):
-            raise PassConfigError(f"mustdrop_merge: window={self.config.window} is larger than the {g[0]}x{g[1]} patch grid")
-        if g is not None and self.config.capacity is not None and self.config.capacity > g[0] * g[1]:
-            raise PassConfigError(f"mustdrop_merge: capacity={self.config.capacity} exceeds the {g[0] * g[1]} patches")
+        g, c = anatomy.grid, self.config
+        if g is None:
+            return
+        if c.window > min(g):
+            raise PassConfigError(f"mustdrop_merge: window={c.window} is larger than the {g[0]}x{g[1]} patch grid")
+        tiles = math.ceil(g[0] / c.window) * math.ceil(g[1] / c.window)
+        if c.capacity is not None and not tiles <= c.capacity <= g[0] * g[1]:
+            raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} must lie in {tiles}..{g[0] * g[1]} "
+                                  f"(merging all {tiles} tiles of the {g[0]}x{g[1]} grid leaves {tiles} tokens)")
 
     def plan(self) -> Plan:
         c = self.config
-        grid_tokens = None if c.capacity is None else c.capacity
-        options = (("window", c.window), ("tau", c.tau), ("mode", c.mode), ("capacity", grid_tokens))
+        capacity = None if c.mode == "exact" else (1.0 if c.capacity is None else c.capacity)
         return Plan(layer=c.layer, signals={"hidden": Hidden(c.layer - 1)}, positions="compact",
-                    select=Choose(None, _merge_with_capacity, options, static_mask=c.mode == "static"))
-
-
-def _merge_with_capacity(*, capacity, vision_pos, **kw):
-    return merge_windows(capacity=vision_pos.shape[-1] if capacity is None else capacity, vision_pos=vision_pos, **kw)
+                    select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode)),
+                                  static_mask=c.mode == "static"))
 
 
 @register_pass
@@ -151,7 +150,7 @@ class MustDropKeys(TokenPass):
                     positions="compact")
 
 
-def filter_tokens(*, k, protected, valid, vision_pos, attn, gamma, alpha, mode, capacity):
+def filter_tokens(*, k, protected, valid, vision_pos, attn, gamma, alpha, mode):
     col_sum, col_max = attn.sum(1), attn.amax(1)                                   # (B, n, V)
     total = col_sum.sum(-1, keepdim=True)
     keep = (col_sum >= gamma * total) | (col_max >= alpha)
@@ -159,7 +158,7 @@ def filter_tokens(*, k, protected, valid, vision_pos, attn, gamma, alpha, mode, 
         keep = keep | protected
     if mode == "exact":
         return _slots(keep, _same_count("mustdrop_filter", keep.sum(-1)))
-    c = min(capacity, vision_pos.shape[-1])
+    c = k
     tier = keep.long() + (protected.long() if protected is not None else 0)      # 2 protected, 1 rule, 0 rest
     by_sum = col_sum.argsort(dim=-1, descending=True, stable=True)
     by_tier = tier.gather(-1, by_sum).argsort(dim=-1, descending=True, stable=True)
@@ -209,9 +208,10 @@ class MustDropFilter(TokenPass):
 
     def plan(self) -> list[Plan]:
         c = self.config
-        options = (("gamma", c.gamma), ("alpha", c.alpha), ("mode", c.mode), ("capacity", c.capacity))
+        options = (("gamma", c.gamma), ("alpha", c.alpha), ("mode", c.mode))
+        capacity = c.capacity if c.mode == "static" else None
         return [Plan(layer=l, signals={"attn": AttentionRows(l - 1, query="text")},
-                     select=Choose(None, filter_tokens, options, static_mask=c.mode == "static"))
+                     select=Choose(capacity, filter_tokens, options, static_mask=c.mode == "static"))
                 for l in c.layers]
 
 
