@@ -226,6 +226,7 @@ class MustDropCache(TokenPass):
     def validate(self):
         if isinstance(self.config.layers, int) or len(self.config.layers) < 2:
             raise PassConfigError("mustdrop_cache: layers needs the first and last filter layer, e.g. (2, 14)")
+        self.config.layers = tuple(self.config.layers)
 
     def plan(self) -> Plan:
         layers = sorted(self.config.layers)

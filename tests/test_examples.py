@@ -37,3 +37,13 @@ def test_custom_pass_example(capsys):
     out = pruned(**inputs)
     assert torch.equal(out.kept, ref["keep"])
     assert torch.equal(pruned.generate(**inputs, max_new_tokens=8, eos_token_id=[])[:, -8:], ref["tokens"])
+
+
+def test_method_configs_expand_like_the_named_pipelines():
+    """examples/mustdrop.toml is the "mustdrop" pipeline at keep=64; visiontrim.toml the vision stage."""
+    import graphprune as gp
+    toml = gp.as_passes(os.path.join(ROOT, "examples", "mustdrop.toml"))
+    named = gp.as_passes("mustdrop", keep=64)
+    assert [repr(p) for p in toml] == [repr(p) for p in named]
+    vt = gp.as_passes(os.path.join(ROOT, "examples", "visiontrim.toml"))
+    assert [repr(p) for p in vt] == [repr(p) for p in gp.as_passes("visiontrim", keep=64, dominant=48)]

@@ -243,16 +243,16 @@ def test_mustdrop_filter(llava, mode, capacity, batch):
 
 
 def test_mustdrop_filter_then_cache(llava):
-    """A static filter at layer 3 and the output-aware cache over (1, 3): layers 1 and 2 store only
-    what layer 3 kept (with its validity); layer 0 keeps everything."""
+    """A static filter at layer 3 (capacity 24, more than the rule keeps) and the output-aware cache over
+    (1, 3): layers 1 and 2 store only what layer 3 kept, with its validity; layer 0 keeps everything."""
     model, program = llava
     ex = _ex(model, 2, pad=(0, 3), seed=2)
-    ref = _ref_lm(model, ex, selects={3: RM.filter_select(GAMMA, ALPHA, "static", 10)}, cut_to_final=(1, 3))
+    ref = _ref_lm(model, ex, selects={3: RM.filter_select(GAMMA, ALPHA, "static", 24)}, cut_to_final=(1, 3))
     s = ex.input_ids.shape[1]
-    assert ref["kv_lens"] == [s, s - V + 10, s - V + 10, s - V + 10]
+    assert ref["kv_lens"] == [s, s - V + 24, s - V + 24, s - V + 24]
     cut_vis = ex.input_ids.gather(1, ref["kv_index"][1]) == model.config.image_token_id
     assert not bool(ref["kv_valid"][1][cut_vis].all())            # layer 1's cache carries layer 3's validity
-    pruned = gp.prune(model, "mustdrop_filter(layers=(3,), gamma=0.0278, alpha=0.0235, mode='static', capacity=10)"
+    pruned = gp.prune(model, "mustdrop_filter(layers=(3,), gamma=0.0278, alpha=0.0235, mode='static', capacity=24)"
                              " | mustdrop_cache(layers=(1, 3))", program=program)
     _check(pruned, ex, ref)
     # and the exact filter at both layers with the cache cut between them
