@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tokenops
-from .errors import GraphpruneError, GraphVerificationError
+from .errors import GraphpruneError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

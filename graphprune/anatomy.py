@@ -55,6 +55,11 @@ class Attention:
                    bool(kw.get("is_causal", a[5] or False)), bool(kw.get("enable_gqa", False)))
 
 
+def sdpa_mask(sdpa: fx.Node):
+    """The mask an SDPA node reads now (after rerouting), not the one it was captured with."""
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
 @dataclass
 class Layer:
     index: int

@@ -1,4 +1,7 @@
-"""Per-layer KV caches of different lengths, and the decode-graph rewrite that attends to them.
+"""Per-layer KV caches of different lengths, and the graph rewrites that produce them.
+
+`keep_final_tokens` (prefill, MustDrop's output-aware cache) cuts the caches of shallow layers to
+the tokens that survive a later selection.
 
 After a pruned prefill, layer l's cache holds exactly the tokens layer l kept. The captured
 decode step builds one attention mask from one cache length for all layers; `shrink_kv`
@@ -13,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from . import tokenops
 from .anatomy import Anatomy
-from .errors import GraphVerificationError
+from .errors import GraphVerificationError, PassConfigError
+from .layout import add_output, state_at
 
 
 def layer_mask(kv_mask):
@@ -76,6 +81,37 @@ def _own_lengths(g: fx.Graph, anat: Anatomy) -> None:
                         size = g.call_function(torch.ops.aten.sym_size.int, (own, 2))
                         made[a] = g.call_function(operator.add, (size, int(offset))) if offset else size
                 n.replace_input_with(a, made[a])
+
+
+def keep_final_tokens(p, rule, gm: fx.GraphModule, anat: Anatomy) -> dict:
+    """Output-aware cache: layers first..last-1 store only the tokens that survive to layer `last`."""
+    g = gm.graph
+    final = state_at(anat, rule.last)
+    if not 0 <= rule.first < rule.last <= anat.num_layers:
+        raise PassConfigError(f"{p.name}: cache layers {rule.first}..{rule.last} out of range")
+    key_valid = final.key_valid
+    out = g.find_nodes(op="output")[0]
+    cut = []
+    with g.inserting_before(out):
+        for i in range(rule.first, rule.last):
+            own = state_at(anat, i)
+            if own is final:
+                continue
+            at = g.call_function(tokenops.positions_of, (own.seq_index, final.seq_index))
+            k, v = anat.layer(i).kv_write
+            kk = g.call_function(tokenops.take_tokens, (k, at, 0, (2,)))
+            vv = g.call_function(tokenops.take_tokens, (v, at, 0, (2,)))
+            out.replace_input_with(k, kk)
+            out.replace_input_with(v, vv)
+            anat.layer(i).kv_write = (kk, vv)
+            add_output(gm, final.seq_index, f"kv_tokens_{i}")
+            if key_valid is not None:
+                add_output(gm, key_valid, f"kv_valid_{i}")
+            cut.append(i)
+    info = {"pass": repr(p), "stage": anat.stage, "layer": rule.last, "keep": "cache", "positions": "keep",
+            "rerouted": [], "rule": "KeepCache", "signals": {}, "cut_layers": cut}
+    anat.selections.append(info)
+    return info
 
 
 @dataclass

@@ -5,7 +5,6 @@ the captured graphs and their anatomy. Adding a family means adding one `Family`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -9,99 +9,20 @@ cache outputs of layers >= K shrink by construction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
 
 import torch
 from torch import fx
 
 from . import tokenops
-from .anatomy import Anatomy, layer_of, module_path, seq_dims
+from .anatomy import Anatomy, layer_of, sdpa_mask, seq_dims
+from .cache import keep_final_tokens
 from .errors import GraphVerificationError, PassConfigError, PassNotApplicable
-from .pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, PassResult, Plan, Projected, Protect,
-                       TextEmbeds, TextMask, TokenPass, TopK, Values, WithdrawAll)
+from .layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
+from .pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
+from .signals import extract_signal
 
 SYM_SIZE = torch.ops.aten.sym_size.int
-
-
-@dataclass
-class TokenState:
-    """Graph nodes describing the token sequence from `layer` on.
-
-    coords: "sequence" (prefill), "encoder" (vision encoder layers: CLS first, then patches) or
-    "features" (the patch features around the projector). seq_index holds, for every current
-    token, its original index: prompt index (prefill) or patch index (vision; CLS = -1).
-    """
-    layer: int
-    vision_pos: fx.Node          # (B, images, tokens) positions of vision tokens in the current sequence
-    seq_index: fx.Node           # (B, S) original index of every current token
-    coords: str = "sequence"
-    valid: fx.Node | None = None      # (B, images, tokens) bool, None: all valid
-    protected: fx.Node | None = None  # (B, images, tokens) bool, None: none protected
-    generation: int = 0               # bumped by every rule that changes which tokens exist
-    masked: bool = False              # some slots may be invalid (static capacity): later attention masks them
-    key_valid: fx.Node | None = None  # (B, S) False at invalid slots, when masked
-
-
-def output_names(gm: fx.GraphModule) -> list[str]:
-    return gm.meta.setdefault("graphprune_outputs", [])
-
-
-def add_output(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
-    out = gm.graph.find_nodes(op="output")[0]
-    out.args = (tuple(out.args[0]) + (node,),)
-    output_names(gm).append(name)
-
-
-def layout_input(gm: fx.GraphModule, anat: Anatomy, name: str) -> fx.Node:
-    """A layout input of the graph (vision_pos, text_index, ...), added on first use; the runtime fills it."""
-    if name not in anat.inputs:
-        last = list(gm.graph.find_nodes(op="placeholder"))[-1]
-        with gm.graph.inserting_after(last):
-            anat.inputs[name] = gm.graph.placeholder(name)
-    return anat.inputs[name]
-
-
-def init_tokens(gm: fx.GraphModule, anat: Anatomy) -> None:
-    """Give the graph its token layout: the nodes passes read vision positions from."""
-    if anat.tokens:
-        return
-    g = gm.graph
-    if anat.stage == "vision":
-        with g.inserting_before(anat.layers[0].first):
-            vp = g.call_function(patch_positions, (anat.inputs["pixel_values"], anat.grid[0] * anat.grid[1],
-                                                   int(bool(anat.has_cls))))
-            si = g.call_function(encoder_index, (vp, int(bool(anat.has_cls))))
-        anat.tokens.append(TokenState(0, vp, si, "encoder"))
-    else:
-        vp = layout_input(gm, anat, "vision_pos")
-        prot = layout_input(gm, anat, "vision_protected")
-        with g.inserting_before(anat.layers[0].first):
-            si = g.call_function(tokenops.seq_positions, (anat.inputs["attention_mask"],))
-        anat.tokens.append(TokenState(0, vp, si, protected=prot))
-
-
-def patch_positions(pixel_values, v: int, offset: int):
-    """(images, 1, tokens) positions of the patch tokens of each image in the encoder sequence."""
-    return (torch.arange(v, device=pixel_values.device) + offset).expand(pixel_values.shape[0], 1, v)
-
-
-def encoder_index(vision_pos, offset: int):
-    """(images, offset + tokens) original patch index of each encoder token (CLS: -1)."""
-    n, v = vision_pos.shape[0], vision_pos.shape[2]
-    return torch.arange(-offset, v, device=vision_pos.device).expand(n, v + offset)
-
-
-def _flatten_positions(vision_pos):
-    return vision_pos[:, 0, :]
-
-
-def _to_features(vision_pos, seq_index, offset: int):
-    # encoder coordinates -> feature coordinates: the projector sees the patches without CLS
-    return vision_pos - offset, seq_index[:, offset:]
-
-
-def _state_at(anat: Anatomy, layer: int) -> TokenState:
-    return [t for t in anat.tokens if t.layer <= layer][-1]
 
 
 def apply_pass(p: TokenPass, stage, anat: Anatomy) -> PassResult:
@@ -120,17 +41,19 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     if plan.positions not in ("keep", "compact"):
         raise PassConfigError(f"{p.name}: positions must be 'keep' or 'compact', got {plan.positions!r}")
     if isinstance(plan.select, KeepCache):
-        return _keep_cache(p, plan.select, gm, anat)
+        info = keep_final_tokens(p, plan.select, gm, anat)
+        verify(gm, anat)
+        return info
     layer, anchor = _where(p, plan, anat)
-    state = _state_at(anat, layer)
+    state = state_at(anat, layer)
     if anat.stage == "vision" and layer == anat.num_layers and state.coords == "encoder":
         with g.inserting_before(anchor):
             conv = g.call_function(_to_features, (state.vision_pos, state.seq_index, int(bool(anat.has_cls))))
-            state = TokenState(layer, g.call_function(_item, (conv, 0)), g.call_function(_item, (conv, 1)),
+            state = TokenState(layer, g.call_function(operator.getitem, (conv, 0)), g.call_function(operator.getitem, (conv, 1)),
                                "features", state.valid, state.protected, state.generation, state.masked)
 
     with g.inserting_before(anchor):
-        signals = {name: _signal(gm, anat, sig, layer, state, name, p) for name, sig in plan.signals.items()}
+        signals = {name: extract_signal(gm, anat, sig, layer, state, name, p) for name, sig in plan.signals.items()}
         rule = plan.select
         if isinstance(rule, Protect):
             scores = _score(g, plan, signals, p)
@@ -161,7 +84,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             kept_desc = "data-dependent" if rule.keep is None else rule.keep
         else:
             raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
-        keep, new_pos, picked, values, valid, prot = (g.call_function(_item, (sel, i)) for i in range(6))
+        keep, new_pos, picked, values, valid, prot = (g.call_function(operator.getitem, (sel, i)) for i in range(6))
         new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
     hidden = _stream(anat, layer, state)
     rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
@@ -209,7 +132,7 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
             raise PassConfigError(f"{p.name}: vision layer={layer}: the encoder has layers 0..{anat.num_layers - 1} "
                                   f"feeding the features; use 1..{anat.num_layers - 1}, or none for the features")
         if plan.after_projector:
-            anchor = g_output(anat)
+            anchor = _output_node(anat)
         elif layer == anat.num_layers:
             anchor = next(n for n in anat.features.graph.nodes if n in anat.features.users)
         else:
@@ -230,7 +153,7 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
     return layer, anchor
 
 
-def g_output(anat: Anatomy) -> fx.Node:
+def _output_node(anat: Anatomy) -> fx.Node:
     return anat.features.graph.find_nodes(op="output")[0]
 
 
@@ -241,10 +164,6 @@ def _stream(anat: Anatomy, layer: int, state: TokenState) -> fx.Node | None:
     return anat.layer(layer - 1).output
 
 
-def _item(t, i):
-    return t[i]
-
-
 def _budget_for(vision_pos, keep):
     return tokenops.budget(keep, vision_pos.shape[-1])
 
@@ -253,117 +172,6 @@ def _capacity_for(vision_pos, keep):
     # a Choose rule's count: its budget, at most the tokens there are
     v = vision_pos.shape[-1]
     return min(keep, v) if isinstance(keep, int) else tokenops.budget(keep, v)
-
-
-TEXT_SIGNALS = (TextMask, TextEmbeds)
-
-
-def _signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p: TokenPass) -> fx.Node:
-    g = gm.graph
-    if isinstance(sig, TextEmbeds):
-        if anat.stage != "vision":
-            raise PassConfigError(f"{p.name}: TextEmbeds is a vision-stage signal; use Hidden(tokens='text') in prefill")
-        return layout_input(gm, anat, "text_embeds")
-    if isinstance(sig, TextMask):
-        return layout_input(gm, anat, "text_mask")
-    if isinstance(sig, Projected):
-        if anat.stage != "vision" or layer != anat.num_layers:
-            raise PassConfigError(f"{p.name}: Projected is the vision projector's output; the plan must set "
-                                  "after_projector=True")
-        out = g.find_nodes(op="output")[0].args[0][0]
-        return g.call_function(tokenops.token_features, (out, state.vision_pos))
-    src = getattr(sig, "layer", None)
-    if anat.stage == "vision" and isinstance(src, int) and src < 0:
-        src += anat.num_layers
-    if src is None or not 0 <= src < min(layer, anat.num_layers):
-        raise PassConfigError(f"{p.name}: signal {name}={sig!r} must come from a layer in 0..{layer - 1} "
-                              f"(before the selection at layer {layer})")
-    at = _state_at(anat, src)
-    if at.generation != state.generation:
-        raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
-                              f"at layer {anat.tokens[-1].layer}; take it from a later layer")
-    att = anat.layer(src).attention
-    tokens = getattr(sig, "tokens", None) or getattr(sig, "keys", "vision")
-    if tokens not in ("vision", "text"):
-        raise PassConfigError(f"{p.name}: signal {name}={sig!r}: tokens must be 'vision' or 'text'")
-    if tokens == "text" or getattr(sig, "query", None) == "text":
-        if anat.stage == "vision":
-            raise PassNotApplicable(f"{p.name}: the vision encoder sees no text tokens; use TextEmbeds")
-        text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
-        text_mask = layout_input(gm, anat, "text_mask")
-    keys = at.vision_pos if tokens == "vision" else text_pos
-    if isinstance(sig, AttentionRows):
-        pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
-        if sig.query == "cls" and not anat.has_cls:
-            raise PassNotApplicable(f"{p.name} needs the CLS token of the vision encoder, and "
-                                    f"{anat.model_class} has none")
-        if sig.query == "text":
-            queries = text_pos
-        elif pick is None:
-            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls' or 'text', got {sig.query!r}")
-        else:
-            seq_ref = at.seq_index if anat.stage != "vision" else g.call_function(_encoder_index, (att.q,))
-            queries = g.call_function(pick, (seq_ref,))
-        cols = keys if tokens == "vision" else g.call_function(_as_one_group, (keys,))
-        rows = g.call_function(tokenops.attention_rows, (att.q, att.k, _sdpa_mask(att.node), att.scale, att.is_causal,
-                                                         queries, cols))
-        if tokens == "text":
-            rows = g.call_function(_item, (rows, (slice(None), slice(None), 0)))
-        if sig.query == "text":
-            rows = g.call_function(tokenops.zero_rows, (rows, text_mask))
-        return rows
-    if isinstance(sig, (Keys, Values)):
-        kv = anat.layer(src).kv_write
-        node = (kv[0] if isinstance(sig, Keys) else kv[1]) if kv else (att.k if isinstance(sig, Keys) else att.v)
-        flat = g.call_function(_heads_to_features, (node,))
-        return _features_at(g, flat, keys, tokens, 0, 1)
-    if isinstance(sig, Hidden):
-        out = anat.layer(src).output
-        if sig.norm:
-            out = _final_norm(gm, anat, out, p)
-        b, toks = seq_dims(out, anat)
-        return _features_at(g, out, keys, tokens, b or 0, toks[0] if toks else 1)
-    raise PassConfigError(f"{p.name}: unknown signal {sig!r}")
-
-
-def _features_at(g, x, keys, tokens, batch_dim, seq_dim):
-    if tokens == "vision":
-        return g.call_function(tokenops.token_features, (x, keys, batch_dim, seq_dim))
-    grouped = g.call_function(tokenops.token_features, (x, g.call_function(_as_one_group, (keys,)), batch_dim, seq_dim))
-    return g.call_function(_item, (grouped, (slice(None), 0)))
-
-
-def _as_one_group(pos):
-    # text tokens form a single group (B, 1, T), where vision tokens have one group per image
-    return pos[:, None, :]
-
-
-def _final_norm(gm, anat: Anatomy, x: fx.Node, p: TokenPass) -> fx.Node:
-    """Apply a copy of the model's final norm (the nodes between the last layer and the LM head) to x."""
-    g = gm.graph
-    last = anat.layers[-1].output
-    head = [n for n in g.nodes if n.op == "call_function" and layer_of(n) is None and module_path(n) == "head"]
-    if not head:
-        raise PassNotApplicable(f"{p.name}: no LM head found to locate the final norm in {anat.model_class}")
-    norm_path = module_path(head[0].args[0])
-    order = list(g.nodes)
-    after = order.index(anat.layers[-1].nodes[-1])
-    nodes = [n for n in order[after:] if layer_of(n) is None and module_path(n) == norm_path and n.op == "call_function"]
-    if not nodes or norm_path == module_path(last):
-        raise PassNotApplicable(f"{p.name}: cannot find the final norm of {anat.model_class}")
-    env = {last: x}
-    for n in nodes:
-        env[n] = g.node_copy(n, lambda a: env.get(a, a))
-    return env[nodes[-1]]
-
-
-def _encoder_index(q):
-    return torch.zeros(q.shape[0], q.shape[2], dtype=torch.long, device=q.device)
-
-
-def _heads_to_features(k):
-    b, h, s, d = k.shape
-    return k.transpose(1, 2).reshape(b, s, h * d)
 
 
 def _score(g, plan, signals: dict, p: TokenPass) -> fx.Node:
@@ -468,7 +276,7 @@ def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index
     for l in anat.layers[layer:]:
         sdpa, att = l.attention.node, l.attention
         with g.inserting_before(sdpa):
-            mask = g.call_function(tokenops.mask_keys, (_sdpa_mask(sdpa), key_valid, sdpa.args[0], att.is_causal))
+            mask = g.call_function(tokenops.mask_keys, (sdpa_mask(sdpa), key_valid, sdpa.args[0], att.is_causal))
         args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
         args[3] = mask
         if len(args) > 5:
@@ -479,43 +287,6 @@ def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index
         sdpa.args, sdpa.kwargs = tuple(args), kwargs
         att.mask, att.is_causal = mask, False
     return key_valid
-
-
-def _sdpa_mask(sdpa: fx.Node):
-    """The mask an SDPA node reads now (after rerouting), not the one it was captured with."""
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-
-
-def _keep_cache(p: TokenPass, rule: KeepCache, gm, anat: Anatomy) -> dict:
-    """Output-aware cache: layers first..last-1 store only the tokens that survive to layer `last`."""
-    g = gm.graph
-    final = _state_at(anat, rule.last)
-    if not 0 <= rule.first < rule.last <= anat.num_layers:
-        raise PassConfigError(f"{p.name}: cache layers {rule.first}..{rule.last} out of range")
-    key_valid = final.key_valid
-    out = g.find_nodes(op="output")[0]
-    cut = []
-    with g.inserting_before(out):
-        for i in range(rule.first, rule.last):
-            own = _state_at(anat, i)
-            if own is final:
-                continue
-            at = g.call_function(tokenops.positions_of, (own.seq_index, final.seq_index))
-            k, v = anat.layer(i).kv_write
-            kk = g.call_function(tokenops.take_tokens, (k, at, 0, (2,)))
-            vv = g.call_function(tokenops.take_tokens, (v, at, 0, (2,)))
-            out.replace_input_with(k, kk)
-            out.replace_input_with(v, vv)
-            anat.layer(i).kv_write = (kk, vv)
-            add_output(gm, final.seq_index, f"kv_tokens_{i}")
-            if key_valid is not None:
-                add_output(gm, key_valid, f"kv_valid_{i}")
-            cut.append(i)
-    info = {"pass": repr(p), "stage": anat.stage, "layer": rule.last, "keep": "cache", "positions": "keep",
-            "rerouted": [], "rule": "KeepCache", "signals": {}, "cut_layers": cut}
-    anat.selections.append(info)
-    verify(gm, anat)
-    return info
 
 
 def verify(gm: fx.GraphModule, anat: Anatomy) -> None:

@@ -1,0 +1,126 @@
+"""Signals: the values a pass looks at, extracted from (or recomputed beside) a stage graph.
+
+Each signal becomes a few nodes inserted before the selection: attention rows recomputed for the
+chosen queries only (the layer keeps its fused SDPA), post-RoPE keys/values, hidden states
+(optionally through a copy of the final norm), the projector output, the instruction's layout.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from . import tokenops
+from .anatomy import Anatomy, layer_of, module_path, sdpa_mask, seq_dims
+from .errors import PassConfigError, PassNotApplicable
+from .layout import TokenState, layout_input, state_at
+from .pass_api import AttentionRows, Hidden, Keys, Projected, TextEmbeds, TextMask, TokenPass, Values
+
+
+def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p: TokenPass) -> fx.Node:
+    g = gm.graph
+    if isinstance(sig, TextEmbeds):
+        if anat.stage != "vision":
+            raise PassConfigError(f"{p.name}: TextEmbeds is a vision-stage signal; use Hidden(tokens='text') in prefill")
+        return layout_input(gm, anat, "text_embeds")
+    if isinstance(sig, TextMask):
+        return layout_input(gm, anat, "text_mask")
+    if isinstance(sig, Projected):
+        if anat.stage != "vision" or layer != anat.num_layers:
+            raise PassConfigError(f"{p.name}: Projected is the vision projector's output; the plan must set "
+                                  "after_projector=True")
+        out = g.find_nodes(op="output")[0].args[0][0]
+        return g.call_function(tokenops.token_features, (out, state.vision_pos))
+    src = getattr(sig, "layer", None)
+    if anat.stage == "vision" and isinstance(src, int) and src < 0:
+        src += anat.num_layers
+    if src is None or not 0 <= src < min(layer, anat.num_layers):
+        raise PassConfigError(f"{p.name}: signal {name}={sig!r} must come from a layer in 0..{layer - 1} "
+                              f"(before the selection at layer {layer})")
+    at = state_at(anat, src)
+    if at.generation != state.generation:
+        raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
+                              f"at layer {anat.tokens[-1].layer}; take it from a later layer")
+    att = anat.layer(src).attention
+    tokens = getattr(sig, "tokens", None) or getattr(sig, "keys", "vision")
+    if tokens not in ("vision", "text"):
+        raise PassConfigError(f"{p.name}: signal {name}={sig!r}: tokens must be 'vision' or 'text'")
+    if tokens == "text" or getattr(sig, "query", None) == "text":
+        if anat.stage == "vision":
+            raise PassNotApplicable(f"{p.name}: the vision encoder sees no text tokens; use TextEmbeds")
+        text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
+        text_mask = layout_input(gm, anat, "text_mask")
+    keys = at.vision_pos if tokens == "vision" else text_pos
+    if isinstance(sig, AttentionRows):
+        pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
+        if sig.query == "cls" and not anat.has_cls:
+            raise PassNotApplicable(f"{p.name} needs the CLS token of the vision encoder, and "
+                                    f"{anat.model_class} has none")
+        if sig.query == "text":
+            queries = text_pos
+        elif pick is None:
+            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls' or 'text', got {sig.query!r}")
+        else:
+            seq_ref = at.seq_index if anat.stage != "vision" else g.call_function(_encoder_index, (att.q,))
+            queries = g.call_function(pick, (seq_ref,))
+        cols = keys if tokens == "vision" else g.call_function(_as_one_group, (keys,))
+        rows = g.call_function(tokenops.attention_rows, (att.q, att.k, sdpa_mask(att.node), att.scale, att.is_causal,
+                                                         queries, cols))
+        if tokens == "text":
+            rows = g.call_function(operator.getitem, (rows, (slice(None), slice(None), 0)))
+        if sig.query == "text":
+            rows = g.call_function(tokenops.zero_rows, (rows, text_mask))
+        return rows
+    if isinstance(sig, (Keys, Values)):
+        kv = anat.layer(src).kv_write
+        node = (kv[0] if isinstance(sig, Keys) else kv[1]) if kv else (att.k if isinstance(sig, Keys) else att.v)
+        flat = g.call_function(_heads_to_features, (node,))
+        return _features_at(g, flat, keys, tokens, 0, 1)
+    if isinstance(sig, Hidden):
+        out = anat.layer(src).output
+        if sig.norm:
+            out = _final_norm(gm, anat, out, p)
+        b, toks = seq_dims(out, anat)
+        return _features_at(g, out, keys, tokens, b or 0, toks[0] if toks else 1)
+    raise PassConfigError(f"{p.name}: unknown signal {sig!r}")
+
+
+def _features_at(g, x, keys, tokens, batch_dim, seq_dim):
+    if tokens == "vision":
+        return g.call_function(tokenops.token_features, (x, keys, batch_dim, seq_dim))
+    grouped = g.call_function(tokenops.token_features, (x, g.call_function(_as_one_group, (keys,)), batch_dim, seq_dim))
+    return g.call_function(operator.getitem, (grouped, (slice(None), 0)))
+
+
+def _as_one_group(pos):
+    # text tokens form a single group (B, 1, T), where vision tokens have one group per image
+    return pos[:, None, :]
+
+
+def _final_norm(gm, anat: Anatomy, x: fx.Node, p: TokenPass) -> fx.Node:
+    """Apply a copy of the model's final norm (the nodes between the last layer and the LM head) to x."""
+    g = gm.graph
+    last = anat.layers[-1].output
+    head = [n for n in g.nodes if n.op == "call_function" and layer_of(n) is None and module_path(n) == "head"]
+    if not head:
+        raise PassNotApplicable(f"{p.name}: no LM head found to locate the final norm in {anat.model_class}")
+    norm_path = module_path(head[0].args[0])
+    order = list(g.nodes)
+    after = order.index(anat.layers[-1].nodes[-1])
+    nodes = [n for n in order[after:] if layer_of(n) is None and module_path(n) == norm_path and n.op == "call_function"]
+    if not nodes or norm_path == module_path(last):
+        raise PassNotApplicable(f"{p.name}: cannot find the final norm of {anat.model_class}")
+    env = {last: x}
+    for n in nodes:
+        env[n] = g.node_copy(n, lambda a: env.get(a, a))
+    return env[nodes[-1]]
+
+
+def _encoder_index(q):
+    return torch.zeros(q.shape[0], q.shape[2], dtype=torch.long, device=q.device)
+
+
+def _heads_to_features(k):
+    b, h, s, d = k.shape
+    return k.transpose(1, 2).reshape(b, s, h * d)
