@@ -7,6 +7,10 @@ After a pruned prefill, layer l's cache holds exactly the tokens layer l kept. T
 decode step builds one attention mask from one cache length for all layers; `shrink_kv`
 rewires each layer's attention to a mask of its own, made from a per-layer input
 `kv_mask_<l>` (B, len_l + 1), so every layer attends to exactly its own cache.
+
+`static_kv` then turns that step into one with static shapes (CUDA graphs, reduce-overhead):
+each layer's cache is a buffer sized to what it kept plus the tokens to generate, written in
+place at `kv_write_pos[l]`; the mask marks the filled slots.
 """
 from __future__ import annotations
 
@@ -112,6 +116,46 @@ def keep_final_tokens(p, rule, gm: fx.GraphModule, anat: Anatomy) -> dict:
             "rerouted": [], "rule": "KeepCache", "signals": {}, "cut_layers": cut}
     anat.selections.append(info)
     return info
+
+
+def cache_write(buffer, pos, new):
+    """Write the new token's k or v (B, H, 1, d) into a static cache buffer at slot pos, in place."""
+    return buffer.index_copy_(2, pos, new)
+
+
+def static_kv(gm: fx.GraphModule, anat: Anatomy) -> fx.GraphModule:
+    """Rewrite a shrink_kv decode step to static per-layer buffers updated in place."""
+    g = gm.graph
+    placeholders = {n.name: n for n in g.find_nodes(op="placeholder")}
+    with g.inserting_after(list(placeholders.values())[-1]):
+        write_pos = g.placeholder("kv_write_pos")
+    for layer in anat.layers:
+        with g.inserting_before(layer.first):
+            pos = g.call_function(operator.getitem, (write_pos, slice(layer.index, layer.index + 1)))
+        for j, node in enumerate(layer.kv_write):
+            if node.target is not torch.ops.aten.cat.default:
+                raise GraphVerificationError(f"decode layer {layer.index}: expected the cache update to be a cat, "
+                                             f"found {node.target}")
+            buffer = placeholders[f"past_{2 * layer.index + j}"]
+            with g.inserting_before(node):
+                written = g.call_function(cache_write, (buffer, pos, node.args[0][-1]))
+            node.replace_all_uses_with(written)
+            g.erase_node(node)
+    # lengths: every "cache length + 1" of the dynamic step is now the buffer's own length
+    for n in list(g.nodes):
+        if n.target is not operator.add or 1 not in n.args:
+            continue
+        size = n.args[1 - n.args.index(1)]
+        if getattr(size, "target", None) is torch.ops.aten.sym_size.int and size.args[0].name.startswith("past_"):
+            n.replace_all_uses_with(size)
+            g.erase_node(n)
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or n.target is cache_write)
+    try:
+        g.lint()
+    except Exception as e:
+        raise GraphVerificationError(f"decode graph malformed after static_kv: {e}") from e
+    gm.recompile()
+    return gm
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from . import tokenops
 from .anatomy import read_anatomy
-from .cache import KVCache, LayerCache, shrink_kv
+from .cache import KVCache, LayerCache, shrink_kv, static_kv
 from .errors import InputError, PassConfigError
 from .pipeline import Program, as_passes, run_pipeline
 from .report import Report
@@ -76,6 +76,8 @@ class PrunedModel:
         decode = program.stages["decode"].copy()       # the program keeps its captured decode step
         self.decode_gm = shrink_kv(decode.gm, read_anatomy(decode.gm, "decode", self.family.model_class))
         self.num_layers = program.anatomy["prefill"].num_layers
+        self._static_gm = None             # static-cache decode step, built on first use
+        self._static_fn = None             # it, or its compiled version (compile_decode)
         self.report: Report | None = None
         self.results = program.results
 
@@ -220,7 +222,7 @@ class PrunedModel:
         self.report = Report.build(self, cache, vision, prompt, notes)
         return PrunedOutput(outs["logits"], cache, positions, kept, self.report)
 
-    # -- decode -----------------------------------------------------------------------------
+    # -- decode ---------------------------------------------------------------------------
     def _step(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor):
         embeds = self.family.embed(token[:, None])
         args = {"inputs_embeds": embeds, "position_ids": position}
@@ -230,13 +232,62 @@ class PrunedModel:
         outs = _call(self.decode_gm, **args)
         return outs["logits"][:, -1], cache.append_step([outs[k] for k in self.decode_gm.meta["graphprune_outputs"][1:]])
 
+    def compile_decode(self, mode: str = "reduce-overhead", backend: str = "inductor"):
+        """Compile the static-cache decode step (every shape fixed: CUDA graphs on a GPU with
+        mode="reduce-overhead"); generate(static_cache=True) then uses it."""
+        self._static_fn = torch.compile(self._static_graph(), mode=mode, backend=backend, dynamic=False)
+        return self
+
+    def _static_graph(self) -> torch.fx.GraphModule:
+        if self._static_gm is None:
+            gm = torch.fx.GraphModule(self.decode_gm, self.decode_gm.graph.__deepcopy__())
+            gm.meta.update(self.decode_gm.meta)
+            self._static_gm = static_kv(gm, read_anatomy(gm, "decode", self.family.model_class))
+        return self._static_gm
+
+    def _static_loop(self, cache: KVCache, max_new_tokens: int):
+        """A decode step over per-layer buffers sized to what each layer kept + the tokens to generate."""
+        lengths = cache.lengths()
+
+        def grow(x, dim):
+            pad = list(x.shape)
+            pad[dim] = max_new_tokens
+            return torch.cat([x, x.new_zeros(pad)], dim)
+        keys, values = [grow(c.keys, 2) for c in cache], [grow(c.values, 2) for c in cache]
+        masks = [grow(c.mask, 1) for c in cache]
+        gm = self._static_graph()
+        step_fn = gm if self._static_fn is None else self._static_fn
+        names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+
+        def step(token, position, t):
+            args = {"inputs_embeds": self.family.embed(token[:, None]), "position_ids": position,
+                    "kv_write_pos": torch.tensor([n + t for n in lengths])}
+            for i in range(len(lengths)):
+                masks[i][:, lengths[i] + t] = 1
+                args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"], args[f"kv_mask_{i}"] = keys[i], values[i], masks[i]
+            out = step_fn(*[args[n] for n in names])
+            return out[0][:, -1]
+
+        def final_cache(steps):
+            done = KVCache()
+            for i, c in enumerate(cache):
+                n = lengths[i] + steps
+                new = torch.full((c.index.shape[0], steps), -1, dtype=c.index.dtype)
+                done.append(LayerCache(keys[i][:, :, :n], values[i][:, :, :n], masks[i][:, :n],
+                                       torch.cat([c.index, new], 1)))
+            return done
+        return step, final_cache
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy or sampled decoding through the per-layer caches; returns prompt + new tokens."""
+                 generator: torch.Generator | None = None, static_cache: bool = False) -> torch.Tensor:
+        """Greedy or sampled decoding through the per-layer caches; returns prompt + new tokens.
+
+        static_cache=True decodes with fixed-size per-layer buffers written in place (the step's
+        shapes never change: what compile_decode / CUDA graphs need)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
@@ -252,6 +303,8 @@ class PrunedModel:
         next_pos = (pos.amax(dim=tuple(range(pos.dim() - 2))) if pos.dim() == 3 else pos).amax(-1, keepdim=True) + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         new = []
+        if static_cache:
+            static_step, final_cache = self._static_loop(cache, max_new_tokens)
         for step in range(max_new_tokens):
             tok = _choose(logits, do_sample, temperature, top_k, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -261,7 +314,12 @@ class PrunedModel:
                 break
             p = next_pos + step
             p = p[None].expand(3, -1, -1) if self.family.position_axes == 3 else p
-            logits, cache = self._step(cache, tok, p)
+            if static_cache:
+                logits = static_step(tok, p, step)
+            else:
+                logits, cache = self._step(cache, tok, p)
+        if static_cache:
+            cache = final_cache(len(new) - 1)
         self.report = report.with_decode(cache, len(new))
         return torch.cat([input_ids, torch.stack(new, 1)], 1)
 

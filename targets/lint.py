@@ -1,0 +1,57 @@
+"""Lint for graphs that must keep static shapes (CUDA graphs, reduce-overhead, static ONNX).
+
+A rewritten graph calls Python functions (token ops, pass functions) whose insides an fx graph
+does not show, so the lint first re-traces the graph to ATen with torch.export on example inputs,
+then rejects what breaks static capture: data-dependent ops (nonzero, .item(), masked_select,
+unique, ...) and any size that is an unbacked symbol (known only after running).
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from graphprune.errors import GraphVerificationError
+
+DATA_DEPENDENT = {
+    torch.ops.aten.nonzero.default, torch.ops.aten.nonzero_static.default, torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.masked_select.default, torch.ops.aten.unique_dim.default, torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default, torch.ops.aten.repeat_interleave.Tensor,
+}
+
+
+class _Positional(torch.nn.Module):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return self.gm(*args)
+
+
+def aten_graph(gm: fx.GraphModule, inputs: dict) -> fx.Graph:
+    """The graph re-traced to ATen ops on example inputs given by placeholder name."""
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    args = tuple(inputs[n] for n in names)
+    try:
+        ep = torch.export.export(_Positional(gm), args, strict=False)
+    except Exception as e:  # data-dependent control flow fails here already
+        raise GraphVerificationError(f"graph is not statically traceable: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0]}") from e
+    return ep.graph
+
+
+def check_static(gm: fx.GraphModule, inputs: dict, what: str = "graph") -> None:
+    """Raise GraphVerificationError if gm has data-dependent ops or unbacked sizes."""
+    bad = []
+    for n in aten_graph(gm, inputs).nodes:
+        if n.op == "call_function" and n.target in DATA_DEPENDENT:
+            bad.append(f"{n.name} ({n.target})")
+            continue
+        val = n.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        if any(isinstance(v, torch.Tensor) and free_unbacked_symbols(v.shape) for v in vals):
+            bad.append(f"{n.name} (data-dependent shape)")
+    if bad:
+        raise GraphVerificationError(f"{what} is marked CUDA-graph safe but has data-dependent ops: {', '.join(bad[:8])}"
+                                     f"{' ...' if len(bad) > 8 else ''}; use static (fixed-capacity) modes")
