@@ -5,6 +5,8 @@
                                                           + per-layer cost of a pipeline (meta device)
     graphprune run                                        prune the built-in tiny LLaVA, generate,
                                                           compare with unpruned, print reports
+    graphprune export-onnx --pipeline "fastv(layer=2, keep=9)" --out DIR
+                                                          ONNX export (vision, prefill, decode)
 
 MODEL is a built-in tiny model (tiny-llava, tiny-qwen2vl), a local directory, or a hub id
 already in the local Hugging Face cache (nothing is downloaded). --config NAME|PATH builds the
@@ -81,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
                    "ops are too small to gain from threads and whose timings suffer from oversubscribed cores)")
     r.add_argument("--json", action="store_true", help="print JSON instead of tables")
     r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export-onnx", help="prune a model and export its vision, prefill and decode graphs to ONNX",
+                       description="Prune a model with a pipeline and write vision.onnx, prefill.onnx, decode.onnx, "
+                       "embed_tokens.npy and manifest.json into --out (run them with "
+                       "graphprune.targets.ort.OrtPrunedModel). Needs the onnx extra: pip install 'graphprune[onnx]'.")
+    e.add_argument("--model", default="tiny-llava", help="tiny-llava (default) | local path | hub id in the local HF "
+                   "cache (LLaVA-style models)")
+    e.add_argument("--pipeline", required=True, help='pruning pipeline, e.g. "fastv(layer=2, keep=9)" or a .toml file')
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    e.set_defaults(func=cmd_export_onnx)
     return p
 
 
@@ -263,6 +277,35 @@ def _format_inspect(out: dict) -> str:
     if "cost" in out:
         lines += ["", "cost of the pruned prefill (batch 1, the first sample's layout):", format_table(out["cost"])]
     return "\n".join(lines)
+
+
+# -- export-onnx ----------------------------------------------------------------------------------
+
+def cmd_export_onnx(args) -> int:
+    import os
+
+    from .pipeline import as_passes
+    as_passes(args.pipeline)        # bad options fail before any model is built
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise _Failure(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    try:
+        from graphprune.targets.onnx import export_onnx
+    except ImportError as e:
+        raise _Failure(f"ONNX export needs the onnx extra ({e}): pip install 'graphprune[onnx]'") from None
+    from . import prune
+    t0 = time.perf_counter()
+    model, source = load_model(args.model)
+    pruned = prune(model, args.pipeline)
+    # traced on graphprune.zoo.llava_example(model, batch=2, pad=(0, 3)): random tokens, two samples
+    manifest = export_onnx(pruned, args.out, overwrite=args.overwrite, opset=args.opset)
+    print(f"exported {manifest['pipeline_repr']} on {args.model} ({source}) to {args.out} "
+          f"in {time.perf_counter() - t0:.1f} s (opset {manifest['opset']})")
+    for name in manifest.files:
+        size = os.path.getsize(os.path.join(args.out, name))
+        print(f"  {name:<18} {size:>12,} bytes")
+    kv = manifest["reference_prompt"]["kv_lengths"]
+    print(f"  KV lengths per layer on the reference prompt: {kv}")
+    return 0
 
 
 # -- run ------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def _flatten_valid(mask, like, default=True):
 def _info(p, plan, anat, layer, keep, rerouted) -> dict:
     info = {"pass": repr(p), "stage": anat.stage, "layer": layer if anat.stage != "vision" else None,
             "keep": keep, "positions": plan.positions, "rerouted": rerouted, "rule": type(plan.select).__name__,
+            "capacity": isinstance(plan.select, Choose) and plan.select.static_mask,
             "signals": {k: repr(v) for k, v in plan.signals.items()}}
     anat.selections.append(info)
     return info

@@ -170,9 +170,9 @@ class PrunedModel:
     def _check_budgets(self, tokens_per_image: int) -> None:
         for r in self.results:
             keep = r.info["keep"]
+            if r.info["rule"] == "Choose" and (r.info.get("capacity") or not isinstance(keep, (int, float))):
+                return                           # capacities clamp, data-dependent counts vary: nothing to check
             if r.info["rule"] not in ("TopK", "Choose") or isinstance(keep, bool) or not isinstance(keep, (int, float)):
-                if r.info["rule"] == "Choose":
-                    return                       # data-dependent counts: the pass checks its own budget
                 continue
             if isinstance(keep, int) and keep > tokens_per_image:
                 raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
@@ -372,6 +372,13 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     return PrunedModel(model, rewritten, passes, program)
 
 
+def _is_capacity(p) -> bool:
+    """Static-capacity rules keep at most `keep` tokens (fewer when fewer exist): no budget to check."""
+    from .pass_api import Choose
+    plans = p.plan()
+    return any(isinstance(pl.select, Choose) and pl.select.static_mask for pl in (plans if isinstance(plans, list) else [plans]))
+
+
 def _check_static_budgets(program: Program, passes) -> None:
     """Budgets larger than a LLaVA image's token count fail here, before any rewriting."""
     vision = program.anatomy.get("vision")
@@ -380,7 +387,7 @@ def _check_static_budgets(program: Program, passes) -> None:
     tokens = vision.grid[0] * vision.grid[1]
     for p in sorted(passes, key=lambda p: p.stage != "vision"):
         keep = getattr(p.config, "keep", None)
-        if keep is None:
+        if keep is None or _is_capacity(p):
             continue
         if isinstance(keep, int) and keep > tokens:
             raise PassConfigError(f"{p!r}: keep={keep} exceeds the {tokens} vision tokens per image "

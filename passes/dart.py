@@ -43,7 +43,6 @@ def dart_keep(*, k, protected, valid, vision_pos, vis_score, text_score, vis_fea
                           text_feat.gather(1, txt_piv[..., None].expand(b, text_pivots, d))[:, None].expand(
                               b, n, text_pivots, d)], 2)
     p = vision_pivots + text_pivots
-    # pivots and protected tokens beyond the budget: the first `keep` of them by position survive
     rest = (k - chosen.sum(-1)).clamp(min=0)                                        # (B, n)
     share = rest[..., None] // p + (torch.arange(p, device=vs.device) < rest[..., None] % p)   # (B, n, P)
     sim = cosine_matrix(piv_feat, vis_feat)                                         # (B, n, P, V)
@@ -53,7 +52,13 @@ def dart_keep(*, k, protected, valid, vision_pos, vis_score, text_score, vis_fea
         order = (-dup).topk(most, dim=-1).indices                                  # least duplicated first
         take = torch.arange(most, device=vs.device) < share[:, :, i:i + 1]
         chosen |= torch.zeros_like(chosen).scatter(-1, order, take)
-    return torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :k]
+    # retained: protected tokens first, then vision pivots best first, then the picks; exactly k of
+    # them (pivots beyond a small budget give way to the key set, which no pass may drop)
+    priority = torch.full((b, n, v), p + 2, device=vs.device).masked_fill(chosen, p + 1)
+    priority = priority.scatter(-1, vis_piv, torch.arange(1, vision_pivots + 1, device=vs.device).expand_as(vis_piv))
+    if protected is not None:
+        priority = priority.masked_fill(protected, 0)
+    return torch.argsort(priority, dim=-1, stable=True)[..., :k].sort(-1).values
 
 
 @register_pass

@@ -15,14 +15,14 @@ import graphprune as gp
 import reference as R
 import reference_mustdrop as RM
 from graphprune import blocks, tokenops
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PassConfigError
 from graphprune.zoo import llava_example
-from passes.dart import dart_keep
-from passes.mustdrop import filter_tokens, merge_windows
+from graphprune.passes.dart import dart_keep
+from graphprune.passes.mustdrop import filter_tokens, merge_windows
 
 V = 36
 FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-MANY = settings(max_examples=40, deadline=None)
+MANY = settings(max_examples=30, deadline=None)
 
 
 def _prompt_slots(model, ex, patch_index, chosen):
@@ -81,6 +81,24 @@ def test_key_set_survives_later_passes(llava, ratio, merge, follow, extra):
             assert set(out.kept[b][valid[b]].tolist()) == protected[b]
 
 
+def test_dart_keeps_key_set_when_pivots_overflow_budget(llava):
+    """8 key tokens (ceil(0.2 x 36)) and 4 vision pivots, keep=9: either every key token survives (pivots
+    give way) or the prompt is rejected with an InputError, as the reference does; never a silent drop."""
+    model, program = llava
+    ex = llava_example(model)
+    vis = R.llava_vision(model, ex.pixel_values)
+    keys = RM.key_set(vis["cls_attn"], 0.2)
+    protected = _prompt_slots(model, ex, vis["patch_index"], keys)[0]
+    assert len(protected) == 8
+    pruned = gp.prune(model, "mustdrop_keys(ratio=0.2) | dart(keep=9, layer=2)", program=program)
+    try:
+        out = pruned(**ex.as_kwargs())
+    except InputError:
+        return
+    assert _image_counts(model, ex, out.kept) == [[9]]
+    assert protected <= set(out.kept[0].tolist())
+
+
 # --------------------------------------------------- text never dropped; counts honour budgets
 
 @FEW
@@ -105,7 +123,7 @@ def test_text_kept_and_counts(llava, method, layer, pad, data):
         alpha = data.draw(st.sampled_from([0.0235, 0.03, 2.0]), "alpha")
         opts = dict(layers=(layer,), gamma=gamma, alpha=alpha)
         if method == "filter_static":
-            cap = data.draw(st.integers(1, V + 4), "capacity")
+            cap = data.draw(st.integers(1, V + 6), "capacity")   # capacities above V clamp to V
             pruned = gp.prune(model, "mustdrop_filter", mode="static", capacity=cap, program=program, **opts)
             expect = min(cap, V)
         else:
@@ -122,6 +140,16 @@ def test_text_kept_and_counts(llava, method, layer, pad, data):
         valid = out.cache[-1].mask.bool() & img.gather(1, out.kept)
         rule = _rule_count(model, ex, layer, gamma, alpha, sample=0)
         assert int(valid[0].sum()) == min(rule, expect) and int(valid.sum(1).max()) <= expect
+
+
+@pytest.mark.parametrize("merge_capacity,capacity,expect", [(None, 40, V), (30, 32, 30)])
+def test_static_filter_capacity_above_tokens_keeps_all(llava, merge_capacity, capacity, expect):
+    model, program = llava
+    ex = llava_example(model)
+    steps = [] if merge_capacity is None else [f"mustdrop_merge(tau=0.01, capacity={merge_capacity})"]
+    steps.append(f"mustdrop_filter(layers=(2,), gamma=0.0278, alpha=0.0235, mode='static', capacity={capacity})")
+    out = gp.prune(model, " | ".join(steps), program=program)(**ex.as_kwargs())
+    assert _image_counts(model, ex, out.kept) == [[expect]]
 
 
 def _rule_count(model, ex, layer, gamma, alpha, sample=0):
@@ -183,8 +211,9 @@ def test_merge_windows_convex_and_counts(g, window, b, n, d, mode, tau, spread, 
                         alive -= len(tiles[t]) - 1
                 merged[i, j] = m
     survivors = {k: sorted(set(range(v)) - {p for t in m for p in tiles[t][1:]}) for k, m in merged.items()}
-    kw = dict(k=None, protected=None, valid=None, vision_pos=torch.zeros(b, n, v, dtype=torch.long),
-              hidden=hidden, window=window, tau=tau, mode=mode, capacity=capacity)
+    # k: the static capacity (None in exact mode), as the framework passes a Choose rule's budget
+    kw = dict(k=capacity, protected=None, valid=None, vision_pos=torch.zeros(b, n, v, dtype=torch.long),
+              hidden=hidden, window=window, tau=tau, mode=mode)
     counts = {len(s) for s in survivors.values()}
     if mode == "exact" and len(counts) > 1:
         with pytest.raises(InputError, match="static"):
@@ -266,20 +295,20 @@ def test_filter_tokens_counts_and_protection(b, n, v, t, mode, gamma, alpha, see
     protected[..., torch.randperm(v, generator=gen)[:n_prot]] = True
     col_sum, col_max = attn.sum(1), attn.amax(1)
     rule = (col_sum >= gamma * col_sum.sum(-1, keepdim=True)) | (col_max >= alpha) | protected
-    kw = dict(k=None, protected=protected, valid=None, vision_pos=torch.zeros(b, n, v, dtype=torch.long),
+    kw = dict(protected=protected, valid=None, vision_pos=torch.zeros(b, n, v, dtype=torch.long),
               attn=attn, gamma=gamma, alpha=alpha, mode=mode)
     if mode == "exact":
         counts = rule.sum(-1)
         if bool((counts != counts.reshape(-1)[0]).any()):
             with pytest.raises(InputError, match="static"):
-                filter_tokens(capacity=None, **kw)
+                filter_tokens(k=None, **kw)
             return
-        picked = filter_tokens(capacity=None, **kw)
+        picked = filter_tokens(k=None, **kw)
         assert picked.shape[-1] == int(counts.reshape(-1)[0])       # exact: the rule's count
         assert torch.equal(torch.zeros_like(rule).scatter(-1, picked, True), rule)
         return
-    cap = data.draw(st.integers(max(1, n_prot), v + 3), "capacity")
-    res = filter_tokens(capacity=cap, **kw)
+    cap = data.draw(st.integers(max(1, n_prot), v), "capacity")
+    res = filter_tokens(k=cap, **kw)          # the framework passes k = the capacity (at most V)
     picked, valid = res["picked"], res["valid"]
     assert picked.shape[-1] == min(cap, v)                           # static: exactly min(C, V) slots
     assert bool((picked[..., 1:] > picked[..., :-1]).all())
@@ -294,7 +323,7 @@ def test_filter_tokens_counts_and_protection(b, n, v, t, mode, gamma, alpha, see
        pv=st.integers(0, 4), pt=st.integers(0, 4), n_prot=st.integers(0, 3), lowest=st.booleans(),
        seed=st.integers(0, 999), data=st.data())
 def test_dart_keep_exact_budget(b, n, v, t, pv, pt, n_prot, lowest, seed, data):
-    assume(pv + pt > 0)
+    assume(pv + pt > 0 and pv + n_prot <= v)
     k = data.draw(st.integers(pv + n_prot, v), "keep")
     assume(k >= 1)
     gen = torch.Generator().manual_seed(seed)
