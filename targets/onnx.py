@@ -1,0 +1,610 @@
+"""ONNX export of a pruned model: three graphs, the embedding matrix and a manifest.
+
+    from graphprune.targets.onnx import export_onnx
+    manifest = export_onnx(pruned, "out/fastv")          # gp.prune(model, "fastv", layer=2, keep=64)
+
+writes into `out/fastv/`:
+
+    vision.onnx       pixel_values -> projected features (+ what a vision-stage pass kept:
+                      patches_kept / patches_valid / patches_protected), selection nodes inside
+    prefill.onnx      the rewritten prefill graph, selection nodes inside: inputs by the graph's
+                      placeholder names (inputs_embeds, position_ids, attention_mask, vision_pos,
+                      text_index, text_mask, vision_protected, ...; an input that is None for this
+                      pipeline is specialised away), outputs by the graph's output names (logits,
+                      k_<l>, v_<l>, tokens_from_layer_<l>, ...)
+    decode.onnx       one decode step over per-layer caches of different lengths (shrink_kv):
+                      inputs_embeds, position_ids, past_k_<l>, past_v_<l> (B, H_kv, len_l, d),
+                      kv_mask_<l> (B, len_l + 1); outputs logits, k_<l>, v_<l> (caches + new token)
+    embed_tokens.npy  the token-embedding matrix (vocab, hidden): the embedding lookup (a row
+                      gather) stays on the host, as in graphprune's runtime
+    manifest.json     inputs/outputs of each graph (dtype, shape with named dynamic axes), the
+                      pipeline and its budgets, per-layer KV lengths of the reference prompt,
+                      opset and versions, and the host-side facts a runner needs (image token id,
+                      vision positions mode, eos/pad ids)
+
+The host side (where the vision tokens are, text layout, compacting after a vision-stage
+selection, merging image features into the embeddings) is graphprune.runtime's, run by
+`graphprune.targets.ort.OrtPrunedModel` around ONNX Runtime sessions.
+
+Only static-shape pipelines export: every budget is a fixed count, so the graphs hold TopK /
+Gather / Scatter with static k and no data-dependent shapes (`check_static_onnx` checks the
+files: no NonZero, If, Loop, Scan; TopK sorted). `mode="exact"` passes are refused.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+
+from graphprune.errors import (GraphpruneError, GraphVerificationError, InputError, PassConfigError,
+                               UnsupportedModelError)
+
+FORMAT = "graphprune-onnx/1"
+STAGE_FILES = {"vision": "vision.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
+EMBED_FILE = "embed_tokens.npy"
+MANIFEST = "manifest.json"
+FORBIDDEN_OPS = ("NonZero", "If", "Loop", "Scan")
+
+
+class ExportError(GraphpruneError):
+    """torch.onnx could not convert a stage graph (the message names the stage and the cause)."""
+
+
+class Manifest(dict):
+    """The parsed manifest.json of an export directory (a dict), with its directory."""
+
+    def __init__(self, data: dict, out_dir: str | None = None):
+        super().__init__(data)
+        self.out_dir = out_dir
+
+    @classmethod
+    def load(cls, out_dir) -> "Manifest":
+        path = os.path.join(os.fspath(out_dir), MANIFEST)
+        if not os.path.isfile(path):
+            raise InputError(f"{out_dir}: no {MANIFEST}; not a graphprune ONNX export (write one with "
+                             "graphprune.targets.onnx.export_onnx or `graphprune export-onnx`)")
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("format") != FORMAT:
+            raise InputError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+        return cls(data, os.fspath(out_dir))
+
+    def stage(self, name: str) -> dict:
+        return self["stages"][name]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, self["stages"][name]["file"])
+
+    @property
+    def files(self) -> list[str]:
+        return [s["file"] for s in self["stages"].values()] + [self["embedding"]["file"], MANIFEST]
+
+
+# -- checks made before anything is written ----------------------------------------------------
+
+def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
+    if not getattr(pruned, "pipeline", None):
+        raise PassConfigError("nothing to export: this model is unpruned (its pipeline is empty); pass a method, "
+                              "e.g. gp.prune(model, 'fastv', layer=2, keep=64), then export that")
+    for p in pruned.pipeline:
+        if getattr(getattr(p, "config", None), "mode", None) == "exact":
+            raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens, which ONNX "
+                                  "cannot export with static shapes; use mode='static' (a fixed capacity per image)")
+    for r in pruned.results:
+        infos = r.info.get("plans", [r.info])
+        if any(i.get("keep") == "data-dependent" for i in infos):
+            raise PassConfigError(f"{r.info.get('pass')}: keeps a data-dependent number of tokens; "
+                                  "use mode='static' to export")
+    missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
+               or pruned.program.stages[k].gm is None]
+    if "decode" in missing:
+        missing.remove("decode")
+    if missing or getattr(pruned, "decode_gm", None) is None:
+        why = "; ".join(pruned.program.stages[k].eager or "not captured" for k in missing
+                        if pruned.program.stages.get(k) is not None) or "not captured"
+        raise UnsupportedModelError(pruned.family.model_class, f"captured {', '.join(missing or ['decode'])} stage",
+                                    f"ONNX export needs the vision, prefill and decode graphs ({why})")
+    if getattr(pruned.family, "position_axes", 1) != 1:
+        raise UnsupportedModelError(pruned.family.model_class, "1-D position ids",
+                                    "ONNX export supports LLaVA-style models (M-RoPE positions are host-computed "
+                                    "from the model and are not exported)")
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise InputError(f"{out_dir} exists and is not a directory")
+        if os.listdir(out_dir) and not overwrite:
+            raise InputError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+# -- graph preparation --------------------------------------------------------------------------
+
+def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    out.meta.update(copy.deepcopy(gm.meta))
+    return out
+
+
+def _prepare(gm: fx.GraphModule, inputs: dict, rename: dict | None = None):
+    """A copy of `gm` with None-valued inputs specialised away and only tensor outputs, each name
+    once (a later output of the same name wins, as in the runtime). Returns (gm, graph_inputs,
+    onnx_inputs, args, graph_output_names, example outputs)."""
+    gm = _copy_gm(gm)
+    g = gm.graph
+    names = [n.name for n in g.find_nodes(op="placeholder")]
+    unknown = [n for n in names if n not in inputs]
+    if unknown:
+        raise ExportError(f"no example value for graph input(s) {unknown}")
+    dropped = []
+    for n in list(g.find_nodes(op="placeholder")):
+        if inputs[n.name] is None:
+            for u in list(n.users):
+                u.args = fx.node.map_arg(u.args, lambda a, n=n: None if a is n else a)
+                u.kwargs = fx.node.map_arg(u.kwargs, lambda a, n=n: None if a is n else a)
+            g.erase_node(n)
+            dropped.append(n.name)
+    gm.recompile()
+    kept = [n for n in names if n not in dropped]
+    args = tuple(inputs[n] for n in kept)
+    with torch.no_grad():
+        outs = gm(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    out_names = list(gm.meta["graphprune_outputs"])
+    if len(out_names) != len(outs):
+        raise ExportError(f"graph returns {len(outs)} values for {len(out_names)} output names")
+    last = {name: i for i, name in enumerate(out_names)}
+    chosen = [i for i, name in enumerate(out_names) if last[name] == i and isinstance(outs[i], torch.Tensor)]
+    out_node = g.find_nodes(op="output")[0]
+    values = out_node.args[0]
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    out_node.args = (tuple(values[i] for i in chosen),)
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    gm.recompile()
+    rename = rename or {}
+    return (gm, kept, [rename.get(n, n) for n in kept], args, [out_names[i] for i in chosen],
+            {out_names[i]: outs[i] for i in chosen}, dropped)
+
+
+def _export(stage: str, gm, args, onnx_inputs, onnx_outputs, dynamic_shapes, path, opset, optimize=True):
+    kw = {} if opset is None else {"opset_version": opset}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(gm, args, dynamo=True, input_names=onnx_inputs, output_names=onnx_outputs,
+                                     dynamic_shapes=dynamic_shapes, custom_translation_table=_translations(),
+                                     verbose=False, optimize=optimize, **kw)
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the stage and the cause
+        raise ExportError(f"{stage}: torch.onnx.export failed: {_summary(e)}") from e
+    prog.save(path)
+    return prog
+
+
+def _summary(e: Exception) -> str:
+    text = str(e)
+    for marker in ("Exception summary", "## Exception summary"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    lines = [l.strip() for l in text.strip().splitlines() if l.strip() and not l.strip().startswith(("⬆", "("))]
+    return f"{type(e).__name__}: " + " ".join(lines[:4])[:800]
+
+
+def _translations() -> dict:
+    """ONNX translations torch.onnx lacks: the stable sort (argsort(stable=True)) the static
+    selections use, as TopK over the whole axis (ONNX TopK breaks ties by the lower index, which is
+    a stable order); small integer and bool inputs are widened, since ORT's TopK takes no int8.
+    Reshapes of empty tensors become Expand (see `empty_like`); searchsorted (token positions after
+    a selection) as a compare-and-count."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops import common as common_ops
+    small = {ir.DataType.BOOL, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16}
+
+    def sort_stable(self, *, stable=None, dim: int = -1, descending: bool = False):
+        if len(self.shape) == 0:
+            return op.Identity(self), op.Constant(value_int=0)
+        x = op.Cast(self, to=ir.DataType.INT32) if self.dtype in small else self
+        size = op.Reshape(op.Gather(op.Shape(x), dim, axis=0), op.Constant(value_ints=[1]))
+        values, indices = op.TopK(x, size, axis=dim, largest=descending, sorted=True)
+        if x is not self:
+            values = op.Cast(values, to=self.dtype)
+        return values, indices
+
+    def empty(self):
+        return self.shape is not None and any(isinstance(d, int) and d == 0 for d in self.shape)
+
+    def empty_like(self, size):
+        # torch infers -1 as 0 for an empty tensor; ONNX Reshape rejects -1 when the product is 0
+        # (VTW withdraws every vision token: (B, n, 0) selections), and the onnxscript optimizer
+        # turns a spelled-out [batch, 0] back into [-1, 0]: build the empty result by Expand
+        size = [0 if isinstance(s, int) and s == -1 else s for s in size]
+        zero = op.CastLike(op.Constant(value_int=0), self)
+        return op.Expand(zero, common_ops.merge_dims(size))
+
+    def reshape(self, shape):
+        if empty(self):
+            return empty_like(self, shape)
+        zero = any(isinstance(s, int) and s == 0 for s in shape)
+        return op.Reshape(self, common_ops.merge_dims(shape), allowzero=zero)
+
+    def view(self, size):
+        if empty(self):
+            return empty_like(self, size)
+        return op.Reshape(self, common_ops.merge_dims(size), allowzero=True)
+
+    def searchsorted(sorted_sequence, self, *, out_int32: bool = False, right: bool = False, side=None,
+                     sorter=None):
+        # count of the row's entries below each value (<= for right/side="right"): a broadcast
+        # compare and a sum, O(values x sequence), fine at prompt sizes
+        if sorter is not None:
+            raise NotImplementedError("searchsorted with a sorter")
+        seq = op.Unsqueeze(sorted_sequence, op.Constant(value_ints=[-2]))
+        val = op.Unsqueeze(self, op.Constant(value_ints=[-1]))
+        below = op.LessOrEqual(seq, val) if (right or side == "right") else op.Less(seq, val)
+        count = op.ReduceSum(op.Cast(below, to=ir.DataType.INT64), op.Constant(value_ints=[-1]), keepdims=0)
+        return op.Cast(count, to=ir.DataType.INT32) if out_int32 else count
+
+    return {torch.ops.aten.sort.stable: sort_stable, torch.ops.aten.searchsorted.Tensor: searchsorted,
+            torch.ops.aten.reshape.default: reshape,
+            torch.ops.aten.view.default: view, torch.ops.aten._unsafe_view.default: view}
+
+
+# -- dynamic axes ---------------------------------------------------------------------------------
+
+def _axes_prefill(name: str, value: torch.Tensor, batch: int) -> dict[int, str]:
+    if name in ("inputs_embeds", "position_ids", "attention_mask"):
+        return {0: "batch", 1: "seq"}
+    if name in ("text_index", "text_mask"):
+        return {0: "batch", 1: "text"}
+    return {0: "batch"} if value.dim() and value.shape[0] == batch else {}
+
+
+def _axes_vision(name: str, value: torch.Tensor, images: int) -> dict[int, str]:
+    if name in ("text_embeds", "text_mask"):
+        return {0: "images", 1: "text"}
+    return {0: "images"} if value.dim() and value.shape[0] == images else {}
+
+
+def _dims(axes_by_input: dict[str, dict[int, str]], mins: dict[str, int]):
+    from torch.export import Dim
+    made: dict[str, Any] = {}
+    out = {}
+    for name, axes in axes_by_input.items():
+        spec = {}
+        for ax, dim in axes.items():
+            base, _, plus = dim.partition("+")
+            if base not in made:
+                made[base] = Dim(base, min=mins.get(base, 1))
+            spec[ax] = made[base] + int(plus) if plus else made[base]
+        out[name] = spec
+    return out
+
+
+def _io(model, axes_by_input: dict[str, dict[int, str]]) -> tuple[list, list]:
+    """Inputs and outputs of an ONNX model as [{name, dtype, shape}] with dynamic axes named after
+    graphprune's (batch, seq, text, images, past_<l>); other symbolic sizes keep ONNX's expression."""
+    import onnx
+    rename = {}
+    for vi in model.graph.input:
+        for ax, d in enumerate(vi.type.tensor_type.shape.dim):
+            name = axes_by_input.get(vi.name, {}).get(ax)
+            if name is not None and d.dim_param:
+                rename.setdefault(d.dim_param, name)
+
+    def describe(vi, check: dict | None):
+        shape = []
+        for ax, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_param:
+                shape.append(rename.get(d.dim_param, d.dim_param))
+            else:
+                shape.append(int(d.dim_value))
+                if check is not None and ax in check:
+                    raise ExportError(f"input {vi.name}: axis {ax} ({check[ax]}) was exported as the constant "
+                                      f"{d.dim_value}: the graph specialised a dynamic dimension")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+        return {"name": vi.name, "dtype": dtype, "shape": shape}
+
+    ins = [describe(vi, {a: n for a, n in axes_by_input.get(vi.name, {}).items() if "+" not in n})
+           for vi in model.graph.input]
+    for i in ins:
+        i["dynamic_axes"] = {str(a): s for a, s in enumerate(i["shape"]) if isinstance(s, str)}
+    outs = [describe(vi, None) for vi in model.graph.output]
+    for o in outs:
+        o["dynamic_axes"] = {str(a): s for a, s in enumerate(o["shape"]) if isinstance(s, str)}
+    return ins, outs
+
+
+# -- the export -----------------------------------------------------------------------------------
+
+def _example_inputs(pruned, example):
+    if example is None:
+        from graphprune import zoo
+        if pruned.family.name != "llava":
+            raise InputError(f"export_onnx: give example= (the processor's inputs) for {pruned.family.model_class}")
+        example = zoo.llava_example(pruned.model, batch=2, pad=(0, 3))
+    kw = example.as_kwargs() if hasattr(example, "as_kwargs") else dict(example)
+    if kw["input_ids"].shape[0] < 2:
+        raise InputError("export_onnx: the example needs batch >= 2 (a batch of 1 would fix the batch size "
+                         "of the exported graphs)")
+    return kw
+
+
+def _jsonable(x):
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    return repr(x)
+
+
+def _budgets(pruned) -> list[dict]:
+    keys = ("pass", "stage", "layer", "keep", "rule", "positions")
+    return [{k: _jsonable(r.info.get(k)) for k in keys} for r in pruned.results]
+
+
+def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None = None, example=None,
+                optimize: bool = True) -> Manifest:
+    """Export a pruned model's vision, prefill and decode graphs to ONNX (see the module docstring).
+
+    `example`: HF-style inputs (a dict or a graphprune.zoo.Example, batch >= 2) used to trace the
+    graphs; default: graphprune.zoo.llava_example(model, batch=2, pad=(0, 3)). Dynamic axes:
+    batch, seq (prompt length), text (instruction tokens), images, past_<l> (layer l's cache).
+    Checks (unpruned model, exact-mode passes, a non-empty out_dir without overwrite) run before
+    anything is written; the files are written into a temporary directory next to out_dir and
+    renamed into place, so a failed export leaves nothing behind. `optimize`: run the onnxscript
+    optimizer on each graph (torch.onnx's default; ONNX Runtime optimizes again when it loads).
+    Within one process a stage graph already exported unchanged (the decode step, the vision stage
+    of a prefill-only pipeline) is reused rather than traced again.
+    """
+    import numpy as np
+    import onnx
+
+    import graphprune
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    _check_exportable(pruned, out_dir, overwrite)
+    kw = _example_inputs(pruned, example)
+    report = pruned.report              # the reference run below must not replace the caller's report
+    with torch.no_grad():
+        ref = pruned(**kw)
+        prompt = pruned._prompt(**{k: v for k, v in kw.items() if k != "mm_token_type_ids"})
+    pruned.report = report
+    b = kw["input_ids"].shape[0]
+    n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        stages = {}
+        # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
+        vgm = pruned.program.stages["vision"].gm
+        vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
+        vin = {"pixel_values": kw["pixel_values"]}
+        if "text_embeds" in vnames:
+            from graphprune.runtime import text_layout
+            vp = pruned._layout(kw["input_ids"])
+            ti, tm = text_layout(vp, kw["input_ids"].shape[1])
+            vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
+            vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
+        images = kw["pixel_values"].shape[0]
+        stages["vision"] = _export_stage(
+            "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
+            tmp, opset, None, optimize)
+
+        # prefill: the rewritten graph, selection nodes inside
+        pin = prompt.prefill_inputs()
+        stages["prefill"] = _export_stage(
+            "prefill", pruned.program.stages["prefill"].gm, pin, lambda name, val: _axes_prefill(name, val, b),
+            {"seq": n * v + 1, "text": 1}, tmp, opset, None, optimize)
+
+        # decode: per-layer caches of their own lengths (distinct example lengths so none is unified)
+        dgm = pruned.decode_gm
+        din, rename, axes = _decode_example(pruned, ref, b)
+        stages["decode"] = _export_stage("decode", dgm, din, lambda name, val: axes.get(name, {}), {}, tmp, opset,
+                                         rename, optimize)
+
+        emb = pruned.family.language_model().get_input_embeddings().weight.detach()
+        if emb.dtype not in (torch.float32, torch.float16, torch.float64):
+            emb = emb.float()
+        np.save(os.path.join(tmp, EMBED_FILE), emb.cpu().numpy())
+
+        used_opset = next((o.version for o in onnx.load(os.path.join(tmp, STAGE_FILES["prefill"]),
+                                                         load_external_data=False).opset_import
+                           if o.domain in ("", "ai.onnx")), opset)
+        gen = getattr(pruned.model, "generation_config", None)
+        tc = pruned.family.text_config()
+        manifest = {
+            "format": FORMAT,
+            "graphprune_version": graphprune.__version__,
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+            "onnxscript_version": _version("onnxscript"),
+            "opset": used_opset,
+            "static": True,
+            "model_class": pruned.family.model_class, "family": pruned.family.name,
+            "image_token_id": int(pruned.family.image_token_id()),
+            "num_layers": pruned.num_layers, "vocab_size": int(emb.shape[0]), "hidden_size": int(emb.shape[1]),
+            "num_key_value_heads": getattr(tc, "num_key_value_heads", None),
+            "eos_token_id": _jsonable(getattr(gen, "eos_token_id", None)),
+            "pad_token_id": _jsonable(getattr(gen, "pad_token_id", None)),
+            "pipeline": [repr(p) for p in pruned.pipeline],
+            "pipeline_repr": " | ".join(repr(p) for p in pruned.pipeline),
+            "budgets": _budgets(pruned),
+            "vision_positions": pruned._vision_positions(),
+            "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
+                          "note": "the embedding lookup (row gather of input_ids) runs on the host"},
+            "stages": stages,
+            "reference_prompt": {
+                "source": ("example" if example is not None
+                           else "graphprune.zoo.llava_example(model, batch=2, pad=(0, 3))"),
+                "batch": b, "prompt_length": int(kw["input_ids"].shape[1]),
+                "images_per_sample": n, "vision_tokens_per_image_in_llm": v,
+                "llm_sequence_length": int(prompt.embeds.shape[1]),
+                "kv_lengths": ref.cache.lengths(),
+            },
+        }
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        check_static_onnx(tmp)
+        _commit(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Manifest(manifest, out_dir)
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(mod)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# Exports of one process, reused when the same graph (same code, same weight tensors unchanged
+# in place, same inputs and options) is exported again: the decode step, and the vision stage of
+# prefill-only pipelines, are the same for every pipeline on a model. Small files only.
+_STAGE_CACHE: dict = {}
+_CACHE_MAX_BYTES = 64 << 20
+
+
+def _cache_key(stage, gm, inputs, opset, optimize, rename):
+    weights = tuple((n, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
+                    for n, t in list(gm.named_parameters()) + list(gm.named_buffers()))
+    ins = tuple((k, None if v is None else (tuple(v.shape), str(v.dtype))) for k, v in sorted(inputs.items()))
+    return (stage, gm.code, weights, ins, opset, optimize, tuple(sorted((rename or {}).items())), torch.__version__)
+
+
+def _export_stage(stage, gm, inputs, axes_of, mins, tmp, opset, rename, optimize=True) -> dict:
+    import onnx
+    path = os.path.join(tmp, STAGE_FILES[stage])
+    key = _cache_key(stage, gm, inputs, opset, optimize, rename)
+    hit = _STAGE_CACHE.get(key)
+    if hit is not None:
+        with open(path, "wb") as f:
+            f.write(hit[0])
+        return copy.deepcopy(hit[1])
+    pgm, graph_inputs, onnx_inputs, args, out_names, outs, dropped = _prepare(gm, inputs, rename)
+    axes = {}
+    for gname, oname in zip(graph_inputs, onnx_inputs):
+        axes[oname] = axes_of(gname, inputs[gname])
+    dyn = _dims({g: axes[o] for g, o in zip(graph_inputs, onnx_inputs)}, mins)
+    _export(stage, pgm, args, onnx_inputs, out_names, dyn, path, opset, optimize)
+    model = onnx.load(path, load_external_data=False)
+    ins, outs_desc = _io(model, axes)
+    spec = {"file": STAGE_FILES[stage], "inputs": ins, "outputs": outs_desc,
+            "graph_inputs": dict(zip(graph_inputs, onnx_inputs)), "none_inputs": dropped,
+            "graph_outputs": out_names}
+    if os.path.getsize(path) <= _CACHE_MAX_BYTES and set(os.listdir(tmp)) <= set(STAGE_FILES.values()):
+        with open(path, "rb") as f:
+            _STAGE_CACHE[key] = (f.read(), copy.deepcopy(spec))
+    return spec
+
+
+def _decode_example(pruned, ref, b):
+    """Decode-step inputs with a different cache length per layer, the ONNX names of the past
+    inputs (past_k_<l>, past_v_<l>) and their dynamic axes."""
+    gm = pruned.decode_gm
+    names = [p.name for p in gm.graph.find_nodes(op="placeholder")]
+    cache = ref.cache
+    g = torch.Generator().manual_seed(0)
+    inputs, rename, axes = {}, {}, {}
+    base = max(cache.lengths()) + 1
+    for name in names:
+        if name == "inputs_embeds":
+            d = pruned.family.text_config().hidden_size
+            inputs[name] = torch.randn(b, 1, d, generator=g, dtype=cache[0].keys.dtype)
+            axes[name] = {0: "batch"}
+        elif name == "position_ids":
+            inputs[name] = torch.full((b, 1), base + 3, dtype=torch.long)
+            axes[name] = {0: "batch"}
+        elif name.startswith("past_"):
+            j = int(name.split("_")[1])
+            layer, kind = divmod(j, 2)
+            c = cache[layer]
+            length = 3 + 2 * layer          # distinct per layer, none 0 or 1
+            shape = (b, c.keys.shape[1], length, c.keys.shape[3])
+            inputs[name] = torch.randn(*shape, generator=g, dtype=c.keys.dtype)
+            rename[name] = f"past_{'kv'[kind]}_{layer}"
+            axes[name] = {0: "batch", 2: f"past_{layer}"}
+        elif name.startswith("kv_mask_"):
+            layer = int(name.rsplit("_", 1)[1])
+            mask = torch.ones(b, 3 + 2 * layer + 1, dtype=cache[layer].mask.dtype)
+            mask[0, 0] = 0
+            inputs[name] = mask
+            axes[name] = {0: "batch", 1: f"past_{layer}+1"}
+        else:
+            raise ExportError(f"decode: unexpected graph input {name!r}")
+    return inputs, rename, axes
+
+
+def _commit(tmp: str, out_dir: str) -> None:
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- lint -----------------------------------------------------------------------------------------
+
+def _nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _nodes(sub)
+
+
+def check_static_onnx(path) -> list[str]:
+    """Check exported files for ops that break static shapes, CUDA graphs or ORT's CUDA TopK:
+    NonZero, If, Loop, Scan, and TopK without sorted=1. `path`: an export directory, or one .onnx
+    file (its directory's manifest, when present, says whether the export is static; a non-static
+    export is not checked). Returns the files checked; raises GraphVerificationError listing the
+    offending nodes."""
+    import onnx
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        manifest = Manifest.load(path)
+        files = [manifest.path(s) for s in manifest["stages"]]
+    else:
+        files = [path]
+        mpath = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+        manifest = None
+        if os.path.isfile(mpath):
+            with open(mpath) as f:
+                manifest = json.load(f)
+    if manifest is not None and not manifest.get("static", True):
+        return []
+    problems = []
+    for file in files:
+        model = onnx.load(file, load_external_data=False)
+        graphs = [model.graph] + [f for f in model.functions]
+        for gr in graphs:
+            for node in _nodes(gr):
+                if node.op_type in FORBIDDEN_OPS:
+                    problems.append(f"{os.path.basename(file)}: {node.op_type} node {node.name!r}")
+                elif node.op_type == "TopK":
+                    sorted_attr = next((a.i for a in node.attribute if a.name == "sorted"), 1)
+                    if sorted_attr != 1:
+                        problems.append(f"{os.path.basename(file)}: TopK node {node.name!r} with sorted=0")
+    if problems:
+        raise GraphVerificationError("the export is marked static but has data-dependent or unsorted ops "
+                                     "(no NonZero/If/Loop/Scan, TopK sorted=1 needed): " + "; ".join(problems))
+    return files

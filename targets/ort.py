@@ -1,0 +1,208 @@
+"""Run an ONNX export (graphprune.targets.onnx.export_onnx) with ONNX Runtime.
+
+    from graphprune.targets.ort import OrtPrunedModel
+    ort_model = OrtPrunedModel("out/fastv")                  # CPU, or CUDA when it really loads
+    out = ort_model(**inputs)                                 # same PrunedOutput as PrunedModel
+    ids = ort_model.generate(**inputs, max_new_tokens=32)
+    print(ort_model.provider)                                 # "CPUExecutionProvider" / "CUDAExecutionProvider"
+
+The runner needs only the export directory (no Hugging Face model): the host-side work (where
+the vision tokens are, text layout, compacting the prompt after a vision-stage selection,
+embedding lookup from embed_tokens.npy, merging image features, per-layer cache bookkeeping,
+greedy / sampled decoding) is graphprune.runtime.PrunedModel's own code; only the three graph
+calls go to ONNX Runtime sessions. Tensors cross the host boundary as CPU torch tensors; on the
+CUDA execution provider inputs and outputs are bound with IOBinding (outputs on the device, then
+copied back for the host-side bookkeeping).
+"""
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from graphprune.errors import GraphpruneError, InputError
+from graphprune.families import Family
+from graphprune.runtime import PrunedModel
+
+from .onnx import Manifest
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise GraphpruneError("onnxruntime is not installed: pip install 'graphprune[onnx]' (or onnxruntime-gpu "
+                              "for CUDA)") from e
+    return onnxruntime
+
+
+class _HostFamily(Family):
+    """What the host side needs of a model family, read from the manifest (LLaVA-style inputs)."""
+
+    def __init__(self, manifest: Manifest, embed: torch.Tensor):
+        self.model = None
+        self.model_class = manifest["model_class"]
+        self.name = manifest["family"]
+        self.position_axes = 1
+        self._image_token = manifest["image_token_id"]
+        self._embed = embed
+
+    def image_token_id(self):
+        return self._image_token
+
+    def embed(self, input_ids):
+        return torch.nn.functional.embedding(input_ids, self._embed)
+
+
+class _Node:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Graph:
+    def __init__(self, names):
+        self._placeholders = [_Node(n) for n in names]
+
+    def find_nodes(self, *, op, target=None):
+        return list(self._placeholders) if op == "placeholder" else []
+
+
+class OrtGraph:
+    """An ONNX Runtime session that looks to graphprune.runtime like a stage GraphModule: inputs
+    by the graph's placeholder names (None-valued ones, specialised away at export, must stay
+    None), outputs named by meta["graphprune_outputs"]."""
+
+    def __init__(self, stage: str, session, spec: dict, device_id: int | None):
+        self.stage, self.session, self.spec = stage, session, spec
+        self.graph = _Graph(list(spec["graph_inputs"]) + list(spec["none_inputs"]))
+        self.meta = {"graphprune_outputs": list(spec["graph_outputs"])}
+        self._onnx_inputs = dict(spec["graph_inputs"])
+        self._outputs = [o["name"] for o in spec["outputs"]]
+        self._device_id = device_id
+
+    def __call__(self, *args):
+        feeds = {}
+        for node, value in zip(self.graph._placeholders, args):
+            name = self._onnx_inputs.get(node.name)
+            if name is None:
+                if value is not None:
+                    raise InputError(f"{self.stage}.onnx was exported with {node.name}=None (this pipeline had no "
+                                     "such input); it cannot take a value for it")
+                continue
+            if value is None:
+                raise InputError(f"{self.stage}.onnx needs {node.name}, got None")
+            feeds[name] = np.ascontiguousarray(value.detach().cpu().numpy())
+        if self._device_id is None:
+            outs = self.session.run(self._outputs, feeds)
+        else:
+            io = self.session.io_binding()
+            for name, arr in feeds.items():
+                io.bind_cpu_input(name, arr)
+            for name in self._outputs:
+                io.bind_output(name, "cuda", self._device_id)
+            self.session.run_with_iobinding(io)
+            outs = io.copy_outputs_to_cpu()
+        return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
+
+
+class OrtPrunedModel(PrunedModel):
+    """A pruned model served from an ONNX export: `forward` / `__call__` and `generate` as
+    graphprune.runtime.PrunedModel (same arguments, same outputs), graphs run by ONNX Runtime.
+
+    providers: None (CUDA if onnxruntime-gpu loads it for real, else CPU), or a list as
+    onnxruntime takes it. A session that silently fell back from CUDA to CPU (onnxruntime-gpu
+    without its CUDA libraries) is detected from `session.get_providers()`; `provider` says what
+    runs, `fallback` why CUDA was not used (None if it was not asked for or it loaded).
+    """
+
+    def __init__(self, out_dir, providers=None, *, device_id: int = 0, session_options=None):
+        ort = _onnxruntime()
+        self.manifest = Manifest.load(out_dir)
+        m = self.manifest
+        embed = torch.from_numpy(np.load(f"{m.out_dir}/{m['embedding']['file']}"))
+        want = list(providers) if providers is not None else (
+            [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
+        names = [p if isinstance(p, str) else p[0] for p in want]
+        self.fallback = None
+        sessions = self._sessions(ort, want, session_options)
+        active = sessions["prefill"].get_providers()
+        if CUDA in names and not all(CUDA in s.get_providers() for s in sessions.values()):
+            self.fallback = (f"{CUDA} was requested but did not load (onnxruntime fell back to {active}); "
+                             "running on the CPU")
+            warnings.warn(self.fallback, RuntimeWarning, stacklevel=2)
+            sessions = self._sessions(ort, [CPU], session_options)
+        on_cuda = all(CUDA in s.get_providers() for s in sessions.values())
+        self.provider = CUDA if on_cuda else sessions["prefill"].get_providers()[0]
+        self.sessions = sessions
+        dev = device_id if on_cuda else None
+        graphs = {k: OrtGraph(k, s, m.stage(k), dev) for k, s in sessions.items()}
+
+        # the state PrunedModel's host-side code reads (see graphprune.runtime)
+        self.family = _HostFamily(m, embed)
+        self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
+                                       family=self.family)
+        self.decode_gm = graphs["decode"]
+        self.base = None
+        self.num_layers = m["num_layers"]
+        self.report = None
+        self._static_gm = self._static_fn = None
+        self.results = [SimpleNamespace(info=dict(b)) for b in m["budgets"]]
+        self.pipeline = _passes(m["pipeline"])
+        self.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=m.get("eos_token_id"),
+                                                                       pad_token_id=m.get("pad_token_id")))
+
+    def _sessions(self, ort, providers, session_options) -> dict:
+        return {k: ort.InferenceSession(self.manifest.path(k), sess_options=session_options, providers=providers)
+                for k in ("vision", "prefill", "decode")}
+
+    def __repr__(self):
+        return (f"OrtPrunedModel({self.manifest.out_dir!r}, provider={self.provider}, "
+                f"pipeline={self.manifest['pipeline_repr']!r})")
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                mm_token_type_ids=None, **unused):
+        if not bool((input_ids == self.family.image_token_id()).any()):
+            raise InputError("text-only prompt: the ONNX export holds the pruned prefill, which needs image tokens "
+                             "(run text-only prompts on the unpruned model)")
+        out = super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **unused)
+        self.report._flops = None          # FLOPs are counted on torch graphs, not on ONNX sessions
+        self.report.notes.append(f"ONNX Runtime ({self.provider})")
+        return out
+
+    def generate(self, *args, **kwargs):
+        """As PrunedModel.generate (greedy / sampled, eos, pad), each step one decode.onnx call."""
+        if kwargs.get("static_cache"):
+            raise InputError("static_cache=True decodes torch graphs in place; an ONNX export decodes with "
+                             "decode.onnx over per-layer caches (leave static_cache unset)")
+        return super().generate(*args, **kwargs)
+
+
+def _passes(reprs: list[str]):
+    """The pipeline's passes, rebuilt from their repr for prompt checks; a pass that does not
+    rebuild keeps its repr only."""
+    from graphprune.pipeline import as_passes
+    from graphprune.runtime import _ensure_passes_registered
+    _ensure_passes_registered()
+    out = []
+    for r in reprs:
+        try:
+            out += as_passes(r)
+        except Exception:  # noqa: BLE001 - a pass whose options do not round-trip: no prompt check
+            out.append(_Named(r))
+    return out
+
+
+class _Named:
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+    def check_prompt(self, prompt):
+        return None
