@@ -1,11 +1,16 @@
 """Lint for graphs that must keep static shapes (CUDA graphs, reduce-overhead, static ONNX).
 
+check_static(gm, inputs): an fx graph; check_static_onnx(path): exported ONNX files.
+
 A rewritten graph calls Python functions (token ops, pass functions) whose insides an fx graph
 does not show, so the lint first re-traces the graph to ATen with torch.export on example inputs,
 then rejects what breaks static capture: data-dependent ops (nonzero, .item(), masked_select,
 unique, ...) and any size that is an unbacked symbol (known only after running).
 """
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 from torch import fx
@@ -55,3 +60,58 @@ def check_static(gm: fx.GraphModule, inputs: dict, what: str = "graph") -> None:
     if bad:
         raise GraphVerificationError(f"{what} is marked CUDA-graph safe but has data-dependent ops: {', '.join(bad[:8])}"
                                      f"{' ...' if len(bad) > 8 else ''}; use static (fixed-capacity) modes")
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+
+FORBIDDEN_OPS = ("NonZero", "If", "Loop", "Scan")
+
+
+def _nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _nodes(sub)
+
+
+def check_static_onnx(path) -> list[str]:
+    """Check exported files for ops that break static shapes, CUDA graphs or ORT's CUDA TopK:
+    NonZero, If, Loop, Scan, and TopK without sorted=1. `path`: an export directory, or one .onnx
+    file (its directory's manifest, when present, says whether the export is static; a non-static
+    export is not checked). Returns the files checked; raises GraphVerificationError listing the
+    offending nodes."""
+    import onnx
+
+    from .onnx import MANIFEST, Manifest
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        manifest = Manifest.load(path)
+        files = [manifest.path(s) for s in manifest["stages"]]
+    else:
+        files = [path]
+        mpath = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+        manifest = None
+        if os.path.isfile(mpath):
+            with open(mpath) as f:
+                manifest = json.load(f)
+    if manifest is not None and not manifest.get("static", True):
+        return []
+    problems = []
+    for file in files:
+        model = onnx.load(file, load_external_data=False)
+        graphs = [model.graph] + [f for f in model.functions]
+        for gr in graphs:
+            for node in _nodes(gr):
+                if node.op_type in FORBIDDEN_OPS:
+                    problems.append(f"{os.path.basename(file)}: {node.op_type} node {node.name!r}")
+                elif node.op_type == "TopK":
+                    sorted_attr = next((a.i for a in node.attribute if a.name == "sorted"), 1)
+                    if sorted_attr != 1:
+                        problems.append(f"{os.path.basename(file)}: TopK node {node.name!r} with sorted=0")
+    if problems:
+        raise GraphVerificationError("the export is marked static but has data-dependent or unsorted ops "
+                                     "(no NonZero/If/Loop/Scan, TopK sorted=1 needed): " + "; ".join(problems))
+    return files

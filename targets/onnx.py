@@ -43,14 +43,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from graphprune.errors import (GraphpruneError, GraphVerificationError, InputError, PassConfigError,
-                               UnsupportedModelError)
+from graphprune.errors import GraphpruneError, InputError, PassConfigError, UnsupportedModelError
+
+from .lint import check_static_onnx
 
 FORMAT = "graphprune-onnx/1"
 STAGE_FILES = {"vision": "vision.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
 EMBED_FILE = "embed_tokens.npy"
 MANIFEST = "manifest.json"
-FORBIDDEN_OPS = ("NonZero", "If", "Loop", "Scan")
 
 
 class ExportError(GraphpruneError):
@@ -558,53 +558,3 @@ def _commit(tmp: str, out_dir: str) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# -- lint -----------------------------------------------------------------------------------------
-
-def _nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.g is not None and attr.g.node:
-                yield from _nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _nodes(sub)
-
-
-def check_static_onnx(path) -> list[str]:
-    """Check exported files for ops that break static shapes, CUDA graphs or ORT's CUDA TopK:
-    NonZero, If, Loop, Scan, and TopK without sorted=1. `path`: an export directory, or one .onnx
-    file (its directory's manifest, when present, says whether the export is static; a non-static
-    export is not checked). Returns the files checked; raises GraphVerificationError listing the
-    offending nodes."""
-    import onnx
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        manifest = Manifest.load(path)
-        files = [manifest.path(s) for s in manifest["stages"]]
-    else:
-        files = [path]
-        mpath = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
-        manifest = None
-        if os.path.isfile(mpath):
-            with open(mpath) as f:
-                manifest = json.load(f)
-    if manifest is not None and not manifest.get("static", True):
-        return []
-    problems = []
-    for file in files:
-        model = onnx.load(file, load_external_data=False)
-        graphs = [model.graph] + [f for f in model.functions]
-        for gr in graphs:
-            for node in _nodes(gr):
-                if node.op_type in FORBIDDEN_OPS:
-                    problems.append(f"{os.path.basename(file)}: {node.op_type} node {node.name!r}")
-                elif node.op_type == "TopK":
-                    sorted_attr = next((a.i for a in node.attribute if a.name == "sorted"), 1)
-                    if sorted_attr != 1:
-                        problems.append(f"{os.path.basename(file)}: TopK node {node.name!r} with sorted=0")
-    if problems:
-        raise GraphVerificationError("the export is marked static but has data-dependent or unsorted ops "
-                                     "(no NonZero/If/Loop/Scan, TopK sorted=1 needed): " + "; ".join(problems))
-    return files

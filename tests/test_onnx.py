@@ -22,7 +22,8 @@ import graphprune as gp  # noqa: E402
 from graphprune import zoo  # noqa: E402
 from graphprune.errors import GraphVerificationError, InputError, PassConfigError  # noqa: E402
 from graphprune.targets import onnx as gonnx  # noqa: E402
-from graphprune.targets.onnx import check_static_onnx, export_onnx  # noqa: E402
+from graphprune.targets.lint import check_static_onnx  # noqa: E402
+from graphprune.targets.onnx import export_onnx  # noqa: E402
 from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
 
 METHODS = {
