@@ -66,10 +66,10 @@ def first_position(seq_index):
     return torch.zeros((seq_index.shape[0], 1), dtype=torch.long, device=seq_index.device)
 
 
-def _keep_from_mask(kept, count: int):
-    # positions of the True entries, ascending, with a static count: stable sort puts kept first
-    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)
-    return order[:, :count]
+def true_positions(mask, count: int):
+    """Indices of the True entries of mask along its last dim, ascending, `count` of them (a static
+    count: when fewer are True, the lowest False indices follow). A stable sort, no nonzero."""
+    return torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :count]
 
 
 def rank_scores(scores, protected=None, valid=None):
@@ -137,7 +137,7 @@ def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
     n = vision_pos.shape[1]
     kept = torch.ones(b, s, dtype=torch.bool, device=seq_index.device)
     kept = kept.scatter(1, vision_pos.reshape(b, -1), False).scatter(1, chosen.reshape(b, -1), True)
-    keep = _keep_from_mask(kept, s - vision_pos.shape[1] * vision_pos.shape[2] + kept_vision)
+    keep = true_positions(kept, s - vision_pos.shape[1] * vision_pos.shape[2] + kept_vision)
     new_pos = torch.searchsorted(keep.contiguous(), chosen.reshape(b, -1)).reshape(b, n, -1)
     return keep, new_pos
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.blocks import grid_side, tile_members, tile_scores
+from graphprune.tokenops import true_positions
 from graphprune.errors import InputError, PassConfigError
 from graphprune.pass_api import (AttentionRows, Choose, Hidden, KeepCache, Plan, Protect, TokenPass,
                                  register_pass)
@@ -41,11 +42,6 @@ def _same_count(name, counts):
         raise InputError(f"{name}: exact thresholds kept {sorted(set(counts.reshape(-1).tolist()))} tokens in "
                          "different images of the batch; use mode='static' to batch them")
     return int(counts.reshape(-1)[0])
-
-
-def _slots(keep_mask, count):
-    # ascending indices of the True entries, `count` per image (static: padded with False slots after)
-    return torch.argsort((~keep_mask).to(torch.int8), dim=-1, stable=True)[..., :count]
 
 
 def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode):
@@ -72,12 +68,12 @@ def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode)
     rep = torch.where(merge[..., None], means, hidden[..., first, :])
     values = hidden.scatter(2, first[:, None].expand(-1, d).expand(b, n, -1, -1), rep)
     if mode == "exact":
-        picked = _slots(survive, _same_count("mustdrop_merge", survive.sum(-1)))
+        picked = true_positions(survive, _same_count("mustdrop_merge", survive.sum(-1)))
         return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d))}
     fill = k - survive.sum(-1, keepdim=True)                                      # lowest merged-away slots
     filler_rank = gone.long().cumsum(-1)
     slots = survive | (gone & (filler_rank <= fill))
-    picked = _slots(slots, k)
+    picked = true_positions(slots, k)
     return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d)),
             "valid": survive.gather(-1, picked)}
 
@@ -157,7 +153,7 @@ def filter_tokens(*, k, protected, valid, vision_pos, attn, gamma, alpha, mode):
     if protected is not None:
         keep = keep | protected
     if mode == "exact":
-        return _slots(keep, _same_count("mustdrop_filter", keep.sum(-1)))
+        return true_positions(keep, _same_count("mustdrop_filter", keep.sum(-1)))
     c = k
     tier = keep.long() + (protected.long() if protected is not None else 0)      # 2 protected, 1 rule, 0 rest
     by_sum = col_sum.argsort(dim=-1, descending=True, stable=True)

@@ -42,7 +42,7 @@ def trim(*, k, protected, valid, vision_pos, feats, global_score, text, text_mas
     score = variance_weighting(global_score, ltam_scores(feats, window, w1, w2, w3))
     dom = tokenops.rank_scores(score, protected, valid).topk(k_dom, dim=-1).indices
     rest_mask = torch.ones(b, n, v, dtype=torch.bool, device=feats.device).scatter(-1, dom, False)
-    rest = torch.argsort((~rest_mask).to(torch.int8), dim=-1, stable=True)[..., :v - k_dom]   # ascending
+    rest = tokenops.true_positions(rest_mask, v - k_dom)
     values = feats
     picked = dom
     if r:
