@@ -56,10 +56,14 @@ def shrink_kv(gm: fx.GraphModule, anat: Anatomy) -> fx.GraphModule:
     for n in list(g.find_nodes(op="placeholder")):
         if n.name == "attention_mask" and not n.users:
             g.erase_node(n)
+    return _checked(gm, "shrink_kv")
+
+
+def _checked(gm: fx.GraphModule, rewrite: str) -> fx.GraphModule:
     try:
-        g.lint()
-    except Exception as e:
-        raise GraphVerificationError(f"decode graph malformed after shrink_kv: {e}") from e
+        gm.graph.lint()
+    except Exception as e:  # fx raises plain RuntimeError
+        raise GraphVerificationError(f"decode graph malformed after {rewrite}: {e}") from e
     gm.recompile()
     return gm
 
@@ -150,12 +154,7 @@ def static_kv(gm: fx.GraphModule, anat: Anatomy) -> fx.GraphModule:
             n.replace_all_uses_with(size)
             g.erase_node(n)
     g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or n.target is cache_write)
-    try:
-        g.lint()
-    except Exception as e:
-        raise GraphVerificationError(f"decode graph malformed after static_kv: {e}") from e
-    gm.recompile()
-    return gm
+    return _checked(gm, "static_kv")
 
 
 @dataclass

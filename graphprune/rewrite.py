@@ -86,7 +86,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
         keep, new_pos, picked, values, valid, prot = (g.call_function(operator.getitem, (sel, i)) for i in range(6))
         new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
-    hidden = _stream(anat, layer, state)
+    hidden = _stream(anat, layer)
     rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
     _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
                 plan.after_projector)
@@ -158,7 +158,7 @@ def _output_node(anat: Anatomy) -> fx.Node:
     return anat.features.graph.find_nodes(op="output")[0]
 
 
-def _stream(anat: Anatomy, layer: int, state: TokenState) -> fx.Node | None:
+def _stream(anat: Anatomy, layer: int) -> fx.Node | None:
     """The residual stream entering `layer` (what merged values replace)."""
     if anat.stage == "vision" and layer == anat.num_layers:
         return anat.features

@@ -154,7 +154,7 @@ class PrunedModel:
             vision_pos = new_pos
         if protected is not None:
             protected = protected.reshape(b, n, -1)
-        embeds = tokenops.merge_image_features(self.family.embed(input_ids), feats, vision_pos)
+        embeds = tokenops.put_tokens(self.family.embed(input_ids), vision_pos, feats)
         text_index, text_mask = text_layout(vision_pos, input_ids.shape[1])
         prompt = _Prompt(embeds, positions, attention_mask, vision_pos, index, text_index, text_mask, protected, kept)
         for p in self.pipeline:

@@ -138,7 +138,7 @@ def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
     kept = torch.ones(b, s, dtype=torch.bool, device=seq_index.device)
     kept = kept.scatter(1, vision_pos.reshape(b, -1), False).scatter(1, chosen.reshape(b, -1), True)
     keep = true_positions(kept, s - vision_pos.shape[1] * vision_pos.shape[2] + kept_vision)
-    new_pos = torch.searchsorted(keep.contiguous(), chosen.reshape(b, -1)).reshape(b, n, -1)
+    new_pos = positions_of(keep, chosen.reshape(b, -1)).reshape(b, n, -1)
     return keep, new_pos
 
 
@@ -168,22 +168,14 @@ def seq_positions(attention_mask):
     return torch.arange(s, device=attention_mask.device).expand(b, s)
 
 
-def merge_image_features(embeds, features, vision_pos):
-    """Place image features (B, n, V, D) at the vision positions (B, n, V) of embeds (B, S, D).
-
-    LLaVA's masked_scatter at <image> tokens, as a fixed-shape scatter.
-    """
-    b, n, v = vision_pos.shape
-    idx = vision_pos.reshape(b, n * v, 1).expand(b, n * v, embeds.shape[-1])
-    return embeds.scatter(1, idx, features.reshape(b, n * v, -1).to(embeds.dtype))
-
-
-def put_tokens(x, new_pos, values):
-    """Overwrite x (B, S, D) at the vision slots new_pos (B, n, k) with merged values (B, n, k, D)."""
+def put_tokens(x, vision_pos, values):
+    """Overwrite x (B, S, D) at the vision slots vision_pos (B, n, k) with values (B, n, k, D), as a
+    fixed-shape scatter: image features into the prompt (LLaVA's masked_scatter at <image> tokens),
+    or merged tokens into the residual stream. values=None leaves x as it is."""
     if values is None:
         return x
-    b, n, k = new_pos.shape
-    idx = new_pos.reshape(b, n * k, 1).expand(b, n * k, x.shape[-1])
+    b, n, k = vision_pos.shape
+    idx = vision_pos.reshape(b, n * k, 1).expand(b, n * k, x.shape[-1])
     return x.scatter(1, idx, values.reshape(b, n * k, -1).to(x.dtype))
 
 

@@ -32,7 +32,7 @@ def _prompt_slots(model, ex, patch_index, chosen):
     per = patch_index.shape[0] // b
     out = []
     for bi in range(b):
-        slots = (ex.input_ids[bi] == img_id).nonzero()[:, 0].view(per, -1)
+        slots = R.image_blocks(ex.input_ids[bi] == img_id, per)
         out.append({int(slots[j][p]) for j in range(per) for p in patch_index[bi * per + j][chosen[bi * per + j]]})
     return out
 

@@ -32,7 +32,7 @@ def prompt_index(model, ex, patch_index):
     per = patch_index.shape[0] // b
     rows = []
     for bi in range(b):
-        slots = (ex.input_ids[bi] == img_id).nonzero()[:, 0].view(per, -1)
+        slots = R.image_blocks(ex.input_ids[bi] == img_id, per)
         text = (ex.input_ids[bi] != img_id).nonzero()[:, 0]
         rows.append(torch.cat([text] + [slots[j][patch_index[bi * per + j]] for j in range(per)]).sort().values)
     return torch.stack(rows)
