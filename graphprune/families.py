@@ -63,6 +63,20 @@ class LlavaFamily(Family):
         return LlavaVisionStage(self.model)
 
 
+class LlavaInnerFamily(LlavaFamily):
+    """LlavaModel, the LLaVA body without the LM head: what a torch.compile frame holds. Its
+    prefill "logits" output is the final-normed hidden state (the head is the identity)."""
+
+    def language_model(self):
+        return self._require(getattr(self.model, "language_model", None), "language model")
+
+    def lm_head(self):
+        return nn.Identity()
+
+    def vision_module(self):
+        return None
+
+
 class LlavaVisionStage(nn.Module):
     """pixel_values -> projected image features, as LlavaModel.get_image_features does.
 
@@ -128,6 +142,7 @@ class Qwen2VLFamily(Family):
 FAMILIES = {
     "LlavaForConditionalGeneration": LlavaFamily,
     "Qwen2VLForConditionalGeneration": Qwen2VLFamily,
+    "LlavaModel": LlavaInnerFamily,
 }
 
 

@@ -62,6 +62,41 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, t
     return index, mask
 
 
+def vision_layout(is_image: torch.Tensor) -> torch.Tensor | None:
+    """(B, images, tokens) positions of the vision tokens, from a (B, S) image-token mask; None
+    when there are none. Runs of consecutive image tokens are images."""
+    counts = is_image.sum(1)
+    if int(counts.max()) == 0:
+        return None
+    if not bool((counts == counts[0]).all()):
+        raise InputError(f"samples carry different numbers of vision tokens {counts.tolist()}; "
+                         "a batch needs the same images-per-sample and image size so budgets stay rectangular")
+    b, s = is_image.shape
+    pos = torch.arange(s, device=is_image.device).expand(b, s)[is_image].reshape(b, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    n_img = starts.sum(1)
+    if not bool((n_img == n_img[0]).all()) or pos.shape[1] % int(n_img[0]):
+        raise InputError("images in the batch have different token counts; batch images of one size together")
+    n = int(n_img[0])
+    return pos.reshape(b, n, pos.shape[1] // n)
+
+
+def check_budgets(results, tokens_per_image: int) -> None:
+    """Integer budgets larger than the vision tokens an image has at that point fail, before work."""
+    for r in results:
+        keep = r.info["keep"]
+        if r.info["rule"] == "Choose" and (r.info.get("capacity") or not isinstance(keep, (int, float))):
+            return                           # capacities clamp, data-dependent counts vary: nothing to check
+        if r.info["rule"] not in ("TopK", "Choose") or isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            continue
+        if isinstance(keep, int) and keep > tokens_per_image:
+            raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
+                                  "tokens per image of this prompt")
+        if r.info["stage"] == "vision":
+            tokens_per_image = tokenops.budget(keep, tokens_per_image)
+
+
 def _ensure_passes_registered():
     from . import passes  # noqa: F401
 
@@ -83,23 +118,7 @@ class PrunedModel:
 
     # -- prompt preparation -----------------------------------------------------------------
     def _layout(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """(B, images, tokens) positions of the vision tokens, from the image-token mask."""
-        is_img = input_ids == self.family.image_token_id()
-        counts = is_img.sum(1)
-        if int(counts.max()) == 0:
-            return None
-        if not bool((counts == counts[0]).all()):
-            raise InputError(f"samples carry different numbers of vision tokens {counts.tolist()}; "
-                             "a batch needs the same images-per-sample and image size so budgets stay rectangular")
-        b, s = input_ids.shape
-        pos = torch.arange(s).expand(b, s)[is_img].reshape(b, -1)
-        starts = torch.ones_like(pos, dtype=torch.bool)
-        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        n_img = starts.sum(1)
-        if not bool((n_img == n_img[0]).all()) or pos.shape[1] % int(n_img[0]):
-            raise InputError("images in the batch have different token counts; batch images of one size together")
-        n = int(n_img[0])
-        return pos.reshape(b, n, pos.shape[1] // n)
+        return vision_layout(input_ids == self.family.image_token_id())
 
     def _image_features(self, pixel_values, image_grid_thw, vision_pos, input_ids):
         """Features (B, n, k, D) and what the vision stage kept: original patch indices, validity
@@ -133,7 +152,7 @@ class PrunedModel:
         if vision_pos is None:
             return None
         b, n, v = vision_pos.shape
-        self._check_budgets(v)
+        check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, image_grid_thw=image_grid_thw,
                                           mm_token_type_ids=mm_token_type_ids)
         feats, kept, valid, protected = self._image_features(pixel_values, image_grid_thw, vision_pos, input_ids)
@@ -166,19 +185,6 @@ class PrunedModel:
             if r.info["stage"] == "vision":
                 return r.info["positions"]
         return "keep"
-
-    def _check_budgets(self, tokens_per_image: int) -> None:
-        for r in self.results:
-            keep = r.info["keep"]
-            if r.info["rule"] == "Choose" and (r.info.get("capacity") or not isinstance(keep, (int, float))):
-                return                           # capacities clamp, data-dependent counts vary: nothing to check
-            if r.info["rule"] not in ("TopK", "Choose") or isinstance(keep, bool) or not isinstance(keep, (int, float)):
-                continue
-            if isinstance(keep, int) and keep > tokens_per_image:
-                raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
-                                      "tokens per image of this prompt")
-            if r.info["stage"] == "vision":
-                tokens_per_image = tokenops.budget(keep, tokens_per_image)
 
     # -- prefill ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -103,9 +103,9 @@ def _final_norm(gm, anat: Anatomy, x: fx.Node, p: TokenPass) -> fx.Node:
     g = gm.graph
     last = anat.layers[-1].output
     head = [n for n in g.nodes if n.op == "call_function" and layer_of(n) is None and module_path(n) == "head"]
-    if not head:
-        raise PassNotApplicable(f"{p.name}: no LM head found to locate the final norm in {anat.model_class}")
-    norm_path = module_path(head[0].args[0])
+    # the norm feeds the LM head; without a head (a headless body) it is what the graph returns first
+    normed = head[0].args[0] if head else anat.outputs[0]
+    norm_path = module_path(normed)
     order = list(g.nodes)
     after = order.index(anat.layers[-1].nodes[-1])
     nodes = [n for n in order[after:] if layer_of(n) is None and module_path(n) == norm_path and n.op == "call_function"]

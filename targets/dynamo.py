@@ -1,0 +1,325 @@
+"""torch.compile backend: `torch.compile(model, backend="graphprune", options={"pipeline": ...})`.
+
+Registered through the `torch_dynamo_backends` entry point, so no import of graphprune is needed.
+Dynamo splits a Hugging Face VLM's forward into frames at its graph breaks (for LLaVA: embedding,
+vision tower, projector, the `.item()` in the image-token check, then one frame holding the image
+merge and every decoder layer, then the LM head). The backend reads each frame's graph:
+
+* the frame that merges image features into the embeddings and runs the decoder layers is the
+  prefill anchor: graphprune captures that language model with dynamic batch/sequence, applies the
+  pipeline's passes (the same rewrite `graphprune.prune` runs) and compiles the result with
+  Inductor (or runs it as is, `compiler="eager"`). The frame's outputs (per-layer keys/values for
+  the cache, the final hidden state) come from the rewritten graph, so every layer's cache holds
+  what it kept and the logits cover the kept tokens;
+* every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
+  captured.
+
+A pass that cannot apply never degrades silently: an image merge split from the decoder layers by
+a graph break, or decoder layers spread over several frames, raise `PassNotApplicable` (or warn,
+with `if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend
+built for a model, for inspection.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from graphprune.anatomy import layer_of, module_path
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable, UnsupportedModelError
+
+OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
+           "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
+           "if_not_applied": '"raise" (default) or "warn"'}
+
+
+@dataclass
+class BackendOptions:
+    passes: list
+    compiler: str = "inductor"
+    if_not_applied: str = "raise"
+
+    @classmethod
+    def parse(cls, options) -> "BackendOptions":
+        from graphprune.pipeline import as_passes
+        from graphprune.runtime import _ensure_passes_registered
+        accepted = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+        if not isinstance(options, dict) or "pipeline" not in options:
+            raise PassConfigError('the graphprune backend needs options={"pipeline": ...}, e.g. '
+                                  'torch.compile(model, backend="graphprune", options={"pipeline": "fastv(layer=2, keep=64)"}); '
+                                  f"accepted options: {accepted}")
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise PassConfigError(f"unknown graphprune backend option(s) {unknown}; accepted: {accepted}")
+        compiler = options.get("compiler", "inductor")
+        if compiler not in ("inductor", "eager"):
+            raise PassConfigError(f'compiler must be "inductor" or "eager", got {compiler!r}')
+        mode = options.get("if_not_applied", "raise")
+        if mode not in ("raise", "warn"):
+            raise PassConfigError(f'if_not_applied must be "raise" or "warn", got {mode!r}')
+        _ensure_passes_registered()
+        passes = as_passes(options["pipeline"])
+        if not passes:
+            raise PassConfigError("the pipeline is empty: name at least one method")
+        for p in passes:
+            if p.stage != "prefill":
+                raise PassConfigError(
+                    f"{p!r} is a {p.stage}-stage pass; the torch.compile backend rewrites the language model's "
+                    "prefill frame (fastv, vtw, dart, random, mustdrop_filter, visiontrim_llm, ...). "
+                    "Use graphprune.prune(model, ...) for vision-stage methods")
+            if getattr(p.config, "mode", "static") == "exact":
+                raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens; "
+                                      "compiled graphs need mode='static'")
+        return cls(passes, compiler, mode)
+
+
+# -- what a frame holds ------------------------------------------------------------------------
+def _lm_layers(gm: fx.GraphModule) -> set[int]:
+    return {layer_of(n) for n in gm.graph.nodes
+            if layer_of(n) is not None and "language_model" in module_path(n)}
+
+
+def _image_merge(gm: fx.GraphModule) -> fx.Node | None:
+    """The masked_scatter that writes image features into the prompt embeddings."""
+    for n in gm.graph.nodes:
+        if n.target in ("masked_scatter", torch.Tensor.masked_scatter) and len(n.args) == 3:
+            return n
+    return None
+
+
+def _placeholder_index(gm: fx.GraphModule, node: fx.Node, what: str) -> int:
+    """Position of the frame input `node` comes from (through views, expands and dtype casts)."""
+    seen = node
+    while seen.op != "placeholder":
+        if seen.op not in ("call_method", "call_function") or not seen.args or not isinstance(seen.args[0], fx.Node):
+            raise UnsupportedModelError("torch.compile frame", what, f"cannot trace {node.name} to a frame input")
+        seen = seen.args[0]
+    return list(gm.graph.find_nodes(op="placeholder")).index(seen)
+
+
+def _sdpa_operands(gm: fx.GraphModule) -> dict[int, tuple[set, set]]:
+    """Per LM layer, the nodes feeding its attention's keys and values (to name the cache outputs)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out = {}
+    for n in gm.graph.nodes:
+        if n.target is sdpa and "language_model" in module_path(n):
+            out[layer_of(n)] = (_ancestors(n.args[1]), _ancestors(n.args[2]))
+    return out
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op == "placeholder":
+            continue
+        seen.add(n)
+        todo += n.all_input_nodes
+    return seen
+
+
+def _output_roles(gm: fx.GraphModule, layers: int) -> list[str]:
+    """Name every frame output by what the rewritten prefill graph returns: k_i, v_i or logits
+    (the final hidden state: the captured body has an identity head)."""
+    operands = _sdpa_operands(gm)
+    roles = []
+    for o in gm.graph.find_nodes(op="output")[0].args[0]:
+        role = None
+        if isinstance(o, fx.Node):
+            i = layer_of(o)
+            if i is not None and i in operands:
+                role = f"k_{i}" if o in operands[i][0] else f"v_{i}" if o in operands[i][1] else None
+            elif i is None and "language_model" in module_path(o):
+                role = "logits"
+        if role is None:
+            raise UnsupportedModelError("torch.compile frame", "outputs of the decoder frame",
+                                        f"cannot tell what output {getattr(o, 'name', o)!r} is "
+                                        "(expected per-layer keys/values and the final hidden state)")
+        roles.append(role)
+    if sorted(r for r in roles if r != "logits") != sorted(f"{kv}_{i}" for i in range(layers) for kv in "kv"):
+        raise UnsupportedModelError("torch.compile frame", "KV-cache outputs", f"frame outputs {roles}")
+    return roles
+
+
+def _owner(what: str):
+    """The module whose forward dynamo is tracing (the frame's `self`)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+    tx = InstructionTranslator.current_tx()
+    owner = tx.f_locals.get("self") if tx is not None else None
+    if owner is None:
+        raise UnsupportedModelError("torch.compile frame", what, "the frame has no `self` module")
+    return owner
+
+
+# -- the pruned prefill frame ------------------------------------------------------------------
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # language model -> {pipeline: Rewritten}
+
+
+@dataclass
+class Rewritten:
+    """One model's prefill rewritten by one pipeline, and the compiled callable running it."""
+    program: object                 # graphprune Program (prefill stage rewritten)
+    passes: list
+    fn: object
+    masked: bool                    # static-capacity slots: later attention must mask them
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.program.stages["prefill"].gm
+
+
+def _rewritten(owner, opts: BackendOptions) -> Rewritten:
+    # one capture and rewrite per model and pipeline: the graph has dynamic batch and sequence,
+    # so a dynamo recompile for new shapes reuses it
+    from graphprune.pipeline import Program, run_pipeline
+    from graphprune.families import family_of
+    key = (repr(opts.passes), opts.compiler)
+    per_model = _PROGRAMS.setdefault(family_of(owner).language_model(), {})
+    if key not in per_model:
+        program = run_pipeline(Program.capture(owner, stages=("prefill",)), opts.passes)
+        gm = program.stages["prefill"].gm
+        fn = gm if opts.compiler == "eager" else torch.compile(gm, backend="inductor", dynamic=True)
+        masked = any(t.masked for t in program.anatomy["prefill"].tokens)
+        per_model[key] = Rewritten(program, opts.passes, fn, masked)
+    return per_model[key]
+
+
+_PADDED = ("padded batch: its prefill is pruned exactly, but decoding it needs graphprune's per-layer "
+           "key masks (Hugging Face's mask has one column per prompt token, the shrunk caches fewer); "
+           "use graphprune.prune(model, ...).generate(...) for padded batches")
+
+
+@dataclass
+class PrunedFrame:
+    """The callable dynamo runs for the prefill frame: layout from the image mask, the merge, the
+    rewritten prefill graph, the frame's outputs in dynamo's order."""
+    owner: torch.nn.Module
+    opts: BackendOptions
+    roles: list[str]
+    inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask -> arg index
+
+    def __call__(self, *args):
+        from graphprune import tokenops
+        from graphprune.runtime import _Prompt, check_budgets, text_layout, vision_layout
+        # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
+        rw = _rewritten(self.owner, self.opts)
+        embeds, mask = args[self.inputs["embeds"]], args[self.inputs["image_mask"]]
+        feats = args[self.inputs["image_features"]]
+        i = self.inputs.get("attention_mask")
+        attention_mask = args[i] if i is not None else None
+        b, s = embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
+        elif bool((attention_mask == 0).any()):
+            warnings.warn(_PADDED, stacklevel=2)
+        vision_pos = vision_layout(mask.reshape(b, s, -1)[..., 0])
+        if vision_pos is None:
+            raise InputError("the prefill frame merges image features but the prompt has no image tokens")
+        check_budgets(rw.program.results, vision_pos.shape[-1])
+        feats = feats.reshape(b, vision_pos.shape[1], vision_pos.shape[2], -1).to(embeds.dtype)
+        positions = rw.program.family.positions(None, attention_mask)
+        text_index, text_mask = text_layout(vision_pos, s)
+        index = torch.arange(s, device=embeds.device).expand(b, s)
+        prompt = _Prompt(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos,
+                         index, text_index, text_mask)
+        for p in rw.passes:
+            p.check_prompt(prompt)
+        inputs = prompt.prefill_inputs()
+        gm = rw.graph_module
+        outs = rw.fn(*[inputs[n.name] for n in gm.graph.find_nodes(op="placeholder")])
+        named = dict(zip(gm.meta["graphprune_outputs"], outs))
+        return tuple(named[r] for r in self.roles)
+
+
+def _prune_frame(gm: fx.GraphModule, merge: fx.Node, opts: BackendOptions) -> PrunedFrame | None:
+    from graphprune.families import family_of
+    owner = _owner("the module running the decoder layers")
+    layers = family_of(owner).language_model().config.num_hidden_layers
+    if _lm_layers(gm) != set(range(layers)):
+        _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(_lm_layers(gm))} "
+                           f"of 0..{layers - 1}: a graph break splits the language model")
+        return None
+    roles = _output_roles(gm, layers)
+    inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
+              "image_mask": _placeholder_index(gm, merge.args[1], "image-token mask"),
+              "image_features": _placeholder_index(gm, merge.args[2], "image features")}
+    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
+        if p.name.startswith("l_attention_mask"):
+            inputs["attention_mask"] = i
+    return PrunedFrame(owner, opts, roles, inputs)
+
+
+def _not_applied(opts: BackendOptions, why: str) -> None:
+    msg = (f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {why}. The model would run "
+           "unpruned; use graphprune.prune(model, ...) instead")
+    if opts.if_not_applied == "raise":
+        raise PassNotApplicable(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
+def _compile(gm: fx.GraphModule, example_inputs, compiler: str):
+    if compiler == "eager":
+        return gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+    return lookup_backend("inductor")(gm, example_inputs)
+
+
+def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unused):
+    """The `graphprune` torch.compile backend (see the module docstring)."""
+    if unused:
+        raise PassConfigError(f"the graphprune backend takes options={{...}}, not {sorted(unused)} "
+                              "(mode= is Inductor's; pass compiler= in options)")
+    opts = BackendOptions.parse(options)
+    merge = _image_merge(gm)
+    if merge is not None:
+        if not _lm_layers(gm):
+            _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
+        else:
+            frame = _prune_frame(gm, merge, opts)
+            if frame is not None:
+                return frame
+    compiled = _compile(gm, example_inputs, opts.compiler)
+    if _lm_layers(gm):            # a decode step (or a text-only prompt) over the caches prefill left
+        # the frame's module is the whole model (no graph break without an image) or its body
+        from graphprune.families import family_of
+        lm = family_of(_owner("the module running the decoder layers")).language_model()
+        return DecodeFrame(lm, compiled, _attention_mask_index(gm))
+    return compiled
+
+
+def _attention_mask_index(gm: fx.GraphModule) -> int | None:
+    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
+        if p.name.startswith("l_attention_mask"):
+            return i
+    return None
+
+
+@dataclass
+class DecodeFrame:
+    """A decoder frame without image merge, run as captured. Hugging Face's cache then holds each
+    layer's kept tokens, and with no padding a one-token step attends to all of them, which is
+    exactly graphprune's decode. What HF's cache cannot express is refused here, loudly: key masks
+    of static-capacity passes, and padding (its mask has one column per prompt token)."""
+    language_model: torch.nn.Module
+    fn: object
+    attention_mask: int | None
+
+    def __call__(self, *args):
+        pruned = list(_PROGRAMS.get(self.language_model, {}).values())
+        if any(rw.masked for rw in pruned):
+            raise PassNotApplicable("decoding after a static-capacity pass (masked slots) needs graphprune's "
+                                    "per-layer key masks, which Hugging Face's cache cannot carry; use "
+                                    "graphprune.prune(model, ...).generate(...)")
+        if pruned and self.attention_mask is not None and bool((args[self.attention_mask] == 0).any()):
+            raise InputError(_PADDED)
+        return self.fn(*args)
+
+
+def pruned_graphs(model: torch.nn.Module) -> list[fx.GraphModule]:
+    """The rewritten prefill graphs the backend built for `model` (one per pipeline and compiler)."""
+    return [rw.graph_module for m in model.modules() for rw in _PROGRAMS.get(m, {}).values()]

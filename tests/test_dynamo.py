@@ -1,0 +1,160 @@
+"""The torch.compile backend (graphprune.targets.dynamo), against eager graphprune.
+
+`torch.compile(model, backend="graphprune", options={"pipeline": ...})` on tiny LLaVA-1.5, whose
+forward dynamo splits at the `.item()` of the image-token check: the logits of the kept tokens
+equal eager `graphprune.prune` (exactly with compiler="eager", to 1e-4 through CPU Inductor), the
+rewritten graph holds the selection, a second call with the same shapes compiles nothing, Hugging
+Face's generate() over the compiled forward decodes the same greedy tokens through the shrunk
+caches, and what the backend cannot do (a split anchor, static-capacity decode, bad options) fails
+loudly.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import fx
+
+import graphprune as gp
+from graphprune import tokenops, zoo
+from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.targets.dynamo import BackendOptions, graphprune_backend, pruned_graphs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return zoo.tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return zoo.llava_example(model, batch=2).as_kwargs()
+
+
+def _compiled(model, pipeline, compiler="eager", **extra):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="graphprune", options={"pipeline": pipeline, "compiler": compiler, **extra})
+
+
+def _selects(gm: fx.GraphModule, fn) -> bool:
+    return any(n.target is fn for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)", "vtw(layer=2)",
+                                      "random(layer=1, keep=0.5, seed=3)"])
+def test_eager_compiler_matches_graphprune(model, batch, pipeline):
+    want = gp.prune(model, pipeline)(**batch)
+    with torch.no_grad():
+        got = _compiled(model, pipeline)(**batch)
+    assert got.logits.shape == want.logits.shape            # the kept tokens only
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    # Hugging Face's cache holds, per layer, what that layer kept
+    lengths = [layer.keys.shape[2] for layer in got.past_key_values.layers]
+    assert lengths == want.cache.lengths()
+
+
+def test_inductor_matches_eager_and_does_not_recompile(batch):
+    model = zoo.tiny_llava()            # its own instance: pruned_graphs() lists what was built for it
+    pipeline = "fastv(layer=2, keep=8)"
+    want = gp.prune(model, pipeline)(**batch).logits
+    compiled = _compiled(model, pipeline, compiler="inductor")
+    with torch.no_grad():
+        got = compiled(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    graphs = pruned_graphs(model)
+    assert len(graphs) == 1 and _selects(graphs[0], tokenops.select_topk)
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    with torch.no_grad():
+        again = compiled(**batch).logits
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames, "same shapes must not recompile"
+    assert len(pruned_graphs(model)) == 1
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+def test_hf_generate_over_compiled_forward_decodes_like_graphprune(model):
+    kw = zoo.llava_example(model, batch=1, seed=2).as_kwargs()
+    pipeline = "fastv(layer=2, keep=8)"
+    want = gp.prune(model, pipeline).generate(**kw, max_new_tokens=10)[:, kw["input_ids"].shape[1]:]
+    torch._dynamo.reset()
+    forward = model.forward
+    try:
+        model.forward = torch.compile(forward, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
+        with torch.no_grad():
+            ids = model.generate(**kw, max_new_tokens=10, do_sample=False)[:, kw["input_ids"].shape[1]:]
+    finally:
+        model.forward = forward
+    assert torch.equal(ids, want)
+
+
+def test_backend_is_found_by_name_without_importing_graphprune():
+    code = ("import sys, torch\nfrom torch._dynamo.backends.registry import lookup_backend\n"
+            "assert 'graphprune' not in sys.modules\nfn = lookup_backend('graphprune')\n"
+            "print(fn.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "graphprune.targets.dynamo"
+
+
+@pytest.mark.parametrize("options, match", [
+    (None, "needs options"),
+    ({"pipline": "fastv"}, "needs options"),
+    ({"pipeline": "fastv", "mode": "x"}, "unknown graphprune backend option"),
+    ({"pipeline": "fastv", "compiler": "tvm"}, "compiler must be"),
+    ({"pipeline": "fastv", "if_not_applied": "ignore"}, "if_not_applied"),
+    ({"pipeline": "fasttv(keep=3)"}, "fasttv"),
+    ({"pipeline": "cls_topk(keep=8)"}, "vision-stage pass"),
+    ({"pipeline": "mustdrop_filter(layers=(1,), gamma=0.1, alpha=0.1, mode='exact')"}, "mode='exact'"),
+    ({"pipeline": []}, "empty"),
+])
+def test_bad_options_fail_before_work(options, match):
+    with pytest.raises(PassConfigError, match=match):
+        BackendOptions.parse(options)
+
+
+def test_bad_options_surface_through_torch_compile(model, batch):
+    with pytest.raises(Exception, match="vision-stage pass"):
+        with torch.no_grad():
+            _compiled(model, "cls_topk(keep=8)")(**batch)
+
+
+def _split_merge_frame() -> fx.GraphModule:
+    # what dynamo would hand over if a graph break separated the image merge from the decoder layers
+    class Merge(torch.nn.Module):
+        def forward(self, embeds, mask, feats):
+            return embeds.masked_scatter(mask, feats)
+    return fx.symbolic_trace(Merge())
+
+
+def test_split_anchor_raises_or_warns():
+    gm = _split_merge_frame()
+    ex = [torch.zeros(1, 4, 2), torch.ones(1, 4, 2, dtype=torch.bool), torch.ones(8)]
+    with pytest.raises(PassNotApplicable, match="graph break separates the image-feature merge"):
+        graphprune_backend(gm, ex, options={"pipeline": "fastv(layer=1, keep=2)", "compiler": "eager"})
+    with pytest.warns(UserWarning, match="would run unpruned"):
+        fn = graphprune_backend(gm, ex, options={"pipeline": "fastv(layer=1, keep=2)", "compiler": "eager",
+                                                 "if_not_applied": "warn"})
+    assert torch.equal(fn(*ex), torch.ones(1, 4, 2))     # ran as captured, after saying so
+
+
+def test_static_capacity_decode_is_refused(model):
+    kw = zoo.llava_example(model, batch=1, seed=2).as_kwargs()
+    pipeline = "mustdrop_filter(layers=(1, 2), gamma=0.01, alpha=0.02, capacity=24)"
+    want = gp.prune(model, pipeline)(**kw).logits
+    torch._dynamo.reset()
+    forward = model.forward
+    try:
+        model.forward = torch.compile(forward, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
+        with torch.no_grad():
+            torch.testing.assert_close(model(**kw).logits, want, atol=1e-5, rtol=0)     # prefill is exact
+            with pytest.raises(Exception, match="static-capacity"):
+                model.generate(**kw, max_new_tokens=3, do_sample=False)
+    finally:
+        model.forward = forward
+
+
+def test_padded_batch_prefills_exactly_and_warns_that_hf_decode_cannot(model):
+    kw = zoo.llava_example(model, batch=2, pad=(0, 3)).as_kwargs()
+    pipeline = "fastv(layer=2, keep=8)"
+    want = gp.prune(model, pipeline)(**kw).logits
+    with torch.no_grad(), pytest.warns(UserWarning, match="padded batch"):
+        got = _compiled(model, pipeline)(**kw).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
