@@ -28,3 +28,21 @@ def test_packages_import_under_one_name():
     import graphprune.passes
     import graphprune.targets
     assert graphprune.passes.__name__ == "graphprune.passes" and graphprune.targets.__name__ == "graphprune.targets"
+
+
+def test_three_ways_in_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's Python API, torch.compile and ONNX blocks, executed in order in one namespace."""
+    import pytest
+    pytest.importorskip("onnxruntime", reason="the ONNX block needs pip install 'graphprune[onnx]'")
+    import torch
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("<!-- three-ways-in -->")[1].split("<!-- /three-ways-in -->")[0]
+    blocks = re.findall(r"```python\n(.*?)\n```", section, re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    torch._dynamo.reset()
+    scope = {}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), scope)
+    assert (tmp_path / "out" / "fastv" / "manifest.json").exists()
+    assert "layer" in capsys.readouterr().out
