@@ -102,7 +102,7 @@ def _ensure_passes_registered():
 
 
 class PrunedModel:
-    def __init__(self, model, program: Program, pipeline: list, base: Program):
+    def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa"):
         self.model = model
         self.program = program          # the rewritten stages
         self.base = base                # the captured, unpruned stages (text-only prompts)
@@ -115,6 +115,21 @@ class PrunedModel:
         self._static_fn = None             # it, or its compiled version (compile_decode)
         self.report: Report | None = None
         self.results = program.results
+        self.attention = attention
+        self._exec = self._lower(attention)
+
+    def _lower(self, attention: str) -> dict:
+        """The graphs that run: the program's own, or copies whose attention is flash-attn's
+        (the program stays as rewritten: reports and exports read it)."""
+        gms = {}
+        for k in ("vision", "prefill"):
+            stage = self.program.stages.get(k)
+            gms[k] = None if stage is None else stage.gm
+            if gms[k] is not None and attention == "flash":
+                from .targets.flash import use_flash_attention
+                gms[k] = stage.copy().gm
+                use_flash_attention(gms[k])
+        return gms
 
     # -- prompt preparation -----------------------------------------------------------------
     def _layout(self, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -139,7 +154,7 @@ class PrunedModel:
             emb = self.family.embed(input_ids.gather(1, text_index))
             inputs["text_embeds"] = emb.repeat_interleave(n, 0)
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
-        outs = _call(vision.gm, **inputs)
+        outs = _call(self._exec["vision"], **inputs)
         feats = outs["features"]
         return (feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
                 outs.get("patches_protected"))
@@ -208,7 +223,7 @@ class PrunedModel:
             index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
             return self._finish(outs, attention_mask, positions, index, None, [note])
-        outs = _call(self.program.stages["prefill"].gm, **prompt.prefill_inputs())
+        outs = _call(self._exec["prefill"], **prompt.prefill_inputs())
         return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [])
 
     def _finish(self, outs, attention_mask, positions, index, prompt, notes) -> PrunedOutput:
@@ -359,13 +374,16 @@ def _call(gm, **inputs) -> dict:
 _PROGRAMS: dict[int, tuple] = {}
 
 
-def prune(model, method=None, *, program: Program | None = None, debug: bool = False, **options) -> PrunedModel:
+def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
+          **options) -> PrunedModel:
     """Prune a Hugging Face VLM with a method name (+ options), a pipeline string/TOML file, or passes.
 
     All options are validated, the model captured and the graphs rewritten before this returns;
     nothing runs on data until the pruned model is called. `method=None` or `[]` gives the
-    unpruned captured model (useful as the baseline).
+    unpruned captured model (useful as the baseline). `attention`: "auto" (flash-attn for the
+    vision and prefill layers when it imports and the model is on CUDA, else SDPA), "sdpa", "flash".
     """
+    attention = _attention_kind(model, attention)
     _ensure_passes_registered()
     passes = [] if method is None else as_passes(method, **options)
     if program is None:
@@ -375,7 +393,20 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
         program = _PROGRAMS[key][1]
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
-    return PrunedModel(model, rewritten, passes, program)
+    return PrunedModel(model, rewritten, passes, program, attention)
+
+
+def _attention_kind(model, attention: str) -> str:
+    from .targets.flash import flash_available
+    if attention not in ("auto", "sdpa", "flash"):
+        raise InputError(f'attention must be "auto", "sdpa" or "flash", got {attention!r}')
+    device = next(model.parameters()).device
+    if attention == "flash" and not flash_available(device):
+        raise InputError(f"attention='flash' needs the flash_attn package and a CUDA model (this one is on {device}); "
+                         "pip install 'graphprune[gpu]', or use attention='auto'")
+    if attention == "auto":
+        return "flash" if flash_available(device) else "sdpa"
+    return attention
 
 
 def _is_capacity(p) -> bool:
