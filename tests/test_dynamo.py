@@ -158,3 +158,28 @@ def test_padded_batch_prefills_exactly_and_warns_that_hf_decode_cannot(model):
     with torch.no_grad(), pytest.warns(UserWarning, match="padded batch"):
         got = _compiled(model, pipeline)(**kw).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_new_shapes_reuse_the_dynamic_rewrite(model):
+    """dynamo recompiles its frames for the first new shapes (then traces them dynamically); the
+    rewritten prefill is captured once with dynamic batch and sequence and serves them all."""
+    pipeline = "fastv(layer=2, keep=8)"
+    pruned = gp.prune(model, pipeline)
+    fresh = zoo.tiny_llava()
+    torch._dynamo.reset()
+    compiled = torch.compile(fresh, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
+    shapes = [dict(batch=2), dict(batch=1, suffix=4, seed=1), dict(batch=3, suffix=9, seed=2),
+              dict(batch=1, suffix=6, seed=3), dict(batch=2, suffix=3, seed=4)]
+    frames, frames_before = [], torch._dynamo.utils.counters["frames"]["total"]
+    for sh in shapes:
+        kw = zoo.llava_example(fresh, **sh).as_kwargs()
+        with torch.no_grad():
+            got = compiled(**kw).logits
+        torch.testing.assert_close(got, pruned(**kw).logits, atol=1e-5, rtol=0)
+        frames.append(torch._dynamo.utils.counters["frames"]["total"])
+    first = frames[0] - frames_before
+    assert frames[-1] - frames_before <= 3 * first, f"frames compiled after each call: {frames}"
+    with torch.no_grad():
+        compiled(**kw)                               # the last shape again: nothing to compile
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames[-1]
+    assert len(pruned_graphs(fresh)) == 1
