@@ -145,6 +145,8 @@ class OrtPrunedModel(PrunedModel):
         self.family = _HostFamily(m, embed)
         self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
                                        family=self.family)
+        self._exec = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
+        self.attention = "onnxruntime"
         self.decode_gm = graphs["decode"]
         self.base = None
         self.num_layers = m["num_layers"]
