@@ -183,3 +183,12 @@ def test_new_shapes_reuse_the_dynamic_rewrite(model):
         compiled(**kw)                               # the last shape again: nothing to compile
     assert torch._dynamo.utils.counters["frames"]["total"] == frames[-1]
     assert len(pruned_graphs(fresh)) == 1
+
+
+def test_qwen2vl_split_merge_is_refused_loudly():
+    # Qwen2-VL merges image embeddings in a frame of its own: the backend says it cannot prune
+    model = zoo.tiny_qwen2vl()
+    kw = zoo.qwen2vl_example(model).as_kwargs()
+    with pytest.raises(Exception, match="graph break separates the image-feature merge"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
