@@ -95,7 +95,74 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     e.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
     e.set_defaults(func=cmd_export_onnx)
+    _vqa_parsers(sub)
     return p
+
+
+VQA_MODEL_HELP = ("the shipped VQA model (default) | random | random:CONFIG (graphprune.zoo.CONFIGS, random weights) | "
+                  "a directory written by examples/train_vqa_model.py | a LLaVA-style local path or hub id in the local "
+                  "HF cache (offline, with its processor)")
+
+
+def _vqa_parsers(sub) -> None:
+    b = sub.add_parser("bench", help="accuracy / speed / cost of methods x budgets on a VQA model",
+                       description="Grid mode: every method at every budget (192/128/64 of 576 and its own defaults) on "
+                       "the shipped VQA model and the synthetic test split: accuracy (and % of unpruned), prefill and "
+                       "end-to-end time (medians, variants interleaved), speed-up, FLOPs, KV bytes. --speed: a larger "
+                       "random-weight model, each method at 64 of 576 kept after layer 2: measured vs FLOPs-ideal "
+                       "LLM-prefill speed-up, selection overhead, decode time per token.")
+    b.add_argument("--model", help=VQA_MODEL_HELP)
+    b.add_argument("--data", help="JSONL file, or folder of them: {\"image\": path relative to the file, \"question\", "
+                   "\"answer\", optional \"type\"} per line (default: the synthetic VQA split)")
+    b.add_argument("--methods", help="comma-separated (default: all of fastv, dart, random, cls_topk, mustdrop, "
+                   "visiontrim, vtw)")
+    b.add_argument("--budgets", default="192,128,64,default", help="vision tokens kept per image, comma-separated; "
+                   "'default' = each method's own defaults (default: 192,128,64,default)")
+    b.add_argument("--pipeline", action="append", default=[], help="an extra cell: any pipeline string (repeatable)")
+    b.add_argument("--n", type=int, default=200, help="questions (default 200)")
+    b.add_argument("--split", default="test", help="synthetic split (default test)")
+    b.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
+    b.add_argument("--batch", type=int, default=16, help="questions per call for accuracy (default 16)")
+    b.add_argument("--time-batch", type=int, default=8, help="questions in the timed batch (default 8)")
+    b.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (median; default 5)")
+    b.add_argument("--decode-tokens", type=int, default=2, help="greedy tokens of the end-to-end time (default 2: "
+                   "answer + eos)")
+    b.add_argument("--speed", action="store_true", help="speed mode on a larger random-weight model")
+    b.add_argument("--decode-steps", type=int, default=16, help="speed mode: decode steps timed (default 16)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    b.add_argument("--json", metavar="PATH", help="write everything (config, machine, cells) as JSON ('-': stdout)")
+    b.add_argument("--plot", metavar="PATH.png", help="accuracy vs prefill time per method (needs matplotlib: "
+                   "pip install 'graphprune[plot]')")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="the shipped VQA model answering test questions unpruned and pruned",
+                       description="Answer a few test questions unpruned and with a few pipelines; print answers, "
+                       "kept tokens, KV bytes and timings side by side and write images of the kept patches.")
+    d.add_argument("--model", help=VQA_MODEL_HELP)
+    d.add_argument("--pipeline", action="append", help="pipeline to show (repeatable; default: fastv 64, "
+                   "visiontrim 64, mustdrop 64)")
+    d.add_argument("--n", type=int, default=6, help="test questions (default 6)")
+    d.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
+    d.add_argument("--out", default="graphprune_demo", help="folder for the images (default graphprune_demo)")
+    d.add_argument("--no-images", action="store_true", help="do not write images")
+    d.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("visualize", help="draw an image with the patches a pipeline dropped dimmed",
+                       description="Run a question on an image through a pruned model and draw the image with the "
+                       "dropped patches dimmed and merged tokens outlined (models with a patch grid).")
+    v.add_argument("--image", required=True, help="a PNG (other formats with Pillow), or test:N / val:N for sample N "
+                   "of a synthetic split")
+    v.add_argument("--question", help="the question (default: the synthetic sample's)")
+    v.add_argument("--pipeline", required=True, help='pruning pipeline, e.g. "fastv(layer=2, keep=64)"')
+    v.add_argument("--out", required=True, help="output PNG")
+    v.add_argument("--model", help=VQA_MODEL_HELP)
+    v.add_argument("--scale", type=int, default=1, help="enlarge the drawing by this integer factor (default 1)")
+    v.add_argument("--json", action="store_true", help="print what was drawn as JSON")
+    v.set_defaults(func=cmd_visualize)
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -424,6 +491,128 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return round(statistics.median(ts) * 1e3, 3)
+
+
+# -- bench / demo / visualize ---------------------------------------------------------------------
+
+def _positive(args, *names) -> None:
+    for n in names:
+        if getattr(args, n) < 1:
+            raise _Failure(f"--{n.replace('_', '-')} must be >= 1")
+
+
+def _threads(args) -> None:
+    import torch
+    if args.threads is not None:
+        _positive(args, "threads")
+        torch.set_num_threads(args.threads)
+
+
+def _writable(path: str, what: str) -> None:
+    import os
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _Failure(f"{what} {path}: folder {folder} does not exist")
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    from .pipeline import as_passes
+    _positive(args, "n", "batch", "time_batch", "repeats", "decode_tokens", "decode_steps")
+    _threads(args)
+    for path, what in ((args.json if args.json != "-" else None, "--json"), (args.plot, "--plot")):
+        if path:
+            _writable(path, what)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _Failure("--plot needs matplotlib: pip install 'graphprune[plot]'") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.speed:
+        if args.model or args.data or args.pipeline:
+            raise _Failure("--speed builds its own random-weight model; --model, --data and --pipeline do not apply")
+        res = bench.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, quiet=args.quiet)
+        res["machine"] = bench.machine()
+        text = bench.format_speed(res)
+    else:
+        budgets = bench.parse_budgets(args.budgets)
+        methods = methods or list(bench.METHODS)
+        bench.grid_specs(methods, [], 32, 10 ** 9)          # unknown names fail before the model loads
+        for p in args.pipeline:
+            as_passes(p)
+        if args.data and not __import__("os").path.exists(args.data):
+            raise _Failure(f"--data {args.data} does not exist")
+        vm = bench.load_vqa_model(args.model)
+        cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
+        cells += [("custom", str(i), p) for i, p in enumerate(args.pipeline)]
+        prepared, skipped = bench.prepare(vm, cells)
+        items = bench.load_items(args.data, args.n, args.split, args.seed)
+        if not items:
+            raise _Failure("no questions to run")
+        res = bench.run_grid(vm, prepared, items, batch=args.batch, time_batch=args.time_batch, repeats=args.repeats,
+                             decode_tokens=args.decode_tokens, quiet=args.quiet)
+        res.update(model=vm.name, source=vm.source, machine=bench.machine(),
+                   config={k: v for k, v in vars(args).items() if k != "func"}, questions=len(items), skipped=skipped)
+        text = f"model: {vm.name} ({vm.source}); {len(items)} questions\n" + bench.format_grid(res)
+        text += "".join(f"\nskipped {s['method']} (default: {s['pipeline']}): {s['reason']}" for s in skipped)
+        if args.plot:
+            bench.plot_grid(res, args.plot, f"{vm.name}: accuracy vs prefill time ({len(items)} questions)")
+            text += f"\nplot: {args.plot}"
+    if args.json == "-":
+        print(json.dumps(res, indent=2))
+        return 0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        text += f"\njson: {args.json}"
+    print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import bench, demo
+    from .pipeline import as_passes
+    _positive(args, "n", "repeats")
+    _threads(args)
+    for p in args.pipeline or []:
+        as_passes(p)
+    vm = bench.load_vqa_model(args.model)
+    pipelines = args.pipeline or demo.default_pipelines(vm.model.config.text_config.num_hidden_layers)
+    items = bench.load_items(None, args.n, "test", args.seed)
+    res = demo.run_demo(vm, items, pipelines, None if args.no_images else args.out, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"model": vm.name, "source": vm.source, **res}, indent=2))
+        return 0
+    print(demo.format_demo(res, f"model: {vm.name} ({vm.source}); {len(items)} test questions, batch {len(items)}"))
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    from . import bench, vqa
+    from .pipeline import as_passes
+    from .visualize import visualize
+    as_passes(args.pipeline)
+    _positive(args, "scale")
+    _writable(args.out, "--out")
+    split, _, idx = args.image.partition(":")
+    if split in vqa.SPLITS and idx.isdigit():
+        s = vqa.sample_at(split, int(idx))
+        image, question = s.image, args.question or s.question
+    elif not args.question:
+        raise _Failure("--question is required for an image file")
+    else:
+        image, question = bench.read_image(args.image), args.question
+    vm = bench.load_vqa_model(args.model)
+    res = visualize(vm, image, question, args.pipeline, args.out, scale=args.scale)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['pipeline']}: kept {len(res['kept'])} of {res['patches']} patches ({res['grid'][0]}x{res['grid'][1]} "
+          f"grid), {res['dimmed']} dimmed, {len(res['merged'])} merged tokens outlined; KV {res['kv_bytes']:,} bytes"
+          + (f"; answer: {res['answer']}" if res["answer"] is not None else "") + f"\nwrote {res['out']} "
+          f"({res['size'][0]}x{res['size'][1]})")
+    return 0
 
 
 if __name__ == "__main__":

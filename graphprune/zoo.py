@@ -143,3 +143,97 @@ def qwen2vl_example(model, *, batch: int = 1, grid: tuple[int, int] = (8, 8), pr
     thw = torch.tensor([[1, h, w]] * batch)
     types = (input_ids == cfg.image_token_id).int()
     return Example(input_ids, mask, pixels, thw, types)
+
+
+# --------------------------------------------------------------------------- the trained VQA model
+# Configs of graphprune's small trained LLaVA-architecture VLM (examples/train_vqa_model.py).
+# "default" is the shipped model (graphprune/weights/vqa_llava/); "tiny" is for smoke tests (the
+# image size is a parameter so tests can use a small grid; the prompt then has
+# (image_size // patch) ** 2 image tokens).
+CONFIGS = {
+    "default": dict(image_size=336, patch=14, vision_hidden=96, vision_layers=4, vision_heads=4,
+                    vision_mlp=384, hidden=64, layers=8, heads=4, kv_heads=2, mlp=192,
+                    projector_act="gelu"),
+    "tiny": dict(image_size=56, patch=14, vision_hidden=32, vision_layers=2, vision_heads=2,
+                 vision_mlp=64, hidden=32, layers=8, heads=2, kv_heads=1, mlp=64,
+                 projector_act="gelu"),
+}
+
+VQA_WEIGHTS = "weights/vqa_llava"        # relative to the graphprune package directory
+VQA_TRAIN_COMMAND = "python examples/train_vqa_model.py --out graphprune/weights/vqa_llava"
+
+
+def build_model(cfg: dict, seed: int = 0, vocab=None):
+    """A fresh (randomly initialised) LlavaForConditionalGeneration for a `CONFIGS` entry over
+    `vocab` (default `graphprune.vqa.Vocab()`): CLIP vision tower with CLS, feature layer -2,
+    strategy "default", MLP projector, Llama LM."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from graphprune import vqa
+
+    vocab = vocab or vqa.Vocab()
+    n_img = (cfg["image_size"] // cfg["patch"]) ** 2
+    vc = CLIPVisionConfig(hidden_size=cfg["vision_hidden"], intermediate_size=cfg["vision_mlp"],
+                          num_hidden_layers=cfg["vision_layers"], num_attention_heads=cfg["vision_heads"],
+                          image_size=cfg["image_size"], patch_size=cfg["patch"],
+                          projection_dim=cfg["vision_hidden"], hidden_act="quick_gelu")
+    tc = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["mlp"],
+                     num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                     num_key_value_heads=cfg["kv_heads"], vocab_size=len(vocab),
+                     max_position_embeddings=max(1024, n_img + 128), rope_theta=10000.0,
+                     pad_token_id=vocab.pad_id, bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id,
+                     tie_word_embeddings=False)
+    lc = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=vocab.image_id,
+                     vision_feature_layer=-2, vision_feature_select_strategy="default",
+                     projector_hidden_act=cfg["projector_act"], image_seq_length=n_img,
+                     pad_token_id=vocab.pad_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(lc)
+    model.generation_config.pad_token_id = vocab.pad_id
+    model.generation_config.bos_token_id = vocab.bos_id
+    model.generation_config.eos_token_id = vocab.eos_id
+    return model
+
+
+def vqa_weights_dir() -> str:
+    """Where the shipped VQA model lives (package data; may not exist yet)."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), *VQA_WEIGHTS.split("/"))
+
+
+def vqa_llava(path: str | None = None):
+    """The trained small LLaVA VQA model and its vocabulary: `(model, graphprune.vqa.Vocab())`.
+
+    Loads `graphprune/weights/vqa_llava/` (shipped with the package) when `path` is None, else a
+    `save_pretrained` directory written by `examples/train_vqa_model.py --out DIR`. Offline
+    (local files only), eval mode, attn_implementation="sdpa". Raises FileNotFoundError naming
+    what is missing and the command that trains the weights."""
+    import json
+    import os
+
+    from transformers import LlavaForConditionalGeneration
+
+    from graphprune import vqa
+
+    d = vqa_weights_dir() if path is None else os.fspath(path)
+    missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(d, f))]
+    if missing:
+        where = "the shipped VQA model weights" if path is None else "a trained VQA model"
+        raise FileNotFoundError(
+            f"{where} not found: {', '.join(missing)} missing in {d}. Train them with\n"
+            f"    {VQA_TRAIN_COMMAND if path is None else 'python examples/train_vqa_model.py --out ' + d}\n"
+            f"(see the docstring of examples/train_vqa_model.py for the exact options of the shipped run).")
+    vocab = vqa.Vocab()
+    meta_path = os.path.join(d, "train_meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        words = meta.get("vocab")
+        if words is not None and words != [vocab.decode([i]) for i in range(len(vocab))]:
+            raise ValueError(f"{meta_path}: the model's vocabulary differs from graphprune.vqa.Vocab()")
+    model = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa",
+                                                          local_files_only=True)
+    if model.config.text_config.vocab_size != len(vocab) or model.config.image_token_id != vocab.image_id:
+        raise ValueError(f"{d}: not a graphprune VQA model (vocab size / image token id differ)")
+    return model.eval(), vocab

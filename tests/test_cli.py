@@ -94,3 +94,15 @@ def test_run_smoke(capsys):
     assert "unpruned" in out and "fastv(layer=2, keep=9)" in out and "vtw(layer=2)" in out and "cls_topk" in out
     assert "HF model (reference)" in out and "pipeline: fastv(layer=2, keep=9)" in out
     assert "same as unpruned" in out
+
+
+def test_vqa_commands_listed_and_validated_before_loading(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "bench" in out and "demo" in out and "visualize" in out
+    # bad options fail at once, before any model is built or loaded
+    assert "--n must be >= 1" in fails(capsys, "bench", "--n", "0")
+    assert "unknown method 'nope'" in fails(capsys, "demo", "--pipeline", "nope(keep=2)")
+    assert "--question is required" in fails(capsys, "visualize", "--image", __file__, "--pipeline", "fastv",
+                                             "--out", "/tmp/x.png")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The benchmark runs behind the numbers in benchmarks/README.md. Run from the repository root with
+# the virtual environment active (pip install -e ".[plot]" for the PNG plots). Results go to
+# benchmarks/results/ (JSON + PNG); the tables print on the terminal.
+set -euo pipefail
+out=benchmarks/results
+mkdir -p "$out"
+model=${MODEL:-}                 # empty: the shipped VQA model; MODEL=random for random weights
+args=()
+[ -n "$model" ] && args+=(--model "$model")
+
+# accuracy / speed / cost grid: methods x budgets (192/128/64 of 576 and each method's defaults)
+graphprune bench "${args[@]}" --n "${N:-200}" --json "$out/grid.json" --plot "$out/grid.png"
+
+# speed mode: larger random-weight model, 64 of 576 kept after layer 2
+graphprune bench --speed --json "$out/speed.json"
