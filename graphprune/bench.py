@@ -6,12 +6,8 @@ on the shipped VQA model and the synthetic test split (or --model / --data). Per
 time (medians, variants interleaved round-robin so machine drift hits all alike), speed-up vs
 unpruned, prefill FLOPs and KV-cache bytes (graphprune's own report, batch 1).
 
-Speed mode (--speed): a larger random-weight LLaVA built from a config (SPEED_CONFIG), each
-method at 64 of 576 kept after layer 2. Per method: measured LLM-prefill speed-up (the prefill
-graph alone), the FLOPs-ideal speed-up, their ratio, the selection overhead (the same pruned
-graphs with every scoring/selection node replaced by its recorded output, timed interleaved with
-the real ones: overhead = real - fixed, as a share of the pruned vision + LLM prefill time) and
-the decode time per token through the shrunk caches.
+Speed mode (--speed) is graphprune.speed; the stage-graph instrumentation both use (timing,
+selection replay) is graphprune.instrument.
 """
 from __future__ import annotations
 
@@ -26,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tokenops
 
 # method -> (pipeline at a budget, pipeline of the method's own defaults). {layers}: MustDrop's
 # filter layers (2, 6, 10, 14) that exist in the model; {half}: VTW's layer 16 of 32 -> L // 2.
@@ -39,16 +34,6 @@ METHODS = {
     "visiontrim": ("visiontrim(keep={keep})", "visiontrim"),
     "vtw": (None, "vtw(layer={half})"),
 }
-# speed mode: every method with 64 of 576 vision tokens kept from LLM layer 2 on (VTW keeps none,
-# cls_topk selects before the LLM)
-SPEED_METHODS = {
-    "fastv": "fastv(layer=2, keep=64)", "dart": "dart(layer=2, keep=64)", "random": "random(layer=2, keep=64)",
-    "mustdrop": "mustdrop(keep=64, layers=(2, 6))", "visiontrim": "visiontrim(keep=64, stage='llm', layer=2)",
-    "vtw": "vtw(layer=2)", "cls_topk": "cls_topk(keep=64)",
-}
-SPEED_CONFIG = dict(image_size=336, patch=14, vision_hidden=768, vision_layers=6, vision_heads=12, vision_mlp=3072,
-                    hidden=1024, layers=8, heads=16, kv_heads=16, mlp=2816, projector_act="gelu")
-SELECTION_FNS = (tokenops.select_topk, tokenops.apply_choice, tokenops.withdraw_all, tokenops.protect_topk)
 
 
 class BenchError(ValueError):
@@ -312,120 +297,6 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "processor": platform.processor()}
 
 
-# -- instrumenting the stage graphs ---------------------------------------------------------------
-
-class _StageProxy:
-    """Stands in for a stage's GraphModule: same placeholders and output names, another call."""
-
-    def __init__(self, gm, call):
-        self.gm, self.call = gm, call
-        self.graph, self.meta = gm.graph, gm.meta
-
-    def __call__(self, *args):
-        return self.call(*args)
-
-
-def executed_graphs(pruned) -> dict:
-    """{stage: the graph PrunedModel runs} for the vision and prefill stages (None: eager / absent)."""
-    return dict(pruned._exec)
-
-
-def with_proxies(pruned, make) -> object:
-    """A shallow copy of a PrunedModel that runs `make(stage_name, gm)` in place of its vision and
-    prefill graphs (the original, its program and its reports are untouched)."""
-    import copy
-    clone = copy.copy(pruned)
-    clone._exec = {k: None if gm is None else make(k, gm) for k, gm in executed_graphs(pruned).items()}
-    return clone
-
-
-def timed(pruned) -> tuple[object, dict]:
-    """(copy of pruned whose vision / prefill graphs add their run time to the dict, that dict)."""
-    spent = {"vision": 0.0, "prefill": 0.0}
-
-    def make(name, gm):
-        def call(*args):
-            t = time.perf_counter()
-            out = gm(*args)
-            spent[name] += time.perf_counter() - t
-            return out
-        return _StageProxy(gm, call)
-    return with_proxies(pruned, make), spent
-
-
-def record_selections(pruned, inputs: dict) -> dict:
-    """Run pruned(**inputs) through an fx Interpreter and return {stage: [(node, args, output,
-    kwargs of the pass's choose function or None)]} for every selection node (top-k / choose /
-    withdraw / protect), in graph order, plus {"output": PrunedOutput}."""
-    from torch import fx
-    records = {"vision": [], "prefill": []}
-
-    class Rec(fx.Interpreter):
-        def __init__(self, gm, name):
-            super().__init__(gm, garbage_collect_values=False)
-            self.name = name
-
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.op == "call_function" and n.target in SELECTION_FNS:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                choice_kw = None
-                if n.target is tokenops.apply_choice and isinstance(n.args[0], fx.Node):
-                    choice_kw = self.fetch_args_kwargs_from_env(n.args[0])[1]
-                records[self.name].append((n, args, out, choice_kw))
-            return out
-
-    clone = with_proxies(pruned, lambda name, gm: _StageProxy(gm, lambda *a, gm=gm, name=name: Rec(gm, name).run(*a)))
-    records["output"] = clone(**inputs)
-    return records
-
-
-def fixed_selection(pruned, inputs: dict):
-    """A copy of pruned whose selection nodes are replaced by the outputs they produced on
-    `inputs` (constants of the same shapes), the scoring / signal nodes feeding only them removed:
-    the same pruned computation without the cost of choosing. Valid for these inputs only."""
-    from torch import fx
-    records = record_selections(pruned, inputs)
-
-    def make(name, gm):
-        recs = records[name]
-        if not recs:
-            return gm
-        new = fx.GraphModule(gm, gm.graph.__deepcopy__())
-        new.meta.update(gm.meta)
-        nodes = {n.name: n for n in new.graph.nodes}
-        for i, (old, _, out, _) in enumerate(recs):
-            n = nodes[old.name]
-            consts = _as_consts(new, f"_fixed_{i}", out, n)
-            if isinstance(out, torch.Tensor):
-                n.replace_all_uses_with(consts)
-            else:
-                for user in list(n.users):
-                    user.replace_all_uses_with(consts[user.args[1]])
-                    new.graph.erase_node(user)
-            new.graph.erase_node(n)
-        new.graph.eliminate_dead_code()
-        new.recompile()
-        return new
-    return with_proxies(pruned, make)
-
-
-def _as_consts(gm, prefix, out, node):
-    g = gm.graph
-    with g.inserting_before(node):
-        if isinstance(out, torch.Tensor):
-            gm.register_buffer(prefix, out.clone())
-            return g.get_attr(prefix)
-        consts = []
-        for j, t in enumerate(out):
-            if isinstance(t, torch.Tensor):
-                gm.register_buffer(f"{prefix}_{j}", t.clone())
-                consts.append(g.get_attr(f"{prefix}_{j}"))
-            else:
-                consts.append(t)
-        return consts
-
-
 # -- grid mode -------------------------------------------------------------------------------------
 
 def predict(vm: VQAModel, pruned, inputs: dict, max_new_tokens: int = 8) -> tuple[list[str], object]:
@@ -547,111 +418,3 @@ def plot_grid(res: dict, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-# -- speed mode ------------------------------------------------------------------------------------
-
-def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None, quiet=False) -> dict:
-    """Measured vs FLOPs-ideal LLM-prefill speed-up, selection overhead and decode time per
-    token for each method at 64 of 576 kept after layer 2, on a random-weight model."""
-    from . import prune, vqa, zoo
-    methods = list(methods or SPEED_METHODS)
-    for m in methods:
-        if m not in SPEED_METHODS:
-            raise BenchError(f"unknown speed-mode method {m!r}; have {', '.join(SPEED_METHODS)}")
-    cfg = dict(config or SPEED_CONFIG)
-    prog = Progress(3 + 2 * len(methods) + 2 * repeats, "speed", not quiet)
-    model = zoo.build_model(cfg, 0).eval()
-    vm = wrap_model(model, "speed", "random weights", vocab=vqa.Vocab())
-    prog.step("captured")
-    kw = vm.inputs(load_items(None, batch))
-    base = prune(model)
-    real = {m: prune(model, SPEED_METHODS[m]) for m in methods}
-    fixed = {}
-    for m in methods:
-        fixed[m] = fixed_selection(real[m], kw)
-        prog.step(f"fixed {m}")
-    variants = {("unpruned", "real"): base, **{(m, "real"): real[m] for m in methods},
-                **{(m, "fixed"): fixed[m] for m in methods}}
-    clocks = {k: timed(pm) for k, pm in variants.items()}
-    samples = {k: {"vision": [], "prefill": [], "total": []} for k in variants}
-    with torch.inference_mode():
-        for (pm_t, spent) in clocks.values():
-            pm_t(**kw)                                               # warm-up
-        prog.step("warm-up")
-        for _ in range(repeats):
-            for k, (pm_t, spent) in clocks.items():
-                spent.update(vision=0.0, prefill=0.0)
-                t = time.perf_counter()
-                pm_t(**kw)
-                samples[k]["total"].append(time.perf_counter() - t)
-                samples[k]["vision"].append(spent["vision"])
-                samples[k]["prefill"].append(spent["prefill"])
-            prog.step("prefill")
-    decode = interleaved({k: _decoder(pm, kw, decode_steps) for k, pm in variants.items() if k[1] == "real"},
-                         repeats, prog)
-    med = {k: {c: statistics.median(v) for c, v in s.items()} for k, s in samples.items()}
-    for pm in [base, *real.values()]:
-        pm(**kw)
-    b = med[("unpruned", "real")]
-    rows = [{"method": "unpruned", "pipeline": "(unpruned)", "llm_prefill_ms": b["prefill"] * 1e3,
-             "vision_ms": b["vision"] * 1e3, "prefill_ms": b["total"] * 1e3, "flops": base.report.flops,
-             "decode_ms_per_token": decode[("unpruned", "real")] / decode_steps * 1e3}]
-    for m in methods:
-        r, f = med[(m, "real")], med[(m, "fixed")]
-        ideal = base.report.flops / real[m].report.flops
-        measured = b["prefill"] / r["prefill"]
-        overhead = (r["vision"] + r["prefill"]) - (f["vision"] + f["prefill"])
-        dec = decode[(m, "real")] / decode_steps * 1e3
-        rows.append({"method": m, "pipeline": " | ".join(repr(p) for p in real[m].pipeline),
-                     "llm_prefill_ms": r["prefill"] * 1e3, "vision_ms": r["vision"] * 1e3,
-                     "prefill_ms": r["total"] * 1e3,
-                     "fixed_llm_prefill_ms": f["prefill"] * 1e3, "fixed_vision_ms": f["vision"] * 1e3,
-                     "flops": real[m].report.flops, "ideal_speedup": ideal, "measured_speedup": measured,
-                     "ratio": measured / ideal, "selection_overhead": overhead / (r["vision"] + r["prefill"]),
-                     "decode_ms_per_token": dec, "decode_vs_unpruned": dec / rows[0]["decode_ms_per_token"],
-                     "targets": {"measured_ge_0.9_ideal": measured >= 0.9 * ideal,
-                                 "overhead_le_2pct": overhead <= 0.02 * (r["vision"] + r["prefill"]),
-                                 "decode_le_unpruned": dec <= rows[0]["decode_ms_per_token"]}})
-    return {"config": cfg, "batch": batch, "repeats": repeats, "decode_steps": decode_steps,
-            "prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": vm.tokens_per_image, "rows": rows,
-            "method": ("LLM prefill = the prefill graph alone; ideal = its FLOPs ratio (graphprune's accountant); "
-                       "selection overhead = (real - fixed) vision + prefill graph time over the real one, fixed = "
-                       "the same graphs with every selection node replaced by its recorded output and the scoring "
-                       "nodes feeding only it removed; decode = greedy steps through the per-layer caches; all "
-                       "medians, variants interleaved round-robin")}
-
-
-def _decoder(pm, kw, steps):
-    out = pm(**kw)
-
-    def run():
-        logits, cache = out.logits[:, -1], out.cache
-        pos = out.positions.amax(-1, keepdim=True) + 1
-        for s in range(steps):
-            logits, cache = pm._step(cache, logits.argmax(-1), pos + s)
-    return run
-
-
-def format_speed(res: dict) -> str:
-    c = res["config"]
-    lines = [f"speed mode: random-weight LLaVA, LLM {c['hidden']} x {c['layers']} layers, "
-             f"vision {c['vision_hidden']} x "
-             f"{c['vision_layers']}; batch {res['batch']}, {res['prompt_tokens']} prompt tokens "
-             f"({res['vision_tokens']} vision); medians of {res['repeats']} interleaved rounds", ""]
-    head = (f"{'method':<11}{'LLM ms':>9}{'ideal':>8}{'measured':>10}{'ratio':>7}{'select %':>10}"
-            f"{'decode ms/tok':>15}{'vs unpr':>9}  targets")
-    lines += [head, "-" * len(head)]
-    for r in res["rows"]:
-        if r["method"] == "unpruned":
-            lines.append(f"{'unpruned':<11}{r['llm_prefill_ms']:>9.1f}{'':>8}{'':>10}{'':>7}{'':>10}"
-                         f"{r['decode_ms_per_token']:>15.2f}")
-            continue
-        ok = " ".join(("ok" if v else "MISS") for v in r["targets"].values())
-        lines.append(f"{r['method']:<11}{r['llm_prefill_ms']:>9.1f}{r['ideal_speedup']:>7.2f}x"
-                     f"{r['measured_speedup']:>9.2f}x"
-                     f"{r['ratio']:>7.2f}{100 * r['selection_overhead']:>9.1f}%{r['decode_ms_per_token']:>15.2f}"
-                     f"{r['decode_vs_unpruned']:>8.2f}x  {ok}")
-    lines.append("targets: measured >= 0.9 x ideal, selection <= 2% of pruned prefill, decode/token <= unpruned")
-    lines.append(res["method"])
-    return "\n".join(lines)

@@ -516,7 +516,7 @@ def _writable(path: str, what: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from . import bench, speed
     from .pipeline import as_passes
     _positive(args, "n", "batch", "time_batch", "repeats", "decode_tokens", "decode_steps")
     _threads(args)
@@ -532,9 +532,9 @@ def cmd_bench(args) -> int:
     if args.speed:
         if args.model or args.data or args.pipeline:
             raise _Failure("--speed builds its own random-weight model; --model, --data and --pipeline do not apply")
-        res = bench.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, quiet=args.quiet)
+        res = speed.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, quiet=args.quiet)
         res["machine"] = bench.machine()
-        text = bench.format_speed(res)
+        text = speed.format_speed(res)
     else:
         budgets = bench.parse_budgets(args.budgets)
         methods = methods or list(bench.METHODS)

@@ -116,7 +116,9 @@ class PrunedModel:
         self.report: Report | None = None
         self.results = program.results
         self.attention = attention
-        self._exec = self._lower(attention)
+        # {stage: what runs}: the program's graphs, flash-lowered copies, or ONNX Runtime sessions
+        # (OrtPrunedModel); instrumentation (graphprune.instrument) swaps in wrappers here
+        self.executables = self._lower(attention)
 
     def _lower(self, attention: str) -> dict:
         """The graphs that run: the program's own, or copies whose attention is flash-attn's
@@ -154,7 +156,7 @@ class PrunedModel:
             emb = self.family.embed(input_ids.gather(1, text_index))
             inputs["text_embeds"] = emb.repeat_interleave(n, 0)
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
-        outs = _call(self._exec["vision"], **inputs)
+        outs = _call(self.executables["vision"], **inputs)
         feats = outs["features"]
         return (feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
                 outs.get("patches_protected"))
@@ -223,7 +225,7 @@ class PrunedModel:
             index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
             return self._finish(outs, attention_mask, positions, index, None, [note])
-        outs = _call(self._exec["prefill"], **prompt.prefill_inputs())
+        outs = _call(self.executables["prefill"], **prompt.prefill_inputs())
         return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [])
 
     def _finish(self, outs, attention_mask, positions, index, prompt, notes) -> PrunedOutput:

@@ -50,7 +50,7 @@ def merged_patches(pruned, inputs: dict) -> tuple[object, list[list[set[int]]]]:
     """(PrunedOutput, [sample][image] -> patch indices whose token in the last layer carries a
     merged value). A kept token is merged when a selection replaced its value by something other
     than its own state (compared with every token-shaped input of the choosing function)."""
-    from .bench import record_selections
+    from .instrument import record_selections
     rec = record_selections(pruned, inputs)
     flags = None
     for stage in ("vision", "prefill"):

@@ -145,7 +145,7 @@ class OrtPrunedModel(PrunedModel):
         self.family = _HostFamily(m, embed)
         self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
                                        family=self.family)
-        self._exec = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
+        self.executables = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
         self.attention = "onnxruntime"
         self.decode_gm = graphs["decode"]
         self.base = None

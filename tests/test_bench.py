@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from graphprune import bench, zoo
+from graphprune import bench, instrument, speed, zoo
 from graphprune.cli import main
 
 
@@ -107,18 +107,18 @@ def test_fixed_selection_is_the_same_computation(tiny):
     kw = tiny.inputs(bench.load_items(None, 2))
     for spec in ("fastv(layer=2, keep=8)", "cls_topk(keep=8)", "visiontrim(keep=8, stage='llm', layer=2)"):
         pm = prune(tiny.model, spec)
-        fixed = bench.fixed_selection(pm, kw)
+        fixed = instrument.fixed_selection(pm, kw)
         assert torch.allclose(pm(**kw).logits, fixed(**kw).logits, atol=1e-6)
-        for gm in bench.executed_graphs(fixed).values():
-            assert not {n.target for n in gm.graph.nodes} & set(bench.SELECTION_FNS)
-        assert any(n.target in bench.SELECTION_FNS for gm in bench.executed_graphs(pm).values()
+        for gm in instrument.executed_graphs(fixed).values():
+            assert not {n.target for n in gm.graph.nodes} & set(instrument.SELECTION_FNS)
+        assert any(n.target in instrument.SELECTION_FNS for gm in instrument.executed_graphs(pm).values()
                    for n in gm.graph.nodes)
 
 
 def test_speed_mode_smoke():
     # a small config (12x12 patch grid; 3 vision layers so MustDrop's merge fits) instead of SPEED_CONFIG
     cfg = dict(zoo.CONFIGS["tiny"], image_size=168, vision_layers=3)
-    res = bench.run_speed(["fastv", "mustdrop"], repeats=1, decode_steps=2, config=cfg, quiet=True)
+    res = speed.run_speed(["fastv", "mustdrop"], repeats=1, decode_steps=2, config=cfg, quiet=True)
     json.dumps(res)
     assert [r["method"] for r in res["rows"]] == ["unpruned", "fastv", "mustdrop"]
     assert res["vision_tokens"] == 144
@@ -127,7 +127,7 @@ def test_speed_mode_smoke():
         assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
         assert set(r["targets"]) == {"measured_ge_0.9_ideal", "overhead_le_2pct", "decode_le_unpruned"}
         assert r["decode_ms_per_token"] > 0 and r["llm_prefill_ms"] > 0
-    assert "ideal" in bench.format_speed(res)
+    assert "ideal" in speed.format_speed(res)
 
 
 def test_model_from_a_saved_directory(tmp_path):

@@ -1,0 +1,132 @@
+"""`graphprune bench --speed`: a larger random-weight LLaVA built from a config (SPEED_CONFIG), each
+method at 64 of 576 kept after layer 2. Per method: measured LLM-prefill speed-up (the prefill
+graph alone), the FLOPs-ideal speed-up, their ratio, the selection overhead (the same pruned
+graphs with every scoring/selection node replaced by its recorded output, timed interleaved with
+the real ones: overhead = real - fixed, as a share of the pruned vision + LLM prefill time) and
+the decode time per token through the shrunk caches.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .bench import BenchError, Progress, interleaved, load_items, wrap_model
+from .instrument import fixed_selection, timed
+
+# speed mode: every method with 64 of 576 vision tokens kept from LLM layer 2 on (VTW keeps none,
+# cls_topk selects before the LLM)
+SPEED_METHODS = {
+    "fastv": "fastv(layer=2, keep=64)", "dart": "dart(layer=2, keep=64)", "random": "random(layer=2, keep=64)",
+    "mustdrop": "mustdrop(keep=64, layers=(2, 6))", "visiontrim": "visiontrim(keep=64, stage='llm', layer=2)",
+    "vtw": "vtw(layer=2)", "cls_topk": "cls_topk(keep=64)",
+}
+SPEED_CONFIG = dict(image_size=336, patch=14, vision_hidden=768, vision_layers=6, vision_heads=12, vision_mlp=3072,
+                    hidden=1024, layers=8, heads=16, kv_heads=16, mlp=2816, projector_act="gelu")
+
+
+def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None, quiet=False) -> dict:
+    """Measured vs FLOPs-ideal LLM-prefill speed-up, selection overhead and decode time per
+    token for each method at 64 of 576 kept after layer 2, on a random-weight model."""
+    from . import prune, vqa, zoo
+    methods = list(methods or SPEED_METHODS)
+    for m in methods:
+        if m not in SPEED_METHODS:
+            raise BenchError(f"unknown speed-mode method {m!r}; have {', '.join(SPEED_METHODS)}")
+    cfg = dict(config or SPEED_CONFIG)
+    prog = Progress(3 + 2 * len(methods) + 2 * repeats, "speed", not quiet)
+    model = zoo.build_model(cfg, 0).eval()
+    vm = wrap_model(model, "speed", "random weights", vocab=vqa.Vocab())
+    prog.step("captured")
+    kw = vm.inputs(load_items(None, batch))
+    base = prune(model)
+    real = {m: prune(model, SPEED_METHODS[m]) for m in methods}
+    fixed = {}
+    for m in methods:
+        fixed[m] = fixed_selection(real[m], kw)
+        prog.step(f"fixed {m}")
+    variants = {("unpruned", "real"): base, **{(m, "real"): real[m] for m in methods},
+                **{(m, "fixed"): fixed[m] for m in methods}}
+    clocks = {k: timed(pm) for k, pm in variants.items()}
+    samples = {k: {"vision": [], "prefill": [], "total": []} for k in variants}
+    with torch.inference_mode():
+        for (pm_t, spent) in clocks.values():
+            pm_t(**kw)                                               # warm-up
+        prog.step("warm-up")
+        for _ in range(repeats):
+            for k, (pm_t, spent) in clocks.items():
+                spent.update(vision=0.0, prefill=0.0)
+                t = time.perf_counter()
+                pm_t(**kw)
+                samples[k]["total"].append(time.perf_counter() - t)
+                samples[k]["vision"].append(spent["vision"])
+                samples[k]["prefill"].append(spent["prefill"])
+            prog.step("prefill")
+    decode = interleaved({k: _decoder(pm, kw, decode_steps) for k, pm in variants.items() if k[1] == "real"},
+                         repeats, prog)
+    med = {k: {c: statistics.median(v) for c, v in s.items()} for k, s in samples.items()}
+    for pm in [base, *real.values()]:
+        pm(**kw)
+    b = med[("unpruned", "real")]
+    rows = [{"method": "unpruned", "pipeline": "(unpruned)", "llm_prefill_ms": b["prefill"] * 1e3,
+             "vision_ms": b["vision"] * 1e3, "prefill_ms": b["total"] * 1e3, "flops": base.report.flops,
+             "decode_ms_per_token": decode[("unpruned", "real")] / decode_steps * 1e3}]
+    for m in methods:
+        r, f = med[(m, "real")], med[(m, "fixed")]
+        ideal = base.report.flops / real[m].report.flops
+        measured = b["prefill"] / r["prefill"]
+        overhead = (r["vision"] + r["prefill"]) - (f["vision"] + f["prefill"])
+        dec = decode[(m, "real")] / decode_steps * 1e3
+        rows.append({"method": m, "pipeline": " | ".join(repr(p) for p in real[m].pipeline),
+                     "llm_prefill_ms": r["prefill"] * 1e3, "vision_ms": r["vision"] * 1e3,
+                     "prefill_ms": r["total"] * 1e3,
+                     "fixed_llm_prefill_ms": f["prefill"] * 1e3, "fixed_vision_ms": f["vision"] * 1e3,
+                     "flops": real[m].report.flops, "ideal_speedup": ideal, "measured_speedup": measured,
+                     "ratio": measured / ideal, "selection_overhead": overhead / (r["vision"] + r["prefill"]),
+                     "decode_ms_per_token": dec, "decode_vs_unpruned": dec / rows[0]["decode_ms_per_token"],
+                     "targets": {"measured_ge_0.9_ideal": measured >= 0.9 * ideal,
+                                 "overhead_le_2pct": overhead <= 0.02 * (r["vision"] + r["prefill"]),
+                                 "decode_le_unpruned": dec <= rows[0]["decode_ms_per_token"]}})
+    return {"config": cfg, "batch": batch, "repeats": repeats, "decode_steps": decode_steps,
+            "prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": vm.tokens_per_image, "rows": rows,
+            "method": ("LLM prefill = the prefill graph alone; ideal = its FLOPs ratio (graphprune's accountant); "
+                       "selection overhead = (real - fixed) vision + prefill graph time over the real one, fixed = "
+                       "the same graphs with every selection node replaced by its recorded output and the scoring "
+                       "nodes feeding only it removed; decode = greedy steps through the per-layer caches; all "
+                       "medians, variants interleaved round-robin")}
+
+
+def _decoder(pm, kw, steps):
+    out = pm(**kw)
+
+    def run():
+        logits, cache = out.logits[:, -1], out.cache
+        pos = out.positions.amax(-1, keepdim=True) + 1
+        for s in range(steps):
+            logits, cache = pm._step(cache, logits.argmax(-1), pos + s)
+    return run
+
+
+def format_speed(res: dict) -> str:
+    c = res["config"]
+    lines = [f"speed mode: random-weight LLaVA, LLM {c['hidden']} x {c['layers']} layers, "
+             f"vision {c['vision_hidden']} x "
+             f"{c['vision_layers']}; batch {res['batch']}, {res['prompt_tokens']} prompt tokens "
+             f"({res['vision_tokens']} vision); medians of {res['repeats']} interleaved rounds", ""]
+    head = (f"{'method':<11}{'LLM ms':>9}{'ideal':>8}{'measured':>10}{'ratio':>7}{'select %':>10}"
+            f"{'decode ms/tok':>15}{'vs unpr':>9}  targets")
+    lines += [head, "-" * len(head)]
+    for r in res["rows"]:
+        if r["method"] == "unpruned":
+            lines.append(f"{'unpruned':<11}{r['llm_prefill_ms']:>9.1f}{'':>8}{'':>10}{'':>7}{'':>10}"
+                         f"{r['decode_ms_per_token']:>15.2f}")
+            continue
+        ok = " ".join(("ok" if v else "MISS") for v in r["targets"].values())
+        lines.append(f"{r['method']:<11}{r['llm_prefill_ms']:>9.1f}{r['ideal_speedup']:>7.2f}x"
+                     f"{r['measured_speedup']:>9.2f}x"
+                     f"{r['ratio']:>7.2f}{100 * r['selection_overhead']:>9.1f}%{r['decode_ms_per_token']:>15.2f}"
+                     f"{r['decode_vs_unpruned']:>8.2f}x  {ok}")
+    lines.append("targets: measured >= 0.9 x ideal, selection <= 2% of pruned prefill, decode/token <= unpruned")
+    lines.append(res["method"])
+    return "\n".join(lines)
