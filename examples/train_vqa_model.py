@@ -3,22 +3,51 @@
 The model is a standard `LlavaForConditionalGeneration` (CLIP-style vision tower with CLS at
 336 px / patch 14 -> 576 image tokens, `vision_feature_layer=-2`, strategy "default", GELU MLP
 projector, 8-layer Llama LM) over the closed word-level `graphprune.vqa.Vocab`, so it loads
-offline with `from_pretrained` and every pruning method runs on it as on LLaVA-1.5.
+offline with `from_pretrained` and every pruning method runs on it as on LLaVA-1.5. The configs
+and `build_model` live in `graphprune.zoo` (`zoo.CONFIGS`, `zoo.build_model`); the shipped
+weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.zoo.vqa_llava()`) come from:
 
-Training: samples streamed with `vqa.sample_at("train", i, seed)` in a fixed order (step s uses
-indices s*B .. s*B+B-1), loss only on the answer token and the `<eos>` after it, AdamW with
-linear warm-up + cosine decay, fp32 (optionally bf16 autocast) on CPU, 2 threads.
+    python examples/train_vqa_model.py --steps 3000 --minutes 78 --vision-steps 2000 \\
+        --vision-minutes 20 --vision-batch 16 --vision-lr 3e-3 --batch 8 --questions 12 \\
+        --aux-weight 0.3 --lr 2e-3 --eval-n 250 --eval-every 300 --test-n 1000 --seed 0 \\
+        --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava
+
+(78 training minutes, 20 of them phase 1, on 2 shared CPU cores: both time caps cut in, at 514 of
+2000 vision steps and 2211 of 3000 VQA steps, so that run is not step-reproducible; 29.7% on 1000
+test questions, seed 0 -- color 33%, count 19%, exist 49%, position 40%, read 9% -- far below the
+90% target. On an idle CPU the same command runs all steps (vision ~40 images/s, VQA ~8 images/s
+= ~95 questions/s; ~13 + ~47 min) and is then reproducible from its seeds. See train_meta.json for the history.)
+
+Recipe (all on the CPU, fp32, 2 threads, data streamed with `vqa.sample_at("train", i, seed)`
+in a fixed order, so a run is reproducible from its seeds and `--steps`):
+
+* Phase 1, `--vision-steps`: the vision tower alone (only up to its feature layer: LLaVA never
+  uses the last layer) learns dense per-patch labels from the scene graph (`patch_labels`: what
+  owns the patch: background / shape kind / number / word; its colour; which digit or word; the
+  patch holding an object's centre; the object's centre x, y) through a throwaway linear
+  `AuxHead` that is not saved. It is ~5x cheaper per image than the full model, whose cost is
+  the LM over ~600 tokens.
+* Phase 2, `--steps`: the whole model answers questions, `--questions` per image: the sample's
+  own question plus others about the same scene, answered from its scene graph with the
+  generator's templates and rules (`scene_questions`). `packed_forward` runs the LM over the
+  image prefix once and each question on top of a copy of its KV cache, which is exactly the
+  single-prompt computation, so one image's ~600-token LM pass trains many questions. Loss:
+  answer token + 0.25 x `<eos>`, plus `--aux-weight` x the per-patch loss (head kept on).
+* AdamW, linear warm-up + cosine decay per phase; `--minutes` caps the total wall time
+  (then the schedule is cut short); `--ckpt DIR` keeps the best model by val accuracy.
 
     python examples/train_vqa_model.py --minutes 90 --out runs/vqa
-    python examples/train_vqa_model.py --steps 3000 --batch 16 --lr 1e-3 --out runs/vqa
+    python examples/train_vqa_model.py --eval-only runs/vqa --test-n 1000      # test accuracy
 
-With only `--minutes`, the number of steps (which fixes the cosine schedule) is calibrated from
-the speed of the first steps; pass `--steps` for an exactly reproducible run. `--out DIR` gets
-`model.safetensors` + `config.json` (save_pretrained) and `train_meta.json` (vocab, config,
-metrics, history).
+With only `--minutes`, the number of phase-2 steps (which fixes the cosine schedule) is
+calibrated from the speed of the first steps; pass `--steps` for an exactly reproducible run.
+`--out DIR` gets `model.safetensors` + `config.json` (save_pretrained) and `train_meta.json`
+(vocab, config, command, metrics, history, and with `--test-n` the test accuracy per type).
 
 API: `build_model(cfg, seed)`, `make_batch(samples, vocab)`, `evaluate(model, samples, vocab)`,
-`train(cfg=..., steps=..., ...)` -> (model, history dict), `save(model, out, meta)`.
+`train(cfg=..., steps=..., ...)` -> (model, history dict), `save(model, out, meta)`,
+`patch_labels(scene)`, `scene_questions(scene, rng)`, `make_packed_batch(...)`,
+`packed_forward(model, batch)`, `test_accuracy(model, n, seed)`.
 """
 from __future__ import annotations
 
@@ -39,44 +68,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from graphprune import vqa  # noqa: E402
 
-# Model configs. "default" is the shipped model; "tiny" is for smoke tests (image size is still
-# a parameter so tests can use a small grid; the prompt uses (image_size // patch) ** 2 tokens).
-CONFIGS = {
-    "default": dict(image_size=336, patch=14, vision_hidden=96, vision_layers=4, vision_heads=2,
-                    vision_mlp=384, hidden=128, layers=8, heads=4, kv_heads=2, mlp=384,
-                    projector_act="gelu"),
-    "tiny": dict(image_size=56, patch=14, vision_hidden=32, vision_layers=2, vision_heads=2,
-                 vision_mlp=64, hidden=32, layers=8, heads=2, kv_heads=1, mlp=64,
-                 projector_act="gelu"),
-}
-
-
-def build_model(cfg: dict, seed: int = 0, vocab: vqa.Vocab | None = None):
-    """A fresh LlavaForConditionalGeneration over `vocab` (default `vqa.Vocab()`)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vocab = vocab or vqa.Vocab()
-    n_img = (cfg["image_size"] // cfg["patch"]) ** 2
-    vc = CLIPVisionConfig(hidden_size=cfg["vision_hidden"], intermediate_size=cfg["vision_mlp"],
-                          num_hidden_layers=cfg["vision_layers"], num_attention_heads=cfg["vision_heads"],
-                          image_size=cfg["image_size"], patch_size=cfg["patch"],
-                          projection_dim=cfg["vision_hidden"], hidden_act="quick_gelu")
-    tc = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["mlp"],
-                     num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                     num_key_value_heads=cfg["kv_heads"], vocab_size=len(vocab),
-                     max_position_embeddings=max(1024, n_img + 128), rope_theta=10000.0,
-                     pad_token_id=vocab.pad_id, bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id,
-                     tie_word_embeddings=False)
-    lc = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=vocab.image_id,
-                     vision_feature_layer=-2, vision_feature_select_strategy="default",
-                     projector_hidden_act=cfg["projector_act"], image_seq_length=n_img,
-                     pad_token_id=vocab.pad_id)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(lc)
-    model.generation_config.pad_token_id = vocab.pad_id
-    model.generation_config.bos_token_id = vocab.bos_id
-    model.generation_config.eos_token_id = vocab.eos_id
-    return model
+from graphprune.zoo import CONFIGS, build_model  # noqa: E402,F401  (re-exported: the documented API)
 
 
 def n_params(model) -> int:
@@ -167,15 +159,294 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --------------------------------------------------------------------------- dense patch labels
+TEXT_CONTENTS = (*vqa.DIGITS, *vqa.WORDS)
+AUX_HEADS = dict(kind=1 + len(vqa.KINDS) + 2,        # background, 4 shape kinds, number, word
+                 color=1 + len(vqa.COLOR_NAMES),     # none (background / text), 7 colours
+                 content=1 + len(TEXT_CONTENTS),     # none, 10 digits, 12 words
+                 centre=1 + len(vqa.KINDS) + 1)      # none, patch holding a shape's / the text's centre
+AUX_XY = 2                                           # object centre (x, y) / image size, regressed
+BACKGROUND_WEIGHT = dict(kind=0.3, color=0.3, centre=0.05)   # most patches are background
+
+
+def patch_labels(scene: vqa.Scene, grid: int = vqa.GRID) -> dict:
+    """Per-patch labels of a scene on a grid x grid patch grid (row-major, like the vision tokens).
+
+    A patch belongs to the object with the most pixels in it (objects never overlap). Returns
+    LongTensors (grid*grid,) `kind`, `color`, `content`, `centre` and float `xy` (grid*grid, 2)
+    with the owning object's centre / image size (0 for background)."""
+    n = grid * grid
+    ps = vqa.IMAGE_SIZE // grid
+    objs = [*scene.shapes, *scene.texts]
+    counts = torch.zeros(len(objs) + 1, n)
+    counts[0] = 0.5                                   # any object pixel beats background
+    full = torch.zeros(vqa.IMAGE_SIZE, vqa.IMAGE_SIZE)
+    for k, obj in enumerate(objs):
+        full.zero_()
+        x0, y0, x1, y1 = obj.bbox
+        full[y0:y1, x0:x1] = vqa._object_mask(obj).float()
+        counts[k + 1] = full.view(grid, ps, grid, ps).sum((1, 3)).flatten()
+    owner = counts.argmax(0)
+    kind = torch.zeros(n, dtype=torch.long)
+    color = torch.zeros(n, dtype=torch.long)
+    content = torch.zeros(n, dtype=torch.long)
+    centre = torch.zeros(n, dtype=torch.long)
+    xy = torch.zeros(n, 2)
+    for k, obj in enumerate(objs):
+        sel = owner == k + 1
+        cx, cy = (obj.bbox[0] + obj.bbox[2]) / 2, (obj.bbox[1] + obj.bbox[3]) / 2
+        xy[sel] = torch.tensor([cx / vqa.IMAGE_SIZE, cy / vqa.IMAGE_SIZE])
+        c = min(grid - 1, int(cy) // ps) * grid + min(grid - 1, int(cx) // ps)
+        if isinstance(obj, vqa.Shape):
+            kind[sel] = 1 + vqa.KINDS.index(obj.kind)
+            color[sel] = 1 + vqa.COLOR_NAMES.index(obj.color)
+            centre[c] = 1 + vqa.KINDS.index(obj.kind)
+        else:
+            kind[sel] = 1 + len(vqa.KINDS) + (0 if obj.kind == "number" else 1)
+            content[sel] = 1 + TEXT_CONTENTS.index(obj.content)
+            centre[c] = 1 + len(vqa.KINDS)
+    return dict(kind=kind, color=color, content=content, centre=centre, xy=xy)
+
+
+class AuxHead(torch.nn.Module):
+    """Throwaway per-patch classifier on the vision feature layer (not part of the saved model)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.out = torch.nn.Linear(dim, sum(AUX_HEADS.values()) + AUX_XY)
+
+    def forward(self, feats):                           # (B, N, D) -> dict of (B, N, C)
+        y = self.out(self.norm(feats))
+        out, i = {}, 0
+        for k, c in (*AUX_HEADS.items(), ("xy", AUX_XY)):
+            out[k] = y[..., i:i + c]
+            i += c
+        return out
+
+
+def aux_loss(pred: dict, labels: dict) -> tuple[torch.Tensor, dict]:
+    """Sum of the per-patch losses; returns (loss, {head: accuracy on its non-trivial patches})."""
+    loss, acc = 0.0, {}
+    for k in AUX_HEADS:
+        p, y = pred[k].flatten(0, 1), labels[k].flatten()
+        if k == "content":                              # only text patches carry a content label
+            m = y > 0
+            if m.any():
+                loss = loss + F.cross_entropy(p[m], y[m])
+        else:                                           # background / "none" (class 0) down-weighted
+            w = torch.ones(p.shape[-1], dtype=p.dtype, device=p.device)
+            w[0] = BACKGROUND_WEIGHT[k]
+            loss = loss + F.cross_entropy(p, y, weight=w)
+        m = y > 0
+        acc[k] = (p[m].argmax(-1) == y[m]).float().mean().item() if m.any() else float("nan")
+    m = labels["kind"].flatten() > 0
+    if m.any():
+        loss = loss + 10.0 * F.mse_loss(pred["xy"].flatten(0, 1)[m].float(), labels["xy"].flatten(0, 1)[m])
+    return loss, acc
+
+
+def stack_labels(samples, grid: int) -> dict:
+    labs = [patch_labels(s.scene, grid) for s in samples]
+    return {k: torch.stack([lab[k] for lab in labs]) for k in labs[0]}
+
+
+def vision_features(model, pixel_values):
+    """(B, N, D) vision features exactly as LLaVA takes them (hidden state of the feature layer,
+    CLS dropped), computing only the vision layers up to the feature layer (the later ones are
+    never used by LLaVA)."""
+    vt = model.model.vision_tower
+    vt = getattr(vt, "vision_model", vt)
+    layers = vt.encoder.layers
+    fl = model.config.vision_feature_layer
+    keep = len(layers) + 1 + fl if fl < 0 else fl      # hidden_states[fl] is after `keep` layers
+    h = vt.pre_layrnorm(vt.embeddings(pixel_values))
+    for layer in list(layers)[:keep]:
+        h = layer(h, None)
+    if model.config.vision_feature_select_strategy == "default":
+        h = h[:, 1:]
+    return h
+
+
+# --------------------------------------------------------------------------- more questions per scene
+def scene_questions(scene: vqa.Scene, rng: random.Random) -> dict:
+    """Every question the benchmark's templates can ask about `scene`, answered from its scene
+    graph, by type: {qtype: [(question, answer), ...]} (exist: {"exist_yes": .., "exist_no": ..})."""
+    shapes = scene.shapes
+    out = defaultdict(list)
+    kinds_present = {s.kind for s in shapes}
+    for kind in vqa.KINDS:
+        idx = vqa._indices(scene, kind)
+        if len(idx) == 1:
+            out["color"].append((vqa.TEMPLATES["color"].format(kind=kind), shapes[idx[0]].color))
+        if len(idx) <= vqa.MAX_COUNT:
+            out["count"].append((vqa.TEMPLATES["count"].format(plural=vqa.PLURALS[kind]), str(len(idx))))
+        art = "an" if kind[0] in "aeiou" else "a"
+        out["exist_yes" if idx else "exist_no"].append(
+            (vqa.TEMPLATES["exist"].format(article=art, thing=kind), "yes" if idx else "no"))
+    colors_present = {s.color for s in shapes}
+    for kind in vqa.KINDS:
+        for color in vqa.COLOR_NAMES:
+            if not (kind in kinds_present or color in colors_present):
+                continue                                  # keep the "no" cases hard negatives
+            yes = bool(vqa._indices(scene, kind, color))
+            thing = f"{color} {kind}"
+            art = "an" if thing[0] in "aeiou" else "a"
+            out["exist_yes" if yes else "exist_no"].append(
+                (vqa.TEMPLATES["exist"].format(article=art, thing=thing), "yes" if yes else "no"))
+    refs = vqa._references(scene, rng)
+    for r, ref in refs.items():                           # "what shape is left of the {ref}?"
+        rx = shapes[r].center[0]
+        for direction in vqa.DIRECTIONS:
+            sign = -1 if direction == "left" else 1
+            there = [j for j in range(len(shapes)) if j != r and
+                     (vqa._left_of(shapes[j], shapes[r]) if direction == "left" else vqa._left_of(shapes[r], shapes[j]))]
+            rest_ok = all(sign * (shapes[j].center[0] - rx) < 0 for j in range(len(shapes))
+                          if j != r and j not in there)
+            if len(there) == 1 and rest_ok:
+                out["position"].append((vqa.TEMPLATES["which"].format(direction=direction, ref=ref),
+                                        shapes[there[0]].kind))
+    for a, ref_a in refs.items():                         # "is the A left or right of the B?"
+        for b, ref_b in refs.items():
+            if a == b:
+                continue
+            sa, sb = shapes[a], shapes[b]
+            if vqa._left_of(sa, sb) or vqa._left_of(sb, sa):
+                out["position"].append((vqa.TEMPLATES["horizontal"].format(a=ref_a, b=ref_b),
+                                        "left" if vqa._left_of(sa, sb) else "right"))
+            if vqa._above(sa, sb) or vqa._above(sb, sa):
+                out["position"].append((vqa.TEMPLATES["vertical"].format(a=ref_a, b=ref_b),
+                                        "above" if vqa._above(sa, sb) else "below"))
+    for t in scene.texts:
+        out["read"].append((vqa.TEMPLATES["read_number" if t.kind == "number" else "read_word"], t.content))
+    return dict(out)
+
+
+def questions_for(sample: vqa.Sample, k: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """The sample's own question plus up to k-1 more about its scene (types drawn uniformly among
+    those available, yes/no balanced, no repeats): [(question, answer, qtype), ...]."""
+    out = [(sample.question, sample.answer, sample.qtype)]
+    if k <= 1:
+        return out
+    rng = random.Random(f"{sample.uid}|{seed}|extra")
+    pool = scene_questions(sample.scene, rng)
+    seen = {sample.question}
+    for _ in range(8 * k):
+        if len(out) >= k:
+            break
+        types = sorted({"exist" if t.startswith("exist") else t for t in pool if pool[t]})
+        if not types:
+            break
+        t = rng.choice(types)
+        if t == "exist":
+            t = rng.choice([x for x in ("exist_yes", "exist_no") if pool.get(x)])
+        q, a = pool[t].pop(rng.randrange(len(pool[t])))
+        if q not in seen:
+            seen.add(q)
+            out.append((q, a, "exist" if t.startswith("exist") else t))
+    return out
+
+
+def make_packed_batch(samples, vocab: vqa.Vocab, questions_per_image: int = 1, seed: int = 0,
+                      image_tokens: int = vqa.NUM_PATCHES, image_size: int = vqa.IMAGE_SIZE,
+                      grid: int | None = None) -> dict:
+    """Several questions per image: `prefix_ids` (B, P) is `<bos> USER: <image>*N` once per image;
+    `seg_ids` (Q, S) holds one right-padded segment `\\n{question} ASSISTANT: {answer} <eos>` per
+    question, `img_of` (Q,) its image. `packed_forward` runs the prefix once and every segment on
+    top of its image's prefix KV cache, so each question is computed exactly as its single prompt
+    would be. `ans_pos` (Q,) is the segment position that predicts the answer (the `:`)."""
+    prefix = [vocab.bos_id] + vocab.encode(vqa.PROMPT_USER) + [vocab.image_id] * image_tokens
+    segs, img_of, ans_pos, answers, qtypes = [], [], [], [], []
+    for b, s in enumerate(samples):
+        for q, a, qt in questions_for(s, questions_per_image, seed):
+            body = vocab.encode("\n" + q) + vocab.encode(vqa.PROMPT_ASSISTANT)
+            segs.append(body + [vocab.answer_id(a), vocab.eos_id])
+            img_of.append(b), ans_pos.append(len(body) - 1), answers.append(vocab.answer_id(a)), qtypes.append(qt)
+    S = max(map(len, segs))
+    seg_ids = torch.full((len(segs), S), vocab.pad_id, dtype=torch.long)
+    seg_len = torch.tensor([len(x) for x in segs])
+    for i, x in enumerate(segs):
+        seg_ids[i, :len(x)] = torch.tensor(x)
+    out = dict(prefix_ids=torch.tensor([prefix] * len(samples)), seg_ids=seg_ids, seg_len=seg_len,
+               img_of=torch.tensor(img_of), ans_pos=torch.tensor(ans_pos), answers=torch.tensor(answers),
+               qtypes=qtypes, pixel_values=torch.stack([_pixels(s, image_size) for s in samples]))
+    if grid:
+        out["labels"] = stack_labels(samples, grid)
+    return out
+
+
+def packed_forward(model, batch: dict):
+    """Returns (logits (Q, 2, V) at the answer and <eos> positions, vision features (B, N, D))."""
+    feats = vision_features(model, batch["pixel_values"])
+    embed = model.model.get_input_embeddings()
+    lm = model.model.language_model
+    ids = batch["prefix_ids"]
+    emb = embed(ids)
+    m = (ids == model.config.image_token_id)[..., None].expand_as(emb)
+    emb = emb.masked_scatter(m, model.model.multi_modal_projector(feats).to(emb.dtype))
+    P = ids.shape[1]
+    cache = lm(inputs_embeds=emb, use_cache=True).past_key_values        # plain causal prefix
+    img_of = batch["img_of"]
+    for layer in cache.layers:                                           # one prefix copy per question
+        layer.keys, layer.values = layer.keys[img_of], layer.values[img_of]
+    seg = batch["seg_ids"]
+    Q, S = seg.shape
+    i = torch.arange(S)
+    causal = (i[None, :] <= i[:, None])[None].expand(Q, S, S)
+    mask = torch.cat([torch.ones(Q, S, P, dtype=torch.bool), causal], -1)[:, None]
+    pos = (P + i).expand(Q, S)
+    h = lm(inputs_embeds=embed(seg), attention_mask=mask, position_ids=pos, past_key_values=cache,
+           use_cache=True).last_hidden_state
+    q = torch.arange(Q)
+    ap = batch["ans_pos"]
+    logits = model.lm_head(torch.stack([h[q, ap], h[q, ap + 1]], 1)).float()
+    return logits, feats
+
+
+def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight: float = 0.0):
+    """Answer (+ 0.25 x <eos>) cross-entropy over all packed questions (+ aux_weight x per-patch
+    loss). Returns (loss, answer_correct (Q,), aux accuracies)."""
+    logits, feats = packed_forward(model, batch)
+    ans = batch["answers"]
+    loss = F.cross_entropy(logits[:, 0], ans) + 0.25 * F.cross_entropy(logits[:, 1], torch.full_like(ans, vocab.eos_id))
+    correct = logits[:, 0].argmax(-1) == ans
+    accs = {}
+    if aux_head is not None and aux_weight > 0:
+        al, accs = aux_loss(aux_head(feats), batch["labels"])
+        loss = loss + aux_weight * al
+    return loss, correct, accs
+
+
+def _param_groups(params, weight_decay):
+    params = list(params)
+    decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: float | None = None,
           batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int | None = None,
           seed: int = 0, data_seed: int = 0, samples=None, eval_n: int = 500, eval_every: int = 200,
           log_every: int = 10, threads: int = 2, autocast: bool = False, grad_clip: float = 1.0,
-          calib_steps: int = 10, log=print):
+          calib_steps: int = 10, questions: int = 1, aux_weight: float = 0.0,
+          vision_steps: int = 0, vision_batch: int = 32, vision_lr: float | None = None,
+          vision_minutes: float | None = None,
+          ckpt_dir: str | None = None, log=print):
     """Train from scratch. `samples` (a list) replaces the train stream (cycled; for tests).
 
-    Stops at `steps` or when `minutes` of training wall time are spent, whichever first; with no
-    `steps`, the total for the cosine schedule is calibrated after `calib_steps` steps.
+    Phase 1 (`vision_steps` > 0): the vision tower alone (up to its feature layer) learns the dense
+    per-patch labels (`patch_labels`) through a throwaway `AuxHead`, `vision_batch` images a step
+    (train-stream images after the ones phase 2 uses). Phase 2: the whole model learns to answer,
+    `questions` questions per image packed into one row (`make_packed_batch`), plus
+    `aux_weight` x the per-patch loss. Stops at `steps` (phase 2) or when `minutes` of training
+    wall time (both phases) are spent, whichever first; with no `steps`, the phase-2 total for the
+    cosine schedule is calibrated after `calib_steps` steps. `ckpt_dir`: keep the best model by
+    val accuracy there (save_pretrained + train_meta.json) at each evaluation.
+
+    Time caps (`vision_minutes` for phase 1, what is left of `minutes` for phase 2) also drive
+    each phase's schedule: its progress is max(step / steps, time / time cap), so a slow (e.g.
+    shared) CPU still anneals the learning rate and ends the phase on time; an uncapped run is
+    purely step-based and reproducible. `history["capped"]` records whether a cap cut in.
     Returns (model, history)."""
     if isinstance(cfg, str):
         cfg = CONFIGS[cfg]
@@ -186,82 +457,154 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     vocab = vqa.Vocab()
     model = build_model(cfg, seed, vocab).train()
     n_img, size = _image_tokens(model), cfg["image_size"]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    grid = size // cfg["patch"]
+    aux_head = AuxHead(cfg["vision_hidden"]) if (aux_weight > 0 or vision_steps > 0) else None
     val = vqa.generate("val", eval_n, seed=data_seed) if eval_n else []
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
     budget = minutes * 60 if minutes is not None else math.inf
-    total = steps if steps is not None else 10 ** 9
-    warm = warmup if warmup is not None else (max(1, total // 25) if steps is not None else None)
-    hist = dict(train=[], val=[], config=dict(cfg), params=n_params(model), batch_size=batch_size,
-                lr=lr, weight_decay=weight_decay, seed=seed, data_seed=data_seed, autocast=autocast)
+    hist = dict(train=[], val=[], vision=[], config=dict(cfg), params=n_params(model), batch_size=batch_size,
+                lr=lr, weight_decay=weight_decay, seed=seed, data_seed=data_seed, autocast=autocast,
+                questions=questions, aux_weight=aux_weight, vision_steps=vision_steps,
+                vision_batch=vision_batch, vision_lr=vision_lr or lr, vision_minutes=vision_minutes,
+                minutes=minutes, grad_clip=grad_clip, capped={})
     log(f"params {hist['params']:,} (vision {n_params(model.model.vision_tower):,}, "
         f"lm {n_params(model.model.language_model) + n_params(model.lm_head):,}); "
-        f"{n_img} image tokens; batch {batch_size}, lr {lr}")
-
+        f"{n_img} image tokens; batch {batch_size} x {questions} questions, lr {lr}, aux {aux_weight}")
     train_time = 0.0
+    best = dict(acc=-1.0, step=None)
+
+    def stream(i):
+        return samples[i % len(samples)] if samples is not None else vqa.sample_at("train", i, seed=data_seed)
+
+    # ---- phase 1: vision tower + aux head on dense patch labels
+    if vision_steps:
+        vparams = [(n, p) for n, p in model.model.vision_tower.named_parameters()] + \
+                  [(n, p) for n, p in aux_head.named_parameters()]
+        vopt = torch.optim.AdamW(_param_groups(vparams, weight_decay), lr=vision_lr or lr, betas=(0.9, 0.98))
+        vwarm = max(1, vision_steps // 20)
+        offset = 10 ** 8                              # images phase 2 never reaches
+        t_log, acc_l, run = time.perf_counter(), defaultdict(float), 0
+        vbudget = min(budget, vision_minutes * 60 if vision_minutes else math.inf)
+        for vs in range(vision_steps):
+            veff = max(vs, vision_steps * train_time / vbudget)
+            if veff >= vision_steps:
+                hist["capped"]["vision"] = vs
+                break
+            t0 = time.perf_counter()
+            chunk = [stream(offset + vs * vision_batch + b) for b in range(vision_batch)]
+            px = torch.stack([_pixels(s, size) for s in chunk])
+            labels = stack_labels(chunk, grid)
+            for g in vopt.param_groups:
+                g["lr"] = lr_at(veff, vision_steps, vision_lr or lr, vwarm)
+            with ctx():
+                loss, accs = aux_loss(aux_head(vision_features(model, px)), labels)
+            vopt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for _, p in vparams], grad_clip)
+            vopt.step()
+            train_time += time.perf_counter() - t0
+            acc_l["loss"] += loss.item()
+            for k, v in accs.items():
+                acc_l[k] += 0.0 if v != v else v
+            run += 1
+            if (vs + 1) % log_every == 0 or vs + 1 == vision_steps:
+                now = time.perf_counter()
+                rec = dict(step=vs + 1, **{k: v / run for k, v in acc_l.items()},
+                           ips=run * vision_batch / (now - t_log), train_min=train_time / 60)
+                hist["vision"].append(rec)
+                log(f"vision {vs + 1:5d}  " + "  ".join(f"{k} {v:.3f}" for k, v in rec.items() if k != "step")
+                    + " img/s" * 0)
+                acc_l, run, t_log = defaultdict(float), 0, time.perf_counter()
+        hist["vision_minutes"] = train_time / 60
+        del vopt
+
+    # ---- phase 2: full VQA
+    params = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_weight > 0 else [])
+    opt = torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    total = steps if steps is not None else 10 ** 9
+    warm = warmup if warmup is not None else (max(1, total // 25) if steps is not None else None)
+    t_phase2 = train_time
     run_loss = run_acc = run_n = 0.0
     t_log = time.perf_counter()
     n_log = 0
+    n_q_total = 0
     step = 0
-    while step < total and train_time < budget:
+    while step < total:
+        eff = step if (budget == math.inf or steps is None) else max(step, total * (train_time - t_phase2) / max(1e-9, budget - t_phase2))
+        if eff >= total or train_time >= budget:
+            hist["capped"]["vqa"] = step
+            break
         if steps is None and step == calib_steps:
-            per_step = train_time / calib_steps
-            total = max(calib_steps + 1, int(budget * 0.97 / per_step))
-            log(f"calibrated: {per_step:.2f} s/step -> {total} steps in {budget / 60:.1f} min")
+            per_step = (train_time - t_phase2) / calib_steps
+            total = max(calib_steps + 1, int((budget - train_time) * 0.97 / per_step) + calib_steps)
+            log(f"calibrated: {per_step:.2f} s/step -> {total} steps")
         if warm is None and step == calib_steps:
             warm = max(1, total // 25)
         t0 = time.perf_counter()
-        if samples is not None:
-            chunk = [samples[(step * batch_size + b) % len(samples)] for b in range(batch_size)]
+        chunk = [stream(step * batch_size + b) for b in range(batch_size)]
+        if questions > 1 or aux_weight > 0:
+            batch = make_packed_batch(chunk, vocab, questions, data_seed, n_img, size,
+                                      grid if aux_weight > 0 else None)
         else:
-            chunk = [vqa.sample_at("train", step * batch_size + b, seed=data_seed) for b in range(batch_size)]
-        batch = make_batch(chunk, vocab, n_img, size)
-        cur = lr_at(step, total, lr, warm if warm is not None else max(1, calib_steps * 4))
+            batch = make_batch(chunk, vocab, n_img, size)
+        cur = lr_at(eff if steps is not None else step, total, lr,
+                    warm if warm is not None else max(1, calib_steps * 4))
         for g in opt.param_groups:
             g["lr"] = cur
         with ctx():
-            loss, correct = batch_loss(model, batch, vocab)
+            if "seg_ids" in batch:
+                loss, correct, _ = packed_loss(model, batch, vocab, aux_head, aux_weight)
+            else:
+                loss, correct = batch_loss(model, batch, vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], grad_clip)
         opt.step()
         train_time += time.perf_counter() - t0
         step += 1
-        run_loss += loss.item() * len(chunk)
+        run_loss += loss.item() * len(correct)
         run_acc += correct.sum().item()
-        run_n += len(chunk)
+        run_n += len(correct)
+        n_q_total += len(correct)
         n_log += len(chunk)
         if step % log_every == 0 or step == total:
             now = time.perf_counter()
             rec = dict(step=step, samples=step * batch_size, loss=run_loss / run_n, acc=run_acc / run_n,
-                       lr=cur, sps=n_log / (now - t_log), train_min=train_time / 60)
+                       lr=cur, sps=n_log / (now - t_log), qps=run_n / (now - t_log), train_min=train_time / 60)
             hist["train"].append(rec)
             log(f"step {step:5d}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  lr {cur:.2e}  "
-                f"{rec['sps']:.1f} samples/s  {rec['train_min']:.1f} min")
+                f"{rec['sps']:.1f} images/s  {rec['qps']:.1f} q/s  {rec['train_min']:.1f} min")
             run_loss = run_acc = run_n = 0.0
             t_log, n_log = time.perf_counter(), 0
         if val and eval_every and step % eval_every == 0 and step < total:
-            _eval(model, val, vocab, step, hist, log, autocast)
+            _eval(model, val, vocab, step, hist, log, autocast, best, ckpt_dir)
             t_log = time.perf_counter()
     hist["steps"] = step
     hist["train_minutes"] = train_time / 60
+    p2 = max(1e-9, train_time - t_phase2)
+    hist["images_per_s"] = step * batch_size / p2                # phase 2 (questions x this = q/s)
+    hist["questions_per_s"] = n_q_total / p2
+    hist["vision_images_per_s"] = (vision_steps * vision_batch / (t_phase2 or 1e-9)) if vision_steps else None
     if val:
-        _eval(model, val, vocab, step, hist, log, autocast)
+        _eval(model, val, vocab, step, hist, log, autocast, best, ckpt_dir)
+    hist["best"] = best
     model.eval()
     return model, hist
 
 
-def _eval(model, val, vocab, step, hist, log, autocast):
+def _eval(model, val, vocab, step, hist, log, autocast, best=None, ckpt_dir=None):
     t = time.perf_counter()
     acc = evaluate(model, val, vocab, autocast=autocast)
     hist["val"].append(dict(step=step, **acc))
     log(f"  val@{step}: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
         + f"  ({time.perf_counter() - t:.0f} s)")
+    if best is not None and acc["all"] > best["acc"]:
+        best.update(acc=acc["all"], step=step)
+        if ckpt_dir:
+            save(model, ckpt_dir, dict(hist, best=dict(best), checkpoint_step=step))
+            log(f"  saved best (val {acc['all']:.3f}) to {ckpt_dir}")
 
 
 def save(model, out: str, meta: dict) -> None:
@@ -273,6 +616,32 @@ def save(model, out: str, meta: dict) -> None:
                 prompt="<bos> USER: <image>*N \\n{question} ASSISTANT:", image_tokens=_image_tokens(model))
     with open(os.path.join(out, "train_meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+
+
+def test_accuracy(model, n: int = 1000, seed: int = 0) -> dict:
+    """Greedy first-token accuracy on test questions 0..n-1 of `seed`, overall and per type."""
+    samples = vqa.generate("test", n, seed=seed)
+    acc = evaluate(model, samples, vqa.Vocab())
+    counts = defaultdict(int)
+    for s in samples:
+        counts[s.qtype] += 1
+    return dict(split="test", n=n, seed=seed, all=acc["all"],
+                per_type={q: acc[q] for q in sorted(counts)}, per_type_n=dict(sorted(counts.items())))
+
+
+def _eval_only(path: str, n: int, seed: int, threads: int) -> int:
+    from graphprune import zoo
+
+    torch.set_num_threads(threads)
+    model, _ = zoo.vqa_llava(path)
+    res = test_accuracy(model, n, seed)
+    print("test: " + json.dumps(res), flush=True)
+    meta_path = os.path.join(path, "train_meta.json")
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    meta["test"] = res
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -293,7 +662,21 @@ def main(argv=None) -> int:
                     help="override a config entry, e.g. --set vision_hidden=128")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--questions", type=int, default=1, help="questions packed per image (phase 2)")
+    ap.add_argument("--aux-weight", type=float, default=0.0, help="per-patch loss weight in phase 2")
+    ap.add_argument("--vision-steps", type=int, default=0, help="phase-1 steps (vision tower + patch labels)")
+    ap.add_argument("--vision-batch", type=int, default=32)
+    ap.add_argument("--vision-lr", type=float, default=None)
+    ap.add_argument("--vision-minutes", type=float, default=None, help="phase-1 wall-time cap")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--ckpt", default=None, help="keep the best model by val accuracy here")
+    ap.add_argument("--test-n", type=int, default=0, help="after training: accuracy on this many test questions")
+    ap.add_argument("--test-seed", type=int, default=0, help="seed of the test stream")
+    ap.add_argument("--eval-only", default=None, metavar="DIR",
+                    help="no training: test accuracy of a saved model, written into DIR/train_meta.json")
     a = ap.parse_args(argv)
+    if a.eval_only:
+        return _eval_only(a.eval_only, a.test_n or 1000, a.test_seed, a.threads)
     if a.steps is None and a.minutes is None:
         ap.error("give --steps and/or --minutes")
     cfg = dict(CONFIGS[a.config])
@@ -303,7 +686,15 @@ def main(argv=None) -> int:
     model, hist = train(cfg, steps=a.steps, minutes=a.minutes, batch_size=a.batch, lr=a.lr,
                         weight_decay=a.weight_decay, warmup=a.warmup, seed=a.seed, data_seed=a.data_seed,
                         eval_n=a.eval_n, eval_every=a.eval_every, threads=a.threads, autocast=a.bf16,
+                        questions=a.questions, aux_weight=a.aux_weight, vision_steps=a.vision_steps,
+                        vision_batch=a.vision_batch, vision_lr=a.vision_lr, log_every=a.log_every,
+                        vision_minutes=a.vision_minutes,
+                        ckpt_dir=a.ckpt,
                         log=lambda m: print(m, flush=True))
+    hist["command"] = "python examples/train_vqa_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.test_n:
+        hist["test"] = test_accuracy(model, a.test_n, a.test_seed)
+        print("test: " + json.dumps(hist["test"]), flush=True)
     if a.out:
         save(model, a.out, hist)
         size = os.path.getsize(os.path.join(a.out, "model.safetensors"))

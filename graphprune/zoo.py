@@ -1,4 +1,5 @@
-"""Small models built on the spot from configs: no download, no weights shipped.
+"""Small models built on the spot from configs (no download), and the one small trained model
+that ships with the package (`vqa_llava`, graphprune/weights/vqa_llava/).
 
 They have the real architectures (LLaVA-1.5: CLIP tower with CLS + MLP projector + Llama;
 Qwen2-VL: windowless ViT with 2x2 patch merger + Qwen2 LM with M-RoPE), only narrower and
@@ -160,7 +161,10 @@ CONFIGS = {
 }
 
 VQA_WEIGHTS = "weights/vqa_llava"        # relative to the graphprune package directory
-VQA_TRAIN_COMMAND = "python examples/train_vqa_model.py --out graphprune/weights/vqa_llava"
+VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 3000 --minutes 78 --vision-steps 2000 "
+                     "--vision-minutes 20 --vision-batch 16 --vision-lr 3e-3 --batch 8 --questions 12 "
+                     "--aux-weight 0.3 --lr 2e-3 --eval-n 250 --eval-every 300 --test-n 1000 --seed 0 "
+                     "--data-seed 0 --threads 2 --out graphprune/weights/vqa_llava")
 
 
 def build_model(cfg: dict, seed: int = 0, vocab=None):

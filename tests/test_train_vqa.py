@@ -57,3 +57,52 @@ def test_train_save_reload(tmp_path):
 
     acc = T.evaluate(loaded, samples, vocab)
     assert 0.0 <= acc["all"] <= 1.0 and set(acc) == {s.qtype for s in samples} | {"all"}
+
+
+def test_packed_batch_matches_single_prompts():
+    """Several questions packed after one image prefix give exactly the logits of the plain prompts."""
+    T = _load()
+    vocab = vqa.Vocab()
+    cfg = T.CONFIGS["tiny"]
+    n_img = (cfg["image_size"] // cfg["patch"]) ** 2
+    samples = vqa.generate("train", 2)
+    model = T.build_model(cfg, seed=0, vocab=vocab).eval()
+    b = T.make_packed_batch(samples, vocab, 4, 0, n_img, cfg["image_size"], grid=cfg["image_size"] // cfg["patch"])
+    assert len(b["answers"]) == 8 and b["labels"]["kind"].shape == (2, n_img)
+    with torch.no_grad():
+        got = T.packed_forward(model, b)[0][:, 0]
+        ref = []
+        for s in samples:
+            qs = T.questions_for(s, 4)
+            fake = [vqa.Sample(s.image, q, a, qt, s.scene, (), s.uid) for q, a, qt in qs]
+            ref.append(T._forward(model, T.make_batch(fake, vocab, n_img, cfg["image_size"], with_target=False), keep=1)[:, -1])
+    torch.testing.assert_close(got, torch.cat(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_scene_questions_agree_with_generator():
+    """Extra questions are answered from the scene graph the same way the generator answers."""
+    T = _load()
+    for s in vqa.generate("train", 40):
+        qs = T.questions_for(s, 8)
+        assert qs[0] == (s.question, s.answer, s.qtype) and len({q for q, _, _ in qs}) == len(qs)
+        pool = T.scene_questions(s.scene, __import__("random").Random(0))
+        if s.qtype in ("color", "count", "read"):
+            assert (s.question, s.answer) in pool[s.qtype]
+        for q, a, qt in qs:
+            vqa.Vocab().answer_id(a)
+            assert qt in vqa.QTYPES
+
+
+def test_patch_labels_and_vision_phase():
+    T = _load()
+    s = vqa.sample_at("train", 3)
+    lab = T.patch_labels(s.scene)
+    for obj in s.scene.shapes:
+        own = T.patch_labels(s.scene)["kind"]
+        assert any(own[p] == 1 + vqa.KINDS.index(obj.kind) for p in vqa.object_patches(obj))
+    assert (lab["kind"] > 0).sum() <= sum(len(vqa.object_patches(o)) for o in (*s.scene.shapes, *s.scene.texts))
+    assert int((lab["centre"] > 0).sum()) == len(s.scene.shapes) + len(s.scene.texts)
+    model, hist = T.train("tiny", steps=3, batch_size=2, lr=3e-3, warmup=1, samples=vqa.generate("train", 4),
+                          eval_n=0, log_every=1, questions=3, aux_weight=0.3, vision_steps=2, vision_batch=2,
+                          log=lambda m: None)
+    assert len(hist["vision"]) == 2 and hist["steps"] == 3
