@@ -14,7 +14,7 @@ def _readme_commands():
 
 def test_ci_runs_the_readme_test_command():
     cmds = _readme_commands()
-    assert len(cmds) >= 2 and cmds[0].endswith("graphprune run") and cmds[1].endswith("python -m pytest -q")
+    assert len(cmds) >= 2 and cmds[0].endswith("graphprune demo") and cmds[1].endswith("python -m pytest -q")
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert cmds[1] in ci
 
