@@ -9,19 +9,9 @@ import time
 import torch
 
 from . import tokenops
+from .runtime import StageCall
 
 SELECTION_FNS = (tokenops.select_topk, tokenops.apply_choice, tokenops.withdraw_all, tokenops.protect_topk)
-
-class _StageProxy:
-    """Stands in for a stage's GraphModule: same placeholders and output names, another call."""
-
-    def __init__(self, gm, call):
-        self.gm, self.call = gm, call
-        self.graph, self.meta = gm.graph, gm.meta
-
-    def __call__(self, *args):
-        return self.call(*args)
-
 
 def executed_graphs(pruned) -> dict:
     """{stage: the graph PrunedModel runs} for the vision and prefill stages (None: eager / absent)."""
@@ -47,7 +37,7 @@ def timed(pruned) -> tuple[object, dict]:
             out = gm(*args)
             spent[name] += time.perf_counter() - t
             return out
-        return _StageProxy(gm, call)
+        return StageCall(gm, call)
     return with_proxies(pruned, make), spent
 
 
@@ -73,7 +63,7 @@ def record_selections(pruned, inputs: dict) -> dict:
                 records[self.name].append((n, args, out, choice_kw))
             return out
 
-    clone = with_proxies(pruned, lambda name, gm: _StageProxy(gm, lambda *a, gm=gm, name=name: Rec(gm, name).run(*a)))
+    clone = with_proxies(pruned, lambda name, gm: StageCall(gm, lambda *a, gm=gm, name=name: Rec(gm, name).run(*a)))
     records["output"] = clone(**inputs)
     return records
 

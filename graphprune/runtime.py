@@ -43,6 +43,18 @@ class _Prompt:
     patches_kept: torch.Tensor | None = None
     notes: list = field(default_factory=list)
 
+    @classmethod
+    def assemble(cls, embeds, feats, positions, attention_mask, vision_pos, index, passes,
+                 protected=None, patches_kept=None) -> "_Prompt":
+        """Write the image features at the vision positions, lay out the instruction, and let every
+        pass check the prompt it will see."""
+        text_index, text_mask = text_layout(vision_pos, embeds.shape[1])
+        prompt = cls(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos, index,
+                     text_index, text_mask, protected, patches_kept)
+        for p in passes:
+            p.check_prompt(prompt)
+        return prompt
+
     def prefill_inputs(self) -> dict:
         """Every input a rewritten prefill graph may take, by placeholder name."""
         return dict(inputs_embeds=self.embeds, position_ids=self.position_ids, attention_mask=self.attention_mask,
@@ -190,12 +202,8 @@ class PrunedModel:
             vision_pos = new_pos
         if protected is not None:
             protected = protected.reshape(b, n, -1)
-        embeds = tokenops.put_tokens(self.family.embed(input_ids), vision_pos, feats)
-        text_index, text_mask = text_layout(vision_pos, input_ids.shape[1])
-        prompt = _Prompt(embeds, positions, attention_mask, vision_pos, index, text_index, text_mask, protected, kept)
-        for p in self.pipeline:
-            p.check_prompt(prompt)
-        return prompt
+        return _Prompt.assemble(self.family.embed(input_ids), feats, positions, attention_mask, vision_pos, index,
+                                self.pipeline, protected, kept)
 
     def _vision_positions(self) -> str:
         for r in self.results:
@@ -364,6 +372,18 @@ def _choose(logits, do_sample, temperature, top_k, top_p, generator):
 
 def _as_tuple(x):
     return x if isinstance(x, (tuple, list)) else (x,)
+
+
+class StageCall:
+    """Stands in for a stage's GraphModule in `_call`: its placeholders and output names, another
+    callable (the graph compiled, timed, replayed, ...)."""
+
+    def __init__(self, gm, call):
+        self.gm, self.call = gm, call
+        self.graph, self.meta = gm.graph, gm.meta
+
+    def __call__(self, *args):
+        return self.call(*args)
 
 
 def _call(gm, **inputs) -> dict:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -165,7 +165,7 @@ class Rewritten:
     """One model's prefill rewritten by one pipeline, and the compiled callable running it."""
     program: object                 # graphprune Program (prefill stage rewritten)
     passes: list
-    fn: object
+    fn: object                      # the graph, or a StageCall running it compiled
     masked: bool                    # static-capacity slots: later attention must mask them
 
     @property
@@ -176,14 +176,15 @@ class Rewritten:
 def _rewritten(owner, opts: BackendOptions) -> Rewritten:
     # one capture and rewrite per model and pipeline: the graph has dynamic batch and sequence,
     # so a dynamo recompile for new shapes reuses it
-    from graphprune.pipeline import Program, run_pipeline
     from graphprune.families import family_of
+    from graphprune.pipeline import Program, run_pipeline
+    from graphprune.runtime import StageCall
     key = (repr(opts.passes), opts.compiler)
     per_model = _PROGRAMS.setdefault(family_of(owner).language_model(), {})
     if key not in per_model:
         program = run_pipeline(Program.capture(owner, stages=("prefill",)), opts.passes)
         gm = program.stages["prefill"].gm
-        fn = gm if opts.compiler == "eager" else torch.compile(gm, backend="inductor", dynamic=True)
+        fn = gm if opts.compiler == "eager" else StageCall(gm, torch.compile(gm, backend="inductor", dynamic=True))
         masked = any(t.masked for t in program.anatomy["prefill"].tokens)
         per_model[key] = Rewritten(program, opts.passes, fn, masked)
     return per_model[key]
@@ -204,8 +205,7 @@ class PrunedFrame:
     inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask -> arg index
 
     def __call__(self, *args):
-        from graphprune import tokenops
-        from graphprune.runtime import _Prompt, check_budgets, text_layout, vision_layout
+        from graphprune.runtime import _call, _Prompt, check_budgets, vision_layout
         # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
         rw = _rewritten(self.owner, self.opts)
         embeds, mask = args[self.inputs["embeds"]], args[self.inputs["image_mask"]]
@@ -223,16 +223,9 @@ class PrunedFrame:
         check_budgets(rw.program.results, vision_pos.shape[-1])
         feats = feats.reshape(b, vision_pos.shape[1], vision_pos.shape[2], -1).to(embeds.dtype)
         positions = rw.program.family.positions(None, attention_mask)
-        text_index, text_mask = text_layout(vision_pos, s)
         index = torch.arange(s, device=embeds.device).expand(b, s)
-        prompt = _Prompt(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos,
-                         index, text_index, text_mask)
-        for p in rw.passes:
-            p.check_prompt(prompt)
-        inputs = prompt.prefill_inputs()
-        gm = rw.graph_module
-        outs = rw.fn(*[inputs[n.name] for n in gm.graph.find_nodes(op="placeholder")])
-        named = dict(zip(gm.meta["graphprune_outputs"], outs))
+        prompt = _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index, rw.passes)
+        named = _call(rw.fn, **prompt.prefill_inputs())
         return tuple(named[r] for r in self.roles)
 
 
@@ -248,9 +241,8 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, opts: BackendOptions) -> Pr
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
               "image_mask": _placeholder_index(gm, merge.args[1], "image-token mask"),
               "image_features": _placeholder_index(gm, merge.args[2], "image features")}
-    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
-        if p.name.startswith("l_attention_mask"):
-            inputs["attention_mask"] = i
+    if _attention_mask_index(gm) is not None:
+        inputs["attention_mask"] = _attention_mask_index(gm)
     return PrunedFrame(owner, opts, roles, inputs)
 
 
