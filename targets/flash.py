@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
+from graphprune.anatomy import SDPA, Attention, layer_of
 
 
 def flash_kernel(q: torch.Tensor | None = None):
@@ -98,15 +98,12 @@ def use_flash_attention(gm: fx.GraphModule) -> int:
     """Route every SDPA node of `gm` through graphprune::attention; returns how many."""
     n = 0
     for node in list(gm.graph.find_nodes(op="call_function", target=SDPA)):
-        a = list(node.args) + [None] * (7 - len(node.args))
-        kw = node.kwargs
-        mask, dropout = kw.get("attn_mask", a[3]), kw.get("dropout_p", a[4] or 0.0)
-        if dropout:
+        if node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0):
             continue                # training-time dropout: leave to SDPA
-        is_causal, scale = bool(kw.get("is_causal", a[5] or False)), kw.get("scale", a[6])
+        att = Attention.of(layer_of(node), node)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.graphprune.attention.default,
-                                         (a[0], a[1], a[2], mask, scale, is_causal, bool(kw.get("enable_gqa", False))))
+                                         (att.q, att.k, att.v, att.mask, att.scale, att.is_causal, att.enable_gqa))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
