@@ -25,8 +25,10 @@ TINY = ("tiny-llava", "tiny-qwen2vl")
 RUN_DEFAULTS = ("fastv(layer=2, keep=9)", "vtw(layer=2)", "cls_topk(keep=9)")
 
 
-class _Failure(Exception):
-    """An error to print as `graphprune: error: ...` (exit status 2)."""
+class _Failure(ValueError):
+    """An error to print as `graphprune: error: ...` (exit status 2). A ValueError, so that it is
+    caught even when raised by a second copy of this module (`python -m graphprune.cli` runs it
+    as __main__ while bench imports graphprune.cli)."""
 
 
 def main(argv=None) -> int:
