@@ -59,22 +59,27 @@ def tile_scores(x, members, mask):
     return score.masked_fill(n_pairs == 0, float("-inf"))
 
 
-def grid_neighbours(g: int, window: int, device=None) -> torch.Tensor:
-    """(V, V) bool: j lies in the window x window neighbourhood centred on i (clipped), j != i."""
+def grid_neighbours(g: int, window: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's window x window neighbourhood on a g x g grid, itself excluded, as a table:
+    (index (V, M), valid (V, M)) with M = window^2 - 1 offsets in raster order, so offset
+    M - 1 - m is the reverse of offset m; slots that fall off the grid point at the token itself
+    and are not valid."""
     if window % 2 == 0:
         raise InputError(f"window={window}: a centred neighbourhood needs an odd window")
-    r = torch.arange(g * g, device=device) // g
-    c = torch.arange(g * g, device=device) % g
     h = window // 2
-    near = ((r[:, None] - r[None]).abs() <= h) & ((c[:, None] - c[None]).abs() <= h)
-    return near & ~torch.eye(g * g, dtype=torch.bool, device=device)
+    offsets = torch.tensor([(dr, dc) for dr in range(-h, h + 1) for dc in range(-h, h + 1) if dr or dc],
+                           device=device)
+    tok = torch.arange(g * g, device=device)
+    r, c = tok[:, None] // g + offsets[:, 0], tok[:, None] % g + offsets[:, 1]
+    valid = (r >= 0) & (r < g) & (c >= 0) & (c < g)
+    return torch.where(valid, r * g + c, tok[:, None]), valid
 
 
-def _masked_std(x, mask):
-    # unbiased std of the entries of x (..., V, V) where mask (V, V), per leading index
-    n = mask.sum()
-    mean = (x * mask).sum((-1, -2), keepdim=True) / n
-    var = (((x - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / (n - 1)
+def _masked_std(x, valid):
+    # unbiased std of the entries of x (..., V, M) where valid (V, M), per leading index
+    n = valid.sum()
+    mean = (x * valid).sum((-1, -2), keepdim=True) / n
+    var = (((x - mean) * valid) ** 2).sum((-1, -2), keepdim=True) / (n - 1)
     return var.sqrt()
 
 
@@ -83,21 +88,25 @@ def ltam_scores(feats, window: int = 3, w1: float = 1.0, w2: float = 1.0, w3: fl
 
     kappa_ij = softmax_j(feature kernel) + w3 softmax_j(position kernel) over i's neighbours;
     a token's score is the mean affinity it receives from its neighbours (docs/methods.md).
+    Only neighbour pairs are computed (V x (window^2 - 1), not V x V): the kernels never look
+    further, and on 576 tokens of width 4096 the full distance matrix cost as much as an LLM layer.
     """
-    v = feats.shape[-2]
-    g = grid_side(v)
-    near = grid_neighbours(g, window, feats.device)
+    v, g = feats.shape[-2], grid_side(feats.shape[-2])
+    index, valid = grid_neighbours(g, window, feats.device)
+    m = index.shape[1]
     f = feats.float()
-    exact = "donot_use_mm_for_euclid_dist"       # the matmul shortcut loses digits that rankings depend on
-    df = torch.cdist(f, f, compute_mode=exact)                                 # (..., V, V)
-    rc = torch.stack([torch.arange(v, device=f.device) // g, torch.arange(v, device=f.device) % g], -1).float()
-    dp = torch.cdist(rc, rc, compute_mode=exact).expand_as(df)
-    kf = -(df / (w1 * _masked_std(df, near))) ** 2
-    kp = -(dp / (w2 * _masked_std(dp, near))) ** 2
-    kappa = (kf.masked_fill(~near, float("-inf")).softmax(-1)
-             + w3 * kp.masked_fill(~near, float("-inf")).softmax(-1))
-    received = (kappa * near).sum(-2)                                          # sum over i of kappa_ij
-    return received / near.sum(0).clamp(min=1)
+    # exact Euclidean distances (the matmul shortcut loses digits that rankings depend on)
+    df = torch.stack([(f - f[..., index[:, k], :]).pow(2).sum(-1) for k in range(m)], -1).sqrt()
+    tok = torch.arange(v, device=f.device)[:, None]
+    dp = ((index // g - tok // g).float() ** 2 + (index % g - tok % g).float() ** 2).sqrt()
+    kf = -(df / (w1 * _masked_std(df, valid))) ** 2
+    kp = -(dp / (w2 * _masked_std(dp, valid))) ** 2
+    kappa = (kf.masked_fill(~valid, float("-inf")).softmax(-1)
+             + w3 * kp.masked_fill(~valid, float("-inf")).softmax(-1))         # (..., V, M): kappa_i,index[i,k]
+    # what j receives: kappa_ij for each neighbour i = index[j, k], stored in row i at the reverse offset
+    received = kappa.flatten(-2)[..., index * m + (m - 1 - torch.arange(m, device=f.device))]
+    received = (received * valid).sum(-1)
+    return received / valid.sum(-1).clamp(min=1)
 
 
 def variance_weighting(s_global, s_local):

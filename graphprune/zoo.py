@@ -161,10 +161,10 @@ CONFIGS = {
 }
 
 VQA_WEIGHTS = "weights/vqa_llava"        # relative to the graphprune package directory
-VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 3000 --minutes 78 --vision-steps 2000 "
-                     "--vision-minutes 20 --vision-batch 16 --vision-lr 3e-3 --batch 8 --questions 12 "
-                     "--aux-weight 0.3 --lr 2e-3 --eval-n 250 --eval-every 300 --test-n 1000 --seed 0 "
-                     "--data-seed 0 --threads 2 --out graphprune/weights/vqa_llava")
+VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 2600 --minutes 88 --vision-steps 6500 "
+                     "--vision-minutes 32 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos "
+                     "--batch 8 --questions 24 --aux-weight 0.3 --lr 2e-3 --eval-n 250 --eval-every 400 "
+                     "--test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava")
 
 
 def build_model(cfg: dict, seed: int = 0, vocab=None):

@@ -106,3 +106,57 @@ def test_patch_labels_and_vision_phase():
                           eval_n=0, log_every=1, questions=3, aux_weight=0.3, vision_steps=2, vision_batch=2,
                           log=lambda m: None)
     assert len(hist["vision"]) == 2 and hist["steps"] == 3
+
+
+def test_patch_dropout_runs_the_tower_on_a_subset():
+    """Phase 1's patch dropout: all patches in order is the plain vision tower; a subset is the same
+    tower on fewer tokens, so its outputs follow a permutation of that subset; the subset holds
+    every object patch and its neighbours first."""
+    T = _load()
+    cfg = dict(T.CONFIGS["tiny"], image_size=112)                       # 8 x 8 patch grid
+    model = T.build_model(cfg, seed=0).eval()
+    samples = vqa.generate("train", 2)
+    px = torch.stack([T._pixels(s, 112) for s in samples])
+    with torch.no_grad():
+        full = model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        every = T.vision_features(model, px, torch.arange(64).expand(2, -1))
+        torch.testing.assert_close(T.vision_features(model, px), full)
+        torch.testing.assert_close(every, full, rtol=1e-5, atol=1e-5)
+        sub = torch.stack([torch.randperm(64)[:20] for _ in range(2)])
+        perm = torch.stack([torch.randperm(20) for _ in range(2)])
+        a = T.vision_features(model, px, sub)
+        b = T.vision_features(model, px, sub.gather(1, perm))
+        torch.testing.assert_close(b, a.gather(1, perm[..., None].expand_as(a)), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(a, full.gather(1, sub[..., None].expand_as(a)), atol=1e-3)   # fewer tokens attend
+
+    labels = T.stack_labels(samples, 8)
+    obj = (labels["kind"] > 0).view(2, 8, 8)
+    near = torch.zeros_like(obj)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            shifted = torch.zeros_like(obj)
+            shifted[:, max(dr, 0):8 + min(dr, 0), max(dc, 0):8 + min(dc, 0)] = \
+                obj[:, max(-dr, 0):8 + min(-dr, 0), max(-dc, 0):8 + min(-dc, 0)]
+            near |= shifted
+    for k in (int(near.flatten(1).sum(1).max()), 64):
+        idx = T.dropout_patches(labels, k, 8)
+        assert idx.shape == (2, k)
+        for b in range(2):
+            assert len(set(idx[b].tolist())) == k
+            assert set(near[b].flatten().nonzero().flatten().tolist()) <= set(idx[b].tolist())
+
+
+def test_sincos_position_init():
+    T = _load()
+    model = T.build_model(T.CONFIGS["tiny"], seed=0)
+    T.sincos_positions(model)
+    vt = model.model.vision_tower
+    w = getattr(vt, "vision_model", vt).embeddings.position_embedding.weight
+    g = 4
+    d = w.shape[1] // 4
+    assert torch.all(w[0] == 0)
+    for p in range(g * g):                                            # patch p = (row, col)
+        r, c = divmod(p, g)
+        freq = 1.0 / 100 ** (torch.arange(d) / d)
+        torch.testing.assert_close(w[1 + p, :d], 0.5 * torch.sin(c * freq))
+        torch.testing.assert_close(w[1 + p, 3 * d:4 * d], 0.5 * torch.cos(r * freq))
