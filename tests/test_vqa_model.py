@@ -99,7 +99,8 @@ def test_generate_answers_then_eos(shipped):
     assert len(new) >= 1 and new[0] in {vocab.answer_id(a) for a in vqa.ANSWERS}
 
 
-# The shipped model gets 31/100 here (29.7% on 1000 test questions, see train_meta.json "test");
+# The shipped model gets 51/100 here (47.4% on 1000 test questions, see train_meta.json "test");
 # the target (>= 90%) was not reached in the 90-minute CPU budget, so this floor checks
-# "trained, and better than any constant answer", not the target. Raise it when better weights ship.
-_MIN_HITS = 25
+# "trained, and far better than any answer-blind baseline", not the target. Raise it when better
+# weights ship.
+_MIN_HITS = 42
