@@ -16,9 +16,9 @@ weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.zoo.vqa_llava()`
 its seeds: phase 1 26.7 min, 208k images at ~130 images/s; phase 2 54 min, 20.8k images x 24
 questions. 47.4% on 1000 test questions, seed 0 -- color 15%, count 88%, exist 74%, position
 50%, read 9% -- below the 90% target: the vision tower's per-patch features are good (kind 99%,
-colour 99.9%, glyph 96%), and the LM has learned to count and to check existence but not yet to
-bind a named object to its colour or text; val accuracy was still rising when the schedule
-ended. See train_meta.json for the history.)
+colour 99.9%, glyph 96%), and the LM has learned to count and to check existence but not to
+bind a named object to its colour or text (14 more minutes of phase 2 did not change that). See
+train_meta.json for the history.)
 
 Recipe (all on the CPU, fp32, 2 threads, data streamed with `vqa.sample_at("train", i, seed)`
 in a fixed order, so a run is reproducible from its seeds and `--steps`):
