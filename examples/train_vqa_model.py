@@ -456,6 +456,16 @@ def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight:
     return loss, correct, accs
 
 
+def optimizer_step(opt, loss, params, grad_clip: float) -> None:
+    """Backward, clip the global gradient norm of `params` ((name, tensor) pairs, in this order:
+    the norm's summation order is part of a run's reproducibility) if grad_clip, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], grad_clip)
+    opt.step()
+
+
 def _param_groups(params, weight_decay):
     params = list(params)
     decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
@@ -539,17 +549,13 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             patches = None
             if vision_keep and vision_keep < grid * grid:
                 patches = dropout_patches(labels, vision_keep, grid)
-                labels = {k: torch.gather(v, 1, patches if v.dim() == 2 else patches[..., None].expand_as(v[:, :vision_keep]))
+                labels = {k: v.gather(1, patches if v.dim() == 2 else patches[..., None].expand(-1, -1, v.shape[-1]))
                           for k, v in labels.items()}
             for g in vopt.param_groups:
                 g["lr"] = lr_at(veff, vision_steps, vision_lr or lr, vwarm)
             with ctx():
                 loss, accs = aux_loss(aux_head(vision_features(model, px, patches)), labels)
-            vopt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for _, p in vparams], grad_clip)
-            vopt.step()
+            optimizer_step(vopt, loss, vparams, grad_clip)
             train_time += time.perf_counter() - t0
             acc_l["loss"] += loss.item()
             for k, v in accs.items():
@@ -604,11 +610,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
                 loss, correct, _ = packed_loss(model, batch, vocab, aux_head, aux_weight)
             else:
                 loss, correct = batch_loss(model, batch, vocab)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, grad_clip)
         train_time += time.perf_counter() - t0
         step += 1
         run_loss += loss.item() * len(correct)
