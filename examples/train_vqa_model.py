@@ -215,11 +215,13 @@ def patch_labels(scene: vqa.Scene, grid: int = vqa.GRID) -> dict:
 
 
 class AuxHead(torch.nn.Module):
-    """Throwaway per-patch classifier on the vision feature layer (not part of the saved model)."""
+    """Throwaway per-patch classifier (not part of the saved model): on the vision feature layer
+    (with a LayerNorm), or with `norm=False` straight on the projector's output, so what it reads
+    is linearly there in the LM's input space."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm: bool = True):
         super().__init__()
-        self.norm = torch.nn.LayerNorm(dim)
+        self.norm = torch.nn.LayerNorm(dim) if norm else torch.nn.Identity()
         self.out = torch.nn.Linear(dim, sum(AUX_HEADS.values()) + AUX_XY)
 
     def forward(self, feats):                           # (B, N, D) -> dict of (B, N, C)
@@ -305,6 +307,26 @@ def sincos_positions(model) -> None:
     with torch.no_grad():
         w.zero_()
         w[1:, :4 * (d // 4)] = 0.5 * torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1)
+
+
+def init_attention(model, std: float, seed: int = 0) -> None:
+    """Re-draw the LM's query and key projections with `std` (e.g. 1/sqrt(hidden)). Hugging Face's
+    0.02 suits wide models; at hidden 64 it makes q.k tiny, and as the gradient of each factor is
+    proportional to the other, attention then stays near uniform for thousands of steps: the LM
+    learns what pooling can do (count, exist) and never finds the one object a question names."""
+    g = torch.Generator().manual_seed(seed)
+    for name, w in model.model.language_model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            with torch.no_grad():
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def lm_patches(labels: dict, k: int, grid: int) -> torch.Tensor | None:
+    """Phase 2's image-token dropout: ascending ids of the k patches the LM sees (objects and their
+    neighbours first, like `dropout_patches`), or None for all of them."""
+    if k >= grid * grid:
+        return None
+    return dropout_patches(labels, k, grid).sort(1).values
 
 
 # --------------------------------------------------------------------------- more questions per scene
@@ -414,17 +436,24 @@ def make_packed_batch(samples, vocab: vqa.Vocab, questions_per_image: int = 1, s
     return out
 
 
-def packed_forward(model, batch: dict):
-    """Returns (logits (Q, 2, V) at the answer and <eos> positions, vision features (B, N, D))."""
+def packed_forward(model, batch: dict, patches: torch.Tensor | None = None):
+    """Returns (logits (Q, 2, V) at the answer and <eos> positions, vision features (B, N, D)).
+
+    `patches` (B, K), ascending patch ids: the LM sees only those K image tokens, each at its
+    original position (phase 2's image-token dropout; the prompt positions are unchanged), which is
+    the unpruned computation when K = N."""
     feats = vision_features(model, batch["pixel_values"])
     embed = model.model.get_input_embeddings()
     lm = model.model.language_model
     ids = batch["prefix_ids"]
-    emb = embed(ids)
-    m = (ids == model.config.image_token_id)[..., None].expand_as(emb)
-    emb = emb.masked_scatter(m, model.model.multi_modal_projector(feats).to(emb.dtype))
-    P = ids.shape[1]
-    cache = lm(inputs_embeds=emb, use_cache=True).past_key_values        # plain causal prefix
+    B, P = ids.shape
+    n_img = feats.shape[1]
+    t = P - n_img                                                        # text before the image
+    image = feats if patches is None else feats.gather(1, patches[..., None].expand(-1, -1, feats.shape[-1]))
+    idx = torch.arange(n_img).expand(B, -1) if patches is None else patches
+    emb = torch.cat([embed(ids[:, :t]), model.model.multi_modal_projector(image).to(embed.weight.dtype)], 1)
+    pos = torch.cat([torch.arange(t).expand(B, -1), t + idx], 1)
+    cache = lm(inputs_embeds=emb, position_ids=pos, use_cache=True).past_key_values   # causal prefix
     img_of = batch["img_of"]
     for layer in cache.layers:                                           # one prefix copy per question
         layer.keys, layer.values = layer.keys[img_of], layer.values[img_of]
@@ -432,22 +461,32 @@ def packed_forward(model, batch: dict):
     Q, S = seg.shape
     i = torch.arange(S)
     causal = (i[None, :] <= i[:, None])[None].expand(Q, S, S)
-    mask = torch.cat([torch.ones(Q, S, P, dtype=torch.bool), causal], -1)[:, None]
-    pos = (P + i).expand(Q, S)
-    h = lm(inputs_embeds=embed(seg), attention_mask=mask, position_ids=pos, past_key_values=cache,
-           use_cache=True).last_hidden_state
+    mask = torch.cat([torch.ones(Q, S, emb.shape[1], dtype=torch.bool), causal], -1)[:, None]
+    h = lm(inputs_embeds=embed(seg), attention_mask=mask, position_ids=(P + i).expand(Q, S),
+           past_key_values=cache, use_cache=True).last_hidden_state
     q = torch.arange(Q)
     ap = batch["ans_pos"]
     logits = model.lm_head(torch.stack([h[q, ap], h[q, ap + 1]], 1)).float()
     return logits, feats
 
 
-def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight: float = 0.0):
+def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight: float = 0.0,
+                patches: torch.Tensor | None = None, balance_types: bool = False):
     """Answer (+ 0.25 x <eos>) cross-entropy over all packed questions (+ aux_weight x per-patch
-    loss). Returns (loss, answer_correct (Q,), aux accuracies)."""
-    logits, feats = packed_forward(model, batch)
+    loss). `balance_types`: every question type present gets the same share of the answer loss
+    (a scene has at most one text item, so "read" is at most one of an image's questions and,
+    unbalanced, ~2% of the loss: too rare to learn its 22 answers). Returns (loss, answer_correct (Q,), aux accuracies)."""
+    logits, feats = packed_forward(model, batch, patches)
     ans = batch["answers"]
-    loss = F.cross_entropy(logits[:, 0], ans) + 0.25 * F.cross_entropy(logits[:, 1], torch.full_like(ans, vocab.eos_id))
+    answer_ce = F.cross_entropy(logits[:, 0], ans, reduction="none")
+    if balance_types:
+        qtypes = batch["qtypes"]
+        per_type = {t: qtypes.count(t) for t in set(qtypes)}
+        w = torch.tensor([1.0 / (len(per_type) * per_type[t]) for t in qtypes], dtype=answer_ce.dtype)
+        answer_loss = (answer_ce * w).sum()
+    else:
+        answer_loss = answer_ce.mean()
+    loss = answer_loss + 0.25 * F.cross_entropy(logits[:, 1], torch.full_like(ans, vocab.eos_id))
     correct = logits[:, 0].argmax(-1) == ans
     accs = {}
     if aux_head is not None and aux_weight > 0:
@@ -480,7 +519,8 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
           calib_steps: int = 10, questions: int = 1, aux_weight: float = 0.0,
           vision_steps: int = 0, vision_batch: int = 32, vision_lr: float | None = None,
           vision_minutes: float | None = None, vision_keep: int = 0, pos_init: str = "default",
-          ckpt_dir: str | None = None, log=print):
+          proj_steps: int = 0, freeze_vision: bool = False, lm_keep: int = 0, qk_std: float = 0.0,
+          balance_types: bool = False, ckpt_dir: str | None = None, log=print):
     """Train from scratch. `samples` (a list) replaces the train stream (cycled; for tests).
 
     Phase 1 (`vision_steps` > 0): the vision tower alone (up to its feature layer) learns the dense
@@ -488,9 +528,19 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     (train-stream images after the ones phase 2 uses). Phase 2: the whole model learns to answer,
     `questions` questions per image packed into one row (`make_packed_batch`), plus
     `aux_weight` x the per-patch loss. Stops at `steps` (phase 2) or when `minutes` of training
-    wall time (both phases) are spent, whichever first; with no `steps`, the phase-2 total for the
+    wall time (all phases) are spent, whichever first; with no `steps`, the phase-2 total for the
     cosine schedule is calibrated after `calib_steps` steps. `ckpt_dir`: keep the best model by
     val accuracy there (save_pretrained + train_meta.json) at each evaluation.
+
+    Between them, `proj_steps` align the projector alone (tower frozen, LLaVA's stage 1): a fresh
+    `AuxHead(norm=False)` reads the same per-patch labels from the projector's output, so colour and
+    glyph identity reach the LM's input space linearly (without it the projector keeps the kind but
+    loses most of the colour: 40% by a linear probe, the tower's features 99.9%). `freeze_vision`
+    keeps the tower fixed in phase 2; `lm_keep` K > 0 shows the LM a random number in [K, N] of
+    the N image tokens per step (`lm_patches`, original positions), so attention that picks out
+    one object is learned among fewer distractors and a step is cheaper; `qk_std` re-draws the
+    LM's query/key projections (`init_attention`); `balance_types` gives each question type the
+    same share of the answer loss (`packed_loss`).
 
     Time caps (`vision_minutes` for phase 1, what is left of `minutes` for phase 2) also drive
     each phase's schedule: its progress is max(step / steps, time / time cap), so a slow (e.g.
@@ -507,6 +557,8 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     model = build_model(cfg, seed, vocab).train()
     if pos_init == "sincos":
         sincos_positions(model)
+    if qk_std:
+        init_attention(model, qk_std, seed)
     n_img, size = _image_tokens(model), cfg["image_size"]
     grid = size // cfg["patch"]
     aux_head = AuxHead(cfg["vision_hidden"]) if (aux_weight > 0 or vision_steps > 0) else None
@@ -515,7 +567,8 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     budget = minutes * 60 if minutes is not None else math.inf
     hist = dict(train=[], val=[], vision=[], config=dict(cfg), params=n_params(model), batch_size=batch_size,
                 lr=lr, weight_decay=weight_decay, seed=seed, data_seed=data_seed, autocast=autocast,
-                questions=questions, aux_weight=aux_weight, vision_steps=vision_steps,
+                questions=questions, aux_weight=aux_weight, vision_steps=vision_steps, proj_steps=proj_steps,
+                freeze_vision=freeze_vision, lm_keep=lm_keep, qk_std=qk_std, balance_types=balance_types,
                 vision_batch=vision_batch, vision_lr=vision_lr or lr, vision_minutes=vision_minutes,
                 vision_keep=vision_keep, pos_init=pos_init,
                 minutes=minutes, grad_clip=grad_clip, capped={})
@@ -572,8 +625,40 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
         hist["vision_minutes"] = train_time / 60
         del vopt
 
+    # ---- phase 1b: the projector alone maps the (frozen) tower's features into the LM's input space
+    if proj_steps:
+        proj = model.model.multi_modal_projector
+        phead = AuxHead(cfg["hidden"], norm=False)
+        pparams = list(proj.named_parameters()) + list(phead.named_parameters())
+        popt = torch.optim.AdamW(_param_groups(pparams, weight_decay), lr=vision_lr or lr, betas=(0.9, 0.98))
+        offset = 2 * 10 ** 8
+        for ps in range(proj_steps):
+            t0 = time.perf_counter()
+            chunk = [stream(offset + ps * vision_batch + b) for b in range(vision_batch)]
+            px = torch.stack([_pixels(s, size) for s in chunk])
+            labels = stack_labels(chunk, grid)
+            patches = dropout_patches(labels, min(vision_keep or grid * grid, grid * grid), grid)
+            labels = {k: v.gather(1, patches if v.dim() == 2 else patches[..., None].expand(-1, -1, v.shape[-1]))
+                      for k, v in labels.items()}
+            with torch.no_grad():
+                feats = vision_features(model, px).gather(1, patches[..., None].expand(-1, -1, cfg["vision_hidden"]))
+            for g in popt.param_groups:
+                g["lr"] = lr_at(ps, proj_steps, vision_lr or lr, max(1, proj_steps // 15))
+            with ctx():
+                loss, accs = aux_loss(phead(proj(feats)), labels)
+            optimizer_step(popt, loss, pparams, grad_clip)
+            train_time += time.perf_counter() - t0
+            if (ps + 1) % log_every == 0 or ps + 1 == proj_steps:
+                rec = dict(step=ps + 1, loss=loss.item(), **accs, train_min=train_time / 60)
+                hist.setdefault("projector", []).append(rec)
+                log(f"projector {ps + 1:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in rec.items() if k != "step"))
+        del popt, phead
+    if freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+
     # ---- phase 2: full VQA
-    params = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_weight > 0 else [])
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + \
+             (list(aux_head.named_parameters()) if aux_weight > 0 else [])
     opt = torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
     total = steps if steps is not None else 10 ** 9
     warm = warmup if warmup is not None else (max(1, total // 25) if steps is not None else None)
@@ -596,9 +681,9 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             warm = max(1, total // 25)
         t0 = time.perf_counter()
         chunk = [stream(step * batch_size + b) for b in range(batch_size)]
-        if questions > 1 or aux_weight > 0:
+        if questions > 1 or aux_weight > 0 or lm_keep:
             batch = make_packed_batch(chunk, vocab, questions, data_seed, n_img, size,
-                                      grid if aux_weight > 0 else None)
+                                      grid if (aux_weight > 0 or lm_keep) else None)
         else:
             batch = make_batch(chunk, vocab, n_img, size)
         cur = lr_at(eff if steps is not None else step, total, lr,
@@ -607,7 +692,11 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             g["lr"] = cur
         with ctx():
             if "seg_ids" in batch:
-                loss, correct, _ = packed_loss(model, batch, vocab, aux_head, aux_weight)
+                patches = None
+                if lm_keep:
+                    k = random.Random(f"{seed}|{step}|lm_keep").randint(min(lm_keep, n_img), n_img)
+                    patches = lm_patches(batch["labels"], k, grid)
+                loss, correct, _ = packed_loss(model, batch, vocab, aux_head, aux_weight, patches, balance_types)
             else:
                 loss, correct = batch_loss(model, batch, vocab)
         optimizer_step(opt, loss, params, grad_clip)
@@ -721,6 +810,14 @@ def main(argv=None) -> int:
                     help="phase-1 patch dropout: run the tower on this many patches per image (objects first)")
     ap.add_argument("--pos-init", default="default", choices=("default", "sincos"),
                     help="vision position-embedding init")
+    ap.add_argument("--proj-steps", type=int, default=0,
+                    help="phase 1b: projector-alone steps on the per-patch labels (tower frozen)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed in phase 2")
+    ap.add_argument("--lm-keep", type=int, default=0,
+                    help="phase 2 image-token dropout: the LM sees a random number in [K, all] of them per step")
+    ap.add_argument("--balance-types", action="store_true",
+                    help="phase 2: each question type gets the same share of the answer loss")
+    ap.add_argument("--qk-std", type=float, default=0.0, help="re-draw the LM's q/k projections with this std")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--ckpt", default=None, help="keep the best model by val accuracy here")
     ap.add_argument("--test-n", type=int, default=0, help="after training: accuracy on this many test questions")
@@ -742,7 +839,8 @@ def main(argv=None) -> int:
                         questions=a.questions, aux_weight=a.aux_weight, vision_steps=a.vision_steps,
                         vision_batch=a.vision_batch, vision_lr=a.vision_lr, log_every=a.log_every,
                         vision_minutes=a.vision_minutes, vision_keep=a.vision_keep, pos_init=a.pos_init,
-                        ckpt_dir=a.ckpt,
+                        proj_steps=a.proj_steps, freeze_vision=a.freeze_vision, lm_keep=a.lm_keep,
+                        qk_std=a.qk_std, balance_types=a.balance_types, ckpt_dir=a.ckpt,
                         log=lambda m: print(m, flush=True))
     hist["command"] = "python examples/train_vqa_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.test_n:

@@ -160,3 +160,88 @@ def test_sincos_position_init():
         freq = 1.0 / 100 ** (torch.arange(d) / d)
         torch.testing.assert_close(w[1 + p, :d], 0.5 * torch.sin(c * freq))
         torch.testing.assert_close(w[1 + p, 3 * d:4 * d], 0.5 * torch.cos(r * freq))
+
+
+def test_lm_token_dropout_is_the_prompt_without_those_tokens():
+    """Phase 2's image-token dropout: the LM over K of the N image tokens (original positions) gives
+    the logits of the full prompt's embeddings with the other N - K image rows deleted, built here
+    from Hugging Face's own image merge; all N in order is the unpruned packed forward."""
+    T = _load()
+    vocab = vqa.Vocab()
+    cfg = dict(T.CONFIGS["tiny"], image_size=112)                       # 8 x 8 patch grid
+    n_img = 64
+    samples = vqa.generate("train", 2)
+    model = T.build_model(cfg, seed=0, vocab=vocab).eval()
+    T.init_attention(model, 0.25)                                        # sharp attention: positions matter
+    b = T.make_packed_batch(samples, vocab, 3, 0, n_img, 112, grid=8)
+    with torch.no_grad():
+        full = T.packed_forward(model, b)[0]
+        torch.testing.assert_close(T.packed_forward(model, b, torch.arange(n_img).expand(2, -1))[0], full)
+        keep = T.lm_patches(b["labels"], 20, 8)
+        assert T.lm_patches(b["labels"], 64, 8) is None
+        assert keep.shape == (2, 20) and torch.all(keep[:, 1:] > keep[:, :-1])
+        got = T.packed_forward(model, b, keep)[0][:, 0]
+        assert not torch.allclose(got, full[:, 0], atol=1e-3)
+        ref = []
+        for i, s in enumerate(samples):
+            for q, a, qt in T.questions_for(s, 3):
+                one = T.make_batch([vqa.Sample(s.image, q, a, qt, s.scene, (), s.uid)], vocab, n_img, 112,
+                                   with_target=False)
+                ids = one["input_ids"][0]
+                emb = model.model.get_input_embeddings()(ids)[None]
+                img = model.model.get_image_features(pixel_values=one["pixel_values"],
+                                                     vision_feature_layer=-2,
+                                                     vision_feature_select_strategy="default")
+                img = getattr(img, "pooler_output", img)
+                img = torch.cat(list(img), 0) if isinstance(img, (list, tuple)) else img
+                mask = (ids == vocab.image_id)[None, :, None].expand_as(emb)
+                emb = emb.masked_scatter(mask, img.reshape(-1, emb.shape[-1]))
+                image_pos = (ids == vocab.image_id).nonzero().flatten()
+                drop = set(image_pos[torch.tensor([p for p in range(n_img) if p not in keep[i].tolist()])].tolist())
+                rows = torch.tensor([p for p in range(len(ids)) if p not in drop])
+                h = model.model.language_model(inputs_embeds=emb[:, rows], position_ids=rows[None]).last_hidden_state
+                ref.append(model.lm_head(h[:, -1]).float())
+        torch.testing.assert_close(got, torch.cat(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_projector_phase_frozen_tower_and_qk_init():
+    """Phase 1b trains the projector alone; a frozen tower does not move in phase 2; the q/k re-draw
+    has the asked-for scale."""
+    T = _load()
+    model = T.build_model(T.CONFIGS["tiny"], seed=0)
+    T.init_attention(model, 0.3, seed=1)
+    for n, w in model.model.language_model.named_parameters():
+        if n.endswith(("q_proj.weight", "k_proj.weight")):
+            assert abs(w.std().item() - 0.3) < 0.06
+    torch.manual_seed(0)
+    ref = T.build_model(T.CONFIGS["tiny"], seed=0)
+    model, hist = T.train("tiny", steps=3, batch_size=2, lr=3e-3, warmup=1, samples=vqa.generate("train", 4),
+                          eval_n=0, log_every=1, questions=3, vision_steps=2, vision_batch=2, proj_steps=2,
+                          freeze_vision=True, lm_keep=4, qk_std=0.2, log=lambda m: None)
+    assert len(hist["projector"]) == 2 and hist["steps"] == 3 and hist["lm_keep"] == 4
+    again, _ = T.train("tiny", steps=0, batch_size=2, lr=3e-3, samples=vqa.generate("train", 4), eval_n=0,
+                       vision_steps=2, vision_batch=2, log=lambda m: None)
+    for (n, a), b in zip(model.model.vision_tower.named_parameters(), again.model.vision_tower.parameters()):
+        torch.testing.assert_close(a, b, msg=n)                          # phase 2 left the tower alone
+    moved = [not torch.equal(a, b) for a, b in zip(model.model.multi_modal_projector.parameters(),
+                                                    ref.model.multi_modal_projector.parameters())]
+    assert all(moved)
+
+
+def test_balanced_loss_gives_each_question_type_the_same_share():
+    T = _load()
+    vocab = vqa.Vocab()
+    cfg = T.CONFIGS["tiny"]
+    model = T.build_model(cfg, seed=0, vocab=vocab).eval()
+    b = T.make_packed_batch(vqa.generate("train", 3), vocab, 6, 0, 16, cfg["image_size"])
+    assert len(set(b["qtypes"])) >= 3 and len(set(b["qtypes"].count(t) for t in b["qtypes"])) > 1
+    with torch.no_grad():
+        logits = T.packed_forward(model, b)[0]
+        eos = torch.nn.functional.cross_entropy(logits[:, 1], torch.full_like(b["answers"], vocab.eos_id))
+        by_type = {}
+        for i, t in enumerate(b["qtypes"]):
+            by_type.setdefault(t, []).append(torch.nn.functional.cross_entropy(logits[i:i + 1, 0], b["answers"][i:i + 1]))
+        ref = sum(sum(v) / len(v) for v in by_type.values()) / len(by_type) + 0.25 * eos
+        plain = torch.nn.functional.cross_entropy(logits[:, 0], b["answers"]) + 0.25 * eos
+        torch.testing.assert_close(T.packed_loss(model, b, vocab, balance_types=True)[0], ref)
+        torch.testing.assert_close(T.packed_loss(model, b, vocab)[0], plain)
