@@ -630,7 +630,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
         proj = model.model.multi_modal_projector
         phead = AuxHead(cfg["hidden"], norm=False)
         pparams = list(proj.named_parameters()) + list(phead.named_parameters())
-        popt = torch.optim.AdamW(_param_groups(pparams, weight_decay), lr=vision_lr or lr, betas=(0.9, 0.98))
+        popt = torch.optim.AdamW(_param_groups(pparams, weight_decay), lr=lr, betas=(0.9, 0.98))
         offset = 2 * 10 ** 8
         for ps in range(proj_steps):
             t0 = time.perf_counter()
@@ -643,7 +643,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             with torch.no_grad():
                 feats = vision_features(model, px).gather(1, patches[..., None].expand(-1, -1, cfg["vision_hidden"]))
             for g in popt.param_groups:
-                g["lr"] = lr_at(ps, proj_steps, vision_lr or lr, max(1, proj_steps // 15))
+                g["lr"] = lr_at(ps, proj_steps, lr, max(1, proj_steps // 15))
             with ctx():
                 loss, accs = aux_loss(phead(proj(feats)), labels)
             optimizer_step(popt, loss, pparams, grad_clip)
