@@ -15,12 +15,15 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
   captured.
 
 A pass that cannot apply never degrades silently: an image merge split from the decoder layers by
-a graph break, or decoder layers spread over several frames, raise `PassNotApplicable` (or warn,
-with `if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend
+a graph break, decoder layers spread over several frames, or image features that reach the
+decoder layers merged by an op other than masked_scatter (seen at run time: a compiled vision
+frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or warn, with
+`if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend
 built for a model, for inspection.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -88,6 +91,23 @@ def _image_merge(gm: fx.GraphModule) -> fx.Node | None:
         if n.target in ("masked_scatter", torch.Tensor.masked_scatter) and len(n.args) == 3:
             return n
     return None
+
+
+_VISION_PATHS = ("vision_tower", "vision_model", "visual")
+
+
+def _encodes_image(gm: fx.GraphModule) -> bool:
+    """The frame runs (part of) the vision encoder."""
+    return any(n.op == "call_function" and any(w in module_path(n) for w in _VISION_PATHS) for n in gm.graph.nodes)
+
+
+class _Pending(threading.local):
+    """An image encoded by a compiled frame and not yet merged by a pruned prefill frame. A decoder
+    frame that runs while one is pending is a prefill whose merge the backend did not recognise."""
+    image = False
+
+
+_PENDING = _Pending()
 
 
 def _placeholder_index(gm: fx.GraphModule, node: fx.Node, what: str) -> int:
@@ -207,6 +227,7 @@ class PrunedFrame:
     def __call__(self, *args):
         from graphprune.runtime import _call, _Prompt, check_budgets, vision_layout
         # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
+        _PENDING.image = False
         rw = _rewritten(self.owner, self.opts)
         embeds, mask = args[self.inputs["embeds"]], args[self.inputs["image_mask"]]
         feats = args[self.inputs["image_features"]]
@@ -247,6 +268,7 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, opts: BackendOptions) -> Pr
 
 
 def _not_applied(opts: BackendOptions, why: str) -> None:
+    _PENDING.image = False           # this image is reported: a later text-only prompt owes nothing
     msg = (f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {why}. The model would run "
            "unpruned; use graphprune.prune(model, ...) instead")
     if opts.if_not_applied == "raise":
@@ -268,6 +290,8 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
                               "(mode= is Inductor's; pass compiler= in options)")
     opts = BackendOptions.parse(options)
     merge = _image_merge(gm)
+    if merge is None and _lm_layers(gm) and _encodes_image(gm):
+        _not_applied(opts, _UNSEEN_MERGE)
     if merge is not None:
         if not _lm_layers(gm):
             _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
@@ -276,12 +300,28 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
             if frame is not None:
                 return frame
     compiled = _compile(gm, example_inputs, opts.compiler)
+    if not _lm_layers(gm) and _encodes_image(gm):
+        return VisionFrame(compiled)
     if _lm_layers(gm):            # a decode step (or a text-only prompt) over the caches prefill left
         # the frame's module is the whole model (no graph break without an image) or its body
         from graphprune.families import family_of
         lm = family_of(_owner("the module running the decoder layers")).language_model()
-        return DecodeFrame(lm, compiled, _attention_mask_index(gm))
+        return DecodeFrame(lm, compiled, _attention_mask_index(gm), opts)
     return compiled
+
+
+_UNSEEN_MERGE = ("the image features reach the decoder layers without the masked_scatter merge the "
+                 "backend recognises (another merge op, or a graph break between merge and layers)")
+
+
+@dataclass
+class VisionFrame:
+    """A vision-encoder frame, run as compiled; notes that an image now awaits its pruned merge."""
+    fn: object
+
+    def __call__(self, *args):
+        _PENDING.image = True
+        return self.fn(*args)
 
 
 def _attention_mask_index(gm: fx.GraphModule) -> int | None:
@@ -300,8 +340,11 @@ class DecodeFrame:
     language_model: torch.nn.Module
     fn: object
     attention_mask: int | None
+    opts: BackendOptions
 
     def __call__(self, *args):
+        if _PENDING.image:               # an encoded image, and this prefill did not merge it pruned
+            _not_applied(self.opts, _UNSEEN_MERGE)
         pruned = list(_PROGRAMS.get(self.language_model, {}).values())
         if any(rw.masked for rw in pruned):
             raise PassNotApplicable("decoding after a static-capacity pass (masked slots) needs graphprune's "

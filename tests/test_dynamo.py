@@ -192,3 +192,25 @@ def test_qwen2vl_split_merge_is_refused_loudly():
     with pytest.raises(Exception, match="graph break separates the image-feature merge"):
         with torch.no_grad():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+def test_image_merge_by_another_op_is_refused_not_run_unpruned(model, batch, monkeypatch):
+    """A model that writes image features into the prompt with something other than masked_scatter
+    (here torch.where over the scattered features) gives the backend a decoder frame with image
+    inputs and no merge it knows: that must fail loudly, or warn and run unpruned with
+    if_not_applied="warn", never pass for a decode step."""
+    def where_merge(self, mask, source):
+        mask = mask.expand_as(self)
+        flat = torch.zeros_like(self).reshape(-1)
+        flat[mask.reshape(-1).nonzero().flatten()] = source.reshape(-1)[:int(mask.sum())].to(self.dtype)
+        return torch.where(mask, flat.view_as(self), self)
+
+    want = model(**batch).logits
+    monkeypatch.setattr(torch.Tensor, "masked_scatter", where_merge)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want)          # the same model, merged another way
+        with pytest.raises(PassNotApplicable, match="without the masked_scatter merge"):
+            _compiled(model, "fastv(layer=2, keep=8)")(**batch)
+        with pytest.warns(UserWarning, match="without the masked_scatter merge"):
+            got = _compiled(model, "fastv(layer=2, keep=8)", if_not_applied="warn")(**batch)
+    torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)     # unpruned, as the warning says
