@@ -7,18 +7,17 @@ offline with `from_pretrained` and every pruning method runs on it as on LLaVA-1
 and `build_model` live in `graphprune.zoo` (`zoo.CONFIGS`, `zoo.build_model`); the shipped
 weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.zoo.vqa_llava()`) come from:
 
-    python examples/train_vqa_model.py --steps 2600 --minutes 88 --vision-steps 6500 \\
-        --vision-minutes 32 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos \\
-        --batch 8 --questions 24 --aux-weight 0.3 --lr 2e-3 --eval-n 250 --eval-every 400 \\
+    python examples/train_vqa_model.py --steps 4000 --minutes 88 --vision-steps 4500 \\
+        --vision-minutes 22 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos \\
+        --proj-steps 150 --freeze-vision --lm-keep 128 --qk-std 0.125 --balance-types \\
+        --batch 8 --questions 24 --lr 2e-3 --eval-n 250 --eval-every 500 \\
         --test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava
 
-(80.8 training minutes on 2 idle CPU cores, no time cap cut in, so the run is reproducible from
-its seeds: phase 1 26.7 min, 208k images at ~130 images/s; phase 2 54 min, 20.8k images x 24
-questions. 47.4% on 1000 test questions, seed 0 -- color 15%, count 88%, exist 74%, position
-50%, read 9% -- below the 90% target: the vision tower's per-patch features are good (kind 99%,
-colour 99.9%, glyph 96%), and the LM has learned to count and to check existence but not to
-bind a named object to its colour or text (14 more minutes of phase 2 did not change that). See
-train_meta.json for the history.)
+(74.5 training minutes on 2 idle CPU cores, no time cap cut in, so the run is reproducible from
+its seeds: phase 1 18.0 min, 144k images at ~130 images/s; phase 1b 0.8 min; phase 2 55.7 min,
+32k images x 24 questions at ~9.6 images/s. 78.7% on 1000 test questions, seed 0 -- color 98%,
+count 61%, exist 95%, position 52%, read 87% -- below the 90% target; validation was still rising
+(0.73 at step 2500, 0.80 at 3000, 0.82 at 4000). See train_meta.json for the history.)
 
 Recipe (all on the CPU, fp32, 2 threads, data streamed with `vqa.sample_at("train", i, seed)`
 in a fixed order, so a run is reproducible from its seeds and `--steps`):
@@ -31,14 +30,26 @@ in a fixed order, so a run is reproducible from its seeds and `--steps`):
   576 patches per image, every object patch and its neighbours first (`dropout_patches`), at
   ~130 images/s instead of ~40 (the full model: ~7). `--pos-init sincos` starts the learned
   position embeddings from 2-D sin-cos values. The tower's per-patch shape recognition is slow to
-  start and then jumps (around 15-20k images: 0.4 -> 0.8), which is why phase 1 needs its
-  ~200k images.
-* Phase 2, `--steps`: the whole model answers questions, `--questions` per image: the sample's
-  own question plus others about the same scene, answered from its scene graph with the
-  generator's templates and rules (`scene_questions`). `packed_forward` runs the LM over the
-  image prefix once and each question on top of a copy of its KV cache, which is exactly the
-  single-prompt computation, so one image's ~600-token LM pass trains many questions. Loss:
-  answer token + 0.25 x `<eos>`, plus `--aux-weight` x the per-patch loss (head kept on).
+  start and then jumps (around 15-20k images: 0.4 -> 0.8); glyph identity comes last (80% of
+  text patches after 144k images), which is why phase 1 needs >100k images.
+* Phase 1b, `--proj-steps`: the projector alone (tower frozen; LLaVA's stage 1) learns the same
+  per-patch labels through a fresh `AuxHead(norm=False)` on its output, i.e. in the LM's input
+  space. Without it the projector kept the shape kind but lost the colour (a linear probe on its
+  output: 40% colour, on the tower's features 99.9%): the tower's features have norm ~110, mostly
+  one common direction, and a fresh GELU projector trained only through the LM squashed the rest.
+* Phase 2, `--steps`: the LM (and projector; `--freeze-vision` keeps the tower fixed) answers
+  questions, `--questions` per image: the sample's own question plus others about the same
+  scene, answered from its scene graph with the generator's templates and rules
+  (`scene_questions`). `packed_forward` runs the LM over the image prefix once and each question
+  on top of a copy of its KV cache, which is exactly the single-prompt computation, so one
+  image's ~600-token LM pass trains many questions. `--lm-keep K`: each step the LM sees a random
+  number in [K, 576] of the image tokens, objects first, at their original positions
+  (`lm_patches`), so attention learns to pick out one object among fewer distractors and a step
+  is cheaper. `--qk-std` re-draws the LM's query/key projections (`init_attention`: at
+  Hugging Face's 0.02, q.k starts so small that attention stays uniform for thousands of steps,
+  and the LM learned only what pooling gives: count and exist). Loss: answer token (with
+  `--balance-types`, every question type the same share: a scene has at most one text, so "read"
+  was ~2% of the questions) + 0.25 x `<eos>`, plus `--aux-weight` x the per-patch loss.
 * AdamW, linear warm-up + cosine decay per phase; `--minutes` caps the total wall time
   (then the schedule is cut short); `--ckpt DIR` keeps the best model by val accuracy.
 
@@ -53,7 +64,8 @@ calibrated from the speed of the first steps; pass `--steps` for an exactly repr
 API: `build_model(cfg, seed)`, `make_batch(samples, vocab)`, `evaluate(model, samples, vocab)`,
 `train(cfg=..., steps=..., ...)` -> (model, history dict), `save(model, out, meta)`,
 `patch_labels(scene)`, `scene_questions(scene, rng)`, `make_packed_batch(...)`,
-`packed_forward(model, batch)`, `test_accuracy(model, n, seed)`.
+`packed_forward(model, batch, patches)`, `lm_patches(labels, k, grid)`, `init_attention(model, std)`,
+`packed_loss(..., balance_types)`, `test_accuracy(model, n, seed)`.
 """
 from __future__ import annotations
 

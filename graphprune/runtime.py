@@ -254,7 +254,9 @@ class PrunedModel:
         return PrunedOutput(outs["logits"], cache, positions, kept, self.report)
 
     # -- decode ---------------------------------------------------------------------------
-    def _step(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor):
+    def decode_step(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor):
+        """One greedy-decode step through the per-layer caches: `token` (B,) at `position` (B, 1) ->
+        (next-token logits (B, V), the cache with this token appended). `generate` loops over it."""
         embeds = self.family.embed(token[:, None])
         args = {"inputs_embeds": embeds, "position_ids": position}
         for i, c in enumerate(cache):
@@ -348,7 +350,7 @@ class PrunedModel:
             if static_cache:
                 logits = static_step(tok, p, step)
             else:
-                logits, cache = self._step(cache, tok, p)
+                logits, cache = self.decode_step(cache, tok, p)
         if static_cache:
             cache = final_cache(len(new) - 1)
         self.report = report.with_decode(cache, len(new))

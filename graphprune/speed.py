@@ -104,7 +104,7 @@ def _decoder(pm, kw, steps):
         logits, cache = out.logits[:, -1], out.cache
         pos = out.positions.amax(-1, keepdim=True) + 1
         for s in range(steps):
-            logits, cache = pm._step(cache, logits.argmax(-1), pos + s)
+            logits, cache = pm.decode_step(cache, logits.argmax(-1), pos + s)
     return run
 
 

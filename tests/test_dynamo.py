@@ -194,7 +194,7 @@ def test_qwen2vl_split_merge_is_refused_loudly():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
 
-def test_image_merge_by_another_op_is_refused_not_run_unpruned(model, batch, monkeypatch):
+def test_image_merge_by_another_op_is_refused_not_run_unpruned(monkeypatch):
     """A model that writes image features into the prompt with something other than masked_scatter
     (here torch.where over the scattered features) gives the backend a decoder frame with image
     inputs and no merge it knows: that must fail loudly, or warn and run unpruned with
@@ -205,6 +205,8 @@ def test_image_merge_by_another_op_is_refused_not_run_unpruned(model, batch, mon
         flat[mask.reshape(-1).nonzero().flatten()] = source.reshape(-1)[:int(mask.sum())].to(self.dtype)
         return torch.where(mask, flat.view_as(self), self)
 
+    model = zoo.tiny_llava()            # its own instance: no pipeline built for it by earlier tests
+    batch = zoo.llava_example(model, batch=2).as_kwargs()
     want = model(**batch).logits
     monkeypatch.setattr(torch.Tensor, "masked_scatter", where_merge)
     with torch.no_grad():
