@@ -271,6 +271,11 @@ def stack_labels(samples, grid: int) -> dict:
     return {k: torch.stack([lab[k] for lab in labs]) for k in labs[0]}
 
 
+def take_patches(x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """x (B, N) or (B, N, C) per patch -> the rows `patches` (B, K) picks, in that order."""
+    return x.gather(1, patches if x.dim() == 2 else patches[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def vision_features(model, pixel_values, patches=None):
     """(B, N, D) vision features exactly as LLaVA takes them (hidden state of the feature layer,
     CLS dropped), computing only the vision layers up to the feature layer (the later ones are
@@ -287,7 +292,7 @@ def vision_features(model, pixel_values, patches=None):
         emb = vt.embeddings
         pos = emb.position_embedding.weight
         x = emb.patch_embedding(pixel_values.to(pos.dtype)).flatten(2).transpose(1, 2) + pos[1:]
-        x = torch.gather(x, 1, patches[..., None].expand(-1, -1, x.shape[-1]))
+        x = take_patches(x, patches)
         h = torch.cat([(emb.class_embedding + pos[0]).expand(x.shape[0], 1, -1), x], 1)
     h = vt.pre_layrnorm(h)
     for layer in list(layers)[:keep]:
@@ -461,7 +466,7 @@ def packed_forward(model, batch: dict, patches: torch.Tensor | None = None):
     B, P = ids.shape
     n_img = feats.shape[1]
     t = P - n_img                                                        # text before the image
-    image = feats if patches is None else feats.gather(1, patches[..., None].expand(-1, -1, feats.shape[-1]))
+    image = feats if patches is None else take_patches(feats, patches)
     idx = torch.arange(n_img).expand(B, -1) if patches is None else patches
     emb = torch.cat([embed(ids[:, :t]), model.model.multi_modal_projector(image).to(embed.weight.dtype)], 1)
     pos = torch.cat([torch.arange(t).expand(B, -1), t + idx], 1)
@@ -487,7 +492,8 @@ def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight:
     """Answer (+ 0.25 x <eos>) cross-entropy over all packed questions (+ aux_weight x per-patch
     loss). `balance_types`: every question type present gets the same share of the answer loss
     (a scene has at most one text item, so "read" is at most one of an image's questions and,
-    unbalanced, ~2% of the loss: too rare to learn its 22 answers). Returns (loss, answer_correct (Q,), aux accuracies)."""
+    unbalanced, ~2% of the loss: too rare to learn its 22 answers).
+    Returns (loss, answer_correct (Q,), aux accuracies)."""
     logits, feats = packed_forward(model, batch, patches)
     ans = batch["answers"]
     answer_ce = F.cross_entropy(logits[:, 0], ans, reduction="none")
@@ -577,7 +583,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     val = vqa.generate("val", eval_n, seed=data_seed) if eval_n else []
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
     budget = minutes * 60 if minutes is not None else math.inf
-    hist = dict(train=[], val=[], vision=[], config=dict(cfg), params=n_params(model), batch_size=batch_size,
+    hist = dict(train=[], val=[], vision=[], projector=[], config=dict(cfg), params=n_params(model), batch_size=batch_size,
                 lr=lr, weight_decay=weight_decay, seed=seed, data_seed=data_seed, autocast=autocast,
                 questions=questions, aux_weight=aux_weight, vision_steps=vision_steps, proj_steps=proj_steps,
                 freeze_vision=freeze_vision, lm_keep=lm_keep, qk_std=qk_std, balance_types=balance_types,
@@ -614,8 +620,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             patches = None
             if vision_keep and vision_keep < grid * grid:
                 patches = dropout_patches(labels, vision_keep, grid)
-                labels = {k: v.gather(1, patches if v.dim() == 2 else patches[..., None].expand(-1, -1, v.shape[-1]))
-                          for k, v in labels.items()}
+                labels = {k: take_patches(v, patches) for k, v in labels.items()}
             for g in vopt.param_groups:
                 g["lr"] = lr_at(veff, vision_steps, vision_lr or lr, vwarm)
             with ctx():
@@ -650,10 +655,9 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             px = torch.stack([_pixels(s, size) for s in chunk])
             labels = stack_labels(chunk, grid)
             patches = dropout_patches(labels, min(vision_keep or grid * grid, grid * grid), grid)
-            labels = {k: v.gather(1, patches if v.dim() == 2 else patches[..., None].expand(-1, -1, v.shape[-1]))
-                      for k, v in labels.items()}
+            labels = {k: take_patches(v, patches) for k, v in labels.items()}
             with torch.no_grad():
-                feats = vision_features(model, px).gather(1, patches[..., None].expand(-1, -1, cfg["vision_hidden"]))
+                feats = take_patches(vision_features(model, px), patches)
             for g in popt.param_groups:
                 g["lr"] = lr_at(ps, proj_steps, lr, max(1, proj_steps // 15))
             with ctx():
@@ -662,7 +666,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             train_time += time.perf_counter() - t0
             if (ps + 1) % log_every == 0 or ps + 1 == proj_steps:
                 rec = dict(step=ps + 1, loss=loss.item(), **accs, train_min=train_time / 60)
-                hist.setdefault("projector", []).append(rec)
+                hist["projector"].append(rec)
                 log(f"projector {ps + 1:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in rec.items() if k != "step"))
         del popt, phead
     if freeze_vision:

@@ -17,8 +17,8 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
 A pass that cannot apply never degrades silently: an image merge split from the decoder layers by
 a graph break, decoder layers spread over several frames, or image features that reach the
 decoder layers merged by an op other than masked_scatter (seen at run time: a compiled vision
-frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or warn, with
-`if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend
+frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or
+warn, with `if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend
 built for a model, for inspection.
 """
 from __future__ import annotations
@@ -289,20 +289,20 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         raise PassConfigError(f"the graphprune backend takes options={{...}}, not {sorted(unused)} "
                               "(mode= is Inductor's; pass compiler= in options)")
     opts = BackendOptions.parse(options)
-    merge = _image_merge(gm)
-    if merge is None and _lm_layers(gm) and _encodes_image(gm):
+    merge, layers, vision = _image_merge(gm), _lm_layers(gm), _encodes_image(gm)
+    if merge is None and layers and vision:
         _not_applied(opts, _UNSEEN_MERGE)
     if merge is not None:
-        if not _lm_layers(gm):
+        if not layers:
             _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
         else:
             frame = _prune_frame(gm, merge, opts)
             if frame is not None:
                 return frame
     compiled = _compile(gm, example_inputs, opts.compiler)
-    if not _lm_layers(gm) and _encodes_image(gm):
+    if vision and not layers:
         return VisionFrame(compiled)
-    if _lm_layers(gm):            # a decode step (or a text-only prompt) over the caches prefill left
+    if layers:            # a decode step (or a text-only prompt) over the caches prefill left
         # the frame's module is the whole model (no graph break without an image) or its body
         from graphprune.families import family_of
         lm = family_of(_owner("the module running the decoder layers")).language_model()
