@@ -7,17 +7,18 @@ offline with `from_pretrained` and every pruning method runs on it as on LLaVA-1
 and `build_model` live in `graphprune.zoo` (`zoo.CONFIGS`, `zoo.build_model`); the shipped
 weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.zoo.vqa_llava()`) come from:
 
-    python examples/train_vqa_model.py --steps 4000 --minutes 88 --vision-steps 4500 \\
+    python examples/train_vqa_model.py --steps 4500 --minutes 88 --vision-steps 4500 \\
         --vision-minutes 22 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos \\
-        --proj-steps 150 --freeze-vision --lm-keep 128 --qk-std 0.125 --balance-types \\
+        --proj-steps 400 --proj-aux-weight 1 --freeze-vision --lm-keep 128 --qk-std 0.125 \\
+        --balance-types --type-share position=2 --type-share count=1.5 \\
         --batch 8 --questions 24 --lr 2e-3 --eval-n 250 --eval-every 500 \\
         --test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava
 
-(74.5 training minutes on 2 idle CPU cores, no time cap cut in, so the run is reproducible from
-its seeds: phase 1 18.0 min, 144k images at ~130 images/s; phase 1b 0.8 min; phase 2 55.7 min,
-32k images x 24 questions at ~9.6 images/s. 78.7% on 1000 test questions, seed 0 -- color 98%,
-count 61%, exist 95%, position 52%, read 87% -- below the 90% target; validation was still rising
-(0.73 at step 2500, 0.80 at 3000, 0.82 at 4000). See train_meta.json for the history.)
+(85.4 training minutes on 2 idle CPU cores, no time cap cut in, so the run is reproducible from
+its seeds: phase 1 19.2 min, 144k images at ~125 images/s; phase 1b 2.7 min; phase 2 63.5 min,
+36k images x 24 questions at ~9.4 images/s. 84.0% on 1000 test questions, seed 0 -- color 99%,
+count 74%, exist 91%, position 62%, read 94% -- below the 90% target; validation 0.59 at step
+1000, 0.80 at 2000, 0.83 at 3000, 0.86 at 4000, 0.88 at 4500. See train_meta.json for the history.)
 
 Recipe (all on the CPU, fp32, 2 threads, data streamed with `vqa.sample_at("train", i, seed)`
 in a fixed order, so a run is reproducible from its seeds and `--steps`):
@@ -37,6 +38,10 @@ in a fixed order, so a run is reproducible from its seeds and `--steps`):
   space. Without it the projector kept the shape kind but lost the colour (a linear probe on its
   output: 40% colour, on the tower's features 99.9%): the tower's features have norm ~110, mostly
   one common direction, and a fresh GELU projector trained only through the LM squashed the rest.
+  `--proj-aux-weight W` keeps that head and its loss (x W) on the projector's output through
+  phase 2: without it the projector dropped the objects' positions, which the LM had not yet
+  learned to use (a probe of the earlier shipped model: object x from the tower's features to
+  rmse 0.035, from the projector's output 0.20 of std 0.24), and left/right stayed at chance.
 * Phase 2, `--steps`: the LM (and projector; `--freeze-vision` keeps the tower fixed) answers
   questions, `--questions` per image: the sample's own question plus others about the same
   scene, answered from its scene graph with the generator's templates and rules
@@ -49,7 +54,8 @@ in a fixed order, so a run is reproducible from its seeds and `--steps`):
   Hugging Face's 0.02, q.k starts so small that attention stays uniform for thousands of steps,
   and the LM learned only what pooling gives: count and exist). Loss: answer token (with
   `--balance-types`, every question type the same share: a scene has at most one text, so "read"
-  was ~2% of the questions) + 0.25 x `<eos>`, plus `--aux-weight` x the per-patch loss.
+  was ~2% of the questions; `--type-share position=2` tilts the shares toward the types learned
+  last) + 0.25 x `<eos>`, plus `--aux-weight` x the per-patch loss on the tower's features.
 * AdamW, linear warm-up + cosine decay per phase; `--minutes` caps the total wall time
   (then the schedule is cut short); `--ckpt DIR` keeps the best model by val accuracy.
 
@@ -65,7 +71,8 @@ API: `build_model(cfg, seed)`, `make_batch(samples, vocab)`, `evaluate(model, sa
 `train(cfg=..., steps=..., ...)` -> (model, history dict), `save(model, out, meta)`,
 `patch_labels(scene)`, `scene_questions(scene, rng)`, `make_packed_batch(...)`,
 `packed_forward(model, batch, patches)`, `lm_patches(labels, k, grid)`, `init_attention(model, std)`,
-`packed_loss(..., balance_types)`, `test_accuracy(model, n, seed)`.
+`packed_loss(..., balance_types, proj_head, proj_aux_weight)`, `test_accuracy(model, n, seed)`
+(per type and per `question_form`: position template, count answer).
 """
 from __future__ import annotations
 
@@ -144,8 +151,9 @@ def batch_loss(model, batch: dict, vocab: vqa.Vocab):
 
 
 @torch.no_grad()
-def evaluate(model, samples, vocab: vqa.Vocab, batch_size: int = 32, autocast: bool = False) -> dict:
-    """Greedy first-token answer accuracy, overall and per question type."""
+def answer_hits(model, samples, vocab: vqa.Vocab, key=lambda s: s.qtype, batch_size: int = 32,
+                autocast: bool = False) -> tuple[dict, dict]:
+    """Greedy first-token answers: (hits, totals) per `key(sample)`."""
     was_training = model.training
     model.eval()
     hits, tot = defaultdict(int), defaultdict(int)
@@ -157,12 +165,32 @@ def evaluate(model, samples, vocab: vqa.Vocab, batch_size: int = 32, autocast: b
         with ctx:
             pred = _forward(model, b, keep=1)[:, -1].argmax(-1)
         for s, p, a in zip(chunk, pred.tolist(), b["answers"].tolist()):
-            hits[s.qtype] += int(p == a)
-            tot[s.qtype] += 1
+            hits[key(s)] += int(p == a)
+            tot[key(s)] += 1
     model.train(was_training)
+    return hits, tot
+
+
+def evaluate(model, samples, vocab: vqa.Vocab, batch_size: int = 32, autocast: bool = False) -> dict:
+    """Greedy first-token answer accuracy, overall and per question type."""
+    hits, tot = answer_hits(model, samples, vocab, batch_size=batch_size, autocast=autocast)
     out = {q: hits[q] / tot[q] for q in sorted(tot)}
     out["all"] = sum(hits.values()) / max(1, sum(tot.values()))
     return out
+
+
+def question_form(sample: vqa.Sample) -> str:
+    """A finer question type for error analysis: the position template ("position/which",
+    "position/horizontal", "position/vertical") and the count answer ("count/3")."""
+    if sample.qtype == "count":
+        return f"count/{sample.answer}"
+    if sample.qtype == "position":
+        for form in ("which", "horizontal", "vertical"):
+            head = vqa.TEMPLATES[form].split("{")[0]
+            tail = vqa.TEMPLATES[form].split("}")[1].split("{")[0]     # " left or right of the "
+            if sample.question.startswith(head) and tail in sample.question:
+                return f"position/{form}"
+    return sample.qtype
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.05) -> float:
@@ -454,7 +482,8 @@ def make_packed_batch(samples, vocab: vqa.Vocab, questions_per_image: int = 1, s
 
 
 def packed_forward(model, batch: dict, patches: torch.Tensor | None = None):
-    """Returns (logits (Q, 2, V) at the answer and <eos> positions, vision features (B, N, D)).
+    """Returns (logits (Q, 2, V) at the answer and <eos> positions, vision features (B, N, D),
+    image embeddings (B, K, H): the projector's output for the image tokens the LM sees).
 
     `patches` (B, K), ascending patch ids: the LM sees only those K image tokens, each at its
     original position (phase 2's image-token dropout; the prompt positions are unchanged), which is
@@ -468,7 +497,8 @@ def packed_forward(model, batch: dict, patches: torch.Tensor | None = None):
     t = P - n_img                                                        # text before the image
     image = feats if patches is None else take_patches(feats, patches)
     idx = torch.arange(n_img).expand(B, -1) if patches is None else patches
-    emb = torch.cat([embed(ids[:, :t]), model.model.multi_modal_projector(image).to(embed.weight.dtype)], 1)
+    image = model.model.multi_modal_projector(image).to(embed.weight.dtype)
+    emb = torch.cat([embed(ids[:, :t]), image], 1)
     pos = torch.cat([torch.arange(t).expand(B, -1), t + idx], 1)
     cache = lm(inputs_embeds=emb, position_ids=pos, use_cache=True).past_key_values   # causal prefix
     img_of = batch["img_of"]
@@ -484,23 +514,28 @@ def packed_forward(model, batch: dict, patches: torch.Tensor | None = None):
     q = torch.arange(Q)
     ap = batch["ans_pos"]
     logits = model.lm_head(torch.stack([h[q, ap], h[q, ap + 1]], 1)).float()
-    return logits, feats
+    return logits, feats, image
 
 
 def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight: float = 0.0,
-                patches: torch.Tensor | None = None, balance_types: bool = False):
+                patches: torch.Tensor | None = None, balance_types: bool | dict = False,
+                proj_head=None, proj_aux_weight: float = 0.0):
     """Answer (+ 0.25 x <eos>) cross-entropy over all packed questions (+ aux_weight x per-patch
-    loss). `balance_types`: every question type present gets the same share of the answer loss
-    (a scene has at most one text item, so "read" is at most one of an image's questions and,
-    unbalanced, ~2% of the loss: too rare to learn its 22 answers).
-    Returns (loss, answer_correct (Q,), aux accuracies)."""
-    logits, feats = packed_forward(model, batch, patches)
+    loss on the vision features, + proj_aux_weight x per-patch loss read by `proj_head` from the
+    projector's output on the image tokens the LM sees). `balance_types`: every question type
+    present gets the same share of the answer loss (a scene has at most one text item, so "read"
+    is at most one of an image's questions and, unbalanced, ~2% of the loss: too rare to learn
+    its 22 answers); a dict {qtype: relative share} (missing types: 1) tilts the shares toward
+    the types still being learned. Returns (loss, answer_correct (Q,), aux accuracies)."""
+    logits, feats, image = packed_forward(model, batch, patches)
     ans = batch["answers"]
     answer_ce = F.cross_entropy(logits[:, 0], ans, reduction="none")
     if balance_types:
         qtypes = batch["qtypes"]
+        share = balance_types if isinstance(balance_types, dict) else {}
         per_type = {t: qtypes.count(t) for t in set(qtypes)}
-        w = torch.tensor([1.0 / (len(per_type) * per_type[t]) for t in qtypes], dtype=answer_ce.dtype)
+        total = sum(share.get(t, 1.0) for t in per_type)
+        w = torch.tensor([share.get(t, 1.0) / (total * per_type[t]) for t in qtypes], dtype=answer_ce.dtype)
         answer_loss = (answer_ce * w).sum()
     else:
         answer_loss = answer_ce.mean()
@@ -510,6 +545,10 @@ def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight:
     if aux_head is not None and aux_weight > 0:
         al, accs = aux_loss(aux_head(feats), batch["labels"])
         loss = loss + aux_weight * al
+    if proj_head is not None and proj_aux_weight > 0:
+        labels = batch["labels"] if patches is None else {k: take_patches(v, patches) for k, v in batch["labels"].items()}
+        al, accs = aux_loss(proj_head(image), labels)
+        loss = loss + proj_aux_weight * al
     return loss, correct, accs
 
 
@@ -538,7 +577,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
           vision_steps: int = 0, vision_batch: int = 32, vision_lr: float | None = None,
           vision_minutes: float | None = None, vision_keep: int = 0, pos_init: str = "default",
           proj_steps: int = 0, freeze_vision: bool = False, lm_keep: int = 0, qk_std: float = 0.0,
-          balance_types: bool = False, ckpt_dir: str | None = None, log=print):
+          balance_types: bool | dict = False, proj_aux_weight: float = 0.0, ckpt_dir: str | None = None, log=print):
     """Train from scratch. `samples` (a list) replaces the train stream (cycled; for tests).
 
     Phase 1 (`vision_steps` > 0): the vision tower alone (up to its feature layer) learns the dense
@@ -558,7 +597,11 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     the N image tokens per step (`lm_patches`, original positions), so attention that picks out
     one object is learned among fewer distractors and a step is cheaper; `qk_std` re-draws the
     LM's query/key projections (`init_attention`); `balance_types` gives each question type the
-    same share of the answer loss (`packed_loss`).
+    same share of the answer loss, or the relative shares a dict names (`packed_loss`); `proj_aux_weight` keeps phase 1b's head on the
+    projector's output in phase 2 (on the image tokens the LM sees): without it the projector,
+    trained only through an LM that has not yet learned to use an object's position, drops it
+    (a linear probe of the shipped run's projector: x rmse 0.20 of std 0.24, the tower's 0.035),
+    and "left or right" questions stay at chance.
 
     Time caps (`vision_minutes` for phase 1, what is left of `minutes` for phase 2) also drive
     each phase's schedule: its progress is max(step / steps, time / time cap), so a slow (e.g.
@@ -569,6 +612,8 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
         cfg = CONFIGS[cfg]
     if steps is None and minutes is None:
         raise ValueError("give steps and/or minutes")
+    if proj_aux_weight and not proj_steps:
+        raise ValueError("proj_aux_weight keeps phase 1b's projector head in phase 2: give proj_steps > 0 too")
     torch.set_num_threads(threads)
     seed_everything(seed)
     vocab = vqa.Vocab()
@@ -587,6 +632,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
                 lr=lr, weight_decay=weight_decay, seed=seed, data_seed=data_seed, autocast=autocast,
                 questions=questions, aux_weight=aux_weight, vision_steps=vision_steps, proj_steps=proj_steps,
                 freeze_vision=freeze_vision, lm_keep=lm_keep, qk_std=qk_std, balance_types=balance_types,
+                proj_aux_weight=proj_aux_weight,
                 vision_batch=vision_batch, vision_lr=vision_lr or lr, vision_minutes=vision_minutes,
                 vision_keep=vision_keep, pos_init=pos_init,
                 minutes=minutes, grad_clip=grad_clip, capped={})
@@ -643,6 +689,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
         del vopt
 
     # ---- phase 1b: the projector alone maps the (frozen) tower's features into the LM's input space
+    phead = None
     if proj_steps:
         proj = model.model.multi_modal_projector
         phead = AuxHead(cfg["hidden"], norm=False)
@@ -668,13 +715,14 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
                 rec = dict(step=ps + 1, loss=loss.item(), **accs, train_min=train_time / 60)
                 hist["projector"].append(rec)
                 log(f"projector {ps + 1:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in rec.items() if k != "step"))
-        del popt, phead
+        del popt
     if freeze_vision:
         model.model.vision_tower.requires_grad_(False)
 
     # ---- phase 2: full VQA
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + \
-             (list(aux_head.named_parameters()) if aux_weight > 0 else [])
+             (list(aux_head.named_parameters()) if aux_weight > 0 else []) + \
+             (list(phead.named_parameters()) if proj_aux_weight > 0 else [])
     opt = torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
     total = steps if steps is not None else 10 ** 9
     warm = warmup if warmup is not None else (max(1, total // 25) if steps is not None else None)
@@ -697,9 +745,9 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             warm = max(1, total // 25)
         t0 = time.perf_counter()
         chunk = [stream(step * batch_size + b) for b in range(batch_size)]
-        if questions > 1 or aux_weight > 0 or lm_keep:
+        if questions > 1 or aux_weight > 0 or lm_keep or proj_aux_weight > 0:
             batch = make_packed_batch(chunk, vocab, questions, data_seed, n_img, size,
-                                      grid if (aux_weight > 0 or lm_keep) else None)
+                                      grid if (aux_weight > 0 or lm_keep or proj_aux_weight > 0) else None)
         else:
             batch = make_batch(chunk, vocab, n_img, size)
         cur = lr_at(eff if steps is not None else step, total, lr,
@@ -712,7 +760,8 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
                 if lm_keep:
                     k = random.Random(f"{seed}|{step}|lm_keep").randint(min(lm_keep, n_img), n_img)
                     patches = lm_patches(batch["labels"], k, grid)
-                loss, correct, _ = packed_loss(model, batch, vocab, aux_head, aux_weight, patches, balance_types)
+                loss, correct, _ = packed_loss(model, batch, vocab, aux_head, aux_weight, patches, balance_types,
+                                               phead, proj_aux_weight)
             else:
                 loss, correct = batch_loss(model, batch, vocab)
         optimizer_step(opt, loss, params, grad_clip)
@@ -773,14 +822,18 @@ def save(model, out: str, meta: dict) -> None:
 
 
 def test_accuracy(model, n: int = 1000, seed: int = 0) -> dict:
-    """Greedy first-token accuracy on test questions 0..n-1 of `seed`, overall and per type."""
+    """Greedy first-token accuracy on test questions 0..n-1 of `seed`: overall, per type, and per
+    `question_form` (position template, count answer)."""
     samples = vqa.generate("test", n, seed=seed)
-    acc = evaluate(model, samples, vqa.Vocab())
-    counts = defaultdict(int)
-    for s in samples:
-        counts[s.qtype] += 1
-    return dict(split="test", n=n, seed=seed, all=acc["all"],
-                per_type={q: acc[q] for q in sorted(counts)}, per_type_n=dict(sorted(counts.items())))
+    hits, tot = answer_hits(model, samples, vqa.Vocab(), key=question_form)
+    per_type_hits, per_type_n = defaultdict(int), defaultdict(int)
+    for form in tot:
+        per_type_hits[form.split("/")[0]] += hits[form]
+        per_type_n[form.split("/")[0]] += tot[form]
+    return dict(split="test", n=n, seed=seed, all=sum(hits.values()) / max(1, n),
+                per_type={q: per_type_hits[q] / per_type_n[q] for q in sorted(per_type_n)},
+                per_type_n=dict(sorted(per_type_n.items())),
+                per_form={f: hits[f] / tot[f] for f in sorted(tot)}, per_form_n=dict(sorted(tot.items())))
 
 
 def _eval_only(path: str, n: int, seed: int, threads: int) -> int:
@@ -833,7 +886,11 @@ def main(argv=None) -> int:
                     help="phase 2 image-token dropout: the LM sees a random number in [K, all] of them per step")
     ap.add_argument("--balance-types", action="store_true",
                     help="phase 2: each question type gets the same share of the answer loss")
+    ap.add_argument("--type-share", action="append", default=[], metavar="QTYPE=X",
+                    help="with --balance-types: relative loss share of a question type (default 1)")
     ap.add_argument("--qk-std", type=float, default=0.0, help="re-draw the LM's q/k projections with this std")
+    ap.add_argument("--proj-aux-weight", type=float, default=0.0,
+                    help="phase 2: keep phase 1b's per-patch loss on the projector's output at this weight")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--ckpt", default=None, help="keep the best model by val accuracy here")
     ap.add_argument("--test-n", type=int, default=0, help="after training: accuracy on this many test questions")
@@ -845,6 +902,14 @@ def main(argv=None) -> int:
         return _eval_only(a.eval_only, a.test_n or 1000, a.test_seed, a.threads)
     if a.steps is None and a.minutes is None:
         ap.error("give --steps and/or --minutes")
+    shares = {}
+    for kv in a.type_share:
+        t, _, x = kv.partition("=")
+        if t not in vqa.QTYPES or not x.replace(".", "", 1).isdigit():
+            ap.error(f"--type-share wants QTYPE=X with QTYPE in {vqa.QTYPES} and X a number, got {kv!r}")
+        shares[t] = float(x)
+    if shares and not a.balance_types:
+        ap.error("--type-share tilts --balance-types: give both")
     cfg = dict(CONFIGS[a.config])
     for kv in a.set:
         k, v = kv.split("=", 1)
@@ -856,7 +921,8 @@ def main(argv=None) -> int:
                         vision_batch=a.vision_batch, vision_lr=a.vision_lr, log_every=a.log_every,
                         vision_minutes=a.vision_minutes, vision_keep=a.vision_keep, pos_init=a.pos_init,
                         proj_steps=a.proj_steps, freeze_vision=a.freeze_vision, lm_keep=a.lm_keep,
-                        qk_std=a.qk_std, balance_types=a.balance_types, ckpt_dir=a.ckpt,
+                        qk_std=a.qk_std, balance_types=shares or a.balance_types, proj_aux_weight=a.proj_aux_weight,
+                        ckpt_dir=a.ckpt,
                         log=lambda m: print(m, flush=True))
     hist["command"] = "python examples/train_vqa_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.test_n:

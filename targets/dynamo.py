@@ -250,12 +250,13 @@ class PrunedFrame:
         return tuple(named[r] for r in self.roles)
 
 
-def _prune_frame(gm: fx.GraphModule, merge: fx.Node, opts: BackendOptions) -> PrunedFrame | None:
+def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: BackendOptions) -> PrunedFrame | None:
+    """`held`: the decoder layers the frame runs (`_lm_layers`); all of them, or nothing is pruned."""
     from graphprune.families import family_of
     owner = _owner("the module running the decoder layers")
     layers = family_of(owner).language_model().config.num_hidden_layers
-    if _lm_layers(gm) != set(range(layers)):
-        _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(_lm_layers(gm))} "
+    if held != set(range(layers)):
+        _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(held)} "
                            f"of 0..{layers - 1}: a graph break splits the language model")
         return None
     roles = _output_roles(gm, layers)
@@ -296,7 +297,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         if not layers:
             _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
         else:
-            frame = _prune_frame(gm, merge, opts)
+            frame = _prune_frame(gm, merge, layers, opts)
             if frame is not None:
                 return frame
     compiled = _compile(gm, example_inputs, opts.compiler)

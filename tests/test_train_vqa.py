@@ -245,3 +245,51 @@ def test_balanced_loss_gives_each_question_type_the_same_share():
         plain = torch.nn.functional.cross_entropy(logits[:, 0], b["answers"]) + 0.25 * eos
         torch.testing.assert_close(T.packed_loss(model, b, vocab, balance_types=True)[0], ref)
         torch.testing.assert_close(T.packed_loss(model, b, vocab)[0], plain)
+        # relative shares: type t's questions together weigh share[t] / sum of the present shares
+        share = {t: 1.0 + i for i, t in enumerate(sorted(by_type))}
+        tilted = sum(share[t] * sum(v) / len(v) for t, v in by_type.items()) / sum(share.values()) + 0.25 * eos
+        torch.testing.assert_close(T.packed_loss(model, b, vocab, balance_types=share)[0], tilted)
+
+
+def test_projector_aux_loss_reads_the_lm_input_of_the_kept_tokens():
+    """Phase 2's projector-output loss: the per-patch labels of exactly the image tokens the LM sees,
+    read from Hugging Face's own projected image features (the LM's input) at those patches."""
+    T = _load()
+    vocab = vqa.Vocab()
+    cfg = dict(T.CONFIGS["tiny"], image_size=112)                       # 8 x 8 patch grid
+    model = T.build_model(cfg, seed=0, vocab=vocab).eval()
+    b = T.make_packed_batch(vqa.generate("train", 2), vocab, 3, 0, 64, 112, grid=8)
+    head = T.AuxHead(cfg["hidden"], norm=False)
+    keep = T.lm_patches(b["labels"], 20, 8)
+    with torch.no_grad():
+        base = T.packed_loss(model, b, vocab, patches=keep)[0]
+        got, _, accs = T.packed_loss(model, b, vocab, patches=keep, proj_head=head, proj_aux_weight=0.5)
+        img = model.model.get_image_features(pixel_values=b["pixel_values"], vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default")
+        img = getattr(img, "pooler_output", img)
+        img = torch.stack(list(img)) if isinstance(img, (list, tuple)) else img
+        rows = torch.arange(2)[:, None]
+        labels = {k: v[rows, keep] for k, v in b["labels"].items()}
+        ref = base + 0.5 * T.aux_loss(head(img.reshape(2, 64, -1)[rows, keep]), labels)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert set(accs) == set(T.AUX_HEADS)
+    with __import__("pytest").raises(ValueError, match="proj_steps"):
+        T.train("tiny", steps=1, samples=vqa.generate("train", 2), eval_n=0, proj_aux_weight=1.0, log=lambda m: None)
+
+
+def test_question_form_names_the_template_each_answer_comes_from():
+    T = _load()
+    samples = vqa.generate("test", 300)
+    answers = {"position/which": set(vqa.KINDS), "position/horizontal": {"left", "right"},
+               "position/vertical": {"above", "below"}}
+    forms = {}
+    for s in samples:
+        f = T.question_form(s)
+        forms.setdefault(f, []).append(s)
+        if s.qtype == "count":
+            assert f == f"count/{s.answer}"
+        elif s.qtype != "position":
+            assert f == s.qtype
+    assert set(answers) <= set(forms) and "position" not in forms
+    for f, allowed in answers.items():
+        assert {s.answer for s in forms[f]} <= allowed, f
