@@ -526,7 +526,8 @@ def packed_loss(model, batch: dict, vocab: vqa.Vocab, aux_head=None, aux_weight:
     present gets the same share of the answer loss (a scene has at most one text item, so "read"
     is at most one of an image's questions and, unbalanced, ~2% of the loss: too rare to learn
     its 22 answers); a dict {qtype: relative share} (missing types: 1) tilts the shares toward
-    the types still being learned. Returns (loss, answer_correct (Q,), aux accuracies)."""
+    the types still being learned. Returns (loss, answer_correct (Q,), per-patch accuracies: the
+    projector head's when it is on, else the vision head's)."""
     logits, feats, image = packed_forward(model, batch, patches)
     ans = batch["answers"]
     answer_ce = F.cross_entropy(logits[:, 0], ans, reduction="none")
