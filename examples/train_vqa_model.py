@@ -598,11 +598,11 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     the N image tokens per step (`lm_patches`, original positions), so attention that picks out
     one object is learned among fewer distractors and a step is cheaper; `qk_std` re-draws the
     LM's query/key projections (`init_attention`); `balance_types` gives each question type the
-    same share of the answer loss, or the relative shares a dict names (`packed_loss`); `proj_aux_weight` keeps phase 1b's head on the
-    projector's output in phase 2 (on the image tokens the LM sees): without it the projector,
-    trained only through an LM that has not yet learned to use an object's position, drops it
-    (a linear probe of the shipped run's projector: x rmse 0.20 of std 0.24, the tower's 0.035),
-    and "left or right" questions stay at chance.
+    same share of the answer loss, or the relative shares a dict names (`packed_loss`);
+    `proj_aux_weight` keeps phase 1b's head on the projector's output in phase 2 (on the image
+    tokens the LM sees): without it the projector, trained only through an LM that has not yet
+    learned to use an object's position, drops it (a linear probe of the previous shipped run's
+    projector: x rmse 0.20 of std 0.24, the tower's 0.035), and "left or right" stays at chance.
 
     Time caps (`vision_minutes` for phase 1, what is left of `minutes` for phase 2) also drive
     each phase's schedule: its progress is max(step / steps, time / time cap), so a slow (e.g.
@@ -733,6 +733,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     n_log = 0
     n_q_total = 0
     step = 0
+    needs_labels = aux_weight > 0 or lm_keep or proj_aux_weight > 0      # per-patch labels in the batch
     while step < total:
         eff = step if (budget == math.inf or steps is None) else max(step, total * (train_time - t_phase2) / max(1e-9, budget - t_phase2))
         if eff >= total or train_time >= budget:
@@ -746,9 +747,8 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
             warm = max(1, total // 25)
         t0 = time.perf_counter()
         chunk = [stream(step * batch_size + b) for b in range(batch_size)]
-        if questions > 1 or aux_weight > 0 or lm_keep or proj_aux_weight > 0:
-            batch = make_packed_batch(chunk, vocab, questions, data_seed, n_img, size,
-                                      grid if (aux_weight > 0 or lm_keep or proj_aux_weight > 0) else None)
+        if questions > 1 or needs_labels:
+            batch = make_packed_batch(chunk, vocab, questions, data_seed, n_img, size, grid if needs_labels else None)
         else:
             batch = make_batch(chunk, vocab, n_img, size)
         cur = lr_at(eff if steps is not None else step, total, lr,
