@@ -1,6 +1,7 @@
 """Smoke test of examples/train_vqa_model.py: a few steps on a tiny config, save, reload."""
 import importlib.util
 import json
+import math
 import os
 
 import torch
@@ -74,7 +75,7 @@ def test_packed_batch_matches_single_prompts():
         ref = []
         for s in samples:
             qs = T.questions_for(s, 4)
-            fake = [vqa.Sample(s.image, q, a, qt, s.scene, (), s.uid) for q, a, qt in qs]
+            fake = [vqa.Sample(s.image, q, a, qt, s.scene, (), s.uid) for q, a, qt, _ in qs]
             ref.append(T._forward(model, T.make_batch(fake, vocab, n_img, cfg["image_size"], with_target=False), keep=1)[:, -1])
     torch.testing.assert_close(got, torch.cat(ref), rtol=1e-4, atol=1e-5)
 
@@ -84,11 +85,11 @@ def test_scene_questions_agree_with_generator():
     T = _load()
     for s in vqa.generate("train", 40):
         qs = T.questions_for(s, 8)
-        assert qs[0] == (s.question, s.answer, s.qtype) and len({q for q, _, _ in qs}) == len(qs)
+        assert qs[0][:3] == (s.question, s.answer, s.qtype) and len({q[0] for q in qs}) == len(qs)
         pool = T.scene_questions(s.scene, __import__("random").Random(0))
-        if s.qtype in ("color", "count", "read"):
-            assert (s.question, s.answer) in pool[s.qtype]
-        for q, a, qt in qs:
+        if s.qtype in ("color", "count", "read"):          # same answer, same objects in focus
+            assert (s.question, s.answer, qs[0][3]) in pool[s.qtype]
+        for q, a, qt, _ in qs:
             vqa.Vocab().answer_id(a)
             assert qt in vqa.QTYPES
 
@@ -184,7 +185,7 @@ def test_lm_token_dropout_is_the_prompt_without_those_tokens():
         assert not torch.allclose(got, full[:, 0], atol=1e-3)
         ref = []
         for i, s in enumerate(samples):
-            for q, a, qt in T.questions_for(s, 3):
+            for q, a, qt, _ in T.questions_for(s, 3):
                 one = T.make_batch([vqa.Sample(s.image, q, a, qt, s.scene, (), s.uid)], vocab, n_img, 112,
                                    with_target=False)
                 ids = one["input_ids"][0]
@@ -293,3 +294,94 @@ def test_question_form_names_the_template_each_answer_comes_from():
     assert set(answers) <= set(forms) and "position" not in forms
     for f, allowed in answers.items():
         assert {s.answer for s in forms[f]} <= allowed, f
+
+
+def test_attention_probe_is_hugging_face_eager_attention():
+    """The answer position's attention that `attention_loss` supervises, recomputed from q_proj and the
+    cached keys inside the packed forward, equals the row Hugging Face's eager attention returns for
+    the single prompt (output_attentions), with and without image-token dropout zeroing nothing else."""
+    T = _load()
+    vocab = vqa.Vocab()
+    cfg = dict(T.CONFIGS["tiny"], image_size=112, heads=4, kv_heads=2)   # grouped-query, 8 x 8 grid
+    model = T.build_model(cfg, seed=0, vocab=vocab).eval()
+    T.init_attention(model, 0.25)
+    samples = vqa.generate("train", 2)
+    b = T.make_packed_batch(samples, vocab, 4, 0, 64, 112, grid=8)
+    P, layer = b["prefix_ids"].shape[1], 3
+    with torch.no_grad():
+        attn = T.packed_forward(model, b, attn_layer=layer)[3]
+        model.set_attn_implementation("eager")
+        qi = 0
+        for s in samples:
+            for q, a, qt, _ in T.questions_for(s, 4):
+                one = T.make_batch([vqa.Sample(s.image, q, a, qt, s.scene, (), s.uid)], vocab, 64, 112,
+                                   with_target=False)
+                row = model(**one, output_attentions=True).attentions[layer][0, :, -1]
+                n = P + int(b["ans_pos"][qi]) + 1
+                assert row.shape[-1] == n
+                torch.testing.assert_close(attn[qi, :, :n], row, rtol=1e-4, atol=1e-6)
+                assert attn[qi, :, n:].abs().max() == 0                 # later segment tokens: masked
+                qi += 1
+    assert qi == len(b["answers"])
+
+
+def test_attention_targets_name_the_questions_objects_and_the_loss_is_the_formula():
+    """Focus masks against the scene graph (the objects the question's words name; one centre
+    patch per instance counted), and the loss against its definition on the probed attention."""
+    T = _load()
+    vocab = vqa.Vocab()
+    cfg = dict(T.CONFIGS["tiny"], image_size=112, heads=4, kv_heads=2)
+    model = T.build_model(cfg, seed=0, vocab=vocab).eval()
+    samples = vqa.generate("train", 6)
+    b = T.make_packed_batch(samples, vocab, 8, 0, 64, 112, grid=8)
+    qi, seen = 0, set()
+    for s in samples:
+        objs = [*s.scene.shapes, *s.scene.texts]
+        for q, a, qt, (first, second, counted) in T.questions_for(s, 8):
+            f = b["focus"][qi]
+            for slot, ids in ((0, first), (1, second)):
+                want = set()
+                for i in ids:                                  # patches the object covers, 8 x 8 grid
+                    x0, y0, x1, y1 = objs[i].bbox
+                    want |= {r * 8 + c for r in range(y0 // 42, (y1 - 1) // 42 + 1)
+                             for c in range(x0 // 42, (x1 - 1) // 42 + 1)}
+                assert set(f[slot].nonzero().flatten().tolist()) <= want and f[slot].any() == bool(ids)
+            if qt == "count":
+                assert len(counted) == int(a) and int(f[2].sum()) == int(a)
+            elif qt == "position":
+                seen.add(qt)
+                assert len(first) == len(second) == 1
+                words = q.rstrip("?").split()
+                if words[0] == "what":                          # what shape is left of the REF? -> the answer
+                    assert objs[first[0]].kind == words[-1] and objs[second[0]].kind == a
+                else:                                           # is the A left or right of the B?
+                    assert objs[first[0]].kind in words[:words.index("or")] and objs[second[0]].kind == words[-1]
+            elif qt in ("color", "read"):
+                assert len(first) == 1 and not second and not counted
+            qi += 1
+    assert "position" in seen and b["is_count"].sum() > 0
+    keep = T.lm_patches(b["labels"], 40, 8)
+    with torch.no_grad():
+        attn = T.packed_forward(model, b, keep, attn_layer=2)[3]
+        got, mass = T.attention_loss(attn, b, keep)
+    t = b["prefix_ids"].shape[1] - 64
+    ref, parts = 0.0, {}
+    for qi in range(len(b["answers"])):
+        kept = keep[b["img_of"][qi]].tolist()
+        for name, slot, head in (("attn_first", 0, 0), ("attn_second", 1, 2)):
+            on = [j for j, p in enumerate(kept) if b["focus"][qi, slot, p]]
+            if b["focus"][qi, slot].any():
+                parts.setdefault(name, []).append(float(sum(attn[qi, head, t + j] for j in on)))
+        if b["is_count"][qi]:
+            keys = [0] + [t + j for j, p in enumerate(kept) if b["focus"][qi, 2, p]]
+            parts.setdefault("count", []).append(-sum(math.log(float(attn[qi, 3, k])) for k in keys) / len(keys))
+    for name in ("attn_first", "attn_second"):
+        ref += sum(-math.log(max(m, 1e-6)) for m in parts[name]) / len(parts[name])
+        assert abs(mass[name] - sum(parts[name]) / len(parts[name])) < 1e-5
+    ref += sum(parts["count"]) / len(parts["count"])
+    assert abs(float(got) - ref) < 1e-4 * max(1.0, ref)
+    with __import__("pytest").raises(SystemExit):                      # refused before any work
+        T.main(["--config", "tiny", "--steps", "1", "--attn-weight", "1", "--attn-layer", "8"])
+    with __import__("pytest").raises(ValueError, match="attn_layer 8"):
+        T.train("tiny", steps=1, samples=vqa.generate("train", 2), eval_n=0, attn_weight=1.0, attn_layer=8,
+                log=lambda m: None)
