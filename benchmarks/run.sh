@@ -10,7 +10,7 @@ args=()
 [ -n "$model" ] && args+=(--model "$model")
 
 # accuracy / speed / cost grid: methods x budgets (192/128/64 of 576 and each method's defaults)
-graphprune bench "${args[@]}" --n "${N:-200}" --json "$out/grid.json" --plot "$out/grid.png"
+graphprune bench "${args[@]}" --n "${N:-200}" --repeats "${REPEATS:-11}" --json "$out/grid.json" --plot "$out/grid.png"
 
 # speed mode: larger random-weight model, 64 of 576 kept after layer 2
 graphprune bench --speed --json "$out/speed.json"

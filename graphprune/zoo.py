@@ -161,10 +161,10 @@ CONFIGS = {
 }
 
 VQA_WEIGHTS = "weights/vqa_llava"        # relative to the graphprune package directory
-VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 4500 --minutes 88 --vision-steps 4500 "
+VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 4300 --minutes 88 --vision-steps 4500 "
                      "--vision-minutes 22 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos "
                      "--proj-steps 400 --proj-aux-weight 1 --freeze-vision --lm-keep 128 --qk-std 0.125 "
-                     "--balance-types --type-share position=2 --type-share count=1.5 "
+                     "--balance-types --type-share position=2 --type-share count=1.5 --attn-weight 1 --attn-layer 3 "
                      "--batch 8 --questions 24 --lr 2e-3 --eval-n 250 --eval-every 500 "
                      "--test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava")
 

@@ -99,8 +99,8 @@ def test_generate_answers_then_eos(shipped):
     assert len(new) >= 1 and new[0] in {vocab.answer_id(a) for a in vqa.ANSWERS}
 
 
-# The shipped model gets 84/100 here (84.0% on 1000 test questions, see train_meta.json "test");
-# the target (>= 90%) was not reached in the 90-minute CPU budget, so this floor checks
-# "trained, and far better than any answer-blind baseline", not the target. Raise it when better
-# weights ship.
-_MIN_HITS = 76
+# The shipped model gets 88/100 here (90.5% on 1000 test questions, see train_meta.json "test",
+# which meets the issue's >= 90% target). The floor leaves room for fp32 kernel differences between
+# machines and checks "trained, and far better than any answer-blind baseline"; raise it when
+# better weights ship.
+_MIN_HITS = 80
