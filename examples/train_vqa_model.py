@@ -93,6 +93,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -594,8 +595,7 @@ def answer_attention(lm, q_proj_out: torch.Tensor, position: torch.Tensor, keys:
     d = keys.shape[-1]
     qv = q_proj_out.view(-1, H, d)
     cos, sin = lm.rotary_emb(qv, position[:, None])                  # (Q, 1, d)
-    half = d // 2
-    qv = qv * cos + torch.cat([-qv[..., half:], qv[..., :half]], -1) * sin   # RoPE (rotate-half form)
+    qv = qv * cos + rotate_half(qv) * sin                             # RoPE, as the layer applies it
     k = keys.repeat_interleave(H // Hkv, 1)
     scores = torch.einsum("qhd,qhkd->qhk", qv, k) * d ** -0.5
     future = torch.arange(k.shape[2])[None, :] > last_key[:, None]
@@ -868,7 +868,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
     n_q_total = 0
     step = 0
     needs_labels = aux_weight > 0 or lm_keep or proj_aux_weight > 0 or attn_weight > 0   # per-patch labels
-    run_mass = defaultdict(float)
+    run_mass = defaultdict(list)                 # attention masses per log window (not every batch has a count)
     while step < total:
         eff = step if (budget == math.inf or steps is None) else max(step, total * (train_time - t_phase2) / max(1e-9, budget - t_phase2))
         if eff >= total or train_time >= budget:
@@ -900,7 +900,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
                                                   phead, proj_aux_weight, attn_layer, attn_weight)
                 for k, v in accs.items():
                     if k.startswith("attn_"):
-                        run_mass[k] += v
+                        run_mass[k].append(v)
             else:
                 loss, correct = batch_loss(model, batch, vocab)
         optimizer_step(opt, loss, params, grad_clip)
@@ -913,7 +913,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
         n_log += len(chunk)
         if step % log_every == 0 or step == total:
             now = time.perf_counter()
-            mass = {k: v / (step % log_every or log_every) for k, v in run_mass.items()}
+            mass = {k: sum(v) / len(v) for k, v in run_mass.items()}
             rec = dict(step=step, samples=step * batch_size, loss=run_loss / run_n, acc=run_acc / run_n,
                        lr=cur, sps=n_log / (now - t_log), qps=run_n / (now - t_log), train_min=train_time / 60,
                        **mass)
@@ -922,7 +922,7 @@ def train(cfg: dict | str = "default", *, steps: int | None = None, minutes: flo
                 f"{rec['sps']:.1f} images/s  {rec['qps']:.1f} q/s  {rec['train_min']:.1f} min"
                 + "".join(f"  {k} {v:.2f}" for k, v in mass.items()))
             run_loss = run_acc = run_n = 0.0
-            run_mass = defaultdict(float)
+            run_mass = defaultdict(list)
             t_log, n_log = time.perf_counter(), 0
         if val and eval_every and step % eval_every == 0 and step < total:
             _eval(model, val, vocab, step, hist, log, autocast, best, ckpt_dir)
