@@ -309,15 +309,16 @@ def predict(vm: VQAModel, pruned, inputs: dict, max_new_tokens: int = 8) -> tupl
     return [(vm.decode(r).split() or [""])[0].strip(".,!?").lower() for r in ids], out
 
 
-def prepare(vm: VQAModel, cells) -> tuple[list, list]:
+def prepare(vm: VQAModel, cells, linear: str = "aten") -> tuple[list, list]:
     """Prune the model for every cell (all errors before any data runs): ([(method, budget, spec,
-    PrunedModel)] with the unpruned baseline first, [skipped default cells with the reason])."""
+    PrunedModel)] with the unpruned baseline first, [skipped default cells with the reason]).
+    `linear`: prune(linear=...) for every cell and the baseline."""
     from . import prune
     from .errors import PassConfigError, PassNotApplicable
-    out, skipped = [("unpruned", "-", None, prune(vm.model))], []
+    out, skipped = [("unpruned", "-", None, prune(vm.model, linear=linear))], []
     for method, budget, spec in cells:
         try:
-            out.append((method, budget, spec, prune(vm.model, spec)))
+            out.append((method, budget, spec, prune(vm.model, spec, linear=linear)))
         except (PassConfigError, PassNotApplicable) as e:
             if budget != "default":
                 raise

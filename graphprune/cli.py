@@ -131,6 +131,9 @@ def _vqa_parsers(sub) -> None:
                    "answer + eos)")
     b.add_argument("--speed", action="store_true", help="speed mode on a larger random-weight model")
     b.add_argument("--decode-steps", type=int, default=16, help="speed mode: decode steps timed (default 16)")
+    b.add_argument("--linear", help="how the linear layers run: aten (the graphs' own) or packed (weights packed once "
+                   "for oneDNN; float32 CPU; prune(linear='packed')). --speed takes a comma list and times them side "
+                   "by side (default: aten; --speed: aten,packed)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     b.add_argument("--json", metavar="PATH", help="write everything (config, machine, cells) as JSON ('-': stdout)")
     b.add_argument("--plot", metavar="PATH.png", help="accuracy vs prefill time per method (needs matplotlib: "
@@ -534,10 +537,14 @@ def cmd_bench(args) -> int:
     if args.speed:
         if args.model or args.data or args.pipeline:
             raise _Failure("--speed builds its own random-weight model; --model, --data and --pipeline do not apply")
-        res = speed.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, quiet=args.quiet)
+        linear = [x.strip() for x in (args.linear or "aten,packed").split(",") if x.strip()]
+        res = speed.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, linear=linear,
+                              quiet=args.quiet)
         res["machine"] = bench.machine()
         text = speed.format_speed(res)
     else:
+        if args.linear and args.linear not in ("aten", "packed"):
+            raise _Failure(f"--linear {args.linear!r}: the grid runs one lowering, aten or packed")
         budgets = bench.parse_budgets(args.budgets)
         methods = methods or list(bench.METHODS)
         bench.grid_specs(methods, [], 32, 10 ** 9)          # unknown names fail before the model loads
@@ -548,7 +555,7 @@ def cmd_bench(args) -> int:
         vm = bench.load_vqa_model(args.model)
         cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
         cells += [("custom", str(i), p) for i, p in enumerate(args.pipeline)]
-        prepared, skipped = bench.prepare(vm, cells)
+        prepared, skipped = bench.prepare(vm, cells, args.linear or "aten")
         items = bench.load_items(args.data, args.n, args.split, args.seed)
         if not items:
             raise _Failure("no questions to run")

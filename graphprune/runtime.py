@@ -114,7 +114,8 @@ def _ensure_passes_registered():
 
 
 class PrunedModel:
-    def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa"):
+    def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa",
+                 linear: str = "aten"):
         self.model = model
         self.program = program          # the rewritten stages
         self.base = base                # the captured, unpruned stages (text-only prompts)
@@ -127,23 +128,27 @@ class PrunedModel:
         self._static_fn = None             # it, or its compiled version (compile_decode)
         self.report: Report | None = None
         self.results = program.results
-        self.attention = attention
-        # {stage: what runs}: the program's graphs, flash-lowered copies, or ONNX Runtime sessions
-        # (OrtPrunedModel); instrumentation (graphprune.instrument) swaps in wrappers here
-        self.executables = self._lower(attention)
+        self.attention, self.linear = attention, linear
+        # {stage: what runs}: the program's graphs, lowered copies (flash attention, packed linear
+        # weights), or ONNX Runtime sessions (OrtPrunedModel); graphprune.instrument swaps in
+        # wrappers here. The program and decode_gm stay as rewritten: reports and exports read them.
+        self.executables = {k: self._lower(getattr(program.stages.get(k), "gm", None)) for k in ("vision", "prefill")}
+        self.decode_exec = self._lower(self.decode_gm, attention="sdpa")
 
-    def _lower(self, attention: str) -> dict:
-        """The graphs that run: the program's own, or copies whose attention is flash-attn's
-        (the program stays as rewritten: reports and exports read it)."""
-        gms = {}
-        for k in ("vision", "prefill"):
-            stage = self.program.stages.get(k)
-            gms[k] = None if stage is None else stage.gm
-            if gms[k] is not None and attention == "flash":
-                from .targets.flash import use_flash_attention
-                gms[k] = stage.copy().gm
-                use_flash_attention(gms[k])
-        return gms
+    def _lower(self, gm: torch.fx.GraphModule | None, attention: str | None = None) -> torch.fx.GraphModule | None:
+        """gm itself, or a copy with flash-attn as its attention and/or oneDNN-packed linear weights."""
+        attention = attention or self.attention
+        if gm is None or (attention != "flash" and self.linear != "packed"):
+            return gm
+        low = torch.fx.GraphModule(gm, gm.graph.__deepcopy__())
+        low.meta.update(gm.meta)
+        if attention == "flash":
+            from .targets.flash import use_flash_attention
+            use_flash_attention(low)
+        if self.linear == "packed":
+            from .targets.packed_linear import pack_linear_weights
+            pack_linear_weights(low)
+        return low
 
     # -- prompt preparation -----------------------------------------------------------------
     def _layout(self, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -262,7 +267,7 @@ class PrunedModel:
         for i, c in enumerate(cache):
             args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = c.keys, c.values
             args[f"kv_mask_{i}"] = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], 1)
-        outs = _call(self.decode_gm, **args)
+        outs = _call(self.decode_exec, **args)
         return outs["logits"][:, -1], cache.append_step([outs[k] for k in self.decode_gm.meta["graphprune_outputs"][1:]])
 
     def compile_decode(self, mode: str = "reduce-overhead", backend: str = "inductor"):
@@ -289,7 +294,7 @@ class PrunedModel:
         keys, values = [grow(c.keys, 2) for c in cache], [grow(c.values, 2) for c in cache]
         masks = [grow(c.mask, 1) for c in cache]
         gm = self._static_graph()
-        step_fn = gm if self._static_fn is None else self._static_fn
+        step_fn = self._static_fn or self._lower(gm, attention="sdpa")
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
 
         def step(token, position, t):
@@ -399,15 +404,19 @@ _PROGRAMS: dict[int, tuple] = {}
 
 
 def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
-          **options) -> PrunedModel:
+          linear: str = "aten", **options) -> PrunedModel:
     """Prune a Hugging Face VLM with a method name (+ options), a pipeline string/TOML file, or passes.
 
     All options are validated, the model captured and the graphs rewritten before this returns;
     nothing runs on data until the pruned model is called. `method=None` or `[]` gives the
     unpruned captured model (useful as the baseline). `attention`: "auto" (flash-attn for the
     vision and prefill layers when it imports and the model is on CUDA, else SDPA), "sdpa", "flash".
+    `linear`: "aten" (the graphs' own linears) or "packed" (float32 CPU models: weights packed once
+    for oneDNN, faster and closer to proportional to the tokens kept, at twice the linear layers'
+    weight memory; see graphprune.targets.packed_linear).
     """
     attention = _attention_kind(model, attention)
+    _check_linear(model, linear)
     _ensure_passes_registered()
     passes = [] if method is None else as_passes(method, **options)
     if program is None:
@@ -417,7 +426,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
         program = _PROGRAMS[key][1]
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
-    return PrunedModel(model, rewritten, passes, program, attention)
+    return PrunedModel(model, rewritten, passes, program, attention, linear)
 
 
 def _attention_kind(model, attention: str) -> str:
@@ -431,6 +440,21 @@ def _attention_kind(model, attention: str) -> str:
     if attention == "auto":
         return "flash" if flash_available(device) else "sdpa"
     return attention
+
+
+def _check_linear(model, linear: str) -> None:
+    from .targets.packed_linear import packing_available
+    if linear not in ("aten", "packed"):
+        raise InputError(f'linear must be "aten" or "packed", got {linear!r}')
+    if linear == "aten":
+        return
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise InputError(f'linear="packed" packs float32 CPU weights; this model is {p.dtype} on {p.device}. '
+                         'Use linear="aten" (the default), or move the model with model.float().cpu()')
+    if not packing_available():
+        raise InputError('linear="packed" needs oneDNN, which this torch build lacks (torch.backends.mkldnn); '
+                         'use linear="aten"')
 
 
 def _is_capacity(p) -> bool:

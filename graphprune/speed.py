@@ -26,28 +26,33 @@ SPEED_CONFIG = dict(image_size=336, patch=14, vision_hidden=768, vision_layers=6
                     hidden=1024, layers=8, heads=16, kv_heads=16, mlp=2816, projector_act="gelu")
 
 
-def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None, quiet=False) -> dict:
+def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None, linear=("aten", "packed"),
+              quiet=False) -> dict:
     """Measured vs FLOPs-ideal LLM-prefill speed-up, selection overhead and decode time per
-    token for each method at 64 of 576 kept after layer 2, on a random-weight model."""
+    token for each method at 64 of 576 kept after layer 2, on a random-weight model, for each
+    lowering of the linear layers in `linear` (prune(linear=...)), all interleaved in one run."""
     from . import prune, vqa, zoo
     methods = list(methods or SPEED_METHODS)
     for m in methods:
         if m not in SPEED_METHODS:
             raise BenchError(f"unknown speed-mode method {m!r}; have {', '.join(SPEED_METHODS)}")
+    linear = [linear] if isinstance(linear, str) else list(linear)
+    for lin in linear:
+        if lin not in ("aten", "packed"):
+            raise BenchError(f"unknown linear lowering {lin!r}; have aten, packed")
     cfg = dict(config or SPEED_CONFIG)
-    prog = Progress(3 + 2 * len(methods) + 2 * repeats, "speed", not quiet)
+    prog = Progress(3 + 2 * len(methods) * len(linear) + 2 * repeats, "speed", not quiet)
     model = zoo.build_model(cfg, 0).eval()
     vm = wrap_model(model, "speed", "random weights", vocab=vqa.Vocab())
     prog.step("captured")
     kw = vm.inputs(load_items(None, batch))
-    base = prune(model)
-    real = {m: prune(model, SPEED_METHODS[m]) for m in methods}
-    fixed = {}
-    for m in methods:
-        fixed[m] = fixed_selection(real[m], kw)
-        prog.step(f"fixed {m}")
-    variants = {("unpruned", "real"): base, **{(m, "real"): real[m] for m in methods},
-                **{(m, "fixed"): fixed[m] for m in methods}}
+    variants = {}                                 # (method, "real" | "fixed", linear) -> pruned model
+    for lin in linear:
+        variants[("unpruned", "real", lin)] = prune(model, linear=lin)
+        for m in methods:
+            variants[(m, "real", lin)] = real = prune(model, SPEED_METHODS[m], linear=lin)
+            variants[(m, "fixed", lin)] = fixed_selection(real, kw)
+            prog.step(f"fixed {m} ({lin})")
     clocks = {k: timed(pm) for k, pm in variants.items()}
     samples = {k: {"vision": [], "prefill": [], "total": []} for k in variants}
     with torch.inference_mode():
@@ -66,35 +71,43 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
     decode = interleaved({k: _decoder(pm, kw, decode_steps) for k, pm in variants.items() if k[1] == "real"},
                          repeats, prog)
     med = {k: {c: statistics.median(v) for c, v in s.items()} for k, s in samples.items()}
-    for pm in [base, *real.values()]:
-        pm(**kw)
-    b = med[("unpruned", "real")]
-    rows = [{"method": "unpruned", "pipeline": "(unpruned)", "llm_prefill_ms": b["prefill"] * 1e3,
-             "vision_ms": b["vision"] * 1e3, "prefill_ms": b["total"] * 1e3, "flops": base.report.flops,
-             "decode_ms_per_token": decode[("unpruned", "real")] / decode_steps * 1e3}]
-    for m in methods:
-        r, f = med[(m, "real")], med[(m, "fixed")]
-        ideal = base.report.flops / real[m].report.flops
-        measured = b["prefill"] / r["prefill"]
-        overhead = (r["vision"] + r["prefill"]) - (f["vision"] + f["prefill"])
-        dec = decode[(m, "real")] / decode_steps * 1e3
-        rows.append({"method": m, "pipeline": " | ".join(repr(p) for p in real[m].pipeline),
-                     "llm_prefill_ms": r["prefill"] * 1e3, "vision_ms": r["vision"] * 1e3,
-                     "prefill_ms": r["total"] * 1e3,
-                     "fixed_llm_prefill_ms": f["prefill"] * 1e3, "fixed_vision_ms": f["vision"] * 1e3,
-                     "flops": real[m].report.flops, "ideal_speedup": ideal, "measured_speedup": measured,
-                     "ratio": measured / ideal, "selection_overhead": overhead / (r["vision"] + r["prefill"]),
-                     "decode_ms_per_token": dec, "decode_vs_unpruned": dec / rows[0]["decode_ms_per_token"],
-                     "targets": {"measured_ge_0.9_ideal": measured >= 0.9 * ideal,
-                                 "overhead_le_2pct": overhead <= 0.02 * (r["vision"] + r["prefill"]),
-                                 "decode_le_unpruned": dec <= rows[0]["decode_ms_per_token"]}})
-    return {"config": cfg, "batch": batch, "repeats": repeats, "decode_steps": decode_steps,
+    for k, pm in variants.items():
+        if k[1] == "real":
+            pm(**kw)                                                 # reports of the real graphs
+    rows = []
+    for lin in linear:
+        base = variants[("unpruned", "real", lin)]
+        b = med[("unpruned", "real", lin)]
+        unpruned_dec = decode[("unpruned", "real", lin)] / decode_steps * 1e3
+        rows.append({"method": "unpruned", "linear": lin, "pipeline": "(unpruned)", "llm_prefill_ms": b["prefill"] * 1e3,
+                     "vision_ms": b["vision"] * 1e3, "prefill_ms": b["total"] * 1e3, "flops": base.report.flops,
+                     "decode_ms_per_token": unpruned_dec})
+        for m in methods:
+            real = variants[(m, "real", lin)]
+            r, f = med[(m, "real", lin)], med[(m, "fixed", lin)]
+            ideal = base.report.flops / real.report.flops
+            measured = b["prefill"] / r["prefill"]
+            overhead = (r["vision"] + r["prefill"]) - (f["vision"] + f["prefill"])
+            dec = decode[(m, "real", lin)] / decode_steps * 1e3
+            rows.append({"method": m, "linear": lin, "pipeline": " | ".join(repr(p) for p in real.pipeline),
+                         "llm_prefill_ms": r["prefill"] * 1e3, "vision_ms": r["vision"] * 1e3,
+                         "prefill_ms": r["total"] * 1e3,
+                         "fixed_llm_prefill_ms": f["prefill"] * 1e3, "fixed_vision_ms": f["vision"] * 1e3,
+                         "flops": real.report.flops, "ideal_speedup": ideal, "measured_speedup": measured,
+                         "ratio": measured / ideal, "selection_overhead": overhead / (r["vision"] + r["prefill"]),
+                         "decode_ms_per_token": dec, "decode_vs_unpruned": dec / unpruned_dec,
+                         "targets": {"measured_ge_0.9_ideal": measured >= 0.9 * ideal,
+                                     "overhead_le_2pct": overhead <= 0.02 * (r["vision"] + r["prefill"]),
+                                     "decode_le_unpruned": dec <= unpruned_dec}})
+    return {"config": cfg, "batch": batch, "repeats": repeats, "decode_steps": decode_steps, "linear": linear,
             "prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": vm.tokens_per_image, "rows": rows,
             "method": ("LLM prefill = the prefill graph alone; ideal = its FLOPs ratio (graphprune's accountant); "
                        "selection overhead = (real - fixed) vision + prefill graph time over the real one, fixed = "
                        "the same graphs with every selection node replaced by its recorded output and the scoring "
-                       "nodes feeding only it removed; decode = greedy steps through the per-layer caches; all "
-                       "medians, variants interleaved round-robin")}
+                       "nodes feeding only it removed; decode = greedy steps through the per-layer caches; every "
+                       "ratio against the unpruned model of the same linear lowering (aten: the graphs' own "
+                       "linears; packed: oneDNN-packed weights, prune(linear='packed')); all medians, variants "
+                       "of every lowering interleaved round-robin")}
 
 
 def _decoder(pm, kw, steps):
@@ -119,6 +132,7 @@ def format_speed(res: dict) -> str:
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
         if r["method"] == "unpruned":
+            lines.append(f"linear: {r.get('linear', 'aten')}")
             lines.append(f"{'unpruned':<11}{r['llm_prefill_ms']:>9.1f}{'':>8}{'':>10}{'':>7}{'':>10}"
                          f"{r['decode_ms_per_token']:>15.2f}")
             continue

@@ -146,8 +146,8 @@ class OrtPrunedModel(PrunedModel):
         self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
                                        family=self.family)
         self.executables = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
-        self.attention = "onnxruntime"
-        self.decode_gm = graphs["decode"]
+        self.attention, self.linear = "onnxruntime", "onnxruntime"
+        self.decode_gm = self.decode_exec = graphs["decode"]
         self.base = None
         self.num_layers = m["num_layers"]
         self.report = None

@@ -120,14 +120,18 @@ def test_speed_mode_smoke():
     cfg = dict(zoo.CONFIGS["tiny"], image_size=168, vision_layers=3)
     res = speed.run_speed(["fastv", "mustdrop"], repeats=1, decode_steps=2, config=cfg, quiet=True)
     json.dumps(res)
-    assert [r["method"] for r in res["rows"]] == ["unpruned", "fastv", "mustdrop"]
+    assert [(r["method"], r["linear"]) for r in res["rows"]] == [
+        (m, lin) for lin in ("aten", "packed") for m in ("unpruned", "fastv", "mustdrop")]
     assert res["vision_tokens"] == 144
-    for r in res["rows"][1:]:
+    for r in (r for r in res["rows"] if r["method"] != "unpruned"):
         assert r["ideal_speedup"] > 1 and r["measured_speedup"] > 0
         assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
         assert set(r["targets"]) == {"measured_ge_0.9_ideal", "overhead_le_2pct", "decode_le_unpruned"}
         assert r["decode_ms_per_token"] > 0 and r["llm_prefill_ms"] > 0
-    assert "ideal" in speed.format_speed(res)
+    text = speed.format_speed(res)
+    assert "ideal" in text and "linear: packed" in text
+    with pytest.raises(bench.BenchError, match="unknown linear lowering 'mkl'"):
+        speed.run_speed(["fastv"], linear="mkl", config=cfg, quiet=True)
 
 
 def test_model_from_a_saved_directory(tmp_path):

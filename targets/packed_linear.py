@@ -1,0 +1,65 @@
+"""Linear layers with their weights pre-packed for oneDNN, for graphs that run on the CPU.
+
+Every `aten.linear` of a graph whose weight is a float32 CPU constant becomes
+`mkldnn._linear_pointwise` on a copy of that weight reordered once, at lowering time, into
+oneDNN's blocked layout (what Inductor's CPU freezing does). Why it matters for pruning: the BLAS
+behind `aten.linear` re-packs the whole weight matrix on every call, a cost proportional to the
+weight size and not to the token count. At 587 tokens it hides inside the matmul; at the 75 tokens
+a layer keeps after pruning it is a large share of the layer, so pruned layers ran well short of
+their FLOPs-ideal speed. Packed once, a linear's time is close to proportional to its rows.
+
+The graph's other nodes and its outputs are untouched; results match `aten.linear` to float32
+rounding. Cost: the packed copies are held beside the model's own weights (the linear layers'
+weight memory twice), which is why it is opt-in: `graphprune.prune(..., linear="packed")`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+_LINEAR = torch.ops.aten.linear.default
+
+
+def packing_available() -> bool:
+    """oneDNN is built into this torch (the x86/ARM CPU wheels have it)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128) -> int:
+    """Rewrite gm in place: linears with float32 CPU constant weights run on oneDNN-packed copies.
+    Returns how many were rewritten. `rows_hint` is the token count oneDNN tunes the layout for
+    (any count runs; measured here it barely matters above a few rows)."""
+    packed = 0
+    for node in list(gm.graph.find_nodes(op="call_function", target=_LINEAR)):
+        weight = _constant(gm, node.args[1])
+        bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            continue
+        if bias_node is not None and _constant(gm, bias_node) is None:
+            continue                                 # a computed bias: leave this one to aten
+        name = f"_packed_linear_{packed}"
+        gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint),
+                           persistent=False)
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(name)
+            new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
+                                         (node.args[0], w, bias_node, "none", [], ""))
+        new.meta.update(node.meta)
+        plain = node.args[1]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not plain.users:                          # the plain weight is no longer read
+            gm.graph.erase_node(plain)
+        packed += 1
+    if packed:
+        gm.recompile()
+    return packed

@@ -1,0 +1,120 @@
+"""linear="packed" (oneDNN-packed weights, graphprune.targets.packed_linear): the same kept tokens,
+prefill logits and greedy decodes as the independent reference (tests/reference.py), on every
+stage it lowers (vision, prefill, decode, static-cache decode)."""
+import copy
+
+import pytest
+import torch
+
+import graphprune as gp
+import reference as R
+import reference_dart as D
+from graphprune.errors import InputError
+from graphprune.targets.packed_linear import pack_linear_weights, packing_available
+from graphprune.zoo import llava_example, qwen2vl_example
+from test_methods import _check as check_cache
+from test_passes import STEPS, _after_cls, _check
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+
+def _linears(gm):
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    return (sum(t is torch.ops.aten.linear.default for t in targets),
+            sum(t is torch.ops.mkldnn._linear_pointwise.default for t in targets))
+
+
+def test_every_stage_runs_packed_weights(llava):
+    model, program = llava
+    pruned = gp.prune(model, "cls_topk(keep=18) | fastv(layer=2, keep=6)", program=program, linear="packed")
+    for name, gm in [*pruned.executables.items(), ("decode", pruned.decode_exec)]:
+        aten, packed = _linears(gm)
+        assert aten == 0 and packed > 0, f"{name}: {aten} aten linears left, {packed} packed"
+    # what reports and exports read stays as rewritten
+    assert _linears(pruned.program.stages["prefill"].gm)[1] == 0 and _linears(pruned.decode_gm)[1] == 0
+
+
+def test_vision_then_llm_matches_reference(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3))
+    pruned = gp.prune(model, "cls_topk(keep=18) | fastv(layer=2, keep=6)", program=program, linear="packed")
+    emb, am, pos, vm = R.llava_inputs(model, ex, cls_keep=18)
+    ref = R.lm_generate(model, emb, am, pos, select=R.fastv_select(6), select_layer=2, max_new_tokens=STEPS,
+                        vision_mask=vm)
+    _check(pruned, ex, ref, prompt_index=_after_cls(model, ex, 18))
+
+
+@pytest.mark.parametrize("method,opts,select,layer", [
+    ("fastv", dict(layer=2, keep=9), lambda: R.fastv_select(9), 2),
+    ("vtw", dict(layer=2), R.vtw_select, 2),
+])
+def test_llm_passes_match_reference(llava, method, opts, select, layer):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3), seed=2)
+    emb, am, pos, vm = R.llava_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, select=select(), select_layer=layer, max_new_tokens=STEPS, vision_mask=vm)
+    _check(gp.prune(model, method, program=program, linear="packed", **opts), ex, ref)
+
+
+def test_dart_per_layer_caches_match_reference(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3), seed=2)
+    emb, am, pos, vm = R.llava_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, selects={2: D.dart_select(9, criterion="attn_min")},
+                        max_new_tokens=STEPS, vision_mask=vm)
+    check_cache(gp.prune(model, "dart", keep=9, layer=2, criterion="attn_min", program=program, linear="packed"),
+                ex, ref)
+
+
+def test_qwen2vl_fastv_matches_reference(qwen):
+    model, program = qwen
+    ex = qwen2vl_example(model, batch=2, pad=(0, 2))
+    emb, am, pos, vm = R.qwen2vl_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, select=R.fastv_select(5), select_layer=2, max_new_tokens=STEPS,
+                        vision_mask=vm)
+    _check(gp.prune(model, "fastv", layer=2, keep=5, program=program, linear="packed"), ex, ref)
+
+
+def test_static_cache_decode_matches_reference(llava):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, 3), seed=2)
+    emb, am, pos, vm = R.llava_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, select=R.fastv_select(9), select_layer=2, max_new_tokens=STEPS,
+                        vision_mask=vm)
+    pruned = gp.prune(model, "fastv", layer=2, keep=9, program=program, linear="packed")
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[], static_cache=True)
+    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+
+
+def test_pack_leaves_non_constant_and_non_float32_weights():
+    """Only float32 constant weights are packed; a weight computed in the graph stays on aten."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 8, bias=False).double()
+
+        def forward(self, x):
+            y = self.a(x)
+            z = torch.nn.functional.linear(y, self.a.weight * 2)           # computed weight
+            return z, self.b(x.double())
+    m = M().eval()
+    x = torch.randn(3, 8)
+    gm = torch.export.export(m, (x,)).module()
+    gm = torch.fx.GraphModule(gm, gm.graph)
+    want = m(x)
+    assert pack_linear_weights(gm) == 1
+    assert _linears(gm) == (2, 1)
+    with torch.no_grad():
+        got = gm(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_is_refused_where_it_cannot_run(llava):
+    model, program = llava
+    with pytest.raises(InputError, match='linear must be "aten" or "packed"'):
+        gp.prune(model, "fastv(layer=2, keep=9)", program=program, linear="mkl")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)          # a copy: the fixture's model stays float32
+    with pytest.raises(InputError, match="float32 CPU weights.*bfloat16"):
+        gp.prune(bf16, "fastv(layer=2, keep=9)", linear="packed")
