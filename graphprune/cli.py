@@ -525,6 +525,7 @@ def cmd_bench(args) -> int:
     from .pipeline import as_passes
     _positive(args, "n", "batch", "time_batch", "repeats", "decode_tokens", "decode_steps")
     _threads(args)
+    bench.keep_freed_memory()
     for path, what in ((args.json if args.json != "-" else None, "--json"), (args.plot, "--plot")):
         if path:
             _writable(path, what)

@@ -126,7 +126,8 @@ def format_speed(res: dict) -> str:
     lines = [f"speed mode: random-weight LLaVA, LLM {c['hidden']} x {c['layers']} layers, "
              f"vision {c['vision_hidden']} x "
              f"{c['vision_layers']}; batch {res['batch']}, {res['prompt_tokens']} prompt tokens "
-             f"({res['vision_tokens']} vision); medians of {res['repeats']} interleaved rounds", ""]
+             f"({res['vision_tokens']} vision); medians of {res['repeats']} interleaved rounds"
+             + (f"; allocator: {res['machine']['allocator']}" if "machine" in res else ""), ""]
     head = (f"{'method':<11}{'LLM ms':>9}{'ideal':>8}{'measured':>10}{'ratio':>7}{'select %':>10}"
             f"{'decode ms/tok':>15}{'vs unpr':>9}  targets")
     lines += [head, "-" * len(head)]

@@ -10,14 +10,18 @@ their FLOPs-ideal speed. Packed once, a linear's time is close to proportional t
 
 The graph's other nodes and its outputs are untouched; results match `aten.linear` to float32
 rounding. Cost: the packed copies are held beside the model's own weights (the linear layers'
-weight memory twice), which is why it is opt-in: `graphprune.prune(..., linear="packed")`.
+weight memory twice), which is why it is opt-in: `graphprune.prune(..., linear="packed")`. Every
+graph lowered from one model shares one packed copy per weight (a model pruned several ways, as
+`graphprune bench` does, holds it once); a weight changed in place is packed again.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 _LINEAR = torch.ops.aten.linear.default
+_PACKED = WeakIdKeyDictionary()          # weight -> (its version when packed, rows hint, packed copy)
 
 
 def packing_available() -> bool:
@@ -34,6 +38,15 @@ def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def packed_weight(weight: torch.Tensor, rows_hint: int = 128) -> torch.Tensor:
+    """weight (out, in) reordered for oneDNN, shared by every graph that asks for the same tensor."""
+    held = _PACKED.get(weight)
+    if held is None or held[:2] != (weight._version, rows_hint):
+        held = (weight._version, rows_hint, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint))
+        _PACKED[weight] = held
+    return held[2]
+
+
 def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128) -> int:
     """Rewrite gm in place: linears with float32 CPU constant weights run on oneDNN-packed copies.
     Returns how many were rewritten. `rows_hint` is the token count oneDNN tunes the layout for
@@ -47,8 +60,7 @@ def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128) -> int:
         if bias_node is not None and _constant(gm, bias_node) is None:
             continue                                 # a computed bias: leave this one to aten
         name = f"_packed_linear_{packed}"
-        gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint),
-                           persistent=False)
+        gm.register_buffer(name, packed_weight(weight, rows_hint), persistent=False)
         with gm.graph.inserting_before(node):
             w = gm.graph.get_attr(name)
             new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,

@@ -10,7 +10,7 @@ import graphprune as gp
 import reference as R
 import reference_dart as D
 from graphprune.errors import InputError
-from graphprune.targets.packed_linear import pack_linear_weights, packing_available
+from graphprune.targets.packed_linear import pack_linear_weights, packed_weight, packing_available
 from graphprune.zoo import llava_example, qwen2vl_example
 from test_methods import _check as check_cache
 from test_passes import STEPS, _after_cls, _check
@@ -118,3 +118,15 @@ def test_packed_is_refused_where_it_cannot_run(llava):
     bf16 = copy.deepcopy(model).to(torch.bfloat16)          # a copy: the fixture's model stays float32
     with pytest.raises(InputError, match="float32 CPU weights.*bfloat16"):
         gp.prune(bf16, "fastv(layer=2, keep=9)", linear="packed")
+
+
+def test_packed_copies_are_shared_and_follow_in_place_updates():
+    lin = torch.nn.Linear(16, 8)
+    first, again = packed_weight(lin.weight), packed_weight(lin.weight)
+    assert first is again                                 # one packed copy per weight, however many graphs
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        lin.weight.mul_(-1)                               # changed in place: packed again
+        got = torch.ops.mkldnn._linear_pointwise(x, packed_weight(lin.weight), None, "none", [], "")
+    assert packed_weight(lin.weight) is not first
+    torch.testing.assert_close(got, x @ lin.weight.detach().T, atol=1e-5, rtol=1e-5)
