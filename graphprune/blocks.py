@@ -95,19 +95,36 @@ def ltam_scores(feats, window: int = 3, w1: float = 1.0, w2: float = 1.0, w3: fl
     v, g = feats.shape[-2], grid_side(feats.shape[-2])
     index, valid = grid_neighbours(g, window, feats.device)
     m = index.shape[1]
-    f = feats.float()
-    # exact Euclidean distances (the matmul shortcut loses digits that rankings depend on)
-    df = torch.stack([(f - f[..., index[:, k], :]).pow(2).sum(-1) for k in range(m)], -1).sqrt()
-    tok = torch.arange(v, device=f.device)[:, None]
+    df = _neighbour_distances(feats.float(), g, window)
+    tok = torch.arange(v, device=feats.device)[:, None]
     dp = ((index // g - tok // g).float() ** 2 + (index % g - tok % g).float() ** 2).sqrt()
     kf = -(df / (w1 * _masked_std(df, valid))) ** 2
     kp = -(dp / (w2 * _masked_std(dp, valid))) ** 2
     kappa = (kf.masked_fill(~valid, float("-inf")).softmax(-1)
              + w3 * kp.masked_fill(~valid, float("-inf")).softmax(-1))         # (..., V, M): kappa_i,index[i,k]
     # what j receives: kappa_ij for each neighbour i = index[j, k], stored in row i at the reverse offset
-    received = kappa.flatten(-2)[..., index * m + (m - 1 - torch.arange(m, device=f.device))]
+    received = kappa.flatten(-2)[..., index * m + (m - 1 - torch.arange(m, device=feats.device))]
     received = (received * valid).sum(-1)
     return received / valid.sum(-1).clamp(min=1)
+
+
+def _neighbour_distances(f, g: int, window: int):
+    """Exact Euclidean distance (..., V, M) from each token to its grid_neighbours (0 where the
+    neighbour falls off the grid). Each pair is computed once, on shifted views of the grid (no
+    gathers), and written to both ends: offset M-1-m is the reverse of offset m. (The matmul
+    shortcut |a|^2 + |b|^2 - 2ab loses digits that rankings depend on.)"""
+    h = window // 2
+    grid = f.reshape(*f.shape[:-2], g, g, f.shape[-1])
+    offsets = [(dr, dc) for dr in range(-h, h + 1) for dc in range(-h, h + 1) if dr or dc]
+    m = len(offsets)
+    out = f.new_zeros(*f.shape[:-2], g, g, m)
+    for k in range(m // 2, m):                         # forward offsets: dr > 0, or dr == 0 and dc > 0
+        dr, dc = offsets[k]
+        c0, c1 = max(0, -dc), g - max(0, dc)
+        d = (grid[..., : g - dr, c0:c1, :] - grid[..., dr:, c0 + dc:c1 + dc, :]).pow(2).sum(-1).sqrt()
+        out[..., : g - dr, c0:c1, k] = d                     # token (r, c) to (r + dr, c + dc)
+        out[..., dr:, c0 + dc:c1 + dc, m - 1 - k] = d        # and back
+    return out.flatten(-3, -2)
 
 
 def variance_weighting(s_global, s_local):

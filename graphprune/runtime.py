@@ -125,7 +125,7 @@ class PrunedModel:
         self.decode_gm = shrink_kv(decode.gm, read_anatomy(decode.gm, "decode", self.family.model_class))
         self.num_layers = program.anatomy["prefill"].num_layers
         self._static_gm = None             # static-cache decode step, built on first use
-        self._static_fn = None             # it, or its compiled version (compile_decode)
+        self._static_fn = None             # what runs it: its lowered copy, or compile_decode's compiled one
         self.report: Report | None = None
         self.results = program.results
         self.attention, self.linear = attention, linear
@@ -294,7 +294,9 @@ class PrunedModel:
         keys, values = [grow(c.keys, 2) for c in cache], [grow(c.values, 2) for c in cache]
         masks = [grow(c.mask, 1) for c in cache]
         gm = self._static_graph()
-        step_fn = self._static_fn or self._lower(gm, attention="sdpa")
+        if self._static_fn is None:                  # eager: lowered like the dynamic decode step
+            self._static_fn = self._lower(gm, attention="sdpa")
+        step_fn = self._static_fn
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
 
         def step(token, position, t):
