@@ -10,7 +10,8 @@ args=()
 [ -n "$model" ] && args+=(--model "$model")
 
 # accuracy / speed / cost grid: methods x budgets (192/128/64 of 576 and each method's defaults)
-graphprune bench "${args[@]}" --n "${N:-200}" --repeats "${REPEATS:-11}" --json "$out/grid.json" --plot "$out/grid.png"
+graphprune bench "${args[@]}" --n "${N:-200}" --repeats "${REPEATS:-11}" --json "$out/grid.json" --plot "$out/grid.png" \
+    | tee "$out/grid.txt"
 
-# speed mode: larger random-weight model, 64 of 576 kept after layer 2
-graphprune bench --speed --json "$out/speed.json"
+# speed mode: larger random-weight model, 64 of 576 kept after layer 2, both linear lowerings
+graphprune bench --speed --linear aten,packed --repeats "${REPEATS:-11}" --json "$out/speed.json" | tee "$out/speed.txt"

@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=int, default=5, help="prefill runs timed per model (median; default 5)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny built-in models, whose "
                    "ops are too small to gain from threads and whose timings suffer from oversubscribed cores)")
+    r.add_argument("--linear", choices=("aten", "packed"), default="aten", help=LINEAR_HELP + " (default aten)")
     r.add_argument("--json", action="store_true", help="print JSON instead of tables")
     r.set_defaults(func=cmd_run)
 
@@ -101,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+LINEAR_HELP = ("how the linear layers run: aten (the graphs' own) or packed (float32 CPU models: "
+               "weights packed once for oneDNN, faster, twice the linear weights' memory; prune(linear='packed'))")
 VQA_MODEL_HELP = ("the shipped VQA model (default) | random | random:CONFIG (graphprune.zoo.CONFIGS, random weights) | "
                   "a directory written by examples/train_vqa_model.py | a LLaVA-style local path or hub id in the local "
                   "HF cache (offline, with its processor)")
@@ -131,9 +134,8 @@ def _vqa_parsers(sub) -> None:
                    "answer + eos)")
     b.add_argument("--speed", action="store_true", help="speed mode on a larger random-weight model")
     b.add_argument("--decode-steps", type=int, default=16, help="speed mode: decode steps timed (default 16)")
-    b.add_argument("--linear", help="how the linear layers run: aten (the graphs' own) or packed (weights packed once "
-                   "for oneDNN; float32 CPU; prune(linear='packed')). --speed takes a comma list and times them side "
-                   "by side (default: aten; --speed: aten,packed)")
+    b.add_argument("--linear", help=LINEAR_HELP + "; --speed takes a comma list and "
+                   "times them side by side (default: aten; --speed: aten,packed)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     b.add_argument("--json", metavar="PATH", help="write everything (config, machine, cells) as JSON ('-': stdout)")
     b.add_argument("--plot", metavar="PATH.png", help="accuracy vs prefill time per method (needs matplotlib: "
@@ -153,6 +155,7 @@ def _vqa_parsers(sub) -> None:
     d.add_argument("--no-images", action="store_true", help="do not write images")
     d.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
     d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    d.add_argument("--linear", choices=("aten", "packed"), default="aten", help=LINEAR_HELP + " (default aten)")
     d.add_argument("--json", action="store_true", help="print JSON instead of tables")
     d.set_defaults(func=cmd_demo)
 
@@ -423,7 +426,7 @@ def _run_methods(args, model, kw, methods, build_s) -> dict:
     from . import prune
     from .errors import PassNotApplicable
     t0 = time.perf_counter()
-    base = prune(model)
+    base = prune(model, linear=args.linear)
     capture_s = time.perf_counter() - t0
     rows, reports, skipped = [], [], []
 
@@ -437,7 +440,7 @@ def _run_methods(args, model, kw, methods, build_s) -> dict:
     record("unpruned", base)
     for m in methods:
         try:
-            pm = prune(model, m)
+            pm = prune(model, m, linear=args.linear)
         except PassNotApplicable as e:
             if args.method:
                 raise
@@ -590,7 +593,8 @@ def cmd_demo(args) -> int:
     vm = bench.load_vqa_model(args.model)
     pipelines = args.pipeline or demo.default_pipelines(vm.model.config.text_config.num_hidden_layers)
     items = bench.load_items(None, args.n, "test", args.seed)
-    res = demo.run_demo(vm, items, pipelines, None if args.no_images else args.out, repeats=args.repeats)
+    res = demo.run_demo(vm, items, pipelines, None if args.no_images else args.out, repeats=args.repeats,
+                        linear=args.linear)
     if args.json:
         print(json.dumps({"model": vm.name, "source": vm.source, **res}, indent=2))
         return 0

@@ -19,13 +19,14 @@ def default_pipelines(num_layers: int) -> list[str]:
     return [p.format(layers=layers) for p in DEMO_PIPELINES]
 
 
-def run_demo(vm, items, pipelines, out_dir: str | None, *, repeats: int = 3) -> dict:
+def run_demo(vm, items, pipelines, out_dir: str | None, *, repeats: int = 3, linear: str = "aten") -> dict:
     from . import prune
     from .bench import interleaved
     from .visualize import draw, kept_patches, merged_patches, write_png
     kw = vm.inputs(items)
     ids, img_id = kw["input_ids"], vm.model.config.image_token_id
-    variants = [("unpruned", prune(vm.model))] + [(p, prune(vm.model, p)) for p in pipelines]
+    variants = [("unpruned", prune(vm.model, linear=linear))] + [(p, prune(vm.model, p, linear=linear))
+                                                                 for p in pipelines]
     rows = []
     for label, pm in variants:
         out, merged = merged_patches(pm, kw)
