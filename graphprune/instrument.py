@@ -1,6 +1,7 @@
 """Instrumenting a PrunedModel's stage graphs without touching it: shallow copies that time each
-stage, replay the selection nodes through an fx Interpreter, or run the same pruned computation
-with every selection replaced by the output it recorded (the cost of choosing, isolated).
+stage, replay the selection nodes through an fx Interpreter, run the same pruned computation
+with every selection replaced by the output it recorded, or time the nodes that replacement
+removes, one by one inside the real graphs (the cost of choosing, isolated).
 """
 from __future__ import annotations
 
@@ -112,3 +113,36 @@ def _as_consts(gm, prefix, out, node):
             else:
                 consts.append(t)
         return consts
+
+
+def choosing_nodes(pruned, inputs: dict) -> dict:
+    """{stage: names of the nodes fixed_selection removes}: every selection node and the scoring /
+    signal nodes that fed only them. What the pruned graphs spend on choosing, and nothing else."""
+    fixed = executed_graphs(fixed_selection(pruned, inputs))
+    return {k: {n.name for n in gm.graph.nodes} - {n.name for n in fixed[k].graph.nodes}
+            for k, gm in executed_graphs(pruned).items() if gm is not None}
+
+
+def timed_nodes(pruned, names: dict) -> tuple[object, dict]:
+    """(copy of pruned whose stage graphs run through an fx Interpreter that adds the run time of
+    the nodes named in names[stage] to the dict's "nodes", that dict)."""
+    from torch import fx
+    spent = {"nodes": 0.0}
+
+    class Clock(fx.Interpreter):
+        def __init__(self, gm, watch):
+            super().__init__(gm)
+            self.watch = watch
+
+        def run_node(self, n):
+            if n.name not in self.watch:
+                return super().run_node(n)
+            t = time.perf_counter()
+            out = super().run_node(n)
+            spent["nodes"] += time.perf_counter() - t
+            return out
+
+    def make(name, gm):
+        watch = names.get(name, set())
+        return StageCall(gm, lambda *a: Clock(gm, watch).run(*a)) if watch else gm
+    return with_proxies(pruned, make), spent

@@ -1,9 +1,9 @@
 """`graphprune bench --speed`: a larger random-weight LLaVA built from a config (SPEED_CONFIG), each
 method at 64 of 576 kept after layer 2. Per method: measured LLM-prefill speed-up (the prefill
-graph alone), the FLOPs-ideal speed-up, their ratio, the selection overhead (the same pruned
-graphs with every scoring/selection node replaced by its recorded output, timed interleaved with
-the real ones: overhead = real - fixed, as a share of the pruned vision + LLM prefill time) and
-the decode time per token through the shrunk caches.
+graph alone), the FLOPs-ideal speed-up, their ratio, the selection overhead (the run time of the
+nodes that choose: the selection nodes and the scoring nodes feeding only them, timed one by one
+inside the real graphs, as a share of the pruned vision + LLM prefill time) and the decode time
+per token through the shrunk caches; for each lowering of the linear layers asked for.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import torch
 
 from .bench import BenchError, Progress, interleaved, load_items, wrap_model
-from .instrument import fixed_selection, timed
+from .instrument import choosing_nodes, timed, timed_nodes
 
 # speed mode: every method with 64 of 576 vision tokens kept from LLM layer 2 on (VTW keeps none,
 # cls_topk selects before the LLM)
@@ -41,22 +41,23 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
         if lin not in ("aten", "packed"):
             raise BenchError(f"unknown linear lowering {lin!r}; have aten, packed")
     cfg = dict(config or SPEED_CONFIG)
-    prog = Progress(3 + 2 * len(methods) * len(linear) + 2 * repeats, "speed", not quiet)
+    prog = Progress(2 + len(methods) * len(linear) + 2 * repeats, "speed", not quiet)
     model = zoo.build_model(cfg, 0).eval()
     vm = wrap_model(model, "speed", "random weights", vocab=vqa.Vocab())
     prog.step("captured")
     kw = vm.inputs(load_items(None, batch))
-    variants = {}                                 # (method, "real" | "fixed", linear) -> pruned model
+    variants, choosing = {}, {}                   # (method, linear) -> pruned model, its choosing-node clock
     for lin in linear:
-        variants[("unpruned", "real", lin)] = prune(model, linear=lin)
+        variants[("unpruned", lin)] = prune(model, linear=lin)
         for m in methods:
-            variants[(m, "real", lin)] = real = prune(model, SPEED_METHODS[m], linear=lin)
-            variants[(m, "fixed", lin)] = fixed_selection(real, kw)
-            prog.step(f"fixed {m} ({lin})")
+            variants[(m, lin)] = real = prune(model, SPEED_METHODS[m], linear=lin)
+            choosing[(m, lin)] = timed_nodes(real, choosing_nodes(real, kw))
+            prog.step(f"choosing nodes {m} ({lin})")
     clocks = {k: timed(pm) for k, pm in variants.items()}
     samples = {k: {"vision": [], "prefill": [], "total": []} for k in variants}
+    choose_s = {k: [] for k in choosing}
     with torch.inference_mode():
-        for (pm_t, spent) in clocks.values():
+        for pm_t, _ in [*clocks.values(), *choosing.values()]:
             pm_t(**kw)                                               # warm-up
         prog.step("warm-up")
         for _ in range(repeats):
@@ -67,32 +68,33 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
                 samples[k]["total"].append(time.perf_counter() - t)
                 samples[k]["vision"].append(spent["vision"])
                 samples[k]["prefill"].append(spent["prefill"])
+                if k in choosing:
+                    pm_c, spent_c = choosing[k]
+                    spent_c["nodes"] = 0.0
+                    pm_c(**kw)
+                    choose_s[k].append(spent_c["nodes"])
             prog.step("prefill")
-    decode = interleaved({k: _decoder(pm, kw, decode_steps) for k, pm in variants.items() if k[1] == "real"},
-                         repeats, prog)
+    decode = interleaved({k: _decoder(pm, kw, decode_steps) for k, pm in variants.items()}, repeats, prog)
     med = {k: {c: statistics.median(v) for c, v in s.items()} for k, s in samples.items()}
-    for k, pm in variants.items():
-        if k[1] == "real":
-            pm(**kw)                                                 # reports of the real graphs
+    for pm in variants.values():
+        pm(**kw)                                                     # reports of this input
     rows = []
     for lin in linear:
-        base = variants[("unpruned", "real", lin)]
-        b = med[("unpruned", "real", lin)]
-        unpruned_dec = decode[("unpruned", "real", lin)] / decode_steps * 1e3
+        base = variants[("unpruned", lin)]
+        b = med[("unpruned", lin)]
+        unpruned_dec = decode[("unpruned", lin)] / decode_steps * 1e3
         rows.append({"method": "unpruned", "linear": lin, "pipeline": "(unpruned)", "llm_prefill_ms": b["prefill"] * 1e3,
                      "vision_ms": b["vision"] * 1e3, "prefill_ms": b["total"] * 1e3, "flops": base.report.flops,
                      "decode_ms_per_token": unpruned_dec})
         for m in methods:
-            real = variants[(m, "real", lin)]
-            r, f = med[(m, "real", lin)], med[(m, "fixed", lin)]
+            real, r = variants[(m, lin)], med[(m, lin)]
             ideal = base.report.flops / real.report.flops
             measured = b["prefill"] / r["prefill"]
-            overhead = (r["vision"] + r["prefill"]) - (f["vision"] + f["prefill"])
-            dec = decode[(m, "real", lin)] / decode_steps * 1e3
+            overhead = statistics.median(choose_s[(m, lin)])
+            dec = decode[(m, lin)] / decode_steps * 1e3
             rows.append({"method": m, "linear": lin, "pipeline": " | ".join(repr(p) for p in real.pipeline),
                          "llm_prefill_ms": r["prefill"] * 1e3, "vision_ms": r["vision"] * 1e3,
-                         "prefill_ms": r["total"] * 1e3,
-                         "fixed_llm_prefill_ms": f["prefill"] * 1e3, "fixed_vision_ms": f["vision"] * 1e3,
+                         "prefill_ms": r["total"] * 1e3, "choosing_ms": overhead * 1e3,
                          "flops": real.report.flops, "ideal_speedup": ideal, "measured_speedup": measured,
                          "ratio": measured / ideal, "selection_overhead": overhead / (r["vision"] + r["prefill"]),
                          "decode_ms_per_token": dec, "decode_vs_unpruned": dec / unpruned_dec,
@@ -102,9 +104,9 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
     return {"config": cfg, "batch": batch, "repeats": repeats, "decode_steps": decode_steps, "linear": linear,
             "prompt_tokens": int(kw["input_ids"].shape[1]), "vision_tokens": vm.tokens_per_image, "rows": rows,
             "method": ("LLM prefill = the prefill graph alone; ideal = its FLOPs ratio (graphprune's accountant); "
-                       "selection overhead = (real - fixed) vision + prefill graph time over the real one, fixed = "
-                       "the same graphs with every selection node replaced by its recorded output and the scoring "
-                       "nodes feeding only it removed; decode = greedy steps through the per-layer caches; every "
+                       "selection overhead = run time of the choosing nodes (every selection node and the scoring "
+                       "nodes feeding only it), timed node by node inside the real graphs, over the real vision + "
+                       "prefill graph time; decode = greedy steps through the per-layer caches; every "
                        "ratio against the unpruned model of the same linear lowering (aten: the graphs' own "
                        "linears; packed: oneDNN-packed weights, prune(linear='packed')); all medians, variants "
                        "of every lowering interleaved round-robin")}

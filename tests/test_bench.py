@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from graphprune import bench, instrument, speed, zoo
+from graphprune import bench, instrument, speed, tokenops, zoo
 from graphprune.cli import main
 
 
@@ -113,6 +113,24 @@ def test_fixed_selection_is_the_same_computation(tiny):
             assert not {n.target for n in gm.graph.nodes} & set(instrument.SELECTION_FNS)
         assert any(n.target in instrument.SELECTION_FNS for gm in instrument.executed_graphs(pm).values()
                    for n in gm.graph.nodes)
+
+
+def test_choosing_nodes_are_the_selection_and_its_scoring(tiny):
+    """The nodes timed as selection overhead: each selection node and the scoring that fed only it,
+    no layer computation; running the graphs through their clock leaves the output unchanged."""
+    from graphprune import prune
+    kw = tiny.inputs(bench.load_items(None, 2))
+    pm = prune(tiny.model, "fastv(layer=2, keep=8)")
+    names = instrument.choosing_nodes(pm, kw)
+    prefill = {n.name: n for n in instrument.executed_graphs(pm)["prefill"].graph.nodes}
+    chosen = [prefill[n] for n in names["prefill"]]
+    assert any(n.target in instrument.SELECTION_FNS for n in chosen)
+    assert any(n.target is tokenops.attention_rows for n in chosen)             # FastV's score: attention rows
+    assert not any(n.target in (torch.ops.aten.linear.default, torch.ops.aten.scaled_dot_product_attention.default)
+                   for n in chosen)
+    assert names.get("vision", set()) == set()
+    clocked, spent = instrument.timed_nodes(pm, names)
+    assert torch.equal(clocked(**kw).logits, pm(**kw).logits) and spent["nodes"] > 0
 
 
 def test_speed_mode_smoke():
