@@ -4,9 +4,10 @@ Every `aten.linear` of a graph whose weight is a float32 CPU constant becomes
 `mkldnn._linear_pointwise` on a copy of that weight reordered once, at lowering time, into
 oneDNN's blocked layout (what Inductor's CPU freezing does). Why it matters for pruning: the BLAS
 behind `aten.linear` re-packs the whole weight matrix on every call, a cost proportional to the
-weight size and not to the token count. At 587 tokens it hides inside the matmul; at the 75 tokens
-a layer keeps after pruning it is a large share of the layer, so pruned layers ran well short of
-their FLOPs-ideal speed. Packed once, a linear's time is close to proportional to its rows.
+weight size and not to the token count (1.7 ms for a 1024 x 2816 weight on the 2-core test
+machine). At 587 tokens it hides inside the matmul (17.7 vs 15.9 ms packed once); at the 75 tokens
+a layer keeps after pruning it is almost half of it (3.9 vs 2.1 ms), so pruned layers ran well
+short of their FLOPs-ideal speed. Packed once, a linear's time is close to proportional to its rows.
 
 The graph's other nodes and its outputs are untouched; results match `aten.linear` to float32
 rounding. Cost: the packed copies are held beside the model's own weights (the linear layers'
