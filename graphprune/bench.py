@@ -408,6 +408,7 @@ def format_grid(res: dict) -> str:
     lines.append(f"kept: vision tokens per sample in the last layer (mean); times: batch {t['batch']}, median of "
                  f"{t['repeats']} interleaved rounds; e2e = prefill + {t['decode_tokens']} greedy tokens; "
                  "GFLOPs / KV: prefill of one sample")
+    lines += [f"custom {r['budget']}: {r['pipeline']}" for r in res["cells"] if r["method"] == "custom"]
     return "\n".join(lines)
 
 

@@ -558,7 +558,7 @@ def cmd_bench(args) -> int:
             raise _Failure(f"--data {args.data} does not exist")
         vm = bench.load_vqa_model(args.model)
         cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
-        cells += [("custom", str(i), p) for i, p in enumerate(args.pipeline)]
+        cells += [("custom", f"#{i + 1}", p) for i, p in enumerate(args.pipeline)]
         prepared, skipped = bench.prepare(vm, cells, args.linear or "aten")
         items = bench.load_items(args.data, args.n, args.split, args.seed)
         if not items:

@@ -12,17 +12,22 @@ short of their FLOPs-ideal speed. Packed once, a linear's time is close to propo
 The graph's other nodes and its outputs are untouched; results match `aten.linear` to float32
 rounding. Cost: the packed copies are held beside the model's own weights (the linear layers'
 weight memory twice), which is why it is opt-in: `graphprune.prune(..., linear="packed")`. Every
-graph lowered from one model shares one packed copy per weight (a model pruned several ways, as
-`graphprune bench` does, holds it once); a weight changed in place is packed again.
+graph lowered from one model shares one packed copy per weight while any of them is alive (a model
+pruned several ways, as `graphprune bench` does, holds it once). Weights are packed when a model is
+pruned: one whose weights change afterwards (in place or not) must be pruned again.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 _LINEAR = torch.ops.aten.linear.default
-_PACKED = WeakIdKeyDictionary()          # weight -> (its version when packed, rows hint, packed copy)
+# weight -> (its version when packed, rows hint, weak reference to the packed copy): the graphs
+# hold the packed copies, this only lets them share one
+_PACKED = WeakIdKeyDictionary()
 
 
 def packing_available() -> bool:
@@ -42,10 +47,11 @@ def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
 def packed_weight(weight: torch.Tensor, rows_hint: int = 128) -> torch.Tensor:
     """weight (out, in) reordered for oneDNN, shared by every graph that asks for the same tensor."""
     held = _PACKED.get(weight)
-    if held is None or held[:2] != (weight._version, rows_hint):
-        held = (weight._version, rows_hint, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint))
-        _PACKED[weight] = held
-    return held[2]
+    packed = held[2]() if held is not None and held[:2] == (weight._version, rows_hint) else None
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+        _PACKED[weight] = (weight._version, rows_hint, weakref.ref(packed))
+    return packed
 
 
 def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128) -> int:

@@ -63,6 +63,8 @@ def test_grid_specs_and_errors():
     (["--json", "/nonexistent/dir/out.json"], "does not exist"),
     (["--pipeline", "fastv(keep=)"], "parse"),
     (["--speed", "--model", "random"], "--speed"),
+    (["--linear", "mkl"], "--linear 'mkl'"),
+    (["--speed", "--linear", "aten,mkl"], "unknown linear lowering 'mkl'"),
 ])
 def test_cli_bad_input_fails_before_work(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -74,7 +76,8 @@ def test_cli_bad_input_fails_before_work(argv, message, capsys):
 def test_cli_json_and_plot(tmp_path, capsys):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["bench", "--model", "random:tiny", "--methods", "fastv", "--budgets", "8", "--n", "3", "--batch", "2",
-            "--time-batch", "2", "--repeats", "1", "--quiet", "--json", str(out)]
+            "--time-batch", "2", "--repeats", "1", "--quiet", "--json", str(out), "--linear", "packed",
+            "--pipeline", "random(layer=1, keep=4)"]
     try:
         import matplotlib  # noqa: F401
         argv += ["--plot", str(plot)]
@@ -82,10 +85,11 @@ def test_cli_json_and_plot(tmp_path, capsys):
         plot = None
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "fastv" in text and "unpruned" in text
+    assert "fastv" in text and "unpruned" in text and "custom #1: random(" in text
     res = json.loads(out.read_text())
     assert res["questions"] == 3 and res["config"]["budgets"] == "8" and res["machine"]["torch"] == torch.__version__
-    assert [(c["method"], c["budget"]) for c in res["cells"]] == [("unpruned", "-"), ("fastv", "8")]
+    assert res["config"]["linear"] == "packed" and res["machine"]["allocator"]
+    assert [(c["method"], c["budget"]) for c in res["cells"]] == [("unpruned", "-"), ("fastv", "8"), ("custom", "#1")]
     if plot is not None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

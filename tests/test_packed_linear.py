@@ -32,6 +32,8 @@ def test_every_stage_runs_packed_weights(llava):
         assert aten == 0 and packed > 0, f"{name}: {aten} aten linears left, {packed} packed"
     # what reports and exports read stays as rewritten
     assert _linears(pruned.program.stages["prefill"].gm)[1] == 0 and _linears(pruned.decode_gm)[1] == 0
+    other = gp.prune(model, "vtw(layer=2)", program=program, linear="packed")     # one packed copy per weight
+    assert other.executables["prefill"]._packed_linear_0 is pruned.executables["prefill"]._packed_linear_0
 
 
 def test_vision_then_llm_matches_reference(llava):
@@ -130,3 +132,12 @@ def test_packed_copies_are_shared_and_follow_in_place_updates():
         got = torch.ops.mkldnn._linear_pointwise(x, packed_weight(lin.weight), None, "none", [], "")
     assert packed_weight(lin.weight) is not first
     torch.testing.assert_close(got, x @ lin.weight.detach().T, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_copies_die_with_the_graphs_that_hold_them():
+    import gc
+    import weakref
+    lin = torch.nn.Linear(16, 8)
+    ref = weakref.ref(packed_weight(lin.weight))
+    gc.collect()
+    assert ref() is None                                  # nothing held it: not kept alive by the cache
