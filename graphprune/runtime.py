@@ -9,6 +9,7 @@ Inputs are what the Hugging Face processor returns (image tokens already expande
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -132,8 +133,13 @@ class PrunedModel:
         # {stage: what runs}: the program's graphs, lowered copies (flash attention, packed linear
         # weights), or ONNX Runtime sessions (OrtPrunedModel); graphprune.instrument swaps in
         # wrappers here. The program and decode_gm stay as rewritten: reports and exports read them.
+        self.packed_linears = 0            # linears the lowering moved to packed weights (linear="packed")
         self.executables = {k: self._lower(getattr(program.stages.get(k), "gm", None)) for k in ("vision", "prefill")}
         self.decode_exec = self._lower(self.decode_gm, attention="sdpa")
+        if linear == "packed" and not self.packed_linears:
+            from .targets.packed_linear import MIN_ELEMENTS
+            warnings.warn(f'linear="packed": no linear weight of this model has {MIN_ELEMENTS} elements or more, '
+                          "where packing starts to pay; every graph keeps aten.linear", RuntimeWarning, stacklevel=3)
 
     def _lower(self, gm: torch.fx.GraphModule | None, attention: str | None = None) -> torch.fx.GraphModule | None:
         """gm itself, or a copy with flash-attn as its attention and/or oneDNN-packed linear weights."""
@@ -147,7 +153,7 @@ class PrunedModel:
             use_flash_attention(low)
         if self.linear == "packed":
             from .targets.packed_linear import pack_linear_weights
-            pack_linear_weights(low)
+            self.packed_linears += pack_linear_weights(low)
         return low
 
     # -- prompt preparation -----------------------------------------------------------------

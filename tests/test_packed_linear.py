@@ -10,12 +10,20 @@ import graphprune as gp
 import reference as R
 import reference_dart as D
 from graphprune.errors import InputError
+from graphprune.targets import packed_linear
 from graphprune.targets.packed_linear import pack_linear_weights, packed_weight, packing_available
 from graphprune.zoo import llava_example, qwen2vl_example
 from test_methods import _check as check_cache
 from test_passes import STEPS, _after_cls, _check
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def pack_every_size(monkeypatch):
+    """The tiny test models' weights are below the size where packing pays: pack them anyway, so
+    that every lowered linear is the packed one under test."""
+    monkeypatch.setattr(packed_linear, "MIN_ELEMENTS", 0)
 
 
 def _linears(gm):
@@ -27,9 +35,12 @@ def _linears(gm):
 def test_every_stage_runs_packed_weights(llava):
     model, program = llava
     pruned = gp.prune(model, "cls_topk(keep=18) | fastv(layer=2, keep=6)", program=program, linear="packed")
+    total = 0
     for name, gm in [*pruned.executables.items(), ("decode", pruned.decode_exec)]:
         aten, packed = _linears(gm)
         assert aten == 0 and packed > 0, f"{name}: {aten} aten linears left, {packed} packed"
+        total += packed
+    assert pruned.packed_linears == total
     # what reports and exports read stays as rewritten
     assert _linears(pruned.program.stages["prefill"].gm)[1] == 0 and _linears(pruned.decode_gm)[1] == 0
     other = gp.prune(model, "vtw(layer=2)", program=program, linear="packed")     # one packed copy per weight
@@ -141,3 +152,19 @@ def test_packed_copies_die_with_the_graphs_that_hold_them():
     ref = weakref.ref(packed_weight(lin.weight))
     gc.collect()
     assert ref() is None                                  # nothing held it: not kept alive by the cache
+
+
+def test_small_weights_stay_on_aten(monkeypatch):
+    monkeypatch.setattr(packed_linear, "MIN_ELEMENTS", 1 << 17)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 192), torch.nn.Linear(192, 1024)).eval()    # 12288, 196608
+    gm = torch.export.export(m, (torch.randn(2, 64),)).module()
+    gm = torch.fx.GraphModule(gm, gm.graph)
+    assert pack_linear_weights(gm) == 1 and _linears(gm) == (1, 1)
+
+
+def test_a_model_too_small_to_pack_says_so(llava, monkeypatch):
+    monkeypatch.setattr(packed_linear, "MIN_ELEMENTS", 1 << 17)
+    model, program = llava
+    with pytest.warns(RuntimeWarning, match="no linear weight of this model"):
+        pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program, linear="packed")
+    assert pruned.packed_linears == 0
