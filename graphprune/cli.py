@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from .runtime import LINEAR_KINDS
+
 TINY = ("tiny-llava", "tiny-qwen2vl")
 RUN_DEFAULTS = ("fastv(layer=2, keep=9)", "vtw(layer=2)", "cls_topk(keep=9)")
 
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=int, default=5, help="prefill runs timed per model (median; default 5)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny built-in models, whose "
                    "ops are too small to gain from threads and whose timings suffer from oversubscribed cores)")
-    r.add_argument("--linear", choices=("aten", "packed"), default="aten", help=LINEAR_HELP + " (default aten)")
+    r.add_argument("--linear", choices=LINEAR_KINDS, default="aten", help=LINEAR_HELP + " (default aten)")
     r.add_argument("--json", action="store_true", help="print JSON instead of tables")
     r.set_defaults(func=cmd_run)
 
@@ -155,7 +157,7 @@ def _vqa_parsers(sub) -> None:
     d.add_argument("--no-images", action="store_true", help="do not write images")
     d.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
     d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    d.add_argument("--linear", choices=("aten", "packed"), default="aten", help=LINEAR_HELP + " (default aten)")
+    d.add_argument("--linear", choices=LINEAR_KINDS, default="aten", help=LINEAR_HELP + " (default aten)")
     d.add_argument("--json", action="store_true", help="print JSON instead of tables")
     d.set_defaults(func=cmd_demo)
 
@@ -547,7 +549,7 @@ def cmd_bench(args) -> int:
         res["machine"] = bench.machine()
         text = speed.format_speed(res)
     else:
-        if args.linear and args.linear not in ("aten", "packed"):
+        if args.linear and args.linear not in LINEAR_KINDS:
             raise _Failure(f"--linear {args.linear!r}: the grid runs one lowering, aten or packed")
         budgets = bench.parse_budgets(args.budgets)
         methods = methods or list(bench.METHODS)

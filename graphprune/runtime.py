@@ -450,9 +450,12 @@ def _attention_kind(model, attention: str) -> str:
     return attention
 
 
+LINEAR_KINDS = ("aten", "packed")        # prune(linear=...): how the lowered graphs run their linears
+
+
 def _check_linear(model, linear: str) -> None:
     from .targets.packed_linear import packing_available
-    if linear not in ("aten", "packed"):
+    if linear not in LINEAR_KINDS:
         raise InputError(f'linear must be "aten" or "packed", got {linear!r}')
     if linear == "aten":
         return

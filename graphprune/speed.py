@@ -14,6 +14,7 @@ import torch
 
 from .bench import BenchError, Progress, interleaved, load_items, wrap_model
 from .instrument import choosing_nodes, timed, timed_nodes
+from .runtime import LINEAR_KINDS
 
 # speed mode: every method with 64 of 576 vision tokens kept from LLM layer 2 on (VTW keeps none,
 # cls_topk selects before the LLM)
@@ -26,7 +27,7 @@ SPEED_CONFIG = dict(image_size=336, patch=14, vision_hidden=768, vision_layers=6
                     hidden=1024, layers=8, heads=16, kv_heads=16, mlp=2816, projector_act="gelu")
 
 
-def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None, linear=("aten", "packed"),
+def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None, linear=LINEAR_KINDS,
               quiet=False) -> dict:
     """Measured vs FLOPs-ideal LLM-prefill speed-up, selection overhead and decode time per
     token for each method at 64 of 576 kept after layer 2, on a random-weight model, for each
@@ -38,7 +39,7 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
             raise BenchError(f"unknown speed-mode method {m!r}; have {', '.join(SPEED_METHODS)}")
     linear = [linear] if isinstance(linear, str) else list(linear)
     for lin in linear:
-        if lin not in ("aten", "packed"):
+        if lin not in LINEAR_KINDS:
             raise BenchError(f"unknown linear lowering {lin!r}; have aten, packed")
     cfg = dict(config or SPEED_CONFIG)
     prog = Progress(2 + len(methods) * len(linear) + 2 * repeats, "speed", not quiet)
@@ -74,10 +75,9 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
                     pm_c(**kw)
                     choose_s[k].append(spent_c["nodes"])
             prog.step("prefill")
+    # each _decoder runs its model's prefill on kw first: that leaves the reports the rows read
     decode = interleaved({k: _decoder(pm, kw, decode_steps) for k, pm in variants.items()}, repeats, prog)
     med = {k: {c: statistics.median(v) for c, v in s.items()} for k, s in samples.items()}
-    for pm in variants.values():
-        pm(**kw)                                                     # reports of this input
     rows = []
     for lin in linear:
         base = variants[("unpruned", lin)]
