@@ -244,15 +244,16 @@ def centre_patch(obj, grid: int = vqa.GRID) -> int:
     return min(grid - 1, int(cy) // ps) * grid + min(grid - 1, int(cx) // ps)
 
 
-def patch_labels(scene: vqa.Scene, grid: int = vqa.GRID) -> dict:
+def patch_labels(scene: vqa.Scene, grid: int = vqa.GRID, owner: torch.Tensor | None = None) -> dict:
     """Per-patch labels of a scene on a grid x grid patch grid (row-major, like the vision tokens).
 
-    A patch belongs to the object with the most pixels in it (objects never overlap). Returns
-    LongTensors (grid*grid,) `kind`, `color`, `content`, `centre` and float `xy` (grid*grid, 2)
-    with the owning object's centre / image size (0 for background)."""
+    A patch belongs to the object with the most pixels in it (objects never overlap; `owner`:
+    `patch_owner`'s answer when the caller has it already). Returns LongTensors (grid*grid,)
+    `kind`, `color`, `content`, `centre` and float `xy` (grid*grid, 2) with the owning object's
+    centre / image size (0 for background)."""
     n = grid * grid
     objs = [*scene.shapes, *scene.texts]
-    owner = patch_owner(scene, grid)
+    owner = patch_owner(scene, grid) if owner is None else owner
     kind = torch.zeros(n, dtype=torch.long)
     color = torch.zeros(n, dtype=torch.long)
     content = torch.zeros(n, dtype=torch.long)
@@ -314,8 +315,8 @@ def aux_loss(pred: dict, labels: dict) -> tuple[torch.Tensor, dict]:
     return loss, acc
 
 
-def stack_labels(samples, grid: int) -> dict:
-    labs = [patch_labels(s.scene, grid) for s in samples]
+def stack_labels(samples, grid: int, owners: list | None = None) -> dict:
+    labs = [patch_labels(s.scene, grid, None if owners is None else owners[i]) for i, s in enumerate(samples)]
     return {k: torch.stack([lab[k] for lab in labs]) for k in labs[0]}
 
 
@@ -508,8 +509,8 @@ def make_packed_batch(samples, vocab: vqa.Vocab, questions_per_image: int = 1, s
     of the instances it counts -- and `is_count` (Q,)."""
     prefix = [vocab.bos_id] + vocab.encode(vqa.PROMPT_USER) + [vocab.image_id] * image_tokens
     segs, img_of, ans_pos, answers, qtypes, focus = [], [], [], [], [], []
+    owners = [patch_owner(s.scene, grid) for s in samples] if grid else None    # focus and labels share them
     for b, s in enumerate(samples):
-        owner = patch_owner(s.scene, grid) if grid else None
         objs = [*s.scene.shapes, *s.scene.texts]
         for q, a, qt, (first, second, counted) in questions_for(s, questions_per_image, seed):
             body = vocab.encode("\n" + q) + vocab.encode(vqa.PROMPT_ASSISTANT)
@@ -518,7 +519,7 @@ def make_packed_batch(samples, vocab: vqa.Vocab, questions_per_image: int = 1, s
             if grid:
                 f = torch.zeros(3, grid * grid, dtype=torch.bool)
                 for slot, ids in enumerate((first, second)):
-                    f[slot] = torch.isin(owner, torch.tensor([i + 1 for i in ids], dtype=torch.long))
+                    f[slot] = torch.isin(owners[b], torch.tensor([i + 1 for i in ids], dtype=torch.long))
                 f[2, [centre_patch(objs[i], grid) for i in counted]] = True
                 focus.append(f)
     S = max(map(len, segs))
@@ -530,7 +531,7 @@ def make_packed_batch(samples, vocab: vqa.Vocab, questions_per_image: int = 1, s
                img_of=torch.tensor(img_of), ans_pos=torch.tensor(ans_pos), answers=torch.tensor(answers),
                qtypes=qtypes, pixel_values=torch.stack([_pixels(s, image_size) for s in samples]))
     if grid:
-        out["labels"] = stack_labels(samples, grid)
+        out["labels"] = stack_labels(samples, grid, owners)
         out["focus"] = torch.stack(focus)
         out["is_count"] = torch.tensor([qt == "count" for qt in qtypes])
     return out
