@@ -35,7 +35,7 @@ class KeyNorm(TokenPass):
 
 
 def main():
-    from graphprune.zoo import llava_example, tiny_llava
+    from graphprune.tools.zoo import llava_example, tiny_llava
 
     model = tiny_llava()
     inputs = llava_example(model, batch=2, pad=(0, 3)).as_kwargs()

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to check (the CPU paths are covered by the test suite)")
         return 0
     import graphprune as gp
-    from graphprune.zoo import llava_example, tiny_llava
+    from graphprune.tools.zoo import llava_example, tiny_llava
 
     model = tiny_llava(layers=8, hidden=1024, vision_hidden=768, vision_layers=6, image_size=336).cuda()
     ex = llava_example(model, batch=1)

@@ -2,10 +2,10 @@
 
 The model is a standard `LlavaForConditionalGeneration` (CLIP-style vision tower with CLS at
 336 px / patch 14 -> 576 image tokens, `vision_feature_layer=-2`, strategy "default", GELU MLP
-projector, 8-layer Llama LM) over the closed word-level `graphprune.vqa.Vocab`, so it loads
+projector, 8-layer Llama LM) over the closed word-level `graphprune.tools.vqa.Vocab`, so it loads
 offline with `from_pretrained` and every pruning method runs on it as on LLaVA-1.5. The configs
-and `build_model` live in `graphprune.zoo` (`zoo.CONFIGS`, `zoo.build_model`); the shipped
-weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.zoo.vqa_llava()`) come from:
+and `build_model` live in `graphprune.tools.zoo` (`zoo.CONFIGS`, `zoo.build_model`); the shipped
+weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.tools.zoo.vqa_llava()`) come from:
 
     python examples/train_vqa_model.py --steps 4300 --minutes 88 --vision-steps 4500 \\
         --vision-minutes 22 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos \\
@@ -97,9 +97,8 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from graphprune import vqa  # noqa: E402
-
-from graphprune.zoo import CONFIGS, build_model  # noqa: E402,F401  (re-exported: the documented API)
+from graphprune.tools import vqa  # noqa: E402
+from graphprune.tools.zoo import CONFIGS, build_model  # noqa: E402,F401  (re-exported: the documented API)
 
 
 def n_params(model) -> int:
@@ -981,7 +980,7 @@ def test_accuracy(model, n: int = 1000, seed: int = 0) -> dict:
 
 
 def _eval_only(path: str, n: int, seed: int, threads: int) -> int:
-    from graphprune import zoo
+    from graphprune.tools import zoo
 
     torch.set_num_threads(threads)
     model, _ = zoo.vqa_llava(path)

@@ -1,11 +1,19 @@
-"""graphprune: training-free vision-token pruning as graph passes over captured VLM graphs."""
-from .errors import (GraphpruneError, GraphVerificationError, InputError, PassConfigError,  # noqa: F401
-                     PassNotApplicable, UnsupportedModelError)
-from .pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, Plan, PassResult, Projected,  # noqa: F401
-                       Protect, TextEmbeds, TextMask, TokenPass, TopK, Values, WithdrawAll, get_pass,
-                       register_pass)
-from .pipeline import Program, as_passes, parse_pipeline, register_pipeline  # noqa: F401
-from .runtime import PrunedModel, prune  # noqa: F401
-from .targets.onnx import export_onnx  # noqa: F401,E402  (imports onnx/onnxscript only when called)
+"""graphprune: training-free vision-token pruning as graph passes over captured VLM graphs.
 
-__version__ = "0.1.0"
+capture -> anatomy -> rewrite (the methods in graphprune.passes) -> verify -> lower / targets.
+"""
+from graphprune.errors import (GraphpruneError, GraphVerificationError, InputError, PassConfigError, PassNotApplicable,
+                               UnsupportedModelError)
+from graphprune.lower.runtime import PrunedModel, prune
+from graphprune.rewrite.pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, PassResult, Plan, Projected,
+                                         Protect, TextEmbeds, TextMask, TokenPass, TopK, Values, WithdrawAll)
+from graphprune.rewrite.pipeline import Program, as_passes, get_pass, parse_pipeline
+from graphprune.rewrite.registry import register_pass, register_pipeline
+from graphprune.targets.onnx import export_onnx  # imports onnx / onnxscript only when called
+from graphprune.version import __version__
+
+__all__ = ["AttentionRows", "Choose", "GraphVerificationError", "GraphpruneError", "Hidden", "InputError",
+           "KeepCache", "Keys", "PassConfigError", "PassNotApplicable", "PassResult", "Plan", "Program", "Projected",
+           "Protect", "PrunedModel", "TextEmbeds", "TextMask", "TokenPass", "TopK", "UnsupportedModelError", "Values",
+           "WithdrawAll", "__version__", "as_passes", "export_onnx", "get_pass", "parse_pipeline", "prune",
+           "register_pass", "register_pipeline"]

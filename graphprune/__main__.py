@@ -1,4 +1,4 @@
 """`python -m graphprune ...` is the `graphprune` command."""
-from .cli import main
+from graphprune.cli import main
 
 raise SystemExit(main())

@@ -21,9 +21,9 @@ import statistics
 import sys
 import time
 
-from .runtime import LINEAR_KINDS
+from graphprune.lower.runtime import LINEAR_KINDS
+from graphprune.tools.loading import TINY, load_model, sample_prompt
 
-TINY = ("tiny-llava", "tiny-qwen2vl")
 RUN_DEFAULTS = ("fastv(layer=2, keep=9)", "vtw(layer=2)", "cls_topk(keep=9)")
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .errors import GraphpruneError
+    from graphprune.errors import GraphpruneError
     try:
         return args.func(args)
     except (GraphpruneError, ValueError, _Failure) as e:
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
 LINEAR_HELP = ("how the linear layers run: aten (the graphs' own) or packed (float32 CPU models: "
                "weights packed once for oneDNN, faster, twice the linear weights' memory; prune(linear='packed'))")
-VQA_MODEL_HELP = ("the shipped VQA model (default) | random | random:CONFIG (graphprune.zoo.CONFIGS, random weights) | "
+VQA_MODEL_HELP = ("the shipped VQA model (default) | random | random:CONFIG (graphprune.tools.zoo.CONFIGS, random weights) | "
                   "a directory written by examples/train_vqa_model.py | a LLaVA-style local path or hub id in the local "
                   "HF cache (offline, with its processor)")
 
@@ -177,56 +177,17 @@ def _vqa_parsers(sub) -> None:
 
 # -- models --------------------------------------------------------------------------------------
 
-def load_model(name: str):
-    """(model, source) for a built-in tiny name, a local path or a cached hub id."""
-    from . import zoo
-    if name == "tiny-llava":
-        return zoo.tiny_llava(), "built-in tiny model (graphprune.zoo.tiny_llava)"
-    if name == "tiny-qwen2vl":
-        return zoo.tiny_qwen2vl(), "built-in tiny model (graphprune.zoo.tiny_qwen2vl)"
-    from transformers import AutoConfig
-
-    from .accountant import model_class_for
-    try:
-        cfg = AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise _Failure(f"cannot load {name!r}: not a built-in model ({', '.join(TINY)}), a local directory or a "
-                       f"hub id in the local Hugging Face cache ({_first_line(e)}); for a full-size model "
-                       "without weights use --config") from None
-    cls = model_class_for(cfg)
-    try:
-        model = cls.from_pretrained(name, local_files_only=True, attn_implementation="sdpa", dtype="auto")
-    except OSError as e:
-        raise _Failure(f"cannot load the weights of {name!r} from the local cache: {_first_line(e)}") from None
-    return model.eval(), "pretrained (local files)"
-
-
-def _first_line(e) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def sample_prompt(model, name: str, *, any_model: bool = False):
-    """(example, source) for a tiny model (or, with any_model, any LLaVA / Qwen2-VL); else (None, None)."""
-    from . import zoo
-    cls = type(model).__name__
-    if name == "tiny-llava" or (any_model and cls == "LlavaForConditionalGeneration"):
-        return zoo.llava_example(model), "graphprune.zoo.llava_example"
-    if name == "tiny-qwen2vl" or (any_model and cls == "Qwen2VLForConditionalGeneration"):
-        return zoo.qwen2vl_example(model), "graphprune.zoo.qwen2vl_example"
-    return None, None
-
-
 # -- inspect --------------------------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
-    from . import accountant
+    from graphprune.tools import accountant
     if args.model and args.config:
         raise _Failure("give either MODEL or --config, not both")
     for opt in ("text_tokens", "images"):
         if getattr(args, opt) < 1:
             raise _Failure(f"--{opt.replace('_', '-')} must be >= 1")
     if args.method:
-        from .pipeline import as_passes
+        from graphprune.rewrite.pipeline import as_passes
         as_passes(args.method)      # bad options fail before any model is built
     stages = ("vision", "prefill") if args.no_decode else ("vision", "prefill", "decode")
     t0 = time.perf_counter()
@@ -316,7 +277,7 @@ def _eager_vision(model, st, layout, example) -> dict:
 
 
 def _format_inspect(out: dict) -> str:
-    from .accountant import format_table
+    from graphprune.tools.accountant import format_table
     lines = [f"model: {out['model']}  ({out['model_class']}; {out['source']})",
              f"captured in {out['capture_seconds']:.1f} s", "", "stages:"]
     for name, d in out["stages"].items():
@@ -361,7 +322,7 @@ def _format_inspect(out: dict) -> str:
 def cmd_export_onnx(args) -> int:
     import os
 
-    from .pipeline import as_passes
+    from graphprune.rewrite.pipeline import as_passes
     as_passes(args.pipeline)        # bad options fail before any model is built
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _Failure(f"{args.out} exists and is not empty; pass --overwrite to replace it")
@@ -369,11 +330,11 @@ def cmd_export_onnx(args) -> int:
         from graphprune.targets.onnx import export_onnx
     except ImportError as e:
         raise _Failure(f"ONNX export needs the onnx extra ({e}): pip install 'graphprune[onnx]'") from None
-    from . import prune
+    from graphprune import prune
     t0 = time.perf_counter()
     model, source = load_model(args.model)
     pruned = prune(model, args.pipeline)
-    # traced on graphprune.zoo.llava_example(model, batch=2, pad=(0, 3)): random tokens, two samples
+    # traced on graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3)): random tokens, two samples
     manifest = export_onnx(pruned, args.out, overwrite=args.overwrite, opset=args.opset)
     print(f"exported {manifest['pipeline_repr']} on {args.model} ({source}) to {args.out} "
           f"in {time.perf_counter() - t0:.1f} s (opset {manifest['opset']})")
@@ -390,7 +351,7 @@ def cmd_export_onnx(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
-    from .pipeline import as_passes
+    from graphprune.rewrite.pipeline import as_passes
     if args.max_new_tokens < 1:
         raise _Failure("--max-new-tokens must be >= 1")
     if args.repeats < 1:
@@ -425,8 +386,8 @@ def cmd_run(args) -> int:
 def _run_methods(args, model, kw, methods, build_s) -> dict:
     import torch
 
-    from . import prune
-    from .errors import PassNotApplicable
+    from graphprune import prune
+    from graphprune.errors import PassNotApplicable
     t0 = time.perf_counter()
     base = prune(model, linear=args.linear)
     capture_s = time.perf_counter() - t0
@@ -526,11 +487,11 @@ def _writable(path: str, what: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    from . import bench, speed
-    from .pipeline import as_passes
+    from graphprune.rewrite.pipeline import as_passes
+    from graphprune.tools import bench, speed, timing, vqa_model
     _positive(args, "n", "batch", "time_batch", "repeats", "decode_tokens", "decode_steps")
     _threads(args)
-    bench.keep_freed_memory()
+    timing.keep_freed_memory()
     for path, what in ((args.json if args.json != "-" else None, "--json"), (args.plot, "--plot")):
         if path:
             _writable(path, what)
@@ -546,7 +507,7 @@ def cmd_bench(args) -> int:
         linear = [x.strip() for x in (args.linear or "aten,packed").split(",") if x.strip()]
         res = speed.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, linear=linear,
                               quiet=args.quiet)
-        res["machine"] = bench.machine()
+        res["machine"] = timing.machine()
         text = speed.format_speed(res)
     else:
         if args.linear and args.linear not in LINEAR_KINDS:
@@ -558,16 +519,16 @@ def cmd_bench(args) -> int:
             as_passes(p)
         if args.data and not __import__("os").path.exists(args.data):
             raise _Failure(f"--data {args.data} does not exist")
-        vm = bench.load_vqa_model(args.model)
+        vm = vqa_model.load_vqa_model(args.model)
         cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
         cells += [("custom", f"#{i + 1}", p) for i, p in enumerate(args.pipeline)]
         prepared, skipped = bench.prepare(vm, cells, args.linear or "aten")
-        items = bench.load_items(args.data, args.n, args.split, args.seed)
+        items = vqa_model.load_items(args.data, args.n, args.split, args.seed)
         if not items:
             raise _Failure("no questions to run")
         res = bench.run_grid(vm, prepared, items, batch=args.batch, time_batch=args.time_batch, repeats=args.repeats,
                              decode_tokens=args.decode_tokens, quiet=args.quiet)
-        res.update(model=vm.name, source=vm.source, machine=bench.machine(),
+        res.update(model=vm.name, source=vm.source, machine=timing.machine(),
                    config={k: v for k, v in vars(args).items() if k != "func"}, questions=len(items), skipped=skipped)
         text = f"model: {vm.name} ({vm.source}); {len(items)} questions\n" + bench.format_grid(res)
         text += "".join(f"\nskipped {s['method']} (default: {s['pipeline']}): {s['reason']}" for s in skipped)
@@ -586,15 +547,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import bench, demo
-    from .pipeline import as_passes
+    from graphprune.rewrite.pipeline import as_passes
+    from graphprune.tools import demo, vqa_model
     _positive(args, "n", "repeats")
     _threads(args)
     for p in args.pipeline or []:
         as_passes(p)
-    vm = bench.load_vqa_model(args.model)
+    vm = vqa_model.load_vqa_model(args.model)
     pipelines = args.pipeline or demo.default_pipelines(vm.model.config.text_config.num_hidden_layers)
-    items = bench.load_items(None, args.n, "test", args.seed)
+    items = vqa_model.load_items(None, args.n, "test", args.seed)
     res = demo.run_demo(vm, items, pipelines, None if args.no_images else args.out, repeats=args.repeats,
                         linear=args.linear)
     if args.json:
@@ -605,9 +566,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    from . import bench, vqa
-    from .pipeline import as_passes
-    from .visualize import visualize
+    from graphprune.rewrite.pipeline import as_passes
+    from graphprune.tools import images, vqa, vqa_model
+    from graphprune.tools.visualize import visualize
     as_passes(args.pipeline)
     _positive(args, "scale")
     _writable(args.out, "--out")
@@ -618,8 +579,8 @@ def cmd_visualize(args) -> int:
     elif not args.question:
         raise _Failure("--question is required for an image file")
     else:
-        image, question = bench.read_image(args.image), args.question
-    vm = bench.load_vqa_model(args.model)
+        image, question = images.read_image(args.image), args.question
+    vm = vqa_model.load_vqa_model(args.model)
     res = visualize(vm, image, question, args.pipeline, args.out, scale=args.scale)
     if args.json:
         print(json.dumps(res, indent=2))

@@ -12,7 +12,8 @@ Vision encoders without CLS (Qwen2-VL) cannot run this pass.
 from dataclasses import dataclass
 
 from graphprune.errors import PassNotApplicable
-from graphprune.pass_api import AttentionRows, Plan, TokenPass, TopK, register_pass
+from graphprune.rewrite.pass_api import AttentionRows, Plan, TokenPass, TopK
+from graphprune.rewrite.registry import register_pass
 
 
 @register_pass

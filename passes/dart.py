@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.blocks import cosine_matrix
 from graphprune.errors import InputError, PassConfigError
-from graphprune.pass_api import AttentionRows, Choose, Hidden, Keys, Plan, TextMask, TokenPass, Values, register_pass
+from graphprune.rewrite.blocks import cosine_matrix
+from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, Keys, Plan, TextMask, TokenPass, Values
+from graphprune.rewrite.registry import register_pass
 
 CRITERIA = ("k_norm", "v_norm", "attn_max", "attn_min", "random")
 

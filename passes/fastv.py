@@ -11,7 +11,8 @@ layer K-1's post-RoPE q and k for the single query, and the layer itself stays S
 from dataclasses import dataclass
 
 from graphprune.errors import PassConfigError
-from graphprune.pass_api import AttentionRows, Plan, TokenPass, TopK, register_pass
+from graphprune.rewrite.pass_api import AttentionRows, Plan, TokenPass, TopK
+from graphprune.rewrite.registry import register_pass
 
 
 @register_pass

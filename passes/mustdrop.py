@@ -21,12 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.blocks import grid_side, tile_members, tile_scores
-from graphprune.tokenops import true_positions
 from graphprune.errors import InputError, PassConfigError
-from graphprune.pass_api import (AttentionRows, Choose, Hidden, KeepCache, Plan, Protect, TokenPass,
-                                 register_pass)
-from graphprune.pipeline import register_pipeline
+from graphprune.rewrite.blocks import grid_side, tile_members, tile_scores
+from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, KeepCache, Plan, Protect, TokenPass
+from graphprune.rewrite.registry import register_pass, register_pipeline
+from graphprune.tokenops import true_positions
 
 MODES = ("static", "exact")
 FILTER_PRESETS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}   # keep -> (gamma, alpha)
@@ -184,7 +183,7 @@ class MustDropFilter(TokenPass):
         if not c.layers or list(c.layers) != sorted(set(c.layers)) or any(l < 1 for l in c.layers):
             raise PassConfigError(f"mustdrop_filter: layers must be increasing layer indices >= 1, got {c.layers!r}")
         if c.keep is not None:
-            from graphprune.pass_api import check_budget
+            from graphprune.rewrite.pass_api import check_budget
             check_budget(self.name, c.keep)
         if c.gamma is None or c.alpha is None:
             if c.keep not in FILTER_PRESETS:

@@ -11,7 +11,8 @@ import torch
 
 from graphprune import tokenops
 from graphprune.errors import PassConfigError
-from graphprune.pass_api import Choose, Plan, TokenPass, register_pass
+from graphprune.rewrite.pass_api import Choose, Plan, TokenPass
+from graphprune.rewrite.registry import register_pass
 
 
 def random_keep(*, k, protected, valid, vision_pos, seed):

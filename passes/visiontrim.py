@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from graphprune import tokenops
-from graphprune.blocks import ltam_scores, tgvc, variance_weighting
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.pass_api import (AttentionRows, Choose, Hidden, Plan, Projected, TextEmbeds, TextMask, TokenPass,
-                                 register_pass)
-from graphprune.pipeline import register_pipeline
+from graphprune.rewrite.blocks import ltam_scores, tgvc, variance_weighting
+from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, Plan, Projected, TextEmbeds, TextMask, TokenPass
+from graphprune.rewrite.registry import register_pass, register_pipeline
 
 
 def split_budget(keep: int, dominant: int | None) -> tuple[int, int]:

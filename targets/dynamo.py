@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from graphprune.anatomy import layer_of, module_path
+from graphprune.anatomy.read import layer_of, module_path
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, UnsupportedModelError
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
@@ -47,8 +47,7 @@ class BackendOptions:
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
-        from graphprune.pipeline import as_passes
-        from graphprune.runtime import _ensure_passes_registered
+        from graphprune.rewrite.pipeline import as_passes, load_builtin_methods
         accepted = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
         if not isinstance(options, dict) or "pipeline" not in options:
             raise PassConfigError('the graphprune backend needs options={"pipeline": ...}, e.g. '
@@ -63,7 +62,7 @@ class BackendOptions:
         mode = options.get("if_not_applied", "raise")
         if mode not in ("raise", "warn"):
             raise PassConfigError(f'if_not_applied must be "raise" or "warn", got {mode!r}')
-        _ensure_passes_registered()
+        load_builtin_methods()
         passes = as_passes(options["pipeline"])
         if not passes:
             raise PassConfigError("the pipeline is empty: name at least one method")
@@ -197,8 +196,8 @@ def _rewritten(owner, opts: BackendOptions) -> Rewritten:
     # one capture and rewrite per model and pipeline: the graph has dynamic batch and sequence,
     # so a dynamo recompile for new shapes reuses it
     from graphprune.families import family_of
-    from graphprune.pipeline import Program, run_pipeline
-    from graphprune.runtime import StageCall
+    from graphprune.lower.runtime import StageCall
+    from graphprune.rewrite.pipeline import Program, run_pipeline
     key = (repr(opts.passes), opts.compiler)
     per_model = _PROGRAMS.setdefault(family_of(owner).language_model(), {})
     if key not in per_model:
@@ -225,7 +224,7 @@ class PrunedFrame:
     inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask -> arg index
 
     def __call__(self, *args):
-        from graphprune.runtime import _call, _Prompt, check_budgets, vision_layout
+        from graphprune.lower.runtime import _call, _Prompt, check_budgets, vision_layout
         # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
         _PENDING.image = False
         rw = _rewritten(self.owner, self.opts)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from graphprune.anatomy import SDPA, Attention, layer_of
+from graphprune.anatomy.read import SDPA, Attention, layer_of
 
 
 def flash_kernel(q: torch.Tensor | None = None):

@@ -18,6 +18,8 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from graphprune.errors import GraphVerificationError
 
+from .manifest import MANIFEST, Manifest
+
 DATA_DEPENDENT = {
     torch.ops.aten.nonzero.default, torch.ops.aten.nonzero_static.default, torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.masked_select.default, torch.ops.aten.unique_dim.default, torch.ops.aten._unique2.default,
@@ -85,7 +87,6 @@ def check_static_onnx(path) -> list[str]:
     offending nodes."""
     import onnx
 
-    from .onnx import MANIFEST, Manifest
     path = os.fspath(path)
     if os.path.isdir(path):
         manifest = Manifest.load(path)

@@ -23,7 +23,7 @@ writes into `out/fastv/`:
                       vision positions mode, eos/pad ids)
 
 The host side (where the vision tokens are, text layout, compacting after a vision-stage
-selection, merging image features into the embeddings) is graphprune.runtime's, run by
+selection, merging image features into the embeddings) is graphprune.lower.runtime's, run by
 `graphprune.targets.ort.OrtPrunedModel` around ONNX Runtime sessions.
 
 Only static-shape pipelines export: every budget is a fixed count, so the graphs hold TopK /
@@ -46,45 +46,11 @@ from torch import fx
 from graphprune.errors import GraphpruneError, InputError, PassConfigError, UnsupportedModelError
 
 from .lint import check_static_onnx
-
-FORMAT = "graphprune-onnx/1"
-STAGE_FILES = {"vision": "vision.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
-EMBED_FILE = "embed_tokens.npy"
-MANIFEST = "manifest.json"
+from .manifest import EMBED_FILE, FORMAT, MANIFEST, STAGE_FILES, Manifest
 
 
 class ExportError(GraphpruneError):
     """torch.onnx could not convert a stage graph (the message names the stage and the cause)."""
-
-
-class Manifest(dict):
-    """The parsed manifest.json of an export directory (a dict), with its directory."""
-
-    def __init__(self, data: dict, out_dir: str | None = None):
-        super().__init__(data)
-        self.out_dir = out_dir
-
-    @classmethod
-    def load(cls, out_dir) -> "Manifest":
-        path = os.path.join(os.fspath(out_dir), MANIFEST)
-        if not os.path.isfile(path):
-            raise InputError(f"{out_dir}: no {MANIFEST}; not a graphprune ONNX export (write one with "
-                             "graphprune.targets.onnx.export_onnx or `graphprune export-onnx`)")
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("format") != FORMAT:
-            raise InputError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
-        return cls(data, os.fspath(out_dir))
-
-    def stage(self, name: str) -> dict:
-        return self["stages"][name]
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.out_dir, self["stages"][name]["file"])
-
-    @property
-    def files(self) -> list[str]:
-        return [s["file"] for s in self["stages"].values()] + [self["embedding"]["file"], MANIFEST]
 
 
 # -- checks made before anything is written ----------------------------------------------------
@@ -322,7 +288,7 @@ def _io(model, axes_by_input: dict[str, dict[int, str]]) -> tuple[list, list]:
 
 def _example_inputs(pruned, example):
     if example is None:
-        from graphprune import zoo
+        from graphprune.tools import zoo
         if pruned.family.name != "llava":
             raise InputError(f"export_onnx: give example= (the processor's inputs) for {pruned.family.model_class}")
         example = zoo.llava_example(pruned.model, batch=2, pad=(0, 3))
@@ -352,8 +318,8 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
                 optimize: bool = True) -> Manifest:
     """Export a pruned model's vision, prefill and decode graphs to ONNX (see the module docstring).
 
-    `example`: HF-style inputs (a dict or a graphprune.zoo.Example, batch >= 2) used to trace the
-    graphs; default: graphprune.zoo.llava_example(model, batch=2, pad=(0, 3)). Dynamic axes:
+    `example`: HF-style inputs (a dict or a graphprune.tools.zoo.Example, batch >= 2) used to trace the
+    graphs; default: graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3)). Dynamic axes:
     batch, seq (prompt length), text (instruction tokens), images, past_<l> (layer l's cache).
     Checks (unpruned model, exact-mode passes, a non-empty out_dir without overwrite) run before
     anything is written; the files are written into a temporary directory next to out_dir and
@@ -365,7 +331,7 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
     import numpy as np
     import onnx
 
-    import graphprune
+    from graphprune.version import __version__
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_exportable(pruned, out_dir, overwrite)
@@ -388,7 +354,7 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
         vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
         vin = {"pixel_values": kw["pixel_values"]}
         if "text_embeds" in vnames:
-            from graphprune.runtime import text_layout
+            from graphprune.lower.runtime import text_layout
             vp = pruned._layout(kw["input_ids"])
             ti, tm = text_layout(vp, kw["input_ids"].shape[1])
             vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
@@ -422,7 +388,7 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
         tc = pruned.family.text_config()
         manifest = {
             "format": FORMAT,
-            "graphprune_version": graphprune.__version__,
+            "graphprune_version": __version__,
             "torch_version": torch.__version__, "onnx_version": onnx.__version__,
             "onnxscript_version": _version("onnxscript"),
             "opset": used_opset,
@@ -442,7 +408,7 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
             "stages": stages,
             "reference_prompt": {
                 "source": ("example" if example is not None
-                           else "graphprune.zoo.llava_example(model, batch=2, pad=(0, 3))"),
+                           else "graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3))"),
                 "batch": b, "prompt_length": int(kw["input_ids"].shape[1]),
                 "images_per_sample": n, "vision_tokens_per_image_in_llm": v,
                 "llm_sequence_length": int(prompt.embeds.shape[1]),

@@ -9,7 +9,7 @@
 The runner needs only the export directory (no Hugging Face model): the host-side work (where
 the vision tokens are, text layout, compacting the prompt after a vision-stage selection,
 embedding lookup from embed_tokens.npy, merging image features, per-layer cache bookkeeping,
-greedy / sampled decoding) is graphprune.runtime.PrunedModel's own code; only the three graph
+greedy / sampled decoding) is graphprune.lower.runtime.PrunedModel's own code; only the three graph
 calls go to ONNX Runtime sessions. Tensors cross the host boundary as CPU torch tensors; on the
 CUDA execution provider inputs and outputs are bound with IOBinding (outputs on the device, then
 copied back for the host-side bookkeeping).
@@ -24,9 +24,9 @@ import torch
 
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.families import Family
-from graphprune.runtime import PrunedModel
+from graphprune.lower.runtime import PrunedModel
 
-from .onnx import Manifest
+from .manifest import Manifest
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -72,7 +72,7 @@ class _Graph:
 
 
 class OrtGraph:
-    """An ONNX Runtime session that looks to graphprune.runtime like a stage GraphModule: inputs
+    """An ONNX Runtime session that looks to graphprune.lower.runtime like a stage GraphModule: inputs
     by the graph's placeholder names (None-valued ones, specialised away at export, must stay
     None), outputs named by meta["graphprune_outputs"]."""
 
@@ -111,7 +111,7 @@ class OrtGraph:
 
 class OrtPrunedModel(PrunedModel):
     """A pruned model served from an ONNX export: `forward` / `__call__` and `generate` as
-    graphprune.runtime.PrunedModel (same arguments, same outputs), graphs run by ONNX Runtime.
+    graphprune.lower.runtime.PrunedModel (same arguments, same outputs), graphs run by ONNX Runtime.
 
     providers: None (CUDA if onnxruntime-gpu loads it for real, else CPU), or a list as
     onnxruntime takes it. A session that silently fell back from CUDA to CPU (onnxruntime-gpu
@@ -141,7 +141,7 @@ class OrtPrunedModel(PrunedModel):
         dev = device_id if on_cuda else None
         graphs = {k: OrtGraph(k, s, m.stage(k), dev) for k, s in sessions.items()}
 
-        # the state PrunedModel's host-side code reads (see graphprune.runtime)
+        # the state PrunedModel's host-side code reads (see graphprune.lower.runtime)
         self.family = _HostFamily(m, embed)
         self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
                                        family=self.family)
@@ -187,9 +187,8 @@ class OrtPrunedModel(PrunedModel):
 def _passes(reprs: list[str]):
     """The pipeline's passes, rebuilt from their repr for prompt checks; a pass that does not
     rebuild keeps its repr only."""
-    from graphprune.pipeline import as_passes
-    from graphprune.runtime import _ensure_passes_registered
-    _ensure_passes_registered()
+    from graphprune.rewrite.pipeline import as_passes, load_builtin_methods
+    load_builtin_methods()
     out = []
     for r in reprs:
         try:

@@ -4,13 +4,14 @@ import json
 import pytest
 import torch
 
-from graphprune import bench, instrument, speed, tokenops, zoo
+from graphprune import tokenops
 from graphprune.cli import main
+from graphprune.tools import bench, instrument, speed, vqa_model, zoo
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return bench.load_vqa_model("random:tiny")        # 4x4 patch grid (56-px images), 8 LLM layers
+    return vqa_model.load_vqa_model("random:tiny")        # 4x4 patch grid (56-px images), 8 LLM layers
 
 
 def test_grid_smoke(tiny):
@@ -20,7 +21,7 @@ def test_grid_smoke(tiny):
     prepared, skipped = bench.prepare(tiny, cells)
     # visiontrim's own default (keep=64) does not fit 16 patches: skipped with the reason, not an error
     assert [(s["method"], s["budget"]) for s in skipped] == [("visiontrim", "default")]
-    items = bench.load_items(None, 5)
+    items = vqa_model.load_items(None, 5)
     res = bench.run_grid(tiny, prepared, items, batch=3, time_batch=2, repeats=1, quiet=True)
     json.dumps(res)                                     # serialisable as is
     rows = {(r["method"], r["budget"]): r for r in res["cells"]}
@@ -95,12 +96,12 @@ def test_cli_json_and_plot(tmp_path, capsys):
 
 
 def test_data_jsonl(tmp_path):
-    from graphprune import vqa
-    from graphprune.visualize import write_png
+    from graphprune.tools import vqa
+    from graphprune.tools.images import write_png
     s = vqa.sample_at("test", 0)
     write_png(str(tmp_path / "a.png"), s.image)
     (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "question": s.question, "answer": s.answer}) + "\n")
-    items = bench.load_items(str(tmp_path), 10)
+    items = vqa_model.load_items(str(tmp_path), 10)
     assert len(items) == 1 and torch.equal(items[0].image, s.image) and items[0].answer == s.answer
 
 
@@ -108,7 +109,7 @@ def test_fixed_selection_is_the_same_computation(tiny):
     """The speed mode's selection-overhead baseline: selection nodes replaced by their recorded
     outputs gives the same logits, without the selection nodes."""
     from graphprune import prune
-    kw = tiny.inputs(bench.load_items(None, 2))
+    kw = tiny.inputs(vqa_model.load_items(None, 2))
     for spec in ("fastv(layer=2, keep=8)", "cls_topk(keep=8)", "visiontrim(keep=8, stage='llm', layer=2)"):
         pm = prune(tiny.model, spec)
         fixed = instrument.fixed_selection(pm, kw)
@@ -123,7 +124,7 @@ def test_choosing_nodes_are_the_selection_and_its_scoring(tiny):
     """The nodes timed as selection overhead: each selection node and the scoring that fed only it,
     no layer computation; running the graphs through their clock leaves the output unchanged."""
     from graphprune import prune
-    kw = tiny.inputs(bench.load_items(None, 2))
+    kw = tiny.inputs(vqa_model.load_items(None, 2))
     pm = prune(tiny.model, "fastv(layer=2, keep=8)")
     names = instrument.choosing_nodes(pm, kw)
     prefill = {n.name: n for n in instrument.executed_graphs(pm)["prefill"].graph.nodes}
@@ -158,5 +159,5 @@ def test_speed_mode_smoke():
 
 def test_model_from_a_saved_directory(tmp_path):
     zoo.build_model(zoo.CONFIGS["tiny"], 1).save_pretrained(str(tmp_path))
-    vm = bench.load_vqa_model(str(tmp_path))             # no processor needed: it speaks graphprune.vqa.Vocab
+    vm = vqa_model.load_vqa_model(str(tmp_path))             # no processor needed: it speaks graphprune.tools.vqa.Vocab
     assert vm.vocab is not None and vm.grid == (4, 4) and vm.source.startswith("trained VQA model")

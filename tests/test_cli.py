@@ -69,7 +69,7 @@ def test_inspect_llava_7b_on_meta(capsys):
 
 
 def test_accountant_fastv_and_cls_topk():
-    from graphprune.accountant import account
+    from graphprune.tools.accountant import account
     r = account("llava-1.5-7b", "fastv(layer=2, keep=144)", text_tokens=64)
     assert [r["layers"][i]["tokens"] for i in (0, 1, 2, 31)] == [640, 640, 208, 208]
     r = account("llava-1.5-7b", "cls_topk(keep=144)", text_tokens=64)

@@ -3,14 +3,14 @@ import os
 
 import pytest
 
-from graphprune import bench, demo, zoo
 from graphprune.cli import main
-from graphprune.visualize import read_png
+from graphprune.tools import bench, demo, vqa_model, zoo
+from graphprune.tools.images import read_png
 
 
 def test_demo_tiny(tmp_path):
-    vm = bench.load_vqa_model("random:tiny")
-    items = bench.load_items(None, 2)
+    vm = vqa_model.load_vqa_model("random:tiny")
+    items = vqa_model.load_items(None, 2)
     pipes = ["fastv(layer=2, keep=8)", "visiontrim(keep=8)"]
     res = demo.run_demo(vm, items, pipes, str(tmp_path), repeats=1)
     assert [r["pipeline"] for r in res["rows"]] == ["unpruned", *pipes]

@@ -13,12 +13,13 @@ import sys
 
 import pytest
 import torch
+from graphprune.targets.dynamo import BackendOptions, graphprune_backend, pruned_graphs
 from torch import fx
 
 import graphprune as gp
-from graphprune import tokenops, zoo
+from graphprune import tokenops
 from graphprune.errors import PassConfigError, PassNotApplicable
-from graphprune.targets.dynamo import BackendOptions, graphprune_backend, pruned_graphs
+from graphprune.tools import zoo
 
 
 @pytest.fixture(scope="module")

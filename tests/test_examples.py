@@ -2,10 +2,10 @@
 import importlib.util
 import os
 
+import reference as R
 import torch
 
-import reference as R
-from graphprune.zoo import Example
+from graphprune.tools.zoo import Example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,11 @@ graphprune. The real kernel runs in examples/gpu_check.py and the GPU-marked tes
 """
 import pytest
 import torch
+from graphprune.targets import flash
 
 import graphprune as gp
-from graphprune import zoo
 from graphprune.errors import InputError
-from graphprune.targets import flash
+from graphprune.tools import zoo
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):

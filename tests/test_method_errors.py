@@ -5,7 +5,7 @@ import pytest
 
 import graphprune as gp
 from graphprune.errors import GraphpruneError, InputError, PassConfigError
-from graphprune.zoo import llava_example
+from graphprune.tools.zoo import llava_example
 
 CONFIG_ERRORS = [
     # (method, options, words the message must contain)

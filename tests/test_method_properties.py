@@ -1,24 +1,25 @@
 """Property tests (hypothesis) of DART, random and MustDrop: the key set survives every later pass, text
 tokens are never dropped, merged tokens are convex combinations of their tile, and kept counts honour
 budgets and capacities. End-to-end properties run few examples on the tiny LLaVA; the building blocks
-(passes.mustdrop.merge_windows / filter_tokens, passes.dart.dart_keep, graphprune.blocks / tokenops)
+(passes.mustdrop.merge_windows / filter_tokens, passes.dart.dart_keep, graphprune.rewrite.blocks / tokenops)
 are checked on random tensors."""
 import math
 
 import pytest
+import reference as R
+import reference_mustdrop as RM
 import torch
 import torch.nn.functional as F
+from graphprune.passes.dart import dart_keep
+from graphprune.passes.mustdrop import filter_tokens, merge_windows
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
-import reference as R
-import reference_mustdrop as RM
-from graphprune import blocks, tokenops
-from graphprune.errors import InputError, PassConfigError
-from graphprune.zoo import llava_example
-from graphprune.passes.dart import dart_keep
-from graphprune.passes.mustdrop import filter_tokens, merge_windows
+from graphprune import tokenops
+from graphprune.errors import InputError
+from graphprune.rewrite import blocks
+from graphprune.tools.zoo import llava_example
 
 V = 36
 FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

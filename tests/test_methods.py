@@ -8,14 +8,14 @@ filter thresholds are derived from the data (or chosen for it), and every test a
 method actually merged / dropped something, so that it can fail.
 """
 import pytest
-import torch
-
-import graphprune as gp
 import reference as R
 import reference_dart as D
 import reference_mustdrop as RM
+import torch
+
+import graphprune as gp
 from graphprune.errors import GraphpruneError, PassNotApplicable
-from graphprune.zoo import llava_example, qwen2vl_example
+from graphprune.tools.zoo import llava_example, qwen2vl_example
 
 STEPS = 16
 V = 36                       # 6 x 6 patch grid of the tiny LLaVA

@@ -4,17 +4,17 @@ stage it lowers (vision, prefill, decode, static-cache decode)."""
 import copy
 
 import pytest
-import torch
-
-import graphprune as gp
 import reference as R
 import reference_dart as D
-from graphprune.errors import InputError
+import torch
 from graphprune.targets import packed_linear
 from graphprune.targets.packed_linear import pack_linear_weights, packed_weight, packing_available
-from graphprune.zoo import llava_example, qwen2vl_example
 from test_methods import _check as check_cache
 from test_passes import STEPS, _after_cls, _check
+
+import graphprune as gp
+from graphprune.errors import InputError
+from graphprune.tools.zoo import llava_example, qwen2vl_example
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 

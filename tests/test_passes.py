@@ -1,11 +1,11 @@
 """Each pass against the independent eager reference (tests/reference.py): kept indices,
 prefill logits (fp32, atol 1e-5) and 16 greedy decode steps through the shrunk caches."""
 import pytest
+import reference as R
 import torch
 
 import graphprune as gp
-import reference as R
-from graphprune.zoo import llava_example, qwen2vl_example
+from graphprune.tools.zoo import llava_example, qwen2vl_example
 
 STEPS = 16
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import graphprune as gp
 from graphprune import tokenops
-from graphprune.zoo import llava_example
+from graphprune.tools.zoo import llava_example
 
 
 @settings(max_examples=60, deadline=None)

@@ -2,7 +2,7 @@
 save_pretrained directory of a LLaVA model with its HF processor (not graphprune's VQA vocab), and
 as a hub id resolved from the local Hugging Face cache; --data as a JSONL file of images + questions.
 
-The checkpoint is built here: graphprune.zoo.tiny_llava (6x6 patch grid, vocab 160, <image> = 150)
+The checkpoint is built here: graphprune.tools.zoo.tiny_llava (6x6 patch grid, vocab 160, <image> = 150)
 and a word-level tokenizer / CLIP image processor / LlavaProcessor over the questions' words. The
 unpruned accuracy is checked against plain transformers calls (batch 1, no padding) on the files.
 """
@@ -19,9 +19,9 @@ import torch
 pytest.importorskip("PIL")       # the HF image processor needs Pillow
 from PIL import Image  # noqa: E402
 
-from graphprune import vqa, zoo  # noqa: E402
 from graphprune.cli import main  # noqa: E402
-from graphprune.visualize import write_png  # noqa: E402
+from graphprune.tools import vqa, zoo  # noqa: E402
+from graphprune.tools.images import write_png  # noqa: E402
 
 VOCAB_SAMPLES = range(8)         # the tokenizer knows the words of the first 8 synthetic test questions
 SAMPLES = (5, 6, 3, 2)           # the data set: 4 of them (left padding: their questions differ in length)

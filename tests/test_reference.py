@@ -10,7 +10,8 @@ import functools
 import pytest
 import torch
 
-from graphprune.zoo import llava_example, qwen2vl_example, tiny_llava, tiny_qwen2vl
+from graphprune.tools.zoo import llava_example, qwen2vl_example, tiny_llava, tiny_qwen2vl
+
 try:
     from tests import reference as ref
 except ImportError:  # plain `pytest` with tests/ (not the repo root) on sys.path

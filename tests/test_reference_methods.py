@@ -7,14 +7,13 @@ import functools
 import math
 
 import pytest
-import torch
-import torch.nn.functional as F
-
-from graphprune.zoo import llava_example, tiny_llava
-
 import reference as R
 import reference_dart as D
 import reference_mustdrop as M
+import torch
+import torch.nn.functional as F
+
+from graphprune.tools.zoo import llava_example, tiny_llava
 
 V = 36  # 6 x 6 patch grid of the tiny LLaVA
 

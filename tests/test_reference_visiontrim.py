@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from graphprune.zoo import llava_example, tiny_llava
+from graphprune.tools.zoo import llava_example, tiny_llava
 
 try:
     from tests import reference as ref

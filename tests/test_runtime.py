@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.zoo import llava_example, qwen2vl_example
+from graphprune.tools.zoo import llava_example, qwen2vl_example
 
 
 def test_unpruned_matches_hf(llava):

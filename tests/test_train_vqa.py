@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from graphprune import vqa
+from graphprune.tools import vqa
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "train_vqa_model.py")
 

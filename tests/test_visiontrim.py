@@ -5,14 +5,14 @@ VisionTrim score to within float rounding; as the reference's own tests do, a co
 projector's last layer and the embeddings scaled by 40 gives margins of ~1e-3.
 """
 import pytest
+import reference as R
+import reference_visiontrim as RV
 import torch
 
 import graphprune as gp
-import reference as R
-import reference_visiontrim as RV
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.pipeline import Program
-from graphprune.zoo import llava_example, qwen2vl_example, tiny_llava
+from graphprune.rewrite.pipeline import Program
+from graphprune.tools.zoo import llava_example, tiny_llava
 
 STEPS = 16
 
@@ -69,7 +69,7 @@ def test_llm_stage_matches_reference(scaled, batch, pad):
 def test_complements_are_centre_plus_convex_combination(scaled):
     """Eq. 11: each complement token minus its centre is a convex combination of its cluster."""
     torch.manual_seed(0)
-    from graphprune.blocks import tgvc
+    from graphprune.rewrite.blocks import tgvc
     tokens, text = torch.randn(1, 1, 20, 8), torch.randn(1, 1, 5, 8)
     centres, comp = tgvc(tokens, text, torch.ones(1, 1, 5, dtype=torch.bool), 3)
     others = [i for i in range(20) if i not in centres[0, 0].tolist()]

@@ -4,14 +4,16 @@ import json
 import pytest
 import torch
 
-from graphprune import bench, prune, vqa, zoo
+from graphprune import prune
 from graphprune.cli import main
-from graphprune.visualize import dimmed_count, draw, kept_patches, read_png, visualize, write_png
+from graphprune.tools import images, vqa, vqa_model, zoo
+from graphprune.tools.images import read_png, write_png
+from graphprune.tools.visualize import dimmed_count, draw, kept_patches, visualize
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return bench.load_vqa_model("random:tiny")        # 4x4 patch grid, 56-px images
+    return vqa_model.load_vqa_model("random:tiny")        # 4x4 patch grid, 56-px images
 
 
 def test_png_roundtrip(tmp_path):
@@ -33,7 +35,7 @@ def test_dimmed_patches_match_the_report(tiny, tmp_path, spec):
     kept_by_report = res["tokens_per_layer"][-1] - (prompt_len - 16)
     assert len(res["kept"]) == kept_by_report
     assert res["dimmed"] == 16 - kept_by_report
-    shown = bench.resize(s.image, 56).repeat_interleave(3, 1).repeat_interleave(3, 2)
+    shown = images.resize(s.image, 56).repeat_interleave(3, 1).repeat_interleave(3, 2)
     assert dimmed_count(shown, img, tiny.grid) == res["dimmed"]
     assert set(res["merged"]) <= set(res["kept"])
     if spec.startswith("visiontrim"):
@@ -44,18 +46,18 @@ def test_mustdrop_merges_are_outlined(tmp_path):
     # 6x6 grid, 3x3 windows -> 4 tiles; tau=-1 merges every tile: the 4 kept tokens are the merges,
     # at each tile's first patch (0, 3, 18, 21)
     model = zoo.build_model(dict(zoo.CONFIGS["tiny"], image_size=84, vision_layers=3), 0).eval()
-    vm = bench.wrap_model(model, "t", "test", vocab=vqa.Vocab())
+    vm = vqa_model.wrap_model(model, "t", "test", vocab=vqa.Vocab())
     s = vqa.sample_at("test", 2)
     res = visualize(vm, s.image, s.question, "mustdrop(keep=8, layers=(2,), gamma=0.011, alpha=0.01, tau=-1.0)",
                     str(tmp_path / "m.png"))
     assert res["kept"] == res["merged"] == [0, 3, 18, 21]
     img = read_png(str(tmp_path / "m.png"))
     assert img[:, 0, 0].tolist() == [255, 150, 0]                       # outline of patch 0
-    assert dimmed_count(bench.resize(s.image, 84), img, vm.grid) == 32
+    assert dimmed_count(images.resize(s.image, 84), img, vm.grid) == 32
 
 
 def test_kept_patches_batch_with_padding(tiny):
-    items = bench.load_items(None, 3)
+    items = vqa_model.load_items(None, 3)
     kw = tiny.inputs(items)
     assert kw["attention_mask"].min() == 0              # questions of different lengths: left padding
     out = prune(tiny.model, "fastv(layer=2, keep=5)")(**kw)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from graphprune import vqa
+from graphprune.tools import vqa
 
 N = 250                                  # samples per check; generating them takes well under 1 s
 

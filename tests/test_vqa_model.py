@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from graphprune import vqa, zoo
+from graphprune.tools import vqa, zoo
 
 _DIR = zoo.vqa_weights_dir()
 _HAVE = os.path.isfile(os.path.join(_DIR, "model.safetensors"))

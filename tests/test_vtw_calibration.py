@@ -1,9 +1,9 @@
 """VTW's choice of K: the first layer whose mean KL(P_withdrawn || P_full) is <= eta (reference: paper Sec. 4)."""
 import pytest
-
 import reference as R
-from graphprune.passes.vtw import calibrate
-from graphprune.zoo import llava_example
+
+from graphprune.tools.vtw_calibration import calibrate
+from graphprune.tools.zoo import llava_example
 
 
 def test_calibration_matches_reference(llava):

@@ -11,12 +11,10 @@ it). PNG files are read and written without extra dependencies (zlib); other for
 """
 from __future__ import annotations
 
-import struct
-import zlib
-
 import torch
 
-from . import tokenops
+from graphprune import tokenops
+from graphprune.tools.images import write_png
 
 
 def kept_patches(out, input_ids: torch.Tensor, image_token_id: int, layer: int = -1) -> list[list[list[int]]]:
@@ -50,7 +48,7 @@ def merged_patches(pruned, inputs: dict) -> tuple[object, list[list[set[int]]]]:
     """(PrunedOutput, [sample][image] -> patch indices whose token in the last layer carries a
     merged value). A kept token is merged when a selection replaced its value by something other
     than its own state (compared with every token-shaped input of the choosing function)."""
-    from .instrument import record_selections
+    from graphprune.tools.instrument import record_selections
     rec = record_selections(pruned, inputs)
     flags = None
     for stage in ("vision", "prefill"):
@@ -127,67 +125,15 @@ def dimmed_count(image: torch.Tensor, drawn: torch.Tensor, grid: tuple[int, int]
 
 # -- PNG ----------------------------------------------------------------------------------------
 
-def write_png(path: str, image: torch.Tensor) -> None:
-    """uint8 (3, H, W) -> 8-bit RGB PNG."""
-    _, h, w = image.shape
-    raw = image.permute(1, 2, 0).contiguous().numpy().tobytes()
-    rows = b"".join(b"\x00" + raw[y * w * 3:(y + 1) * w * 3] for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b""))
-
-
-def read_png(path: str) -> torch.Tensor:
-    """8-bit grey / grey+alpha / RGB / RGBA, non-interlaced PNG -> uint8 (3, H, W)."""
-    from .bench import BenchError
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise BenchError(f"{path}: not a PNG (install Pillow to read other formats)")
-    pos, idat, head = 8, b"", None
-    while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
-        if kind == b"IHDR":
-            head = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    w, h, depth, ctype, _, _, interlace = head
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(ctype)
-    if depth != 8 or channels is None or interlace:
-        raise BenchError(f"{path}: only 8-bit non-interlaced grey/RGB(A) PNGs are read without Pillow")
-    raw, stride = zlib.decompress(idat), w * channels
-    out, prev = bytearray(), bytearray(stride)
-    for y in range(h):
-        ftype, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-        for i in range(stride):
-            a = line[i - channels] if i >= channels else 0
-            c = prev[i - channels] if i >= channels else 0
-            line[i] = (line[i] + (0, a, prev[i], (a + prev[i]) // 2, _paeth(a, prev[i], c))[ftype]) & 255
-        out += line
-        prev = line
-    px = torch.frombuffer(out, dtype=torch.uint8).reshape(h, w, channels)
-    px = px[..., :1].expand(h, w, 3) if channels <= 2 else px[..., :3]
-    return px.permute(2, 0, 1).contiguous()
-
-
-def _paeth(a, b, c):
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
 
 # -- the command -------------------------------------------------------------------------------
 
 def visualize(vm, image: torch.Tensor, question: str, pipeline: str, out_path: str, *, scale: int = 1) -> dict:
     """Prune vm.model with `pipeline`, run the question on the image, write the picture; returns
     what was drawn (kept / merged patch indices, counts, the report's totals)."""
-    from . import prune
-    from .bench import Item, resize
+    from graphprune import prune
+    from graphprune.tools.images import resize
+    from graphprune.tools.vqa_model import Item
     pm = prune(vm.model, pipeline)
     inputs = vm.inputs([Item(image, question, "")])
     out, merged = merged_patches(pm, inputs)

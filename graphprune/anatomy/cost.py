@@ -15,7 +15,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
-from .anatomy import SDPA, layer_of, module_path
+from graphprune.anatomy.read import SDPA, layer_of, module_path
 
 aten = torch.ops.aten
 

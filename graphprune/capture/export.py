@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .families import Family, family_of
+from graphprune.families import Family, family_of
 
 STAGES = ("vision", "prefill", "decode")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .errors import UnsupportedModelError
+from graphprune.errors import UnsupportedModelError
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)$")

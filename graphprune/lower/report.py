@@ -21,7 +21,7 @@ class Report:
 
     @classmethod
     def build(cls, pruned, cache, vision_tokens, prompt, notes) -> "Report":
-        from .cost import count_flops
+        from graphprune.anatomy.cost import count_flops
         lengths = cache.lengths()
         flops = None
         if prompt is not None:     # counted on first use: a fake-tensor run of the prefill graph

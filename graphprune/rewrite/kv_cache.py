@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import tokenops
-from .anatomy import Anatomy
-from .errors import GraphVerificationError, PassConfigError
-from .layout import add_output, state_at
+from graphprune import tokenops
+from graphprune.anatomy.read import Anatomy
+from graphprune.errors import GraphVerificationError, PassConfigError
+from graphprune.rewrite.layout import add_output, state_at
 
 
 def layer_mask(kv_mask):

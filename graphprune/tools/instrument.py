@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from . import tokenops
-from .runtime import StageCall
+from graphprune import tokenops
+from graphprune.lower.runtime import StageCall
 
 SELECTION_FNS = (tokenops.select_topk, tokenops.apply_choice, tokenops.withdraw_all, tokenops.protect_topk)
 

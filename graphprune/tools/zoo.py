@@ -171,11 +171,11 @@ VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 4300 --minutes 
 
 def build_model(cfg: dict, seed: int = 0, vocab=None):
     """A fresh (randomly initialised) LlavaForConditionalGeneration for a `CONFIGS` entry over
-    `vocab` (default `graphprune.vqa.Vocab()`): CLIP vision tower with CLS, feature layer -2,
+    `vocab` (default `graphprune.tools.vqa.Vocab()`): CLIP vision tower with CLS, feature layer -2,
     strategy "default", MLP projector, Llama LM."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from graphprune import vqa
+    from graphprune.tools import vqa
 
     vocab = vocab or vqa.Vocab()
     n_img = (cfg["image_size"] // cfg["patch"]) ** 2
@@ -209,7 +209,7 @@ def vqa_weights_dir() -> str:
 
 
 def vqa_llava(path: str | None = None):
-    """The trained small LLaVA VQA model and its vocabulary: `(model, graphprune.vqa.Vocab())`.
+    """The trained small LLaVA VQA model and its vocabulary: `(model, graphprune.tools.vqa.Vocab())`.
 
     Loads `graphprune/weights/vqa_llava/` (shipped with the package) when `path` is None, else a
     `save_pretrained` directory written by `examples/train_vqa_model.py --out DIR`. Offline
@@ -220,7 +220,7 @@ def vqa_llava(path: str | None = None):
 
     from transformers import LlavaForConditionalGeneration
 
-    from graphprune import vqa
+    from graphprune.tools import vqa
 
     d = vqa_weights_dir() if path is None else os.fspath(path)
     missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(d, f))]
@@ -237,7 +237,7 @@ def vqa_llava(path: str | None = None):
             meta = json.load(f)
         words = meta.get("vocab")
         if words is not None and words != [vocab.decode([i]) for i in range(len(vocab))]:
-            raise ValueError(f"{meta_path}: the model's vocabulary differs from graphprune.vqa.Vocab()")
+            raise ValueError(f"{meta_path}: the model's vocabulary differs from graphprune.tools.vqa.Vocab()")
     model = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa",
                                                           local_files_only=True)
     if model.config.text_config.vocab_size != len(vocab) or model.config.image_token_id != vocab.image_id:

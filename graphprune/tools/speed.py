@@ -12,9 +12,10 @@ import time
 
 import torch
 
-from .bench import BenchError, Progress, interleaved, load_items, wrap_model
-from .instrument import choosing_nodes, timed, timed_nodes
-from .runtime import LINEAR_KINDS
+from graphprune.lower.runtime import LINEAR_KINDS
+from graphprune.tools.instrument import choosing_nodes, timed, timed_nodes
+from graphprune.tools.timing import Progress, interleaved
+from graphprune.tools.vqa_model import BenchError, load_items, wrap_model
 
 # speed mode: every method with 64 of 576 vision tokens kept from LLM layer 2 on (VTW keeps none,
 # cls_topk selects before the LLM)
@@ -32,7 +33,8 @@ def run_speed(methods=None, *, repeats=5, decode_steps=16, batch=1, config=None,
     """Measured vs FLOPs-ideal LLM-prefill speed-up, selection overhead and decode time per
     token for each method at 64 of 576 kept after layer 2, on a random-weight model, for each
     lowering of the linear layers in `linear` (prune(linear=...)), all interleaved in one run."""
-    from . import prune, vqa, zoo
+    from graphprune import prune
+    from graphprune.tools import vqa, zoo
     methods = list(methods or SPEED_METHODS)
     for m in methods:
         if m not in SPEED_METHODS:

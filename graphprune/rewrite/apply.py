@@ -14,13 +14,13 @@ import operator
 import torch
 from torch import fx
 
-from . import tokenops
-from .anatomy import Anatomy, layer_of, sdpa_mask, seq_dims
-from .cache import keep_final_tokens
-from .errors import GraphVerificationError, PassConfigError, PassNotApplicable
-from .layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
-from .pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
-from .signals import extract_signal
+from graphprune import tokenops
+from graphprune.anatomy.read import Anatomy, layer_of, sdpa_mask, seq_dims
+from graphprune.errors import GraphVerificationError, PassConfigError, PassNotApplicable
+from graphprune.rewrite.kv_cache import keep_final_tokens
+from graphprune.rewrite.layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
+from graphprune.rewrite.pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
+from graphprune.rewrite.signals import extract_signal
 
 SYM_SIZE = torch.ops.aten.sym_size.int
 

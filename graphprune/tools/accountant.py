@@ -1,13 +1,13 @@
 """Cost accountant: what a pruning pipeline saves on a full-size model, without its weights.
 
-    from graphprune.accountant import account
+    from graphprune.tools.accountant import account
     r = account("llava-1.5-7b", "vtw(layer=16)", text_tokens=64)
     r["totals"]["flops"], r["ratio"]["flops"], r["layers"][20]["kv_bytes"]
 
 The model is built from a shipped config (graphprune/configs/*.json, or any config JSON /
 already built model) on the meta device, captured by graphprune like any other model, and
 rewritten by the pipeline. The rewritten graphs are then run under FakeTensorMode
-(graphprune.cost) on inputs laid out like a real prompt, batch 1:
+(graphprune.anatomy.cost) on inputs laid out like a real prompt, batch 1:
 
     [text_tokens // 2 text][vision tokens of image 1]...[vision tokens of image n][rest of the text]
 
@@ -15,7 +15,7 @@ Per decoder layer it reports the tokens the layer runs on, its matmul FLOPs and 
 bytes; plus the vision stage (LLaVA) and the unpruned baseline for ratios. Nothing is
 computed for real, so a 7B model costs seconds (most of it the export).
 
-FLOPs are 2 per multiply-add of linear / matmul / SDPA / conv nodes (graphprune.cost):
+FLOPs are 2 per multiply-add of linear / matmul / SDPA / conv nodes (graphprune.anatomy.cost):
 attention is counted over the full S x S score matrix (no causal halving); norms,
 activations, RoPE, softmax and the small token-selection ops are not counted.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import GraphpruneError
+from graphprune.errors import GraphpruneError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -69,7 +69,7 @@ def model_class_for(config):
     """The *ForConditionalGeneration class graphprune reads for this config."""
     import transformers
 
-    from .families import FAMILIES
+    from graphprune.families import FAMILIES
     names = [a for a in (getattr(config, "architectures", None) or []) if a in FAMILIES]
     by_type = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
     name = names[0] if names else by_type.get(config.model_type)
@@ -109,7 +109,7 @@ def meta_program(name_or_path: str, dtype: str = "float16", stages=("vision", "p
 
 def capture_stages(model, stages, program=None):
     """Capture the missing `stages` of model into program (a new Program when None)."""
-    from .pipeline import Program
+    from graphprune.rewrite.pipeline import Program
     missing = [s for s in stages if program is None or s not in program.stages]
     new = Program.capture(model, missing)
     if program is None:
@@ -228,10 +228,10 @@ def account_model(model, method=None, *, program=None, layout: Layout | None = N
     layout: the prompt layout (default: the synthetic one from text_tokens / images /
     image_tokens). dtype: of the KV cache (default: the model's).
     """
-    from .pipeline import as_passes, run_pipeline
-    from .runtime import _check_static_budgets, _ensure_passes_registered
+    from graphprune.lower.runtime import _check_static_budgets
+    from graphprune.rewrite.pipeline import as_passes, load_builtin_methods, run_pipeline
 
-    _ensure_passes_registered()
+    load_builtin_methods()
     passes = [] if method is None else as_passes(method)
     if program is None:
         program = capture_stages(model, ("vision", "prefill"))
@@ -282,8 +282,8 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def _run(gm, inputs: dict):
-    """FLOPs per layer (graphprune.cost) and fake outputs of one call of gm, by placeholder name."""
-    from .cost import run_fake
+    """FLOPs per layer (graphprune.anatomy.cost) and fake outputs of one call of gm, by placeholder name."""
+    from graphprune.anatomy.cost import run_fake
     try:
         flops, outs = run_fake(gm, **inputs)
     except KeyError as e:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import tokenops
-from .anatomy import read_anatomy
-from .cache import KVCache, LayerCache, shrink_kv, static_kv
-from .errors import InputError, PassConfigError
-from .pipeline import Program, as_passes, run_pipeline
-from .report import Report
+from graphprune import tokenops
+from graphprune.anatomy.read import read_anatomy
+from graphprune.errors import InputError, PassConfigError
+from graphprune.lower.report import Report
+from graphprune.rewrite.kv_cache import KVCache, LayerCache, shrink_kv, static_kv
+from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
 
 
 @dataclass
@@ -110,10 +110,6 @@ def check_budgets(results, tokens_per_image: int) -> None:
             tokens_per_image = tokenops.budget(keep, tokens_per_image)
 
 
-def _ensure_passes_registered():
-    from . import passes  # noqa: F401
-
-
 class PrunedModel:
     def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa",
                  linear: str = "aten"):
@@ -131,13 +127,13 @@ class PrunedModel:
         self.results = program.results
         self.attention, self.linear = attention, linear
         # {stage: what runs}: the program's graphs, lowered copies (flash attention, packed linear
-        # weights), or ONNX Runtime sessions (OrtPrunedModel); graphprune.instrument swaps in
+        # weights), or ONNX Runtime sessions (OrtPrunedModel); graphprune.tools.instrument swaps in
         # wrappers here. The program and decode_gm stay as rewritten: reports and exports read them.
         self.packed_linears = 0            # linears the lowering moved to packed weights (linear="packed")
         self.executables = {k: self._lower(getattr(program.stages.get(k), "gm", None)) for k in ("vision", "prefill")}
         self.decode_exec = self._lower(self.decode_gm, attention="sdpa")
         if linear == "packed" and not self.packed_linears:
-            from .targets.packed_linear import MIN_ELEMENTS
+            from graphprune.targets.packed_linear import MIN_ELEMENTS
             warnings.warn(f'linear="packed": no linear weight of this model has {MIN_ELEMENTS} elements or more, '
                           "where packing starts to pay; every graph keeps aten.linear", RuntimeWarning, stacklevel=3)
 
@@ -149,10 +145,10 @@ class PrunedModel:
         low = torch.fx.GraphModule(gm, gm.graph.__deepcopy__())
         low.meta.update(gm.meta)
         if attention == "flash":
-            from .targets.flash import use_flash_attention
+            from graphprune.targets.flash import use_flash_attention
             use_flash_attention(low)
         if self.linear == "packed":
-            from .targets.packed_linear import pack_linear_weights
+            from graphprune.targets.packed_linear import pack_linear_weights
             self.packed_linears += pack_linear_weights(low)
         return low
 
@@ -425,7 +421,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     """
     attention = _attention_kind(model, attention)
     _check_linear(model, linear)
-    _ensure_passes_registered()
+    load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
     if program is None:
         key = id(model)
@@ -438,7 +434,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
 
 
 def _attention_kind(model, attention: str) -> str:
-    from .targets.flash import flash_available
+    from graphprune.targets.flash import flash_available
     if attention not in ("auto", "sdpa", "flash"):
         raise InputError(f'attention must be "auto", "sdpa" or "flash", got {attention!r}')
     device = next(model.parameters()).device
@@ -454,7 +450,7 @@ LINEAR_KINDS = ("aten", "packed")        # prune(linear=...): how the lowered gr
 
 
 def _check_linear(model, linear: str) -> None:
-    from .targets.packed_linear import packing_available
+    from graphprune.targets.packed_linear import packing_available
     if linear not in LINEAR_KINDS:
         raise InputError(f'linear must be "aten" or "packed", got {linear!r}')
     if linear == "aten":
@@ -470,7 +466,7 @@ def _check_linear(model, linear: str) -> None:
 
 def _is_capacity(p) -> bool:
     """Static-capacity rules keep at most `keep` tokens (fewer when fewer exist): no budget to check."""
-    from .pass_api import Choose
+    from graphprune.rewrite.pass_api import Choose
     plans = p.plan()
     return any(isinstance(pl.select, Choose) and pl.select.static_mask for pl in (plans if isinstance(plans, list) else [plans]))
 

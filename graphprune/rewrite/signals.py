@@ -11,11 +11,11 @@ import operator
 import torch
 from torch import fx
 
-from . import tokenops
-from .anatomy import Anatomy, layer_of, module_path, sdpa_mask, seq_dims
-from .errors import PassConfigError, PassNotApplicable
-from .layout import TokenState, layout_input, state_at
-from .pass_api import AttentionRows, Hidden, Keys, Projected, TextEmbeds, TextMask, TokenPass, Values
+from graphprune import tokenops
+from graphprune.anatomy.read import Anatomy, layer_of, module_path, sdpa_mask, seq_dims
+from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.rewrite.layout import TokenState, layout_input, state_at
+from graphprune.rewrite.pass_api import AttentionRows, Hidden, Keys, Projected, TextEmbeds, TextMask, TokenPass, Values
 
 
 def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p: TokenPass) -> fx.Node:

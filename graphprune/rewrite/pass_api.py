@@ -29,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
-from .errors import PassConfigError
+from graphprune.errors import PassConfigError
 
 # -- signals: what a pass looks at --------------------------------------------------------------
 
@@ -189,10 +189,6 @@ class TokenPass:
         """Check a prompt's layout (vision_pos, text_mask, ...) before it runs; raise InputError if
         the method cannot handle it (e.g. too few instruction tokens for its pivots)."""
 
-    def __call__(self, stage, anatomy) -> PassResult:
-        from .rewrite import apply_pass
-        return apply_pass(self, stage, anatomy)
-
     def __repr__(self):
         args = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return f"{self.name}({args})"
@@ -205,25 +201,3 @@ def check_budget(name: str, keep) -> None:
         raise PassConfigError(f"{name}: keep={keep} keeps no vision token; use vtw to withdraw all of them")
     if isinstance(keep, float) and not 0.0 < keep <= 1.0:
         raise PassConfigError(f"{name}: keep={keep} as a fraction must lie in (0, 1]")
-
-
-# -- registry -----------------------------------------------------------------------------------
-
-PASSES: dict[str, type[TokenPass]] = {}
-
-
-def register_pass(cls: type[TokenPass]) -> type[TokenPass]:
-    """Class decorator: make a pass available by name to prune(), pipelines strings and the CLI."""
-    if cls.name in PASSES and PASSES[cls.name] is not cls:
-        raise PassConfigError(f"a pass named {cls.name!r} is already registered ({PASSES[cls.name].__module__})")
-    PASSES[cls.name] = cls
-    return cls
-
-
-def get_pass(name: str) -> type[TokenPass]:
-    from . import passes  # noqa: F401  (registers the built-in methods)
-    if name not in PASSES:
-        from .pipeline import PIPELINES
-        raise PassConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(PASSES))}; "
-                              f"pipelines: {', '.join(sorted(PIPELINES))}")
-    return PASSES[name]

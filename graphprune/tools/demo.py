@@ -3,7 +3,7 @@
 Prints the answers side by side, then per pipeline the vision tokens kept, KV-cache bytes and
 prefill time (median of interleaved runs on the whole batch), and writes one PNG per question:
 the image as the unpruned model sees it, then as each pipeline leaves it (dropped patches
-dimmed, merged tokens outlined; see graphprune.visualize).
+dimmed, merged tokens outlined; see graphprune.tools.visualize).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def default_pipelines(num_layers: int) -> list[str]:
 
 
 def run_demo(vm, items, pipelines, out_dir: str | None, *, repeats: int = 3, linear: str = "aten") -> dict:
-    from . import prune
-    from .bench import interleaved
-    from .visualize import draw, kept_patches, merged_patches, write_png
+    from graphprune import prune
+    from graphprune.tools.images import write_png
+    from graphprune.tools.timing import interleaved
+    from graphprune.tools.visualize import draw, kept_patches, merged_patches
     kw = vm.inputs(items)
     ids, img_id = kw["input_ids"], vm.model.config.image_token_id
     variants = [("unpruned", prune(vm.model, linear=linear))] + [(p, prune(vm.model, p, linear=linear))
@@ -41,7 +42,7 @@ def run_demo(vm, items, pipelines, out_dir: str | None, *, repeats: int = 3, lin
         r["prefill_ms"] = med[r["pipeline"]] * 1e3
     images = []
     if out_dir:
-        from .bench import resize
+        from graphprune.tools.images import resize
         os.makedirs(out_dir, exist_ok=True)
         gap = torch.full((3, vm.image_size, 6), 255, dtype=torch.uint8)
         for q, it in enumerate(items):

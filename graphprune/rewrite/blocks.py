@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from graphprune.errors import InputError
 
 
 def grid_side(v: int) -> int:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import tokenops
-from .anatomy import Anatomy
+from graphprune import tokenops
+from graphprune.anatomy.read import Anatomy
 
 
 @dataclass

@@ -15,23 +15,14 @@ import ast
 import os
 from dataclasses import dataclass, field
 
-from .anatomy import Anatomy, read_anatomy
-from .capture import Stage
-from .errors import PassConfigError
-from .pass_api import PassResult, TokenPass, get_pass
+from graphprune.anatomy.read import Anatomy, read_anatomy
+from graphprune.capture.export import Stage
+from graphprune.errors import PassConfigError
+from graphprune.rewrite.apply import apply_pass
+from graphprune.rewrite.pass_api import PassResult, TokenPass
+from graphprune.rewrite.registry import PASSES, PIPELINES
 
 STAGE_ORDER = ("vision", "prefill")
-
-
-PIPELINES: dict = {}
-
-
-def register_pipeline(name: str):
-    """Decorator: a named pipeline, a function of its options returning passes (e.g. "mustdrop")."""
-    def deco(fn):
-        PIPELINES[name] = fn
-        return fn
-    return deco
 
 
 def _named(name: str, options: dict) -> list[TokenPass]:
@@ -42,8 +33,21 @@ def _named(name: str, options: dict) -> list[TokenPass]:
         raise PassConfigError(f"pipeline {name}: {e}") from None
 
 
+def load_builtin_methods() -> None:
+    """Import graphprune.passes, whose modules register the built-in methods and pipelines."""
+    import graphprune.passes  # noqa: F401
+
+
+def get_pass(name: str) -> type[TokenPass]:
+    load_builtin_methods()
+    if name not in PASSES:
+        raise PassConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(PASSES))}; "
+                              f"pipelines: {', '.join(sorted(PIPELINES))}")
+    return PASSES[name]
+
+
 def is_pipeline(name: str) -> bool:
-    from . import passes  # noqa: F401
+    load_builtin_methods()
     return name in PIPELINES
 
 
@@ -121,8 +125,8 @@ class Program:
 
     @classmethod
     def capture(cls, model, stages=("vision", "prefill", "decode")) -> "Program":
-        from .capture import capture
-        from .families import family_of
+        from graphprune.capture.export import capture
+        from graphprune.families import family_of
         fam = family_of(model)
         stages = capture(model, stages)
         anat = {k: read_anatomy(s.gm, k, fam.model_class) for k, s in stages.items() if s.gm is not None}
@@ -142,11 +146,11 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
         stage = _stage_of(p)
         st = out.stages[stage]
         if st.gm is None:
-            from .errors import PassNotApplicable
+            from graphprune.errors import PassNotApplicable
             p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
                                     f"{out.family.model_class}: {st.eager}")
-        result = p(st, out.anatomy[stage])
+        result = apply_pass(p, st, out.anatomy[stage])
         out.results.append(result)
         if debug:
             print(f"# ---- {stage} graph after {p!r}\n{st.gm.code}")
@@ -156,7 +160,7 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
 def _position(p: TokenPass) -> tuple:
     """Where a pass acts, for ordering: stage, then layer (vision: encoder layers, then the features,
     then the projector output; a cache rule right after the selection at its layer)."""
-    from .pass_api import KeepCache
+    from graphprune.rewrite.pass_api import KeepCache
     plans = p.plan()
     first = plans[0] if isinstance(plans, list) else plans
     layer = float("inf") if first.layer is None else first.layer

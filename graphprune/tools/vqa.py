@@ -459,7 +459,7 @@ _BUILDERS = {"color": _build_color, "count": _build_count, "exist": _build_exist
 # --------------------------------------------------------------------------- public generator
 def _sample_seed(split: str, seed: int, index: int) -> int:
     """64-bit seed of one sample. Hashing the split name gives each split its own stream."""
-    digest = hashlib.sha256(f"graphprune.vqa|{split}|{seed}|{index}".encode()).digest()
+    digest = hashlib.sha256(f"graphprune.tools.vqa|{split}|{seed}|{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 

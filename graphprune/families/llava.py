@@ -1,0 +1,64 @@
+"""LLaVA-1.5 and LLaVA-style models: CLIP tower with CLS, MLP projector, Llama LM."""
+from __future__ import annotations
+
+from torch import nn
+
+from graphprune.errors import UnsupportedModelError
+from graphprune.families.base import Family
+
+
+class LlavaFamily(Family):
+    """LLaVA-1.5 (and LLaVA-style models): CLIP tower with CLS, MLP projector, Llama LM."""
+    name = "llava"
+
+    def language_model(self):
+        return self._require(getattr(self.model.model, "language_model", None), "language model")
+
+    def lm_head(self):
+        return self._require(getattr(self.model, "lm_head", None), "lm_head")
+
+    def image_token_id(self):
+        return self.model.config.image_token_id
+
+    def vision_module(self):
+        return LlavaVisionStage(self.model)
+
+
+class LlavaInnerFamily(LlavaFamily):
+    """LlavaModel, the LLaVA body without the LM head: what a torch.compile frame holds. Its
+    prefill "logits" output is the final-normed hidden state (the head is the identity)."""
+
+    def language_model(self):
+        return self._require(getattr(self.model, "language_model", None), "language model")
+
+    def lm_head(self):
+        return nn.Identity()
+
+    def vision_module(self):
+        return None
+
+
+class LlavaVisionStage(nn.Module):
+    """pixel_values -> projected image features, as LlavaModel.get_image_features does.
+
+    Written as a module of its own so that torch.export captures exactly the vision tower up to
+    the feature layer, the CLS drop and the projector (nothing of the LM).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.vision_tower = model.model.vision_tower
+        self.multi_modal_projector = model.model.multi_modal_projector
+        self.feature_layer = cfg.vision_feature_layer
+        if not isinstance(self.feature_layer, int):
+            raise UnsupportedModelError(type(model).__name__, "single vision feature layer",
+                                        "multi-layer feature concatenation is not supported yet")
+        self.strategy = cfg.vision_feature_select_strategy
+
+    def forward(self, pixel_values):
+        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.feature_layer]
+        if self.strategy == "default":
+            feats = feats[:, 1:]
+        return self.multi_modal_projector(feats)
