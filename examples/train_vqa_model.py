@@ -5,14 +5,14 @@ The model is a standard `LlavaForConditionalGeneration` (CLIP-style vision tower
 projector, 8-layer Llama LM) over the closed word-level `graphprune.tools.vqa.Vocab`, so it loads
 offline with `from_pretrained` and every pruning method runs on it as on LLaVA-1.5. The configs
 and `build_model` live in `graphprune.tools.zoo` (`zoo.CONFIGS`, `zoo.build_model`); the shipped
-weights (`graphprune/weights/vqa_llava/`, loaded by `graphprune.tools.zoo.vqa_llava()`) come from:
+weights (`graphprune/tools/weights/vqa_llava/`, loaded by `graphprune.tools.zoo.vqa_llava()`) come from:
 
     python examples/train_vqa_model.py --steps 4300 --minutes 88 --vision-steps 4500 \\
         --vision-minutes 22 --vision-batch 32 --vision-lr 6e-3 --vision-keep 160 --pos-init sincos \\
         --proj-steps 400 --proj-aux-weight 1 --freeze-vision --lm-keep 128 --qk-std 0.125 \\
         --balance-types --type-share position=2 --type-share count=1.5 --attn-weight 1 --attn-layer 3 \\
         --batch 8 --questions 24 --lr 2e-3 --eval-n 250 --eval-every 500 \\
-        --test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava
+        --test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/tools/weights/vqa_llava
 
 (87.6 training minutes on 2 idle CPU cores, no time cap cut in, so the run is reproducible from
 its seeds: phase 1 20.4 min, 144k images at ~118 images/s; phase 1b 3.3 min; phase 2 63.9 min,

@@ -1,4 +1,4 @@
-"""The shipped trained VQA model (graphprune/weights/vqa_llava): package data, offline load, accuracy."""
+"""The shipped trained VQA model (graphprune/tools/weights/vqa_llava): package data, offline load, accuracy."""
 import json
 import os
 
@@ -14,7 +14,7 @@ needs_weights = pytest.mark.skipif(
 
 
 def test_weights_are_package_data():
-    # pyproject ships graphprune/weights/vqa_llava/* with the graphprune package
+    # pyproject ships graphprune/tools/weights/vqa_llava/* with the graphprune package
     tomllib = pytest.importorskip("tomllib")
 
     root = os.path.join(os.path.dirname(__file__), "..")

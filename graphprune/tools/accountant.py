@@ -4,7 +4,7 @@
     r = account("llava-1.5-7b", "vtw(layer=16)", text_tokens=64)
     r["totals"]["flops"], r["ratio"]["flops"], r["layers"][20]["kv_bytes"]
 
-The model is built from a shipped config (graphprune/configs/*.json, or any config JSON /
+The model is built from a shipped config (graphprune/tools/configs/*.json, or any config JSON /
 already built model) on the meta device, captured by graphprune like any other model, and
 rewritten by the pipeline. The rewritten graphs are then run under FakeTensorMode
 (graphprune.anatomy.cost) on inputs laid out like a real prompt, batch 1:

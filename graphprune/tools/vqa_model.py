@@ -85,7 +85,7 @@ def _load(spec):
             model, vocab = zoo.vqa_llava()
         except FileNotFoundError as e:
             raise BenchError(f"{e}\n(or pass --model random for the same architecture with random weights)") from None
-        return wrap_model(model, "shipped", "graphprune/weights/vqa_llava (trained)", vocab=vocab)
+        return wrap_model(model, "shipped", "graphprune/tools/weights/vqa_llava (trained)", vocab=vocab)
     if spec == "random" or spec.startswith("random:"):
         cfg = spec.partition(":")[2] or "default"
         if cfg not in zoo.CONFIGS:

@@ -1,5 +1,5 @@
 """Small models built on the spot from configs (no download), and the one small trained model
-that ships with the package (`vqa_llava`, graphprune/weights/vqa_llava/).
+that ships with the package (`vqa_llava`, graphprune/tools/weights/vqa_llava/).
 
 They have the real architectures (LLaVA-1.5: CLIP tower with CLS + MLP projector + Llama;
 Qwen2-VL: windowless ViT with 2x2 patch merger + Qwen2 LM with M-RoPE), only narrower and
@@ -148,7 +148,7 @@ def qwen2vl_example(model, *, batch: int = 1, grid: tuple[int, int] = (8, 8), pr
 
 # --------------------------------------------------------------------------- the trained VQA model
 # Configs of graphprune's small trained LLaVA-architecture VLM (examples/train_vqa_model.py).
-# "default" is the shipped model (graphprune/weights/vqa_llava/); "tiny" is for smoke tests (the
+# "default" is the shipped model (graphprune/tools/weights/vqa_llava/); "tiny" is for smoke tests (the
 # image size is a parameter so tests can use a small grid; the prompt then has
 # (image_size // patch) ** 2 image tokens).
 CONFIGS = {
@@ -166,7 +166,7 @@ VQA_TRAIN_COMMAND = ("python examples/train_vqa_model.py --steps 4300 --minutes 
                      "--proj-steps 400 --proj-aux-weight 1 --freeze-vision --lm-keep 128 --qk-std 0.125 "
                      "--balance-types --type-share position=2 --type-share count=1.5 --attn-weight 1 --attn-layer 3 "
                      "--batch 8 --questions 24 --lr 2e-3 --eval-n 250 --eval-every 500 "
-                     "--test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/weights/vqa_llava")
+                     "--test-n 1000 --seed 0 --data-seed 0 --threads 2 --out graphprune/tools/weights/vqa_llava")
 
 
 def build_model(cfg: dict, seed: int = 0, vocab=None):
@@ -211,7 +211,7 @@ def vqa_weights_dir() -> str:
 def vqa_llava(path: str | None = None):
     """The trained small LLaVA VQA model and its vocabulary: `(model, graphprune.tools.vqa.Vocab())`.
 
-    Loads `graphprune/weights/vqa_llava/` (shipped with the package) when `path` is None, else a
+    Loads `graphprune/tools/weights/vqa_llava/` (shipped with the package) when `path` is None, else a
     `save_pretrained` directory written by `examples/train_vqa_model.py --out DIR`. Offline
     (local files only), eval mode, attn_implementation="sdpa". Raises FileNotFoundError naming
     what is missing and the command that trains the weights."""
