@@ -1,0 +1,121 @@
+"""Independent references of VisionZip, DivPrune, CDPruner, VisPruner and PyramidDrop on tiny LLaVA.
+
+Plain PyTorch written from each paper's equations and from what its authors' released code does
+(read, not copied: one image at a time, loops where their code loops). The vision tower, projector
+and language model run by hand through tests/reference.py; nothing here calls graphprune or a
+Hugging Face module's forward. Where graphprune departs from the authors by design (documented in
+docs/methods.md), the reference says so next to the line.
+"""
+from __future__ import annotations
+
+import math
+
+import reference as R
+import torch
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------- vision pieces
+
+@torch.no_grad()
+def vision_parts(model, pixel_values: Tensor) -> dict:
+    """The feature layer's pieces per image: ``pre`` (n, V, d) patch features entering the projector,
+    ``cls_attn`` (n, V) head-averaged CLS attention, ``keys`` (n, V, H, hd) that layer's patch keys,
+    and ``features`` (n, V, D) the projector's output."""
+    vc = model.config.vision_config
+    hs_index = model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
+    assert hs_index >= 2, "the keys are recomputed from the input of the feature layer"
+    seen = {}
+
+    def grab(h, ctx):
+        seen["h"] = h
+        return h
+
+    out = R.llava_vision(model, pixel_values, after_layer={hs_index - 2: grab})
+    w = R._weights(model)
+    p = "model.vision_tower."
+    if p + "embeddings.class_embedding" not in w:
+        p = "model.vision_tower.vision_model."
+    lp = f"{p}encoder.layers.{hs_index - 1}."
+    y = R._layer_norm(seen["h"], w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], vc.layer_norm_eps)
+    k = R._linear(y, w, lp + "self_attn.k_proj")[:, 1:]
+    n, v, _ = k.shape
+    out["keys"] = k.view(n, v, vc.num_attention_heads, -1)
+    return out
+
+
+def project(model, pre: Tensor) -> Tensor:
+    """LLaVA's two-layer projector, by hand."""
+    w = R._weights(model)
+    act = R._act(model.config.projector_hidden_act)
+    return R._linear(act(R._linear(pre, w, "model.multi_modal_projector.linear_1")), w,
+                     "model.multi_modal_projector.linear_2")
+
+
+def instruction_embeds(model, example) -> list[Tensor]:
+    """Per sample, the LLM input embeddings of the real tokens after the last image token."""
+    w = R._weights(model)["model.language_model.embed_tokens.weight"]
+    img = example.input_ids == model.config.image_token_id
+    mask = example.attention_mask if example.attention_mask is not None else torch.ones_like(example.input_ids)
+    rows = []
+    for b in range(example.input_ids.shape[0]):
+        after = int(img[b].nonzero().max()) + 1
+        ids = example.input_ids[b, after:][mask[b, after:].bool()]
+        rows.append(w[ids])
+    return rows
+
+
+def _per_image(example, n_images: int) -> list[int]:
+    """Sample of each image (images go to samples in order)."""
+    b = example.input_ids.shape[0]
+    return [i // (n_images // b) for i in range(n_images)]
+
+
+# ------------------------------------------------------------------------------------------ VisionZip
+
+@torch.no_grad()
+def visionzip(model, example, keep: int, contextual: int | None = None, heads_mean: bool = False,
+              authors_order: bool = True) -> dict:
+    """VisionZip (Yang et al. 2024) per image, as the authors' CLIP tower does it.
+
+    dominant: top (keep - contextual) patches by head-summed CLS attention of the feature layer, kept in
+    raster order (the authors also keep the CLS token itself as one of them; graphprune keeps patches only).
+    contextual: the rest in raster order; targets = every (R // c)-th of them, the first c; every other
+    token joins the target its key is most cosine-similar to (keys averaged over heads with
+    ``heads_mean``, else heads concatenated); contextual token = target features + mean of its members.
+    Returns ``features`` (n, keep, D) in the LLM's order and ``patch_index`` (n, keep) ascending slots.
+    """
+    parts = vision_parts(model, example.pixel_values)
+    pre, cls, keys = parts["pre_features"], parts["cls_attn"], parts["keys"]
+    c = round(keep * 5 / 32) if contextual is None else contextual
+    feats, slots, doms, tgts = [], [], [], []
+    for i in range(pre.shape[0]):
+        v = pre.shape[1]
+        dom = torch.topk(cls[i], keep - c).indices.sort().values
+        rest = torch.tensor([j for j in range(v) if j not in set(dom.tolist())])
+        metric = keys[i].mean(1) if heads_mean else keys[i].reshape(v, -1)
+        metric = metric[rest]
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        step = max(1, len(rest) // c)
+        target = list(range(0, len(rest), step))[:c]
+        others = [j for j in range(len(rest)) if j not in target]
+        sim = metric[others] @ metric[target].t()
+        best = sim.argmax(1)
+        ctx = []
+        for t in range(c):
+            members = [others[m] for m in range(len(others)) if int(best[m]) == t]
+            mean = pre[i, rest[members]].mean(0) if members else torch.zeros(pre.shape[-1])
+            ctx.append(pre[i, rest[target[t]]] + mean)
+        tokens = torch.cat([pre[i, dom], torch.stack(ctx)]) if c else pre[i, dom]
+        slot = torch.cat([dom, rest[target]]) if c else dom
+        if authors_order:
+            slot = slot.sort().values          # the LLM reads [dominant, contextual] in this order
+        else:
+            order = slot.argsort()
+            slot, tokens = slot[order], tokens[order]
+        feats.append(project(model, tokens))
+        slots.append(slot)
+        doms.append(dom)
+        tgts.append(rest[target])
+    return {"features": torch.stack(feats), "patch_index": torch.stack(slots), "dominant": torch.stack(doms),
+            "targets": torch.stack(tgts)}

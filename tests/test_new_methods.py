@@ -1,0 +1,89 @@
+"""VisionZip, DivPrune, CDPruner, VisPruner and PyramidDrop against their independent references
+(tests/reference_new_methods.py): kept / merged sets, prefill logits (fp32, atol 1e-5 on real tokens),
+KV lengths and 16 greedy tokens on tiny LLaVA-1.5; batch 2 with left padding equals each sample alone;
+bad options fail before any work."""
+import pytest
+import reference as R
+import reference_new_methods as N
+import torch
+
+import graphprune as gp
+from graphprune.errors import PassConfigError
+from graphprune.tools.zoo import llava_example
+
+STEPS = 16
+V = 36                          # 6 x 6 patch grid of the tiny LLaVA
+
+
+def _same_run(pruned, ex, ref):
+    out = pruned(**ex.as_kwargs())
+    real = out.cache[-1].mask.bool()
+    assert real.any()
+    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    assert out.cache.lengths() == ref["kv_lens"]
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
+    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+    return out
+
+
+def _vision_ref(model, ex, vo, positions="compact"):
+    emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, vo, positions=positions)
+    return R.lm_generate(model, emb, am, pos, vision_mask=vm, max_new_tokens=STEPS)
+
+
+def _alone_equals_batch(model, program, spec, ex):
+    """Each sample of a left-padded batch run alone gives the batch's logits at its real tokens and the
+    same greedy tokens."""
+    pruned = gp.prune(model, spec, program=program)
+    both = pruned(**ex.as_kwargs())
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
+    per = ex.pixel_values.shape[0] // ex.input_ids.shape[0]
+    for b in range(ex.input_ids.shape[0]):
+        real = ex.attention_mask[b].bool()
+        one = dict(input_ids=ex.input_ids[b:b + 1, real], attention_mask=ex.attention_mask[b:b + 1, real],
+                   pixel_values=ex.pixel_values[b * per:(b + 1) * per])
+        alone = pruned(**one)
+        mask = both.cache[-1].mask[b].bool()
+        torch.testing.assert_close(both.logits[b, mask], alone.logits[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(pruned.generate(**one, max_new_tokens=STEPS, eos_token_id=[])[0, -STEPS:], ids[b, -STEPS:])
+
+
+# ------------------------------------------------------------------------------------------ VisionZip
+
+@pytest.mark.parametrize("batch,pad,keep,opts", [
+    (1, (), 12, {}),                                      # 10 dominant + 2 contextual
+    (2, (0, 3), 16, {"contextual": 5, "heads": 4}),       # the authors' head-averaged keys
+    (2, (0, 3), 12, {"positions": "keep"}),
+])
+def test_visionzip_matches_reference(llava, batch, pad, keep, opts):
+    model, program = llava
+    ex = llava_example(model, batch=batch, pad=pad, seed=batch)
+    positions = opts.get("positions", "compact")
+    vo = N.visionzip(model, ex, keep, contextual=opts.get("contextual"), heads_mean="heads" in opts,
+                     authors_order=positions == "compact")
+    ref = _vision_ref(model, ex, vo, positions)
+    spec = f"visionzip(keep={keep}" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
+    pruned = gp.prune(model, spec, program=program)
+    _same_run(pruned, ex, ref)
+    assert pruned.report.patches_kept == vo["patch_index"].tolist()
+    c = opts.get("contextual", round(keep * 5 / 32))
+    assert vo["targets"].shape[-1] == c > 0
+    # contextual tokens really merged: not equal to any single patch's projected features
+    full = N.vision_parts(model, ex.pixel_values)["features"]
+    slots = vo["patch_index"][0].tolist()
+    rows = range(keep - c, keep) if positions == "compact" else [slots.index(t) for t in vo["targets"][0].tolist()]
+    assert not any(torch.allclose(vo["features"][0, j], full[0, p]) for j in rows for p in range(V))
+
+
+def test_visionzip_batch_equals_alone(llava):
+    model, program = llava
+    _alone_equals_batch(model, program, "visionzip(keep=12)", llava_example(model, batch=2, pad=(0, 3), seed=5))
+
+
+def test_visionzip_bad_options(llava):
+    model, program = llava
+    for spec, word in [("visionzip(keep=0.5)", "keep"), ("visionzip(keep=8, contextual=8)", "contextual"),
+                       ("visionzip(keep=8, positions='shuffle')", "positions"), ("visionzip(keep=8, heads=0)", "heads"),
+                       ("visionzip(keep=40)", "keep=40"), ("visionzip(keep=8, heads=3)", "heads=3")]:
+        with pytest.raises(PassConfigError, match=word):
+            gp.prune(model, spec, program=program)
