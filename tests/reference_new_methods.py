@@ -119,3 +119,78 @@ def visionzip(model, example, keep: int, contextual: int | None = None, heads_me
         tgts.append(rest[target])
     return {"features": torch.stack(feats), "patch_index": torch.stack(slots), "dominant": torch.stack(doms),
             "targets": torch.stack(tgts)}
+
+
+# ------------------------------------------------------------------------------------------- DivPrune
+
+def divprune_indices(x: Tensor, count: int) -> Tensor:
+    """The authors' greedy max-min selection on one image's tokens x (V, D): chosen indices in pick order.
+
+    Distance = 1 - cosine similarity. Step 0 scores each token by the second-smallest entry of its column
+    (its nearest other token); step i > 0 by the smallest entry of its column over the chosen rows.
+    """
+    xn = x / x.norm(dim=1, keepdim=True)
+    dist = 1.0 - xn @ xn.t()
+    chosen = []
+    for i in range(count):
+        if i == 0:
+            scores = torch.topk(dist, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = dist[torch.tensor(chosen)].min(dim=0).values
+        chosen.append(int(torch.argmax(scores)))
+    return torch.tensor(chosen)
+
+
+@torch.no_grad()
+def divprune(model, example, keep: int | float) -> dict:
+    """DivPrune on the projected vision tokens of each image; ``features`` / ``patch_index`` in raster order."""
+    feats = vision_parts(model, example.pixel_values)["features"]
+    v = feats.shape[1]
+    count = keep if isinstance(keep, int) else int(round(keep * v))
+    idx = torch.stack([divprune_indices(f, count).sort().values for f in feats])
+    return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ------------------------------------------------------------------------------------------- CDPruner
+
+def dpp_greedy(kernel: Tensor, count: int) -> list[int]:
+    """Fast greedy MAP inference of a DPP (Chen et al. 2018), as the authors run it on one image's kernel
+    L (N, N): incremental Cholesky rows c_i, marginal gains d_j^2; pick argmax d^2, then
+    e = (L[j] - c[:i, j] @ c[:i]) / sqrt(d_j^2), d^2 -= e^2, d_j^2 = -inf."""
+    n = kernel.shape[0]
+    cis = torch.zeros(count, n)
+    di2s = torch.diagonal(kernel).clone()
+    chosen = []
+    for i in range(count):
+        j = int(torch.argmax(di2s))
+        chosen.append(j)
+        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s = di2s - eis ** 2
+        di2s[j] = -float("inf")
+    return chosen
+
+
+@torch.no_grad()
+def cdpruner(model, example, keep: int | float) -> dict:
+    """CDPruner (conditional DPP) per image, with the LLM's input embeddings of the instruction standing
+    in for CLIP text features and the projected vision tokens for CLIP image embeds (graphprune's choice:
+    LLaVA has no CLIP text tower). relevance = -mean_m cos(image_i, text_m), min-max normalised over the
+    image's tokens (+1e-6 in the numerator); kernel L = r_i cos(f_i, f_j) r_j on the projected features."""
+    feats = vision_parts(model, example.pixel_values)["features"]
+    texts = instruction_embeds(model, example)
+    owner = _per_image(example, feats.shape[0])
+    v = feats.shape[1]
+    count = keep if isinstance(keep, int) else int(round(keep * v))
+    rows = []
+    for i, f in enumerate(feats):
+        fn = f / f.norm(dim=-1, keepdim=True)
+        similarity = fn @ fn.t()
+        t = texts[owner[i]]
+        t = t / t.norm(dim=-1, keepdim=True)
+        relevance = (-(fn @ t.t())).mean(dim=-1)
+        relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+        kernel = relevance[:, None] * similarity * relevance[None, :]
+        rows.append(torch.tensor(sorted(dpp_greedy(kernel, count))))
+    idx = torch.stack(rows)
+    return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}

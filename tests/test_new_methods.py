@@ -87,3 +87,62 @@ def test_visionzip_bad_options(llava):
                        ("visionzip(keep=40)", "keep=40"), ("visionzip(keep=8, heads=3)", "heads=3")]:
         with pytest.raises(PassConfigError, match=word):
             gp.prune(model, spec, program=program)
+
+
+# ----------------------------------------------------------------------------- DivPrune and CDPruner
+
+SELECTORS = {"divprune": N.divprune, "cdpruner": N.cdpruner}
+
+
+@pytest.mark.parametrize("method", sorted(SELECTORS))
+@pytest.mark.parametrize("batch,pad,keep,positions", [(1, (), 9, "compact"), (2, (0, 3), 0.25, "compact"),
+                                                      (2, (0, 3), 12, "keep")])
+def test_selector_matches_reference(llava, method, batch, pad, keep, positions):
+    model, program = llava
+    ex = llava_example(model, batch=batch, pad=pad, seed=batch + 3)
+    vo = SELECTORS[method](model, ex, keep)
+    ref = _vision_ref(model, ex, vo, positions)
+    pruned = gp.prune(model, f"{method}(keep={keep!r}, positions={positions!r})", program=program)
+    _same_run(pruned, ex, ref)
+    assert pruned.report.patches_kept == vo["patch_index"].tolist()
+
+
+@pytest.mark.parametrize("method", sorted(SELECTORS))
+def test_selector_batch_equals_alone(llava, method):
+    model, program = llava
+    _alone_equals_batch(model, program, f"{method}(keep=10)", llava_example(model, batch=2, pad=(0, 3), seed=6))
+
+
+def test_divprune_is_max_min_greedy():
+    """On points on a line the greedy picks the farthest-isolated point, then always the farthest from
+    the chosen ones: the ends and the middle first."""
+    from graphprune.rewrite.blocks import farthest_point_select
+    x = torch.tensor([0.0, 1.0, 2.0, 2.1, 4.0, 8.0])
+    dist = (x[:, None] - x[None]).abs()
+    chosen = farthest_point_select(dist[None], 3)
+    assert chosen[0].nonzero()[:, 0].tolist() == [0, 4, 5]         # 8 (isolated by 4), then 0, then 4
+
+
+def test_dpp_greedy_matches_log_det_greedy():
+    """The incremental Cholesky greedy picks, at each step, the token maximising log det L_S."""
+    from graphprune.rewrite.blocks import dpp_greedy_select
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, dtype=torch.float64)
+    kernel = x @ x.t() + 0.1 * torch.eye(12, dtype=torch.float64)
+    chosen, order = [], []
+    for _ in range(4):
+        best = max((j for j in range(12) if j not in chosen),
+                   key=lambda j: torch.logdet(kernel[chosen + [j]][:, chosen + [j]]).item())
+        chosen.append(best)
+    got = dpp_greedy_select(kernel[None], 4)[0]
+    assert got.nonzero()[:, 0].tolist() == sorted(chosen)
+    assert N.dpp_greedy(kernel.float(), 4) == chosen
+
+
+@pytest.mark.parametrize("spec,word", [("divprune(keep=0)", "keep"), ("divprune(keep=40)", "keep=40"),
+                                       ("divprune(positions='x')", "positions"), ("cdpruner(keep=1.5)", "keep"),
+                                       ("cdpruner(keep=37)", "keep=37"), ("cdpruner(sigma=2)", "sigma")])
+def test_selector_bad_options(llava, spec, word):
+    model, program = llava
+    with pytest.raises(PassConfigError, match=word):
+        gp.prune(model, spec, program=program)
