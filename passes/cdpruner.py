@@ -13,7 +13,6 @@ LLaVA recomputes them) or "keep". Departures from the authors' code: docs/method
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from graphprune.errors import InputError, PassConfigError

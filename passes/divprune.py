@@ -13,8 +13,6 @@ Selection only: kept tokens are not modified. Departures from the authors' code:
 """
 from dataclasses import dataclass
 
-import torch
-
 from graphprune.errors import PassConfigError
 from graphprune.rewrite.blocks import cosine_matrix, farthest_point_select
 from graphprune.rewrite.pass_api import Choose, Plan, Projected, TokenPass

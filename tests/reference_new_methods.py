@@ -8,12 +8,9 @@ docs/methods.md), the reference says so next to the line.
 """
 from __future__ import annotations
 
-import math
-
 import reference as R
 import torch
 from torch import Tensor
-
 
 # ----------------------------------------------------------------------------------- vision pieces
 

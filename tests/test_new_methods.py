@@ -129,7 +129,7 @@ def test_dpp_greedy_matches_log_det_greedy():
     torch.manual_seed(0)
     x = torch.randn(12, 5, dtype=torch.float64)
     kernel = x @ x.t() + 0.1 * torch.eye(12, dtype=torch.float64)
-    chosen, order = [], []
+    chosen = []
     for _ in range(4):
         best = max((j for j in range(12) if j not in chosen),
                    key=lambda j: torch.logdet(kernel[chosen + [j]][:, chosen + [j]]).item())
