@@ -191,3 +191,35 @@ def cdpruner(model, example, keep: int | float) -> dict:
         rows.append(torch.tensor(sorted(dpp_greedy(kernel, count))))
     idx = torch.stack(rows)
     return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ------------------------------------------------------------------------------------------ VisPruner
+
+@torch.no_grad()
+def vispruner(model, example, keep: int, important_ratio: float = 0.5) -> dict:
+    """VisPruner per image, as the authors' encode_images: important = top int(keep * ratio) by
+    head-averaged CLS attention of the feature layer; the rest (in descending attention) lose up to 8
+    duplicates per round: even places A, odd places B, A's best cosine match in B, A's highest-matching
+    tokens go, survivors (in descending match order after the dropped ones) then B."""
+    parts = vision_parts(model, example.pixel_values)
+    pre, cls = parts["pre_features"], parts["cls_attn"]
+    n_imp = int(keep * important_ratio)
+    n_div = keep - n_imp
+    rows = []
+    for i in range(pre.shape[0]):
+        order = cls[i].argsort(descending=True)
+        important, residual = order[:n_imp], order[n_imp:]
+        x = pre[i] / pre[i].norm(dim=-1, keepdim=True)
+        while n_div > 0:
+            r = min(8, len(residual) - n_div)
+            if r <= 0:
+                break
+            a, b = residual[::2], residual[1::2]
+            scores = (x[a] @ x[b].t()).max(dim=-1).values
+            distinct = scores.argsort(descending=True)[r:]
+            residual = torch.cat([a[distinct], b])
+        chosen = torch.cat([important, residual]) if n_div > 0 else important
+        rows.append(chosen.sort().values)
+    idx = torch.stack(rows)
+    feats = parts["features"]
+    return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}

@@ -91,7 +91,7 @@ def test_visionzip_bad_options(llava):
 
 # ----------------------------------------------------------------------------- DivPrune and CDPruner
 
-SELECTORS = {"divprune": N.divprune, "cdpruner": N.cdpruner}
+SELECTORS = {"divprune": N.divprune, "cdpruner": N.cdpruner, "vispruner": N.vispruner}
 
 
 @pytest.mark.parametrize("method", sorted(SELECTORS))
@@ -100,6 +100,8 @@ SELECTORS = {"divprune": N.divprune, "cdpruner": N.cdpruner}
 def test_selector_matches_reference(llava, method, batch, pad, keep, positions):
     model, program = llava
     ex = llava_example(model, batch=batch, pad=pad, seed=batch + 3)
+    if method == "vispruner" and isinstance(keep, float):
+        keep = 9                       # VisPruner counts tokens (int budgets only)
     vo = SELECTORS[method](model, ex, keep)
     ref = _vision_ref(model, ex, vo, positions)
     pruned = gp.prune(model, f"{method}(keep={keep!r}, positions={positions!r})", program=program)
@@ -141,8 +143,22 @@ def test_dpp_greedy_matches_log_det_greedy():
 
 @pytest.mark.parametrize("spec,word", [("divprune(keep=0)", "keep"), ("divprune(keep=40)", "keep=40"),
                                        ("divprune(positions='x')", "positions"), ("cdpruner(keep=1.5)", "keep"),
-                                       ("cdpruner(keep=37)", "keep=37"), ("cdpruner(sigma=2)", "sigma")])
+                                       ("cdpruner(keep=37)", "keep=37"), ("cdpruner(sigma=2)", "sigma"),
+                                       ("vispruner(keep=0.5)", "keep"), ("vispruner(keep=37)", "keep=37"),
+                                       ("vispruner(important_ratio=1.5)", "important_ratio")])
 def test_selector_bad_options(llava, spec, word):
     model, program = llava
     with pytest.raises(PassConfigError, match=word):
         gp.prune(model, spec, program=program)
+
+
+@pytest.mark.parametrize("keep,ratio", [(9, 0.5), (20, 0.25), (6, 0.0), (6, 1.0)])
+def test_vispruner_splits_and_rounds(llava, keep, ratio):
+    """Important/diverse splits, odd residual counts (the authors' code assumes even ones) and the all-
+    important / all-diverse ends match the reference."""
+    model, program = llava
+    ex = llava_example(model, batch=1, seed=7)
+    vo = N.vispruner(model, ex, keep, ratio)
+    pruned = gp.prune(model, f"vispruner(keep={keep}, important_ratio={ratio})", program=program)
+    _same_run(pruned, ex, _vision_ref(model, ex, vo))
+    assert pruned.report.patches_kept == vo["patch_index"].tolist()
