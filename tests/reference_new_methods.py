@@ -223,3 +223,29 @@ def vispruner(model, example, keep: int, important_ratio: float = 0.5) -> dict:
     idx = torch.stack(rows)
     feats = parts["features"]
     return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ---------------------------------------------------------------------------------------- PyramidDrop
+
+def pyramiddrop_selects(layers, ratios, v: int, images: int = 1) -> dict:
+    """PyramidDrop's stage boundaries for R.lm_generate: {layer: select}. At each boundary every image
+    keeps its int(v * ratio) tokens most attended by the last instruction token (head-averaged softmax
+    row; graphprune reads the row of the layer before the boundary, the authors that of the boundary
+    layer), in prompt order; text tokens stay."""
+    selects = {}
+    for layer, ratio in zip(layers, ratios):
+        count = int(v * ratio)
+
+        def select(ctx, count=count):
+            row = ctx["attn"][:, :, -1, :].mean(dim=1)                    # (B, S)
+            vm = ctx["vision_mask"].bool()
+            rows = []
+            for b in range(row.shape[0]):
+                keep = [(~vm[b]).nonzero()[:, 0]]
+                for block in R.image_blocks(vm[b], images):
+                    keep.append(block[row[b, block].topk(count).indices])
+                rows.append(torch.cat(keep).sort().values)
+            return torch.stack(rows)
+
+        selects[layer] = select
+    return selects

@@ -162,3 +162,36 @@ def test_vispruner_splits_and_rounds(llava, keep, ratio):
     pruned = gp.prune(model, f"vispruner(keep={keep}, important_ratio={ratio})", program=program)
     _same_run(pruned, ex, _vision_ref(model, ex, vo))
     assert pruned.report.patches_kept == vo["patch_index"].tolist()
+
+
+# ---------------------------------------------------------------------------------------- PyramidDrop
+
+@pytest.mark.parametrize("batch,pad,layers,ratios", [(1, (), (1, 2, 3), (0.5, 0.25, 0.125)),
+                                                     (2, (0, 3), (2, 3), (0.5, 0.25))])
+def test_pyramiddrop_matches_reference(llava, batch, pad, layers, ratios):
+    model, program = llava
+    ex = llava_example(model, batch=batch, pad=pad, seed=batch + 11)
+    emb, am, pos, vm = R.llava_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, selects=N.pyramiddrop_selects(layers, ratios, V), vision_mask=vm,
+                        max_new_tokens=STEPS)
+    pruned = gp.prune(model, f"pyramiddrop(layers={layers}, ratios={ratios})", program=program)
+    out = _same_run(pruned, ex, ref)
+    assert torch.equal(out.kept, ref["keep"])
+    assert int((ex.input_ids.gather(1, out.kept) == model.config.image_token_id).sum(1)[0]) == int(V * ratios[-1])
+
+
+def test_pyramiddrop_batch_equals_alone(llava):
+    model, program = llava
+    _alone_equals_batch(model, program, "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))",
+                        llava_example(model, batch=2, pad=(0, 3), seed=8))
+
+
+@pytest.mark.parametrize("spec,word", [
+    ("pyramiddrop", "do not fit a 4-layer"), ("pyramiddrop(layers=(2, 1), ratios=(0.5, 0.25))", "increasing"),
+    ("pyramiddrop(layers=(1, 2), ratios=(0.5,))", "one ratio per layer"),
+    ("pyramiddrop(layers=(1, 2), ratios=(0.25, 0.5))", "non-increasing"),
+    ("pyramiddrop(layers=(1,), ratios=(0,))", "ratios"), ("pyramiddrop(layers=(1,), ratios=(0.5,), positions='compact')", "positions")])
+def test_pyramiddrop_bad_options(llava, spec, word):
+    model, program = llava
+    with pytest.raises(PassConfigError, match=word):
+        gp.prune(model, spec, program=program)
