@@ -55,12 +55,6 @@ class CDPruner(TokenPass):
         if self.config.positions not in ("compact", "keep"):
             raise PassConfigError(f"cdpruner: positions must be 'compact' or 'keep', got {self.config.positions!r}")
 
-    def requires(self, anatomy):
-        keep = self.config.keep
-        if anatomy.grid is not None and isinstance(keep, int) and keep > anatomy.grid[0] * anatomy.grid[1]:
-            raise PassConfigError(f"cdpruner: keep={keep} exceeds the {anatomy.grid[0] * anatomy.grid[1]} patches "
-                                  "per image")
-
     def check_prompt(self, prompt):
         if int(prompt.text_mask.sum(1).min()) < 1:
             raise InputError("cdpruner: a prompt has no instruction tokens after its image; the relevance needs text")

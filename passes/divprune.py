@@ -41,12 +41,6 @@ class DivPrune(TokenPass):
         if self.config.positions not in ("compact", "keep"):
             raise PassConfigError(f"divprune: positions must be 'compact' or 'keep', got {self.config.positions!r}")
 
-    def requires(self, anatomy):
-        keep = self.config.keep
-        if anatomy.grid is not None and isinstance(keep, int) and keep > anatomy.grid[0] * anatomy.grid[1]:
-            raise PassConfigError(f"divprune: keep={keep} exceeds the {anatomy.grid[0] * anatomy.grid[1]} patches "
-                                  "per image")
-
     def plan(self) -> Plan:
         return Plan(after_projector=True, positions=self.config.positions, signals={"feats": Projected()},
                     select=Choose(self.config.keep, diverse_tokens))

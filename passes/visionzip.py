@@ -94,12 +94,6 @@ class VisionZip(TokenPass):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"visionzip needs the CLS token of the vision encoder; {anatomy.model_class} "
                                     "has none (use an LLM-stage method such as fastv)")
-        if anatomy.grid is not None:
-            v = anatomy.grid[0] * anatomy.grid[1]
-            ctx = contextual_count(self.config.keep, self.config.contextual)
-            if self.config.keep > v or ctx > v - (self.config.keep - ctx):
-                raise PassConfigError(f"visionzip: keep={self.config.keep} (contextual={ctx}) does not fit the {v} "
-                                      "patches per image")
         if self.config.heads is not None and anatomy.layers:
             q = anatomy.layers[-1].attention.q.meta.get("val")
             if q is not None and q.shape[1] != self.config.heads:

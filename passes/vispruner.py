@@ -76,9 +76,6 @@ class VisPruner(TokenPass):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"vispruner needs the CLS token of the vision encoder; {anatomy.model_class} "
                                     "has none (use divprune, which needs no CLS)")
-        if anatomy.grid is not None and self.config.keep > anatomy.grid[0] * anatomy.grid[1]:
-            raise PassConfigError(f"vispruner: keep={self.config.keep} exceeds the "
-                                  f"{anatomy.grid[0] * anatomy.grid[1]} patches per image")
 
     def plan(self) -> Plan:
         return Plan(positions=self.config.positions,

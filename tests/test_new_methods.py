@@ -8,8 +8,8 @@ import reference_new_methods as N
 import torch
 
 import graphprune as gp
-from graphprune.errors import PassConfigError
-from graphprune.tools.zoo import llava_example
+from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.tools.zoo import llava_example, qwen2vl_example
 
 STEPS = 16
 V = 36                          # 6 x 6 patch grid of the tiny LLaVA
@@ -195,3 +195,23 @@ def test_pyramiddrop_bad_options(llava, spec, word):
     model, program = llava
     with pytest.raises(PassConfigError, match=word):
         gp.prune(model, spec, program=program)
+
+
+# ------------------------------------------------------------------------------------------- Qwen2-VL
+
+def test_pyramiddrop_qwen2vl(qwen):
+    """M-RoPE positions kept: the same stages on the tiny Qwen2-VL (16 vision tokens per image)."""
+    model, program = qwen
+    ex = qwen2vl_example(model, batch=2, pad=(0, 2))
+    emb, am, pos, vm = R.qwen2vl_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, selects=N.pyramiddrop_selects((1, 3), (0.5, 0.25), 16), vision_mask=vm,
+                        max_new_tokens=STEPS)
+    out = _same_run(gp.prune(model, "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))", program=program), ex, ref)
+    assert torch.equal(out.kept, ref["keep"])
+
+
+@pytest.mark.parametrize("method", ["visionzip(keep=8)", "vispruner(keep=8)", "divprune(keep=8)", "cdpruner(keep=8)"])
+def test_vision_methods_on_qwen2vl_say_why_not(qwen, method):
+    model, program = qwen
+    with pytest.raises(PassNotApplicable, match="Qwen2VL"):
+        gp.prune(model, method, program=program)

@@ -1,4 +1,5 @@
-"""Building blocks shared by passes: similarity on the patch grid, windows, clustering merges.
+"""Building blocks shared by passes: similarity on the patch grid, windows, clustering merges, greedy
+diversity (farthest-point) and DPP selection.
 
 Plain batched torch functions over per-image token sets (B, images, V, ...) with static
 shapes, so any pass can call them from the function it records into the graph. Semantics
