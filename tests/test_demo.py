@@ -4,7 +4,7 @@ import os
 import pytest
 
 from graphprune.cli import main
-from graphprune.tools import bench, demo, vqa_model, zoo
+from graphprune.tools import demo, vqa_model, zoo
 from graphprune.tools.images import read_png
 
 
