@@ -215,3 +215,13 @@ def test_vision_methods_on_qwen2vl_say_why_not(qwen, method):
     model, program = qwen
     with pytest.raises(PassNotApplicable, match="Qwen2VL"):
         gp.prune(model, method, program=program)
+
+
+@pytest.mark.parametrize("spec", ["visionzip(keep=12)", "divprune(keep=9)", "cdpruner(keep=9)", "vispruner(keep=9)",
+                                  "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))"])
+def test_new_methods_export_to_onnx(llava, spec, tmp_path):
+    """The selection functions trace with static shapes (no data-dependent branch): ONNX export succeeds."""
+    model, program = llava
+    pytest.importorskip("onnx")
+    manifest = gp.export_onnx(gp.prune(model, spec, program=program), tmp_path / "out")
+    assert (tmp_path / "out").is_dir() and manifest is not None

@@ -182,7 +182,7 @@ def farthest_point_select(dist, k: int, protected=None, valid=None):
     v = dist.shape[-1]
     blocked = torch.zeros(dist.shape[:-1], dtype=torch.bool, device=dist.device) if valid is None else ~valid.bool()
     chosen = torch.zeros_like(blocked) if protected is None else protected.bool() & ~blocked
-    if bool((chosen.sum(-1) > k).any()):
+    if protected is not None and bool((chosen.sum(-1) > k).any()):     # (no data-dependent check otherwise: exports)
         raise InputError(f"{int(chosen.sum(-1).max())} protected tokens exceed the budget of {k}; raise keep")
     started = chosen.any(-1, keepdim=True)
     second = dist.topk(min(2, v), dim=-2, largest=False).values[..., -1, :]
