@@ -283,7 +283,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             raise InputError(f"past_key_values must be a graphprune PrunedCache (what this model returns), "
                              f"got {type(cache).__name__}")
         if cache.layers:
-            return self._continue(cache, input_ids, attention_mask)
+            return self._continue(cache, input_ids, attention_mask, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
@@ -320,8 +320,9 @@ class PrunedModel(nn.Module, GenerationMixin):
         return PrunedOutput(logits=outs["logits"], past_key_values=cache, positions=positions, kept=kept,
                             report=self.report)
 
-    def _continue(self, cache: PrunedCache, input_ids, attention_mask) -> PrunedOutput:
-        """Feed tokens after a cached prompt (generated ones, or a follow-up question)."""
+    def _continue(self, cache: PrunedCache, input_ids, attention_mask, pixel_values) -> PrunedOutput:
+        """Feed tokens after a cached prompt (generated ones, or a follow-up question). Image inputs
+        are not read again: the cached prompt's image is in the cache; a new image is refused."""
         t = input_ids.shape[1]
         if attention_mask is None:
             fed = torch.ones_like(input_ids)
@@ -330,8 +331,8 @@ class PrunedModel(nn.Module, GenerationMixin):
                              f"{cache.seen} and {t} tokens are fed: it must cover both ({cache.seen + t})")
         else:
             fed = attention_mask[:, -t:]
-        if bool((input_ids == self.family.image_token_id()).any()):
-            raise InputError("tokens fed after a cached prompt contain image tokens; a PrunedCache holds one pruned "
+        if pixel_values is not None and bool((input_ids == self.family.image_token_id()).any()):
+            raise InputError("the tokens fed after a cached prompt hold a new image; a PrunedCache holds one pruned "
                              "prompt with its images: start a new conversation (no past_key_values) for a new image")
         cache.room(t)
         logits = [self.decode_step(cache, input_ids[:, j], mask=fed[:, j])[0] for j in range(t)]
