@@ -126,6 +126,19 @@ class PrunedCache(Cache):
         self.seen, self.next_position = seen, next_position
         return self
 
+    def copy(self) -> "PrunedCache":
+        """A cache to continue from this point, leaving this one as it is (dynamic layers share
+        their tensors, which decode steps replace and never write; static buffers are copied)."""
+        out = PrunedCache(self.capacity)
+        out.seen, out.next_position = self.seen, self.next_position
+        for layer in self.layers:
+            twin = PrunedLayer.__new__(PrunedLayer)
+            twin.__dict__.update(layer.__dict__)
+            if layer.static:
+                twin.keys, twin.values, twin.mask = layer.keys.clone(), layer.values.clone(), layer.mask.clone()
+            out.layers.append(twin)
+        return out
+
     # -- graphprune's view: one entry per layer ------------------------------------------------
     def __iter__(self):
         return iter(self.layers)

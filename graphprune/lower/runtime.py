@@ -24,6 +24,7 @@ from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.errors import InputError, PassConfigError
 from graphprune.lower.report import Report
+from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.lower.cache import PrunedCache
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
 from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
@@ -183,6 +184,11 @@ class PrunedModel(nn.Module, GenerationMixin):
     @contextmanager
     def _optimize_model_for_decode(self):
         yield                 # transformers switches MoE kernels here; the captured graphs are fixed
+
+    def save_pretrained(self, directory, **save_kwargs) -> None:
+        """The model's checkpoint (safetensors) plus graphprune.json, the pipeline applied;
+        graphprune.from_pretrained(directory) loads it and re-applies the pipeline."""
+        save_pruned(self, directory, **save_kwargs)
 
     def _lower(self, gm: torch.fx.GraphModule | None, attention: str | None = None) -> torch.fx.GraphModule | None:
         """gm itself, or a copy with flash-attn as its attention and/or oneDNN-packed linear weights."""
@@ -520,6 +526,15 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
     return PrunedModel(model, rewritten, passes, program, attention, linear)
+
+
+def from_pretrained(directory, *, attention: str = "auto", **model_kwargs) -> PrunedModel:
+    """Load a directory written by PrunedModel.save_pretrained and re-apply its pipeline
+    (safetensors weights, a known model family, no remote code). model_kwargs go to the model's
+    from_pretrained (dtype, device_map, ...); attention is resolved for this machine again."""
+    model, spec = load_checkpoint(directory, **model_kwargs)
+    pipeline = " | ".join(spec["pipeline"]) or None
+    return prune(model, pipeline, attention=attention, linear=spec.get("linear", "aten"))
 
 
 def _attention_kind(model, attention: str) -> str:
