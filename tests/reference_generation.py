@@ -101,10 +101,10 @@ class ReferenceVLM(nn.Module, GenerationMixin):
             fed = attention_mask[:, -input_ids.shape[1]:]
             logits = [self._step(cache, input_ids[:, j], fed[:, j]) for j in range(input_ids.shape[1])]
             return CausalLMOutputWithPast(logits=torch.stack(logits, 1), past_key_values=cache)
-        return CausalLMOutputWithPast(logits=self._prefill(cache, input_ids, attention_mask, pixel_values,
+        return CausalLMOutputWithPast(logits=self._prompt(cache, input_ids, attention_mask, pixel_values,
                                                            image_grid_thw, mm_token_type_ids), past_key_values=cache)
 
-    def _prefill(self, cache, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids):
+    def _prompt(self, cache, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids):
         lm = self.lm
         h, mask, pos, vmask = self._inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         h, valid, vmask = h.float(), mask.bool(), vmask.bool()
