@@ -11,6 +11,7 @@ graph on tokens fed after it, with the per-layer caches in a PrunedCache (graphp
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -432,6 +433,12 @@ class PrunedModel(nn.Module, GenerationMixin):
             self.report.with_decode(cache, sequences.shape[1] - input_ids.shape[1])
         return out
 
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """transformers' own preparation, less what generate hands every model but forward does not
+        take (the stop-string tokenizer, ...); generate has already checked the user's kwargs."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS}
+
     def _new_tokens(self, input_ids, kwargs) -> int:
         """How many tokens a generate call may add (what a static cache makes room for)."""
         config = kwargs.get("generation_config") or self.generation_config
@@ -450,6 +457,9 @@ class PrunedModel(nn.Module, GenerationMixin):
         if expand_size > 1 and "pixel_values" in images:
             images = _repeat_images(images, batch, expand_size)
         return input_ids, {**model_kwargs, **images}
+
+
+_FORWARD_INPUTS = set(inspect.signature(PrunedModel.forward).parameters) - {"self", "unused"}
 
 
 def _repeat_images(images: dict, batch: int, times: int) -> dict:
