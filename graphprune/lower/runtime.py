@@ -24,9 +24,9 @@ from transformers.utils import ModelOutput
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.errors import InputError, PassConfigError
+from graphprune.lower.cache import PrunedCache
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
-from graphprune.lower.cache import PrunedCache
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
 from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
 
