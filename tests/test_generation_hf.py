@@ -191,6 +191,16 @@ def test_follow_up_with_a_new_image_is_refused(llava):
                         max_new_tokens=2)
 
 
+@pytest.mark.parametrize("option,match", [(dict(output_attentions=True), "attention maps"),
+                                          (dict(prompt_lookup_num_tokens=3), "cannot be cropped"),
+                                          (dict(cache_implementation="static"), "its own cache")])
+def test_unsupported_generate_options_fail_clearly(llava, option, match):
+    model, program = llava
+    pruned = gp.prune(model, FASTV["llava"][0], program=program)
+    with pytest.raises(gp.InputError, match=match):
+        pruned.generate(**llava_example(model).as_kwargs(), max_new_tokens=2, **option)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 def test_save_and_load_round_trip(llava, qwen, family, tmp_path):
     import json

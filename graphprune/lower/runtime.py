@@ -418,6 +418,9 @@ class PrunedModel(nn.Module, GenerationMixin):
             raise InputError(f"max_new_tokens must be >= 1, got {kwargs['max_new_tokens']}")
         if kwargs.get("do_sample") and kwargs.get("temperature") is not None and kwargs["temperature"] <= 0:
             raise InputError("temperature must be > 0 when sampling")
+        for name, why in _UNSUPPORTED.items():
+            if kwargs.get(name) or getattr(kwargs.get("generation_config"), name, None):
+                raise InputError(f"{name}: {why}")
         cache = kwargs.pop("past_key_values", None)
         if cache is None:
             cache = PrunedCache(capacity=self._new_tokens(input_ids, kwargs) if static_cache else 0)
@@ -459,6 +462,15 @@ class PrunedModel(nn.Module, GenerationMixin):
         return input_ids, {**model_kwargs, **images}
 
 
+# generate options a pruned model refuses, and why
+_UNSUPPORTED = {
+    "assistant_model": "assisted decoding rolls the cache back, and a pruned cache cannot be cropped",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding rolls the cache back, and a pruned cache cannot be cropped",
+    "output_attentions": "the rewritten graphs compute attention inside SDPA and return no attention maps",
+    "output_hidden_states": "the rewritten graphs return logits and caches, not hidden states",
+    "cache_implementation": "the pruned model brings its own cache (PrunedCache; static_cache=True for its static variant)",
+    "prefill_chunk_size": "the pruned prefill selects tokens over the whole prompt; it cannot run in chunks",
+}
 _FORWARD_INPUTS = set(inspect.signature(PrunedModel.forward).parameters) - {"self", "unused"}
 
 
