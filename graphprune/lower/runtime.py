@@ -17,6 +17,7 @@ import torch
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.errors import InputError, PassConfigError
+from graphprune.families.base import check_video_unit
 from graphprune.lower.report import Report
 from graphprune.rewrite.kv_cache import KVCache, LayerCache, shrink_kv, static_kv
 from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
@@ -112,8 +113,9 @@ def check_budgets(results, tokens_per_image: int) -> None:
 
 class PrunedModel:
     def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa",
-                 linear: str = "aten"):
+                 linear: str = "aten", video_unit: str = "frame"):
         self.model = model
+        self.video_unit = check_video_unit(video_unit)     # what a video's keep counts: each frame, or the video
         self.program = program          # the rewritten stages
         self.base = base                # the captured, unpruned stages (text-only prompts)
         self.pipeline = pipeline
@@ -153,17 +155,21 @@ class PrunedModel:
         return low
 
     # -- prompt preparation -----------------------------------------------------------------
-    def _layout(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        return vision_layout(input_ids == self.family.image_token_id())
+    def _layout(self, input_ids: torch.Tensor, **inputs) -> torch.Tensor | None:
+        """(B, units, tokens) prompt positions of the prunable vision tokens (None: text only)."""
+        layout = self.family.vision_layout(input_ids, video_unit=self.video_unit, **inputs)
+        return None if layout is None else layout.pos
 
-    def _image_features(self, pixel_values, image_grid_thw, vision_pos, input_ids):
-        """Features (B, n, k, D) and what the vision stage kept: original patch indices, validity
-        and key set (images, k) each, or None when it kept every patch."""
+    def _image_features(self, inputs, vision_pos, input_ids):
+        """Prompt embeddings (None: plain token embeddings), features (B, n, k, D) and what the vision
+        stage kept: original patch indices, validity and key set (images, k) each, or None when it
+        kept every patch."""
         b, n, v = vision_pos.shape
         vision = self.program.stages["vision"]
-        if vision.gm is None:
-            feats = self.family.image_features(pixel_values, image_grid_thw)
-            return feats.reshape(b, n, -1, feats.shape[-1]), None, None, None
+        if vision.gm is None:              # the model's own get_image_features / get_video_features
+            embeds = self.family.merged_embeds(input_ids, **inputs)
+            return embeds, tokenops.token_features(embeds, vision_pos), None, None, None
+        pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             raise InputError("the prompt has image tokens but no pixel_values were given")
         if pixel_values.shape[0] != b * n:
@@ -177,21 +183,19 @@ class PrunedModel:
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
         outs = _call(self.executables["vision"], **inputs)
         feats = outs["features"]
-        return (feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
+        return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
                 outs.get("patches_protected"))
 
-    def _prompt(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None) -> _Prompt | None:
+    def _prompt(self, input_ids, attention_mask, **inputs) -> _Prompt | None:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_pos = self._layout(input_ids)
+        vision_pos = self._layout(input_ids, **inputs)
         if vision_pos is None:
             return None
         b, n, v = vision_pos.shape
         check_budgets(self.results, v)
-        positions = self.family.positions(input_ids, attention_mask, image_grid_thw=image_grid_thw,
-                                          mm_token_type_ids=mm_token_type_ids)
-        feats, kept, valid, protected = self._image_features(pixel_values, image_grid_thw, vision_pos, input_ids)
+        positions = self.family.positions(input_ids, attention_mask, **inputs)
+        embeds, feats, kept, valid, protected = self._image_features(inputs, vision_pos, input_ids)
         index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
             k = kept.shape[-1]
@@ -209,8 +213,18 @@ class PrunedModel:
             vision_pos = new_pos
         if protected is not None:
             protected = protected.reshape(b, n, -1)
-        return _Prompt.assemble(self.family.embed(input_ids), feats, positions, attention_mask, vision_pos, index,
+        embeds = self.family.embed(input_ids) if embeds is None else embeds
+        return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
                                 self.pipeline, protected, kept)
+
+    def _vision_inputs(self, **inputs) -> dict:
+        """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        unused = sorted(set(inputs) - set(self.family.vision_inputs))
+        if unused:
+            raise InputError(f"unexpected inputs {unused}; {self.family.model_class} ({self.family.name} family) "
+                             f"takes input_ids, attention_mask, {', '.join(self.family.vision_inputs)}")
+        return inputs
 
     def _vision_positions(self) -> str:
         for r in self.results:
@@ -227,11 +241,11 @@ class PrunedModel:
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, **unused) -> PrunedOutput:
-        if unused:
-            raise InputError(f"unexpected inputs {sorted(unused)}")
+        inputs = self._vision_inputs(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                     mm_token_type_ids=mm_token_type_ids, **unused)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt: nothing to prune
             gm = self.base.stages["prefill"].gm
             positions = self.family.positions(input_ids, attention_mask)
@@ -325,8 +339,9 @@ class PrunedModel:
                  mm_token_type_ids=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, static_cache: bool = False) -> torch.Tensor:
+                 generator: torch.Generator | None = None, static_cache: bool = False, **inputs) -> torch.Tensor:
         """Greedy or sampled decoding through the per-layer caches; returns prompt + new tokens.
+        `inputs`: the family's other processor outputs (pixel_values_videos, image_sizes, ...).
 
         static_cache=True decodes with fixed-size per-layer buffers written in place (the step's
         shapes never change: what compile_decode / CUDA graphs need)."""
@@ -338,7 +353,7 @@ class PrunedModel:
         eos = gen.eos_token_id if eos_token_id is None else eos_token_id
         eos = set([eos] if isinstance(eos, int) else (eos or []))
         pad = pad_token_id if pad_token_id is not None else (gen.pad_token_id if gen.pad_token_id is not None else 0)
-        out = self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        out = self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **inputs)
         report = self.report
         logits, cache = out.logits[:, -1], out.cache
         pos = out.positions
@@ -408,7 +423,7 @@ _PROGRAMS: dict[int, tuple] = {}
 
 
 def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
-          linear: str = "aten", **options) -> PrunedModel:
+          linear: str = "aten", video_unit: str = "frame", **options) -> PrunedModel:
     """Prune a Hugging Face VLM with a method name (+ options), a pipeline string/TOML file, or passes.
 
     All options are validated, the model captured and the graphs rewritten before this returns;
@@ -418,7 +433,10 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     `linear`: "aten" (the graphs' own linears) or "packed" (float32 CPU models: weights packed once
     for oneDNN, faster and closer to proportional to the tokens kept, at twice the linear layers'
     weight memory; see graphprune.targets.packed_linear).
+    `video_unit`: what `keep` counts for video: "frame" (each frame keeps `keep` tokens, default) or
+    "video" (each whole video keeps `keep`); images always count per image.
     """
+    check_video_unit(video_unit)
     attention = _attention_kind(model, attention)
     _check_linear(model, linear)
     load_builtin_methods()
@@ -430,7 +448,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
         program = _PROGRAMS[key][1]
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
-    return PrunedModel(model, rewritten, passes, program, attention, linear)
+    return PrunedModel(model, rewritten, passes, program, attention, linear, video_unit)
 
 
 def _attention_kind(model, attention: str) -> str:
