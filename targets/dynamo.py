@@ -14,7 +14,9 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
   captured.
 
-A pass that cannot apply never degrades silently: an image merge split from the decoder layers by
+A pass that cannot apply never degrades silently: a model of a family the backend cannot prune
+("unsupported family": unknown to graphprune, refused up front, or laid out in a way the image mask
+alone does not show), an image merge split from the decoder layers by
 a graph break, decoder layers spread over several frames, or image features that reach the
 decoder layers merged by an op other than masked_scatter (seen at run time: a compiled vision
 frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or
@@ -267,6 +269,21 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     return PrunedFrame(owner, opts, roles, inputs)
 
 
+def _family_supported(opts: BackendOptions) -> bool:
+    """The frame merging image features belongs to a family the backend can prune; else say so
+    (unknown and refused families, families whose layout the image mask alone cannot give)."""
+    from graphprune.families import family_of
+    owner = _owner("the module merging image features")
+    try:
+        why = family_of(owner).compile_refused
+    except UnsupportedModelError as e:
+        why = str(e)
+    if why:
+        _not_applied(opts, f"unsupported family: {why}")
+        return False
+    return True
+
+
 def _not_applied(opts: BackendOptions, why: str) -> None:
     _PENDING.image = False           # this image is reported: a later text-only prompt owes nothing
     msg = (f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {why}. The model would run "
@@ -293,6 +310,8 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if merge is None and layers and vision:
         _not_applied(opts, _UNSEEN_MERGE)
     if merge is not None:
+        if not _family_supported(opts):
+            return _compile(gm, example_inputs, opts.compiler)
         if not layers:
             _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
         else:

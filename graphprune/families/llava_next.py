@@ -21,6 +21,8 @@ class LlavaNextFamily(Family):
     model_types = ("llava_next",)
     vision_inputs = ("pixel_values", "image_sizes")
     image_feature_inputs = ("image_sizes",)
+    compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
+                       "image_newline slots (never pruned) from the patches; use graphprune.prune(model, ...)")
 
     def vision_layout(self, input_ids, video_unit: str = "frame", image_sizes=None, **inputs) -> VisionLayout | None:
         is_image = input_ids == self.image_token_id()
