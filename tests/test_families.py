@@ -201,3 +201,23 @@ def test_recognised_by_model_type_not_class_name():
     assert family_of(mine).name == "llava_next"
     body = family_of(model.model)                   # the body, as a torch.compile frame holds it
     assert isinstance(body.lm_head(), torch.nn.Identity) and body.language_model() is model.model.language_model
+
+
+def test_inspect_shows_units_spans_and_separators(capsys):
+    import json
+
+    from graphprune.cli import main
+    assert main(["inspect", "tiny-llava-next", "--no-decode", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    model, _ = _model("llava_next")
+    ex = family_zoo.example(model, items=("image",))
+    slots = (ex.input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    _, _, _, vm = RF.family_inputs(model, ex)
+    newline = [int(i) for i in slots if not vm[0, i]]
+    [sample] = d["prompt"]["vision_units"]
+    assert sample["units"] == [{"unit": "image 0", "span": [int(slots[0]), int(slots[-1])], "tokens": 48}]
+    assert sample["separators"] == [[i, model.config.image_token_id] for i in newline] and len(newline) == 4
+    assert main(["inspect", "tiny-qwen2.5vl", "--no-decode"]) == 0
+    out = capsys.readouterr().out
+    assert "image 0 [7, 23) 16 tokens, video 0 frame 0 [27, 43) 16 tokens, video 0 frame 1 [43, 59) 16 tokens" in out
+    assert "6 (id 148), 23 (id 149), 26 (id 148), 59 (id 149)" in out

@@ -39,6 +39,7 @@ class Family:
     position_axes: int = 1              # 3 for M-RoPE (temporal, height, width)
     vision_has_cls: bool = True
     refused: str = ""                   # why models of this family cannot be pruned (checked up front)
+    eager_vision: str = "no capturable vision stage declared"     # why vision_module() is None
     compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
     # processor outputs the family consumes besides input_ids / attention_mask
     vision_inputs: tuple[str, ...] = ("pixel_values",)

@@ -21,6 +21,7 @@ class LlavaNextFamily(Family):
     model_types = ("llava_next",)
     vision_inputs = ("pixel_values", "image_sizes")
     image_feature_inputs = ("image_sizes",)
+    eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
     compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
                        "image_newline slots (never pruned) from the patches; use graphprune.prune(model, ...)")
 

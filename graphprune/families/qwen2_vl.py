@@ -20,6 +20,7 @@ class Qwen2VLFamily(Family):
     vision_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
     image_feature_inputs = ("image_grid_thw",)
     video_feature_inputs = ("video_grid_thw",)
+    eager_vision = "data-dependent patch grid (grid_thw)"
     separator_tokens = ("vision_start_token_id", "vision_end_token_id")
 
     def merge(self) -> int:
