@@ -9,7 +9,9 @@ rest is written here from the processors' layouts:
     is an image, or one temporal patch (frame) of a video (``video_unit="video"``: the whole video).
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
-    ``_get_number_of_features``); newline slots are not prunable. Positions are ``cumsum(mask) - 1``.
+    ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
+    frames x pooled patches then one newline slot. Newline slots are not prunable. Positions are
+    ``cumsum(mask) - 1``.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def _merge(model, ids: Tensor, example) -> Tensor:
         extra = {k: kw[k] for k in ("image_grid_thw", "image_sizes") if k in kw}
         emb[ids == cfg.image_token_id] = _flat(body.get_image_features(kw["pixel_values"], **extra)).float()
     if kw.get("pixel_values_videos") is not None:
-        emb[ids == cfg.video_token_id] = _flat(body.get_video_features(kw["pixel_values_videos"],
-                                                                      kw["video_grid_thw"])).float()
+        extra = {k: kw[k] for k in ("video_grid_thw",) if k in kw}
+        emb[ids == cfg.video_token_id] = _flat(body.get_video_features(kw["pixel_values_videos"], **extra)).float()
     return emb
 
 
@@ -53,11 +55,12 @@ def _llava_next_prunable(model, example) -> Tensor:
     ids = example.input_ids
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     out = torch.zeros_like(ids, dtype=torch.bool)
-    per = example.image_sizes.shape[0] // ids.shape[0]
+    sizes = example.image_sizes if example.image_sizes is not None else torch.zeros(0, 2, dtype=torch.long)
+    per = sizes.shape[0] // ids.shape[0]
     for b in range(ids.shape[0]):
         slots = (ids[b] == cfg.image_token_id).nonzero(as_tuple=True)[0]
         marks = []
-        for h0, w0 in example.image_sizes[b * per:(b + 1) * per].tolist():
+        for h0, w0 in sizes[b * per:(b + 1) * per].tolist():
             # best crop grid: the pinpoint resolution that keeps the most effective pixels, then wastes least
             best, best_eff, best_waste = None, -1, float("inf")
             for ph, pw in cfg.image_grid_pinpoints:
@@ -71,10 +74,18 @@ def _llava_next_prunable(model, example) -> Tensor:
                 rows -= 2 * ((rows - int(round(h0 * cols / w0, 7))) // 2)
             else:
                 cols -= 2 * ((cols - int(round(w0 * rows / h0, 7))) // 2)
+            if cfg.model_type == "llava_onevision":        # crop grid capped at anyres_max_N base views
+                ratio = (rows * cols / (int(cfg.vision_aspect_ratio.strip("anyres_max_")) * side * side)) ** 0.5
+                if ratio > 1.1:
+                    rows, cols = int(rows // ratio), int(cols // ratio)
             row = [True] * cols + [False]
             marks += [True] * side * side + row * rows
         assert len(marks) == slots.numel(), "layout differs from the prompt's placeholder count"
-        out[b, slots] = torch.tensor(marks)
+        out[b, slots] = torch.tensor(marks, dtype=torch.bool)
+        if example.pixel_values_videos is not None:     # OneVision: each video block ends in one newline slot
+            videos = (ids[b] == cfg.video_token_id).nonzero(as_tuple=True)[0]
+            per_video = videos.view(example.pixel_values_videos.shape[0] // ids.shape[0], -1)
+            out[b, per_video[:, :-1].reshape(-1)] = True
     return out
 
 
@@ -89,7 +100,7 @@ def family_inputs(model, example):
         pos, _ = model.model.get_rope_index(ids, example.mm_token_type_ids, image_grid_thw=example.image_grid_thw,
                                             video_grid_thw=example.video_grid_thw, attention_mask=am, **extra)
         vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
-    elif cfg.model_type == "llava_next":
+    elif cfg.model_type in ("llava_next", "llava_onevision"):
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         vm = _llava_next_prunable(model, example)
     else:
@@ -108,6 +119,9 @@ def units_of(model, example, video_unit: str = "frame") -> int:
     if example.video_grid_thw is not None:
         grids = example.video_grid_thw[: example.video_grid_thw.shape[0] // b]
         n += int(grids[:, 0].sum()) if video_unit == "frame" else grids.shape[0]
+    elif example.pixel_values_videos is not None:       # OneVision: (videos, frames, C, H, W)
+        videos, frames = example.pixel_values_videos.shape[0] // b, example.pixel_values_videos.shape[1]
+        n += videos * frames if video_unit == "frame" else videos
     return n
 
 

@@ -26,6 +26,9 @@ CASES = [
     ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video"), "frame"),
     ("qwen2_5_vl-video-per-video", "qwen2_5_vl", ("video",), "video"),
     ("llava_next-anyres", "llava_next", ("image",), "frame"),
+    ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
+    # an image (48 tokens) and a 12-frame video counted per video (12 x 2x2 pooled = 48)
+    ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -40,12 +43,13 @@ def _model(family):
 
 
 def _example(model, items, batch=2, pad=(0, 2)):
-    return family_zoo.example(model, batch=batch, pad=pad, items=items)
+    frames = 12 if model.config.model_type == "llava_onevision" and len(items) > 1 else 4
+    return family_zoo.example(model, batch=batch, pad=pad, items=items, frames=frames)
 
 
 def _hf_logits(model, ex):
     kw = ex.as_kwargs()
-    if model.config.model_type == "llava_next":       # generate()'s positions for left padding
+    if model.config.model_type.startswith("llava"):       # generate()'s positions for left padding
         kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return model(**kw).logits

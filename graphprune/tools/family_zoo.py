@@ -47,6 +47,22 @@ def tiny_llava_next(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(LlavaNextForConditionalGeneration, cfg, seed)
 
 
+def tiny_llava_onevision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """LLaVA-OneVision architecture: SigLIP tower (no CLS; 4x4 patches per 56-pixel crop, pooled to
+    2x2 per video frame), anyres_max_9 crop grids, image_newline, Qwen2 LM."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    vc = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=56, patch_size=14)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=dict(model_type="qwen2", hidden_size=hidden,
+                                                                  intermediate_size=2 * hidden,
+                                                                  num_hidden_layers=layers, **TEXT),
+                               image_token_id=150, video_token_id=151, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                               image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], tie_word_embeddings=False)
+    return _finish(LlavaOnevisionForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -54,7 +70,7 @@ def _finish(cls, cfg, seed):
     return model
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next}
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -72,7 +88,8 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = _QWEN if kind in ("qwen2_vl", "qwen2_5_vl") else _LLAVA_NEXT if kind == "llava_next" else None
+    layout = _QWEN if kind in ("qwen2_vl", "qwen2_5_vl") else _LLAVA_NEXT if kind in ("llava_next", "llava_onevision") \
+        else None
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -119,22 +136,31 @@ def _QWEN(model, g, batch, items, *, grid, frames, **_):
     return {"blocks": blocks, "inputs": inputs}
 
 
-def _LLAVA_NEXT(model, g, batch, items, *, image_size, **_):
+def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     """One <image> per feature: the base view's patches, then each row of the unpadded crop grid
-    followed by its newline slot (LlavaNextProcessor._get_number_of_features)."""
+    followed by its newline slot (LlavaNextProcessor._get_number_of_features; OneVision's crop grids
+    stay under anyres_max_9 here). OneVision videos: <video> x frames * pooled^2 + 1 newline
+    (LlavaOnevisionProcessor.replace_video_token)."""
     from transformers.image_processing_utils import select_best_resolution
-    if set(items) != {"image"}:
-        raise ValueError("LLaVA-NeXT prompts hold images only")
     cfg = model.config
+    if "video" in items and cfg.model_type != "llava_onevision":
+        raise ValueError("LLaVA-NeXT prompts hold images only")
     crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
     best_h, best_w = select_best_resolution(list(image_size), cfg.image_grid_pinpoints)
     side = crop // patch
     tokens = side * side + llava_next_rows(image_size, side * best_h // crop, side * best_w // crop)[0]
     crops = 1 + (best_h // crop) * (best_w // crop)
-    n = len(items)
-    return {"blocks": [[cfg.image_token_id] * tokens] * n,
-            "inputs": {"pixel_values": torch.randn(batch * n, crops, 3, crop, crop, generator=g),
-                       "image_sizes": torch.tensor([list(image_size)] * batch * n)}}
+    pooled = -(-side // 2)
+    blocks = [[cfg.image_token_id] * tokens if item == "image" else [cfg.video_token_id] * (frames * pooled ** 2 + 1)
+              for item in items]
+    n_img, n_vid = items.count("image"), items.count("video")
+    inputs = {"pixel_values": None}
+    if n_img:
+        inputs["pixel_values"] = torch.randn(batch * n_img, crops, 3, crop, crop, generator=g)
+        inputs["image_sizes"] = torch.tensor([list(image_size)] * batch * n_img)
+    if n_vid:
+        inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, crop, crop, generator=g)
+    return {"blocks": blocks, "inputs": inputs}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:
