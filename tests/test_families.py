@@ -27,7 +27,7 @@ CASES = [
     ("qwen2_5_vl-video-per-video", "qwen2_5_vl", ("video",), "video"),
     ("llava_next-anyres", "llava_next", ("image",), "frame"),
     ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
-    # an image (48 tokens) and a 12-frame video counted per video (12 x 2x2 pooled = 48)
+    # an image (8x8 base + 8 rows of 14 = 176 tokens) and an 11-frame video counted per video (11 x 4x4 pooled)
     ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
 ]
 IDS = [c[0] for c in CASES]
@@ -43,7 +43,7 @@ def _model(family):
 
 
 def _example(model, items, batch=2, pad=(0, 2)):
-    frames = 12 if model.config.model_type == "llava_onevision" and len(items) > 1 else 4
+    frames = 11 if model.config.model_type == "llava_onevision" and len(items) > 1 else 4
     return family_zoo.example(model, batch=batch, pad=pad, items=items, frames=frames)
 
 

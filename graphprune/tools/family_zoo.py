@@ -48,18 +48,18 @@ def tiny_llava_next(seed: int = 0, *, layers: int = 4, hidden: int = 64):
 
 
 def tiny_llava_onevision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
-    """LLaVA-OneVision architecture: SigLIP tower (no CLS; 4x4 patches per 56-pixel crop, pooled to
-    2x2 per video frame), anyres_max_9 crop grids, image_newline, Qwen2 LM."""
+    """LLaVA-OneVision architecture: SigLIP tower (no CLS; 8x8 patches per 112-pixel crop, pooled to
+    4x4 per video frame), anyres_max_9 crop grids, image_newline, Qwen2 LM."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
 
     vc = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=56, patch_size=14)
+                            image_size=112, patch_size=14)
     cfg = LlavaOnevisionConfig(vision_config=vc, text_config=dict(model_type="qwen2", hidden_size=hidden,
                                                                   intermediate_size=2 * hidden,
                                                                   num_hidden_layers=layers, **TEXT),
                                image_token_id=150, video_token_id=151, vision_feature_layer=-1,
                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
-                               image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], tie_word_embeddings=False)
+                               image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]], tie_word_embeddings=False)
     return _finish(LlavaOnevisionForConditionalGeneration, cfg, seed)
 
 
