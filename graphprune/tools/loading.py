@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from graphprune.errors import InputError
 
-TINY = ("tiny-llava", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-llava-next")
+TINY = ("tiny-llava", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-llava-next", "tiny-llava-onevision")
 # built-in tiny models of the other families: name -> (family_zoo family, what its sample prompt shows)
-_FAMILY_TINY = {"tiny-qwen2.5vl": ("qwen2_5_vl", ("image", "video")), "tiny-llava-next": ("llava_next", ("image",))}
+_FAMILY_TINY = {"tiny-qwen2.5vl": ("qwen2_5_vl", ("image", "video")), "tiny-llava-next": ("llava_next", ("image",)),
+                "tiny-llava-onevision": ("llava_onevision", ("video",))}
 
 
 def load_model(name: str):
