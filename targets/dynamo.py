@@ -255,7 +255,11 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     """`held`: the decoder layers the frame runs (`_lm_layers`); all of them, or nothing is pruned."""
     from graphprune.families import family_of
     owner = _owner("the module running the decoder layers")
-    layers = family_of(owner).language_model().config.num_hidden_layers
+    family = family_of(owner)
+    if family.compile_refused:
+        _not_applied(opts, f"unsupported family for the torch.compile backend: {family.compile_refused}")
+        return None
+    layers = family.language_model().config.num_hidden_layers
     if held != set(range(layers)):
         _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(held)} "
                            f"of 0..{layers - 1}: a graph break splits the language model")
@@ -270,16 +274,13 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
 
 
 def _family_supported(opts: BackendOptions) -> bool:
-    """The frame merging image features belongs to a family the backend can prune; else say so
-    (unknown and refused families, families whose layout the image mask alone cannot give)."""
+    """The frame merging image features belongs to a family graphprune reads; else say so (unknown
+    and refused families), before any diagnosis of the frame's graph."""
     from graphprune.families import family_of
-    owner = _owner("the module merging image features")
     try:
-        why = family_of(owner).compile_refused
+        family_of(_owner("the module merging image features"))
     except UnsupportedModelError as e:
-        why = str(e)
-    if why:
-        _not_applied(opts, f"unsupported family: {why}")
+        _not_applied(opts, f"unsupported family: {e}")
         return False
     return True
 

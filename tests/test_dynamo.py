@@ -226,3 +226,13 @@ def test_unknown_family_is_unsupported_not_a_graph_break():
     with pytest.raises(Exception, match="unsupported family: .*'my_vlm' is not a family"):
         with torch.no_grad():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+def test_family_the_backend_cannot_read_is_unsupported():
+    # LLaVA-NeXT's merge frame holds every layer, but its image mask hides the image_newline slots
+    from graphprune.tools import family_zoo
+    model = family_zoo.build("llava_next")
+    kw = family_zoo.example(model).as_kwargs()
+    with pytest.raises(Exception, match="unsupported family for the torch.compile backend: .*image_newline"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)

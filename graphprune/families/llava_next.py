@@ -23,7 +23,7 @@ class LlavaNextFamily(Family):
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
     compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
-                       "image_newline slots (never pruned) from the patches; use graphprune.prune(model, ...)")
+                       "image_newline slots (never pruned) from the patches")
 
     def vision_layout(self, input_ids, video_unit: str = "frame", image_sizes=None, **inputs) -> VisionLayout | None:
         is_image = input_ids == self.image_token_id()

@@ -21,6 +21,8 @@ class Qwen2VLFamily(Family):
     image_feature_inputs = ("image_grid_thw",)
     video_feature_inputs = ("video_grid_thw",)
     eager_vision = "data-dependent patch grid (grid_thw)"
+    compile_refused = ("the compile frame sees the image-token mask only, not the image_grid_thw / "
+                       "video_grid_thw its M-RoPE positions and units come from")
     separator_tokens = ("vision_start_token_id", "vision_end_token_id")
 
     def merge(self) -> int:
