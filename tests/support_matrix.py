@@ -1,7 +1,7 @@
 """The README's family support matrix, generated from test results (never written by hand).
 
     python tests/support_matrix.py                  # runs tests/test_families.py, writes docs/support.md
-    python tests/support_matrix.py --junit r.xml    # from an earlier `pytest --junitxml=r.xml` run
+    python tests/support_matrix.py --junit r.xml    # from earlier `pytest --junitxml=r.xml` runs
 
 Rows are the CASES of tests/test_families.py (family x prompt kind), columns the checks run on
 each; a cell is "pass", "FAIL" or "-" (not run).
@@ -21,19 +21,23 @@ CHECKS = {  # test function (+ method parameter) -> column
     ("test_keep_everything_equals_hf", None): "keep-everything = HF (logits, 16 greedy tokens)",
     ("test_llm_methods_equal_reference", "fastv"): "fastv = reference",
     ("test_llm_methods_equal_reference", "dart"): "dart = reference",
+    ("test_llm_methods_equal_reference", "random"): "random = reference",
+    ("test_llm_methods_equal_reference", "vtw"): "vtw = reference",
     ("test_batch_equals_samples_alone", None): "batch 2, left padding = samples alone",
 }
 
 
-def results(junit: str) -> dict[str, dict[str, str]]:
-    """{case id: {column: outcome}} from a JUnit XML report of tests/test_families.py."""
+def results(*junits: str) -> dict[str, dict[str, str]]:
+    """{case id: {column: outcome}} from JUnit XML reports of tests/test_families.py (a later report
+    wins for a test run in several)."""
     table: dict[str, dict[str, str]] = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    cases = [case for junit in junits for case in ET.parse(junit).getroot().iter("testcase")]
+    for case in cases:
         m = re.fullmatch(r"(test_\w+)\[(.+)\]", case.get("name", ""))
         if not m:
             continue
         func, params = m.groups()
-        method = next((meth for meth in ("fastv", "dart") if params.endswith("-" + meth)), None)
+        method = next((meth for meth in ("fastv", "dart", "random", "vtw") if params.endswith("-" + meth)), None)
         row = params[: -len(method) - 1] if method else params
         column = CHECKS.get((func, method))
         if column is None:
@@ -55,17 +59,17 @@ def markdown(table: dict[str, dict[str, str]]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--junit", help="a JUnit XML report of tests/test_families.py (default: run the tests)")
+    ap.add_argument("--junit", nargs="+", help="JUnit XML reports of tests/test_families.py (default: run the tests)")
     ap.add_argument("--out", default=os.path.join(HERE, os.pardir, "docs", "support.md"))
     args = ap.parse_args(argv)
-    junit = args.junit
-    if junit is None:
-        junit = os.path.join(tempfile.mkdtemp(), "families.xml")
+    junits = args.junit
+    if junits is None:
+        junits = [os.path.join(tempfile.mkdtemp(), "families.xml")]
         subprocess.run([sys.executable, "-m", "pytest", "-q", os.path.join(HERE, "test_families.py"),
-                        f"--junitxml={junit}"], check=False)
-    table = results(junit)
+                        f"--junitxml={junits[0]}"], check=False)
+    table = results(*junits)
     if not table:
-        print(f"no test_families results in {junit}", file=sys.stderr)
+        print(f"no test_families results in {' '.join(junits)}", file=sys.stderr)
         return 1
     with open(args.out, "w") as f:
         f.write(markdown(table))
