@@ -60,7 +60,7 @@ def markdown(table: dict[str, dict[str, str]]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--junit", nargs="+", help="JUnit XML reports of tests/test_families.py (default: run the tests)")
-    ap.add_argument("--out", default=os.path.join(HERE, os.pardir, "docs", "support.md"))
+    ap.add_argument("--out", default=os.path.normpath(os.path.join(HERE, os.pardir, "docs", "support.md")))
     args = ap.parse_args(argv)
     junits = args.junit
     if junits is None:
