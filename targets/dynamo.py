@@ -278,7 +278,13 @@ def _family_supported(opts: BackendOptions) -> bool:
     and refused families), before any diagnosis of the frame's graph."""
     from graphprune.families import family_of
     try:
-        family_of(_owner("the module merging image features"))
+        owner = _owner("the module merging image features")
+    except (UnsupportedModelError, AttributeError):
+        # no module behind the frame (the backend called on a bare graph, outside dynamo's trace,
+        # where dynamo has no current translator): no family to read, the graph is diagnosed as is
+        return True
+    try:
+        family_of(owner)
     except UnsupportedModelError as e:
         _not_applied(opts, f"unsupported family: {e}")
         return False
