@@ -205,7 +205,8 @@ def cmd_inspect(args) -> int:
     example, example_src = sample_prompt(model, name)
     if example is not None:
         layouts = accountant.layout_of(example.input_ids, model.config.image_token_id)
-        prompt = {"source": example_src, "batch": len(layouts), "samples": [l.to_dict() for l in layouts]}
+        prompt = {"source": example_src, "batch": len(layouts), "samples": [l.to_dict() for l in layouts],
+                  "vision_units": _vision_units(model, example)}
         layout = layouts[0]
     else:
         vision = program.anatomy.get("vision")
@@ -230,6 +231,23 @@ def cmd_inspect(args) -> int:
     else:
         print(_format_inspect(out))
     return 0
+
+
+def _vision_units(model, example) -> list[dict]:
+    """Per sample, the images / video frames the family finds in the prompt (from the processor's
+    inputs): each unit's token span and count, and the separator tokens it protects."""
+    from graphprune.families import family_of
+    inputs = {k: v for k, v in example.as_kwargs().items() if k not in ("input_ids", "attention_mask")}
+    layout = family_of(model).vision_layout(example.input_ids, **inputs)
+    if layout is None:
+        return []
+    out = []
+    for b in range(example.input_ids.shape[0]):
+        units = [{"unit": name, "span": [int(pos.min()), int(pos.max()) + 1], "tokens": int(pos.numel())}
+                 for name, pos in zip(layout.units, layout.pos[b])]
+        seps = layout.separators[b].nonzero()[:, 0]
+        out.append({"units": units, "separators": [[int(i), int(example.input_ids[b, i])] for i in seps]})
+    return out
 
 
 def _stages(model, program, layout, example) -> dict:
@@ -312,6 +330,11 @@ def _format_inspect(out: dict) -> str:
             parts.append(f"vision [{a}, {b}) {b - a}")
         parts.append(f"text {s['text_after']:>4}")
         lines.append(f"  sample {i}: " + " | ".join(parts) + f"   (length {s['length']})")
+    for i, s in enumerate(p.get("vision_units", [])):
+        units = ", ".join(f"{u['unit']} [{u['span'][0]}, {u['span'][1]}) {u['tokens']} tokens" for u in s["units"])
+        lines.append(f"  sample {i} vision units (keep counts per unit): {units}")
+        seps = ", ".join(f"{at} (id {tok})" for at, tok in s["separators"]) or "none"
+        lines.append(f"  sample {i} protected separators, never dropped nor counted: {seps}")
     if "cost" in out:
         lines += ["", "cost of the pruned prefill (batch 1, the first sample's layout):", format_table(out["cost"])]
     return "\n".join(lines)

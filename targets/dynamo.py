@@ -14,7 +14,9 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
   captured.
 
-A pass that cannot apply never degrades silently: an image merge split from the decoder layers by
+A pass that cannot apply never degrades silently: a model of a family the backend cannot prune
+("unsupported family": unknown to graphprune, refused up front, or laid out in a way the image mask
+alone does not show), an image merge split from the decoder layers by
 a graph break, decoder layers spread over several frames, or image features that reach the
 decoder layers merged by an op other than masked_scatter (seen at run time: a compiled vision
 frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or
@@ -253,7 +255,11 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     """`held`: the decoder layers the frame runs (`_lm_layers`); all of them, or nothing is pruned."""
     from graphprune.families import family_of
     owner = _owner("the module running the decoder layers")
-    layers = family_of(owner).language_model().config.num_hidden_layers
+    family = family_of(owner)
+    if family.compile_refused:
+        _not_applied(opts, f"unsupported family for the torch.compile backend: {family.compile_refused}")
+        return None
+    layers = family.language_model().config.num_hidden_layers
     if held != set(range(layers)):
         _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(held)} "
                            f"of 0..{layers - 1}: a graph break splits the language model")
@@ -265,6 +271,24 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     if _attention_mask_index(gm) is not None:
         inputs["attention_mask"] = _attention_mask_index(gm)
     return PrunedFrame(owner, opts, roles, inputs)
+
+
+def _family_supported(opts: BackendOptions) -> bool:
+    """The frame merging image features belongs to a family graphprune reads; else say so (unknown
+    and refused families), before any diagnosis of the frame's graph."""
+    from graphprune.families import family_of
+    try:
+        owner = _owner("the module merging image features")
+    except (UnsupportedModelError, AttributeError):
+        # no module behind the frame (the backend called on a bare graph, outside dynamo's trace,
+        # where dynamo has no current translator): no family to read, the graph is diagnosed as is
+        return True
+    try:
+        family_of(owner)
+    except UnsupportedModelError as e:
+        _not_applied(opts, f"unsupported family: {e}")
+        return False
+    return True
 
 
 def _not_applied(opts: BackendOptions, why: str) -> None:
@@ -293,6 +317,8 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if merge is None and layers and vision:
         _not_applied(opts, _UNSEEN_MERGE)
     if merge is not None:
+        if not _family_supported(opts):
+            return _compile(gm, example_inputs, opts.compiler)
         if not layers:
             _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
         else:

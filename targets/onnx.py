@@ -355,7 +355,7 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
         vin = {"pixel_values": kw["pixel_values"]}
         if "text_embeds" in vnames:
             from graphprune.lower.runtime import text_layout
-            vp = pruned._layout(kw["input_ids"])
+            vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"])
             ti, tm = text_layout(vp, kw["input_ids"].shape[1])
             vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
             vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)

@@ -322,7 +322,7 @@ class _LM:
         self.n_heads = tc.num_attention_heads
         self.n_kv = tc.num_key_value_heads
         self.hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        if cfg.model_type == "qwen2_vl":  # Qwen2VLAttention uses hidden_size // num_heads
+        if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):  # their attention uses hidden_size // num_heads
             self.hd = tc.hidden_size // tc.num_attention_heads
         self.eps = tc.rms_norm_eps
         self.act = _act(tc.hidden_act)
@@ -330,7 +330,7 @@ class _LM:
         assert rp.get("rope_type", "default") == "default", "only default RoPE is implemented"
         theta = rp["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))
-        self.mrope_section = rp.get("mrope_section") if cfg.model_type == "qwen2_vl" else None
+        self.mrope_section = rp.get("mrope_section") if cfg.model_type in ("qwen2_vl", "qwen2_5_vl") else None
         self.lm_head = self.w["lm_head.weight"]
         self.embed = self.w[pre + "embed_tokens.weight"]
 

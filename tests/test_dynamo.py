@@ -217,3 +217,22 @@ def test_image_merge_by_another_op_is_refused_not_run_unpruned(monkeypatch):
         with pytest.warns(UserWarning, match="without the masked_scatter merge"):
             got = _compiled(model, "fastv(layer=2, keep=8)", if_not_applied="warn")(**batch)
     torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)     # unpruned, as the warning says
+
+
+def test_unknown_family_is_unsupported_not_a_graph_break():
+    model = zoo.tiny_llava()
+    model.config.model_type = "my_vlm"           # a family graphprune does not read
+    kw = zoo.llava_example(model).as_kwargs()
+    with pytest.raises(Exception, match="unsupported family: .*'my_vlm' is not a family"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+def test_family_the_backend_cannot_read_is_unsupported():
+    # LLaVA-NeXT's merge frame holds every layer, but its image mask hides the image_newline slots
+    from graphprune.tools import family_zoo
+    model = family_zoo.build("llava_next")
+    kw = family_zoo.example(model).as_kwargs()
+    with pytest.raises(Exception, match="unsupported family for the torch.compile backend: .*image_newline"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)

@@ -202,8 +202,8 @@ def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
 def capture_vision(family: Family, *, device=None, dtype=None) -> Stage:
     module = family.vision_module()
     if module is None:
-        return Stage("vision", None, ["pixel_values"], eager="data-dependent patch grid (grid_thw): "
-                     "the vision encoder runs eagerly and vision-stage passes are not available")
+        return Stage("vision", None, ["pixel_values"], eager=f"{family.eager_vision}: the vision encoder runs "
+                     "eagerly (the model's own get_image_features) and vision-stage passes are not available")
     vc = family.model.config.vision_config
     p = next(module.parameters())
     device, dtype = device or p.device, dtype or p.dtype

@@ -1,29 +1,48 @@
 """What graphprune knows about each model family: where the parts are and how inputs are laid out.
 
 This package is the only place that touches a model's Python classes; everything downstream
-works on the captured graphs and their anatomy. One short module per family.
+works on the captured graphs and their anatomy. `base.Family` is the generic default; one short
+module per family declares what differs (README: "Adding a family").
 """
 from __future__ import annotations
 
 from torch import nn
 
 from graphprune.errors import UnsupportedModelError
-from graphprune.families.base import Family
-from graphprune.families.llava import LlavaFamily, LlavaInnerFamily
+from graphprune.families.base import Family, VisionLayout
+from graphprune.families.llava import LlavaFamily
+from graphprune.families.llava_next import LlavaNextFamily
+from graphprune.families.llava_onevision import LlavaOnevisionFamily
+from graphprune.families.qwen2_5_vl import Qwen2_5_VLFamily
 from graphprune.families.qwen2_vl import Qwen2VLFamily
+from graphprune.families.refused import Gemma3Family, MllamaFamily, hybrid_layers
 
-__all__ = ["FAMILIES", "Family", "family_of"]
+__all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_types"]
 
-FAMILIES = {
-    "LlavaForConditionalGeneration": LlavaFamily,
-    "Qwen2VLForConditionalGeneration": Qwen2VLFamily,
-    "LlavaModel": LlavaInnerFamily,
-}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
+    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, MllamaFamily, Gemma3Family)}
+_BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for t, f in _BY_TYPE.items() if not f.refused)
 
 
 def family_of(model: nn.Module) -> Family:
+    """The family reading `model`: by its config's model_type (so subclasses and renamed classes are
+    recognised), the model's structure deciding the rest (a full XForConditionalGeneration or its
+    body, as a torch.compile frame holds it). Unknown and unprunable models are refused here."""
     cls = type(model).__name__
-    if cls not in FAMILIES:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    hybrid = hybrid_layers(config) if config is not None else []
+    if hybrid:
+        raise UnsupportedModelError(cls, f"{model_type} family support",
+                                    f"its language model has {', '.join(hybrid)} layers (a hybrid LM): they keep "
+                                    "no per-token keys and values, so vision tokens cannot be pruned from them")
+    family = _BY_TYPE.get(model_type)
+    if family is None:
         raise UnsupportedModelError(cls, "model family",
-                                    f"graphprune reads these classes: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[cls](model)
+                                    f"model_type {model_type!r} is not a family graphprune reads; supported: "
+                                    f"{', '.join(supported_model_types())} (README: Adding a family)")
+    return family(model)

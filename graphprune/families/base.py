@@ -1,41 +1,202 @@
-"""The Family interface: where a model's parts are and how its inputs are laid out."""
+"""The Family interface: where a model's parts are and how its inputs are laid out.
+
+`Family` is also the generic default: a Hugging Face `XForConditionalGeneration` that holds a body
+(`model.model`) with a vision tower, a projector and a `language_model`, plus an `lm_head`. It
+reaches the parts only through the model's own public methods and attributes
+(`get_input_embeddings`, `language_model`, `get_image_features`, `get_video_features`,
+`get_rope_index`), so a family file declares only what differs: its `model_types`, the processor
+inputs it takes, the separator tokens it protects, how many position axes its RoPE has.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from graphprune.errors import UnsupportedModelError
+from graphprune.errors import InputError, UnsupportedModelError
+
+VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
+
+
+@dataclass
+class VisionLayout:
+    """Where the vision tokens of a prompt are, from the processor's inputs.
+
+    pos: (B, units, tokens) prompt index of every prunable vision token of each unit (an image, or a
+    video frame / a whole video). `keep` budgets count per unit.
+    units: what each unit is, e.g. ("image 0", "video 0 frame 1"), the same for every sample.
+    separators: (B, S) bool, the tokens of vision blocks that are never dropped nor counted
+    (begin/end-of-image markers, image_newline rows, ...)."""
+    pos: torch.Tensor
+    units: tuple[str, ...]
+    separators: torch.Tensor
 
 
 class Family:
-    name: str
-    position_axes: int = 1          # 3 for M-RoPE (temporal, height, width)
+    name = "generic"
+    model_types: tuple[str, ...] = ()   # config.model_type values read by this family
+    position_axes: int = 1              # 3 for M-RoPE (temporal, height, width)
     vision_has_cls: bool = True
+    refused: str = ""                   # why models of this family cannot be pruned (checked up front)
+    eager_vision: str = "no capturable vision stage declared"     # why vision_module() is None
+    compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
+    # processor outputs the family consumes besides input_ids / attention_mask
+    vision_inputs: tuple[str, ...] = ("pixel_values",)
+    # extra get_image_features / get_video_features arguments, by processor output name
+    image_feature_inputs: tuple[str, ...] = ()
+    video_feature_inputs: tuple[str, ...] = ()
+    # config attributes naming token ids that delimit vision blocks (protected, never counted)
+    separator_tokens: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.model_class = type(model).__name__
+        if self.refused:
+            raise UnsupportedModelError(self.model_class, f"{self.name} family support", self.refused)
 
     # -- parts -------------------------------------------------------------------------------
-    def language_model(self) -> nn.Module: ...
-    def lm_head(self) -> nn.Module: ...
-    def vision_module(self) -> nn.Module | None: ...
-    def image_token_id(self) -> int: ...
+    def body(self) -> nn.Module:
+        """The module holding vision tower, projector and language model (`model.model` of an
+        XForConditionalGeneration; the model itself when it is that body, as in a compile frame)."""
+        return self.model if hasattr(self.model, "language_model") else self.model.model
+
+    def is_body(self) -> bool:
+        return self.body() is self.model
+
+    def language_model(self) -> nn.Module:
+        return self._require(getattr(self.body(), "language_model", None), "language model")
+
+    def lm_head(self) -> nn.Module:
+        # a body's prefill "logits" output is the final-normed hidden state (what a compile frame returns)
+        if self.is_body():
+            return nn.Identity()
+        return self._require(getattr(self.model, "lm_head", None), "lm_head")
+
+    def vision_module(self) -> nn.Module | None:
+        """A module capturing pixel_values -> projected features, for vision-stage passes; None runs
+        the vision encoder eagerly through the model's own get_image_features."""
+        return None
+
+    def config(self):
+        return self.model.config
+
     def text_config(self):
-        return self.model.config.text_config
+        cfg = self.config()
+        return getattr(cfg, "text_config", None) or cfg
+
+    def token_id(self, attr: str) -> int | None:
+        cfg = self.config()
+        value = getattr(cfg, attr, None)
+        if value is None and attr.endswith("_id"):             # older configs: image_token_index
+            value = getattr(cfg, attr[:-3] + "_index", None)
+        return value
+
+    def image_token_id(self) -> int:
+        return self._require(self.token_id("image_token_id"), "image token id (config.image_token_id)")
+
+    def video_token_id(self) -> int | None:
+        return self.token_id("video_token_id")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model().get_input_embeddings()(input_ids)
 
-    def positions(self, input_ids, attention_mask, **extra) -> torch.Tensor:
+    # -- inputs ------------------------------------------------------------------------------
+    def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
         """Position ids as Hugging Face's generate() builds them for left-padded batches."""
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
-    def vision_inputs(self, pixel_values, **extra) -> tuple:
-        return (pixel_values,)
+    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+        """Images of the prompt: each sample's image placeholders split in prompt order into as many
+        equal blocks as it has pixel_values rows (one row per image)."""
+        is_image = input_ids == self.image_token_id()
+        if not bool(is_image.any()):
+            return None
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            raise InputError("the prompt has image tokens but no pixel_values were given")
+        b = input_ids.shape[0]
+        if pixel_values.shape[0] % b:
+            raise InputError(f"{pixel_values.shape[0]} images for {b} samples: give each sample as many images")
+        images = pixel_values.shape[0] // b
+        per_sample = []
+        for row in is_image:
+            at = row.nonzero()[:, 0]
+            if at.numel() % images:
+                raise InputError(f"{at.numel()} image tokens do not split into {images} images of one size")
+            per_sample.append([(f"image {i}", blk) for i, blk in enumerate(at.reshape(images, -1))])
+        return blocks_layout(per_sample, self.separators(input_ids))
+
+    def separators(self, input_ids) -> torch.Tensor:
+        marks = torch.zeros_like(input_ids, dtype=torch.bool)
+        for attr in self.separator_tokens:
+            tok = self.token_id(attr)
+            if tok is not None:
+                marks |= input_ids == tok
+        return marks
+
+    def merged_embeds(self, input_ids, **inputs) -> torch.Tensor:
+        """(B, S, D) prompt embeddings with every vision feature written at its placeholder, as the
+        model's forward merges them (features from the model's own get_image_features /
+        get_video_features, in prompt order)."""
+        body = self.body()
+        embeds = self.embed(input_ids)
+        for token, feats in self._features(body, **inputs):
+            at = input_ids == token
+            if int(at.sum()) != feats.shape[0]:
+                raise InputError(f"{int(at.sum())} placeholder tokens (id {token}) for {feats.shape[0]} "
+                                 "vision features: the input_ids do not match the pixel inputs")
+            embeds = embeds.masked_scatter(at[..., None], feats.to(embeds.dtype))
+        return embeds
+
+    def _features(self, body, **inputs):
+        """(placeholder token id, (N, D) features in prompt order) per modality present."""
+        out = []
+        if inputs.get("pixel_values") is not None:
+            kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
+            out.append((self.image_token_id(), _flat(body.get_image_features(inputs["pixel_values"], **kw))))
+        if inputs.get("pixel_values_videos") is not None:
+            kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
+            out.append((self.video_token_id(), _flat(body.get_video_features(inputs["pixel_values_videos"], **kw))))
+        return out
 
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:
             raise UnsupportedModelError(self.model_class, element, hint)
         return obj
+
+
+def _flat(out) -> torch.Tensor:
+    """get_*_features output -> (N, D): pooler_output (or the tensor / list of tensors) flattened."""
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (tuple, list)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def blocks_layout(per_sample: list[list[tuple[str, torch.Tensor]]], separators: torch.Tensor) -> VisionLayout:
+    """A VisionLayout from each sample's (unit label, prompt positions) blocks, put in prompt order;
+    every sample must have the same units and every unit the same token count."""
+    counts = [sum(int(pos.numel()) for _, pos in blocks) for blocks in per_sample]
+    if len(set(counts)) != 1:
+        raise InputError(f"samples carry different numbers of vision tokens {counts}; a batch needs the same "
+                         "images (and videos) per sample, of one size, so budgets stay rectangular")
+    ordered = [sorted(blocks, key=lambda blk: int(blk[1][0])) for blocks in per_sample]
+    units = tuple(label for label, _ in ordered[0])
+    for i, blocks in enumerate(ordered):
+        if tuple(label for label, _ in blocks) != units:
+            raise InputError(f"sample {i} has vision units {[lb for lb, _ in blocks]}, sample 0 {list(units)}: "
+                             "a batch needs the same images and videos, in the same order, per sample")
+    sizes = {int(pos.numel()) for blocks in ordered for _, pos in blocks}
+    if len(sizes) != 1:
+        raise InputError(f"vision units of different token counts {sorted(sizes)} ({', '.join(units)}): keep "
+                         "budgets count per unit, so a prompt's images (and video frames) must be of one size")
+    pos = torch.stack([torch.stack([p for _, p in blocks]) for blocks in ordered])
+    return VisionLayout(pos, units, separators)
+
+
+def check_video_unit(video_unit: str) -> str:
+    if video_unit not in VIDEO_UNITS:
+        raise InputError(f'video_unit must be "frame" or "video", got {video_unit!r}')
+    return video_unit

@@ -1,4 +1,5 @@
-"""LLaVA-1.5 and LLaVA-style models: CLIP tower with CLS, MLP projector, Llama LM."""
+"""LLaVA-1.5 and LLaVA-style models: CLIP tower with CLS, MLP projector, Llama LM; one fixed block
+of `<image>` tokens per image. The vision stage is captured, so vision-stage passes apply."""
 from __future__ import annotations
 
 from torch import nn
@@ -8,34 +9,11 @@ from graphprune.families.base import Family
 
 
 class LlavaFamily(Family):
-    """LLaVA-1.5 (and LLaVA-style models): CLIP tower with CLS, MLP projector, Llama LM."""
     name = "llava"
-
-    def language_model(self):
-        return self._require(getattr(self.model.model, "language_model", None), "language model")
-
-    def lm_head(self):
-        return self._require(getattr(self.model, "lm_head", None), "lm_head")
-
-    def image_token_id(self):
-        return self.model.config.image_token_id
+    model_types = ("llava",)
 
     def vision_module(self):
-        return LlavaVisionStage(self.model)
-
-
-class LlavaInnerFamily(LlavaFamily):
-    """LlavaModel, the LLaVA body without the LM head: what a torch.compile frame holds. Its
-    prefill "logits" output is the final-normed hidden state (the head is the identity)."""
-
-    def language_model(self):
-        return self._require(getattr(self.model, "language_model", None), "language model")
-
-    def lm_head(self):
-        return nn.Identity()
-
-    def vision_module(self):
-        return None
+        return None if self.is_body() else LlavaVisionStage(self.model)
 
 
 class LlavaVisionStage(nn.Module):

@@ -1,42 +1,80 @@
-"""Qwen2-VL: ViT without CLS, 2x2 patch merger, Qwen2 LM with 3-D M-RoPE positions."""
+"""Qwen2-VL: ViT without CLS, 2x2 patch merger, Qwen2 LM with 3-D M-RoPE; images and video.
+
+The processor writes `<|vision_start|> <|image_pad|> x (t*h*w / merge^2) <|vision_end|>` per image
+and the same with `<|video_pad|>` per video (all its frames in one block); image_grid_thw /
+video_grid_thw give each one's (t, h, w) patch grid, in prompt order per modality.
+"""
 from __future__ import annotations
 
 import torch
 
-from graphprune.families.base import Family
+from graphprune.errors import InputError
+from graphprune.families.base import Family, VisionLayout, blocks_layout, check_video_unit
 
 
 class Qwen2VLFamily(Family):
-    """Qwen2-VL: windowed-free ViT without CLS, 2x2 patch merger, Qwen2 LM with 3-D M-RoPE."""
     name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
     position_axes = 3
     vision_has_cls = False
+    vision_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+    image_feature_inputs = ("image_grid_thw",)
+    video_feature_inputs = ("video_grid_thw",)
+    eager_vision = "data-dependent patch grid (grid_thw)"
+    compile_refused = ("the compile frame sees the image-token mask only, not the image_grid_thw / "
+                       "video_grid_thw its M-RoPE positions and units come from")
+    separator_tokens = ("vision_start_token_id", "vision_end_token_id")
 
-    def language_model(self):
-        return self._require(getattr(self.model.model, "language_model", None), "language model")
+    def merge(self) -> int:
+        return self.config().vision_config.spatial_merge_size
 
-    def lm_head(self):
-        return self._require(getattr(self.model, "lm_head", None), "lm_head")
+    def token_types(self, input_ids) -> torch.Tensor:
+        """mm_token_type_ids as the processor writes them: text 0, image 1, video 2."""
+        types = (input_ids == self.image_token_id()).int()
+        return types.masked_fill(input_ids == self.video_token_id(), 2)
 
-    def image_token_id(self):
-        return self.model.config.image_token_id
-
-    def vision_module(self):
-        return None     # data-dependent shapes (grid_thw): run eagerly, see Stage.eager
-
-    def positions(self, input_ids, attention_mask, image_grid_thw=None, mm_token_type_ids=None, **extra):
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.image_token_id()).int()
-        if image_grid_thw is None:
+    def positions(self, input_ids, attention_mask, image_grid_thw=None, video_grid_thw=None,
+                  mm_token_type_ids=None, **inputs):
+        if image_grid_thw is None and video_grid_thw is None:
             pos = super().positions(input_ids, attention_mask)
             return pos[None].expand(3, -1, -1).contiguous()
-        pos, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                                 attention_mask=attention_mask)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self.token_types(input_ids)
+        extra = {k: v for k, v in inputs.items() if k == "second_per_grid_ts" and v is not None}
+        pos, _ = self.body().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                            video_grid_thw=video_grid_thw, attention_mask=attention_mask, **extra)
         return pos
 
-    def image_features(self, pixel_values, image_grid_thw):
-        out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-        feats = getattr(out, "pooler_output", out)
-        if isinstance(feats, (tuple, list)):
-            feats = torch.cat(list(feats), 0)
-        return feats
+    def vision_layout(self, input_ids, video_unit: str = "frame", image_grid_thw=None, video_grid_thw=None,
+                      **inputs) -> VisionLayout | None:
+        """One unit per image; per video frame (temporal patch), or per video with video_unit="video"."""
+        check_video_unit(video_unit)
+        b = input_ids.shape[0]
+        kinds = [("image", self.image_token_id(), image_grid_thw, "pixel_values"),
+                 ("video", self.video_token_id(), video_grid_thw, "pixel_values_videos")]
+        per_sample = [[] for _ in range(b)]
+        for kind, token, grid, pixels in kinds:
+            present = input_ids == token
+            if not bool(present.any()):
+                continue
+            if grid is None or inputs.get(pixels) is None:
+                raise InputError(f"the prompt has {kind} tokens but no {pixels} / {kind}_grid_thw were given")
+            if grid.shape[0] % b:
+                raise InputError(f"{grid.shape[0]} {kind}s ({kind}_grid_thw rows) for {b} samples: give each "
+                                 f"sample as many {kind}s")
+            per = grid.shape[0] // b
+            for i, row in enumerate(present):
+                at = row.nonzero()[:, 0]
+                thw = grid[i * per:(i + 1) * per]
+                sizes = (thw.prod(-1) // self.merge() ** 2).tolist()
+                if sum(sizes) != at.numel():
+                    raise InputError(f"sample {i}: {at.numel()} {kind} tokens but {kind}_grid_thw {thw.tolist()} "
+                                     f"makes {sum(sizes)}")
+                for j, (blk, (t, _, _)) in enumerate(zip(at.split(sizes), thw.tolist())):
+                    if kind == "video" and video_unit == "frame":
+                        per_sample[i] += [(f"video {j} frame {f}", fr) for f, fr in enumerate(blk.chunk(t))]
+                    else:
+                        per_sample[i].append((f"{kind} {j}", blk))
+        if not per_sample[0]:
+            return None
+        return blocks_layout(per_sample, self.separators(input_ids))

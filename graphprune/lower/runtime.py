@@ -25,6 +25,7 @@ from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.errors import InputError, PassConfigError
 from graphprune.lower.cache import PrunedCache
+from graphprune.families.base import check_video_unit
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
@@ -134,11 +135,12 @@ class PrunedModel(nn.Module, GenerationMixin):
     _is_stateful = False
 
     def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa",
-                 linear: str = "aten"):
+                 linear: str = "aten", video_unit: str = "frame"):
         super().__init__()
         self.model = model
         self.config = model.config
         self.generation_config = model.generation_config
+        self.video_unit = check_video_unit(video_unit)     # what a video's keep counts: each frame, or the video
         self.program = program          # the rewritten stages
         self.base = base                # the captured, unpruned stages (text-only prompts)
         self.pipeline = pipeline
@@ -207,17 +209,21 @@ class PrunedModel(nn.Module, GenerationMixin):
         return low
 
     # -- prompt preparation -----------------------------------------------------------------
-    def _layout(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        return vision_layout(input_ids == self.family.image_token_id())
+    def _layout(self, input_ids: torch.Tensor, **inputs) -> torch.Tensor | None:
+        """(B, units, tokens) prompt positions of the prunable vision tokens (None: text only)."""
+        layout = self.family.vision_layout(input_ids, video_unit=self.video_unit, **inputs)
+        return None if layout is None else layout.pos
 
-    def _image_features(self, pixel_values, image_grid_thw, vision_pos, input_ids):
-        """Features (B, n, k, D) and what the vision stage kept: original patch indices, validity
-        and key set (images, k) each, or None when it kept every patch."""
+    def _image_features(self, inputs, vision_pos, input_ids):
+        """Prompt embeddings (None: plain token embeddings), features (B, n, k, D) and what the vision
+        stage kept: original patch indices, validity and key set (images, k) each, or None when it
+        kept every patch."""
         b, n, v = vision_pos.shape
         vision = self.program.stages["vision"]
-        if vision.gm is None:
-            feats = self.family.image_features(pixel_values, image_grid_thw)
-            return feats.reshape(b, n, -1, feats.shape[-1]), None, None, None
+        if vision.gm is None:              # the model's own get_image_features / get_video_features
+            embeds = self.family.merged_embeds(input_ids, **inputs)
+            return embeds, tokenops.token_features(embeds, vision_pos), None, None, None
+        pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             raise InputError("the prompt has image tokens but no pixel_values were given")
         if pixel_values.shape[0] != b * n:
@@ -231,21 +237,19 @@ class PrunedModel(nn.Module, GenerationMixin):
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
         outs = _call(self.executables["vision"], **inputs)
         feats = outs["features"]
-        return (feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
+        return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
                 outs.get("patches_protected"))
 
-    def _prompt(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None) -> _Prompt | None:
+    def _prompt(self, input_ids, attention_mask, **inputs) -> _Prompt | None:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_pos = self._layout(input_ids)
+        vision_pos = self._layout(input_ids, **inputs)
         if vision_pos is None:
             return None
         b, n, v = vision_pos.shape
         check_budgets(self.results, v)
-        positions = self.family.positions(input_ids, attention_mask, image_grid_thw=image_grid_thw,
-                                          mm_token_type_ids=mm_token_type_ids)
-        feats, kept, valid, protected = self._image_features(pixel_values, image_grid_thw, vision_pos, input_ids)
+        positions = self.family.positions(input_ids, attention_mask, **inputs)
+        embeds, feats, kept, valid, protected = self._image_features(inputs, vision_pos, input_ids)
         index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
             k = kept.shape[-1]
@@ -263,8 +267,18 @@ class PrunedModel(nn.Module, GenerationMixin):
             vision_pos = new_pos
         if protected is not None:
             protected = protected.reshape(b, n, -1)
-        return _Prompt.assemble(self.family.embed(input_ids), feats, positions, attention_mask, vision_pos, index,
+        embeds = self.family.embed(input_ids) if embeds is None else embeds
+        return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
                                 self.pipeline, protected, kept)
+
+    def _vision_inputs(self, **inputs) -> dict:
+        """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        unused = sorted(set(inputs) - set(self.family.vision_inputs))
+        if unused:
+            raise InputError(f"unexpected inputs {unused}; {self.family.model_class} ({self.family.name} family) "
+                             f"takes input_ids, attention_mask, {', '.join(self.family.vision_inputs)}")
+        return inputs
 
     def _vision_positions(self) -> str:
         for r in self.results:
@@ -276,13 +290,14 @@ class PrunedModel(nn.Module, GenerationMixin):
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, past_key_values: PrunedCache | None = None, use_cache: bool = True,
-                return_dict: bool = True, **unused) -> PrunedOutput:
+                return_dict: bool = True, **extra) -> PrunedOutput:
         """A prompt (no cache, or an empty one): the pruned prefill; logits of the kept tokens and
         the filled cache. Tokens continuing a conversation (a filled PrunedCache): the decode step
         over each layer's own cache, one token at a time, logits of every fed token; the image
-        inputs of a cached conversation are not used again (its image is in the cache)."""
-        if unused:
-            raise InputError(f"unexpected inputs {sorted(unused)}")
+        inputs of a cached conversation are not used again (its image is in the cache).
+        `extra`: the family's other processor outputs (pixel_values_videos, image_sizes, ...)."""
+        inputs = self._vision_inputs(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                     mm_token_type_ids=mm_token_type_ids, **extra)
         if not use_cache:
             raise InputError("a pruned model decodes through its per-layer caches; use_cache=False is not supported")
         cache = PrunedCache() if past_key_values is None else past_key_values
@@ -293,7 +308,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             return self._continue(cache, input_ids, attention_mask, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt: nothing to prune
             gm = self.base.stages["prefill"].gm
             positions = self.family.positions(input_ids, attention_mask)
@@ -440,7 +455,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         """transformers' own preparation, less what generate hands every model but forward does not
         take (the stop-string tokenizer, ...); generate has already checked the user's kwargs."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS}
+        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS or k in self.family.vision_inputs}
 
     def _new_tokens(self, input_ids, kwargs) -> int:
         """How many tokens a generate call may add (what a static cache makes room for)."""
@@ -453,6 +468,9 @@ class PrunedModel(nn.Module, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search / num_return_sequences repeat each sample; its images go with it (transformers'
         row-wise repeat would interleave the images of a multi-image sample, or Qwen2-VL's patches)."""
+        if expand_size > 1 and any(model_kwargs.get(k) is not None for k in _ROW_LAYOUT_UNKNOWN):
+            raise InputError(f"beam search / num_return_sequences with {', '.join(_ROW_LAYOUT_UNKNOWN)} is not "
+                             "supported yet (their rows cannot be repeated sample by sample); use num_beams=1")
         images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_grid_thw") if model_kwargs.get(k) is not None}
         batch = input_ids.shape[0]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
@@ -471,7 +489,9 @@ _UNSUPPORTED = {
     "cache_implementation": "the pruned model brings its own cache (PrunedCache; static_cache=True for its static variant)",
     "prefill_chunk_size": "the pruned prefill selects tokens over the whole prompt; it cannot run in chunks",
 }
-_FORWARD_INPUTS = set(inspect.signature(PrunedModel.forward).parameters) - {"self", "unused"}
+_FORWARD_INPUTS = set(inspect.signature(PrunedModel.forward).parameters) - {"self", "extra"}
+# processor outputs whose rows _repeat_images does not know how to repeat per sample
+_ROW_LAYOUT_UNKNOWN = ("pixel_values_videos", "video_grid_thw", "image_sizes")
 
 
 def _repeat_images(images: dict, batch: int, times: int) -> dict:
@@ -525,7 +545,7 @@ _PROGRAMS: dict[int, tuple] = {}
 
 
 def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
-          linear: str = "aten", **options) -> PrunedModel:
+          linear: str = "aten", video_unit: str = "frame", **options) -> PrunedModel:
     """Prune a Hugging Face VLM with a method name (+ options), a pipeline string/TOML file, or passes.
 
     All options are validated, the model captured and the graphs rewritten before this returns;
@@ -535,7 +555,10 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     `linear`: "aten" (the graphs' own linears) or "packed" (float32 CPU models: weights packed once
     for oneDNN, faster and closer to proportional to the tokens kept, at twice the linear layers'
     weight memory; see graphprune.targets.packed_linear).
+    `video_unit`: what `keep` counts for video: "frame" (each frame keeps `keep` tokens, default) or
+    "video" (each whole video keeps `keep`); images always count per image.
     """
+    check_video_unit(video_unit)
     attention = _attention_kind(model, attention)
     _check_linear(model, linear)
     load_builtin_methods()
@@ -547,7 +570,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
         program = _PROGRAMS[key][1]
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
-    return PrunedModel(model, rewritten, passes, program, attention, linear)
+    return PrunedModel(model, rewritten, passes, program, attention, linear, video_unit)
 
 
 def from_pretrained(directory, *, attention: str = "auto", **model_kwargs) -> PrunedModel:

@@ -66,18 +66,17 @@ def load_config(name_or_path: str):
 
 
 def model_class_for(config):
-    """The *ForConditionalGeneration class graphprune reads for this config."""
+    """The XForConditionalGeneration class of this config, for a family graphprune reads (by model_type)."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from graphprune.families import FAMILIES
-    names = [a for a in (getattr(config, "architectures", None) or []) if a in FAMILIES]
-    by_type = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
-    name = names[0] if names else by_type.get(config.model_type)
-    if name is None:
+    from graphprune.families import supported_model_types
+    if config.model_type not in supported_model_types():
         raise GraphpruneError(f"graphprune has no model family for model_type {config.model_type!r} "
                               f"(architectures {getattr(config, 'architectures', None)}); it reads: "
-                              f"{', '.join(sorted(FAMILIES))}")
-    return getattr(transformers, name)
+                              f"{', '.join(supported_model_types())}")
+    names = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForConditionalGeneration")]
+    return getattr(transformers, names[0] if names else MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[config.model_type])
 
 
 def meta_model(name_or_path: str, dtype: str = "float16"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from graphprune.errors import InputError
 
-TINY = ("tiny-llava", "tiny-qwen2vl")
+TINY = ("tiny-llava", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-llava-next", "tiny-llava-onevision")
+# built-in tiny models of the other families: name -> (family_zoo family, what its sample prompt shows)
+_FAMILY_TINY = {"tiny-qwen2.5vl": ("qwen2_5_vl", ("image", "video")), "tiny-llava-next": ("llava_next", ("image",)),
+                "tiny-llava-onevision": ("llava_onevision", ("video",))}
 
 
 def load_model(name: str):
@@ -14,6 +17,10 @@ def load_model(name: str):
         return zoo.tiny_llava(), "built-in tiny model (graphprune.tools.zoo.tiny_llava)"
     if name == "tiny-qwen2vl":
         return zoo.tiny_qwen2vl(), "built-in tiny model (graphprune.tools.zoo.tiny_qwen2vl)"
+    if name in _FAMILY_TINY:
+        from graphprune.tools import family_zoo
+        family = _FAMILY_TINY[name][0]
+        return family_zoo.build(family), f"built-in tiny model (graphprune.tools.family_zoo.build({family!r}))"
     from transformers import AutoConfig
 
     from graphprune.tools.accountant import model_class_for
@@ -43,4 +50,10 @@ def sample_prompt(model, name: str, *, any_model: bool = False):
         return zoo.llava_example(model), "graphprune.tools.zoo.llava_example"
     if name == "tiny-qwen2vl" or (any_model and cls == "Qwen2VLForConditionalGeneration"):
         return zoo.qwen2vl_example(model), "graphprune.tools.zoo.qwen2vl_example"
+    by_type = {fam: items for fam, items in _FAMILY_TINY.values()}
+    kind = getattr(model.config, "model_type", None)
+    if name in _FAMILY_TINY or (any_model and kind in by_type):
+        from graphprune.tools import family_zoo
+        items = by_type[kind]
+        return family_zoo.example(model, items=items), f"graphprune.tools.family_zoo.example(items={items})"
     return None, None

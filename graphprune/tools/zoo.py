@@ -20,16 +20,25 @@ class Example:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None = None
     mm_token_type_ids: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
 
     def as_kwargs(self) -> dict:
-        kw = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.pixel_values is not None:
-            kw["pixel_values"] = self.pixel_values
-        if self.image_grid_thw is not None:
-            kw["image_grid_thw"] = self.image_grid_thw
-        if self.mm_token_type_ids is not None:
-            kw["mm_token_type_ids"] = self.mm_token_type_ids
-        return kw
+        """The inputs that are set, by the processor's names."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def sample(self, i: int) -> "Example":
+        """Sample i alone, its left padding removed. Every example gives each sample the same images
+        and videos, so the per-image inputs (pixel rows, grids, sizes) split evenly by sample."""
+        real = self.attention_mask[i].bool()
+        per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
+        b = self.input_ids.shape[0]
+        out = {k: (v[i][real][None] if k in per_token else v.chunk(b)[i])
+               for k, v in vars(self).items() if v is not None}
+        out.setdefault("pixel_values", None)
+        return Example(**out)
 
 
 def tiny_llava(seed: int = 0, *, layers: int = 4, image_size: int = 84, patch: int = 14,
@@ -73,6 +82,17 @@ def tiny_qwen2vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return model
 
 
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids, attention_mask), left-padded with id 0 as the processors pad."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    return input_ids, mask
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     # temporal / height / width split of the rotary half-dimension, as Qwen2-VL's [16, 24, 24]
     t = head_dim // 8
@@ -107,12 +127,7 @@ def llava_example(model, *, batch: int = 1, images_per_sample: int = 1, prefix: 
                 ids += torch.randint(3, 140, (2,), generator=g).tolist()
         ids += torch.randint(3, 140, (suffix - pad[b],), generator=g).tolist()
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
+    input_ids, mask = left_pad(rows)
     size = cfg.vision_config.image_size
     pixels = torch.randn(batch * images_per_sample, 3, size, size, generator=g)
     return Example(input_ids, mask, pixels)
@@ -133,12 +148,7 @@ def qwen2vl_example(model, *, batch: int = 1, grid: tuple[int, int] = (8, 8), pr
         ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * v + [cfg.vision_end_token_id]
         ids += torch.randint(3, 140, (suffix - pad[b],), generator=g).tolist()
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
+    input_ids, mask = left_pad(rows)
     patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     pixels = torch.randn(batch * h * w, patch_dim, generator=g)
     thw = torch.tensor([[1, h, w]] * batch)

@@ -1,0 +1,66 @@
+"""LLaVA-NeXT: anyres crops (a base view + a grid of high-resolution crops per image, unpadded to the
+image's aspect ratio) and a learned image_newline feature closing every row of the crop grid.
+
+The processor writes one `<image>` placeholder per feature, newlines included, so an image's
+placeholder block is [base view][row 0 ... newline][row 1 ... newline]...; the newline slots are
+separators (never dropped, never counted in `keep`). Which slots they are comes from the model's
+own pack_image_features run on marker features, so the layout follows the model's code exactly.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from graphprune.errors import InputError
+from graphprune.families.base import Family, VisionLayout, blocks_layout
+
+
+class LlavaNextFamily(Family):
+    name = "llava_next"
+    model_types = ("llava_next",)
+    vision_inputs = ("pixel_values", "image_sizes")
+    image_feature_inputs = ("image_sizes",)
+    eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
+    compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
+                       "image_newline slots (never pruned) from the patches")
+
+    def vision_layout(self, input_ids, video_unit: str = "frame", image_sizes=None, **inputs) -> VisionLayout | None:
+        is_image = input_ids == self.image_token_id()
+        if not bool(is_image.any()):
+            return None
+        if image_sizes is None or inputs.get("pixel_values") is None:
+            raise InputError("the prompt has image tokens but no pixel_values / image_sizes were given")
+        b = input_ids.shape[0]
+        if image_sizes.shape[0] % b:
+            raise InputError(f"{image_sizes.shape[0]} images (image_sizes rows) for {b} samples: give each "
+                             "sample as many images")
+        per = image_sizes.shape[0] // b
+        separators = torch.zeros_like(is_image)
+        per_sample = []
+        for i, row in enumerate(is_image):
+            at = row.nonzero()[:, 0]
+            newline = [self.newline_slots(size) for size in image_sizes[i * per:(i + 1) * per]]
+            if sum(m.numel() for m in newline) != at.numel():
+                raise InputError(f"sample {i}: {at.numel()} image tokens but image_sizes "
+                                 f"{image_sizes[i * per:(i + 1) * per].tolist()} make {sum(m.numel() for m in newline)}")
+            blocks = at.split([m.numel() for m in newline])
+            separators[i, at[torch.cat(newline)]] = True
+            per_sample.append([(f"image {j}", blk[~m]) for j, (blk, m) in enumerate(zip(blocks, newline))])
+        return blocks_layout(per_sample, separators)
+
+    def newline_slots(self, image_size: torch.Tensor) -> torch.Tensor:
+        """(placeholders,) bool: which of an image's placeholder slots hold image_newline."""
+        body, cfg = self.body(), self.config()
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        crops = sys.modules[type(body).__module__].image_size_to_num_patches(
+            image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=vc.image_size)
+        packed = self.pack_markers(body, torch.ones(crops, side * side, 1), image_size)
+        return packed[:, 0] == 0
+
+    def pack_markers(self, body, marker, image_size) -> torch.Tensor:
+        """The model's pack_image_features on marker features, image_newline 0."""
+        packed, _ = body.pack_image_features([marker], image_size[None], self.config().vision_feature_select_strategy,
+                                             image_newline=torch.zeros(1))
+        return packed[0]

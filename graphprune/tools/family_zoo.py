@@ -1,0 +1,177 @@
+"""Tiny random-weight models of every supported family, built from configs (no download), and
+prompts laid out token for token as each family's processor writes them, separators included.
+
+    model = family_zoo.build("qwen2_5_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"))
+
+`items` lists what each sample shows, in prompt order ("image" / "video"); every sample of a batch
+shows the same. `pad[i]` shortens sample i's instruction by that many tokens (left padding).
+"""
+from __future__ import annotations
+
+import torch
+
+from graphprune.tools.zoo import Example, _mrope_section, _spread_logits, left_pad
+
+TEXT = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Qwen2.5-VL architecture: windowed ViT (full attention in block 1), 2x2 merger, M-RoPE LM."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **TEXT,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": _mrope_section(hidden // 4)}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], tokens_per_second=2, in_channels=3),
+        image_token_id=150, video_token_id=151, vision_start_token_id=148, vision_end_token_id=149)
+    return _finish(Qwen2_5_VLForConditionalGeneration, cfg, seed)
+
+
+def tiny_llava_next(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """LLaVA-NeXT architecture: CLIP tower (4x4 patches per 56-pixel crop), anyres crop grids
+    [[56, 112], [112, 56], [112, 112]], image_newline, Llama LM."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14, projection_dim=48)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=dict(model_type="llama", hidden_size=hidden,
+                                                             intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                             **TEXT),
+                          image_token_id=150, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+    return _finish(LlavaNextForConditionalGeneration, cfg, seed)
+
+
+def tiny_llava_onevision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """LLaVA-OneVision architecture: SigLIP tower (no CLS; 8x8 patches per 112-pixel crop, pooled to
+    4x4 per video frame), anyres_max_9 crop grids, image_newline, Qwen2 LM."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    vc = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=112, patch_size=14)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=dict(model_type="qwen2", hidden_size=hidden,
+                                                                  intermediate_size=2 * hidden,
+                                                                  num_hidden_layers=layers, **TEXT),
+                               image_token_id=150, video_token_id=151, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                               image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]], tie_word_embeddings=False)
+    return _finish(LlavaOnevisionForConditionalGeneration, cfg, seed)
+
+
+def _finish(cls, cfg, seed):
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    _spread_logits(model)
+    return model
+
+
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision}
+
+
+def build(family: str, seed: int = 0, **kw):
+    from graphprune.tools.zoo import tiny_llava, tiny_qwen2vl
+    builders = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl, **BUILDERS}
+    return builders[family](seed, **kw).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix: int = 7, pad=(), seed: int = 0,
+            grid: tuple[int, int] = (8, 8), frames: int = 4, image_size: tuple[int, int] = (50, 90)) -> Example:
+    """A processor-style prompt for `model`'s family (see the module docstring). Qwen: images of
+    `grid` patches, videos of `frames` frames of that grid; LLaVA-NeXT: images of `image_size` (H, W)."""
+    kind = model.config.model_type
+    g = torch.Generator().manual_seed(seed)
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    layout = _QWEN if kind in ("qwen2_vl", "qwen2_5_vl") else _LLAVA_NEXT if kind in ("llava_next", "llava_onevision") \
+        else None
+    if layout is None:
+        raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
+    rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
+    for b in range(batch):
+        ids = [1] + _text(g, prefix)
+        for block in vision["blocks"]:
+            ids += block + _text(g, 2)
+        rows.append(ids + _text(g, suffix - pad[b]))
+    input_ids, mask = left_pad(rows)
+    ex = Example(input_ids, mask, **vision["inputs"])
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        cfg = model.config
+        ex.mm_token_type_ids = (input_ids == cfg.image_token_id).int().masked_fill(input_ids == cfg.video_token_id, 2)
+    return ex
+
+
+def _text(g, n):
+    return torch.randint(3, 140, (n,), generator=g).tolist()
+
+
+def _QWEN(model, g, batch, items, *, grid, frames, **_):
+    """<|vision_start|> <|image_pad|> x t*h*w/merge^2 <|vision_end|> per image (the same with
+    <|video_pad|> per video: one block for all its frames), as Qwen2(.5)-VL's processor writes."""
+    cfg = model.config
+    vc = cfg.vision_config
+    h, w = grid
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    t_video = frames // vc.temporal_patch_size
+    blocks, inputs = [], {"pixel_values": None}
+    for item in items:
+        t = 1 if item == "image" else t_video
+        pads = cfg.image_token_id if item == "image" else cfg.video_token_id
+        blocks.append([cfg.vision_start_token_id] + [pads] * (t * h * w // vc.spatial_merge_size ** 2)
+                      + [cfg.vision_end_token_id])
+    n_img, n_vid = items.count("image"), items.count("video")
+    if n_img:
+        inputs["pixel_values"] = torch.randn(batch * n_img * h * w, patch_dim, generator=g)
+        inputs["image_grid_thw"] = torch.tensor([[1, h, w]] * batch * n_img)
+    if n_vid:
+        inputs["pixel_values_videos"] = torch.randn(batch * n_vid * t_video * h * w, patch_dim, generator=g)
+        inputs["video_grid_thw"] = torch.tensor([[t_video, h, w]] * batch * n_vid)
+        if cfg.model_type == "qwen2_5_vl":     # temporal_patch_size / fps, at 2 fps
+            inputs["second_per_grid_ts"] = torch.tensor([vc.temporal_patch_size / 2.0] * batch * n_vid)
+    return {"blocks": blocks, "inputs": inputs}
+
+
+def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
+    """One <image> per feature: the base view's patches, then each row of the unpadded crop grid
+    followed by its newline slot (LlavaNextProcessor._get_number_of_features; OneVision's crop grids
+    stay under anyres_max_9 here). OneVision videos: <video> x frames * pooled^2 + 1 newline
+    (LlavaOnevisionProcessor.replace_video_token)."""
+    from transformers.image_processing_utils import select_best_resolution
+    cfg = model.config
+    if "video" in items and cfg.model_type != "llava_onevision":
+        raise ValueError("LLaVA-NeXT prompts hold images only")
+    crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    best_h, best_w = select_best_resolution(list(image_size), cfg.image_grid_pinpoints)
+    side = crop // patch
+    tokens = side * side + llava_next_rows(image_size, side * best_h // crop, side * best_w // crop)[0]
+    crops = 1 + (best_h // crop) * (best_w // crop)
+    pooled = -(-side // 2)
+    blocks = [[cfg.image_token_id] * tokens if item == "image" else [cfg.video_token_id] * (frames * pooled ** 2 + 1)
+              for item in items]
+    n_img, n_vid = items.count("image"), items.count("video")
+    inputs = {"pixel_values": None}
+    if n_img:
+        inputs["pixel_values"] = torch.randn(batch * n_img, crops, 3, crop, crop, generator=g)
+        inputs["image_sizes"] = torch.tensor([list(image_size)] * batch * n_img)
+    if n_vid:
+        inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, crop, crop, generator=g)
+    return {"blocks": blocks, "inputs": inputs}
+
+
+def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:
+    """(placeholders, rows, columns) of the unpadded crop grid of a (H, W) image whose crops give a
+    `height` x `width` patch grid: the processor's _get_unpadded_features; each row is columns
+    patches and one newline slot."""
+    orig_h, orig_w = image_size
+    if orig_w / orig_h > width / height:
+        new_h = int(round(orig_h * (width / orig_w), 7))
+        height -= 2 * ((height - new_h) // 2)
+    else:
+        new_w = int(round(orig_w * (height / orig_h), 7))
+        width -= 2 * ((width - new_w) // 2)
+    return height * (width + 1), height, width

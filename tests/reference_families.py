@@ -1,0 +1,143 @@
+"""Independent reference inputs for the model families beyond LLaVA-1.5 (Qwen2-VL / Qwen2.5-VL with
+images and video, LLaVA-NeXT), for ``reference.lm_generate``. Nothing here imports graphprune.
+
+As for Qwen2-VL in ``reference.qwen2vl_inputs``, two pieces of bookkeeping come from Hugging Face:
+the vision features (the model's ``get_image_features`` / ``get_video_features``: the pruning under
+test happens in the language model) and Qwen's 3-D M-RoPE position ids (``get_rope_index``). The
+rest is written here from the processors' layouts:
+  * Qwen: the prunable vision tokens are the ``<|image_pad|>`` / ``<|video_pad|>`` placeholders; a unit
+    is an image, or one temporal patch (frame) of a video (``video_unit="video"``: the whole video).
+  * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
+    grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
+    ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
+    frames x pooled patches then one newline slot. Newline slots are not prunable. Positions are
+    ``cumsum(mask) - 1``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["family_inputs", "fastv_units_select"]
+
+
+def _merge(model, ids: Tensor, example) -> Tensor:
+    """Token embeddings with each modality's features written at its placeholders, in order."""
+    cfg = model.config
+    emb = model.state_dict()[_embed_key(model)][ids].clone().float()
+    body = model.model
+    kw = example.as_kwargs()
+    if kw.get("pixel_values") is not None:
+        extra = {k: kw[k] for k in ("image_grid_thw", "image_sizes") if k in kw}
+        emb[ids == cfg.image_token_id] = _flat(body.get_image_features(kw["pixel_values"], **extra)).float()
+    if kw.get("pixel_values_videos") is not None:
+        extra = {k: kw[k] for k in ("video_grid_thw",) if k in kw}
+        emb[ids == cfg.video_token_id] = _flat(body.get_video_features(kw["pixel_values_videos"], **extra)).float()
+    return emb
+
+
+def _embed_key(model) -> str:
+    keys = [k for k in model.state_dict() if k.endswith("embed_tokens.weight")]
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+def _flat(out) -> Tensor:
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def _llava_next_prunable(model, example) -> Tensor:
+    """(B, S) bool: the image placeholders that hold patch features (not image_newline)."""
+    cfg = model.config
+    ids = example.input_ids
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    out = torch.zeros_like(ids, dtype=torch.bool)
+    sizes = example.image_sizes if example.image_sizes is not None else torch.zeros(0, 2, dtype=torch.long)
+    per = sizes.shape[0] // ids.shape[0]
+    for b in range(ids.shape[0]):
+        slots = (ids[b] == cfg.image_token_id).nonzero(as_tuple=True)[0]
+        marks = []
+        for h0, w0 in sizes[b * per:(b + 1) * per].tolist():
+            # best crop grid: the pinpoint resolution that keeps the most effective pixels, then wastes least
+            best, best_eff, best_waste = None, -1, float("inf")
+            for ph, pw in cfg.image_grid_pinpoints:
+                scale = min(pw / w0, ph / h0)
+                eff = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+                waste = ph * pw - eff
+                if eff > best_eff or (eff == best_eff and waste < best_waste):
+                    best, best_eff, best_waste = (ph, pw), eff, waste
+            rows, cols = side * best[0] // cfg.vision_config.image_size, side * best[1] // cfg.vision_config.image_size
+            if w0 / h0 > cols / rows:
+                rows -= 2 * ((rows - int(round(h0 * cols / w0, 7))) // 2)
+            else:
+                cols -= 2 * ((cols - int(round(w0 * rows / h0, 7))) // 2)
+            if cfg.model_type == "llava_onevision":        # crop grid capped at anyres_max_N base views
+                ratio = (rows * cols / (int(cfg.vision_aspect_ratio.strip("anyres_max_")) * side * side)) ** 0.5
+                if ratio > 1.1:
+                    rows, cols = int(rows // ratio), int(cols // ratio)
+            row = [True] * cols + [False]
+            marks += [True] * side * side + row * rows
+        assert len(marks) == slots.numel(), "layout differs from the prompt's placeholder count"
+        out[b, slots] = torch.tensor(marks, dtype=torch.bool)
+        if example.pixel_values_videos is not None:     # OneVision: each video block ends in one newline slot
+            videos = (ids[b] == cfg.video_token_id).nonzero(as_tuple=True)[0]
+            per_video = videos.view(example.pixel_values_videos.shape[0] // ids.shape[0], -1)
+            out[b, per_video[:, :-1].reshape(-1)] = True
+    return out
+
+
+@torch.no_grad()
+def family_inputs(model, example):
+    """(inputs_embeds, attention_mask, position_ids, vision_mask (B, S) prunable tokens, units per sample)."""
+    cfg = model.config
+    ids, am = example.input_ids, example.attention_mask
+    emb = _merge(model, ids, example)
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        extra = {"second_per_grid_ts": example.second_per_grid_ts} if example.second_per_grid_ts is not None else {}
+        pos, _ = model.model.get_rope_index(ids, example.mm_token_type_ids, image_grid_thw=example.image_grid_thw,
+                                            video_grid_thw=example.video_grid_thw, attention_mask=am, **extra)
+        vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
+    elif cfg.model_type in ("llava_next", "llava_onevision"):
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        vm = _llava_next_prunable(model, example)
+    else:
+        raise ValueError(cfg.model_type)
+    return emb, am, pos, vm
+
+
+def units_of(model, example, video_unit: str = "frame") -> int:
+    """Number of keep units per sample: images, plus frames (temporal patches) or videos."""
+    b = example.input_ids.shape[0]
+    n = 0
+    if example.image_grid_thw is not None:
+        n += example.image_grid_thw.shape[0] // b
+    elif example.pixel_values is not None:
+        n += example.pixel_values.shape[0] // b
+    if example.video_grid_thw is not None:
+        grids = example.video_grid_thw[: example.video_grid_thw.shape[0] // b]
+        n += int(grids[:, 0].sum()) if video_unit == "frame" else grids.shape[0]
+    elif example.pixel_values_videos is not None:       # OneVision: (videos, frames, C, H, W)
+        videos, frames = example.pixel_values_videos.shape[0] // b, example.pixel_values_videos.shape[1]
+        n += videos * frames if video_unit == "frame" else videos
+    return n
+
+
+def fastv_units_select(keep: int, units: int):
+    """FastV per unit: each unit (the sample's vision tokens split into `units` equal blocks in prompt
+    order) keeps its `keep` tokens that the last prompt token attends to most (head mean) after layer
+    K-1; non-vision tokens are kept."""
+
+    def select(ctx: dict) -> Tensor:
+        vm = ctx["vision_mask"].bool()
+        score = ctx["attn"][:, :, -1, :].mean(1)
+        rows = []
+        for b in range(vm.shape[0]):
+            blocks = vm[b].nonzero(as_tuple=True)[0].view(units, -1)
+            top = score[b, blocks].topk(keep, dim=-1).indices
+            rows.append(torch.cat([(~vm[b]).nonzero(as_tuple=True)[0], blocks.gather(1, top).reshape(-1)]).sort().values)
+        return torch.stack(rows)
+
+    return select

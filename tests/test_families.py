@@ -1,0 +1,245 @@
+"""Every supported family beyond LLaVA-1.5 end to end, on tiny random-weight models with the token
+layouts their processors write: keep-everything equals Hugging Face, FastV and DART equal the
+independent reference (tests/reference.py runs the decoder layers by hand), batches with left
+padding equal each sample alone, separators are never dropped. One row per (family, prompt kind):
+adding a family adds a row to CASES."""
+from __future__ import annotations
+
+import pytest
+import reference as R
+import reference_dart as D
+import reference_families as RF
+import torch
+
+import graphprune as gp
+from graphprune.errors import InputError, UnsupportedModelError
+from graphprune.families import family_of
+from graphprune.rewrite.pipeline import Program
+from graphprune.tools import family_zoo
+
+STEPS = 16
+
+# (id, family, items each sample shows in prompt order, video_unit)
+CASES = [
+    ("qwen2_vl-video", "qwen2_vl", ("video",), "frame"),
+    ("qwen2_5_vl-image", "qwen2_5_vl", ("image",), "frame"),
+    ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video"), "frame"),
+    ("qwen2_5_vl-video-per-video", "qwen2_5_vl", ("video",), "video"),
+    ("llava_next-anyres", "llava_next", ("image",), "frame"),
+    ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
+    # an image (8x8 base + 8 rows of 14 = 176 tokens) and an 11-frame video counted per video (11 x 4x4 pooled)
+    ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
+]
+IDS = [c[0] for c in CASES]
+
+_MODELS: dict = {}
+
+
+def _model(family):
+    if family not in _MODELS:
+        model = family_zoo.build(family)
+        _MODELS[family] = (model, Program.capture(model))
+    return _MODELS[family]
+
+
+def _example(model, items, batch=2, pad=(0, 2)):
+    frames = 11 if model.config.model_type == "llava_onevision" and len(items) > 1 else 4
+    return family_zoo.example(model, batch=batch, pad=pad, items=items, frames=frames)
+
+
+def _hf_logits(model, ex):
+    kw = ex.as_kwargs()
+    if model.config.model_type.startswith("llava"):       # generate()'s positions for left padding
+        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**kw).logits
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_keep_everything_equals_hf(case):
+    _, family, items, unit = case
+    model, program = _model(family)
+    ex = _example(model, items)
+    pruned = gp.prune(model, None, program=program, video_unit=unit)
+    out = pruned(**ex.as_kwargs())
+    real = ex.attention_mask.bool()
+    torch.testing.assert_close(out.logits[real], _hf_logits(model, ex)[real], atol=1e-5, rtol=1e-5)
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
+    with torch.no_grad():
+        hf = model.generate(**ex.as_kwargs(), max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
+                            min_new_tokens=STEPS)
+    assert torch.equal(ids[:, -STEPS:], hf[:, -STEPS:])
+
+
+def _reference(model, ex, unit, selects):
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS), vm
+
+
+def _methods(units):
+    return [("fastv", dict(layer=2, keep=5), {2: RF.fastv_units_select(5, units)}),
+            ("dart", dict(layer=2, keep=6), {2: D.dart_select(6, images=units)}),
+            ("random", dict(layer=1, keep=3, seed=2), {1: D.random_select(3, seed=2, images=units)}),
+            ("vtw", dict(layer=2), {2: R.vtw_select()})]
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart", "random", "vtw"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_llm_methods_equal_reference(case, method):
+    _, family, items, unit = case
+    model, program = _model(family)
+    ex = _example(model, items)
+    units = RF.units_of(model, ex, unit)
+    name, opts, selects = next(m for m in _methods(units) if m[0] == method)
+    ref, vm = _reference(model, ex, unit, selects)
+    pruned = gp.prune(model, name, program=program, video_unit=unit, **opts)
+    out = pruned(**ex.as_kwargs())
+    assert torch.equal(out.kept, ref["keep"])                         # the kept set, every sample
+    assert out.cache.lengths() == ref["kv_lens"]                      # per-layer KV lengths
+    for i, c in enumerate(out.cache):
+        assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
+    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+    kept_vision = vm.gather(1, out.kept).sum(1)
+    assert kept_vision.tolist() == [units * opts.get("keep", 0)] * 2   # keep counts per unit (vtw: none)
+    # separators (vision start/end, image_newline slots) are all kept
+    seps = family_of(model).vision_layout(ex.input_ids, video_unit=unit, **_mm(ex)).separators
+    for b in range(2):
+        assert set(seps[b].nonzero()[:, 0].tolist()) <= set(out.kept[b].tolist())
+        assert int(seps[b].sum()) > 0
+
+
+def _mm(ex):
+    return {k: v for k, v in ex.as_kwargs().items() if k not in ("input_ids", "attention_mask")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_batch_equals_samples_alone(case):
+    _, family, items, unit = case
+    model, program = _model(family)
+    ex = _example(model, items)
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program, video_unit=unit)
+    batch = pruned(**ex.as_kwargs())
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=8, eos_token_id=[])
+    for b in range(2):
+        one = ex.sample(b)
+        alone = pruned(**one.as_kwargs())
+        real = batch.cache[-1].mask[b].bool()
+        torch.testing.assert_close(batch.logits[b][real], alone.logits[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(ids[b, -8:], pruned.generate(**one.as_kwargs(), max_new_tokens=8, eos_token_id=[])[0, -8:])
+
+
+def test_layout_units_and_separators():
+    model, _ = _model("qwen2_5_vl")
+    ex = _example(model, ("image", "video"))
+    fam = family_of(model)
+    per_frame = fam.vision_layout(ex.input_ids, **_mm(ex))
+    assert per_frame.units == ("image 0", "video 0 frame 0", "video 0 frame 1")
+    per_video = None
+    with pytest.raises(InputError, match="different token counts"):     # image 16 tokens, video 32
+        per_video = fam.vision_layout(ex.input_ids, video_unit="video", **_mm(ex))
+    assert per_video is None
+    cfg = model.config
+    starts = (ex.input_ids == cfg.vision_start_token_id) | (ex.input_ids == cfg.vision_end_token_id)
+    assert torch.equal(per_frame.separators, starts)
+    model, _ = _model("llava_next")
+    ex = _example(model, ("image",))
+    lay = family_of(model).vision_layout(ex.input_ids, **_mm(ex))
+    _, _, _, vm = RF.family_inputs(model, ex)
+    assert torch.equal(lay.separators, (ex.input_ids == cfg.image_token_id) & ~vm)
+    assert lay.pos.shape == (2, 1, 16 + 4 * 8)            # base 4x4 + 4 unpadded rows of 8 (+ newline each)
+
+
+def test_bad_video_inputs_fail_before_work():
+    model, program = _model("qwen2_5_vl")
+    ex = _example(model, ("video",))
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    kw = ex.as_kwargs()
+    kw["video_grid_thw"] = kw["video_grid_thw"].clone()
+    kw["video_grid_thw"][:, 0] = 3
+    with pytest.raises(InputError, match="video_grid_thw"):
+        pruned(**kw)
+    with pytest.raises(InputError, match="video_unit"):
+        gp.prune(model, "fastv", program=program, video_unit="clip")
+    llava_next, program = _model("llava_next")
+    with pytest.raises(InputError, match="unexpected inputs.*pixel_values_videos"):
+        gp.prune(llava_next, None, program=program)(**_example(llava_next, ("image",)).as_kwargs(),
+                                                      pixel_values_videos=torch.zeros(1))
+
+
+def _tiny(cls_name, config_name, **cfg):
+    import transformers
+    config = getattr(transformers, config_name)(**cfg)
+    return getattr(transformers, cls_name)(config)
+
+
+def test_refused_families_say_why():
+    mllama = _tiny("MllamaForConditionalGeneration", "MllamaConfig",
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
+                                      intermediate_layers_indices=[0]),
+                   text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, vocab_size=64, cross_attention_layers=[1],
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    with pytest.raises(UnsupportedModelError, match="mllama.*cross-attention"):
+        gp.prune(mllama, "fastv")
+    from transformers import Qwen3_5Config
+    cfg = Qwen3_5Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    stub = torch.nn.Module()
+    stub.config = cfg                  # the family is refused from the config, before any part is read
+    with pytest.raises(UnsupportedModelError, match="qwen3_5.*linear_attention.*hybrid"):
+        family_of(stub)
+    stub.config = type("Config", (), {"model_type": "my_vlm"})()
+    with pytest.raises(UnsupportedModelError, match="'my_vlm' is not a family.*llava_next.*Adding a family"):
+        family_of(stub)
+
+
+def test_recognised_by_model_type_not_class_name():
+    from transformers import LlavaNextForConditionalGeneration
+    model, _ = _model("llava_next")
+
+    class MyLlavaNext(LlavaNextForConditionalGeneration):
+        pass
+    mine = MyLlavaNext(model.config)
+    assert family_of(mine).name == "llava_next"
+    body = family_of(model.model)                   # the body, as a torch.compile frame holds it
+    assert isinstance(body.lm_head(), torch.nn.Identity) and body.language_model() is model.model.language_model
+
+
+def test_inspect_shows_units_spans_and_separators(capsys):
+    import json
+
+    from graphprune.cli import main
+    assert main(["inspect", "tiny-llava-next", "--no-decode", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    model, _ = _model("llava_next")
+    ex = family_zoo.example(model, items=("image",))
+    slots = (ex.input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    _, _, _, vm = RF.family_inputs(model, ex)
+    newline = [int(i) for i in slots if not vm[0, i]]
+    [sample] = d["prompt"]["vision_units"]
+    assert sample["units"] == [{"unit": "image 0", "span": [int(slots[0]), int(slots[-1])], "tokens": 48}]
+    assert sample["separators"] == [[i, model.config.image_token_id] for i in newline] and len(newline) == 4
+    assert main(["inspect", "tiny-qwen2.5vl", "--no-decode"]) == 0
+    out = capsys.readouterr().out
+    assert "image 0 [7, 23) 16 tokens, video 0 frame 0 [27, 43) 16 tokens, video 0 frame 1 [43, 59) 16 tokens" in out
+    assert "6 (id 148), 23 (id 149), 26 (id 148), 59 (id 149)" in out
+
+
+def test_support_matrix_reads_junit(tmp_path):
+    import support_matrix
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite>'
+                   '<testcase name="test_keep_everything_equals_hf[llava_next-anyres]"/>'
+                   '<testcase name="test_llm_methods_equal_reference[llava_next-anyres-dart]"><failure/></testcase>'
+                   '<testcase name="test_llm_methods_equal_reference[qwen2_vl-video-fastv]"/>'
+                   '<testcase name="test_layout_units_and_separators"/></testsuite></testsuites>')
+    table = support_matrix.results(str(xml))
+    assert table == {"llava_next-anyres": {"keep-everything = HF (logits, 16 greedy tokens)": "pass",
+                                           "dart = reference": "FAIL"},
+                     "qwen2_vl-video": {"fastv = reference": "pass"}}
+    md = support_matrix.markdown(table)
+    assert "| llava_next-anyres | pass | - | FAIL | - | - | - |" in md and "generated by" in md
