@@ -457,6 +457,11 @@ class PrunedModel(nn.Module, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS or k in self.family.vision_inputs}
 
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """transformers checks generate's kwargs against forward's named parameters; the family's
+        processor outputs (pixel_values_videos, image_sizes, ...) reach forward through **extra."""
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in self.family.vision_inputs})
+
     def _new_tokens(self, input_ids, kwargs) -> int:
         """How many tokens a generate call may add (what a static cache makes room for)."""
         config = kwargs.get("generation_config") or self.generation_config
