@@ -517,27 +517,36 @@ def _writable(path: str, what: str) -> None:
         raise _Failure(f"{what} {path}: folder {folder} does not exist")
     if os.path.isdir(path):
         raise _Failure(f"{what} {path} is a folder; give a file name")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         raise _Failure(f"{what} {path}: not writable")
+    _probe(folder, f"{what} {path}")
 
 
 def _writable_folder(path: str, what: str) -> None:
     """An output folder exists or can be made at `path`: the nearest existing ancestor is a
-    writable folder (checked before any work)."""
+    folder where files can be created (checked before any work)."""
     import os
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise _Failure(f"{what} {path} exists and is not a folder")
-        if not os.access(path, os.W_OK):
-            raise _Failure(f"{what} {path}: folder is not writable")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _Failure(f"{what} {path} exists and is not a folder")
     probe = path
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise _Failure(f"{what} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK) or probe.startswith(("/proc", "/sys")):
-        raise _Failure(f"{what} {path}: cannot create it ({probe} is not writable)")
+    _probe(probe, f"{what} {path}")
+
+
+def _probe(folder: str, what: str) -> None:
+    # permission bits do not tell (root, /proc, read-only mounts): create and remove a file
+    import os
+    import tempfile
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".graphprune-probe-")
+    except OSError as e:
+        raise _Failure(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.remove(name)
 
 
 def cmd_bench(args) -> int:

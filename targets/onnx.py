@@ -383,7 +383,9 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
     batch, seq (prompt length), text (instruction tokens), images, past_<l> (layer l's cache).
     Checks (unpruned model, exact-mode passes, a non-empty out_dir without overwrite) run before
     anything is written; the files are written into a temporary directory next to out_dir and
-    renamed into place, so a failed export leaves nothing behind. `optimize`: run the onnxscript
+    renamed into place, so a failed (or SIGTERM-ed) export leaves nothing behind, and the temporary
+    directories of killed processes are removed by the next export next to them. `opset`: 18 up
+    to torch.onnx's newest (`check_opset`); torch.onnx's own output is kept quiet. `optimize`: run the onnxscript
     optimizer on each graph (torch.onnx's default; ONNX Runtime optimizes again when it loads).
     Within one process a stage graph already exported unchanged (the decode step, the vision stage
     of a prefill-only pipeline) is reused rather than traced again.
@@ -489,16 +491,36 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
 # included) is removed by the next export next to it. Made with os.mkdir, so it gets the umask's
 # permissions (tempfile.mkdtemp's 0700 would keep a separate serving user out of the export).
 
+@contextlib.contextmanager
 def _temporary_folder(out_dir: str):
-    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    """Yield a new temporary folder next to `out_dir`; remove it if the block fails or the process
+    gets SIGTERM meanwhile (the handler, installed before the folder exists, raises SystemExit in
+    the main thread, so the removal below runs)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def terminated(signum, frame):
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, terminated)
     try:
-        os.makedirs(parent, exist_ok=True)
-        _remove_stale(parent, base)
-        tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        os.mkdir(tmp)
-    except OSError as e:
-        raise InputError(f"cannot write the export to {out_dir}: {e.strerror or e} ({e.filename or parent})") from None
-    return _removed_on_exit(tmp)
+        parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _remove_stale(parent, base)
+            tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(tmp)
+        except OSError as e:
+            raise InputError(f"cannot write the export to {out_dir}: {e.strerror or e} "
+                             f"({e.filename or parent})") from None
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _remove_stale(parent: str, base: str) -> None:
@@ -518,27 +540,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@contextlib.contextmanager
-def _removed_on_exit(tmp: str):
-    """Yield `tmp`; remove it if the block fails or the process gets SIGTERM meanwhile (the
-    handler raises SystemExit in the main thread, so the removal below runs)."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def terminated(signum, frame):
-            raise SystemExit(128 + signum)
-        signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _version(mod: str) -> str | None:
