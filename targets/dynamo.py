@@ -325,7 +325,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
 # it (and, by default, everything it calls) eagerly: the backend is never asked, so the model would
 # run unpruned. Dynamo's only signal is a warning on its convert_frame logger, emitted while it
 # converts the frame, on the calling thread and before the eager run; a handler there raises (or
-# warns) when the frame was being compiled for the graphprune backend. It is installed when this
+# when the frame was being compiled for the graphprune backend (whatever if_not_applied says). It is installed when this
 # module is imported, which torch.compile does when it looks the backend up.
 
 _LIMIT_MESSAGE = "torch._dynamo hit config."
@@ -363,9 +363,9 @@ class _FallbackWatch(logging.Handler):
                f"({getattr(torch._dynamo.config, str(limit), '?')}) and would run this call eagerly, unpruned "
                "(every failed or distinct compile of the same model class counts). Call torch._dynamo.reset() "
                f"or raise torch._dynamo.config.{limit}, or use graphprune.prune(model, ...)")
-        if isinstance(options, dict) and options.get("if_not_applied") == "warn":
-            warnings.warn(msg, stacklevel=2)
-            return
+        # raised even with if_not_applied="warn": once dynamo has fallen back on a frame it no
+        # longer reports it, and later calls through other compiles of the model silently run
+        # whatever frames it cached for them (seen: a keep=6 compile running keep=8's prefill)
         raise PassNotApplicable(msg)
 
 
