@@ -9,6 +9,7 @@ unique, ...) and any size that is an unbacked symbol (known only after running).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -94,8 +95,14 @@ def check_static_onnx(path) -> list[str]:
         files = [path]
         mpath = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
         manifest = None
-        if os.path.isfile(mpath):
-            manifest = Manifest.load(os.path.dirname(mpath))
+        if os.path.isfile(mpath):           # only its "static" flag is read for a single file
+            try:
+                with open(mpath) as f:
+                    manifest = json.load(f)
+            except ValueError as e:
+                raise InputError(f"{mpath}: not valid JSON ({e})") from None
+            if not isinstance(manifest, dict):
+                raise InputError(f"{mpath}: a JSON object was expected")
     if manifest is not None and not manifest.get("static", True):
         return []
     problems = []

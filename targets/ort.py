@@ -192,13 +192,13 @@ class OrtPrunedModel(PrunedModel):
         return sessions
 
     def _layout(self, input_ids):
+        # the prefill graph fixes the images per sample (vision_pos is exported with a dynamic
+        # batch only); the tokens per image follow from pixel_values, whose size is fixed too
         vision_pos = super()._layout(input_ids)
-        ref = self.manifest["reference_prompt"]
-        want = (ref["images_per_sample"], ref["vision_tokens_per_image_in_llm"])
-        if vision_pos is not None and tuple(vision_pos.shape[1:]) != want:
-            raise InputError(f"the prompt has {vision_pos.shape[1]} image(s) of {vision_pos.shape[2]} vision tokens per "
-                             f"sample; this export takes {want[0]} image(s) of {want[1]} tokens per sample (export "
-                             "again with an example of the layout you serve)")
+        want = self.manifest["reference_prompt"]["images_per_sample"]
+        if vision_pos is not None and vision_pos.shape[1] != want:
+            raise InputError(f"the prompt has {vision_pos.shape[1]} image(s) per sample; this export takes {want} "
+                             "(export again with an example of the layout you serve)")
         return vision_pos
 
     def __repr__(self):
