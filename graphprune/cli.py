@@ -43,8 +43,28 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (GraphpruneError, ValueError, _Failure) as e:
-        print(f"graphprune: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(e))
+    except OSError as e:        # a path given on the command line that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}")
+    except MemoryError:
+        _fail("out of memory (use a smaller model, batch, image or --scale)")
+
+
+def _fail(message: str):
+    print(f"graphprune: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _model_loading(parser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow running Python code shipped in "
+                        "the model's folder (refused by default)")
+    parser.add_argument("--allow-pickle-weights", action="store_true", help="allow loading pickle weights "
+                        "(pytorch_model.bin; unpickling can run code). Default: safetensors only")
+
+
+def _loading(args) -> dict:
+    return {"trust_remote_code": args.trust_remote_code, "allow_pickle_weights": args.allow_pickle_weights}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(default float16)")
     i.add_argument("--no-decode", action="store_true", help="skip capturing the decode stage (faster)")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _model_loading(i)
     i.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("run", help="prune a tiny built-in model, generate, compare with the unpruned model",
@@ -87,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                    "ops are too small to gain from threads and whose timings suffer from oversubscribed cores)")
     r.add_argument("--linear", choices=LINEAR_KINDS, default="aten", help=LINEAR_HELP + " (default aten)")
     r.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _model_loading(r)
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("export-onnx", help="prune a model and export its vision, prefill and decode graphs to ONNX",
@@ -99,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     e.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    _model_loading(e)
     e.set_defaults(func=cmd_export_onnx)
     _vqa_parsers(sub)
     return p
@@ -143,6 +166,7 @@ def _vqa_parsers(sub) -> None:
     b.add_argument("--plot", metavar="PATH.png", help="accuracy vs prefill time per method (needs matplotlib: "
                    "pip install 'graphprune[plot]')")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _model_loading(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the shipped VQA model answering test questions unpruned and pruned",
@@ -159,6 +183,7 @@ def _vqa_parsers(sub) -> None:
     d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     d.add_argument("--linear", choices=LINEAR_KINDS, default="aten", help=LINEAR_HELP + " (default aten)")
     d.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _model_loading(d)
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("visualize", help="draw an image with the patches a pipeline dropped dimmed",
@@ -172,6 +197,7 @@ def _vqa_parsers(sub) -> None:
     v.add_argument("--model", help=VQA_MODEL_HELP)
     v.add_argument("--scale", type=int, default=1, help="enlarge the drawing by this integer factor (default 1)")
     v.add_argument("--json", action="store_true", help="print what was drawn as JSON")
+    _model_loading(v)
     v.set_defaults(func=cmd_visualize)
 
 
@@ -198,7 +224,7 @@ def cmd_inspect(args) -> int:
         source, kv_dtype = f"config on the meta device ({accountant.config_path(args.config)})", args.dtype
     else:
         name = args.model or "tiny-llava"
-        model, source = load_model(name)
+        model, source = load_model(name, **_loading(args))
         program = accountant.capture_stages(model, stages)
         kv_dtype = None
     capture_s = time.perf_counter() - t0
@@ -347,6 +373,10 @@ def cmd_export_onnx(args) -> int:
 
     from graphprune.rewrite.pipeline import as_passes
     as_passes(args.pipeline)        # bad options fail before any model is built
+    _writable_folder(args.out, "--out")
+    if args.opset is not None:
+        from graphprune.targets.onnx import check_opset
+        check_opset(args.opset)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _Failure(f"{args.out} exists and is not empty; pass --overwrite to replace it")
     try:
@@ -355,7 +385,7 @@ def cmd_export_onnx(args) -> int:
         raise _Failure(f"ONNX export needs the onnx extra ({e}): pip install 'graphprune[onnx]'") from None
     from graphprune import prune
     t0 = time.perf_counter()
-    model, source = load_model(args.model)
+    model, source = load_model(args.model, **_loading(args))
     pruned = prune(model, args.pipeline)
     # traced on graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3)): random tokens, two samples
     manifest = export_onnx(pruned, args.out, overwrite=args.overwrite, opset=args.opset)
@@ -386,7 +416,7 @@ def cmd_run(args) -> int:
     for m in methods:            # bad options fail before any model is built
         as_passes(m)
     t0 = time.perf_counter()
-    model, source = load_model(args.model)
+    model, source = load_model(args.model, **_loading(args))
     example, _ = sample_prompt(model, args.model, any_model=True)
     if example is None:
         raise _Failure(f"no sample prompt for {type(model).__name__}")
@@ -503,10 +533,43 @@ def _threads(args) -> None:
 
 
 def _writable(path: str, what: str) -> None:
+    """An output file can be created at `path` (checked before any work)."""
     import os
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise _Failure(f"{what} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise _Failure(f"{what} {path} is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise _Failure(f"{what} {path}: not writable")
+    _probe(folder, f"{what} {path}")
+
+
+def _writable_folder(path: str, what: str) -> None:
+    """An output folder exists or can be made at `path`: the nearest existing ancestor is a
+    folder where files can be created (checked before any work)."""
+    import os
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _Failure(f"{what} {path} exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise _Failure(f"{what} {path}: {probe} is a file, not a folder")
+    _probe(probe, f"{what} {path}")
+
+
+def _probe(folder: str, what: str) -> None:
+    # permission bits do not tell (root, /proc, read-only mounts): create and remove a file
+    import os
+    import tempfile
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".graphprune-probe-")
+    except OSError as e:
+        raise _Failure(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.remove(name)
 
 
 def cmd_bench(args) -> int:
@@ -542,7 +605,7 @@ def cmd_bench(args) -> int:
             as_passes(p)
         if args.data and not __import__("os").path.exists(args.data):
             raise _Failure(f"--data {args.data} does not exist")
-        vm = vqa_model.load_vqa_model(args.model)
+        vm = vqa_model.load_vqa_model(args.model, **_loading(args))
         cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
         cells += [("custom", f"#{i + 1}", p) for i, p in enumerate(args.pipeline)]
         prepared, skipped = bench.prepare(vm, cells, args.linear or "aten")
@@ -576,7 +639,9 @@ def cmd_demo(args) -> int:
     _threads(args)
     for p in args.pipeline or []:
         as_passes(p)
-    vm = vqa_model.load_vqa_model(args.model)
+    if not args.no_images:
+        _writable_folder(args.out, "--out")
+    vm = vqa_model.load_vqa_model(args.model, **_loading(args))
     pipelines = args.pipeline or demo.default_pipelines(vm.model.config.text_config.num_hidden_layers)
     items = vqa_model.load_items(None, args.n, "test", args.seed)
     res = demo.run_demo(vm, items, pipelines, None if args.no_images else args.out, repeats=args.repeats,
@@ -591,9 +656,11 @@ def cmd_demo(args) -> int:
 def cmd_visualize(args) -> int:
     from graphprune.rewrite.pipeline import as_passes
     from graphprune.tools import images, vqa, vqa_model
-    from graphprune.tools.visualize import visualize
+    from graphprune.tools.visualize import MAX_SCALE, check_image_file, visualize
     as_passes(args.pipeline)
     _positive(args, "scale")
+    if args.scale > MAX_SCALE:
+        raise _Failure(f"--scale {args.scale}: at most {MAX_SCALE}")
     _writable(args.out, "--out")
     split, _, idx = args.image.partition(":")
     if split in vqa.SPLITS and idx.isdigit():
@@ -602,8 +669,9 @@ def cmd_visualize(args) -> int:
     elif not args.question:
         raise _Failure("--question is required for an image file")
     else:
+        check_image_file(args.image)
         image, question = images.read_image(args.image), args.question
-    vm = vqa_model.load_vqa_model(args.model)
+    vm = vqa_model.load_vqa_model(args.model, **_loading(args))
     res = visualize(vm, image, question, args.pipeline, args.out, scale=args.scale)
     if args.json:
         print(json.dumps(res, indent=2))

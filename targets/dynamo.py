@@ -25,6 +25,8 @@ built for a model, for inspection.
 """
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import warnings
 import weakref
@@ -172,6 +174,13 @@ def _owner(what: str):
     owner = tx.f_locals.get("self") if tx is not None else None
     if owner is None:
         raise UnsupportedModelError("torch.compile frame", what, "the frame has no `self` module")
+    # what the backend returns runs this module's own (rewritten) graphs, but dynamo lifts module
+    # parameters to frame inputs and by default does not guard on the module's identity: a second
+    # model of the same class would reuse this frame and run this model's layers. Guard on it, so
+    # another model recompiles and gets its own frame.
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._dynamo.source import LocalSource
+    install_guard(LocalSource("self").make_guard(GuardBuilder.ID_MATCH))
     return owner
 
 
@@ -312,6 +321,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if unused:
         raise PassConfigError(f"the graphprune backend takes options={{...}}, not {sorted(unused)} "
                               "(mode= is Inductor's; pass compiler= in options)")
+    _watch_fallbacks()                  # again: torch._logging.set_logs() may have cleared the handlers
     opts = BackendOptions.parse(options)
     merge, layers, vision = _image_merge(gm), _lm_layers(gm), _encodes_image(gm)
     if merge is None and layers and vision:
@@ -334,6 +344,61 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         lm = family_of(_owner("the module running the decoder layers")).language_model()
         return DecodeFrame(lm, compiled, _attention_mask_index(gm), opts)
     return compiled
+
+
+# -- dynamo giving up on a frame ---------------------------------------------------------------
+# When a code object reaches torch._dynamo.config.recompile_limit, dynamo stops compiling it and runs
+# it (and, by default, everything it calls) eagerly: the backend is never asked, so the model would
+# run unpruned. Dynamo's only signal is a warning on its convert_frame logger, emitted while it
+# converts the frame, on the calling thread and before the eager run; a handler there raises (or
+# when the frame was being compiled for the graphprune backend (whatever if_not_applied says). It is installed when this
+# module is imported, which torch.compile does when it looks the backend up.
+
+_LIMIT_MESSAGE = "torch._dynamo hit config."
+
+
+def _graphprune_options(compiler_fn):
+    """The options= of a torch.compile(..., backend="graphprune") wrapper (through dynamo's
+    wrappers), or None for another backend."""
+    seen = 0
+    while compiler_fn is not None and seen < 8:
+        if getattr(compiler_fn, "compiler_fn", None) is graphprune_backend:
+            return getattr(compiler_fn, "kwargs", {}).get("options") or {}
+        if compiler_fn is graphprune_backend:
+            return {}
+        compiler_fn = getattr(compiler_fn, "_torchdynamo_orig_backend", None) or getattr(compiler_fn, "compiler_fn",
+                                                                                       None)
+        seen += 1
+    return None
+
+
+class _FallbackWatch(logging.Handler):
+    def emit(self, record):
+        if not str(record.msg).startswith(_LIMIT_MESSAGE):
+            return
+        frame = sys._getframe()
+        while frame is not None:
+            if frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals:
+                break
+            frame = frame.f_back
+        options = _graphprune_options(frame.f_locals["compiler_fn"]) if frame is not None else None
+        if options is None:
+            return
+        limit = record.args[0] if record.args else "recompile_limit"
+        msg = (f"torch.compile(backend=\"graphprune\"): dynamo hit torch._dynamo.config.{limit} "
+               f"({getattr(torch._dynamo.config, str(limit), '?')}) and would run this call eagerly, unpruned "
+               "(every failed or distinct compile of the same model class counts). Call torch._dynamo.reset() "
+               f"or raise torch._dynamo.config.{limit}, or use graphprune.prune(model, ...)")
+        # raised even with if_not_applied="warn": once dynamo has fallen back on a frame it no
+        # longer reports it, and later calls through other compiles of the model silently run
+        # whatever frames it cached for them (seen: a keep=6 compile running keep=8's prefill)
+        raise PassNotApplicable(msg)
+
+
+def _watch_fallbacks() -> None:
+    log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(h, _FallbackWatch) for h in log.handlers):
+        log.addHandler(_FallbackWatch(logging.WARNING))
 
 
 _UNSEEN_MERGE = ("the image features reach the decoder layers without the masked_scatter merge the "
@@ -384,3 +449,6 @@ class DecodeFrame:
 def pruned_graphs(model: torch.nn.Module) -> list[fx.GraphModule]:
     """The rewritten prefill graphs the backend built for `model` (one per pipeline and compiler)."""
     return [rw.graph_module for m in model.modules() for rw in _PROGRAMS.get(m, {}).values()]
+
+
+_watch_fallbacks()

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from graphprune.errors import GraphVerificationError
+from graphprune.errors import GraphVerificationError, InputError
 
 from .manifest import MANIFEST, Manifest
 
@@ -95,14 +95,22 @@ def check_static_onnx(path) -> list[str]:
         files = [path]
         mpath = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
         manifest = None
-        if os.path.isfile(mpath):
-            with open(mpath) as f:
-                manifest = json.load(f)
+        if os.path.isfile(mpath):           # only its "static" flag is read for a single file
+            try:
+                with open(mpath) as f:
+                    manifest = json.load(f)
+            except ValueError as e:
+                raise InputError(f"{mpath}: not valid JSON ({e})") from None
+            if not isinstance(manifest, dict):
+                raise InputError(f"{mpath}: a JSON object was expected")
     if manifest is not None and not manifest.get("static", True):
         return []
     problems = []
     for file in files:
-        model = onnx.load(file, load_external_data=False)
+        try:
+            model = onnx.load(file, load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a corrupt file
+            raise InputError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
         graphs = [model.graph] + [f for f in model.functions]
         for gr in graphs:
             for node in _nodes(gr):

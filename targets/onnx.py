@@ -32,11 +32,16 @@ files: no NonZero, If, Loop, Scan; TopK sorted). `mode="exact"` passes are refus
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
+import signal
+import threading
 import warnings
 from typing import Any
 
@@ -51,6 +56,24 @@ from .manifest import EMBED_FILE, FORMAT, MANIFEST, STAGE_FILES, Manifest
 
 class ExportError(GraphpruneError):
     """torch.onnx could not convert a stage graph (the message names the stage and the cause)."""
+
+
+# the custom translations below are written against ONNX opset 18; torch.onnx converts upwards
+MIN_OPSET = 18
+
+
+def max_opset() -> int:
+    from torch.onnx._constants import ONNX_MAX_OPSET
+    return ONNX_MAX_OPSET
+
+
+def check_opset(opset) -> None:
+    """Refuse an opset torch.onnx cannot export these graphs to (None: torch.onnx's default)."""
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise InputError(f"opset {opset!r}: supported ONNX opsets are {MIN_OPSET}..{max_opset()} "
+                         "(or leave it unset for torch.onnx's default)")
 
 
 # -- checks made before anything is written ----------------------------------------------------
@@ -93,7 +116,27 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
 def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(copy.deepcopy(gm.meta))
+    _plain_tensors(out)
     return out
+
+
+def _plain_tensors(gm: fx.GraphModule) -> None:
+    """Replace inference tensors (weights and constants of a model pruned under
+    torch.inference_mode()) by normal copies: torch.export, which torch.onnx runs, cannot trace them."""
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()) + [
+            (n.target, getattr(gm, n.target, None)) for n in gm.graph.find_nodes(op="get_attr")]:
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            owner_path, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            plain = t.clone()
+            if isinstance(t, torch.nn.Parameter):
+                plain = torch.nn.Parameter(plain, requires_grad=False)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = plain
+            elif leaf in owner._buffers:
+                owner._buffers[leaf] = plain
+            else:
+                setattr(owner, leaf, plain)
 
 
 def _prepare(gm: fx.GraphModule, inputs: dict, rename: dict | None = None):
@@ -139,7 +182,9 @@ def _prepare(gm: fx.GraphModule, inputs: dict, rename: dict | None = None):
 def _export(stage: str, gm, args, onnx_inputs, onnx_outputs, dynamic_shapes, path, opset, optimize=True):
     kw = {} if opset is None else {"opset_version": opset}
     try:
-        with warnings.catch_warnings():
+        # torch.onnx prints its progress and, on a failed strategy, whole tracebacks (to stdout,
+        # stderr and its loggers); a failure is reported once, as an ExportError
+        with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(gm, args, dynamo=True, input_names=onnx_inputs, output_names=onnx_outputs,
                                      dynamic_shapes=dynamic_shapes, custom_translation_table=_translations(),
@@ -148,6 +193,21 @@ def _export(stage: str, gm, args, onnx_inputs, onnx_outputs, dynamic_shapes, pat
         raise ExportError(f"{stage}: torch.onnx.export failed: {_summary(e)}") from e
     prog.save(path)
     return prog
+
+
+@contextlib.contextmanager
+def _quiet():
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _summary(e: Exception) -> str:
@@ -323,19 +383,27 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
     batch, seq (prompt length), text (instruction tokens), images, past_<l> (layer l's cache).
     Checks (unpruned model, exact-mode passes, a non-empty out_dir without overwrite) run before
     anything is written; the files are written into a temporary directory next to out_dir and
-    renamed into place, so a failed export leaves nothing behind. `optimize`: run the onnxscript
+    renamed into place, so a failed (or SIGTERM-ed) export leaves nothing behind, and the temporary
+    directories of killed processes are removed by the next export next to them. `opset`: 18 up
+    to torch.onnx's newest (`check_opset`); torch.onnx's own output is kept quiet. `optimize`: run the onnxscript
     optimizer on each graph (torch.onnx's default; ONNX Runtime optimizes again when it loads).
     Within one process a stage graph already exported unchanged (the decode step, the vision stage
     of a prefill-only pipeline) is reused rather than traced again.
     """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    check_opset(opset)
+    _check_exportable(pruned, out_dir, overwrite)
+    kw = _example_inputs(pruned, example)
+    with _temporary_folder(out_dir) as tmp:
+        manifest = _export_into(tmp, pruned, kw, out_dir, opset, optimize, example)
+    return Manifest(manifest, out_dir)
+
+
+def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     import numpy as np
     import onnx
 
     from graphprune.version import __version__
-
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    _check_exportable(pruned, out_dir, overwrite)
-    kw = _example_inputs(pruned, example)
     report = pruned.report              # the reference run below must not replace the caller's report
     with torch.no_grad():
         ref = pruned(**kw)
@@ -344,85 +412,134 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
     b = kw["input_ids"].shape[0]
     n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    stages = {}
+    # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
+    vgm = pruned.program.stages["vision"].gm
+    vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
+    vin = {"pixel_values": kw["pixel_values"]}
+    if "text_embeds" in vnames:
+        from graphprune.lower.runtime import text_layout
+        vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"])
+        ti, tm = text_layout(vp, kw["input_ids"].shape[1])
+        vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
+        vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
+    images = kw["pixel_values"].shape[0]
+    stages["vision"] = _export_stage(
+        "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
+        tmp, opset, None, optimize)
+
+    # prefill: the rewritten graph, selection nodes inside
+    pin = prompt.prefill_inputs()
+    stages["prefill"] = _export_stage(
+        "prefill", pruned.program.stages["prefill"].gm, pin, lambda name, val: _axes_prefill(name, val, b),
+        {"seq": n * v + 1, "text": 1}, tmp, opset, None, optimize)
+
+    # decode: per-layer caches of their own lengths (distinct example lengths so none is unified)
+    dgm = pruned.decode_gm
+    din, rename, axes = _decode_example(pruned, ref, b)
+    stages["decode"] = _export_stage("decode", dgm, din, lambda name, val: axes.get(name, {}), {}, tmp, opset,
+                                     rename, optimize)
+
+    emb = pruned.family.language_model().get_input_embeddings().weight.detach()
+    if emb.dtype not in (torch.float32, torch.float16, torch.float64):
+        emb = emb.float()
+    np.save(os.path.join(tmp, EMBED_FILE), emb.cpu().numpy())
+
+    used_opset = next((o.version for o in onnx.load(os.path.join(tmp, STAGE_FILES["prefill"]),
+                                                     load_external_data=False).opset_import
+                       if o.domain in ("", "ai.onnx")), opset)
+    gen = getattr(pruned.model, "generation_config", None)
+    tc = pruned.family.text_config()
+    manifest = {
+        "format": FORMAT,
+        "graphprune_version": __version__,
+        "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+        "onnxscript_version": _version("onnxscript"),
+        "opset": used_opset,
+        "static": True,
+        "model_class": pruned.family.model_class, "family": pruned.family.name,
+        "image_token_id": int(pruned.family.image_token_id()),
+        "num_layers": pruned.num_layers, "vocab_size": int(emb.shape[0]), "hidden_size": int(emb.shape[1]),
+        "num_key_value_heads": getattr(tc, "num_key_value_heads", None),
+        "eos_token_id": _jsonable(getattr(gen, "eos_token_id", None)),
+        "pad_token_id": _jsonable(getattr(gen, "pad_token_id", None)),
+        "pipeline": [repr(p) for p in pruned.pipeline],
+        "pipeline_repr": " | ".join(repr(p) for p in pruned.pipeline),
+        "budgets": _budgets(pruned),
+        "vision_positions": pruned._vision_positions(),
+        "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
+                      "note": "the embedding lookup (row gather of input_ids) runs on the host"},
+        "stages": stages,
+        "reference_prompt": {
+            "source": ("example" if example is not None
+                       else "graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3))"),
+            "batch": b, "prompt_length": int(kw["input_ids"].shape[1]),
+            "images_per_sample": n, "vision_tokens_per_image_in_llm": v,
+            "llm_sequence_length": int(prompt.embeds.shape[1]),
+            "kv_lengths": ref.cache.lengths(),
+        },
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    check_static_onnx(tmp)
+    _commit(tmp, out_dir)
+    return manifest
+
+
+# -- the temporary folder the files are written into ------------------------------------------
+# Named .<out>.tmp-<pid>-<random>: a folder whose process is gone (killed mid-export, SIGKILL
+# included) is removed by the next export next to it. Made with os.mkdir, so it gets the umask's
+# permissions (tempfile.mkdtemp's 0700 would keep a separate serving user out of the export).
+
+@contextlib.contextmanager
+def _temporary_folder(out_dir: str):
+    """Yield a new temporary folder next to `out_dir`; remove it if the block fails or the process
+    gets SIGTERM meanwhile (the handler, installed before the folder exists, raises SystemExit in
+    the main thread, so the removal below runs)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def terminated(signum, frame):
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, terminated)
     try:
-        stages = {}
-        # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
-        vgm = pruned.program.stages["vision"].gm
-        vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
-        vin = {"pixel_values": kw["pixel_values"]}
-        if "text_embeds" in vnames:
-            from graphprune.lower.runtime import text_layout
-            vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"])
-            ti, tm = text_layout(vp, kw["input_ids"].shape[1])
-            vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
-            vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
-        images = kw["pixel_values"].shape[0]
-        stages["vision"] = _export_stage(
-            "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
-            tmp, opset, None, optimize)
+        parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _remove_stale(parent, base)
+            tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(tmp)
+        except OSError as e:
+            raise InputError(f"cannot write the export to {out_dir}: {e.strerror or e} "
+                             f"({e.filename or parent})") from None
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
-        # prefill: the rewritten graph, selection nodes inside
-        pin = prompt.prefill_inputs()
-        stages["prefill"] = _export_stage(
-            "prefill", pruned.program.stages["prefill"].gm, pin, lambda name, val: _axes_prefill(name, val, b),
-            {"seq": n * v + 1, "text": 1}, tmp, opset, None, optimize)
 
-        # decode: per-layer caches of their own lengths (distinct example lengths so none is unified)
-        dgm = pruned.decode_gm
-        din, rename, axes = _decode_example(pruned, ref, b)
-        stages["decode"] = _export_stage("decode", dgm, din, lambda name, val: axes.get(name, {}), {}, tmp, opset,
-                                         rename, optimize)
+def _remove_stale(parent: str, base: str) -> None:
+    for name in os.listdir(parent):
+        for kind in (".tmp-", ".old-"):
+            prefix = f".{base}{kind}"
+            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
-        emb = pruned.family.language_model().get_input_embeddings().weight.detach()
-        if emb.dtype not in (torch.float32, torch.float16, torch.float64):
-            emb = emb.float()
-        np.save(os.path.join(tmp, EMBED_FILE), emb.cpu().numpy())
 
-        used_opset = next((o.version for o in onnx.load(os.path.join(tmp, STAGE_FILES["prefill"]),
-                                                         load_external_data=False).opset_import
-                           if o.domain in ("", "ai.onnx")), opset)
-        gen = getattr(pruned.model, "generation_config", None)
-        tc = pruned.family.text_config()
-        manifest = {
-            "format": FORMAT,
-            "graphprune_version": __version__,
-            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
-            "onnxscript_version": _version("onnxscript"),
-            "opset": used_opset,
-            "static": True,
-            "model_class": pruned.family.model_class, "family": pruned.family.name,
-            "image_token_id": int(pruned.family.image_token_id()),
-            "num_layers": pruned.num_layers, "vocab_size": int(emb.shape[0]), "hidden_size": int(emb.shape[1]),
-            "num_key_value_heads": getattr(tc, "num_key_value_heads", None),
-            "eos_token_id": _jsonable(getattr(gen, "eos_token_id", None)),
-            "pad_token_id": _jsonable(getattr(gen, "pad_token_id", None)),
-            "pipeline": [repr(p) for p in pruned.pipeline],
-            "pipeline_repr": " | ".join(repr(p) for p in pruned.pipeline),
-            "budgets": _budgets(pruned),
-            "vision_positions": pruned._vision_positions(),
-            "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
-                          "note": "the embedding lookup (row gather of input_ids) runs on the host"},
-            "stages": stages,
-            "reference_prompt": {
-                "source": ("example" if example is not None
-                           else "graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3))"),
-                "batch": b, "prompt_length": int(kw["input_ids"].shape[1]),
-                "images_per_sample": n, "vision_tokens_per_image_in_llm": v,
-                "llm_sequence_length": int(prompt.embeds.shape[1]),
-                "kv_lengths": ref.cache.lengths(),
-            },
-        }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        check_static_onnx(tmp)
-        _commit(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Manifest(manifest, out_dir)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _version(mod: str) -> str | None:
@@ -441,7 +558,9 @@ _CACHE_MAX_BYTES = 64 << 20
 
 
 def _cache_key(stage, gm, inputs, opset, optimize, rename):
-    weights = tuple((n, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
+    # inference tensors (a model pruned under torch.inference_mode()) have no version counter;
+    # they cannot be changed in place outside inference mode, so their pointer is enough
+    weights = tuple((n, t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape), str(t.dtype))
                     for n, t in list(gm.named_parameters()) + list(gm.named_buffers()))
     ins = tuple((k, None if v is None else (tuple(v.shape), str(v.dtype))) for k, v in sorted(inputs.items()))
     return (stage, gm.code, weights, ins, opset, optimize, tuple(sorted((rename or {}).items())), torch.__version__)
@@ -513,8 +632,8 @@ def _decode_example(pruned, ref, b):
 def _commit(tmp: str, out_dir: str) -> None:
     old = None
     if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-        os.rmdir(old)
+        old = os.path.join(os.path.dirname(out_dir),
+                           f".{os.path.basename(out_dir)}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)

@@ -82,6 +82,7 @@ class OrtGraph:
         self.graph = _Graph(list(spec["graph_inputs"]) + list(spec["none_inputs"]))
         self.meta = {"graphprune_outputs": list(spec["graph_outputs"])}
         self._onnx_inputs = dict(spec["graph_inputs"])
+        self._declared = {i["name"]: i for i in spec["inputs"]}
         self._outputs = [o["name"] for o in spec["outputs"]]
         self._device_id = device_id
 
@@ -96,7 +97,7 @@ class OrtGraph:
                 continue
             if value is None:
                 raise InputError(f"{self.stage}.onnx needs {node.name}, got None")
-            feeds[name] = np.ascontiguousarray(value.detach().cpu().numpy())
+            feeds[name] = np.ascontiguousarray(self._conform(node.name, value).detach().cpu().numpy())
         if self._device_id is None:
             outs = self.session.run(self._outputs, feeds)
         else:
@@ -108,6 +109,23 @@ class OrtGraph:
             self.session.run_with_iobinding(io)
             outs = io.copy_outputs_to_cpu()
         return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
+
+    def _conform(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` in the dtype the graph declares (floating point is cast: float64 pixel_values
+        run in torch, so they run here), or an InputError naming the input, if its dtype or
+        fixed sizes differ."""
+        decl = self._declared[self._onnx_inputs[name]]
+        want = getattr(torch, decl["dtype"])
+        if value.dtype != want:
+            if not (value.dtype.is_floating_point and want.is_floating_point):
+                raise InputError(f"{self.stage}.onnx input {name}: dtype {str(value.dtype).replace('torch.', '')}, "
+                                 f"the export takes {decl['dtype']}")
+            value = value.to(want)
+        shape = decl["shape"]
+        if value.dim() != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, value.shape)):
+            raise InputError(f"{self.stage}.onnx input {name}: shape {tuple(value.shape)}, the export takes "
+                             f"{shape} (named axes are free)")
+        return value
 
 
 class OrtPrunedModel(PrunedModel):
@@ -125,7 +143,7 @@ class OrtPrunedModel(PrunedModel):
         torch.nn.Module.__init__(self)         # no Hugging Face model: PrunedModel.__init__ does not apply
         self.manifest = Manifest.load(out_dir)
         m = self.manifest
-        embed = torch.from_numpy(np.load(f"{m.out_dir}/{m['embedding']['file']}"))
+        embed = _embedding(m)
         want = list(providers) if providers is not None else (
             [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
         names = [p if isinstance(p, str) else p[0] for p in want]
@@ -174,8 +192,30 @@ class OrtPrunedModel(PrunedModel):
         return torch.nn.Embedding.from_pretrained(self._embed)
 
     def _sessions(self, ort, providers, session_options) -> dict:
-        return {k: ort.InferenceSession(self.manifest.path(k), sess_options=session_options, providers=providers)
-                for k in ("vision", "prefill", "decode")}
+        sessions = {}
+        for k in ("vision", "prefill", "decode"):
+            path = self.manifest.path(k)
+            try:
+                sessions[k] = ort.InferenceSession(path, sess_options=session_options, providers=providers)
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds (InvalidProtobuf, Fail, ...)
+                raise InputError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); re-export the model") \
+                    from None
+            declared = {i["name"] for i in self.manifest.stage(k)["inputs"]}
+            actual = {i.name for i in sessions[k].get_inputs()}
+            if declared != actual:
+                raise InputError(f"{path}: its inputs {sorted(actual)} differ from the manifest's {sorted(declared)}")
+        return sessions
+
+    def _layout(self, input_ids):
+        # the prefill graph fixes the images per sample (vision_pos is exported with a dynamic
+        # batch only); the tokens per image follow from pixel_values, whose size is fixed too
+        vision_pos = super()._layout(input_ids)
+        want = self.manifest["reference_prompt"]["images_per_sample"]
+        if vision_pos is not None and vision_pos.shape[1] != want:
+            raise InputError(f"the prompt has {vision_pos.shape[1]} image(s) per sample; this export takes {want} "
+                             "(export again with an example of the layout you serve)")
+        return vision_pos
 
     def __repr__(self):
         return (f"OrtPrunedModel({self.manifest.out_dir!r}, provider={self.provider}, "
@@ -202,6 +242,18 @@ class OrtPrunedModel(PrunedModel):
             raise InputError("static_cache=True decodes torch graphs in place; an ONNX export decodes with "
                              "decode.onnx over per-layer caches (leave static_cache unset)")
         return super().generate(*args, **kwargs)
+
+
+def _embedding(m: Manifest) -> torch.Tensor:
+    path = m.file_path(m["embedding"]["file"])
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy array ({e}); re-export the model") from None
+    if list(arr.shape) != m["embedding"]["shape"] or arr.dtype.kind != "f":
+        raise InputError(f"{path}: a float array of shape {m['embedding']['shape']} was expected, got "
+                         f"{arr.dtype} {list(arr.shape)}")
+    return torch.from_numpy(arr)
 
 
 def _passes(reprs: list[str]):

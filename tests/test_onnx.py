@@ -56,7 +56,7 @@ def exported(request, model, tmp_path_factory):
     if name == "fastv":          # the CLI subcommand writes this one (same model object, same pipeline)
         from graphprune import cli
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(cli, "load_model", lambda n: (model, "test model"))
+            mp.setattr(cli, "load_model", lambda n, **kw: (model, "test model"))
             assert cli.main(["export-onnx", "--model", "tiny-llava", "--pipeline", METHODS[name],
                              "--out", str(out)]) == 0
     else:
@@ -195,7 +195,7 @@ def test_failed_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
 def test_cli_refuses_non_empty_out_before_building(tmp_path, capsys, monkeypatch):
     from graphprune import cli
     (tmp_path / "x").write_text("")
-    monkeypatch.setattr(cli, "load_model", lambda n: pytest.fail("model built before the check"))
+    monkeypatch.setattr(cli, "load_model", lambda n, **kw: pytest.fail("model built before the check"))
     with pytest.raises(SystemExit) as e:
         cli.main(["export-onnx", "--pipeline", "fastv(layer=2, keep=9)", "--out", str(tmp_path)])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err

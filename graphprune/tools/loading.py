@@ -2,6 +2,9 @@
 in the local Hugging Face cache (never the network), and an example prompt for the tiny ones."""
 from __future__ import annotations
 
+import json
+import os
+
 from graphprune.errors import InputError
 
 TINY = ("tiny-llava", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-llava-next", "tiny-llava-onevision")
@@ -10,8 +13,15 @@ _FAMILY_TINY = {"tiny-qwen2.5vl": ("qwen2_5_vl", ("image", "video")), "tiny-llav
                 "tiny-llava-onevision": ("llava_onevision", ("video",))}
 
 
-def load_model(name: str):
-    """(model, source) for a built-in tiny name, a local path or a cached hub id."""
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_model(name: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False):
+    """(model, source) for a built-in tiny name, a local path or a cached hub id.
+
+    No code from the model's folder runs unless `trust_remote_code` (a folder that ships its own
+    Python is refused before transformers sees it, so its interactive prompt never appears), and
+    weights load from safetensors only unless `allow_pickle_weights` (unpickling can run code)."""
     from graphprune.tools import zoo
     if name == "tiny-llava":
         return zoo.tiny_llava(), "built-in tiny model (graphprune.tools.zoo.tiny_llava)"
@@ -24,18 +34,49 @@ def load_model(name: str):
     from transformers import AutoConfig
 
     from graphprune.tools.accountant import model_class_for
+    if os.path.isdir(name):
+        check_model_folder(name, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights)
     try:
-        cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+        cfg = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load {name!r}: not a built-in model ({', '.join(TINY)}), a local directory or a "
-                       f"hub id in the local Hugging Face cache ({_first_line(e)}); for a full-size model "
-                       "without weights use --config") from None
+                         f"hub id in the local Hugging Face cache ({_first_line(e)}); for a full-size model "
+                         "without weights use --config") from None
     cls = model_class_for(cfg)
     try:
-        model = cls.from_pretrained(name, local_files_only=True, attn_implementation="sdpa", dtype="auto")
-    except OSError as e:
-        raise InputError(f"cannot load the weights of {name!r} from the local cache: {_first_line(e)}") from None
+        model = cls.from_pretrained(name, local_files_only=True, attn_implementation="sdpa", dtype="auto",
+                                    trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle_weights)
+    except (OSError, ValueError) as e:
+        hint = "" if allow_pickle_weights else (" (graphprune reads safetensors weights only; for pickle weights you "
+                                                "trust pass --allow-pickle-weights)")
+        raise InputError(f"cannot load the weights of {name!r} from local files: {_first_line(e)}{hint}") from None
     return model.eval(), "pretrained (local files)"
+
+
+def check_model_folder(path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False) -> None:
+    """Refuse a model folder that ships Python code (unless trusted) or holds weights only in a
+    pickle format (unless allowed), naming the option that overrides it."""
+    files = os.listdir(path)
+    if not trust_remote_code:
+        code = sorted(f for f in files if f.endswith(".py"))
+        auto_map = None
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                auto_map = json.load(f).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            pass
+        if code or auto_map:
+            what = ", ".join(code) if code else f"auto_map {sorted(auto_map)} in config.json"
+            raise InputError(f"{path}: the model folder ships its own Python code ({what}); graphprune does not run "
+                             "code from model folders. Pass --trust-remote-code (trust_remote_code=True) only if "
+                             "you trust it")
+    weights = [f for f in files if f.endswith(".safetensors")]
+    pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
+    if not weights and not (allow_pickle_weights and pickles):
+        found = (f"only pickle weights ({', '.join(pickles)}), which can run code when loaded; convert them to "
+                 "safetensors, or pass --allow-pickle-weights (allow_pickle_weights=True) if you trust them"
+                 if pickles else "no weights (*.safetensors); for a model without weights use --config")
+        raise InputError(f"{path}: {found}")
 
 
 def _first_line(e) -> str:

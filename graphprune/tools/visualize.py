@@ -128,12 +128,50 @@ def dimmed_count(image: torch.Tensor, drawn: torch.Tensor, grid: tuple[int, int]
 
 # -- the command -------------------------------------------------------------------------------
 
+# bounds on what one drawing may cost (the drawing is a float copy of the scaled image: 12 bytes a
+# pixel; --scale 100 once took 22 GB)
+MAX_SCALE = 16
+MAX_SIDE = 4096                     # pixels per side of the written PNG
+MAX_IMAGE_PIXELS = 40_000_000       # of an input image file, read from its header before decoding
+
+
+def check_image_file(path: str) -> None:
+    """Refuse an image file whose header declares more than MAX_IMAGE_PIXELS pixels."""
+    import os
+    import struct
+
+    from graphprune.errors import InputError
+    if not os.path.isfile(path):
+        raise InputError(f"image {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+    else:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise InputError(f"image {path}: not a PNG file (other formats need Pillow)") from None
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for unreadable files
+            raise InputError(f"cannot read image {path}: {e}") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"image {path} is {w}x{h} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are read")
+
+
+
 def visualize(vm, image: torch.Tensor, question: str, pipeline: str, out_path: str, *, scale: int = 1) -> dict:
     """Prune vm.model with `pipeline`, run the question on the image, write the picture; returns
     what was drawn (kept / merged patch indices, counts, the report's totals)."""
     from graphprune import prune
+    from graphprune.errors import InputError
     from graphprune.tools.images import resize
     from graphprune.tools.vqa_model import Item
+    if not isinstance(scale, int) or scale < 1 or vm.image_size * scale > MAX_SIDE:
+        raise InputError(f"scale {scale!r}: a positive integer with {vm.image_size} x scale <= {MAX_SIDE} pixels "
+                         f"(at most {MAX_SIDE // vm.image_size} for this model)")
     pm = prune(vm.model, pipeline)
     inputs = vm.inputs([Item(image, question, "")])
     out, merged = merged_patches(pm, inputs)

@@ -68,17 +68,20 @@ class VQAModel:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def load_vqa_model(spec: str | None) -> VQAModel:
+def load_vqa_model(spec: str | None, *, trust_remote_code: bool = False,
+                   allow_pickle_weights: bool = False) -> VQAModel:
     """A VQAModel, loaded (and captured) once per process. spec None: the shipped model; "random" /
     "random:CONFIG": zoo.build_model(zoo.CONFIGS[CONFIG]) with random weights; a save_pretrained
     directory of a graphprune VQA model; any other local path or hub id in the local Hugging Face
-    cache (LLaVA-style, with its processor; offline)."""
-    if spec not in _LOADED:
-        _LOADED[spec] = _load(spec)
-    return _LOADED[spec]
+    cache (LLaVA-style, with its processor; offline). No code from a model folder runs and weights
+    load from safetensors only unless asked (see graphprune.tools.loading.load_model)."""
+    key = (spec, trust_remote_code, allow_pickle_weights)
+    if key not in _LOADED:
+        _LOADED[key] = _load(spec, trust_remote_code, allow_pickle_weights)
+    return _LOADED[key]
 
 
-def _load(spec):
+def _load(spec, trust_remote_code=False, allow_pickle_weights=False):
     from graphprune.tools import zoo
     if spec is None or spec in ("shipped", "vqa"):
         try:
@@ -93,14 +96,19 @@ def _load(spec):
         from graphprune.tools import vqa
         return wrap_model(zoo.build_model(zoo.CONFIGS[cfg], 0).eval(), spec, f"zoo.CONFIGS[{cfg!r}], random weights",
                      vocab=vqa.Vocab())
+    from graphprune.tools.loading import check_model_folder, load_model
+    if os.path.isdir(spec):
+        check_model_folder(spec, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights)
     if _is_vqa_dir(spec):
-        model, vocab = zoo.vqa_llava(spec)
+        try:
+            model, vocab = zoo.vqa_llava(spec)
+        except FileNotFoundError as e:
+            raise BenchError(str(e).splitlines()[0]) from None
         return wrap_model(model, spec, "trained VQA model (local directory)", vocab=vocab)
-    from graphprune.tools.loading import load_model
-    model, source = load_model(spec)
+    model, source = load_model(spec, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights)
     try:
         from transformers import AutoProcessor
-        processor = AutoProcessor.from_pretrained(spec, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(spec, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise BenchError(f"{spec}: no processor in the local files ({str(e).splitlines()[0]}); bench needs one to "
                          "tokenize questions") from None

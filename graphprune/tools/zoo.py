@@ -107,6 +107,18 @@ def _spread_logits(model) -> None:
         model.lm_head.weight.mul_(20.0)
 
 
+def _text_ids(cfg) -> torch.Tensor:
+    """Ids a random prompt's text may use: 3..139 within the model's vocabulary, minus its special
+    tokens (pad / bos / eos / image), so that small vocabularies (the VQA model's 69) work too."""
+    tc = getattr(cfg, "text_config", cfg)
+    special = {cfg.image_token_id, 0, 1, 2} | {getattr(tc, k, None) for k in ("pad_token_id", "bos_token_id",
+                                                                          "eos_token_id")}
+    ids = [i for i in range(3, min(140, tc.vocab_size)) if i not in special]
+    if not ids:
+        raise ValueError(f"vocabulary of {tc.vocab_size} tokens has no ordinary text tokens for an example prompt")
+    return torch.tensor(ids)
+
+
 def llava_example(model, *, batch: int = 1, images_per_sample: int = 1, prefix: int = 5,
                   suffix: int = 7, pad: tuple[int, ...] = (), seed: int = 0) -> Example:
     """A processor-style LLaVA input: [pad][bos, prefix text][<image> x V]...[suffix text].
@@ -118,14 +130,19 @@ def llava_example(model, *, batch: int = 1, images_per_sample: int = 1, prefix: 
     v = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     img = cfg.image_token_id
     pad = tuple(pad) + (0,) * (batch - len(pad))
+    text = _text_ids(cfg)
+
+    def words(n):
+        return text[torch.randint(0, len(text), (n,), generator=g)].tolist()
+
     rows = []
     for b in range(batch):
-        ids = [1] + torch.randint(3, 140, (prefix,), generator=g).tolist()
+        ids = [1] + words(prefix)
         for i in range(images_per_sample):
             ids += [img] * v
             if i + 1 < images_per_sample:
-                ids += torch.randint(3, 140, (2,), generator=g).tolist()
-        ids += torch.randint(3, 140, (suffix - pad[b],), generator=g).tolist()
+                ids += words(2)
+        ids += words(suffix - pad[b])
         rows.append(ids)
     input_ids, mask = left_pad(rows)
     size = cfg.vision_config.image_size
@@ -248,8 +265,8 @@ def vqa_llava(path: str | None = None):
         words = meta.get("vocab")
         if words is not None and words != [vocab.decode([i]) for i in range(len(vocab))]:
             raise ValueError(f"{meta_path}: the model's vocabulary differs from graphprune.tools.vqa.Vocab()")
-    model = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa",
-                                                          local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa", local_files_only=True,
+                                                          use_safetensors=True, trust_remote_code=False)
     if model.config.text_config.vocab_size != len(vocab) or model.config.image_token_id != vocab.image_id:
         raise ValueError(f"{d}: not a graphprune VQA model (vocab size / image token id differ)")
     return model.eval(), vocab
