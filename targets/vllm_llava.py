@@ -11,13 +11,30 @@ Two pieces, both subclasses of vLLM's own LLaVA classes:
 from __future__ import annotations
 
 import torch
-from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
-                                              LlavaImageEmbeddingInputs, LlavaMultiModalProcessor,
-                                              LlavaProcessingInfo)
+from graphprune.targets.vllm import PIPELINE_ENV, enabled_pipeline, vision_tokens_kept
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaImageEmbeddingInputs,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from graphprune.errors import InputError, PassConfigError
-from graphprune.targets.vllm import PIPELINE_ENV, enabled_pipeline, vision_tokens_kept
+
+
+class PrunedVision:
+    """graphprune's rewritten vision graph as a plain callable (not a submodule: vLLM's loader would expect
+    checkpoint weights for every parameter of the model's submodules)."""
+
+    def __init__(self, pruned):
+        self.graph = pruned.executables["vision"]
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        from graphprune.lower.runtime import _call
+        return _call(self.graph, pixel_values=pixel_values)["features"]       # (images, keep, D)
 
 
 def _pipeline() -> str:
@@ -56,15 +73,10 @@ class GraphpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         param = next(self.multi_modal_projector.parameters())
         hf_model = HFLlava.from_pretrained(self.graphprune_source, dtype=param.dtype, attn_implementation="sdpa",
                                            local_files_only=True).to(param.device).eval()
-        pruned = gp.prune(hf_model, _pipeline(), attention="sdpa")
-        return pruned.executables["vision"]
+        return PrunedVision(gp.prune(hf_model, _pipeline(), attention="sdpa"))
 
     def _process_image_input(self, image_input):
         if isinstance(image_input, LlavaImageEmbeddingInputs):
             raise InputError("graphprune prunes images from their pixels; this request passed image embeddings, "
                              f"which carry every patch. Send the image itself, or serve without {PIPELINE_ENV}")
-        from graphprune.lower.runtime import _call
-
-        pixel_values = image_input["pixel_values"]
-        with torch.no_grad():
-            return _call(self.graphprune_vision, pixel_values=pixel_values)["features"]
+        return self.graphprune_vision(image_input["pixel_values"])

@@ -43,11 +43,27 @@ def served_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from graphprune.tools import zoo
+def shipped(served_dir):
+    """The model vLLM serves, as transformers loads it from the served folder, its vocabulary and the questions."""
+    from transformers import LlavaForConditionalGeneration
+
+    from graphprune.tools import vqa
     from graphprune.tools.vqa_model import load_items
-    model, vocab = zoo.vqa_llava()
-    return model, vocab, load_items(None, N_QUESTIONS)
+    model = LlavaForConditionalGeneration.from_pretrained(served_dir, attn_implementation="sdpa", local_files_only=True)
+    return model.eval(), vqa.Vocab(), load_items(None, N_QUESTIONS)
+
+
+def test_served_folder_computes_the_shipped_model(shipped):
+    """Widened heads, renamed keys: the served checkpoint's logits are the shipped model's."""
+    from graphprune.tools import zoo
+    served, vocab, items = shipped
+    original, _ = zoo.vqa_llava()
+    assert served.config.text_config.head_dim == 32 != original.config.text_config.head_dim
+    for it in items[:2]:
+        with torch.no_grad():
+            a = original(**inputs_of(vocab, it)).logits
+            b = served(**inputs_of(vocab, it)).logits
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
 _SERVED: dict = {}          # (folder, pipeline) -> the child's result: one engine start per configuration
@@ -168,9 +184,8 @@ def test_register_refuses_what_vllm_cannot_serve(monkeypatch, pipeline, says):
 
 
 def test_register_without_pipeline_leaves_vllm_alone(monkeypatch):
-    from vllm import ModelRegistry
-
     from graphprune.targets import vllm as plugin
+    from vllm import ModelRegistry
     monkeypatch.delenv(plugin.PIPELINE_ENV, raising=False)
     before = ModelRegistry.models["LlavaForConditionalGeneration"]
     plugin.register()
