@@ -1,4 +1,4 @@
-"""vLLM's LLaVA with graphprune's vision stage (registered by graphprune.targets.vllm when enabled).
+"""vLLM's LLaVA with graphprune's vision stage (registered by graphprune.targets.vllm_plugin when enabled).
 
 Two pieces, both subclasses of vLLM's own LLaVA classes:
 * `GraphpruneLlavaProcessingInfo`: an image's placeholder count is what the pipeline keeps, so the
@@ -11,7 +11,6 @@ Two pieces, both subclasses of vLLM's own LLaVA classes:
 from __future__ import annotations
 
 import torch
-from graphprune.targets.vllm import PIPELINE_ENV, enabled_pipeline, vision_tokens_kept
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -22,6 +21,8 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from graphprune.errors import InputError, PassConfigError
+
+from .vllm_plugin import PIPELINE_ENV, enabled_pipeline, vision_tokens_kept
 
 
 class PrunedVision:

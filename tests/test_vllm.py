@@ -1,4 +1,4 @@
-"""graphprune inside vLLM (graphprune/targets/vllm*.py), on the shipped VQA model.
+"""graphprune inside vLLM (graphprune/targets/vllm_plugin.py, vllm_llava.py, vllm_checkpoint.py), on the shipped VQA model.
 
 Runs where vLLM imports: the venv scripts/setup_vllm_env.sh creates (`. .venv-vllm/bin/activate &&
 python -m pytest -q tests/test_vllm.py`); elsewhere (the main CI) the module is skipped. Each vLLM
@@ -177,14 +177,14 @@ def test_cls_topk_served_equals_hand_written_reference(served_dir, shipped):
     ("nosuchmethod(keep=3)", "unknown method"),
 ])
 def test_register_refuses_what_vllm_cannot_serve(monkeypatch, pipeline, says):
-    from graphprune.targets import vllm as plugin
+    from graphprune.targets import vllm_plugin as plugin
     monkeypatch.setenv(plugin.PIPELINE_ENV, pipeline)
     with pytest.raises(PassConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
         plugin.register()
 
 
 def test_register_without_pipeline_leaves_vllm_alone(monkeypatch):
-    from graphprune.targets import vllm as plugin
+    from graphprune.targets import vllm_plugin as plugin
     from vllm import ModelRegistry
     monkeypatch.delenv(plugin.PIPELINE_ENV, raising=False)
     before = ModelRegistry.models["LlavaForConditionalGeneration"]
