@@ -34,8 +34,10 @@ class PrunedVision:
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, keep, D). Each image runs alone, so what it keeps never depends on which requests
+        vLLM's scheduler batched with it (seeded random draws are per position in the batch)."""
         from graphprune.lower.runtime import _call
-        return _call(self.graph, pixel_values=pixel_values)["features"]       # (images, keep, D)
+        return torch.cat([_call(self.graph, pixel_values=image[None])["features"] for image in pixel_values])
 
 
 def _pipeline() -> str:

@@ -86,7 +86,8 @@ def _serve(model_dir, pipeline):
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"vLLM child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line)
+    raise AssertionError(f"vLLM child failed (exit {proc.returncode}):\n{errors[-4000:]}\n{proc.stderr[-2000:]}")
 
 
 def answer(ids, eos):
