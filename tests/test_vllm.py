@@ -32,7 +32,7 @@ CHILD = os.path.join(os.path.dirname(__file__), "vllm_generate.py")
 PIPELINES = {
     "cls_topk": "cls_topk(keep=64)",
     "random_vision": "random(stage='vision', keep=64, positions='compact', seed=3)",
-    "cls_then_random": "cls_topk(keep=0.25) | random(stage='vision', keep=64, positions='compact')",
+    "keys_then_random": "mustdrop_keys | random(stage='vision', keep=64, positions='compact')",
 }
 
 
