@@ -33,6 +33,8 @@ PIPELINES = {
     "cls_topk": "cls_topk(keep=64)",
     "random_vision": "random(stage='vision', keep=64, positions='compact', seed=3)",
     "keys_then_random": "mustdrop_keys | random(stage='vision', keep=64, positions='compact')",
+    "divprune": "divprune(keep=64)",
+    "visionzip": "visionzip(keep=64)",
 }
 
 
