@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.compat import qwen2vl_rope_index
 from graphprune.families.base import Family
 
 
@@ -30,9 +31,7 @@ class Qwen2VLFamily(Family):
         if image_grid_thw is None:
             pos = super().positions(input_ids, attention_mask)
             return pos[None].expand(3, -1, -1).contiguous()
-        pos, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                                 attention_mask=attention_mask)
-        return pos
+        return qwen2vl_rope_index(self.model, input_ids, mm_token_type_ids, image_grid_thw, attention_mask)
 
     def image_features(self, pixel_values, image_grid_thw):
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
