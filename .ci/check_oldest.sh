@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/graphprune-oldest}
 TORCH=${TORCH:-2.13.0}
 TRANSFORMERS=${TRANSFORMERS:-4.56.2}
-STACK=("torch==$TORCH" "transformers==$TRANSFORMERS" "onnx==1.23.1" "onnxscript==0.7.0" "onnxruntime==1.30.0")
+STACK=("torch==$TORCH" "transformers==$TRANSFORMERS" "onnx==1.23.1" "onnxscript==0.7.2" "onnxruntime==1.30.0")
 
 python3 -m venv --clear "$VENV"
 . "$VENV/bin/activate"
