@@ -23,6 +23,7 @@ Conventions (they match transformers 5.23 ``generate()``):
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -299,9 +300,12 @@ def qwen2vl_inputs(model, example):
     feats = torch.cat(list(pooled), dim=0).float() if isinstance(pooled, (list, tuple)) else pooled.float()
     img = ids == cfg.image_token_id
     emb[img] = feats  # row-major order, as masked_scatter
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=example.mm_token_type_ids,
-                                        image_grid_thw=example.image_grid_thw,
-                                        attention_mask=example.attention_mask)
+    # transformers >= 5.1 takes the image-token mask; earlier versions find image tokens themselves
+    mm = {"mm_token_type_ids": example.mm_token_type_ids}
+    if "mm_token_type_ids" not in inspect.signature(model.model.get_rope_index).parameters:
+        mm = {}
+    pos, _ = model.model.get_rope_index(ids, image_grid_thw=example.image_grid_thw,
+                                        attention_mask=example.attention_mask, **mm)
     return emb, example.attention_mask, pos, img
 
 
@@ -326,7 +330,8 @@ class _LM:
             self.hd = tc.hidden_size // tc.num_attention_heads
         self.eps = tc.rms_norm_eps
         self.act = _act(tc.hidden_act)
-        rp = tc.rope_parameters
+        # transformers 5: rope_parameters; 4.x: rope_theta plus rope_scaling (Qwen2-VL's mrope_section)
+        rp = getattr(tc, "rope_parameters", None) or {"rope_theta": tc.rope_theta, **(tc.rope_scaling or {})}
         assert rp.get("rope_type", "default") == "default", "only default RoPE is implemented"
         theta = rp["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))

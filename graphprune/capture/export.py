@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from graphprune.compat import traceable_masks
 from graphprune.families import Family, family_of
 
 STAGES = ("vision", "prefill", "decode")
@@ -156,7 +157,7 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
             torch.ones(b, s, dtype=torch.long, device=device))
     batch, seq = Dim("batch", min=1), Dim("seq", min=2)
     pos_shape = {1: batch, 2: seq} if family.position_axes > 1 else {0: batch, 1: seq}
-    with torch.no_grad():
+    with torch.no_grad(), traceable_masks():
         ep = torch.export.export(_Prefill(lm, family.lm_head()), args, strict=False,
                                  dynamic_shapes=({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq}))
     gm = plain_graph_module(ep)
@@ -184,7 +185,7 @@ def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
     auto = Dim.AUTO
     pos_shape = {1: auto} if family.position_axes > 1 else {0: auto}
     dyn = ({0: auto}, pos_shape, {0: auto, 1: auto}, tuple([{0: auto, 2: auto}] * len(past)))
-    with torch.no_grad():
+    with torch.no_grad(), traceable_masks():
         ep = torch.export.export(_Decode(lm, family.lm_head()), args, strict=False, dynamic_shapes=dyn)
     names = ["inputs_embeds", "position_ids", "attention_mask"]
     names += [f"past_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.compat import qwen2vl_rope_index
 from graphprune.errors import InputError
 from graphprune.families.base import Family, VisionLayout, blocks_layout, check_video_unit
 
@@ -40,10 +41,9 @@ class Qwen2VLFamily(Family):
             return pos[None].expand(3, -1, -1).contiguous()
         if mm_token_type_ids is None:
             mm_token_type_ids = self.token_types(input_ids)
-        extra = {k: v for k, v in inputs.items() if k == "second_per_grid_ts" and v is not None}
-        pos, _ = self.body().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                            video_grid_thw=video_grid_thw, attention_mask=attention_mask, **extra)
-        return pos
+        return qwen2vl_rope_index(self.model, input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                  video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                                  second_per_grid_ts=inputs.get("second_per_grid_ts"))
 
     def vision_layout(self, input_ids, video_unit: str = "frame", image_grid_thw=None, video_grid_thw=None,
                       **inputs) -> VisionLayout | None:

@@ -65,13 +65,14 @@ def tiny_qwen2vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     """Qwen2-VL architecture (no CLS in the vision tower, 3-D M-RoPE positions in the LM)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    from graphprune.compat import rope_config
+
     head_dim = hidden // 4
     cfg = Qwen2VLConfig(
         text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=160,
                          max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": _mrope_section(head_dim)}),
+                         **rope_config(10000.0, _mrope_section(head_dim))),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=150, video_token_id=151, vision_start_token_id=148, vision_end_token_id=149,
@@ -153,6 +154,8 @@ def llava_example(model, *, batch: int = 1, images_per_sample: int = 1, prefix: 
 def qwen2vl_example(model, *, batch: int = 1, grid: tuple[int, int] = (8, 8), prefix: int = 5,
                     suffix: int = 7, pad: tuple[int, ...] = (), seed: int = 0) -> Example:
     """A processor-style Qwen2-VL input with one image of `grid` patches (merged 2x2 in the LM)."""
+    from graphprune.compat import qwen2vl_takes_mm_token_type_ids
+
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     vc = cfg.vision_config
@@ -169,7 +172,8 @@ def qwen2vl_example(model, *, batch: int = 1, grid: tuple[int, int] = (8, 8), pr
     patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     pixels = torch.randn(batch * h * w, patch_dim, generator=g)
     thw = torch.tensor([[1, h, w]] * batch)
-    types = (input_ids == cfg.image_token_id).int()
+    # what the installed transformers' processor returns: the image-token mask only where the model takes it
+    types = (input_ids == cfg.image_token_id).int() if qwen2vl_takes_mm_token_type_ids(model) else None
     return Example(input_ids, mask, pixels, thw, types)
 
 

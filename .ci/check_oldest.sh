@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The oldest supported stack: the lower ends of pyproject.toml's ranges in a fresh venv, then
+#  1. `pip install ".[test]"` on top must keep that stack (no re-resolution replacing the user's
+#     torch / transformers), and
+#  2. a fast subset of the suite: capture, anatomy, rewrite and the main methods against the
+#     independent reference, the runtime, and ONNX export + ONNX Runtime.
+# Usage: bash .ci/check_oldest.sh   (VENV, TORCH, TRANSFORMERS override the defaults)
+# torch 2.12 is not supported: its torch.export cannot prove the min(...) stride guard transformers'
+# attention emits for a dynamic sequence length (capture of the prefill stage fails).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-/tmp/graphprune-oldest}
+TORCH=${TORCH:-2.13.0}
+TRANSFORMERS=${TRANSFORMERS:-4.56.2}
+STACK=("torch==$TORCH" "transformers==$TRANSFORMERS" "onnx==1.23.1" "onnxscript==0.7.2" "onnxruntime==1.30.0")
+
+python3 -m venv --clear "$VENV"
+. "$VENV/bin/activate"
+pip install -q "${STACK[@]}"
+pip freeze > "$VENV/before.txt"
+pip install -q ".[test]"
+pip freeze > "$VENV/after.txt"
+for pin in "${STACK[@]}"; do
+    name=${pin%%==*}
+    if ! grep -qiE "^${name}==${pin#*==}(\+.*)?$" "$VENV/after.txt"; then
+        echo "pip install .[test] replaced $pin: $(grep -iE "^${name}==" "$VENV/after.txt" || echo removed)" >&2
+        exit 1
+    fi
+done
+echo "pip install .[test] kept ${STACK[*]}"
+pip install -q --no-deps -e .      # run the tests against this checkout
+
+python -m pytest -q -p no:cacheprovider \
+    tests/test_reference.py::test_unpruned_matches_hf \
+    tests/test_reference.py::test_step_logits_match_hf_forward \
+    tests/test_runtime.py \
+    tests/test_passes.py \
+    "tests/test_methods.py::test_dart_llava" \
+    "tests/test_methods.py::test_mustdrop_pipeline_exact" \
+    "tests/test_methods.py::test_qwen2vl" \
+    tests/test_onnx.py

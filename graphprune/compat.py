@@ -1,0 +1,106 @@
+"""The few places where supported transformers versions differ in an API graphprune calls.
+
+graphprune supports transformers 4.56 up to the newest 5.x it is tested with (pyproject.toml says
+which). Every version switch lives here, each with the versions it covers, so the rest of the code
+calls one function and a dropped version means deleting one branch. Imports only torch and
+transformers (no graphprune module), so any module may use it without an import cycle; transformers
+is imported on first use, so `import graphprune` stays light.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+
+@functools.cache
+def transformers_major() -> int:
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
+def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:
+    """Text-config keyword arguments for default RoPE (with Qwen2-VL's M-RoPE sections if given).
+
+    transformers 5 reads `rope_parameters={"rope_type", "rope_theta", "mrope_section"}`; 4.x reads
+    `rope_theta` plus `rope_scaling={"type": "mrope", "mrope_section"}` (Qwen2-VL maps "mrope" to
+    default RoPE split into sections)."""
+    if transformers_major() >= 5:
+        params = {"rope_type": "default", "rope_theta": theta}
+        if mrope_section is not None:
+            params["mrope_section"] = list(mrope_section)
+        return {"rope_parameters": params}
+    scaling = None if mrope_section is None else {"type": "mrope", "mrope_section": list(mrope_section)}
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def qwen2vl_takes_mm_token_type_ids(model) -> bool:
+    """Whether this Qwen2-VL (ForConditionalGeneration) takes `mm_token_type_ids` (1 at image tokens).
+
+    transformers >= 5.1 does, and its processor returns them; 5.0 and 4.x find the image tokens
+    from `config.image_token_id` themselves and their generate() rejects the argument."""
+    return "mm_token_type_ids" in inspect.signature(_body(model).get_rope_index).parameters
+
+
+def _body(model):
+    """The Qwen2-VL body (Qwen2VLModel) of a ForConditionalGeneration, or the body itself."""
+    return model if hasattr(model, "language_model") else model.model
+
+
+def qwen2vl_rope_index(model, input_ids, mm_token_type_ids, **grids):
+    """Qwen2VLModel.get_rope_index of a Qwen2-VL-style (ForConditionalGeneration) model -> (3, B, T)
+    M-RoPE position ids. `grids`: image_grid_thw, video_grid_thw, attention_mask, ... Where
+    get_rope_index does not take `mm_token_type_ids` its second positional argument is
+    `image_grid_thw`, so everything goes by keyword."""
+    kw = {k: v for k, v in grids.items() if v is not None}
+    if qwen2vl_takes_mm_token_type_ids(model):
+        kw["mm_token_type_ids"] = mm_token_type_ids
+    pos, _ = _body(model).get_rope_index(input_ids, **kw)
+    return pos
+
+
+@contextlib.contextmanager
+def traceable_masks():
+    """While capturing: transformers 4.x builds its SDPA masks without torch.vmap.
+
+    transformers 4.53-4.57 expand the mask function over (batch, head, q, kv) with torch.vmap, which
+    torch.export records as functorch nesting calls that a plain fx graph cannot run once rewritten
+    (and ONNX cannot express). transformers 5 expands the same mask functions by broadcasting index
+    tensors (`_non_vmap_expansion_sdpa`); this swaps that construction into transformers' mask
+    registry for the duration of the capture, for the "sdpa" attention implementation only, and
+    puts the original back after. A no-op on transformers 5."""
+    if transformers_major() >= 5:
+        yield
+        return
+    from transformers import masking_utils
+    registry = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    before = registry._local_mapping.get("sdpa")
+    registry["sdpa"] = _sdpa_mask_by_broadcast
+    try:
+        yield
+    finally:
+        if before is None:
+            del registry["sdpa"]
+        else:
+            registry["sdpa"] = before
+
+
+def _sdpa_mask_by_broadcast(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None,
+                            attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    # transformers 4.57's sdpa_mask_recent_torch, with the vmap over (b, h, q, kv) replaced by broadcasting
+    import torch
+    from transformers import masking_utils as mu
+    mask_function = mask_function or mu.causal_mask_function
+    q_length = cache_position.shape[0]
+    padding_mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+    if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, kv_offset, local_size):
+        return None
+    if padding_mask is not None:
+        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding_mask))
+    device = cache_position.device
+    kv = torch.arange(kv_length, device=device) + kv_offset
+    b = torch.arange(batch_size, device=device)
+    h = torch.arange(1, device=device)
+    mask = mask_function(b[:, None, None, None], h[None, :, None, None], cache_position[None, None, :, None],
+                         kv[None, None, None, :])
+    return mask.expand(batch_size, 1, q_length, kv_length)
