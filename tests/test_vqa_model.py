@@ -20,7 +20,7 @@ def test_weights_are_package_data():
     root = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
         pp = tomllib.load(f)
-    data = pp["tool"]["setuptools"]["package-data"]["graphprune"]
+    data = pp["tool"]["setuptools"]["package-data"]["graphprune.tools"]
     assert zoo.VQA_WEIGHTS + "/*" in data
     assert os.path.dirname(_DIR) == os.path.join(os.path.dirname(os.path.abspath(zoo.__file__)), "weights")
 
