@@ -20,6 +20,7 @@ from graphprune.errors import InputError, PassConfigError
 from graphprune.lower.report import Report
 from graphprune.rewrite.kv_cache import KVCache, LayerCache, shrink_kv, static_kv
 from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
+from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_layer_rotary
 
 
 @dataclass
@@ -120,6 +121,12 @@ class PrunedModel:
         self.family = program.family
         decode = program.stages["decode"].copy()       # the program keeps its captured decode step
         self.decode_gm = shrink_kv(decode.gm, read_anatomy(decode.gm, "decode", self.family.model_class))
+        # compact positions between layers: each layer's new token continues that layer's own numbering
+        prefill_gm = program.stages["prefill"].gm
+        self.layer_positions = prefill_gm is not None and prefill_gm.meta.get("graphprune_decode_positions") == "cache_length"
+        if self.layer_positions:
+            self.decode_gm = per_layer_rotary(self.decode_gm, read_anatomy(self.decode_gm, "decode",
+                                                                           self.family.model_class))
         self.num_layers = program.anatomy["prefill"].num_layers
         self._static_gm = None             # static-cache decode step, built on first use
         self._static_fn = None             # what runs it: its lowered copy, or compile_decode's compiled one
@@ -265,12 +272,19 @@ class PrunedModel:
         """One greedy-decode step through the per-layer caches: `token` (B,) at `position` (B, 1) ->
         (next-token logits (B, V), the cache with this token appended). `generate` loops over it."""
         embeds = self.family.embed(token[:, None])
-        args = {"inputs_embeds": embeds, "position_ids": position}
+        args = {"inputs_embeds": embeds, "position_ids": position[0] if position.dim() == 3 and
+                self.layer_positions else position, **self._layer_positions(position)}
         for i, c in enumerate(cache):
             args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = c.keys, c.values
             args[f"kv_mask_{i}"] = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], 1)
         outs = _call(self.decode_exec, **args)
         return outs["logits"][:, -1], cache.append_step([outs[k] for k in self.decode_gm.meta["graphprune_outputs"][1:]])
+
+    def _layer_positions(self, position) -> dict:
+        # position: (B, 1) for every layer, or (layers, B, 1) with layer_positions
+        if not self.layer_positions:
+            return {}
+        return {LAYER_POSITIONS: position if position.dim() == 3 else position[None].expand(self.num_layers, -1, -1)}
 
     def compile_decode(self, mode: str = "reduce-overhead", backend: str = "inductor"):
         """Compile the static-cache decode step (every shape fixed: CUDA graphs on a GPU with
@@ -302,8 +316,9 @@ class PrunedModel:
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
 
         def step(token, position, t):
-            args = {"inputs_embeds": self.family.embed(token[:, None]), "position_ids": position,
-                    "kv_write_pos": torch.tensor([n + t for n in lengths])}
+            args = {"inputs_embeds": self.family.embed(token[:, None]), "position_ids": position[0] if
+                    position.dim() == 3 else position, "kv_write_pos": torch.tensor([n + t for n in lengths]),
+                    **self._layer_positions(position)}
             for i in range(len(lengths)):
                 masks[i][:, lengths[i] + t] = 1
                 args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"], args[f"kv_mask_{i}"] = keys[i], values[i], masks[i]
@@ -356,6 +371,8 @@ class PrunedModel:
                 break
             p = next_pos + step
             p = p[None].expand(3, -1, -1) if self.family.position_axes == 3 else p
+            if self.layer_positions:
+                p = layer_lengths(out.cache) + step
             if static_cache:
                 logits = static_step(tok, p, step)
             else:

@@ -16,10 +16,11 @@ from torch import fx
 
 from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, layer_of, sdpa_mask, seq_dims
-from graphprune.errors import GraphVerificationError, PassConfigError, PassNotApplicable
+from graphprune.errors import GraphVerificationError, PassConfigError
 from graphprune.rewrite.kv_cache import keep_final_tokens
 from graphprune.rewrite.layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
 from graphprune.rewrite.pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
+from graphprune.rewrite.positions import check_one_axis, renumber
 from graphprune.rewrite.signals import extract_signal
 
 SYM_SIZE = torch.ops.aten.sym_size.int
@@ -92,6 +93,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
                 plan.after_projector)
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
+    if plan.positions == "compact" and anat.stage != "vision":
+        renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
                                   state.generation + 1, masked, key_valid))
     out = g.find_nodes(op="output")[0]
@@ -140,8 +143,7 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
             anchor = anat.layer(layer).first
     else:
         if plan.positions == "compact":
-            raise PassNotApplicable(f"{p.name}: positions='compact' between LLM layers is not supported yet; "
-                                    "use positions='keep'")
+            check_one_axis(anat, p.name)
         layer = plan.layer
         if layer is None or not 1 <= layer < anat.num_layers:
             raise PassConfigError(f"{p.name}: layer={layer} is out of range for a {anat.num_layers}-layer "
