@@ -7,7 +7,7 @@ import graphprune as gp
 from graphprune.errors import GraphVerificationError
 from graphprune.tools.zoo import llava_example
 
-MUSTDROP = "mustdrop(keep=12, layers=(2,3), gamma=0.0278, alpha=0.0235, tau=0.01, mode='{}'{})"
+MUSTDROP = "mustdrop(keep=12, layers=(1, 2), gamma=0.0278, alpha=0.0235, tau=0.01, mode='{}'{})"
 STATIC, EXACT = MUSTDROP.format("static", ", merge_capacity=30"), MUSTDROP.format("exact", "")
 
 

@@ -204,7 +204,10 @@ class PrunedModel:
             k = kept.shape[-1]
             chosen = vision_pos.gather(2, kept.reshape(b, n, k))
             keep, new_pos = tokenops._apply_choice(vision_pos, chosen, index, n * k)
+            if self._vision_positions() == "compact":   # features fill the image's slots in their own order
+                new_pos = new_pos.sort(-1).values     # (a no-op unless a vision pass reordered them)
             input_ids, attention_mask, index = (t.gather(1, keep) for t in (input_ids, attention_mask, index))
+            index = index.scatter(1, new_pos.reshape(b, -1), chosen.reshape(b, -1))
             if valid is not None:                # static capacity: invalid slots act as padding in the LLM
                 attention_mask = attention_mask.scatter(1, new_pos.reshape(b, -1),
                                                         attention_mask.gather(1, new_pos.reshape(b, -1))

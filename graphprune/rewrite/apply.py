@@ -80,8 +80,11 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             k = None if rule.keep is None else g.call_function(_capacity_for, (state.vision_pos, rule.keep))
             choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
                                                        vision_pos=state.vision_pos, **signals, **dict(rule.options)))
-            sel = g.call_function(tokenops.apply_choice, (choice, state.vision_pos, state.seq_index,
-                                                          state.protected, state.valid))
+            if rule.ordered and (anat.stage != "vision" or plan.positions != "compact"):
+                raise PassConfigError(f"{p.name}: an ordered choice reorders tokens, which only the vision stage "
+                                      "with positions='compact' allows")
+            sel = g.call_function(apply_choice_in_order if rule.ordered else tokenops.apply_choice,
+                                  (choice, state.vision_pos, state.seq_index, state.protected, state.valid))
             kept_desc = "data-dependent" if rule.keep is None else rule.keep
         else:
             raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
@@ -111,6 +114,17 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     info = _info(p, plan, anat, layer, kept_desc, rerouted)
     verify(gm, anat)
     return info
+
+
+def apply_choice_in_order(choice, vision_pos, seq_index, protected=None, valid=None):
+    """tokenops.apply_choice, but each image's kept tokens fill its (contiguous) block of slots in the
+    order of `picked`, so the sequence itself is reordered."""
+    keep, new_pos, picked, values, new_valid, new_prot = tokenops.apply_choice(choice, vision_pos, seq_index,
+                                                                               protected, valid)
+    b = keep.shape[0]
+    chosen = vision_pos.gather(2, picked)
+    keep = keep.scatter(1, new_pos.sort(-1).values.reshape(b, -1), chosen.reshape(b, -1))
+    return keep, new_pos.sort(-1).values, picked, values, new_valid, new_prot
 
 
 def _flatten_valid(mask, like, default=True):

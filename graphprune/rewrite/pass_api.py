@@ -107,7 +107,8 @@ class WithdrawAll:
 class Choose:
     """The pass picks the tokens itself: `fn(k=..., protected=..., valid=..., vision_pos=..., **signals)`.
 
-    fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens, or a
+    fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens (with
+    ordered=True: in the order the kept tokens then take in the sequence), or a
     dict with `picked` and optionally `values` (B, images, k, D) that replace the kept tokens'
     hidden states (merging) and `valid` (B, images, k) bool (static capacity: invalid slots are
     masked as keys from then on). `keep=None`: the count is data dependent (exact thresholds,
@@ -118,6 +119,7 @@ class Choose:
     fn: Callable
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
     static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
+    ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
 
 
 @dataclass(frozen=True)
