@@ -110,7 +110,7 @@ def test_dart_llava(llava, batch, opts):
     model, program = llava
     ex = _ex(model, batch) if batch == 1 else _ex(model, 2, pad=(0, 3), seed=2)
     ref = _ref_lm(model, ex, selects={2: D.dart_select(9, **opts)})
-    out = _check(gp.prune(model, "dart", keep=9, layer=2, program=program, **opts), ex, ref)
+    out = _check(gp.prune(model, "dart", keep=9, layer=2, order="score", program=program, **opts), ex, ref)
     assert [len(s) for s in _vision_tokens(model, ex, out.kept)] == [9] * batch
 
 
@@ -118,7 +118,7 @@ def test_dart_llava(llava, batch, opts):
 def test_dart_vision_or_text_pivots_only(llava, vision_pivots, text_pivots):
     model, program = llava
     ex = _ex(model, 1, suffix=10, seed=3)                 # 10 instruction tokens: room for 8 text pivots
-    opts = dict(keep=12, layer=3, vision_pivots=vision_pivots, text_pivots=text_pivots)
+    opts = dict(keep=12, layer=3, vision_pivots=vision_pivots, text_pivots=text_pivots, order="score")
     ref = _ref_lm(model, ex, selects={3: D.dart_select(12, vision_pivots, text_pivots)})
     out = _check(gp.prune(model, "dart", program=program, **opts), ex, ref)
     assert [len(s) for s in _vision_tokens(model, ex, out.kept)] == [12]
@@ -373,7 +373,7 @@ def _qwen_ref(model, ex, **kw):
 
 
 QWEN_CASES = [
-    ("dart", dict(keep=6, layer=2), {2: D.dart_select(6)}),
+    ("dart", dict(keep=6, layer=2, order="score"), {2: D.dart_select(6)}),
     ("random", dict(keep=5, layer=1, seed=2), {1: D.random_select(5, seed=2)}),
     ("mustdrop_filter", dict(layers=(2, 3), gamma=1 / 16, alpha=1.0, mode="static", capacity=10, placement="before",
                              positions="keep"),

@@ -3,7 +3,8 @@
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
                reduced sequence (prefill); vision passes act on the features entering the projector
-  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds
+  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds,
+               SequenceIndex
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -71,6 +72,14 @@ class Hidden:
     layer: int
     tokens: str = "vision"
     norm: bool = False
+
+
+@dataclass(frozen=True)
+class SequenceIndex:
+    """Prefill: each token's index in its sample's current sequence, counted from the sample's first
+    real token (left padding excluded), as a batch-1 implementation numbers it: vision (B, images,
+    tokens) or text (B, T)."""
+    tokens: str = "vision"
 
 
 @dataclass(frozen=True)
