@@ -240,6 +240,15 @@ class MustDropFilter(TokenPass):
                                       f"got {cap!r}")
             c.capacity = cap
 
+    def requires(self, anatomy):
+        c, n = self.config, anatomy.num_layers
+        last = first_reduced(c.layers, c.placement)[-1]
+        if last >= n:
+            fit = tuple(l for l in c.layers if first_reduced([l], c.placement)[0] < n)
+            raise PassConfigError(f"mustdrop_filter: layers={c.layers!r} (placement={c.placement!r}) need a language "
+                                  f"model of more than {last} layers; this one has {n}: set layers= within it, e.g. "
+                                  f"layers={fit or (max(n - 2, 0),)!r}")
+
     def plan(self) -> list[Plan]:
         c = self.config
         options = (("gamma", c.gamma), ("alpha", c.alpha), ("mode", c.mode))
