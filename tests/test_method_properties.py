@@ -216,7 +216,7 @@ def test_merge_windows_convex_and_counts(g, window, b, n, d, mode, tau, spread, 
     survivors = {k: sorted(set(range(v)) - {p for t in m for p in tiles[t][1:]}) for k, m in merged.items()}
     # k: the static capacity (None in exact mode), as the framework passes a Choose rule's budget
     kw = dict(k=capacity, protected=None, valid=None, vision_pos=torch.zeros(b, n, v, dtype=torch.long),
-              hidden=hidden, window=window, tau=tau, mode=mode)
+              hidden=hidden, window=window, tau=tau, mode=mode, order="raster")
     counts = {len(s) for s in survivors.values()}
     if mode == "exact" and len(counts) > 1:
         with pytest.raises(InputError, match="static"):
