@@ -24,6 +24,7 @@ class FastV(TokenPass):
     class Config:
         layer: int = 2               # K: first layer on the reduced sequence
         keep: int | float = 0.5      # vision tokens kept per image (R = 50% in the paper)
+        positions: str = "keep"      # "keep" (the authors') or "compact" (kept tokens renumbered 0..n-1)
 
     def plan(self) -> Plan:
         k = self.config.layer
@@ -31,10 +32,12 @@ class FastV(TokenPass):
             layer=k,
             signals={"attn": AttentionRows(layer=k - 1, query="last")},
             select=TopK(self.config.keep),
-            positions="keep",
+            positions=self.config.positions,
         )
 
     def validate(self):
         super().validate()
         if self.config.layer < 1:
             raise PassConfigError(f"fastv: layer={self.config.layer}: must be >= 1, FastV scores come from layer K-1")
+        if self.config.positions not in ("keep", "compact"):
+            raise PassConfigError(f"fastv: positions must be 'keep' or 'compact', got {self.config.positions!r}")

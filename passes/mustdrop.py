@@ -28,12 +28,19 @@ from graphprune.rewrite.registry import register_pass, register_pipeline
 from graphprune.tokenops import true_positions
 
 MODES = ("static", "exact")
+MERGE_ORDERS = ("authors", "raster")
+PLACEMENTS = ("authors", "before")      # filter layer L: its own attention, L+1.. reduced | L-1's attention, L..
+POSITIONS = ("compact", "keep")
 FILTER_PRESETS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}   # keep -> (gamma, alpha)
 
 
 def _check_mode(name, mode):
-    if mode not in MODES:
-        raise PassConfigError(f"{name}: mode must be 'static' or 'exact', got {mode!r}")
+    _check_choice(name, "mode", mode, MODES)
+
+
+def _check_choice(name, option, value, allowed):
+    if value not in allowed:
+        raise PassConfigError(f"{name}: {option} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _same_count(name, counts):
@@ -43,38 +50,52 @@ def _same_count(name, counts):
     return int(counts.reshape(-1)[0])
 
 
-def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode):
+def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode, order):
     b, n, v = vision_pos.shape
     members, real = tile_members(grid_side(v), window, hidden.device)            # (tiles, w*w)
     score = tile_scores(hidden, members, real)                                    # (B, n, tiles)
-    order = score.argsort(dim=-1, descending=True, stable=True)
+    by_score = score.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(by_score).scatter(-1, by_score, torch.arange(by_score.shape[-1], device=score.device)
+                                              .expand_as(by_score))               # each tile's place by score
     merge = score >= tau
     if mode == "static":
         # below tau too, most similar first, until at most `k` (the capacity) tokens survive; requires()
         # checked that merging every tile reaches it
-        shrink = (real.sum(-1) - 1).expand_as(score).gather(-1, order).cumsum(-1)
+        shrink = (real.sum(-1) - 1).expand_as(score).gather(-1, by_score).cumsum(-1)
         needed = ((v - shrink) > k).sum(-1, keepdim=True) + int(v > k)
-        ranked = torch.empty_like(order).scatter(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        merge = merge | (ranked < needed) & (score > float("-inf"))
-    first = members[:, 0]                                                         # each tile's representative
+        merge = merge | (rank < needed) & (score > float("-inf"))
+    size = real.sum(-1)
+    # a tile's representative: its first member in raster order, or (the authors') its last
+    rep_slot = torch.zeros_like(size) if order == "raster" else size - 1
+    rep = members.gather(1, rep_slot[:, None])[:, 0]                              # (tiles,)
     d = hidden.shape[-1]
-    dropped = (merge[..., None] & real[:, 1:]).reshape(b, n, -1)                  # merged-away members
+    others = real & (torch.arange(members.shape[1], device=real.device) != rep_slot[:, None])
     gone = torch.zeros(b, n, v, dtype=torch.bool, device=hidden.device)
-    gone = gone.scatter(-1, members[:, 1:].reshape(-1).expand(b, n, -1), dropped)
+    gone = gone.scatter(-1, members.reshape(-1).expand(b, n, -1), (merge[..., None] & others).reshape(b, n, -1))
     survive = ~gone
     tiles = hidden[..., members.reshape(-1), :].reshape(b, n, *members.shape, d)
-    means = (tiles * real[..., None]).sum(-2) / real.sum(-1)[:, None]             # (B, n, tiles, D)
-    rep = torch.where(merge[..., None], means, hidden[..., first, :])
-    values = hidden.scatter(2, first[:, None].expand(-1, d).expand(b, n, -1, -1), rep)
+    means = (tiles * real[..., None]).sum(-2) / size[:, None]                     # (B, n, tiles, D)
+    values = hidden.scatter(2, rep[:, None].expand(-1, d).expand(b, n, -1, -1),
+                            torch.where(merge[..., None], means, hidden[..., rep, :]))
+    count = survive.sum(-1)
     if mode == "exact":
-        picked = true_positions(survive, _same_count("mustdrop_merge", survive.sum(-1)))
-        return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d))}
-    fill = k - survive.sum(-1, keepdim=True)                                      # lowest merged-away slots
-    filler_rank = gone.long().cumsum(-1)
-    slots = survive | (gone & (filler_rank <= fill))
-    picked = true_positions(slots, k)
-    return {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d)),
-            "valid": survive.gather(-1, picked)}
+        count = _same_count("mustdrop_merge", count)
+    # emitted order: raster slot order, or (the authors') merged tokens by descending window
+    # similarity, then the unmerged ones in raster order; static fillers (merged-away slots) last
+    slot = torch.arange(v, device=hidden.device).expand(b, n, v)
+    key = torch.where(survive, slot, slot + 2 * v)
+    if order == "authors":
+        merged_rep = torch.zeros(b, n, v, dtype=torch.long, device=hidden.device).scatter(
+            -1, rep.expand(b, n, -1), torch.where(merge, rank - v, 0))
+        key = torch.where(survive & (merged_rep < 0), merged_rep, key)
+    emitted = key.argsort(dim=-1, stable=True)
+    picked = emitted[..., :count if mode == "exact" else k]
+    if order == "raster":
+        picked = picked.sort(-1).values
+    out = {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d))}
+    if mode == "static":
+        out["valid"] = survive.gather(-1, picked)
+    return out
 
 
 @register_pass
@@ -89,11 +110,14 @@ class MustDropMerge(TokenPass):
         tau: float = 0.8
         mode: str = "static"
         capacity: int | None = None     # static mode: patch slots kept per image (default: all, masked)
+        order: str = "authors"          # "authors": merged token at the window's last member, merged tokens
+        #                                 first (descending similarity); "raster": first member, raster order
 
     def validate(self):
         super().validate()
         c = self.config
         _check_mode(self.name, c.mode)
+        _check_choice(self.name, "order", c.order, MERGE_ORDERS)
         if c.window < 2:
             raise PassConfigError(f"mustdrop_merge: window={c.window}: a window needs at least 2x2 patches")
         if c.capacity is not None and (isinstance(c.capacity, bool) or not isinstance(c.capacity, int) or c.capacity < 1):
@@ -116,8 +140,9 @@ class MustDropMerge(TokenPass):
         c = self.config
         capacity = None if c.mode == "exact" else (1.0 if c.capacity is None else c.capacity)
         return Plan(layer=c.layer, signals={"hidden": Hidden(c.layer - 1)}, positions="compact",
-                    select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode)),
-                                  static_mask=c.mode == "static"))
+                    select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode),
+                                                            ("order", c.order)),
+                                  static_mask=c.mode == "static", ordered=c.order == "authors"))
 
 
 @register_pass
@@ -139,6 +164,13 @@ class MustDropKeys(TokenPass):
             from graphprune.errors import PassNotApplicable
             raise PassNotApplicable(f"mustdrop_keys needs the CLS token of the vision encoder; {anatomy.model_class} "
                                     "has none (run mustdrop_filter alone)")
+        changed = anatomy.tokens[-1].layer if len(anatomy.tokens) > 1 else 0
+        if changed >= anatomy.num_layers:
+            raise PassConfigError(f"mustdrop_keys: the key set reads the CLS attention of vision layer "
+                                  f"{anatomy.num_layers - 1}, the last one feeding the features, but the tokens "
+                                  f"changed after it (at layer {changed}, mustdrop_merge): this {anatomy.num_layers}-layer "
+                                  "feature encoder is too shallow for both; use mustdrop(merge=False) or "
+                                  "mustdrop(keys=False), or mustdrop_merge(layer=...) earlier")
 
     def plan(self) -> Plan:
         return Plan(signals={"cls": AttentionRows(-1, "cls")}, select=Protect(float(self.config.ratio)),
@@ -173,15 +205,22 @@ class MustDropFilter(TokenPass):
         alpha: float | None = None
         mode: str = "static"
         capacity: int | None = None     # static mode: vision slots per image (default: keep)
+        placement: str = "authors"      # "authors": layer L filters with its own attention, L+1.. run reduced;
+        #                                 "before": layer L-1's attention, L.. run reduced (one layer earlier)
+        positions: str = "compact"      # "compact" (the authors': renumbered after each filter) or "keep"
 
     def validate(self):
         c = self.config
         _check_mode(self.name, c.mode)
+        _check_choice(self.name, "placement", c.placement, PLACEMENTS)
+        _check_choice(self.name, "positions", c.positions, POSITIONS)
         if isinstance(c.layers, int):
             c.layers = (c.layers,)
         c.layers = tuple(c.layers)
-        if not c.layers or list(c.layers) != sorted(set(c.layers)) or any(l < 1 for l in c.layers):
-            raise PassConfigError(f"mustdrop_filter: layers must be increasing layer indices >= 1, got {c.layers!r}")
+        lowest = 0 if c.placement == "authors" else 1
+        if not c.layers or list(c.layers) != sorted(set(c.layers)) or any(l < lowest for l in c.layers):
+            raise PassConfigError(f"mustdrop_filter: layers must be increasing layer indices >= {lowest} "
+                                  f"(placement={c.placement!r}), got {c.layers!r}")
         if c.keep is not None:
             from graphprune.rewrite.pass_api import check_budget
             check_budget(self.name, c.keep)
@@ -201,13 +240,27 @@ class MustDropFilter(TokenPass):
                                       f"got {cap!r}")
             c.capacity = cap
 
+    def requires(self, anatomy):
+        c, n = self.config, anatomy.num_layers
+        last = first_reduced(c.layers, c.placement)[-1]
+        if last >= n:
+            fit = tuple(l for l in c.layers if first_reduced([l], c.placement)[0] < n)
+            raise PassConfigError(f"mustdrop_filter: layers={c.layers!r} (placement={c.placement!r}) need a language "
+                                  f"model of more than {last} layers; this one has {n}: set layers= within it, e.g. "
+                                  f"layers={fit or (max(n - 2, 0),)!r}")
+
     def plan(self) -> list[Plan]:
         c = self.config
         options = (("gamma", c.gamma), ("alpha", c.alpha), ("mode", c.mode))
         capacity = c.capacity if c.mode == "static" else None
-        return [Plan(layer=l, signals={"attn": AttentionRows(l - 1, query="text")},
+        return [Plan(layer=reduced, signals={"attn": AttentionRows(reduced - 1, query="text")}, positions=c.positions,
                      select=Choose(capacity, filter_tokens, options, static_mask=c.mode == "static"))
-                for l in c.layers]
+                for reduced in first_reduced(c.layers, c.placement)]
+
+
+def first_reduced(layers, placement):
+    """The first layer that runs on each filter's output."""
+    return [l + 1 if placement == "authors" else l for l in layers]
 
 
 @register_pass
@@ -217,25 +270,32 @@ class MustDropCache(TokenPass):
     @dataclass
     class Config:
         layers: tuple = (2, 6, 10, 14)  # the filter layers: caches from the first to the last are cut
+        placement: str = "authors"      # as mustdrop_filter's: caches of layers first..last (authors) or
+        #                                 first..last-1 ("before") keep only the final tokens
 
     def validate(self):
+        _check_choice(self.name, "placement", self.config.placement, PLACEMENTS)
         if isinstance(self.config.layers, int) or len(self.config.layers) < 2:
             raise PassConfigError("mustdrop_cache: layers needs the first and last filter layer, e.g. (2, 14)")
         self.config.layers = tuple(self.config.layers)
 
     def plan(self) -> Plan:
-        layers = sorted(self.config.layers)
-        return Plan(layer=layers[-1], select=KeepCache(layers[0], layers[-1]))
+        reduced = first_reduced(sorted(self.config.layers), self.config.placement)
+        first = sorted(self.config.layers)[0]
+        return Plan(layer=reduced[-1], select=KeepCache(first, reduced[-1]))
 
 
 @register_pipeline("mustdrop")
 def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), window: int = 3, tau: float = 0.8,
              ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
-             merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True):
+             merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True,
+             merge: bool = True, keys: bool = True, order: str = "authors", placement: str = "authors",
+             positions: str = "compact"):
     """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache."""
-    passes = [MustDropMerge(window=window, tau=tau, mode=mode, capacity=merge_capacity),
-              MustDropKeys(ratio=ratio),
-              MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode, capacity=capacity)]
+    passes = [MustDropMerge(window=window, tau=tau, mode=mode, capacity=merge_capacity, order=order)] if merge else []
+    passes += [MustDropKeys(ratio=ratio)] if keys else []
+    passes.append(MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode,
+                                 capacity=capacity, placement=placement, positions=positions))
     if cache and len(layers) > 1:
-        passes.append(MustDropCache(layers=tuple(layers)))
+        passes.append(MustDropCache(layers=tuple(layers), placement=placement))
     return passes

@@ -441,6 +441,10 @@ class DecodeFrame:
             raise PassNotApplicable("decoding after a static-capacity pass (masked slots) needs graphprune's "
                                     "per-layer key masks, which Hugging Face's cache cannot carry; use "
                                     "graphprune.prune(model, ...).generate(...)")
+        if any(rw.graph_module.meta.get("graphprune_decode_positions") for rw in pruned):
+            raise PassNotApplicable("decoding after positions='compact' between LLM layers gives each layer its own "
+                                    "positions (its cache length), which Hugging Face's decode cannot; use "
+                                    "graphprune.prune(model, ...).generate(...)")
         if pruned and self.attention_mask is not None and bool((args[self.attention_mask] == 0).any()):
             raise InputError(_PADDED)
         return self.fn(*args)

@@ -618,6 +618,9 @@ def _decode_example(pruned, ref, b):
             inputs[name] = torch.randn(*shape, generator=g, dtype=c.keys.dtype)
             rename[name] = f"past_{'kv'[kind]}_{layer}"
             axes[name] = {0: "batch", 2: f"past_{layer}"}
+        elif name == "layer_positions":     # compact positions: each layer's own decode position
+            inputs[name] = torch.full((len(cache), b, 1), base + 3, dtype=torch.long)
+            axes[name] = {1: "batch"}
         elif name.startswith("kv_mask_"):
             layer = int(name.rsplit("_", 1)[1])
             mask = torch.ones(b, 3 + 2 * layer + 1, dtype=cache[layer].mask.dtype)

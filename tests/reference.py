@@ -432,7 +432,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
                 select: Callable[[dict], Tensor] | None = None, select_layer: int | None = None,
                 selects: dict | None = None, protected: Tensor | None = None,
                 cut_to_final: tuple[int, int] | None = None,
-                max_new_tokens: int = 16, vision_mask: Tensor | None = None) -> dict:
+                max_new_tokens: int = 16, vision_mask: Tensor | None = None, positions: str = "keep") -> dict:
     """Prefill + greedy decoding of the language model by hand, optionally pruning before some layers.
 
     ``selects={K: fn}`` (or ``select`` + ``select_layer``): layers ``0..K-1`` see every token; after layer
@@ -448,6 +448,9 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
 
     ``cut_to_final=(a, b)``: after prefill, the caches of layers a..b-1 keep only the tokens that the final
     selection kept (MustDrop's output-aware cache).
+    ``positions="compact"``: after each selection the kept real (and valid) tokens are renumbered 0..n-1
+    (padding and invalid slots: 0), and in decoding each layer's new token takes the position = the number
+    of real tokens in that layer's cache (each layer continues its own numbering; MustDrop's rule).
     Returns prefill/step logits, greedy ``tokens``, ``keep`` (prompt indices kept after the last
     selection), ``kv_lens``, ``kv_index`` (per layer, prompt index of each cache slot) and ``kv_valid``.
     """
@@ -502,6 +505,9 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
                 valid = valid & out["valid"].bool()
             vmask, tmask, prot, index = (torch.gather(t, 1, k_idx) for t in (vmask, tmask, prot, index))
             pos = _gather_pos(pos, k_idx)
+            if positions == "compact":
+                assert pos.dim() == 2, "compact positions are 1-D"
+                pos = (valid.long().cumsum(1) - 1).masked_fill(~valid, 0)
             keep = index
             cos, sin = lm.cos_sin(pos)
             allowed = prefill_allowed(valid)
@@ -522,6 +528,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     kv_index = [c.clone() for c in cache_index]
     kv_valid = [c.clone() for c in cache_valid]
 
+    layer_count = [c.sum(1) for c in cache_valid]  # real tokens per layer cache (compact decode positions)
     step_logits = [prefill_logits[:, -1]]
     tokens = [step_logits[0].argmax(-1)]
     for step in range(max_new_tokens - 1):
@@ -531,6 +538,8 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
             p = p[None].expand(3, -1, -1)
         c, sn = lm.cos_sin(p)
         for i in range(lm.n_layers):
+            if positions == "compact":
+                c, sn = lm.cos_sin((layer_count[i] + step)[:, None])
             cache_valid[i] = torch.cat([cache_valid[i], torch.ones(b, 1, dtype=torch.bool)], dim=1)
             x, cache_k[i], cache_v[i], _ = lm.layer(i, x, c, sn, cache_k[i], cache_v[i],
                                                     cache_valid[i][:, None, :])

@@ -65,11 +65,12 @@ def test_key_set_survives_later_passes(llava, ratio, merge, follow, extra):
     assert keys.sum(1).tolist() == [n_prot] * 2
     protected = _prompt_slots(model, ex, vis["patch_index"], keys)
 
-    steps = ["mustdrop_merge(tau=2.0, mode='static', capacity=30)"] if merge else []
+    steps = ["mustdrop_merge(tau=2.0, mode='static', capacity=30, order='raster')"] if merge else []
     steps.append(f"mustdrop_keys(ratio={ratio})")
     if follow.startswith("filter"):
         g, a = (2.0, 2.0) if follow == "filter_rule_off" else (0.0278, 0.0235)
-        steps.append(f"mustdrop_filter(layers=(2, 3), gamma={g}, alpha={a}, mode='static', capacity={n_prot + extra})")
+        steps.append(f"mustdrop_filter(layers=(2, 3), gamma={g}, alpha={a}, mode='static', capacity={n_prot + extra}, "
+                     "placement='before', positions='keep')")
     elif follow == "dart":
         steps.append(f"dart(keep={n_prot + 4 + extra}, layer=2)")
     else:
@@ -124,7 +125,7 @@ def test_text_kept_and_counts(llava, method, layer, pad, data):
     else:
         gamma = data.draw(st.sampled_from([0.0, 0.02, 0.0278, 0.035, 2.0]), "gamma")
         alpha = data.draw(st.sampled_from([0.0235, 0.03, 2.0]), "alpha")
-        opts = dict(layers=(layer,), gamma=gamma, alpha=alpha)
+        opts = dict(layers=(layer,), gamma=gamma, alpha=alpha, placement="before", positions="keep")
         if method == "filter_static":
             cap = data.draw(st.integers(1, V + 6), "capacity")   # capacities above V clamp to V
             pruned = gp.prune(model, "mustdrop_filter", mode="static", capacity=cap, program=program, **opts)
@@ -149,8 +150,9 @@ def test_text_kept_and_counts(llava, method, layer, pad, data):
 def test_static_filter_capacity_above_tokens_keeps_all(llava, merge_capacity, capacity, expect):
     model, program = llava
     ex = llava_example(model)
-    steps = [] if merge_capacity is None else [f"mustdrop_merge(tau=0.01, capacity={merge_capacity})"]
-    steps.append(f"mustdrop_filter(layers=(2,), gamma=0.0278, alpha=0.0235, mode='static', capacity={capacity})")
+    steps = [] if merge_capacity is None else [f"mustdrop_merge(tau=0.01, capacity={merge_capacity}, order='raster')"]
+    steps.append(f"mustdrop_filter(layers=(2,), gamma=0.0278, alpha=0.0235, mode='static', capacity={capacity}, "
+                 "placement='before', positions='keep')")
     out = gp.prune(model, " | ".join(steps), program=program)(**ex.as_kwargs())
     assert _image_counts(model, ex, out.kept) == [[expect]]
 
@@ -216,7 +218,7 @@ def test_merge_windows_convex_and_counts(g, window, b, n, d, mode, tau, spread, 
     survivors = {k: sorted(set(range(v)) - {p for t in m for p in tiles[t][1:]}) for k, m in merged.items()}
     # k: the static capacity (None in exact mode), as the framework passes a Choose rule's budget
     kw = dict(k=capacity, protected=None, valid=None, vision_pos=torch.zeros(b, n, v, dtype=torch.long),
-              hidden=hidden, window=window, tau=tau, mode=mode)
+              hidden=hidden, window=window, tau=tau, mode=mode, order="raster")
     counts = {len(s) for s in survivors.values()}
     if mode == "exact" and len(counts) > 1:
         with pytest.raises(InputError, match="static"):

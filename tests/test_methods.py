@@ -110,7 +110,7 @@ def test_dart_llava(llava, batch, opts):
     model, program = llava
     ex = _ex(model, batch) if batch == 1 else _ex(model, 2, pad=(0, 3), seed=2)
     ref = _ref_lm(model, ex, selects={2: D.dart_select(9, **opts)})
-    out = _check(gp.prune(model, "dart", keep=9, layer=2, program=program, **opts), ex, ref)
+    out = _check(gp.prune(model, "dart", keep=9, layer=2, order="score", program=program, **opts), ex, ref)
     assert [len(s) for s in _vision_tokens(model, ex, out.kept)] == [9] * batch
 
 
@@ -118,7 +118,7 @@ def test_dart_llava(llava, batch, opts):
 def test_dart_vision_or_text_pivots_only(llava, vision_pivots, text_pivots):
     model, program = llava
     ex = _ex(model, 1, suffix=10, seed=3)                 # 10 instruction tokens: room for 8 text pivots
-    opts = dict(keep=12, layer=3, vision_pivots=vision_pivots, text_pivots=text_pivots)
+    opts = dict(keep=12, layer=3, vision_pivots=vision_pivots, text_pivots=text_pivots, order="score")
     ref = _ref_lm(model, ex, selects={3: D.dart_select(12, vision_pivots, text_pivots)})
     out = _check(gp.prune(model, "dart", program=program, **opts), ex, ref)
     assert [len(s) for s in _vision_tokens(model, ex, out.kept)] == [12]
@@ -165,7 +165,7 @@ def test_mustdrop_merge_exact(llava):
     tau = float(top[1:3].mean())                                  # the two best tiles merge (not at a tie)
     vis, ref = _merge_ref(model, ex, tau, "exact")
     assert vis["patch_index"].shape == (1, V - 16)                 # two 3x3 tiles became one token each
-    pruned = gp.prune(model, "mustdrop_merge", tau=tau, mode="exact", program=program)
+    pruned = gp.prune(model, "mustdrop_merge", tau=tau, mode="exact", order="raster", program=program)
     out = _check(pruned, ex, ref, index=prompt_index(model, ex, vis["patch_index"]))
     assert pruned.report.patches_kept == vis["patch_index"].tolist()
     assert out.report.vision_tokens_in == V - 16
@@ -183,7 +183,7 @@ def test_mustdrop_merge_static(llava):
     assert vis["patch_index"].shape == (2, 24)
     assert vis["valid"].sum(1).tolist() == [20, 20]               # two tiles merged in each image
     assert bool((score < tau).sum(-1).ge(1).all())                # ... at least one of them below tau
-    pruned = gp.prune(model, "mustdrop_merge", tau=tau, mode="static", capacity=24, program=program)
+    pruned = gp.prune(model, "mustdrop_merge", tau=tau, mode="static", capacity=24, order="raster", program=program)
     out = _check(pruned, ex, ref, index=prompt_index(model, ex, vis["patch_index"]))
     assert pruned.report.patches_kept == vis["patch_index"].tolist()
     assert int((out.cache[0].mask == 0).sum()) == 8 + 3            # 4 invalid slots per image + 3 pads
@@ -231,7 +231,7 @@ def test_mustdrop_filter(llava, mode, capacity, batch):
     ex = _ex(model) if batch == 1 else _ex(model, 2, pad=(0, 3), seed=2)
     sel = RM.filter_select(GAMMA, ALPHA, mode, capacity)
     ref = _ref_lm(model, ex, selects={2: sel, 3: sel})
-    opts = dict(layers=(2, 3), gamma=GAMMA, alpha=ALPHA, mode=mode)
+    opts = dict(layers=(2, 3), gamma=GAMMA, alpha=ALPHA, mode=mode, placement="before", positions="keep")
     if capacity is not None:
         opts["capacity"] = capacity
     out = _check(gp.prune(model, "mustdrop_filter", program=program, **opts), ex, ref)
@@ -253,15 +253,17 @@ def test_mustdrop_filter_then_cache(llava):
     assert ref["kv_lens"] == [s, s - V + 24, s - V + 24, s - V + 24]
     cut_vis = ex.input_ids.gather(1, ref["kv_index"][1]) == model.config.image_token_id
     assert not bool(ref["kv_valid"][1][cut_vis].all())            # layer 1's cache carries layer 3's validity
-    pruned = gp.prune(model, "mustdrop_filter(layers=(3,), gamma=0.0278, alpha=0.0235, mode='static', capacity=24)"
-                             " | mustdrop_cache(layers=(1, 3))", program=program)
+    pruned = gp.prune(model, "mustdrop_filter(layers=(3,), gamma=0.0278, alpha=0.0235, mode='static', capacity=24,"
+                             " placement='before', positions='keep') | mustdrop_cache(layers=(1, 3), placement='before')",
+                      program=program)
     _check(pruned, ex, ref)
     # and the exact filter at both layers with the cache cut between them
     ex1 = _ex(model)
     sel = RM.filter_select(GAMMA, ALPHA, "exact")
     ref = _ref_lm(model, ex1, selects={2: sel, 3: sel}, cut_to_final=(2, 3), steps=4)
-    pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0278, alpha=0.0235, mode='exact')"
-                             " | mustdrop_cache(layers=(2, 3))", program=program)
+    pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0278, alpha=0.0235, mode='exact', "
+                             "placement='before', positions='keep') | mustdrop_cache(layers=(2, 3), placement='before')",
+                      program=program)
     _check(pruned, ex1, ref, steps=4)
 
 
@@ -302,9 +304,9 @@ def mustdrop_static_case(llava):
     return ex, ref
 
 
-PIPE_STATIC = ("mustdrop_merge(tau=0.01, mode='static', capacity=30) | mustdrop_keys() | "
-               "mustdrop_filter(layers=(2, 3), gamma=0.0278, alpha=0.0235, mode='static', capacity=12) | "
-               "mustdrop_cache(layers=(2, 3))")
+PIPE_STATIC = ("mustdrop_merge(tau=0.01, mode='static', capacity=30, order='raster') | mustdrop_keys() | "
+               "mustdrop_filter(layers=(2, 3), gamma=0.0278, alpha=0.0235, mode='static', capacity=12, "
+               "placement='before', positions='keep') | mustdrop_cache(layers=(2, 3), placement='before')")
 
 
 def test_mustdrop_pipeline_static(llava, mustdrop_static_case):
@@ -327,7 +329,8 @@ def test_mustdrop_named_pipeline_identical(llava, mustdrop_static_case):
     model, program = llava
     ex, ref = mustdrop_static_case
     named = gp.prune(model, "mustdrop", keep=12, mode="static", layers=(2, 3), tau=0.01, gamma=GAMMA, alpha=ALPHA,
-                     merge_capacity=30, capacity=12, program=program)
+                     merge_capacity=30, capacity=12, order="raster", placement="before", positions="keep",
+                     program=program)
     assert [p.name for p in named.pipeline] == ["mustdrop_merge", "mustdrop_keys", "mustdrop_filter", "mustdrop_cache"]
     a = named(**ex.as_kwargs())
     b = gp.prune(model, PIPE_STATIC, program=program)(**ex.as_kwargs())
@@ -351,9 +354,10 @@ def test_mustdrop_pipeline_exact(llava):
     s = ref["inputs"][0].shape[1]
     assert ref["kv_lens"][:2] == [s, s] and s - n < ref["kv_lens"][2] < s     # the filters dropped some
     assert ref["kv_lens"][2] == ref["kv_lens"][3]
-    pruned = gp.prune(model, f"mustdrop_merge(tau={tau!r}, mode='exact') | mustdrop_keys() | "
-                             f"mustdrop_filter(layers=(2, 3), gamma={gamma!r}, alpha=1.0, mode='exact') | "
-                             "mustdrop_cache(layers=(2, 3))", program=program)
+    pruned = gp.prune(model, f"mustdrop_merge(tau={tau!r}, mode='exact', order='raster') | mustdrop_keys() | "
+                             f"mustdrop_filter(layers=(2, 3), gamma={gamma!r}, alpha=1.0, mode='exact', "
+                             "placement='before', positions='keep') | mustdrop_cache(layers=(2, 3), placement='before')",
+                      program=program)
     index = prompt_index(model, ex, ref["patch_index"])
     out = _check(pruned, ex, ref, index=index)
     assert pruned.report.patches_kept == ref["patch_index"].tolist()
@@ -369,9 +373,10 @@ def _qwen_ref(model, ex, **kw):
 
 
 QWEN_CASES = [
-    ("dart", dict(keep=6, layer=2), {2: D.dart_select(6)}),
+    ("dart", dict(keep=6, layer=2, order="score"), {2: D.dart_select(6)}),
     ("random", dict(keep=5, layer=1, seed=2), {1: D.random_select(5, seed=2)}),
-    ("mustdrop_filter", dict(layers=(2, 3), gamma=1 / 16, alpha=1.0, mode="static", capacity=10),
+    ("mustdrop_filter", dict(layers=(2, 3), gamma=1 / 16, alpha=1.0, mode="static", capacity=10, placement="before",
+                             positions="keep"),
      {2: RM.filter_select(1 / 16, 1.0, "static", 10), 3: RM.filter_select(1 / 16, 1.0, "static", 10)}),
 ]
 

@@ -30,7 +30,7 @@ METHODS = {
     "fastv": "fastv(layer=2, keep=9)",
     "vtw": "vtw(layer=2)",
     "dart": "dart(layer=2, keep=9)",
-    "mustdrop": "mustdrop(keep=12, layers=(2,3), gamma=0.0278, alpha=0.0235, tau=0.01, mode='static', "
+    "mustdrop": "mustdrop(keep=12, layers=(1, 2), gamma=0.0278, alpha=0.0235, tau=0.01, mode='static', "
                 "merge_capacity=30)",
     "cls_fastv": "cls_topk(keep=18) | fastv(layer=2, keep=9)",
 }

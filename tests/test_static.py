@@ -5,9 +5,10 @@ from graphprune.targets.lint import check_static
 
 import graphprune as gp
 from graphprune.errors import GraphVerificationError
+from graphprune.rewrite.positions import layer_lengths
 from graphprune.tools.zoo import llava_example
 
-MUSTDROP = "mustdrop(keep=12, layers=(2,3), gamma=0.0278, alpha=0.0235, tau=0.01, mode='{}'{})"
+MUSTDROP = "mustdrop(keep=12, layers=(1, 2), gamma=0.0278, alpha=0.0235, tau=0.01, mode='{}'{})"
 STATIC, EXACT = MUSTDROP.format("static", ", merge_capacity=30"), MUSTDROP.format("exact", "")
 
 
@@ -30,6 +31,8 @@ def _step_inputs(pruned, ex):
     args = {"inputs_embeds": pruned.family.embed(ex.input_ids[:, -1:]),
             "position_ids": out.positions.amax(-1, keepdim=True) + 1,
             "kv_write_pos": torch.tensor(out.cache.lengths())}
+    if pruned.layer_positions:                     # compact positions: each layer's own decode position
+        args["layer_positions"] = layer_lengths(out.cache)
     for i, c in enumerate(out.cache):
         pad = lambda x, d: torch.cat([x, x.new_zeros(*x.shape[:d], 4, *x.shape[d + 1:])], d)  # noqa: E731
         args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = pad(c.keys, 2), pad(c.values, 2)

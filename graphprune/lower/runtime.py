@@ -30,6 +30,7 @@ from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
 from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
+from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_layer_rotary
 
 
 @dataclass
@@ -147,6 +148,12 @@ class PrunedModel(nn.Module, GenerationMixin):
         self.family = program.family
         decode = program.stages["decode"].copy()       # the program keeps its captured decode step
         self.decode_gm = shrink_kv(decode.gm, read_anatomy(decode.gm, "decode", self.family.model_class))
+        # compact positions between layers: each layer's new token continues that layer's own numbering
+        prefill_gm = program.stages["prefill"].gm
+        self.layer_positions = prefill_gm is not None and prefill_gm.meta.get("graphprune_decode_positions") == "cache_length"
+        if self.layer_positions:
+            self.decode_gm = per_layer_rotary(self.decode_gm, read_anatomy(self.decode_gm, "decode",
+                                                                           self.family.model_class))
         self.num_layers = program.anatomy["prefill"].num_layers
         self._static_gm = None             # static-cache decode step, built on first use
         self._static_fn = None             # what runs it: its lowered copy, or compile_decode's compiled one
@@ -255,7 +262,10 @@ class PrunedModel(nn.Module, GenerationMixin):
             k = kept.shape[-1]
             chosen = vision_pos.gather(2, kept.reshape(b, n, k))
             keep, new_pos = tokenops._apply_choice(vision_pos, chosen, index, n * k)
+            if self._vision_positions() == "compact":   # features fill the image's slots in their own order
+                new_pos = new_pos.sort(-1).values     # (a no-op unless a vision pass reordered them)
             input_ids, attention_mask, index = (t.gather(1, keep) for t in (input_ids, attention_mask, index))
+            index = index.scatter(1, new_pos.reshape(b, -1), chosen.reshape(b, -1))
             if valid is not None:                # static capacity: invalid slots act as padding in the LLM
                 attention_mask = attention_mask.scatter(1, new_pos.reshape(b, -1),
                                                         attention_mask.gather(1, new_pos.reshape(b, -1))
@@ -370,10 +380,11 @@ class PrunedModel(nn.Module, GenerationMixin):
         if self.family.position_axes == 3 and position.dim() == 2:
             position = position[None].expand(3, -1, -1)
         embeds = self.family.embed(token[:, None])
+        layer_positions = self._layer_positions(cache)
         if cache.static:
-            logits = self._static_step(cache, embeds, position, mask)
+            logits = self._static_step(cache, embeds, position, mask, layer_positions)
         else:
-            args = {"inputs_embeds": embeds, "position_ids": position}
+            args = {"inputs_embeds": embeds, "position_ids": position, **layer_positions}
             for i, layer in enumerate(cache):
                 args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = layer.keys, layer.values
                 args[f"kv_mask_{i}"] = torch.cat([layer.mask, mask[:, None].to(layer.mask.dtype)], 1)
@@ -386,14 +397,14 @@ class PrunedModel(nn.Module, GenerationMixin):
         cache.next_position = cache.next_position + mask.to(cache.next_position.dtype)
         return logits, cache
 
-    def _static_step(self, cache: PrunedCache, embeds, position, mask) -> torch.Tensor:
+    def _static_step(self, cache: PrunedCache, embeds, position, mask, layer_positions) -> torch.Tensor:
         """The static decode graph writes the token into each layer's buffer in place."""
         gm = self._static_graph()
         if self._static_fn is None:                  # eager: lowered like the dynamic decode step
             self._static_fn = self._lower(gm, attention="sdpa")
         device = cache[0].keys.device
         args = {"inputs_embeds": embeds, "position_ids": position,
-                "kv_write_pos": torch.tensor(cache.lengths(), device=device)}
+                "kv_write_pos": torch.tensor(cache.lengths(), device=device), **layer_positions}
         for i, layer in enumerate(cache):
             layer.mask[:, layer.length] = mask.to(layer.mask.dtype)
             args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = layer.keys, layer.values
@@ -402,6 +413,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         for layer in cache:
             layer.length += 1
         return out[0][:, -1]
+
+    def _layer_positions(self, cache) -> dict:
+        # compact positions between layers: each layer's new token takes that layer's real cache length
+        return {LAYER_POSITIONS: layer_lengths(cache)} if self.layer_positions else {}
 
     def compile_decode(self, mode: str = "reduce-overhead", backend: str = "inductor"):
         """Compile the static-cache decode step (every shape fixed: CUDA graphs on a GPU with

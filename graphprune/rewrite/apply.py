@@ -16,10 +16,11 @@ from torch import fx
 
 from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, layer_of, sdpa_mask, seq_dims
-from graphprune.errors import GraphVerificationError, PassConfigError, PassNotApplicable
+from graphprune.errors import GraphVerificationError, PassConfigError
 from graphprune.rewrite.kv_cache import keep_final_tokens
 from graphprune.rewrite.layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
 from graphprune.rewrite.pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
+from graphprune.rewrite.positions import check_one_axis, renumber
 from graphprune.rewrite.signals import extract_signal
 
 SYM_SIZE = torch.ops.aten.sym_size.int
@@ -79,8 +80,11 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             k = None if rule.keep is None else g.call_function(_capacity_for, (state.vision_pos, rule.keep))
             choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
                                                        vision_pos=state.vision_pos, **signals, **dict(rule.options)))
-            sel = g.call_function(tokenops.apply_choice, (choice, state.vision_pos, state.seq_index,
-                                                          state.protected, state.valid))
+            if rule.ordered and (anat.stage != "vision" or plan.positions != "compact"):
+                raise PassConfigError(f"{p.name}: an ordered choice reorders tokens, which only the vision stage "
+                                      "with positions='compact' allows")
+            sel = g.call_function(apply_choice_in_order if rule.ordered else tokenops.apply_choice,
+                                  (choice, state.vision_pos, state.seq_index, state.protected, state.valid))
             kept_desc = "data-dependent" if rule.keep is None else rule.keep
         else:
             raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
@@ -92,6 +96,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
                 plan.after_projector)
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
+    if plan.positions == "compact" and anat.stage != "vision":
+        renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
                                   state.generation + 1, masked, key_valid))
     out = g.find_nodes(op="output")[0]
@@ -108,6 +114,17 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     info = _info(p, plan, anat, layer, kept_desc, rerouted)
     verify(gm, anat)
     return info
+
+
+def apply_choice_in_order(choice, vision_pos, seq_index, protected=None, valid=None):
+    """tokenops.apply_choice, but each image's kept tokens fill its (contiguous) block of slots in the
+    order of `picked`, so the sequence itself is reordered."""
+    keep, new_pos, picked, values, new_valid, new_prot = tokenops.apply_choice(choice, vision_pos, seq_index,
+                                                                               protected, valid)
+    b = keep.shape[0]
+    chosen = vision_pos.gather(2, picked)
+    keep = keep.scatter(1, new_pos.sort(-1).values.reshape(b, -1), chosen.reshape(b, -1))
+    return keep, new_pos.sort(-1).values, picked, values, new_valid, new_prot
 
 
 def _flatten_valid(mask, like, default=True):
@@ -140,8 +157,7 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
             anchor = anat.layer(layer).first
     else:
         if plan.positions == "compact":
-            raise PassNotApplicable(f"{p.name}: positions='compact' between LLM layers is not supported yet; "
-                                    "use positions='keep'")
+            check_one_axis(anat, p.name)
         layer = plan.layer
         if layer is None or not 1 <= layer < anat.num_layers:
             raise PassConfigError(f"{p.name}: layer={layer} is out of range for a {anat.num_layers}-layer "

@@ -3,7 +3,8 @@
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
                reduced sequence (prefill); vision passes act on the features entering the projector
-  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds
+  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds,
+               SequenceIndex
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -74,6 +75,14 @@ class Hidden:
 
 
 @dataclass(frozen=True)
+class SequenceIndex:
+    """Prefill: each token's index in its sample's current sequence, counted from the sample's first
+    real token (left padding excluded), as a batch-1 implementation numbers it: vision (B, images,
+    tokens) or text (B, T)."""
+    tokens: str = "vision"
+
+
+@dataclass(frozen=True)
 class Projected:
     """Vision stage only: the projector's output at each image's tokens, (images, 1, tokens, D) (the
     LLM-space vision tokens). Plans reading it act after the projector (Plan.after_projector)."""
@@ -107,7 +116,8 @@ class WithdrawAll:
 class Choose:
     """The pass picks the tokens itself: `fn(k=..., protected=..., valid=..., vision_pos=..., **signals)`.
 
-    fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens, or a
+    fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens (with
+    ordered=True: in the order the kept tokens then take in the sequence), or a
     dict with `picked` and optionally `values` (B, images, k, D) that replace the kept tokens'
     hidden states (merging) and `valid` (B, images, k) bool (static capacity: invalid slots are
     masked as keys from then on). `keep=None`: the count is data dependent (exact thresholds,
@@ -118,6 +128,7 @@ class Choose:
     fn: Callable
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
     static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
+    ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
 
 
 @dataclass(frozen=True)

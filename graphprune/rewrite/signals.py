@@ -15,7 +15,17 @@ from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, layer_of, module_path, sdpa_mask, seq_dims
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
-from graphprune.rewrite.pass_api import AttentionRows, Hidden, Keys, Projected, TextEmbeds, TextMask, TokenPass, Values
+from graphprune.rewrite.pass_api import (
+    AttentionRows,
+    Hidden,
+    Keys,
+    Projected,
+    SequenceIndex,
+    TextEmbeds,
+    TextMask,
+    TokenPass,
+    Values,
+)
 
 
 def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p: TokenPass) -> fx.Node:
@@ -32,6 +42,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
                                   "after_projector=True")
         out = g.find_nodes(op="output")[0].args[0][0]
         return g.call_function(tokenops.token_features, (out, state.vision_pos))
+    if isinstance(sig, SequenceIndex):
+        return _sequence_index(gm, anat, sig, state, p)
     src = getattr(sig, "layer", None)
     if anat.stage == "vision" and isinstance(src, int) and src < 0:
         src += anat.num_layers
@@ -84,6 +96,23 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         b, toks = seq_dims(out, anat)
         return _features_at(g, out, keys, tokens, b or 0, toks[0] if toks else 1)
     raise PassConfigError(f"{p.name}: unknown signal {sig!r}")
+
+
+def _sequence_index(gm, anat: Anatomy, sig: SequenceIndex, state: TokenState, p: TokenPass) -> fx.Node:
+    g = gm.graph
+    if anat.stage == "vision" or sig.tokens not in ("vision", "text"):
+        raise PassConfigError(f"{p.name}: SequenceIndex is a prefill signal of tokens 'vision' or 'text', got {sig!r}")
+    index = g.call_function(unpadded_index, (anat.inputs["attention_mask"], state.seq_index))
+    if sig.tokens == "vision":
+        return g.call_function(tokenops.token_features, (index, state.vision_pos, 0, 1))
+    text_pos = g.call_function(tokenops.positions_of, (state.seq_index, layout_input(gm, anat, "text_index")))
+    return g.call_function(torch.gather, (index, 1, text_pos))
+
+
+def unpadded_index(attention_mask, seq_index):
+    """(B, S') index of each current token among its sample's current real tokens (padding: -1)."""
+    real = attention_mask.gather(1, seq_index).long()
+    return (real.cumsum(-1) - 1).masked_fill(real == 0, -1)
 
 
 def _features_at(g, x, keys, tokens, batch_dim, seq_dim):

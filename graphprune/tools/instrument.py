@@ -11,8 +11,10 @@ import torch
 
 from graphprune import tokenops
 from graphprune.lower.runtime import StageCall
+from graphprune.rewrite.apply import apply_choice_in_order
 
-SELECTION_FNS = (tokenops.select_topk, tokenops.apply_choice, tokenops.withdraw_all, tokenops.protect_topk)
+SELECTION_FNS = (tokenops.select_topk, tokenops.apply_choice, apply_choice_in_order, tokenops.withdraw_all,
+                 tokenops.protect_topk)
 
 def executed_graphs(pruned) -> dict:
     """{stage: the graph PrunedModel runs} for the vision and prefill stages (None: eager / absent)."""
@@ -59,7 +61,7 @@ def record_selections(pruned, inputs: dict) -> dict:
             if n.op == "call_function" and n.target in SELECTION_FNS:
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 choice_kw = None
-                if n.target is tokenops.apply_choice and isinstance(n.args[0], fx.Node):
+                if n.target in (tokenops.apply_choice, apply_choice_in_order) and isinstance(n.args[0], fx.Node):
                     choice_kw = self.fetch_args_kwargs_from_env(n.args[0])[1]
                 records[self.name].append((n, args, out, choice_kw))
             return out
