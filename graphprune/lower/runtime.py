@@ -9,6 +9,7 @@ Inputs are what the Hugging Face processor returns (image tokens already expande
 """
 from __future__ import annotations
 
+import linecache
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,10 +17,18 @@ import torch
 
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
-from graphprune.errors import InputError, PassConfigError
+from graphprune.errors import InputError, NothingPrunedWarning
+from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.rewrite.kv_cache import KVCache, LayerCache, shrink_kv, static_kv
-from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
+from graphprune.rewrite.pipeline import (
+    BudgetStep,
+    Program,
+    as_passes,
+    follow_budgets,
+    load_builtin_methods,
+    run_pipeline,
+)
 
 
 @dataclass
@@ -97,17 +106,7 @@ def vision_layout(is_image: torch.Tensor) -> torch.Tensor | None:
 
 def check_budgets(results, tokens_per_image: int) -> None:
     """Integer budgets larger than the vision tokens an image has at that point fail, before work."""
-    for r in results:
-        keep = r.info["keep"]
-        if r.info["rule"] == "Choose" and (r.info.get("capacity") or not isinstance(keep, (int, float))):
-            return                           # capacities clamp, data-dependent counts vary: nothing to check
-        if r.info["rule"] not in ("TopK", "Choose") or isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            continue
-        if isinstance(keep, int) and keep > tokens_per_image:
-            raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
-                                  "tokens per image of this prompt")
-        if r.info["stage"] == "vision":
-            tokens_per_image = tokenops.budget(keep, tokens_per_image)
+    follow_budgets(BudgetStep.of_results(results), tokens_per_image, "of this prompt")
 
 
 class PrunedModel:
@@ -229,8 +228,8 @@ class PrunedModel:
                 mm_token_type_ids=None, **unused) -> PrunedOutput:
         if unused:
             raise InputError(f"unexpected inputs {sorted(unused)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
+                                                       image_grid_thw, mm_token_type_ids)
         prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         if prompt is None:                      # text-only prompt: nothing to prune
             gm = self.base.stages["prefill"].gm
@@ -239,11 +238,12 @@ class PrunedModel:
             outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
             index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
-            return self._finish(outs, attention_mask, positions, index, None, [note])
+            return self._finish(outs, attention_mask, positions, index, None, [note], attention_mask.sum(1))
         outs = _call(self.executables["prefill"], **prompt.prefill_inputs())
-        return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [])
+        return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [],
+                            attention_mask.sum(1))
 
-    def _finish(self, outs, attention_mask, positions, index, prompt, notes) -> PrunedOutput:
+    def _finish(self, outs, attention_mask, positions, index, prompt, notes, prompt_tokens) -> PrunedOutput:
         seq = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
         cache, layer_index, layer_valid = KVCache(), seq, None
         for i in range(self.num_layers):
@@ -257,7 +257,10 @@ class PrunedModel:
             cache.append(LayerCache(outs[f"k_{i}"], outs[f"v_{i}"], mask, index.gather(1, own_index)))
         kept = index.gather(1, layer_index)
         vision = 0 if prompt is None else prompt.vision_pos.shape[1] * prompt.vision_pos.shape[2]
-        self.report = Report.build(self, cache, vision, prompt, notes)
+        self.report = Report.build(self, cache, vision, prompt, notes, prompt_tokens)
+        if self.report.pruned_nothing and prompt is not None and self.pipeline:
+            warnings.warn(f"{self.report.pipeline} pruned nothing on this prompt: every layer ran on every "
+                          "prompt token (report.pruned_nothing)", NothingPrunedWarning, stacklevel=3)
         return PrunedOutput(outs["logits"], cache, positions, kept, self.report)
 
     # -- decode ---------------------------------------------------------------------------
@@ -330,10 +333,8 @@ class PrunedModel:
 
         static_cache=True decodes with fixed-size per-layer buffers written in place (the step's
         shapes never change: what compile_decode / CUDA graphs need)."""
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise InputError("temperature must be > 0 when sampling")
+        check_generate_options(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         gen = self.model.generation_config
         eos = gen.eos_token_id if eos_token_id is None else eos_token_id
         eos = set([eos] if isinstance(eos, int) else (eos or []))
@@ -404,7 +405,47 @@ def _call(gm, **inputs) -> dict:
     return dict(zip(gm.meta["graphprune_outputs"], _as_tuple(gm(*args))))
 
 
-_PROGRAMS: dict[int, tuple] = {}
+class _CapturedProgram:
+    """A model's captured program, kept on the model itself (model.__dict__) so that it lives
+    exactly as long as the model: a module-level cache kept every model ever pruned alive. Copies
+    and pickles of the model start without one (they capture their own)."""
+    ATTR = "_graphprune_captured"
+
+    def __init__(self, program: Program | None = None):
+        self.program = program
+
+    def __deepcopy__(self, memo):
+        return _CapturedProgram()
+
+    def __reduce__(self):
+        return _CapturedProgram, ()
+
+    @classmethod
+    def of(cls, model) -> Program:
+        held = model.__dict__.get(cls.ATTR)
+        if held is None or held.program is None:
+            held = cls(Program.capture(model))
+            model.__dict__[cls.ATTR] = held
+        return held.program
+
+
+def forget_dead_graph_sources() -> int:
+    """Drop the source text torch.fx keeps for every graph it ever compiled (its linecache loader
+    never forgets, about 0.2 MiB per prune() of a tiny model) once no live GraphModule runs it."""
+    from torch.fx import graph_module
+    live, seen, todo = set(), set(), [torch.fx.GraphModule]
+    while todo:                           # each GraphModule instance has a class of its own
+        for cls in todo.pop().__subclasses__():
+            if cls not in seen:
+                seen.add(cls)
+                todo.append(cls)
+                live.update(v.__code__.co_filename for v in vars(cls).values() if hasattr(v, "__code__"))
+    cache = graph_module._loader.eval_cache
+    dead = [k for k in cache if k.startswith("<eval_with_key>") and k not in live]
+    for k in dead:
+        del cache[k]
+        linecache.cache.pop(k, None)
+    return len(dead)
 
 
 def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
@@ -423,11 +464,9 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     _check_linear(model, linear)
     load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
+    forget_dead_graph_sources()
     if program is None:
-        key = id(model)
-        if key not in _PROGRAMS or _PROGRAMS[key][0] is not model:
-            _PROGRAMS[key] = (model, Program.capture(model))
-        program = _PROGRAMS[key][1]
+        program = _CapturedProgram.of(model)
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
     return PrunedModel(model, rewritten, passes, program, attention, linear)
@@ -464,25 +503,16 @@ def _check_linear(model, linear: str) -> None:
                          'use linear="aten"')
 
 
-def _is_capacity(p) -> bool:
-    """Static-capacity rules keep at most `keep` tokens (fewer when fewer exist): no budget to check."""
-    from graphprune.rewrite.pass_api import Choose
-    plans = p.plan()
-    return any(isinstance(pl.select, Choose) and pl.select.static_mask for pl in (plans if isinstance(plans, list) else [plans]))
-
-
 def _check_static_budgets(program: Program, passes) -> None:
-    """Budgets larger than a LLaVA image's token count fail here, before any rewriting."""
+    """Budgets larger than the vision tokens an image has (when the patch grid is fixed) or than an
+    earlier pass leaves fail here, before any rewriting; a pipeline that cannot prune warns."""
     vision = program.anatomy.get("vision")
-    if vision is None or vision.grid is None:
-        return
-    tokens = vision.grid[0] * vision.grid[1]
-    for p in sorted(passes, key=lambda p: p.stage != "vision"):
-        keep = getattr(p.config, "keep", None)
-        if keep is None or _is_capacity(p):
-            continue
-        if isinstance(keep, int) and keep > tokens:
-            raise PassConfigError(f"{p!r}: keep={keep} exceeds the {tokens} vision tokens per image "
-                                  f"({vision.grid[0]}x{vision.grid[1]} patch grid)")
-        if p.stage == "vision":
-            tokens = tokenops.budget(keep, tokens)
+    grid = None if vision is None else vision.grid
+    tokens = None if grid is None else grid[0] * grid[1]
+    where = "" if grid is None else f"({grid[0]}x{grid[1]} patch grid)"
+    if passes and not follow_budgets(BudgetStep.of_passes(passes), tokens, where):
+        why = "" if any(s.rule in ("TopK", "Choose", "WithdrawAll") for s in BudgetStep.of_passes(passes)) else \
+            ": none of its passes drops a token (they protect tokens or cut caches to what later passes keep)"
+        budget = f" at or above the {tokens} vision tokens per image {where}" if tokens and not why else ""
+        warnings.warn(f"{' | '.join(map(repr, passes))} prunes nothing{why}{budget}; the report will say "
+                      "pruned_nothing", NothingPrunedWarning, stacklevel=3)
