@@ -109,8 +109,11 @@ def load_toml(path: str) -> list[TokenPass]:
         step = dict(step)
         if "method" not in step:
             raise PassConfigError(f"{path}: [[pass]] table {i + 1} lacks 'method'")
-        method = step.pop("method")
-        passes += _build(method, step, f"{path}: [[pass]] table {i + 1}")
+        where = f"{path}: [[pass]] table {i + 1}"
+        try:
+            passes += _build(step.pop("method"), step, where)
+        except PassConfigError as e:
+            raise PassConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     return passes
 
 
