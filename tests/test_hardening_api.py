@@ -374,3 +374,14 @@ def test_toml_files_that_are_not_pipelines(llava, tmp_path):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(PassConfigError, match=name):
             gp.prune(model, str(path), program=program)
+
+
+def test_unknown_grid_int_budgets_do_not_warn(qwen):
+    """keep=1 (an int) on a model whose token count is known only from the prompt may prune: no warning."""
+    model, program = qwen
+    for spec in ("fastv(layer=2, keep=1)", "fastv(layer=2, keep=4)", "fastv(layer=2, keep=0.5)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NothingPrunedWarning)
+            gp.prune(model, spec, program=program)
+    with pytest.warns(NothingPrunedWarning):
+        gp.prune(model, "fastv(layer=2, keep=1.0)", program=program)

@@ -251,8 +251,8 @@ def follow_budgets(steps: list[BudgetStep], tokens: int | None, where: str) -> b
                 left = None if s.keep is None else min(s.keep, left) if isinstance(s.keep, int) \
                     else tokenops.budget(s.keep, left)
             continue
-        if left is None:
-            drops = drops or s.keep != 1.0
+        if left is None:                          # unknown token count: only a whole fraction surely keeps all
+            drops = drops or isinstance(s.keep, int) or s.keep < 1.0
             continue
         if isinstance(s.keep, int) and s.keep > left:
             source = f"left after {by}" if by else where
