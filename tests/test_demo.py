@@ -4,7 +4,7 @@ import os
 import pytest
 
 from graphprune.cli import main
-from graphprune.tools import bench, demo, vqa_model, zoo
+from graphprune.tools import demo, vqa_model, zoo
 from graphprune.tools.images import read_png
 
 
@@ -42,7 +42,7 @@ def test_demo_shipped_model(tmp_path, capsys):
 
 def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(zoo, "vqa_weights_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(bench, "_LOADED", {})              # not the model an earlier test loaded
+    monkeypatch.setattr(vqa_model, "_LOADED", {})              # not the model an earlier test loaded
     with pytest.raises(SystemExit) as e:
         main(["demo", "--no-images"])
     assert e.value.code == 2

@@ -32,14 +32,15 @@ class Stage:
     gm: fx.GraphModule | None
     inputs: list[str] = field(default_factory=list)
     eager: str = ""
-    module: nn.Module | None = None     # the eager fallback
+    module: nn.Module | None = None     # the eager module the graph was captured from (or runs instead)
+    check_inputs: tuple | None = None   # a seeded example to compare graph and module on (graphprune.verify)
 
     def copy(self) -> "Stage":
         gm = None
         if self.gm is not None:
             gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
             gm.meta.update(copy.deepcopy(self.gm.meta))
-        return Stage(self.name, gm, list(self.inputs), self.eager, self.module)
+        return Stage(self.name, gm, list(self.inputs), self.eager, self.module, self.check_inputs)
 
 
 class _Prefill(nn.Module):
@@ -86,10 +87,19 @@ def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     out = fx.GraphModule(gm, graph)
-    # drop what the wrapper does not return (e.g. vision layers after the feature layer)
-    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    # drop what the wrapper does not return (e.g. vision layers after the feature layer), but never
+    # an in-place write: its result is unused, its effect (e.g. M-RoPE sections copied into a view
+    # of the rotary table) is what later nodes read
+    out.graph.eliminate_dead_code(is_impure_node=_must_stay)
     out.recompile()
     return out
+
+
+def _must_stay(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
 def _kv_names(family: Family) -> list[str]:
@@ -111,6 +121,31 @@ def _positions_example(family: Family, b: int, s: int, device, offset: int = 0):
     return pos.contiguous()
 
 
+def _check_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(20240)
+
+
+def _left_padded_mask(b: int, s: int, pad: int, device) -> torch.Tensor:
+    mask = torch.ones(b, s, dtype=torch.long, device=device)
+    mask[-1, :pad] = 0                      # the last sample is left-padded
+    return mask
+
+
+def _check_positions(family: Family, mask: torch.Tensor, s: int) -> torch.Tensor:
+    """Position ids for the last s tokens of a left-padded mask; M-RoPE axes made to differ (as
+    image tokens make them) so a graph that mixes up the axes' sections is caught."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
+    if family.position_axes == 1:
+        return pos
+    return torch.stack([pos, pos // 2, pos % 5] + [pos] * (family.position_axes - 3)).contiguous()
+
+
+def _random_embeds(family: Family, b: int, s: int, device) -> torch.Tensor:
+    ids = torch.randint(0, family.text_config().vocab_size, (b, s), generator=_check_generator()).to(device)
+    with torch.no_grad():
+        return family.embed(ids)
+
+
 def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
     hidden, _, _, _ = _example_sizes(family)
     lm = family.language_model()
@@ -126,7 +161,12 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
                                  dynamic_shapes=({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq}))
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["logits"] + _kv_names(family)
-    return Stage("prefill", gm, ["inputs_embeds", "position_ids", "attention_mask"])
+    check = None
+    if device.type != "meta":
+        mask = _left_padded_mask(b, 11, 3, device)
+        check = (_random_embeds(family, b, 11, device), _check_positions(family, mask, 11), mask)
+    return Stage("prefill", gm, ["inputs_embeds", "position_ids", "attention_mask"],
+                 module=_Prefill(lm, family.lm_head()), check_inputs=check)
 
 
 def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
@@ -150,7 +190,13 @@ def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
     names += [f"past_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["logits"] + _kv_names(family)
-    return Stage("decode", gm, names)
+    check = None
+    if device.type != "meta":
+        g, p = _check_generator(), 7
+        mask = _left_padded_mask(b, p + 1, 2, device)
+        kv = [torch.randn(t.shape[0], t.shape[1], p, t.shape[3], generator=g).to(device, dtype) for t in past]
+        check = (_random_embeds(family, b, 1, device), _check_positions(family, mask, 1), mask, *kv)
+    return Stage("decode", gm, names, module=_Decode(lm, family.lm_head()), check_inputs=check)
 
 
 def capture_vision(family: Family, *, device=None, dtype=None) -> Stage:
@@ -166,7 +212,8 @@ def capture_vision(family: Family, *, device=None, dtype=None) -> Stage:
         ep = torch.export.export(module, (px,), strict=False, dynamic_shapes=({0: Dim("images", min=1)},))
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["features"]
-    return Stage("vision", gm, ["pixel_values"])
+    check = None if device.type == "meta" else (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
+    return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
 
 
 def capture(model: nn.Module, stages=STAGES) -> dict[str, Stage]:

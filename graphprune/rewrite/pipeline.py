@@ -22,6 +22,7 @@ from graphprune.errors import PassConfigError
 from graphprune.rewrite.apply import apply_pass
 from graphprune.rewrite.pass_api import Choose, PassResult, TokenPass
 from graphprune.rewrite.registry import PASSES, PIPELINES
+from graphprune.verify.eager import check_against_eager
 
 STAGE_ORDER = ("vision", "prefill")
 
@@ -162,6 +163,8 @@ class Program:
         from graphprune.families import family_of
         fam = family_of(model)
         stages = capture(model, stages)
+        for stage in stages.values():       # before any pass: a wrong capture must never be rewritten
+            check_against_eager(stage, fam.model_class)
         anat = {k: read_anatomy(s.gm, k, fam.model_class) for k, s in stages.items() if s.gm is not None}
         return cls(stages, anat, fam)
 

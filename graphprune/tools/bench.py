@@ -80,7 +80,6 @@ def parse_budgets(text: str) -> list:
     return out
 
 
-_ALLOCATOR = "default"
 
 
 # -- grid mode -------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+_ALLOCATOR = "default"         # what keep_freed_memory() set the allocator to
+
 
 class Progress:
     """A one-line stderr progress bar."""
