@@ -232,7 +232,10 @@ class BudgetStep:
 
     @classmethod
     def of_results(cls, results: list[PassResult]) -> list["BudgetStep"]:
-        return [cls(r.info["pass"], r.info["rule"], r.info["keep"], bool(r.info.get("capacity"))) for r in results]
+        def count(keep):          # apply records a data-dependent count as a word
+            return keep if isinstance(keep, (int, float)) and not isinstance(keep, bool) else None
+        return [cls(r.info["pass"], r.info["rule"], count(r.info["keep"]), bool(r.info.get("capacity")))
+                for r in results]
 
 
 def follow_budgets(steps: list[BudgetStep], tokens: int | None, where: str) -> bool:
