@@ -440,7 +440,9 @@ def forget_dead_graph_sources() -> int:
                 seen.add(cls)
                 todo.append(cls)
                 live.update(v.__code__.co_filename for v in vars(cls).values() if hasattr(v, "__code__"))
-    cache = graph_module._loader.eval_cache
+    cache = getattr(getattr(graph_module, "_loader", None), "eval_cache", None)
+    if not isinstance(cache, dict):         # a torch without that loader: nothing to sweep
+        return 0
     dead = [k for k in cache if k.startswith("<eval_with_key>") and k not in live]
     for k in dead:
         del cache[k]
