@@ -4,7 +4,7 @@ capture -> anatomy -> rewrite (the methods in graphprune.passes) -> verify -> lo
 """
 from graphprune.errors import (GraphpruneError, GraphVerificationError, InputError, PassConfigError, PassNotApplicable,
                                UnsupportedModelError)
-from graphprune.lower.runtime import PrunedModel, prune
+from graphprune.lower.runtime import PrunedModel, from_pretrained, prune
 from graphprune.rewrite.pass_api import (AttentionRows, Choose, Hidden, KeepCache, Keys, PassResult, Plan, Projected,
                                          Protect, TextEmbeds, TextMask, TokenPass, TopK, Values, WithdrawAll)
 from graphprune.rewrite.pipeline import Program, as_passes, get_pass, parse_pipeline
@@ -15,5 +15,5 @@ from graphprune.version import __version__
 __all__ = ["AttentionRows", "Choose", "GraphVerificationError", "GraphpruneError", "Hidden", "InputError",
            "KeepCache", "Keys", "PassConfigError", "PassNotApplicable", "PassResult", "Plan", "Program", "Projected",
            "Protect", "PrunedModel", "TextEmbeds", "TextMask", "TokenPass", "TopK", "UnsupportedModelError", "Values",
-           "WithdrawAll", "__version__", "as_passes", "export_onnx", "get_pass", "parse_pipeline", "prune",
+           "WithdrawAll", "__version__", "as_passes", "export_onnx", "from_pretrained", "get_pass", "parse_pipeline", "prune",
            "register_pass", "register_pipeline"]

@@ -1,2 +1,15 @@
 """Built-in token-pruning methods, one module per method (imported as graphprune.passes)."""
-from . import cls_topk, dart, fastv, mustdrop, random, visiontrim, vtw  # noqa: F401
+from . import (  # noqa: F401
+    cdpruner,
+    cls_topk,
+    dart,
+    divprune,
+    fastv,
+    mustdrop,
+    pyramiddrop,
+    random,
+    visiontrim,
+    visionzip,
+    vispruner,
+    vtw,
+)

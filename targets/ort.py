@@ -9,7 +9,7 @@
 The runner needs only the export directory (no Hugging Face model): the host-side work (where
 the vision tokens are, text layout, compacting the prompt after a vision-stage selection,
 embedding lookup from embed_tokens.npy, merging image features, per-layer cache bookkeeping,
-greedy / sampled decoding) is graphprune.lower.runtime.PrunedModel's own code; only the three graph
+decoding through transformers' generate) is graphprune.lower.runtime.PrunedModel's own code; only the three graph
 calls go to ONNX Runtime sessions. Tensors cross the host boundary as CPU torch tensors; on the
 CUDA execution provider inputs and outputs are bound with IOBinding (outputs on the device, then
 copied back for the host-side bookkeeping).
@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from transformers import GenerationConfig, PretrainedConfig
 
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.families import Family
@@ -124,6 +125,7 @@ class OrtPrunedModel(PrunedModel):
 
     def __init__(self, out_dir, providers=None, *, device_id: int = 0, session_options=None):
         ort = _onnxruntime()
+        torch.nn.Module.__init__(self)         # no Hugging Face model: PrunedModel.__init__ does not apply
         self.manifest = Manifest.load(out_dir)
         m = self.manifest
         embed = torch.from_numpy(np.load(f"{m.out_dir}/{m['embedding']['file']}"))
@@ -157,8 +159,22 @@ class OrtPrunedModel(PrunedModel):
         self._static_gm = self._static_fn = None
         self.results = [SimpleNamespace(info=dict(b)) for b in m["budgets"]]
         self.pipeline = _passes(m["pipeline"])
-        self.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=m.get("eos_token_id"),
-                                                                       pad_token_id=m.get("pad_token_id")))
+        # what transformers' generate reads of a model: its config and generation defaults
+        self.config = PretrainedConfig(image_token_id=m["image_token_id"], eos_token_id=m.get("eos_token_id"),
+                                       pad_token_id=m.get("pad_token_id"))
+        self.generation_config = GenerationConfig(eos_token_id=m.get("eos_token_id"), pad_token_id=m.get("pad_token_id"))
+        self._embed = embed
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")         # tensors cross the host boundary as CPU tensors
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._embed.dtype
+
+    def get_input_embeddings(self):
+        return torch.nn.Embedding.from_pretrained(self._embed)
 
     def _sessions(self, ort, providers, session_options) -> dict:
         return {k: ort.InferenceSession(self.manifest.path(k), sess_options=session_options, providers=providers)
@@ -170,17 +186,21 @@ class OrtPrunedModel(PrunedModel):
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None, **unused):
+                mm_token_type_ids=None, past_key_values=None, **unused):
+        if past_key_values is not None and past_key_values.layers:       # decode: decode.onnx
+            return super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                   past_key_values, **unused)
         if not bool((input_ids == self.family.image_token_id()).any()):
             raise InputError("text-only prompt: the ONNX export holds the pruned prefill, which needs image tokens "
                              "(run text-only prompts on the unpruned model)")
-        out = super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **unused)
+        out = super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                              past_key_values, **unused)
         self.report._flops = None          # FLOPs are counted on torch graphs, not on ONNX sessions
         self.report.notes.append(f"ONNX Runtime ({self.provider})")
         return out
 
     def generate(self, *args, **kwargs):
-        """As PrunedModel.generate (greedy / sampled, eos, pad), each step one decode.onnx call."""
+        """As PrunedModel.generate (transformers' generate), each step one decode.onnx call."""
         if kwargs.get("static_cache"):
             raise InputError("static_cache=True decodes torch graphs in place; an ONNX export decodes with "
                              "decode.onnx over per-layer caches (leave static_cache unset)")

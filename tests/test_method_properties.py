@@ -1,8 +1,10 @@
-"""Property tests (hypothesis) of DART, random and MustDrop: the key set survives every later pass, text
-tokens are never dropped, merged tokens are convex combinations of their tile, and kept counts honour
-budgets and capacities. End-to-end properties run few examples on the tiny LLaVA; the building blocks
-(passes.mustdrop.merge_windows / filter_tokens, passes.dart.dart_keep, graphprune.rewrite.blocks / tokenops)
-are checked on random tensors."""
+"""Property tests (hypothesis) of DART, random, MustDrop and the newer methods (VisionZip, DivPrune, CDPruner,
+VisPruner, PyramidDrop): the key set survives every later pass, text tokens are never dropped, merged
+tokens are convex combinations of their tile (MustDrop) or their target plus their group's mean
+(VisionZip), greedy selections are what a brute-force loop picks, and kept counts honour budgets and
+capacities. End-to-end properties run few examples on the tiny LLaVA; the building blocks
+(passes.mustdrop.merge_windows / filter_tokens, passes.dart.dart_keep, passes.visionzip.zip_tokens,
+passes.vispruner.important_diverse, graphprune.rewrite.blocks / tokenops) are checked on random tensors."""
 import math
 
 import pytest
@@ -360,3 +362,124 @@ def test_protect_topk_ceil_fraction_of_valid(b, n, v, ratio, seed, data):
             if int(want[i, j]):
                 top = scores[i, j].masked_fill(~valid[i, j], float("-inf")).topk(int(want[i, j])).indices
                 assert bool(marked[i, j, top].all())
+
+
+# --------------------------------------- the newer methods (VisionZip, DivPrune, CDPruner, VisPruner,
+# PyramidDrop): text never dropped, exact counts, building blocks on random tensors
+
+NEW_METHODS = {
+    "visionzip": lambda keep, d: f"visionzip(keep={keep}, contextual={d.draw(st.integers(0, min(keep - 1, 36 - keep)), 'c')})",
+    "divprune": lambda keep, d: f"divprune(keep={keep})",
+    "cdpruner": lambda keep, d: f"cdpruner(keep={keep})",
+    "vispruner": lambda keep, d: f"vispruner(keep={keep}, important_ratio={d.draw(st.sampled_from([0.0, 0.3, 1.0]), 'r')})",
+    "pyramiddrop": lambda keep, d: f"pyramiddrop(layers=(1, 3), ratios=(0.5, {keep / V}))",
+}
+
+
+@FEW
+@given(method=st.sampled_from(sorted(NEW_METHODS)), pad=st.integers(0, 4), keep=st.integers(2, 18), data=st.data())
+def test_new_methods_keep_text_and_count(llava, method, pad, keep, data):
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, pad), seed=pad)
+    pruned = gp.prune(model, NEW_METHODS[method](keep, data), program=program)
+    out = pruned(**ex.as_kwargs())
+    img = ex.input_ids == model.config.image_token_id
+    for b in range(2):
+        kept = out.kept[b].tolist()
+        assert kept == sorted(set(kept))
+        assert set((~img[b]).nonzero()[:, 0].tolist()) <= set(kept)
+    assert _image_counts(model, ex, out.kept) == [[keep]] * 2
+    assert bool(torch.isfinite(out.logits[out.cache[-1].mask.bool()]).all())
+
+
+@MANY
+@given(b=st.integers(1, 2), n=st.integers(1, 2), v=st.integers(2, 20), d=st.integers(2, 6), seed=st.integers(0, 999),
+       data=st.data())
+def test_farthest_point_select_is_greedy_max_min(b, n, v, d, seed, data):
+    """Exactly k distinct valid picks, protected ones among them, each greedy pick the (first) token farthest
+    from the chosen set, checked against a brute-force loop."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, v, d, generator=g)
+    dist = 1 - blocks.cosine_matrix(x)
+    k = data.draw(st.integers(1, v), "k")
+    protected = torch.rand(b, n, v, generator=g) < 0.15
+    protected &= protected.cumsum(-1) <= k
+    use_prot = data.draw(st.booleans(), "protect")
+    chosen = blocks.farthest_point_select(dist, k, protected if use_prot else None)
+    assert chosen.sum(-1).eq(k).all()
+    if use_prot:
+        assert bool((chosen | ~protected).all())
+    for bi in range(b):
+        for ni in range(n):
+            dd = dist[bi, ni]
+            sel = protected[bi, ni].nonzero()[:, 0].tolist() if use_prot else []
+            while len(sel) < k:
+                if sel:
+                    score = dd[sel].amin(0)
+                else:
+                    score = dd.topk(min(2, v), dim=0, largest=False).values[-1]
+                score = score.masked_fill(torch.tensor([j in sel for j in range(v)]), float("-inf"))
+                sel.append(int(score.argmax()))
+            assert sorted(sel) == chosen[bi, ni].nonzero()[:, 0].tolist()
+
+
+@MANY
+@given(n=st.integers(2, 16), k=st.integers(1, 16), seed=st.integers(0, 999))
+def test_dpp_greedy_select_counts_and_valid(n, k, seed):
+    assume(k <= n)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, n + 2, generator=g)
+    kernel = x @ x.transpose(-1, -2) + 0.5 * torch.eye(n)
+    valid = torch.rand(2, n, generator=g) < 0.8
+    valid[:, :k] = True
+    chosen = blocks.dpp_greedy_select(kernel, k, valid)
+    assert chosen.sum(-1).eq(k).all() and bool((chosen <= valid).all())
+
+
+@MANY
+@given(v=st.integers(4, 30), d=st.integers(2, 6), seed=st.integers(0, 999), data=st.data())
+def test_visionzip_contextual_tokens_are_target_plus_group_mean(v, d, seed, data):
+    """Dominant tokens pass unchanged; each contextual token is its target plus the mean of the remaining
+    tokens whose key is most cosine-similar to that target's (brute force); exactly k distinct slots."""
+    from graphprune.passes.visionzip import zip_tokens
+    g = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(2, v), "k")
+    c = data.draw(st.integers(1, min(k - 1, v - k + 1)), "c")
+    hidden, keys = torch.randn(1, 1, v, d, generator=g), torch.randn(1, 1, v, 4, generator=g)
+    cls = torch.rand(1, 1, 1, v, generator=g)
+    out = zip_tokens(k=k, protected=None, valid=None, vision_pos=torch.zeros(1, 1, v, dtype=torch.long), cls=cls,
+                     keys=keys, hidden=hidden, contextual=c, heads=None, authors_order=False)
+    picked, values = out["picked"][0, 0].tolist(), out["values"][0, 0]
+    assert picked == sorted(set(picked)) and len(picked) == k
+    dom = set(cls[0, 0, 0].topk(k - c).indices.tolist())
+    rest = [j for j in range(v) if j not in dom]
+    targets = rest[::max(1, len(rest) // c)][:c]
+    assert set(picked) == dom | set(targets)
+    kn = F.normalize(keys[0, 0], dim=-1)
+    groups = {t: [] for t in targets}
+    for j in rest:
+        if j not in targets:
+            groups[targets[int((kn[targets] @ kn[j]).argmax())]].append(j)
+    for slot, val in zip(picked, values):
+        if slot in dom:
+            assert torch.equal(val, hidden[0, 0, slot])
+        else:
+            members = groups[slot]
+            mean = hidden[0, 0, members].mean(0) if members else torch.zeros(d)
+            torch.testing.assert_close(val, hidden[0, 0, slot] + mean, atol=1e-5, rtol=1e-5)
+
+
+@MANY
+@given(v=st.integers(2, 40), d=st.integers(2, 6), ratio=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+       seed=st.integers(0, 999), data=st.data())
+def test_vispruner_keeps_important_and_counts(v, d, ratio, seed, data):
+    from graphprune.passes.vispruner import important_diverse
+    g = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(1, v), "k")
+    cls = torch.rand(2, 1, 1, v, generator=g)
+    picked = important_diverse(k=k, protected=None, valid=None, vision_pos=None, cls=cls,
+                               hidden=torch.randn(2, 1, v, d, generator=g), important_ratio=ratio)
+    for bi in range(2):
+        got = picked[bi, 0].tolist()
+        assert got == sorted(set(got)) and len(got) == k
+        assert set(cls[bi, 0, 0].topk(int(k * ratio)).indices.tolist()) <= set(got) if int(k * ratio) else True

@@ -2,25 +2,34 @@
 
     pruned = graphprune.prune(model, "fastv", layer=2, keep=64)
     out = pruned(**inputs)                 # prefill logits of the kept tokens + per-layer caches
-    ids = pruned.generate(**inputs, max_new_tokens=32)
+    ids = pruned.generate(**inputs, max_new_tokens=32)      # transformers' generate, every option
     print(pruned.report.table())
 
-Inputs are what the Hugging Face processor returns (image tokens already expanded).
+Inputs are what the Hugging Face processor returns (image tokens already expanded). PrunedModel is
+a transformers GenerationMixin model: `forward` runs the pruned prefill on a prompt and the decode
+graph on tokens fed after it, with the per-layer caches in a PrunedCache (graphprune.lower.cache).
 """
 from __future__ import annotations
 
+import inspect
 import linecache
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.utils import ModelOutput
 
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.errors import InputError, NothingPrunedWarning
+from graphprune.lower.cache import PrunedCache
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
-from graphprune.rewrite.kv_cache import KVCache, LayerCache, shrink_kv, static_kv
+from graphprune.lower.saving import load_checkpoint, save_pruned
+from graphprune.rewrite.kv_cache import shrink_kv, static_kv
 from graphprune.rewrite.pipeline import (
     BudgetStep,
     Program,
@@ -32,12 +41,17 @@ from graphprune.rewrite.pipeline import (
 
 
 @dataclass
-class PrunedOutput:
-    logits: torch.Tensor            # (B, S_kept, vocab): logits of every token the last layer kept
-    cache: KVCache                  # per-layer caches after prefill
-    positions: torch.Tensor         # position ids of the prompt as fed to the LM
-    kept: torch.Tensor              # (B, S_kept) original prompt index of each row of `logits`
-    report: Report = None
+class PrunedOutput(ModelOutput):
+    """What forward returns; transformers' generate reads `logits` and `past_key_values`."""
+    logits: torch.Tensor | None = None     # (B, S_kept, vocab): logits of every token the last layer kept
+    past_key_values: PrunedCache | None = None     # per-layer caches (after prefill, or with the fed tokens)
+    positions: torch.Tensor | None = None  # position ids of the prompt as fed to the LM (prefill only)
+    kept: torch.Tensor | None = None       # (B, S_kept) original prompt index of each row of `logits` (prefill)
+    report: Report | None = None
+
+    @property
+    def cache(self) -> PrunedCache:
+        return self.past_key_values
 
 
 @dataclass
@@ -109,10 +123,21 @@ def check_budgets(results, tokens_per_image: int) -> None:
     follow_budgets(BudgetStep.of_results(results), tokens_per_image, "of this prompt")
 
 
-class PrunedModel:
+class PrunedModel(nn.Module, GenerationMixin):
+    """The rewritten graphs as a Hugging Face generation model: `forward` runs the pruned prefill
+    on a prompt (an empty cache) and the decode graph on tokens fed after it (a filled cache);
+    transformers' own `generate` drives it, so every generation option works as on the model."""
+
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    _is_stateful = False
+
     def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa",
                  linear: str = "aten"):
+        super().__init__()
         self.model = model
+        self.config = model.config
+        self.generation_config = model.generation_config
         self.program = program          # the rewritten stages
         self.base = base                # the captured, unpruned stages (text-only prompts)
         self.pipeline = pipeline
@@ -135,6 +160,35 @@ class PrunedModel:
             from graphprune.targets.packed_linear import MIN_ELEMENTS
             warnings.warn(f'linear="packed": no linear weight of this model has {MIN_ELEMENTS} elements or more, '
                           "where packing starts to pay; every graph keeps aten.linear", RuntimeWarning, stacklevel=3)
+
+    # -- what transformers asks of a generation model ----------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        return False
+
+    def get_input_embeddings(self):
+        return self.family.language_model().get_input_embeddings()
+
+    @contextmanager
+    def _optimize_model_for_decode(self):
+        yield                 # transformers switches MoE kernels here; the captured graphs are fixed
+
+    def save_pretrained(self, directory, **save_kwargs) -> None:
+        """The model's checkpoint (safetensors) plus graphprune.json, the pipeline applied;
+        graphprune.from_pretrained(directory) loads it and re-applies the pipeline."""
+        save_pruned(self, directory, **save_kwargs)
 
     def _lower(self, gm: torch.fx.GraphModule | None, attention: str | None = None) -> torch.fx.GraphModule | None:
         """gm itself, or a copy with flash-attn as its attention and/or oneDNN-packed linear weights."""
@@ -217,17 +271,25 @@ class PrunedModel:
                 return r.info["positions"]
         return "keep"
 
-    # -- prefill ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 mm_token_type_ids=None, **unused) -> PrunedOutput:
-        return self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **unused)
-
+    # -- forward: prefill on an empty cache, decode on a filled one ----------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None, **unused) -> PrunedOutput:
+                mm_token_type_ids=None, past_key_values: PrunedCache | None = None, use_cache: bool = True,
+                return_dict: bool = True, **unused) -> PrunedOutput:
+        """A prompt (no cache, or an empty one): the pruned prefill; logits of the kept tokens and
+        the filled cache. Tokens continuing a conversation (a filled PrunedCache): the decode step
+        over each layer's own cache, one token at a time, logits of every fed token; the image
+        inputs of a cached conversation are not used again (its image is in the cache)."""
         if unused:
             raise InputError(f"unexpected inputs {sorted(unused)}")
+        if not use_cache:
+            raise InputError("a pruned model decodes through its per-layer caches; use_cache=False is not supported")
+        cache = PrunedCache() if past_key_values is None else past_key_values
+        if not isinstance(cache, PrunedCache):
+            raise InputError(f"past_key_values must be a graphprune PrunedCache (what this model returns), "
+                             f"got {type(cache).__name__}")
+        if cache.layers:
+            return self._continue(cache, input_ids, attention_mask, pixel_values)
         input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
                                                        image_grid_thw, mm_token_type_ids)
         prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
@@ -238,14 +300,16 @@ class PrunedModel:
             outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
             index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
-            return self._finish(outs, attention_mask, positions, index, None, [note], attention_mask.sum(1))
+            return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
+                                attention_mask.sum(1))
         outs = _call(self.executables["prefill"], **prompt.prefill_inputs())
-        return self._finish(outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [],
-                            attention_mask.sum(1))
+        return self._finish(cache, outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [],
+                            input_ids.shape[1], attention_mask.sum(1))
 
-    def _finish(self, outs, attention_mask, positions, index, prompt, notes, prompt_tokens) -> PrunedOutput:
+    def _finish(self, cache, outs, attention_mask, positions, index, prompt, notes, seen: int,
+                prompt_tokens) -> PrunedOutput:
         seq = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
-        cache, layer_index, layer_valid = KVCache(), seq, None
+        layers, layer_index, layer_valid = [], seq, None
         for i in range(self.num_layers):
             layer_index = outs.get(f"tokens_from_layer_{i}", layer_index)
             layer_valid = outs.get(f"valid_from_layer_{i}", layer_valid)
@@ -254,26 +318,79 @@ class PrunedModel:
             mask = attention_mask.gather(1, own_index)
             if own_valid is not None:
                 mask = mask * own_valid.to(mask.dtype)
-            cache.append(LayerCache(outs[f"k_{i}"], outs[f"v_{i}"], mask, index.gather(1, own_index)))
+            layers.append((outs[f"k_{i}"], outs[f"v_{i}"], mask, index.gather(1, own_index)))
+        # the next token's position: one past the prompt's largest (every M-RoPE axis alike)
+        last = positions.amax(0) if positions.dim() == 3 else positions
+        cache.fill(layers, seen=seen, next_position=last.amax(-1) + 1)
         kept = index.gather(1, layer_index)
         vision = 0 if prompt is None else prompt.vision_pos.shape[1] * prompt.vision_pos.shape[2]
         self.report = Report.build(self, cache, vision, prompt, notes, prompt_tokens)
         if self.report.pruned_nothing and prompt is not None and self.pipeline:
             warnings.warn(f"{self.report.pipeline} pruned nothing on this prompt: every layer ran on every "
                           "prompt token (report.pruned_nothing)", NothingPrunedWarning, stacklevel=3)
-        return PrunedOutput(outs["logits"], cache, positions, kept, self.report)
+        return PrunedOutput(logits=outs["logits"], past_key_values=cache, positions=positions, kept=kept,
+                            report=self.report)
 
-    # -- decode ---------------------------------------------------------------------------
-    def decode_step(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor):
-        """One greedy-decode step through the per-layer caches: `token` (B,) at `position` (B, 1) ->
-        (next-token logits (B, V), the cache with this token appended). `generate` loops over it."""
+    def _continue(self, cache: PrunedCache, input_ids, attention_mask, pixel_values) -> PrunedOutput:
+        """Feed tokens after a cached prompt (generated ones, or a follow-up question). Image inputs
+        are not read again: the cached prompt's image is in the cache; a new image is refused."""
+        t = input_ids.shape[1]
+        if attention_mask is None:
+            fed = torch.ones_like(input_ids)
+        elif attention_mask.shape[1] != cache.seen + t:
+            raise InputError(f"attention_mask covers {attention_mask.shape[1]} positions; the cache holds "
+                             f"{cache.seen} and {t} tokens are fed: it must cover both ({cache.seen + t})")
+        else:
+            fed = attention_mask[:, -t:]
+        if pixel_values is not None and bool((input_ids == self.family.image_token_id()).any()):
+            raise InputError("the tokens fed after a cached prompt hold a new image; a PrunedCache holds one pruned "
+                             "prompt with its images: start a new conversation (no past_key_values) for a new image")
+        cache.room(t)
+        logits = [self.decode_step(cache, input_ids[:, j], mask=fed[:, j])[0] for j in range(t)]
+        return PrunedOutput(logits=torch.stack(logits, 1), past_key_values=cache)
+
+    def decode_step(self, cache: PrunedCache, token: torch.Tensor, position: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None):
+        """One decode step: `token` (B,) at `position` (B, 1) (default: where the cache stands), key
+        mask `mask` (B,) (default ones) -> (next-token logits (B, V), the cache with the token in it)."""
+        mask = torch.ones_like(token) if mask is None else mask
+        if position is None:
+            position = cache.next_position[:, None]
+        if self.family.position_axes == 3 and position.dim() == 2:
+            position = position[None].expand(3, -1, -1)
         embeds = self.family.embed(token[:, None])
-        args = {"inputs_embeds": embeds, "position_ids": position}
-        for i, c in enumerate(cache):
-            args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = c.keys, c.values
-            args[f"kv_mask_{i}"] = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], 1)
-        outs = _call(self.decode_exec, **args)
-        return outs["logits"][:, -1], cache.append_step([outs[k] for k in self.decode_gm.meta["graphprune_outputs"][1:]])
+        if cache.static:
+            logits = self._static_step(cache, embeds, position, mask)
+        else:
+            args = {"inputs_embeds": embeds, "position_ids": position}
+            for i, layer in enumerate(cache):
+                args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = layer.keys, layer.values
+                args[f"kv_mask_{i}"] = torch.cat([layer.mask, mask[:, None].to(layer.mask.dtype)], 1)
+            outs = _call(self.decode_exec, **args)
+            names = self.decode_gm.meta["graphprune_outputs"]
+            for i, layer in enumerate(cache):
+                layer.append(outs[names[1 + 2 * i]], outs[names[2 + 2 * i]], mask)
+            logits = outs["logits"][:, -1]
+        cache.seen += 1
+        cache.next_position = cache.next_position + mask.to(cache.next_position.dtype)
+        return logits, cache
+
+    def _static_step(self, cache: PrunedCache, embeds, position, mask) -> torch.Tensor:
+        """The static decode graph writes the token into each layer's buffer in place."""
+        gm = self._static_graph()
+        if self._static_fn is None:                  # eager: lowered like the dynamic decode step
+            self._static_fn = self._lower(gm, attention="sdpa")
+        device = cache[0].keys.device
+        args = {"inputs_embeds": embeds, "position_ids": position,
+                "kv_write_pos": torch.tensor(cache.lengths(), device=device)}
+        for i, layer in enumerate(cache):
+            layer.mask[:, layer.length] = mask.to(layer.mask.dtype)
+            args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = layer.keys, layer.values
+            args[f"kv_mask_{i}"] = layer.mask
+        out = self._static_fn(*[args[n.name] for n in gm.graph.find_nodes(op="placeholder")])
+        for layer in cache:
+            layer.length += 1
+        return out[0][:, -1]
 
     def compile_decode(self, mode: str = "reduce-overhead", backend: str = "inductor"):
         """Compile the static-cache decode step (every shape fixed: CUDA graphs on a GPU with
@@ -288,98 +405,101 @@ class PrunedModel:
             self._static_gm = static_kv(gm, read_anatomy(gm, "decode", self.family.model_class))
         return self._static_gm
 
-    def _static_loop(self, cache: KVCache, max_new_tokens: int):
-        """A decode step over per-layer buffers sized to what each layer kept + the tokens to generate."""
-        lengths = cache.lengths()
-
-        def grow(x, dim):
-            pad = list(x.shape)
-            pad[dim] = max_new_tokens
-            return torch.cat([x, x.new_zeros(pad)], dim)
-        keys, values = [grow(c.keys, 2) for c in cache], [grow(c.values, 2) for c in cache]
-        masks = [grow(c.mask, 1) for c in cache]
-        gm = self._static_graph()
-        if self._static_fn is None:                  # eager: lowered like the dynamic decode step
-            self._static_fn = self._lower(gm, attention="sdpa")
-        step_fn = self._static_fn
-        names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-
-        def step(token, position, t):
-            args = {"inputs_embeds": self.family.embed(token[:, None]), "position_ids": position,
-                    "kv_write_pos": torch.tensor([n + t for n in lengths])}
-            for i in range(len(lengths)):
-                masks[i][:, lengths[i] + t] = 1
-                args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"], args[f"kv_mask_{i}"] = keys[i], values[i], masks[i]
-            out = step_fn(*[args[n] for n in names])
-            return out[0][:, -1]
-
-        def final_cache(steps):
-            done = KVCache()
-            for i, c in enumerate(cache):
-                n = lengths[i] + steps
-                new = torch.full((c.index.shape[0], steps), -1, dtype=c.index.dtype)
-                done.append(LayerCache(keys[i][:, :, :n], values[i][:, :, :n], masks[i][:, :n],
-                                       torch.cat([c.index, new], 1)))
-            return done
-        return step, final_cache
-
+    # -- generation: transformers' generate over forward ---------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 mm_token_type_ids=None, *, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, static_cache: bool = False) -> torch.Tensor:
-        """Greedy or sampled decoding through the per-layer caches; returns prompt + new tokens.
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, *, static_cache: bool = False, generator: torch.Generator | None = None,
+                 **kwargs):
+        """transformers' `generate` (every option: GenerationConfig, logits processors, stopping
+        criteria and stop strings, streamers, beam search, return_dict_in_generate, ...) over the
+        pruned prefill and the per-layer cache decode.
 
-        static_cache=True decodes with fixed-size per-layer buffers written in place (the step's
-        shapes never change: what compile_decode / CUDA graphs need)."""
-        check_generate_options(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        gen = self.model.generation_config
-        eos = gen.eos_token_id if eos_token_id is None else eos_token_id
-        eos = set([eos] if isinstance(eos, int) else (eos or []))
-        pad = pad_token_id if pad_token_id is not None else (gen.pad_token_id if gen.pad_token_id is not None else 0)
-        out = self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
-        report = self.report
-        logits, cache = out.logits[:, -1], out.cache
-        pos = out.positions
-        next_pos = (pos.amax(dim=tuple(range(pos.dim() - 2))) if pos.dim() == 3 else pos).amax(-1, keepdim=True) + 1
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        new = []
-        if static_cache:
-            static_step, final_cache = self._static_loop(cache, max_new_tokens)
-        for step in range(max_new_tokens):
-            tok = _choose(logits, do_sample, temperature, top_k, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            new.append(tok)
-            done |= torch.isin(tok, torch.tensor(sorted(eos), dtype=tok.dtype)) if eos else done
-            if bool(done.all()) or step + 1 == max_new_tokens:
-                break
-            p = next_pos + step
-            p = p[None].expand(3, -1, -1) if self.family.position_axes == 3 else p
-            if static_cache:
-                logits = static_step(tok, p, step)
-            else:
-                logits, cache = self.decode_step(cache, tok, p)
-        if static_cache:
-            cache = final_cache(len(new) - 1)
-        self.report = report.with_decode(cache, len(new))
-        return torch.cat([input_ids, torch.stack(new, 1)], 1)
+        static_cache=True decodes with fixed-size per-layer buffers written in place (what
+        compile_decode / CUDA graphs need). generator: sampling draws from a global RNG seeded from
+        it (transformers samples from the global RNG), which is restored afterwards. A follow-up
+        turn passes the previous turn's `past_key_values` with the whole conversation's input_ids."""
+        given = {k: kwargs[k] for k in ("max_new_tokens", "do_sample", "temperature") if kwargs.get(k) is not None}
+        check_generate_options(**{"max_new_tokens": 1, "do_sample": False, "temperature": 1.0, **given},
+                               top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
+                               eos_token_id=kwargs.get("eos_token_id"), pad_token_id=kwargs.get("pad_token_id"))
+        for name, why in _UNSUPPORTED.items():
+            if kwargs.get(name) or getattr(kwargs.get("generation_config"), name, None):
+                raise InputError(f"{name}: {why}")
+        cache = kwargs.pop("past_key_values", None)
+        if cache is None:
+            cache = PrunedCache(capacity=self._new_tokens(input_ids, kwargs) if static_cache else 0)
+        elif static_cache and not cache.static:
+            raise InputError("static_cache=True with a dynamic past_key_values; pass PrunedCache(capacity=n) or neither")
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids)
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        with _sampling_rng(generator, self.device):
+            out = super().generate(**inputs, past_key_values=cache, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        if self.report is not None and input_ids is not None:
+            self.report.with_decode(cache, sequences.shape[1] - input_ids.shape[1])
+        return out
+
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """transformers' own preparation, less what generate hands every model but forward does not
+        take (the stop-string tokenizer, ...); generate has already checked the user's kwargs."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS}
+
+    def _new_tokens(self, input_ids, kwargs) -> int:
+        """How many tokens a generate call may add (what a static cache makes room for)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if new is None:
+            new = kwargs.get("max_length", config.max_length) - input_ids.shape[1]
+        return max(int(new), 1)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search / num_return_sequences repeat each sample; its images go with it (transformers'
+        row-wise repeat would interleave the images of a multi-image sample, or Qwen2-VL's patches)."""
+        images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_grid_thw") if model_kwargs.get(k) is not None}
+        batch = input_ids.shape[0]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
+                                                                         **model_kwargs)
+        if expand_size > 1 and "pixel_values" in images:
+            images = _repeat_images(images, batch, expand_size)
+        return input_ids, {**model_kwargs, **images}
 
 
-def _choose(logits, do_sample, temperature, top_k, top_p, generator):
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+# generate options a pruned model refuses, and why
+_UNSUPPORTED = {
+    "assistant_model": "assisted decoding rolls the cache back, and a pruned cache cannot be cropped",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding rolls the cache back, and a pruned cache cannot be cropped",
+    "output_attentions": "the rewritten graphs compute attention inside SDPA and return no attention maps",
+    "output_hidden_states": "the rewritten graphs return logits and caches, not hidden states",
+    "cache_implementation": "the pruned model brings its own cache (PrunedCache; static_cache=True for its static variant)",
+    "prefill_chunk_size": "the pruned prefill selects tokens over the whole prompt; it cannot run in chunks",
+}
+_FORWARD_INPUTS = set(inspect.signature(PrunedModel.forward).parameters) - {"self", "unused"}
+
+
+def _repeat_images(images: dict, batch: int, times: int) -> dict:
+    """Repeat each sample's images (and grids) `times` times, sample by sample."""
+    pixels, grid = images["pixel_values"], images.get("image_grid_thw")
+    per_image = grid.prod(-1) if grid is not None else torch.ones(pixels.shape[0], dtype=torch.long)
+    per_sample = per_image.reshape(batch, -1)
+    chunks = pixels.split(per_sample.sum(1).tolist())
+    out = {"pixel_values": torch.cat([c for c in chunks for _ in range(times)])}
+    if grid is not None:
+        out["image_grid_thw"] = grid.reshape(batch, -1, grid.shape[-1]).repeat_interleave(times, 0).flatten(0, 1)
+    return out
+
+
+@contextmanager
+def _sampling_rng(generator: torch.Generator | None, device: torch.device):
+    """Sampling in transformers draws from the global RNG: seed it from `generator`, restore it after."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _as_tuple(x):
@@ -472,6 +592,15 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
     return PrunedModel(model, rewritten, passes, program, attention, linear)
+
+
+def from_pretrained(directory, *, attention: str = "auto", **model_kwargs) -> PrunedModel:
+    """Load a directory written by PrunedModel.save_pretrained and re-apply its pipeline
+    (safetensors weights, a known model family, no remote code). model_kwargs go to the model's
+    from_pretrained (dtype, device_map, ...); attention is resolved for this machine again."""
+    model, spec = load_checkpoint(directory, **model_kwargs)
+    pipeline = " | ".join(spec["pipeline"]) or None
+    return prune(model, pipeline, attention=attention, linear=spec.get("linear", "aten"))
 
 
 def _attention_kind(model, attention: str) -> str:

@@ -1,4 +1,5 @@
-"""Building blocks shared by passes: similarity on the patch grid, windows, clustering merges.
+"""Building blocks shared by passes: similarity on the patch grid, windows, clustering merges, greedy
+diversity (farthest-point) and DPP selection.
 
 Plain batched torch functions over per-image token sets (B, images, V, ...) with static
 shapes, so any pass can call them from the function it records into the graph. Semantics
@@ -167,3 +168,54 @@ def tgvc(tokens, text, text_mask, r: int, iterations: int = 1):
         w = w / w.sum(-2, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
         c = c0 + w.transpose(-1, -2) @ v
     return centres, c
+
+
+def farthest_point_select(dist, k: int, protected=None, valid=None):
+    """Greedy max-min diversity (farthest-point) selection of k tokens: (..., V) bool.
+
+    dist (..., V, V) pairwise distances. The first pick is the token whose nearest other token is
+    farthest (the second-smallest entry of its column: the smallest is its distance to itself),
+    unless protected tokens start the set; each next pick maximises the distance to its nearest
+    chosen token (first index on ties). Invalid tokens are never picked.
+    """
+    dist = dist.float()
+    v = dist.shape[-1]
+    blocked = torch.zeros(dist.shape[:-1], dtype=torch.bool, device=dist.device) if valid is None else ~valid.bool()
+    chosen = torch.zeros_like(blocked) if protected is None else protected.bool() & ~blocked
+    if protected is not None and bool((chosen.sum(-1) > k).any()):     # (no data-dependent check otherwise: exports)
+        raise InputError(f"{int(chosen.sum(-1).max())} protected tokens exceed the budget of {k}; raise keep")
+    started = chosen.any(-1, keepdim=True)
+    second = dist.topk(min(2, v), dim=-2, largest=False).values[..., -1, :]
+    nearest = torch.where(started, dist.masked_fill(~chosen[..., :, None], float("inf")).amin(-2), second)
+    for _ in range(k):
+        j = nearest.masked_fill(chosen | blocked, float("-inf")).argmax(-1, keepdim=True)
+        add = chosen.sum(-1, keepdim=True) < k
+        row = dist.gather(-2, j[..., None].expand(*j.shape, v))[..., 0, :]
+        nearest = torch.where(add, torch.where(started, torch.minimum(nearest, row), row), nearest)
+        chosen = chosen | (torch.zeros_like(chosen).scatter(-1, j, True) & add)
+        started = started | add
+    return chosen
+
+
+def dpp_greedy_select(kernel, k: int, valid=None):
+    """Fast greedy MAP inference of a DPP with kernel (..., N, N) (Chen et al., 2018): (..., N) bool.
+
+    Keeps an incremental Cholesky row c_i per pick and each token's marginal gain d_j^2 (initially
+    L_jj): pick j = argmax d^2 (first index on ties), e = (L_j - c[:i, j] c[:i]) / sqrt(d_j^2),
+    d^2 -= e^2. Invalid tokens are never picked.
+    """
+    kernel = kernel.float()
+    n = kernel.shape[-1]
+    gain = torch.diagonal(kernel, dim1=-2, dim2=-1).clone()
+    chosen = torch.zeros(gain.shape, dtype=torch.bool, device=kernel.device)
+    blocked = chosen if valid is None else ~valid.bool()
+    rows = kernel.new_zeros(k, *gain.shape)                                      # c_0 .. c_{k-1}
+    for i in range(k):
+        j = gain.masked_fill(chosen | blocked, float("-inf")).argmax(-1, keepdim=True)
+        lj = kernel.gather(-2, j[..., None].expand(*j.shape, n))[..., 0, :]
+        cj = rows[:i].gather(-1, j[None].expand(i, *j.shape))                        # (i, ..., 1)
+        e = (lj - (cj * rows[:i]).sum(0)) / gain.gather(-1, j).sqrt()
+        rows[i] = e
+        gain = gain - e ** 2
+        chosen = chosen.scatter(-1, j, True)
+    return chosen

@@ -10,12 +10,12 @@ rewires each layer's attention to a mask of its own, made from a per-layer input
 
 `static_kv` then turns that step into one with static shapes (CUDA graphs, reduce-overhead):
 each layer's cache is a buffer sized to what it kept plus the tokens to generate, written in
-place at `kv_write_pos[l]`; the mask marks the filled slots.
+place at `kv_write_pos[l]`; the mask marks the filled slots. The runtime cache these graphs read
+and write is graphprune.lower.cache.PrunedCache.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -155,38 +155,3 @@ def static_kv(gm: fx.GraphModule, anat: Anatomy) -> fx.GraphModule:
             g.erase_node(n)
     g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or n.target is cache_write)
     return _checked(gm, "static_kv")
-
-
-@dataclass
-class LayerCache:
-    keys: torch.Tensor        # (B, H_kv, len, d)
-    values: torch.Tensor
-    mask: torch.Tensor        # (B, len) 1 for real tokens, 0 for padding
-    index: torch.Tensor       # (B, len) original prompt position of each cached token (-1: generated)
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-
-
-class KVCache(list):
-    """One LayerCache per decoder layer, each as long as what that layer kept."""
-
-    def lengths(self) -> list[int]:
-        return [c.length for c in self]
-
-    def bytes_per_layer(self) -> list[int]:
-        return [c.nbytes for c in self]
-
-    def append_step(self, new_kv: list[torch.Tensor]) -> "KVCache":
-        """The decode graph returns each layer's cache with the new token appended."""
-        out = KVCache()
-        for i, c in enumerate(self):
-            k, v = new_kv[2 * i], new_kv[2 * i + 1]
-            one = torch.ones_like(c.mask[:, :1])
-            out.append(LayerCache(k, v, torch.cat([c.mask, one], 1), torch.cat([c.index, -one], 1)))
-        return out

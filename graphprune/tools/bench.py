@@ -18,7 +18,9 @@ from graphprune.tools.timing import Progress, interleaved
 from graphprune.tools.vqa_model import BenchError, VQAModel
 
 # method -> (pipeline at a budget, pipeline of the method's own defaults). {layers}: MustDrop's
-# filter layers (2, 6, 10, 14) that exist in the model; {half}: VTW's layer 16 of 32 -> L // 2.
+# filter layers (2, 6, 10, 14) that exist in the model; {half}: VTW's layer 16 of 32 -> L // 2;
+# {stages}: PyramidDrop's layers 8, 16, 24 of 32 -> L/4, L/2, 3L/4; {pyramid}: its ratios ending at the
+# budget, each stage keeping twice the next (capped at every token).
 METHODS = {
     "fastv": ("fastv(layer=2, keep={keep})", "fastv"),
     "dart": ("dart(layer=2, keep={keep})", "dart"),
@@ -27,6 +29,11 @@ METHODS = {
     "mustdrop": ("mustdrop(keep={keep}, layers={layers}{thresholds})", "mustdrop(layers={layers})"),
     "visiontrim": ("visiontrim(keep={keep})", "visiontrim"),
     "vtw": (None, "vtw(layer={half})"),
+    "visionzip": ("visionzip(keep={keep})", "visionzip"),
+    "divprune": ("divprune(keep={keep})", "divprune"),
+    "cdpruner": ("cdpruner(keep={keep})", "cdpruner"),
+    "vispruner": ("vispruner(keep={keep})", "vispruner"),
+    "pyramiddrop": ("pyramiddrop(layers={stages}, ratios={pyramid})", "pyramiddrop(layers={stages})"),
 }
 
 
@@ -41,7 +48,8 @@ def grid_specs(methods, budgets, num_layers: int, tokens: int) -> list[tuple[str
     """[(method, budget label, pipeline)]: every method at every budget, plus its own defaults
     when they differ from every budget cell. Raises BenchError for unknown names / bad budgets."""
     layers = tuple(l for l in (2, 6, 10, 14) if l < num_layers)
-    fill = dict(layers=layers, half=min(16, num_layers // 2))
+    stages = tuple(sorted({max(1, num_layers * i // 4) for i in (1, 2, 3)} - {num_layers}))
+    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages)
     cells = []
     for m in methods:
         if m not in METHODS:
@@ -53,7 +61,8 @@ def grid_specs(methods, budgets, num_layers: int, tokens: int) -> list[tuple[str
             elif at is not None:
                 if not 0 < b <= tokens:
                     raise BenchError(f"budget {b}: must lie in 1..{tokens} (vision tokens per image)")
-                cells.append((m, str(b), at.format(keep=b, thresholds=_thresholds(b), **fill)))
+                pyramid = tuple(min(1.0, b * 2 ** i / tokens) for i in reversed(range(len(stages))))
+                cells.append((m, str(b), at.format(keep=b, thresholds=_thresholds(b), pyramid=pyramid, **fill)))
     return cells
 
 

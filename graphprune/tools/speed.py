@@ -118,7 +118,7 @@ def _decoder(pm, kw, steps):
     out = pm(**kw)
 
     def run():
-        logits, cache = out.logits[:, -1], out.cache
+        logits, cache = out.logits[:, -1], out.cache.copy()      # every run decodes from the prompt
         pos = out.positions.amax(-1, keepdim=True) + 1
         for s in range(steps):
             logits, cache = pm.decode_step(cache, logits.argmax(-1), pos + s)

@@ -1,0 +1,251 @@
+"""Independent references of VisionZip, DivPrune, CDPruner, VisPruner and PyramidDrop on tiny LLaVA.
+
+Plain PyTorch written from each paper's equations and from what its authors' released code does
+(read, not copied: one image at a time, loops where their code loops). The vision tower, projector
+and language model run by hand through tests/reference.py; nothing here calls graphprune or a
+Hugging Face module's forward. Where graphprune departs from the authors by design (documented in
+docs/methods.md), the reference says so next to the line.
+"""
+from __future__ import annotations
+
+import reference as R
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------- vision pieces
+
+@torch.no_grad()
+def vision_parts(model, pixel_values: Tensor) -> dict:
+    """The feature layer's pieces per image: ``pre`` (n, V, d) patch features entering the projector,
+    ``cls_attn`` (n, V) head-averaged CLS attention, ``keys`` (n, V, H, hd) that layer's patch keys,
+    and ``features`` (n, V, D) the projector's output."""
+    vc = model.config.vision_config
+    hs_index = model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
+    assert hs_index >= 2, "the keys are recomputed from the input of the feature layer"
+    seen = {}
+
+    def grab(h, ctx):
+        seen["h"] = h
+        return h
+
+    out = R.llava_vision(model, pixel_values, after_layer={hs_index - 2: grab})
+    w = R._weights(model)
+    p = "model.vision_tower."
+    if p + "embeddings.class_embedding" not in w:
+        p = "model.vision_tower.vision_model."
+    lp = f"{p}encoder.layers.{hs_index - 1}."
+    y = R._layer_norm(seen["h"], w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], vc.layer_norm_eps)
+    k = R._linear(y, w, lp + "self_attn.k_proj")[:, 1:]
+    n, v, _ = k.shape
+    out["keys"] = k.view(n, v, vc.num_attention_heads, -1)
+    return out
+
+
+def project(model, pre: Tensor) -> Tensor:
+    """LLaVA's two-layer projector, by hand."""
+    w = R._weights(model)
+    act = R._act(model.config.projector_hidden_act)
+    return R._linear(act(R._linear(pre, w, "model.multi_modal_projector.linear_1")), w,
+                     "model.multi_modal_projector.linear_2")
+
+
+def instruction_embeds(model, example) -> list[Tensor]:
+    """Per sample, the LLM input embeddings of the real tokens after the last image token."""
+    w = R._weights(model)["model.language_model.embed_tokens.weight"]
+    img = example.input_ids == model.config.image_token_id
+    mask = example.attention_mask if example.attention_mask is not None else torch.ones_like(example.input_ids)
+    rows = []
+    for b in range(example.input_ids.shape[0]):
+        after = int(img[b].nonzero().max()) + 1
+        ids = example.input_ids[b, after:][mask[b, after:].bool()]
+        rows.append(w[ids])
+    return rows
+
+
+def _per_image(example, n_images: int) -> list[int]:
+    """Sample of each image (images go to samples in order)."""
+    b = example.input_ids.shape[0]
+    return [i // (n_images // b) for i in range(n_images)]
+
+
+# ------------------------------------------------------------------------------------------ VisionZip
+
+@torch.no_grad()
+def visionzip(model, example, keep: int, contextual: int | None = None, heads_mean: bool = False,
+              authors_order: bool = True) -> dict:
+    """VisionZip (Yang et al. 2024) per image, as the authors' CLIP tower does it.
+
+    dominant: top (keep - contextual) patches by head-summed CLS attention of the feature layer, kept in
+    raster order (the authors also keep the CLS token itself as one of them; graphprune keeps patches only).
+    contextual: the rest in raster order; targets = every (R // c)-th of them, the first c; every other
+    token joins the target its key is most cosine-similar to (keys averaged over heads with
+    ``heads_mean``, else heads concatenated); contextual token = target features + mean of its members.
+    Returns ``features`` (n, keep, D) in the LLM's order and ``patch_index`` (n, keep) ascending slots.
+    """
+    parts = vision_parts(model, example.pixel_values)
+    pre, cls, keys = parts["pre_features"], parts["cls_attn"], parts["keys"]
+    c = round(keep * 5 / 32) if contextual is None else contextual
+    feats, slots, doms, tgts = [], [], [], []
+    for i in range(pre.shape[0]):
+        v = pre.shape[1]
+        dom = torch.topk(cls[i], keep - c).indices.sort().values
+        rest = torch.tensor([j for j in range(v) if j not in set(dom.tolist())])
+        metric = keys[i].mean(1) if heads_mean else keys[i].reshape(v, -1)
+        metric = metric[rest]
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        step = max(1, len(rest) // c)
+        target = list(range(0, len(rest), step))[:c]
+        others = [j for j in range(len(rest)) if j not in target]
+        sim = metric[others] @ metric[target].t()
+        best = sim.argmax(1)
+        ctx = []
+        for t in range(c):
+            members = [others[m] for m in range(len(others)) if int(best[m]) == t]
+            mean = pre[i, rest[members]].mean(0) if members else torch.zeros(pre.shape[-1])
+            ctx.append(pre[i, rest[target[t]]] + mean)
+        tokens = torch.cat([pre[i, dom], torch.stack(ctx)]) if c else pre[i, dom]
+        slot = torch.cat([dom, rest[target]]) if c else dom
+        if authors_order:
+            slot = slot.sort().values          # the LLM reads [dominant, contextual] in this order
+        else:
+            order = slot.argsort()
+            slot, tokens = slot[order], tokens[order]
+        feats.append(project(model, tokens))
+        slots.append(slot)
+        doms.append(dom)
+        tgts.append(rest[target])
+    return {"features": torch.stack(feats), "patch_index": torch.stack(slots), "dominant": torch.stack(doms),
+            "targets": torch.stack(tgts)}
+
+
+# ------------------------------------------------------------------------------------------- DivPrune
+
+def divprune_indices(x: Tensor, count: int) -> Tensor:
+    """The authors' greedy max-min selection on one image's tokens x (V, D): chosen indices in pick order.
+
+    Distance = 1 - cosine similarity. Step 0 scores each token by the second-smallest entry of its column
+    (its nearest other token); step i > 0 by the smallest entry of its column over the chosen rows.
+    """
+    xn = x / x.norm(dim=1, keepdim=True)
+    dist = 1.0 - xn @ xn.t()
+    chosen = []
+    for i in range(count):
+        if i == 0:
+            scores = torch.topk(dist, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = dist[torch.tensor(chosen)].min(dim=0).values
+        chosen.append(int(torch.argmax(scores)))
+    return torch.tensor(chosen)
+
+
+@torch.no_grad()
+def divprune(model, example, keep: int | float) -> dict:
+    """DivPrune on the projected vision tokens of each image; ``features`` / ``patch_index`` in raster order."""
+    feats = vision_parts(model, example.pixel_values)["features"]
+    v = feats.shape[1]
+    count = keep if isinstance(keep, int) else int(round(keep * v))
+    idx = torch.stack([divprune_indices(f, count).sort().values for f in feats])
+    return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ------------------------------------------------------------------------------------------- CDPruner
+
+def dpp_greedy(kernel: Tensor, count: int) -> list[int]:
+    """Fast greedy MAP inference of a DPP (Chen et al. 2018), as the authors run it on one image's kernel
+    L (N, N): incremental Cholesky rows c_i, marginal gains d_j^2; pick argmax d^2, then
+    e = (L[j] - c[:i, j] @ c[:i]) / sqrt(d_j^2), d^2 -= e^2, d_j^2 = -inf."""
+    n = kernel.shape[0]
+    cis = torch.zeros(count, n)
+    di2s = torch.diagonal(kernel).clone()
+    chosen = []
+    for i in range(count):
+        j = int(torch.argmax(di2s))
+        chosen.append(j)
+        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s = di2s - eis ** 2
+        di2s[j] = -float("inf")
+    return chosen
+
+
+@torch.no_grad()
+def cdpruner(model, example, keep: int | float) -> dict:
+    """CDPruner (conditional DPP) per image, with the LLM's input embeddings of the instruction standing
+    in for CLIP text features and the projected vision tokens for CLIP image embeds (graphprune's choice:
+    LLaVA has no CLIP text tower). relevance = -mean_m cos(image_i, text_m), min-max normalised over the
+    image's tokens (+1e-6 in the numerator); kernel L = r_i cos(f_i, f_j) r_j on the projected features."""
+    feats = vision_parts(model, example.pixel_values)["features"]
+    texts = instruction_embeds(model, example)
+    owner = _per_image(example, feats.shape[0])
+    v = feats.shape[1]
+    count = keep if isinstance(keep, int) else int(round(keep * v))
+    rows = []
+    for i, f in enumerate(feats):
+        fn = f / f.norm(dim=-1, keepdim=True)
+        similarity = fn @ fn.t()
+        t = texts[owner[i]]
+        t = t / t.norm(dim=-1, keepdim=True)
+        relevance = (-(fn @ t.t())).mean(dim=-1)
+        relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+        kernel = relevance[:, None] * similarity * relevance[None, :]
+        rows.append(torch.tensor(sorted(dpp_greedy(kernel, count))))
+    idx = torch.stack(rows)
+    return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ------------------------------------------------------------------------------------------ VisPruner
+
+@torch.no_grad()
+def vispruner(model, example, keep: int, important_ratio: float = 0.5) -> dict:
+    """VisPruner per image, as the authors' encode_images: important = top int(keep * ratio) by
+    head-averaged CLS attention of the feature layer; the rest (in descending attention) lose up to 8
+    duplicates per round: even places A, odd places B, A's best cosine match in B, A's highest-matching
+    tokens go, survivors (in descending match order after the dropped ones) then B."""
+    parts = vision_parts(model, example.pixel_values)
+    pre, cls = parts["pre_features"], parts["cls_attn"]
+    n_imp = int(keep * important_ratio)
+    n_div = keep - n_imp
+    rows = []
+    for i in range(pre.shape[0]):
+        order = cls[i].argsort(descending=True)
+        important, residual = order[:n_imp], order[n_imp:]
+        x = pre[i] / pre[i].norm(dim=-1, keepdim=True)
+        while n_div > 0:
+            r = min(8, len(residual) - n_div)
+            if r <= 0:
+                break
+            a, b = residual[::2], residual[1::2]
+            scores = (x[a] @ x[b].t()).max(dim=-1).values
+            distinct = scores.argsort(descending=True)[r:]
+            residual = torch.cat([a[distinct], b])
+        chosen = torch.cat([important, residual]) if n_div > 0 else important
+        rows.append(chosen.sort().values)
+    idx = torch.stack(rows)
+    feats = parts["features"]
+    return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ---------------------------------------------------------------------------------------- PyramidDrop
+
+def pyramiddrop_selects(layers, ratios, v: int, images: int = 1) -> dict:
+    """PyramidDrop's stage boundaries for R.lm_generate: {layer: select}. At each boundary every image
+    keeps its int(v * ratio) tokens most attended by the last instruction token (head-averaged softmax
+    row; graphprune reads the row of the layer before the boundary, the authors that of the boundary
+    layer), in prompt order; text tokens stay."""
+    selects = {}
+    for layer, ratio in zip(layers, ratios):
+        count = int(v * ratio)
+
+        def select(ctx, count=count):
+            row = ctx["attn"][:, :, -1, :].mean(dim=1)                    # (B, S)
+            vm = ctx["vision_mask"].bool()
+            rows = []
+            for b in range(row.shape[0]):
+                keep = [(~vm[b]).nonzero()[:, 0]]
+                for block in R.image_blocks(vm[b], images):
+                    keep.append(block[row[b, block].topk(count).indices])
+                rows.append(torch.cat(keep).sort().values)
+            return torch.stack(rows)
+
+        selects[layer] = select
+    return selects
