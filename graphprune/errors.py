@@ -28,3 +28,8 @@ class GraphVerificationError(GraphpruneError):
 
 class InputError(GraphpruneError, ValueError):
     """Model inputs that graphprune cannot prune as asked (checked before running graphs)."""
+
+
+class NothingPrunedWarning(UserWarning):
+    """A pruned model that will not (or did not) remove any token: budgets at or above the vision
+    tokens there are, or a pipeline of passes that only mark or cut caches."""

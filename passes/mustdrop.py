@@ -120,6 +120,9 @@ class MustDropMerge(TokenPass):
         _check_choice(self.name, "order", c.order, MERGE_ORDERS)
         if c.window < 2:
             raise PassConfigError(f"mustdrop_merge: window={c.window}: a window needs at least 2x2 patches")
+        if not -1.0 <= c.tau <= 1.0:       # a mean cosine similarity: tau > 1 would never merge a tile
+            raise PassConfigError(f"mustdrop_merge: tau={c.tau} must lie in [-1, 1] (tiles merge when the mean "
+                                  "cosine similarity of their tokens reaches tau)")
         if c.capacity is not None and (isinstance(c.capacity, bool) or not isinstance(c.capacity, int) or c.capacity < 1):
             raise PassConfigError(f"mustdrop_merge: capacity must be a positive int, got {c.capacity!r}")
         if c.capacity is not None and c.mode == "exact":

@@ -27,16 +27,28 @@ class Random(TokenPass):
     @dataclass
     class Config:
         keep: int | float = 0.25
-        layer: int = 2               # prefill: first layer on the reduced sequence
+        layer: int | None = None     # prefill only: first layer on the reduced sequence (default 2)
         stage: str = "prefill"       # or "vision": before the projector
         seed: int = 0
-        positions: str = "keep"      # vision stage only: "keep" or "compact"
+        positions: str | None = None  # vision stage only: "keep" (default) or "compact"
 
     def validate(self):
         super().validate()
-        if self.config.stage not in ("prefill", "vision"):
-            raise PassConfigError(f"random: stage must be 'prefill' or 'vision', got {self.config.stage!r}")
-        self.stage = self.config.stage
+        c = self.config
+        if c.stage not in ("prefill", "vision"):
+            raise PassConfigError(f"random: stage must be 'prefill' or 'vision', got {c.stage!r}")
+        if c.positions not in (None, "keep", "compact"):
+            raise PassConfigError(f"random: positions must be 'keep' or 'compact', got {c.positions!r}")
+        # an option the chosen stage does not use is refused, not silently ignored
+        if c.stage == "vision" and c.layer is not None:
+            raise PassConfigError(f"random: layer={c.layer} applies to stage='prefill' only; the vision stage acts "
+                                  "on the features entering the projector")
+        if c.stage == "prefill" and c.positions not in (None, "keep"):
+            raise PassConfigError(f"random: positions={c.positions!r} applies to stage='vision' only; in the "
+                                  "prefill kept tokens keep their positions")
+        c.layer = 2 if c.stage == "prefill" and c.layer is None else c.layer
+        c.positions = c.positions or "keep"
+        self.stage = c.stage
 
     def plan(self) -> Plan:
         return Plan(layer=self.config.layer if self.stage == "prefill" else None,

@@ -58,6 +58,9 @@ class _HostFamily(Family):
     def embed(self, input_ids):
         return torch.nn.functional.embedding(input_ids, self._embed)
 
+    def embed_rows(self):
+        return self._embed.shape[0]
+
 
 class _Node:
     def __init__(self, name):

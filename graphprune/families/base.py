@@ -102,6 +102,15 @@ class Family:
         return self.language_model().get_input_embeddings()(input_ids)
 
     # -- inputs ------------------------------------------------------------------------------
+    def embed_rows(self) -> int:
+        """How many token ids the input embedding has rows for."""
+        return self.language_model().get_input_embeddings().num_embeddings
+
+    def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw=None) -> list[int] | None:
+        """How many image tokens each image of pixel_values fills in the prompt (None: this family
+        cannot tell); raises InputError when the images have a shape the vision encoder cannot take."""
+        return None
+
     def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
         """Position ids as Hugging Face's generate() builds them for left-padded batches."""
         pos = attention_mask.long().cumsum(-1) - 1

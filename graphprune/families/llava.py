@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from graphprune.errors import UnsupportedModelError
+from graphprune.errors import InputError, UnsupportedModelError
 from graphprune.families.base import Family
 
 
@@ -14,6 +14,15 @@ class LlavaFamily(Family):
 
     def vision_module(self):
         return None if self.is_body() else LlavaVisionStage(self.model)
+
+    def image_token_counts(self, pixel_values, image_grid_thw=None):
+        vc = self.model.config.vision_config
+        shape = (vc.num_channels, vc.image_size, vc.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != shape:
+            raise InputError(f"pixel_values of shape {tuple(pixel_values.shape)}: this model takes (images, "
+                             f"{', '.join(map(str, shape))}); resize the images with the model's processor")
+        tokens = (vc.image_size // vc.patch_size) ** 2 + (self.model.config.vision_feature_select_strategy == "full")
+        return [tokens] * pixel_values.shape[0]
 
 
 class LlavaVisionStage(nn.Module):

@@ -78,3 +78,20 @@ class Qwen2VLFamily(Family):
         if not per_sample[0]:
             return None
         return blocks_layout(per_sample, self.separators(input_ids))
+
+    def image_token_counts(self, pixel_values, image_grid_thw=None):
+        vc = self.model.config.vision_config
+        grid = image_grid_thw
+        if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[1] != 3 \
+                or grid.dtype.is_floating_point or bool((grid < 1).any()):
+            raise InputError("Qwen2-VL images need image_grid_thw, an int tensor (images, 3) of positive "
+                             f"(t, h, w) patch counts as the processor returns it; got {grid!r}")
+        m = vc.spatial_merge_size
+        if bool((grid[:, 1:] % m != 0).any()):
+            raise InputError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of the {m}x{m} patch merge")
+        patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        rows = int(grid.prod(-1).sum())
+        if tuple(pixel_values.shape) != (rows, patch):
+            raise InputError(f"pixel_values of shape {tuple(pixel_values.shape)}: image_grid_thw {grid.tolist()} "
+                             f"needs ({rows}, {patch}) flattened patches, as the processor returns them")
+        return (grid.prod(-1) // m ** 2).tolist()

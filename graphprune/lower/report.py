@@ -18,9 +18,12 @@ class Report:
     decode_steps: int = 0
     kv_bytes_after_decode: int | None = None
     notes: list[str] = field(default_factory=list)
+    pruned_nothing: bool = False                # every layer kept every real prompt token of every sample
 
     @classmethod
-    def build(cls, pruned, cache, vision_tokens, prompt, notes) -> "Report":
+    def build(cls, pruned, cache, vision_tokens, prompt, notes, prompt_tokens=None) -> "Report":
+        """prompt_tokens: (B,) real tokens of each sample as given (before any pass); a layer whose
+        cache holds as many real tokens for every sample pruned nothing."""
         from graphprune.anatomy.cost import count_flops
         lengths = cache.lengths()
         flops = None
@@ -33,7 +36,9 @@ class Report:
             tokens_per_layer=lengths, kv_len_per_layer=lengths, kv_bytes_per_layer=cache.bytes_per_layer(),
             _flops=flops,
             patches_kept=None if prompt is None or prompt.patches_kept is None else prompt.patches_kept.tolist(),
-            notes=list(notes))
+            notes=list(notes),
+            pruned_nothing=prompt_tokens is not None and all(
+                bool((c.mask.sum(1) == prompt_tokens).all()) for c in cache))
 
     def with_decode(self, cache, steps: int) -> "Report":
         self.decode_steps = steps
@@ -71,6 +76,8 @@ class Report:
     def table(self) -> str:
         rows = [f"pipeline: {self.pipeline}", f"vision tokens entering the LLM (per sample): {self.vision_tokens_in}"]
         rows += [f"note: {n}" for n in self.notes]
+        if self.pruned_nothing:
+            rows.append("nothing pruned: every layer ran on every prompt token")
         rows.append(f"{'layer':>5} {'tokens':>7} {'KV bytes':>12} {'GFLOPs':>10}")
         for i in range(self.layers):
             fl = self.flops_per_layer[i] / 1e9 if self.flops_per_layer else float("nan")

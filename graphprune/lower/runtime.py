@@ -12,6 +12,7 @@ graph on tokens fed after it, with the per-layer caches in a PrunedCache (graphp
 from __future__ import annotations
 
 import inspect
+import linecache
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +24,15 @@ from transformers.utils import ModelOutput
 
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
-from graphprune.errors import InputError, PassConfigError
+from graphprune.errors import InputError, NothingPrunedWarning
 from graphprune.lower.cache import PrunedCache
 from graphprune.families.base import check_video_unit
+from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
-from graphprune.rewrite.pipeline import Program, as_passes, load_builtin_methods, run_pipeline
+from graphprune.rewrite.pipeline import (BudgetStep, Program, as_passes, follow_budgets, load_builtin_methods,
+                                         run_pipeline)
 from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_layer_rotary
 
 
@@ -113,17 +116,7 @@ def vision_layout(is_image: torch.Tensor) -> torch.Tensor | None:
 
 def check_budgets(results, tokens_per_image: int) -> None:
     """Integer budgets larger than the vision tokens an image has at that point fail, before work."""
-    for r in results:
-        keep = r.info["keep"]
-        if r.info["rule"] == "Choose" and (r.info.get("capacity") or not isinstance(keep, (int, float))):
-            return                           # capacities clamp, data-dependent counts vary: nothing to check
-        if r.info["rule"] not in ("TopK", "Choose") or isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            continue
-        if isinstance(keep, int) and keep > tokens_per_image:
-            raise PassConfigError(f"{r.info['pass']}: keep={keep} exceeds the {tokens_per_image} vision "
-                                  "tokens per image of this prompt")
-        if r.info["stage"] == "vision":
-            tokens_per_image = tokenops.budget(keep, tokens_per_image)
+    follow_budgets(BudgetStep.of_results(results), tokens_per_image, "of this prompt")
 
 
 class PrunedModel(nn.Module, GenerationMixin):
@@ -316,8 +309,8 @@ class PrunedModel(nn.Module, GenerationMixin):
                              f"got {type(cache).__name__}")
         if cache.layers:
             return self._continue(cache, input_ids, attention_mask, pixel_values)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
+                                                       image_grid_thw, mm_token_type_ids)
         prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt: nothing to prune
             gm = self.base.stages["prefill"].gm
@@ -326,12 +319,14 @@ class PrunedModel(nn.Module, GenerationMixin):
             outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
             index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
-            return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1])
+            return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
+                                attention_mask.sum(1))
         outs = _call(self.executables["prefill"], **prompt.prefill_inputs())
         return self._finish(cache, outs, prompt.attention_mask, prompt.position_ids, prompt.index, prompt, [],
-                            input_ids.shape[1])
+                            input_ids.shape[1], attention_mask.sum(1))
 
-    def _finish(self, cache, outs, attention_mask, positions, index, prompt, notes, seen: int) -> PrunedOutput:
+    def _finish(self, cache, outs, attention_mask, positions, index, prompt, notes, seen: int,
+                prompt_tokens) -> PrunedOutput:
         seq = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
         layers, layer_index, layer_valid = [], seq, None
         for i in range(self.num_layers):
@@ -348,7 +343,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         cache.fill(layers, seen=seen, next_position=last.amax(-1) + 1)
         kept = index.gather(1, layer_index)
         vision = 0 if prompt is None else prompt.vision_pos.shape[1] * prompt.vision_pos.shape[2]
-        self.report = Report.build(self, cache, vision, prompt, notes)
+        self.report = Report.build(self, cache, vision, prompt, notes, prompt_tokens)
+        if self.report.pruned_nothing and prompt is not None and self.pipeline:
+            warnings.warn(f"{self.report.pipeline} pruned nothing on this prompt: every layer ran on every "
+                          "prompt token (report.pruned_nothing)", NothingPrunedWarning, stacklevel=3)
         return PrunedOutput(logits=outs["logits"], past_key_values=cache, positions=positions, kept=kept,
                             report=self.report)
 
@@ -444,10 +442,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         compile_decode / CUDA graphs need). generator: sampling draws from a global RNG seeded from
         it (transformers samples from the global RNG), which is restored afterwards. A follow-up
         turn passes the previous turn's `past_key_values` with the whole conversation's input_ids."""
-        if kwargs.get("max_new_tokens") is not None and kwargs["max_new_tokens"] < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {kwargs['max_new_tokens']}")
-        if kwargs.get("do_sample") and kwargs.get("temperature") is not None and kwargs["temperature"] <= 0:
-            raise InputError("temperature must be > 0 when sampling")
+        given = {k: kwargs[k] for k in ("max_new_tokens", "do_sample", "temperature") if kwargs.get(k) is not None}
+        check_generate_options(**{"max_new_tokens": 1, "do_sample": False, "temperature": 1.0, **given},
+                               top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
+                               eos_token_id=kwargs.get("eos_token_id"), pad_token_id=kwargs.get("pad_token_id"))
         for name, why in _UNSUPPORTED.items():
             if kwargs.get(name) or getattr(kwargs.get("generation_config"), name, None):
                 raise InputError(f"{name}: {why}")
@@ -561,7 +559,49 @@ def _call(gm, **inputs) -> dict:
     return dict(zip(gm.meta["graphprune_outputs"], _as_tuple(gm(*args))))
 
 
-_PROGRAMS: dict[int, tuple] = {}
+class _CapturedProgram:
+    """A model's captured program, kept on the model itself (model.__dict__) so that it lives
+    exactly as long as the model: a module-level cache kept every model ever pruned alive. Copies
+    and pickles of the model start without one (they capture their own)."""
+    ATTR = "_graphprune_captured"
+
+    def __init__(self, program: Program | None = None):
+        self.program = program
+
+    def __deepcopy__(self, memo):
+        return _CapturedProgram()
+
+    def __reduce__(self):
+        return _CapturedProgram, ()
+
+    @classmethod
+    def of(cls, model) -> Program:
+        held = model.__dict__.get(cls.ATTR)
+        if held is None or held.program is None:
+            held = cls(Program.capture(model))
+            model.__dict__[cls.ATTR] = held
+        return held.program
+
+
+def forget_dead_graph_sources() -> int:
+    """Drop the source text torch.fx keeps for every graph it ever compiled (its linecache loader
+    never forgets, about 0.2 MiB per prune() of a tiny model) once no live GraphModule runs it."""
+    from torch.fx import graph_module
+    live, seen, todo = set(), set(), [torch.fx.GraphModule]
+    while todo:                           # each GraphModule instance has a class of its own
+        for cls in todo.pop().__subclasses__():
+            if cls not in seen:
+                seen.add(cls)
+                todo.append(cls)
+                live.update(v.__code__.co_filename for v in vars(cls).values() if hasattr(v, "__code__"))
+    cache = getattr(getattr(graph_module, "_loader", None), "eval_cache", None)
+    if not isinstance(cache, dict):         # a torch without that loader: nothing to sweep
+        return 0
+    dead = [k for k in cache if k.startswith("<eval_with_key>") and k not in live]
+    for k in dead:
+        del cache[k]
+        linecache.cache.pop(k, None)
+    return len(dead)
 
 
 def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
@@ -583,11 +623,9 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     _check_linear(model, linear)
     load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
+    forget_dead_graph_sources()
     if program is None:
-        key = id(model)
-        if key not in _PROGRAMS or _PROGRAMS[key][0] is not model:
-            _PROGRAMS[key] = (model, Program.capture(model))
-        program = _PROGRAMS[key][1]
+        program = _CapturedProgram.of(model)
     _check_static_budgets(program, passes)
     rewritten = run_pipeline(program, passes, debug=debug)
     return PrunedModel(model, rewritten, passes, program, attention, linear, video_unit)
@@ -633,25 +671,16 @@ def _check_linear(model, linear: str) -> None:
                          'use linear="aten"')
 
 
-def _is_capacity(p) -> bool:
-    """Static-capacity rules keep at most `keep` tokens (fewer when fewer exist): no budget to check."""
-    from graphprune.rewrite.pass_api import Choose
-    plans = p.plan()
-    return any(isinstance(pl.select, Choose) and pl.select.static_mask for pl in (plans if isinstance(plans, list) else [plans]))
-
-
 def _check_static_budgets(program: Program, passes) -> None:
-    """Budgets larger than a LLaVA image's token count fail here, before any rewriting."""
+    """Budgets larger than the vision tokens an image has (when the patch grid is fixed) or than an
+    earlier pass leaves fail here, before any rewriting; a pipeline that cannot prune warns."""
     vision = program.anatomy.get("vision")
-    if vision is None or vision.grid is None:
-        return
-    tokens = vision.grid[0] * vision.grid[1]
-    for p in sorted(passes, key=lambda p: p.stage != "vision"):
-        keep = getattr(p.config, "keep", None)
-        if keep is None or _is_capacity(p):
-            continue
-        if isinstance(keep, int) and keep > tokens:
-            raise PassConfigError(f"{p!r}: keep={keep} exceeds the {tokens} vision tokens per image "
-                                  f"({vision.grid[0]}x{vision.grid[1]} patch grid)")
-        if p.stage == "vision":
-            tokens = tokenops.budget(keep, tokens)
+    grid = None if vision is None else vision.grid
+    tokens = None if grid is None else grid[0] * grid[1]
+    where = "" if grid is None else f"({grid[0]}x{grid[1]} patch grid)"
+    if passes and not follow_budgets(BudgetStep.of_passes(passes), tokens, where):
+        why = "" if any(s.rule in ("TopK", "Choose", "WithdrawAll") for s in BudgetStep.of_passes(passes)) else \
+            ": none of its passes drops a token (they protect tokens or cut caches to what later passes keep)"
+        budget = f" at or above the {tokens} vision tokens per image {where}" if tokens and not why else ""
+        warnings.warn(f"{' | '.join(map(repr, passes))} prunes nothing{why}{budget}; the report will say "
+                      "pruned_nothing", NothingPrunedWarning, stacklevel=3)

@@ -27,6 +27,9 @@ Semantics of every built-in method: docs/methods.md.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -177,14 +180,24 @@ class TokenPass:
             except TypeError as e:
                 fields = ", ".join(f.name for f in dataclasses.fields(self.Config))
                 raise PassConfigError(f"{self.name}: {e}. Options are: {fields}") from None
+        elif options or not isinstance(config, self.Config):
+            raise PassConfigError(f"{self.name}: give either config={self.name}.Config(...) or options, got "
+                                  f"config={config!r} and options {sorted(options)}")
         self.config = config
-        self.validate()
+        check_option_types(self.name, config)
+        try:
+            self.validate()
+        except TypeError as e:          # a value of a type validate() did not foresee
+            raise PassConfigError(f"{self.name}: invalid options {config!r}: {e}") from None
 
     def validate(self) -> None:
         """Check options that need no model (budgets, ranges). Raise PassConfigError."""
         keep = getattr(self.config, "keep", None)
         if keep is not None:
             check_budget(self.name, keep)
+        elif any(f.name == "keep" and f.default is not None for f in dataclasses.fields(self.config)):
+            raise PassConfigError(f"{self.name}: keep=None: give the vision tokens to keep per image (int) "
+                                  "or a fraction of them (float)")
         layer = getattr(self.config, "layer", None)
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
             raise PassConfigError(f"{self.name}: layer must be an int, got {layer!r}")
@@ -203,6 +216,38 @@ class TokenPass:
     def __repr__(self):
         args = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return f"{self.name}({args})"
+
+
+def _accepts(hint, value) -> bool:
+    """Whether an option value fits its Config annotation (bool is not a number; a float option
+    takes ints; a tuple option takes a list or a single int, which validate() turns into a tuple)."""
+    if hint is typing.Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint in (tuple, list) or typing.get_origin(hint) in (tuple, list):
+        return isinstance(value, (tuple, list, int))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_option_types(name: str, config) -> None:
+    """Every option of a pass config against the type its Config declares (finite numbers only)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _accepts(hints.get(f.name, typing.Any), value):
+            want = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name)).replace("typing.", "")
+            raise PassConfigError(f"{name}: {f.name}={value!r} must be of type {want}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PassConfigError(f"{name}: {f.name}={value!r} must be a finite number")
 
 
 def check_budget(name: str, keep) -> None:

@@ -15,11 +15,12 @@ import ast
 import os
 from dataclasses import dataclass, field
 
+from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, read_anatomy
 from graphprune.capture.export import Stage
 from graphprune.errors import PassConfigError
 from graphprune.rewrite.apply import apply_pass
-from graphprune.rewrite.pass_api import PassResult, TokenPass
+from graphprune.rewrite.pass_api import Choose, PassResult, TokenPass
 from graphprune.rewrite.registry import PASSES, PIPELINES
 from graphprune.verify.eager import check_against_eager
 
@@ -52,41 +53,68 @@ def is_pipeline(name: str) -> bool:
     return name in PIPELINES
 
 
+MAX_SPEC_CHARS = 10_000       # a pipeline string longer than this is not a pipeline anyone wrote
+
+
+def _excerpt(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def parse_pipeline(text: str) -> list[TokenPass]:
     """Parse "name(opt=value, ...) | name(...)" into pass instances (errors name the bad part)."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise PassConfigError(f"pipeline string of {len(text)} characters ({_excerpt(text)}) is longer than "
+                              f"{MAX_SPEC_CHARS}; put long pipelines in a TOML file")
     passes = []
     for part in text.replace(";", "|").split("|"):
         part = part.strip()
         if not part:
-            continue
+            raise PassConfigError(f"pipeline {_excerpt(text)} has an empty step; write passes as "
+                                  "name(option=value, ...) separated by '|'")
         try:
             expr = ast.parse(part if "(" in part else part + "()", mode="eval").body
-        except SyntaxError:
-            raise PassConfigError(f"cannot parse pipeline step {part!r}; write it as name(option=value, ...)") from None
-        if not isinstance(expr, ast.Call) or not isinstance(expr.func, ast.Name) or expr.args:
-            raise PassConfigError(f"pipeline step {part!r} must look like fastv(layer=2, keep=64)")
-        try:
+            if not isinstance(expr, ast.Call) or not isinstance(expr.func, ast.Name) or expr.args:
+                raise PassConfigError(f"pipeline step {_excerpt(part)} must look like fastv(layer=2, keep=64)")
             options = {kw.arg: ast.literal_eval(kw.value) for kw in expr.keywords}
+        except (SyntaxError, RecursionError, MemoryError):
+            raise PassConfigError(f"cannot parse pipeline step {_excerpt(part)}; write it as "
+                                  "name(option=value, ...)") from None
         except ValueError:
-            raise PassConfigError(f"pipeline step {part!r}: option values must be literals") from None
-        passes += _named(expr.func.id, options) if is_pipeline(expr.func.id) else [get_pass(expr.func.id)(**options)]
+            raise PassConfigError(f"pipeline step {_excerpt(part)}: option values must be literals") from None
+        if None in options:
+            raise PassConfigError(f"pipeline step {_excerpt(part)}: options must be named (no **)")
+        passes += _build(expr.func.id, options, f"pipeline step {_excerpt(part)}")
     return passes
+
+
+def _build(method, options: dict, where: str) -> list[TokenPass]:
+    if not isinstance(method, str):
+        raise PassConfigError(f"{where}: method must be a name, got {method!r}")
+    return _named(method, options) if is_pipeline(method) else [get_pass(method)(**options)]
 
 
 def load_toml(path: str) -> list[TokenPass]:
     import tomllib
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise PassConfigError(f"pipeline file {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PassConfigError(f"cannot read pipeline file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
     steps = doc.get("pass")
-    if not isinstance(steps, list) or not steps:
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
         raise PassConfigError(f"{path}: expected one or more [[pass]] tables with a 'method' key")
     passes = []
-    for step in steps:
+    for i, step in enumerate(steps):
         step = dict(step)
         if "method" not in step:
-            raise PassConfigError(f"{path}: a [[pass]] table lacks 'method'")
-        method = step.pop("method")
-        passes += _named(method, step) if is_pipeline(method) else [get_pass(method)(**step)]
+            raise PassConfigError(f"{path}: [[pass]] table {i + 1} lacks 'method'")
+        where = f"{path}: [[pass]] table {i + 1}"
+        try:
+            passes += _build(step.pop("method"), step, where)
+        except PassConfigError as e:
+            raise PassConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     return passes
 
 
@@ -96,24 +124,29 @@ def as_passes(spec, **options) -> list[TokenPass]:
         spec = [spec]
     if isinstance(spec, (list, tuple)):
         if options:
-            raise PassConfigError("options apply to a single method name, not to a list of passes")
+            raise PassConfigError(f"options {sorted(options)} apply to a single method name, not to a list of passes")
         for p in spec:
             if not isinstance(p, TokenPass):
                 raise PassConfigError(f"pipeline items must be passes, got {p!r}")
         return list(spec)
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str):
-        raise PassConfigError(f"cannot build a pipeline from {spec!r}")
+        raise PassConfigError(f"cannot build a pipeline from {spec!r}; give a method name, a pipeline string, "
+                              "a TOML path or passes")
     if spec.endswith(".toml"):
+        if options:
+            raise PassConfigError(f"options {sorted(options)} do not apply to the pipeline file {spec}; "
+                                  "set them in its [[pass]] tables")
         if not os.path.exists(spec):
             raise PassConfigError(f"pipeline file {spec} does not exist")
         return load_toml(spec)
     if "(" in spec or "|" in spec or ";" in spec:
         if options:
-            raise PassConfigError("give options inside the pipeline string, e.g. fastv(layer=2, keep=64)")
+            raise PassConfigError(f"options {sorted(options)} do not apply to a pipeline string; give them inside "
+                                  "it, e.g. fastv(layer=2, keep=64)")
         return parse_pipeline(spec)
-    if is_pipeline(spec.strip()):
-        return _named(spec.strip(), options)
-    return [get_pass(spec.strip())(**options)]
+    return _build(spec.strip(), options, "prune")
 
 
 @dataclass
@@ -175,3 +208,61 @@ def _stage_of(p: TokenPass) -> str:
     if p.stage not in STAGE_ORDER:
         raise PassConfigError(f"{p.name}: stage must be one of {STAGE_ORDER}, got {p.stage!r}")
     return p.stage
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    """One selection rule as budgets see it (from a pass before rewriting, or a PassResult's info)."""
+    label: str                  # the pass, as repr() prints it
+    rule: str                   # TopK | Choose | Protect | WithdrawAll | KeepCache
+    keep: object                # int count, float fraction, None (data-dependent count)
+    capacity: bool = False      # static capacity: keeps at most `keep` slots and may mask some of them
+
+    @classmethod
+    def of_passes(cls, passes: list[TokenPass]) -> list["BudgetStep"]:
+        """The rules of passes in the order the pipeline runs them."""
+        steps = []
+        for p in sorted(passes, key=_position):
+            plans = p.plan()
+            for plan in plans if isinstance(plans, list) else [plans]:
+                sel = plan.select
+                steps.append(cls(repr(p), type(sel).__name__, getattr(sel, "keep", None),
+                                 isinstance(sel, Choose) and sel.static_mask))
+        return steps
+
+    @classmethod
+    def of_results(cls, results: list[PassResult]) -> list["BudgetStep"]:
+        def count(keep):          # apply records a data-dependent count as a word
+            return keep if isinstance(keep, (int, float)) and not isinstance(keep, bool) else None
+        return [cls(r.info["pass"], r.info["rule"], count(r.info["keep"]), bool(r.info.get("capacity")))
+                for r in results]
+
+
+def follow_budgets(steps: list[BudgetStep], tokens: int | None, where: str) -> bool:
+    """Follow the vision tokens per image through the rules; a count budget above what is left
+    (`tokens` per image `where`, or what an earlier pass left) raises naming both. Returns whether
+    any rule can remove (or mask) a token; with tokens=None only the kinds of rule decide."""
+    left, by, drops = tokens, None, False
+    for s in steps:
+        if s.rule == "WithdrawAll":
+            left, by, drops = 0, s.label, True
+            continue
+        if s.rule not in ("TopK", "Choose"):
+            continue
+        if left == 0:
+            raise PassConfigError(f"{s.label} acts after {by} withdrew every vision token; drop one of them")
+        if s.capacity or s.keep is None:          # masks slots, or keeps a data-dependent count
+            drops, by = True, s.label
+            if left is not None:
+                left = None if s.keep is None else min(s.keep, left) if isinstance(s.keep, int) \
+                    else tokenops.budget(s.keep, left)
+            continue
+        if left is None:                          # unknown token count: only a whole fraction surely keeps all
+            drops = drops or isinstance(s.keep, int) or s.keep < 1.0
+            continue
+        if isinstance(s.keep, int) and s.keep > left:
+            source = f"left after {by}" if by else where
+            raise PassConfigError(f"{s.label}: keep={s.keep} exceeds the {left} vision tokens per image {source}")
+        kept = tokenops.budget(s.keep, left)
+        drops, left, by = drops or kept < left, kept, s.label
+    return drops
