@@ -78,7 +78,7 @@ def _reference(model, ex, unit, selects):
 
 def _methods(units):
     return [("fastv", dict(layer=2, keep=5), {2: RF.fastv_units_select(5, units)}),
-            ("dart", dict(layer=2, keep=6), {2: D.dart_select(6, images=units)}),
+            ("dart", dict(layer=2, keep=6, order="score"), {2: D.dart_select(6, images=units)}),
             ("random", dict(layer=1, keep=3, seed=2), {1: D.random_select(3, seed=2, images=units)}),
             ("vtw", dict(layer=2), {2: R.vtw_select()})]
 
