@@ -389,6 +389,18 @@ class _LM:
         return _rms_norm(h, self.w[self.pre + "norm.weight"], self.eps) @ self.lm_head.t()
 
 
+def llava_vision_layer0(model, pixel_values: Tensor) -> Tensor:
+    """Layer-0 output of the LLaVA vision encoder (n, 1 + V, d)."""
+    seen = {}
+
+    def spy(h, ctx):
+        seen["h"] = h
+        return h
+
+    llava_vision(model, pixel_values, after_layer={0: spy})
+    return seen["h"]
+
+
 def _gather_seq(x: Tensor, keep: Tensor) -> Tensor:
     """Gather along the sequence dim: x (B,S,...) -> (B,S',...)."""
     idx = keep.view(*keep.shape, *([1] * (x.dim() - 2))).expand(*keep.shape, *x.shape[2:])

@@ -91,7 +91,7 @@ def test_dart_default_is_authors(llava, t, seed, pad):
     """Budgets 4 + 8t, where the exact budget and the authors' (4 + 8 x (8t // 8)) agree."""
     model, program = llava
     ex = llava_example(model, batch=2, pad=pad, seed=seed, prefix=5 + 7 * seed)
-    pruned = gp.prune(model, "dart", keep=4 + 8 * t, program=program)
+    pruned = gp.prune(model, "dart", keep=4 + 8 * t, order="authors", program=program)
     [(kw, picked)] = _choices(pruned, ex)
     for b in range(2):
         keys, hidden, start, v = _dart_inputs(kw, b)
@@ -102,7 +102,7 @@ def test_dart_default_is_authors(llava, t, seed, pad):
 def test_dart_authors_budget(llava, keep):
     model, program = llava
     ex = llava_example(model, batch=2, pad=(0, 2), seed=keep)
-    pruned = gp.prune(model, "dart", keep=keep, budget="authors", program=program)
+    pruned = gp.prune(model, "dart", keep=keep, budget="authors", order="authors", program=program)
     [(kw, picked)] = _choices(pruned, ex)
     assert picked.shape[-1] == 4 + 8 * (keep // 8)
     for b in range(2):
@@ -114,7 +114,7 @@ def test_dart_pivot_order_matters(llava):
     """The score order (graphprune's former default, now order="score") differs from the authors' here."""
     model, program = llava
     ex = llava_example(model, seed=1, prefix=30)
-    authors = _choices(gp.prune(model, "dart", keep=20, program=program), ex)[0]
+    authors = _choices(gp.prune(model, "dart", keep=20, order="authors", program=program), ex)[0]
     score = _choices(gp.prune(model, "dart", keep=20, order="score", program=program), ex)[0]
     kw = authors[0]
     pivots = (kw["vis_index"][0, 0][kw["vis_score"][0, 0].abs().sum(-1).topk(4).indices].tolist()
@@ -128,19 +128,8 @@ def test_dart_pivot_order_matters(llava):
 
 def _merge_tau(model, ex):
     """tau between the 2nd and 3rd most similar windows of image 0 (two windows merge)."""
-    top = A.window_scores(_layer0(model, ex)[0, 1:])[0].sort(descending=True).values
+    top = A.window_scores(R.llava_vision_layer0(model, ex.pixel_values)[0, 1:])[0].sort(descending=True).values
     return float((top[1] + top[2]) / 2)
-
-
-def _layer0(model, ex):
-    seen = {}
-
-    def spy(h, ctx):
-        seen["h"] = h
-        return h
-
-    R.llava_vision(model, ex.pixel_values, after_layer={0: spy})
-    return seen["h"]
 
 
 @pytest.mark.parametrize("mode", ["exact", "static"])
@@ -221,7 +210,7 @@ def test_mustdrop_pipeline_defaults_are_authors(vqa_case, mode):
         assert out.cache.lengths() == ref["kv_lens"]
         img = ex.input_ids.gather(1, out.kept) == model.config.image_token_id
         first = int((ex.input_ids[0] == model.config.image_token_id).nonzero()[0])
-        source = A.conditional_pooling(_layer0(model, ex)[0], 0.8)[1]
+        source = A.conditional_pooling(R.llava_vision_layer0(model, ex.pixel_values)[0], 0.8)[1]
         ref_rows = ref["keep"][0][vm.gather(1, ref["keep"])[0]] - int(vm[0].nonzero()[0])
         assert (out.kept[0][img[0]] - first).tolist() == source[ref_rows].tolist()
 

@@ -64,20 +64,8 @@ def _vision_tokens(model, ex, kept):
     return [set(kept[b][img[b, kept[b]]].tolist()) for b in range(kept.shape[0])]
 
 
-def _layer0(model, ex):
-    """Layer-0 output of the vision encoder (n, 1 + V, d), through the reference."""
-    seen = {}
-
-    def spy(h, ctx):
-        seen["h"] = h
-        return h
-
-    R.llava_vision(model, ex.pixel_values, after_layer={0: spy})
-    return seen["h"]
-
-
 def _tile_scores(model, ex):
-    h = _layer0(model, ex)
+    h = R.llava_vision_layer0(model, ex.pixel_values)
     tiles = RM.tile_members(6, 3)
     return torch.stack([RM.tile_scores(h[i, 1:], tiles) for i in range(h.shape[0])])
 
