@@ -15,7 +15,7 @@ import json
 import os
 
 from graphprune.errors import InputError, PassConfigError, UnsupportedModelError
-from graphprune.families import FAMILIES
+from graphprune.families import supported_model_types
 from graphprune.rewrite.pipeline import as_passes, load_builtin_methods
 from graphprune.version import __version__
 
@@ -58,9 +58,10 @@ def load_checkpoint(directory, **model_kwargs):
         spec = json.load(f)
     config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     arch = (getattr(config, "architectures", None) or [None])[0]
-    if arch not in FAMILIES or not hasattr(transformers, arch):
+    if config.model_type not in supported_model_types() or not hasattr(transformers, str(arch)):
         raise UnsupportedModelError(str(arch), "model family",
-                                    f"graphprune loads these classes: {', '.join(sorted(FAMILIES))}")
+                                    f"model_type {config.model_type!r}; graphprune loads these model types: "
+                                    f"{', '.join(supported_model_types())}")
     model_kwargs.setdefault("attn_implementation", "sdpa")
     model = getattr(transformers, arch).from_pretrained(directory, config=config, use_safetensors=True,
                                                         trust_remote_code=False, **model_kwargs)
