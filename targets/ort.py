@@ -26,6 +26,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.families import Family
 from graphprune.lower.runtime import PrunedModel
+from graphprune.rewrite.positions import LAYER_POSITIONS
 
 from .manifest import Manifest
 
@@ -170,6 +171,9 @@ class OrtPrunedModel(PrunedModel):
                                        family=self.family)
         self.executables = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
         self.attention, self.linear = "onnxruntime", "onnxruntime"
+        self.video_unit = "frame"                 # exports hold images only (LLaVA-1.5)
+        # compact positions between layers: the decode graph takes each layer's new position
+        self.layer_positions = any(io["name"] == LAYER_POSITIONS for io in m["stages"]["decode"]["inputs"])
         self.decode_gm = self.decode_exec = graphs["decode"]
         self.base = None
         self.num_layers = m["num_layers"]
@@ -210,10 +214,10 @@ class OrtPrunedModel(PrunedModel):
                 raise InputError(f"{path}: its inputs {sorted(actual)} differ from the manifest's {sorted(declared)}")
         return sessions
 
-    def _layout(self, input_ids):
+    def _layout(self, input_ids, **inputs):
         # the prefill graph fixes the images per sample (vision_pos is exported with a dynamic
         # batch only); the tokens per image follow from pixel_values, whose size is fixed too
-        vision_pos = super()._layout(input_ids)
+        vision_pos = super()._layout(input_ids, **inputs)
         want = self.manifest["reference_prompt"]["images_per_sample"]
         if vision_pos is not None and vision_pos.shape[1] != want:
             raise InputError(f"the prompt has {vision_pos.shape[1]} image(s) per sample; this export takes {want} "
