@@ -328,10 +328,10 @@ def test_keep_of_the_wrong_type_is_refused(llava, method, keep):
 
 
 @pytest.mark.parametrize("spec,first,second", [
-    ("fastv(keep=8) | fastv(layer=3, keep=16)", "fastv(layer=2, keep=8)", "fastv(layer=3, keep=16)"),
-    ("cls_topk(keep=9) | fastv(layer=2, keep=18)", "cls_topk(keep=9", "fastv(layer=2, keep=18)"),
+    ("fastv(keep=8) | fastv(layer=3, keep=16)", "fastv(layer=2, keep=8", "fastv(layer=3, keep=16"),
+    ("cls_topk(keep=9) | fastv(layer=2, keep=18)", "cls_topk(keep=9", "fastv(layer=2, keep=18"),
     ("random(keep=0.25) | dart(layer=3, keep=10)", "random(keep=0.25", "dart(layer=3, keep=10"),
-    ("vtw(layer=2) | fastv(layer=3, keep=4)", "vtw(layer=2)", "fastv(layer=3, keep=4)"),
+    ("vtw(layer=2) | fastv(layer=3, keep=4)", "vtw(layer=2)", "fastv(layer=3, keep=4"),
 ])
 def test_contradicting_pipelines_name_both_passes(llava, spec, first, second):
     model, program = llava
@@ -344,7 +344,7 @@ def test_contradicting_pipeline_on_qwen2vl_fails_before_running(qwen):
     model, program = qwen
     ex = zoo.qwen2vl_example(model)
     pruned = gp.prune(model, "fastv(layer=1, keep=4) | fastv(layer=2, keep=8)", program=program)
-    with pytest.raises(PassConfigError, match="keep=8 exceeds the 4 vision tokens.*fastv\\(layer=1, keep=4\\)"):
+    with pytest.raises(PassConfigError, match="keep=8 exceeds the 4 vision tokens.*fastv\\(layer=1, keep=4[,)]"):
         pruned(**ex.as_kwargs())
 
 

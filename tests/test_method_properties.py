@@ -58,14 +58,14 @@ def _image_counts(model, ex, kept):
 def test_key_set_survives_later_passes(llava, ratio, merge, follow, extra):
     model, program = llava
     ex = llava_example(model, batch=2, pad=(0, 3), seed=2)
-    hook = {0: RM.merge_hook(3, 2.0, "static", 30)} if merge else None   # one tile merged below tau: 28 valid
+    hook = {0: RM.merge_hook(3, 1.0, "static", 30)} if merge else None   # one tile merged below tau: 28 valid
     vis = R.llava_vision(model, ex.pixel_values, after_layer=hook)
     keys = RM.key_set(vis["cls_attn"], ratio, valid=vis["valid"])
     n_prot = math.ceil(ratio * (28 if merge else V))
     assert keys.sum(1).tolist() == [n_prot] * 2
     protected = _prompt_slots(model, ex, vis["patch_index"], keys)
 
-    steps = ["mustdrop_merge(tau=2.0, mode='static', capacity=30, order='raster')"] if merge else []
+    steps = ["mustdrop_merge(tau=1.0, mode='static', capacity=30, order='raster')"] if merge else []
     steps.append(f"mustdrop_keys(ratio={ratio})")
     if follow.startswith("filter"):
         g, a = (2.0, 2.0) if follow == "filter_rule_off" else (0.0278, 0.0235)

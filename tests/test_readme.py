@@ -21,7 +21,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_example_pipeline_file_parses():
     passes = gp.as_passes(os.path.join(ROOT, "examples", "pipeline.toml"))
-    assert [repr(p) for p in passes] == ["cls_topk(keep=18, positions='compact', layer=-1)", "fastv(layer=2, keep=9)"]
+    assert [repr(p) for p in passes] == ["cls_topk(keep=18, positions='compact', layer=-1)", "fastv(layer=2, keep=9, positions='keep')"]
 
 
 def test_packages_import_under_one_name():

@@ -55,10 +55,10 @@ def test_lint_rejects_data_dependent_prefill(llava):
     model, program = llava
     ex = llava_example(model, batch=1)
     static = gp.prune(model, STATIC, program=program)
-    check_static(static.program.stages["prefill"].gm, static._prompt(ex.input_ids, ex.attention_mask,
+    check_static(static.program.stages["prefill"].gm, static._prompt(ex.input_ids, ex.attention_mask, pixel_values=
                                                                      ex.pixel_values).prefill_inputs())
     exact = gp.prune(model, EXACT, program=program)
-    prompt = exact._prompt(ex.input_ids, ex.attention_mask, ex.pixel_values)
+    prompt = exact._prompt(ex.input_ids, ex.attention_mask, pixel_values=ex.pixel_values)
     with pytest.raises(GraphVerificationError, match="statically traceable|data-dependent"):
         check_static(exact.program.stages["prefill"].gm, prompt.prefill_inputs())
 

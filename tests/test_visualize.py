@@ -48,7 +48,7 @@ def test_mustdrop_merges_are_outlined(tmp_path):
     model = zoo.build_model(dict(zoo.CONFIGS["tiny"], image_size=84, vision_layers=3), 0).eval()
     vm = vqa_model.wrap_model(model, "t", "test", vocab=vqa.Vocab())
     s = vqa.sample_at("test", 2)
-    res = visualize(vm, s.image, s.question, "mustdrop(keep=8, layers=(2,), gamma=0.011, alpha=0.01, tau=-1.0)",
+    res = visualize(vm, s.image, s.question, "mustdrop(keep=8, layers=(2,), gamma=0.011, alpha=0.01, tau=-1.0, order='raster')",
                     str(tmp_path / "m.png"))
     assert res["kept"] == res["merged"] == [0, 3, 18, 21]
     img = read_png(str(tmp_path / "m.png"))
