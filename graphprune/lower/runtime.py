@@ -26,14 +26,20 @@ from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.compat import is_later_generate_step
 from graphprune.errors import InputError, NothingPrunedWarning
-from graphprune.lower.cache import PrunedCache
 from graphprune.families.base import check_video_unit
+from graphprune.lower.cache import PrunedCache
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
-from graphprune.rewrite.pipeline import (BudgetStep, Program, as_passes, follow_budgets, load_builtin_methods,
-                                         run_pipeline)
+from graphprune.rewrite.pipeline import (
+    BudgetStep,
+    Program,
+    as_passes,
+    follow_budgets,
+    load_builtin_methods,
+    run_pipeline,
+)
 from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_layer_rotary
 
 
