@@ -145,7 +145,7 @@ class MustDropMerge(TokenPass):
         return Plan(layer=c.layer, signals={"hidden": Hidden(c.layer - 1)}, positions="compact",
                     select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode),
                                                             ("order", c.order)),
-                                  static_mask=c.mode == "static", ordered=c.order == "authors"))
+                                  static_mask=c.mode == "static", ordered=c.order == "authors", merges=True))
 
 
 @register_pass

@@ -132,6 +132,7 @@ class Choose:
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
     static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
     ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
+    merges: bool = False           # fn may return `values`: the kept slots then no longer hold their own tokens
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
             from graphprune.errors import PassNotApplicable
             p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
-                                    f"{out.family.model_class}: {st.eager}")
+                                    f"{out.family.model_class}: {st.eager}; use an LLM-stage method such as fastv, "
+                                    "dart or pyramiddrop")
         result = apply_pass(p, st, out.anatomy[stage])
         out.results.append(result)
         if debug:
