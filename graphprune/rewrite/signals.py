@@ -16,6 +16,7 @@ from graphprune.anatomy.read import Anatomy, layer_of, module_path, sdpa_mask, s
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
+    LAST_VISION_LAYER,
     AttentionRows,
     Hidden,
     Keys,
@@ -45,12 +46,22 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
     src = getattr(sig, "layer", None)
-    if anat.stage == "vision" and isinstance(src, int) and src < 0:
+    if src == LAST_VISION_LAYER:
+        if anat.stage != "vision" or "vision_last_hidden" not in gm.meta.get("graphprune_outputs", ()):
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} needs a vision stage captured through its last "
+                                  "layer (graphprune's pipeline captures it when a vision pass asks for it)")
+        src = anat.num_layers + len(anat.post_layers) - 1
+        if not isinstance(sig, AttentionRows) or layer != anat.num_layers:
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r}: the last vision layer gives attention rows to "
+                                  "passes acting on the features")
+    elif anat.stage == "vision" and isinstance(src, int) and src < 0:
         src += anat.num_layers
-    if src is None or not 0 <= src < min(layer, anat.num_layers):
+    # a layer past the feature layer (there only when read) runs on the same tokens as the feature layer
+    if src is None or not 0 <= src < min(layer, anat.num_layers) and not (
+            layer == anat.num_layers and 0 <= src - anat.num_layers < len(anat.post_layers)):
         raise PassConfigError(f"{p.name}: signal {name}={sig!r} must come from a layer in 0..{layer - 1} "
                               f"(before the selection at layer {layer})")
-    at = state_at(anat, src)
+    at = state_at(anat, min(src, anat.num_layers - 1))
     earlier = None
     if at.generation != state.generation:
         if anat.stage != "vision":
