@@ -11,7 +11,7 @@ import pytest
 import reference as R
 import reference_dart as D
 import torch
-from checks import assert_same_run
+from checks import assert_onnx_matches, assert_same_run
 
 import graphprune as gp
 from graphprune.errors import PassConfigError
@@ -85,3 +85,11 @@ def test_key_layer_option_is_checked(llava):
         gp.prune(model, "mustdrop_keys(key_layer='first')", program=program)
     with pytest.raises(PassConfigError, match="key_layer"):
         gp.prune(model, "mustdrop", keep=64, key_layer=23, program=program)
+
+
+def test_last_layer_key_set_exports_to_onnx(llava, tmp_path):
+    """The vision stage captured through its last layer exports and runs on ONNX Runtime as eagerly."""
+    pytest.importorskip("onnxruntime")
+    model, program = llava
+    pruned = gp.prune(model, "mustdrop_keys(key_layer='last') | fastv(layer=2, keep=8)", program=program)
+    assert_onnx_matches(pruned, tmp_path / "out", llava_example(model, batch=2, pad=(0, 3), seed=9).as_kwargs())

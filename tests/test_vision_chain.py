@@ -7,7 +7,7 @@ two different position policies) are refused before any work."""
 import pytest
 import reference as R
 import reference_chain as C
-from checks import assert_same_run
+from checks import assert_onnx_matches, assert_same_run
 
 import graphprune as gp
 from graphprune.errors import PassConfigError
@@ -78,3 +78,12 @@ def test_chains_that_cannot_compose_are_refused(llava, spec, words):
         gp.prune(model, spec, program=program)
     for w in words:
         assert w in str(err.value)
+
+
+def test_chain_exports_to_onnx(llava, tmp_path):
+    """Chained vision passes keep static shapes: the rewritten stages export, and ONNX Runtime runs them
+    as eager graphprune does."""
+    pytest.importorskip("onnxruntime")
+    model, program = llava
+    pruned = gp.prune(model, "cls_topk(keep=20) | visionzip(keep=10) | divprune(keep=6)", program=program)
+    assert_onnx_matches(pruned, tmp_path / "out", llava_example(model, batch=2, pad=(0, 3), seed=9).as_kwargs())
