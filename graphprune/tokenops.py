@@ -217,3 +217,12 @@ def positions_of(seq_index, original):
     given original indices (B, T), all of which that sequence holds: text tokens, or the later,
     smaller token set of a deeper layer."""
     return torch.searchsorted(seq_index.contiguous(), original.contiguous())
+
+
+def positions_in_earlier(earlier_index, seq_index, vision_pos):
+    """Where the current vision tokens (vision_pos (B, n, V) into a sequence whose original indices are
+    seq_index) sit in an earlier, larger sequence of the same tokens (original indices earlier_index):
+    (B, n, V) positions there, to read a signal of a layer that ran before tokens were removed."""
+    b, n, v = vision_pos.shape
+    original = token_features(seq_index, vision_pos).reshape(b, n * v)
+    return positions_of(earlier_index, original).reshape(b, n, v)

@@ -74,9 +74,11 @@ class Family:
             return nn.Identity()
         return self._require(getattr(self.model, "lm_head", None), "lm_head")
 
-    def vision_module(self) -> nn.Module | None:
+    def vision_module(self, through_last: bool = False) -> nn.Module | None:
         """A module capturing pixel_values -> projected features, for vision-stage passes; None runs
-        the vision encoder eagerly through the model's own get_image_features."""
+        the vision encoder eagerly through the model's own get_image_features. through_last: it also
+        returns the encoder's last hidden state, so the layers past the feature layer stay in the
+        captured graph (a pass reads the last layer)."""
         return None
 
     def config(self):

@@ -291,8 +291,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         return inputs
 
     def _vision_positions(self) -> str:
-        for r in self.results:
-            if r.info["stage"] == "vision":
+        for r in self.results:        # a key set (Protect) removes nothing: the selecting passes number the tokens
+            if r.info["stage"] == "vision" and r.info["rule"] != "Protect":
                 return r.info["positions"]
         return "keep"
 

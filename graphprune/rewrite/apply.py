@@ -9,6 +9,7 @@ cache outputs of layers >= K shrink by construction.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -41,6 +42,13 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     init_tokens(gm, anat)
     if plan.positions not in ("keep", "compact"):
         raise PassConfigError(f"{p.name}: positions must be 'keep' or 'compact', got {plan.positions!r}")
+    if anat.stage == "vision" and not isinstance(plan.select, Protect):
+        # the LLM numbers the vision tokens one way, whatever number of vision passes chose them
+        other = next((s for s in anat.selections if s["rule"] != "Protect" and s["positions"] != plan.positions), None)
+        if other is not None:
+            raise PassConfigError(f"{p.name}: positions={plan.positions!r}, but {other['pass']} in the same vision "
+                                  f"stage numbers the kept tokens positions={other['positions']!r}; give "
+                                  f"{p.name} positions={other['positions']!r}")
     if isinstance(plan.select, KeepCache):
         info = keep_final_tokens(p, plan.select, gm, anat)
         verify(gm, anat)
@@ -50,8 +58,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     if anat.stage == "vision" and layer == anat.num_layers and state.coords == "encoder":
         with g.inserting_before(anchor):
             conv = g.call_function(_to_features, (state.vision_pos, state.seq_index, int(bool(anat.has_cls))))
-            state = TokenState(layer, g.call_function(operator.getitem, (conv, 0)), g.call_function(operator.getitem, (conv, 1)),
-                               "features", state.valid, state.protected, state.generation, state.masked)
+            state = dataclasses.replace(state, layer=layer, vision_pos=g.call_function(operator.getitem, (conv, 0)),
+                                        seq_index=g.call_function(operator.getitem, (conv, 1)), coords="features")
 
     with g.inserting_before(anchor):
         signals = {name: extract_signal(gm, anat, sig, layer, state, name, p) for name, sig in plan.signals.items()}
@@ -59,8 +67,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         if isinstance(rule, Protect):
             scores = _score(g, plan, signals, p)
             prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, rule.keep))
-            anat.tokens.append(TokenState(layer, state.vision_pos, state.seq_index, state.coords, state.valid, prot,
-                                          state.generation, state.masked))
+            anat.tokens.append(dataclasses.replace(state, layer=layer, protected=prot))
             if anat.stage == "vision":
                 with g.inserting_before(g.find_nodes(op="output")[0]):
                     add_output(gm, g.call_function(_flatten_positions, (prot,)), "patches_protected")
@@ -92,14 +99,18 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
     hidden = _stream(anat, layer)
     rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
-    _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
-                plan.after_projector)
+    stream = _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
+                         plan.after_projector)
+    if anat.stage == "vision" and layer == anat.num_layers and not plan.after_projector:
+        anat.features = stream          # what now enters the projector: a later pass reduces this
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
     if plan.positions == "compact" and anat.stage != "vision":
         renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
+    rewrites = isinstance(rule, Choose) and (rule.merges or rule.ordered)
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
-                                  state.generation + 1, masked, key_valid))
+                                  state.generation + 1, masked, key_valid,
+                                  state.generation + 1 if rewrites else state.rewritten))
     out = g.find_nodes(op="output")[0]
     with g.inserting_before(out):
         if anat.stage == "vision":
@@ -265,23 +276,28 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node) -> fx
     return node
 
 
-def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_pos, values, after_projector) -> None:
-    """Merged tokens: overwrite the reduced residual stream at the kept vision slots with `values`."""
+def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_pos, values,
+                after_projector) -> fx.Node:
+    """Merged tokens: overwrite the reduced residual stream at the kept vision slots with `values`.
+    Returns the new stream, which the reduced region now reads."""
     g = gm.graph
     if after_projector:
         out = g.find_nodes(op="output")[0]
         stream = out.args[0][0]
         with g.inserting_before(out):
             put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+        anat.token_dims[put.name] = seq_dims(stream, anat)     # a later pass reduces it
         out.args = ((put,) + tuple(out.args[0][1:]),)
-        return
+        return put
     if stream is None:
         raise GraphVerificationError("no residual stream enters the reduced region to merge values into")
     with g.inserting_before(anchor):
         put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+    anat.token_dims[put.name] = seq_dims(stream, anat)
     for u in list(stream.users):
         if u is not put:
             u.replace_input_with(stream, put)
+    return put
 
 
 def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, valid) -> fx.Node:

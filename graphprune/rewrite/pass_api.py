@@ -38,6 +38,9 @@ from graphprune.errors import PassConfigError
 # -- signals: what a pass looks at --------------------------------------------------------------
 
 
+LAST_VISION_LAYER = "last"   # a vision signal's layer: the encoder's last layer, even past the feature layer
+
+
 @dataclass(frozen=True)
 class AttentionRows:
     """Head-averaged attention that chosen queries pay the vision (or text) tokens in `layer`.
@@ -45,9 +48,11 @@ class AttentionRows:
     query: "last" (last prompt token, FastV), "cls" (vision encoder CLS token) or "text" (every
     instruction token; padded rows are zero). keys: "vision" -> (B, n_queries, images, tokens),
     "text" -> (B, n_queries, T). Recomputed from that layer's post-RoPE q and k for the chosen
-    rows only; the layer's own attention stays fused SDPA.
+    rows only; the layer's own attention stays fused SDPA. Vision passes on the features may give
+    layer=LAST_VISION_LAYER: the encoder's last layer, which LLaVA (features from layer -2) never uses;
+    the pipeline then captures the vision stage through it.
     """
-    layer: int
+    layer: int | str
     query: str = "last"
     keys: str = "vision"
 
@@ -132,6 +137,7 @@ class Choose:
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
     static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
     ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
+    merges: bool = False           # fn may return `values`: the kept slots then no longer hold their own tokens
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from graphprune.anatomy.read import Anatomy, layer_of, module_path, sdpa_mask, s
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
+    LAST_VISION_LAYER,
     AttentionRows,
     Hidden,
     Keys,
@@ -45,15 +46,34 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
     src = getattr(sig, "layer", None)
-    if anat.stage == "vision" and isinstance(src, int) and src < 0:
+    if src == LAST_VISION_LAYER:
+        if anat.stage != "vision" or "vision_last_hidden" not in gm.meta.get("graphprune_outputs", ()):
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} needs a vision stage captured through its last "
+                                  "layer (graphprune's pipeline captures it when a vision pass asks for it)")
+        src = anat.num_layers + len(anat.post_layers) - 1
+        if not isinstance(sig, AttentionRows) or layer != anat.num_layers:
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r}: the last vision layer gives attention rows to "
+                                  "passes acting on the features")
+    elif anat.stage == "vision" and isinstance(src, int) and src < 0:
         src += anat.num_layers
-    if src is None or not 0 <= src < min(layer, anat.num_layers):
+    # a layer past the feature layer (there only when read) runs on the same tokens as the feature layer
+    if src is None or not 0 <= src < min(layer, anat.num_layers) and not (
+            layer == anat.num_layers and 0 <= src - anat.num_layers < len(anat.post_layers)):
         raise PassConfigError(f"{p.name}: signal {name}={sig!r} must come from a layer in 0..{layer - 1} "
                               f"(before the selection at layer {layer})")
-    at = state_at(anat, src)
+    at = state_at(anat, min(src, anat.num_layers - 1))
+    earlier = None
     if at.generation != state.generation:
-        raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
-                              f"at layer {anat.tokens[-1].layer}; take it from a later layer")
+        if anat.stage != "vision":
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
+                                  f"at layer {anat.tokens[-1].layer}; take it from a later layer")
+        if at.generation < state.rewritten:
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} reads vision layer {src}, but an earlier vision "
+                                  f"pass ({anat.selections[-1]['pass']}) merged or reordered the tokens since, so its "
+                                  f"kept slots no longer hold their own patches; put {p.name} before it")
+        # the encoder layer saw every patch and the passes since only removed some: read the signal at the
+        # places the remaining patches had in that layer
+        earlier = g.call_function(tokenops.positions_in_earlier, (at.seq_index, state.seq_index, state.vision_pos))
     att = anat.layer(src).attention
     tokens = getattr(sig, "tokens", None) or getattr(sig, "keys", "vision")
     if tokens not in ("vision", "text"):
@@ -63,7 +83,7 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
             raise PassNotApplicable(f"{p.name}: the vision encoder sees no text tokens; use TextEmbeds")
         text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
         text_mask = layout_input(gm, anat, "text_mask")
-    keys = at.vision_pos if tokens == "vision" else text_pos
+    keys = (at.vision_pos if earlier is None else earlier) if tokens == "vision" else text_pos
     if isinstance(sig, AttentionRows):
         pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
         if sig.query == "cls" and not anat.has_cls:
