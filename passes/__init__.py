@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     mustdrop,
     pyramiddrop,
     random,
+    sparsevlm,
     visiontrim,
     visionzip,
     vispruner,

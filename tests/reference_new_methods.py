@@ -249,3 +249,108 @@ def pyramiddrop_selects(layers, ratios, v: int, images: int = 1) -> dict:
 
         selects[layer] = select
     return selects
+
+
+# ------------------------------------------------------------------------------------------ SparseVLM
+
+def sparsevlm_raters(vision: Tensor, text: Tensor) -> Tensor:
+    """The authors' text raters of one image: vision (V, D) and instruction (T, D) input embeddings;
+    m = softmax over the instruction of v . t, averaged over the vision tokens; raters: m > mean(m)
+    (all instruction tokens when none is above: graphprune's rule for a tie)."""
+    m = (vision @ text.t()).softmax(1).mean(0)
+    idx = torch.where(m > m.mean())[0]
+    return idx if idx.numel() else torch.arange(text.shape[0])
+
+
+def density_peaks_merge(x: Tensor, clusters: int) -> Tensor:
+    """The authors' cluster_and_merge on one image's recycled tokens x (M, D), without their random
+    tie-break noise: (clusters, D) tokens, in the order of the centres' scores. Ties are common (the two
+    tokens of a mutual-nearest pair have equal density); the authors' noise breaks them at random, here
+    (graphprune's documented rule) the lower index goes first."""
+    dist = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2) / x.shape[1] ** 0.5
+    nearest = torch.topk(dist, k=clusters, dim=-1, largest=False).values
+    density = (-(nearest ** 2).mean(dim=-1)).exp()
+    denser = (density[None, :] > density[:, None]).float()
+    parent = (dist * denser + dist.max() * (1 - denser)).min(dim=-1).values
+    centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]
+    assign = dist[centres].argmin(dim=0)
+    assign[centres] = torch.arange(clusters)
+    out = torch.zeros(clusters, x.shape[1])
+    for c in range(clusters):
+        members = assign == c
+        out[c] = (x[members] * (1.0 / (members.sum() + 1e-6))).sum(0)
+    return out
+
+
+def sparsevlm_layer(rows: Tensor, hidden: Tensor, scale: float, bias: float, capacity: int | None,
+                    recycle: bool = True) -> dict:
+    """One sparsification of one image, as the authors' attn_postprocess_rank + recycling: rows (R, V)
+    the raters' head-averaged attention to the current vision tokens, hidden (V, D) the layer's output.
+    Returns ``kept`` (ascending), ``recycled`` (the tokens clustered) and ``tokens``: [kept, clusters].
+    ``capacity``: graphprune's static cap (kept dropped, lowest relation first, until kept + clusters fit)."""
+    v = rows.shape[1]
+    rank = int(torch.linalg.matrix_rank(rows.float()))
+    relation = rows.mean(0)
+    count = v if v - rank == 0 else min(int(rank * scale + bias), v - 1)
+
+    def clusters_of(deleted):
+        return 0 if deleted == 0 or not recycle else int((int(deleted * 0.3) + 1) / 10) + 1
+
+    if capacity is not None:
+        while count > 0 and count + clusters_of(v - count) > capacity:
+            count -= 1
+    kept = torch.topk(relation, count).indices.sort().values if count else torch.zeros(0, dtype=torch.long)
+    tokens, recycled = hidden[kept], torch.zeros(0, dtype=torch.long)
+    if count < v and recycle:
+        deleted = torch.tensor([j for j in range(v) if j not in set(kept.tolist())])
+        m = int(deleted.numel() * 0.3) + 1
+        recycled = deleted[relation[deleted].topk(m).indices]
+        n_clusters = int(m / 10) + 1
+        if capacity is not None:
+            n_clusters = min(n_clusters, capacity - count)
+        tokens = torch.cat([tokens, density_peaks_merge(hidden[recycled], n_clusters)])
+    return {"kept": kept, "recycled": recycled, "tokens": tokens}
+
+
+def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask: Tensor, layers, scale: float,
+                      bias: float, capacity: int, images: int = 1, recycle: bool = True, log: list | None = None) -> dict:
+    """SparseVLM's sparsification layers for R.lm_generate(positions="compact"): {L + 1: select}. Raters come
+    from the input embeddings; at each layer every image's block becomes [kept, clusters] followed by
+    unused (masked) slots up to the static capacity, so the language model sees the authors' sequence.
+    Each decision is appended to ``log`` (sample, image, layer, sparsevlm_layer's dict)."""
+    text = R.text_after_image(vision_mask, attention_mask)
+    raters = []
+    for b in range(inputs_embeds.shape[0]):
+        t = inputs_embeds[b, text[b]]
+        raters.append([sparsevlm_raters(inputs_embeds[b, blk], t) for blk in R.image_blocks(vision_mask[b], images)])
+    selects = {}
+    for layer in layers:
+
+        def select(ctx, layer=layer):
+            attn = ctx["attn"].mean(1)                                       # (B, S, S) head-averaged
+            keep_rows, hidden_rows, valid_rows = [], [], []
+            for b in range(attn.shape[0]):
+                blocks = R.image_blocks(ctx["vision_mask"][b], images)
+                cap = min(capacity, blocks.shape[1])
+                text_rows = ctx["text_mask"][b].nonzero()[:, 0]
+                keep = [(~ctx["vision_mask"][b].bool()).nonzero()[:, 0]]
+                h = ctx["hidden"][b].clone()
+                valid = torch.ones(h.shape[0], dtype=torch.bool)
+                for i, blk in enumerate(blocks):
+                    cur = blk[ctx["attention_mask"][b, blk].bool()]             # the block's tokens in use
+                    rows = attn[b][text_rows[raters[b][i]]][:, cur]
+                    out = sparsevlm_layer(rows, ctx["hidden"][b, cur], scale, bias, cap, recycle)
+                    if log is not None:
+                        log.append((b, i, layer, out))
+                    n = out["tokens"].shape[0]
+                    h[blk[:n]] = out["tokens"]
+                    valid[blk[n:cap]] = False
+                    keep.append(blk[:cap])
+                k_idx = torch.cat(keep).sort().values
+                keep_rows.append(k_idx)
+                hidden_rows.append(h[k_idx])
+                valid_rows.append(valid[k_idx])
+            return {"keep": torch.stack(keep_rows), "hidden": torch.stack(hidden_rows), "valid": torch.stack(valid_rows)}
+
+        selects[layer + 1] = select
+    return selects

@@ -3,8 +3,8 @@
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
                reduced sequence (prefill); vision passes act on the features entering the projector
-  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds,
-               SequenceIndex
+  signals      what it looks at: AttentionRows, Keys, Values, Hidden, InputEmbeds, Projected, TextMask,
+               TextEmbeds, SequenceIndex
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -75,6 +75,14 @@ class Hidden:
     layer: int
     tokens: str = "vision"
     norm: bool = False
+
+
+@dataclass(frozen=True)
+class InputEmbeds:
+    """Prefill only: the language model's input embeddings (what enters layer 0) of the prompt's
+    original tokens, whatever was selected since: every vision token (B, images, tokens, D) or the
+    instruction (B, T, D). For rules fixed before the first layer (SparseVLM's text raters)."""
+    tokens: str = "vision"
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,18 @@ def check_option_types(name: str, config) -> None:
             raise PassConfigError(f"{name}: {f.name}={value!r} must be of type {want}")
         if isinstance(value, float) and not math.isfinite(value):
             raise PassConfigError(f"{name}: {f.name}={value!r} must be a finite number")
+
+
+def fill_preset(name: str, config, presets: dict, options: tuple[str, str]) -> None:
+    """Options left None take the authors' values for the budget `config.keep` (presets: keep -> values)."""
+    if all(getattr(config, o) is not None for o in options):
+        return
+    if config.keep not in presets:
+        raise PassConfigError(f"{name}: give {' and '.join(options)}, or keep in {sorted(presets)} for the authors' "
+                              f"values (got keep={config.keep!r})")
+    for o, value in zip(options, presets[config.keep]):
+        if getattr(config, o) is None:
+            setattr(config, o, value)
 
 
 def check_budget(name: str, keep) -> None:

@@ -1,0 +1,126 @@
+"""SparseVLM and ToMe against their independent references (tests/reference_new_methods.py): kept /
+merged sets, prefill logits (fp32, atol 1e-5 on real tokens), KV lengths and 16 greedy tokens on tiny
+LLaVA-1.5; batch 2 with left padding equals each sample alone; bad options fail before any work."""
+import pytest
+import reference as R
+import reference_new_methods as N
+import torch
+from test_new_methods import STEPS, _alone_equals_batch, _same_run
+
+import graphprune as gp
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.tools.zoo import llava_example
+
+# ------------------------------------------------------------------------------------------ SparseVLM
+
+
+def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True):
+    emb, am, pos, vm = R.llava_inputs(model, ex)
+    log = []
+    selects = N.sparsevlm_selects(emb, vm, am, layers, scale, bias, capacity, recycle=recycle, log=log)
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, positions="compact",
+                         max_new_tokens=STEPS), log
+
+
+@pytest.mark.parametrize("batch,pad,opts", [
+    (1, (), dict(layers=(0, 1, 2), scale=2.0, bias=3.0, capacity=36)),          # the authors' counts, uncapped
+    (2, (0, 3), dict(layers=(0, 2), scale=1.5, bias=6.0, capacity=36)),
+    (2, (0, 3), dict(layers=(1, 2), scale=3.0, bias=0.0, capacity=9)),           # capacity cuts the kept tokens
+    (1, (), dict(layers=(0, 1), scale=2.0, bias=3.0, capacity=36, recycle=False)),
+])
+def test_sparsevlm_matches_reference(llava, batch, pad, opts):
+    model, program = llava
+    ex = llava_example(model, batch=batch, pad=pad, seed=batch + 20)
+    ref, log = _sparsevlm_ref(model, ex, opts["layers"], opts["scale"], opts["bias"], opts["capacity"],
+                              opts.get("recycle", True))
+    spec = "sparsevlm(keep=64" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
+    _same_run(gp.prune(model, spec, program=program), ex, ref)
+    # the run exercised what it claims: tokens were deleted, and recycled unless switched off
+    assert any(len(out["kept"]) < 36 for *_, out in log)
+    assert any(len(out["recycled"]) > 0 for *_, out in log) == opts.get("recycle", True)
+
+
+def test_sparsevlm_kept_and_merged_sets():
+    """The selection on identical tensors: graphprune's first slots hold exactly the reference's kept
+    tokens (prompt order), then its recycled clusters; the rest are masked."""
+    from graphprune.passes.sparsevlm import sparsify
+    g = torch.Generator().manual_seed(0)
+    v, t, d = 40, 7, 16
+    hidden = torch.randn(1, 1, v, d, generator=g)
+    vis_emb, text_emb = torch.randn(1, 1, v, d, generator=g), torch.randn(1, t, d, generator=g)
+    logits = torch.randn(1, t, 1, v, generator=g) * 3
+    attn = logits.softmax(-1) * 0.5          # rows over the vision tokens (rank <= raters < v)
+    text_mask = torch.ones(1, t, dtype=torch.bool)
+    for cap, scale, bias in [(40, 2.0, 1.0), (12, 2.0, 1.0), (40, 0.5, 0.0)]:
+        raters = N.sparsevlm_raters(vis_emb[0, 0], text_emb[0])
+        ref = N.sparsevlm_layer(attn[0, raters, 0], hidden[0, 0], scale, bias, cap)
+        out = sparsify(k=cap, protected=None, valid=None, vision_pos=torch.arange(v)[None, None], attn=attn,
+                       hidden=hidden, vis_emb=vis_emb, text_emb=text_emb, text_mask=text_mask, scale=scale,
+                       bias=bias, recycle=True)
+        n = ref["tokens"].shape[0]
+        assert out["valid"][0, 0].tolist() == [True] * n + [False] * (cap - n)
+        torch.testing.assert_close(out["values"][0, 0, :n], ref["tokens"], atol=1e-6, rtol=1e-6)
+        kept = len(ref["kept"])
+        assert torch.equal(out["values"][0, 0, :kept], hidden[0, 0, ref["kept"]])
+        assert 0 < kept < v and len(ref["recycled"]) > 0
+
+
+def test_sparsevlm_batch_equals_alone(llava):
+    model, program = llava
+    _alone_equals_batch(model, program, "sparsevlm(keep=64, layers=(0, 2), scale=2.0, bias=2.0, capacity=20)",
+                        llava_example(model, batch=2, pad=(0, 3), seed=9))
+
+
+@pytest.mark.parametrize("spec,word", [
+    ("sparsevlm", "do not fit a 4-layer"), ("sparsevlm(keep=100)", "scale and bias"),
+    ("sparsevlm(keep=0.5, scale=1.0, bias=0.0)", "keep"), ("sparsevlm(layers=(2, 1))", "increasing"),
+    ("sparsevlm(layers=(0,), scale=0.0)", "scale"), ("sparsevlm(layers=(0,), bias=-1.0)", "bias"),
+    ("sparsevlm(layers=(0,), capacity=0)", "capacity"), ("sparsevlm(layers=(0,), positions='keep')", "positions"),
+    ("sparsevlm(layers=(0,), recycle=1)", "recycle")])
+def test_sparsevlm_bad_options(llava, spec, word):
+    model, program = llava
+    with pytest.raises(PassConfigError, match=word):
+        gp.prune(model, spec, program=program)
+
+
+@pytest.mark.parametrize("seed,pad,capacity,scale,bias", [(0, 0, 4, 3.0, 0.0), (1, 4, 12, 0.5, 1.0),
+                                                         (2, 2, 36, 5.0, 5.0), (3, 1, 1, 1.0, 0.0)])
+def test_sparsevlm_keeps_text_and_capacity(llava, seed, pad, capacity, scale, bias):
+    """Whatever the counts: every text token stays, each image uses at most `capacity` slots, logits finite."""
+    model, program = llava
+    ex = llava_example(model, batch=2, pad=(0, pad), seed=seed)
+    pruned = gp.prune(model, f"sparsevlm(keep=64, layers=(0, 1), scale={scale}, bias={bias}, capacity={capacity})",
+                      program=program)
+    out = pruned(**ex.as_kwargs())
+    img = ex.input_ids == model.config.image_token_id
+    real = out.cache[-1].mask.bool()
+    for b in range(2):
+        kept = out.kept[b]
+        assert set((~img[b] & ex.attention_mask[b].bool()).nonzero()[:, 0].tolist()) <= set(kept[real[b]].tolist())
+        assert 0 < int((img[b].gather(0, kept) & real[b]).sum()) <= capacity
+    assert bool(torch.isfinite(out.logits[real]).all())
+
+
+def test_sparsevlm_refuses_key_sets(llava):
+    model, program = llava
+    pruned = gp.prune(model, "mustdrop_keys | sparsevlm(keep=64, layers=(0,), capacity=20)", program=program)
+    with pytest.raises(InputError, match="mustdrop_keys"):
+        pruned(**llava_example(model, batch=1, seed=0).as_kwargs())
+
+
+def test_sparsevlm_in_bench_grid():
+    from graphprune.tools import bench
+    cells = bench.grid_specs(["sparsevlm"], [64, 100, "default"], 32, 576)
+    assert [c[2] for c in cells] == ["sparsevlm(keep=64, layers=(2, 6, 15, 19))",
+                                     "sparsevlm(keep=100, layers=(2, 6, 15, 19), scale=9.0, bias=6.0)",
+                                     "sparsevlm(layers=(2, 6, 15, 19))"]
+    assert bench.grid_specs(["sparsevlm"], [16], 4, 36)[0][2] == "sparsevlm(keep=16, layers=(0, 1, 2), scale=0.8, bias=0.0)"
+
+
+def test_sparsevlm_qwen2_5_vl_says_why_not():
+    """The authors renumber positions; M-RoPE's three-axis positions have no such renumbering."""
+    from graphprune.rewrite.pipeline import Program
+    from graphprune.tools.family_zoo import tiny_qwen2_5_vl
+    model = tiny_qwen2_5_vl()
+    with pytest.raises(PassNotApplicable, match="M-RoPE"):
+        gp.prune(model, "sparsevlm(keep=64, layers=(0, 1))", program=Program.capture(model))
