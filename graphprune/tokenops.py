@@ -131,6 +131,13 @@ def apply_choice(choice, vision_pos, seq_index, protected=None, valid=None):
     return keep, new_pos, picked, values, new_valid, new_prot
 
 
+def kept_sizes(choice, sizes, picked):
+    """Sizes of the kept tokens: those a sized choice returns, else the kept tokens' own (None: all 1)."""
+    if isinstance(choice, dict) and choice.get("sizes") is not None:
+        return choice["sizes"]
+    return None if sizes is None else sizes.gather(2, picked)
+
+
 def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
     # keep (B, S') ascending positions, and the kept vision tokens' new positions (B, n, k)
     b, s = seq_index.shape

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     pyramiddrop,
     random,
     sparsevlm,
+    tome,
     visiontrim,
     visionzip,
     vispruner,

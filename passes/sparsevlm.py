@@ -39,6 +39,7 @@ from graphprune.rewrite.pass_api import (
     TextMask,
     TokenPass,
     fill_preset,
+    layer_tuple,
 )
 from graphprune.rewrite.registry import register_pass
 from graphprune.tokenops import true_positions
@@ -170,12 +171,7 @@ class SparseVLM(TokenPass):
     def validate(self):
         super().validate()
         c = self.config
-        if isinstance(c.layers, int):
-            c.layers = (c.layers,)
-        c.layers = tuple(c.layers)
-        if not c.layers or any(isinstance(l, bool) or not isinstance(l, int) for l in c.layers) \
-                or list(c.layers) != sorted(set(c.layers)) or c.layers[0] < 0:
-            raise PassConfigError(f"sparsevlm: layers must be increasing layer indices >= 0, got {c.layers!r}")
+        c.layers = layer_tuple(self.name, c.layers)
         if isinstance(c.keep, float):
             raise PassConfigError(f"sparsevlm: keep must be an int (tokens per image), got {c.keep!r}")
         fill_preset(self.name, c, PRESETS, ("scale", "bias"))

@@ -354,3 +354,94 @@ def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask
 
         selects[layer + 1] = select
     return selects
+
+
+# ----------------------------------------------------------------------------------------------- ToMe
+
+def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The authors' bipartite_soft_matching on one image's sequence metric (t, c), CLS at row 0 (class_token):
+    A = even rows, B = odd rows, cosine scores, CLS's row -inf; A rows ranked by their best score
+    (descending; ties to the lower row, where the authors' argsort is unstable); the first r merge.
+    Returns (unmerged A places ascending, merged A places, their B places)."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[::2], metric[1::2]
+    scores = a @ b.t()
+    scores[0, :] = -float("inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge = torch.sort(node_max, descending=True, stable=True).indices
+    src = edge[:r]
+    return edge[r:].sort().values, src, node_idx[src]
+
+
+@torch.no_grad()
+def tome_vision(model, pixel_values: Tensor, layers, r: int | None = None, keep: int | None = None,
+                heads_mean: bool = False) -> dict:
+    """CLIP vision tower by hand with ToMe merges after each of ``layers`` (graphprune's placement: after the
+    block, with that block's keys; the authors merge between its attention and MLP), the authors'
+    merge_wavg (x = sum(size x) / sum(size), sizes summed; unmerged tokens (x size) / size) and order
+    [unmerged A, B]; no proportional attention. Per layer r, or ceil((V - keep) / layers left), at most
+    V // 2. Returns ``features`` (n, V', D) in the merged order, ``patch_index`` (n, V') the first V' slots
+    (the LLM reads them in that order), ``representative`` (n, V') the original patch whose slot each token
+    holds, ``sources`` (per image, per token, the sorted original patches it merges) and ``sizes``."""
+    vc = model.config.vision_config
+    w = R._weights(model)
+    p = "model.vision_tower."
+    if p + "embeddings.class_embedding" not in w:
+        p = "model.vision_tower.vision_model."
+    eps, n_heads, d = vc.layer_norm_eps, vc.num_attention_heads, vc.hidden_size
+    hd = d // n_heads
+    act = R._act(vc.hidden_act)
+    hs_index = model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
+    x = pixel_values.float()
+    patches = torch.nn.functional.conv2d(x, w[p + "embeddings.patch_embedding.weight"], stride=vc.patch_size)
+    patches = patches.flatten(2).transpose(1, 2)
+    n, v = patches.shape[:2]
+    h = torch.cat([w[p + "embeddings.class_embedding"].expand(n, 1, d), patches], 1)
+    h = h + w[p + "embeddings.position_embedding.weight"][None]
+    h = R._layer_norm(h, w[p + "pre_layrnorm.weight"], w[p + "pre_layrnorm.bias"], eps)
+    out_feats, out_rep, out_src, out_size = [], [], [], []
+    for img in range(n):
+        x = h[img]
+        size = torch.ones(v + 1, 1)
+        rep = list(range(-1, v))                         # CLS = -1
+        src = [[j] for j in rep]
+        for i in range(hs_index):
+            lp = f"{p}encoder.layers.{i}."
+            y = R._layer_norm(x, w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], eps)
+            t = y.shape[0]
+            q = R._linear(y, w, lp + "self_attn.q_proj").view(t, n_heads, hd).transpose(0, 1)
+            k = R._linear(y, w, lp + "self_attn.k_proj").view(t, n_heads, hd).transpose(0, 1)
+            val = R._linear(y, w, lp + "self_attn.v_proj").view(t, n_heads, hd).transpose(0, 1)
+            o, _ = R._softmax_attention(q[None], k[None], val[None], None, hd ** -0.5)
+            x = x + R._linear(o[0].transpose(0, 1).reshape(t, d), w, lp + "self_attn.out_proj")
+            y = R._layer_norm(x, w[lp + "layer_norm2.weight"], w[lp + "layer_norm2.bias"], eps)
+            x = x + R._linear(act(R._linear(y, w, lp + "mlp.fc1")), w, lp + "mlp.fc2")
+            if i not in layers:
+                continue
+            patches_now = t - 1
+            want = r if r is not None else -(-max(patches_now - keep, 0) // (len(layers) - list(layers).index(i)))
+            count = min(want, patches_now // 2)
+            if count == 0:
+                continue
+            metric = k.mean(0) if heads_mean else k.transpose(0, 1).reshape(t, -1)
+            unm, merged, dst = tome_match(metric, count)
+            xs = x * size
+            a_x, b_x = xs[::2], xs[1::2].clone()
+            a_s, b_s = size[::2], size[1::2].clone()
+            b_x.index_add_(0, dst, a_x[merged])
+            b_s.index_add_(0, dst, a_s[merged])
+            a_rep, b_rep = rep[::2], rep[1::2]
+            a_src, b_src = src[::2], [list(s) for s in src[1::2]]
+            for m_, d_ in zip(merged.tolist(), dst.tolist()):
+                b_src[d_] = sorted(b_src[d_] + a_src[m_])
+            size = torch.cat([a_s[unm], b_s])
+            x = torch.cat([a_x[unm], b_x]) / size
+            rep = [a_rep[j] for j in unm.tolist()] + b_rep
+            src = [a_src[j] for j in unm.tolist()] + b_src
+        out_feats.append(project(model, x[1:]))
+        out_rep.append(torch.tensor(rep[1:]))
+        out_src.append(src[1:])
+        out_size.append(size[1:, 0])
+    feats = torch.stack(out_feats)
+    return {"features": feats, "patch_index": torch.arange(feats.shape[1]).expand(n, -1),
+            "representative": torch.stack(out_rep), "sources": out_src, "sizes": torch.stack(out_size)}

@@ -124,3 +124,96 @@ def test_sparsevlm_qwen2_5_vl_says_why_not():
     model = tiny_qwen2_5_vl()
     with pytest.raises(PassNotApplicable, match="M-RoPE"):
         gp.prune(model, "sparsevlm(keep=64, layers=(0, 1))", program=Program.capture(model))
+
+
+# ----------------------------------------------------------------------------------------------- ToMe
+
+def _tome_spec(opts):
+    return "tome(proportional_attention=False" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
+
+
+@pytest.mark.parametrize("batch,pad,opts", [
+    (1, (), dict(keep=10, layers=(0, 1))),                  # 36 -> 23 -> 12 (capped at half)
+    (2, (0, 3), dict(r=5, layers=(0, 1), heads=4)),         # the authors' metric: keys averaged over heads
+    (2, (0, 3), dict(keep=20, layers=(1,))),                # the feature layer only
+])
+def test_tome_matches_reference(llava, batch, pad, opts):
+    model, program = llava
+    ex = llava_example(model, batch=batch, pad=pad, seed=batch + 30)
+    vo = N.tome_vision(model, ex.pixel_values, opts["layers"], r=opts.get("r"), keep=opts.get("keep"),
+                       heads_mean="heads" in opts)
+    emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, vo, positions="compact")
+    ref = R.lm_generate(model, emb, am, pos, vision_mask=vm, max_new_tokens=STEPS)
+    pruned = gp.prune(model, _tome_spec(opts), program=program)
+    _same_run(pruned, ex, ref)
+    # each token stands at its representative's slot (the B token, or the unmerged A token), in ToMe's order
+    assert pruned.report.patches_kept == vo["representative"].tolist()
+    assert any(len(s) > 2 for img in vo["sources"] for s in img)        # merged tokens merged again (sizes > 2)
+
+
+def test_tome_merge_on_identical_tensors():
+    """One merge with unequal sizes: graphprune's order, sizes and size-weighted values equal the authors'
+    bipartite matching + merge_wavg on the same tensors."""
+    from graphprune.passes.tome import bipartite_merge
+    g = torch.Generator().manual_seed(3)
+    v, d, heads = 15, 8, 2
+    keys, hidden = torch.randn(1, 1, v, heads * 4, generator=g), torch.randn(1, 1, v, d, generator=g)
+    sizes = torch.randint(1, 5, (1, 1, v), generator=g).float()
+    out = bipartite_merge(k=None, protected=None, valid=None, vision_pos=None, keys=keys, hidden=hidden, sizes=sizes,
+                          r=4, keep=None, layers_left=1, heads=heads)
+    metric = torch.cat([torch.randn(1, 4, generator=g), keys[0, 0].view(v, heads, 4).mean(1)])   # row 0: CLS
+    x = torch.cat([torch.zeros(1, d), hidden[0, 0]])
+    size = torch.cat([torch.ones(1), sizes[0, 0]])[:, None]
+    unm, merged, dst = N.tome_match(metric, 4)
+    xs = x * size
+    b_x, b_s = xs[1::2].clone(), size[1::2].clone()
+    b_x.index_add_(0, dst, xs[::2][merged])
+    b_s.index_add_(0, dst, size[::2][merged])
+    want_size = torch.cat([size[::2][unm], b_s])[1:]
+    torch.testing.assert_close(out["sizes"][0, 0], want_size[:, 0])
+    torch.testing.assert_close(out["values"][0, 0], (torch.cat([xs[::2][unm], b_x]) / torch.cat([size[::2][unm], b_s]))[1:])
+    order = torch.cat([torch.arange(0, v + 1, 2)[unm], torch.arange(1, v + 1, 2)])[1:] - 1
+    assert out["picked"][0, 0].tolist() == order.tolist()
+    assert float(want_size.sum()) == float(sizes.sum())
+
+
+def test_tome_batch_equals_alone(llava):
+    model, program = llava
+    _alone_equals_batch(model, program, _tome_spec(dict(keep=12, layers=(0, 1))),
+                        llava_example(model, batch=2, pad=(0, 3), seed=10))
+
+
+@pytest.mark.parametrize("spec,word", [
+    ("tome", "proportional_attention=False"), ("tome(keep=8, r=2, proportional_attention=False)", "not both"),
+    ("tome(r=0, layers=(0,), proportional_attention=False)", "r=0"),
+    ("tome(keep=0.5, layers=(0,), proportional_attention=False)", "keep"),
+    ("tome(proportional_attention=False)", "do not fit"),
+    ("tome(layers=(1, 0), proportional_attention=False)", "increasing"),
+    ("tome(keep=40, layers=(0,), proportional_attention=False)", "keep=40"),
+    ("tome(keep=8, layers=(0,), heads=3, proportional_attention=False)", "heads=3"),
+    ("tome(layers=(0,), heads=0, proportional_attention=False)", "heads")])
+def test_tome_bad_options(llava, spec, word):
+    model, program = llava
+    with pytest.raises(PassConfigError, match=word):
+        gp.prune(model, spec, program=program)
+
+
+def test_tome_in_bench_grid(llava):
+    from graphprune.tools import bench
+    model, _ = llava
+    assert bench.feature_layers(model.config) == 2
+    cells = bench.grid_specs(["tome"], [16, "default"], 4, 36, bench.feature_layers(model.config))
+    assert [c[2] for c in cells] == ["tome(keep=16, proportional_attention=False, layers=(0, 1))",
+                                     "tome(proportional_attention=False, layers=(0, 1))"]
+    assert bench.grid_specs(["tome"], [64], 32, 576)[0][2] == "tome(keep=64, proportional_attention=False)"
+    for _, _, spec in cells:
+        gp.as_passes(spec)
+
+
+def test_tome_qwen2_5_vl_says_why_not():
+    """Qwen2.5-VL's vision encoder has no CLS token for the bipartite split to protect."""
+    from graphprune.rewrite.pipeline import Program
+    from graphprune.tools.family_zoo import tiny_qwen2_5_vl
+    model = tiny_qwen2_5_vl()
+    with pytest.raises(PassNotApplicable, match="CLS"):
+        gp.prune(model, "tome(keep=8, layers=(0,), proportional_attention=False)", program=Program.capture(model))

@@ -51,7 +51,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         with g.inserting_before(anchor):
             conv = g.call_function(_to_features, (state.vision_pos, state.seq_index, int(bool(anat.has_cls))))
             state = TokenState(layer, g.call_function(operator.getitem, (conv, 0)), g.call_function(operator.getitem, (conv, 1)),
-                               "features", state.valid, state.protected, state.generation, state.masked)
+                               "features", state.valid, state.protected, state.generation, state.masked,
+                               sizes=state.sizes)
 
     with g.inserting_before(anchor):
         signals = {name: extract_signal(gm, anat, sig, layer, state, name, p) for name, sig in plan.signals.items()}
@@ -60,7 +61,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             scores = _score(g, plan, signals, p)
             prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, rule.keep))
             anat.tokens.append(TokenState(layer, state.vision_pos, state.seq_index, state.coords, state.valid, prot,
-                                          state.generation, state.masked))
+                                          state.generation, state.masked, sizes=state.sizes))
             if anat.stage == "vision":
                 with g.inserting_before(g.find_nodes(op="output")[0]):
                     add_output(gm, g.call_function(_flatten_positions, (prot,)), "patches_protected")
@@ -78,8 +79,10 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             kept_desc = rule.keep
         elif isinstance(rule, Choose):
             k = None if rule.keep is None else g.call_function(_capacity_for, (state.vision_pos, rule.keep))
+            sized = dict(sizes=state.sizes) if rule.sized else {}
             choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
-                                                       vision_pos=state.vision_pos, **signals, **dict(rule.options)))
+                                                       vision_pos=state.vision_pos, **sized, **signals,
+                                                       **dict(rule.options)))
             if rule.ordered and (anat.stage != "vision" or plan.positions != "compact"):
                 raise PassConfigError(f"{p.name}: an ordered choice reorders tokens, which only the vision stage "
                                       "with positions='compact' allows")
@@ -90,6 +93,9 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
         keep, new_pos, picked, values, valid, prot = (g.call_function(operator.getitem, (sel, i)) for i in range(6))
         new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
+        sized = isinstance(rule, Choose) and rule.sized
+        sizes = g.call_function(tokenops.kept_sizes, (choice if sized else None, state.sizes, picked)) \
+            if sized or state.sizes is not None else None
     hidden = _stream(anat, layer)
     rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
     _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
@@ -99,7 +105,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     if plan.positions == "compact" and anat.stage != "vision":
         renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
-                                  state.generation + 1, masked, key_valid))
+                                  state.generation + 1, masked, key_valid, sizes))
     out = g.find_nodes(op="output")[0]
     with g.inserting_before(out):
         if anat.stage == "vision":

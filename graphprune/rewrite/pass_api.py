@@ -130,7 +130,8 @@ class Choose:
     fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens (with
     ordered=True: in the order the kept tokens then take in the sequence), or a
     dict with `picked` and optionally `values` (B, images, k, D) that replace the kept tokens'
-    hidden states (merging) and `valid` (B, images, k) bool (static capacity: invalid slots are
+    hidden states (merging), `sizes` (B, images, k) (sized=True: size-weighted merging, ToMe) and
+    `valid` (B, images, k) bool (static capacity: invalid slots are
     masked as keys from then on). `keep=None`: the count is data dependent (exact thresholds,
     eager only). fn is recorded as one node of the graph, named after it; it must be a
     module-level function so the graph prints and exports.
@@ -140,6 +141,8 @@ class Choose:
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
     static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
     ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
+    sized: bool = False            # fn also receives `sizes` (B, images, tokens) float, how many original tokens
+                                   # each token stands for (None: all 1), and may return `sizes` of its picks
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,15 @@ def check_option_types(name: str, config) -> None:
             raise PassConfigError(f"{name}: {f.name}={value!r} must be of type {want}")
         if isinstance(value, float) and not math.isfinite(value):
             raise PassConfigError(f"{name}: {f.name}={value!r} must be a finite number")
+
+
+def layer_tuple(name: str, layers, lowest: int = 0, what: str = "layer indices") -> tuple:
+    """A layers option (an int or a sequence) as a tuple of increasing ints >= lowest, else PassConfigError."""
+    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    if not layers or any(isinstance(l, bool) or not isinstance(l, int) for l in layers) \
+            or list(layers) != sorted(set(layers)) or layers[0] < lowest:
+        raise PassConfigError(f"{name}: layers must be increasing {what} >= {lowest}, got {layers!r}")
+    return layers
 
 
 def fill_preset(name: str, config, presets: dict, options: tuple[str, str]) -> None:

@@ -21,7 +21,8 @@ from graphprune.tools.vqa_model import BenchError, VQAModel
 # filter layers (2, 6, 10, 14) that exist in the model; {half}: VTW's layer 16 of 32 -> L // 2;
 # {stages}: PyramidDrop's layers 8, 16, 24 of 32 -> L/4, L/2, 3L/4; {pyramid}: its ratios ending at the
 # budget, each stage keeping twice the next (capped at every token); {sparse}: SparseVLM's layers
-# 2, 6, 15, 19 of 32 -> L x l / 32 (at most L - 2: the layer after each runs reduced).
+# 2, 6, 15, 19 of 32 -> L x l / 32 (at most L - 2: the layer after each runs reduced); {tome}: ToMe
+# merges after every encoder layer feeding the features (its own default: CLIP ViT-L's 0..22).
 METHODS = {
     "fastv": ("fastv(layer=2, keep={keep})", "fastv"),
     "dart": ("dart(layer=2, keep={keep})", "dart"),
@@ -36,6 +37,7 @@ METHODS = {
     "vispruner": ("vispruner(keep={keep})", "vispruner"),
     "pyramiddrop": ("pyramiddrop(layers={stages}, ratios={pyramid})", "pyramiddrop(layers={stages})"),
     "sparsevlm": ("sparsevlm(keep={keep}, layers={sparse}{scale_bias})", "sparsevlm(layers={sparse})"),
+    "tome": ("tome(keep={keep}, proportional_attention=False{tome})", "tome(proportional_attention=False{tome})"),
 }
 
 
@@ -46,13 +48,24 @@ METHODS = {
 
 # -- the grid --------------------------------------------------------------------------------------
 
-def grid_specs(methods, budgets, num_layers: int, tokens: int) -> list[tuple[str, str, str]]:
+def feature_layers(config) -> int | None:
+    """Vision encoder layers that feed a LLaVA-style model's features (its vision_feature_layer), or None."""
+    layer, vc = getattr(config, "vision_feature_layer", None), getattr(config, "vision_config", None)
+    if not isinstance(layer, int) or vc is None:
+        return None
+    return layer % (vc.num_hidden_layers + 1)
+
+
+def grid_specs(methods, budgets, num_layers: int, tokens: int, vision_layers: int | None = None
+               ) -> list[tuple[str, str, str]]:
     """[(method, budget label, pipeline)]: every method at every budget, plus its own defaults
-    when they differ from every budget cell. Raises BenchError for unknown names / bad budgets."""
+    when they differ from every budget cell. vision_layers: encoder layers feeding the features
+    (None: each method's default). Raises BenchError for unknown names / bad budgets."""
     layers = tuple(l for l in (2, 6, 10, 14) if l < num_layers)
     stages = tuple(sorted({max(1, num_layers * i // 4) for i in (1, 2, 3)} - {num_layers}))
     sparse = tuple(sorted({min(num_layers - 2, num_layers * l // 32) for l in (2, 6, 15, 19)}))
-    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages, sparse=sparse)
+    tome = "" if vision_layers is None else f", layers={tuple(range(vision_layers))}"
+    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages, sparse=sparse, tome=tome)
     cells = []
     for m in methods:
         if m not in METHODS:
