@@ -213,6 +213,18 @@ def mask_keys(mask, key_valid, q, is_causal: bool):
     return mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
 
 
+def key_log_sizes(seq_index, new_pos, sizes):
+    """(B, S) log of each vision token's size at its slot, 0 elsewhere (size 1): proportional attention."""
+    b, n, k = new_pos.shape
+    out = torch.zeros(seq_index.shape, dtype=sizes.dtype, device=sizes.device)
+    return out.scatter(1, new_pos.reshape(b, n * k), sizes.log().reshape(b, n * k))
+
+
+def bias_keys(log_size, q):
+    """An additive SDPA mask (B, 1, 1, S) adding log_size (B, S) to every query's logit of each key."""
+    return log_size[:, None, None, :].to(q.dtype)
+
+
 def zero_rows(rows, row_mask):
     """Attention rows (B, T, ...) of padded text queries set to 0."""
     shape = row_mask.shape + (1,) * (rows.dim() - row_mask.dim())

@@ -12,12 +12,12 @@ r per layer, at most half the patches (ToMe's min(r, (t - 1) // 2)); or `keep`: 
 layers 0..22 (the CLIP ViT-L/14 blocks whose output LLaVA-1.5 reads). The LLM sees the merged tokens
 in that order, compactly numbered.
 
-What the pass API cannot express, stated rather than approximated silently:
-  * proportional attention (the authors' default: log(size) added to the attention logits of every
-    later encoder layer) is not a signal or a selection rule; proportional_attention=True is refused
-    before any work. proportional_attention=False merges without the log-size bias.
-  * ToMe merges between a block's attention and its MLP; a plan acts between blocks, so the MLP of
-    block l still runs on the unmerged tokens (merge after the block, with the same keys).
+Proportional attention (the authors' default, proportional_attention=True): every later encoder
+layer adds log(size) of each key to its attention logits (Choose(proportional=True); the bias of a
+later merge replaces the earlier one). proportional_attention=False merges without it.
+What the pass API cannot express: ToMe merges between a block's attention and its MLP; a plan acts
+between blocks, so the MLP of block l still runs on the unmerged tokens (merge after the block, with
+the same keys and pairs).
 Departures and their effect: docs/methods.md.
 """
 import math
@@ -85,14 +85,10 @@ class ToMe(TokenPass):
         layers: tuple = FEATURE_LAYERS   # encoder layers after which tokens merge
         heads: int | None = None         # attention heads the keys are averaged over (the authors' metric);
         #                                  None: cosine of the keys with heads concatenated
-        proportional_attention: bool = True   # the authors' log-size bias: not expressible, refused
+        proportional_attention: bool = True   # the authors' prop_attn: later layers add log(size) to key logits
 
     def validate(self):
         c = self.config
-        if c.proportional_attention:
-            raise PassConfigError("tome: proportional_attention=True (the authors' default) adds log(size) to the "
-                                  "attention logits of every later encoder layer, which the pass API cannot express; "
-                                  "set proportional_attention=False to merge without that bias")
         if c.r is not None and c.keep is not None:
             raise PassConfigError(f"tome: give r (merges per layer) or keep (patches left), not both "
                                   f"(r={c.r!r}, keep={c.keep!r})")
@@ -129,5 +125,5 @@ class ToMe(TokenPass):
         return [Plan(layer=l + 1, positions="compact", signals={"keys": Keys(l), "hidden": Hidden(l)},
                      select=Choose(None, bipartite_merge, (("r", c.r), ("keep", c.keep),
                                                           ("layers_left", len(c.layers) - i), ("heads", c.heads)),
-                                   ordered=True, sized=True))
+                                   ordered=True, sized=True, proportional=c.proportional_attention))
                 for i, l in enumerate(c.layers)]

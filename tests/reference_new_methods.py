@@ -375,11 +375,12 @@ def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.no_grad()
 def tome_vision(model, pixel_values: Tensor, layers, r: int | None = None, keep: int | None = None,
-                heads_mean: bool = False) -> dict:
+                heads_mean: bool = False, proportional: bool = True) -> dict:
     """CLIP vision tower by hand with ToMe merges after each of ``layers`` (graphprune's placement: after the
     block, with that block's keys; the authors merge between its attention and MLP), the authors'
-    merge_wavg (x = sum(size x) / sum(size), sizes summed; unmerged tokens (x size) / size) and order
-    [unmerged A, B]; no proportional attention. Per layer r, or ceil((V - keep) / layers left), at most
+    merge_wavg (x = sum(size x) / sum(size), sizes summed; unmerged tokens (x size) / size), order
+    [unmerged A, B] and, with ``proportional``, the authors' proportional attention (log(size) of each key
+    added to the logits of every later layer). Per layer r, or ceil((V - keep) / layers left), at most
     V // 2. Returns ``features`` (n, V', D) in the merged order, ``patch_index`` (n, V') the first V' slots
     (the LLM reads them in that order), ``representative`` (n, V') the original patch whose slot each token
     holds, ``sources`` (per image, per token, the sorted original patches it merges) and ``sizes``."""
@@ -412,8 +413,11 @@ def tome_vision(model, pixel_values: Tensor, layers, r: int | None = None, keep:
             q = R._linear(y, w, lp + "self_attn.q_proj").view(t, n_heads, hd).transpose(0, 1)
             k = R._linear(y, w, lp + "self_attn.k_proj").view(t, n_heads, hd).transpose(0, 1)
             val = R._linear(y, w, lp + "self_attn.v_proj").view(t, n_heads, hd).transpose(0, 1)
-            o, _ = R._softmax_attention(q[None], k[None], val[None], None, hd ** -0.5)
-            x = x + R._linear(o[0].transpose(0, 1).reshape(t, d), w, lp + "self_attn.out_proj")
+            logits = (q @ k.transpose(-1, -2)) * hd ** -0.5
+            if proportional:
+                logits = logits + size.log()[None, None, :, 0]
+            o = logits.softmax(-1) @ val
+            x = x + R._linear(o.transpose(0, 1).reshape(t, d), w, lp + "self_attn.out_proj")
             y = R._layer_norm(x, w[lp + "layer_norm2.weight"], w[lp + "layer_norm2.bias"], eps)
             x = x + R._linear(act(R._linear(y, w, lp + "mlp.fc1")), w, lp + "mlp.fc2")
             if i not in layers:

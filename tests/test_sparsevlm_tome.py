@@ -129,19 +129,31 @@ def test_sparsevlm_qwen2_5_vl_says_why_not():
 # ----------------------------------------------------------------------------------------------- ToMe
 
 def _tome_spec(opts):
-    return "tome(proportional_attention=False" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
+    return "tome(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ")"
 
 
-@pytest.mark.parametrize("batch,pad,opts", [
-    (1, (), dict(keep=10, layers=(0, 1))),                  # 36 -> 23 -> 12 (capped at half)
-    (2, (0, 3), dict(r=5, layers=(0, 1), heads=4)),         # the authors' metric: keys averaged over heads
-    (2, (0, 3), dict(keep=20, layers=(1,))),                # the feature layer only
+@pytest.fixture(scope="module")
+def llava_deep_vision():
+    """Tiny LLaVA whose vision tower has 5 layers (4 feed the features): merges at several layers, each
+    replacing the proportional-attention bias of the layers after it."""
+    from graphprune.rewrite.pipeline import Program
+    from graphprune.tools.zoo import tiny_llava
+    model = tiny_llava(vision_layers=5)
+    return model, Program.capture(model)
+
+
+@pytest.mark.parametrize("deep,batch,pad,opts", [
+    (False, 1, (), dict(keep=10, layers=(0, 1))),                             # 36 -> 23 -> 12 (capped at half)
+    (False, 2, (0, 3), dict(r=5, layers=(0, 1), heads=4)),                    # the authors' metric
+    (False, 2, (0, 3), dict(keep=20, layers=(1,), proportional_attention=False)),
+    (True, 2, (0, 3), dict(r=4, layers=(0, 1, 2, 3), heads=4)),               # sizes up to 2^4, bias replaced 3x
+    (True, 1, (), dict(keep=9, layers=(0, 2), proportional_attention=False)),
 ])
-def test_tome_matches_reference(llava, batch, pad, opts):
-    model, program = llava
+def test_tome_matches_reference(llava, llava_deep_vision, deep, batch, pad, opts):
+    model, program = llava_deep_vision if deep else llava
     ex = llava_example(model, batch=batch, pad=pad, seed=batch + 30)
     vo = N.tome_vision(model, ex.pixel_values, opts["layers"], r=opts.get("r"), keep=opts.get("keep"),
-                       heads_mean="heads" in opts)
+                       heads_mean="heads" in opts, proportional=opts.get("proportional_attention", True))
     emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, vo, positions="compact")
     ref = R.lm_generate(model, emb, am, pos, vision_mask=vm, max_new_tokens=STEPS)
     pruned = gp.prune(model, _tome_spec(opts), program=program)
@@ -149,6 +161,17 @@ def test_tome_matches_reference(llava, batch, pad, opts):
     # each token stands at its representative's slot (the B token, or the unmerged A token), in ToMe's order
     assert pruned.report.patches_kept == vo["representative"].tolist()
     assert any(len(s) > 2 for img in vo["sources"] for s in img)        # merged tokens merged again (sizes > 2)
+
+
+def test_tome_proportional_attention_changes_the_result(llava):
+    """The log-size bias is really applied: with and without it the logits differ (and each equals its
+    reference above)."""
+    model, program = llava
+    ex = llava_example(model, batch=1, seed=31)
+    with_bias = gp.prune(model, "tome(keep=10, layers=(0, 1))", program=program)(**ex.as_kwargs())
+    without = gp.prune(model, "tome(keep=10, layers=(0, 1), proportional_attention=False)",
+                       program=program)(**ex.as_kwargs())
+    assert not torch.allclose(with_bias.logits, without.logits, atol=1e-4)
 
 
 def test_tome_merge_on_identical_tensors():
@@ -179,19 +202,15 @@ def test_tome_merge_on_identical_tensors():
 
 def test_tome_batch_equals_alone(llava):
     model, program = llava
-    _alone_equals_batch(model, program, _tome_spec(dict(keep=12, layers=(0, 1))),
+    _alone_equals_batch(model, program, _tome_spec(dict(keep=12, layers=(0, 1), heads=4)),
                         llava_example(model, batch=2, pad=(0, 3), seed=10))
 
 
 @pytest.mark.parametrize("spec,word", [
-    ("tome", "proportional_attention=False"), ("tome(keep=8, r=2, proportional_attention=False)", "not both"),
-    ("tome(r=0, layers=(0,), proportional_attention=False)", "r=0"),
-    ("tome(keep=0.5, layers=(0,), proportional_attention=False)", "keep"),
-    ("tome(proportional_attention=False)", "do not fit"),
-    ("tome(layers=(1, 0), proportional_attention=False)", "increasing"),
-    ("tome(keep=40, layers=(0,), proportional_attention=False)", "keep=40"),
-    ("tome(keep=8, layers=(0,), heads=3, proportional_attention=False)", "heads=3"),
-    ("tome(layers=(0,), heads=0, proportional_attention=False)", "heads")])
+    ("tome", "do not fit"), ("tome(keep=8, r=2)", "not both"), ("tome(r=0, layers=(0,))", "r=0"),
+    ("tome(keep=0.5, layers=(0,))", "keep"), ("tome(layers=(1, 0))", "increasing"),
+    ("tome(keep=40, layers=(0,))", "keep=40"), ("tome(keep=8, layers=(0,), heads=3)", "heads=3"),
+    ("tome(layers=(0,), heads=0)", "heads"), ("tome(layers=(0,), proportional_attention=1)", "proportional")])
 def test_tome_bad_options(llava, spec, word):
     model, program = llava
     with pytest.raises(PassConfigError, match=word):
@@ -203,9 +222,8 @@ def test_tome_in_bench_grid(llava):
     model, _ = llava
     assert bench.feature_layers(model.config) == 2
     cells = bench.grid_specs(["tome"], [16, "default"], 4, 36, bench.feature_layers(model.config))
-    assert [c[2] for c in cells] == ["tome(keep=16, proportional_attention=False, layers=(0, 1))",
-                                     "tome(proportional_attention=False, layers=(0, 1))"]
-    assert bench.grid_specs(["tome"], [64], 32, 576)[0][2] == "tome(keep=64, proportional_attention=False)"
+    assert [c[2] for c in cells] == ["tome(keep=16, layers=(0, 1))", "tome(layers=(0, 1))"]
+    assert bench.grid_specs(["tome"], [64], 32, 576)[0][2] == "tome(keep=64)"
     for _, _, spec in cells:
         gp.as_passes(spec)
 
@@ -216,4 +234,4 @@ def test_tome_qwen2_5_vl_says_why_not():
     from graphprune.tools.family_zoo import tiny_qwen2_5_vl
     model = tiny_qwen2_5_vl()
     with pytest.raises(PassNotApplicable, match="CLS"):
-        gp.prune(model, "tome(keep=8, layers=(0,), proportional_attention=False)", program=Program.capture(model))
+        gp.prune(model, "tome(keep=8, layers=(0,))", program=Program.capture(model))

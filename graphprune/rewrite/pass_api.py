@@ -143,6 +143,8 @@ class Choose:
     ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
     sized: bool = False            # fn also receives `sizes` (B, images, tokens) float, how many original tokens
                                    # each token stands for (None: all 1), and may return `sizes` of its picks
+    proportional: bool = False     # sized, vision stage: later encoder attention adds log(size) of each key to
+                                   # its logits (ToMe's proportional attention)
 
 
 @dataclass(frozen=True)

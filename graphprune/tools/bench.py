@@ -37,7 +37,7 @@ METHODS = {
     "vispruner": ("vispruner(keep={keep})", "vispruner"),
     "pyramiddrop": ("pyramiddrop(layers={stages}, ratios={pyramid})", "pyramiddrop(layers={stages})"),
     "sparsevlm": ("sparsevlm(keep={keep}, layers={sparse}{scale_bias})", "sparsevlm(layers={sparse})"),
-    "tome": ("tome(keep={keep}, proportional_attention=False{tome})", "tome(proportional_attention=False{tome})"),
+    "tome": ("tome(keep={keep}{tome})", "tome({tome_default})"),
 }
 
 
@@ -64,8 +64,9 @@ def grid_specs(methods, budgets, num_layers: int, tokens: int, vision_layers: in
     layers = tuple(l for l in (2, 6, 10, 14) if l < num_layers)
     stages = tuple(sorted({max(1, num_layers * i // 4) for i in (1, 2, 3)} - {num_layers}))
     sparse = tuple(sorted({min(num_layers - 2, num_layers * l // 32) for l in (2, 6, 15, 19)}))
-    tome = "" if vision_layers is None else f", layers={tuple(range(vision_layers))}"
-    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages, sparse=sparse, tome=tome)
+    tome = "" if vision_layers is None else f"layers={tuple(range(vision_layers))}"
+    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages, sparse=sparse,
+                tome=tome and ", " + tome, tome_default=tome)
     cells = []
     for m in methods:
         if m not in METHODS:
