@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from graphprune.compat import vlm_body
 from graphprune.errors import InputError, UnsupportedModelError
 
 VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
@@ -59,7 +60,7 @@ class Family:
     def body(self) -> nn.Module:
         """The module holding vision tower, projector and language model (`model.model` of an
         XForConditionalGeneration; the model itself when it is that body, as in a compile frame)."""
-        return self.model if hasattr(self.model, "language_model") else self.model.model
+        return vlm_body(self.model)
 
     def is_body(self) -> bool:
         return self.body() is self.model

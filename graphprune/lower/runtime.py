@@ -24,15 +24,22 @@ from transformers.utils import ModelOutput
 
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
+from graphprune.compat import is_later_generate_step
 from graphprune.errors import InputError, NothingPrunedWarning
-from graphprune.lower.cache import PrunedCache
 from graphprune.families.base import check_video_unit
+from graphprune.lower.cache import PrunedCache
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
-from graphprune.rewrite.pipeline import (BudgetStep, Program, as_passes, follow_budgets, load_builtin_methods,
-                                         run_pipeline)
+from graphprune.rewrite.pipeline import (
+    BudgetStep,
+    Program,
+    as_passes,
+    follow_budgets,
+    load_builtin_methods,
+    run_pipeline,
+)
 from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_layer_rotary
 
 
@@ -468,7 +475,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         """transformers' own preparation, less what generate hands every model but forward does not
         take (the stop-string tokenizer, ...); generate has already checked the user's kwargs."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS or k in self.family.vision_inputs}
+        vision = self.family.vision_inputs
+        if is_later_generate_step(inputs):
+            return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS and k not in vision}
+        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS or k in vision}
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         """transformers checks generate's kwargs against forward's named parameters; the family's
