@@ -12,6 +12,8 @@ import contextlib
 import functools
 import inspect
 
+import torch
+
 
 @functools.cache
 def transformers_major() -> int:
@@ -30,7 +32,8 @@ def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:
         if mrope_section is not None:
             params["mrope_section"] = list(mrope_section)
         return {"rope_parameters": params}
-    scaling = None if mrope_section is None else {"type": "mrope", "mrope_section": list(mrope_section)}
+    # (4.x Mllama reads rope_scaling["rope_type"] unconditionally; "default" is plain RoPE everywhere)
+    scaling = {"rope_type": "default"} if mrope_section is None else {"type": "mrope", "mrope_section": list(mrope_section)}
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
@@ -50,6 +53,28 @@ def vlm_body(model):
     `language_model` property too, so that attribute alone does not tell the two apart."""
     inner = getattr(model, "model", None)
     return inner if hasattr(inner, "language_model") else model
+
+
+def feature_selection_kwargs(get_features, config) -> dict:
+    """The config's `vision_feature_layer` / `vision_feature_select_strategy` for a get_image_features /
+    get_video_features method that takes them: LLaVA-OneVision's get_video_features requires both on
+    transformers 4.56-4.57 (5.x reads them from the config when not given). Passing the config's
+    values is what the model's own forward does."""
+    params = inspect.signature(get_features).parameters
+    return {name: getattr(config, name) for name in ("vision_feature_layer", "vision_feature_select_strategy")
+            if name in params and getattr(config, name, None) is not None}
+
+
+def onevision_video_features(body, pixel_values_videos, **kw):
+    """LlavaOnevisionModel.get_video_features with the image_newline that closes each video.
+
+    transformers 5 returns an output whose pooler_output ends each video with it; 4.56-4.57 return
+    the pooled frame features alone and append the newline in the model's forward."""
+    out = body.get_video_features(pixel_values_videos, **kw)
+    if hasattr(out, "pooler_output"):
+        return out
+    newline = body.image_newline[None, None, :].expand(out.shape[0], 1, -1).to(out.dtype)
+    return torch.cat([out, newline], 1)
 
 
 def qwen2vl_rope_index(model, input_ids, mm_token_type_ids, **grids):

@@ -12,6 +12,7 @@ import reference_families as RF
 import torch
 
 import graphprune as gp
+from graphprune.compat import rope_config
 from graphprune.errors import InputError, UnsupportedModelError
 from graphprune.families import family_of
 from graphprune.rewrite.pipeline import Program
@@ -182,11 +183,13 @@ def test_refused_families_say_why():
                                       intermediate_layers_indices=[0]),
                    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     num_key_value_heads=1, vocab_size=64, cross_attention_layers=[1],
-                                    bos_token_id=1, eos_token_id=2, pad_token_id=0))
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, **rope_config(10000.0)))
     with pytest.raises(UnsupportedModelError, match="mllama.*cross-attention"):
         gp.prune(mllama, "fastv")
-    from transformers import Qwen3_5Config
-    cfg = Qwen3_5Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    import transformers
+    if not hasattr(transformers, "Qwen3_5Config"):
+        return                         # Qwen3.5 is newer than this transformers
+    cfg = transformers.Qwen3_5Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
     stub = torch.nn.Module()
     stub.config = cfg                  # the family is refused from the config, before any part is read

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graphprune.compat import vlm_body
+from graphprune.compat import feature_selection_kwargs, vlm_body
 from graphprune.errors import InputError, UnsupportedModelError
 
 VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
@@ -165,11 +165,17 @@ class Family:
         out = []
         if inputs.get("pixel_values") is not None:
             kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
+            kw.update(feature_selection_kwargs(body.get_image_features, self.config()))
             out.append((self.image_token_id(), _flat(body.get_image_features(inputs["pixel_values"], **kw))))
         if inputs.get("pixel_values_videos") is not None:
             kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
-            out.append((self.video_token_id(), _flat(body.get_video_features(inputs["pixel_values_videos"], **kw))))
+            kw.update(feature_selection_kwargs(body.get_video_features, self.config()))
+            out.append((self.video_token_id(), _flat(self.video_features(body, inputs["pixel_values_videos"], **kw))))
         return out
+
+    def video_features(self, body, pixel_values_videos, **kw):
+        """The features a video's placeholders take, in order (the model's own get_video_features)."""
+        return body.get_video_features(pixel_values_videos, **kw)
 
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:
