@@ -606,7 +606,8 @@ def cmd_bench(args) -> int:
         if args.data and not __import__("os").path.exists(args.data):
             raise _Failure(f"--data {args.data} does not exist")
         vm = vqa_model.load_vqa_model(args.model, **_loading(args))
-        cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
+        cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image,
+                                 bench.feature_layers(vm.model.config))
         cells += [("custom", f"#{i + 1}", p) for i, p in enumerate(args.pipeline)]
         prepared, skipped = bench.prepare(vm, cells, args.linear or "aten")
         items = vqa_model.load_items(args.data, args.n, args.split, args.seed)

@@ -131,6 +131,13 @@ def apply_choice(choice, vision_pos, seq_index, protected=None, valid=None):
     return keep, new_pos, picked, values, new_valid, new_prot
 
 
+def kept_sizes(choice, sizes, picked):
+    """Sizes of the kept tokens: those a sized choice returns, else the kept tokens' own (None: all 1)."""
+    if isinstance(choice, dict) and choice.get("sizes") is not None:
+        return choice["sizes"]
+    return None if sizes is None else sizes.gather(2, picked)
+
+
 def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
     # keep (B, S') ascending positions, and the kept vision tokens' new positions (B, n, k)
     b, s = seq_index.shape
@@ -204,6 +211,18 @@ def mask_keys(mask, key_valid, q, is_causal: bool):
     if mask.dtype == torch.bool:
         return mask & cols
     return mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
+
+
+def key_log_sizes(seq_index, new_pos, sizes):
+    """(B, S) log of each vision token's size at its slot, 0 elsewhere (size 1): proportional attention."""
+    b, n, k = new_pos.shape
+    out = torch.zeros(seq_index.shape, dtype=sizes.dtype, device=sizes.device)
+    return out.scatter(1, new_pos.reshape(b, n * k), sizes.log().reshape(b, n * k))
+
+
+def bias_keys(log_size, q):
+    """An additive SDPA mask (B, 1, 1, S) adding log_size (B, S) to every query's logit of each key."""
+    return log_size[:, None, None, :].to(q.dtype)
 
 
 def zero_rows(rows, row_mask):

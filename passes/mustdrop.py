@@ -32,6 +32,7 @@ from graphprune.rewrite.pass_api import (
     Plan,
     Protect,
     TokenPass,
+    fill_preset,
 )
 from graphprune.rewrite.registry import register_pass, register_pipeline
 from graphprune.tokenops import true_positions
@@ -241,13 +242,7 @@ class MustDropFilter(TokenPass):
         if c.keep is not None:
             from graphprune.rewrite.pass_api import check_budget
             check_budget(self.name, c.keep)
-        if c.gamma is None or c.alpha is None:
-            if c.keep not in FILTER_PRESETS:
-                raise PassConfigError(f"mustdrop_filter: give gamma and alpha, or keep in {sorted(FILTER_PRESETS)} "
-                                      f"for the authors' values (got keep={c.keep!r})")
-            gamma, alpha = FILTER_PRESETS[c.keep]
-            c.gamma = gamma if c.gamma is None else c.gamma
-            c.alpha = alpha if c.alpha is None else c.alpha
+        fill_preset(self.name, c, FILTER_PRESETS, ("gamma", "alpha"))
         if c.gamma < 0 or c.alpha < 0:
             raise PassConfigError(f"mustdrop_filter: thresholds must be >= 0 (gamma={c.gamma}, alpha={c.alpha})")
         if c.mode == "static":

@@ -19,6 +19,7 @@ from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttentionRows,
     Hidden,
+    InputEmbeds,
     Keys,
     Projected,
     SequenceIndex,
@@ -45,6 +46,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         return g.call_function(tokenops.token_features, (out, state.vision_pos))
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
+    if isinstance(sig, InputEmbeds):
+        return _input_embeds(gm, anat, sig, p)
     src = getattr(sig, "layer", None)
     if src == LAST_VISION_LAYER:
         if anat.stage != "vision" or "vision_last_hidden" not in gm.meta.get("graphprune_outputs", ()):
@@ -127,6 +130,16 @@ def _sequence_index(gm, anat: Anatomy, sig: SequenceIndex, state: TokenState, p:
         return g.call_function(tokenops.token_features, (index, state.vision_pos, 0, 1))
     text_pos = g.call_function(tokenops.positions_of, (state.seq_index, layout_input(gm, anat, "text_index")))
     return g.call_function(torch.gather, (index, 1, text_pos))
+
+
+def _input_embeds(gm, anat: Anatomy, sig: InputEmbeds, p: TokenPass) -> fx.Node:
+    g = gm.graph
+    if anat.stage == "vision" or sig.tokens not in ("vision", "text"):
+        raise PassConfigError(f"{p.name}: InputEmbeds is a prefill signal of tokens 'vision' or 'text', got {sig!r}")
+    emb = anat.inputs["inputs_embeds"]          # original token coordinates, before any selection
+    if sig.tokens == "vision":
+        return g.call_function(tokenops.token_features, (emb, anat.tokens[0].vision_pos, 0, 1))
+    return _features_at(g, emb, layout_input(gm, anat, "text_index"), "text", 0, 1)
 
 
 def unpadded_index(attention_mask, seq_index):
