@@ -144,8 +144,8 @@ def _vqa_parsers(sub) -> None:
     b.add_argument("--model", help=VQA_MODEL_HELP)
     b.add_argument("--data", help="JSONL file, or folder of them: {\"image\": path relative to the file, \"question\", "
                    "\"answer\", optional \"type\"} per line (default: the synthetic VQA split)")
-    b.add_argument("--methods", help="comma-separated (default: all of fastv, dart, random, cls_topk, mustdrop, "
-                   "visiontrim, vtw)")
+    b.add_argument("--methods", help="comma-separated (default: every method of the grid, "
+                   "graphprune.tools.bench.METHODS)")
     b.add_argument("--budgets", default="192,128,64,default", help="vision tokens kept per image, comma-separated; "
                    "'default' = each method's own defaults (default: 192,128,64,default)")
     b.add_argument("--pipeline", action="append", default=[], help="an extra cell: any pipeline string (repeatable)")

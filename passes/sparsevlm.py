@@ -196,6 +196,7 @@ class SparseVLM(TokenPass):
         c = self.config
         options = (("scale", c.scale), ("bias", c.bias), ("recycle", c.recycle))
         signals = {"vis_emb": InputEmbeds("vision"), "text_emb": InputEmbeds("text"), "text_mask": TextMask()}
-        return [Plan(layer=l + 1, positions="compact", select=Choose(c.capacity, sparsify, options, static_mask=True, merges=True),
+        select = Choose(c.capacity, sparsify, options, static_mask=True, merges=True)
+        return [Plan(layer=l + 1, positions="compact", select=select,
                      signals={"attn": AttentionRows(l, query="text"), "hidden": Hidden(l), **signals})
                 for l in c.layers]
