@@ -24,7 +24,8 @@ CHECKS = {  # test function (+ method parameter) -> column
     ("test_llm_methods_equal_reference", "random"): "random = reference",
     ("test_llm_methods_equal_reference", "vtw"): "vtw = reference",
     ("test_batch_equals_samples_alone", None): "batch 2, left padding = samples alone",
-    ("test_beam_search_repeats_each_sample_with_its_images_and_videos", None): "beam search (2 beams, 2 sequences) = HF",
+    ("test_beam_search_repeats_each_sample_with_its_images_and_videos", None):
+        "beam search (2 beams, 2 sequences) = HF",
 }
 
 
