@@ -21,6 +21,14 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
+@functools.cache
+def generate_cache_name() -> str:
+    """The name generate() gives the cache: in the kwargs it passes forward and the output field it
+    reads back. transformers 5.24 renamed `past_key_values` to `cache`."""
+    from transformers.generation import utils
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:
     """Text-config keyword arguments for default RoPE (with Qwen2-VL's M-RoPE sections if given).
 

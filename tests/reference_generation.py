@@ -107,9 +107,11 @@ class ReferenceVLM(nn.Module, GenerationMixin):
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None, past_key_values=None, use_cache=True, return_dict=True, **generate_extras):
-        # generate_extras: what generate hands every model (the stop-string tokenizer), unused as by HF models
-        cache = past_key_values if past_key_values is not None else ReferenceCache()
+                mm_token_type_ids=None, past_key_values=None, use_cache=True, return_dict=True, cache=None,
+                **generate_extras):
+        # generate_extras: what generate hands every model (the stop-string tokenizer), unused as by HF models;
+        # `cache` is past_key_values' name from transformers 5.24
+        cache = next((c for c in (cache, past_key_values, ReferenceCache()) if c is not None))
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long)
         if cache.k:

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
-from graphprune.compat import is_later_generate_step
+from graphprune.compat import generate_cache_name, is_later_generate_step
 from graphprune.errors import InputError, NothingPrunedWarning
 from graphprune.families.base import check_video_unit
 from graphprune.lower.cache import PrunedCache
@@ -45,16 +45,21 @@ from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_lay
 
 @dataclass
 class PrunedOutput(ModelOutput):
-    """What forward returns; transformers' generate reads `logits` and `past_key_values`."""
+    """What forward returns; transformers' generate reads `logits` and the cache by the name its
+    version gives it: `cache` from 5.24, `past_key_values` before (both fields there, one cache)."""
     logits: torch.Tensor | None = None     # (B, S_kept, vocab): logits of every token the last layer kept
-    past_key_values: PrunedCache | None = None     # per-layer caches (after prefill, or with the fed tokens)
+    cache: PrunedCache | None = None       # per-layer caches (after prefill, or with the fed tokens)
+    if generate_cache_name() == "past_key_values":
+        # the same cache by its name before 5.24 (5.24's ModelOutput maps this name to `cache` itself)
+        past_key_values: PrunedCache | None = None
     positions: torch.Tensor | None = None  # position ids of the prompt as fed to the LM (prefill only)
     kept: torch.Tensor | None = None       # (B, S_kept) original prompt index of each row of `logits` (prefill)
     report: Report | None = None
 
-    @property
-    def cache(self) -> PrunedCache:
-        return self.past_key_values
+
+def _cache_fields(cache: PrunedCache) -> dict:
+    # transformers 5.24's ModelOutput renames a past_key_values argument to cache (and refuses both)
+    return {"cache": cache} if generate_cache_name() == "cache" else {"cache": cache, "past_key_values": cache}
 
 
 @dataclass
@@ -300,17 +305,21 @@ class PrunedModel(nn.Module, GenerationMixin):
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, past_key_values: PrunedCache | None = None, use_cache: bool = True,
-                return_dict: bool = True, **extra) -> PrunedOutput:
+                return_dict: bool = True, cache: PrunedCache | None = None, **extra) -> PrunedOutput:
         """A prompt (no cache, or an empty one): the pruned prefill; logits of the kept tokens and
         the filled cache. Tokens continuing a conversation (a filled PrunedCache): the decode step
         over each layer's own cache, one token at a time, logits of every fed token; the image
         inputs of a cached conversation are not used again (its image is in the cache).
+        `cache`: the same as past_key_values (its name from transformers 5.24).
         `extra`: the family's other processor outputs (pixel_values_videos, image_sizes, ...)."""
         inputs = self._vision_inputs(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                      mm_token_type_ids=mm_token_type_ids, **extra)
         if not use_cache:
             raise InputError("a pruned model decodes through its per-layer caches; use_cache=False is not supported")
-        cache = PrunedCache() if past_key_values is None else past_key_values
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise InputError("cache and past_key_values name the same thing; pass one of them")
+        cache = cache if cache is not None else past_key_values
+        cache = PrunedCache() if cache is None else cache
         if not isinstance(cache, PrunedCache):
             raise InputError(f"past_key_values must be a graphprune PrunedCache (what this model returns), "
                              f"got {type(cache).__name__}")
@@ -354,7 +363,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         if self.report.pruned_nothing and prompt is not None and self.pipeline:
             warnings.warn(f"{self.report.pipeline} pruned nothing on this prompt: every layer ran on every "
                           "prompt token (report.pruned_nothing)", NothingPrunedWarning, stacklevel=3)
-        return PrunedOutput(logits=outs["logits"], past_key_values=cache, positions=positions, kept=kept,
+        return PrunedOutput(logits=outs["logits"], **_cache_fields(cache), positions=positions, kept=kept,
                             report=self.report)
 
     def _continue(self, cache: PrunedCache, input_ids, attention_mask, pixel_values) -> PrunedOutput:
@@ -373,7 +382,7 @@ class PrunedModel(nn.Module, GenerationMixin):
                              "prompt with its images: start a new conversation (no past_key_values) for a new image")
         cache.room(t)
         logits = [self.decode_step(cache, input_ids[:, j], mask=fed[:, j])[0] for j in range(t)]
-        return PrunedOutput(logits=torch.stack(logits, 1), past_key_values=cache)
+        return PrunedOutput(logits=torch.stack(logits, 1), **_cache_fields(cache))
 
     def decode_step(self, cache: PrunedCache, token: torch.Tensor, position: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None):
@@ -457,6 +466,8 @@ class PrunedModel(nn.Module, GenerationMixin):
             if kwargs.get(name) or getattr(kwargs.get("generation_config"), name, None):
                 raise InputError(f"{name}: {why}")
         cache = kwargs.pop("past_key_values", None)
+        if kwargs.get("cache") is not None:        # its name from transformers 5.24
+            cache = kwargs.pop("cache")
         if cache is None:
             cache = PrunedCache(capacity=self._new_tokens(input_ids, kwargs) if static_cache else 0)
         elif static_cache and not cache.static:
@@ -465,7 +476,7 @@ class PrunedModel(nn.Module, GenerationMixin):
                       image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids)
         inputs = {k: v for k, v in inputs.items() if v is not None}
         with _sampling_rng(generator, self.device):
-            out = super().generate(**inputs, past_key_values=cache, **kwargs)
+            out = super().generate(**inputs, **{generate_cache_name(): cache}, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         if self.report is not None and input_ids is not None:
             self.report.with_decode(cache, sequences.shape[1] - input_ids.shape[1])
