@@ -126,8 +126,10 @@ def test_rss_flat_over_100_prune_generate_cycles():
 
 FRESH_MODELS = """
 import gc, json, os, weakref
+import torch
 import graphprune as gp
 from graphprune.tools import zoo
+torch.set_num_threads(1)                # tiny graphs: one thread is twice as fast as two
 sizes, refs = [], []
 for i in range(CYCLES):
     m = zoo.tiny_llava(layers=2, vision_layers=2, hidden=32, vision_hidden=16)
