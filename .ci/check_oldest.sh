@@ -2,8 +2,10 @@
 # The oldest supported stack: the lower ends of pyproject.toml's ranges in a fresh venv, then
 #  1. `pip install ".[test]"` on top must keep that stack (no re-resolution replacing the user's
 #     torch / transformers), and
-#  2. a fast subset of the suite: capture, anatomy, rewrite and the main methods against the
-#     independent reference, the runtime, and ONNX export + ONNX Runtime.
+#  2. a subset of the suite: capture, anatomy, rewrite and the main methods against the
+#     independent reference, the runtime, generation through transformers (GenerationConfig,
+#     beams, streamers, multi-turn, save / load, the pipeline), every family, and ONNX export +
+#     ONNX Runtime (about 12 minutes on 2 cores).
 # Usage: bash .ci/check_oldest.sh   (VENV, TORCH, TRANSFORMERS override the defaults)
 # torch 2.12 is not supported: its torch.export cannot prove the min(...) stride guard transformers'
 # attention emits for a dynamic sequence length (capture of the prefill stage fails).
@@ -38,4 +40,6 @@ python -m pytest -q -p no:cacheprovider \
     "tests/test_methods.py::test_dart_llava" \
     "tests/test_methods.py::test_mustdrop_pipeline_exact" \
     "tests/test_methods.py::test_qwen2vl" \
+    tests/test_generation_hf.py \
+    tests/test_families.py \
     tests/test_onnx.py

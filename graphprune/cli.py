@@ -144,8 +144,8 @@ def _vqa_parsers(sub) -> None:
     b.add_argument("--model", help=VQA_MODEL_HELP)
     b.add_argument("--data", help="JSONL file, or folder of them: {\"image\": path relative to the file, \"question\", "
                    "\"answer\", optional \"type\"} per line (default: the synthetic VQA split)")
-    b.add_argument("--methods", help="comma-separated (default: all of fastv, dart, random, cls_topk, mustdrop, "
-                   "visiontrim, vtw)")
+    b.add_argument("--methods", help="comma-separated (default: every method of the grid, "
+                   "graphprune.tools.bench.METHODS)")
     b.add_argument("--budgets", default="192,128,64,default", help="vision tokens kept per image, comma-separated; "
                    "'default' = each method's own defaults (default: 192,128,64,default)")
     b.add_argument("--pipeline", action="append", default=[], help="an extra cell: any pipeline string (repeatable)")
@@ -606,7 +606,8 @@ def cmd_bench(args) -> int:
         if args.data and not __import__("os").path.exists(args.data):
             raise _Failure(f"--data {args.data} does not exist")
         vm = vqa_model.load_vqa_model(args.model, **_loading(args))
-        cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image)
+        cells = bench.grid_specs(methods, budgets, vm.model.config.text_config.num_hidden_layers, vm.tokens_per_image,
+                                 bench.feature_layers(vm.model.config))
         cells += [("custom", f"#{i + 1}", p) for i, p in enumerate(args.pipeline)]
         prepared, skipped = bench.prepare(vm, cells, args.linear or "aten")
         items = vqa_model.load_items(args.data, args.n, args.split, args.seed)

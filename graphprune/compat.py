@@ -12,6 +12,8 @@ import contextlib
 import functools
 import inspect
 
+import torch
+
 
 @functools.cache
 def transformers_major() -> int:
@@ -30,7 +32,8 @@ def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:
         if mrope_section is not None:
             params["mrope_section"] = list(mrope_section)
         return {"rope_parameters": params}
-    scaling = None if mrope_section is None else {"type": "mrope", "mrope_section": list(mrope_section)}
+    # (4.x Mllama reads rope_scaling["rope_type"] unconditionally; "default" is plain RoPE everywhere)
+    scaling = {"rope_type": "default"} if mrope_section is None else {"type": "mrope", "mrope_section": list(mrope_section)}
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
@@ -39,12 +42,39 @@ def qwen2vl_takes_mm_token_type_ids(model) -> bool:
 
     transformers >= 5.1 does, and its processor returns them; 5.0 and 4.x find the image tokens
     from `config.image_token_id` themselves and their generate() rejects the argument."""
-    return "mm_token_type_ids" in inspect.signature(_body(model).get_rope_index).parameters
+    return "mm_token_type_ids" in inspect.signature(vlm_body(model).get_rope_index).parameters
 
 
-def _body(model):
-    """The Qwen2-VL body (Qwen2VLModel) of a ForConditionalGeneration, or the body itself."""
-    return model if hasattr(model, "language_model") else model.model
+def vlm_body(model):
+    """The body (LlavaModel, Qwen2VLModel, ...: vision tower, projector, `language_model`) of an
+    XForConditionalGeneration, or the model itself when it is that body.
+
+    Asked of the `model` attribute: on transformers 4.56-4.57 the ForConditionalGeneration has a
+    `language_model` property too, so that attribute alone does not tell the two apart."""
+    inner = getattr(model, "model", None)
+    return inner if hasattr(inner, "language_model") else model
+
+
+def feature_selection_kwargs(get_features, config) -> dict:
+    """The config's `vision_feature_layer` / `vision_feature_select_strategy` for a get_image_features /
+    get_video_features method that takes them: LLaVA-OneVision's get_video_features requires both on
+    transformers 4.56-4.57 (5.x reads them from the config when not given). Passing the config's
+    values is what the model's own forward does."""
+    params = inspect.signature(get_features).parameters
+    return {name: getattr(config, name) for name in ("vision_feature_layer", "vision_feature_select_strategy")
+            if name in params and getattr(config, name, None) is not None}
+
+
+def onevision_video_features(body, pixel_values_videos, **kw):
+    """LlavaOnevisionModel.get_video_features with the image_newline that closes each video.
+
+    transformers 5 returns an output whose pooler_output ends each video with it; 4.56-4.57 return
+    the pooled frame features alone and append the newline in the model's forward."""
+    out = body.get_video_features(pixel_values_videos, **kw)
+    if hasattr(out, "pooler_output"):
+        return out
+    newline = body.image_newline[None, None, :].expand(out.shape[0], 1, -1).to(out.dtype)
+    return torch.cat([out, newline], 1)
 
 
 def qwen2vl_rope_index(model, input_ids, mm_token_type_ids, **grids):
@@ -55,8 +85,21 @@ def qwen2vl_rope_index(model, input_ids, mm_token_type_ids, **grids):
     kw = {k: v for k, v in grids.items() if v is not None}
     if qwen2vl_takes_mm_token_type_ids(model):
         kw["mm_token_type_ids"] = mm_token_type_ids
-    pos, _ = _body(model).get_rope_index(input_ids, **kw)
+    pos, _ = vlm_body(model).get_rope_index(input_ids, **kw)
     return pos
+
+
+def is_later_generate_step(model_inputs: dict) -> bool:
+    """Whether inputs from GenerationMixin.prepare_inputs_for_generation are for a step after the
+    first of a generate() call, whose image inputs the model must not read again.
+
+    transformers 5 leaves image inputs out of those steps itself (`is_first_iteration`): False there.
+    4.56-4.57 leave that to each model's own preparation (LLaVA's keeps pixel_values only while
+    `cache_position[0] == 0`); a later step is one that feeds the single token just generated."""
+    if transformers_major() >= 5:
+        return False
+    positions = model_inputs.get("cache_position")
+    return positions is not None and positions.numel() == 1
 
 
 @contextlib.contextmanager

@@ -131,6 +131,13 @@ def apply_choice(choice, vision_pos, seq_index, protected=None, valid=None):
     return keep, new_pos, picked, values, new_valid, new_prot
 
 
+def kept_sizes(choice, sizes, picked):
+    """Sizes of the kept tokens: those a sized choice returns, else the kept tokens' own (None: all 1)."""
+    if isinstance(choice, dict) and choice.get("sizes") is not None:
+        return choice["sizes"]
+    return None if sizes is None else sizes.gather(2, picked)
+
+
 def _apply_choice(vision_pos, chosen, seq_index, kept_vision: int):
     # keep (B, S') ascending positions, and the kept vision tokens' new positions (B, n, k)
     b, s = seq_index.shape
@@ -206,6 +213,18 @@ def mask_keys(mask, key_valid, q, is_causal: bool):
     return mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
 
 
+def key_log_sizes(seq_index, new_pos, sizes):
+    """(B, S) log of each vision token's size at its slot, 0 elsewhere (size 1): proportional attention."""
+    b, n, k = new_pos.shape
+    out = torch.zeros(seq_index.shape, dtype=sizes.dtype, device=sizes.device)
+    return out.scatter(1, new_pos.reshape(b, n * k), sizes.log().reshape(b, n * k))
+
+
+def bias_keys(log_size, q):
+    """An additive SDPA mask (B, 1, 1, S) adding log_size (B, S) to every query's logit of each key."""
+    return log_size[:, None, None, :].to(q.dtype)
+
+
 def zero_rows(rows, row_mask):
     """Attention rows (B, T, ...) of padded text queries set to 0."""
     shape = row_mask.shape + (1,) * (rows.dim() - row_mask.dim())
@@ -217,3 +236,12 @@ def positions_of(seq_index, original):
     given original indices (B, T), all of which that sequence holds: text tokens, or the later,
     smaller token set of a deeper layer."""
     return torch.searchsorted(seq_index.contiguous(), original.contiguous())
+
+
+def positions_in_earlier(earlier_index, seq_index, vision_pos):
+    """Where the current vision tokens (vision_pos (B, n, V) into a sequence whose original indices are
+    seq_index) sit in an earlier, larger sequence of the same tokens (original indices earlier_index):
+    (B, n, V) positions there, to read a signal of a layer that ran before tokens were removed."""
+    b, n, v = vision_pos.shape
+    original = token_features(seq_index, vision_pos).reshape(b, n * v)
+    return positions_of(earlier_index, original).reshape(b, n, v)

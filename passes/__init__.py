@@ -8,6 +8,8 @@ from . import (  # noqa: F401
     mustdrop,
     pyramiddrop,
     random,
+    sparsevlm,
+    tome,
     visiontrim,
     visionzip,
     vispruner,

@@ -23,7 +23,17 @@ import torch
 
 from graphprune.errors import InputError, PassConfigError
 from graphprune.rewrite.blocks import grid_side, tile_members, tile_scores
-from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, KeepCache, Plan, Protect, TokenPass
+from graphprune.rewrite.pass_api import (
+    LAST_VISION_LAYER,
+    AttentionRows,
+    Choose,
+    Hidden,
+    KeepCache,
+    Plan,
+    Protect,
+    TokenPass,
+    fill_preset,
+)
 from graphprune.rewrite.registry import register_pass, register_pipeline
 from graphprune.tokenops import true_positions
 
@@ -31,6 +41,7 @@ MODES = ("static", "exact")
 MERGE_ORDERS = ("authors", "raster")
 PLACEMENTS = ("authors", "before")      # filter layer L: its own attention, L+1.. reduced | L-1's attention, L..
 POSITIONS = ("compact", "keep")
+KEY_LAYERS = ("feature", "last")          # CLS attention of the layer LLaVA reads | the last one (authors)
 FILTER_PRESETS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}   # keep -> (gamma, alpha)
 
 
@@ -145,7 +156,7 @@ class MustDropMerge(TokenPass):
         return Plan(layer=c.layer, signals={"hidden": Hidden(c.layer - 1)}, positions="compact",
                     select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode),
                                                             ("order", c.order)),
-                                  static_mask=c.mode == "static", ordered=c.order == "authors"))
+                                  static_mask=c.mode == "static", ordered=c.order == "authors", merges=True))
 
 
 @register_pass
@@ -156,11 +167,14 @@ class MustDropKeys(TokenPass):
     @dataclass
     class Config:
         ratio: float = 0.08             # share of the patches kept as the key set
+        key_layer: str = "feature"      # CLS attention of "feature": the layer LLaVA reads; "last": the
+                                        # encoder's last layer, as the authors' code (captured on request)
 
     def validate(self):
         super().validate()
         if not 0.0 < self.config.ratio <= 1.0:
             raise PassConfigError(f"mustdrop_keys: ratio must lie in (0, 1], got {self.config.ratio!r}")
+        _check_choice(self.name, "key_layer", self.config.key_layer, KEY_LAYERS)
 
     def requires(self, anatomy):
         if not anatomy.has_cls:
@@ -168,15 +182,16 @@ class MustDropKeys(TokenPass):
             raise PassNotApplicable(f"mustdrop_keys needs the CLS token of the vision encoder; {anatomy.model_class} "
                                     "has none (run mustdrop_filter alone)")
         changed = anatomy.tokens[-1].layer if len(anatomy.tokens) > 1 else 0
-        if changed >= anatomy.num_layers:
+        last = anatomy.num_layers - 1 + (len(anatomy.post_layers) if self.config.key_layer == "last" else 0)
+        if changed > last:
             raise PassConfigError(f"mustdrop_keys: the key set reads the CLS attention of vision layer "
-                                  f"{anatomy.num_layers - 1}, the last one feeding the features, but the tokens "
-                                  f"changed after it (at layer {changed}, mustdrop_merge): this {anatomy.num_layers}-layer "
-                                  "feature encoder is too shallow for both; use mustdrop(merge=False) or "
-                                  "mustdrop(keys=False), or mustdrop_merge(layer=...) earlier")
+                                  f"{last}, but the tokens changed after it (at layer {changed}, mustdrop_merge): "
+                                  f"this {anatomy.num_layers}-layer feature encoder is too shallow for both; use "
+                                  "mustdrop(merge=False) or mustdrop(keys=False), or mustdrop_merge(layer=...) earlier")
 
     def plan(self) -> Plan:
-        return Plan(signals={"cls": AttentionRows(-1, "cls")}, select=Protect(float(self.config.ratio)),
+        layer = LAST_VISION_LAYER if self.config.key_layer == "last" else -1
+        return Plan(signals={"cls": AttentionRows(layer, "cls")}, select=Protect(float(self.config.ratio)),
                     positions="compact")
 
 
@@ -227,13 +242,7 @@ class MustDropFilter(TokenPass):
         if c.keep is not None:
             from graphprune.rewrite.pass_api import check_budget
             check_budget(self.name, c.keep)
-        if c.gamma is None or c.alpha is None:
-            if c.keep not in FILTER_PRESETS:
-                raise PassConfigError(f"mustdrop_filter: give gamma and alpha, or keep in {sorted(FILTER_PRESETS)} "
-                                      f"for the authors' values (got keep={c.keep!r})")
-            gamma, alpha = FILTER_PRESETS[c.keep]
-            c.gamma = gamma if c.gamma is None else c.gamma
-            c.alpha = alpha if c.alpha is None else c.alpha
+        fill_preset(self.name, c, FILTER_PRESETS, ("gamma", "alpha"))
         if c.gamma < 0 or c.alpha < 0:
             raise PassConfigError(f"mustdrop_filter: thresholds must be >= 0 (gamma={c.gamma}, alpha={c.alpha})")
         if c.mode == "static":
@@ -293,10 +302,10 @@ def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), win
              ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
              merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True,
              merge: bool = True, keys: bool = True, order: str = "authors", placement: str = "authors",
-             positions: str = "compact"):
+             positions: str = "compact", key_layer: str = "feature"):
     """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache."""
     passes = [MustDropMerge(window=window, tau=tau, mode=mode, capacity=merge_capacity, order=order)] if merge else []
-    passes += [MustDropKeys(ratio=ratio)] if keys else []
+    passes += [MustDropKeys(ratio=ratio, key_layer=key_layer)] if keys else []
     passes.append(MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode,
                                  capacity=capacity, placement=placement, positions=positions))
     if cache and len(layers) > 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from graphprune import tokenops
 from graphprune.errors import PassConfigError
-from graphprune.rewrite.pass_api import AttentionRows, Choose, Plan, TokenPass
+from graphprune.rewrite.pass_api import AttentionRows, Choose, Plan, TokenPass, layer_tuple
 from graphprune.rewrite.registry import register_pass
 
 
@@ -39,14 +39,9 @@ class PyramidDrop(TokenPass):
 
     def validate(self):
         c = self.config
-        if isinstance(c.layers, int):
-            c.layers = (c.layers,)
         if isinstance(c.ratios, (int, float)):
             c.ratios = (c.ratios,)
-        c.layers, c.ratios = tuple(c.layers), tuple(c.ratios)
-        if not c.layers or any(isinstance(l, bool) or not isinstance(l, int) for l in c.layers) \
-                or list(c.layers) != sorted(set(c.layers)) or c.layers[0] < 1:
-            raise PassConfigError(f"pyramiddrop: layers must be increasing layer indices >= 1, got {c.layers!r}")
+        c.layers, c.ratios = layer_tuple(self.name, c.layers, lowest=1), tuple(c.ratios)
         if len(c.ratios) != len(c.layers):
             raise PassConfigError(f"pyramiddrop: ratios={c.ratios!r} needs one ratio per layer in layers={c.layers!r}")
         if any(isinstance(r, bool) or not isinstance(r, (int, float)) for r in c.ratios) \

@@ -136,7 +136,7 @@ class VisionTrimVision(_VisionTrimBase):
         return Plan(after_projector=True, positions="keep",
                     signals={"cls": AttentionRows(-1, "cls"), "feats": Projected(), "text": TextEmbeds(),
                              "text_mask": TextMask()},
-                    select=Choose(self.config.keep, trim_vision, self._options()))
+                    select=Choose(self.config.keep, trim_vision, self._options(), merges=True))
 
 
 @register_pass
@@ -158,7 +158,7 @@ class VisionTrimLLM(_VisionTrimBase):
         src = self.config.layer - 1
         return Plan(layer=self.config.layer,
                     signals={"hidden": Hidden(src), "text_hidden": Hidden(src, "text"), "text_mask": TextMask()},
-                    select=Choose(self.config.keep, trim_llm, self._options()))
+                    select=Choose(self.config.keep, trim_llm, self._options(), merges=True))
 
 
 @register_pipeline("visiontrim")

@@ -103,5 +103,5 @@ class VisionZip(TokenPass):
     def plan(self) -> Plan:
         c = self.config
         options = (("contextual", c.contextual), ("heads", c.heads), ("authors_order", c.positions == "compact"))
-        return Plan(positions=c.positions, select=Choose(c.keep, zip_tokens, options),
+        return Plan(positions=c.positions, select=Choose(c.keep, zip_tokens, options, merges=True),
                     signals={"cls": AttentionRows(-1, "cls"), "keys": Keys(-1), "hidden": Hidden(-1)})

@@ -75,7 +75,8 @@ class VisPruner(TokenPass):
     def requires(self, anatomy):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"vispruner needs the CLS token of the vision encoder; {anatomy.model_class} "
-                                    "has none (use divprune, which needs no CLS)")
+                                    "has none (divprune needs no CLS where graphprune captures the vision stage; "
+                                    "otherwise use an LLM-stage method such as fastv or pyramiddrop)")
 
     def plan(self) -> Plan:
         return Plan(positions=self.config.positions,

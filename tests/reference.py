@@ -104,6 +104,7 @@ def llava_vision(model, pixel_values: Tensor, after_layer: dict | None = None) -
     feature layer's hidden-state index); a hook after the feature layer itself is never called.
 
     Returns dict: ``features`` (n, V', D_text) after the projector, ``pre_features`` (n, V', d) entering it,
+    ``hidden`` (n, 1 + V', d) the feature layer's output with the CLS row,
     ``cls_attn`` (n, V') head-averaged CLS attention to the patch tokens in the layer producing the features,
     ``patch_index`` (n, V') original patch index (0..V-1) of each feature row, ``valid`` (n, V') key validity.
     """
@@ -168,7 +169,26 @@ def llava_vision(model, pixel_values: Tensor, after_layer: dict | None = None) -
     feats = _linear(pact(_linear(pre, w, "model.multi_modal_projector.linear_1")), w,
                     "model.multi_modal_projector.linear_2")
     return {"features": feats, "pre_features": pre, "cls_attn": cls_attn, "patch_index": index[:, 1:] - 1,
-            "valid": key_valid[:, 1:]}
+            "valid": key_valid[:, 1:], "hidden": h}
+
+
+@torch.no_grad()
+def clip_cls_attention(model, hidden: Tensor, layer: int) -> Tensor:
+    """Head-averaged attention of the CLS row to the patch rows (n, V') in CLIP encoder layer `layer`, run on
+    its input ``hidden`` (n, 1 + V', d) (CLS first): layer_norm1, q / k projections, softmax(q k^T / sqrt(hd))."""
+    vc = model.config.vision_config
+    w = _weights(model)
+    p = "model.vision_tower."
+    if p + "embeddings.class_embedding" not in w:
+        p = "model.vision_tower.vision_model."
+    lp = f"{p}encoder.layers.{layer}."
+    n, t, d = hidden.shape
+    hd = d // vc.num_attention_heads
+    y = _layer_norm(hidden.float(), w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], vc.layer_norm_eps)
+    q = _linear(y, w, lp + "self_attn.q_proj").view(n, t, -1, hd).transpose(1, 2)
+    k = _linear(y, w, lp + "self_attn.k_proj").view(n, t, -1, hd).transpose(1, 2)
+    probs = (q[:, :, :1] @ k.transpose(-1, -2) * hd ** -0.5).softmax(-1)        # (n, H, 1, t)
+    return probs[:, :, 0, 1:].mean(1)
 
 
 @torch.no_grad()

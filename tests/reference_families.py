@@ -15,6 +15,8 @@ rest is written here from the processors' layouts:
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,15 @@ def _merge(model, ids: Tensor, example) -> Tensor:
         emb[ids == cfg.image_token_id] = _flat(body.get_image_features(kw["pixel_values"], **extra)).float()
     if kw.get("pixel_values_videos") is not None:
         extra = {k: kw[k] for k in ("video_grid_thw",) if k in kw}
-        emb[ids == cfg.video_token_id] = _flat(body.get_video_features(kw["pixel_values_videos"], **extra)).float()
+        if "vision_feature_layer" in inspect.signature(body.get_video_features).parameters:
+            # LLaVA-OneVision on transformers 4.56-4.57: required arguments, the config's values
+            extra.update(vision_feature_layer=cfg.vision_feature_layer,
+                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = body.get_video_features(kw["pixel_values_videos"], **extra)
+        if cfg.model_type == "llava_onevision" and not hasattr(feats, "pooler_output"):
+            # 4.56-4.57 return the frames only; their forward closes each video with image_newline
+            feats = torch.cat([feats, body.image_newline.expand(feats.shape[0], 1, -1)], 1)
+        emb[ids == cfg.video_token_id] = _flat(feats).float()
     return emb
 
 
@@ -97,7 +107,10 @@ def family_inputs(model, example):
     emb = _merge(model, ids, example)
     if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
         extra = {"second_per_grid_ts": example.second_per_grid_ts} if example.second_per_grid_ts is not None else {}
-        pos, _ = model.model.get_rope_index(ids, example.mm_token_type_ids, image_grid_thw=example.image_grid_thw,
+        # transformers >= 5.1 takes the vision-token types; earlier versions find the tokens themselves
+        if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+            extra["mm_token_type_ids"] = example.mm_token_type_ids
+        pos, _ = model.model.get_rope_index(ids, image_grid_thw=example.image_grid_thw,
                                             video_grid_thw=example.video_grid_thw, attention_mask=am, **extra)
         vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
     elif cfg.model_type in ("llava_next", "llava_onevision"):

@@ -84,6 +84,20 @@ class ReferenceVLM(nn.Module, GenerationMixin):
     def _optimize_model_for_decode(self):
         yield
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **kw):
+        """Beam search repeats each sample with its image. Qwen2-VL's pixel_values rows are patches,
+        one block of grid_thw.prod() rows per image (one image per sample in these tests), so the
+        blocks are repeated, not the rows."""
+        pixels = kw.pop("pixel_values", None)
+        input_ids, kw = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kw)
+        if pixels is not None and expand_size > 1:
+            if self.config.model_type == "qwen2_vl":
+                blocks = pixels.split(kw["image_grid_thw"][::expand_size].prod(-1).tolist())
+                pixels = torch.cat([block for block in blocks for _ in range(expand_size)])
+            else:
+                pixels = pixels.repeat_interleave(expand_size, 0)
+        return input_ids, dict(kw, pixel_values=pixels)
+
     def _inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids):
         ex = SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                              image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids)

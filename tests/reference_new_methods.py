@@ -249,3 +249,203 @@ def pyramiddrop_selects(layers, ratios, v: int, images: int = 1) -> dict:
 
         selects[layer] = select
     return selects
+
+
+# ------------------------------------------------------------------------------------------ SparseVLM
+
+def sparsevlm_raters(vision: Tensor, text: Tensor) -> Tensor:
+    """The authors' text raters of one image: vision (V, D) and instruction (T, D) input embeddings;
+    m = softmax over the instruction of v . t, averaged over the vision tokens; raters: m > mean(m)
+    (all instruction tokens when none is above: graphprune's rule for a tie)."""
+    m = (vision @ text.t()).softmax(1).mean(0)
+    idx = torch.where(m > m.mean())[0]
+    return idx if idx.numel() else torch.arange(text.shape[0])
+
+
+def density_peaks_merge(x: Tensor, clusters: int) -> Tensor:
+    """The authors' cluster_and_merge on one image's recycled tokens x (M, D), without their random
+    tie-break noise: (clusters, D) tokens, in the order of the centres' scores. Ties are common (the two
+    tokens of a mutual-nearest pair have equal density); the authors' noise breaks them at random, here
+    (graphprune's documented rule) the lower index goes first."""
+    dist = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2) / x.shape[1] ** 0.5
+    nearest = torch.topk(dist, k=clusters, dim=-1, largest=False).values
+    density = (-(nearest ** 2).mean(dim=-1)).exp()
+    denser = (density[None, :] > density[:, None]).float()
+    parent = (dist * denser + dist.max() * (1 - denser)).min(dim=-1).values
+    centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]
+    assign = dist[centres].argmin(dim=0)
+    assign[centres] = torch.arange(clusters)
+    out = torch.zeros(clusters, x.shape[1])
+    for c in range(clusters):
+        members = assign == c
+        out[c] = (x[members] * (1.0 / (members.sum() + 1e-6))).sum(0)
+    return out
+
+
+def sparsevlm_layer(rows: Tensor, hidden: Tensor, scale: float, bias: float, capacity: int | None,
+                    recycle: bool = True) -> dict:
+    """One sparsification of one image, as the authors' attn_postprocess_rank + recycling: rows (R, V)
+    the raters' head-averaged attention to the current vision tokens, hidden (V, D) the layer's output.
+    Returns ``kept`` (ascending), ``recycled`` (the tokens clustered) and ``tokens``: [kept, clusters].
+    ``capacity``: graphprune's static cap (kept dropped, lowest relation first, until kept + clusters fit)."""
+    v = rows.shape[1]
+    rank = int(torch.linalg.matrix_rank(rows.float()))
+    relation = rows.mean(0)
+    count = v if v - rank == 0 else min(int(rank * scale + bias), v - 1)
+
+    def clusters_of(deleted):
+        return 0 if deleted == 0 or not recycle else int((int(deleted * 0.3) + 1) / 10) + 1
+
+    if capacity is not None:
+        while count > 0 and count + clusters_of(v - count) > capacity:
+            count -= 1
+    kept = torch.topk(relation, count).indices.sort().values if count else torch.zeros(0, dtype=torch.long)
+    tokens, recycled = hidden[kept], torch.zeros(0, dtype=torch.long)
+    if count < v and recycle:
+        deleted = torch.tensor([j for j in range(v) if j not in set(kept.tolist())])
+        m = int(deleted.numel() * 0.3) + 1
+        recycled = deleted[relation[deleted].topk(m).indices]
+        n_clusters = int(m / 10) + 1
+        if capacity is not None:
+            n_clusters = min(n_clusters, capacity - count)
+        tokens = torch.cat([tokens, density_peaks_merge(hidden[recycled], n_clusters)])
+    return {"kept": kept, "recycled": recycled, "tokens": tokens}
+
+
+def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask: Tensor, layers, scale: float,
+                      bias: float, capacity: int, images: int = 1, recycle: bool = True, log: list | None = None) -> dict:
+    """SparseVLM's sparsification layers for R.lm_generate(positions="compact"): {L + 1: select}. Raters come
+    from the input embeddings; at each layer every image's block becomes [kept, clusters] followed by
+    unused (masked) slots up to the static capacity, so the language model sees the authors' sequence.
+    Each decision is appended to ``log`` (sample, image, layer, sparsevlm_layer's dict)."""
+    text = R.text_after_image(vision_mask, attention_mask)
+    raters = []
+    for b in range(inputs_embeds.shape[0]):
+        t = inputs_embeds[b, text[b]]
+        raters.append([sparsevlm_raters(inputs_embeds[b, blk], t) for blk in R.image_blocks(vision_mask[b], images)])
+    selects = {}
+    for layer in layers:
+
+        def select(ctx, layer=layer):
+            attn = ctx["attn"].mean(1)                                       # (B, S, S) head-averaged
+            keep_rows, hidden_rows, valid_rows = [], [], []
+            for b in range(attn.shape[0]):
+                blocks = R.image_blocks(ctx["vision_mask"][b], images)
+                cap = min(capacity, blocks.shape[1])
+                text_rows = ctx["text_mask"][b].nonzero()[:, 0]
+                keep = [(~ctx["vision_mask"][b].bool()).nonzero()[:, 0]]
+                h = ctx["hidden"][b].clone()
+                valid = torch.ones(h.shape[0], dtype=torch.bool)
+                for i, blk in enumerate(blocks):
+                    cur = blk[ctx["attention_mask"][b, blk].bool()]             # the block's tokens in use
+                    rows = attn[b][text_rows[raters[b][i]]][:, cur]
+                    out = sparsevlm_layer(rows, ctx["hidden"][b, cur], scale, bias, cap, recycle)
+                    if log is not None:
+                        log.append((b, i, layer, out))
+                    n = out["tokens"].shape[0]
+                    h[blk[:n]] = out["tokens"]
+                    valid[blk[n:cap]] = False
+                    keep.append(blk[:cap])
+                k_idx = torch.cat(keep).sort().values
+                keep_rows.append(k_idx)
+                hidden_rows.append(h[k_idx])
+                valid_rows.append(valid[k_idx])
+            return {"keep": torch.stack(keep_rows), "hidden": torch.stack(hidden_rows), "valid": torch.stack(valid_rows)}
+
+        selects[layer + 1] = select
+    return selects
+
+
+# ----------------------------------------------------------------------------------------------- ToMe
+
+def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The authors' bipartite_soft_matching on one image's sequence metric (t, c), CLS at row 0 (class_token):
+    A = even rows, B = odd rows, cosine scores, CLS's row -inf; A rows ranked by their best score
+    (descending; ties to the lower row, where the authors' argsort is unstable); the first r merge.
+    Returns (unmerged A places ascending, merged A places, their B places)."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[::2], metric[1::2]
+    scores = a @ b.t()
+    scores[0, :] = -float("inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge = torch.sort(node_max, descending=True, stable=True).indices
+    src = edge[:r]
+    return edge[r:].sort().values, src, node_idx[src]
+
+
+@torch.no_grad()
+def tome_vision(model, pixel_values: Tensor, layers, r: int | None = None, keep: int | None = None,
+                heads_mean: bool = False, proportional: bool = True) -> dict:
+    """CLIP vision tower by hand with ToMe merges after each of ``layers`` (graphprune's placement: after the
+    block, with that block's keys; the authors merge between its attention and MLP), the authors'
+    merge_wavg (x = sum(size x) / sum(size), sizes summed; unmerged tokens (x size) / size), order
+    [unmerged A, B] and, with ``proportional``, the authors' proportional attention (log(size) of each key
+    added to the logits of every later layer). Per layer r, or ceil((V - keep) / layers left), at most
+    V // 2. Returns ``features`` (n, V', D) in the merged order, ``patch_index`` (n, V') the first V' slots
+    (the LLM reads them in that order), ``representative`` (n, V') the original patch whose slot each token
+    holds, ``sources`` (per image, per token, the sorted original patches it merges) and ``sizes``."""
+    vc = model.config.vision_config
+    w = R._weights(model)
+    p = "model.vision_tower."
+    if p + "embeddings.class_embedding" not in w:
+        p = "model.vision_tower.vision_model."
+    eps, n_heads, d = vc.layer_norm_eps, vc.num_attention_heads, vc.hidden_size
+    hd = d // n_heads
+    act = R._act(vc.hidden_act)
+    hs_index = model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
+    x = pixel_values.float()
+    patches = torch.nn.functional.conv2d(x, w[p + "embeddings.patch_embedding.weight"], stride=vc.patch_size)
+    patches = patches.flatten(2).transpose(1, 2)
+    n, v = patches.shape[:2]
+    h = torch.cat([w[p + "embeddings.class_embedding"].expand(n, 1, d), patches], 1)
+    h = h + w[p + "embeddings.position_embedding.weight"][None]
+    h = R._layer_norm(h, w[p + "pre_layrnorm.weight"], w[p + "pre_layrnorm.bias"], eps)
+    out_feats, out_rep, out_src, out_size = [], [], [], []
+    for img in range(n):
+        x = h[img]
+        size = torch.ones(v + 1, 1)
+        rep = list(range(-1, v))                         # CLS = -1
+        src = [[j] for j in rep]
+        for i in range(hs_index):
+            lp = f"{p}encoder.layers.{i}."
+            y = R._layer_norm(x, w[lp + "layer_norm1.weight"], w[lp + "layer_norm1.bias"], eps)
+            t = y.shape[0]
+            q = R._linear(y, w, lp + "self_attn.q_proj").view(t, n_heads, hd).transpose(0, 1)
+            k = R._linear(y, w, lp + "self_attn.k_proj").view(t, n_heads, hd).transpose(0, 1)
+            val = R._linear(y, w, lp + "self_attn.v_proj").view(t, n_heads, hd).transpose(0, 1)
+            logits = (q @ k.transpose(-1, -2)) * hd ** -0.5
+            if proportional:
+                logits = logits + size.log()[None, None, :, 0]
+            o = logits.softmax(-1) @ val
+            x = x + R._linear(o.transpose(0, 1).reshape(t, d), w, lp + "self_attn.out_proj")
+            y = R._layer_norm(x, w[lp + "layer_norm2.weight"], w[lp + "layer_norm2.bias"], eps)
+            x = x + R._linear(act(R._linear(y, w, lp + "mlp.fc1")), w, lp + "mlp.fc2")
+            if i not in layers:
+                continue
+            patches_now = t - 1
+            want = r if r is not None else -(-max(patches_now - keep, 0) // (len(layers) - list(layers).index(i)))
+            count = min(want, patches_now // 2)
+            if count == 0:
+                continue
+            metric = k.mean(0) if heads_mean else k.transpose(0, 1).reshape(t, -1)
+            unm, merged, dst = tome_match(metric, count)
+            xs = x * size
+            a_x, b_x = xs[::2], xs[1::2].clone()
+            a_s, b_s = size[::2], size[1::2].clone()
+            b_x.index_add_(0, dst, a_x[merged])
+            b_s.index_add_(0, dst, a_s[merged])
+            a_rep, b_rep = rep[::2], rep[1::2]
+            a_src, b_src = src[::2], [list(s) for s in src[1::2]]
+            for m_, d_ in zip(merged.tolist(), dst.tolist()):
+                b_src[d_] = sorted(b_src[d_] + a_src[m_])
+            size = torch.cat([a_s[unm], b_s])
+            x = torch.cat([a_x[unm], b_x]) / size
+            rep = [a_rep[j] for j in unm.tolist()] + b_rep
+            src = [a_src[j] for j in unm.tolist()] + b_src
+        out_feats.append(project(model, x[1:]))
+        out_rep.append(torch.tensor(rep[1:]))
+        out_src.append(src[1:])
+        out_size.append(size[1:, 0])
+    feats = torch.stack(out_feats)
+    return {"features": feats, "patch_index": torch.arange(feats.shape[1]).expand(n, -1),
+            "representative": torch.stack(out_rep), "sources": out_src, "sizes": torch.stack(out_size)}

@@ -12,6 +12,7 @@ import reference_families as RF
 import torch
 
 import graphprune as gp
+from graphprune.compat import rope_config, transformers_major
 from graphprune.errors import InputError, UnsupportedModelError
 from graphprune.families import family_of
 from graphprune.rewrite.pipeline import Program
@@ -69,6 +70,29 @@ def test_keep_everything_equals_hf(case):
         hf = model.generate(**ex.as_kwargs(), max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
                             min_new_tokens=STEPS)
     assert torch.equal(ids[:, -STEPS:], hf[:, -STEPS:])
+
+
+BEAM_CASES = ["qwen2_vl-video", "qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-image+video-per-video"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in BEAM_CASES], ids=BEAM_CASES)
+def test_beam_search_repeats_each_sample_with_its_images_and_videos(case):
+    """num_beams / num_return_sequences repeat every sample with its pixel rows (Qwen patch rows per
+    grid, LLaVA-NeXT crops, OneVision frames) and per-item inputs (grids, image_sizes,
+    second_per_grid_ts): keep-everything equals the model's own beam search."""
+    _, family, items, unit = case
+    model, program = _model(family)
+    # transformers 4.x's own Qwen2-VL generate numbers left-padded decode steps differently (see
+    # test_generation_hf): unpadded rows there
+    pad = (0, 0) if family.startswith("qwen") and transformers_major() < 5 else (0, 2)
+    kw = _example(model, items, pad=pad).as_kwargs()
+    opts = dict(max_new_tokens=6, num_beams=2, num_return_sequences=2, do_sample=False, eos_token_id=None,
+                min_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    ours = gp.prune(model, None, program=program, video_unit=unit).generate(**kw, **opts)
+    with torch.no_grad():
+        theirs = model.generate(**kw, **opts)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-5, rtol=1e-5)
 
 
 def _reference(model, ex, unit, selects):
@@ -182,11 +206,13 @@ def test_refused_families_say_why():
                                       intermediate_layers_indices=[0]),
                    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     num_key_value_heads=1, vocab_size=64, cross_attention_layers=[1],
-                                    bos_token_id=1, eos_token_id=2, pad_token_id=0))
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, **rope_config(10000.0)))
     with pytest.raises(UnsupportedModelError, match="mllama.*cross-attention"):
         gp.prune(mllama, "fastv")
-    from transformers import Qwen3_5Config
-    cfg = Qwen3_5Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    import transformers
+    if not hasattr(transformers, "Qwen3_5Config"):
+        return                         # Qwen3.5 is newer than this transformers
+    cfg = transformers.Qwen3_5Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
     stub = torch.nn.Module()
     stub.config = cfg                  # the family is refused from the config, before any part is read

@@ -378,8 +378,9 @@ def test_qwen2vl(qwen, method, opts, selects):
     img = ex.input_ids.gather(1, out.kept) == model.config.image_token_id
     assert bool((img.sum(1) < 16).all())
     if method == "mustdrop_filter":        # capacity 10 slots; 1/16 keeps the above-average ones only
-        valid = out.cache[3].mask.bool() & img
-        assert img.sum(1).tolist() == [10, 10] and bool(((valid.sum(1) > 0) & (valid.sum(1) < 10)).all())
+        valid = (out.cache[3].mask.bool() & img).sum(1)
+        # the rule masks inside the capacity (in some row: how many depends on the random weights)
+        assert img.sum(1).tolist() == [10, 10] and bool((valid > 0).all()) and bool((valid < 10).any())
 
 
 @pytest.mark.parametrize("method,why", [

@@ -43,8 +43,9 @@ def _alone_equals_batch(model, program, spec, ex):
         one = dict(input_ids=ex.input_ids[b:b + 1, real], attention_mask=ex.attention_mask[b:b + 1, real],
                    pixel_values=ex.pixel_values[b * per:(b + 1) * per])
         alone = pruned(**one)
-        mask = both.cache[-1].mask[b].bool()
-        torch.testing.assert_close(both.logits[b, mask], alone.logits[0], atol=1e-5, rtol=1e-5)
+        mask = both.cache[-1].mask[b].bool()            # real (and, static capacity: valid) tokens
+        torch.testing.assert_close(both.logits[b, mask], alone.logits[0, alone.cache[-1].mask[0].bool()],
+                                   atol=1e-5, rtol=1e-5)
         assert torch.equal(pruned.generate(**one, max_new_tokens=STEPS, eos_token_id=[])[0, -STEPS:], ids[b, -STEPS:])
 
 

@@ -86,6 +86,8 @@ class Anatomy:
     grid: tuple[int, int] | None = None  # patch grid (H, W) of the vision encoder
     has_cls: bool | None = None
     features: fx.Node | None = None      # vision: per-patch features entering the projector
+    post_layers: list = field(default_factory=list)     # vision: layers past the feature layer, captured only
+                                                        # when a pass reads them (they feed no features)
     attention_kind: str = "sdpa"
     token_dims: dict = field(default_factory=dict)      # node name -> (batch dim, token dims)
     tokens: list = field(default_factory=list)          # TokenState per layer boundary (rewrite.py)
@@ -96,6 +98,8 @@ class Anatomy:
         return len(self.layers)
 
     def layer(self, i: int) -> Layer:
+        if 0 <= i - len(self.layers) < len(self.post_layers):
+            return self.post_layers[i - len(self.layers)]
         if not 0 <= i < len(self.layers):
             raise IndexError(f"layer {i} out of range: the {self.stage} graph has layers 0..{len(self.layers) - 1}")
         return self.layers[i]
@@ -184,10 +188,25 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
         raise UnsupportedModelError(model_class, "projector input (per-patch vision features)")
     anat.features = ins.pop()
     anat.token_dims[anat.features.name] = (0, (1,))
+    # layers past the feature layer (kept in the graph only when a pass reads one) are not layers of the
+    # feature encoder: selections and `layer=-1` count the layers that feed the features
+    feeding = _ancestors(anat.features)
+    anat.post_layers = [l for l in anat.layers if l.attention.node not in feeding]
+    anat.layers = [l for l in anat.layers if l.attention.node in feeding]
     tokens = int(_val(anat.features).shape[1])
     if tokens != anat.grid[0] * anat.grid[1]:
         raise UnsupportedModelError(model_class, "patch grid matching the feature tokens",
                                     f"grid {anat.grid} vs {tokens} feature tokens")
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def seq_dims(node: fx.Node, anat: Anatomy) -> tuple[int | None, tuple[int, ...]]:

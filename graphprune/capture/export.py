@@ -221,8 +221,9 @@ def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
     return Stage("decode", gm, names, module=_Decode(lm, family.lm_head()), check_inputs=check)
 
 
-def capture_vision(family: Family, *, device=None, dtype=None) -> Stage:
-    module = family.vision_module()
+def capture_vision(family: Family, *, device=None, dtype=None, through_last: bool = False) -> Stage:
+    """through_last: keep the encoder's layers past the feature layer (returned as `vision_last_hidden`)."""
+    module = family.vision_module(through_last=through_last)
     if module is None:
         return Stage("vision", None, ["pixel_values"], eager=f"{family.eager_vision}: the vision encoder runs "
                      "eagerly (the model's own get_image_features) and vision-stage passes are not available")
@@ -233,7 +234,7 @@ def capture_vision(family: Family, *, device=None, dtype=None) -> Stage:
     with torch.no_grad():
         ep = torch.export.export(module, (px,), strict=False, dynamic_shapes=({0: Dim("images", min=1)},))
     gm = plain_graph_module(ep)
-    gm.meta["graphprune_outputs"] = ["features"]
+    gm.meta["graphprune_outputs"] = ["features"] + (["vision_last_hidden"] if through_last else [])
     check = None if device.type == "meta" else (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
     return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
 

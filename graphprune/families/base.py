@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from graphprune.compat import feature_selection_kwargs, vlm_body
 from graphprune.errors import InputError, UnsupportedModelError
 
 VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
@@ -59,7 +60,7 @@ class Family:
     def body(self) -> nn.Module:
         """The module holding vision tower, projector and language model (`model.model` of an
         XForConditionalGeneration; the model itself when it is that body, as in a compile frame)."""
-        return self.model if hasattr(self.model, "language_model") else self.model.model
+        return vlm_body(self.model)
 
     def is_body(self) -> bool:
         return self.body() is self.model
@@ -73,9 +74,11 @@ class Family:
             return nn.Identity()
         return self._require(getattr(self.model, "lm_head", None), "lm_head")
 
-    def vision_module(self) -> nn.Module | None:
+    def vision_module(self, through_last: bool = False) -> nn.Module | None:
         """A module capturing pixel_values -> projected features, for vision-stage passes; None runs
-        the vision encoder eagerly through the model's own get_image_features."""
+        the vision encoder eagerly through the model's own get_image_features. through_last: it also
+        returns the encoder's last hidden state, so the layers past the feature layer stay in the
+        captured graph (a pass reads the last layer)."""
         return None
 
     def config(self):
@@ -164,11 +167,17 @@ class Family:
         out = []
         if inputs.get("pixel_values") is not None:
             kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
+            kw.update(feature_selection_kwargs(body.get_image_features, self.config()))
             out.append((self.image_token_id(), _flat(body.get_image_features(inputs["pixel_values"], **kw))))
         if inputs.get("pixel_values_videos") is not None:
             kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
-            out.append((self.video_token_id(), _flat(body.get_video_features(inputs["pixel_values_videos"], **kw))))
+            kw.update(feature_selection_kwargs(body.get_video_features, self.config()))
+            out.append((self.video_token_id(), _flat(self.video_features(body, inputs["pixel_values_videos"], **kw))))
         return out
+
+    def video_features(self, body, pixel_values_videos, **kw):
+        """The features a video's placeholders take, in order (the model's own get_video_features)."""
+        return body.get_video_features(pixel_values_videos, **kw)
 
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:

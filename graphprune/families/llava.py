@@ -12,8 +12,8 @@ class LlavaFamily(Family):
     name = "llava"
     model_types = ("llava",)
 
-    def vision_module(self):
-        return None if self.is_body() else LlavaVisionStage(self.model)
+    def vision_module(self, through_last: bool = False):
+        return None if self.is_body() else LlavaVisionStage(self.model, through_last)
 
     def image_token_counts(self, pixel_values, image_grid_thw=None):
         vc = self.model.config.vision_config
@@ -32,8 +32,9 @@ class LlavaVisionStage(nn.Module):
     the feature layer, the CLS drop and the projector (nothing of the LM).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, through_last: bool = False):
         super().__init__()
+        self.through_last = through_last
         cfg = model.config
         self.vision_tower = model.model.vision_tower
         self.multi_modal_projector = model.model.multi_modal_projector
@@ -48,4 +49,6 @@ class LlavaVisionStage(nn.Module):
         feats = out.hidden_states[self.feature_layer]
         if self.strategy == "default":
             feats = feats[:, 1:]
-        return self.multi_modal_projector(feats)
+        projected = self.multi_modal_projector(feats)
+        # HF never uses the layers after the feature layer, so export drops them unless they are returned
+        return (projected, out.last_hidden_state) if self.through_last else projected

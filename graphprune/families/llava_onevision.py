@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.compat import onevision_video_features
 from graphprune.errors import InputError
 from graphprune.families.base import VisionLayout, blocks_layout, check_video_unit
 from graphprune.families.llava_next import LlavaNextFamily
@@ -19,6 +20,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1),
                                              vision_aspect_ratio=self.config().vision_aspect_ratio)
         return packed[0]
+
+    def video_features(self, body, pixel_values_videos, **kw):
+        return onevision_video_features(body, pixel_values_videos, **kw)
 
     def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
         check_video_unit(video_unit)

@@ -73,6 +73,8 @@ class PrunedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.keys.shape[2] if self.static else -1
 
+    get_max_cache_shape = get_max_length     # its name on transformers 4.56-4.57 (abstract there)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._take_rows(beam_idx)
 

@@ -24,15 +24,22 @@ from transformers.utils import ModelOutput
 
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
+from graphprune.compat import is_later_generate_step
 from graphprune.errors import InputError, NothingPrunedWarning
-from graphprune.lower.cache import PrunedCache
 from graphprune.families.base import check_video_unit
+from graphprune.lower.cache import PrunedCache
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
 from graphprune.rewrite.kv_cache import shrink_kv, static_kv
-from graphprune.rewrite.pipeline import (BudgetStep, Program, as_passes, follow_budgets, load_builtin_methods,
-                                         run_pipeline)
+from graphprune.rewrite.pipeline import (
+    BudgetStep,
+    Program,
+    as_passes,
+    follow_budgets,
+    load_builtin_methods,
+    run_pipeline,
+)
 from graphprune.rewrite.positions import LAYER_POSITIONS, layer_lengths, per_layer_rotary
 
 
@@ -284,8 +291,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         return inputs
 
     def _vision_positions(self) -> str:
-        for r in self.results:
-            if r.info["stage"] == "vision":
+        for r in self.results:        # a key set (Protect) removes nothing: the selecting passes number the tokens
+            if r.info["stage"] == "vision" and r.info["rule"] != "Protect":
                 return r.info["positions"]
         return "keep"
 
@@ -468,7 +475,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         """transformers' own preparation, less what generate hands every model but forward does not
         take (the stop-string tokenizer, ...); generate has already checked the user's kwargs."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS or k in self.family.vision_inputs}
+        vision = self.family.vision_inputs
+        if is_later_generate_step(inputs):
+            return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS and k not in vision}
+        return {k: v for k, v in inputs.items() if k in _FORWARD_INPUTS or k in vision}
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         """transformers checks generate's kwargs against forward's named parameters; the family's
@@ -484,18 +494,16 @@ class PrunedModel(nn.Module, GenerationMixin):
         return max(int(new), 1)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Beam search / num_return_sequences repeat each sample; its images go with it (transformers'
-        row-wise repeat would interleave the images of a multi-image sample, or Qwen2-VL's patches)."""
-        if expand_size > 1 and any(model_kwargs.get(k) is not None for k in _ROW_LAYOUT_UNKNOWN):
-            raise InputError(f"beam search / num_return_sequences with {', '.join(_ROW_LAYOUT_UNKNOWN)} is not "
-                             "supported yet (their rows cannot be repeated sample by sample); use num_beams=1")
-        images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_grid_thw") if model_kwargs.get(k) is not None}
+        """Beam search / num_return_sequences repeat each sample; its images and videos go with it
+        (transformers' row-wise repeat would interleave the images of a multi-image sample, or
+        Qwen2-VL's patch rows)."""
+        vision = {k: model_kwargs.pop(k) for k in _VISION_ROWS if model_kwargs.get(k) is not None}
         batch = input_ids.shape[0]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
                                                                          **model_kwargs)
-        if expand_size > 1 and "pixel_values" in images:
-            images = _repeat_images(images, batch, expand_size)
-        return input_ids, {**model_kwargs, **images}
+        if expand_size > 1:
+            vision = _repeat_vision_rows(vision, batch, expand_size)
+        return input_ids, {**model_kwargs, **vision}
 
 
 # generate options a pruned model refuses, and why
@@ -508,20 +516,38 @@ _UNSUPPORTED = {
     "prefill_chunk_size": "the pruned prefill selects tokens over the whole prompt; it cannot run in chunks",
 }
 _FORWARD_INPUTS = set(inspect.signature(PrunedModel.forward).parameters) - {"self", "extra"}
-# processor outputs whose rows _repeat_images does not know how to repeat per sample
-_ROW_LAYOUT_UNKNOWN = ("pixel_values_videos", "video_grid_thw", "image_sizes")
 
 
-def _repeat_images(images: dict, batch: int, times: int) -> dict:
-    """Repeat each sample's images (and grids) `times` times, sample by sample."""
-    pixels, grid = images["pixel_values"], images.get("image_grid_thw")
-    per_image = grid.prod(-1) if grid is not None else torch.ones(pixels.shape[0], dtype=torch.long)
-    per_sample = per_image.reshape(batch, -1)
-    chunks = pixels.split(per_sample.sum(1).tolist())
-    out = {"pixel_values": torch.cat([c for c in chunks for _ in range(times)])}
-    if grid is not None:
-        out["image_grid_thw"] = grid.reshape(batch, -1, grid.shape[-1]).repeat_interleave(times, 0).flatten(0, 1)
+def _repeat_vision_rows(inputs: dict, batch: int, times: int) -> dict:
+    """Repeat each sample's images and videos `times` times, sample by sample. Per modality, the
+    pixel rows are one block per item (an image or a video: grid_thw.prod() patch rows with a grid,
+    else one row) and every sample has as many items, in sample order; per-item inputs (grids,
+    image_sizes, second_per_grid_ts) are repeated the same way."""
+    out = dict(inputs)
+    for pixels, per_item in _VISION_ROWS_BY_MODALITY:
+        if inputs.get(pixels) is None:
+            continue
+        grid = inputs.get(per_item[0])
+        rows = inputs[pixels].shape[0]
+        items = grid.shape[0] if grid is not None else rows
+        if items % batch:
+            raise InputError(f"{pixels} holds {items} images / videos for {batch} samples: beam search and "
+                             "num_return_sequences need as many per sample")
+        rows_per_item = grid.prod(-1) if grid is not None else torch.ones(items, dtype=torch.long)
+        blocks = inputs[pixels].split(rows_per_item.reshape(batch, -1).sum(1).tolist())
+        out[pixels] = torch.cat([block for block in blocks for _ in range(times)])
+        for name in per_item:
+            value = inputs.get(name)
+            if value is not None:
+                value = torch.as_tensor(value)
+                out[name] = value.reshape(batch, -1, *value.shape[1:]).repeat_interleave(times, 0).flatten(0, 1)
     return out
+
+
+# pixel inputs and their per-item inputs (the first one, where present, is the item's patch grid)
+_VISION_ROWS_BY_MODALITY = (("pixel_values", ("image_grid_thw", "image_sizes")),
+                            ("pixel_values_videos", ("video_grid_thw", "second_per_grid_ts")))
+_VISION_ROWS = tuple(k for pixels, per_item in _VISION_ROWS_BY_MODALITY for k in (pixels, *per_item))
 
 
 @contextmanager

@@ -9,6 +9,7 @@ cache outputs of layers >= K shrink by construction.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -16,7 +17,7 @@ from torch import fx
 
 from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, layer_of, sdpa_mask, seq_dims
-from graphprune.errors import GraphVerificationError, PassConfigError
+from graphprune.errors import GraphVerificationError, PassConfigError, PassNotApplicable
 from graphprune.rewrite.kv_cache import keep_final_tokens
 from graphprune.rewrite.layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
 from graphprune.rewrite.pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
@@ -41,6 +42,13 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     init_tokens(gm, anat)
     if plan.positions not in ("keep", "compact"):
         raise PassConfigError(f"{p.name}: positions must be 'keep' or 'compact', got {plan.positions!r}")
+    if anat.stage == "vision" and not isinstance(plan.select, Protect):
+        # the LLM numbers the vision tokens one way, whatever number of vision passes chose them
+        other = next((s for s in anat.selections if s["rule"] != "Protect" and s["positions"] != plan.positions), None)
+        if other is not None:
+            raise PassConfigError(f"{p.name}: positions={plan.positions!r}, but {other['pass']} in the same vision "
+                                  f"stage numbers the kept tokens positions={other['positions']!r}; give "
+                                  f"{p.name} positions={other['positions']!r}")
     if isinstance(plan.select, KeepCache):
         info = keep_final_tokens(p, plan.select, gm, anat)
         verify(gm, anat)
@@ -50,8 +58,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     if anat.stage == "vision" and layer == anat.num_layers and state.coords == "encoder":
         with g.inserting_before(anchor):
             conv = g.call_function(_to_features, (state.vision_pos, state.seq_index, int(bool(anat.has_cls))))
-            state = TokenState(layer, g.call_function(operator.getitem, (conv, 0)), g.call_function(operator.getitem, (conv, 1)),
-                               "features", state.valid, state.protected, state.generation, state.masked)
+            state = dataclasses.replace(state, layer=layer, vision_pos=g.call_function(operator.getitem, (conv, 0)),
+                                        seq_index=g.call_function(operator.getitem, (conv, 1)), coords="features")
 
     with g.inserting_before(anchor):
         signals = {name: extract_signal(gm, anat, sig, layer, state, name, p) for name, sig in plan.signals.items()}
@@ -59,8 +67,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         if isinstance(rule, Protect):
             scores = _score(g, plan, signals, p)
             prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, rule.keep))
-            anat.tokens.append(TokenState(layer, state.vision_pos, state.seq_index, state.coords, state.valid, prot,
-                                          state.generation, state.masked))
+            anat.tokens.append(dataclasses.replace(state, layer=layer, protected=prot))
             if anat.stage == "vision":
                 with g.inserting_before(g.find_nodes(op="output")[0]):
                     add_output(gm, g.call_function(_flatten_positions, (prot,)), "patches_protected")
@@ -78,8 +85,10 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             kept_desc = rule.keep
         elif isinstance(rule, Choose):
             k = None if rule.keep is None else g.call_function(_capacity_for, (state.vision_pos, rule.keep))
+            sized = dict(sizes=state.sizes) if rule.sized else {}
             choice = g.call_function(rule.fn, (), dict(k=k, protected=state.protected, valid=state.valid,
-                                                       vision_pos=state.vision_pos, **signals, **dict(rule.options)))
+                                                       vision_pos=state.vision_pos, **sized, **signals,
+                                                       **dict(rule.options)))
             if rule.ordered and (anat.stage != "vision" or plan.positions != "compact"):
                 raise PassConfigError(f"{p.name}: an ordered choice reorders tokens, which only the vision stage "
                                       "with positions='compact' allows")
@@ -90,16 +99,25 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             raise PassConfigError(f"{p.name}: unknown selection rule {rule!r}")
         keep, new_pos, picked, values, valid, prot = (g.call_function(operator.getitem, (sel, i)) for i in range(6))
         new_index = g.call_function(tokenops.take_tokens, (state.seq_index, keep, 0, (1,)))
+        sized = isinstance(rule, Choose) and rule.sized
+        sizes = g.call_function(tokenops.kept_sizes, (choice if sized else None, state.sizes, picked)) \
+            if sized or state.sizes is not None else None
     hidden = _stream(anat, layer)
     rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
-    _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
-                plan.after_projector)
+    stream = _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
+                         plan.after_projector)
+    if anat.stage == "vision" and layer == anat.num_layers and not plan.after_projector:
+        anat.features = stream          # what now enters the projector: a later pass reduces this
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
+    if isinstance(rule, Choose) and rule.proportional:
+        _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes)
     if plan.positions == "compact" and anat.stage != "vision":
         renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
+    rewrites = isinstance(rule, Choose) and (rule.merges or rule.ordered)
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
-                                  state.generation + 1, masked, key_valid))
+                                  state.generation + 1, masked, key_valid,
+                                  state.generation + 1 if rewrites else state.rewritten, sizes))
     out = g.find_nodes(op="output")[0]
     with g.inserting_before(out):
         if anat.stage == "vision":
@@ -240,6 +258,7 @@ def _resize_static(g, region, anat: Anatomy, anchor: fx.Node, keep: fx.Node) -> 
     shape_ops = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default}
     with g.inserting_before(anchor):
         size = g.call_function(SYM_SIZE, (keep, 1))
+    anat.token_dims[size.name] = "seq_size"     # a later selection in the encoder resizes it again
     for n in region:
         if n.target in shape_ops and n_tok in list(n.args[1]):
             n.args = (n.args[0], [size if d == n_tok else d for d in n.args[1]]) + tuple(n.args[2:])
@@ -265,23 +284,28 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node) -> fx
     return node
 
 
-def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_pos, values, after_projector) -> None:
-    """Merged tokens: overwrite the reduced residual stream at the kept vision slots with `values`."""
+def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_pos, values,
+                after_projector) -> fx.Node:
+    """Merged tokens: overwrite the reduced residual stream at the kept vision slots with `values`.
+    Returns the new stream, which the reduced region now reads."""
     g = gm.graph
     if after_projector:
         out = g.find_nodes(op="output")[0]
         stream = out.args[0][0]
         with g.inserting_before(out):
             put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+        anat.token_dims[put.name] = seq_dims(stream, anat)     # a later pass reduces it
         out.args = ((put,) + tuple(out.args[0][1:]),)
-        return
+        return put
     if stream is None:
         raise GraphVerificationError("no residual stream enters the reduced region to merge values into")
     with g.inserting_before(anchor):
         put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+    anat.token_dims[put.name] = seq_dims(stream, anat)
     for u in list(stream.users):
         if u is not put:
             u.replace_input_with(stream, put)
+    return put
 
 
 def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, valid) -> fx.Node:
@@ -294,16 +318,49 @@ def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index
         sdpa, att = l.attention.node, l.attention
         with g.inserting_before(sdpa):
             mask = g.call_function(tokenops.mask_keys, (sdpa_mask(sdpa), key_valid, sdpa.args[0], att.is_causal))
-        args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
-        args[3] = mask
-        if len(args) > 5:
-            args[5] = False
-        kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
-        if "is_causal" in kwargs:
-            kwargs["is_causal"] = False
-        sdpa.args, sdpa.kwargs = tuple(args), kwargs
-        att.mask, att.is_causal = mask, False
+        _set_mask(att, mask)
     return key_valid
+
+
+def _set_mask(att, mask: fx.Node) -> None:
+    """Make an attention read `mask` (which already holds any causal structure) instead of its own."""
+    sdpa = att.node
+    args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
+    args[3] = mask
+    if len(args) > 5:
+        args[5] = False
+    kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
+    if "is_causal" in kwargs:
+        kwargs["is_causal"] = False
+    sdpa.args, sdpa.kwargs = tuple(args), kwargs
+    att.mask, att.is_causal = mask, False
+
+
+def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, sizes) -> None:
+    """Proportional attention (ToMe): every later encoder attention adds log(size) of each key to its
+    logits. A later sized choice replaces the bias (sizes are cumulative), it does not add to it."""
+    g = gm.graph
+    if anat.stage != "vision":
+        raise PassConfigError(f"{p.name}: proportional attention is defined in the vision encoder only")
+    if not anat.layers[layer:]:
+        return                                        # merged after the last encoder layer: no attention follows
+    with g.inserting_before(anchor):
+        log_size = g.call_function(tokenops.key_log_sizes, (new_index, new_pos, sizes))
+    anat.token_dims[log_size.name] = (0, (1,))       # a later selection gathers it like any token value
+    for l in anat.layers[layer:]:
+        att = l.attention
+        old = sdpa_mask(att.node)
+        base = None if isinstance(old, fx.Node) and old.target is tokenops.bias_keys else old
+        if base is not None or att.is_causal:
+            raise PassNotApplicable(f"{p.name}: proportional attention needs the encoder's attention unmasked and "
+                                    f"non-causal; layer {l.index} has {'a causal' if att.is_causal else 'a'} mask "
+                                    "(set proportional_attention=False)")
+        with g.inserting_before(att.node):
+            _set_mask(att, g.call_function(tokenops.bias_keys, (log_size, att.node.args[0])))
+        while isinstance(old, fx.Node) and not old.users:        # the replaced bias and what fed only it
+            feeds = [a for a in old.all_input_nodes if a.op == "call_function"]
+            g.erase_node(old)
+            old = next((a for a in feeds if not a.users), None)
 
 
 def verify(gm: fx.GraphModule, anat: Anatomy) -> None:

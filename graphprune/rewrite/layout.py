@@ -32,6 +32,8 @@ class TokenState:
     generation: int = 0               # bumped by every rule that changes which tokens exist
     masked: bool = False              # some slots may be invalid (static capacity): later attention masks them
     key_valid: fx.Node | None = None  # (B, S) False at invalid slots, when masked
+    rewritten: int = 0                # generation of the last rule that merged or reordered tokens (0: none)
+    sizes: fx.Node | None = None      # (B, images, tokens) float: original tokens each one stands for (None: 1)
 
 
 def output_names(gm: fx.GraphModule) -> list[str]:

@@ -3,8 +3,8 @@
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
                reduced sequence (prefill); vision passes act on the features entering the projector
-  signals      what it looks at: AttentionRows, Keys, Values, Hidden, Projected, TextMask, TextEmbeds,
-               SequenceIndex
+  signals      what it looks at: AttentionRows, Keys, Values, Hidden, InputEmbeds, Projected, TextMask,
+               TextEmbeds, SequenceIndex
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -38,6 +38,9 @@ from graphprune.errors import PassConfigError
 # -- signals: what a pass looks at --------------------------------------------------------------
 
 
+LAST_VISION_LAYER = "last"   # a vision signal's layer: the encoder's last layer, even past the feature layer
+
+
 @dataclass(frozen=True)
 class AttentionRows:
     """Head-averaged attention that chosen queries pay the vision (or text) tokens in `layer`.
@@ -45,9 +48,11 @@ class AttentionRows:
     query: "last" (last prompt token, FastV), "cls" (vision encoder CLS token) or "text" (every
     instruction token; padded rows are zero). keys: "vision" -> (B, n_queries, images, tokens),
     "text" -> (B, n_queries, T). Recomputed from that layer's post-RoPE q and k for the chosen
-    rows only; the layer's own attention stays fused SDPA.
+    rows only; the layer's own attention stays fused SDPA. Vision passes on the features may give
+    layer=LAST_VISION_LAYER: the encoder's last layer, which LLaVA (features from layer -2) never uses;
+    the pipeline then captures the vision stage through it.
     """
-    layer: int
+    layer: int | str
     query: str = "last"
     keys: str = "vision"
 
@@ -75,6 +80,14 @@ class Hidden:
     layer: int
     tokens: str = "vision"
     norm: bool = False
+
+
+@dataclass(frozen=True)
+class InputEmbeds:
+    """Prefill only: the language model's input embeddings (what enters layer 0) of the prompt's
+    original tokens, whatever was selected since: every vision token (B, images, tokens, D) or the
+    instruction (B, T, D). For rules fixed before the first layer (SparseVLM's text raters)."""
+    tokens: str = "vision"
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,8 @@ class Choose:
     fn returns `picked` (B, images, k) ascending local indices of the kept vision tokens (with
     ordered=True: in the order the kept tokens then take in the sequence), or a
     dict with `picked` and optionally `values` (B, images, k, D) that replace the kept tokens'
-    hidden states (merging) and `valid` (B, images, k) bool (static capacity: invalid slots are
+    hidden states (merging), `sizes` (B, images, k) (sized=True: size-weighted merging, ToMe) and
+    `valid` (B, images, k) bool (static capacity: invalid slots are
     masked as keys from then on). `keep=None`: the count is data dependent (exact thresholds,
     eager only). fn is recorded as one node of the graph, named after it; it must be a
     module-level function so the graph prints and exports.
@@ -132,6 +146,11 @@ class Choose:
     options: tuple = ()            # (name, value) pairs passed to fn as keywords: the method's config
     static_mask: bool = False      # fn may return `valid`: later attention must mask invalid slots
     ordered: bool = False          # vision stage, compact positions: the kept tokens take the order of `picked`
+    merges: bool = False           # fn may return `values`: the kept slots then no longer hold their own tokens
+    sized: bool = False            # fn also receives `sizes` (B, images, tokens) float, how many original tokens
+                                   # each token stands for (None: all 1), and may return `sizes` of its picks
+    proportional: bool = False     # sized, vision stage: later encoder attention adds log(size) of each key to
+                                   # its logits (ToMe's proportional attention)
 
 
 @dataclass(frozen=True)
@@ -248,6 +267,27 @@ def check_option_types(name: str, config) -> None:
             raise PassConfigError(f"{name}: {f.name}={value!r} must be of type {want}")
         if isinstance(value, float) and not math.isfinite(value):
             raise PassConfigError(f"{name}: {f.name}={value!r} must be a finite number")
+
+
+def layer_tuple(name: str, layers, lowest: int = 0, what: str = "layer indices") -> tuple:
+    """A layers option (an int or a sequence) as a tuple of increasing ints >= lowest, else PassConfigError."""
+    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    if not layers or any(isinstance(l, bool) or not isinstance(l, int) for l in layers) \
+            or list(layers) != sorted(set(layers)) or layers[0] < lowest:
+        raise PassConfigError(f"{name}: layers must be increasing {what} >= {lowest}, got {layers!r}")
+    return layers
+
+
+def fill_preset(name: str, config, presets: dict, options: tuple[str, str]) -> None:
+    """Options left None take the authors' values for the budget `config.keep` (presets: keep -> values)."""
+    if all(getattr(config, o) is not None for o in options):
+        return
+    if config.keep not in presets:
+        raise PassConfigError(f"{name}: give {' and '.join(options)}, or keep in {sorted(presets)} for the authors' "
+                              f"values (got keep={config.keep!r})")
+    for o, value in zip(options, presets[config.keep]):
+        if getattr(config, o) is None:
+            setattr(config, o, value)
 
 
 def check_budget(name: str, keep) -> None:

@@ -20,7 +20,7 @@ from graphprune.anatomy.read import Anatomy, read_anatomy
 from graphprune.capture.export import Stage
 from graphprune.errors import PassConfigError
 from graphprune.rewrite.apply import apply_pass
-from graphprune.rewrite.pass_api import Choose, PassResult, TokenPass
+from graphprune.rewrite.pass_api import LAST_VISION_LAYER, Choose, PassResult, TokenPass
 from graphprune.rewrite.registry import PASSES, PIPELINES
 from graphprune.verify.eager import check_against_eager
 
@@ -156,6 +156,7 @@ class Program:
     anatomy: dict[str, Anatomy]
     family: object
     results: list[PassResult] = field(default_factory=list)
+    through_last: Stage | None = None   # the vision stage captured through its last layer, once a pass read it
 
     @classmethod
     def capture(cls, model, stages=("vision", "prefill", "decode")) -> "Program":
@@ -171,13 +172,27 @@ class Program:
     def copy(self) -> "Program":
         stages = {k: s.copy() for k, s in self.stages.items()}
         anat = {k: read_anatomy(s.gm, k, self.family.model_class) for k, s in stages.items() if s.gm is not None}
-        return Program(stages, anat, self.family)
+        return Program(stages, anat, self.family, through_last=self.through_last)
+
+    def vision_through_last(self) -> Stage:
+        """The vision stage with the encoder's layers past the feature layer kept (captured and checked
+        against the eager module on first use, then reused)."""
+        if self.through_last is None:
+            from graphprune.capture.export import capture_vision
+            stage = capture_vision(self.family, through_last=True)
+            check_against_eager(stage, self.family.model_class)
+            self.through_last = stage
+        return self.through_last
 
 
 def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = False) -> Program:
     """Apply passes to a copy of the program; the captured original is never modified."""
     out = program.copy()
     order = sorted(passes, key=_position)
+    vision = out.stages.get("vision")
+    if vision is not None and vision.gm is not None and any(_reads_last_vision_layer(p) for p in order):
+        out.stages["vision"] = program.vision_through_last().copy()
+        out.anatomy["vision"] = read_anatomy(out.stages["vision"].gm, "vision", out.family.model_class)
     for p in order:
         stage = _stage_of(p)
         st = out.stages[stage]
@@ -185,12 +200,19 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
             from graphprune.errors import PassNotApplicable
             p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
-                                    f"{out.family.model_class}: {st.eager}")
+                                    f"{out.family.model_class}: {st.eager}; use an LLM-stage method such as fastv, "
+                                    "dart or pyramiddrop")
         result = apply_pass(p, st, out.anatomy[stage])
         out.results.append(result)
         if debug:
             print(f"# ---- {stage} graph after {p!r}\n{st.gm.code}")
     return out
+
+
+def _reads_last_vision_layer(p: TokenPass) -> bool:
+    plans = p.plan()
+    return any(getattr(sig, "layer", None) == LAST_VISION_LAYER
+               for plan in (plans if isinstance(plans, list) else [plans]) for sig in plan.signals.values())
 
 
 def _position(p: TokenPass) -> tuple:

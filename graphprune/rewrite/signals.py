@@ -16,8 +16,10 @@ from graphprune.anatomy.read import Anatomy, layer_of, module_path, sdpa_mask, s
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
+    LAST_VISION_LAYER,
     AttentionRows,
     Hidden,
+    InputEmbeds,
     Keys,
     Projected,
     SequenceIndex,
@@ -44,16 +46,37 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         return g.call_function(tokenops.token_features, (out, state.vision_pos))
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
+    if isinstance(sig, InputEmbeds):
+        return _input_embeds(gm, anat, sig, p)
     src = getattr(sig, "layer", None)
-    if anat.stage == "vision" and isinstance(src, int) and src < 0:
+    if src == LAST_VISION_LAYER:
+        if anat.stage != "vision" or "vision_last_hidden" not in gm.meta.get("graphprune_outputs", ()):
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} needs a vision stage captured through its last "
+                                  "layer (graphprune's pipeline captures it when a vision pass asks for it)")
+        src = anat.num_layers + len(anat.post_layers) - 1
+        if not isinstance(sig, AttentionRows) or layer != anat.num_layers:
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r}: the last vision layer gives attention rows to "
+                                  "passes acting on the features")
+    elif anat.stage == "vision" and isinstance(src, int) and src < 0:
         src += anat.num_layers
-    if src is None or not 0 <= src < min(layer, anat.num_layers):
+    # a layer past the feature layer (there only when read) runs on the same tokens as the feature layer
+    if src is None or not 0 <= src < min(layer, anat.num_layers) and not (
+            layer == anat.num_layers and 0 <= src - anat.num_layers < len(anat.post_layers)):
         raise PassConfigError(f"{p.name}: signal {name}={sig!r} must come from a layer in 0..{layer - 1} "
                               f"(before the selection at layer {layer})")
-    at = state_at(anat, src)
+    at = state_at(anat, min(src, anat.num_layers - 1))
+    earlier = None
     if at.generation != state.generation:
-        raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
-                              f"at layer {anat.tokens[-1].layer}; take it from a later layer")
+        if anat.stage != "vision":
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} comes from layer {src}, before the tokens changed "
+                                  f"at layer {anat.tokens[-1].layer}; take it from a later layer")
+        if at.generation < state.rewritten:
+            raise PassConfigError(f"{p.name}: signal {name}={sig!r} reads vision layer {src}, but an earlier vision "
+                                  f"pass ({anat.selections[-1]['pass']}) merged or reordered the tokens since, so its "
+                                  f"kept slots no longer hold their own patches; put {p.name} before it")
+        # the encoder layer saw every patch and the passes since only removed some: read the signal at the
+        # places the remaining patches had in that layer
+        earlier = g.call_function(tokenops.positions_in_earlier, (at.seq_index, state.seq_index, state.vision_pos))
     att = anat.layer(src).attention
     tokens = getattr(sig, "tokens", None) or getattr(sig, "keys", "vision")
     if tokens not in ("vision", "text"):
@@ -63,7 +86,7 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
             raise PassNotApplicable(f"{p.name}: the vision encoder sees no text tokens; use TextEmbeds")
         text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
         text_mask = layout_input(gm, anat, "text_mask")
-    keys = at.vision_pos if tokens == "vision" else text_pos
+    keys = (at.vision_pos if earlier is None else earlier) if tokens == "vision" else text_pos
     if isinstance(sig, AttentionRows):
         pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
         if sig.query == "cls" and not anat.has_cls:
@@ -107,6 +130,16 @@ def _sequence_index(gm, anat: Anatomy, sig: SequenceIndex, state: TokenState, p:
         return g.call_function(tokenops.token_features, (index, state.vision_pos, 0, 1))
     text_pos = g.call_function(tokenops.positions_of, (state.seq_index, layout_input(gm, anat, "text_index")))
     return g.call_function(torch.gather, (index, 1, text_pos))
+
+
+def _input_embeds(gm, anat: Anatomy, sig: InputEmbeds, p: TokenPass) -> fx.Node:
+    g = gm.graph
+    if anat.stage == "vision" or sig.tokens not in ("vision", "text"):
+        raise PassConfigError(f"{p.name}: InputEmbeds is a prefill signal of tokens 'vision' or 'text', got {sig!r}")
+    emb = anat.inputs["inputs_embeds"]          # original token coordinates, before any selection
+    if sig.tokens == "vision":
+        return g.call_function(tokenops.token_features, (emb, anat.tokens[0].vision_pos, 0, 1))
+    return _features_at(g, emb, layout_input(gm, anat, "text_index"), "text", 0, 1)
 
 
 def unpadded_index(attention_mask, seq_index):

@@ -20,7 +20,9 @@ from graphprune.tools.vqa_model import BenchError, VQAModel
 # method -> (pipeline at a budget, pipeline of the method's own defaults). {layers}: MustDrop's
 # filter layers (2, 6, 10, 14) that exist in the model; {half}: VTW's layer 16 of 32 -> L // 2;
 # {stages}: PyramidDrop's layers 8, 16, 24 of 32 -> L/4, L/2, 3L/4; {pyramid}: its ratios ending at the
-# budget, each stage keeping twice the next (capped at every token).
+# budget, each stage keeping twice the next (capped at every token); {sparse}: SparseVLM's layers
+# 2, 6, 15, 19 of 32 -> L x l / 32 (at most L - 2: the layer after each runs reduced); {tome}: ToMe
+# merges after every encoder layer feeding the features (its own default: CLIP ViT-L's 0..22).
 METHODS = {
     "fastv": ("fastv(layer=2, keep={keep})", "fastv"),
     "dart": ("dart(layer=2, keep={keep})", "dart"),
@@ -34,22 +36,32 @@ METHODS = {
     "cdpruner": ("cdpruner(keep={keep})", "cdpruner"),
     "vispruner": ("vispruner(keep={keep})", "vispruner"),
     "pyramiddrop": ("pyramiddrop(layers={stages}, ratios={pyramid})", "pyramiddrop(layers={stages})"),
+    "sparsevlm": ("sparsevlm(keep={keep}, layers={sparse}{scale_bias})", "sparsevlm(layers={sparse})"),
+    "tome": ("tome(keep={keep}{tome})", "tome({tome_default})"),
 }
-
-
-# -- models and data ------------------------------------------------------------------------------
-
-
 
 
 # -- the grid --------------------------------------------------------------------------------------
 
-def grid_specs(methods, budgets, num_layers: int, tokens: int) -> list[tuple[str, str, str]]:
+def feature_layers(config) -> int | None:
+    """Vision encoder layers that feed a LLaVA-style model's features (its vision_feature_layer), or None."""
+    layer, vc = getattr(config, "vision_feature_layer", None), getattr(config, "vision_config", None)
+    if not isinstance(layer, int) or vc is None:
+        return None
+    return layer % (vc.num_hidden_layers + 1)
+
+
+def grid_specs(methods, budgets, num_layers: int, tokens: int, vision_layers: int | None = None
+               ) -> list[tuple[str, str, str]]:
     """[(method, budget label, pipeline)]: every method at every budget, plus its own defaults
-    when they differ from every budget cell. Raises BenchError for unknown names / bad budgets."""
+    when they differ from every budget cell. vision_layers: encoder layers feeding the features
+    (None: each method's default). Raises BenchError for unknown names / bad budgets."""
     layers = tuple(l for l in (2, 6, 10, 14) if l < num_layers)
     stages = tuple(sorted({max(1, num_layers * i // 4) for i in (1, 2, 3)} - {num_layers}))
-    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages)
+    sparse = tuple(sorted({min(num_layers - 2, num_layers * l // 32) for l in (2, 6, 15, 19)}))
+    tome = "" if vision_layers is None else f"layers={tuple(range(vision_layers))}"
+    fill = dict(layers=layers, half=min(16, num_layers // 2), stages=stages, sparse=sparse,
+                tome=tome and ", " + tome, tome_default=tome)
     cells = []
     for m in methods:
         if m not in METHODS:
@@ -62,7 +74,8 @@ def grid_specs(methods, budgets, num_layers: int, tokens: int) -> list[tuple[str
                 if not 0 < b <= tokens:
                     raise BenchError(f"budget {b}: must lie in 1..{tokens} (vision tokens per image)")
                 pyramid = tuple(min(1.0, b * 2 ** i / tokens) for i in reversed(range(len(stages))))
-                cells.append((m, str(b), at.format(keep=b, thresholds=_thresholds(b), pyramid=pyramid, **fill)))
+                cells.append((m, str(b), at.format(keep=b, thresholds=_thresholds(b), pyramid=pyramid,
+                                                   scale_bias=_scale_bias(b), **fill)))
     return cells
 
 
@@ -74,6 +87,16 @@ def _thresholds(keep: int) -> str:
         return ""
     gamma, alpha = FILTER_PRESETS[min(FILTER_PRESETS, key=lambda k: abs(math.log(k / keep)))]
     return f", gamma={gamma}, alpha={alpha}"
+
+
+def _scale_bias(keep: int) -> str:
+    """SparseVLM's (scale, bias) exist for 192 / 128 / 64 kept; other budgets use the nearest preset's,
+    the budget staying the static capacity."""
+    from graphprune.passes.sparsevlm import PRESETS
+    if keep in PRESETS:
+        return ""
+    scale, bias = PRESETS[min(PRESETS, key=lambda k: abs(math.log(k / keep)))]
+    return f", scale={scale}, bias={bias}"
 
 
 def parse_budgets(text: str) -> list:

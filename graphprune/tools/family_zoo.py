@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.compat import qwen2vl_takes_mm_token_type_ids, rope_config
 from graphprune.tools.zoo import Example, _mrope_section, _spread_logits, left_pad
 
 TEXT = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
@@ -23,8 +24,7 @@ def tiny_qwen2_5_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
 
     cfg = Qwen2_5_VLConfig(
         text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **TEXT,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": _mrope_section(hidden // 4)}),
+                         **rope_config(10000.0, _mrope_section(hidden // 4))),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1], tokens_per_second=2, in_channels=3),
@@ -100,7 +100,8 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
         rows.append(ids + _text(g, suffix - pad[b]))
     input_ids, mask = left_pad(rows)
     ex = Example(input_ids, mask, **vision["inputs"])
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
+    # what the installed transformers' processor returns: the vision-token types only where the model takes them
+    if kind in ("qwen2_vl", "qwen2_5_vl") and qwen2vl_takes_mm_token_type_ids(model):
         cfg = model.config
         ex.mm_token_type_ids = (input_ids == cfg.image_token_id).int().masked_fill(input_ids == cfg.video_token_id, 2)
     return ex

@@ -1,0 +1,129 @@
+"""ToMe: "Token Merging: Your ViT But Faster" (Bolya et al., ICLR 2023), inside the vision encoder.
+
+Method, at each merging layer l of the encoder, on the sequence [CLS, patches] in its current order:
+  split      alternate: A = the tokens at even places (CLS first), B = those at odd places;
+  match      each A token's most similar B token, by cosine of layer l's keys averaged over heads
+             (`heads`); CLS never matches;
+  merge      the r A tokens with the best matches join their B token: size-weighted averages
+             x = sum(size x x) / sum(size), sizes added (a token's size = the patches it stands for);
+  order      [CLS, unmerged A tokens in their order, every B token in its order].
+r per layer, at most half the patches (ToMe's min(r, (t - 1) // 2)); or `keep`: the merges that leave
+`keep` patches, spread over the layers (each takes ceil(rest / layers left)). Default: keep=64 over
+layers 0..22 (the CLIP ViT-L/14 blocks whose output LLaVA-1.5 reads). The LLM sees the merged tokens
+in that order, compactly numbered.
+
+Proportional attention (the authors' default, proportional_attention=True): every later encoder
+layer adds log(size) of each key to its attention logits (Choose(proportional=True); the bias of a
+later merge replaces the earlier one). proportional_attention=False merges without it.
+What the pass API cannot express: ToMe merges between a block's attention and its MLP; a plan acts
+between blocks, so the MLP of block l still runs on the unmerged tokens (merge after the block, with
+the same keys and pairs).
+Departures and their effect: docs/methods.md.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.rewrite.pass_api import Choose, Hidden, Keys, Plan, TokenPass, layer_tuple
+from graphprune.rewrite.registry import register_pass
+
+FEATURE_LAYERS = tuple(range(23))      # CLIP ViT-L/14 blocks 0..22 feed LLaVA-1.5's features (layer -2)
+
+
+def merge_count(v: int, r: int | None, keep: int | None, layers_left: int) -> int:
+    """Merges at this layer for v patches: r, or the even share of what `keep` still needs; at most v // 2."""
+    want = r if r is not None else math.ceil(max(v - keep, 0) / layers_left)
+    return min(want, v // 2)
+
+
+def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, keep, layers_left, heads):
+    """One ToMe step on each image's patches (B, n, V, ...): picked (the new order), values, sizes."""
+    if valid is not None:
+        raise InputError("tome: an earlier vision pass left masked slots; ToMe needs every patch (run it as the "
+                         "only vision pass)")
+    b, n, v, d = hidden.shape
+    count = merge_count(v, r, keep, layers_left)
+    slots = torch.arange(v, device=hidden.device).expand(b, n, v)
+    if count == 0:
+        return {"picked": slots}
+    metric = keys.float()
+    if heads is not None:
+        metric = metric.reshape(*metric.shape[:-1], heads, -1).mean(-2)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    # the sequence is [CLS, patches]: patch i sits at place i + 1, so A (even places) holds the odd patches
+    a_idx = torch.arange(1, v, 2, device=hidden.device)
+    b_idx = torch.arange(0, v, 2, device=hidden.device)
+    scores = metric[:, :, a_idx] @ metric[:, :, b_idx].transpose(-1, -2)          # (B, n, |A|, |B|)
+    best, match = scores.max(-1)
+    ranked = best.argsort(dim=-1, descending=True, stable=True)
+    src, unmerged = ranked[..., :count], ranked[..., count:].sort(-1).values      # places in A
+    size = torch.ones(b, n, v, 1, dtype=hidden.dtype, device=hidden.device) if sizes is None else sizes[..., None]
+    weighted = hidden * size
+    dst = match.gather(-1, src)                                                   # places in B
+    b_x = weighted[:, :, b_idx].scatter_add(2, dst[..., None].expand(b, n, count, d),
+                                            weighted[:, :, a_idx].gather(2, src[..., None].expand(b, n, count, d)))
+    b_size = size[:, :, b_idx].scatter_add(2, dst[..., None], size[:, :, a_idx].gather(2, src[..., None]))
+    a_keep = a_idx[unmerged]
+    a_x = weighted.gather(2, a_keep[..., None].expand(b, n, a_keep.shape[-1], d))
+    a_size = size.gather(2, a_keep[..., None])
+    new_size = torch.cat([a_size, b_size], 2)
+    return {"picked": torch.cat([a_keep, b_idx.expand(b, n, -1)], -1), "values": torch.cat([a_x, b_x], 2) / new_size,
+            "sizes": new_size[..., 0]}
+
+
+@register_pass
+class ToMe(TokenPass):
+    name = "tome"
+    stage = "vision"
+
+    @dataclass
+    class Config:
+        keep: int | None = None          # patches left after the last merge (default 64 when r is not given)
+        r: int | None = None             # merges per layer (the authors' parameter), instead of keep
+        layers: tuple = FEATURE_LAYERS   # encoder layers after which tokens merge
+        heads: int | None = None         # attention heads the keys are averaged over (the authors' metric);
+        #                                  None: cosine of the keys with heads concatenated
+        proportional_attention: bool = True   # the authors' prop_attn: later layers add log(size) to key logits
+
+    def validate(self):
+        c = self.config
+        if c.r is not None and c.keep is not None:
+            raise PassConfigError(f"tome: give r (merges per layer) or keep (patches left), not both "
+                                  f"(r={c.r!r}, keep={c.keep!r})")
+        if c.r is None and c.keep is None:
+            c.keep = 64
+        super().validate()
+        if isinstance(c.keep, float):
+            raise PassConfigError(f"tome: keep must be an int (patches per image), got {c.keep!r}")
+        if c.r is not None and c.r < 1:
+            raise PassConfigError(f"tome: r={c.r} must be >= 1 (merges per layer)")
+        c.layers = layer_tuple(self.name, c.layers, what="encoder layer indices")
+        if c.heads is not None and c.heads < 1:
+            raise PassConfigError(f"tome: heads must be a positive int or None, got {c.heads!r}")
+
+    def requires(self, anatomy):
+        c = self.config
+        if not anatomy.has_cls:
+            raise PassNotApplicable(f"tome: the bipartite split protects the CLS token of the vision encoder; "
+                                    f"{anatomy.model_class} has none")
+        n = anatomy.num_layers
+        if n and c.layers[-1] >= n:
+            raise PassConfigError(f"tome: layers={c.layers!r} do not fit the {n} encoder layers feeding the features; "
+                                  f"use layers in 0..{n - 1}, e.g. layers={tuple(range(n))}")
+        if anatomy.grid is not None and c.keep is not None and c.keep > anatomy.grid[0] * anatomy.grid[1]:
+            raise PassConfigError(f"tome: keep={c.keep} exceeds the {anatomy.grid[0] * anatomy.grid[1]} patches")
+        if c.heads is not None and anatomy.layers:
+            q = anatomy.layers[-1].attention.q.meta.get("val")
+            if q is not None and q.shape[1] != c.heads:
+                raise PassConfigError(f"tome: heads={c.heads}, but the vision encoder's attention has {q.shape[1]} "
+                                      f"heads; set heads={q.shape[1]} or None")
+
+    def plan(self) -> list[Plan]:
+        c = self.config
+        return [Plan(layer=l + 1, positions="compact", signals={"keys": Keys(l), "hidden": Hidden(l)},
+                     select=Choose(None, bipartite_merge, (("r", c.r), ("keep", c.keep),
+                                                          ("layers_left", len(c.layers) - i), ("heads", c.heads)),
+                                   merges=True, ordered=True, sized=True, proportional=c.proportional_attention))
+                for i, l in enumerate(c.layers)]
