@@ -1,7 +1,8 @@
 """Issue 17 (findings 1, 4, 5, 6, 8, 10): bad or unusual input to the Python API gets a clear
 graphprune error before any work, nothing is silently wrong or silently unpruned, and models given
 to prune() are freed with their users' last reference. References: what Hugging Face's own model
-does with the same input (it raises, or it runs and we compare), never graphprune itself."""
+does with the same input (it raises, or it runs and we compare), never graphprune itself.
+Which mutation of each fix makes which of these tests fail: tests/HARDENING.md."""
 import gc
 import os
 import re
@@ -125,10 +126,12 @@ def test_rss_flat_over_100_prune_generate_cycles():
 
 FRESH_MODELS = """
 import gc, json, os, weakref
+import torch
 import graphprune as gp
 from graphprune.tools import zoo
+torch.set_num_threads(1)                # tiny graphs: one thread is twice as fast as two
 sizes, refs = [], []
-for i in range(4):
+for i in range(CYCLES):
     m = zoo.tiny_llava(layers=2, vision_layers=2, hidden=32, vision_hidden=16)
     gp.prune(m, "fastv(layer=1, keep=4)").generate(**zoo.llava_example(m).as_kwargs(), max_new_tokens=2)
     refs.append(weakref.ref(m))
@@ -137,36 +140,49 @@ for i in range(4):
     sizes.append(int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20)
 print(json.dumps({"sizes": sizes, "freed": [r() is None for r in refs]}))
 """
+CYCLES, WARM_UP = 100, 10
+MIB_PER_MODEL = 0.5
 
 
+@pytest.mark.slow
 def test_built_and_dropped_models_do_not_accumulate():
-    """build / prune / generate / drop with fresh models, in a process of its own (pytest's log capture
-    keeps torch.export's trace records): every model is freed, RSS grows by at most a little per
-    model (torch.export keeps ~2 MiB of symbolic-shape metadata per capture; the models themselves,
-    ~12 MiB each for zoo.tiny_llava(), used to stay cached for good)."""
+    """100 cycles of build / prune / generate / drop with fresh models, in a process of its own
+    (pytest's log capture keeps torch.export's trace records): every model is freed, and RSS after
+    the warm-up grows by less than MIB_PER_MODEL per model. What stays per model is torch's: each
+    torch.export's ShapeEnv is held from C++ (a fake input's symbolic storage size, torch 2.13),
+    ~0.24 MiB for this model once graphprune drops that env's fake-tensor dispatch cache
+    (capture.export._release_export_caches); with that cache it was ~2.2 MiB, and the models
+    themselves (~12 MiB each for zoo.tiny_llava()) once stayed cached for good."""
     import json
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-c", FRESH_MODELS], capture_output=True, text=True, timeout=900)
+    script = FRESH_MODELS.replace("CYCLES", str(CYCLES))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert all(got["freed"])
-    sizes = got["sizes"]
-    assert (sizes[-1] - sizes[1]) / 2 < 4, f"RSS per built-and-dropped model: {sizes}"
+    assert all(got["freed"]), [i for i, f in enumerate(got["freed"]) if not f]
+    sizes = got["sizes"][WARM_UP - 1:]
+    per_model = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
+    assert per_model < MIB_PER_MODEL, f"RSS grew {sizes[-1] - sizes[0]:.1f} MiB over {len(sizes) - 1} models " \
+                                      f"({per_model:.2f} MiB each): {[round(s) for s in got['sizes']]}"
 
 
 # -- 5: a bool (or 0/1 float) attention mask is a mask --------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64, torch.int32, torch.uint8])
 def test_mask_dtypes_give_the_long_mask_results(llava, dtype):
+    """Every mask dtype HF's processors or users hand in gives the long mask's logits and greedy
+    tokens, on the prefill and on both decode paths (the decode steps see the caller's mask, extended
+    by ones, not the one normalised at the entrance; see tests/HARDENING.md, finding 5)."""
     model, program = llava
     ex = zoo.llava_example(model, batch=2, pad=(0, 3))
     pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
     want_logits = pruned(**ex.as_kwargs()).logits
-    want_ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=5, eos_token_id=[])
     kw = dict(ex.as_kwargs(), attention_mask=ex.attention_mask.to(dtype))
     torch.testing.assert_close(pruned(**kw).logits, want_logits, atol=0, rtol=0)
-    assert torch.equal(pruned.generate(**kw, max_new_tokens=5, eos_token_id=[]), want_ids)
+    for static in (False, True):
+        want_ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=5, eos_token_id=[], static_cache=static)
+        assert torch.equal(pruned.generate(**kw, max_new_tokens=5, eos_token_id=[], static_cache=static), want_ids)
     if dtype == torch.bool:                    # Hugging Face takes a bool mask too
         assert torch.equal(model.generate(**kw, max_new_tokens=5, do_sample=False)[:, :-5], ex.input_ids)
 
