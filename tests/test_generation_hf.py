@@ -199,7 +199,8 @@ def test_follow_up_with_a_new_image_is_refused(llava):
 
 @pytest.mark.parametrize("option,match", [(dict(output_attentions=True), "attention maps"),
                                           (dict(prompt_lookup_num_tokens=3), "cannot be cropped"),
-                                          (dict(cache_implementation="static"), "its own cache")])
+                                          (dict(cache_implementation="static"), "its own cache"),
+                                          (dict(num_beams=2, eos_token_id=[]), r"eos_token_id=\[\] with num_beams=2")])
 def test_unsupported_generate_options_fail_clearly(llava, option, match):
     model, program = llava
     pruned = gp.prune(model, FASTV["llava"][0], program=program)

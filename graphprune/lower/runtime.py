@@ -465,6 +465,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         for name, why in _UNSUPPORTED.items():
             if kwargs.get(name) or getattr(kwargs.get("generation_config"), name, None):
                 raise InputError(f"{name}: {why}")
+        beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", 1) or 1
+        if beams > 1 and kwargs.get("eos_token_id") == []:
+            raise InputError(f"eos_token_id=[] with num_beams={beams}: transformers' beam search needs an end "
+                             "token (it fails inside); give one (or leave eos_token_id unset), or use num_beams=1")
         cache = kwargs.pop("past_key_values", None)
         if kwargs.get("cache") is not None:        # its name from transformers 5.24
             cache = kwargs.pop("cache")
