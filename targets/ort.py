@@ -230,7 +230,8 @@ class OrtPrunedModel(PrunedModel):
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None, past_key_values=None, **unused):
+                mm_token_type_ids=None, past_key_values=None, cache=None, **unused):
+        past_key_values = cache if cache is not None else past_key_values     # its name from transformers 5.24
         if past_key_values is not None and past_key_values.layers:       # decode: decode.onnx
             return super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
                                    past_key_values, **unused)
