@@ -351,7 +351,8 @@ class _LM:
         self.eps = tc.rms_norm_eps
         self.act = _act(tc.hidden_act)
         # transformers 5: rope_parameters; 4.x: rope_theta plus rope_scaling (Qwen2-VL's mrope_section)
-        rp = getattr(tc, "rope_parameters", None) or {"rope_theta": tc.rope_theta, **(tc.rope_scaling or {})}
+        rp = getattr(tc, "rope_parameters", None) or {"rope_theta": tc.rope_theta,
+                                                        **(getattr(tc, "rope_scaling", None) or {})}
         assert rp.get("rope_type", "default") == "default", "only default RoPE is implemented"
         theta = rp["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))

@@ -7,6 +7,8 @@ test happens in the language model) and Qwen's 3-D M-RoPE position ids (``get_ro
 rest is written here from the processors' layouts:
   * Qwen: the prunable vision tokens are the ``<|image_pad|>`` / ``<|video_pad|>`` placeholders; a unit
     is an image, or one temporal patch (frame) of a video (``video_unit="video"``: the whole video).
+  * Mistral 3: the prunable tokens are the ``[IMG]`` placeholders; ``[IMG_BREAK]`` / ``[IMG_END]`` are
+    other ids, text to the language model. Positions are ``cumsum(mask) - 1``.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -99,6 +101,11 @@ def _llava_next_prunable(model, example) -> Tensor:
     return out
 
 
+# families whose prunable tokens are exactly their image placeholders (markers around and between
+# them are other token ids), with 1-D positions cumsum(mask) - 1
+PLACEHOLDER_FAMILIES = ("mistral3",)
+
+
 @torch.no_grad()
 def family_inputs(model, example):
     """(inputs_embeds, attention_mask, position_ids, vision_mask (B, S) prunable tokens, units per sample)."""
@@ -116,6 +123,9 @@ def family_inputs(model, example):
     elif cfg.model_type in ("llava_next", "llava_onevision"):
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         vm = _llava_next_prunable(model, example)
+    elif cfg.model_type in PLACEHOLDER_FAMILIES:
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        vm = ids == cfg.image_token_id
     else:
         raise ValueError(cfg.model_type)
     return emb, am, pos, vm

@@ -50,7 +50,7 @@ def _example(model, items, batch=2, pad=(0, 2)):
 
 def _hf_logits(model, ex):
     kw = ex.as_kwargs()
-    if model.config.model_type.startswith("llava"):       # generate()'s positions for left padding
+    if family_of(model).position_axes == 1:               # generate()'s positions for left padding
         kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return model(**kw).logits

@@ -13,6 +13,7 @@ from graphprune.families.base import Family, VisionLayout
 from graphprune.families.llava import LlavaFamily
 from graphprune.families.llava_next import LlavaNextFamily
 from graphprune.families.llava_onevision import LlavaOnevisionFamily
+from graphprune.families.mistral3 import Mistral3Family
 from graphprune.families.qwen2_5_vl import Qwen2_5_VLFamily
 from graphprune.families.qwen2_vl import Qwen2VLFamily
 from graphprune.families.refused import Gemma3Family, MllamaFamily, hybrid_layers
@@ -20,7 +21,8 @@ from graphprune.families.refused import Gemma3Family, MllamaFamily, hybrid_layer
 __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_types"]
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
-    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, MllamaFamily, Gemma3Family)}
+    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
+    MllamaFamily, Gemma3Family)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 
 

@@ -140,6 +140,20 @@ class Family:
             per_sample.append([(f"image {i}", blk) for i, blk in enumerate(at.reshape(images, -1))])
         return blocks_layout(per_sample, self.separators(input_ids))
 
+    def sized_images(self, input_ids, image_sizes, pixel_values) -> tuple[torch.Tensor, int] | None:
+        """(B, S) image-token mask and images per sample, for families whose processor gives one
+        image_sizes row per image; None when the prompt has no image tokens."""
+        is_image = input_ids == self.image_token_id()
+        if not bool(is_image.any()):
+            return None
+        if image_sizes is None or pixel_values is None:
+            raise InputError("the prompt has image tokens but no pixel_values / image_sizes were given")
+        b = input_ids.shape[0]
+        if image_sizes.shape[0] % b:
+            raise InputError(f"{image_sizes.shape[0]} images (image_sizes rows) for {b} samples: give each "
+                             "sample as many images")
+        return is_image, image_sizes.shape[0] // b
+
     def separators(self, input_ids) -> torch.Tensor:
         marks = torch.zeros_like(input_ids, dtype=torch.bool)
         for attr in self.separator_tokens:

@@ -63,6 +63,20 @@ def tiny_llava_onevision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(LlavaOnevisionForConditionalGeneration, cfg, seed)
 
 
+def tiny_mistral3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Mistral 3 architecture: Pixtral tower (14-pixel patches, 2-D RoPE, images at their own size),
+    2x2 patch merger, Mistral LM (no sliding window)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    vc = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=112, patch_size=14, head_dim=8)
+    cfg = Mistral3Config(vision_config=vc, text_config=dict(model_type="mistral", hidden_size=hidden, head_dim=16,
+                                                            intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                            sliding_window=None, **TEXT),
+                         image_token_index=150, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    return _finish(Mistral3ForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -70,7 +84,8 @@ def _finish(cls, cfg, seed):
     return model
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision}
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+            "mistral3": tiny_mistral3}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -82,14 +97,15 @@ def build(family: str, seed: int = 0, **kw):
 # ------------------------------------------------------------------------------------------- prompts
 
 def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix: int = 7, pad=(), seed: int = 0,
-            grid: tuple[int, int] = (8, 8), frames: int = 4, image_size: tuple[int, int] = (50, 90)) -> Example:
+            grid: tuple[int, int] = (8, 8), frames: int = 4, image_size: tuple[int, int] | None = None) -> Example:
     """A processor-style prompt for `model`'s family (see the module docstring). Qwen: images of
-    `grid` patches, videos of `frames` frames of that grid; LLaVA-NeXT: images of `image_size` (H, W)."""
+    `grid` patches, videos of `frames` frames of that grid; LLaVA-NeXT: images of `image_size` (H, W),
+    default (50, 90); Mistral 3: (84, 112)."""
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = _QWEN if kind in ("qwen2_vl", "qwen2_5_vl") else _LLAVA_NEXT if kind in ("llava_next", "llava_onevision") \
-        else None
+    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
+              "mistral3": _MISTRAL3}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -147,6 +163,7 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     if "video" in items and cfg.model_type != "llava_onevision":
         raise ValueError("LLaVA-NeXT prompts hold images only")
     crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    image_size = image_size or (50, 90)
     best_h, best_w = select_best_resolution(list(image_size), cfg.image_grid_pinpoints)
     side = crop // patch
     tokens = side * side + llava_next_rows(image_size, side * best_h // crop, side * best_w // crop)[0]
@@ -162,6 +179,27 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     if n_vid:
         inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, crop, crop, generator=g)
     return {"blocks": blocks, "inputs": inputs}
+
+
+MISTRAL3_BREAK, MISTRAL3_END = 151, 152     # [IMG_BREAK], [IMG_END] (12, 13 in Mistral's tokenizer)
+
+
+def _MISTRAL3(model, g, batch, items, *, image_size, **_):
+    """Per image, rows of [IMG] x (W / 28) each closed by [IMG_BREAK], the last by [IMG_END]
+    (PixtralProcessor, whose patch is the tower's 14 pixels x the 2x2 merge); images of
+    `image_size` rounded down to whole merged patches."""
+    if "video" in items:
+        raise ValueError("Mistral 3 prompts hold images only")
+    cfg = model.config
+    side = cfg.vision_config.patch_size * cfg.spatial_merge_size
+    image_size = image_size or (84, 112)
+    rows, cols = max(1, image_size[0] // side), max(1, image_size[1] // side)
+    block = ([cfg.image_token_id] * cols + [MISTRAL3_BREAK]) * rows
+    block[-1] = MISTRAL3_END
+    n = batch * len(items)
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(n, 3, rows * side, cols * side, generator=g),
+                       "image_sizes": torch.tensor([[rows * side, cols * side]] * n)}}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:

@@ -1,0 +1,69 @@
+"""Tier-2 families end to end, on tiny random-weight models with the token layouts their processors
+write, by the same checks as tier 1 (tests/test_families.py, whose test bodies run here on these
+cases): keep-everything equals Hugging Face (fp32 logits, 16 greedy tokens), FastV / DART / random /
+VTW equal the independent reference (kept sets, per-layer KV lengths, logits, 16 greedy tokens,
+separators kept), a left-padded batch of 2 equals each sample alone. Plus what differs per family:
+which tokens are its separators, and what the torch.compile backend does with it."""
+from __future__ import annotations
+
+import pytest
+import test_families as tier1
+import torch
+
+import graphprune as gp
+from graphprune.families import family_of
+from graphprune.tools import family_zoo
+
+# (id, family, items each sample shows in prompt order, video_unit)
+CASES = [
+    ("mistral3-2images", "mistral3", ("image", "image"), "frame"),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_keep_everything_equals_hf(case):
+    tier1.test_keep_everything_equals_hf(case)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart", "random", "vtw"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_llm_methods_equal_reference(case, method):
+    tier1.test_llm_methods_equal_reference(case, method)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_batch_equals_samples_alone(case):
+    tier1.test_batch_equals_samples_alone(case)
+
+
+def test_mistral3_separators_are_the_row_and_end_markers():
+    model, _ = tier1._model("mistral3")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"))
+    layout = family_of(model).vision_layout(ex.input_ids, **tier1._mm(ex))
+    ids = ex.input_ids
+    assert torch.equal(layout.separators, (ids == family_zoo.MISTRAL3_BREAK) | (ids == family_zoo.MISTRAL3_END))
+    assert layout.units == ("image 0", "image 1") and layout.pos.shape == (2, 2, 12)   # 3 rows of 4 per image
+    assert bool((ids.gather(1, layout.pos.reshape(2, -1)) == model.config.image_token_id).all())
+
+
+def _compile_refused(family, match):
+    from test_dynamo import _compiled
+    model, _ = tier1._model(family)
+    kw = family_zoo.example(model, items=("image",)).as_kwargs()
+    with pytest.raises(Exception, match=f"unsupported family for the torch.compile backend: .*{match}"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+def test_mistral3_compile_backend_refuses_with_the_reason():
+    _compile_refused("mistral3", "IMG_BREAK")
+
+
+def test_mistral3_sliding_window_is_refused():
+    from transformers import Mistral3ForConditionalGeneration
+    model, _ = tier1._model("mistral3")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.text_config.sliding_window = 32
+    with pytest.raises(gp.UnsupportedModelError, match="sliding window of 32"):
+        gp.prune(Mistral3ForConditionalGeneration(config), "fastv")
