@@ -42,4 +42,5 @@ python -m pytest -q -p no:cacheprovider \
     "tests/test_methods.py::test_qwen2vl" \
     tests/test_generation_hf.py \
     tests/test_families.py \
+    tests/test_families_tier2.py \
     tests/test_onnx.py

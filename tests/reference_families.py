@@ -8,7 +8,9 @@ rest is written here from the processors' layouts:
   * Qwen: the prunable vision tokens are the ``<|image_pad|>`` / ``<|video_pad|>`` placeholders; a unit
     is an image, or one temporal patch (frame) of a video (``video_unit="video"``: the whole video).
   * Mistral 3: the prunable tokens are the ``[IMG]`` placeholders; ``[IMG_BREAK]`` / ``[IMG_END]`` are
-    other ids, text to the language model. Positions are ``cumsum(mask) - 1``.
+    other ids, text to the language model. Positions are ``cumsum(mask) - 1``. The same for Aya Vision
+    (``<|IMG_PATCH|>`` placeholders; start, tile and end markers are text); a unit is an image: the
+    tile runs one marker apart.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -103,7 +105,7 @@ def _llava_next_prunable(model, example) -> Tensor:
 
 # families whose prunable tokens are exactly their image placeholders (markers around and between
 # them are other token ids), with 1-D positions cumsum(mask) - 1
-PLACEHOLDER_FAMILIES = ("mistral3",)
+PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision")
 
 
 @torch.no_grad()
@@ -137,6 +139,11 @@ def units_of(model, example, video_unit: str = "frame") -> int:
     n = 0
     if example.image_grid_thw is not None:
         n += example.image_grid_thw.shape[0] // b
+    elif model.config.model_type == "aya_vision":
+        # pixel_values rows are tiles; the processor writes one tile marker between the tiles of an
+        # image, and end / start / tile markers (at least three tokens) between images
+        slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
+        n += 1 + int((slots[1:] - slots[:-1] > 3).sum())
     elif example.pixel_values is not None:
         n += example.pixel_values.shape[0] // b
     if example.video_grid_thw is not None:

@@ -17,6 +17,7 @@ from graphprune.tools import family_zoo
 # (id, family, items each sample shows in prompt order, video_unit)
 CASES = [
     ("mistral3-2images", "mistral3", ("image", "image"), "frame"),
+    ("aya_vision-2images", "aya_vision", ("image", "image"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -47,6 +48,25 @@ def test_mistral3_separators_are_the_row_and_end_markers():
     assert bool((ids.gather(1, layout.pos.reshape(2, -1)) == model.config.image_token_id).all())
 
 
+def test_aya_vision_images_are_their_tiles_and_markers_are_separators():
+    model, _ = tier1._model("aya_vision")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"))
+    layout = family_of(model).vision_layout(ex.input_ids, **tier1._mm(ex))
+    ids = ex.input_ids
+    markers = (family_zoo.AYA_START, family_zoo.AYA_END, family_zoo.AYA_TILE_1, family_zoo.AYA_GLOBAL)
+    assert torch.equal(layout.separators, torch.isin(ids, torch.tensor(markers)))
+    assert layout.units == ("image 0", "image 1") and layout.pos.shape == (2, 2, 32)   # 2 tiles of 16 per image
+    for b in range(2):                 # each image: its two tile runs, either side of TILE_GLOBAL
+        for image in layout.pos[b]:
+            glob = int((ids[b] == family_zoo.AYA_GLOBAL).nonzero()[:, 0][(ids[b] == family_zoo.AYA_GLOBAL)
+                                                                      .nonzero()[:, 0] > image[0]][0])
+            assert int(image[15]) == glob - 1 and int(image[16]) == glob + 1
+    pv = tier1._mm(ex)
+    pv["pixel_values"] = pv["pixel_values"][:-1]
+    with pytest.raises(gp.InputError, match="7 tiles in pixel_values but the prompts' image tokens make 8"):
+        family_of(model).vision_layout(ex.input_ids, **pv)
+
+
 def _compile_refused(family, match):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
@@ -58,6 +78,10 @@ def _compile_refused(family, match):
 
 def test_mistral3_compile_backend_refuses_with_the_reason():
     _compile_refused("mistral3", "IMG_BREAK")
+
+
+def test_aya_vision_compile_backend_refuses_with_the_reason():
+    _compile_refused("aya_vision", "tiles")
 
 
 def test_mistral3_sliding_window_is_refused():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from graphprune.errors import UnsupportedModelError
+from graphprune.families.aya_vision import AyaVisionFamily
 from graphprune.families.base import Family, VisionLayout
 from graphprune.families.llava import LlavaFamily
 from graphprune.families.llava_next import LlavaNextFamily
@@ -22,7 +23,7 @@ __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_t
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
     LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
-    MllamaFamily, Gemma3Family)}
+    AyaVisionFamily, MllamaFamily, Gemma3Family)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 
 

@@ -122,12 +122,10 @@ class Family:
     def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
         """Images of the prompt: each sample's image placeholders split in prompt order into as many
         equal blocks as it has pixel_values rows (one row per image)."""
-        is_image = input_ids == self.image_token_id()
-        if not bool(is_image.any()):
+        is_image = self.image_mask(input_ids, inputs.get("pixel_values"))
+        if is_image is None:
             return None
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is None:
-            raise InputError("the prompt has image tokens but no pixel_values were given")
+        pixel_values = inputs["pixel_values"]
         b = input_ids.shape[0]
         if pixel_values.shape[0] % b:
             raise InputError(f"{pixel_values.shape[0]} images for {b} samples: give each sample as many images")
@@ -140,14 +138,22 @@ class Family:
             per_sample.append([(f"image {i}", blk) for i, blk in enumerate(at.reshape(images, -1))])
         return blocks_layout(per_sample, self.separators(input_ids))
 
-    def sized_images(self, input_ids, image_sizes, pixel_values) -> tuple[torch.Tensor, int] | None:
-        """(B, S) image-token mask and images per sample, for families whose processor gives one
-        image_sizes row per image; None when the prompt has no image tokens."""
+    def image_mask(self, input_ids, pixel_values, needs: str = "pixel_values") -> torch.Tensor | None:
+        """(B, S) bool image placeholders; None when there are none. Raises when the images are missing."""
         is_image = input_ids == self.image_token_id()
         if not bool(is_image.any()):
             return None
-        if image_sizes is None or pixel_values is None:
-            raise InputError("the prompt has image tokens but no pixel_values / image_sizes were given")
+        if pixel_values is None:
+            raise InputError(f"the prompt has image tokens but no {needs} were given")
+        return is_image
+
+    def sized_images(self, input_ids, image_sizes, pixel_values) -> tuple[torch.Tensor, int] | None:
+        """(B, S) image-token mask and images per sample, for families whose processor gives one
+        image_sizes row per image; None when the prompt has no image tokens."""
+        is_image = self.image_mask(input_ids, None if image_sizes is None else pixel_values,
+                                   "pixel_values / image_sizes")
+        if is_image is None:
+            return None
         b = input_ids.shape[0]
         if image_sizes.shape[0] % b:
             raise InputError(f"{image_sizes.shape[0]} images (image_sizes rows) for {b} samples: give each "
@@ -193,6 +199,17 @@ class Family:
         """The features a video's placeholders take, in order (the model's own get_video_features)."""
         return body.get_video_features(pixel_values_videos, **kw)
 
+    def refuse_sliding_window(self) -> None:
+        """For a family whose LM may attend within a sliding window: refuse a model where that window
+        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+        text = self.text_config()
+        window = getattr(text, "sliding_window", None)
+        kinds = getattr(text, "layer_types", None) or ["sliding_attention"]
+        if window is not None and window < text.max_position_embeddings and "sliding_attention" in kinds:
+            raise UnsupportedModelError(self.model_class, f"{self.name} family support",
+                                        f"its language model attends within a sliding window of {window} tokens, "
+                                        "counted over the sequence: a pruned sequence would move that window")
+
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:
             raise UnsupportedModelError(self.model_class, element, hint)
@@ -226,6 +243,15 @@ def blocks_layout(per_sample: list[list[tuple[str, torch.Tensor]]], separators: 
                          "budgets count per unit, so a prompt's images (and video frames) must be of one size")
     pos = torch.stack([torch.stack([p for _, p in blocks]) for blocks in ordered])
     return VisionLayout(pos, units, separators)
+
+
+def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(B, S) bool: the tokens in each unit's span widened by `before` / `after` tokens (first to last
+    of its positions) that are not vision tokens: the begin, row / tile and end markers a processor
+    writes around and between a unit's placeholders, when the config does not name their ids."""
+    index = torch.arange(is_vision.shape[1], device=is_vision.device)
+    first, last = pos.amin(-1, keepdim=True), pos.amax(-1, keepdim=True)          # (B, units, 1)
+    return ((index >= first - before) & (index <= last + after)).any(1) & ~is_vision
 
 
 def check_video_unit(video_unit: str) -> str:

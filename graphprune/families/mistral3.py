@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from graphprune.errors import InputError, UnsupportedModelError
-from graphprune.families.base import Family, VisionLayout, blocks_layout
+from graphprune.errors import InputError
+from graphprune.families.base import Family, VisionLayout, blocks_layout, markers_around
 
 
 class Mistral3Family(Family):
@@ -26,11 +26,7 @@ class Mistral3Family(Family):
 
     def __init__(self, model):
         super().__init__(model)
-        window = getattr(self.text_config(), "sliding_window", None)
-        if window is not None and window < self.text_config().max_position_embeddings:
-            raise UnsupportedModelError(self.model_class, f"{self.name} family support",
-                                        f"its language model attends within a sliding window of {window} tokens, "
-                                        "counted over the sequence: a pruned sequence would move that window")
+        self.refuse_sliding_window()
 
     def tokens_per_image(self, image_size) -> int:
         h, w = (int(x) for x in image_size)
@@ -51,16 +47,6 @@ class Mistral3Family(Family):
                                  f"{image_sizes[i * per:(i + 1) * per].tolist()} make {sum(sizes)}")
             per_sample.append([(f"image {j}", blk) for j, blk in enumerate(at.split(sizes))])
         layout = blocks_layout(per_sample, torch.zeros_like(is_image))
-        layout.separators = markers_in_spans(layout.pos, is_image)
+        layout.separators = markers_around(layout.pos, is_image, before=0, after=1)
         return layout
 
-
-def markers_in_spans(pos: torch.Tensor, is_vision: torch.Tensor) -> torch.Tensor:
-    """(B, S) bool: the tokens inside each unit's span (first to last of its positions) that are not
-    vision tokens, and the token right after each span: the row and end markers a processor writes
-    between and after an image's placeholders."""
-    s = is_vision.shape[1]
-    index = torch.arange(s)
-    first, last = pos.amin(-1, keepdim=True), pos.amax(-1, keepdim=True)        # (B, units, 1)
-    inside = ((index >= first) & (index <= last + 1)).any(1)                     # (B, S)
-    return inside & ~is_vision

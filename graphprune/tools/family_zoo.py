@@ -77,6 +77,21 @@ def tiny_mistral3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(Mistral3ForConditionalGeneration, cfg, seed)
 
 
+def tiny_aya_vision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Aya Vision architecture: SigLIP tower (8x8 patches per 112-pixel tile), 2x2 pixel-shuffle
+    projector (16 tokens per tile), Cohere2 LM (RoPE in its sliding layers, whose window spans the
+    whole context here: graphprune refuses a window that binds)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    vc = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, image_size=112, patch_size=14)
+    tc = dict(model_type="cohere2", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"], sliding_window=512, **TEXT)
+    cfg = AyaVisionConfig(vision_config=vc, text_config=tc, image_token_index=150, downsample_factor=2,
+                          vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=False)
+    return _finish(AyaVisionForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -85,7 +100,7 @@ def _finish(cls, cfg, seed):
 
 
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
-            "mistral3": tiny_mistral3}
+            "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -105,7 +120,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
     layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
-              "mistral3": _MISTRAL3}.get(kind)
+              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -200,6 +215,23 @@ def _MISTRAL3(model, g, batch, items, *, image_size, **_):
     return {"blocks": [block for _ in items],
             "inputs": {"pixel_values": torch.randn(n, 3, rows * side, cols * side, generator=g),
                        "image_sizes": torch.tensor([[rows * side, cols * side]] * n)}}
+
+
+AYA_START, AYA_END, AYA_TILE_1, AYA_GLOBAL = 151, 152, 153, 154   # <|START_OF_IMG|> ... TILE_GLOBAL
+
+
+def _AYA_VISION(model, g, batch, items, **_):
+    """Per image <|START_OF_IMG|> TILE_1 <|IMG_PATCH|> x 16 TILE_GLOBAL <|IMG_PATCH|> x 16 <|END_OF_IMG|>:
+    one local tile and the global view (AyaVisionProcessor.replace_image_token)."""
+    if "video" in items:
+        raise ValueError("Aya Vision prompts hold images only")
+    cfg = model.config
+    vc = cfg.vision_config
+    patches = [cfg.image_token_id] * (vc.image_size // (vc.patch_size * cfg.downsample_factor)) ** 2
+    block = [AYA_START, AYA_TILE_1] + patches + [AYA_GLOBAL] + patches + [AYA_END]
+    tiles = 2 * batch * len(items)
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(tiles, 3, vc.image_size, vc.image_size, generator=g)}}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:
