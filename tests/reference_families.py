@@ -99,7 +99,8 @@ def _llava_next_prunable(model, example) -> Tensor:
         if example.pixel_values_videos is not None:     # OneVision: each video block ends in one newline slot
             videos = (ids[b] == cfg.video_token_id).nonzero(as_tuple=True)[0]
             per_video = videos.view(example.pixel_values_videos.shape[0] // ids.shape[0], -1)
-            out[b, per_video[:, :-1].reshape(-1)] = True
+            newline = 1 if cfg.model_type == "llava_onevision" else 0     # LLaVA-NeXT-Video: none
+            out[b, per_video[:, :per_video.shape[1] - newline].reshape(-1)] = True
     return out
 
 
@@ -122,7 +123,7 @@ def family_inputs(model, example):
         pos, _ = model.model.get_rope_index(ids, image_grid_thw=example.image_grid_thw,
                                             video_grid_thw=example.video_grid_thw, attention_mask=am, **extra)
         vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
-    elif cfg.model_type in ("llava_next", "llava_onevision"):
+    elif cfg.model_type in ("llava_next", "llava_onevision", "llava_next_video"):
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         vm = _llava_next_prunable(model, example)
     elif cfg.model_type in PLACEHOLDER_FAMILIES:

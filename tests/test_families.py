@@ -44,7 +44,8 @@ def _model(family):
 
 
 def _example(model, items, batch=2, pad=(0, 2)):
-    frames = 11 if model.config.model_type == "llava_onevision" and len(items) > 1 else 4
+    # mixed prompts counted per video: as many frames as make a video the size of the image
+    frames = {"llava_onevision": 11, "llava_next_video": 12}.get(model.config.model_type, 4) if len(items) > 1 else 4
     return family_zoo.example(model, batch=batch, pad=pad, items=items, frames=frames)
 
 

@@ -18,6 +18,9 @@ from graphprune.tools import family_zoo
 CASES = [
     ("mistral3-2images", "mistral3", ("image", "image"), "frame"),
     ("aya_vision-2images", "aya_vision", ("image", "image"), "frame"),
+    # an anyres image (4x4 base + 4 rows of 8, each with a newline slot) and a 12-frame video of 2x2
+    # pooled patches counted per video: 48 tokens each
+    ("llava_next_video-image+video-per-video", "llava_next_video", ("image", "video"), "video"),
 ]
 IDS = [c[0] for c in CASES]
 

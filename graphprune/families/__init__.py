@@ -13,6 +13,7 @@ from graphprune.families.aya_vision import AyaVisionFamily
 from graphprune.families.base import Family, VisionLayout
 from graphprune.families.llava import LlavaFamily
 from graphprune.families.llava_next import LlavaNextFamily
+from graphprune.families.llava_next_video import LlavaNextVideoFamily
 from graphprune.families.llava_onevision import LlavaOnevisionFamily
 from graphprune.families.mistral3 import Mistral3Family
 from graphprune.families.qwen2_5_vl import Qwen2_5_VLFamily
@@ -23,7 +24,7 @@ __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_t
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
     LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
-    AyaVisionFamily, MllamaFamily, Gemma3Family)}
+    AyaVisionFamily, LlavaNextVideoFamily, MllamaFamily, Gemma3Family)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 
 

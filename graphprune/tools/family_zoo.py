@@ -92,6 +92,23 @@ def tiny_aya_vision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(AyaVisionForConditionalGeneration, cfg, seed)
 
 
+def tiny_llava_next_video(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """LLaVA-NeXT-Video architecture: CLIP tower (4x4 patches per 56-pixel crop; video frames pooled
+    2x2 to 2x2), anyres crop grids [[56, 112], [112, 56], [112, 112]], image_newline, Llama LM."""
+    from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14, projection_dim=48)
+    cfg = LlavaNextVideoConfig(vision_config=vc, text_config=dict(model_type="llama", hidden_size=hidden,
+                                                                  intermediate_size=2 * hidden,
+                                                                  num_hidden_layers=layers, **TEXT),
+                               image_token_id=150, video_token_id=151, vision_feature_layer=-2,
+                               vision_feature_select_strategy="default", spatial_pool_mode="average",
+                               spatial_pool_stride=2, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                               tie_word_embeddings=False)
+    return _finish(LlavaNextVideoForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -100,7 +117,8 @@ def _finish(cls, cfg, seed):
 
 
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
-            "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision}
+            "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
+            "llava_next_video": tiny_llava_next_video}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -120,7 +138,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
     layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
-              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
+              "llava_next_video": _LLAVA_NEXT, "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -172,10 +190,11 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     """One <image> per feature: the base view's patches, then each row of the unpadded crop grid
     followed by its newline slot (LlavaNextProcessor._get_number_of_features; OneVision's crop grids
     stay under anyres_max_9 here). OneVision videos: <video> x frames * pooled^2 + 1 newline
-    (LlavaOnevisionProcessor.replace_video_token)."""
+    (LlavaOnevisionProcessor.replace_video_token); LLaVA-NeXT-Video: <video> x frames * patches / 4
+    (LlavaNextVideoProcessor.replace_video_token)."""
     from transformers.image_processing_utils import select_best_resolution
     cfg = model.config
-    if "video" in items and cfg.model_type != "llava_onevision":
+    if "video" in items and cfg.model_type == "llava_next":
         raise ValueError("LLaVA-NeXT prompts hold images only")
     crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
     image_size = image_size or (50, 90)
@@ -183,9 +202,9 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     side = crop // patch
     tokens = side * side + llava_next_rows(image_size, side * best_h // crop, side * best_w // crop)[0]
     crops = 1 + (best_h // crop) * (best_w // crop)
-    pooled = -(-side // 2)
-    blocks = [[cfg.image_token_id] * tokens if item == "image" else [cfg.video_token_id] * (frames * pooled ** 2 + 1)
-              for item in items]
+    pooled = -(-side // 2)           # OneVision: bilinear to ceil(side / 2); NeXT-Video: 2x2 average pool
+    video = frames * pooled ** 2 + 1 if cfg.model_type == "llava_onevision" else frames * (side // 2) ** 2
+    blocks = [[cfg.image_token_id] * tokens if item == "image" else [cfg.video_token_id] * video for item in items]
     n_img, n_vid = items.count("image"), items.count("video")
     inputs = {"pixel_values": None}
     if n_img:
