@@ -32,6 +32,7 @@ CASES = [
     ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
 ]
 IDS = [c[0] for c in CASES]
+NO_SEPARATORS = ("video_llava",)        # its processor writes placeholders only
 
 _MODELS: dict = {}
 
@@ -133,7 +134,7 @@ def test_llm_methods_equal_reference(case, method):
     seps = family_of(model).vision_layout(ex.input_ids, video_unit=unit, **_mm(ex)).separators
     for b in range(2):
         assert set(seps[b].nonzero()[:, 0].tolist()) <= set(out.kept[b].tolist())
-        assert int(seps[b].sum()) > 0
+        assert (int(seps[b].sum()) > 0) == (family not in NO_SEPARATORS)
 
 
 def _mm(ex):

@@ -21,6 +21,8 @@ CASES = [
     # an anyres image (4x4 base + 4 rows of 8, each with a newline slot) and a 12-frame video of 2x2
     # pooled patches counted per video: 48 tokens each
     ("llava_next_video-image+video-per-video", "llava_next_video", ("image", "video"), "video"),
+    # 17 tokens (4x4 patches + CLS) per image and per frame of the 4-frame video
+    ("video_llava-image+video", "video_llava", ("image", "video"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -85,6 +87,24 @@ def test_mistral3_compile_backend_refuses_with_the_reason():
 
 def test_aya_vision_compile_backend_refuses_with_the_reason():
     _compile_refused("aya_vision", "tiles")
+
+
+def test_video_llava_compile_backend_refuses_with_the_reason():
+    _compile_refused("video_llava", "two masked_scatters")
+
+
+def test_video_llava_takes_its_images_by_either_name():
+    """Its image processor returns pixel_values_images (transformers 5.23 models also take
+    pixel_values): the same run either way; both at once is refused."""
+    model, program = tier1._model("video_llava")
+    kw = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video")).as_kwargs()
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    legacy = pruned(**kw)
+    kw["pixel_values"] = kw.pop("pixel_values_images")
+    renamed = pruned(**kw)
+    assert torch.equal(legacy.kept, renamed.kept) and torch.equal(legacy.logits, renamed.logits)
+    with pytest.raises(gp.InputError, match="pixel_values and pixel_values_images name the same images"):
+        pruned(**kw, pixel_values_images=kw["pixel_values"])
 
 
 def test_mistral3_sliding_window_is_refused():

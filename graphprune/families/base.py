@@ -44,6 +44,8 @@ class Family:
     compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
     # processor outputs the family consumes besides input_ids / attention_mask
     vision_inputs: tuple[str, ...] = ("pixel_values",)
+    video_newline: int = 0              # slots closing each video block (LLaVA-OneVision's image_newline: 1)
+    image_pixels_alias: str = ""        # another processor name for pixel_values (Video-LLaVA's pixel_values_images)
     # extra get_image_features / get_video_features arguments, by processor output name
     image_feature_inputs: tuple[str, ...] = ()
     video_feature_inputs: tuple[str, ...] = ()
@@ -146,6 +148,37 @@ class Family:
         if pixel_values is None:
             raise InputError(f"the prompt has image tokens but no {needs} were given")
         return is_image
+
+    def with_videos(self, input_ids, images: VisionLayout | None, video_unit: str, videos) -> VisionLayout | None:
+        """`images` plus the prompt's videos: each video's placeholder block holds its frames' tokens in
+        order (pixel_values_videos: (videos, frames, ...)), then `video_newline` closing slots
+        (separators); a unit is a frame, or the whole video."""
+        token = self.video_token_id()
+        is_video = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if not bool(is_video.any()):
+            return images
+        b = input_ids.shape[0]
+        if videos is None or videos.shape[0] % b:
+            raise InputError(f"the prompt has video tokens but pixel_values_videos is "
+                             f"{None if videos is None else tuple(videos.shape)}: give each of the {b} samples as many videos")
+        per, frames, closing = videos.shape[0] // b, videos.shape[1], self.video_newline
+        separators = self.separators(input_ids) if images is None else images.separators.clone()
+        per_sample = []
+        for i, row in enumerate(is_video):
+            at = row.nonzero()[:, 0]
+            if at.numel() % per or (at.numel() // per - closing) % frames:
+                raise InputError(f"sample {i}: {at.numel()} video tokens do not make {per} video(s) of {frames} "
+                                 f"frames x per-frame tokens{f' + {closing} newline' if closing else ''}")
+            blocks = [] if images is None else list(zip(images.units, images.pos[i]))
+            for j, blk in enumerate(at.reshape(per, -1)):
+                patches = blk[:blk.numel() - closing]
+                separators[i, blk[patches.numel():]] = True            # the newline closing the video
+                if video_unit == "frame":
+                    blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(patches.chunk(frames))]
+                else:
+                    blocks.append((f"video {j}", patches))
+            per_sample.append(blocks)
+        return blocks_layout(per_sample, separators)
 
     def sized_images(self, input_ids, image_sizes, pixel_values) -> tuple[torch.Tensor, int] | None:
         """(B, S) image-token mask and images per sample, for families whose processor gives one

@@ -25,42 +25,11 @@ class LlavaNextFamily(Family):
     compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
                        "image_newline slots (never pruned) from the patches")
 
-    video_newline = 0         # image_newline slots closing each video block (OneVision: 1)
-
     def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
-        """Images (the anyres layout below), then videos: each video's `<video>` block holds its frames'
-        pooled patches in order, then `video_newline` newline slots; a unit is a frame, or the video."""
+        """The anyres images (image_layout), then the videos (Family.with_videos)."""
         check_video_unit(video_unit)
-        images = self.image_layout(input_ids, **inputs)
-        token = self.video_token_id()
-        is_video = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        if not bool(is_video.any()):
-            return images
-        videos = inputs.get("pixel_values_videos")
-        b = input_ids.shape[0]
-        if videos is None or videos.shape[0] % b:
-            raise InputError(f"the prompt has video tokens but pixel_values_videos is "
-                             f"{None if videos is None else tuple(videos.shape)}: give each of the {b} samples as many videos")
-        per, frames, closing = videos.shape[0] // b, videos.shape[1], self.video_newline
-        separators = torch.zeros_like(is_video) if images is None else images.separators.clone()
-        per_sample = []
-        for i, row in enumerate(is_video):
-            at = row.nonzero()[:, 0]
-            if at.numel() % per or (at.numel() // per - closing) % frames:
-                raise InputError(f"sample {i}: {at.numel()} video tokens do not make {per} video(s) of {frames} "
-                                 f"frames x pooled patches{f' + {closing} newline' if closing else ''}")
-            blocks = []
-            for j, blk in enumerate(at.reshape(per, -1)):
-                patches = blk[:blk.numel() - closing]
-                separators[i, blk[patches.numel():]] = True            # the newline closing the video
-                if video_unit == "frame":
-                    blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(patches.chunk(frames))]
-                else:
-                    blocks.append((f"video {j}", patches))
-            if images is not None:
-                blocks += [(name, pos) for name, pos in zip(images.units, images.pos[i])]
-            per_sample.append(blocks)
-        return blocks_layout(per_sample, separators)
+        return self.with_videos(input_ids, self.image_layout(input_ids, **inputs), video_unit,
+                                inputs.get("pixel_values_videos"))
 
     def image_layout(self, input_ids, image_sizes=None, **inputs) -> VisionLayout | None:
         found = self.sized_images(input_ids, image_sizes, inputs.get("pixel_values"))

@@ -312,6 +312,11 @@ class PrunedModel(nn.Module, GenerationMixin):
         inputs of a cached conversation are not used again (its image is in the cache).
         `cache`: the same as past_key_values (its name from transformers 5.24).
         `extra`: the family's other processor outputs (pixel_values_videos, image_sizes, ...)."""
+        alias = self.family.image_pixels_alias     # the family's processor may name the images otherwise
+        if alias and extra.get(alias) is not None:
+            if pixel_values is not None:
+                raise InputError(f"pixel_values and {alias} name the same images; pass one of them")
+            pixel_values = extra.pop(alias)
         inputs = self._vision_inputs(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                      mm_token_type_ids=mm_token_type_ids, **extra)
         if not use_cache:

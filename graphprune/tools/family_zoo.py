@@ -109,6 +109,21 @@ def tiny_llava_next_video(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(LlavaNextVideoForConditionalGeneration, cfg, seed)
 
 
+def tiny_video_llava(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Video-LLaVA architecture: CLIP image and video towers (4x4 patches per 56-pixel frame, CLS
+    kept: "full" features, 17 tokens per image or frame), one projector, Llama LM."""
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14, projection_dim=48)
+    cfg = VideoLlavaConfig(vision_config=vc, text_config=dict(model_type="llama", hidden_size=hidden,
+                                                              intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                              **TEXT),
+                           image_token_index=150, video_token_index=151, vision_feature_layer=-2,
+                           vision_feature_select_strategy="full", tie_word_embeddings=False)
+    return _finish(VideoLlavaForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -118,7 +133,7 @@ def _finish(cls, cfg, seed):
 
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
-            "llava_next_video": tiny_llava_next_video}
+            "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -138,7 +153,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
     layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
-              "llava_next_video": _LLAVA_NEXT, "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
+              "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -212,6 +227,24 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
         inputs["image_sizes"] = torch.tensor([list(image_size)] * batch * n_img)
     if n_vid:
         inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, crop, crop, generator=g)
+    return {"blocks": blocks, "inputs": inputs}
+
+
+def _VIDEO_LLAVA(model, g, batch, items, *, frames, **_):
+    """<image> x (patches + CLS) per image, <video> x frames x (patches + CLS) per video
+    (VideoLlavaProcessor with the "full" strategy); the images as pixel_values_images, the name its
+    image processor returns by default."""
+    cfg = model.config
+    vc = cfg.vision_config
+    per_frame = (vc.image_size // vc.patch_size) ** 2 + 1
+    blocks = [[cfg.image_token_id] * per_frame if item == "image" else [cfg.video_token_id] * (frames * per_frame)
+              for item in items]
+    n_img, n_vid = items.count("image"), items.count("video")
+    inputs = {"pixel_values": None}
+    if n_img:
+        inputs["pixel_values_images"] = torch.randn(batch * n_img, 3, vc.image_size, vc.image_size, generator=g)
+    if n_vid:
+        inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, vc.image_size, vc.image_size, generator=g)
     return {"blocks": blocks, "inputs": inputs}
 
 
