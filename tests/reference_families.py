@@ -11,7 +11,8 @@ rest is written here from the processors' layouts:
     other ids, text to the language model. Positions are ``cumsum(mask) - 1``. The same for Aya Vision
     (``<|IMG_PATCH|>`` placeholders; start, tile and end markers are text); a unit is an image: the
     tile runs one marker apart. And Video-LLaVA: ``<image>`` / ``<video>`` placeholders (no markers), a
-    video's block being its frames' (patches + CLS) in order.
+    video's block being its frames' (patches + CLS) in order. And InternVL: ``<IMG_CONTEXT>``
+    placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -110,7 +111,7 @@ def _llava_next_prunable(model, example) -> Tensor:
 
 # families whose prunable tokens are exactly their image placeholders (markers around and between
 # them are other token ids), with 1-D positions cumsum(mask) - 1
-PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava")
+PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl")
 
 
 @torch.no_grad()
@@ -149,6 +150,9 @@ def units_of(model, example, video_unit: str = "frame") -> int:
         # image, and end / start / tile markers (at least three tokens) between images
         slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
         n += 1 + int((slots[1:] - slots[:-1] > 3).sum())
+    elif model.config.model_type == "internvl":       # pixel_values rows are tiles; an image is one <img> block
+        slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
+        n += 1 + int((slots[1:] - slots[:-1] > 1).sum())
     elif example.pixel_values is not None:
         n += example.pixel_values.shape[0] // b
     elif example.pixel_values_images is not None:

@@ -23,6 +23,7 @@ CASES = [
     ("llava_next_video-image+video-per-video", "llava_next_video", ("image", "video"), "video"),
     # 17 tokens (4x4 patches + CLS) per image and per frame of the 4-frame video
     ("video_llava-image+video", "video_llava", ("image", "video"), "frame"),
+    ("internvl-2images", "internvl", ("image", "image"), "frame"),              # 2 tiles of 16 each
 ]
 IDS = [c[0] for c in CASES]
 
@@ -43,54 +44,45 @@ def test_batch_equals_samples_alone(case):
     tier1.test_batch_equals_samples_alone(case)
 
 
-def test_mistral3_separators_are_the_row_and_end_markers():
-    model, _ = tier1._model("mistral3")
+SEPARATORS = [  # family, its marker ids in the zoo's prompts, prunable tokens per image
+    ("mistral3", (family_zoo.MISTRAL3_BREAK, family_zoo.MISTRAL3_END), 12),                 # 3 rows of 4
+    ("aya_vision", (family_zoo.AYA_START, family_zoo.AYA_END, family_zoo.AYA_TILE_1, family_zoo.AYA_GLOBAL), 32),
+    ("internvl", (family_zoo.INTERNVL_START, family_zoo.INTERNVL_END), 32),                 # 2 tiles of 16
+]
+
+
+@pytest.mark.parametrize("family, markers, tokens", SEPARATORS, ids=[f[0] for f in SEPARATORS])
+def test_images_and_separators_found_by_place(family, markers, tokens):
+    """Markers whose ids the config does not name are found from the placeholders' layout: they are
+    the separators exactly, and each image is its own unit of placeholders."""
+    model, _ = tier1._model(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"))
     layout = family_of(model).vision_layout(ex.input_ids, **tier1._mm(ex))
     ids = ex.input_ids
-    assert torch.equal(layout.separators, (ids == family_zoo.MISTRAL3_BREAK) | (ids == family_zoo.MISTRAL3_END))
-    assert layout.units == ("image 0", "image 1") and layout.pos.shape == (2, 2, 12)   # 3 rows of 4 per image
-    assert bool((ids.gather(1, layout.pos.reshape(2, -1)) == model.config.image_token_id).all())
-
-
-def test_aya_vision_images_are_their_tiles_and_markers_are_separators():
-    model, _ = tier1._model("aya_vision")
-    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"))
-    layout = family_of(model).vision_layout(ex.input_ids, **tier1._mm(ex))
-    ids = ex.input_ids
-    markers = (family_zoo.AYA_START, family_zoo.AYA_END, family_zoo.AYA_TILE_1, family_zoo.AYA_GLOBAL)
     assert torch.equal(layout.separators, torch.isin(ids, torch.tensor(markers)))
-    assert layout.units == ("image 0", "image 1") and layout.pos.shape == (2, 2, 32)   # 2 tiles of 16 per image
-    for b in range(2):                 # each image: its two tile runs, either side of TILE_GLOBAL
-        for image in layout.pos[b]:
-            glob = int((ids[b] == family_zoo.AYA_GLOBAL).nonzero()[:, 0][(ids[b] == family_zoo.AYA_GLOBAL)
-                                                                      .nonzero()[:, 0] > image[0]][0])
-            assert int(image[15]) == glob - 1 and int(image[16]) == glob + 1
-    pv = tier1._mm(ex)
-    pv["pixel_values"] = pv["pixel_values"][:-1]
-    with pytest.raises(gp.InputError, match="7 tiles in pixel_values but the prompts' image tokens make 8"):
-        family_of(model).vision_layout(ex.input_ids, **pv)
+    assert layout.units == ("image 0", "image 1") and layout.pos.shape == (2, 2, tokens)
+    assert bool((ids.gather(1, layout.pos.reshape(2, -1)) == model.config.image_token_id).all())
+    first, second = layout.pos[0]
+    assert not bool((ids[0, int(first[-1]) + 1:int(second[0])] == model.config.image_token_id).any())
 
 
-def _compile_refused(family, match):
+@pytest.mark.parametrize("family", ["aya_vision", "internvl"])
+def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
+    model, _ = tier1._model(family)
+    ex = family_zoo.example(model, batch=1, items=("image", "image"))
+    with pytest.raises(gp.InputError, match="64 image tokens but pixel_values holds 3 tiles of 16"):
+        family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values[:3])
+
+
+@pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
+                                            ("video_llava", "two masked_scatters")])
+def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
     kw = family_zoo.example(model, items=("image",)).as_kwargs()
-    with pytest.raises(Exception, match=f"unsupported family for the torch.compile backend: .*{match}"):
+    with pytest.raises(Exception, match=f"unsupported family for the torch.compile backend: .*{reason}"):
         with torch.no_grad():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
-
-
-def test_mistral3_compile_backend_refuses_with_the_reason():
-    _compile_refused("mistral3", "IMG_BREAK")
-
-
-def test_aya_vision_compile_backend_refuses_with_the_reason():
-    _compile_refused("aya_vision", "tiles")
-
-
-def test_video_llava_compile_backend_refuses_with_the_reason():
-    _compile_refused("video_llava", "two masked_scatters")
 
 
 def test_video_llava_takes_its_images_by_either_name():
@@ -105,6 +97,20 @@ def test_video_llava_takes_its_images_by_either_name():
     assert torch.equal(legacy.kept, renamed.kept) and torch.equal(legacy.logits, renamed.logits)
     with pytest.raises(gp.InputError, match="pixel_values and pixel_values_images name the same images"):
         pruned(**kw, pixel_values_images=kw["pixel_values"])
+
+
+@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)"])
+def test_internvl_compile_backend_equals_prune(pipeline):
+    """Its merge frame holds every decoder layer and its image runs are its images: the torch.compile
+    backend prunes it as graphprune.prune does (logits of the kept tokens, per-layer cache lengths)."""
+    from test_dynamo import _compiled
+    model, program = tier1._model("internvl")
+    kw = family_zoo.example(model, batch=2, items=("image", "image")).as_kwargs()
+    want = gp.prune(model, pipeline, program=program)(**kw)
+    with torch.no_grad():
+        got = _compiled(model, pipeline)(**kw)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
 
 
 def test_mistral3_sliding_window_is_refused():

@@ -10,10 +10,7 @@ their ids are not in the config, so they are found by place. `keep` counts per i
 """
 from __future__ import annotations
 
-import torch
-
-from graphprune.errors import InputError
-from graphprune.families.base import Family, VisionLayout, blocks_layout, markers_around
+from graphprune.families.base import Family, VisionLayout
 
 
 class AyaVisionFamily(Family):
@@ -33,25 +30,4 @@ class AyaVisionFamily(Family):
         return (vc.image_size // (vc.patch_size * self.config().downsample_factor)) ** 2
 
     def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
-        pixel_values = inputs.get("pixel_values")
-        is_image = self.image_mask(input_ids, pixel_values)
-        if is_image is None:
-            return None
-        per_tile = self.tokens_per_tile()
-        per_sample = []
-        for i, row in enumerate(is_image):
-            at = row.nonzero()[:, 0]
-            tiles = at.reshape(-1, per_tile) if at.numel() % per_tile == 0 else None
-            if tiles is None or not bool((tiles[:, -1] - tiles[:, 0] == per_tile - 1).all()):
-                raise InputError(f"sample {i}: its {at.numel()} image tokens are not runs of {per_tile} (one tile "
-                                 "each) as the processor writes them")
-            starts = torch.cat([torch.ones(1, dtype=torch.bool), tiles[1:, 0] - tiles[:-1, -1] > 2])
-            image_of = starts.long().cumsum(0) - 1
-            per_sample.append([(f"image {j}", tiles[image_of == j].reshape(-1)) for j in range(int(image_of[-1]) + 1)])
-        tiles = is_image.sum() // per_tile
-        if pixel_values.shape[0] != tiles:
-            raise InputError(f"{pixel_values.shape[0]} tiles in pixel_values but the prompts' image tokens make "
-                             f"{int(tiles)} tiles of {per_tile}")
-        layout = blocks_layout(per_sample, torch.zeros_like(is_image))
-        layout.separators = markers_around(layout.pos, is_image, before=2, after=1)
-        return layout
+        return self.tiled_layout(input_ids, inputs.get("pixel_values"), self.tokens_per_tile(), joined=2, before=2)

@@ -180,6 +180,26 @@ class Family:
             per_sample.append(blocks)
         return blocks_layout(per_sample, separators)
 
+    def tiled_layout(self, input_ids, pixel_values, per_tile: int, joined: int, before: int) -> VisionLayout | None:
+        """Images of a family whose pixel_values rows are tiles, every image's tiles in prompt order,
+        with no tile count per image given: placeholders at most `joined` positions apart belong to one
+        image (1: an image is one unbroken run). Separators: the tokens between an image's placeholders,
+        `before` tokens ahead of it and the one closing it (begin, tile and end markers)."""
+        is_image = self.image_mask(input_ids, pixel_values)
+        if is_image is None:
+            return None
+        if int(is_image.sum()) != pixel_values.shape[0] * per_tile:
+            raise InputError(f"{int(is_image.sum())} image tokens but pixel_values holds {pixel_values.shape[0]} "
+                             f"tiles of {per_tile} tokens each")
+        per_sample = []
+        for row in is_image:
+            at = row.nonzero()[:, 0]
+            images = at.tensor_split(((at[1:] - at[:-1] > joined).nonzero()[:, 0] + 1).tolist())
+            per_sample.append([(f"image {j}", image) for j, image in enumerate(images)])
+        layout = blocks_layout(per_sample, torch.zeros_like(is_image))
+        layout.separators = markers_around(layout.pos, is_image, before=before, after=1)
+        return layout
+
     def sized_images(self, input_ids, image_sizes, pixel_values) -> tuple[torch.Tensor, int] | None:
         """(B, S) image-token mask and images per sample, for families whose processor gives one
         image_sizes row per image; None when the prompt has no image tokens."""

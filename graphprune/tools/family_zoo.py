@@ -124,6 +124,21 @@ def tiny_video_llava(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(VideoLlavaForConditionalGeneration, cfg, seed)
 
 
+def tiny_internvl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """InternVL architecture: InternViT tower (8x8 patches per 112-pixel tile), pixel shuffle 0.5
+    (16 tokens per tile), Qwen2 LM."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=[112, 112], patch_size=[14, 14])
+    cfg = InternVLConfig(vision_config=vc, text_config=dict(model_type="qwen2", hidden_size=hidden,
+                                                            intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                            **TEXT),
+                         image_token_id=150, image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False)
+    return _finish(InternVLForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -133,7 +148,8 @@ def _finish(cls, cfg, seed):
 
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
-            "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava}
+            "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
+            "internvl": tiny_internvl}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -153,7 +169,8 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
     layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
-              "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
+              "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
+              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -246,6 +263,21 @@ def _VIDEO_LLAVA(model, g, batch, items, *, frames, **_):
     if n_vid:
         inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, vc.image_size, vc.image_size, generator=g)
     return {"blocks": blocks, "inputs": inputs}
+
+
+INTERNVL_START, INTERNVL_END = 151, 152        # <img>, </img>
+
+
+def _INTERNVL(model, g, batch, items, **_):
+    """<img> <IMG_CONTEXT> x tiles x 16 </img> per image, two tiles each (InternVLProcessor; its
+    pixel_values: every image's tiles in prompt order)."""
+    if "video" in items:
+        raise ValueError("InternVL prompts here hold images only")
+    cfg = model.config
+    tiles, size = 2, cfg.vision_config.image_size[0]
+    block = [INTERNVL_START] + [cfg.image_token_id] * tiles * cfg.image_seq_length + [INTERNVL_END]
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch * len(items) * tiles, 3, size, size, generator=g)}}
 
 
 MISTRAL3_BREAK, MISTRAL3_END = 151, 152     # [IMG_BREAK], [IMG_END] (12, 13 in Mistral's tokenizer)
