@@ -26,7 +26,15 @@ import traceback
 
 import torch
 
-SECTIONS = ("parity", "graphs", "onnx", "flash", "speed")
+SECTIONS = ("parity", "devices", "graphs", "onnx", "flash", "speed")
+# every method on the tiny LLaVA-1.5 (4 layers, 6 x 6 patches), the LLM-stage ones on the other families
+LLAVA_SPECS = ("fastv(layer=2, keep=9)", "dart(layer=2, keep=8)", "random(layer=1, keep=4)", "vtw(layer=2)",
+               "cls_topk(keep=8)", "visiontrim(keep=8)", "visiontrim(keep=8, stage='llm', layer=2)",
+               "mustdrop(keep=12, layers=(1, 2), gamma=0.0278, alpha=0.0235)", "visionzip(keep=8, contextual=2)",
+               "divprune(keep=8)", "cdpruner(keep=8)", "vispruner(keep=8)",
+               "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))",
+               "sparsevlm(keep=8, layers=(0, 2), scale=2.0, bias=2.0, capacity=20)", "tome(keep=10, layers=(0, 1))")
+FAMILY_SPECS = ("fastv(layer=2, keep=0.25)", "dart(layer=2, keep=0.25)", "random(layer=1, keep=0.5)", "vtw(layer=2)")
 SPEED_METHODS = ("fastv(layer=2, keep=64)", "dart(layer=2, keep=64)", "vtw(layer=2)", "cls_topk(keep=64)")
 WIDE_7B = dict(image_size=336, patch=14, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
                hidden=4096, layers=8, heads=32, kv_heads=32, mlp=11008, projector_act="gelu")
@@ -102,6 +110,50 @@ def parity(ctx):
     ctx.update(model=model, pruned=pruned, one=one, gen=gen, eager=eager)
 
 
+def _where(exc: BaseException) -> str:
+    """The innermost graphprune frame of a traceback: where a device bug sits."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "graphprune" in f.filename]
+    f = (frames or traceback.extract_tb(exc.__traceback__))[-1]
+    return f"{f.filename.split('site/')[-1]}:{f.lineno} {f.line}"
+
+
+def devices(ctx):
+    """Each method on DEVICE against the same model on the CPU: kept tokens, prefill logits at the real
+    tokens, 8 greedy tokens (tiny random-weight models, fp32, TF32 off)."""
+    import graphprune as gp
+    from graphprune.tools import family_zoo, zoo
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cases = [("llava", zoo.tiny_llava, lambda m: zoo.llava_example(m, batch=2, pad=(0, 3)), LLAVA_SPECS),
+             ("qwen2_vl", zoo.tiny_qwen2vl, lambda m: zoo.qwen2vl_example(m, batch=2, pad=(0, 3)), FAMILY_SPECS)]
+    cases += [(f, lambda f=f: family_zoo.build(f), lambda m: family_zoo.example(m, batch=2, pad=(0, 3)), FAMILY_SPECS)
+              for f in ("llava_next", "llava_onevision", "qwen2_5_vl")]
+    bad = 0
+    for name, build, example, specs in cases:
+        cpu, dev = build().eval(), build().eval().to(DEVICE)             # same seed: the same weights
+        kw_cpu = example(cpu).as_kwargs()
+        kw_dev = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw_cpu.items()}
+        for spec in (None, *specs):
+            try:
+                a, b = gp.prune(cpu, spec), gp.prune(dev, spec)
+                with torch.inference_mode():
+                    oa, ob = a(**kw_cpu), b(**kw_dev)
+                real = oa.cache[-1].mask.bool()
+                diff = (oa.logits[real] - ob.logits.cpu()[real]).abs().max().item()
+                kept = oa.kept is None or torch.equal(oa.kept, ob.kept.cpu())
+                gen = dict(max_new_tokens=8, eos_token_id=[])
+                greedy = torch.equal(a.generate(**kw_cpu, **gen), b.generate(**kw_dev, **gen).cpu())
+                ok = kept and greedy and diff < 1e-3
+                bad += not ok
+                print(f"[devices] {'ok ' if ok else 'BAD'} {name} {spec or 'unpruned'}: kept equal {kept}, "
+                      f"max |logit diff| {diff:.1e}, 8 greedy tokens equal {greedy}", flush=True)
+            except Exception as e:  # report and go on: one run should show every device bug
+                bad += 1
+                print(f"[devices] BAD {name} {spec or 'unpruned'}: {type(e).__name__}: {str(e)[:300]} at {_where(e)}",
+                      flush=True)
+    print(f"[devices] {bad} of {sum(len(c[3]) + 1 for c in cases)} runs differ from the CPU or fail")
+
+
 def graphs(ctx):
     pruned, one, gen = ctx["pruned"], ctx["one"], ctx["gen"]
     eager, t_eager = _timed(lambda: pruned.generate(**one, **gen), 3)
@@ -166,8 +218,6 @@ def speed(ctx):
     import graphprune as gp
     from graphprune.tools import vqa, zoo
 
-    ctx.pop("model", None), ctx.pop("pruned", None)
-    torch.cuda.empty_cache()
     vocab = vqa.Vocab()
     with torch.device(DEVICE):
         model = zoo.build_model(WIDE_7B, 0, vocab).to(torch.bfloat16).eval()
@@ -213,12 +263,13 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}", flush=True)
     ctx = {"method": args.method, "steps": args.steps}
     _section("parity", args.skip, parity, ctx)
+    _section("devices", args.skip, devices, ctx)
+    _section("speed", args.skip, speed, ctx)
     for name, fn in (("graphs", graphs), ("onnx", onnx), ("flash", flash)):
         if "pruned" not in ctx:
             print(f"[{name}] skipped: the parity section did not build the model")
             continue
         _section(name, args.skip, fn, ctx)
-    _section("speed", args.skip, speed, ctx)
     return 0
 
 
