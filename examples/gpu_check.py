@@ -117,6 +117,19 @@ def _where(exc: BaseException) -> str:
     return f"{f.filename.split('site/')[-1]}:{f.lineno} {f.line}"
 
 
+def _margin_llava():
+    """Tiny LLaVA with the projector's last layer and the embeddings scaled by 40 (as tests/test_visiontrim.py):
+    random tiny weights leave VisionTrim's cluster assignments near ties, which CPU and GPU rounding break
+    differently; the scaling gives margins of ~1e-3."""
+    from graphprune.tools.zoo import tiny_llava
+    model = tiny_llava()
+    with torch.no_grad():
+        for t in (model.model.multi_modal_projector.linear_2.weight, model.model.multi_modal_projector.linear_2.bias,
+                  model.model.language_model.embed_tokens.weight):
+            t.mul_(40)
+    return model
+
+
 def devices(ctx):
     """Each method on DEVICE against the same model on the CPU: kept tokens, prefill logits at the real
     tokens, 8 greedy tokens (tiny random-weight models, fp32, TF32 off)."""
@@ -124,7 +137,7 @@ def devices(ctx):
     from graphprune.tools import family_zoo, zoo
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    cases = [("llava", zoo.tiny_llava, lambda m: zoo.llava_example(m, batch=2, pad=(0, 3)), LLAVA_SPECS),
+    cases = [("llava", _margin_llava, lambda m: zoo.llava_example(m, batch=2, pad=(0, 3)), LLAVA_SPECS),
              ("qwen2_vl", zoo.tiny_qwen2vl, lambda m: zoo.qwen2vl_example(m, batch=2, pad=(0, 3)), FAMILY_SPECS)]
     cases += [(f, lambda f=f: family_zoo.build(f), lambda m: family_zoo.example(m, batch=2, pad=(0, 3)), FAMILY_SPECS)
               for f in ("llava_next", "llava_onevision", "qwen2_5_vl")]
