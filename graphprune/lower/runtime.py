@@ -344,17 +344,18 @@ class PrunedModel(nn.Module, GenerationMixin):
         input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
                                                        image_grid_thw, mm_token_type_ids)
         prompt = self._prompt(input_ids, attention_mask, **inputs)
-        if prompt is None:                      # text-only prompt: nothing to prune
+        if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
             gm = self.base.stages["prefill"].gm
-            positions = self.family.positions(input_ids, attention_mask)
-            embeds = self.family.embed(input_ids)
-            outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
-            index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
+            embeds, positions = self.family.embed(input_ids), self.family.positions(input_ids, attention_mask)
             if self._videos_only() and bool((input_ids == self.family.image_token_id()).any()):
                 note = "no video in the prompt, and the pipeline prunes videos only: ran unpruned"
                 warnings.warn(f"{' | '.join(map(repr, self.pipeline))} prunes videos only and the prompt has "
                               "none: every token kept", NothingPrunedWarning, stacklevel=2)
+                embeds = self.family.merged_embeds(input_ids, **inputs)
+                positions = self.family.positions(input_ids, attention_mask, **inputs)
+            outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
+            index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
                                 attention_mask.sum(1))
         outs = _call(self.executables["prefill"], **prompt.prefill_inputs())
