@@ -6,6 +6,7 @@ the unpruned model; bad rates, per-frame units and models without video are refu
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import reference_evs as E
@@ -205,9 +206,7 @@ def test_layer_zero_takes_input_signals_only():
     class EarlyFastV(gp.TokenPass):
         name = "early_fastv"
 
-        from dataclasses import dataclass as _dc
-
-        @_dc
+        @dataclass
         class Config:
             keep: int = 4
 
