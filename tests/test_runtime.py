@@ -112,6 +112,19 @@ def test_report_counts(llava):
     assert "vtw(layer=2)" in rep.table() and rep.to_dict()["kv_bytes"] == sum(rep.kv_bytes_per_layer)
 
 
+def test_report_after_inference_mode_call(llava):
+    # a report read outside inference_mode after a call inside it (what every benchmark does) used to
+    # raise "Inference tensors cannot be saved for backward" while counting FLOPs
+    model, program = llava
+    kw = llava_example(model).as_kwargs()
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    pruned(**kw)
+    plain = pruned.report.flops_per_layer
+    with torch.inference_mode():
+        pruned(**kw)
+    assert pruned.report.flops_per_layer == plain
+
+
 # -- errors, all raised before any graph runs -------------------------------------------------
 
 

@@ -222,7 +222,7 @@ def blocks_layout(per_sample: list[list[tuple]], separators: torch.Tensor,
         raise InputError(f"vision units of different token counts {sorted(sizes)} ({', '.join(units)}): keep "
                          "budgets count per unit, so a prompt's images (and video frames) must be of one size")
     pos = torch.stack([torch.stack([blk[1] for blk in blocks]) for blocks in ordered])
-    frames = torch.tensor([[blk[2] if len(blk) > 2 else 1 for blk in blocks] for blocks in ordered])
+    frames = torch.tensor([[blk[2] if len(blk) > 2 else 1 for blk in blocks] for blocks in ordered], device=pos.device)
     return VisionLayout(pos, units, separators, frames)
 
 
