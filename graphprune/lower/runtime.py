@@ -627,8 +627,9 @@ class _CapturedProgram:
     and pickles of the model start without one (they capture their own)."""
     ATTR = "_graphprune_captured"
 
-    def __init__(self, program: Program | None = None):
+    def __init__(self, program: Program | None = None, placement: frozenset = frozenset()):
         self.program = program
+        self.placement = placement         # the (device, dtype) pairs of the weights it was captured with
 
     def __deepcopy__(self, memo):
         return _CapturedProgram()
@@ -638,9 +639,12 @@ class _CapturedProgram:
 
     @classmethod
     def of(cls, model) -> Program:
+        """The program captured from `model`, captured again once the model moved to another device or
+        dtype: the graphs hold copies of its buffers (position ids, rotary tables), which .to() does not move."""
+        placement = frozenset((p.device, p.dtype) for p in model.parameters())
         held = model.__dict__.get(cls.ATTR)
-        if held is None or held.program is None:
-            held = cls(Program.capture(model))
+        if held is None or held.program is None or held.placement != placement:
+            held = cls(Program.capture(model), placement)
             model.__dict__[cls.ATTR] = held
         return held.program
 
