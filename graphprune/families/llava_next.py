@@ -13,7 +13,7 @@ import sys
 import torch
 
 from graphprune.errors import InputError
-from graphprune.families.base import Family, VisionLayout, blocks_layout
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout
 
 
 class LlavaNextFamily(Family):
@@ -25,9 +25,10 @@ class LlavaNextFamily(Family):
     compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
                        "image_newline slots (never pruned) from the patches")
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", image_sizes=None, **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES, image_sizes=None,
+                      **inputs) -> VisionLayout | None:
         is_image = input_ids == self.image_token_id()
-        if not bool(is_image.any()):
+        if not bool(is_image.any()) or "image" not in modalities:
             return None
         if image_sizes is None or inputs.get("pixel_values") is None:
             raise InputError("the prompt has image tokens but no pixel_values / image_sizes were given")

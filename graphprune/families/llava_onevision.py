@@ -7,7 +7,7 @@ import torch
 
 from graphprune.compat import onevision_video_features
 from graphprune.errors import InputError
-from graphprune.families.base import VisionLayout, blocks_layout, check_video_unit
+from graphprune.families.base import MODALITIES, VisionLayout, blocks_layout, check_video_unit
 from graphprune.families.llava_next import LlavaNextFamily
 
 
@@ -24,12 +24,13 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def video_features(self, body, pixel_values_videos, **kw):
         return onevision_video_features(body, pixel_values_videos, **kw)
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
         check_video_unit(video_unit)
         is_video = input_ids == self.video_token_id()
         images = super().vision_layout(input_ids, **inputs) if bool((input_ids == self.image_token_id()).any()) else None
         if not bool(is_video.any()):
-            return images
+            return images if "image" in modalities else None
         videos = inputs.get("pixel_values_videos")
         b = input_ids.shape[0]
         if videos is None or videos.shape[0] % b:
@@ -49,8 +50,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
                 if video_unit == "frame":
                     blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(blk[:-1].chunk(frames))]
                 else:
-                    blocks.append((f"video {j}", blk[:-1]))
+                    blocks.append((f"video {j}", blk[:-1], frames))
             if images is not None:
                 blocks += [(name, pos) for name, pos in zip(images.units, images.pos[i])]
             per_sample.append(blocks)
-        return blocks_layout(per_sample, separators)
+        return blocks_layout(per_sample, separators, modalities)
