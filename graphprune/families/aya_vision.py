@@ -10,7 +10,7 @@ their ids are not in the config, so they are found by place. `keep` counts per i
 """
 from __future__ import annotations
 
-from graphprune.families.base import Family, VisionLayout
+from graphprune.families.base import MODALITIES, Family, VisionLayout
 
 
 class AyaVisionFamily(Family):
@@ -29,5 +29,8 @@ class AyaVisionFamily(Family):
         vc = self.config().vision_config
         return (vc.image_size // (vc.patch_size * self.config().downsample_factor)) ** 2
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
+        if "image" not in modalities:
+            return None
         return self.tiled_layout(input_ids, inputs.get("pixel_values"), self.tokens_per_tile(), joined=2, before=2)

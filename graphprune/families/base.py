@@ -18,6 +18,7 @@ from graphprune.compat import feature_selection_kwargs, vlm_body
 from graphprune.errors import InputError, UnsupportedModelError
 
 VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
+MODALITIES = ("image", "video")      # what vision units a layout may hold
 
 
 @dataclass
@@ -28,10 +29,13 @@ class VisionLayout:
     video frame / a whole video). `keep` budgets count per unit.
     units: what each unit is, e.g. ("image 0", "video 0 frame 1"), the same for every sample.
     separators: (B, S) bool, the tokens of vision blocks that are never dropped nor counted
-    (begin/end-of-image markers, image_newline rows, ...)."""
+    (begin/end-of-image markers, image_newline rows, ...).
+    frames: (B, units) how many frames each unit holds (T for a whole video, else 1), its tokens
+    being the frames' equal token grids in order."""
     pos: torch.Tensor
     units: tuple[str, ...]
     separators: torch.Tensor
+    frames: torch.Tensor | None = None
 
 
 class Family:
@@ -121,10 +125,12 @@ class Family:
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
         """Images of the prompt: each sample's image placeholders split in prompt order into as many
-        equal blocks as it has pixel_values rows (one row per image)."""
-        is_image = self.image_mask(input_ids, inputs.get("pixel_values"))
+        equal blocks as it has pixel_values rows (one row per image). `modalities`: the kinds of unit
+        laid out (the others stay whole, like text); None when the prompt has none of them."""
+        is_image = self.image_mask(input_ids, inputs.get("pixel_values")) if "image" in modalities else None
         if is_image is None:
             return None
         pixel_values = inputs["pixel_values"]
@@ -149,14 +155,15 @@ class Family:
             raise InputError(f"the prompt has image tokens but no {needs} were given")
         return is_image
 
-    def with_videos(self, input_ids, images: VisionLayout | None, video_unit: str, videos) -> VisionLayout | None:
+    def with_videos(self, input_ids, images: VisionLayout | None, video_unit: str, videos,
+                    modalities=MODALITIES) -> VisionLayout | None:
         """`images` plus the prompt's videos: each video's placeholder block holds its frames' tokens in
         order (pixel_values_videos: (videos, frames, ...)), then `video_newline` closing slots
-        (separators); a unit is a frame, or the whole video."""
+        (separators); a unit is a frame, or the whole video. Of these, the units of `modalities`."""
         token = self.video_token_id()
         is_video = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         if not bool(is_video.any()):
-            return images
+            return images if "image" in modalities else None
         b = input_ids.shape[0]
         if videos is None or videos.shape[0] % b:
             raise InputError(f"the prompt has video tokens but pixel_values_videos is "
@@ -176,9 +183,9 @@ class Family:
                 if video_unit == "frame":
                     blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(patches.chunk(frames))]
                 else:
-                    blocks.append((f"video {j}", patches))
+                    blocks.append((f"video {j}", patches, frames))
             per_sample.append(blocks)
-        return blocks_layout(per_sample, separators)
+        return blocks_layout(per_sample, separators, modalities)
 
     def tiled_layout(self, input_ids, pixel_values, per_tile: int, joined: int, before: int) -> VisionLayout | None:
         """Images of a family whose pixel_values rows are tiles, every image's tiles in prompt order,
@@ -277,25 +284,31 @@ def _flat(out) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1])
 
 
-def blocks_layout(per_sample: list[list[tuple[str, torch.Tensor]]], separators: torch.Tensor) -> VisionLayout:
-    """A VisionLayout from each sample's (unit label, prompt positions) blocks, put in prompt order;
-    every sample must have the same units and every unit the same token count."""
-    counts = [sum(int(pos.numel()) for _, pos in blocks) for blocks in per_sample]
+def blocks_layout(per_sample: list[list[tuple]], separators: torch.Tensor,
+                  modalities=MODALITIES) -> VisionLayout | None:
+    """A VisionLayout from each sample's (unit label, prompt positions[, frames]) blocks, put in prompt
+    order, of the units whose label starts with one of `modalities` (None: no such unit); every sample
+    must have the same units and every unit the same token count."""
+    per_sample = [[blk for blk in blocks if blk[0].split()[0] in modalities] for blocks in per_sample]
+    if not any(per_sample):
+        return None
+    counts = [sum(int(blk[1].numel()) for blk in blocks) for blocks in per_sample]
     if len(set(counts)) != 1:
         raise InputError(f"samples carry different numbers of vision tokens {counts}; a batch needs the same "
                          "images (and videos) per sample, of one size, so budgets stay rectangular")
     ordered = [sorted(blocks, key=lambda blk: int(blk[1][0])) for blocks in per_sample]
-    units = tuple(label for label, _ in ordered[0])
+    units = tuple(blk[0] for blk in ordered[0])
     for i, blocks in enumerate(ordered):
-        if tuple(label for label, _ in blocks) != units:
-            raise InputError(f"sample {i} has vision units {[lb for lb, _ in blocks]}, sample 0 {list(units)}: "
+        if tuple(blk[0] for blk in blocks) != units:
+            raise InputError(f"sample {i} has vision units {[blk[0] for blk in blocks]}, sample 0 {list(units)}: "
                              "a batch needs the same images and videos, in the same order, per sample")
-    sizes = {int(pos.numel()) for blocks in ordered for _, pos in blocks}
+    sizes = {int(blk[1].numel()) for blocks in ordered for blk in blocks}
     if len(sizes) != 1:
         raise InputError(f"vision units of different token counts {sorted(sizes)} ({', '.join(units)}): keep "
                          "budgets count per unit, so a prompt's images (and video frames) must be of one size")
-    pos = torch.stack([torch.stack([p for _, p in blocks]) for blocks in ordered])
-    return VisionLayout(pos, units, separators)
+    pos = torch.stack([torch.stack([blk[1] for blk in blocks]) for blocks in ordered])
+    frames = torch.tensor([[blk[2] if len(blk) > 2 else 1 for blk in blocks] for blocks in ordered], device=pos.device)
+    return VisionLayout(pos, units, separators, frames)
 
 
 def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, after: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ tokens either side of a run (`<img>`, `</img>`, whose ids the config does not na
 """
 from __future__ import annotations
 
-from graphprune.families.base import Family, VisionLayout
+from graphprune.families.base import MODALITIES, Family, VisionLayout
 
 
 class InternVLFamily(Family):
@@ -23,5 +23,8 @@ class InternVLFamily(Family):
                        for v in (cfg.vision_config.image_size, cfg.vision_config.patch_size))
         return int((size // patch) ** 2 * cfg.downsample_ratio ** 2)
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
+        if "image" not in modalities:
+            return None
         return self.tiled_layout(input_ids, inputs.get("pixel_values"), self.tokens_per_tile(), joined=1, before=1)

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from graphprune.errors import InputError
-from graphprune.families.base import Family, VisionLayout, blocks_layout, check_video_unit
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
 
 
 class LlavaNextFamily(Family):
@@ -25,11 +25,12 @@ class LlavaNextFamily(Family):
     compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
                        "image_newline slots (never pruned) from the patches")
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
         """The anyres images (image_layout), then the videos (Family.with_videos)."""
         check_video_unit(video_unit)
         return self.with_videos(input_ids, self.image_layout(input_ids, **inputs), video_unit,
-                                inputs.get("pixel_values_videos"))
+                                inputs.get("pixel_values_videos"), modalities)
 
     def image_layout(self, input_ids, image_sizes=None, **inputs) -> VisionLayout | None:
         found = self.sized_images(input_ids, image_sizes, inputs.get("pixel_values"))
@@ -56,11 +57,11 @@ class LlavaNextFamily(Family):
         side = vc.image_size // vc.patch_size
         crops = sys.modules[type(body).__module__].image_size_to_num_patches(
             image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=vc.image_size)
-        packed = self.pack_markers(body, torch.ones(crops, side * side, 1), image_size)
+        packed = self.pack_markers(body, torch.ones(crops, side * side, 1, device=image_size.device), image_size)
         return packed[:, 0] == 0
 
     def pack_markers(self, body, marker, image_size) -> torch.Tensor:
         """The model's pack_image_features on marker features, image_newline 0."""
         packed, _ = body.pack_image_features([marker], image_size[None], self.config().vision_feature_select_strategy,
-                                             image_newline=torch.zeros(1))
+                                             image_newline=torch.zeros(1, device=marker.device))
         return packed[0]

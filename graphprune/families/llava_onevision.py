@@ -16,7 +16,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     video_newline = 1         # the image_newline closing each video
 
     def pack_markers(self, body, marker, image_size) -> torch.Tensor:
-        packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1),
+        packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1, device=marker.device),
                                              vision_aspect_ratio=self.config().vision_aspect_ratio)
         return packed[0]
 

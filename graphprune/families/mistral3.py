@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from graphprune.errors import InputError
-from graphprune.families.base import Family, VisionLayout, blocks_layout, markers_around
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, markers_around
 
 
 class Mistral3Family(Family):
@@ -33,7 +33,10 @@ class Mistral3Family(Family):
         side = self.config().vision_config.patch_size * self.config().spatial_merge_size
         return (h // side) * (w // side)
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", image_sizes=None, **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES, image_sizes=None,
+                      **inputs) -> VisionLayout | None:
+        if "image" not in modalities:
+            return None
         found = self.sized_images(input_ids, image_sizes, inputs.get("pixel_values"))
         if found is None:
             return None

@@ -5,7 +5,7 @@ processor names the images `pixel_values_images` (transformers 5.23 also takes `
 from __future__ import annotations
 
 from graphprune.compat import video_llava_video_features
-from graphprune.families.base import Family, VisionLayout, check_video_unit
+from graphprune.families.base import MODALITIES, Family, VisionLayout, check_video_unit
 
 
 class VideoLlavaFamily(Family):
@@ -20,10 +20,11 @@ class VideoLlavaFamily(Family):
     def video_features(self, body, pixel_values_videos, **kw):
         return video_llava_video_features(body, pixel_values_videos, **kw)
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
         """Images as the generic layout, then each video's `<video>` block split into its frames."""
         check_video_unit(video_unit)
         if inputs.get("pixel_values") is None:
             inputs["pixel_values"] = inputs.pop(self.image_pixels_alias, None)
         return self.with_videos(input_ids, super().vision_layout(input_ids, **inputs), video_unit,
-                                inputs.get("pixel_values_videos"))
+                                inputs.get("pixel_values_videos"), modalities)
