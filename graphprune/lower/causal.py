@@ -83,8 +83,8 @@ def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
         dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         if att.is_causal or dropout or _captured_mask(att.mask) is None:
             continue
-        if plain is None:                   # decided once per call, before the first layer
-            with g.inserting_before(next(x for x in g.nodes if x.op != "placeholder")):
+        if plain is None:                   # decided once per call, before the first attention
+            with g.inserting_before(node):
                 plain = g.call_function(plain_causal, (attention_mask, window))
         with g.inserting_before(node):
             new = g.call_function(causal_or_masked_attention, (att.q, att.k, att.v, att.mask, plain),
