@@ -2,11 +2,33 @@
 
 capture -> anatomy -> rewrite (the methods in graphprune.passes) -> verify -> lower / targets.
 """
-from graphprune.errors import (GraphpruneError, GraphVerificationError, InputError, PassConfigError, PassNotApplicable,
-                               UnsupportedModelError)
+from graphprune.errors import (
+    GraphpruneError,
+    GraphVerificationError,
+    InputError,
+    PassConfigError,
+    PassNotApplicable,
+    UnsupportedModelError,
+)
 from graphprune.lower.runtime import PrunedModel, from_pretrained, prune
-from graphprune.rewrite.pass_api import (AttentionRows, Choose, Hidden, InputEmbeds, KeepCache, Keys, PassResult, Plan,
-                                         Projected, Protect, TextEmbeds, TextMask, TokenPass, TopK, Values, WithdrawAll)
+from graphprune.rewrite.pass_api import (
+    AttentionRows,
+    Choose,
+    Hidden,
+    InputEmbeds,
+    KeepCache,
+    Keys,
+    PassResult,
+    Plan,
+    Projected,
+    Protect,
+    TextEmbeds,
+    TextMask,
+    TokenPass,
+    TopK,
+    Values,
+    WithdrawAll,
+)
 from graphprune.rewrite.pipeline import Program, as_passes, get_pass, parse_pipeline
 from graphprune.rewrite.registry import register_pass, register_pipeline
 from graphprune.targets.onnx import export_onnx  # imports onnx / onnxscript only when called

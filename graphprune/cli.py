@@ -232,9 +232,10 @@ def cmd_inspect(args) -> int:
     capture_s = time.perf_counter() - t0
     example, example_src = sample_prompt(model, name)
     if example is not None:
-        layouts = accountant.layout_of(example.input_ids, model.config.image_token_id)
+        units = _vision_units(model, example) or [{"units": []}] * example.input_ids.shape[0]
+        layouts = accountant.layout_of(units, example.input_ids.shape[1])
         prompt = {"source": example_src, "batch": len(layouts), "samples": [l.to_dict() for l in layouts],
-                  "vision_units": _vision_units(model, example)}
+                  "vision_units": units}
         layout = layouts[0]
     else:
         vision = program.anatomy.get("vision")
@@ -354,7 +355,7 @@ def _format_inspect(out: dict) -> str:
         parts = [f"text {s['text_before']:>4}"]
         for j, (a, b) in enumerate(s["vision"]):
             if j:
-                parts.append(f"text {s['text_between']:>4}")
+                parts.append(f"text {a - s['vision'][j - 1][1]:>4}")
             parts.append(f"vision [{a}, {b}) {b - a}")
         parts.append(f"text {s['text_after']:>4}")
         lines.append(f"  sample {i}: " + " | ".join(parts) + f"   (length {s['length']})")

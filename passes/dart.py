@@ -89,8 +89,9 @@ def dart_keep(*, k, protected, valid, vision_pos, vis_score, text_score, vis_fea
     b, n, v = vision_pos.shape
     if vis_score is None:                                     # random pivots
         gen = torch.Generator().manual_seed(seed)
-        vis_score = torch.rand((b, n, v), generator=gen)
-        text_score = torch.rand(tuple(text_mask.shape), generator=gen)
+        # drawn on the CPU generator whatever the device, so a seed picks the same pivots everywhere
+        vis_score = torch.rand((b, n, v), generator=gen).to(vision_pos.device)
+        text_score = torch.rand(tuple(text_mask.shape), generator=gen).to(vision_pos.device)
     sign = -1.0 if lowest_first else 1.0
     vs, ts = sign * vis_score.float(), (sign * text_score.float()).masked_fill(~text_mask, float("-inf"))
     vis_piv = vs.topk(vision_pivots, dim=-1).indices                               # (B, n, pv) best first

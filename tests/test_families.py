@@ -255,6 +255,27 @@ def test_inspect_shows_units_spans_and_separators(capsys):
     assert "6 (id 148), 23 (id 149), 26 (id 148), 59 (id 149)" in out
 
 
+@pytest.mark.parametrize("name,family,items", [("tiny-qwen2.5vl", "qwen2_5_vl", ("image", "video")),
+                                                ("tiny-llava-onevision", "llava_onevision", ("video",))])
+def test_inspect_costs_every_vision_unit(capsys, name, family, items):
+    # the cost line read image-token runs only: video frames were costed as text tokens
+    import json
+
+    from graphprune.cli import main
+    assert main(["inspect", name, "--no-decode", "--json", "--method", "fastv(layer=2, keep=4)"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    model, program = _model(family)
+    ex = family_zoo.example(model, items=items)
+    layout = family_of(model).vision_layout(ex.input_ids, **{k: v for k, v in ex.as_kwargs().items()
+                                                             if k not in ("input_ids", "attention_mask")})
+    s, (units, v) = ex.input_ids.shape[1], layout.pos.shape[1:]
+    expected = [s, s] + [s - units * (v - 4)] * 2
+    assert [r["tokens"] for r in d["cost"]["layers"]] == expected and units > 1
+    pruned = gp.prune(model, "fastv(layer=2, keep=4)", program=program)
+    pruned(**ex.as_kwargs())
+    assert pruned.report.tokens_per_layer == expected
+
+
 def test_support_matrix_reads_junit(tmp_path):
     import support_matrix
     xml = tmp_path / "r.xml"

@@ -6,6 +6,7 @@ import pytest
 import reference as R
 import reference_new_methods as N
 import torch
+from checks import assert_same_run
 
 import graphprune as gp
 from graphprune.errors import PassConfigError, PassNotApplicable
@@ -14,16 +15,6 @@ from graphprune.tools.zoo import llava_example, qwen2vl_example
 STEPS = 16
 V = 36                          # 6 x 6 patch grid of the tiny LLaVA
 
-
-def _same_run(pruned, ex, ref):
-    out = pruned(**ex.as_kwargs())
-    real = out.cache[-1].mask.bool()
-    assert real.any()
-    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
-    assert out.cache.lengths() == ref["kv_lens"]
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
-    return out
 
 
 def _vision_ref(model, ex, vo, positions="compact"):
@@ -65,7 +56,7 @@ def test_visionzip_matches_reference(llava, batch, pad, keep, opts):
     ref = _vision_ref(model, ex, vo, positions)
     spec = f"visionzip(keep={keep}" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
     pruned = gp.prune(model, spec, program=program)
-    _same_run(pruned, ex, ref)
+    assert_same_run(pruned, ex, ref, STEPS)
     assert pruned.report.patches_kept == vo["patch_index"].tolist()
     c = opts.get("contextual", round(keep * 5 / 32))
     assert vo["targets"].shape[-1] == c > 0
@@ -106,7 +97,7 @@ def test_selector_matches_reference(llava, method, batch, pad, keep, positions):
     vo = SELECTORS[method](model, ex, keep)
     ref = _vision_ref(model, ex, vo, positions)
     pruned = gp.prune(model, f"{method}(keep={keep!r}, positions={positions!r})", program=program)
-    _same_run(pruned, ex, ref)
+    assert_same_run(pruned, ex, ref, STEPS)
     assert pruned.report.patches_kept == vo["patch_index"].tolist()
 
 
@@ -161,7 +152,7 @@ def test_vispruner_splits_and_rounds(llava, keep, ratio):
     ex = llava_example(model, batch=1, seed=7)
     vo = N.vispruner(model, ex, keep, ratio)
     pruned = gp.prune(model, f"vispruner(keep={keep}, important_ratio={ratio})", program=program)
-    _same_run(pruned, ex, _vision_ref(model, ex, vo))
+    assert_same_run(pruned, ex, _vision_ref(model, ex, vo), STEPS)
     assert pruned.report.patches_kept == vo["patch_index"].tolist()
 
 
@@ -176,7 +167,7 @@ def test_pyramiddrop_matches_reference(llava, batch, pad, layers, ratios):
     ref = R.lm_generate(model, emb, am, pos, selects=N.pyramiddrop_selects(layers, ratios, V), vision_mask=vm,
                         max_new_tokens=STEPS)
     pruned = gp.prune(model, f"pyramiddrop(layers={layers}, ratios={ratios})", program=program)
-    out = _same_run(pruned, ex, ref)
+    out = assert_same_run(pruned, ex, ref, STEPS)
     assert torch.equal(out.kept, ref["keep"])
     assert int((ex.input_ids.gather(1, out.kept) == model.config.image_token_id).sum(1)[0]) == int(V * ratios[-1])
 
@@ -207,7 +198,8 @@ def test_pyramiddrop_qwen2vl(qwen):
     emb, am, pos, vm = R.qwen2vl_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects=N.pyramiddrop_selects((1, 3), (0.5, 0.25), 16), vision_mask=vm,
                         max_new_tokens=STEPS)
-    out = _same_run(gp.prune(model, "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))", program=program), ex, ref)
+    pruned = gp.prune(model, "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))", program=program)
+    out = assert_same_run(pruned, ex, ref, STEPS)
     assert torch.equal(out.kept, ref["keep"])
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.tools.zoo import llava_example, qwen2vl_example
+from graphprune.tools.zoo import llava_example, qwen2vl_example, tiny_llava
 
 
 def test_unpruned_matches_hf(llava):
@@ -110,6 +110,36 @@ def test_report_counts(llava):
     assert rep.flops < full.flops and rep.flops_per_layer[:2] == full.flops_per_layer[:2]
     assert rep.decode_steps == 3
     assert "vtw(layer=2)" in rep.table() and rep.to_dict()["kv_bytes"] == sum(rep.kv_bytes_per_layer)
+
+
+def test_report_after_inference_mode_call(llava):
+    # a report read outside inference_mode after a call inside it (what every benchmark does) used to
+    # raise "Inference tensors cannot be saved for backward" while counting FLOPs
+    model, program = llava
+    kw = llava_example(model).as_kwargs()
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    pruned(**kw)
+    plain = pruned.report.flops_per_layer
+    with torch.inference_mode():
+        pruned(**kw)
+    assert pruned.report.flops_per_layer == plain
+
+
+def test_model_moved_after_capture_is_captured_again():
+    # the captured graphs hold copies of the model's buffers; a model moved to another dtype (or device:
+    # the GPU check found it) after a first prune() must run as one built there, not on the stale copies
+    model = tiny_llava()
+    ex = llava_example(model, batch=2, pad=(0, 3))
+    gp.prune(model)(**ex.as_kwargs())
+    model.to(torch.float64)
+    kw = ex.as_kwargs() | {"pixel_values": ex.pixel_values.double()}
+    got = gp.prune(model)(**kw).logits
+    born_there = gp.prune(tiny_llava().to(torch.float64))(**kw).logits
+    with torch.no_grad():
+        ref = model(**kw).logits
+    real = kw["attention_mask"].bool()
+    assert got.dtype == torch.float64 and torch.equal(got[real], born_there[real])
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
 # -- errors, all raised before any graph runs -------------------------------------------------

@@ -5,7 +5,8 @@ import pytest
 import reference as R
 import reference_new_methods as N
 import torch
-from test_new_methods import STEPS, _alone_equals_batch, _same_run
+from checks import assert_same_run
+from test_new_methods import STEPS, _alone_equals_batch
 
 import graphprune as gp
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
@@ -34,7 +35,7 @@ def test_sparsevlm_matches_reference(llava, batch, pad, opts):
     ref, log = _sparsevlm_ref(model, ex, opts["layers"], opts["scale"], opts["bias"], opts["capacity"],
                               opts.get("recycle", True))
     spec = "sparsevlm(keep=64" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
-    _same_run(gp.prune(model, spec, program=program), ex, ref)
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS)
     # the run exercised what it claims: tokens were deleted, and recycled unless switched off
     assert any(len(out["kept"]) < 36 for *_, out in log)
     assert any(len(out["recycled"]) > 0 for *_, out in log) == opts.get("recycle", True)
@@ -157,7 +158,7 @@ def test_tome_matches_reference(llava, llava_deep_vision, deep, batch, pad, opts
     emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, vo, positions="compact")
     ref = R.lm_generate(model, emb, am, pos, vision_mask=vm, max_new_tokens=STEPS)
     pruned = gp.prune(model, _tome_spec(opts), program=program)
-    _same_run(pruned, ex, ref)
+    assert_same_run(pruned, ex, ref, STEPS)
     # each token stands at its representative's slot (the B token, or the unmerged A token), in ToMe's order
     assert pruned.report.patches_kept == vo["representative"].tolist()
     assert any(len(s) > 2 for img in vo["sources"] for s in img)        # merged tokens merged again (sizes > 2)

@@ -8,6 +8,7 @@ import pytest
 import reference as R
 import reference_visiontrim as RV
 import torch
+from checks import assert_same_run
 
 import graphprune as gp
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
@@ -28,17 +29,6 @@ def scaled():
     return model, Program.capture(model)
 
 
-def _same_run(pruned, ex, ref, keep_index=None):
-    out = pruned(**ex.as_kwargs())
-    if keep_index is not None:
-        assert torch.equal(out.kept, keep_index)
-    real = out.cache[-1].mask.bool()
-    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
-    assert out.cache.lengths() == ref["kv_lens"]
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
-    return out
-
 
 @pytest.mark.parametrize("batch,pad,keep,dominant,iterations", [(1, (), 12, None, 1), (2, (0, 3), 16, 10, 2)])
 def test_vision_stage_matches_reference(scaled, batch, pad, keep, dominant, iterations):
@@ -49,7 +39,7 @@ def test_vision_stage_matches_reference(scaled, batch, pad, keep, dominant, iter
     ref = R.lm_generate(model, emb, am, pos, vision_mask=vm, max_new_tokens=STEPS)
     pruned = gp.prune(model, "visiontrim", program=program, keep=keep, dominant=dominant, iterations=iterations)
     assert [p.name for p in pruned.pipeline] == ["visiontrim_vision"]
-    _same_run(pruned, ex, ref)
+    assert_same_run(pruned, ex, ref, STEPS)
     assert pruned.report.patches_kept == vo["patch_index"].tolist()
     k = keep - keep // 4 if dominant is None else dominant
     assert vo["centres"].shape[-1] == keep - k > 0      # complements were really merged
@@ -63,7 +53,7 @@ def test_llm_stage_matches_reference(scaled, batch, pad):
     ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(12)}, vision_mask=vm,
                         max_new_tokens=STEPS)
     pruned = gp.prune(model, "visiontrim", program=program, keep=12, stage="llm", layer=2)
-    _same_run(pruned, ex, ref, keep_index=ref["keep"])
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 
 
 def test_complements_are_centre_plus_convex_combination(scaled):

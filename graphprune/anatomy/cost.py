@@ -69,7 +69,8 @@ def run_fake(gm: fx.GraphModule, **inputs) -> tuple[dict, tuple]:
     if missing:
         raise KeyError(f"graph inputs {missing} were not given")
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        # no autograd: the prompt may hold inference-mode tensors (a report read after an inference_mode call)
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = [mode.from_tensor(inputs[k]) if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in names]
             counter = _Counter(gm)
             outs = counter.run(*fake)

@@ -56,11 +56,11 @@ class LlavaNextFamily(Family):
         side = vc.image_size // vc.patch_size
         crops = sys.modules[type(body).__module__].image_size_to_num_patches(
             image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=vc.image_size)
-        packed = self.pack_markers(body, torch.ones(crops, side * side, 1), image_size)
+        packed = self.pack_markers(body, torch.ones(crops, side * side, 1, device=image_size.device), image_size)
         return packed[:, 0] == 0
 
     def pack_markers(self, body, marker, image_size) -> torch.Tensor:
         """The model's pack_image_features on marker features, image_newline 0."""
         packed, _ = body.pack_image_features([marker], image_size[None], self.config().vision_feature_select_strategy,
-                                             image_newline=torch.zeros(1))
+                                             image_newline=torch.zeros(1, device=marker.device))
         return packed[0]

@@ -17,7 +17,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     vision_inputs = ("pixel_values", "image_sizes", "pixel_values_videos")
 
     def pack_markers(self, body, marker, image_size) -> torch.Tensor:
-        packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1),
+        packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1, device=marker.device),
                                              vision_aspect_ratio=self.config().vision_aspect_ratio)
         return packed[0]
 

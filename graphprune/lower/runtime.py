@@ -101,7 +101,7 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, t
     start = vision_pos.reshape(vision_pos.shape[0], -1).amax(1) + 1          # (B,)
     count = seq_len - start
     t = max(int(count.max()), 1)
-    ar = torch.arange(t)
+    ar = torch.arange(t, device=vision_pos.device)
     mask = ar[None] < count[:, None]
     index = torch.where(mask, start[:, None] + ar[None], torch.full_like(mask, seq_len - 1, dtype=torch.long))
     return index, mask
@@ -276,7 +276,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, **inputs)
         embeds, feats, kept, valid, protected = self._image_features(inputs, vision_pos, input_ids)
-        index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
             k = kept.shape[-1]
             chosen = vision_pos.gather(2, kept.reshape(b, n, k))
@@ -347,7 +347,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             positions = self.family.positions(input_ids, attention_mask)
             embeds = self.family.embed(input_ids)
             outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
-            index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             note = "text-only prompt (no vision tokens): ran unpruned"
             return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
                                 attention_mask.sum(1))
@@ -357,7 +357,7 @@ class PrunedModel(nn.Module, GenerationMixin):
 
     def _finish(self, cache, outs, attention_mask, positions, index, prompt, notes, seen: int,
                 prompt_tokens) -> PrunedOutput:
-        seq = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
+        seq = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
         layers, layer_index, layer_valid = [], seq, None
         for i in range(self.num_layers):
             layer_index = outs.get(f"tokens_from_layer_{i}", layer_index)
@@ -620,8 +620,9 @@ class _CapturedProgram:
     and pickles of the model start without one (they capture their own)."""
     ATTR = "_graphprune_captured"
 
-    def __init__(self, program: Program | None = None):
+    def __init__(self, program: Program | None = None, placement: frozenset = frozenset()):
         self.program = program
+        self.placement = placement         # the (device, dtype) pairs of the weights it was captured with
 
     def __deepcopy__(self, memo):
         return _CapturedProgram()
@@ -631,9 +632,12 @@ class _CapturedProgram:
 
     @classmethod
     def of(cls, model) -> Program:
+        """The program captured from `model`, captured again once the model moved to another device or
+        dtype: the graphs hold copies of its buffers (position ids, rotary tables), which .to() does not move."""
+        placement = frozenset((p.device, p.dtype) for p in model.parameters())
         held = model.__dict__.get(cls.ATTR)
-        if held is None or held.program is None:
-            held = cls(Program.capture(model))
+        if held is None or held.program is None or held.placement != placement:
+            held = cls(Program.capture(model), placement)
             model.__dict__[cls.ATTR] = held
         return held.program
 

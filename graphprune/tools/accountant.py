@@ -130,22 +130,30 @@ def _dtype(dtype) -> torch.dtype:
 
 @dataclass
 class Layout:
-    """Token layout of one sample: [prefix][image 1][between]...[image n][suffix]."""
+    """Token layout of one sample: [prefix][image 1][between]...[image n][suffix]. An "image" is a
+    vision unit (an image, a video frame or a whole video: what a budget counts). A layout read off a
+    real prompt gives each unit's span (`unit_spans`): gaps of any size, and separator tokens inside
+    a span (image_newline rows) count as text."""
     prefix: int
     images: int
-    tokens_per_image: int           # vision tokens per image as the processor lays them out
+    tokens_per_image: int           # prunable vision tokens per unit
     suffix: int
-    between: int = 0                # text tokens between consecutive images
-
-    @property
-    def text(self) -> int:
-        return self.prefix + self.suffix + self.between * max(self.images - 1, 0)
+    between: int = 0                # text tokens between consecutive units (synthetic layouts)
+    unit_spans: tuple | None = None  # (start, end) of each unit in the prompt (layouts of real prompts)
 
     @property
     def length(self) -> int:
-        return self.text + self.images * self.tokens_per_image
+        if self.unit_spans:
+            return self.unit_spans[-1][1] + self.suffix
+        return self.prefix + self.suffix + self.between * max(self.images - 1, 0) + self.images * self.tokens_per_image
+
+    @property
+    def text(self) -> int:
+        return self.length - self.images * self.tokens_per_image
 
     def spans(self) -> list[tuple[int, int]]:
+        if self.unit_spans:
+            return [tuple(s) for s in self.unit_spans]
         out, start = [], self.prefix
         for _ in range(self.images):
             out.append((start, start + self.tokens_per_image))
@@ -154,7 +162,9 @@ class Layout:
 
     def to_dict(self) -> dict:
         return {"text_before": self.prefix, "vision": [list(s) for s in self.spans()],
-                "text_between": self.between, "text_after": self.suffix, "length": self.length}
+                "text_between": self.between if not self.unit_spans else
+                [b[0] - a[1] for a, b in zip(self.unit_spans, self.unit_spans[1:])],
+                "text_after": self.suffix, "length": self.length}
 
 
 def synthetic_layout(text_tokens: int, images: int, tokens_per_image: int) -> Layout:
@@ -168,28 +178,21 @@ def synthetic_layout(text_tokens: int, images: int, tokens_per_image: int) -> La
     return Layout(prefix, images, tokens_per_image, text_tokens - prefix)
 
 
-def layout_of(input_ids: torch.Tensor, image_token_id: int) -> list[Layout]:
-    """The layout of each sample of a processor-style prompt (image tokens expanded)."""
+def layout_of(vision_units: list[dict], length: int) -> list[Layout]:
+    """The layout of each sample of a processor-style prompt of `length` tokens, from the vision units
+    its family finds in it (images, video frames: `graphprune inspect`'s "vision_units")."""
     out = []
-    for row in input_ids:
-        is_img = (row == image_token_id).tolist()
-        spans, start = [], None
-        for i, x in enumerate(is_img + [False]):
-            if x and start is None:
-                start = i
-            elif not x and start is not None:
-                spans.append((start, i))
-                start = None
-        if not spans:
-            out.append(Layout(len(is_img), 0, 0, 0))
+    for sample in vision_units:
+        units = sample["units"]
+        if not units:
+            out.append(Layout(length, 0, 0, 0))
             continue
-        sizes = {e - s for s, e in spans}
-        gaps = {spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)}
-        if len(sizes) != 1 or len(gaps) > 1:
-            raise ValueError("images of different token counts or irregular gaps between them: "
-                             f"vision spans {spans}")
-        out.append(Layout(spans[0][0], len(spans), sizes.pop(), len(is_img) - spans[-1][1],
-                          gaps.pop() if gaps else 0))
+        sizes = {u["tokens"] for u in units}
+        if len(sizes) != 1:
+            raise ValueError("vision units of different token counts cannot be costed as one layout: "
+                             + ", ".join(f"{u['unit']} {u['tokens']}" for u in units))
+        spans = tuple(tuple(u["span"]) for u in units)
+        out.append(Layout(spans[0][0], len(units), sizes.pop(), length - spans[-1][1], unit_spans=spans))
     return out
 
 
