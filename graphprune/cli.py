@@ -140,7 +140,9 @@ def _vqa_parsers(sub) -> None:
                        "the shipped VQA model and the synthetic test split: accuracy (and % of unpruned), prefill and "
                        "end-to-end time (medians, variants interleaved), speed-up, FLOPs, KV bytes. --speed: a larger "
                        "random-weight model, each method at 64 of 576 kept after layer 2: measured vs FLOPs-ideal "
-                       "LLM-prefill speed-up, selection overhead, decode time per token.")
+                       "LLM-prefill speed-up (against graphprune's unpruned graph and plain transformers), selection "
+                       "overhead, decode time per token; then unpruned and FastV against transformers at 1, 2 and 4 "
+                       "images per prompt.")
     b.add_argument("--model", help=VQA_MODEL_HELP)
     b.add_argument("--data", help="JSONL file, or folder of them: {\"image\": path relative to the file, \"question\", "
                    "\"answer\", optional \"type\"} per line (default: the synthetic VQA split)")

@@ -28,6 +28,7 @@ from graphprune.compat import generate_cache_name, is_later_generate_step
 from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError
 from graphprune.families.base import MODALITIES, VisionLayout, check_video_unit
 from graphprune.lower.cache import PrunedCache
+from graphprune.lower.causal import use_causal_kernel
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
@@ -172,8 +173,10 @@ class PrunedModel(nn.Module, GenerationMixin):
         # weights), or ONNX Runtime sessions (OrtPrunedModel); graphprune.tools.instrument swaps in
         # wrappers here. The program and decode_gm stay as rewritten: reports and exports read them.
         self.packed_linears = 0            # linears the lowering moved to packed weights (linear="packed")
-        self.executables = {k: self._lower(getattr(program.stages.get(k), "gm", None)) for k in ("vision", "prefill")}
+        self.executables = {k: self._lower(getattr(program.stages.get(k), "gm", None), stage=k)
+                            for k in ("vision", "prefill")}
         self.decode_exec = self._lower(self.decode_gm, attention="sdpa")
+        self._text_exec = None             # the unpruned prefill lowered, for text-only prompts (on first use)
         if linear == "packed" and not self.packed_linears:
             from graphprune.targets.packed_linear import MIN_ELEMENTS
             warnings.warn(f'linear="packed": no linear weight of this model has {MIN_ELEMENTS} elements or more, '
@@ -208,20 +211,31 @@ class PrunedModel(nn.Module, GenerationMixin):
         graphprune.from_pretrained(directory) loads it and re-applies the pipeline."""
         save_pruned(self, directory, **save_kwargs)
 
-    def _lower(self, gm: torch.fx.GraphModule | None, attention: str | None = None) -> torch.fx.GraphModule | None:
-        """gm itself, or a copy with flash-attn as its attention and/or oneDNN-packed linear weights."""
+    def _lower(self, gm: torch.fx.GraphModule | None, attention: str | None = None,
+               stage: str = "decode") -> torch.fx.GraphModule | None:
+        """gm itself, or a copy with flash-attn as its attention (else, for a prefill, the mask-free
+        causal kernel where the prompt allows it: graphprune.lower.causal) and/or oneDNN-packed
+        linear weights."""
         attention = attention or self.attention
-        if gm is None or (attention != "flash" and self.linear != "packed"):
+        if gm is None or (attention != "flash" and self.linear != "packed" and stage != "prefill"):
             return gm
         low = torch.fx.GraphModule(gm, gm.graph.__deepcopy__())
         low.meta.update(gm.meta)
-        if attention == "flash":
+        if attention == "flash":            # flash's varlen kernel runs causal masks mask-free itself
             from graphprune.targets.flash import use_flash_attention
             use_flash_attention(low)
+        elif stage == "prefill":
+            use_causal_kernel(low, self.family.text_config())
         if self.linear == "packed":
             from graphprune.targets.packed_linear import pack_linear_weights
             self.packed_linears += pack_linear_weights(low)
         return low
+
+    def _text_prefill(self) -> torch.fx.GraphModule:
+        """The unpruned prefill, lowered like the pruned one (text-only prompts run it)."""
+        if self._text_exec is None:
+            self._text_exec = self._lower(self.base.stages["prefill"].gm, stage="prefill")
+        return self._text_exec
 
     # -- prompt preparation -----------------------------------------------------------------
     def _layout(self, input_ids: torch.Tensor, **inputs) -> VisionLayout | None:
@@ -350,7 +364,7 @@ class PrunedModel(nn.Module, GenerationMixin):
                                                        image_grid_thw, mm_token_type_ids)
         prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
-            gm = self.base.stages["prefill"].gm
+            gm = self._text_prefill()
             note = "text-only prompt (no vision tokens): ran unpruned"
             embeds, positions = self.family.embed(input_ids), self.family.positions(input_ids, attention_mask)
             if self._videos_only() and bool((input_ids == self.family.image_token_id()).any()):

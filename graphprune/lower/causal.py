@@ -1,0 +1,98 @@
+"""The mask-free causal kernel where a prefill's attention mask is plain causal.
+
+A captured prefill builds its attention mask in the graph (causal AND the prompt's padding, as
+transformers does while tracing) and every layer's SDPA reads it, or the kept rows and columns of
+it (`tokenops.take_tokens`, ascending kept positions) after a pass. Transformers itself, at run
+time, drops the mask when nothing is padded and calls SDPA with `is_causal=True`, whose kernels are
+faster than the masked ones (on the speed model's CPU prefill the mask made attention 1.3-1.9x
+slower, more the longer the prompt).
+
+`use_causal_kernel(gm, text_config)` gives a prefill graph the same choice: every SDPA node whose
+mask is the captured one, or kept tokens of it, becomes `causal_or_masked_attention`, which runs
+SDPA with `is_causal=True` and no mask when the prompt is plain causal and with the mask otherwise.
+Plain causal (`plain_causal`, computed once per call from the graph's `attention_mask` input):
+no padding and no invalid static-capacity slot anywhere in the prompt (the runtime writes those
+into `attention_mask`) and, for a sliding-window model, a prompt no longer than the window. Kept
+tokens stay causal among themselves because every LLM-stage selection keeps them in prompt order
+(a reordering choice is refused outside the vision stage, whose output the LLM sees as a new
+sequence with its own causal mask). Attention behind a static-capacity key mask
+(`tokenops.mask_keys`) or any other mask a pass built keeps its mask.
+
+This is a lowering: the program's graphs (ONNX export, reports, the torch.compile backend) keep
+the masked attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from graphprune import tokenops
+from graphprune.anatomy.read import SDPA, Attention, layer_of
+
+
+def causal_or_masked_attention(q, k, v, mask, plain: bool, scale=None, enable_gqa: bool = False):
+    """SDPA over the layer's mask, or mask-free with is_causal=True when the prompt is plain causal
+    (then the mask is the lower triangle, and the two agree)."""
+    if plain:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def plain_causal(attention_mask: torch.Tensor, window: int | None) -> bool:
+    """The captured mask is the lower triangle: nothing padded or masked, and the prompt fits the
+    sliding window (if the model has one)."""
+    return bool(attention_mask.all()) and (window is None or attention_mask.shape[-1] <= window)
+
+
+def sliding_window(text_config) -> int | None:
+    """The smallest attention window of a text config, None when every layer attends to all earlier tokens."""
+    kinds = getattr(text_config, "layer_types", None)
+    window = getattr(text_config, "sliding_window", None)
+    if kinds is not None:
+        windowed = any(kind != "full_attention" for kind in kinds)
+    else:
+        windowed = window is not None and getattr(text_config, "use_sliding_window", True) is not False
+    if not windowed:
+        return None
+    return int(window) if window else 0        # a window we cannot read: never mask-free
+
+
+def _captured_mask(mask) -> fx.Node | None:
+    """The captured mask node `mask` takes kept tokens of (itself, through take_tokens), or None
+    when a pass built it (key masks, biases) or there is none."""
+    while isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target is tokenops.take_tokens:
+        mask = mask.args[0]
+    if isinstance(mask, fx.Node) and mask.op == "call_function" and isinstance(mask.target, torch._ops.OpOverload):
+        return mask
+    return None
+
+
+def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
+    """Rewrite a prefill graph in place: SDPA nodes over the captured causal mask choose the
+    mask-free causal kernel per call (see the module docstring). Returns how many."""
+    g = gm.graph
+    attention_mask = next((n for n in g.find_nodes(op="placeholder") if n.name == "attention_mask"), None)
+    window = sliding_window(text_config)
+    if attention_mask is None or window == 0:
+        return 0
+    plain = None
+    n = 0
+    for node in list(g.find_nodes(op="call_function", target=SDPA)):
+        att = Attention.of(layer_of(node), node)
+        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        if att.is_causal or dropout or _captured_mask(att.mask) is None:
+            continue
+        if plain is None:                   # decided once per call, before the first attention
+            with g.inserting_before(node):
+                plain = g.call_function(plain_causal, (attention_mask, window))
+        with g.inserting_before(node):
+            new = g.call_function(causal_or_masked_attention, (att.q, att.k, att.v, att.mask, plain),
+                                  {"scale": att.scale, "enable_gqa": att.enable_gqa})
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        n += 1
+    if n:
+        gm.recompile()
+    return n
