@@ -402,9 +402,7 @@ class _LM:
         k = _linear(y, w, lp + "self_attn.k_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = _linear(y, w, lp + "self_attn.v_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
         if self.rotary_at(i):
-            c, s = cos[:, None], sin[:, None]
-            q = q * c + self.rotate(q) * s
-            k = k * c + self.rotate(k) * s
+            q, k = self.rotary(q, cos[:, None], sin[:, None]), self.rotary(k, cos[:, None], sin[:, None])
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)
             v = torch.cat([past_v, v], dim=2)
@@ -415,10 +413,18 @@ class _LM:
         o = _linear(o.transpose(1, 2).reshape(b, t, self.n_heads * self.hd), w, lp + "self_attn.o_proj")
         if self.parallel:               # Cohere: attention and MLP both read the one normed input
             return r + o + self.mlp(lp, y), k, v, probs
-        h = r + o
+        h = r + self.attention_out(lp, o)
         return h + self.mlp(lp, self.norm(h, lp + "post_attention_layernorm.weight")), k, v, probs
 
     parallel = False
+
+    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on the first cos.shape[-1] dims of each head (all of them unless partial), the rest as is."""
+        d = cos.shape[-1]
+        return torch.cat([x[..., :d] * cos + self.rotate(x[..., :d]) * sin, x[..., d:]], dim=-1)
+
+    def attention_out(self, lp: str, o: Tensor) -> Tensor:
+        return o
 
     def mlp(self, lp: str, y: Tensor) -> Tensor:
         w = self.w
@@ -463,10 +469,42 @@ class _CohereLM(_LM):
         return self.w[key] * (x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + self.eps)
 
 
+class _Glm4vLM(_LM):
+    """GLM-4.1V's decoder: head_dim = hidden / heads, M-RoPE on the first partial_rotary_factor of each
+    head's dims, on interleaved pairs (2j, 2j+1), the sections [t, h, w] chosen before the pairs are
+    doubled; RMSNorm after attention and after the MLP too (four per layer); gate and up projections
+    fused in one gate_up_proj (gate first)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        tc = model.config.text_config
+        rp = getattr(tc, "rope_parameters", None) or {**(getattr(tc, "rope_scaling", None) or {})}
+        self.hd = tc.hidden_size // tc.num_attention_heads
+        rotary = int(self.hd * rp.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", 1.0)))
+        self.inv_freq = 1.0 / (rp.get("rope_theta", getattr(tc, "rope_theta", None))
+                               ** (torch.arange(0, rotary, 2, dtype=torch.float) / rotary))
+        self.mrope_section = rp["mrope_section"]
+
+    def rotary_table(self, freqs: Tensor) -> Tensor:
+        return freqs.repeat_interleave(2, dim=-1)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+
+    def attention_out(self, lp: str, o: Tensor) -> Tensor:
+        return self.norm(o, lp + "post_self_attn_layernorm.weight")
+
+    def mlp(self, lp: str, y: Tensor) -> Tensor:
+        gate, up = _linear(y, self.w, lp + "mlp.gate_up_proj").chunk(2, dim=-1)
+        return self.norm(_linear(self.act(gate) * up, self.w, lp + "mlp.down_proj"), lp + "post_mlp_layernorm.weight")
+
+
 def language_model(model) -> _LM:
     """The reference decoder for `model`'s language model."""
     tc = getattr(model.config, "text_config", model.config)
-    return _CohereLM(model) if tc.model_type in ("cohere", "cohere2") else _LM(model)
+    if tc.model_type in ("cohere", "cohere2"):
+        return _CohereLM(model)
+    return _Glm4vLM(model) if tc.model_type == "glm4v_text" else _LM(model)
 
 
 def llava_vision_layer0(model, pixel_values: Tensor) -> Tensor:

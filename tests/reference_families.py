@@ -120,7 +120,7 @@ def family_inputs(model, example):
     cfg = model.config
     ids, am = example.input_ids, example.attention_mask
     emb = _merge(model, ids, example)
-    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):      # GLM-4.1V: the same M-RoPE bookkeeping
         extra = {"second_per_grid_ts": example.second_per_grid_ts} if example.second_per_grid_ts is not None else {}
         # transformers >= 5.1 takes the vision-token types; earlier versions find the tokens themselves
         if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:

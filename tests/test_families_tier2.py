@@ -24,6 +24,7 @@ CASES = [
     # 17 tokens (4x4 patches + CLS) per image and per frame of the 4-frame video
     ("video_llava-image+video", "video_llava", ("image", "video"), "frame"),
     ("internvl-2images", "internvl", ("image", "image"), "frame"),              # 2 tiles of 16 each
+    ("glm4v-2images", "glm4v", ("image", "image"), "frame"),                    # 8x8 patches merged 2x2: 16 each
 ]
 IDS = [c[0] for c in CASES]
 
@@ -75,7 +76,7 @@ def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
 
 
 @pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
-                                            ("video_llava", "two masked_scatters")])
+                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw")])
 def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
@@ -120,3 +121,14 @@ def test_mistral3_sliding_window_is_refused():
     config.text_config.sliding_window = 32
     with pytest.raises(gp.UnsupportedModelError, match="sliding window of 32"):
         gp.prune(Mistral3ForConditionalGeneration(config), "fastv")
+
+
+def test_glm4v_videos_are_refused_up_front():
+    """GLM-4.1V writes each video frame as its own image-token block with a time stamp: a layout this
+    family does not read, so a video input is refused before any work, naming what it takes."""
+    model, program = tier1._model("glm4v")
+    kw = family_zoo.example(model, items=("image",)).as_kwargs()
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    with pytest.raises(gp.InputError, match="pixel_values_videos.*takes input_ids, attention_mask, pixel_values, "
+                                            "image_grid_thw"):
+        pruned(**kw, pixel_values_videos=kw["pixel_values"], video_grid_thw=kw["image_grid_thw"])

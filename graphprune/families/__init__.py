@@ -11,6 +11,7 @@ from torch import nn
 from graphprune.errors import UnsupportedModelError
 from graphprune.families.aya_vision import AyaVisionFamily
 from graphprune.families.base import Family, VisionLayout
+from graphprune.families.glm4v import Glm4vFamily
 from graphprune.families.internvl import InternVLFamily
 from graphprune.families.llava import LlavaFamily
 from graphprune.families.llava_next import LlavaNextFamily
@@ -26,7 +27,7 @@ __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_t
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
     LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
-    AyaVisionFamily, LlavaNextVideoFamily, VideoLlavaFamily, InternVLFamily,
+    AyaVisionFamily, LlavaNextVideoFamily, VideoLlavaFamily, InternVLFamily, Glm4vFamily,
     MllamaFamily, Gemma3Family)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 

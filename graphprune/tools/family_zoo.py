@@ -139,6 +139,26 @@ def tiny_internvl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(InternVLForConditionalGeneration, cfg, seed)
 
 
+def tiny_glm4v(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """GLM-4.1V architecture: ViT (14-pixel patches, 2x2 merger, 2 temporal patches per frame), GLM-4
+    LM (four norms per layer, fused gate_up MLP, M-RoPE on the first half of each head, interleaved)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    head = hidden // TEXT["num_attention_heads"]
+    rope = rope_config(10000.0, _mrope_section(head // 2))
+    for params in rope.values():
+        if isinstance(params, dict):
+            params["partial_rotary_factor"] = 0.5
+    cfg = Glm4vConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         partial_rotary_factor=0.5, **TEXT, **rope),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=112, in_channels=3),
+        image_token_id=150, video_token_id=151, image_start_token_id=152, image_end_token_id=153,
+        video_start_token_id=154, video_end_token_id=155, tie_word_embeddings=False)
+    return _finish(Glm4vForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -149,7 +169,7 @@ def _finish(cls, cfg, seed):
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
             "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
-            "internvl": tiny_internvl}
+            "internvl": tiny_internvl, "glm4v": tiny_glm4v}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -168,7 +188,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
+    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
               "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
     if layout is None:
@@ -182,7 +202,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     input_ids, mask = left_pad(rows)
     ex = Example(input_ids, mask, **vision["inputs"])
     # what the installed transformers' processor returns: the vision-token types only where the model takes them
-    if kind in ("qwen2_vl", "qwen2_5_vl") and qwen2vl_takes_mm_token_type_ids(model):
+    if kind in ("qwen2_vl", "qwen2_5_vl", "glm4v") and qwen2vl_takes_mm_token_type_ids(model):
         cfg = model.config
         ex.mm_token_type_ids = (input_ids == cfg.image_token_id).int().masked_fill(input_ids == cfg.video_token_id, 2)
     return ex
@@ -194,8 +214,15 @@ def _text(g, n):
 
 def _QWEN(model, g, batch, items, *, grid, frames, **_):
     """<|vision_start|> <|image_pad|> x t*h*w/merge^2 <|vision_end|> per image (the same with
-    <|video_pad|> per video: one block for all its frames), as Qwen2(.5)-VL's processor writes."""
+    <|video_pad|> per video: one block for all its frames), as Qwen2(.5)-VL's processor writes;
+    GLM-4.1V's images: <|begin_of_image|> <|image|> x t*h*w/merge^2 <|end_of_image|>."""
     cfg = model.config
+    if cfg.model_type == "glm4v":
+        if "video" in items:
+            raise ValueError("GLM-4.1V prompts here hold images only")
+        start, end = cfg.image_start_token_id, cfg.image_end_token_id
+    else:
+        start, end = cfg.vision_start_token_id, cfg.vision_end_token_id
     vc = cfg.vision_config
     h, w = grid
     patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
@@ -204,8 +231,7 @@ def _QWEN(model, g, batch, items, *, grid, frames, **_):
     for item in items:
         t = 1 if item == "image" else t_video
         pads = cfg.image_token_id if item == "image" else cfg.video_token_id
-        blocks.append([cfg.vision_start_token_id] + [pads] * (t * h * w // vc.spatial_merge_size ** 2)
-                      + [cfg.vision_end_token_id])
+        blocks.append([start] + [pads] * (t * h * w // vc.spatial_merge_size ** 2) + [end])
     n_img, n_vid = items.count("image"), items.count("video")
     if n_img:
         inputs["pixel_values"] = torch.randn(batch * n_img * h * w, patch_dim, generator=g)
@@ -330,3 +356,4 @@ def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]
         new_w = int(round(orig_w * (height / orig_h), 7))
         width -= 2 * ((width - new_w) // 2)
     return height * (width + 1), height, width
+
