@@ -338,9 +338,9 @@ class _LM:
         cfg = model.config
         tc = getattr(cfg, "text_config", cfg)
         self.w = _weights(model)
-        pre = "model.language_model."
-        if pre + "embed_tokens.weight" not in self.w:
-            pre = "model."
+        # the decoder's prefix: a VLM body's language_model (Idefics3 / SmolVLM: text_model), or the model's own
+        pre = next((p for p in ("model.language_model.", "model.text_model.") if p + "embed_tokens.weight" in self.w),
+                   "model.")
         self.pre = pre
         self.n_layers = tc.num_hidden_layers
         self.n_heads = tc.num_attention_heads

@@ -12,7 +12,9 @@ rest is written here from the processors' layouts:
     (``<|IMG_PATCH|>`` placeholders; start, tile and end markers are text); a unit is an image: the
     tile runs one marker apart. And Video-LLaVA: ``<image>`` / ``<video>`` placeholders (no markers), a
     video's block being its frames' (patches + CLS) in order. And InternVL: ``<IMG_CONTEXT>``
-    placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``.
+    placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``. And Idefics3 / SmolVLM:
+    ``<image>`` placeholders, one run per tile, tiles and global view marked by other ids (text here).
+    GLM-4.1V: Qwen's layout (``<|image|>`` between begin / end of image) and its M-RoPE bookkeeping.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -37,7 +39,7 @@ def _merge(model, ids: Tensor, example) -> Tensor:
     kw = example.as_kwargs()
     pixels = kw.get("pixel_values", kw.get("pixel_values_images"))     # Video-LLaVA's processor: the latter
     if pixels is not None:
-        extra = {k: kw[k] for k in ("image_grid_thw", "image_sizes") if k in kw}
+        extra = {k: kw[k] for k in ("image_grid_thw", "image_sizes", "pixel_attention_mask") if k in kw}
         emb[ids == cfg.image_token_id] = _flat(body.get_image_features(pixels, **extra)).float()
     if kw.get("pixel_values_videos") is not None:
         extra = {k: kw[k] for k in ("video_grid_thw",) if k in kw}
@@ -111,7 +113,7 @@ def _llava_next_prunable(model, example) -> Tensor:
 
 # families whose prunable tokens are exactly their image placeholders (markers around and between
 # them are other token ids), with 1-D positions cumsum(mask) - 1
-PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl")
+PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl", "idefics3", "smolvlm")
 
 
 @torch.no_grad()
@@ -153,6 +155,12 @@ def units_of(model, example, video_unit: str = "frame") -> int:
     elif model.config.model_type == "internvl":       # pixel_values rows are tiles; an image is one <img> block
         slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
         n += 1 + int((slots[1:] - slots[:-1] > 1).sum())
+    elif model.config.model_type in ("idefics3", "smolvlm"):
+        # pixel_values (samples, tiles, ...); an image's tiles are 2 or 3 tokens apart (<fake> <row_i_col_j>,
+        # with "\n" ending a row), 4 before its global view ("\n" "\n" <fake> <global-img>); the
+        # prompts here put its closing <fake>, two text tokens, <fake> <row_1_col_1> before the next image
+        slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
+        n += 1 + int((slots[1:] - slots[:-1] > 5).sum())
     elif example.pixel_values is not None:
         n += example.pixel_values.shape[0] // b
     elif example.pixel_values_images is not None:

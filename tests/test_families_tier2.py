@@ -25,6 +25,9 @@ CASES = [
     ("video_llava-image+video", "video_llava", ("image", "video"), "frame"),
     ("internvl-2images", "internvl", ("image", "image"), "frame"),              # 2 tiles of 16 each
     ("glm4v-2images", "glm4v", ("image", "image"), "frame"),                    # 8x8 patches merged 2x2: 16 each
+    # 2 tiles and the global view of 16 tokens each per image
+    ("idefics3-2images", "idefics3", ("image", "image"), "frame"),
+    ("smolvlm-2images", "smolvlm", ("image", "image"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -49,6 +52,8 @@ SEPARATORS = [  # family, its marker ids in the zoo's prompts, prunable tokens p
     ("mistral3", (family_zoo.MISTRAL3_BREAK, family_zoo.MISTRAL3_END), 12),                 # 3 rows of 4
     ("aya_vision", (family_zoo.AYA_START, family_zoo.AYA_END, family_zoo.AYA_TILE_1, family_zoo.AYA_GLOBAL), 32),
     ("internvl", (family_zoo.INTERNVL_START, family_zoo.INTERNVL_END), 32),                 # 2 tiles of 16
+    ("idefics3", (family_zoo.IDEFICS3_FAKE, family_zoo.IDEFICS3_GLOBAL, family_zoo.IDEFICS3_NEWLINE,
+                  *family_zoo.IDEFICS3_ROW_COL), 48),                                      # 2 tiles + global view
 ]
 
 

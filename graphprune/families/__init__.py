@@ -12,6 +12,7 @@ from graphprune.errors import UnsupportedModelError
 from graphprune.families.aya_vision import AyaVisionFamily
 from graphprune.families.base import Family, VisionLayout
 from graphprune.families.glm4v import Glm4vFamily
+from graphprune.families.idefics3 import Idefics3Family
 from graphprune.families.internvl import InternVLFamily
 from graphprune.families.llava import LlavaFamily
 from graphprune.families.llava_next import LlavaNextFamily
@@ -28,6 +29,7 @@ __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_t
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
     LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
     AyaVisionFamily, LlavaNextVideoFamily, VideoLlavaFamily, InternVLFamily, Glm4vFamily,
+    Idefics3Family,
     MllamaFamily, Gemma3Family)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 

@@ -159,6 +159,24 @@ def tiny_glm4v(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(Glm4vForConditionalGeneration, cfg, seed)
 
 
+def tiny_idefics3(seed: int = 0, *, layers: int = 4, hidden: int = 64, model_type: str = "idefics3"):
+    """Idefics3 architecture (SmolVLM with model_type="smolvlm"): SigLIP-style tower (8x8 patches per
+    112-pixel tile), pixel shuffle by 2 (16 tokens per tile), Llama LM as the body's text_model."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=112,
+              patch_size=14)
+    cfg = AutoConfig.for_model(model_type, vision_config=vc, scale_factor=2, image_token_id=150,
+                               tie_word_embeddings=False,
+                               text_config=dict(model_type="llama", hidden_size=hidden, intermediate_size=2 * hidden,
+                                                num_hidden_layers=layers, **TEXT))
+    return _finish(AutoModelForImageTextToText._model_mapping[type(cfg)], cfg, seed)
+
+
+def tiny_smolvlm(seed: int = 0, **kw):
+    return tiny_idefics3(seed, model_type="smolvlm", **kw)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -169,7 +187,7 @@ def _finish(cls, cfg, seed):
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
             "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
-            "internvl": tiny_internvl, "glm4v": tiny_glm4v}
+            "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -190,7 +208,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     pad = tuple(pad) + (0,) * (batch - len(pad))
     layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
-              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
+              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -342,6 +360,30 @@ def _AYA_VISION(model, g, batch, items, **_):
     tiles = 2 * batch * len(items)
     return {"blocks": [block for _ in items],
             "inputs": {"pixel_values": torch.randn(tiles, 3, vc.image_size, vc.image_size, generator=g)}}
+
+
+IDEFICS3_FAKE, IDEFICS3_GLOBAL, IDEFICS3_NEWLINE = 151, 152, 155    # <fake_token_around_image>, <global-img>, "\n"
+IDEFICS3_ROW_COL = (153, 154)                                        # <row_1_col_1>, <row_1_col_2>
+
+
+def _IDEFICS3(model, g, batch, items, **_):
+    """Per image one row of 2 tiles and the global view (Idefics3Processor.replace_image_token):
+    <fake> <row_1_col_1> <image> x 16 <fake> <row_1_col_2> <image> x 16 "\n" "\n" <fake> <global-img>
+    <image> x 16 <fake>; pixel_values (samples, tiles, C, H, W) with its pixel_attention_mask."""
+    if "video" in items:
+        raise ValueError("Idefics3 / SmolVLM prompts here hold images only")
+    cfg = model.config
+    vc = cfg.vision_config
+    tile = [cfg.image_token_id] * ((vc.image_size // vc.patch_size) ** 2 // cfg.scale_factor ** 2)
+    block = []
+    for marker in IDEFICS3_ROW_COL:
+        block += [IDEFICS3_FAKE, marker] + tile
+    block += [IDEFICS3_NEWLINE, IDEFICS3_NEWLINE, IDEFICS3_FAKE, IDEFICS3_GLOBAL] + tile + [IDEFICS3_FAKE]
+    tiles = 3 * len(items)
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g),
+                       "pixel_attention_mask": torch.ones(batch, tiles, vc.image_size, vc.image_size,
+                                                          dtype=torch.bool)}}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:

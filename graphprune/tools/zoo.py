@@ -25,6 +25,7 @@ class Example:
     second_per_grid_ts: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
     pixel_values_images: torch.Tensor | None = None      # Video-LLaVA's processor name for pixel_values
+    pixel_attention_mask: torch.Tensor | None = None     # Idefics3 / SmolVLM: the real pixels of each tile
 
     def as_kwargs(self) -> dict:
         """The inputs that are set, by the processor's names."""
