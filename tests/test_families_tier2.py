@@ -81,7 +81,8 @@ def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
 
 
 @pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
-                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw")])
+                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw"),
+                                            ("idefics3", "runs are tiles")])
 def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
@@ -137,3 +138,13 @@ def test_glm4v_videos_are_refused_up_front():
     with pytest.raises(gp.InputError, match="pixel_values_videos.*takes input_ids, attention_mask, pixel_values, "
                                             "image_grid_thw"):
         pruned(**kw, pixel_values_videos=kw["pixel_values"], video_grid_thw=kw["image_grid_thw"])
+
+
+def test_idefics3_tiles_that_do_not_match_the_placeholders_are_refused():
+    model, _ = tier1._model("idefics3")
+    ex = family_zoo.example(model, batch=1, items=("image", "image"))
+    with pytest.raises(gp.InputError, match=r"sample 0: image placeholders in runs of \[16, 16, 16, 16, 16, 16\] but "
+                                            "pixel_values holds 5 tiles of 16"):
+        family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values.index_fill(1, torch.tensor([5]), 0))
+    with pytest.raises(gp.InputError, match=r"pixel_values of shape \(6, 3, 112, 112\).*\(samples=1, tiles, C, H, W\)"):
+        family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values[0])

@@ -28,6 +28,8 @@ class Idefics3Family(Family):
     vision_inputs = ("pixel_values", "pixel_attention_mask")
     image_feature_inputs = ("pixel_attention_mask",)
     eager_vision = "tiled images padded per sample with all-zero tiles, which get_image_features drops"
+    compile_refused = ("the compile frame sees only the image-token mask, whose runs are tiles: it cannot tell "
+                       "which tiles and global view make one image")
 
     def body(self):
         inner = getattr(self.model, "model", None)
