@@ -81,8 +81,7 @@ def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
 
 
 @pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
-                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw"),
-                                            ("idefics3", "runs are tiles")])
+                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw")])
 def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
@@ -104,6 +103,18 @@ def test_video_llava_takes_its_images_by_either_name():
     assert torch.equal(legacy.kept, renamed.kept) and torch.equal(legacy.logits, renamed.logits)
     with pytest.raises(gp.InputError, match="pixel_values and pixel_values_images name the same images"):
         pruned(**kw, pixel_values_images=kw["pixel_values"])
+
+
+def test_idefics3_compile_backend_refuses_at_its_graph_break():
+    """Idefics3's merge runs in a frame dynamo resumes after a graph break, with no module `self` to
+    read the family from: the backend refuses there (the family's compile_refused states why it
+    could not prune the merge frame anyway), and the model does not run unpruned."""
+    from test_dynamo import _compiled
+    model, _ = tier1._model("idefics3")
+    kw = family_zoo.example(model, items=("image",)).as_kwargs()
+    with pytest.raises(Exception, match="could not apply fastv.*graph break separates the image-feature merge"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
 
 @pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)"])
