@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from graphprune.compat import qwen2vl_takes_mm_token_type_ids, rope_config
+from graphprune.compat import qwen2vl_takes_mm_token_type_ids, rope_config, transformers_major
 from graphprune.tools.zoo import Example, _mrope_section, _spread_logits, left_pad
 
 TEXT = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
@@ -144,14 +144,15 @@ def tiny_glm4v(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     LM (four norms per layer, fused gate_up MLP, M-RoPE on the first half of each head, interleaved)."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
-    head = hidden // TEXT["num_attention_heads"]
-    rope = rope_config(10000.0, _mrope_section(head // 2))
-    for params in rope.values():
-        if isinstance(params, dict):
-            params["partial_rotary_factor"] = 0.5
+    sections = _mrope_section(hidden // TEXT["num_attention_heads"] // 2)       # of the rotated half
+    if transformers_major() >= 5:
+        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections,
+                                    "partial_rotary_factor": 0.5}}
+    else:       # 4.x GLM-4.1V: default RoPE (not Qwen's "mrope" type) with the sections in rope_scaling
+        rope = {"rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "rope_scaling": {"rope_type": "default", "mrope_section": sections}}
     cfg = Glm4vConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         partial_rotary_factor=0.5, **TEXT, **rope),
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **TEXT, **rope),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=112, in_channels=3),
         image_token_id=150, video_token_id=151, image_start_token_id=152, image_end_token_id=153,
