@@ -105,14 +105,15 @@ def test_video_llava_takes_its_images_by_either_name():
         pruned(**kw, pixel_values_images=kw["pixel_values"])
 
 
-def test_idefics3_compile_backend_refuses_at_its_graph_break():
-    """Idefics3's merge runs in a frame dynamo resumes after a graph break, with no module `self` to
-    read the family from: the backend refuses there (the family's compile_refused states why it
-    could not prune the merge frame anyway), and the model does not run unpruned."""
+def test_idefics3_compile_backend_refuses():
+    """The backend refuses Idefics3 with its reason (compile_refused), or, where dynamo resumes the
+    merge in a frame after a graph break with no module `self` to read the family from
+    (transformers 5), at that graph break; the model never runs unpruned."""
     from test_dynamo import _compiled
     model, _ = tier1._model("idefics3")
     kw = family_zoo.example(model, items=("image",)).as_kwargs()
-    with pytest.raises(Exception, match="could not apply fastv.*graph break separates the image-feature merge"):
+    with pytest.raises(Exception, match="could not apply fastv.*(graph break separates the image-feature merge|"
+                                         "runs are tiles)"):
         with torch.no_grad():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
