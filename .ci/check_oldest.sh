@@ -4,7 +4,7 @@
 #     torch / transformers), and
 #  2. a subset of the suite: capture, anatomy, rewrite and the main methods against the
 #     independent reference, the runtime, generation through transformers (GenerationConfig,
-#     beams, streamers, multi-turn, save / load, the pipeline), every family, and ONNX export +
+#     beams, streamers, multi-turn, save / load, the pipeline), every family, EVS on video, and ONNX export +
 #     ONNX Runtime (about 12 minutes on 2 cores).
 # Usage: bash .ci/check_oldest.sh   (VENV, TORCH, TRANSFORMERS override the defaults)
 # torch 2.12 is not supported: its torch.export cannot prove the min(...) stride guard transformers'
@@ -42,4 +42,6 @@ python -m pytest -q -p no:cacheprovider \
     "tests/test_methods.py::test_qwen2vl" \
     tests/test_generation_hf.py \
     tests/test_families.py \
+    tests/test_families_tier2.py \
+    tests/test_evs.py \
     tests/test_onnx.py

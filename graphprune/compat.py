@@ -85,6 +85,13 @@ def onevision_video_features(body, pixel_values_videos, **kw):
     return torch.cat([out, newline], 1)
 
 
+def video_llava_video_features(body, pixel_values_videos, **kw):
+    """VideoLlavaModel.get_video_features without the frame count: transformers 4.56-4.57 return
+    (features, num_frames); 5.x an output whose pooler_output holds the features."""
+    out = body.get_video_features(pixel_values_videos, **kw)
+    return out[0] if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], int) else out
+
+
 def qwen2vl_rope_index(model, input_ids, mm_token_type_ids, **grids):
     """Qwen2VLModel.get_rope_index of a Qwen2-VL-style (ForConditionalGeneration) model -> (3, B, T)
     M-RoPE position ids. `grids`: image_grid_thw, video_grid_thw, attention_mask, ... Where

@@ -264,11 +264,7 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     """`held`: the decoder layers the frame runs (`_lm_layers`); all of them, or nothing is pruned."""
     from graphprune.families import family_of
     owner = _owner("the module running the decoder layers")
-    family = family_of(owner)
-    if family.compile_refused:
-        _not_applied(opts, f"unsupported family for the torch.compile backend: {family.compile_refused}")
-        return None
-    layers = family.language_model().config.num_hidden_layers
+    layers = family_of(owner).language_model().config.num_hidden_layers
     if held != set(range(layers)):
         _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(held)} "
                            f"of 0..{layers - 1}: a graph break splits the language model")
@@ -283,8 +279,9 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
 
 
 def _family_supported(opts: BackendOptions) -> bool:
-    """The frame merging image features belongs to a family graphprune reads; else say so (unknown
-    and refused families), before any diagnosis of the frame's graph."""
+    """The frame merging image features belongs to a family graphprune reads and this backend can
+    prune; else say so (unknown, refused and compile-refused families), before any diagnosis of the
+    frame's graph."""
     from graphprune.families import family_of
     try:
         owner = _owner("the module merging image features")
@@ -293,9 +290,12 @@ def _family_supported(opts: BackendOptions) -> bool:
         # where dynamo has no current translator): no family to read, the graph is diagnosed as is
         return True
     try:
-        family_of(owner)
+        family = family_of(owner)
     except UnsupportedModelError as e:
         _not_applied(opts, f"unsupported family: {e}")
+        return False
+    if family.compile_refused:          # the real cause, before any graph break the frame shows
+        _not_applied(opts, f"unsupported family for the torch.compile backend: {family.compile_refused}")
         return False
     return True
 

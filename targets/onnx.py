@@ -419,7 +419,7 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     vin = {"pixel_values": kw["pixel_values"]}
     if "text_embeds" in vnames:
         from graphprune.lower.runtime import text_layout
-        vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"])
+        vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"]).pos
         ti, tm = text_layout(vp, kw["input_ids"].shape[1])
         vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
         vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)

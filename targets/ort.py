@@ -217,12 +217,12 @@ class OrtPrunedModel(PrunedModel):
     def _layout(self, input_ids, **inputs):
         # the prefill graph fixes the images per sample (vision_pos is exported with a dynamic
         # batch only); the tokens per image follow from pixel_values, whose size is fixed too
-        vision_pos = super()._layout(input_ids, **inputs)
+        layout = super()._layout(input_ids, **inputs)
         want = self.manifest["reference_prompt"]["images_per_sample"]
-        if vision_pos is not None and vision_pos.shape[1] != want:
-            raise InputError(f"the prompt has {vision_pos.shape[1]} image(s) per sample; this export takes {want} "
+        if layout is not None and layout.pos.shape[1] != want:
+            raise InputError(f"the prompt has {layout.pos.shape[1]} image(s) per sample; this export takes {want} "
                              "(export again with an example of the layout you serve)")
-        return vision_pos
+        return layout
 
     def __repr__(self):
         return (f"OrtPrunedModel({self.manifest.out_dir!r}, provider={self.provider}, "

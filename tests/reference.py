@@ -348,10 +348,11 @@ class _LM:
         self.hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):  # their attention uses hidden_size // num_heads
             self.hd = tc.hidden_size // tc.num_attention_heads
-        self.eps = tc.rms_norm_eps
+        self.eps = getattr(tc, "rms_norm_eps", None)
         self.act = _act(tc.hidden_act)
         # transformers 5: rope_parameters; 4.x: rope_theta plus rope_scaling (Qwen2-VL's mrope_section)
-        rp = getattr(tc, "rope_parameters", None) or {"rope_theta": tc.rope_theta, **(tc.rope_scaling or {})}
+        rp = getattr(tc, "rope_parameters", None) or {"rope_theta": tc.rope_theta,
+                                                        **(getattr(tc, "rope_scaling", None) or {})}
         assert rp.get("rope_type", "default") == "default", "only default RoPE is implemented"
         theta = rp["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))
@@ -371,8 +372,21 @@ class _LM:
             # M-RoPE: the rotary half-dim is split into [t, h, w] sections; section i uses axis i % 3
             chunks = f.split(list(self.mrope_section), dim=-1)
             freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = self.rotary_table(freqs)
         return emb.cos(), emb.sin()
+
+    def rotary_table(self, freqs: Tensor) -> Tensor:
+        """(..., hd/2) angles -> (..., hd): Llama pairs dimension j with j + hd/2."""
+        return torch.cat((freqs, freqs), dim=-1)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        return _rotate_half(x)
+
+    def rotary_at(self, i: int) -> bool:
+        return True
+
+    def norm(self, x: Tensor, key: str) -> Tensor:
+        return _rms_norm(x, self.w[key], self.eps)
 
     def layer(self, i: int, h: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor | None,
               past_v: Tensor | None, allowed: Tensor):
@@ -383,13 +397,14 @@ class _LM:
         w, lp = self.w, f"{self.pre}layers.{i}."
         b, t, d = h.shape
         r = h
-        y = _rms_norm(h, w[lp + "input_layernorm.weight"], self.eps)
+        y = self.norm(h, lp + "input_layernorm.weight")
         q = _linear(y, w, lp + "self_attn.q_proj").view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = _linear(y, w, lp + "self_attn.k_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = _linear(y, w, lp + "self_attn.v_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        c, s = cos[:, None], sin[:, None]
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
+        if self.rotary_at(i):
+            c, s = cos[:, None], sin[:, None]
+            q = q * c + self.rotate(q) * s
+            k = k * c + self.rotate(k) * s
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)
             v = torch.cat([past_v, v], dim=2)
@@ -397,16 +412,61 @@ class _LM:
         kk = k.repeat_interleave(rep, dim=1)
         vv = v.repeat_interleave(rep, dim=1)
         o, probs = _softmax_attention(q, kk, vv, allowed, self.hd ** -0.5)
-        o = o.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
-        h = r + _linear(o, w, lp + "self_attn.o_proj")
-        r = h
-        y = _rms_norm(h, w[lp + "post_attention_layernorm.weight"], self.eps)
-        y = _linear(self.act(_linear(y, w, lp + "mlp.gate_proj")) * _linear(y, w, lp + "mlp.up_proj"),
-                    w, lp + "mlp.down_proj")
-        return r + y, k, v, probs
+        o = _linear(o.transpose(1, 2).reshape(b, t, self.n_heads * self.hd), w, lp + "self_attn.o_proj")
+        if self.parallel:               # Cohere: attention and MLP both read the one normed input
+            return r + o + self.mlp(lp, y), k, v, probs
+        h = r + o
+        return h + self.mlp(lp, self.norm(h, lp + "post_attention_layernorm.weight")), k, v, probs
+
+    parallel = False
+
+    def mlp(self, lp: str, y: Tensor) -> Tensor:
+        w = self.w
+        return _linear(self.act(_linear(y, w, lp + "mlp.gate_proj")) * _linear(y, w, lp + "mlp.up_proj"),
+                       w, lp + "mlp.down_proj")
+
+    def final_norm(self, h: Tensor) -> Tensor:
+        return self.norm(h, self.pre + "norm.weight")
 
     def logits(self, h: Tensor) -> Tensor:
-        return _rms_norm(h, self.w[self.pre + "norm.weight"], self.eps) @ self.lm_head.t()
+        return self.final_norm(h) @ self.lm_head.t()
+
+
+class _CohereLM(_LM):
+    """Cohere / Cohere2 decoder (Aya Vision's LM): mean-centred LayerNorm with a weight and no bias,
+    attention and MLP in parallel on one normed input, RoPE on interleaved pairs (2j, 2j+1); Cohere2
+    rotates only in its sliding-window layers (its full-attention layers have no positions). The
+    logits are lm_head's alone: Aya Vision's forward does not apply the LM's logit_scale."""
+
+    parallel = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        tc = getattr(model.config, "text_config", model.config)
+        self.eps = tc.layer_norm_eps
+        kinds = getattr(tc, "layer_types", None) if tc.model_type == "cohere2" else None
+        self.rotary_layers = [k == "sliding_attention" for k in kinds] if kinds else [True] * self.n_layers
+        window = getattr(tc, "sliding_window", None)
+        assert window is None or window >= tc.max_position_embeddings, "sliding windows are not implemented"
+
+    def rotary_table(self, freqs: Tensor) -> Tensor:
+        return freqs.repeat_interleave(2, dim=-1)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+
+    def rotary_at(self, i: int) -> bool:
+        return self.rotary_layers[i]
+
+    def norm(self, x: Tensor, key: str) -> Tensor:
+        mu = x.mean(-1, keepdim=True)
+        return self.w[key] * (x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def language_model(model) -> _LM:
+    """The reference decoder for `model`'s language model."""
+    tc = getattr(model.config, "text_config", model.config)
+    return _CohereLM(model) if tc.model_type in ("cohere", "cohere2") else _LM(model)
 
 
 def llava_vision_layer0(model, pixel_values: Tensor) -> Tensor:
@@ -486,7 +546,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     Returns prefill/step logits, greedy ``tokens``, ``keep`` (prompt indices kept after the last
     selection), ``kv_lens``, ``kv_index`` (per layer, prompt index of each cache slot) and ``kv_valid``.
     """
-    lm = _LM(model)
+    lm = language_model(model)
     selects = dict(selects or {})
     if select is not None:
         selects[select_layer] = select
@@ -509,9 +569,6 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         return causal[None] & valid_keys[:, None, :]
 
-    def norm(x: Tensor) -> Tensor:
-        return _rms_norm(x, lm.w[lm.pre + "norm.weight"], lm.eps)
-
     cache_k: list[Tensor] = []
     cache_v: list[Tensor] = []
     cache_valid: list[Tensor] = []
@@ -523,7 +580,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     for i in range(lm.n_layers):
         if i in selects:
             ctx = {"attn": last_probs, "hidden": h, "vision_mask": vmask, "attention_mask": valid.long(),
-                   "text_mask": tmask, "protected": prot, "index": index, "norm": norm,
+                   "text_mask": tmask, "protected": prot, "index": index, "norm": lm.final_norm,
                    "position_ids": pos, "layer": i, "keys": cache_k[-1], "values": cache_v[-1]}
             out = selects[i](ctx)
             out = out if isinstance(out, dict) else {"keep": out}

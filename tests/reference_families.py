@@ -7,6 +7,12 @@ test happens in the language model) and Qwen's 3-D M-RoPE position ids (``get_ro
 rest is written here from the processors' layouts:
   * Qwen: the prunable vision tokens are the ``<|image_pad|>`` / ``<|video_pad|>`` placeholders; a unit
     is an image, or one temporal patch (frame) of a video (``video_unit="video"``: the whole video).
+  * Mistral 3: the prunable tokens are the ``[IMG]`` placeholders; ``[IMG_BREAK]`` / ``[IMG_END]`` are
+    other ids, text to the language model. Positions are ``cumsum(mask) - 1``. The same for Aya Vision
+    (``<|IMG_PATCH|>`` placeholders; start, tile and end markers are text); a unit is an image: the
+    tile runs one marker apart. And Video-LLaVA: ``<image>`` / ``<video>`` placeholders (no markers), a
+    video's block being its frames' (patches + CLS) in order. And InternVL: ``<IMG_CONTEXT>``
+    placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -29,16 +35,19 @@ def _merge(model, ids: Tensor, example) -> Tensor:
     emb = model.state_dict()[_embed_key(model)][ids].clone().float()
     body = model.model
     kw = example.as_kwargs()
-    if kw.get("pixel_values") is not None:
+    pixels = kw.get("pixel_values", kw.get("pixel_values_images"))     # Video-LLaVA's processor: the latter
+    if pixels is not None:
         extra = {k: kw[k] for k in ("image_grid_thw", "image_sizes") if k in kw}
-        emb[ids == cfg.image_token_id] = _flat(body.get_image_features(kw["pixel_values"], **extra)).float()
+        emb[ids == cfg.image_token_id] = _flat(body.get_image_features(pixels, **extra)).float()
     if kw.get("pixel_values_videos") is not None:
         extra = {k: kw[k] for k in ("video_grid_thw",) if k in kw}
-        if "vision_feature_layer" in inspect.signature(body.get_video_features).parameters:
-            # LLaVA-OneVision on transformers 4.56-4.57: required arguments, the config's values
-            extra.update(vision_feature_layer=cfg.vision_feature_layer,
-                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        # LLaVA-OneVision on transformers 4.56-4.57: required arguments, the config's values
+        params = inspect.signature(body.get_video_features).parameters
+        extra.update({name: getattr(cfg, name) for name in ("vision_feature_layer", "vision_feature_select_strategy")
+                      if name in params})
         feats = body.get_video_features(kw["pixel_values_videos"], **extra)
+        if cfg.model_type == "video_llava" and isinstance(feats, tuple):   # 4.56-4.57: (features, frames)
+            feats = feats[0]
         if cfg.model_type == "llava_onevision" and not hasattr(feats, "pooler_output"):
             # 4.56-4.57 return the frames only; their forward closes each video with image_newline
             feats = torch.cat([feats, body.image_newline.expand(feats.shape[0], 1, -1)], 1)
@@ -95,8 +104,14 @@ def _llava_next_prunable(model, example) -> Tensor:
         if example.pixel_values_videos is not None:     # OneVision: each video block ends in one newline slot
             videos = (ids[b] == cfg.video_token_id).nonzero(as_tuple=True)[0]
             per_video = videos.view(example.pixel_values_videos.shape[0] // ids.shape[0], -1)
-            out[b, per_video[:, :-1].reshape(-1)] = True
+            newline = 1 if cfg.model_type == "llava_onevision" else 0     # LLaVA-NeXT-Video: none
+            out[b, per_video[:, :per_video.shape[1] - newline].reshape(-1)] = True
     return out
+
+
+# families whose prunable tokens are exactly their image placeholders (markers around and between
+# them are other token ids), with 1-D positions cumsum(mask) - 1
+PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl")
 
 
 @torch.no_grad()
@@ -113,9 +128,12 @@ def family_inputs(model, example):
         pos, _ = model.model.get_rope_index(ids, image_grid_thw=example.image_grid_thw,
                                             video_grid_thw=example.video_grid_thw, attention_mask=am, **extra)
         vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
-    elif cfg.model_type in ("llava_next", "llava_onevision"):
+    elif cfg.model_type in ("llava_next", "llava_onevision", "llava_next_video"):
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         vm = _llava_next_prunable(model, example)
+    elif cfg.model_type in PLACEHOLDER_FAMILIES:
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
     else:
         raise ValueError(cfg.model_type)
     return emb, am, pos, vm
@@ -127,8 +145,18 @@ def units_of(model, example, video_unit: str = "frame") -> int:
     n = 0
     if example.image_grid_thw is not None:
         n += example.image_grid_thw.shape[0] // b
+    elif model.config.model_type == "aya_vision":
+        # pixel_values rows are tiles; the processor writes one tile marker between the tiles of an
+        # image, and end / start / tile markers (at least three tokens) between images
+        slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
+        n += 1 + int((slots[1:] - slots[:-1] > 3).sum())
+    elif model.config.model_type == "internvl":       # pixel_values rows are tiles; an image is one <img> block
+        slots = (example.input_ids[0] == model.config.image_token_id).nonzero(as_tuple=True)[0]
+        n += 1 + int((slots[1:] - slots[:-1] > 1).sum())
     elif example.pixel_values is not None:
         n += example.pixel_values.shape[0] // b
+    elif example.pixel_values_images is not None:
+        n += example.pixel_values_images.shape[0] // b
     if example.video_grid_thw is not None:
         grids = example.video_grid_thw[: example.video_grid_thw.shape[0] // b]
         n += int(grids[:, 0].sum()) if video_unit == "frame" else grids.shape[0]

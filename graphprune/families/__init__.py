@@ -9,18 +9,25 @@ from __future__ import annotations
 from torch import nn
 
 from graphprune.errors import UnsupportedModelError
+from graphprune.families.aya_vision import AyaVisionFamily
 from graphprune.families.base import Family, VisionLayout
+from graphprune.families.internvl import InternVLFamily
 from graphprune.families.llava import LlavaFamily
 from graphprune.families.llava_next import LlavaNextFamily
+from graphprune.families.llava_next_video import LlavaNextVideoFamily
 from graphprune.families.llava_onevision import LlavaOnevisionFamily
+from graphprune.families.mistral3 import Mistral3Family
 from graphprune.families.qwen2_5_vl import Qwen2_5_VLFamily
 from graphprune.families.qwen2_vl import Qwen2VLFamily
 from graphprune.families.refused import Gemma3Family, MllamaFamily, hybrid_layers
+from graphprune.families.video_llava import VideoLlavaFamily
 
 __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_types"]
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
-    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, MllamaFamily, Gemma3Family)}
+    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
+    AyaVisionFamily, LlavaNextVideoFamily, VideoLlavaFamily, InternVLFamily,
+    MllamaFamily, Gemma3Family)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 
 

@@ -18,6 +18,7 @@ from graphprune.compat import feature_selection_kwargs, vlm_body
 from graphprune.errors import InputError, UnsupportedModelError
 
 VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
+MODALITIES = ("image", "video")      # what vision units a layout may hold
 
 
 @dataclass
@@ -28,10 +29,13 @@ class VisionLayout:
     video frame / a whole video). `keep` budgets count per unit.
     units: what each unit is, e.g. ("image 0", "video 0 frame 1"), the same for every sample.
     separators: (B, S) bool, the tokens of vision blocks that are never dropped nor counted
-    (begin/end-of-image markers, image_newline rows, ...)."""
+    (begin/end-of-image markers, image_newline rows, ...).
+    frames: (B, units) how many frames each unit holds (T for a whole video, else 1), its tokens
+    being the frames' equal token grids in order."""
     pos: torch.Tensor
     units: tuple[str, ...]
     separators: torch.Tensor
+    frames: torch.Tensor | None = None
 
 
 class Family:
@@ -44,6 +48,8 @@ class Family:
     compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
     # processor outputs the family consumes besides input_ids / attention_mask
     vision_inputs: tuple[str, ...] = ("pixel_values",)
+    video_newline: int = 0              # slots closing each video block (LLaVA-OneVision's image_newline: 1)
+    image_pixels_alias: str = ""        # another processor name for pixel_values (Video-LLaVA's pixel_values_images)
     # extra get_image_features / get_video_features arguments, by processor output name
     image_feature_inputs: tuple[str, ...] = ()
     video_feature_inputs: tuple[str, ...] = ()
@@ -119,15 +125,15 @@ class Family:
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", **inputs) -> VisionLayout | None:
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
         """Images of the prompt: each sample's image placeholders split in prompt order into as many
-        equal blocks as it has pixel_values rows (one row per image)."""
-        is_image = input_ids == self.image_token_id()
-        if not bool(is_image.any()):
+        equal blocks as it has pixel_values rows (one row per image). `modalities`: the kinds of unit
+        laid out (the others stay whole, like text); None when the prompt has none of them."""
+        is_image = self.image_mask(input_ids, inputs.get("pixel_values")) if "image" in modalities else None
+        if is_image is None:
             return None
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is None:
-            raise InputError("the prompt has image tokens but no pixel_values were given")
+        pixel_values = inputs["pixel_values"]
         b = input_ids.shape[0]
         if pixel_values.shape[0] % b:
             raise InputError(f"{pixel_values.shape[0]} images for {b} samples: give each sample as many images")
@@ -139,6 +145,80 @@ class Family:
                 raise InputError(f"{at.numel()} image tokens do not split into {images} images of one size")
             per_sample.append([(f"image {i}", blk) for i, blk in enumerate(at.reshape(images, -1))])
         return blocks_layout(per_sample, self.separators(input_ids))
+
+    def image_mask(self, input_ids, pixel_values, needs: str = "pixel_values") -> torch.Tensor | None:
+        """(B, S) bool image placeholders; None when there are none. Raises when the images are missing."""
+        is_image = input_ids == self.image_token_id()
+        if not bool(is_image.any()):
+            return None
+        if pixel_values is None:
+            raise InputError(f"the prompt has image tokens but no {needs} were given")
+        return is_image
+
+    def with_videos(self, input_ids, images: VisionLayout | None, video_unit: str, videos,
+                    modalities=MODALITIES) -> VisionLayout | None:
+        """`images` plus the prompt's videos: each video's placeholder block holds its frames' tokens in
+        order (pixel_values_videos: (videos, frames, ...)), then `video_newline` closing slots
+        (separators); a unit is a frame, or the whole video. Of these, the units of `modalities`."""
+        token = self.video_token_id()
+        is_video = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if not bool(is_video.any()):
+            return images if "image" in modalities else None
+        b = input_ids.shape[0]
+        if videos is None or videos.shape[0] % b:
+            raise InputError(f"the prompt has video tokens but pixel_values_videos is "
+                             f"{None if videos is None else tuple(videos.shape)}: give each of the {b} samples as many videos")
+        per, frames, closing = videos.shape[0] // b, videos.shape[1], self.video_newline
+        separators = self.separators(input_ids) if images is None else images.separators.clone()
+        per_sample = []
+        for i, row in enumerate(is_video):
+            at = row.nonzero()[:, 0]
+            if at.numel() % per or (at.numel() // per - closing) % frames:
+                raise InputError(f"sample {i}: {at.numel()} video tokens do not make {per} video(s) of {frames} "
+                                 f"frames x per-frame tokens{f' + {closing} newline' if closing else ''}")
+            blocks = [] if images is None else list(zip(images.units, images.pos[i]))
+            for j, blk in enumerate(at.reshape(per, -1)):
+                patches = blk[:blk.numel() - closing]
+                separators[i, blk[patches.numel():]] = True            # the newline closing the video
+                if video_unit == "frame":
+                    blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(patches.chunk(frames))]
+                else:
+                    blocks.append((f"video {j}", patches, frames))
+            per_sample.append(blocks)
+        return blocks_layout(per_sample, separators, modalities)
+
+    def tiled_layout(self, input_ids, pixel_values, per_tile: int, joined: int, before: int) -> VisionLayout | None:
+        """Images of a family whose pixel_values rows are tiles, every image's tiles in prompt order,
+        with no tile count per image given: placeholders at most `joined` positions apart belong to one
+        image (1: an image is one unbroken run). Separators: the tokens between an image's placeholders,
+        `before` tokens ahead of it and the one closing it (begin, tile and end markers)."""
+        is_image = self.image_mask(input_ids, pixel_values)
+        if is_image is None:
+            return None
+        if int(is_image.sum()) != pixel_values.shape[0] * per_tile:
+            raise InputError(f"{int(is_image.sum())} image tokens but pixel_values holds {pixel_values.shape[0]} "
+                             f"tiles of {per_tile} tokens each")
+        per_sample = []
+        for row in is_image:
+            at = row.nonzero()[:, 0]
+            images = at.tensor_split(((at[1:] - at[:-1] > joined).nonzero()[:, 0] + 1).tolist())
+            per_sample.append([(f"image {j}", image) for j, image in enumerate(images)])
+        layout = blocks_layout(per_sample, torch.zeros_like(is_image))
+        layout.separators = markers_around(layout.pos, is_image, before=before, after=1)
+        return layout
+
+    def sized_images(self, input_ids, image_sizes, pixel_values) -> tuple[torch.Tensor, int] | None:
+        """(B, S) image-token mask and images per sample, for families whose processor gives one
+        image_sizes row per image; None when the prompt has no image tokens."""
+        is_image = self.image_mask(input_ids, None if image_sizes is None else pixel_values,
+                                   "pixel_values / image_sizes")
+        if is_image is None:
+            return None
+        b = input_ids.shape[0]
+        if image_sizes.shape[0] % b:
+            raise InputError(f"{image_sizes.shape[0]} images (image_sizes rows) for {b} samples: give each "
+                             "sample as many images")
+        return is_image, image_sizes.shape[0] // b
 
     def separators(self, input_ids) -> torch.Tensor:
         marks = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -179,6 +259,17 @@ class Family:
         """The features a video's placeholders take, in order (the model's own get_video_features)."""
         return body.get_video_features(pixel_values_videos, **kw)
 
+    def refuse_sliding_window(self) -> None:
+        """For a family whose LM may attend within a sliding window: refuse a model where that window
+        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+        text = self.text_config()
+        window = getattr(text, "sliding_window", None)
+        kinds = getattr(text, "layer_types", None) or ["sliding_attention"]
+        if window is not None and window < text.max_position_embeddings and "sliding_attention" in kinds:
+            raise UnsupportedModelError(self.model_class, f"{self.name} family support",
+                                        f"its language model attends within a sliding window of {window} tokens, "
+                                        "counted over the sequence: a pruned sequence would move that window")
+
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:
             raise UnsupportedModelError(self.model_class, element, hint)
@@ -193,25 +284,40 @@ def _flat(out) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1])
 
 
-def blocks_layout(per_sample: list[list[tuple[str, torch.Tensor]]], separators: torch.Tensor) -> VisionLayout:
-    """A VisionLayout from each sample's (unit label, prompt positions) blocks, put in prompt order;
-    every sample must have the same units and every unit the same token count."""
-    counts = [sum(int(pos.numel()) for _, pos in blocks) for blocks in per_sample]
+def blocks_layout(per_sample: list[list[tuple]], separators: torch.Tensor,
+                  modalities=MODALITIES) -> VisionLayout | None:
+    """A VisionLayout from each sample's (unit label, prompt positions[, frames]) blocks, put in prompt
+    order, of the units whose label starts with one of `modalities` (None: no such unit); every sample
+    must have the same units and every unit the same token count."""
+    per_sample = [[blk for blk in blocks if blk[0].split()[0] in modalities] for blocks in per_sample]
+    if not any(per_sample):
+        return None
+    counts = [sum(int(blk[1].numel()) for blk in blocks) for blocks in per_sample]
     if len(set(counts)) != 1:
         raise InputError(f"samples carry different numbers of vision tokens {counts}; a batch needs the same "
                          "images (and videos) per sample, of one size, so budgets stay rectangular")
     ordered = [sorted(blocks, key=lambda blk: int(blk[1][0])) for blocks in per_sample]
-    units = tuple(label for label, _ in ordered[0])
+    units = tuple(blk[0] for blk in ordered[0])
     for i, blocks in enumerate(ordered):
-        if tuple(label for label, _ in blocks) != units:
-            raise InputError(f"sample {i} has vision units {[lb for lb, _ in blocks]}, sample 0 {list(units)}: "
+        if tuple(blk[0] for blk in blocks) != units:
+            raise InputError(f"sample {i} has vision units {[blk[0] for blk in blocks]}, sample 0 {list(units)}: "
                              "a batch needs the same images and videos, in the same order, per sample")
-    sizes = {int(pos.numel()) for blocks in ordered for _, pos in blocks}
+    sizes = {int(blk[1].numel()) for blocks in ordered for blk in blocks}
     if len(sizes) != 1:
         raise InputError(f"vision units of different token counts {sorted(sizes)} ({', '.join(units)}): keep "
                          "budgets count per unit, so a prompt's images (and video frames) must be of one size")
-    pos = torch.stack([torch.stack([p for _, p in blocks]) for blocks in ordered])
-    return VisionLayout(pos, units, separators)
+    pos = torch.stack([torch.stack([blk[1] for blk in blocks]) for blocks in ordered])
+    frames = torch.tensor([[blk[2] if len(blk) > 2 else 1 for blk in blocks] for blocks in ordered], device=pos.device)
+    return VisionLayout(pos, units, separators, frames)
+
+
+def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(B, S) bool: the tokens in each unit's span widened by `before` / `after` tokens (first to last
+    of its positions) that are not vision tokens: the begin, row / tile and end markers a processor
+    writes around and between a unit's placeholders, when the config does not name their ids."""
+    index = torch.arange(is_vision.shape[1], device=is_vision.device)
+    first, last = pos.amin(-1, keepdim=True), pos.amax(-1, keepdim=True)          # (B, units, 1)
+    return ((index >= first - before) & (index <= last + after)).any(1) & ~is_vision
 
 
 def check_video_unit(video_unit: str) -> str:

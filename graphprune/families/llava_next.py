@@ -13,7 +13,7 @@ import sys
 import torch
 
 from graphprune.errors import InputError
-from graphprune.families.base import Family, VisionLayout, blocks_layout
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
 
 
 class LlavaNextFamily(Family):
@@ -25,17 +25,18 @@ class LlavaNextFamily(Family):
     compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
                        "image_newline slots (never pruned) from the patches")
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", image_sizes=None, **inputs) -> VisionLayout | None:
-        is_image = input_ids == self.image_token_id()
-        if not bool(is_image.any()):
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
+        """The anyres images (image_layout), then the videos (Family.with_videos)."""
+        check_video_unit(video_unit)
+        return self.with_videos(input_ids, self.image_layout(input_ids, **inputs), video_unit,
+                                inputs.get("pixel_values_videos"), modalities)
+
+    def image_layout(self, input_ids, image_sizes=None, **inputs) -> VisionLayout | None:
+        found = self.sized_images(input_ids, image_sizes, inputs.get("pixel_values"))
+        if found is None:
             return None
-        if image_sizes is None or inputs.get("pixel_values") is None:
-            raise InputError("the prompt has image tokens but no pixel_values / image_sizes were given")
-        b = input_ids.shape[0]
-        if image_sizes.shape[0] % b:
-            raise InputError(f"{image_sizes.shape[0]} images (image_sizes rows) for {b} samples: give each "
-                             "sample as many images")
-        per = image_sizes.shape[0] // b
+        is_image, per = found
         separators = torch.zeros_like(is_image)
         per_sample = []
         for i, row in enumerate(is_image):

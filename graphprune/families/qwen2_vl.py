@@ -10,7 +10,7 @@ import torch
 
 from graphprune.compat import qwen2vl_rope_index
 from graphprune.errors import InputError
-from graphprune.families.base import Family, VisionLayout, blocks_layout, check_video_unit
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
 
 
 class Qwen2VLFamily(Family):
@@ -45,9 +45,10 @@ class Qwen2VLFamily(Family):
                                   video_grid_thw=video_grid_thw, attention_mask=attention_mask,
                                   second_per_grid_ts=inputs.get("second_per_grid_ts"))
 
-    def vision_layout(self, input_ids, video_unit: str = "frame", image_grid_thw=None, video_grid_thw=None,
-                      **inputs) -> VisionLayout | None:
-        """One unit per image; per video frame (temporal patch), or per video with video_unit="video"."""
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES, image_grid_thw=None,
+                      video_grid_thw=None, **inputs) -> VisionLayout | None:
+        """One unit per image; per video frame (temporal patch), or per video with video_unit="video"
+        (its frames: the temporal patches)."""
         check_video_unit(video_unit)
         b = input_ids.shape[0]
         kinds = [("image", self.image_token_id(), image_grid_thw, "pixel_values"),
@@ -74,10 +75,8 @@ class Qwen2VLFamily(Family):
                     if kind == "video" and video_unit == "frame":
                         per_sample[i] += [(f"video {j} frame {f}", fr) for f, fr in enumerate(blk.chunk(t))]
                     else:
-                        per_sample[i].append((f"{kind} {j}", blk))
-        if not per_sample[0]:
-            return None
-        return blocks_layout(per_sample, self.separators(input_ids))
+                        per_sample[i].append((f"{kind} {j}", blk, t))
+        return blocks_layout(per_sample, self.separators(input_ids), modalities)
 
     def image_token_counts(self, pixel_values, image_grid_thw=None):
         vc = self.model.config.vision_config

@@ -25,8 +25,8 @@ from transformers.utils import ModelOutput
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.compat import generate_cache_name, is_later_generate_step
-from graphprune.errors import InputError, NothingPrunedWarning
-from graphprune.families.base import check_video_unit
+from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError
+from graphprune.families.base import MODALITIES, VisionLayout, check_video_unit
 from graphprune.lower.cache import PrunedCache
 from graphprune.lower.causal import use_causal_kernel
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
@@ -74,16 +74,19 @@ class _Prompt:
     text_mask: torch.Tensor        # (B, T) which of them are real (the rest pads a shorter instruction)
     protected: torch.Tensor | None = None     # (B, images, tokens) key set of a vision-stage pass
     patches_kept: torch.Tensor | None = None
+    unit_frames: torch.Tensor | None = None   # (B, images) frames each unit holds (None: 1 each)
     notes: list = field(default_factory=list)
 
     @classmethod
     def assemble(cls, embeds, feats, positions, attention_mask, vision_pos, index, passes,
-                 protected=None, patches_kept=None) -> "_Prompt":
+                 protected=None, patches_kept=None, unit_frames=None) -> "_Prompt":
         """Write the image features at the vision positions, lay out the instruction, and let every
         pass check the prompt it will see."""
         text_index, text_mask = text_layout(vision_pos, embeds.shape[1])
+        if unit_frames is None:
+            unit_frames = torch.ones(vision_pos.shape[:2], dtype=torch.long, device=vision_pos.device)
         prompt = cls(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos, index,
-                     text_index, text_mask, protected, patches_kept)
+                     text_index, text_mask, protected, patches_kept, unit_frames)
         for p in passes:
             p.check_prompt(prompt)
         return prompt
@@ -92,7 +95,7 @@ class _Prompt:
         """Every input a rewritten prefill graph may take, by placeholder name."""
         return dict(inputs_embeds=self.embeds, position_ids=self.position_ids, attention_mask=self.attention_mask,
                     vision_pos=self.vision_pos, vision_protected=self.protected, text_index=self.text_index,
-                    text_mask=self.text_mask)
+                    text_mask=self.text_mask, unit_frames=self.unit_frames)
 
 
 def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +238,22 @@ class PrunedModel(nn.Module, GenerationMixin):
         return self._text_exec
 
     # -- prompt preparation -----------------------------------------------------------------
-    def _layout(self, input_ids: torch.Tensor, **inputs) -> torch.Tensor | None:
-        """(B, units, tokens) prompt positions of the prunable vision tokens (None: text only)."""
-        layout = self.family.vision_layout(input_ids, video_unit=self.video_unit, **inputs)
-        return None if layout is None else layout.pos
+    def _layout(self, input_ids: torch.Tensor, **inputs) -> VisionLayout | None:
+        """The prunable vision units of the prompt (None: none), of the kinds every pass prunes: a
+        pipeline holding a videos-only pass (evs) lays out the videos only, the images staying whole."""
+        modalities = ("video",) if self._videos_only() else MODALITIES
+        layout = self.family.vision_layout(input_ids, video_unit=self.video_unit, modalities=modalities, **inputs)
+        if modalities != MODALITIES and bool((input_ids == self.family.image_token_id()).any()):
+            only = [repr(p) for p in self.pipeline if p.units == "videos"]
+            others = [repr(p) for p in self.pipeline if p.units != "videos"]
+            if others:
+                raise InputError(f"the prompt has images, which {', '.join(only)} prunes nothing of (it prunes "
+                                 f"videos only), so {', '.join(others)} would see the videos only too; prune "
+                                 f"prompts with images by {', '.join(only)} alone, or without it")
+        return layout
+
+    def _videos_only(self) -> bool:
+        return any(p.units == "videos" for p in self.pipeline)
 
     def _image_features(self, inputs, vision_pos, input_ids):
         """Prompt embeddings (None: plain token embeddings), features (B, n, k, D) and what the vision
@@ -269,9 +284,10 @@ class PrunedModel(nn.Module, GenerationMixin):
     def _prompt(self, input_ids, attention_mask, **inputs) -> _Prompt | None:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_pos = self._layout(input_ids, **inputs)
-        if vision_pos is None:
+        layout = self._layout(input_ids, **inputs)
+        if layout is None:
             return None
+        vision_pos = layout.pos
         b, n, v = vision_pos.shape
         check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, **inputs)
@@ -298,7 +314,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             protected = protected.reshape(b, n, -1)
         embeds = self.family.embed(input_ids) if embeds is None else embeds
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
-                                self.pipeline, protected, kept)
+                                self.pipeline, protected, kept, layout.frames)
 
     def _vision_inputs(self, **inputs) -> dict:
         """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
@@ -326,6 +342,11 @@ class PrunedModel(nn.Module, GenerationMixin):
         inputs of a cached conversation are not used again (its image is in the cache).
         `cache`: the same as past_key_values (its name from transformers 5.24).
         `extra`: the family's other processor outputs (pixel_values_videos, image_sizes, ...)."""
+        alias = self.family.image_pixels_alias     # the family's processor may name the images otherwise
+        if alias and extra.get(alias) is not None:
+            if pixel_values is not None:
+                raise InputError(f"pixel_values and {alias} name the same images; pass one of them")
+            pixel_values = extra.pop(alias)
         inputs = self._vision_inputs(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                      mm_token_type_ids=mm_token_type_ids, **extra)
         if not use_cache:
@@ -342,13 +363,18 @@ class PrunedModel(nn.Module, GenerationMixin):
         input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
                                                        image_grid_thw, mm_token_type_ids)
         prompt = self._prompt(input_ids, attention_mask, **inputs)
-        if prompt is None:                      # text-only prompt: nothing to prune
+        if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
             gm = self._text_prefill()
-            positions = self.family.positions(input_ids, attention_mask)
-            embeds = self.family.embed(input_ids)
+            note = "text-only prompt (no vision tokens): ran unpruned"
+            embeds, positions = self.family.embed(input_ids), self.family.positions(input_ids, attention_mask)
+            if self._videos_only() and bool((input_ids == self.family.image_token_id()).any()):
+                note = "no video in the prompt, and the pipeline prunes videos only: ran unpruned"
+                warnings.warn(f"{' | '.join(map(repr, self.pipeline))} prunes videos only and the prompt has "
+                              "none: every token kept", NothingPrunedWarning, stacklevel=2)
+                embeds = self.family.merged_embeds(input_ids, **inputs)
+                positions = self.family.positions(input_ids, attention_mask, **inputs)
             outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
             index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            note = "text-only prompt (no vision tokens): ran unpruned"
             return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
                                 attention_mask.sum(1))
         outs = _call(self.executables["prefill"], **prompt.prefill_inputs())
@@ -664,7 +690,7 @@ def forget_dead_graph_sources() -> int:
 
 
 def prune(model, method=None, *, program: Program | None = None, debug: bool = False, attention: str = "auto",
-          linear: str = "aten", video_unit: str = "frame", **options) -> PrunedModel:
+          linear: str = "aten", video_unit: str | None = None, **options) -> PrunedModel:
     """Prune a Hugging Face VLM with a method name (+ options), a pipeline string/TOML file, or passes.
 
     All options are validated, the model captured and the graphs rewritten before this returns;
@@ -675,13 +701,16 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     for oneDNN, faster and closer to proportional to the tokens kept, at twice the linear layers'
     weight memory; see graphprune.targets.packed_linear).
     `video_unit`: what `keep` counts for video: "frame" (each frame keeps `keep` tokens, default) or
-    "video" (each whole video keeps `keep`); images always count per image.
+    "video" (each whole video keeps `keep`; the default with a videos-only pass such as evs, which
+    refuses "frame"); images always count per image.
     """
-    check_video_unit(video_unit)
+    if video_unit is not None:
+        check_video_unit(video_unit)
     attention = _attention_kind(model, attention)
     _check_linear(model, linear)
     load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
+    video_unit = _video_unit(passes, video_unit)
     forget_dead_graph_sources()
     if program is None:
         program = _CapturedProgram.of(model)
@@ -697,6 +726,16 @@ def from_pretrained(directory, *, attention: str = "auto", **model_kwargs) -> Pr
     model, spec = load_checkpoint(directory, **model_kwargs)
     pipeline = " | ".join(spec["pipeline"]) or None
     return prune(model, pipeline, attention=attention, linear=spec.get("linear", "aten"))
+
+
+def _video_unit(passes, video_unit: str | None) -> str:
+    """What a video's keep counts: as asked, else "video" for a videos-only pass, else "frame"."""
+    whole = [repr(p) for p in passes if p.units == "videos"]
+    if whole and video_unit == "frame":
+        raise PassConfigError(f'{", ".join(whole)} keeps a budget over each whole video, scoring each frame against '
+                              'the one before it; video_unit="frame" would split videos into frames: give '
+                              'video_unit="video" (or leave it unset)')
+    return video_unit or ("video" if whole else "frame")
 
 
 def _attention_kind(model, attention: str) -> str:

@@ -20,7 +20,20 @@ from graphprune.anatomy.read import Anatomy, layer_of, sdpa_mask, seq_dims
 from graphprune.errors import GraphVerificationError, PassConfigError, PassNotApplicable
 from graphprune.rewrite.kv_cache import keep_final_tokens
 from graphprune.rewrite.layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
-from graphprune.rewrite.pass_api import Choose, KeepCache, PassResult, Plan, Protect, TokenPass, TopK, WithdrawAll
+from graphprune.rewrite.pass_api import (
+    Choose,
+    Frames,
+    InputEmbeds,
+    KeepCache,
+    PassResult,
+    Plan,
+    Protect,
+    SequenceIndex,
+    TextMask,
+    TokenPass,
+    TopK,
+    WithdrawAll,
+)
 from graphprune.rewrite.positions import check_one_axis, renumber
 from graphprune.rewrite.signals import extract_signal
 
@@ -177,9 +190,15 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
         if plan.positions == "compact":
             check_one_axis(anat, p.name)
         layer = plan.layer
-        if layer is None or not 1 <= layer < anat.num_layers:
+        if layer is None or not 0 <= layer < anat.num_layers:
             raise PassConfigError(f"{p.name}: layer={layer} is out of range for a {anat.num_layers}-layer "
-                                  f"language model; use 1..{anat.num_layers - 1}")
+                                  f"language model; use 1..{anat.num_layers - 1} (0: on the input embeddings)")
+        if layer == 0:
+            early = (InputEmbeds, TextMask, SequenceIndex, Frames)
+            late = sorted(name for name, sig in plan.signals.items() if not isinstance(sig, early))
+            if late:
+                raise PassConfigError(f"{p.name}: layer=0 selects before the first LLM layer, where only the input "
+                                      f"embeddings and the prompt's layout exist; signals {late} come from a layer")
         anchor = anat.layer(layer).first
     prev = anat.tokens[-1].layer
     if len(anat.tokens) > 1 and layer < prev:
@@ -196,6 +215,8 @@ def _stream(anat: Anatomy, layer: int) -> fx.Node | None:
     """The residual stream entering `layer` (what merged values replace)."""
     if anat.stage == "vision" and layer == anat.num_layers:
         return anat.features
+    if layer == 0:
+        return anat.inputs["inputs_embeds"]
     return anat.layer(layer - 1).output
 
 

@@ -2,9 +2,10 @@
 
 A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()` that says
   where        stage ("vision" | "prefill") and `layer`: the first layer that runs on the
-               reduced sequence (prefill); vision passes act on the features entering the projector
+               reduced sequence (prefill; 0: the selection acts on the LLM's input embeddings, from
+               signals that exist before layer 0); vision passes act on the features entering the projector
   signals      what it looks at: AttentionRows, Keys, Values, Hidden, InputEmbeds, Projected, TextMask,
-               TextEmbeds, SequenceIndex
+               TextEmbeds, SequenceIndex, Frames
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -96,6 +97,13 @@ class SequenceIndex:
     real token (left padding excluded), as a batch-1 implementation numbers it: vision (B, images,
     tokens) or text (B, T)."""
     tokens: str = "vision"
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Prefill: (B, units) how many frames each vision unit holds: T for a whole video (a unit per
+    video, prune(video_unit="video")), 1 for an image or a single frame. A unit's tokens are its
+    frames' equal token grids in order, so a token's patch in the previous frame sits tokens / T before it."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,10 @@ class TokenPass:
     name: ClassVar[str]
     stage: ClassVar[str] = "prefill"
     Config: ClassVar[type]
+    # what a unit (one `keep` budget) is: "any" (images, and video frames or whole videos as
+    # prune(video_unit=...) says) or "videos" (whole videos only: the prompt's images are not units,
+    # so the pass leaves them whole, and prune() counts video per video)
+    units: ClassVar[str] = "any"
 
     def __init__(self, config=None, **options):
         if config is None:

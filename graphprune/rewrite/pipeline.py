@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, read_anatomy
 from graphprune.capture.export import Stage
-from graphprune.errors import PassConfigError
+from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.apply import apply_pass
 from graphprune.rewrite.pass_api import LAST_VISION_LAYER, Choose, PassResult, TokenPass
 from graphprune.rewrite.registry import PASSES, PIPELINES
@@ -195,9 +195,10 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
         out.anatomy["vision"] = read_anatomy(out.stages["vision"].gm, "vision", out.family.model_class)
     for p in order:
         stage = _stage_of(p)
+        if p.units == "videos" and out.family.video_token_id() is None:
+            raise PassNotApplicable(f"{p.name} prunes video tokens, and {out.family.model_class} takes no video")
         st = out.stages[stage]
         if st.gm is None:
-            from graphprune.errors import PassNotApplicable
             p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
                                     f"{out.family.model_class}: {st.eager}; use an LLM-stage method such as fastv, "

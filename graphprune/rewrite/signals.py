@@ -18,6 +18,7 @@ from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttentionRows,
+    Frames,
     Hidden,
     InputEmbeds,
     Keys,
@@ -38,6 +39,10 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         return layout_input(gm, anat, "text_embeds")
     if isinstance(sig, TextMask):
         return layout_input(gm, anat, "text_mask")
+    if isinstance(sig, Frames):
+        if anat.stage == "vision":
+            raise PassConfigError(f"{p.name}: Frames is a prefill signal (the vision stage sees images only)")
+        return layout_input(gm, anat, "unit_frames")
     if isinstance(sig, Projected):
         if anat.stage != "vision" or layer != anat.num_layers:
             raise PassConfigError(f"{p.name}: Projected is the vision projector's output; the plan must set "

@@ -63,6 +63,82 @@ def tiny_llava_onevision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(LlavaOnevisionForConditionalGeneration, cfg, seed)
 
 
+def tiny_mistral3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Mistral 3 architecture: Pixtral tower (14-pixel patches, 2-D RoPE, images at their own size),
+    2x2 patch merger, Mistral LM (no sliding window)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    vc = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=112, patch_size=14, head_dim=8)
+    cfg = Mistral3Config(vision_config=vc, text_config=dict(model_type="mistral", hidden_size=hidden, head_dim=16,
+                                                            intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                            sliding_window=None, **TEXT),
+                         image_token_index=150, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    return _finish(Mistral3ForConditionalGeneration, cfg, seed)
+
+
+def tiny_aya_vision(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Aya Vision architecture: SigLIP tower (8x8 patches per 112-pixel tile), 2x2 pixel-shuffle
+    projector (16 tokens per tile), Cohere2 LM (RoPE in its sliding layers, whose window spans the
+    whole context here: graphprune refuses a window that binds)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    vc = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, image_size=112, patch_size=14)
+    tc = dict(model_type="cohere2", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"], sliding_window=512, **TEXT)
+    cfg = AyaVisionConfig(vision_config=vc, text_config=tc, image_token_index=150, downsample_factor=2,
+                          vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=False)
+    return _finish(AyaVisionForConditionalGeneration, cfg, seed)
+
+
+def tiny_llava_next_video(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """LLaVA-NeXT-Video architecture: CLIP tower (4x4 patches per 56-pixel crop; video frames pooled
+    2x2 to 2x2), anyres crop grids [[56, 112], [112, 56], [112, 112]], image_newline, Llama LM."""
+    from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14, projection_dim=48)
+    cfg = LlavaNextVideoConfig(vision_config=vc, text_config=dict(model_type="llama", hidden_size=hidden,
+                                                                  intermediate_size=2 * hidden,
+                                                                  num_hidden_layers=layers, **TEXT),
+                               image_token_id=150, video_token_id=151, vision_feature_layer=-2,
+                               vision_feature_select_strategy="default", spatial_pool_mode="average",
+                               spatial_pool_stride=2, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                               tie_word_embeddings=False)
+    return _finish(LlavaNextVideoForConditionalGeneration, cfg, seed)
+
+
+def tiny_video_llava(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Video-LLaVA architecture: CLIP image and video towers (4x4 patches per 56-pixel frame, CLS
+    kept: "full" features, 17 tokens per image or frame), one projector, Llama LM."""
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14, projection_dim=48)
+    cfg = VideoLlavaConfig(vision_config=vc, text_config=dict(model_type="llama", hidden_size=hidden,
+                                                              intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                              **TEXT),
+                           image_token_index=150, video_token_index=151, vision_feature_layer=-2,
+                           vision_feature_select_strategy="full", tie_word_embeddings=False)
+    return _finish(VideoLlavaForConditionalGeneration, cfg, seed)
+
+
+def tiny_internvl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """InternVL architecture: InternViT tower (8x8 patches per 112-pixel tile), pixel shuffle 0.5
+    (16 tokens per tile), Qwen2 LM."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=[112, 112], patch_size=[14, 14])
+    cfg = InternVLConfig(vision_config=vc, text_config=dict(model_type="qwen2", hidden_size=hidden,
+                                                            intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                                            **TEXT),
+                         image_token_id=150, image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False)
+    return _finish(InternVLForConditionalGeneration, cfg, seed)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -70,7 +146,10 @@ def _finish(cls, cfg, seed):
     return model
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision}
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+            "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
+            "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
+            "internvl": tiny_internvl}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -82,14 +161,16 @@ def build(family: str, seed: int = 0, **kw):
 # ------------------------------------------------------------------------------------------- prompts
 
 def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix: int = 7, pad=(), seed: int = 0,
-            grid: tuple[int, int] = (8, 8), frames: int = 4, image_size: tuple[int, int] = (50, 90)) -> Example:
+            grid: tuple[int, int] = (8, 8), frames: int = 4, image_size: tuple[int, int] | None = None) -> Example:
     """A processor-style prompt for `model`'s family (see the module docstring). Qwen: images of
-    `grid` patches, videos of `frames` frames of that grid; LLaVA-NeXT: images of `image_size` (H, W)."""
+    `grid` patches, videos of `frames` frames of that grid; LLaVA-NeXT: images of `image_size` (H, W),
+    default (50, 90); Mistral 3: (84, 112)."""
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = _QWEN if kind in ("qwen2_vl", "qwen2_5_vl") else _LLAVA_NEXT if kind in ("llava_next", "llava_onevision") \
-        else None
+    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
+              "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
+              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
@@ -141,19 +222,21 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     """One <image> per feature: the base view's patches, then each row of the unpadded crop grid
     followed by its newline slot (LlavaNextProcessor._get_number_of_features; OneVision's crop grids
     stay under anyres_max_9 here). OneVision videos: <video> x frames * pooled^2 + 1 newline
-    (LlavaOnevisionProcessor.replace_video_token)."""
+    (LlavaOnevisionProcessor.replace_video_token); LLaVA-NeXT-Video: <video> x frames * patches / 4
+    (LlavaNextVideoProcessor.replace_video_token)."""
     from transformers.image_processing_utils import select_best_resolution
     cfg = model.config
-    if "video" in items and cfg.model_type != "llava_onevision":
+    if "video" in items and cfg.model_type == "llava_next":
         raise ValueError("LLaVA-NeXT prompts hold images only")
     crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    image_size = image_size or (50, 90)
     best_h, best_w = select_best_resolution(list(image_size), cfg.image_grid_pinpoints)
     side = crop // patch
     tokens = side * side + llava_next_rows(image_size, side * best_h // crop, side * best_w // crop)[0]
     crops = 1 + (best_h // crop) * (best_w // crop)
-    pooled = -(-side // 2)
-    blocks = [[cfg.image_token_id] * tokens if item == "image" else [cfg.video_token_id] * (frames * pooled ** 2 + 1)
-              for item in items]
+    pooled = -(-side // 2)           # OneVision: bilinear to ceil(side / 2); NeXT-Video: 2x2 average pool
+    video = frames * pooled ** 2 + 1 if cfg.model_type == "llava_onevision" else frames * (side // 2) ** 2
+    blocks = [[cfg.image_token_id] * tokens if item == "image" else [cfg.video_token_id] * video for item in items]
     n_img, n_vid = items.count("image"), items.count("video")
     inputs = {"pixel_values": None}
     if n_img:
@@ -162,6 +245,77 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     if n_vid:
         inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, crop, crop, generator=g)
     return {"blocks": blocks, "inputs": inputs}
+
+
+def _VIDEO_LLAVA(model, g, batch, items, *, frames, **_):
+    """<image> x (patches + CLS) per image, <video> x frames x (patches + CLS) per video
+    (VideoLlavaProcessor with the "full" strategy); the images as pixel_values_images, the name its
+    image processor returns by default."""
+    cfg = model.config
+    vc = cfg.vision_config
+    per_frame = (vc.image_size // vc.patch_size) ** 2 + 1
+    blocks = [[cfg.image_token_id] * per_frame if item == "image" else [cfg.video_token_id] * (frames * per_frame)
+              for item in items]
+    n_img, n_vid = items.count("image"), items.count("video")
+    inputs = {"pixel_values": None}
+    if n_img:
+        inputs["pixel_values_images"] = torch.randn(batch * n_img, 3, vc.image_size, vc.image_size, generator=g)
+    if n_vid:
+        inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, vc.image_size, vc.image_size, generator=g)
+    return {"blocks": blocks, "inputs": inputs}
+
+
+INTERNVL_START, INTERNVL_END = 151, 152        # <img>, </img>
+
+
+def _INTERNVL(model, g, batch, items, **_):
+    """<img> <IMG_CONTEXT> x tiles x 16 </img> per image, two tiles each (InternVLProcessor; its
+    pixel_values: every image's tiles in prompt order)."""
+    if "video" in items:
+        raise ValueError("InternVL prompts here hold images only")
+    cfg = model.config
+    tiles, size = 2, cfg.vision_config.image_size[0]
+    block = [INTERNVL_START] + [cfg.image_token_id] * tiles * cfg.image_seq_length + [INTERNVL_END]
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch * len(items) * tiles, 3, size, size, generator=g)}}
+
+
+MISTRAL3_BREAK, MISTRAL3_END = 151, 152     # [IMG_BREAK], [IMG_END] (12, 13 in Mistral's tokenizer)
+
+
+def _MISTRAL3(model, g, batch, items, *, image_size, **_):
+    """Per image, rows of [IMG] x (W / 28) each closed by [IMG_BREAK], the last by [IMG_END]
+    (PixtralProcessor, whose patch is the tower's 14 pixels x the 2x2 merge); images of
+    `image_size` rounded down to whole merged patches."""
+    if "video" in items:
+        raise ValueError("Mistral 3 prompts hold images only")
+    cfg = model.config
+    side = cfg.vision_config.patch_size * cfg.spatial_merge_size
+    image_size = image_size or (84, 112)
+    rows, cols = max(1, image_size[0] // side), max(1, image_size[1] // side)
+    block = ([cfg.image_token_id] * cols + [MISTRAL3_BREAK]) * rows
+    block[-1] = MISTRAL3_END
+    n = batch * len(items)
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(n, 3, rows * side, cols * side, generator=g),
+                       "image_sizes": torch.tensor([[rows * side, cols * side]] * n)}}
+
+
+AYA_START, AYA_END, AYA_TILE_1, AYA_GLOBAL = 151, 152, 153, 154   # <|START_OF_IMG|> ... TILE_GLOBAL
+
+
+def _AYA_VISION(model, g, batch, items, **_):
+    """Per image <|START_OF_IMG|> TILE_1 <|IMG_PATCH|> x 16 TILE_GLOBAL <|IMG_PATCH|> x 16 <|END_OF_IMG|>:
+    one local tile and the global view (AyaVisionProcessor.replace_image_token)."""
+    if "video" in items:
+        raise ValueError("Aya Vision prompts hold images only")
+    cfg = model.config
+    vc = cfg.vision_config
+    patches = [cfg.image_token_id] * (vc.image_size // (vc.patch_size * cfg.downsample_factor)) ** 2
+    block = [AYA_START, AYA_TILE_1] + patches + [AYA_GLOBAL] + patches + [AYA_END]
+    tiles = 2 * batch * len(items)
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(tiles, 3, vc.image_size, vc.image_size, generator=g)}}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ class Example:
     video_grid_thw: torch.Tensor | None = None
     second_per_grid_ts: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
+    pixel_values_images: torch.Tensor | None = None      # Video-LLaVA's processor name for pixel_values
 
     def as_kwargs(self) -> dict:
         """The inputs that are set, by the processor's names."""

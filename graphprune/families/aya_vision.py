@@ -1,0 +1,36 @@
+"""Aya Vision: SigLIP tower, pixel-shuffle projector (downsample_factor^2 patches -> one token),
+Cohere / Cohere2 LM.
+
+Images are tiled, and pixel_values holds every tile of every image: the processor does not pass how
+many tiles each image has. It writes an image as `<|START_OF_IMG|>`, then per tile one tile marker
+(`TILE_i`; the global view last, after `TILE_GLOBAL`) and that tile's `<|IMG_PATCH|>` placeholders,
+then `<|END_OF_IMG|>`. So the tiles of one image are placeholder runs one marker apart, and the next
+image starts at least three tokens later (end, start, tile marker). The markers are separators;
+their ids are not in the config, so they are found by place. `keep` counts per image.
+"""
+from __future__ import annotations
+
+from graphprune.families.base import MODALITIES, Family, VisionLayout
+
+
+class AyaVisionFamily(Family):
+    name = "aya_vision"
+    model_types = ("aya_vision",)
+    vision_has_cls = False
+    eager_vision = "tiled images whose tiles per image only the prompt's markers tell"
+    compile_refused = ("the compile frame sees only the image-token mask, whose runs are tiles: which tiles make "
+                       "one image only the tile markers tell")
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.refuse_sliding_window()
+
+    def tokens_per_tile(self) -> int:
+        vc = self.config().vision_config
+        return (vc.image_size // (vc.patch_size * self.config().downsample_factor)) ** 2
+
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
+                      **inputs) -> VisionLayout | None:
+        if "image" not in modalities:
+            return None
+        return self.tiled_layout(input_ids, inputs.get("pixel_values"), self.tokens_per_tile(), joined=2, before=2)

@@ -1,0 +1,69 @@
+"""Independent reference for EVS, Efficient Video Sampling as vLLM serves it (vllm/multimodal/evs.py),
+written from its rule in plain PyTorch; nothing here imports graphprune.
+
+Per video of T frames of h x w LLM tokens (its embeddings after the merger / pooling, in prompt order):
+dissimilarity = 1 - cosine similarity to the same (row, col) token of the previous frame, the first
+frame scoring 255; the top max(h*w, int(T*h*w*(1 - q))) by a stable descending sort stay. The language
+model then runs on the prompt without the dropped tokens, every token at its original position.
+
+Which placeholders are a video's tokens comes from the processors' layouts: Qwen2-VL / Qwen2.5-VL
+write `<|video_pad|>` x t*h*w/merge^2 per video (frames: video_grid_thw's t, temporal patches);
+LLaVA-OneVision writes `<video>` x frames*pooled^2 + 1 per video, the last slot image_newline (frames:
+pixel_values_videos' second dimension).
+"""
+from __future__ import annotations
+
+import reference as R
+import reference_families as RF
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def retention_mask(video: Tensor, frames: int, rate: float) -> Tensor:
+    """(T*h*w,) bool: the tokens EVS keeps of one video's embeddings (T*h*w, D)."""
+    x = video.reshape(frames, -1, video.shape[-1])
+    per_frame = x.shape[1]
+    dissimilarity = torch.cat([torch.full_like(x[:1, :, 0], 255.0), 1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)])
+    order = dissimilarity.flatten().argsort(descending=True, stable=True)
+    count = max(per_frame, int(frames * per_frame * (1 - rate)))
+    mask = torch.zeros(frames * per_frame, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def video_blocks(model, example, b: int) -> list[tuple[Tensor, int]]:
+    """Sample b's videos: (prompt positions of the video's tokens, its frame count) each."""
+    cfg = model.config
+    at = (example.input_ids[b] == cfg.video_token_id).nonzero(as_tuple=True)[0]
+    batch = example.input_ids.shape[0]
+    if cfg.model_type == "llava_onevision":
+        videos = example.pixel_values_videos.shape[0] // batch
+        frames = example.pixel_values_videos.shape[1]
+        return [(blk[:-1], frames) for blk in at.view(videos, -1)]
+    grids = example.video_grid_thw.view(batch, -1, 3)[b]
+    sizes = (grids.prod(-1) // cfg.vision_config.spatial_merge_size ** 2).tolist()
+    return [(blk, int(t)) for blk, t in zip(at.split(sizes), grids[:, 0].tolist())]
+
+
+@torch.no_grad()
+def evs_inputs(model, example, rate: float):
+    """The reduced prompt: (keep (B, S') prompt indices kept, embeds, attention mask, positions) at them."""
+    emb, am, pos, _ = RF.family_inputs(model, example)
+    rows = []
+    for b in range(emb.shape[0]):
+        kept = torch.ones(emb.shape[1], dtype=torch.bool)
+        for at, frames in video_blocks(model, example, b):
+            kept[at] = retention_mask(emb[b, at], frames, rate)
+        rows.append(kept.nonzero(as_tuple=True)[0])
+    keep = torch.stack(rows)
+    kept_pos = pos.gather(-1, keep if pos.dim() == 2 else keep[None].expand(pos.shape[0], -1, -1))   # M-RoPE: (3, B, S)
+    return keep, emb.gather(1, keep[..., None].expand(-1, -1, emb.shape[-1])), am.gather(1, keep), kept_pos
+
+
+def evs_generate(model, example, rate: float, max_new_tokens: int = 16) -> dict:
+    """reference.lm_generate on the reduced prompt (the decoder run by hand); `keep`: prompt indices."""
+    keep, emb, am, pos = evs_inputs(model, example, rate)
+    out = R.lm_generate(model, emb, am, pos, max_new_tokens=max_new_tokens)
+    out["keep"] = keep
+    return out

@@ -1,0 +1,122 @@
+"""Tier-2 families end to end, on tiny random-weight models with the token layouts their processors
+write, by the same checks as tier 1 (tests/test_families.py, whose test bodies run here on these
+cases): keep-everything equals Hugging Face (fp32 logits, 16 greedy tokens), FastV / DART / random /
+VTW equal the independent reference (kept sets, per-layer KV lengths, logits, 16 greedy tokens,
+separators kept), a left-padded batch of 2 equals each sample alone. Plus what differs per family:
+which tokens are its separators, and what the torch.compile backend does with it."""
+from __future__ import annotations
+
+import pytest
+import test_families as tier1
+import torch
+
+import graphprune as gp
+from graphprune.families import family_of
+from graphprune.tools import family_zoo
+
+# (id, family, items each sample shows in prompt order, video_unit)
+CASES = [
+    ("mistral3-2images", "mistral3", ("image", "image"), "frame"),
+    ("aya_vision-2images", "aya_vision", ("image", "image"), "frame"),
+    # an anyres image (4x4 base + 4 rows of 8, each with a newline slot) and a 12-frame video of 2x2
+    # pooled patches counted per video: 48 tokens each
+    ("llava_next_video-image+video-per-video", "llava_next_video", ("image", "video"), "video"),
+    # 17 tokens (4x4 patches + CLS) per image and per frame of the 4-frame video
+    ("video_llava-image+video", "video_llava", ("image", "video"), "frame"),
+    ("internvl-2images", "internvl", ("image", "image"), "frame"),              # 2 tiles of 16 each
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_keep_everything_equals_hf(case):
+    tier1.test_keep_everything_equals_hf(case)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart", "random", "vtw"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_llm_methods_equal_reference(case, method):
+    tier1.test_llm_methods_equal_reference(case, method)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_batch_equals_samples_alone(case):
+    tier1.test_batch_equals_samples_alone(case)
+
+
+SEPARATORS = [  # family, its marker ids in the zoo's prompts, prunable tokens per image
+    ("mistral3", (family_zoo.MISTRAL3_BREAK, family_zoo.MISTRAL3_END), 12),                 # 3 rows of 4
+    ("aya_vision", (family_zoo.AYA_START, family_zoo.AYA_END, family_zoo.AYA_TILE_1, family_zoo.AYA_GLOBAL), 32),
+    ("internvl", (family_zoo.INTERNVL_START, family_zoo.INTERNVL_END), 32),                 # 2 tiles of 16
+]
+
+
+@pytest.mark.parametrize("family, markers, tokens", SEPARATORS, ids=[f[0] for f in SEPARATORS])
+def test_images_and_separators_found_by_place(family, markers, tokens):
+    """Markers whose ids the config does not name are found from the placeholders' layout: they are
+    the separators exactly, and each image is its own unit of placeholders."""
+    model, _ = tier1._model(family)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"))
+    layout = family_of(model).vision_layout(ex.input_ids, **tier1._mm(ex))
+    ids = ex.input_ids
+    assert torch.equal(layout.separators, torch.isin(ids, torch.tensor(markers)))
+    assert layout.units == ("image 0", "image 1") and layout.pos.shape == (2, 2, tokens)
+    assert bool((ids.gather(1, layout.pos.reshape(2, -1)) == model.config.image_token_id).all())
+    first, second = layout.pos[0]
+    assert not bool((ids[0, int(first[-1]) + 1:int(second[0])] == model.config.image_token_id).any())
+
+
+@pytest.mark.parametrize("family", ["aya_vision", "internvl"])
+def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
+    model, _ = tier1._model(family)
+    ex = family_zoo.example(model, batch=1, items=("image", "image"))
+    with pytest.raises(gp.InputError, match="64 image tokens but pixel_values holds 3 tiles of 16"):
+        family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values[:3])
+
+
+@pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
+                                            ("video_llava", "two masked_scatters")])
+def test_compile_backend_refuses_with_the_reason(family, reason):
+    from test_dynamo import _compiled
+    model, _ = tier1._model(family)
+    kw = family_zoo.example(model, items=("image",)).as_kwargs()
+    with pytest.raises(Exception, match=f"unsupported family for the torch.compile backend: .*{reason}"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+def test_video_llava_takes_its_images_by_either_name():
+    """Its image processor returns pixel_values_images (transformers 5.23 models also take
+    pixel_values): the same run either way; both at once is refused."""
+    model, program = tier1._model("video_llava")
+    kw = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video")).as_kwargs()
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    legacy = pruned(**kw)
+    kw["pixel_values"] = kw.pop("pixel_values_images")
+    renamed = pruned(**kw)
+    assert torch.equal(legacy.kept, renamed.kept) and torch.equal(legacy.logits, renamed.logits)
+    with pytest.raises(gp.InputError, match="pixel_values and pixel_values_images name the same images"):
+        pruned(**kw, pixel_values_images=kw["pixel_values"])
+
+
+@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)"])
+def test_internvl_compile_backend_equals_prune(pipeline):
+    """Its merge frame holds every decoder layer and its image runs are its images: the torch.compile
+    backend prunes it as graphprune.prune does (logits of the kept tokens, per-layer cache lengths)."""
+    from test_dynamo import _compiled
+    model, program = tier1._model("internvl")
+    kw = family_zoo.example(model, batch=2, items=("image", "image")).as_kwargs()
+    want = gp.prune(model, pipeline, program=program)(**kw)
+    with torch.no_grad():
+        got = _compiled(model, pipeline)(**kw)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
+
+
+def test_mistral3_sliding_window_is_refused():
+    from transformers import Mistral3ForConditionalGeneration
+    model, _ = tier1._model("mistral3")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.text_config.sliding_window = 32
+    with pytest.raises(gp.UnsupportedModelError, match="sliding window of 32"):
+        gp.prune(Mistral3ForConditionalGeneration(config), "fastv")
