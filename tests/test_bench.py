@@ -151,8 +151,21 @@ def test_speed_mode_smoke():
         assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
         assert set(r["targets"]) == {"measured_ge_0.9_ideal", "overhead_le_2pct", "decode_le_unpruned"}
         assert r["decode_ms_per_token"] > 0 and r["llm_prefill_ms"] > 0
+    for r in res["rows"]:                                         # against plain transformers too
+        assert r["vs_transformers"] == pytest.approx(res["transformers_llm_prefill_ms"] / r["llm_prefill_ms"])
+    # by prompt length: 1, 2, 4 images of 144 tokens, each after one separator token
+    assert sorted({r["tokens"] for r in res["by_length"]}) == [155, 155 + 145, 155 + 3 * 145]
+    for n in (1, 2, 4):
+        at = [r for r in res["by_length"] if r["images"] == n]
+        assert [(r["method"], r["linear"]) for r in at] == [("transformers", None)] + [
+            (m, lin) for lin in ("aten", "packed") for m in ("unpruned", "fastv")]
+        for r in at[1:]:
+            assert r["vs_transformers"] == pytest.approx(at[0]["llm_prefill_ms"] / r["llm_prefill_ms"])
+            if r["method"] == "fastv":
+                assert r["ideal_speedup"] > 1
+                assert r["ratio_vs_transformers"] == pytest.approx(r["vs_transformers"] / r["ideal_speedup"])
     text = speed.format_speed(res)
-    assert "ideal" in text and "linear: packed" in text
+    assert "ideal" in text and "linear: packed" in text and "against plain transformers" in text
     with pytest.raises(bench.BenchError, match="unknown linear lowering 'mkl'"):
         speed.run_speed(["fastv"], linear="mkl", config=cfg, quiet=True)
 

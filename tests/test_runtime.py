@@ -142,6 +142,29 @@ def test_model_moved_after_capture_is_captured_again():
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
+def test_decode_builds_key_masks_only_when_a_key_is_padding(llava):
+    # every key real (batch 1, or no padding): the decode step passes no key masks, as transformers does;
+    # a padded batch keeps them. Both give the masked step's logits.
+    model, program = llava
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    assert pruned._maskless_decode                            # its decode graph reads kv_mask_<l> as masks only
+    for pad, maskless in (((), True), ((0, 3), False)):
+        ex = llava_example(model, batch=len(pad) or 1, pad=pad)
+        out = pruned(**ex.as_kwargs())
+        assert out.cache.keys_all_real is maskless
+        token = out.logits[:, -1].argmax(-1)
+        fast, cache = pruned.decode_step(out.cache.copy(), token)
+        slow_cache = out.cache.copy()
+        slow_cache.keys_all_real = False                      # force the key masks
+        slow, _ = pruned.decode_step(slow_cache, token)
+        torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
+        assert cache.keys_all_real is maskless
+        fed = torch.ones_like(token)
+        fed[0] = 0                                            # a padded token fed: masks from then on
+        _, cache = pruned.decode_step(cache, token, mask=fed)
+        assert cache.keys_all_real is False
+
+
 # -- errors, all raised before any graph runs -------------------------------------------------
 
 

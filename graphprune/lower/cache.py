@@ -115,6 +115,9 @@ class PrunedCache(Cache):
         self.capacity = capacity
         self.seen = 0
         self.next_position: torch.Tensor | None = None     # (B,) long
+        # every filled slot of every layer holds a real key (mask all ones): set by fill, kept by the
+        # decode steps (row selections of beam search keep it); decode then builds no key masks
+        self.keys_all_real = False
 
     @property
     def static(self) -> bool:
@@ -126,13 +129,14 @@ class PrunedCache(Cache):
             raise InputError("this PrunedCache already holds a conversation; pass a new one (or none) for a new prompt")
         self.layers = [PrunedLayer(*layer, capacity=self.capacity) for layer in layers]
         self.seen, self.next_position = seen, next_position
+        self.keys_all_real = all(bool(layer.mask.all()) for layer in self.layers)
         return self
 
     def copy(self) -> "PrunedCache":
         """A cache to continue from this point, leaving this one as it is (dynamic layers share
         their tensors, which decode steps replace and never write; static buffers are copied)."""
         out = PrunedCache(self.capacity)
-        out.seen, out.next_position = self.seen, self.next_position
+        out.seen, out.next_position, out.keys_all_real = self.seen, self.next_position, self.keys_all_real
         for layer in self.layers:
             twin = PrunedLayer.__new__(PrunedLayer)
             twin.__dict__.update(layer.__dict__)

@@ -32,7 +32,7 @@ from graphprune.lower.causal import use_causal_kernel
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
-from graphprune.rewrite.kv_cache import shrink_kv, static_kv
+from graphprune.rewrite.kv_cache import key_masks_optional, shrink_kv, static_kv
 from graphprune.rewrite.pipeline import (
     BudgetStep,
     Program,
@@ -176,6 +176,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         self.executables = {k: self._lower(getattr(program.stages.get(k), "gm", None), stage=k)
                             for k in ("vision", "prefill")}
         self.decode_exec = self._lower(self.decode_gm, attention="sdpa")
+        self._maskless_decode = key_masks_optional(self.decode_exec)     # all-real keys: no key masks built
         self._text_exec = None             # the unpruned prefill lowered, for text-only prompts (on first use)
         if linear == "packed" and not self.packed_linears:
             from graphprune.targets.packed_linear import MIN_ELEMENTS
@@ -428,6 +429,7 @@ class PrunedModel(nn.Module, GenerationMixin):
                     mask: torch.Tensor | None = None):
         """One decode step: `token` (B,) at `position` (B, 1) (default: where the cache stands), key
         mask `mask` (B,) (default ones) -> (next-token logits (B, V), the cache with the token in it)."""
+        fed_all_real = mask is None
         mask = torch.ones_like(token) if mask is None else mask
         if position is None:
             position = cache.next_position[:, None]
@@ -438,10 +440,14 @@ class PrunedModel(nn.Module, GenerationMixin):
         if cache.static:
             logits = self._static_step(cache, embeds, position, mask, layer_positions)
         else:
+            # every cached key and the new one real (no padding): attend without masks, as transformers does
+            maskless = self._maskless_decode and cache.keys_all_real and (fed_all_real or bool(mask.all()))
+            cache.keys_all_real = maskless
             args = {"inputs_embeds": embeds, "position_ids": position, **layer_positions}
             for i, layer in enumerate(cache):
                 args[f"past_{2 * i}"], args[f"past_{2 * i + 1}"] = layer.keys, layer.values
-                args[f"kv_mask_{i}"] = torch.cat([layer.mask, mask[:, None].to(layer.mask.dtype)], 1)
+                args[f"kv_mask_{i}"] = (None if maskless else
+                                        torch.cat([layer.mask, mask[:, None].to(layer.mask.dtype)], 1))
             outs = _call(self.decode_exec, **args)
             names = self.decode_gm.meta["graphprune_outputs"]
             for i, layer in enumerate(cache):

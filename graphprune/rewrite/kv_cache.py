@@ -27,8 +27,19 @@ from graphprune.rewrite.layout import add_output, state_at
 
 
 def layer_mask(kv_mask):
-    """(B, P) 1/0 padding mask of a layer's cache + new token -> SDPA mask (B, 1, 1, P), True = attend."""
-    return kv_mask.bool()[:, None, None, :]
+    """(B, P) 1/0 padding mask of a layer's cache + new token -> SDPA mask (B, 1, 1, P), True = attend;
+    None (every key real: the runtime knows it without looking) -> no mask, as transformers decodes."""
+    return None if kv_mask is None else kv_mask.bool()[:, None, None, :]
+
+
+def key_masks_optional(gm: fx.GraphModule) -> bool:
+    """Whether a decode graph reads its kv_mask_<l> inputs only as attention masks (through layer_mask
+    into SDPA), so that a step whose keys are all real may pass None and skip building them."""
+    masks = [n for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("kv_mask_")]
+    return bool(masks) and all(
+        u.op == "call_function" and u.target is layer_mask
+        and all(w.op == "call_function" and "scaled_dot_product" in str(w.target) for w in u.users)
+        for m in masks for u in m.users)
 
 
 def shrink_kv(gm: fx.GraphModule, anat: Anatomy) -> fx.GraphModule:
