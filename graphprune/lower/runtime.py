@@ -143,6 +143,9 @@ class PrunedModel(nn.Module, GenerationMixin):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _is_stateful = False
+    # decode steps may pass no key masks when every key is real (set per model from its decode graph;
+    # False for runners whose decode takes masks always, such as ONNX Runtime's)
+    _maskless_decode = False
 
     def __init__(self, model, program: Program, pipeline: list, base: Program, attention: str = "sdpa",
                  linear: str = "aten", video_unit: str = "frame"):
