@@ -5,6 +5,7 @@ layer's own numbering. Batch 2 with left padding; M-RoPE models are refused."""
 import pytest
 import reference as R
 import torch
+from checks import assert_same_run
 
 import graphprune as gp
 from graphprune.errors import PassNotApplicable
@@ -18,24 +19,13 @@ def _reference(model, ex, selects, **kw):
     return R.lm_generate(model, emb, mask, pos, selects=selects, vision_mask=vmask, max_new_tokens=STEPS, **kw)
 
 
-def _check(pruned, ex, ref):
-    out = pruned(**ex.as_kwargs())
-    assert torch.equal(out.kept, ref["keep"])
-    assert out.cache.lengths() == ref["kv_lens"]
-    real = out.cache[-1].mask.bool()
-    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
-    return out
-
-
 @pytest.mark.parametrize("pad", [(), (3,)])
 def test_fastv_compact_matches_reference(llava, pad):
     model, program = llava
     ex = llava_example(model, batch=2 if pad else 1, pad=pad, seed=3)
     pruned = gp.prune(model, "fastv", layer=2, keep=9, positions="compact", program=program)
     ref = _reference(model, ex, {2: R.fastv_select(9)}, positions="compact")
-    _check(pruned, ex, ref)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
     keep_ref = _reference(model, ex, {2: R.fastv_select(9)})
     assert not torch.allclose(ref["prefill_logits"], keep_ref["prefill_logits"], atol=1e-4)   # renumbering matters
 
@@ -45,7 +35,8 @@ def test_two_compact_selections_match_reference(llava):
     ex = llava_example(model, batch=2, pad=(0, 2), seed=5)
     pruned = gp.prune(model, "fastv(layer=1, keep=20, positions='compact') | fastv(layer=3, keep=7, positions='compact')",
                       program=program)
-    _check(pruned, ex, _reference(model, ex, {1: R.fastv_select(20), 3: R.fastv_select(7)}, positions="compact"))
+    ref = _reference(model, ex, {1: R.fastv_select(20), 3: R.fastv_select(7)}, positions="compact")
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 
 
 def test_batch_equals_each_sample_alone(llava):

@@ -12,11 +12,12 @@ import pytest
 import reference_evs as E
 import reference_families as RF
 import torch
+from checks import assert_same_run
 from graphprune.passes.evs import evs_keep
+from test_families import _model
 
 import graphprune as gp
 from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError, PassNotApplicable
-from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 
 STEPS = 16
@@ -31,16 +32,6 @@ CASES = [
     ("llava_onevision-image+video", "llava_onevision", ("image", "video")),
 ]
 IDS = [c[0] for c in CASES]
-
-_MODELS: dict = {}
-
-
-def _model(family):
-    if family not in _MODELS:
-        model = family_zoo.build(family)
-        _MODELS[family] = (model, Program.capture(model))
-    return _MODELS[family]
-
 
 def _example(model, items, batch=2, pad=(0, 2)):
     return family_zoo.example(model, batch=batch, pad=pad, items=items, frames=FRAMES)
@@ -62,13 +53,7 @@ def test_evs_equals_reference(case, rate):
     ex = _example(model, items)
     ref = E.evs_generate(model, ex, rate, STEPS)
     pruned = gp.prune(model, "evs", rate=rate, program=program)
-    out = pruned(**ex.as_kwargs())
-    assert torch.equal(out.kept, ref["keep"])
-    assert out.cache.lengths() == ref["kv_lens"]
-    real = out.cache[-1].mask.bool()
-    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+    out = assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
     assert ex.input_ids.shape[1] - out.kept.shape[1] == _dropped(model, ex, rate)
     # images, text and separators all stay: only video tokens leave
     for b in range(2):
@@ -171,10 +156,7 @@ def test_refusals_before_work():
     both = gp.prune(model, "evs(rate=0.5) | fastv(layer=2, keep=4)", program=program)
     with pytest.raises(InputError, match="prunes videos only"):
         both(**_example(model, ("image", "video")).as_kwargs())
-    next_model, next_program = _model("llava_next") if "llava_next" in _MODELS else (None, None)
-    if next_model is None:
-        next_model = family_zoo.build("llava_next")
-        next_program = Program.capture(next_model)
+    next_model, next_program = _model("llava_next")
     with pytest.raises(PassNotApplicable, match="evs prunes video tokens"):
         gp.prune(next_model, "evs", program=next_program)
 
