@@ -12,6 +12,7 @@ verifying the graph after each one, and can print each graph after each pass (`d
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -20,7 +21,16 @@ from graphprune.anatomy.read import Anatomy, read_anatomy
 from graphprune.capture.export import Stage
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.apply import apply_pass
-from graphprune.rewrite.pass_api import LAST_VISION_LAYER, Choose, PassResult, TokenPass
+from graphprune.rewrite.pass_api import (
+    LAST_VISION_LAYER,
+    Choose,
+    PassResult,
+    Plan,
+    Projected,
+    TextEmbeds,
+    TextMask,
+    TokenPass,
+)
 from graphprune.rewrite.registry import PASSES, PIPELINES
 from graphprune.verify.eager import check_against_eager
 
@@ -197,17 +207,40 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
         stage = _stage_of(p)
         if p.units == "videos" and out.family.video_token_id() is None:
             raise PassNotApplicable(f"{p.name} prunes video tokens, and {out.family.model_class} takes no video")
-        st = out.stages[stage]
-        if st.gm is None:
+        st, plans = out.stages[stage], None
+        if st.gm is None and stage == "vision":
             p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
+            plans = _at_layer_zero(p, st, out.family.model_class)
+            stage, st = "prefill", out.stages["prefill"]
+        if st.gm is None:
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
-                                    f"{out.family.model_class}: {st.eager}; use an LLM-stage method such as fastv, "
-                                    "dart or pyramiddrop")
-        result = apply_pass(p, st, out.anatomy[stage])
+                                    f"{out.family.model_class}: {st.eager}")
+        result = apply_pass(p, st, out.anatomy[stage], plans)
         out.results.append(result)
         if debug:
             print(f"# ---- {stage} graph after {p!r}\n{st.gm.code}")
     return out
+
+
+LAYER_ZERO_SIGNALS = (Projected, TextEmbeds, TextMask)     # what a vision pass may read at LLM layer 0
+
+
+def _at_layer_zero(p: TokenPass, vision: Stage, model_class: str) -> list[Plan]:
+    """Where graphprune runs the vision stage eagerly, a vision pass on the projector's output runs at
+    LLM layer 0: the projected vision tokens are the LLM's input embeddings at the vision positions,
+    and the instruction's embeddings are there too, so its plans select from those (one budget per
+    vision unit: image, video frame or video). A pass reading the encoder is refused, naming what it reads."""
+    plans = p.plan()
+    plans = plans if isinstance(plans, list) else [plans]
+    encoder = sorted(f"{name}={sig!r}" for plan in plans for name, sig in plan.signals.items()
+                     if not isinstance(sig, LAYER_ZERO_SIGNALS))
+    if not encoder and all(plan.after_projector for plan in plans):
+        return [dataclasses.replace(plan, layer=0, after_projector=False) for plan in plans]
+    reads = f"reads {', '.join(encoder)} from the vision encoder" if encoder else \
+        "selects among the vision encoder's features before the projector"
+    raise PassNotApplicable(f"{p.name} {reads}, and graphprune runs the vision stage of {model_class} eagerly "
+                            f"({vision.eager}), so no such signal exists; use a pass on the projected tokens "
+                            "(divprune, cdpruner) or an LLM-stage method such as fastv, dart or pyramiddrop")
 
 
 def _reads_last_vision_layer(p: TokenPass) -> bool:
