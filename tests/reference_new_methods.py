@@ -342,10 +342,13 @@ def sparsevlm_layer(rows: Tensor, hidden: Tensor, scale: float, bias: float, cap
 
 
 def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask: Tensor, layers, scale: float,
-                      bias: float, capacity: int, images: int = 1, recycle: bool = True, log: list | None = None) -> dict:
+                      bias: float, capacity: int, images: int = 1, recycle: bool = True, log: list | None = None,
+                      in_place: bool = False) -> dict:
     """SparseVLM's sparsification layers for R.lm_generate(positions="compact"): {L + 1: select}. Raters come
     from the input embeddings; at each layer every image's block becomes [kept, clusters] followed by
     unused (masked) slots up to the static capacity, so the language model sees the authors' sequence.
+    ``in_place`` (graphprune's positions="keep", no recycling; for R.lm_generate(positions="keep")): the kept
+    tokens stay in their own slots, the block's lowest other slots fill the capacity, masked.
     Each decision is appended to ``log`` (sample, image, layer, sparsevlm_layer's dict)."""
     text = R.text_after_image(vision_mask, attention_mask)
     raters = []
@@ -372,6 +375,12 @@ def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask
                     if log is not None:
                         log.append((b, i, layer, out))
                     n = out["tokens"].shape[0]
+                    if in_place:
+                        kept = set(cur[out["kept"]].tolist())
+                        unused = torch.tensor([j for j in blk.tolist() if j not in kept][:cap - n], dtype=torch.long)
+                        valid[unused] = False
+                        keep.append(torch.cat([cur[out["kept"]], unused]))
+                        continue
                     h[blk[:n]] = out["tokens"]
                     valid[blk[n:cap]] = False
                     keep.append(blk[:cap])

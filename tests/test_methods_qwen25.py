@@ -162,3 +162,33 @@ def test_budget_above_a_unit_refused_before_work(qwen25):
     ex = family_zoo.example(model, items=("image",), seed=46)
     with pytest.raises(PassConfigError, match="keep=17 exceeds the 16 vision tokens"):
         pruned(**ex.as_kwargs())
+
+
+# ------------------------------------------------------------------------------- SparseVLM, positions kept
+
+@pytest.mark.parametrize("batch,pad,items,opts", [
+    (1, (), ("image",), dict(layers=(0, 2), scale=2.0, bias=3.0, keep=12)),
+    (2, (0, 3), ("image", "video"), dict(layers=(0, 2), scale=1.0, bias=3.0, keep=12)),    # 6 to 9 kept per unit
+])
+def test_sparsevlm_keep_positions_matches_reference(qwen25, batch, pad, items, opts):
+    """Without recycling, kept tokens keep their own slots and M-RoPE positions (the tiny model's short
+    instructions give ranks of a few: the presets would keep almost nothing, hence explicit scale / bias)."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=batch, pad=pad, items=items, seed=batch + 50)
+    units = RF.units_of(model, ex)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    log = []
+    selects = N.sparsevlm_selects(emb, vm, am, opts["layers"], opts["scale"], opts["bias"],
+                                  opts.get("capacity", opts["keep"]), images=units, recycle=False, log=log, in_place=True)
+    ref = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, positions="keep", max_new_tokens=STEPS)
+    pruned = gp.prune(model, "sparsevlm", recycle=False, positions="keep", program=program, **opts)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+    counts = [len(out["kept"]) for *_, out in log]
+    assert 0 < min(counts) and max(counts) < V and min(counts) < opts["keep"]   # pruned, some slots left unused
+
+
+def test_sparsevlm_on_mrope_says_what_to_set(qwen25):
+    """The authors' v1 renumbers (compact), which M-RoPE does not define; the refusal names the options that run."""
+    model, program = qwen25
+    with pytest.raises(PassNotApplicable, match="M-RoPE.*positions='keep' needs recycle=False"):
+        gp.prune(model, "sparsevlm(keep=64, layers=(0, 1))", program=program)

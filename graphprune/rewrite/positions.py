@@ -38,26 +38,25 @@ def rotary_slice(gm: fx.GraphModule, anat: Anatomy) -> list[fx.Node]:
 
 
 def check_one_axis(anat: Anatomy, p: TokenPass) -> None:
-    """Compact renumbering is defined for 1-D positions; M-RoPE's (3, B, S) ids are refused, naming
-    positions='keep' where the pass offers it."""
+    """Compact renumbering is defined for 1-D positions; M-RoPE's (3, B, S) ids are refused, saying
+    whether the pass would run with positions='keep'."""
     val = anat.inputs["position_ids"].meta.get("val")
     if val is not None and val.dim() != 2:
-        fix = "use positions='keep'" if _offers_keep(p) else \
-            f"{p.name} has no positions='keep' (it renumbers by design), so it cannot run on this model"
         raise PassNotApplicable(f"{p.name}: positions='compact' renumbers 1-D rotary positions; {anat.model_class} "
-                                f"takes {val.dim()}-D position ids (M-RoPE), whose renumbering is not defined; {fix}")
+                                f"takes {val.dim()}-D position ids (M-RoPE), whose renumbering is not defined; "
+                                f"{_keep_instead(p)}")
 
 
-def _offers_keep(p: TokenPass) -> bool:
-    """Whether the pass's options accept positions='keep' (the same pass with that one option changed)."""
+def _keep_instead(p: TokenPass) -> str:
+    """positions='keep', or why the pass as configured cannot take it (the same pass with that option)."""
     options = {f.name: getattr(p.config, f.name) for f in dataclasses.fields(p.config)}
     if "positions" not in options:
-        return False
+        return f"{p.name} renumbers by design, so it cannot run on this model"
     try:
         type(p)(**{**options, "positions": "keep"})
-    except PassConfigError:
-        return False
-    return True
+    except PassConfigError as e:
+        return f"positions='keep' is refused too: {e}"
+    return "use positions='keep'"
 
 
 def copy_rotary(gm: fx.GraphModule, nodes: list[fx.Node], pos_input: fx.Node, new_pos: fx.Node) -> dict:
