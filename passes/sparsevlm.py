@@ -114,7 +114,7 @@ def density_peak_merge(x, member, clusters):
 
 
 def sparsify(*, k, protected, valid, vision_pos, attn, hidden, vis_emb, text_emb, text_mask, scale, bias, recycle,
-             in_place):
+             in_place=False):
     """One SparseVLM layer on each image: picked = the first k slots, which hold the kept tokens (prompt
     order) then the recycled ones; values = their hidden states; valid = the slots in use. in_place
     (positions='keep', no recycling): picked = the kept tokens' own slots and the lowest others up to k

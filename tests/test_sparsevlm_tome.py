@@ -15,11 +15,12 @@ from graphprune.tools.zoo import llava_example
 # ------------------------------------------------------------------------------------------ SparseVLM
 
 
-def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True):
+def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True, positions="compact"):
     emb, am, pos, vm = R.llava_inputs(model, ex)
     log = []
-    selects = N.sparsevlm_selects(emb, vm, am, layers, scale, bias, capacity, recycle=recycle, log=log)
-    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, positions="compact",
+    selects = N.sparsevlm_selects(emb, vm, am, layers, scale, bias, capacity, recycle=recycle, log=log,
+                                  in_place=positions == "keep")
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, positions=positions,
                          max_new_tokens=STEPS), log
 
 
@@ -28,14 +29,16 @@ def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True):
     (2, (0, 3), dict(layers=(0, 2), scale=1.5, bias=6.0, capacity=36)),
     (2, (0, 3), dict(layers=(1, 2), scale=3.0, bias=0.0, capacity=9)),           # capacity cuts the kept tokens
     (1, (), dict(layers=(0, 1), scale=2.0, bias=3.0, capacity=36, recycle=False)),
+    (2, (0, 3), dict(layers=(0, 2), scale=1.5, bias=6.0, capacity=20, recycle=False, positions="keep")),  # own slots
 ])
 def test_sparsevlm_matches_reference(llava, batch, pad, opts):
     model, program = llava
     ex = llava_example(model, batch=batch, pad=pad, seed=batch + 20)
     ref, log = _sparsevlm_ref(model, ex, opts["layers"], opts["scale"], opts["bias"], opts["capacity"],
-                              opts.get("recycle", True))
+                              opts.get("recycle", True), opts.get("positions", "compact"))
     spec = "sparsevlm(keep=64" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
-    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS)
+    in_place = opts.get("positions") == "keep"             # kept tokens in their own slots: the kept sets compare
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"] if in_place else None)
     # the run exercised what it claims: tokens were deleted, and recycled unless switched off
     assert any(len(out["kept"]) < 36 for *_, out in log)
     assert any(len(out["recycled"]) > 0 for *_, out in log) == opts.get("recycle", True)
