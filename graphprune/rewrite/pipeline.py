@@ -8,6 +8,8 @@
 
 The pipeline runs passes stage by stage (vision, then prefill) in increasing layer order,
 verifying the graph after each one, and can print each graph after each pass (`debug=True`).
+Where a family's vision stage runs eagerly, vision passes on the projector's output run at LLM
+layer 0, on the input embeddings (`_at_layer_zero`).
 """
 from __future__ import annotations
 
