@@ -13,6 +13,7 @@ positions is refused, naming the option); on LLaVA-NeXT (eager anyres vision, 1-
 numbering runs too. VisionZip, VisPruner and ToMe read the encoder's CLS attention: refused, naming it."""
 import pytest
 import reference as R
+import reference_evs as E
 import reference_families as RF
 import reference_new_methods as N
 import torch
@@ -127,6 +128,24 @@ def test_projected_token_methods_chain_and_batch_equals_alone(qwen25):
         torch.testing.assert_close(both.logits[b][both.cache[-1].mask[b].bool()], alone.logits[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(pruned.generate(**one.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])[0, -STEPS:],
                            ref["tokens"][b])
+
+
+def test_evs_then_divprune_in_written_order(qwen25):
+    """At layer 0 passes act in the written order: evs keeps each video's tokens least like the previous
+    frame, divprune chooses among those. The other order is refused (evs needs the video's whole frames)."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("video",), seed=47)
+    keep, emb, _, _ = E.evs_inputs(model, ex, 0.5)              # 16 of the video's 2 x 16 tokens
+    vm = RF.family_inputs(model, ex)[3].gather(1, keep)
+    rows = []
+    for b in range(2):
+        video = vm[b].nonzero(as_tuple=True)[0]
+        chosen = video[N.divprune_indices(emb[b, video], 8)]
+        rows.append(keep[b, torch.cat([(~vm[b]).nonzero(as_tuple=True)[0], chosen]).sort().values])
+    pruned = gp.prune(model, "evs(rate=0.5) | divprune(keep=8, positions='keep')", program=program)
+    assert torch.equal(pruned(**ex.as_kwargs()).kept, torch.stack(rows))
+    with pytest.raises(PassConfigError, match="put evs first"):
+        gp.prune(model, "divprune(keep=8, positions='keep') | evs(rate=0.5)", program=program)
 
 
 def test_divprune_compact_on_llava_next():

@@ -200,8 +200,9 @@ class Program:
 def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = False) -> Program:
     """Apply passes to a copy of the program; the captured original is never modified."""
     out = program.copy()
-    order = sorted(passes, key=_position)
     vision = out.stages.get("vision")
+    eager = vision is None or vision.gm is None
+    order = sorted(passes, key=lambda p: _position(p, eager_vision=eager))
     if vision is not None and vision.gm is not None and any(_reads_last_vision_layer(p) for p in order):
         out.stages["vision"] = program.vision_through_last().copy()
         out.anatomy["vision"] = read_anatomy(out.stages["vision"].gm, "vision", out.family.model_class)
@@ -251,10 +252,13 @@ def _reads_last_vision_layer(p: TokenPass) -> bool:
                for plan in (plans if isinstance(plans, list) else [plans]) for sig in plan.signals.values())
 
 
-def _position(p: TokenPass) -> tuple:
+def _position(p: TokenPass, eager_vision: bool = False) -> tuple:
     """Where a pass acts, for ordering: stage, then layer (vision: encoder layers, then the features,
-    then the projector output; a cache rule right after the selection at its layer)."""
+    then the projector output; a cache rule right after the selection at its layer). With an eager
+    vision stage a vision pass acts at LLM layer 0 (_at_layer_zero), in the written order there."""
     from graphprune.rewrite.pass_api import KeepCache
+    if eager_vision and _stage_of(p) == "vision":
+        return STAGE_ORDER.index("prefill"), 0, 0
     plans = p.plan()
     first = plans[0] if isinstance(plans, list) else plans
     layer = float("inf") if first.layer is None else first.layer

@@ -57,6 +57,10 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
     if isinstance(sig, InputEmbeds):
+        if sig.tokens == "vision" and layer == 0 and state.generation:
+            # a layer-0 rule picks among the current tokens; these are the prompt's, some of them gone
+            raise PassConfigError(f"{p.name}: reads the prompt's original vision tokens (InputEmbeds) at layer 0, "
+                                  f"after {anat.selections[-1]['pass']} removed some there; put {p.name} first")
         return _input_embeds(gm, anat, sig, p)
     src = getattr(sig, "layer", None)
     if src == LAST_VISION_LAYER:
