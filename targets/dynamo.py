@@ -234,7 +234,8 @@ class PrunedFrame:
     inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask -> arg index
 
     def __call__(self, *args):
-        from graphprune.lower.runtime import _call, _Prompt, check_budgets, vision_layout
+        from graphprune import tokenops
+        from graphprune.lower.runtime import _call, _Prompt, check_budgets
         # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
         _PENDING.image = False
         rw = _rewritten(self.owner, self.opts)
@@ -247,14 +248,16 @@ class PrunedFrame:
             attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
         elif bool((attention_mask == 0).any()):
             warnings.warn(_PADDED, stacklevel=2)
-        vision_pos = vision_layout(mask.reshape(b, s, -1)[..., 0])
-        if vision_pos is None:
+        feats = feats.reshape(-1, embeds.shape[-1])
+        layout = rw.program.family.frame_layout(mask.reshape(b, s, -1)[..., 0], feats)
+        if layout is None:
             raise InputError("the prefill frame merges image features but the prompt has no image tokens")
-        check_budgets(rw.program.results, vision_pos.shape[-1])
-        feats = feats.reshape(b, vision_pos.shape[1], vision_pos.shape[2], -1).to(embeds.dtype)
+        check_budgets(rw.program.results, layout.pos.shape[-1])
+        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))      # the model's own merge
         positions = rw.program.family.positions(None, attention_mask)
         index = torch.arange(s, device=embeds.device).expand(b, s)
-        prompt = _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index, rw.passes)
+        prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
+                                  layout.pos, index, rw.passes, unit_frames=layout.frames)
         named = _call(rw.fn, **prompt.prefill_inputs())
         return tuple(named[r] for r in self.roles)
 
@@ -299,6 +302,14 @@ def _family_supported(opts: BackendOptions) -> bool:
     return True
 
 
+_VIDEO = ("the prompt has videos (frame inputs {}): the backend prunes image prompts, whose images the merge "
+          "frame's image-token mask and features show; a video's frames and its unit (video_unit) it does not read")
+
+
+def _video_inputs(gm: fx.GraphModule) -> list[str]:
+    return [p.name for p in gm.graph.find_nodes(op="placeholder") if "video" in p.name]
+
+
 def _not_applied(opts: BackendOptions, why: str) -> None:
     _PENDING.image = False           # this image is reported: a later text-only prompt owes nothing
     msg = (f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {why}. The model would run "
@@ -329,7 +340,9 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if merge is not None:
         if not _family_supported(opts):
             return _compile(gm, example_inputs, opts.compiler)
-        if not layers:
+        if _video_inputs(gm):
+            _not_applied(opts, _VIDEO.format(_video_inputs(gm)))
+        elif not layers:
             _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
         else:
             frame = _prune_frame(gm, merge, layers, opts)

@@ -230,10 +230,102 @@ def test_unknown_family_is_unsupported_not_a_graph_break():
 
 
 def test_family_the_backend_cannot_read_is_unsupported():
-    # LLaVA-NeXT's merge frame holds every layer, but its image mask hides the image_newline slots
+    # Mistral 3's merge frame holds every layer, but [IMG_BREAK] cuts its image mask into rows
     from graphprune.tools import family_zoo
-    model = family_zoo.build("llava_next")
+    model = family_zoo.build("mistral3")
     kw = family_zoo.example(model).as_kwargs()
-    with pytest.raises(Exception, match="unsupported family for the torch.compile backend: .*image_newline"):
+    with pytest.raises(Exception, match="unsupported family for the torch.compile backend: .*IMG_BREAK"):
         with torch.no_grad():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+# -- anyres families: image_newline slots told from the merged features -------------------------
+ANYRES = ("llava_next", "llava_onevision")
+
+
+@pytest.fixture(scope="module")
+def anyres():
+    from graphprune.tools import family_zoo
+    return {f: family_zoo.build(f) for f in ANYRES}
+
+
+def _anyres_example(model, **kw):
+    from graphprune.tools import family_zoo
+    return family_zoo.example(model, **kw).as_kwargs()
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_anyres_frame_layout_is_prunes_layout(anyres, family):
+    """What the backend reads from the merge frame (image mask + merged features) is the layout
+    graphprune.prune reads from image_sizes: the same units, patch positions and newline slots."""
+    from graphprune.families import family_of
+    model = anyres[family]
+    kw = _anyres_example(model, batch=2, items=("image", "image"), seed=1)
+    fam = family_of(model)
+    want = fam.vision_layout(**kw)
+    with torch.no_grad():
+        merged = fam.merged_embeds(**kw)
+    is_image = kw["input_ids"] == fam.image_token_id()
+    got = fam.frame_layout(is_image, merged[is_image])
+    assert got.units == want.units and torch.equal(got.pos, want.pos)
+    assert torch.equal(got.separators, want.separators) and int(want.separators.sum()) > 0
+
+
+@pytest.mark.parametrize("family", ANYRES)
+@pytest.mark.parametrize("pipeline, batch", [("fastv(layer=2, keep=8)", 1), ("dart(layer=2, keep=8)", 2),
+                                             ("fastv(layer=1, keep=0.5)", 2)])
+def test_anyres_compiled_logits_equal_prune(anyres, family, pipeline, batch):
+    model = anyres[family]
+    kw = _anyres_example(model, batch=batch, items=("image", "image"))
+    want = gp.prune(model, pipeline)(**kw)
+    with torch.no_grad():
+        got = _compiled(model, pipeline)(**kw)
+    assert got.logits.shape == want.logits.shape            # the kept tokens only
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_anyres_hf_generate_over_compiled_forward_decodes_like_prune(anyres, family):
+    model = anyres[family]
+    kw = _anyres_example(model, seed=2)
+    pipeline = "fastv(layer=2, keep=8)"
+    n = kw["input_ids"].shape[1]
+    want = gp.prune(model, pipeline).generate(**kw, max_new_tokens=12)[:, n:]
+    torch._dynamo.reset()
+    forward = model.forward
+    try:
+        model.forward = torch.compile(forward, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
+        with torch.no_grad():
+            ids = model.generate(**kw, max_new_tokens=12, do_sample=False)[:, n:]
+    finally:
+        model.forward = forward
+    assert torch.equal(ids, want)
+
+
+def test_onevision_video_prompts_are_refused_not_run_unpruned(anyres):
+    model = anyres["llava_onevision"]
+    for items in (("video",), ("image", "video")):
+        kw = _anyres_example(model, items=items)
+        with pytest.raises(Exception, match=r"the prompt has videos \(frame inputs \[.*video"):
+            with torch.no_grad():
+                _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+
+
+def test_adjacent_anyres_images_are_refused(anyres):
+    """Two images with no text between them make one run of image tokens; without image_sizes the
+    frame cannot split it, so it is refused rather than pruned as one image."""
+    from graphprune.families import family_of
+    model = anyres["llava_next"]
+    kw = _anyres_example(model, items=("image", "image"))
+    fam = family_of(model)
+    ids = kw["input_ids"]
+    is_image = ids == fam.image_token_id()
+    at = is_image[0].nonzero()[:, 0]
+    gap = at[1:][at[1:] - at[:-1] > 1][0]           # the first token of the second image
+    glued = torch.cat([ids[:, :at[0]], ids[:, at], ids[:, gap + int(is_image[0, gap:].sum()):]], 1)
+    with torch.no_grad():
+        merged = fam.merged_embeds(glued, pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"])
+    is_image = glued == fam.image_token_id()
+    with pytest.raises(gp.InputError, match="not exactly one LLaVA-NeXT image"):
+        fam.frame_layout(is_image, merged[is_image])

@@ -155,6 +155,37 @@ class Family:
             raise InputError(f"the prompt has image tokens but no {needs} were given")
         return is_image
 
+    def frame_layout(self, is_image: torch.Tensor, features: torch.Tensor) -> VisionLayout | None:
+        """The prompt's images as the torch.compile backend sees them, from the merge frame's (B, S)
+        image-token mask and the (N, D) features merged there in order (no processor inputs reach that
+        frame). Each run of consecutive image tokens is one image (processors write text between
+        images; check_frame_image refuses a run that is not one); feature rows that are separators
+        (feature_separators) are protected and never counted. None when the prompt has no image."""
+        if not bool(is_image.any()):
+            return None
+        at = is_image.nonzero()                       # row-major: the order masked_scatter fills
+        if at.shape[0] != features.shape[0]:
+            raise InputError(f"{at.shape[0]} image tokens for {features.shape[0]} image features")
+        separators = torch.zeros_like(is_image)
+        rows = self.feature_separators(features)
+        if rows is not None:
+            separators[at[:, 0], at[:, 1]] = rows
+        per_sample = []
+        for i, row in enumerate(is_image):
+            pos = row.nonzero()[:, 0]
+            runs = pos.tensor_split(((pos[1:] - pos[:-1] > 1).nonzero()[:, 0] + 1).tolist())
+            for run in runs:
+                self.check_frame_image(i, separators[i, run])
+            per_sample.append([(f"image {j}", run[~separators[i, run]]) for j, run in enumerate(runs)])
+        return blocks_layout(per_sample, separators, ("image",))
+
+    def feature_separators(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(N,) bool: which rows of the merged image features are separators (None: none are)."""
+        return None
+
+    def check_frame_image(self, sample: int, separators: torch.Tensor) -> None:
+        """Raise InputError unless a run of image tokens (its separator slots given) is exactly one image."""
+
     def with_videos(self, input_ids, images: VisionLayout | None, video_unit: str, videos,
                     modalities=MODALITIES) -> VisionLayout | None:
         """`images` plus the prompt's videos: each video's placeholder block holds its frames' tokens in

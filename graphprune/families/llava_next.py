@@ -22,8 +22,6 @@ class LlavaNextFamily(Family):
     vision_inputs = ("pixel_values", "image_sizes")
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
-    compile_refused = ("the torch.compile backend sees only the image-token mask, which does not tell the "
-                       "image_newline slots (never pruned) from the patches")
 
     def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
                       **inputs) -> VisionLayout | None:
@@ -65,3 +63,32 @@ class LlavaNextFamily(Family):
         packed, _ = body.pack_image_features([marker], image_size[None], self.config().vision_feature_select_strategy,
                                              image_newline=torch.zeros(1, device=marker.device))
         return packed[0]
+
+    # -- what the torch.compile backend reads: the merge frame's mask and features --------------
+    def feature_separators(self, features: torch.Tensor) -> torch.Tensor:
+        """pack_image_features writes every newline row as a copy of the model's image_newline
+        parameter (expand + cast, no arithmetic), so the rows equal to it are the newline slots."""
+        return (features == self.body().image_newline.to(features.dtype)).all(-1)
+
+    def check_frame_image(self, sample: int, separators: torch.Tensor) -> None:
+        """An image's block is its base view (no newline), then rows of one width each closed by a
+        newline. A run shaped otherwise, or that also splits into two such blocks (adjacent images),
+        is refused: without image_sizes the run cannot say where its images are."""
+        if not self._one_image(separators) or any(
+                self._one_image(separators[:int(e) + 1]) and self._one_image(separators[int(e) + 1:], tail=True)
+                for e in separators.nonzero()[:-1, 0]):
+            raise InputError(f"sample {sample}: a run of {separators.numel()} image tokens that is not exactly one "
+                             "LLaVA-NeXT image (adjacent images?); the torch.compile backend needs text between "
+                             "images, or use graphprune.prune(model, ...), which reads image_sizes")
+
+    def _one_image(self, separators: torch.Tensor, tail: bool = False) -> bool:
+        """The slots fit one image block (tail: they start like one, the rest may be more images)."""
+        vc = self.config().vision_config
+        base = (vc.image_size // vc.patch_size) ** 2        # as newline_slots packs a crop
+        if separators.numel() <= base or bool(separators[:base].any()):
+            return False
+        if tail:
+            return True
+        ends = separators.nonzero()[:, 0]
+        rows = torch.diff(ends, prepend=ends.new_tensor([base - 1]))
+        return bool(separators[-1]) and bool((rows == rows[0]).all())

@@ -110,26 +110,6 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, t
     return index, mask
 
 
-def vision_layout(is_image: torch.Tensor) -> torch.Tensor | None:
-    """(B, images, tokens) positions of the vision tokens, from a (B, S) image-token mask; None
-    when there are none. Runs of consecutive image tokens are images."""
-    counts = is_image.sum(1)
-    if int(counts.max()) == 0:
-        return None
-    if not bool((counts == counts[0]).all()):
-        raise InputError(f"samples carry different numbers of vision tokens {counts.tolist()}; "
-                         "a batch needs the same images-per-sample and image size so budgets stay rectangular")
-    b, s = is_image.shape
-    pos = torch.arange(s, device=is_image.device).expand(b, s)[is_image].reshape(b, -1)
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    n_img = starts.sum(1)
-    if not bool((n_img == n_img[0]).all()) or pos.shape[1] % int(n_img[0]):
-        raise InputError("images in the batch have different token counts; batch images of one size together")
-    n = int(n_img[0])
-    return pos.reshape(b, n, pos.shape[1] // n)
-
-
 def check_budgets(results, tokens_per_image: int) -> None:
     """Integer budgets larger than the vision tokens an image has at that point fail, before work."""
     follow_budgets(BudgetStep.of_results(results), tokens_per_image, "of this prompt")
