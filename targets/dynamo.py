@@ -6,7 +6,8 @@ vision tower, projector, the `.item()` in the image-token check, then one frame 
 merge and every decoder layer, then the LM head). The backend reads each frame's graph:
 
 * the frame that merges image features into the embeddings and runs the decoder layers is the
-  prefill anchor: graphprune captures that language model with dynamic batch/sequence, applies the
+  prefill anchor: the model's family lays the prompt's images out from what that frame holds (the
+  image-token mask and the merged features: Family.frame_layout), graphprune captures that language model with dynamic batch/sequence, applies the
   pipeline's passes (the same rewrite `graphprune.prune` runs) and compiles the result with
   Inductor (or runs it as is, `compiler="eager"`). The frame's outputs (per-layer keys/values for
   the cache, the final hidden state) come from the rewritten graph, so every layer's cache holds
@@ -15,8 +16,8 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
   captured.
 
 A pass that cannot apply never degrades silently: a model of a family the backend cannot prune
-("unsupported family": unknown to graphprune, refused up front, or laid out in a way the image mask
-alone does not show), an image merge split from the decoder layers by
+("unsupported family": unknown to graphprune, refused up front, or laid out in a way the merge frame
+does not show), a video prompt, an image merge split from the decoder layers by
 a graph break, decoder layers spread over several frames, or image features that reach the
 decoder layers merged by an op other than masked_scatter (seen at run time: a compiled vision
 frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or
@@ -226,8 +227,8 @@ _PADDED = ("padded batch: its prefill is pruned exactly, but decoding it needs g
 
 @dataclass
 class PrunedFrame:
-    """The callable dynamo runs for the prefill frame: layout from the image mask, the merge, the
-    rewritten prefill graph, the frame's outputs in dynamo's order."""
+    """The callable dynamo runs for the prefill frame: the family's layout from the image mask and
+    features, the merge, the rewritten prefill graph, the frame's outputs in dynamo's order."""
     owner: torch.nn.Module
     opts: BackendOptions
     roles: list[str]

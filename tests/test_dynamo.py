@@ -6,7 +6,7 @@ equal eager `graphprune.prune` (exactly with compiler="eager", to 1e-4 through C
 rewritten graph holds the selection, a second call with the same shapes compiles nothing, Hugging
 Face's generate() over the compiled forward decodes the same greedy tokens through the shrunk
 caches, and what the backend cannot do (a split anchor, static-capacity decode, bad options) fails
-loudly.
+loudly. The LLaVA-NeXT family (anyres images, image_newline slots) the same, against gp.prune.
 """
 import subprocess
 import sys
@@ -254,12 +254,13 @@ def _anyres_example(model, **kw):
     return family_zoo.example(model, **kw).as_kwargs()
 
 
-@pytest.mark.parametrize("family", ANYRES)
+@pytest.mark.parametrize("family", ANYRES + ("llava_next_video",))
 def test_anyres_frame_layout_is_prunes_layout(anyres, family):
     """What the backend reads from the merge frame (image mask + merged features) is the layout
     graphprune.prune reads from image_sizes: the same units, patch positions and newline slots."""
     from graphprune.families import family_of
-    model = anyres[family]
+    from graphprune.tools import family_zoo
+    model = anyres[family] if family in anyres else family_zoo.build(family)
     kw = _anyres_example(model, batch=2, items=("image", "image"), seed=1)
     fam = family_of(model)
     want = fam.vision_layout(**kw)
@@ -272,44 +273,42 @@ def test_anyres_frame_layout_is_prunes_layout(anyres, family):
 
 
 @pytest.mark.parametrize("family", ANYRES)
-@pytest.mark.parametrize("pipeline, batch", [("fastv(layer=2, keep=8)", 1), ("dart(layer=2, keep=8)", 2),
-                                             ("fastv(layer=1, keep=0.5)", 2)])
-def test_anyres_compiled_logits_equal_prune(anyres, family, pipeline, batch):
+def test_anyres_compiled_forward_and_generate_equal_prune(anyres, family):
+    """A batch of 2 (and for LLaVA-NeXT batch 1): the kept tokens' logits and per-layer cache lengths
+    equal graphprune.prune's, and Hugging Face's generate over the compiled forward decodes its
+    greedy tokens."""
     model = anyres[family]
-    kw = _anyres_example(model, batch=batch, items=("image", "image"))
-    want = gp.prune(model, pipeline)(**kw)
-    with torch.no_grad():
-        got = _compiled(model, pipeline)(**kw)
-    assert got.logits.shape == want.logits.shape            # the kept tokens only
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
-    assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
-
-
-@pytest.mark.parametrize("family", ANYRES)
-def test_anyres_hf_generate_over_compiled_forward_decodes_like_prune(anyres, family):
-    model = anyres[family]
-    kw = _anyres_example(model, seed=2)
-    pipeline = "fastv(layer=2, keep=8)"
-    n = kw["input_ids"].shape[1]
-    want = gp.prune(model, pipeline).generate(**kw, max_new_tokens=12)[:, n:]
-    torch._dynamo.reset()
+    pipeline = "dart(layer=2, keep=8)"
+    pruned = gp.prune(model, pipeline)
+    prompts = [_anyres_example(model, batch=2, items=("image", "image"))]
+    if family == "llava_next":
+        prompts.append(_anyres_example(model, seed=1))
     forward = model.forward
     try:
-        model.forward = torch.compile(forward, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
-        with torch.no_grad():
-            ids = model.generate(**kw, max_new_tokens=12, do_sample=False)[:, n:]
+        for kw in prompts:
+            torch._dynamo.reset()     # a fresh compile per shape: HF's shared forward wrapper would
+            model.forward = torch.compile(forward, backend="graphprune",      # exhaust the recompile limit
+                                          options={"pipeline": pipeline, "compiler": "eager"})
+            want = pruned(**kw)
+            with torch.no_grad():
+                got = model(**kw)
+            assert got.logits.shape == want.logits.shape            # the kept tokens only
+            torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+            assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
+            n = kw["input_ids"].shape[1]
+            with torch.no_grad():
+                ids = model.generate(**kw, max_new_tokens=12, do_sample=False)[:, n:]
+            assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=12)[:, n:])
     finally:
         model.forward = forward
-    assert torch.equal(ids, want)
 
 
 def test_onevision_video_prompts_are_refused_not_run_unpruned(anyres):
     model = anyres["llava_onevision"]
-    for items in (("video",), ("image", "video")):
-        kw = _anyres_example(model, items=items)
-        with pytest.raises(Exception, match=r"the prompt has videos \(frame inputs \[.*video"):
-            with torch.no_grad():
-                _compiled(model, "fastv(layer=2, keep=8)")(**kw)
+    kw = _anyres_example(model, items=("video",))     # merged in the decoder frame, like an image
+    with pytest.raises(Exception, match=r"the prompt has videos \(frame inputs \[.*video"):
+        with torch.no_grad():
+            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
 
 def test_adjacent_anyres_images_are_refused(anyres):

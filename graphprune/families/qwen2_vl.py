@@ -22,8 +22,15 @@ class Qwen2VLFamily(Family):
     image_feature_inputs = ("image_grid_thw",)
     video_feature_inputs = ("video_grid_thw",)
     eager_vision = "data-dependent patch grid (grid_thw)"
-    compile_refused = ("the compile frame sees the image-token mask only, not the image_grid_thw / "
-                       "video_grid_thw its M-RoPE positions and units come from")
+    # dynamo splits the forward three ways: a frame merging the image embeddings (masked_scatter, no
+    # decoder layer), get_rope_index's data-dependent loops over image_grid_thw, then a frame running
+    # every decoder layer whose inputs are the merged embeddings, the 3-D M-RoPE position_ids and the
+    # attention mask. Those positions are exactly the ones graphprune.prune uses, but no image mask nor
+    # grid reaches the decoder frame; pruning it would need the merge frame's mask handed across frames.
+    compile_refused = ("its image merge runs in a frame of its own, split from the decoder layers by "
+                       "get_rope_index's graph breaks; the decoder frame receives the merged embeddings and the "
+                       "M-RoPE position_ids but neither the image-token mask nor image_grid_thw / video_grid_thw, "
+                       "which say where the images are")
     separator_tokens = ("vision_start_token_id", "vision_end_token_id")
 
     def merge(self) -> int:
