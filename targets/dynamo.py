@@ -233,6 +233,7 @@ class PrunedFrame:
     opts: BackendOptions
     roles: list[str]
     inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask -> arg index
+    modality: str = "image"         # what the merge writes: images, or (alone) videos
 
     def __call__(self, *args):
         from graphprune import tokenops
@@ -250,7 +251,7 @@ class PrunedFrame:
         elif bool((attention_mask == 0).any()):
             warnings.warn(_PADDED, stacklevel=2)
         feats = feats.reshape(-1, embeds.shape[-1])
-        layout = rw.program.family.frame_layout(mask.reshape(b, s, -1)[..., 0], feats)
+        layout = rw.program.family.frame_layout(mask.reshape(b, s, -1)[..., 0], feats, self.modality)
         if layout is None:
             raise InputError("the prefill frame merges image features but the prompt has no image tokens")
         check_budgets(rw.program.results, layout.pos.shape[-1])
@@ -273,12 +274,18 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
                            f"of 0..{layers - 1}: a graph break splits the language model")
         return None
     roles = _output_roles(gm, layers)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    merged = placeholders[_placeholder_index(gm, merge.args[2], "merged features")].name
+    videos = _video_inputs(gm)
+    if videos and (videos != [merged] or not family_of(owner).frame_video_tokens()):
+        _not_applied(opts, _VIDEO.format(videos))
+        return None
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
               "image_mask": _placeholder_index(gm, merge.args[1], "image-token mask"),
               "image_features": _placeholder_index(gm, merge.args[2], "image features")}
     if _attention_mask_index(gm) is not None:
         inputs["attention_mask"] = _attention_mask_index(gm)
-    return PrunedFrame(owner, opts, roles, inputs)
+    return PrunedFrame(owner, opts, roles, inputs, "video" if videos else "image")
 
 
 def _family_supported(opts: BackendOptions) -> bool:
@@ -303,8 +310,9 @@ def _family_supported(opts: BackendOptions) -> bool:
     return True
 
 
-_VIDEO = ("the prompt has videos (frame inputs {}): the backend prunes image prompts, whose images the merge "
-          "frame's image-token mask and features show; a video's frames and its unit (video_unit) it does not read")
+_VIDEO = ("the prompt has videos (frame inputs {}): the backend prunes videos only where one frame merges them "
+          "alone and runs the decoder layers, in a family whose frame shows the video frames "
+          "(Family.frame_video_tokens: LLaVA-OneVision video-only prompts)")
 
 
 def _video_inputs(gm: fx.GraphModule) -> list[str]:
@@ -341,10 +349,9 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if merge is not None:
         if not _family_supported(opts):
             return _compile(gm, example_inputs, opts.compiler)
-        if _video_inputs(gm):
-            _not_applied(opts, _VIDEO.format(_video_inputs(gm)))
-        elif not layers:
-            _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers")
+        if not layers:
+            _not_applied(opts, _VIDEO.format(_video_inputs(gm)) if _video_inputs(gm) else
+                         "a graph break separates the image-feature merge from the decoder layers")
         else:
             frame = _prune_frame(gm, merge, layers, opts)
             if frame is not None:

@@ -6,7 +6,8 @@ equal eager `graphprune.prune` (exactly with compiler="eager", to 1e-4 through C
 rewritten graph holds the selection, a second call with the same shapes compiles nothing, Hugging
 Face's generate() over the compiled forward decodes the same greedy tokens through the shrunk
 caches, and what the backend cannot do (a split anchor, static-capacity decode, bad options) fails
-loudly. The LLaVA-NeXT family (anyres images, image_newline slots) the same, against gp.prune.
+loudly. The LLaVA-NeXT family (anyres images, image_newline slots; OneVision video-only prompts) the
+same, against gp.prune.
 """
 import subprocess
 import sys
@@ -229,16 +230,6 @@ def test_unknown_family_is_unsupported_not_a_graph_break():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
 
-def test_family_the_backend_cannot_read_is_unsupported():
-    # Mistral 3's merge frame holds every layer, but [IMG_BREAK] cuts its image mask into rows
-    from graphprune.tools import family_zoo
-    model = family_zoo.build("mistral3")
-    kw = family_zoo.example(model).as_kwargs()
-    with pytest.raises(Exception, match="unsupported family for the torch.compile backend: .*IMG_BREAK"):
-        with torch.no_grad():
-            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
-
-
 # -- anyres families: image_newline slots told from the merged features -------------------------
 ANYRES = ("llava_next", "llava_onevision")
 
@@ -256,36 +247,39 @@ def _anyres_example(model, **kw):
 
 @pytest.mark.parametrize("family", ANYRES + ("llava_next_video",))
 def test_anyres_frame_layout_is_prunes_layout(anyres, family):
-    """What the backend reads from the merge frame (image mask + merged features) is the layout
-    graphprune.prune reads from image_sizes: the same units, patch positions and newline slots."""
+    """What the backend reads from the merge frame (placeholder mask + merged features) is the layout
+    graphprune.prune reads from image_sizes / pixel_values_videos: the same units (images; video
+    frames), patch positions and newline slots."""
     from graphprune.families import family_of
     from graphprune.tools import family_zoo
     model = anyres[family] if family in anyres else family_zoo.build(family)
-    kw = _anyres_example(model, batch=2, items=("image", "image"), seed=1)
     fam = family_of(model)
-    want = fam.vision_layout(**kw)
-    with torch.no_grad():
-        merged = fam.merged_embeds(**kw)
-    is_image = kw["input_ids"] == fam.image_token_id()
-    got = fam.frame_layout(is_image, merged[is_image])
-    assert got.units == want.units and torch.equal(got.pos, want.pos)
-    assert torch.equal(got.separators, want.separators) and int(want.separators.sum()) > 0
+    for modality in ("image", "video") if family == "llava_onevision" else ("image",):
+        kw = _anyres_example(model, batch=2, items=(modality, modality), seed=1)
+        want = fam.vision_layout(**kw)
+        with torch.no_grad():
+            merged = fam.merged_embeds(**kw)
+        token = fam.image_token_id() if modality == "image" else fam.video_token_id()
+        is_vision = kw["input_ids"] == token
+        got = fam.frame_layout(is_vision, merged[is_vision], modality)
+        assert got.units == want.units and torch.equal(got.pos, want.pos)
+        assert torch.equal(got.separators, want.separators) and int(want.separators.sum()) > 0
 
 
 @pytest.mark.parametrize("family", ANYRES)
 def test_anyres_compiled_forward_and_generate_equal_prune(anyres, family):
-    """A batch of 2 (and for LLaVA-NeXT batch 1): the kept tokens' logits and per-layer cache lengths
-    equal graphprune.prune's, and Hugging Face's generate over the compiled forward decodes its
-    greedy tokens."""
+    """A batch of 2 (for LLaVA-NeXT also batch 1; for OneVision also a video prompt, a unit per frame
+    as gp.prune's default video_unit): the kept tokens' logits and per-layer cache lengths equal
+    graphprune.prune's, and Hugging Face's generate over the compiled forward decodes its greedy tokens."""
     model = anyres[family]
     pipeline = "dart(layer=2, keep=8)"
     pruned = gp.prune(model, pipeline)
     prompts = [_anyres_example(model, batch=2, items=("image", "image"))]
-    if family == "llava_next":
-        prompts.append(_anyres_example(model, seed=1))
+    prompts.append(_anyres_example(model, seed=1) if family == "llava_next" else
+                   _anyres_example(model, batch=2, items=("video",), seed=3))
     forward = model.forward
     try:
-        for kw in prompts:
+        for k, kw in enumerate(prompts):
             torch._dynamo.reset()     # a fresh compile per shape: HF's shared forward wrapper would
             model.forward = torch.compile(forward, backend="graphprune",      # exhaust the recompile limit
                                           options={"pipeline": pipeline, "compiler": "eager"})
@@ -295,17 +289,18 @@ def test_anyres_compiled_forward_and_generate_equal_prune(anyres, family):
             assert got.logits.shape == want.logits.shape            # the kept tokens only
             torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
             assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
-            n = kw["input_ids"].shape[1]
-            with torch.no_grad():
-                ids = model.generate(**kw, max_new_tokens=12, do_sample=False)[:, n:]
-            assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=12)[:, n:])
+            if k == 0:                 # decoding the batch of 2 through HF's cache of kept tokens
+                n = kw["input_ids"].shape[1]
+                with torch.no_grad():
+                    ids = model.generate(**kw, max_new_tokens=12, do_sample=False)[:, n:]
+                assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=12)[:, n:])
     finally:
         model.forward = forward
 
 
-def test_onevision_video_prompts_are_refused_not_run_unpruned(anyres):
+def test_onevision_image_and_video_prompt_is_refused_not_run_unpruned(anyres):
     model = anyres["llava_onevision"]
-    kw = _anyres_example(model, items=("video",))     # merged in the decoder frame, like an image
+    kw = _anyres_example(model, items=("image", "video"))     # the video tower splits merge and layers
     with pytest.raises(Exception, match=r"the prompt has videos \(frame inputs \[.*video"):
         with torch.no_grad():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)

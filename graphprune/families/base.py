@@ -155,29 +155,54 @@ class Family:
             raise InputError(f"the prompt has image tokens but no {needs} were given")
         return is_image
 
-    def frame_layout(self, is_image: torch.Tensor, features: torch.Tensor) -> VisionLayout | None:
-        """The prompt's images as the torch.compile backend sees them, from the merge frame's (B, S)
-        image-token mask and the (N, D) features merged there in order (no processor inputs reach that
-        frame). Each run of consecutive image tokens is one image (processors write text between
-        images; check_frame_image refuses a run that is not one); feature rows that are separators
-        (feature_separators) are protected and never counted. None when the prompt has no image."""
-        if not bool(is_image.any()):
+    def frame_layout(self, is_vision: torch.Tensor, features: torch.Tensor,
+                     modality: str = "image") -> VisionLayout | None:
+        """The prompt's images (or videos) as the torch.compile backend sees them, from the merge
+        frame's (B, S) placeholder mask and the (N, D) features merged there in order (no processor
+        input reaches that frame). Images: each run of consecutive image tokens is one image
+        (processors write text between images; check_frame_image refuses a run that is not one).
+        Videos: each closes with its separator row, and a unit is a frame of frame_video_tokens()
+        tokens (video_unit="frame", graphprune.prune's default). Feature rows that are separators
+        (feature_separators) are protected and never counted. None when there are none."""
+        if not bool(is_vision.any()):
             return None
-        at = is_image.nonzero()                       # row-major: the order masked_scatter fills
+        at = is_vision.nonzero()                      # row-major: the order masked_scatter fills
         if at.shape[0] != features.shape[0]:
-            raise InputError(f"{at.shape[0]} image tokens for {features.shape[0]} image features")
-        separators = torch.zeros_like(is_image)
+            raise InputError(f"{at.shape[0]} {modality} tokens for {features.shape[0]} {modality} features")
+        separators = torch.zeros_like(is_vision)
         rows = self.feature_separators(features)
         if rows is not None:
             separators[at[:, 0], at[:, 1]] = rows
         per_sample = []
-        for i, row in enumerate(is_image):
+        for i, row in enumerate(is_vision):
             pos = row.nonzero()[:, 0]
+            if modality == "video":
+                per_sample.append(self._frame_videos(i, pos, separators[i, pos]))
+                continue
             runs = pos.tensor_split(((pos[1:] - pos[:-1] > 1).nonzero()[:, 0] + 1).tolist())
             for run in runs:
                 self.check_frame_image(i, separators[i, run])
             per_sample.append([(f"image {j}", run[~separators[i, run]]) for j, run in enumerate(runs)])
-        return blocks_layout(per_sample, separators, ("image",))
+        return blocks_layout(per_sample, separators, (modality,))
+
+    def _frame_videos(self, sample: int, pos: torch.Tensor, closing: torch.Tensor) -> list[tuple]:
+        """A sample's video frames from its video slots `pos`, each video closed by a separator."""
+        per = self.frame_video_tokens()
+        ends = closing.nonzero()[:, 0]
+        if not bool(closing[-1]):
+            raise InputError(f"sample {sample}: its last video is not closed by a separator row")
+        blocks = []
+        for j, video in enumerate(pos.tensor_split((ends[:-1] + 1).tolist())):
+            patches = video[:-1]
+            if patches.numel() == 0 or patches.numel() % per:
+                raise InputError(f"sample {sample}: video {j} has {patches.numel()} tokens, not whole frames of {per}")
+            blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(patches.split(per))]
+        return blocks
+
+    def frame_video_tokens(self) -> int | None:
+        """Tokens per video frame, where the compile backend can lay a video out from its merge
+        frame (each video closed by a separator row); None where it cannot."""
+        return None
 
     def feature_separators(self, features: torch.Tensor) -> torch.Tensor | None:
         """(N,) bool: which rows of the merged image features are separators (None: none are)."""

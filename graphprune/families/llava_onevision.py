@@ -3,6 +3,8 @@ video: each frame's patch grid pooled 2x2, all frames of a video in one `<video>
 one image_newline slot (LlavaOnevisionProcessor: frames x pooled^2 + 1 placeholders)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from graphprune.compat import onevision_video_features
@@ -22,3 +24,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
 
     def video_features(self, body, pixel_values_videos, **kw):
         return onevision_video_features(body, pixel_values_videos, **kw)
+
+    def frame_video_tokens(self) -> int:
+        """apply_pooling interpolates each frame's patch grid to ceil(side / 2) a side."""
+        vc = self.config().vision_config
+        return math.ceil(vc.image_size // vc.patch_size / 2) ** 2
