@@ -26,6 +26,9 @@ CASES = [
     ("qwen2_5_vl-image", "qwen2_5_vl", ("image",), "frame"),
     ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video"), "frame"),
     ("qwen2_5_vl-video-per-video", "qwen2_5_vl", ("video",), "video"),
+    ("qwen3_vl-image", "qwen3_vl", ("image",), "frame"),
+    # each video frame its own <t seconds> <|vision_start|> ... <|vision_end|> block; DeepStack at LM layers 0, 1
+    ("qwen3_vl-image+video", "qwen3_vl", ("image", "video"), "frame"),
     ("llava_next-anyres", "llava_next", ("image",), "frame"),
     ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
     # an image (8x8 base + 8 rows of 14 = 176 tokens) and an 11-frame video counted per video (11 x 4x4 pooled)
@@ -38,6 +41,10 @@ _MODELS: dict = {}
 
 
 def _model(family):
+    if family == "qwen3_vl":
+        import transformers
+        if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+            pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
     if family not in _MODELS:
         model = family_zoo.build(family)
         _MODELS[family] = (model, Program.capture(model))
@@ -99,7 +106,8 @@ def test_beam_search_repeats_each_sample_with_its_images_and_videos(case):
 
 def _reference(model, ex, unit, selects):
     emb, am, pos, vm = RF.family_inputs(model, ex)
-    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS), vm
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS,
+                         deepstack=RF.deepstack(model, ex)), vm
 
 
 def _methods(units):
