@@ -145,6 +145,33 @@ def test_llm_methods_equal_reference(case, method):
         assert (int(seps[b].sum()) > 0) == (family not in NO_SEPARATORS)
 
 
+def test_qwen3_vl_deepstack_adds_follow_the_kept_tokens():
+    """FastV at layer 1 of Qwen3-VL, whose DeepStack still adds vision features to the output of layer 1
+    (levels at layers 0 and 1): the pruned prefill adds level 1 at the kept tokens only, as the
+    reference does. Leaving level 1 out changes the result, so the adds after the cut are exercised."""
+    model, program = _model("qwen3_vl")
+    ex = _example(model, ("image", "video"))
+    units = RF.units_of(model, ex)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    deepstack = RF.deepstack(model, ex)
+    assert deepstack.shape[0] == 2 and bool(deepstack[1][vm].abs().gt(0).all()) and not bool(deepstack[1][~vm].any())
+    selects = {1: RF.fastv_units_select(4, units)}
+    ref = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS, deepstack=deepstack)
+    pruned = gp.prune(model, "fastv", layer=1, keep=4, program=program)
+    out = pruned(**ex.as_kwargs())
+    assert "deepstack_embeds" in pruned.results[0].info["rerouted"]      # gathered with the kept tokens
+    assert torch.equal(out.kept, ref["keep"])
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])[:, -STEPS:],
+                       ref["tokens"])
+    level_0_only = deepstack.clone()
+    level_0_only[1] = 0
+    other = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1,
+                          deepstack=level_0_only)
+    assert (other["prefill_logits"][real] - out.logits[real]).abs().max() > 1e-2
+
+
 def _mm(ex):
     return {k: v for k, v in ex.as_kwargs().items() if k not in ("input_ids", "attention_mask")}
 
@@ -184,6 +211,28 @@ def test_layout_units_and_separators():
     _, _, _, vm = RF.family_inputs(model, ex)
     assert torch.equal(lay.separators, (ex.input_ids == cfg.image_token_id) & ~vm)
     assert lay.pos.shape == (2, 1, 16 + 4 * 8)            # base 4x4 + 4 unpadded rows of 8 (+ newline each)
+
+
+def test_qwen3_vl_frames_are_blocks_between_time_stamps():
+    """Qwen3-VL writes each video frame as its own <|vision_start|> ... <|vision_end|> block after a
+    time stamp (text): the units still come from video_grid_thw, a frame per unit or the video whole."""
+    model, _ = _model("qwen3_vl")
+    ex = _example(model, ("image", "video"))
+    fam, cfg = family_of(model), model.config
+    per_frame = fam.vision_layout(ex.input_ids, **_mm(ex))
+    assert per_frame.units == ("image 0", "video 0 frame 0", "video 0 frame 1")
+    for b in range(2):
+        for unit in per_frame.pos[b]:
+            assert torch.equal(unit, torch.arange(int(unit[0]), int(unit[0]) + 16))
+            assert [int(ex.input_ids[b, unit[0] - 1]), int(ex.input_ids[b, unit[-1] + 1])] == \
+                [cfg.vision_start_token_id, cfg.vision_end_token_id]
+        between = ex.input_ids[b, per_frame.pos[b, 1, -1] + 2:per_frame.pos[b, 2, 0] - 1]
+        assert between.tolist() == family_zoo._seconds_text(1.25)          # frame 1: frames 2, 3 at 2 fps
+    markers = (ex.input_ids == cfg.vision_start_token_id) | (ex.input_ids == cfg.vision_end_token_id)
+    assert torch.equal(per_frame.separators, markers) and int(markers[0].sum()) == 6
+    per_video = fam.vision_layout(ex.input_ids, video_unit="video", modalities=("video",), **_mm(ex))
+    assert per_video.units == ("video 0",) and per_video.frames.tolist() == [[2], [2]]
+    assert torch.equal(per_video.pos[:, 0], per_frame.pos[:, 1:].flatten(1))
 
 
 def test_bad_video_inputs_fail_before_work():
