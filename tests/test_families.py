@@ -26,7 +26,7 @@ CASES = [
     ("qwen2_5_vl-image", "qwen2_5_vl", ("image",), "frame"),
     ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video"), "frame"),
     ("qwen2_5_vl-video-per-video", "qwen2_5_vl", ("video",), "video"),
-    ("qwen3_vl-image", "qwen3_vl", ("image",), "frame"),
+    # (images alone: test_qwen3_vl_deepstack_adds_follow_the_kept_tokens; videos alone: test_evs)
     # each video frame its own <t seconds> <|vision_start|> ... <|vision_end|> block; DeepStack at LM layers 0, 1
     ("qwen3_vl-image+video", "qwen3_vl", ("image", "video"), "frame"),
     ("llava_next-anyres", "llava_next", ("image",), "frame"),
@@ -81,7 +81,8 @@ def test_keep_everything_equals_hf(case):
     assert torch.equal(ids[:, -STEPS:], hf[:, -STEPS:])
 
 
-BEAM_CASES = ["qwen2_vl-video", "qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-image+video-per-video"]
+BEAM_CASES = ["qwen2_vl-video", "qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres",
+              "llava_onevision-image+video-per-video"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in BEAM_CASES], ids=BEAM_CASES)
@@ -148,9 +149,13 @@ def test_llm_methods_equal_reference(case, method):
 def test_qwen3_vl_deepstack_adds_follow_the_kept_tokens():
     """FastV at layer 1 of Qwen3-VL, whose DeepStack still adds vision features to the output of layer 1
     (levels at layers 0 and 1): the pruned prefill adds level 1 at the kept tokens only, as the
-    reference does. Leaving level 1 out changes the result, so the adds after the cut are exercised."""
+    reference does. Leaving level 1 out changes the result, so the adds after the cut are exercised.
+    On a prompt of images alone (the model's image-only DeepStack branch): keep-everything = HF too."""
     model, program = _model("qwen3_vl")
-    ex = _example(model, ("image", "video"))
+    ex = _example(model, ("image", "image"))
+    real = ex.attention_mask.bool()
+    torch.testing.assert_close(gp.prune(model, None, program=program)(**ex.as_kwargs()).logits[real],
+                               _hf_logits(model, ex)[real], atol=1e-5, rtol=1e-5)
     units = RF.units_of(model, ex)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     deepstack = RF.deepstack(model, ex)
