@@ -232,12 +232,7 @@ class Family:
         """(B, S, D) prompt embeddings with every vision feature written at its placeholder, as the
         model's forward merges them (features from the model's own get_image_features /
         get_video_features, in prompt order)."""
-        embeds = self.embed(input_ids)
-        for token, out in self._outputs(self.body(), **inputs):
-            at, feats = input_ids == token, _flat(out)
-            self.check_placeholders(at, token, feats)
-            embeds = embeds.masked_scatter(at[..., None], feats.to(embeds.dtype))
-        return embeds
+        return self._merge(input_ids, self._outputs(self.body(), **inputs))
 
     def merged_inputs(self, input_ids, **inputs) -> dict[str, torch.Tensor]:
         """The prefill graph's inputs from the prompt, by name: inputs_embeds (merged_embeds), and
@@ -249,11 +244,16 @@ class Family:
         prefill then takes them as deepstack_embeds); none but in Qwen3-VL."""
         return []
 
-    @staticmethod
-    def check_placeholders(at: torch.Tensor, token: int, feats: torch.Tensor) -> None:
-        if int(at.sum()) != feats.shape[0]:
-            raise InputError(f"{int(at.sum())} placeholder tokens (id {token}) for {feats.shape[0]} "
-                             "vision features: the input_ids do not match the pixel inputs")
+    def _merge(self, input_ids, outputs) -> torch.Tensor:
+        """Token embeddings with each (placeholder token id, get_*_features output) written in."""
+        embeds = self.embed(input_ids)
+        for token, out in outputs:
+            at, feats = input_ids == token, _flat(out)
+            if int(at.sum()) != feats.shape[0]:
+                raise InputError(f"{int(at.sum())} placeholder tokens (id {token}) for {feats.shape[0]} "
+                                 "vision features: the input_ids do not match the pixel inputs")
+            embeds = embeds.masked_scatter(at[..., None], feats.to(embeds.dtype))
+        return embeds
 
     def _outputs(self, body, **inputs):
         """(placeholder token id, what get_image_features / get_video_features returned) per modality

@@ -25,18 +25,12 @@ class Qwen3VLFamily(Qwen2VLFamily):
         return list(self.language_model().layers[:len(self.config().vision_config.deepstack_visual_indexes)])
 
     def merged_inputs(self, input_ids, **inputs) -> dict[str, torch.Tensor]:
-        """inputs_embeds, and deepstack_embeds (layers, B, S, D): each DeepStack level's features at
+        """inputs_embeds, and deepstack_embeds (levels, B, S, D): each DeepStack level's features at
         the vision tokens, zero elsewhere (the model's own get_image_features / get_video_features)."""
-        embeds = self.embed(input_ids)
+        outputs = self._outputs(self.body(), **inputs)
+        embeds = self._merge(input_ids, outputs)
         deepstack = embeds.new_zeros(len(self.deepstack_layers()), *embeds.shape)
-        for token, out in self._outputs(self.body(), **inputs):
-            at = input_ids == token
-            feats = torch.cat(out.pooler_output)
-            self.check_placeholders(at, token, feats)
-            embeds = embeds.masked_scatter(at[..., None], feats.to(embeds.dtype))
-            for level, split in enumerate(out.deepstack_features):
-                deepstack[level][at] = torch.cat(split).to(embeds.dtype)
+        for token, out in outputs:
+            for level, feats in enumerate(out.deepstack_features):
+                deepstack[level][input_ids == token] = torch.cat(feats).to(embeds.dtype)
         return {"inputs_embeds": embeds, "deepstack_embeds": deepstack}
-
-    def merged_embeds(self, input_ids, **inputs) -> torch.Tensor:
-        return self.merged_inputs(input_ids, **inputs)["inputs_embeds"]
