@@ -15,6 +15,8 @@ rest is written here from the processors' layouts:
     placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``. And Idefics3 / SmolVLM:
     ``<image>`` placeholders, one run per tile, tiles and global view marked by other ids (text here).
     GLM-4.1V: Qwen's layout (``<|image|>`` between begin / end of image) and its M-RoPE bookkeeping.
+    Qwen3-VL: Qwen's placeholders, a video's frames each in its own block after a time stamp (text);
+    its DeepStack features (``deepstack``) are the features' ``deepstack_features`` at the placeholders.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -153,8 +155,9 @@ def deepstack(model, example) -> Tensor | None:
     ids, kw = example.input_ids, example.as_kwargs()
     levels = len(cfg.vision_config.deepstack_visual_indexes)
     out = torch.zeros(levels, *ids.shape, cfg.text_config.hidden_size)
-    for pixels, grid, token, get in (("pixel_values", "image_grid_thw", cfg.image_token_id, "get_image_features"),
-                                     ("pixel_values_videos", "video_grid_thw", cfg.video_token_id, "get_video_features")):
+    modalities = (("pixel_values", "image_grid_thw", cfg.image_token_id, "get_image_features"),
+                  ("pixel_values_videos", "video_grid_thw", cfg.video_token_id, "get_video_features"))
+    for pixels, grid, token, get in modalities:
         if kw.get(pixels) is not None:
             feats = getattr(model.model, get)(kw[pixels], kw[grid]).deepstack_features
             for level in range(levels):

@@ -372,7 +372,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
             gm = self._text_prefill()
             note = "text-only prompt (no vision tokens): ran unpruned"
-            lm_inputs, positions = self.family.merged_inputs(input_ids), self.family.positions(input_ids, attention_mask)
+            lm_inputs = self.family.merged_inputs(input_ids)
+            positions = self.family.positions(input_ids, attention_mask)
             if self._videos_only() and bool((input_ids == self.family.image_token_id()).any()):
                 note = "no video in the prompt, and the pipeline prunes videos only: ran unpruned"
                 warnings.warn(f"{' | '.join(map(repr, self.pipeline))} prunes videos only and the prompt has "

@@ -208,7 +208,8 @@ def _finish(cls, cfg, seed):
     return model
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava_next": tiny_llava_next,
+            "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
             "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
             "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
@@ -230,7 +231,8 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
+    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT,
+              "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
               "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3}.get(kind)
     if layout is None:
