@@ -401,6 +401,7 @@ class _LM:
         q = _linear(y, w, lp + "self_attn.q_proj").view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = _linear(y, w, lp + "self_attn.k_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = _linear(y, w, lp + "self_attn.v_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = self.qk_norm(lp, q, k)
         if self.rotary_at(i):
             q, k = self.rotary(q, cos[:, None], sin[:, None]), self.rotary(k, cos[:, None], sin[:, None])
         if past_k is not None:
@@ -417,6 +418,9 @@ class _LM:
         return h + self.mlp(lp, self.norm(h, lp + "post_attention_layernorm.weight")), k, v, probs
 
     parallel = False
+
+    def qk_norm(self, lp: str, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return q, k
 
     def rotary(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """RoPE on the first cos.shape[-1] dims of each head (all of them unless partial), the rest as is."""
@@ -499,11 +503,37 @@ class _Glm4vLM(_LM):
         return self.norm(_linear(self.act(gate) * up, self.w, lp + "mlp.down_proj"), lp + "post_mlp_layernorm.weight")
 
 
+class _Qwen3VLLM(_LM):
+    """Qwen3-VL's decoder: Qwen3 (RMSNorm of each query and key head before RoPE) with interleaved
+    M-RoPE: rotary frequency j takes the height position when j % 3 == 1 and j < 3 * sections[1], the
+    width position when j % 3 == 2 and j < 3 * sections[2], the temporal one otherwise."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.mrope_section = model.config.text_config.rope_parameters["mrope_section"]
+        j = torch.arange(self.hd // 2)
+        _, h, w = self.mrope_section
+        self.axis = torch.where((j % 3 == 1) & (j < 3 * h), 1, torch.where((j % 3 == 2) & (j < 3 * w), 2, 0))
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        if pos.dim() == 2:
+            pos = pos[None].expand(3, -1, -1)
+        f = pos.float()[..., None] * self.inv_freq                               # (3, B, T, hd/2)
+        freqs = torch.stack([f[a, ..., j] for j, a in enumerate(self.axis.tolist())], dim=-1)
+        emb = self.rotary_table(freqs)
+        return emb.cos(), emb.sin()
+
+    def qk_norm(self, lp: str, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.norm(q, lp + "self_attn.q_norm.weight"), self.norm(k, lp + "self_attn.k_norm.weight")
+
+
 def language_model(model) -> _LM:
     """The reference decoder for `model`'s language model."""
     tc = getattr(model.config, "text_config", model.config)
     if tc.model_type in ("cohere", "cohere2"):
         return _CohereLM(model)
+    if tc.model_type == "qwen3_vl_text":
+        return _Qwen3VLLM(model)
     return _Glm4vLM(model) if tc.model_type == "glm4v_text" else _LM(model)
 
 
@@ -562,7 +592,8 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
                 select: Callable[[dict], Tensor] | None = None, select_layer: int | None = None,
                 selects: dict | None = None, protected: Tensor | None = None,
                 cut_to_final: tuple[int, int] | None = None,
-                max_new_tokens: int = 16, vision_mask: Tensor | None = None, positions: str = "keep") -> dict:
+                max_new_tokens: int = 16, vision_mask: Tensor | None = None, positions: str = "keep",
+                deepstack: Tensor | None = None) -> dict:
     """Prefill + greedy decoding of the language model by hand, optionally pruning before some layers.
 
     ``selects={K: fn}`` (or ``select`` + ``select_layer``): layers ``0..K-1`` see every token; after layer
@@ -581,6 +612,9 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     ``positions="compact"``: after each selection the kept real (and valid) tokens are renumbered 0..n-1
     (padding and invalid slots: 0), and in decoding each layer's new token takes the position = the number
     of real tokens in that layer's cache (each layer continues its own numbering; MustDrop's rule).
+    ``deepstack`` (levels, B, S, D): Qwen3-VL's DeepStack features in prompt coordinates (zero at
+    non-vision tokens); in prefill, level i is added to the output of layer i at every token still in
+    the sequence (so after a selection, only the kept tokens' features).
     Returns prefill/step logits, greedy ``tokens``, ``keep`` (prompt indices kept after the last
     selection), ``kv_lens``, ``kv_index`` (per layer, prompt index of each cache slot) and ``kv_valid``.
     """
@@ -639,6 +673,8 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
             cos, sin = lm.cos_sin(pos)
             allowed = prefill_allowed(valid)
         h, k, v, last_probs = lm.layer(i, h, cos, sin, None, None, allowed)
+        if deepstack is not None and i < deepstack.shape[0]:
+            h = h + _gather_seq(deepstack[i].float(), index)
         cache_k.append(k)
         cache_v.append(v)
         cache_valid.append(valid.clone())

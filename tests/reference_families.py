@@ -15,6 +15,8 @@ rest is written here from the processors' layouts:
     placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``. And Idefics3 / SmolVLM:
     ``<image>`` placeholders, one run per tile, tiles and global view marked by other ids (text here).
     GLM-4.1V: Qwen's layout (``<|image|>`` between begin / end of image) and its M-RoPE bookkeeping.
+    Qwen3-VL: Qwen's placeholders, a video's frames each in its own block after a time stamp (text);
+    its DeepStack features (``deepstack``) are the features' ``deepstack_features`` at the placeholders.
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -28,7 +30,7 @@ import inspect
 import torch
 from torch import Tensor
 
-__all__ = ["family_inputs", "fastv_units_select"]
+__all__ = ["deepstack", "family_inputs", "fastv_units_select"]
 
 
 def _merge(model, ids: Tensor, example) -> Tensor:
@@ -122,7 +124,7 @@ def family_inputs(model, example):
     cfg = model.config
     ids, am = example.input_ids, example.attention_mask
     emb = _merge(model, ids, example)
-    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):      # GLM-4.1V: the same M-RoPE bookkeeping
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"):   # GLM-4.1V, Qwen3-VL: the same bookkeeping
         extra = {"second_per_grid_ts": example.second_per_grid_ts} if example.second_per_grid_ts is not None else {}
         # transformers >= 5.1 takes the vision-token types; earlier versions find the tokens themselves
         if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
@@ -139,6 +141,28 @@ def family_inputs(model, example):
     else:
         raise ValueError(cfg.model_type)
     return emb, am, pos, vm
+
+
+@torch.no_grad()
+def deepstack(model, example) -> Tensor | None:
+    """Qwen3-VL's DeepStack features (levels, B, S, D) in prompt coordinates: level l of each image's
+    and video's features (get_image_features / get_video_features ``deepstack_features``, in prompt
+    order) at its placeholders, zero elsewhere, as the model's forward adds them at visual_pos_masks;
+    None for other families."""
+    cfg = model.config
+    if cfg.model_type != "qwen3_vl":
+        return None
+    ids, kw = example.input_ids, example.as_kwargs()
+    levels = len(cfg.vision_config.deepstack_visual_indexes)
+    out = torch.zeros(levels, *ids.shape, cfg.text_config.hidden_size)
+    modalities = (("pixel_values", "image_grid_thw", cfg.image_token_id, "get_image_features"),
+                  ("pixel_values_videos", "video_grid_thw", cfg.video_token_id, "get_video_features"))
+    for pixels, grid, token, get in modalities:
+        if kw.get(pixels) is not None:
+            feats = getattr(model.model, get)(kw[pixels], kw[grid]).deepstack_features
+            for level in range(levels):
+                out[level][ids == token] = torch.cat(feats[level]).float()
+    return out
 
 
 def units_of(model, example, video_unit: str = "frame") -> int:

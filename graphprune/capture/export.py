@@ -72,6 +72,40 @@ class _Decode(nn.Module):
         return (self.head(out.last_hidden_state), *_flat_kv(cache))
 
 
+class _DeepstackPrefill(_Prefill):
+    """The prefill of a language model that adds vision features to the outputs of its first layers
+    (Qwen3-VL's DeepStack), taking them dense: deepstack_embeds (levels, B, S, D), zero at non-vision
+    tokens. Each add is then a dense add of a sequence-dim input, which a pruned sequence gathers like
+    any token value, instead of the model's boolean-indexed write at a vision mask."""
+
+    def __init__(self, lm, head, layers: list[nn.Module]):
+        super().__init__(lm, head)
+        self.deepstack_layers = layers
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds):
+        hooks = [layer.register_forward_hook(lambda mod, args, out, level=level: out + deepstack_embeds[level])
+                 for level, layer in enumerate(self.deepstack_layers)]
+        try:
+            return super().forward(inputs_embeds, position_ids, attention_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+class _MaskedDeepstackPrefill(_Prefill):
+    """The same through the model's own DeepStack path (visual_pos_masks and the features of the
+    vision tokens), the eager module the captured prefill is checked against."""
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds):
+        from transformers.cache_utils import DynamicCache
+        cache = DynamicCache()
+        at = deepstack_embeds.ne(0).any(-1).any(0)
+        out = self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+                      past_key_values=cache, use_cache=True, visual_pos_masks=at,
+                      deepstack_visual_embeds=[level[at] for level in deepstack_embeds])
+        return (self.head(out.last_hidden_state), *_flat_kv(cache))
+
+
 def _flat_kv(cache):
     kv = []
     for layer in cache.layers:
@@ -190,17 +224,29 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
             torch.ones(b, s, dtype=torch.long, device=device))
     batch, seq = Dim("batch", min=1), Dim("seq", min=2)
     pos_shape = {1: batch, 2: seq} if family.position_axes > 1 else {0: batch, 1: seq}
+    dynamic = ({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq})
+    names, module, eager = ["inputs_embeds", "position_ids", "attention_mask"], _Prefill(lm, family.lm_head()), None
+    deepstack = family.deepstack_layers()
+    if deepstack:
+        args += (torch.zeros(len(deepstack), b, s, hidden, device=device, dtype=dtype),)
+        dynamic += ({1: batch, 2: seq},)
+        names.append("deepstack_embeds")
+        module = _DeepstackPrefill(lm, family.lm_head(), deepstack)
+        eager = _MaskedDeepstackPrefill(lm, family.lm_head())
     with torch.no_grad(), traceable_masks():
-        ep = torch.export.export(_Prefill(lm, family.lm_head()), args, strict=False,
-                                 dynamic_shapes=({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq}))
+        ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic)
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["logits"] + _kv_names(family)
     check = None
     if device.type != "meta":
         mask = _left_padded_mask(b, 11, 3, device)
         check = (_random_embeds(family, b, 11, device), _check_positions(family, mask, 11), mask)
-    return Stage("prefill", gm, ["inputs_embeds", "position_ids", "attention_mask"],
-                 module=_Prefill(lm, family.lm_head()), check_inputs=check)
+        if deepstack:       # features at a few tokens of each sample, as vision tokens carry them
+            g = _check_generator()
+            at = torch.rand(b, 11, generator=g) < 0.4
+            feats = torch.randn(len(deepstack), b, 11, hidden, generator=g) * at[..., None]
+            check += (feats.to(device, dtype),)
+    return Stage("prefill", gm, names, module=eager or module, check_inputs=check)
 
 
 def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:

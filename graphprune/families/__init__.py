@@ -21,13 +21,14 @@ from graphprune.families.llava_onevision import LlavaOnevisionFamily
 from graphprune.families.mistral3 import Mistral3Family
 from graphprune.families.qwen2_5_vl import Qwen2_5_VLFamily
 from graphprune.families.qwen2_vl import Qwen2VLFamily
+from graphprune.families.qwen3_vl import Qwen3VLFamily
 from graphprune.families.refused import Gemma3Family, MllamaFamily, hybrid_layers
 from graphprune.families.video_llava import VideoLlavaFamily
 
 __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_types"]
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
-    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
+    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Qwen3VLFamily, Mistral3Family,
     AyaVisionFamily, LlavaNextVideoFamily, VideoLlavaFamily, InternVLFamily, Glm4vFamily,
     Idefics3Family,
     MllamaFamily, Gemma3Family)}

@@ -232,27 +232,41 @@ class Family:
         """(B, S, D) prompt embeddings with every vision feature written at its placeholder, as the
         model's forward merges them (features from the model's own get_image_features /
         get_video_features, in prompt order)."""
-        body = self.body()
+        return self._merge(input_ids, self._outputs(self.body(), **inputs))
+
+    def merged_inputs(self, input_ids, **inputs) -> dict[str, torch.Tensor]:
+        """The prefill graph's inputs from the prompt, by name: inputs_embeds (merged_embeds), and
+        whatever else a family's language model reads of the vision features (Qwen3-VL's DeepStack)."""
+        return {"inputs_embeds": self.merged_embeds(input_ids, **inputs)}
+
+    def deepstack_layers(self) -> list[nn.Module]:
+        """The LM layers whose outputs get vision features added at the vision tokens, in order (the
+        prefill then takes them as deepstack_embeds); none but in Qwen3-VL."""
+        return []
+
+    def _merge(self, input_ids, outputs) -> torch.Tensor:
+        """Token embeddings with each (placeholder token id, get_*_features output) written in."""
         embeds = self.embed(input_ids)
-        for token, feats in self._features(body, **inputs):
-            at = input_ids == token
+        for token, out in outputs:
+            at, feats = input_ids == token, _flat(out)
             if int(at.sum()) != feats.shape[0]:
                 raise InputError(f"{int(at.sum())} placeholder tokens (id {token}) for {feats.shape[0]} "
                                  "vision features: the input_ids do not match the pixel inputs")
             embeds = embeds.masked_scatter(at[..., None], feats.to(embeds.dtype))
         return embeds
 
-    def _features(self, body, **inputs):
-        """(placeholder token id, (N, D) features in prompt order) per modality present."""
+    def _outputs(self, body, **inputs):
+        """(placeholder token id, what get_image_features / get_video_features returned) per modality
+        present, images first."""
         out = []
         if inputs.get("pixel_values") is not None:
             kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
             kw.update(feature_selection_kwargs(body.get_image_features, self.config()))
-            out.append((self.image_token_id(), _flat(body.get_image_features(inputs["pixel_values"], **kw))))
+            out.append((self.image_token_id(), body.get_image_features(inputs["pixel_values"], **kw)))
         if inputs.get("pixel_values_videos") is not None:
             kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
             kw.update(feature_selection_kwargs(body.get_video_features, self.config()))
-            out.append((self.video_token_id(), _flat(self.video_features(body, inputs["pixel_values_videos"], **kw))))
+            out.append((self.video_token_id(), self.video_features(body, inputs["pixel_values_videos"], **kw)))
         return out
 
     def video_features(self, body, pixel_values_videos, **kw):

@@ -32,6 +32,29 @@ def tiny_qwen2_5_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(Qwen2_5_VLForConditionalGeneration, cfg, seed)
 
 
+def tiny_qwen3_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Qwen3-VL architecture: ViT (16-pixel patches, learned 8x8 position grid, 2x2 merger) whose
+    layers 0 and 1 feed DeepStack features into the outputs of LM layers 0 and 1, Qwen3 LM (q/k
+    RMSNorm per head) with interleaved M-RoPE (sections [4, 2, 2] of the 8 rotary frequencies: height
+    at 1, 4 and width at 2, 5, as [24, 20, 20] of 64 are in the real model)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    head_dim = hidden // TEXT["num_attention_heads"]
+    half = head_dim // 2
+    sections = [half - 2 * (half // 4), half // 4, half // 4]
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections,
+                                "mrope_interleaved": True}}
+    cfg = Qwen3VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, head_dim=head_dim,
+                         **TEXT, **rope),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        image_token_id=150, video_token_id=151, vision_start_token_id=148, vision_end_token_id=149,
+        tie_word_embeddings=False)
+    return _finish(Qwen3VLForConditionalGeneration, cfg, seed)
+
+
 def tiny_llava_next(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     """LLaVA-NeXT architecture: CLIP tower (4x4 patches per 56-pixel crop), anyres crop grids
     [[56, 112], [112, 56], [112, 112]], image_newline, Llama LM."""
@@ -185,7 +208,8 @@ def _finish(cls, cfg, seed):
     return model
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava_next": tiny_llava_next,
+            "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
             "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
             "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
@@ -207,7 +231,8 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
+    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT,
+              "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
               "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3}.get(kind)
     if layout is None:
@@ -221,7 +246,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     input_ids, mask = left_pad(rows)
     ex = Example(input_ids, mask, **vision["inputs"])
     # what the installed transformers' processor returns: the vision-token types only where the model takes them
-    if kind in ("qwen2_vl", "qwen2_5_vl", "glm4v") and qwen2vl_takes_mm_token_type_ids(model):
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") and qwen2vl_takes_mm_token_type_ids(model):
         cfg = model.config
         ex.mm_token_type_ids = (input_ids == cfg.image_token_id).int().masked_fill(input_ids == cfg.video_token_id, 2)
     return ex
@@ -234,7 +259,9 @@ def _text(g, n):
 def _QWEN(model, g, batch, items, *, grid, frames, **_):
     """<|vision_start|> <|image_pad|> x t*h*w/merge^2 <|vision_end|> per image (the same with
     <|video_pad|> per video: one block for all its frames), as Qwen2(.5)-VL's processor writes;
-    GLM-4.1V's images: <|begin_of_image|> <|image|> x t*h*w/merge^2 <|end_of_image|>."""
+    Qwen3-VL's videos: per frame (temporal patch) its time stamp `<0.5 seconds>` as text, then
+    <|vision_start|> <|video_pad|> x h*w/merge^2 <|vision_end|> (Qwen3VLProcessor.replace_video_token,
+    at 2 fps); GLM-4.1V's images: <|begin_of_image|> <|image|> x t*h*w/merge^2 <|end_of_image|>."""
     cfg = model.config
     if cfg.model_type == "glm4v":
         if "video" in items:
@@ -250,6 +277,12 @@ def _QWEN(model, g, batch, items, *, grid, frames, **_):
     for item in items:
         t = 1 if item == "image" else t_video
         pads = cfg.image_token_id if item == "image" else cfg.video_token_id
+        if item == "video" and cfg.model_type == "qwen3_vl":
+            frame = [start] + [pads] * (h * w // vc.spatial_merge_size ** 2) + [end]
+            # a temporal patch's time: the mean of its frames' times (Qwen3VLProcessor._calculate_timestamps)
+            seconds = [(2 * f * vc.temporal_patch_size + vc.temporal_patch_size - 1) / 4 for f in range(t)]
+            blocks.append([tok for s in seconds for tok in _seconds_text(s) + frame])
+            continue
         blocks.append([start] + [pads] * (t * h * w // vc.spatial_merge_size ** 2) + [end])
     n_img, n_vid = items.count("image"), items.count("video")
     if n_img:
@@ -261,6 +294,15 @@ def _QWEN(model, g, batch, items, *, grid, frames, **_):
         if cfg.model_type == "qwen2_5_vl":     # temporal_patch_size / fps, at 2 fps
             inputs["second_per_grid_ts"] = torch.tensor([vc.temporal_patch_size / 2.0] * batch * n_vid)
     return {"blocks": blocks, "inputs": inputs}
+
+
+QWEN3_LT, QWEN3_DOT, QWEN3_SECONDS, QWEN3_GT, QWEN3_DIGIT_0 = 130, 131, 132, 133, 110    # "<", ".", " seconds", ">"
+
+
+def _seconds_text(seconds: float) -> list[int]:
+    """The tokens of a Qwen3-VL frame time stamp f"<{seconds:.1f} seconds>", a digit a token."""
+    digits = [QWEN3_DOT if c == "." else QWEN3_DIGIT_0 + int(c) for c in f"{seconds:.1f}"]
+    return [QWEN3_LT] + digits + [QWEN3_SECONDS, QWEN3_GT]
 
 
 def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
