@@ -57,6 +57,28 @@ class _Prefill(nn.Module):
         return (self.head(out.last_hidden_state), *_flat_kv(cache))
 
 
+class _GroupedPrefill(_Prefill):
+    """The prefill of a family with bidirectional attention groups (Family.attention_groups_input):
+    it builds the LM's mask from them, in the graph, so a pass reroutes it like any sequence tensor.
+    An LM with sliding-window layers takes it per layer kind; runs stay inside the window
+    (Family.check_run_length), where the window never binds."""
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, attention_groups):
+        mask = grouped_mask(attention_mask, attention_groups)
+        if getattr(self.lm.config, "sliding_window", None) is not None:
+            mask = {"full_attention": mask, "sliding_attention": mask}
+        return super().forward(inputs_embeds, position_ids, mask)
+
+
+def grouped_mask(attention_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) bool: query i attends to key j when j <= i or both are in one group (>= 0), and
+    key j is not padding: Hugging Face's causal mask OR its blockwise overlay, AND the padding mask."""
+    index = torch.arange(groups.shape[1], device=groups.device)
+    causal = index[None, :] <= index[:, None]
+    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+    return ((causal | same) & attention_mask.bool()[:, None, :])[:, None]
+
+
 class _Decode(nn.Module):
     def __init__(self, lm, head):
         super().__init__()
@@ -174,21 +196,27 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
     device = device or next(lm.parameters()).device
     dtype = dtype or next(lm.parameters()).dtype
     b, s = 2, 23     # odd sizes so no static dim is mistaken for batch or sequence
+    grouped = family.attention_groups_input
     args = (torch.zeros(b, s, hidden, device=device, dtype=dtype), _positions_example(family, b, s, device),
             torch.ones(b, s, dtype=torch.long, device=device))
     batch, seq = Dim("batch", min=1), Dim("seq", min=2)
     pos_shape = {1: batch, 2: seq} if family.position_axes > 1 else {0: batch, 1: seq}
+    dynamic = ({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq})
+    if grouped:
+        args, dynamic = args + (torch.full((b, s), -1, device=device),), dynamic + ({0: batch, 1: seq},)
+    prefill = _GroupedPrefill if grouped else _Prefill
     with torch.no_grad(), traceable_masks():
-        ep = torch.export.export(_Prefill(lm, family.lm_head()), args, strict=False,
-                                 dynamic_shapes=({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq}))
+        ep = torch.export.export(prefill(lm, family.lm_head()), args, strict=False, dynamic_shapes=dynamic)
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["logits"] + _kv_names(family)
     check = None
     if device.type != "meta":
         mask = _left_padded_mask(b, 11, 3, device)
         check = (_random_embeds(family, b, 11, device), _check_positions(family, mask, 11), mask)
-    return Stage("prefill", gm, ["inputs_embeds", "position_ids", "attention_mask"],
-                 module=_Prefill(lm, family.lm_head()), check_inputs=check)
+        if grouped:                         # a block of 4 tokens in each sample, after sample 1's padding
+            check += (torch.tensor([[-1] * 4 + [0] * 4 + [-1] * 3, [-1] * 5 + [0] * 4 + [1] * 2], device=device),)
+    names = ["inputs_embeds", "position_ids", "attention_mask"] + (["attention_groups"] if grouped else [])
+    return Stage("prefill", gm, names, module=prefill(lm, family.lm_head()), check_inputs=check)
 
 
 def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
