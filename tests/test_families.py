@@ -30,9 +30,11 @@ CASES = [
     ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
     # an image (8x8 base + 8 rows of 14 = 176 tokens) and an 11-frame video counted per video (11 x 4x4 pooled)
     ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
+    # 16 pooled tokens per image, each image one bidirectional attention block (token_type_ids)
+    ("gemma3-2images", "gemma3", ("image", "image"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
-NO_SEPARATORS = ("video_llava",)        # its processor writes placeholders only
+NO_SEPARATORS = ("video_llava", "paligemma")     # their processors write placeholders only
 
 _MODELS: dict = {}
 
@@ -53,7 +55,8 @@ def _example(model, items, batch=2, pad=(0, 2)):
 def _hf_logits(model, ex):
     kw = ex.as_kwargs()
     if family_of(model).position_axes == 1:               # generate()'s positions for left padding
-        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # (PaliGemma's prepare_inputs_for_generation adds 1: its positions count from 1)
+        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0) + (model.config.model_type == "paligemma")
     with torch.no_grad():
         return model(**kw).logits
 
@@ -99,7 +102,8 @@ def test_beam_search_repeats_each_sample_with_its_images_and_videos(case):
 
 def _reference(model, ex, unit, selects):
     emb, am, pos, vm = RF.family_inputs(model, ex)
-    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS), vm
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS,
+                         groups=RF.attention_groups(model, ex)), vm
 
 
 def _methods(units):

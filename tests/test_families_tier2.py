@@ -28,6 +28,7 @@ CASES = [
     # 2 tiles and the global view of 16 tokens each per image
     ("idefics3-2images", "idefics3", ("image", "image"), "frame"),
     ("smolvlm-2images", "smolvlm", ("image", "image"), "frame"),
+    ("paligemma-image", "paligemma", ("image",), "frame"),        # 16 tokens, then <bos> prompt "\n": the prefix
 ]
 IDS = [c[0] for c in CASES]
 
