@@ -188,7 +188,7 @@ def tiny_gemma3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
                                         layer_types=["sliding_attention", "full_attention"] * (layers // 2), **TEXT),
                        vision_config=_siglip(112), mm_tokens_per_image=16,
                        image_token_index=150, boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI)
-    return _finish(Gemma3ForConditionalGeneration, cfg, seed)
+    return _unit_gemma_norms(_finish(Gemma3ForConditionalGeneration, cfg, seed))
 
 
 def tiny_paligemma(seed: int = 0, *, layers: int = 4, hidden: int = 64):
@@ -200,7 +200,17 @@ def tiny_paligemma(seed: int = 0, *, layers: int = 4, hidden: int = 64):
                                            num_hidden_layers=layers, head_dim=16, **TEXT),
                           vision_config=dict(_siglip(56), projection_dim=hidden), image_token_index=150,
                           projection_dim=hidden)
-    return _finish(PaliGemmaForConditionalGeneration, cfg, seed)
+    return _unit_gemma_norms(_finish(PaliGemmaForConditionalGeneration, cfg, seed))
+
+
+def _unit_gemma_norms(model):
+    """Gemma's RMSNorms scale by 1 + weight: transformers 5 initialises the weights to 0, 4.x to 1
+    (twice the activations, and rounding errors past fp32 test tolerances); 0 on both."""
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if "norm" in name:
+                p.zero_()
+    return model
 
 
 def _siglip(image_size: int) -> dict:
