@@ -141,6 +141,49 @@ def test_llm_methods_equal_reference(case, method):
         assert (int(seps[b].sum()) > 0) == (family not in NO_SEPARATORS)
 
 
+@pytest.mark.parametrize("family, items", [("gemma3", ("image", "image")), ("paligemma", ("image",))])
+def test_bidirectional_groups_matter(family, items):
+    """The attention groups change the answer on these prompts: FastV's run equals the reference with
+    the family's bidirectional groups and differs from the reference without them (causal), so a lost
+    or misplaced group mask fails the reference tests above."""
+    model, program = _model(family)
+    ex = _example(model, items)
+    units = RF.units_of(model, ex)
+    name, opts, selects = _methods(units)[0]
+    out = gp.prune(model, name, program=program, **opts)(**ex.as_kwargs())
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    grouped = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1,
+                            groups=RF.attention_groups(model, ex))
+    causal = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1)
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], grouped["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    assert float((out.logits[real] - causal["prefill_logits"][real]).abs().max()) > 1e-2
+
+
+def test_gemma3_without_token_type_ids_attends_causally():
+    """Hugging Face's Gemma 3 attends causally when no token_type_ids are given; so does the pruned model."""
+    model, program = _model("gemma3")
+    ex = _example(model, ("image", "image"))
+    ex.token_type_ids = None
+    real = ex.attention_mask.bool()
+    out = gp.prune(model, None, program=program)(**ex.as_kwargs())
+    torch.testing.assert_close(out.logits[real], _hf_logits(model, ex)[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match=r"token_type_ids \(2, 5\) must be a tensor shaped like input_ids"):
+        gp.prune(model, None, program=program)(**ex.as_kwargs(), token_type_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_gemma3_runs_reaching_the_sliding_window_are_refused():
+    """Its 128-token sliding window is shorter than its 512 positions: the model is accepted, and a
+    run that could reach the window is refused before any work, naming both lengths."""
+    model, program = _model("gemma3")
+    kw = _example(model, ("image", "image")).as_kwargs()          # 57 tokens
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    with pytest.raises(InputError, match="spans 185 tokens .* attend within 128"):
+        pruned.generate(**kw, max_new_tokens=128, eos_token_id=[])
+    with pytest.raises(InputError, match="spans 130 tokens"):
+        pruned(input_ids=torch.randint(3, 140, (1, 130)))
+
+
 def _mm(ex):
     return {k: v for k, v in ex.as_kwargs().items() if k not in ("input_ids", "attention_mask")}
 
