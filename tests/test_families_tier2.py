@@ -163,3 +163,18 @@ def test_idefics3_tiles_that_do_not_match_the_placeholders_are_refused():
         family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values.index_fill(1, torch.tensor([5]), 0))
     with pytest.raises(gp.InputError, match=r"pixel_values of shape \(6, 3, 112, 112\).*\(samples=1, tiles, C, H, W\)"):
         family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values[0])
+
+
+def test_paligemma_text_only_prompt_attends_over_its_prefix():
+    """A prompt without images runs the unpruned prefill, which takes the attention groups too: the
+    whole prefix bidirectional, as Hugging Face's PaliGemma (positions from 1)."""
+    model, program = tier1._model("paligemma")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image",))
+    text = ex.input_ids != model.config.image_token_id
+    kw = {"input_ids": ex.input_ids[text].view(2, -1), "attention_mask": ex.attention_mask[text].view(2, -1),
+          "token_type_ids": ex.token_type_ids[text].view(2, -1)}
+    real = kw["attention_mask"].bool()
+    with torch.no_grad():
+        hf = model(**kw, position_ids=(kw["attention_mask"].cumsum(-1) - 1).clamp(min=0) + 1).logits
+    out = gp.prune(model, "fastv", layer=2, keep=5, program=program)(**kw)
+    torch.testing.assert_close(out.logits[real], hf[real], atol=1e-5, rtol=1e-5)
