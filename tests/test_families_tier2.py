@@ -83,8 +83,7 @@ def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
 
 @pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
                                             ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw"),
-                                            ("gemma3", "bidirectional image-block mask"),
-                                            ("paligemma", "prefix-LM mask")])
+                                            ("gemma3", "sliding-window cache layers")])
 def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
@@ -122,12 +121,14 @@ def test_idefics3_compile_backend_refuses():
 
 
 @pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)"])
-def test_internvl_compile_backend_equals_prune(pipeline):
-    """Its merge frame holds every decoder layer and its image runs are its images: the torch.compile
-    backend prunes it as graphprune.prune does (logits of the kept tokens, per-layer cache lengths)."""
+@pytest.mark.parametrize("family, items", [("internvl", ("image", "image")), ("paligemma", ("image",))])
+def test_compile_backend_equals_prune(family, items, pipeline):
+    """Their merge frame holds every decoder layer and their image runs are their images: the
+    torch.compile backend prunes them as graphprune.prune does (logits of the kept tokens, per-layer
+    cache lengths); PaliGemma's prefix groups come from the frame's token_type_ids."""
     from test_dynamo import _compiled
-    model, program = tier1._model("internvl")
-    kw = family_zoo.example(model, batch=2, items=("image", "image")).as_kwargs()
+    model, program = tier1._model(family)
+    kw = family_zoo.example(model, batch=2, items=items).as_kwargs()
     want = gp.prune(model, pipeline, program=program)(**kw)
     with torch.no_grad():
         got = _compiled(model, pipeline)(**kw)

@@ -266,9 +266,10 @@ class Family:
         """The features a video's placeholders take, in order (the model's own get_video_features)."""
         return body.get_video_features(pixel_values_videos, **kw)
 
-    def attention_groups(self, input_ids, attention_mask, **inputs) -> torch.Tensor | None:
-        """(B, S) int64 bidirectional attention group of each prompt token (-1: causal only), the
-        input of a prefill captured with `attention_groups_input`; None for a causal LM."""
+    def attention_groups(self, attention_mask, **inputs) -> torch.Tensor | None:
+        """(B, S) int64 bidirectional attention group of each prompt token (-1: causal only), from the
+        processor's inputs (`inputs`): the input of a prefill captured with `attention_groups_input`;
+        None for a causal LM."""
         return None
 
     def binding_window(self) -> int | None:
@@ -348,15 +349,15 @@ def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, afte
     return ((index >= first - before) & (index <= last + after)).any(1) & ~is_vision
 
 
-def token_types(input_ids, token_type_ids) -> torch.Tensor | None:
-    """The processor's token_type_ids checked against input_ids (None when not given)."""
+def token_types(attention_mask, token_type_ids) -> torch.Tensor | None:
+    """The processor's token_type_ids checked against the prompt's (B, S) (None when not given)."""
     if token_type_ids is None:
         return None
-    if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != input_ids.shape:
+    if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != attention_mask.shape:
         got = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids).__name__
-        raise InputError(f"token_type_ids {got} must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+        raise InputError(f"token_type_ids {got} must be a tensor shaped like input_ids {tuple(attention_mask.shape)}, "
                          "as the processor returns it")
-    return token_type_ids.to(input_ids.device)
+    return token_type_ids.to(attention_mask.device)
 
 
 def check_video_unit(video_unit: str) -> str:

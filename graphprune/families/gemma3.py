@@ -16,6 +16,9 @@ import torch
 
 from graphprune.families.base import Family, token_types
 
+SLIDING_CACHE_FRAME = ("its compile frame holds Hugging Face's sliding-window cache layers, whose token counters and "
+                       "key/value slices the torch.compile backend does not rewrite to the pruned sequence")
+
 
 class Gemma3Family(Family):
     name = "gemma3"
@@ -26,13 +29,12 @@ class Gemma3Family(Family):
     attention_groups_input = True
     window_limits_runs = True
     eager_vision = "SigLIP features average-pooled to mm_tokens_per_image by the projector"
-    compile_refused = ("its compile frame builds the bidirectional image-block mask from token_type_ids inside "
-                       "transformers' mask functions, which the backend does not carry onto the pruned sequence")
+    compile_refused = SLIDING_CACHE_FRAME
 
-    def attention_groups(self, input_ids, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
-        types = token_types(input_ids, token_type_ids)
+    def attention_groups(self, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
+        types = token_types(attention_mask, token_type_ids)
         if types is None:
-            return torch.full_like(input_ids, -1)
+            return torch.full_like(attention_mask, -1, dtype=torch.long)
         is_image = types == 1
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         return torch.where(is_image, starts.long().cumsum(1) - 1, -1)

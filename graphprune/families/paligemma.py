@@ -12,6 +12,7 @@ import torch
 
 from graphprune.compat import paligemma_prefix
 from graphprune.families.base import Family, token_types
+from graphprune.families.gemma3 import SLIDING_CACHE_FRAME
 
 
 class PaliGemmaFamily(Family):
@@ -22,12 +23,15 @@ class PaliGemmaFamily(Family):
     attention_groups_input = True
     window_limits_runs = True            # PaliGemma 2's Gemma 2 LM has sliding-window layers
     eager_vision = "SigLIP features through the model's own get_image_features"
-    compile_refused = ("its compile frame builds the prefix-LM mask from token_type_ids inside transformers' mask "
-                       "functions, which the backend does not carry onto the pruned sequence")
+
+    def __init__(self, model):
+        super().__init__(model)
+        if getattr(self.text_config(), "sliding_window", None) is not None:      # PaliGemma 2
+            self.compile_refused = SLIDING_CACHE_FRAME
 
     def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
         return super().positions(input_ids, attention_mask) + 1
 
-    def attention_groups(self, input_ids, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
-        prefix = paligemma_prefix(token_types(input_ids, token_type_ids), input_ids)
+    def attention_groups(self, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
+        prefix = paligemma_prefix(token_types(attention_mask, token_type_ids), attention_mask)
         return torch.where(prefix, 0, -1)

@@ -296,7 +296,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         b, n, v = vision_pos.shape
         check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, **inputs)
-        groups = self.family.attention_groups(input_ids, attention_mask, **inputs)
+        groups = self.family.attention_groups(attention_mask, **inputs)
         embeds, feats, kept, valid, protected = self._image_features(inputs, vision_pos, input_ids)
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
@@ -382,7 +382,7 @@ class PrunedModel(nn.Module, GenerationMixin):
                 embeds = self.family.merged_embeds(input_ids, **inputs)
                 positions = self.family.positions(input_ids, attention_mask, **inputs)
             outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask,
-                         attention_groups=self.family.attention_groups(input_ids, attention_mask, **inputs))
+                         attention_groups=self.family.attention_groups(attention_mask, **inputs))
             index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
                                 attention_mask.sum(1))
