@@ -291,9 +291,10 @@ class Family:
                                         "counted over the sequence: a pruned sequence would move that window")
 
     def check_run_length(self, tokens: int) -> None:
-        """Refuse a run of `tokens` sequence slots (padded prompt + generated tokens) that could reach
-        the LM's sliding window: below it the window never binds, so pruned slots cannot move it."""
-        window = self.binding_window()
+        """For a family with `window_limits_runs`: refuse a run of `tokens` sequence slots (padded
+        prompt + generated tokens) that could reach the LM's sliding window; below it the window never
+        binds, so pruned slots cannot move it (and its grouped prefill mask leaves the window out)."""
+        window = self.binding_window() if self.window_limits_runs else None
         if window is not None and tokens >= window:
             raise InputError(f"this run spans {tokens} tokens (padded prompt + new tokens) and {self.model_class}'s "
                              f"sliding-window layers attend within {window}: a pruned sequence would move that "
