@@ -10,7 +10,7 @@
 
 MODEL is a built-in tiny model (tiny-llava, tiny-qwen2vl), a local directory, or a hub id
 already in the local Hugging Face cache (nothing is downloaded). --config NAME|PATH builds the
-full-size model of a shipped config (llava-1.5-7b, qwen2-vl-7b) or of a config.json on the
+full-size model of a shipped config (llava-1.5-7b, qwen2-vl-7b, qwen2.5-vl-7b) or of a config.json on the
 meta device: no weights, no memory, the graphs and costs are exact.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", help="tiny-llava | tiny-qwen2vl | local path | hub id in the local HF "
                    "cache (default: tiny-llava, or the --config model)")
     i.add_argument("--config", help="build the model on the meta device from a shipped config "
-                   "(llava-1.5-7b, qwen2-vl-7b) or a config.json path")
+                   "(llava-1.5-7b, qwen2-vl-7b, qwen2.5-vl-7b) or a config.json path")
     i.add_argument("--method", help='pruning pipeline, e.g. "fastv(layer=2, keep=144)" or '
                    '"cls_topk(keep=144) | fastv(layer=2, keep=0.5)" or a .toml file')
     i.add_argument("--text-tokens", type=int, default=64, help="text tokens of the synthetic prompt "

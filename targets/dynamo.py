@@ -26,7 +26,6 @@ built for a model, for inspection.
 """
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import warnings
@@ -330,8 +329,9 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if unused:
         raise PassConfigError(f"the graphprune backend takes options={{...}}, not {sorted(unused)} "
                               "(mode= is Inductor's; pass compiler= in options)")
-    _watch_fallbacks()                  # again: torch._logging.set_logs() may have cleared the handlers
     opts = BackendOptions.parse(options)
+    if not _WATCHING:
+        raise PassNotApplicable(_UNWATCHED)
     merge, layers, vision = _image_merge(gm), _lm_layers(gm), _encodes_image(gm)
     if merge is None and layers and vision:
         _not_applied(opts, _UNSEEN_MERGE)
@@ -356,14 +356,14 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
 
 
 # -- dynamo giving up on a frame ---------------------------------------------------------------
-# When a code object reaches torch._dynamo.config.recompile_limit, dynamo stops compiling it and runs
-# it (and, by default, everything it calls) eagerly: the backend is never asked, so the model would
-# run unpruned. Dynamo's only signal is a warning on its convert_frame logger, emitted while it
-# converts the frame, on the calling thread and before the eager run; a handler there raises (or
-# when the frame was being compiled for the graphprune backend (whatever if_not_applied says). It is installed when this
-# module is imported, which torch.compile does when it looks the backend up.
-
-_LIMIT_MESSAGE = "torch._dynamo hit config."
+# When a code object reaches torch._dynamo.config.recompile_limit (or the accumulated limit), dynamo
+# stops compiling it and runs it (and, by default, everything it calls) eagerly: the backend is never
+# asked, so the model would run unpruned. Dynamo decides this in one function,
+# convert_frame.exceeds_recompile_limit, called while it converts the frame, on the calling thread and
+# before the eager run. graphprune wraps that function (not dynamo's warning about it, which logging
+# settings such as torch._logging.set_logs(dynamo=logging.ERROR) suppress): when the limit is hit on
+# a frame being compiled for the graphprune backend, it raises. Other backends' frames are untouched.
+# It is installed when this module is imported, which torch.compile does when it looks the backend up.
 
 
 def _graphprune_options(compiler_fn):
@@ -381,33 +381,49 @@ def _graphprune_options(compiler_fn):
     return None
 
 
-class _FallbackWatch(logging.Handler):
-    def emit(self, record):
-        if not str(record.msg).startswith(_LIMIT_MESSAGE):
-            return
-        frame = sys._getframe()
-        while frame is not None:
-            if frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals:
-                break
-            frame = frame.f_back
-        options = _graphprune_options(frame.f_locals["compiler_fn"]) if frame is not None else None
-        if options is None:
-            return
-        limit = record.args[0] if record.args else "recompile_limit"
-        msg = (f"torch.compile(backend=\"graphprune\"): dynamo hit torch._dynamo.config.{limit} "
-               f"({getattr(torch._dynamo.config, str(limit), '?')}) and would run this call eagerly, unpruned "
-               "(every failed or distinct compile of the same model class counts). Call torch._dynamo.reset() "
-               f"or raise torch._dynamo.config.{limit}, or use graphprune.prune(model, ...)")
-        # raised even with if_not_applied="warn": once dynamo has fallen back on a frame it no
-        # longer reports it, and later calls through other compiles of the model silently run
-        # whatever frames it cached for them (seen: a keep=6 compile running keep=8's prefill)
-        raise PassNotApplicable(msg)
+def _compiling_for_graphprune() -> bool:
+    """Whether the frame dynamo is converting on this thread is compiled for the graphprune backend
+    (dynamo's _compile holds its compiler_fn)."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals:
+            return _graphprune_options(frame.f_locals["compiler_fn"]) is not None
+        frame = frame.f_back
+    return False
 
 
-def _watch_fallbacks() -> None:
-    log = logging.getLogger("torch._dynamo.convert_frame")
-    if not any(isinstance(h, _FallbackWatch) for h in log.handlers):
-        log.addHandler(_FallbackWatch(logging.WARNING))
+def _refuse_fallback(limit: str) -> None:
+    msg = (f"torch.compile(backend=\"graphprune\"): dynamo hit torch._dynamo.config.{limit} "
+           f"({getattr(torch._dynamo.config, limit, '?')}) and would run this call eagerly, unpruned "
+           "(every failed or distinct compile of the same model class counts). Call torch._dynamo.reset() "
+           f"or raise torch._dynamo.config.{limit}, or use graphprune.prune(model, ...)")
+    # raised even with if_not_applied="warn": once dynamo has fallen back on a frame it no
+    # longer reports it, and later calls through other compiles of the model silently run
+    # whatever frames it cached for them (seen: a keep=6 compile running keep=8's prefill)
+    raise PassNotApplicable(msg)
+
+
+_UNWATCHED = ("this torch has no torch._dynamo.convert_frame.exceeds_recompile_limit, where the graphprune "
+              "backend learns that dynamo falls back to eager (unpruned); use a torch in graphprune's "
+              "supported range, or graphprune.prune(model, ...)")
+
+
+def _watch_fallbacks() -> bool:
+    """Wrap dynamo's recompile-limit decision (once); False when this torch has none to wrap."""
+    from torch._dynamo import convert_frame
+    decide = getattr(convert_frame, "exceeds_recompile_limit", None)
+    if decide is None or getattr(decide, "graphprune_watch", False):
+        return decide is not None
+
+    def exceeds_recompile_limit(*args, **kwargs):
+        exceeded, limit = decide(*args, **kwargs)
+        if exceeded and _compiling_for_graphprune():
+            _refuse_fallback(str(limit))
+        return exceeded, limit
+
+    exceeds_recompile_limit.graphprune_watch = True
+    convert_frame.exceeds_recompile_limit = exceeds_recompile_limit
+    return True
 
 
 _UNSEEN_MERGE = ("the image features reach the decoder layers without the masked_scatter merge the "
@@ -465,4 +481,4 @@ def pruned_graphs(model: torch.nn.Module) -> list[fx.GraphModule]:
     return [rw.graph_module for m in model.modules() for rw in _PROGRAMS.get(m, {}).values()]
 
 
-_watch_fallbacks()
+_WATCHING = _watch_fallbacks()

@@ -26,6 +26,8 @@ CHECKS = {  # test function (+ method parameter) -> column
     ("test_batch_equals_samples_alone", None): "batch 2, left padding = samples alone",
     ("test_beam_search_repeats_each_sample_with_its_images_and_videos", None):
         "beam search (2 beams, 2 sequences) = HF",
+    ("test_mustdrop_filter_and_cache_equal_reference", None): "mustdrop_filter + mustdrop_cache = reference",
+    ("test_visiontrim_llm_equals_reference_on_unit_grids", None): "visiontrim_llm = reference",
 }
 
 

@@ -9,7 +9,10 @@ import pytest
 import reference as R
 import reference_dart as D
 import reference_families as RF
+import reference_mustdrop as RM
+import reference_visiontrim as RV
 import torch
+from checks import assert_same_run
 
 import graphprune as gp
 from graphprune.compat import rope_config, transformers_major
@@ -182,6 +185,50 @@ def test_gemma3_runs_reaching_the_sliding_window_are_refused():
         pruned.generate(**kw, max_new_tokens=128, eos_token_id=[])
     with pytest.raises(InputError, match="spans 130 tokens"):
         pruned(input_ids=torch.randint(3, 140, (1, 130)))
+
+
+MUSTDROP_CASES = ["qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-video"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in MUSTDROP_CASES], ids=MUSTDROP_CASES)
+def test_mustdrop_filter_and_cache_equal_reference(case):
+    """MustDrop's LLM stages on each kind of unit: the dual-attention filter at layers 2 and 3 (static
+    capacity 4 per unit, the rule's validity kept as key masks) and the output-aware cache over
+    layers 1..2, against the reference filter run by hand (tests/reference_mustdrop.py)."""
+    _, family, items, unit = case
+    model, program = _model(family)
+    ex = _example(model, items)
+    units = RF.units_of(model, ex, unit)
+    sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=units)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, selects={2: sel, 3: sel}, cut_to_final=(1, 3), vision_mask=vm,
+                        max_new_tokens=STEPS)
+    pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0625, alpha=1.0, mode='static', capacity=4, "
+                             "placement='before', positions='keep') | mustdrop_cache(layers=(1, 3), placement='before')",
+                      program=program, video_unit=unit)
+    out = assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+    for i, c in enumerate(out.cache):
+        assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
+    assert vm.gather(1, out.kept).sum(1).tolist() == [units * 4] * 2        # capacity 4 slots per unit
+    assert not bool(out.cache[3].mask.bool().all())                          # the rule invalidated some
+
+
+VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "llava_onevision-video"]      # units that are 4 x 4 grids
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in VISIONTRIM_CASES], ids=VISIONTRIM_CASES)
+def test_visiontrim_llm_equals_reference_on_unit_grids(case):
+    """VisionTrim between LLM layers where each unit is a full patch grid (a Qwen image or video frame
+    after the 2 x 2 merge, a OneVision pooled frame): 3 dominant tokens by DVTS and 2 text-guided
+    cluster centres per unit, merged in place, against tests/reference_visiontrim.py."""
+    _, family, items, unit = case
+    model, program = _model(family)
+    ex = _example(model, items)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=4)}, vision_mask=vm,
+                        max_new_tokens=STEPS)
+    pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 
 
 def _mm(ex):

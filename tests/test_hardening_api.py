@@ -144,22 +144,28 @@ CYCLES, WARM_UP = 100, 10
 MIB_PER_MODEL = 0.5
 
 
-@pytest.mark.slow
-def test_built_and_dropped_models_do_not_accumulate():
-    """100 cycles of build / prune / generate / drop with fresh models, in a process of its own
-    (pytest's log capture keeps torch.export's trace records): every model is freed, and RSS after
-    the warm-up grows by less than MIB_PER_MODEL per model. What stays per model is torch's: each
-    torch.export's ShapeEnv is held from C++ (a fake input's symbolic storage size, torch 2.13),
-    ~0.24 MiB for this model once graphprune drops that env's fake-tensor dispatch cache
-    (capture.export._release_export_caches); with that cache it was ~2.2 MiB, and the models
-    themselves (~12 MiB each for zoo.tiny_llava()) once stayed cached for good."""
-    import json
+def _fresh_models_process():
     import subprocess
     import sys
     script = FRESH_MODELS.replace("CYCLES", str(CYCLES))
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.background.with_args(_fresh_models_process)
+def test_built_and_dropped_models_do_not_accumulate(background):
+    """100 cycles of build / prune / generate / drop with fresh models, in a process of its own
+    (pytest's log capture keeps torch.export's trace records; it runs beside the suite, see
+    conftest.py): every model is freed, and RSS after the warm-up grows by less than MIB_PER_MODEL
+    per model. What stays per model is torch's: each torch.export's ShapeEnv is held from C++ (a fake
+    input's symbolic storage size, torch 2.13), ~0.24 MiB for this model once graphprune drops that
+    env's fake-tensor dispatch cache (capture.export._release_export_caches); with that cache it was
+    ~2.2 MiB, and the models themselves (~12 MiB each for zoo.tiny_llava()) once stayed cached for good."""
+    import json
+    stdout, stderr = background.communicate(timeout=1800)
+    assert background.returncode == 0, stderr[-2000:]
+    got = json.loads(stdout.strip().splitlines()[-1])
     assert all(got["freed"]), [i for i, f in enumerate(got["freed"]) if not f]
     sizes = got["sizes"][WARM_UP - 1:]
     per_model = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
