@@ -187,7 +187,7 @@ def test_gemma3_runs_reaching_the_sliding_window_are_refused():
         pruned(input_ids=torch.randint(3, 140, (1, 130)))
 
 
-MUSTDROP_CASES = ["qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-video"]
+MUSTDROP_CASES = ["qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-video", "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in MUSTDROP_CASES], ids=MUSTDROP_CASES)
@@ -202,7 +202,7 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=units)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: sel, 3: sel}, cut_to_final=(1, 3), vision_mask=vm,
-                        max_new_tokens=STEPS)
+                        max_new_tokens=STEPS, groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0625, alpha=1.0, mode='static', capacity=4, "
                              "placement='before', positions='keep') | mustdrop_cache(layers=(1, 3), placement='before')",
                       program=program, video_unit=unit)
@@ -213,7 +213,8 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     assert not bool(out.cache[3].mask.bool().all())                          # the rule invalidated some
 
 
-VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "llava_onevision-video"]      # units that are 4 x 4 grids
+# units that are 4 x 4 grids (Gemma 3: its 8 x 8 patches average-pooled)
+VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "llava_onevision-video", "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in VISIONTRIM_CASES], ids=VISIONTRIM_CASES)
@@ -226,7 +227,7 @@ def test_visiontrim_llm_equals_reference_on_unit_grids(case):
     ex = _example(model, items)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=4)}, vision_mask=vm,
-                        max_new_tokens=STEPS)
+                        max_new_tokens=STEPS, groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 
