@@ -3,6 +3,7 @@
 Three stages are captured per model:
   vision   pixel_values -> projected image features (n_images, tokens, d_text)
   prefill  (inputs_embeds, position_ids, attention_mask) -> (logits, k_0, v_0, ..., k_L-1, v_L-1)
+           (+ attention_groups, for a family whose LM attends bidirectionally within token groups)
   decode   (inputs_embeds, position_ids, attention_mask, k_0, v_0, ...) -> same outputs, one token
 
 The image-feature merge (LLaVA's masked_scatter at <image> tokens) is done by the runtime as a
