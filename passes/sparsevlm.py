@@ -21,8 +21,11 @@ Static capacity: counts are data dependent, so the graph keeps `capacity` slots 
 keep) and masks the unused ones; the kept and recycled tokens fill the first slots in the authors'
 order. When the authors' count does not fit, the fewest kept tokens are dropped (and recycled) so
 that kept + clusters = capacity; a capacity of every vision token reproduces the authors' counts.
-For models with fewer layers set `layers` (e.g. (0, 1, 2) for a 4-layer model). Departures from
-the authors' code (no random tie-break noise, raters when all instruction tokens tie): docs/methods.md.
+For models with fewer layers set `layers` (e.g. (0, 1, 2) for a 4-layer model). positions="keep"
+with recycle=False (graphprune's option, for M-RoPE models such as Qwen2.5-VL, where compact
+numbering is not defined): the kept tokens stay in their own slots with their own position ids.
+Departures from the authors' code (no random tie-break noise, raters when all instruction tokens
+tie): docs/methods.md.
 """
 import math
 from dataclasses import dataclass
@@ -110,9 +113,12 @@ def density_peak_merge(x, member, clusters):
     return (onehot * weight[..., None, :]).transpose(-1, -2) @ x
 
 
-def sparsify(*, k, protected, valid, vision_pos, attn, hidden, vis_emb, text_emb, text_mask, scale, bias, recycle):
+def sparsify(*, k, protected, valid, vision_pos, attn, hidden, vis_emb, text_emb, text_mask, scale, bias, recycle,
+             in_place=False):
     """One SparseVLM layer on each image: picked = the first k slots, which hold the kept tokens (prompt
-    order) then the recycled ones; values = their hidden states; valid = the slots in use."""
+    order) then the recycled ones; values = their hidden states; valid = the slots in use. in_place
+    (positions='keep', no recycling): picked = the kept tokens' own slots and the lowest others up to k
+    (unused), ascending, so each kept token keeps its place and position."""
     if protected is not None and bool(protected.any()):
         raise InputError("sparsevlm: an earlier pass protected vision tokens (a key set); SparseVLM reorders "
                          "its tokens and cannot carry protection: run it without mustdrop_keys")
@@ -137,6 +143,9 @@ def sparsify(*, k, protected, valid, vision_pos, attn, hidden, vis_emb, text_emb
     place = torch.empty_like(order).scatter(-1, order, torch.arange(v, device=order.device).expand_as(order))
     kept = (place < kept_n[..., None]) & current
     kept_slots = true_positions(kept, k)                                          # kept first, ascending
+    if in_place:
+        picked, order = kept_slots.sort(-1)
+        return {"picked": picked, "valid": (torch.arange(k, device=hidden.device) < kept_n[..., None]).gather(-1, order)}
     values = hidden.gather(2, kept_slots[..., None].expand(b, n, k, dim))
     if recycle:
         width = min(v, int(v * RECYCLE_SHARE) + 1)
@@ -166,7 +175,7 @@ class SparseVLM(TokenPass):
         bias: float | None = None
         capacity: int | None = None     # vision slots per image (static capacity); default: keep
         recycle: bool = True            # recycle deleted tokens into clusters (the authors' token recycling)
-        positions: str = "compact"
+        positions: str = "compact"     # or "keep" (with recycle=False): kept tokens keep their own positions
 
     def validate(self):
         super().validate()
@@ -181,9 +190,12 @@ class SparseVLM(TokenPass):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise PassConfigError(f"sparsevlm: capacity must be a positive int (vision slots per image), got {cap!r}")
         c.capacity = cap
-        if c.positions != "compact":
-            raise PassConfigError(f"sparsevlm: positions={c.positions!r}: only 'compact' (the authors' v1 numbering) "
-                                  "is supported; recycled tokens have no position of their own to keep")
+        if c.positions not in ("compact", "keep"):
+            raise PassConfigError(f"sparsevlm: positions must be 'compact' (the authors' v1 numbering) or 'keep', "
+                                  f"got {c.positions!r}")
+        if c.positions == "keep" and c.recycle:
+            raise PassConfigError("sparsevlm: positions='keep' needs recycle=False: recycled tokens (cluster means) "
+                                  "have no position of their own to keep")
 
     def requires(self, anatomy):
         n = anatomy.num_layers
@@ -194,9 +206,10 @@ class SparseVLM(TokenPass):
 
     def plan(self) -> list[Plan]:
         c = self.config
-        options = (("scale", c.scale), ("bias", c.bias), ("recycle", c.recycle))
+        in_place = c.positions == "keep"
+        options = (("scale", c.scale), ("bias", c.bias), ("recycle", c.recycle), ("in_place", in_place))
         signals = {"vis_emb": InputEmbeds("vision"), "text_emb": InputEmbeds("text"), "text_mask": TextMask()}
-        select = Choose(c.capacity, sparsify, options, static_mask=True, merges=True)
-        return [Plan(layer=l + 1, positions="compact", select=select,
+        select = Choose(c.capacity, sparsify, options, static_mask=True, merges=not in_place)
+        return [Plan(layer=l + 1, positions=c.positions, select=select,
                      signals={"attn": AttentionRows(l, query="text"), "hidden": Hidden(l), **signals})
                 for l in c.layers]

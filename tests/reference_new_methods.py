@@ -3,12 +3,16 @@
 Plain PyTorch written from each paper's equations and from what its authors' released code does
 (read, not copied: one image at a time, loops where their code loops). The vision tower, projector
 and language model run by hand through tests/reference.py; nothing here calls graphprune or a
-Hugging Face module's forward. Where graphprune departs from the authors by design (documented in
-docs/methods.md), the reference says so next to the line.
+Hugging Face module's forward, except where the vision encoder runs inside the model (Qwen2.5-VL,
+LLaVA-NeXT: choose_on_input_embeds takes the projected tokens from the model's own get_image_features /
+get_video_features through reference_families, the selection and the language model being under test).
+Where graphprune departs from the authors by design (documented in docs/methods.md), the reference says
+so next to the line.
 """
 from __future__ import annotations
 
 import reference as R
+import reference_families as RF
 import torch
 from torch import Tensor
 
@@ -168,6 +172,19 @@ def dpp_greedy(kernel: Tensor, count: int) -> list[int]:
     return chosen
 
 
+def cdpruner_indices(f: Tensor, text: Tensor, count: int) -> list[int]:
+    """CDPruner's choice on one image's projected tokens f (V, D) given its instruction embeddings text
+    (T, D): relevance = -mean_m cos(f_i, text_m), min-max normalised (+1e-6 in the numerator); kernel
+    L = r_i cos(f_i, f_j) r_j; the DPP's greedy picks, ascending."""
+    fn = f / f.norm(dim=-1, keepdim=True)
+    similarity = fn @ fn.t()
+    t = text / text.norm(dim=-1, keepdim=True)
+    relevance = (-(fn @ t.t())).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance[:, None] * similarity * relevance[None, :]
+    return sorted(dpp_greedy(kernel, count))
+
+
 @torch.no_grad()
 def cdpruner(model, example, keep: int | float) -> dict:
     """CDPruner (conditional DPP) per image, with the LLM's input embeddings of the instruction standing
@@ -179,18 +196,30 @@ def cdpruner(model, example, keep: int | float) -> dict:
     owner = _per_image(example, feats.shape[0])
     v = feats.shape[1]
     count = keep if isinstance(keep, int) else int(round(keep * v))
-    rows = []
-    for i, f in enumerate(feats):
-        fn = f / f.norm(dim=-1, keepdim=True)
-        similarity = fn @ fn.t()
-        t = texts[owner[i]]
-        t = t / t.norm(dim=-1, keepdim=True)
-        relevance = (-(fn @ t.t())).mean(dim=-1)
-        relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
-        kernel = relevance[:, None] * similarity * relevance[None, :]
-        rows.append(torch.tensor(sorted(dpp_greedy(kernel, count))))
-    idx = torch.stack(rows)
+    idx = torch.stack([torch.tensor(cdpruner_indices(f, texts[owner[i]], count)) for i, f in enumerate(feats)])
     return {"features": feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])), "patch_index": idx}
+
+
+# ------------------------------------------------- projected-token methods on the LLM's input embeddings
+
+@torch.no_grad()
+def choose_on_input_embeds(model, example, units: int, pick) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A projected-token method where the vision encoder runs in the model (Qwen2.5-VL, LLaVA-NeXT): the
+    projected tokens are the LLM's input embeddings at the prunable vision positions
+    (reference_families.family_inputs). Per sample, its vision tokens split into `units` equal blocks in
+    prompt order (images, video frames); pick(block embeddings (V, D), instruction embeddings (T, D)) gives
+    each block's kept local indices; every other token stays. Returns keep (B, S') prompt indices and the
+    embeddings, attention mask and (original) positions there."""
+    emb, am, pos, vm = RF.family_inputs(model, example)
+    text = R.text_after_image(vm, am)
+    rows = []
+    for b in range(emb.shape[0]):
+        blocks = vm[b].nonzero(as_tuple=True)[0].view(units, -1)
+        chosen = [blk[torch.as_tensor(pick(emb[b, blk], emb[b, text[b]]))] for blk in blocks]
+        rows.append(torch.cat([(~vm[b]).nonzero(as_tuple=True)[0], *chosen]).sort().values)
+    keep = torch.stack(rows)
+    kept_pos = pos.gather(-1, keep if pos.dim() == 2 else keep[None].expand(pos.shape[0], -1, -1))
+    return keep, emb.gather(1, keep[..., None].expand(-1, -1, emb.shape[-1])), am.gather(1, keep), kept_pos
 
 
 # ------------------------------------------------------------------------------------------ VisPruner
@@ -313,10 +342,13 @@ def sparsevlm_layer(rows: Tensor, hidden: Tensor, scale: float, bias: float, cap
 
 
 def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask: Tensor, layers, scale: float,
-                      bias: float, capacity: int, images: int = 1, recycle: bool = True, log: list | None = None) -> dict:
+                      bias: float, capacity: int, images: int = 1, recycle: bool = True, log: list | None = None,
+                      in_place: bool = False) -> dict:
     """SparseVLM's sparsification layers for R.lm_generate(positions="compact"): {L + 1: select}. Raters come
     from the input embeddings; at each layer every image's block becomes [kept, clusters] followed by
     unused (masked) slots up to the static capacity, so the language model sees the authors' sequence.
+    ``in_place`` (graphprune's positions="keep", no recycling; for R.lm_generate(positions="keep")): the kept
+    tokens stay in their own slots, the block's lowest other slots fill the capacity, masked.
     Each decision is appended to ``log`` (sample, image, layer, sparsevlm_layer's dict)."""
     text = R.text_after_image(vision_mask, attention_mask)
     raters = []
@@ -343,6 +375,12 @@ def sparsevlm_selects(inputs_embeds: Tensor, vision_mask: Tensor, attention_mask
                     if log is not None:
                         log.append((b, i, layer, out))
                     n = out["tokens"].shape[0]
+                    if in_place:
+                        kept = set(cur[out["kept"]].tolist())
+                        unused = torch.tensor([j for j in blk.tolist() if j not in kept][:cap - n], dtype=torch.long)
+                        valid[unused] = False
+                        keep.append(torch.cat([cur[out["kept"]], unused]))
+                        continue
                     h[blk[:n]] = out["tokens"]
                     valid[blk[n:cap]] = False
                     keep.append(blk[:cap])

@@ -203,11 +203,15 @@ def test_pyramiddrop_qwen2vl(qwen):
     assert torch.equal(out.kept, ref["keep"])
 
 
-@pytest.mark.parametrize("method", ["visionzip(keep=8)", "vispruner(keep=8)", "divprune(keep=8)", "cdpruner(keep=8)"])
-def test_vision_methods_on_qwen2vl_say_why_not(qwen, method):
+@pytest.mark.parametrize("method,why", [("visionzip(keep=8)", "CLS token"), ("vispruner(keep=8)", "CLS token"),
+                                        ("divprune(keep=8)", "M-RoPE"), ("cdpruner(keep=8)", "M-RoPE")])
+def test_vision_methods_on_qwen2vl_say_why_not(qwen, method, why):
+    """CLS methods: Qwen's ViT has none. Projected-token methods run at LLM layer 0 (tests/test_methods_qwen25.py)
+    with positions='keep'; their default compact numbering is refused, naming that option."""
     model, program = qwen
-    with pytest.raises(PassNotApplicable, match="Qwen2VL"):
+    with pytest.raises(PassNotApplicable, match="Qwen2VL") as err:
         gp.prune(model, method, program=program)
+    assert why in str(err.value) and (why != "M-RoPE" or "use positions='keep'" in str(err.value))
 
 
 @pytest.mark.parametrize("spec", ["visionzip(keep=12)", "divprune(keep=9)", "cdpruner(keep=9)", "vispruner(keep=9)",

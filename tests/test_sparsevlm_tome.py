@@ -9,17 +9,18 @@ from checks import assert_same_run
 from test_new_methods import STEPS, _alone_equals_batch
 
 import graphprune as gp
-from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.errors import InputError, PassConfigError
 from graphprune.tools.zoo import llava_example
 
 # ------------------------------------------------------------------------------------------ SparseVLM
 
 
-def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True):
+def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True, positions="compact"):
     emb, am, pos, vm = R.llava_inputs(model, ex)
     log = []
-    selects = N.sparsevlm_selects(emb, vm, am, layers, scale, bias, capacity, recycle=recycle, log=log)
-    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, positions="compact",
+    selects = N.sparsevlm_selects(emb, vm, am, layers, scale, bias, capacity, recycle=recycle, log=log,
+                                  in_place=positions == "keep")
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, positions=positions,
                          max_new_tokens=STEPS), log
 
 
@@ -28,14 +29,16 @@ def _sparsevlm_ref(model, ex, layers, scale, bias, capacity, recycle=True):
     (2, (0, 3), dict(layers=(0, 2), scale=1.5, bias=6.0, capacity=36)),
     (2, (0, 3), dict(layers=(1, 2), scale=3.0, bias=0.0, capacity=9)),           # capacity cuts the kept tokens
     (1, (), dict(layers=(0, 1), scale=2.0, bias=3.0, capacity=36, recycle=False)),
+    (2, (0, 3), dict(layers=(0, 2), scale=1.5, bias=6.0, capacity=20, recycle=False, positions="keep")),  # own slots
 ])
 def test_sparsevlm_matches_reference(llava, batch, pad, opts):
     model, program = llava
     ex = llava_example(model, batch=batch, pad=pad, seed=batch + 20)
     ref, log = _sparsevlm_ref(model, ex, opts["layers"], opts["scale"], opts["bias"], opts["capacity"],
-                              opts.get("recycle", True))
+                              opts.get("recycle", True), opts.get("positions", "compact"))
     spec = "sparsevlm(keep=64" + "".join(f", {k}={v!r}" for k, v in opts.items()) + ")"
-    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS)
+    in_place = opts.get("positions") == "keep"             # kept tokens in their own slots: the kept sets compare
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"] if in_place else None)
     # the run exercised what it claims: tokens were deleted, and recycled unless switched off
     assert any(len(out["kept"]) < 36 for *_, out in log)
     assert any(len(out["recycled"]) > 0 for *_, out in log) == opts.get("recycle", True)
@@ -76,7 +79,8 @@ def test_sparsevlm_batch_equals_alone(llava):
     ("sparsevlm", "do not fit a 4-layer"), ("sparsevlm(keep=100)", "scale and bias"),
     ("sparsevlm(keep=0.5, scale=1.0, bias=0.0)", "keep"), ("sparsevlm(layers=(2, 1))", "increasing"),
     ("sparsevlm(layers=(0,), scale=0.0)", "scale"), ("sparsevlm(layers=(0,), bias=-1.0)", "bias"),
-    ("sparsevlm(layers=(0,), capacity=0)", "capacity"), ("sparsevlm(layers=(0,), positions='keep')", "positions"),
+    ("sparsevlm(layers=(0,), capacity=0)", "capacity"), ("sparsevlm(layers=(0,), positions='keep')", "needs recycle=False"),
+    ("sparsevlm(layers=(0,), positions='shift', recycle=False)", "positions"),
     ("sparsevlm(layers=(0,), recycle=1)", "recycle")])
 def test_sparsevlm_bad_options(llava, spec, word):
     model, program = llava
@@ -116,15 +120,6 @@ def test_sparsevlm_in_bench_grid():
                                      "sparsevlm(keep=100, layers=(2, 6, 15, 19), scale=9.0, bias=6.0)",
                                      "sparsevlm(layers=(2, 6, 15, 19))"]
     assert bench.grid_specs(["sparsevlm"], [16], 4, 36)[0][2] == "sparsevlm(keep=16, layers=(0, 1, 2), scale=0.8, bias=0.0)"
-
-
-def test_sparsevlm_qwen2_5_vl_says_why_not():
-    """The authors renumber positions; M-RoPE's three-axis positions have no such renumbering."""
-    from graphprune.rewrite.pipeline import Program
-    from graphprune.tools.family_zoo import tiny_qwen2_5_vl
-    model = tiny_qwen2_5_vl()
-    with pytest.raises(PassNotApplicable, match="M-RoPE"):
-        gp.prune(model, "sparsevlm(keep=64, layers=(0, 1))", program=Program.capture(model))
 
 
 # ----------------------------------------------------------------------------------------------- ToMe
@@ -228,11 +223,3 @@ def test_tome_in_bench_grid(llava):
     for _, _, spec in cells:
         gp.as_passes(spec)
 
-
-def test_tome_qwen2_5_vl_says_why_not():
-    """Qwen2.5-VL's vision encoder has no CLS token for the bipartite split to protect."""
-    from graphprune.rewrite.pipeline import Program
-    from graphprune.tools.family_zoo import tiny_qwen2_5_vl
-    model = tiny_qwen2_5_vl()
-    with pytest.raises(PassNotApplicable, match="CLS"):
-        gp.prune(model, "tome(keep=8, layers=(0,))", program=Program.capture(model))

@@ -27,8 +27,10 @@ from graphprune.rewrite.pass_api import (
     KeepCache,
     PassResult,
     Plan,
+    Projected,
     Protect,
     SequenceIndex,
+    TextEmbeds,
     TextMask,
     TokenPass,
     TopK,
@@ -40,10 +42,12 @@ from graphprune.rewrite.signals import extract_signal
 SYM_SIZE = torch.ops.aten.sym_size.int
 
 
-def apply_pass(p: TokenPass, stage, anat: Anatomy) -> PassResult:
-    """Apply every Plan of a pass (one per layer for multi-layer methods) in layer order."""
-    plans = p.plan()
-    plans = plans if isinstance(plans, list) else [plans]
+def apply_pass(p: TokenPass, stage, anat: Anatomy, plans: list[Plan] | None = None) -> PassResult:
+    """Apply every Plan of a pass (one per layer for multi-layer methods) in layer order; `plans`:
+    the pipeline's placement of them elsewhere (a vision pass run at LLM layer 0), else p.plan()."""
+    if plans is None:
+        plans = p.plan()
+        plans = plans if isinstance(plans, list) else [plans]
     p.requires(anat)
     infos = [apply_plan(p, plan, stage, anat) for plan in plans]
     info = infos[0] if len(infos) == 1 else {**infos[0], "layer": [i["layer"] for i in infos], "plans": infos}
@@ -80,7 +84,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         if isinstance(rule, Protect):
             scores = _score(g, plan, signals, p)
             prot = g.call_function(tokenops.protect_topk, (scores, state.protected, state.valid, rule.keep))
-            anat.tokens.append(dataclasses.replace(state, layer=layer, protected=prot))
+            anat.tokens.append(dataclasses.replace(state, layer=layer, protected=prot,
+                                                   stream=state.stream if state.layer == layer else None))
             if anat.stage == "vision":
                 with g.inserting_before(g.find_nodes(op="output")[0]):
                     add_output(gm, g.call_function(_flatten_positions, (prot,)), "patches_protected")
@@ -130,7 +135,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     rewrites = isinstance(rule, Choose) and (rule.merges or rule.ordered)
     anat.tokens.append(TokenState(layer, new_pos, new_index, state.coords, valid if masked else None, prot,
                                   state.generation + 1, masked, key_valid,
-                                  state.generation + 1 if rewrites else state.rewritten, sizes))
+                                  state.generation + 1 if rewrites else state.rewritten, sizes, stream))
     out = g.find_nodes(op="output")[0]
     with g.inserting_before(out):
         if anat.stage == "vision":
@@ -188,13 +193,13 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
             anchor = anat.layer(layer).first
     else:
         if plan.positions == "compact":
-            check_one_axis(anat, p.name)
+            check_one_axis(anat, p)
         layer = plan.layer
         if layer is None or not 0 <= layer < anat.num_layers:
             raise PassConfigError(f"{p.name}: layer={layer} is out of range for a {anat.num_layers}-layer "
                                   f"language model; use 1..{anat.num_layers - 1} (0: on the input embeddings)")
         if layer == 0:
-            early = (InputEmbeds, TextMask, SequenceIndex, Frames)
+            early = (InputEmbeds, TextMask, SequenceIndex, Frames, Projected, TextEmbeds)
             late = sorted(name for name, sig in plan.signals.items() if not isinstance(sig, early))
             if late:
                 raise PassConfigError(f"{p.name}: layer=0 selects before the first LLM layer, where only the input "
@@ -215,6 +220,8 @@ def _stream(anat: Anatomy, layer: int) -> fx.Node | None:
     """The residual stream entering `layer` (what merged values replace)."""
     if anat.stage == "vision" and layer == anat.num_layers:
         return anat.features
+    if anat.tokens[-1].layer == layer and anat.tokens[-1].stream is not None:
+        return anat.tokens[-1].stream          # an earlier selection at this layer reduced it
     if layer == 0:
         return anat.inputs["inputs_embeds"]
     return anat.layer(layer - 1).output

@@ -34,6 +34,8 @@ class TokenState:
     key_valid: fx.Node | None = None  # (B, S) False at invalid slots, when masked
     rewritten: int = 0                # generation of the last rule that merged or reordered tokens (0: none)
     sizes: fx.Node | None = None      # (B, images, tokens) float: original tokens each one stands for (None: 1)
+    stream: fx.Node | None = None     # the residual stream entering `layer` after the selection there (a second
+                                      # selection at the same layer reduces it)
 
 
 def output_names(gm: fx.GraphModule) -> list[str]:

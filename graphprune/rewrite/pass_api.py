@@ -108,8 +108,10 @@ class Frames:
 
 @dataclass(frozen=True)
 class Projected:
-    """Vision stage only: the projector's output at each image's tokens, (images, 1, tokens, D) (the
-    LLM-space vision tokens). Plans reading it act after the projector (Plan.after_projector)."""
+    """The projector's output at each image's tokens, (images, 1, tokens, D) (the LLM-space vision
+    tokens). Plans reading it act after the projector (Plan.after_projector). Where the vision stage runs
+    eagerly the pipeline runs such a plan at LLM layer 0, where this is the input embeddings of the
+    current vision tokens, (B, units, tokens, D)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ class TextMask:
 
 @dataclass(frozen=True)
 class TextEmbeds:
-    """Vision stage only: the LLM input embeddings of each image's instruction, (images, T, D)."""
+    """The LLM input embeddings of each image's instruction, (images, T, D); at LLM layer 0 (a vision
+    plan run there, see Projected) the sample's instruction (B, T, D): index it [:, None] to broadcast."""
 
 
 # -- selection rules -----------------------------------------------------------------------------

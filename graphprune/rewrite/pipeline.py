@@ -8,10 +8,13 @@
 
 The pipeline runs passes stage by stage (vision, then prefill) in increasing layer order,
 verifying the graph after each one, and can print each graph after each pass (`debug=True`).
+Where a family's vision stage runs eagerly, vision passes on the projector's output run at LLM
+layer 0, on the input embeddings (`_at_layer_zero`).
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -20,7 +23,16 @@ from graphprune.anatomy.read import Anatomy, read_anatomy
 from graphprune.capture.export import Stage
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.apply import apply_pass
-from graphprune.rewrite.pass_api import LAST_VISION_LAYER, Choose, PassResult, TokenPass
+from graphprune.rewrite.pass_api import (
+    LAST_VISION_LAYER,
+    Choose,
+    PassResult,
+    Plan,
+    Projected,
+    TextEmbeds,
+    TextMask,
+    TokenPass,
+)
 from graphprune.rewrite.registry import PASSES, PIPELINES
 from graphprune.verify.eager import check_against_eager
 
@@ -188,8 +200,9 @@ class Program:
 def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = False) -> Program:
     """Apply passes to a copy of the program; the captured original is never modified."""
     out = program.copy()
-    order = sorted(passes, key=_position)
     vision = out.stages.get("vision")
+    eager = vision is None or vision.gm is None
+    order = sorted(passes, key=lambda p: _position(p, eager_vision=eager))
     if vision is not None and vision.gm is not None and any(_reads_last_vision_layer(p) for p in order):
         out.stages["vision"] = program.vision_through_last().copy()
         out.anatomy["vision"] = read_anatomy(out.stages["vision"].gm, "vision", out.family.model_class)
@@ -197,17 +210,40 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
         stage = _stage_of(p)
         if p.units == "videos" and out.family.video_token_id() is None:
             raise PassNotApplicable(f"{p.name} prunes video tokens, and {out.family.model_class} takes no video")
-        st = out.stages[stage]
-        if st.gm is None:
+        st, plans = out.stages[stage], None
+        if st.gm is None and stage == "vision":
             p.requires(Anatomy(stage, out.family.model_class, [], {}, [], has_cls=out.family.vision_has_cls))
+            plans = _at_layer_zero(p, st, out.family.model_class)
+            stage, st = "prefill", out.stages["prefill"]
+        if st.gm is None:
             raise PassNotApplicable(f"{p.name} acts on the {stage} stage, which graphprune could not capture for "
-                                    f"{out.family.model_class}: {st.eager}; use an LLM-stage method such as fastv, "
-                                    "dart or pyramiddrop")
-        result = apply_pass(p, st, out.anatomy[stage])
+                                    f"{out.family.model_class}: {st.eager}")
+        result = apply_pass(p, st, out.anatomy[stage], plans)
         out.results.append(result)
         if debug:
             print(f"# ---- {stage} graph after {p!r}\n{st.gm.code}")
     return out
+
+
+LAYER_ZERO_SIGNALS = (Projected, TextEmbeds, TextMask)     # what a vision pass may read at LLM layer 0
+
+
+def _at_layer_zero(p: TokenPass, vision: Stage, model_class: str) -> list[Plan]:
+    """Where graphprune runs the vision stage eagerly, a vision pass on the projector's output runs at
+    LLM layer 0: the projected vision tokens are the LLM's input embeddings at the vision positions,
+    and the instruction's embeddings are there too, so its plans select from those (one budget per
+    vision unit: image, video frame or video). A pass reading the encoder is refused, naming what it reads."""
+    plans = p.plan()
+    plans = plans if isinstance(plans, list) else [plans]
+    encoder = sorted(f"{name}={sig!r}" for plan in plans for name, sig in plan.signals.items()
+                     if not isinstance(sig, LAYER_ZERO_SIGNALS))
+    if not encoder and all(plan.after_projector for plan in plans):
+        return [dataclasses.replace(plan, layer=0, after_projector=False) for plan in plans]
+    reads = f"reads {', '.join(encoder)} from the vision encoder" if encoder else \
+        "selects among the vision encoder's features before the projector"
+    raise PassNotApplicable(f"{p.name} {reads}, and graphprune runs the vision stage of {model_class} eagerly "
+                            f"({vision.eager}), so no such signal exists; use a pass on the projected tokens "
+                            "(divprune, cdpruner) or an LLM-stage method such as fastv, dart or pyramiddrop")
 
 
 def _reads_last_vision_layer(p: TokenPass) -> bool:
@@ -216,10 +252,13 @@ def _reads_last_vision_layer(p: TokenPass) -> bool:
                for plan in (plans if isinstance(plans, list) else [plans]) for sig in plan.signals.values())
 
 
-def _position(p: TokenPass) -> tuple:
+def _position(p: TokenPass, eager_vision: bool = False) -> tuple:
     """Where a pass acts, for ordering: stage, then layer (vision: encoder layers, then the features,
-    then the projector output; a cache rule right after the selection at its layer)."""
+    then the projector output; a cache rule right after the selection at its layer). With an eager
+    vision stage a vision pass acts at LLM layer 0 (_at_layer_zero), in the written order there."""
     from graphprune.rewrite.pass_api import KeepCache
+    if eager_vision and _stage_of(p) == "vision":
+        return STAGE_ORDER.index("prefill"), 0, 0
     plans = p.plan()
     first = plans[0] if isinstance(plans, list) else plans
     layer = float("inf") if first.layer is None else first.layer

@@ -8,13 +8,15 @@ layer continues its own numbering) runs one copy of the slice per layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
 from torch import fx
 
 from graphprune.anatomy.read import Anatomy, layer_of
-from graphprune.errors import PassNotApplicable
+from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.rewrite.pass_api import TokenPass
 
 LAYER_POSITIONS = "layer_positions"     # decode input: (layers, B, 1) position of the new token in each layer
 
@@ -35,13 +37,26 @@ def rotary_slice(gm: fx.GraphModule, anat: Anatomy) -> list[fx.Node]:
     return out
 
 
-def check_one_axis(anat: Anatomy, who: str) -> None:
-    """Compact renumbering is defined for 1-D positions; M-RoPE's (3, B, S) ids are refused."""
+def check_one_axis(anat: Anatomy, p: TokenPass) -> None:
+    """Compact renumbering is defined for 1-D positions; M-RoPE's (3, B, S) ids are refused, saying
+    whether the pass would run with positions='keep'."""
     val = anat.inputs["position_ids"].meta.get("val")
     if val is not None and val.dim() != 2:
-        raise PassNotApplicable(f"{who}: positions='compact' renumbers 1-D rotary positions; {anat.model_class} "
+        raise PassNotApplicable(f"{p.name}: positions='compact' renumbers 1-D rotary positions; {anat.model_class} "
                                 f"takes {val.dim()}-D position ids (M-RoPE), whose renumbering is not defined; "
-                                "use positions='keep'")
+                                f"{_keep_instead(p)}")
+
+
+def _keep_instead(p: TokenPass) -> str:
+    """positions='keep', or why the pass as configured cannot take it (the same pass with that option)."""
+    options = {f.name: getattr(p.config, f.name) for f in dataclasses.fields(p.config)}
+    if "positions" not in options:
+        return f"{p.name} renumbers by design, so it cannot run on this model"
+    try:
+        type(p)(**{**options, "positions": "keep"})
+    except PassConfigError as e:
+        return f"positions='keep' is refused too: {e}"
+    return "use positions='keep'"
 
 
 def copy_rotary(gm: fx.GraphModule, nodes: list[fx.Node], pos_input: fx.Node, new_pos: fx.Node) -> dict:
@@ -70,7 +85,8 @@ def renumber(gm: fx.GraphModule, anat: Anatomy, anchor: fx.Node, layer: int, seq
     kept tokens by the reroute) are replaced by the slice recomputed on the renumbered positions."""
     g = gm.graph
     pos_input = anat.inputs["position_ids"]
-    nodes = rotary_slice(gm, anat)
+    reductions = set(replaced.values())     # at layer 0 they sit before the first layer too: not rotary values
+    nodes = [n for n in rotary_slice(gm, anat) if n not in reductions]
     with g.inserting_before(anchor):
         new_pos = g.call_function(compact_positions, (anat.inputs["attention_mask"], seq_index, key_valid))
         env = copy_rotary(gm, nodes, pos_input, new_pos)

@@ -34,9 +34,12 @@ from graphprune.rewrite.pass_api import (
 def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: str, p: TokenPass) -> fx.Node:
     g = gm.graph
     if isinstance(sig, TextEmbeds):
-        if anat.stage != "vision":
-            raise PassConfigError(f"{p.name}: TextEmbeds is a vision-stage signal; use Hidden(tokens='text') in prefill")
-        return layout_input(gm, anat, "text_embeds")
+        if anat.stage == "vision":
+            return layout_input(gm, anat, "text_embeds")
+        if layer == 0:              # a vision pass run at LLM layer 0: the instruction's input embeddings
+            return _input_embeds(gm, anat, InputEmbeds("text"), p)
+        raise PassConfigError(f"{p.name}: TextEmbeds is read in the vision stage (or at LLM layer 0); use "
+                              "Hidden(tokens='text') or InputEmbeds('text') in prefill")
     if isinstance(sig, TextMask):
         return layout_input(gm, anat, "text_mask")
     if isinstance(sig, Frames):
@@ -44,6 +47,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
             raise PassConfigError(f"{p.name}: Frames is a prefill signal (the vision stage sees images only)")
         return layout_input(gm, anat, "unit_frames")
     if isinstance(sig, Projected):
+        if anat.stage != "vision" and layer == 0:
+            return _projected_at_layer_zero(gm, anat, state, p)
         if anat.stage != "vision" or layer != anat.num_layers:
             raise PassConfigError(f"{p.name}: Projected is the vision projector's output; the plan must set "
                                   "after_projector=True")
@@ -52,6 +57,10 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
     if isinstance(sig, InputEmbeds):
+        if sig.tokens == "vision" and layer == 0 and state.generation:
+            # a layer-0 rule picks among the current tokens; these are the prompt's, some of them gone
+            raise PassConfigError(f"{p.name}: reads the prompt's original vision tokens (InputEmbeds) at layer 0, "
+                                  f"after {anat.selections[-1]['pass']} removed some there; put {p.name} first")
         return _input_embeds(gm, anat, sig, p)
     src = getattr(sig, "layer", None)
     if src == LAST_VISION_LAYER:
@@ -145,6 +154,17 @@ def _input_embeds(gm, anat: Anatomy, sig: InputEmbeds, p: TokenPass) -> fx.Node:
     if sig.tokens == "vision":
         return g.call_function(tokenops.token_features, (emb, anat.tokens[0].vision_pos, 0, 1))
     return _features_at(g, emb, layout_input(gm, anat, "text_index"), "text", 0, 1)
+
+
+def _projected_at_layer_zero(gm, anat: Anatomy, state: TokenState, p: TokenPass) -> fx.Node:
+    """The projector's output where the vision stage runs eagerly: the LLM's input embeddings at the
+    current vision tokens (B, images, tokens, D), those an earlier layer-0 pass kept."""
+    if state.rewritten:
+        raise PassConfigError(f"{p.name}: reads the projected vision tokens, but an earlier pass "
+                              f"({anat.selections[-1]['pass']}) merged or reordered them; put {p.name} first")
+    g = gm.graph
+    original = g.call_function(tokenops.token_features, (state.seq_index, state.vision_pos))
+    return g.call_function(tokenops.token_features, (anat.inputs["inputs_embeds"], original))
 
 
 def unpadded_index(attention_mask, seq_index):
