@@ -36,9 +36,11 @@ CASES = [
     ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
     # an image (8x8 base + 8 rows of 14 = 176 tokens) and an 11-frame video counted per video (11 x 4x4 pooled)
     ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
+    # 16 pooled tokens per image, each image one bidirectional attention block (token_type_ids)
+    ("gemma3-2images", "gemma3", ("image", "image"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
-NO_SEPARATORS = ("video_llava",)        # its processor writes placeholders only
+NO_SEPARATORS = ("video_llava", "paligemma")     # their processors write placeholders only
 
 _MODELS: dict = {}
 
@@ -63,7 +65,8 @@ def _example(model, items, batch=2, pad=(0, 2)):
 def _hf_logits(model, ex):
     kw = ex.as_kwargs()
     if family_of(model).position_axes == 1:               # generate()'s positions for left padding
-        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # (PaliGemma's prepare_inputs_for_generation adds 1: its positions count from 1)
+        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0) + (model.config.model_type == "paligemma")
     with torch.no_grad():
         return model(**kw).logits
 
@@ -111,7 +114,7 @@ def test_beam_search_repeats_each_sample_with_its_images_and_videos(case):
 def _reference(model, ex, unit, selects):
     emb, am, pos, vm = RF.family_inputs(model, ex)
     return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS,
-                         deepstack=RF.deepstack(model, ex)), vm
+                         deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex)), vm
 
 
 def _methods(units):
@@ -180,7 +183,51 @@ def test_qwen3_vl_deepstack_adds_follow_the_kept_tokens():
     assert (other["prefill_logits"][real] - out.logits[real]).abs().max() > 1e-2
 
 
-MUSTDROP_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres", "llava_onevision-video"]
+@pytest.mark.parametrize("family, items", [("gemma3", ("image", "image")), ("paligemma", ("image",))])
+def test_bidirectional_groups_matter(family, items):
+    """The attention groups change the answer on these prompts: FastV's run equals the reference with
+    the family's bidirectional groups and differs from the reference without them (causal), so a lost
+    or misplaced group mask fails the reference tests above."""
+    model, program = _model(family)
+    ex = _example(model, items)
+    units = RF.units_of(model, ex)
+    name, opts, selects = _methods(units)[0]
+    out = gp.prune(model, name, program=program, **opts)(**ex.as_kwargs())
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    grouped = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1,
+                            groups=RF.attention_groups(model, ex))
+    causal = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1)
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], grouped["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    assert float((out.logits[real] - causal["prefill_logits"][real]).abs().max()) > 1e-2
+
+
+def test_gemma3_without_token_type_ids_attends_causally():
+    """Hugging Face's Gemma 3 attends causally when no token_type_ids are given; so does the pruned model."""
+    model, program = _model("gemma3")
+    ex = _example(model, ("image", "image"))
+    ex.token_type_ids = None
+    real = ex.attention_mask.bool()
+    out = gp.prune(model, None, program=program)(**ex.as_kwargs())
+    torch.testing.assert_close(out.logits[real], _hf_logits(model, ex)[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match=r"token_type_ids \(2, 5\) must be a tensor shaped like input_ids"):
+        gp.prune(model, None, program=program)(**ex.as_kwargs(), token_type_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_gemma3_runs_reaching_the_sliding_window_are_refused():
+    """Its 128-token sliding window is shorter than its 512 positions: the model is accepted, and a
+    run that could reach the window is refused before any work, naming both lengths."""
+    model, program = _model("gemma3")
+    kw = _example(model, ("image", "image")).as_kwargs()          # 57 tokens
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    with pytest.raises(InputError, match="spans 185 tokens .* attend within 128"):
+        pruned.generate(**kw, max_new_tokens=128, eos_token_id=[])
+    with pytest.raises(InputError, match="spans 130 tokens"):
+        pruned(input_ids=torch.randint(3, 140, (1, 130)))
+
+
+MUSTDROP_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres", "llava_onevision-video",
+                  "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in MUSTDROP_CASES], ids=MUSTDROP_CASES)
@@ -195,7 +242,7 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=units)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: sel, 3: sel}, cut_to_final=(1, 3), vision_mask=vm,
-                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex))
+                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0625, alpha=1.0, mode='static', capacity=4, "
                              "placement='before', positions='keep') | mustdrop_cache(layers=(1, 3), placement='before')",
                       program=program, video_unit=unit)
@@ -206,7 +253,8 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     assert not bool(out.cache[3].mask.bool().all())                          # the rule invalidated some
 
 
-VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_onevision-video"]   # 4 x 4 grids
+# units that are 4 x 4 grids (Gemma 3: its 8 x 8 patches average-pooled)
+VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_onevision-video", "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in VISIONTRIM_CASES], ids=VISIONTRIM_CASES)
@@ -219,7 +267,7 @@ def test_visiontrim_llm_equals_reference_on_unit_grids(case):
     ex = _example(model, items)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=4)}, vision_mask=vm,
-                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex))
+                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 

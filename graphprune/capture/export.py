@@ -3,6 +3,7 @@
 Three stages are captured per model:
   vision   pixel_values -> projected image features (n_images, tokens, d_text)
   prefill  (inputs_embeds, position_ids, attention_mask) -> (logits, k_0, v_0, ..., k_L-1, v_L-1)
+           (+ attention_groups, for a family whose LM attends bidirectionally within token groups)
   decode   (inputs_embeds, position_ids, attention_mask, k_0, v_0, ...) -> same outputs, one token
 
 The image-feature merge (LLaVA's masked_scatter at <image> tokens) is done by the runtime as a
@@ -21,6 +22,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from graphprune.compat import traceable_masks
+from graphprune.errors import UnsupportedModelError
 from graphprune.families import Family, family_of
 
 STAGES = ("vision", "prefill", "decode")
@@ -55,6 +57,28 @@ class _Prefill(nn.Module):
         out = self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                       past_key_values=cache, use_cache=True)
         return (self.head(out.last_hidden_state), *_flat_kv(cache))
+
+
+class _GroupedPrefill(_Prefill):
+    """The prefill of a family with bidirectional attention groups (Family.attention_groups_input):
+    it builds the LM's mask from them, in the graph, so a pass reroutes it like any sequence tensor.
+    An LM with sliding-window layers takes it per layer kind; runs stay inside the window
+    (Family.check_run_length), where the window never binds."""
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, attention_groups):
+        mask = grouped_mask(attention_mask, attention_groups)
+        if getattr(self.lm.config, "sliding_window", None) is not None:
+            mask = {"full_attention": mask, "sliding_attention": mask}
+        return super().forward(inputs_embeds, position_ids, mask)
+
+
+def grouped_mask(attention_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) bool: query i attends to key j when j <= i or both are in one group (>= 0), and
+    key j is not padding: Hugging Face's causal mask OR its blockwise overlay, AND the padding mask."""
+    index = torch.arange(groups.shape[1], device=groups.device)
+    causal = index[None, :] <= index[:, None]
+    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+    return ((causal | same) & attention_mask.bool()[:, None, :])[:, None]
 
 
 class _Decode(nn.Module):
@@ -220,6 +244,7 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
     device = device or next(lm.parameters()).device
     dtype = dtype or next(lm.parameters()).dtype
     b, s = 2, 23     # odd sizes so no static dim is mistaken for batch or sequence
+    grouped = family.attention_groups_input
     args = (torch.zeros(b, s, hidden, device=device, dtype=dtype), _positions_example(family, b, s, device),
             torch.ones(b, s, dtype=torch.long, device=device))
     batch, seq = Dim("batch", min=1), Dim("seq", min=2)
@@ -227,12 +252,19 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
     dynamic = ({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq})
     names, module, eager = ["inputs_embeds", "position_ids", "attention_mask"], _Prefill(lm, family.lm_head()), None
     deepstack = family.deepstack_layers()
+    if deepstack and grouped:
+        raise UnsupportedModelError(family.model_class, "prefill capture", "deepstack features and bidirectional "
+                                    "attention groups together are not supported")
     if deepstack:
         args += (torch.zeros(len(deepstack), b, s, hidden, device=device, dtype=dtype),)
         dynamic += ({1: batch, 2: seq},)
         names.append("deepstack_embeds")
         module = _DeepstackPrefill(lm, family.lm_head(), deepstack)
         eager = _MaskedDeepstackPrefill(lm, family.lm_head())
+    if grouped:
+        args, dynamic = args + (torch.full((b, s), -1, device=device),), dynamic + ({0: batch, 1: seq},)
+        names.append("attention_groups")
+        module = _GroupedPrefill(lm, family.lm_head())
     with torch.no_grad(), traceable_masks():
         ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic)
     gm = plain_graph_module(ep)
@@ -246,6 +278,8 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
             at = torch.rand(b, 11, generator=g) < 0.4
             feats = torch.randn(len(deepstack), b, 11, hidden, generator=g) * at[..., None]
             check += (feats.to(device, dtype),)
+        if grouped:                         # a block of 4 tokens in each sample, after sample 1's padding
+            check += (torch.tensor([[-1] * 4 + [0] * 4 + [-1] * 3, [-1] * 5 + [0] * 4 + [1] * 2], device=device),)
     return Stage("prefill", gm, names, module=eager or module, check_inputs=check)
 
 

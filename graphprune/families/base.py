@@ -55,6 +55,13 @@ class Family:
     video_feature_inputs: tuple[str, ...] = ()
     # config attributes naming token ids that delimit vision blocks (protected, never counted)
     separator_tokens: tuple[str, ...] = ()
+    # the captured prefill takes `attention_groups` (B, S) int64 from attention_groups(): a token of
+    # group g >= 0 attends to every token of group g as well as causally (Gemma 3's image blocks,
+    # PaliGemma's prefix); -1: causally only
+    attention_groups_input: bool = False
+    # an LM sliding window shorter than the context is accepted, and runs that could reach it refused
+    # (check_run_length); otherwise such a model is refused (refuse_sliding_window)
+    window_limits_runs: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -273,16 +280,39 @@ class Family:
         """The features a video's placeholders take, in order (the model's own get_video_features)."""
         return body.get_video_features(pixel_values_videos, **kw)
 
-    def refuse_sliding_window(self) -> None:
-        """For a family whose LM may attend within a sliding window: refuse a model where that window
-        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+    def attention_groups(self, attention_mask, **inputs) -> torch.Tensor | None:
+        """(B, S) int64 bidirectional attention group of each prompt token (-1: causal only), from the
+        processor's inputs (`inputs`): the input of a prefill captured with `attention_groups_input`;
+        None for a causal LM."""
+        return None
+
+    def binding_window(self) -> int | None:
+        """The LM's sliding window where it is shorter than the context (it can bind), else None."""
         text = self.text_config()
         window = getattr(text, "sliding_window", None)
         kinds = getattr(text, "layer_types", None) or ["sliding_attention"]
         if window is not None and window < text.max_position_embeddings and "sliding_attention" in kinds:
+            return int(window)
+        return None
+
+    def refuse_sliding_window(self) -> None:
+        """For a family whose LM may attend within a sliding window: refuse a model where that window
+        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+        window = self.binding_window()
+        if window is not None and not self.window_limits_runs:
             raise UnsupportedModelError(self.model_class, f"{self.name} family support",
                                         f"its language model attends within a sliding window of {window} tokens, "
                                         "counted over the sequence: a pruned sequence would move that window")
+
+    def check_run_length(self, tokens: int) -> None:
+        """For a family with `window_limits_runs`: refuse a run of `tokens` sequence slots (padded
+        prompt + generated tokens) that could reach the LM's sliding window; below it the window never
+        binds, so pruned slots cannot move it (and its grouped prefill mask leaves the window out)."""
+        window = self.binding_window() if self.window_limits_runs else None
+        if window is not None and tokens >= window:
+            raise InputError(f"this run spans {tokens} tokens (padded prompt + new tokens) and {self.model_class}'s "
+                             f"sliding-window layers attend within {window}: a pruned sequence would move that "
+                             f"window, so runs must stay under {window} tokens; shorten the prompt or max_new_tokens")
 
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:
@@ -332,6 +362,17 @@ def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, afte
     index = torch.arange(is_vision.shape[1], device=is_vision.device)
     first, last = pos.amin(-1, keepdim=True), pos.amax(-1, keepdim=True)          # (B, units, 1)
     return ((index >= first - before) & (index <= last + after)).any(1) & ~is_vision
+
+
+def token_types(attention_mask, token_type_ids) -> torch.Tensor | None:
+    """The processor's token_type_ids checked against the prompt's (B, S) (None when not given)."""
+    if token_type_ids is None:
+        return None
+    if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != attention_mask.shape:
+        got = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids).__name__
+        raise InputError(f"token_type_ids {got} must be a tensor shaped like input_ids {tuple(attention_mask.shape)}, "
+                         "as the processor returns it")
+    return token_type_ids.to(attention_mask.device)
 
 
 def check_video_unit(video_unit: str) -> str:

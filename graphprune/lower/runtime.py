@@ -75,7 +75,7 @@ class _Prompt:
     protected: torch.Tensor | None = None     # (B, images, tokens) key set of a vision-stage pass
     patches_kept: torch.Tensor | None = None
     unit_frames: torch.Tensor | None = None   # (B, images) frames each unit holds (None: 1 each)
-    lm_inputs: dict = field(default_factory=dict)   # the family's other LM inputs (Qwen3-VL: deepstack_embeds)
+    lm_inputs: dict = field(default_factory=dict)   # other LM inputs by name (deepstack_embeds, attention_groups)
     notes: list = field(default_factory=list)
 
     @classmethod
@@ -297,6 +297,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         b, n, v = vision_pos.shape
         check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, **inputs)
+        groups = self.family.attention_groups(attention_mask, **inputs)
         embeds, feats, kept, valid, protected, lm_inputs = self._image_features(inputs, vision_pos, input_ids)
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
@@ -306,6 +307,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             if self._vision_positions() == "compact":   # features fill the image's slots in their own order
                 new_pos = new_pos.sort(-1).values     # (a no-op unless a vision pass reordered them)
             input_ids, attention_mask, index = (t.gather(1, keep) for t in (input_ids, attention_mask, index))
+            groups = None if groups is None else groups.gather(1, keep)
             index = index.scatter(1, new_pos.reshape(b, -1), chosen.reshape(b, -1))
             if valid is not None:                # static capacity: invalid slots act as padding in the LLM
                 attention_mask = attention_mask.scatter(1, new_pos.reshape(b, -1),
@@ -320,7 +322,8 @@ class PrunedModel(nn.Module, GenerationMixin):
             protected = protected.reshape(b, n, -1)
         embeds = self.family.embed(input_ids) if embeds is None else embeds
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
-                                self.pipeline, protected, kept, layout.frames, lm_inputs)
+                                self.pipeline, protected, kept, layout.frames,
+                                lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups})
 
     def _vision_inputs(self, **inputs) -> dict:
         """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
@@ -368,6 +371,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             return self._continue(cache, input_ids, attention_mask, pixel_values)
         input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
                                                        image_grid_thw, mm_token_type_ids)
+        self.family.check_run_length(input_ids.shape[1])
         prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
             gm = self._text_prefill()
@@ -380,7 +384,8 @@ class PrunedModel(nn.Module, GenerationMixin):
                               "none: every token kept", NothingPrunedWarning, stacklevel=2)
                 lm_inputs = self.family.merged_inputs(input_ids, **inputs)
                 positions = self.family.positions(input_ids, attention_mask, **inputs)
-            outs = _call(gm, position_ids=positions, attention_mask=attention_mask, **lm_inputs)
+            outs = _call(gm, position_ids=positions, attention_mask=attention_mask,
+                         attention_groups=self.family.attention_groups(attention_mask, **inputs), **lm_inputs)
             index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
                                 attention_mask.sum(1))
@@ -427,6 +432,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         if pixel_values is not None and bool((input_ids == self.family.image_token_id()).any()):
             raise InputError("the tokens fed after a cached prompt hold a new image; a PrunedCache holds one pruned "
                              "prompt with its images: start a new conversation (no past_key_values) for a new image")
+        self.family.check_run_length(cache.seen + t)
         cache.room(t)
         logits = [self.decode_step(cache, input_ids[:, j], mask=fed[:, j])[0] for j in range(t)]
         return PrunedOutput(logits=torch.stack(logits, 1), **_cache_fields(cache))
@@ -521,6 +527,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if beams > 1 and kwargs.get("eos_token_id") == []:
             raise InputError(f"eos_token_id=[] with num_beams={beams}: transformers' beam search needs an end "
                              "token (it fails inside); give one (or leave eos_token_id unset), or use num_beams=1")
+        if input_ids is not None:
+            self.family.check_run_length(input_ids.shape[1] + self._new_tokens(input_ids, kwargs))
         cache = kwargs.pop("past_key_values", None)
         if kwargs.get("cache") is not None:        # its name from transformers 5.24
             cache = kwargs.pop("cache")

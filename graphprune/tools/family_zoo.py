@@ -201,6 +201,46 @@ def tiny_smolvlm(seed: int = 0, **kw):
     return tiny_idefics3(seed, model_type="smolvlm", **kw)
 
 
+def tiny_gemma3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Gemma 3 architecture: SigLIP tower (8x8 patches per 112-pixel image, average-pooled to 4x4),
+    Gemma 3 LM (sliding and full attention layers, 128-token window, QK norms, scaled embeddings)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                        head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
+                                        layer_types=["sliding_attention", "full_attention"] * (layers // 2), **TEXT),
+                       vision_config=_siglip(112), mm_tokens_per_image=16,
+                       image_token_index=150, boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI)
+    return _unit_gemma_norms(_finish(Gemma3ForConditionalGeneration, cfg, seed))
+
+
+def tiny_paligemma(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """PaliGemma architecture: SigLIP tower (4x4 patches per 56-pixel image), linear projector,
+    Gemma LM (prefix-LM attention over the prompt)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    cfg = PaliGemmaConfig(text_config=dict(model_type="gemma", hidden_size=hidden, intermediate_size=2 * hidden,
+                                           num_hidden_layers=layers, head_dim=16, **TEXT),
+                          vision_config=dict(_siglip(56), projection_dim=hidden), image_token_index=150,
+                          projection_dim=hidden)
+    return _unit_gemma_norms(_finish(PaliGemmaForConditionalGeneration, cfg, seed))
+
+
+def _unit_gemma_norms(model):
+    """Gemma's RMSNorms scale by 1 + weight: transformers 5 initialises the weights to 0, 4.x to 1
+    (twice the activations, and rounding errors past fp32 test tolerances); 0 on both."""
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if "norm" in name:
+                p.zero_()
+    return model
+
+
+def _siglip(image_size: int) -> dict:
+    return dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=image_size, patch_size=14)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -212,7 +252,8 @@ BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava_nex
             "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
             "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
-            "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
+            "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm,
+            "gemma3": tiny_gemma3, "paligemma": tiny_paligemma}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -234,17 +275,24 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT,
               "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
-              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3}.get(kind)
+              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
+              "gemma3": _GEMMA3, "paligemma": _PALIGEMMA}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
     for b in range(batch):
+        if kind == "paligemma":          # PaliGemmaProcessor: the images first, then <bos> prompt "\n"
+            ids = [t for block in vision["blocks"] for t in block] + [1] + _text(g, prefix + suffix - pad[b] - 1)
+            rows.append(ids + [PALIGEMMA_NEWLINE])
+            continue
         ids = [1] + _text(g, prefix)
         for block in vision["blocks"]:
             ids += block + _text(g, 2)
         rows.append(ids + _text(g, suffix - pad[b]))
     input_ids, mask = left_pad(rows)
     ex = Example(input_ids, mask, **vision["inputs"])
+    if kind in ("gemma3", "paligemma"):  # their processors' token types: Gemma 3 1 at image tokens, PaliGemma 0
+        ex.token_type_ids = (input_ids == model.config.image_token_id).long() * (kind == "gemma3")
     # what the installed transformers' processor returns: the vision-token types only where the model takes them
     if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") and qwen2vl_takes_mm_token_type_ids(model):
         cfg = model.config
@@ -427,6 +475,32 @@ def _IDEFICS3(model, g, batch, items, **_):
             "inputs": {"pixel_values": torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g),
                        "pixel_attention_mask": torch.ones(batch, tiles, vc.image_size, vc.image_size,
                                                           dtype=torch.bool)}}
+
+
+GEMMA3_BOI, GEMMA3_EOI, GEMMA3_BREAK = 151, 152, 153     # <start_of_image>, <end_of_image>, "\n\n"
+PALIGEMMA_NEWLINE = 154                                     # "\n", closing the prompt
+
+
+def _GEMMA3(model, g, batch, items, **_):
+    """Per image "\n\n" <start_of_image> <image_soft_token> x mm_tokens_per_image <end_of_image> "\n\n"
+    (Gemma3Processor's full_image_sequence)."""
+    if "video" in items:
+        raise ValueError("Gemma 3 prompts hold images only")
+    cfg = model.config
+    block = [GEMMA3_BREAK, GEMMA3_BOI] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [GEMMA3_EOI, GEMMA3_BREAK]
+    size = cfg.vision_config.image_size
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch * len(items), 3, size, size, generator=g)}}
+
+
+def _PALIGEMMA(model, g, batch, items, **_):
+    """<image> x num_image_tokens per image, ahead of the prompt (PaliGemmaProcessor)."""
+    if "video" in items:
+        raise ValueError("PaliGemma prompts hold images only")
+    cfg = model.config
+    size = cfg.vision_config.image_size
+    return {"blocks": [[cfg.image_token_id] * cfg.text_config.num_image_tokens for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch * len(items), 3, size, size, generator=g)}}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:
