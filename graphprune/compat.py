@@ -104,6 +104,18 @@ def qwen2vl_rope_index(model, input_ids, mm_token_type_ids, **grids):
     return pos
 
 
+def paligemma_prefix(token_type_ids, attention_mask) -> torch.Tensor:
+    """(B, S) bool: the prompt tokens PaliGemma's prefill attends to bidirectionally (its prefix).
+
+    transformers 5 reads the processor's token_type_ids (0: prefix, 1: suffix; none given: no
+    prefix, causal attention); 4.56-4.57, when not training, every prompt token."""
+    if transformers_major() < 5:
+        return torch.ones_like(attention_mask, dtype=torch.bool)
+    if token_type_ids is None:
+        return torch.zeros_like(attention_mask, dtype=torch.bool)
+    return token_type_ids == 0
+
+
 def is_later_generate_step(model_inputs: dict) -> bool:
     """Whether inputs from GenerationMixin.prepare_inputs_for_generation are for a step after the
     first of a generate() call, whose image inputs the model must not read again.

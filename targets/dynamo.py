@@ -11,7 +11,8 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
   pipeline's passes (the same rewrite `graphprune.prune` runs) and compiles the result with
   Inductor (or runs it as is, `compiler="eager"`). The frame's outputs (per-layer keys/values for
   the cache, the final hidden state) come from the rewritten graph, so every layer's cache holds
-  what it kept and the logits cover the kept tokens;
+  what it kept and the logits cover the kept tokens. A family with bidirectional attention groups
+  (PaliGemma's prefix) gets them from the frame's token_type_ids, as graphprune.prune does;
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
   captured.
 
@@ -144,14 +145,15 @@ def _ancestors(node: fx.Node) -> set:
     return seen
 
 
-def _output_roles(gm: fx.GraphModule, layers: int) -> list[str]:
+def _output_roles(gm: fx.GraphModule, layers: int, merge: fx.Node) -> list[str]:
     """Name every frame output by what the rewritten prefill graph returns: k_i, v_i or logits
-    (the final hidden state: the captured body has an identity head)."""
+    (the final hidden state: the captured body has an identity head), or the merged image features
+    (Gemma 3 and PaliGemma return them as image_hidden_states)."""
     operands = _sdpa_operands(gm)
     roles = []
     for o in gm.graph.find_nodes(op="output")[0].args[0]:
-        role = None
-        if isinstance(o, fx.Node):
+        role = "image_features" if o is merge.args[2] else None
+        if role is None and isinstance(o, fx.Node):
             i = layer_of(o)
             if i is not None and i in operands:
                 role = f"k_{i}" if o in operands[i][0] else f"v_{i}" if o in operands[i][1] else None
@@ -162,7 +164,8 @@ def _output_roles(gm: fx.GraphModule, layers: int) -> list[str]:
                                         f"cannot tell what output {getattr(o, 'name', o)!r} is "
                                         "(expected per-layer keys/values and the final hidden state)")
         roles.append(role)
-    if sorted(r for r in roles if r != "logits") != sorted(f"{kv}_{i}" for i in range(layers) for kv in "kv"):
+    cache = sorted(r for r in roles if r not in ("logits", "image_features"))
+    if cache != sorted(f"{kv}_{i}" for i in range(layers) for kv in "kv"):
         raise UnsupportedModelError("torch.compile frame", "KV-cache outputs", f"frame outputs {roles}")
     return roles
 
@@ -232,7 +235,7 @@ class PrunedFrame:
     owner: torch.nn.Module
     opts: BackendOptions
     roles: list[str]
-    inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask -> arg index
+    inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask / token_type_ids -> arg index
     modality: str = "image"         # what the merge writes: images, or (alone) videos
 
     def __call__(self, *args):
@@ -256,11 +259,16 @@ class PrunedFrame:
             raise InputError("the prefill frame merges image features but the prompt has no image tokens")
         check_budgets(rw.program.results, layout.pos.shape[-1])
         embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))      # the model's own merge
-        positions = rw.program.family.positions(None, attention_mask)
+        family = rw.program.family
+        positions = family.positions(None, attention_mask)
         index = torch.arange(s, device=embeds.device).expand(b, s)
+        i = self.inputs.get("token_type_ids")
+        groups = family.attention_groups(attention_mask, token_type_ids=args[i] if i is not None else None)
         prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
-                                  layout.pos, index, rw.passes, unit_frames=layout.frames)
+                                  layout.pos, index, rw.passes, unit_frames=layout.frames,
+                                  lm_inputs={} if groups is None else {"attention_groups": groups})
         named = _call(rw.fn, **prompt.prefill_inputs())
+        named["image_features"] = args[self.inputs["image_features"]].to(embeds.dtype)
         return tuple(named[r] for r in self.roles)
 
 
@@ -273,7 +281,7 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
         _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(held)} "
                            f"of 0..{layers - 1}: a graph break splits the language model")
         return None
-    roles = _output_roles(gm, layers)
+    roles = _output_roles(gm, layers, merge)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     merged = placeholders[_placeholder_index(gm, merge.args[2], "merged features")].name
     videos = _video_inputs(gm)
@@ -283,8 +291,9 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
               "image_mask": _placeholder_index(gm, merge.args[1], "image-token mask"),
               "image_features": _placeholder_index(gm, merge.args[2], "image features")}
-    if _attention_mask_index(gm) is not None:
-        inputs["attention_mask"] = _attention_mask_index(gm)
+    for name in ("attention_mask", "token_type_ids"):
+        if _input_index(gm, name) is not None:
+            inputs[name] = _input_index(gm, name)
     return PrunedFrame(owner, opts, roles, inputs, "video" if videos else "image")
 
 
@@ -363,7 +372,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         # the frame's module is the whole model (no graph break without an image) or its body
         from graphprune.families import family_of
         lm = family_of(_owner("the module running the decoder layers")).language_model()
-        return DecodeFrame(lm, compiled, _attention_mask_index(gm), opts)
+        return DecodeFrame(lm, compiled, _input_index(gm, "attention_mask"), opts)
     return compiled
 
 
@@ -452,9 +461,10 @@ class VisionFrame:
         return self.fn(*args)
 
 
-def _attention_mask_index(gm: fx.GraphModule) -> int | None:
+def _input_index(gm: fx.GraphModule, name: str) -> int | None:
+    """Position of the frame input of the forward argument `name` (None: the frame has none)."""
     for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
-        if p.name.startswith("l_attention_mask"):
+        if p.name.startswith(f"l_{name}"):
             return i
     return None
 

@@ -349,10 +349,12 @@ class _LM:
         if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):  # their attention uses hidden_size // num_heads
             self.hd = tc.hidden_size // tc.num_attention_heads
         self.eps = getattr(tc, "rms_norm_eps", None)
-        self.act = _act(tc.hidden_act)
-        # transformers 5: rope_parameters; 4.x: rope_theta plus rope_scaling (Qwen2-VL's mrope_section)
+        self.act = _act(getattr(tc, "hidden_activation", None) or tc.hidden_act)      # Gemma 3: hidden_activation
+        # transformers 5: rope_parameters (Gemma 3: one per layer kind); 4.x: rope_theta plus rope_scaling
+        # (Qwen2-VL's mrope_section)
         rp = getattr(tc, "rope_parameters", None) or {"rope_theta": tc.rope_theta,
                                                         **(getattr(tc, "rope_scaling", None) or {})}
+        rp = rp.get("full_attention", rp)
         assert rp.get("rope_type", "default") == "default", "only default RoPE is implemented"
         theta = rp["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))
@@ -401,6 +403,7 @@ class _LM:
         q = _linear(y, w, lp + "self_attn.q_proj").view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = _linear(y, w, lp + "self_attn.k_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = _linear(y, w, lp + "self_attn.v_proj").view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = self.qk_norm(lp, q, k)
         if self.rotary_at(i):
             q, k = self.rotary(q, cos[:, None], sin[:, None]), self.rotary(k, cos[:, None], sin[:, None])
         if past_k is not None:
@@ -417,6 +420,10 @@ class _LM:
         return h + self.mlp(lp, self.norm(h, lp + "post_attention_layernorm.weight")), k, v, probs
 
     parallel = False
+    window = None                       # a sliding window runs must stay under (it is not applied)
+
+    def qk_norm(self, lp: str, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return q, k
 
     def rotary(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """RoPE on the first cos.shape[-1] dims of each head (all of them unless partial), the rest as is."""
@@ -499,11 +506,95 @@ class _Glm4vLM(_LM):
         return self.norm(_linear(self.act(gate) * up, self.w, lp + "mlp.down_proj"), lp + "post_mlp_layernorm.weight")
 
 
+class _Qwen3VLLM(_LM):
+    """Qwen3-VL's decoder: Qwen3 (RMSNorm of each query and key head before RoPE) with interleaved
+    M-RoPE: rotary frequency j takes the height position when j % 3 == 1 and j < 3 * sections[1], the
+    width position when j % 3 == 2 and j < 3 * sections[2], the temporal one otherwise."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.mrope_section = model.config.text_config.rope_parameters["mrope_section"]
+        j = torch.arange(self.hd // 2)
+        _, h, w = self.mrope_section
+        self.axis = torch.where((j % 3 == 1) & (j < 3 * h), 1, torch.where((j % 3 == 2) & (j < 3 * w), 2, 0))
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        if pos.dim() == 2:
+            pos = pos[None].expand(3, -1, -1)
+        f = pos.float()[..., None] * self.inv_freq                               # (3, B, T, hd/2)
+        freqs = torch.stack([f[a, ..., j] for j, a in enumerate(self.axis.tolist())], dim=-1)
+        emb = self.rotary_table(freqs)
+        return emb.cos(), emb.sin()
+
+    def qk_norm(self, lp: str, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.norm(q, lp + "self_attn.q_norm.weight"), self.norm(k, lp + "self_attn.k_norm.weight")
+
+
+class _GemmaLM(_LM):
+    """Gemma (PaliGemma's LM) and Gemma 3 decoders: RMSNorm scaling by (1 + weight), token embeddings
+    scaled by sqrt(hidden_size), GELU (tanh) MLP. Gemma 3 adds an RMSNorm on each head's queries and
+    keys, norms after attention and around the MLP, the attention scale query_pre_attn_scalar^-0.5,
+    and a RoPE base of its own (rope_local_base_freq) in its sliding-window layers. cos_sin returns
+    one table per layer kind (sliding, full); a layer takes its kind's. The sliding window itself is
+    not applied: lm_generate refuses runs long enough for it to bind."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        tc = getattr(model.config, "text_config", model.config)
+        self.embed = self.embed * torch.tensor(tc.hidden_size ** 0.5)
+        self.gemma3 = tc.model_type == "gemma3_text"
+        kinds = getattr(tc, "layer_types", None) or ["full_attention"] * self.n_layers
+        self.kind = [int(k == "full_attention") for k in kinds]
+        self.inv_freqs = [self.inv_freq, self.inv_freq]
+        self.window = getattr(tc, "sliding_window", None)
+        if self.gemma3:
+            self.scale = tc.query_pre_attn_scalar ** -0.5
+            rp = getattr(tc, "rope_parameters", None)        # transformers 5: per kind; 4.x: rope_local_base_freq
+            local = rp["sliding_attention"]["rope_theta"] if rp else tc.rope_local_base_freq
+            self.inv_freqs[0] = 1.0 / (local ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))
+
+    scale = None
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        emb = torch.stack([self.rotary_table(pos.float()[..., None] * f) for f in self.inv_freqs])
+        return emb.cos(), emb.sin()
+
+    def norm(self, x: Tensor, key: str) -> Tensor:
+        return _rms_norm(x, 1.0 + self.w[key], self.eps)
+
+    def layer(self, i: int, h: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor | None,
+              past_v: Tensor | None, allowed: Tensor):
+        w, lp = self.w, f"{self.pre}layers.{i}."
+        b, t, _ = h.shape
+        y = self.norm(h, lp + "input_layernorm.weight")
+        q, k, v = (_linear(y, w, f"{lp}self_attn.{n}_proj").view(b, t, -1, self.hd).transpose(1, 2) for n in "qkv")
+        if self.gemma3:
+            q, k = self.norm(q, lp + "self_attn.q_norm.weight"), self.norm(k, lp + "self_attn.k_norm.weight")
+        c, s = cos[self.kind[i]][:, None], sin[self.kind[i]][:, None]
+        q, k = self.rotary(q, c, s), self.rotary(k, c, s)
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        rep = self.n_heads // self.n_kv
+        o, probs = _softmax_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), allowed,
+                                      self.scale or self.hd ** -0.5)
+        o = _linear(o.transpose(1, 2).reshape(b, t, -1), w, lp + "self_attn.o_proj")
+        if not self.gemma3:
+            h = h + o
+            return h + self.mlp(lp, self.norm(h, lp + "post_attention_layernorm.weight")), k, v, probs
+        h = h + self.norm(o, lp + "post_attention_layernorm.weight")
+        mlp = self.mlp(lp, self.norm(h, lp + "pre_feedforward_layernorm.weight"))
+        return h + self.norm(mlp, lp + "post_feedforward_layernorm.weight"), k, v, probs
+
+
 def language_model(model) -> _LM:
     """The reference decoder for `model`'s language model."""
     tc = getattr(model.config, "text_config", model.config)
     if tc.model_type in ("cohere", "cohere2"):
         return _CohereLM(model)
+    if tc.model_type == "qwen3_vl_text":
+        return _Qwen3VLLM(model)
+    if tc.model_type in ("gemma", "gemma3_text"):
+        return _GemmaLM(model)
     return _Glm4vLM(model) if tc.model_type == "glm4v_text" else _LM(model)
 
 
@@ -562,7 +653,8 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
                 select: Callable[[dict], Tensor] | None = None, select_layer: int | None = None,
                 selects: dict | None = None, protected: Tensor | None = None,
                 cut_to_final: tuple[int, int] | None = None,
-                max_new_tokens: int = 16, vision_mask: Tensor | None = None, positions: str = "keep") -> dict:
+                max_new_tokens: int = 16, vision_mask: Tensor | None = None, positions: str = "keep",
+                deepstack: Tensor | None = None, groups: Tensor | None = None) -> dict:
     """Prefill + greedy decoding of the language model by hand, optionally pruning before some layers.
 
     ``selects={K: fn}`` (or ``select`` + ``select_layer``): layers ``0..K-1`` see every token; after layer
@@ -576,11 +668,17 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     ``text_mask`` (instruction tokens after the last image), ``attention_mask`` (key validity as 0/1),
     ``protected`` (B,S) bool, ``index`` (B,S) original prompt index, ``position_ids``, ``layer``.
 
+    ``groups`` (B,S) int: bidirectional attention groups of the prompt (Gemma 3's image blocks,
+    PaliGemma's prefix): in prefill a token of group g >= 0 also attends to every (valid) token of
+    group g, later ones included; -1 (the default everywhere): causal only. Decode tokens are causal.
     ``cut_to_final=(a, b)``: after prefill, the caches of layers a..b-1 keep only the tokens that the final
     selection kept (MustDrop's output-aware cache).
     ``positions="compact"``: after each selection the kept real (and valid) tokens are renumbered 0..n-1
     (padding and invalid slots: 0), and in decoding each layer's new token takes the position = the number
     of real tokens in that layer's cache (each layer continues its own numbering; MustDrop's rule).
+    ``deepstack`` (levels, B, S, D): Qwen3-VL's DeepStack features in prompt coordinates (zero at
+    non-vision tokens); in prefill, level i is added to the output of layer i at every token still in
+    the sequence (so after a selection, only the kept tokens' features).
     Returns prefill/step logits, greedy ``tokens``, ``keep`` (prompt indices kept after the last
     selection), ``kv_lens``, ``kv_index`` (per layer, prompt index of each cache slot) and ``kv_valid``.
     """
@@ -592,6 +690,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
         raise ValueError("select layers must be in 1..n_layers-1")
     h = inputs_embeds.float()
     b, s, _ = h.shape
+    assert lm.window is None or s + max_new_tokens < lm.window, "a run this long reaches the sliding window"
     valid = attention_mask.bool()  # key validity (B,S)
     pos = position_ids
     vmask = vision_mask.bool() if vision_mask is not None else torch.zeros(b, s, dtype=torch.bool)
@@ -602,10 +701,13 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     pmax = pos if pos.dim() == 2 else pos.amax(0)
     pmax = pmax.masked_fill(~valid, torch.iinfo(pmax.dtype).min).amax(-1)  # (B,)
 
+    group = groups if groups is not None else torch.full((b, s), -1)
+
     def prefill_allowed(valid_keys: Tensor) -> Tensor:
         t = valid_keys.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool).tril()
-        return causal[None] & valid_keys[:, None, :]
+        together = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)
+        return (causal[None] | together) & valid_keys[:, None, :]
 
     cache_k: list[Tensor] = []
     cache_v: list[Tensor] = []
@@ -630,7 +732,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
             valid = torch.gather(valid, 1, k_idx)
             if "valid" in out:
                 valid = valid & out["valid"].bool()
-            vmask, tmask, prot, index = (torch.gather(t, 1, k_idx) for t in (vmask, tmask, prot, index))
+            vmask, tmask, prot, index, group = (torch.gather(t, 1, k_idx) for t in (vmask, tmask, prot, index, group))
             pos = _gather_pos(pos, k_idx)
             if positions == "compact":
                 assert pos.dim() == 2, "compact positions are 1-D"
@@ -639,6 +741,8 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
             cos, sin = lm.cos_sin(pos)
             allowed = prefill_allowed(valid)
         h, k, v, last_probs = lm.layer(i, h, cos, sin, None, None, allowed)
+        if deepstack is not None and i < deepstack.shape[0]:
+            h = h + _gather_seq(deepstack[i].float(), index)
         cache_k.append(k)
         cache_v.append(v)
         cache_valid.append(valid.clone())

@@ -7,7 +7,8 @@ frame scoring 255; the top max(h*w, int(T*h*w*(1 - q))) by a stable descending s
 model then runs on the prompt without the dropped tokens, every token at its original position.
 
 Which placeholders are a video's tokens comes from the processors' layouts: Qwen2-VL / Qwen2.5-VL
-write `<|video_pad|>` x t*h*w/merge^2 per video (frames: video_grid_thw's t, temporal patches);
+write `<|video_pad|>` x t*h*w/merge^2 per video (frames: video_grid_thw's t, temporal patches), Qwen3-VL
+the same tokens as t blocks of h*w/merge^2, one per frame, with time stamps and markers between;
 LLaVA-OneVision writes `<video>` x frames*pooled^2 + 1 per video, the last slot image_newline (frames:
 pixel_values_videos' second dimension).
 """
@@ -62,8 +63,12 @@ def evs_inputs(model, example, rate: float):
 
 
 def evs_generate(model, example, rate: float, max_new_tokens: int = 16) -> dict:
-    """reference.lm_generate on the reduced prompt (the decoder run by hand); `keep`: prompt indices."""
+    """reference.lm_generate on the reduced prompt (the decoder run by hand; Qwen3-VL's DeepStack
+    features of the kept tokens only); `keep`: prompt indices."""
     keep, emb, am, pos = evs_inputs(model, example, rate)
-    out = R.lm_generate(model, emb, am, pos, max_new_tokens=max_new_tokens)
+    deepstack = RF.deepstack(model, example)
+    if deepstack is not None:
+        deepstack = deepstack.gather(2, keep[None, ..., None].expand(deepstack.shape[0], -1, -1, deepstack.shape[-1]))
+    out = R.lm_generate(model, emb, am, pos, max_new_tokens=max_new_tokens, deepstack=deepstack)
     out["keep"] = keep
     return out

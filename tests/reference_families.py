@@ -15,6 +15,15 @@ rest is written here from the processors' layouts:
     placeholders, all tiles of an image in one run between ``<img>`` and ``</img>``. And Idefics3 / SmolVLM:
     ``<image>`` placeholders, one run per tile, tiles and global view marked by other ids (text here).
     GLM-4.1V: Qwen's layout (``<|image|>`` between begin / end of image) and its M-RoPE bookkeeping.
+    Qwen3-VL: Qwen's placeholders, a video's frames each in its own block after a time stamp (text);
+    its DeepStack features (``deepstack``) are the features' ``deepstack_features`` at the placeholders.
+  * Gemma 3 / PaliGemma: ``<image_soft_token>`` / ``<image>`` placeholders, text embeddings scaled by
+    sqrt(hidden_size); Gemma 3's begin / end-of-image markers are text. PaliGemma's features are its
+    projector's output (transformers 4.x divides them by sqrt(hidden_size) and its LM multiplies the
+    input back), its positions ``cumsum(mask)`` (1-indexed). Their bidirectional attention groups
+    (``attention_groups``) from Hugging Face's rules: Gemma 3, each run of ``token_type_ids == 1`` (an
+    image) is a group; PaliGemma, the prefix ``token_type_ids == 0`` is one group (transformers 4.x:
+    every prompt token, it ignores token_type_ids when not training).
   * LLaVA-NeXT: an image's placeholders are the base view's ``side^2`` patches, then the unpadded crop
     grid row by row, each row closed by one image_newline slot (LlavaNextProcessor's
     ``_get_number_of_features``; OneVision caps the grid at ``anyres_max_N``); a OneVision video is
@@ -28,7 +37,7 @@ import inspect
 import torch
 from torch import Tensor
 
-__all__ = ["family_inputs", "fastv_units_select"]
+__all__ = ["attention_groups", "deepstack", "family_inputs", "fastv_units_select"]
 
 
 def _merge(model, ids: Tensor, example) -> Tensor:
@@ -38,6 +47,14 @@ def _merge(model, ids: Tensor, example) -> Tensor:
     body = model.model
     kw = example.as_kwargs()
     pixels = kw.get("pixel_values", kw.get("pixel_values_images"))     # Video-LLaVA's processor: the latter
+    if cfg.model_type in ("gemma3", "paligemma"):
+        emb = emb * torch.tensor(cfg.text_config.hidden_size ** 0.5)
+        if cfg.model_type == "paligemma":
+            feats = body.multi_modal_projector(body.vision_tower(pixels).last_hidden_state)
+        else:
+            feats = body.get_image_features(pixels)
+        emb[ids == cfg.image_token_id] = _flat(feats).float()
+        return emb
     if pixels is not None:
         extra = {k: kw[k] for k in ("image_grid_thw", "image_sizes", "pixel_attention_mask") if k in kw}
         emb[ids == cfg.image_token_id] = _flat(body.get_image_features(pixels, **extra)).float()
@@ -113,7 +130,8 @@ def _llava_next_prunable(model, example) -> Tensor:
 
 # families whose prunable tokens are exactly their image placeholders (markers around and between
 # them are other token ids), with 1-D positions cumsum(mask) - 1
-PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl", "idefics3", "smolvlm")
+PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl", "idefics3", "smolvlm", "gemma3",
+                        "paligemma")
 
 
 @torch.no_grad()
@@ -122,7 +140,7 @@ def family_inputs(model, example):
     cfg = model.config
     ids, am = example.input_ids, example.attention_mask
     emb = _merge(model, ids, example)
-    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):      # GLM-4.1V: the same M-RoPE bookkeeping
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"):   # GLM-4.1V, Qwen3-VL: the same bookkeeping
         extra = {"second_per_grid_ts": example.second_per_grid_ts} if example.second_per_grid_ts is not None else {}
         # transformers >= 5.1 takes the vision-token types; earlier versions find the tokens themselves
         if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
@@ -134,11 +152,50 @@ def family_inputs(model, example):
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         vm = _llava_next_prunable(model, example)
     elif cfg.model_type in PLACEHOLDER_FAMILIES:
-        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0) + (cfg.model_type == "paligemma")
         vm = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
     else:
         raise ValueError(cfg.model_type)
     return emb, am, pos, vm
+
+
+@torch.no_grad()
+def deepstack(model, example) -> Tensor | None:
+    """Qwen3-VL's DeepStack features (levels, B, S, D) in prompt coordinates: level l of each image's
+    and video's features (get_image_features / get_video_features ``deepstack_features``, in prompt
+    order) at its placeholders, zero elsewhere, as the model's forward adds them at visual_pos_masks;
+    None for other families."""
+    cfg = model.config
+    if cfg.model_type != "qwen3_vl":
+        return None
+    ids, kw = example.input_ids, example.as_kwargs()
+    levels = len(cfg.vision_config.deepstack_visual_indexes)
+    out = torch.zeros(levels, *ids.shape, cfg.text_config.hidden_size)
+    modalities = (("pixel_values", "image_grid_thw", cfg.image_token_id, "get_image_features"),
+                  ("pixel_values_videos", "video_grid_thw", cfg.video_token_id, "get_video_features"))
+    for pixels, grid, token, get in modalities:
+        if kw.get(pixels) is not None:
+            feats = getattr(model.model, get)(kw[pixels], kw[grid]).deepstack_features
+            for level in range(levels):
+                out[level][ids == token] = torch.cat(feats[level]).float()
+    return out
+
+
+def attention_groups(model, example) -> Tensor | None:
+    """(B, S) bidirectional attention groups for ``reference.lm_generate``, None for a causal LM."""
+    import transformers
+    types, ids = example.token_type_ids, example.input_ids
+    if model.config.model_type == "gemma3":
+        if types is None:                       # Hugging Face: causal everywhere without them
+            return None
+        image = types == 1
+        starts = image & ~torch.cat([torch.zeros_like(image[:, :1]), image[:, :-1]], 1)
+        return torch.where(image, starts.long().cumsum(1) - 1, -1)
+    if model.config.model_type == "paligemma":
+        if int(transformers.__version__.split(".")[0]) < 5:
+            return torch.zeros_like(ids)
+        return None if types is None else torch.where(types == 0, 0, -1)
+    return None
 
 
 def units_of(model, example, video_unit: str = "frame") -> int:

@@ -30,6 +30,7 @@ CASES = [
     ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video")),
     ("llava_onevision-video", "llava_onevision", ("video",)),
     ("llava_onevision-image+video", "llava_onevision", ("image", "video")),
+    ("qwen3_vl-video", "qwen3_vl", ("video",)),      # per-frame blocks; DeepStack of the kept tokens
 ]
 IDS = [c[0] for c in CASES]
 

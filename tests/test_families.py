@@ -29,18 +29,27 @@ CASES = [
     ("qwen2_5_vl-image", "qwen2_5_vl", ("image",), "frame"),
     ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video"), "frame"),
     ("qwen2_5_vl-video-per-video", "qwen2_5_vl", ("video",), "video"),
+    # (images alone: test_qwen3_vl_deepstack_adds_follow_the_kept_tokens; videos alone: test_evs)
+    # each video frame its own <t seconds> <|vision_start|> ... <|vision_end|> block; DeepStack at LM layers 0, 1
+    ("qwen3_vl-image+video", "qwen3_vl", ("image", "video"), "frame"),
     ("llava_next-anyres", "llava_next", ("image",), "frame"),
     ("llava_onevision-video", "llava_onevision", ("video",), "frame"),
     # an image (8x8 base + 8 rows of 14 = 176 tokens) and an 11-frame video counted per video (11 x 4x4 pooled)
     ("llava_onevision-image+video-per-video", "llava_onevision", ("image", "video"), "video"),
+    # 16 pooled tokens per image, each image one bidirectional attention block (token_type_ids)
+    ("gemma3-2images", "gemma3", ("image", "image"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
-NO_SEPARATORS = ("video_llava",)        # its processor writes placeholders only
+NO_SEPARATORS = ("video_llava", "paligemma")     # their processors write placeholders only
 
 _MODELS: dict = {}
 
 
 def _model(family):
+    if family == "qwen3_vl":
+        import transformers
+        if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+            pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
     if family not in _MODELS:
         model = family_zoo.build(family)
         _MODELS[family] = (model, Program.capture(model))
@@ -56,7 +65,8 @@ def _example(model, items, batch=2, pad=(0, 2)):
 def _hf_logits(model, ex):
     kw = ex.as_kwargs()
     if family_of(model).position_axes == 1:               # generate()'s positions for left padding
-        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # (PaliGemma's prepare_inputs_for_generation adds 1: its positions count from 1)
+        kw["position_ids"] = (ex.attention_mask.cumsum(-1) - 1).clamp(min=0) + (model.config.model_type == "paligemma")
     with torch.no_grad():
         return model(**kw).logits
 
@@ -77,7 +87,8 @@ def test_keep_everything_equals_hf(case):
     assert torch.equal(ids[:, -STEPS:], hf[:, -STEPS:])
 
 
-BEAM_CASES = ["qwen2_vl-video", "qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-image+video-per-video"]
+BEAM_CASES = ["qwen2_vl-video", "qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres",
+              "llava_onevision-image+video-per-video"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in BEAM_CASES], ids=BEAM_CASES)
@@ -102,7 +113,8 @@ def test_beam_search_repeats_each_sample_with_its_images_and_videos(case):
 
 def _reference(model, ex, unit, selects):
     emb, am, pos, vm = RF.family_inputs(model, ex)
-    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS), vm
+    return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS,
+                         deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex)), vm
 
 
 def _methods(units):
@@ -140,7 +152,82 @@ def test_llm_methods_equal_reference(case, method):
         assert (int(seps[b].sum()) > 0) == (family not in NO_SEPARATORS)
 
 
-MUSTDROP_CASES = ["qwen2_5_vl-image+video", "llava_next-anyres", "llava_onevision-video"]
+def test_qwen3_vl_deepstack_adds_follow_the_kept_tokens():
+    """FastV at layer 1 of Qwen3-VL, whose DeepStack still adds vision features to the output of layer 1
+    (levels at layers 0 and 1): the pruned prefill adds level 1 at the kept tokens only, as the
+    reference does. Leaving level 1 out changes the result, so the adds after the cut are exercised.
+    On a prompt of images alone (the model's image-only DeepStack branch): keep-everything = HF too."""
+    model, program = _model("qwen3_vl")
+    ex = _example(model, ("image", "image"))
+    real = ex.attention_mask.bool()
+    torch.testing.assert_close(gp.prune(model, None, program=program)(**ex.as_kwargs()).logits[real],
+                               _hf_logits(model, ex)[real], atol=1e-5, rtol=1e-5)
+    units = RF.units_of(model, ex)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    deepstack = RF.deepstack(model, ex)
+    assert deepstack.shape[0] == 2 and bool(deepstack[1][vm].abs().gt(0).all()) and not bool(deepstack[1][~vm].any())
+    selects = {1: RF.fastv_units_select(4, units)}
+    ref = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS, deepstack=deepstack)
+    pruned = gp.prune(model, "fastv", layer=1, keep=4, program=program)
+    out = pruned(**ex.as_kwargs())
+    assert "deepstack_embeds" in pruned.results[0].info["rerouted"]      # gathered with the kept tokens
+    assert torch.equal(out.kept, ref["keep"])
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])[:, -STEPS:],
+                       ref["tokens"])
+    level_0_only = deepstack.clone()
+    level_0_only[1] = 0
+    other = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1,
+                          deepstack=level_0_only)
+    assert (other["prefill_logits"][real] - out.logits[real]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family, items", [("gemma3", ("image", "image")), ("paligemma", ("image",))])
+def test_bidirectional_groups_matter(family, items):
+    """The attention groups change the answer on these prompts: FastV's run equals the reference with
+    the family's bidirectional groups and differs from the reference without them (causal), so a lost
+    or misplaced group mask fails the reference tests above."""
+    model, program = _model(family)
+    ex = _example(model, items)
+    units = RF.units_of(model, ex)
+    name, opts, selects = _methods(units)[0]
+    out = gp.prune(model, name, program=program, **opts)(**ex.as_kwargs())
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    grouped = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1,
+                            groups=RF.attention_groups(model, ex))
+    causal = R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=1)
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], grouped["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    assert float((out.logits[real] - causal["prefill_logits"][real]).abs().max()) > 1e-2
+
+
+def test_gemma3_without_token_type_ids_attends_causally():
+    """Hugging Face's Gemma 3 attends causally when no token_type_ids are given; so does the pruned model."""
+    model, program = _model("gemma3")
+    ex = _example(model, ("image", "image"))
+    ex.token_type_ids = None
+    real = ex.attention_mask.bool()
+    out = gp.prune(model, None, program=program)(**ex.as_kwargs())
+    torch.testing.assert_close(out.logits[real], _hf_logits(model, ex)[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match=r"token_type_ids \(2, 5\) must be a tensor shaped like input_ids"):
+        gp.prune(model, None, program=program)(**ex.as_kwargs(), token_type_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_gemma3_runs_reaching_the_sliding_window_are_refused():
+    """Its 128-token sliding window is shorter than its 512 positions: the model is accepted, and a
+    run that could reach the window is refused before any work, naming both lengths."""
+    model, program = _model("gemma3")
+    kw = _example(model, ("image", "image")).as_kwargs()          # 57 tokens
+    pruned = gp.prune(model, "fastv", layer=2, keep=5, program=program)
+    with pytest.raises(InputError, match="spans 185 tokens .* attend within 128"):
+        pruned.generate(**kw, max_new_tokens=128, eos_token_id=[])
+    with pytest.raises(InputError, match="spans 130 tokens"):
+        pruned(input_ids=torch.randint(3, 140, (1, 130)))
+
+
+MUSTDROP_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres", "llava_onevision-video",
+                  "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in MUSTDROP_CASES], ids=MUSTDROP_CASES)
@@ -155,7 +242,7 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=units)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: sel, 3: sel}, cut_to_final=(1, 3), vision_mask=vm,
-                        max_new_tokens=STEPS)
+                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0625, alpha=1.0, mode='static', capacity=4, "
                              "placement='before', positions='keep') | mustdrop_cache(layers=(1, 3), placement='before')",
                       program=program, video_unit=unit)
@@ -166,7 +253,8 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     assert not bool(out.cache[3].mask.bool().all())                          # the rule invalidated some
 
 
-VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "llava_onevision-video"]      # units that are 4 x 4 grids
+# units that are 4 x 4 grids (Gemma 3: its 8 x 8 patches average-pooled)
+VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_onevision-video", "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in VISIONTRIM_CASES], ids=VISIONTRIM_CASES)
@@ -179,7 +267,7 @@ def test_visiontrim_llm_equals_reference_on_unit_grids(case):
     ex = _example(model, items)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=4)}, vision_mask=vm,
-                        max_new_tokens=STEPS)
+                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 
@@ -223,6 +311,28 @@ def test_layout_units_and_separators():
     _, _, _, vm = RF.family_inputs(model, ex)
     assert torch.equal(lay.separators, (ex.input_ids == cfg.image_token_id) & ~vm)
     assert lay.pos.shape == (2, 1, 16 + 4 * 8)            # base 4x4 + 4 unpadded rows of 8 (+ newline each)
+
+
+def test_qwen3_vl_frames_are_blocks_between_time_stamps():
+    """Qwen3-VL writes each video frame as its own <|vision_start|> ... <|vision_end|> block after a
+    time stamp (text): the units still come from video_grid_thw, a frame per unit or the video whole."""
+    model, _ = _model("qwen3_vl")
+    ex = _example(model, ("image", "video"))
+    fam, cfg = family_of(model), model.config
+    per_frame = fam.vision_layout(ex.input_ids, **_mm(ex))
+    assert per_frame.units == ("image 0", "video 0 frame 0", "video 0 frame 1")
+    for b in range(2):
+        for unit in per_frame.pos[b]:
+            assert torch.equal(unit, torch.arange(int(unit[0]), int(unit[0]) + 16))
+            assert [int(ex.input_ids[b, unit[0] - 1]), int(ex.input_ids[b, unit[-1] + 1])] == \
+                [cfg.vision_start_token_id, cfg.vision_end_token_id]
+        between = ex.input_ids[b, per_frame.pos[b, 1, -1] + 2:per_frame.pos[b, 2, 0] - 1]
+        assert between.tolist() == family_zoo._seconds_text(1.25)          # frame 1: frames 2, 3 at 2 fps
+    markers = (ex.input_ids == cfg.vision_start_token_id) | (ex.input_ids == cfg.vision_end_token_id)
+    assert torch.equal(per_frame.separators, markers) and int(markers[0].sum()) == 6
+    per_video = fam.vision_layout(ex.input_ids, video_unit="video", modalities=("video",), **_mm(ex))
+    assert per_video.units == ("video 0",) and per_video.frames.tolist() == [[2], [2]]
+    assert torch.equal(per_video.pos[:, 0], per_frame.pos[:, 1:].flatten(1))
 
 
 def test_bad_video_inputs_fail_before_work():

@@ -28,6 +28,7 @@ CASES = [
     # 2 tiles and the global view of 16 tokens each per image
     ("idefics3-2images", "idefics3", ("image", "image"), "frame"),
     ("smolvlm-2images", "smolvlm", ("image", "image"), "frame"),
+    ("paligemma-image", "paligemma", ("image",), "frame"),        # 16 tokens, then <bos> prompt "\n": the prefix
 ]
 IDS = [c[0] for c in CASES]
 
@@ -81,7 +82,8 @@ def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
 
 
 @pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
-                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw")])
+                                            ("video_llava", "two masked_scatters"), ("glm4v", "image_grid_thw"),
+                                            ("qwen3_vl", "DeepStack"), ("gemma3", "sliding-window cache layers")])
 def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
@@ -118,13 +120,16 @@ def test_idefics3_compile_backend_refuses():
             _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
 
-@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)"])
-def test_internvl_compile_backend_equals_prune(pipeline):
-    """Its merge frame holds every decoder layer and its image runs are its images: the torch.compile
-    backend prunes it as graphprune.prune does (logits of the kept tokens, per-layer cache lengths)."""
+@pytest.mark.parametrize("family, items, pipeline", [("internvl", ("image", "image"), "fastv(layer=2, keep=8)"),
+                                                     ("internvl", ("image", "image"), "dart(layer=2, keep=8)"),
+                                                     ("paligemma", ("image",), "fastv(layer=2, keep=8)")])
+def test_compile_backend_equals_prune(family, items, pipeline):
+    """Their merge frame holds every decoder layer and their image runs are their images: the
+    torch.compile backend prunes them as graphprune.prune does (logits of the kept tokens, per-layer
+    cache lengths); PaliGemma's prefix groups come from the frame's token_type_ids."""
     from test_dynamo import _compiled
-    model, program = tier1._model("internvl")
-    kw = family_zoo.example(model, batch=2, items=("image", "image")).as_kwargs()
+    model, program = tier1._model(family)
+    kw = family_zoo.example(model, batch=2, items=items).as_kwargs()
     want = gp.prune(model, pipeline, program=program)(**kw)
     with torch.no_grad():
         got = _compiled(model, pipeline)(**kw)
@@ -160,3 +165,18 @@ def test_idefics3_tiles_that_do_not_match_the_placeholders_are_refused():
         family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values.index_fill(1, torch.tensor([5]), 0))
     with pytest.raises(gp.InputError, match=r"pixel_values of shape \(6, 3, 112, 112\).*\(samples=1, tiles, C, H, W\)"):
         family_of(model).vision_layout(ex.input_ids, pixel_values=ex.pixel_values[0])
+
+
+def test_paligemma_text_only_prompt_attends_over_its_prefix():
+    """A prompt without images runs the unpruned prefill, which takes the attention groups too: the
+    whole prefix bidirectional, as Hugging Face's PaliGemma (positions from 1)."""
+    model, program = tier1._model("paligemma")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image",))
+    text = ex.input_ids != model.config.image_token_id
+    kw = {"input_ids": ex.input_ids[text].view(2, -1), "attention_mask": ex.attention_mask[text].view(2, -1),
+          "token_type_ids": ex.token_type_ids[text].view(2, -1)}
+    real = kw["attention_mask"].bool()
+    with torch.no_grad():
+        hf = model(**kw, position_ids=(kw["attention_mask"].cumsum(-1) - 1).clamp(min=0) + 1).logits
+    out = gp.prune(model, "fastv", layer=2, keep=5, program=program)(**kw)
+    torch.testing.assert_close(out.logits[real], hf[real], atol=1e-5, rtol=1e-5)

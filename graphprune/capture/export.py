@@ -3,6 +3,7 @@
 Three stages are captured per model:
   vision   pixel_values -> projected image features (n_images, tokens, d_text)
   prefill  (inputs_embeds, position_ids, attention_mask) -> (logits, k_0, v_0, ..., k_L-1, v_L-1)
+           (+ attention_groups, for a family whose LM attends bidirectionally within token groups)
   decode   (inputs_embeds, position_ids, attention_mask, k_0, v_0, ...) -> same outputs, one token
 
 The image-feature merge (LLaVA's masked_scatter at <image> tokens) is done by the runtime as a
@@ -21,6 +22,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from graphprune.compat import traceable_masks
+from graphprune.errors import UnsupportedModelError
 from graphprune.families import Family, family_of
 
 STAGES = ("vision", "prefill", "decode")
@@ -57,6 +59,28 @@ class _Prefill(nn.Module):
         return (self.head(out.last_hidden_state), *_flat_kv(cache))
 
 
+class _GroupedPrefill(_Prefill):
+    """The prefill of a family with bidirectional attention groups (Family.attention_groups_input):
+    it builds the LM's mask from them, in the graph, so a pass reroutes it like any sequence tensor.
+    An LM with sliding-window layers takes it per layer kind; runs stay inside the window
+    (Family.check_run_length), where the window never binds."""
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, attention_groups):
+        mask = grouped_mask(attention_mask, attention_groups)
+        if getattr(self.lm.config, "sliding_window", None) is not None:
+            mask = {"full_attention": mask, "sliding_attention": mask}
+        return super().forward(inputs_embeds, position_ids, mask)
+
+
+def grouped_mask(attention_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) bool: query i attends to key j when j <= i or both are in one group (>= 0), and
+    key j is not padding: Hugging Face's causal mask OR its blockwise overlay, AND the padding mask."""
+    index = torch.arange(groups.shape[1], device=groups.device)
+    causal = index[None, :] <= index[:, None]
+    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+    return ((causal | same) & attention_mask.bool()[:, None, :])[:, None]
+
+
 class _Decode(nn.Module):
     def __init__(self, lm, head):
         super().__init__()
@@ -69,6 +93,40 @@ class _Decode(nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                       past_key_values=cache, use_cache=True)
+        return (self.head(out.last_hidden_state), *_flat_kv(cache))
+
+
+class _DeepstackPrefill(_Prefill):
+    """The prefill of a language model that adds vision features to the outputs of its first layers
+    (Qwen3-VL's DeepStack), taking them dense: deepstack_embeds (levels, B, S, D), zero at non-vision
+    tokens. Each add is then a dense add of a sequence-dim input, which a pruned sequence gathers like
+    any token value, instead of the model's boolean-indexed write at a vision mask."""
+
+    def __init__(self, lm, head, layers: list[nn.Module]):
+        super().__init__(lm, head)
+        self.deepstack_layers = layers
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds):
+        hooks = [layer.register_forward_hook(lambda mod, args, out, level=level: out + deepstack_embeds[level])
+                 for level, layer in enumerate(self.deepstack_layers)]
+        try:
+            return super().forward(inputs_embeds, position_ids, attention_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+class _MaskedDeepstackPrefill(_Prefill):
+    """The same through the model's own DeepStack path (visual_pos_masks and the features of the
+    vision tokens), the eager module the captured prefill is checked against."""
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds):
+        from transformers.cache_utils import DynamicCache
+        cache = DynamicCache()
+        at = deepstack_embeds.ne(0).any(-1).any(0)
+        out = self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+                      past_key_values=cache, use_cache=True, visual_pos_masks=at,
+                      deepstack_visual_embeds=[level[at] for level in deepstack_embeds])
         return (self.head(out.last_hidden_state), *_flat_kv(cache))
 
 
@@ -97,21 +155,33 @@ def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     return out
 
 
+# ShapeEnv records that serve the export itself (its dispatch cache, the fake inputs it tracks to
+# produce guards, the guards it produced): cleared once the export has returned
+_EXPORT_ONLY = ("fake_tensor_cache", "tracked_fakes", "guards", "var_to_sources", "source_to_var", "var_to_range_sloc",
+                "replacements_slocs", "symbol_guard_counter")
+
+
 def _release_export_caches(ep: torch.export.ExportedProgram) -> None:
     """Drop what torch keeps from an export once it has returned. Its ShapeEnv outlives the export
     (torch holds it from C++: a symbolic storage size of a fake input, torch 2.13), and with it
-    that env's fake-tensor dispatch cache, ~0.6 MiB per capture of a tiny model, three captures per
-    model: the bulk of what every captured-and-dropped model left behind. A dispatch-cache miss
-    only recomputes, and this env is the export's own, so no other export or compiled model loses
-    anything. proxy_tensor's id -> node map of the last export goes too: torch reads it only inside
-    an export (its fake-tensor leak check) and clears it when the next one starts."""
+    what served the export only (_EXPORT_ONLY: the fake-tensor dispatch cache, the tracked fake
+    inputs, the guards and their sources, the constraint solver): per captured-and-dropped tiny
+    model 2.2 MiB with them all, 0.22 MiB with the cache dropped, 0.05 MiB with all of them (the
+    symbols' ranges and replacements stay: anatomy reads the graphs' symbolic sizes). The env is
+    the export's own, so no other export or compiled model loses anything. proxy_tensor's
+    id -> node map of the last export goes too: torch reads it only inside an export (its
+    fake-tensor leak check) and clears it when the next one starts."""
     from torch.fx.experimental import proxy_tensor
     for node in ep.graph.nodes:
         env = getattr(getattr(node.meta.get("val"), "fake_mode", None), "shape_env", None)
-        cache = getattr(env, "fake_tensor_cache", None)
-        if isinstance(cache, dict):
-            cache.clear()
-            break
+        if env is None:
+            continue
+        for name in _EXPORT_ONLY:
+            records = getattr(env, name, None)
+            if isinstance(records, (dict, list)):
+                records.clear()
+        env.dim_constraints = None      # export's suggested-fix solver state, rebuilt by the next export
+        break
     leak_map = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
     if isinstance(leak_map, dict):
         leak_map.clear()
@@ -174,21 +244,43 @@ def capture_prefill(family: Family, *, device=None, dtype=None) -> Stage:
     device = device or next(lm.parameters()).device
     dtype = dtype or next(lm.parameters()).dtype
     b, s = 2, 23     # odd sizes so no static dim is mistaken for batch or sequence
+    grouped = family.attention_groups_input
     args = (torch.zeros(b, s, hidden, device=device, dtype=dtype), _positions_example(family, b, s, device),
             torch.ones(b, s, dtype=torch.long, device=device))
     batch, seq = Dim("batch", min=1), Dim("seq", min=2)
     pos_shape = {1: batch, 2: seq} if family.position_axes > 1 else {0: batch, 1: seq}
+    dynamic = ({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq})
+    names, module, eager = ["inputs_embeds", "position_ids", "attention_mask"], _Prefill(lm, family.lm_head()), None
+    deepstack = family.deepstack_layers()
+    if deepstack and grouped:
+        raise UnsupportedModelError(family.model_class, "prefill capture", "deepstack features and bidirectional "
+                                    "attention groups together are not supported")
+    if deepstack:
+        args += (torch.zeros(len(deepstack), b, s, hidden, device=device, dtype=dtype),)
+        dynamic += ({1: batch, 2: seq},)
+        names.append("deepstack_embeds")
+        module = _DeepstackPrefill(lm, family.lm_head(), deepstack)
+        eager = _MaskedDeepstackPrefill(lm, family.lm_head())
+    if grouped:
+        args, dynamic = args + (torch.full((b, s), -1, device=device),), dynamic + ({0: batch, 1: seq},)
+        names.append("attention_groups")
+        module = _GroupedPrefill(lm, family.lm_head())
     with torch.no_grad(), traceable_masks():
-        ep = torch.export.export(_Prefill(lm, family.lm_head()), args, strict=False,
-                                 dynamic_shapes=({0: batch, 1: seq}, pos_shape, {0: batch, 1: seq}))
+        ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic)
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["logits"] + _kv_names(family)
     check = None
     if device.type != "meta":
         mask = _left_padded_mask(b, 11, 3, device)
         check = (_random_embeds(family, b, 11, device), _check_positions(family, mask, 11), mask)
-    return Stage("prefill", gm, ["inputs_embeds", "position_ids", "attention_mask"],
-                 module=_Prefill(lm, family.lm_head()), check_inputs=check)
+        if deepstack:       # features at a few tokens of each sample, as vision tokens carry them
+            g = _check_generator()
+            at = torch.rand(b, 11, generator=g) < 0.4
+            feats = torch.randn(len(deepstack), b, 11, hidden, generator=g) * at[..., None]
+            check += (feats.to(device, dtype),)
+        if grouped:                         # a block of 4 tokens in each sample, after sample 1's padding
+            check += (torch.tensor([[-1] * 4 + [0] * 4 + [-1] * 3, [-1] * 5 + [0] * 4 + [1] * 2], device=device),)
+    return Stage("prefill", gm, names, module=eager or module, check_inputs=check)
 
 
 def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:

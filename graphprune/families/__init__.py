@@ -11,6 +11,7 @@ from torch import nn
 from graphprune.errors import UnsupportedModelError
 from graphprune.families.aya_vision import AyaVisionFamily
 from graphprune.families.base import Family, VisionLayout
+from graphprune.families.gemma3 import Gemma3Family
 from graphprune.families.glm4v import Glm4vFamily
 from graphprune.families.idefics3 import Idefics3Family
 from graphprune.families.internvl import InternVLFamily
@@ -19,18 +20,20 @@ from graphprune.families.llava_next import LlavaNextFamily
 from graphprune.families.llava_next_video import LlavaNextVideoFamily
 from graphprune.families.llava_onevision import LlavaOnevisionFamily
 from graphprune.families.mistral3 import Mistral3Family
+from graphprune.families.paligemma import PaliGemmaFamily
 from graphprune.families.qwen2_5_vl import Qwen2_5_VLFamily
 from graphprune.families.qwen2_vl import Qwen2VLFamily
-from graphprune.families.refused import Gemma3Family, MllamaFamily, hybrid_layers
+from graphprune.families.qwen3_vl import Qwen3VLFamily
+from graphprune.families.refused import MllamaFamily, hybrid_layers
 from graphprune.families.video_llava import VideoLlavaFamily
 
 __all__ = ["FAMILIES", "Family", "VisionLayout", "family_of", "supported_model_types"]
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (
-    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Mistral3Family,
+    LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Qwen2VLFamily, Qwen2_5_VLFamily, Qwen3VLFamily, Mistral3Family,
     AyaVisionFamily, LlavaNextVideoFamily, VideoLlavaFamily, InternVLFamily, Glm4vFamily,
-    Idefics3Family,
-    MllamaFamily, Gemma3Family)}
+    Idefics3Family, Gemma3Family, PaliGemmaFamily,
+    MllamaFamily)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 
 

@@ -55,6 +55,13 @@ class Family:
     video_feature_inputs: tuple[str, ...] = ()
     # config attributes naming token ids that delimit vision blocks (protected, never counted)
     separator_tokens: tuple[str, ...] = ()
+    # the captured prefill takes `attention_groups` (B, S) int64 from attention_groups(): a token of
+    # group g >= 0 attends to every token of group g as well as causally (Gemma 3's image blocks,
+    # PaliGemma's prefix); -1: causally only
+    attention_groups_input: bool = False
+    # an LM sliding window shorter than the context is accepted, and runs that could reach it refused
+    # (check_run_length); otherwise such a model is refused (refuse_sliding_window)
+    window_limits_runs: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -288,43 +295,80 @@ class Family:
         """(B, S, D) prompt embeddings with every vision feature written at its placeholder, as the
         model's forward merges them (features from the model's own get_image_features /
         get_video_features, in prompt order)."""
-        body = self.body()
+        return self._merge(input_ids, self._outputs(self.body(), **inputs))
+
+    def merged_inputs(self, input_ids, **inputs) -> dict[str, torch.Tensor]:
+        """The prefill graph's inputs from the prompt, by name: inputs_embeds (merged_embeds), and
+        whatever else a family's language model reads of the vision features (Qwen3-VL's DeepStack)."""
+        return {"inputs_embeds": self.merged_embeds(input_ids, **inputs)}
+
+    def deepstack_layers(self) -> list[nn.Module]:
+        """The LM layers whose outputs get vision features added at the vision tokens, in order (the
+        prefill then takes them as deepstack_embeds); none but in Qwen3-VL."""
+        return []
+
+    def _merge(self, input_ids, outputs) -> torch.Tensor:
+        """Token embeddings with each (placeholder token id, get_*_features output) written in."""
         embeds = self.embed(input_ids)
-        for token, feats in self._features(body, **inputs):
-            at = input_ids == token
+        for token, out in outputs:
+            at, feats = input_ids == token, _flat(out)
             if int(at.sum()) != feats.shape[0]:
                 raise InputError(f"{int(at.sum())} placeholder tokens (id {token}) for {feats.shape[0]} "
                                  "vision features: the input_ids do not match the pixel inputs")
             embeds = embeds.masked_scatter(at[..., None], feats.to(embeds.dtype))
         return embeds
 
-    def _features(self, body, **inputs):
-        """(placeholder token id, (N, D) features in prompt order) per modality present."""
+    def _outputs(self, body, **inputs):
+        """(placeholder token id, what get_image_features / get_video_features returned) per modality
+        present, images first."""
         out = []
         if inputs.get("pixel_values") is not None:
             kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
             kw.update(feature_selection_kwargs(body.get_image_features, self.config()))
-            out.append((self.image_token_id(), _flat(body.get_image_features(inputs["pixel_values"], **kw))))
+            out.append((self.image_token_id(), body.get_image_features(inputs["pixel_values"], **kw)))
         if inputs.get("pixel_values_videos") is not None:
             kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
             kw.update(feature_selection_kwargs(body.get_video_features, self.config()))
-            out.append((self.video_token_id(), _flat(self.video_features(body, inputs["pixel_values_videos"], **kw))))
+            out.append((self.video_token_id(), self.video_features(body, inputs["pixel_values_videos"], **kw)))
         return out
 
     def video_features(self, body, pixel_values_videos, **kw):
         """The features a video's placeholders take, in order (the model's own get_video_features)."""
         return body.get_video_features(pixel_values_videos, **kw)
 
-    def refuse_sliding_window(self) -> None:
-        """For a family whose LM may attend within a sliding window: refuse a model where that window
-        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+    def attention_groups(self, attention_mask, **inputs) -> torch.Tensor | None:
+        """(B, S) int64 bidirectional attention group of each prompt token (-1: causal only), from the
+        processor's inputs (`inputs`): the input of a prefill captured with `attention_groups_input`;
+        None for a causal LM."""
+        return None
+
+    def binding_window(self) -> int | None:
+        """The LM's sliding window where it is shorter than the context (it can bind), else None."""
         text = self.text_config()
         window = getattr(text, "sliding_window", None)
         kinds = getattr(text, "layer_types", None) or ["sliding_attention"]
         if window is not None and window < text.max_position_embeddings and "sliding_attention" in kinds:
+            return int(window)
+        return None
+
+    def refuse_sliding_window(self) -> None:
+        """For a family whose LM may attend within a sliding window: refuse a model where that window
+        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+        window = self.binding_window()
+        if window is not None and not self.window_limits_runs:
             raise UnsupportedModelError(self.model_class, f"{self.name} family support",
                                         f"its language model attends within a sliding window of {window} tokens, "
                                         "counted over the sequence: a pruned sequence would move that window")
+
+    def check_run_length(self, tokens: int) -> None:
+        """For a family with `window_limits_runs`: refuse a run of `tokens` sequence slots (padded
+        prompt + generated tokens) that could reach the LM's sliding window; below it the window never
+        binds, so pruned slots cannot move it (and its grouped prefill mask leaves the window out)."""
+        window = self.binding_window() if self.window_limits_runs else None
+        if window is not None and tokens >= window:
+            raise InputError(f"this run spans {tokens} tokens (padded prompt + new tokens) and {self.model_class}'s "
+                             f"sliding-window layers attend within {window}: a pruned sequence would move that "
+                             f"window, so runs must stay under {window} tokens; shorten the prompt or max_new_tokens")
 
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:
@@ -374,6 +418,17 @@ def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, afte
     index = torch.arange(is_vision.shape[1], device=is_vision.device)
     first, last = pos.amin(-1, keepdim=True), pos.amax(-1, keepdim=True)          # (B, units, 1)
     return ((index >= first - before) & (index <= last + after)).any(1) & ~is_vision
+
+
+def token_types(attention_mask, token_type_ids) -> torch.Tensor | None:
+    """The processor's token_type_ids checked against the prompt's (B, S) (None when not given)."""
+    if token_type_ids is None:
+        return None
+    if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != attention_mask.shape:
+        got = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids).__name__
+        raise InputError(f"token_type_ids {got} must be a tensor shaped like input_ids {tuple(attention_mask.shape)}, "
+                         "as the processor returns it")
+    return token_type_ids.to(attention_mask.device)
 
 
 def check_video_unit(video_unit: str) -> str:

@@ -12,14 +12,6 @@ class MllamaFamily(Family):
                "decoder's sequence: there are no vision tokens in the prompt to prune")
 
 
-class Gemma3Family(Family):
-    name = "gemma3"
-    model_types = ("gemma3", "paligemma")
-    refused = ("its attention is bidirectional inside image blocks (token_type_ids: Gemma 3) or over the "
-               "prefix (PaliGemma), which the captured prefill does not carry yet; pruning it would be "
-               "silently wrong")
-
-
 def hybrid_layers(config) -> list[str]:
     """Decoder layer kinds other than softmax attention (linear attention, state-space, conv), which
     hold no per-token keys and values to prune."""

@@ -12,7 +12,8 @@ mask is the captured one, or kept tokens of it, becomes `causal_or_masked_attent
 SDPA with `is_causal=True` and no mask when the prompt is plain causal and with the mask otherwise.
 Plain causal (`plain_causal`, computed once per call from the graph's `attention_mask` input):
 no padding and no invalid static-capacity slot anywhere in the prompt (the runtime writes those
-into `attention_mask`) and, for a sliding-window model, a prompt no longer than the window. Kept
+into `attention_mask`), no bidirectional attention group (the `attention_groups` input of Gemma 3
+and PaliGemma prefills) and, for a sliding-window model, a prompt no longer than the window. Kept
 tokens stay causal among themselves because every LLM-stage selection keeps them in prompt order
 (a reordering choice is refused outside the vision stage, whose output the LLM sees as a new
 sequence with its own causal mask). Attention behind a static-capacity key mask
@@ -39,10 +40,11 @@ def causal_or_masked_attention(q, k, v, mask, plain: bool, scale=None, enable_gq
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def plain_causal(attention_mask: torch.Tensor, window: int | None) -> bool:
-    """The captured mask is the lower triangle: nothing padded or masked, and the prompt fits the
-    sliding window (if the model has one)."""
-    return bool(attention_mask.all()) and (window is None or attention_mask.shape[-1] <= window)
+def plain_causal(attention_mask: torch.Tensor, window: int | None, groups: torch.Tensor | None = None) -> bool:
+    """The captured mask is the lower triangle: nothing padded or masked, no bidirectional attention
+    group (Family.attention_groups), and the prompt fits the sliding window (if the model has one)."""
+    return (bool(attention_mask.all()) and (groups is None or not bool((groups >= 0).any()))
+            and (window is None or attention_mask.shape[-1] <= window))
 
 
 def sliding_window(text_config) -> int | None:
@@ -73,6 +75,7 @@ def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
     mask-free causal kernel per call (see the module docstring). Returns how many."""
     g = gm.graph
     attention_mask = next((n for n in g.find_nodes(op="placeholder") if n.name == "attention_mask"), None)
+    groups = next((n for n in g.find_nodes(op="placeholder") if n.name == "attention_groups"), None)
     window = sliding_window(text_config)
     if attention_mask is None or window == 0:
         return 0
@@ -85,7 +88,7 @@ def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
             continue
         if plain is None:                   # decided once per call, before the first attention
             with g.inserting_before(node):
-                plain = g.call_function(plain_causal, (attention_mask, window))
+                plain = g.call_function(plain_causal, (attention_mask, window, groups))
         with g.inserting_before(node):
             new = g.call_function(causal_or_masked_attention, (att.q, att.k, att.v, att.mask, plain),
                                   {"scale": att.scale, "enable_gqa": att.enable_gqa})

@@ -75,18 +75,19 @@ class _Prompt:
     protected: torch.Tensor | None = None     # (B, images, tokens) key set of a vision-stage pass
     patches_kept: torch.Tensor | None = None
     unit_frames: torch.Tensor | None = None   # (B, images) frames each unit holds (None: 1 each)
+    lm_inputs: dict = field(default_factory=dict)   # other LM inputs by name (deepstack_embeds, attention_groups)
     notes: list = field(default_factory=list)
 
     @classmethod
     def assemble(cls, embeds, feats, positions, attention_mask, vision_pos, index, passes,
-                 protected=None, patches_kept=None, unit_frames=None) -> "_Prompt":
+                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None) -> "_Prompt":
         """Write the image features at the vision positions, lay out the instruction, and let every
         pass check the prompt it will see."""
         text_index, text_mask = text_layout(vision_pos, embeds.shape[1])
         if unit_frames is None:
             unit_frames = torch.ones(vision_pos.shape[:2], dtype=torch.long, device=vision_pos.device)
         prompt = cls(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos, index,
-                     text_index, text_mask, protected, patches_kept, unit_frames)
+                     text_index, text_mask, protected, patches_kept, unit_frames, lm_inputs or {})
         for p in passes:
             p.check_prompt(prompt)
         return prompt
@@ -95,7 +96,7 @@ class _Prompt:
         """Every input a rewritten prefill graph may take, by placeholder name."""
         return dict(inputs_embeds=self.embeds, position_ids=self.position_ids, attention_mask=self.attention_mask,
                     vision_pos=self.vision_pos, vision_protected=self.protected, text_index=self.text_index,
-                    text_mask=self.text_mask, unit_frames=self.unit_frames)
+                    text_mask=self.text_mask, unit_frames=self.unit_frames, **self.lm_inputs)
 
 
 def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,14 +241,15 @@ class PrunedModel(nn.Module, GenerationMixin):
         return any(p.units == "videos" for p in self.pipeline)
 
     def _image_features(self, inputs, vision_pos, input_ids):
-        """Prompt embeddings (None: plain token embeddings), features (B, n, k, D) and what the vision
+        """Prompt embeddings (None: plain token embeddings), features (B, n, k, D), what the vision
         stage kept: original patch indices, validity and key set (images, k) each, or None when it
-        kept every patch."""
+        kept every patch, and the family's other LM inputs by name."""
         b, n, v = vision_pos.shape
         vision = self.program.stages["vision"]
         if vision.gm is None:              # the model's own get_image_features / get_video_features
-            embeds = self.family.merged_embeds(input_ids, **inputs)
-            return embeds, tokenops.token_features(embeds, vision_pos), None, None, None
+            lm_inputs = self.family.merged_inputs(input_ids, **inputs)
+            embeds = lm_inputs.pop("inputs_embeds")
+            return embeds, tokenops.token_features(embeds, vision_pos), None, None, None, lm_inputs
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             raise InputError("the prompt has image tokens but no pixel_values were given")
@@ -263,7 +265,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         outs = _call(self.executables["vision"], **inputs)
         feats = outs["features"]
         return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
-                outs.get("patches_protected"))
+                outs.get("patches_protected"), {})
 
     def _prompt(self, input_ids, attention_mask, **inputs) -> _Prompt | None:
         if attention_mask is None:
@@ -275,7 +277,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         b, n, v = vision_pos.shape
         check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, **inputs)
-        embeds, feats, kept, valid, protected = self._image_features(inputs, vision_pos, input_ids)
+        groups = self.family.attention_groups(attention_mask, **inputs)
+        embeds, feats, kept, valid, protected, lm_inputs = self._image_features(inputs, vision_pos, input_ids)
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
             k = kept.shape[-1]
@@ -284,6 +287,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             if self._vision_positions() == "compact":   # features fill the image's slots in their own order
                 new_pos = new_pos.sort(-1).values     # (a no-op unless a vision pass reordered them)
             input_ids, attention_mask, index = (t.gather(1, keep) for t in (input_ids, attention_mask, index))
+            groups = None if groups is None else groups.gather(1, keep)
             index = index.scatter(1, new_pos.reshape(b, -1), chosen.reshape(b, -1))
             if valid is not None:                # static capacity: invalid slots act as padding in the LLM
                 attention_mask = attention_mask.scatter(1, new_pos.reshape(b, -1),
@@ -298,7 +302,8 @@ class PrunedModel(nn.Module, GenerationMixin):
             protected = protected.reshape(b, n, -1)
         embeds = self.family.embed(input_ids) if embeds is None else embeds
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
-                                self.pipeline, protected, kept, layout.frames)
+                                self.pipeline, protected, kept, layout.frames,
+                                lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups})
 
     def _vision_inputs(self, **inputs) -> dict:
         """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
@@ -346,18 +351,21 @@ class PrunedModel(nn.Module, GenerationMixin):
             return self._continue(cache, input_ids, attention_mask, pixel_values)
         input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
                                                        image_grid_thw, mm_token_type_ids)
+        self.family.check_run_length(input_ids.shape[1])
         prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
             gm = self._text_prefill()
             note = "text-only prompt (no vision tokens): ran unpruned"
-            embeds, positions = self.family.embed(input_ids), self.family.positions(input_ids, attention_mask)
+            lm_inputs = self.family.merged_inputs(input_ids)
+            positions = self.family.positions(input_ids, attention_mask)
             if self._videos_only() and bool((input_ids == self.family.image_token_id()).any()):
                 note = "no video in the prompt, and the pipeline prunes videos only: ran unpruned"
                 warnings.warn(f"{' | '.join(map(repr, self.pipeline))} prunes videos only and the prompt has "
                               "none: every token kept", NothingPrunedWarning, stacklevel=2)
-                embeds = self.family.merged_embeds(input_ids, **inputs)
+                lm_inputs = self.family.merged_inputs(input_ids, **inputs)
                 positions = self.family.positions(input_ids, attention_mask, **inputs)
-            outs = _call(gm, inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask)
+            outs = _call(gm, position_ids=positions, attention_mask=attention_mask,
+                         attention_groups=self.family.attention_groups(attention_mask, **inputs), **lm_inputs)
             index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             return self._finish(cache, outs, attention_mask, positions, index, None, [note], input_ids.shape[1],
                                 attention_mask.sum(1))
@@ -404,6 +412,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         if pixel_values is not None and bool((input_ids == self.family.image_token_id()).any()):
             raise InputError("the tokens fed after a cached prompt hold a new image; a PrunedCache holds one pruned "
                              "prompt with its images: start a new conversation (no past_key_values) for a new image")
+        self.family.check_run_length(cache.seen + t)
         cache.room(t)
         logits = [self.decode_step(cache, input_ids[:, j], mask=fed[:, j])[0] for j in range(t)]
         return PrunedOutput(logits=torch.stack(logits, 1), **_cache_fields(cache))
@@ -498,6 +507,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if beams > 1 and kwargs.get("eos_token_id") == []:
             raise InputError(f"eos_token_id=[] with num_beams={beams}: transformers' beam search needs an end "
                              "token (it fails inside); give one (or leave eos_token_id unset), or use num_beams=1")
+        if input_ids is not None:
+            self.family.check_run_length(input_ids.shape[1] + self._new_tokens(input_ids, kwargs))
         cache = kwargs.pop("past_key_values", None)
         if kwargs.get("cache") is not None:        # its name from transformers 5.24
             cache = kwargs.pop("cache")

@@ -32,6 +32,29 @@ def tiny_qwen2_5_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     return _finish(Qwen2_5_VLForConditionalGeneration, cfg, seed)
 
 
+def tiny_qwen3_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Qwen3-VL architecture: ViT (16-pixel patches, learned 8x8 position grid, 2x2 merger) whose
+    layers 0 and 1 feed DeepStack features into the outputs of LM layers 0 and 1, Qwen3 LM (q/k
+    RMSNorm per head) with interleaved M-RoPE (sections [4, 2, 2] of the 8 rotary frequencies: height
+    at 1, 4 and width at 2, 5, as [24, 20, 20] of 64 are in the real model)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    head_dim = hidden // TEXT["num_attention_heads"]
+    half = head_dim // 2
+    sections = [half - 2 * (half // 4), half // 4, half // 4]
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections,
+                                "mrope_interleaved": True}}
+    cfg = Qwen3VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, head_dim=head_dim,
+                         **TEXT, **rope),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        image_token_id=150, video_token_id=151, vision_start_token_id=148, vision_end_token_id=149,
+        tie_word_embeddings=False)
+    return _finish(Qwen3VLForConditionalGeneration, cfg, seed)
+
+
 def tiny_llava_next(seed: int = 0, *, layers: int = 4, hidden: int = 64):
     """LLaVA-NeXT architecture: CLIP tower (4x4 patches per 56-pixel crop), anyres crop grids
     [[56, 112], [112, 56], [112, 112]], image_newline, Llama LM."""
@@ -178,6 +201,46 @@ def tiny_smolvlm(seed: int = 0, **kw):
     return tiny_idefics3(seed, model_type="smolvlm", **kw)
 
 
+def tiny_gemma3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """Gemma 3 architecture: SigLIP tower (8x8 patches per 112-pixel image, average-pooled to 4x4),
+    Gemma 3 LM (sliding and full attention layers, 128-token window, QK norms, scaled embeddings)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                        head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
+                                        layer_types=["sliding_attention", "full_attention"] * (layers // 2), **TEXT),
+                       vision_config=_siglip(112), mm_tokens_per_image=16,
+                       image_token_index=150, boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI)
+    return _unit_gemma_norms(_finish(Gemma3ForConditionalGeneration, cfg, seed))
+
+
+def tiny_paligemma(seed: int = 0, *, layers: int = 4, hidden: int = 64):
+    """PaliGemma architecture: SigLIP tower (4x4 patches per 56-pixel image), linear projector,
+    Gemma LM (prefix-LM attention over the prompt)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    cfg = PaliGemmaConfig(text_config=dict(model_type="gemma", hidden_size=hidden, intermediate_size=2 * hidden,
+                                           num_hidden_layers=layers, head_dim=16, **TEXT),
+                          vision_config=dict(_siglip(56), projection_dim=hidden), image_token_index=150,
+                          projection_dim=hidden)
+    return _unit_gemma_norms(_finish(PaliGemmaForConditionalGeneration, cfg, seed))
+
+
+def _unit_gemma_norms(model):
+    """Gemma's RMSNorms scale by 1 + weight: transformers 5 initialises the weights to 0, 4.x to 1
+    (twice the activations, and rounding errors past fp32 test tolerances); 0 on both."""
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if "norm" in name:
+                p.zero_()
+    return model
+
+
+def _siglip(image_size: int) -> dict:
+    return dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=image_size, patch_size=14)
+
+
 def _finish(cls, cfg, seed):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -185,10 +248,12 @@ def _finish(cls, cfg, seed):
     return model
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava_next": tiny_llava_next,
+            "llava_onevision": tiny_llava_onevision,
             "mistral3": tiny_mistral3, "aya_vision": tiny_aya_vision,
             "llava_next_video": tiny_llava_next_video, "video_llava": tiny_video_llava,
-            "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
+            "internvl": tiny_internvl, "glm4v": tiny_glm4v, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm,
+            "gemma3": tiny_gemma3, "paligemma": tiny_paligemma}
 
 
 def build(family: str, seed: int = 0, **kw):
@@ -207,21 +272,29 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT, "llava_onevision": _LLAVA_NEXT,
+    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT,
+              "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
-              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3}.get(kind)
+              "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
+              "gemma3": _GEMMA3, "paligemma": _PALIGEMMA}.get(kind)
     if layout is None:
         raise ValueError(f"family_zoo.example: no prompt layout for model_type {kind!r}")
     rows, vision = [], layout(model, g, batch, items, grid=grid, frames=frames, image_size=image_size)
     for b in range(batch):
+        if kind == "paligemma":          # PaliGemmaProcessor: the images first, then <bos> prompt "\n"
+            ids = [t for block in vision["blocks"] for t in block] + [1] + _text(g, prefix + suffix - pad[b] - 1)
+            rows.append(ids + [PALIGEMMA_NEWLINE])
+            continue
         ids = [1] + _text(g, prefix)
         for block in vision["blocks"]:
             ids += block + _text(g, 2)
         rows.append(ids + _text(g, suffix - pad[b]))
     input_ids, mask = left_pad(rows)
     ex = Example(input_ids, mask, **vision["inputs"])
+    if kind in ("gemma3", "paligemma"):  # their processors' token types: Gemma 3 1 at image tokens, PaliGemma 0
+        ex.token_type_ids = (input_ids == model.config.image_token_id).long() * (kind == "gemma3")
     # what the installed transformers' processor returns: the vision-token types only where the model takes them
-    if kind in ("qwen2_vl", "qwen2_5_vl", "glm4v") and qwen2vl_takes_mm_token_type_ids(model):
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") and qwen2vl_takes_mm_token_type_ids(model):
         cfg = model.config
         ex.mm_token_type_ids = (input_ids == cfg.image_token_id).int().masked_fill(input_ids == cfg.video_token_id, 2)
     return ex
@@ -234,7 +307,9 @@ def _text(g, n):
 def _QWEN(model, g, batch, items, *, grid, frames, **_):
     """<|vision_start|> <|image_pad|> x t*h*w/merge^2 <|vision_end|> per image (the same with
     <|video_pad|> per video: one block for all its frames), as Qwen2(.5)-VL's processor writes;
-    GLM-4.1V's images: <|begin_of_image|> <|image|> x t*h*w/merge^2 <|end_of_image|>."""
+    Qwen3-VL's videos: per frame (temporal patch) its time stamp `<0.5 seconds>` as text, then
+    <|vision_start|> <|video_pad|> x h*w/merge^2 <|vision_end|> (Qwen3VLProcessor.replace_video_token,
+    at 2 fps); GLM-4.1V's images: <|begin_of_image|> <|image|> x t*h*w/merge^2 <|end_of_image|>."""
     cfg = model.config
     if cfg.model_type == "glm4v":
         if "video" in items:
@@ -250,6 +325,12 @@ def _QWEN(model, g, batch, items, *, grid, frames, **_):
     for item in items:
         t = 1 if item == "image" else t_video
         pads = cfg.image_token_id if item == "image" else cfg.video_token_id
+        if item == "video" and cfg.model_type == "qwen3_vl":
+            frame = [start] + [pads] * (h * w // vc.spatial_merge_size ** 2) + [end]
+            # a temporal patch's time: the mean of its frames' times (Qwen3VLProcessor._calculate_timestamps)
+            seconds = [(2 * f * vc.temporal_patch_size + vc.temporal_patch_size - 1) / 4 for f in range(t)]
+            blocks.append([tok for s in seconds for tok in _seconds_text(s) + frame])
+            continue
         blocks.append([start] + [pads] * (t * h * w // vc.spatial_merge_size ** 2) + [end])
     n_img, n_vid = items.count("image"), items.count("video")
     if n_img:
@@ -261,6 +342,15 @@ def _QWEN(model, g, batch, items, *, grid, frames, **_):
         if cfg.model_type == "qwen2_5_vl":     # temporal_patch_size / fps, at 2 fps
             inputs["second_per_grid_ts"] = torch.tensor([vc.temporal_patch_size / 2.0] * batch * n_vid)
     return {"blocks": blocks, "inputs": inputs}
+
+
+QWEN3_LT, QWEN3_DOT, QWEN3_SECONDS, QWEN3_GT, QWEN3_DIGIT_0 = 130, 131, 132, 133, 110    # "<", ".", " seconds", ">"
+
+
+def _seconds_text(seconds: float) -> list[int]:
+    """The tokens of a Qwen3-VL frame time stamp f"<{seconds:.1f} seconds>", a digit a token."""
+    digits = [QWEN3_DOT if c == "." else QWEN3_DIGIT_0 + int(c) for c in f"{seconds:.1f}"]
+    return [QWEN3_LT] + digits + [QWEN3_SECONDS, QWEN3_GT]
 
 
 def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
@@ -385,6 +475,32 @@ def _IDEFICS3(model, g, batch, items, **_):
             "inputs": {"pixel_values": torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g),
                        "pixel_attention_mask": torch.ones(batch, tiles, vc.image_size, vc.image_size,
                                                           dtype=torch.bool)}}
+
+
+GEMMA3_BOI, GEMMA3_EOI, GEMMA3_BREAK = 151, 152, 153     # <start_of_image>, <end_of_image>, "\n\n"
+PALIGEMMA_NEWLINE = 154                                     # "\n", closing the prompt
+
+
+def _GEMMA3(model, g, batch, items, **_):
+    """Per image "\n\n" <start_of_image> <image_soft_token> x mm_tokens_per_image <end_of_image> "\n\n"
+    (Gemma3Processor's full_image_sequence)."""
+    if "video" in items:
+        raise ValueError("Gemma 3 prompts hold images only")
+    cfg = model.config
+    block = [GEMMA3_BREAK, GEMMA3_BOI] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [GEMMA3_EOI, GEMMA3_BREAK]
+    size = cfg.vision_config.image_size
+    return {"blocks": [block for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch * len(items), 3, size, size, generator=g)}}
+
+
+def _PALIGEMMA(model, g, batch, items, **_):
+    """<image> x num_image_tokens per image, ahead of the prompt (PaliGemmaProcessor)."""
+    if "video" in items:
+        raise ValueError("PaliGemma prompts hold images only")
+    cfg = model.config
+    size = cfg.vision_config.image_size
+    return {"blocks": [[cfg.image_token_id] * cfg.text_config.num_image_tokens for _ in items],
+            "inputs": {"pixel_values": torch.randn(batch * len(items), 3, size, size, generator=g)}}
 
 
 def llava_next_rows(image_size, height: int, width: int) -> tuple[int, int, int]:

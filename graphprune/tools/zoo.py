@@ -26,6 +26,7 @@ class Example:
     image_sizes: torch.Tensor | None = None
     pixel_values_images: torch.Tensor | None = None      # Video-LLaVA's processor name for pixel_values
     pixel_attention_mask: torch.Tensor | None = None     # Idefics3 / SmolVLM: the real pixels of each tile
+    token_type_ids: torch.Tensor | None = None           # Gemma 3: 1 at image tokens; PaliGemma: 0 prefix, 1 suffix
 
     def as_kwargs(self) -> dict:
         """The inputs that are set, by the processor's names."""
@@ -35,7 +36,7 @@ class Example:
         """Sample i alone, its left padding removed. Every example gives each sample the same images
         and videos, so the per-image inputs (pixel rows, grids, sizes) split evenly by sample."""
         real = self.attention_mask[i].bool()
-        per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
+        per_token = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
         b = self.input_ids.shape[0]
         out = {k: (v[i][real][None] if k in per_token else v.chunk(b)[i])
                for k, v in vars(self).items() if v is not None}

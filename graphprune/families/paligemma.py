@@ -1,0 +1,37 @@
+"""PaliGemma: SigLIP tower, linear projector, Gemma LM, a prefix LM.
+
+The processor writes <image> x num_image_tokens per image, then <bos>, the prompt and "\\n" (the
+prefix), and returns token_type_ids: 0 over the prefix, 1 over a suffix (training targets). The
+prefix attends bidirectionally (one attention group), a suffix and generated tokens causally.
+transformers 4.x reads every prompt token as prefix when not training (compat.paligemma_prefix).
+Positions count from 1. PaliGemma 2's sliding window is handled as Gemma 3's (families/gemma3.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from graphprune.compat import paligemma_prefix
+from graphprune.families.base import Family, token_types
+from graphprune.families.gemma3 import SLIDING_CACHE_FRAME
+
+
+class PaliGemmaFamily(Family):
+    name = "paligemma"
+    model_types = ("paligemma",)
+    vision_has_cls = False
+    vision_inputs = ("pixel_values", "token_type_ids")
+    attention_groups_input = True
+    window_limits_runs = True            # PaliGemma 2's Gemma 2 LM has sliding-window layers
+    eager_vision = "SigLIP features through the model's own get_image_features"
+
+    def __init__(self, model):
+        super().__init__(model)
+        if getattr(self.text_config(), "sliding_window", None) is not None:      # PaliGemma 2
+            self.compile_refused = SLIDING_CACHE_FRAME
+
+    def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
+        return super().positions(input_ids, attention_mask) + 1
+
+    def attention_groups(self, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
+        prefix = paligemma_prefix(token_types(attention_mask, token_type_ids), attention_mask)
+        return torch.where(prefix, 0, -1)
