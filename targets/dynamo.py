@@ -321,7 +321,7 @@ def _family_supported(opts: BackendOptions) -> bool:
 
 _VIDEO = ("the prompt has videos (frame inputs {}): the backend prunes videos only where one frame merges them "
           "alone and runs the decoder layers, in a family whose frame shows the video frames "
-          "(Family.frame_video_tokens: LLaVA-OneVision video-only prompts)")
+          "(Family.frame_video_tokens: LLaVA-OneVision and LLaVA-NeXT-Video video-only prompts)")
 
 
 def _video_inputs(gm: fx.GraphModule) -> list[str]:

@@ -168,8 +168,8 @@ class Family:
         frame's (B, S) placeholder mask and the (N, D) features merged there in order (no processor
         input reaches that frame). Images: each run of consecutive image tokens is one image
         (processors write text between images; check_frame_image refuses a run that is not one).
-        Videos: each closes with its separator row, and a unit is a frame of frame_video_tokens()
-        tokens (video_unit="frame", graphprune.prune's default). Feature rows that are separators
+        Videos: each closes with its separator row (or is one run), and a unit is a frame of
+        frame_video_tokens() tokens (video_unit="frame", graphprune.prune's default). Feature rows that are separators
         (feature_separators) are protected and never counted. None when there are none."""
         if not bool(is_vision.any()):
             return None
@@ -193,14 +193,18 @@ class Family:
         return blocks_layout(per_sample, separators, (modality,))
 
     def _frame_videos(self, sample: int, pos: torch.Tensor, closing: torch.Tensor) -> list[tuple]:
-        """A sample's video frames from its video slots `pos`, each video closed by a separator."""
+        """A sample's video frames from its video slots `pos`: each video closed by a separator row
+        (video_newline), else each video one run of consecutive slots."""
         per = self.frame_video_tokens()
-        ends = closing.nonzero()[:, 0]
-        if not bool(closing[-1]):
-            raise InputError(f"sample {sample}: its last video is not closed by a separator row")
+        if self.video_newline:
+            if not bool(closing[-1]):
+                raise InputError(f"sample {sample}: its last video is not closed by a separator row")
+            cuts = closing.nonzero()[:-1, 0] + 1
+        else:
+            cuts = (pos[1:] - pos[:-1] > 1).nonzero()[:, 0] + 1
         blocks = []
-        for j, video in enumerate(pos.tensor_split((ends[:-1] + 1).tolist())):
-            patches = video[:-1]
+        for j, video in enumerate(pos.tensor_split(cuts.tolist())):
+            patches = video[:video.numel() - self.video_newline]
             if patches.numel() == 0 or patches.numel() % per:
                 raise InputError(f"sample {sample}: video {j} has {patches.numel()} tokens, not whole frames of {per}")
             blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(patches.split(per))]
@@ -208,7 +212,7 @@ class Family:
 
     def frame_video_tokens(self) -> int | None:
         """Tokens per video frame, where the compile backend can lay a video out from its merge
-        frame (each video closed by a separator row); None where it cannot."""
+        frame (videos closed by separator rows, or one run each); None where it cannot."""
         return None
 
     def feature_separators(self, features: torch.Tensor) -> torch.Tensor | None:

@@ -10,3 +10,8 @@ class LlavaNextVideoFamily(LlavaNextFamily):
     name = "llava_next_video"
     model_types = ("llava_next_video",)
     vision_inputs = ("pixel_values", "image_sizes", "pixel_values_videos")
+
+    def frame_video_tokens(self) -> int:
+        """Its vision_resampler pools each frame's patch grid with kernel = stride = spatial_pool_stride."""
+        cfg = self.config()
+        return (cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.spatial_pool_stride) ** 2
