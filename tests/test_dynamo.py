@@ -266,6 +266,13 @@ def test_anyres_frame_layout_is_prunes_layout(anyres, family):
         assert torch.equal(got.separators, want.separators)
         newlines = modality == "image" or family == "llava_onevision"     # NeXT-Video's videos have none
         assert bool(want.separators.any()) == newlines
+    if family == "llava_next":         # the patch slots, against the independent reference
+        import reference_families as RF
+
+        from graphprune.tools import family_zoo
+        ex = family_zoo.example(model, batch=2, items=("image", "image"), seed=1)
+        patches = torch.zeros_like(ex.input_ids, dtype=torch.bool).scatter(1, got.pos.reshape(2, -1), True)
+        assert torch.equal(patches, RF._llava_next_prunable(model, ex))
 
 
 @pytest.mark.parametrize("family", ANYRES)
