@@ -15,3 +15,7 @@ graphprune bench "${args[@]}" --n "${N:-200}" --repeats "${REPEATS:-11}" --json 
 
 # speed mode: larger random-weight model, 64 of 576 kept after layer 2, both linear lowerings
 graphprune bench --speed --linear aten,packed --repeats "${REPEATS:-11}" --json "$out/speed.json" | tee "$out/speed.txt"
+
+# video-length case: random-weight Qwen2.5-VL, one 32-frame video (3136 vision tokens), evs / fastv / dart /
+# random keeping a fifth; LLM-prefill and end-to-end speed-ups against graphprune's unpruned model and transformers
+graphprune bench --speed --video --repeats "${REPEATS:-11}" --json "$out/speed_video.json" | tee "$out/speed_video.txt"

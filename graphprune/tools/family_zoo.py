@@ -18,16 +18,19 @@ TEXT = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=160, max_po
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def tiny_qwen2_5_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64):
-    """Qwen2.5-VL architecture: windowed ViT (full attention in block 1), 2x2 merger, M-RoPE LM."""
+def tiny_qwen2_5_vl(seed: int = 0, *, layers: int = 4, hidden: int = 64, text: dict | None = None,
+                    vision: dict | None = None):
+    """Qwen2.5-VL architecture: windowed ViT (full attention in block 1), 2x2 merger, M-RoPE LM.
+    `text` / `vision`: config entries over these (larger models for timing: graphprune.tools.speed_video)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **TEXT,
-                         **rope_config(10000.0, _mrope_section(hidden // 4))),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1], tokens_per_second=2, in_channels=3),
+        text_config={**dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **TEXT,
+                            **rope_config(10000.0, _mrope_section(hidden // TEXT["num_attention_heads"]))),
+                     **(text or {})},
+        vision_config={**dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                              fullatt_block_indexes=[1], tokens_per_second=2, in_channels=3), **(vision or {})},
         image_token_id=150, video_token_id=151, vision_start_token_id=148, vision_end_token_id=149)
     return _finish(Qwen2_5_VLForConditionalGeneration, cfg, seed)
 
