@@ -4,7 +4,6 @@ to prune() are freed with their users' last reference. References: what Hugging 
 does with the same input (it raises, or it runs and we compare), never graphprune itself.
 Which mutation of each fix makes which of these tests fail: tests/HARDENING.md."""
 import gc
-import os
 import re
 import warnings
 import weakref
@@ -85,11 +84,6 @@ def test_qwen2vl_image_token_mismatch_and_split_are_refused(qwen):
 
 # -- 4: prune() keeps no model alive, and does not grow per call ---------------------------------
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
 def small_llava():
     return zoo.tiny_llava(layers=2, vision_layers=2, hidden=32, vision_hidden=16)
 
@@ -107,21 +101,48 @@ def test_model_is_freed_when_dropped():
     assert ref() is None
 
 
-def test_rss_flat_over_100_prune_generate_cycles():
-    """100 cycles of prune / generate / drop on one model keep RSS flat. Before, each prune() kept
-    ~0.2 MiB of generated graph source (torch.fx's linecache loader)."""
-    model = small_llava()
-    ex = zoo.llava_example(model).as_kwargs()
+ONE_MODEL = """
+import gc, json, os
+import torch
+import graphprune as gp
+from graphprune.tools import zoo
+torch.set_num_threads(1)                # tiny graphs: one thread is twice as fast as two
+model = zoo.tiny_llava(layers=2, vision_layers=2, hidden=32, vision_hidden=16)
+ex = zoo.llava_example(model).as_kwargs()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+def cycle():
+    gp.prune(model, "fastv(layer=1, keep=4)").generate(**ex, max_new_tokens=2)
+    gc.collect()
+for _ in range(10):                     # warm-up: allocator pools, lazily built kernels
+    cycle()
+start = rss()
+for _ in range(100):
+    cycle()
+print(json.dumps({"grew": rss() - start}))
+"""
 
-    def cycle(m):
-        gp.prune(m, "fastv(layer=1, keep=4)").generate(**ex, max_new_tokens=2)
-        gc.collect()
-    for _ in range(10):                    # warm-up: allocator pools, lazily built kernels
-        cycle(model)
-    start = _rss_mib()
-    for _ in range(100):
-        cycle(model)
-    assert _rss_mib() - start < 6, f"RSS grew {_rss_mib() - start:.1f} MiB over 100 prune/generate cycles"
+
+def _python_process(script: str):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _last_json(proc) -> dict:
+    import json
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, stderr[-2000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.background.with_args(lambda: _python_process(ONE_MODEL))
+def test_rss_flat_over_100_prune_generate_cycles(background):
+    """100 cycles of prune / generate / drop on one model keep RSS flat (in a process of its own,
+    run beside the suite: see conftest.py). Before, each prune() kept ~0.2 MiB of generated graph
+    source (torch.fx's linecache loader)."""
+    grew = _last_json(background)["grew"]
+    assert grew < 6, f"RSS grew {grew:.1f} MiB over 100 prune/generate cycles"
 
 
 FRESH_MODELS = """
@@ -144,16 +165,8 @@ CYCLES, WARM_UP = 100, 10
 MIB_PER_MODEL = 0.15       # measured 0.05 (2026-12-01); Hugging Face generate alone on fresh models: 0.0
 
 
-def _fresh_models_process():
-    import subprocess
-    import sys
-    script = FRESH_MODELS.replace("CYCLES", str(CYCLES))
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
 @pytest.mark.slow
-@pytest.mark.background.with_args(_fresh_models_process)
+@pytest.mark.background.with_args(lambda: _python_process(FRESH_MODELS.replace("CYCLES", str(CYCLES))))
 def test_built_and_dropped_models_do_not_accumulate(background):
     """100 cycles of build / prune / generate / drop with fresh models, in a process of its own
     (pytest's log capture keeps torch.export's trace records; it runs beside the suite, see
@@ -164,10 +177,7 @@ def test_built_and_dropped_models_do_not_accumulate(background):
     sources, solver state), leaving ~0.05 MiB a model of symbols and ranges; with them it was
     ~0.22 MiB, with the dispatch cache ~2.2 MiB, and the models themselves (~12 MiB each for
     zoo.tiny_llava()) once stayed cached for good."""
-    import json
-    stdout, stderr = background.communicate(timeout=1800)
-    assert background.returncode == 0, stderr[-2000:]
-    got = json.loads(stdout.strip().splitlines()[-1])
+    got = _last_json(background)
     assert all(got["freed"]), [i for i, f in enumerate(got["freed"]) if not f]
     sizes = got["sizes"][WARM_UP - 1:]
     per_model = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
