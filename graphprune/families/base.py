@@ -186,7 +186,7 @@ class Family:
             if modality == "video":
                 per_sample.append(self._frame_videos(i, pos, separators[i, pos]))
                 continue
-            runs = pos.tensor_split(((pos[1:] - pos[:-1] > 1).nonzero()[:, 0] + 1).tolist())
+            runs = runs_of(pos)
             for run in runs:
                 self.check_frame_image(i, separators[i, run])
             per_sample.append([(f"image {j}", run[~separators[i, run]]) for j, run in enumerate(runs)])
@@ -199,11 +199,11 @@ class Family:
         if self.video_newline:
             if not bool(closing[-1]):
                 raise InputError(f"sample {sample}: its last video is not closed by a separator row")
-            cuts = closing.nonzero()[:-1, 0] + 1
+            videos = pos.tensor_split((closing.nonzero()[:-1, 0] + 1).tolist())
         else:
-            cuts = (pos[1:] - pos[:-1] > 1).nonzero()[:, 0] + 1
+            videos = runs_of(pos)
         blocks = []
-        for j, video in enumerate(pos.tensor_split(cuts.tolist())):
+        for j, video in enumerate(videos):
             patches = video[:video.numel() - self.video_newline]
             if patches.numel() == 0 or patches.numel() % per:
                 raise InputError(f"sample {sample}: video {j} has {patches.numel()} tokens, not whole frames of {per}")
@@ -268,7 +268,7 @@ class Family:
         per_sample = []
         for row in is_image:
             at = row.nonzero()[:, 0]
-            images = at.tensor_split(((at[1:] - at[:-1] > joined).nonzero()[:, 0] + 1).tolist())
+            images = runs_of(at, joined)
             per_sample.append([(f"image {j}", image) for j, image in enumerate(images)])
         layout = blocks_layout(per_sample, torch.zeros_like(is_image))
         layout.separators = markers_around(layout.pos, is_image, before=before, after=1)
@@ -413,6 +413,12 @@ def blocks_layout(per_sample: list[list[tuple]], separators: torch.Tensor,
     pos = torch.stack([torch.stack([blk[1] for blk in blocks]) for blocks in ordered])
     frames = torch.tensor([[blk[2] if len(blk) > 2 else 1 for blk in blocks] for blocks in ordered], device=pos.device)
     return VisionLayout(pos, units, separators, frames)
+
+
+def runs_of(pos: torch.Tensor, joined: int = 1) -> tuple[torch.Tensor, ...]:
+    """Ascending prompt positions split into runs: a position more than `joined` after the previous
+    one starts a new run (1: runs of consecutive positions)."""
+    return pos.tensor_split(((pos[1:] - pos[:-1] > joined).nonzero()[:, 0] + 1).tolist())
 
 
 def markers_around(pos: torch.Tensor, is_vision: torch.Tensor, before: int, after: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from graphprune.errors import InputError
-from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, markers_around
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, markers_around, runs_of
 
 
 class Idefics3Family(Family):
@@ -55,7 +55,7 @@ class Idefics3Family(Family):
         per_sample = []
         for i, row in enumerate(is_image):
             at = row.nonzero()[:, 0]
-            runs = at.tensor_split(((at[1:] - at[:-1] > 1).nonzero()[:, 0] + 1).tolist())
+            runs = runs_of(at)
             if len(runs) != real_tiles[i] or any(r.numel() != per_tile for r in runs):
                 raise InputError(f"sample {i}: image placeholders in runs of {[r.numel() for r in runs]} but "
                                  f"pixel_values holds {real_tiles[i]} tiles of {per_tile} tokens each")
