@@ -7,23 +7,31 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
 
 * the frame that merges image features into the embeddings and runs the decoder layers is the
   prefill anchor: the model's family lays the prompt's images out from what that frame holds (the
-  image-token mask and the merged features: Family.frame_layout), graphprune captures that language model with dynamic batch/sequence, applies the
-  pipeline's passes (the same rewrite `graphprune.prune` runs) and compiles the result with
-  Inductor (or runs it as is, `compiler="eager"`). The frame's outputs (per-layer keys/values for
-  the cache, the final hidden state) come from the rewritten graph, so every layer's cache holds
-  what it kept and the logits cover the kept tokens. A family with bidirectional attention groups
-  (PaliGemma's prefix) gets them from the frame's token_type_ids, as graphprune.prune does;
+  image-token mask and the merged features: Family.frame_layout), graphprune captures that
+  language model with dynamic batch/sequence, applies the pipeline's passes (the same rewrite
+  `graphprune.prune` runs) and compiles the result with Inductor (or runs it as is,
+  `compiler="eager"`). The frame's outputs (per-layer keys/values for the cache, the final hidden
+  state) come from the rewritten graph, so every layer's cache holds what it kept and the logits
+  cover the kept tokens. A family with bidirectional attention groups (PaliGemma's prefix) gets
+  them from the frame's token_type_ids, as graphprune.prune does;
+* a merge in a frame of its own (Qwen2-VL and Qwen2.5-VL merge images, then videos, in frames
+  split from the decoder layers by get_rope_index's graph breaks; LLaVA-OneVision merges an image
+  before its video tower runs) runs as compiled and records, per thread, its mask, its features and
+  the very tensor it returns. The next frame whose prompt embeddings ARE that tensor (identity) is
+  the prefill: the layout comes from every recorded merge (and its own), M-RoPE positions are the
+  frame's own position_ids, and a Qwen video's frames are told by those positions (each frame
+  repeats one height x width grid);
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
   captured.
 
 A pass that cannot apply never degrades silently: a model of a family the backend cannot prune
 ("unsupported family": unknown to graphprune, refused up front, or laid out in a way the merge frame
-does not show), a video prompt, an image merge split from the decoder layers by
-a graph break, decoder layers spread over several frames, or image features that reach the
-decoder layers merged by an op other than masked_scatter (seen at run time: a compiled vision
-frame ran and the next decoder frame was not the pruned prefill) raise `PassNotApplicable` (or
-warn, with `if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend
-built for a model, for inspection.
+does not show), videos the frames do not lay out, decoder layers spread over several frames, or
+image features that reach the decoder layers merged by an op other than masked_scatter or altered
+after a recorded merge (seen at run time: a compiled vision or merge frame ran and the next decoder
+frame was not the pruned prefill) raise `PassNotApplicable` (or warn, with
+`if_not_applied="warn"`). `pruned_graphs(model)` returns the rewritten graphs the backend built for
+a model, for inspection.
 """
 from __future__ import annotations
 
@@ -106,9 +114,31 @@ def _encodes_image(gm: fx.GraphModule) -> bool:
 
 
 class _Pending(threading.local):
-    """An image encoded by a compiled frame and not yet merged by a pruned prefill frame. A decoder
-    frame that runs while one is pending is a prefill whose merge the backend did not recognise."""
-    image = False
+    """Vision work of the prompt under way on this thread that no pruned prefill frame has taken yet:
+    an image encoded by a compiled frame (`image`), and the merges run by frames of their own
+    (`merges`: (modality, (B, S) mask, (N, D) features) each, in order; `merged`: the embeddings the
+    last one returned). A decoder frame that runs while any is pending and does not take it is a
+    prefill whose merge the backend did not recognise."""
+
+    def __init__(self):
+        self.clear()
+
+    def record(self, modality: str, mask, features, onto, merged) -> None:
+        if onto is not self.merged:              # merged into fresh embeddings: a new prompt's first merge
+            self.merges = []
+        self.merges.append((modality, mask, features))
+        self.image, self.merged = True, merged
+
+    def take(self, embeds) -> list | None:
+        """The pending merges when `embeds` IS the tensor the last one returned (identity: the same
+        prompt's embeddings, handed on unchanged); [] when none are pending; None when some are and
+        `embeds` is not theirs. Clears everything pending."""
+        taken = [] if not self.merges else self.merges if embeds is self.merged else None
+        self.clear()
+        return taken
+
+    def clear(self) -> None:
+        self.image, self.merges, self.merged = False, [], None
 
 
 _PENDING = _Pending()
@@ -145,14 +175,14 @@ def _ancestors(node: fx.Node) -> set:
     return seen
 
 
-def _output_roles(gm: fx.GraphModule, layers: int, merge: fx.Node) -> list[str]:
+def _output_roles(gm: fx.GraphModule, layers: int, merge: fx.Node | None) -> list[str]:
     """Name every frame output by what the rewritten prefill graph returns: k_i, v_i or logits
     (the final hidden state: the captured body has an identity head), or the merged image features
     (Gemma 3 and PaliGemma return them as image_hidden_states)."""
     operands = _sdpa_operands(gm)
     roles = []
     for o in gm.graph.find_nodes(op="output")[0].args[0]:
-        role = "image_features" if o is merge.args[2] else None
+        role = "image_features" if merge is not None and o is merge.args[2] else None
         if role is None and isinstance(o, fx.Node):
             i = layer_of(o)
             if i is not None and i in operands:
@@ -228,48 +258,92 @@ _PADDED = ("padded batch: its prefill is pruned exactly, but decoding it needs g
            "use graphprune.prune(model, ...).generate(...) for padded batches")
 
 
+def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, positions=None,
+             token_type_ids=None) -> dict:
+    """Run the rewritten prefill on merged prompt embeddings: the family lays the prompt's vision
+    units out from the frames' merges (Family.frame_layout); positions are the frame's own where it
+    takes them (M-RoPE), else the family's for the attention mask. Outputs by name."""
+    from graphprune import tokenops
+    from graphprune.lower.runtime import _call, _Prompt, check_budgets
+    # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
+    rw = _rewritten(owner, opts)
+    family = rw.program.family
+    b, s = embeds.shape[:2]
+    if attention_mask is None:
+        attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
+    elif bool((attention_mask == 0).any()):
+        warnings.warn(_PADDED, stacklevel=3)
+    if positions is not None:
+        positions = positions[-family.position_axes:]      # (4, B, S) leads with text positions
+    layout = family.frame_layout(merges, positions)
+    if layout is None:
+        raise InputError("the prefill frame merges vision features but the prompt has no vision tokens")
+    check_budgets(rw.program.results, layout.pos.shape[-1])
+    if positions is None:
+        positions = family.positions(None, attention_mask)
+    index = torch.arange(s, device=embeds.device).expand(b, s)
+    groups = family.attention_groups(attention_mask, token_type_ids=token_type_ids)
+    prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
+                              layout.pos, index, rw.passes, unit_frames=layout.frames,
+                              lm_inputs={} if groups is None else {"attention_groups": groups})
+    return _call(rw.fn, **prompt.prefill_inputs())
+
+
+def _taken(opts: BackendOptions, embeds) -> list:
+    """The merges earlier frames ran into `embeds`; a pending merge that did not reach it fails."""
+    taken = _PENDING.take(embeds)
+    if taken is None:
+        raise PassNotApplicable(f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {_UNSEEN_MERGE}")
+    return taken
+
+
 @dataclass
 class PrunedFrame:
-    """The callable dynamo runs for the prefill frame: the family's layout from the image mask and
-    features, the merge, the rewritten prefill graph, the frame's outputs in dynamo's order."""
+    """The callable dynamo runs for the frame that merges vision features and runs the decoder
+    layers: the merge (after any earlier frames' merges into the same embeddings), the rewritten
+    prefill graph, the frame's outputs in dynamo's order."""
     owner: torch.nn.Module
     opts: BackendOptions
     roles: list[str]
-    inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask / token_type_ids -> arg index
-    modality: str = "image"         # what the merge writes: images, or (alone) videos
+    inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask / token_type_ids /
+    #                                 positions (M-RoPE position ids, where the frame takes them) -> arg index
+    modality: str = "image"         # what the merge writes: images or videos
 
     def __call__(self, *args):
-        from graphprune import tokenops
-        from graphprune.lower.runtime import _call, _Prompt, check_budgets
-        # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
-        _PENDING.image = False
-        rw = _rewritten(self.owner, self.opts)
         embeds, mask = args[self.inputs["embeds"]], args[self.inputs["image_mask"]]
-        feats = args[self.inputs["image_features"]]
-        i = self.inputs.get("attention_mask")
-        attention_mask = args[i] if i is not None else None
+        feats = args[self.inputs["image_features"]].reshape(-1, embeds.shape[-1])
         b, s = embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
-        elif bool((attention_mask == 0).any()):
-            warnings.warn(_PADDED, stacklevel=2)
-        feats = feats.reshape(-1, embeds.shape[-1])
-        layout = rw.program.family.frame_layout(mask.reshape(b, s, -1)[..., 0], feats, self.modality)
-        if layout is None:
-            raise InputError("the prefill frame merges image features but the prompt has no image tokens")
-        check_budgets(rw.program.results, layout.pos.shape[-1])
+        merges = _taken(self.opts, embeds) + [(self.modality, mask.reshape(b, s, -1)[..., 0], feats)]
         embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))      # the model's own merge
-        family = rw.program.family
-        positions = family.positions(None, attention_mask)
-        index = torch.arange(s, device=embeds.device).expand(b, s)
-        i = self.inputs.get("token_type_ids")
-        groups = family.attention_groups(attention_mask, token_type_ids=args[i] if i is not None else None)
-        prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
-                                  layout.pos, index, rw.passes, unit_frames=layout.frames,
-                                  lm_inputs={} if groups is None else {"attention_groups": groups})
-        named = _call(rw.fn, **prompt.prefill_inputs())
+        named = _prefill(self.owner, self.opts, embeds, merges, _arg(args, self.inputs, "attention_mask"),
+                         _arg(args, self.inputs, "positions"), _arg(args, self.inputs, "token_type_ids"))
         named["image_features"] = args[self.inputs["image_features"]].to(embeds.dtype)
         return tuple(named[r] for r in self.roles)
+
+
+def _arg(args, inputs: dict[str, int], name: str):
+    return args[inputs[name]] if name in inputs else None
+
+
+@dataclass
+class MergeFrame:
+    """A frame that merges vision features into the prompt embeddings and runs no decoder layer
+    (Qwen2-VL's image and video merges, LLaVA-OneVision's image merge before its video tower): run
+    as compiled, it records what it merged and the very tensor it returned, for the decoder frame
+    those embeddings reach."""
+    fn: object
+    inputs: dict[str, int]          # embeds / mask / features -> arg index
+    merged: int                     # which output is the merged embeddings
+    modality: str
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        embeds = args[self.inputs["embeds"]]
+        b, s = embeds.shape[:2]
+        mask = args[self.inputs["mask"]].reshape(b, s, -1)[..., 0]
+        feats = args[self.inputs["features"]].reshape(-1, embeds.shape[-1])
+        _PENDING.record(self.modality, mask, feats, onto=embeds, merged=out[self.merged])
+        return out
 
 
 def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: BackendOptions) -> PrunedFrame | None:
@@ -284,8 +358,8 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     roles = _output_roles(gm, layers, merge)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     merged = placeholders[_placeholder_index(gm, merge.args[2], "merged features")].name
-    videos = _video_inputs(gm)
-    if videos and (videos != [merged] or not family_of(owner).frame_video_tokens()):
+    videos, positions = _video_inputs(gm), _positions_input(gm)
+    if videos and (videos != [merged] or (positions is None and not family_of(owner).frame_video_tokens())):
         _not_applied(opts, _VIDEO.format(videos))
         return None
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
@@ -294,7 +368,25 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
     for name in ("attention_mask", "token_type_ids"):
         if _input_index(gm, name) is not None:
             inputs[name] = _input_index(gm, name)
+    if positions is not None:
+        inputs["positions"] = positions
     return PrunedFrame(owner, opts, roles, inputs, "video" if videos else "image")
+
+
+def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOptions):
+    """A frame merging vision features with no decoder layer: a MergeFrame, when the merged
+    embeddings leave it as they are (the decoder frame they reach is then told by identity)."""
+    outputs = list(gm.graph.find_nodes(op="output")[0].args[0])
+    if merge not in outputs:
+        _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers, and the merged "
+                           "embeddings leave the merge frame through another op")
+        return compiled
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    features = _placeholder_index(gm, merge.args[2], "merged features")
+    inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
+              "mask": _placeholder_index(gm, merge.args[1], "vision-token mask"), "features": features}
+    modality = "video" if "video" in placeholders[features].name else "image"
+    return MergeFrame(compiled, inputs, outputs.index(merge), modality)
 
 
 def _family_supported(opts: BackendOptions) -> bool:
@@ -319,9 +411,8 @@ def _family_supported(opts: BackendOptions) -> bool:
     return True
 
 
-_VIDEO = ("the prompt has videos (frame inputs {}): the backend prunes videos only where one frame merges them "
-          "alone and runs the decoder layers, in a family whose frame shows the video frames "
-          "(Family.frame_video_tokens: LLaVA-OneVision and LLaVA-NeXT-Video video-only prompts)")
+_VIDEO = ("the prompt has videos (frame inputs {}) reaching the frame that runs the decoder layers unmerged, "
+          "or of a family whose merge frame does not show the video frames (Family.frame_video_tokens)")
 
 
 def _video_inputs(gm: fx.GraphModule) -> list[str]:
@@ -329,7 +420,7 @@ def _video_inputs(gm: fx.GraphModule) -> list[str]:
 
 
 def _not_applied(opts: BackendOptions, why: str) -> None:
-    _PENDING.image = False           # this image is reported: a later text-only prompt owes nothing
+    _PENDING.clear()                 # this image is reported: a later text-only prompt owes nothing
     msg = (f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {why}. The model would run "
            "unpruned; use graphprune.prune(model, ...) instead")
     if opts.if_not_applied == "raise":
@@ -359,20 +450,19 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         if not _family_supported(opts):
             return _compile(gm, example_inputs, opts.compiler)
         if not layers:
-            _not_applied(opts, _VIDEO.format(_video_inputs(gm)) if _video_inputs(gm) else
-                         "a graph break separates the image-feature merge from the decoder layers")
-        else:
-            frame = _prune_frame(gm, merge, layers, opts)
-            if frame is not None:
-                return frame
+            return _merge_frame(gm, merge, _compile(gm, example_inputs, opts.compiler), opts)
+        frame = _prune_frame(gm, merge, layers, opts)
+        if frame is not None:
+            return frame
     compiled = _compile(gm, example_inputs, opts.compiler)
     if vision and not layers:
         return VisionFrame(compiled)
-    if layers:            # a decode step (or a text-only prompt) over the caches prefill left
+    if layers:            # a decode step, a text-only prompt, or the prefill of merges made by earlier frames
         # the frame's module is the whole model (no graph break without an image) or its body
-        from graphprune.families import family_of
-        lm = family_of(_owner("the module running the decoder layers")).language_model()
-        return DecodeFrame(lm, compiled, _input_index(gm, "attention_mask"), opts)
+        owner = _owner("the module running the decoder layers")
+        inputs = {"embeds": _input_index(gm, "inputs_embeds"), "attention_mask": _input_index(gm, "attention_mask"),
+                  "positions": _positions_input(gm)}
+        return DecodeFrame(owner, compiled, {k: v for k, v in inputs.items() if v is not None}, opts, gm, layers)
     return compiled
 
 
@@ -469,21 +559,50 @@ def _input_index(gm: fx.GraphModule, name: str) -> int | None:
     return None
 
 
+def _positions_input(gm: fx.GraphModule) -> int | None:
+    """Index of the frame input holding M-RoPE position ids ((axes, B, S) integers reaching the
+    rotary embedding); None when the frame has none (it builds 1-D positions itself)."""
+    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
+        value = p.meta.get("example_value")
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.is_floating_point():
+            continue
+        seen, todo = set(), [p]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            if "rotary_emb" in module_path(n):
+                return i
+            seen.add(n)
+            todo += list(n.users)
+    return None
+
+
 @dataclass
 class DecodeFrame:
-    """A decoder frame without image merge, run as captured. Hugging Face's cache then holds each
-    layer's kept tokens, and with no padding a one-token step attends to all of them, which is
-    exactly graphprune's decode. What HF's cache cannot express is refused here, loudly: key masks
-    of static-capacity passes, and padding (its mask has one column per prompt token)."""
-    language_model: torch.nn.Module
+    """A frame running the decoder layers without an image merge. When its inputs_embeds IS what
+    earlier merge frames returned (Qwen2-VL: merge, get_rope_index's graph breaks, then this frame),
+    it is their prompt's prefill and runs pruned. Otherwise, a decode step or a text-only prompt, it
+    runs as captured: Hugging Face's cache then holds each layer's kept tokens, and with no padding a
+    one-token step attends to all of them, which is exactly graphprune's decode. What HF's cache
+    cannot express is refused here, loudly: key masks of static-capacity passes, and padding (its
+    mask has one column per prompt token)."""
+    owner: torch.nn.Module
     fn: object
-    attention_mask: int | None
+    inputs: dict[str, int]          # embeds / attention_mask / positions -> arg index
     opts: BackendOptions
+    gm: fx.GraphModule              # the frame's graph: its outputs are named when it is a prefill
+    held: set[int]                  # the decoder layers it runs
 
     def __call__(self, *args):
-        if _PENDING.image:               # an encoded image, and this prefill did not merge it pruned
+        image = _PENDING.image
+        merges = _PENDING.take(_arg(args, self.inputs, "embeds"))
+        if merges:
+            return self._prefill(merges, args)
+        if image or merges is None:      # an encoded image, and this prefill did not merge it pruned
             _not_applied(self.opts, _UNSEEN_MERGE)
-        pruned = list(_PROGRAMS.get(self.language_model, {}).values())
+        from graphprune.families import family_of
+        pruned = list(_PROGRAMS.get(family_of(self.owner).language_model(), {}).values())
         if any(rw.masked for rw in pruned):
             raise PassNotApplicable("decoding after a static-capacity pass (masked slots) needs graphprune's "
                                     "per-layer key masks, which Hugging Face's cache cannot carry; use "
@@ -492,9 +611,21 @@ class DecodeFrame:
             raise PassNotApplicable("decoding after positions='compact' between LLM layers gives each layer its own "
                                     "positions (its cache length), which Hugging Face's decode cannot; use "
                                     "graphprune.prune(model, ...).generate(...)")
-        if pruned and self.attention_mask is not None and bool((args[self.attention_mask] == 0).any()):
+        mask = _arg(args, self.inputs, "attention_mask")
+        if pruned and mask is not None and bool((mask == 0).any()):
             raise InputError(_PADDED)
         return self.fn(*args)
+
+    def _prefill(self, merges: list, args):
+        from graphprune.families import family_of
+        layers = family_of(self.owner).language_model().config.num_hidden_layers
+        if self.held != set(range(layers)):
+            _not_applied(self.opts, f"the frame the merged embeddings reach holds decoder layers {sorted(self.held)} "
+                                    f"of 0..{layers - 1}: a graph break splits the language model")
+            return self.fn(*args)
+        named = _prefill(self.owner, self.opts, args[self.inputs["embeds"]], merges,
+                         _arg(args, self.inputs, "attention_mask"), _arg(args, self.inputs, "positions"))
+        return tuple(named[r] for r in _output_roles(self.gm, layers, None))
 
 
 def pruned_graphs(model: torch.nn.Module) -> list[fx.GraphModule]:

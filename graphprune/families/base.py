@@ -162,40 +162,48 @@ class Family:
             raise InputError(f"the prompt has image tokens but no {needs} were given")
         return is_image
 
-    def frame_layout(self, is_vision: torch.Tensor, features: torch.Tensor,
-                     modality: str = "image") -> VisionLayout | None:
-        """The prompt's images (or videos) as the torch.compile backend sees them, from the merge
-        frame's (B, S) placeholder mask and the (N, D) features merged there in order (no processor
-        input reaches that frame). Images: each run of consecutive image tokens is one image
-        (processors write text between images; check_frame_image refuses a run that is not one).
-        Videos: each closes with its separator row (or is one run), and a unit is a frame of
-        frame_video_tokens() tokens (video_unit="frame", graphprune.prune's default). Feature rows that are separators
-        (feature_separators) are protected and never counted. None when there are none."""
-        if not bool(is_vision.any()):
-            return None
-        at = is_vision.nonzero()                      # row-major: the order masked_scatter fills
-        if at.shape[0] != features.shape[0]:
-            raise InputError(f"{at.shape[0]} {modality} tokens for {features.shape[0]} {modality} features")
-        separators = torch.zeros_like(is_vision)
-        rows = self.feature_separators(features)
-        if rows is not None:
-            separators[at[:, 0], at[:, 1]] = rows
-        per_sample = []
-        for i, row in enumerate(is_vision):
-            pos = row.nonzero()[:, 0]
-            if modality == "video":
-                per_sample.append(self._frame_videos(i, pos, separators[i, pos]))
+    def frame_layout(self, merges, positions: torch.Tensor | None = None) -> VisionLayout | None:
+        """The prompt's images and videos as the torch.compile backend sees them, from the merges
+        dynamo's frames run: (modality, (B, S) placeholder mask, (N, D) features merged there in
+        order) each (no processor input reaches those frames), and the decoder frame's own position
+        ids `positions` (axes, B, S) where it takes them. Images: each run of consecutive image tokens
+        is one image (processors write text between images; check_frame_image refuses a run that is
+        not one). Videos: a unit per frame (video_unit="frame", graphprune.prune's default), told by
+        _frame_videos. Feature rows that are separators (feature_separators) are protected and never
+        counted. None when there are no vision tokens."""
+        per_sample, separators = None, None
+        for modality, is_vision, features in merges:
+            if not bool(is_vision.any()):
                 continue
-            runs = runs_of(pos)
-            for run in runs:
-                self.check_frame_image(i, separators[i, run])
-            per_sample.append([(f"image {j}", run[~separators[i, run]]) for j, run in enumerate(runs)])
-        return blocks_layout(per_sample, separators, (modality,))
+            at = is_vision.nonzero()                      # row-major: the order masked_scatter fills
+            if at.shape[0] != features.shape[0]:
+                raise InputError(f"{at.shape[0]} {modality} tokens for {features.shape[0]} {modality} features")
+            if per_sample is None:
+                per_sample, separators = [[] for _ in is_vision], torch.zeros_like(is_vision)
+            rows = self.feature_separators(features)
+            if rows is not None:
+                separators[at[:, 0], at[:, 1]] = rows
+            for i, row in enumerate(is_vision):
+                pos = row.nonzero()[:, 0]
+                if modality == "video":
+                    per_sample[i] += self._frame_videos(i, pos, separators[i, pos],
+                                                        None if positions is None else positions[:, i])
+                    continue
+                runs = runs_of(pos)
+                for run in runs:
+                    self.check_frame_image(i, separators[i, run])
+                per_sample[i] += [(f"image {j}", run[~separators[i, run]]) for j, run in enumerate(runs)]
+        return None if per_sample is None else blocks_layout(per_sample, separators)
 
-    def _frame_videos(self, sample: int, pos: torch.Tensor, closing: torch.Tensor) -> list[tuple]:
+    def _frame_videos(self, sample: int, pos: torch.Tensor, closing: torch.Tensor,
+                      positions: torch.Tensor | None) -> list[tuple]:
         """A sample's video frames from its video slots `pos`: each video closed by a separator row
-        (video_newline), else each video one run of consecutive slots."""
+        (video_newline), else each video one run of consecutive slots, cut into frames of
+        frame_video_tokens() tokens."""
         per = self.frame_video_tokens()
+        if per is None:
+            raise InputError(f"the torch.compile frame shows no video frames for {self.name}: it cannot lay "
+                             "out a video; use graphprune.prune(model, ...)")
         if self.video_newline:
             if not bool(closing[-1]):
                 raise InputError(f"sample {sample}: its last video is not closed by a separator row")

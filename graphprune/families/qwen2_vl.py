@@ -10,7 +10,7 @@ import torch
 
 from graphprune.compat import qwen2vl_rope_index
 from graphprune.errors import InputError
-from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
+from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit, runs_of
 
 
 class Qwen2VLFamily(Family):
@@ -22,15 +22,6 @@ class Qwen2VLFamily(Family):
     image_feature_inputs = ("image_grid_thw",)
     video_feature_inputs = ("video_grid_thw",)
     eager_vision = "data-dependent patch grid (grid_thw)"
-    # dynamo splits the forward three ways: a frame merging the image embeddings (masked_scatter, no
-    # decoder layer), get_rope_index's data-dependent loops over image_grid_thw, then a frame running
-    # every decoder layer whose inputs are the merged embeddings, the 3-D M-RoPE position_ids and the
-    # attention mask. Those positions are exactly the ones graphprune.prune uses, but no image mask nor
-    # grid reaches the decoder frame; pruning it would need the merge frame's mask handed across frames.
-    compile_refused = ("its image merge runs in a frame of its own, split from the decoder layers by "
-                       "get_rope_index's graph breaks; the decoder frame receives the merged embeddings and the "
-                       "M-RoPE position_ids but neither the image-token mask nor image_grid_thw / video_grid_thw, "
-                       "which say where the images are")
     separator_tokens = ("vision_start_token_id", "vision_end_token_id")
 
     def merge(self) -> int:
@@ -84,6 +75,27 @@ class Qwen2VLFamily(Family):
                     else:
                         per_sample[i].append((f"{kind} {j}", blk, t))
         return blocks_layout(per_sample, self.separators(input_ids), modalities)
+
+    def _frame_videos(self, sample: int, pos: torch.Tensor, closing: torch.Tensor,
+                      positions: torch.Tensor | None) -> list[tuple]:
+        """The torch.compile backend's video frames: no grid reaches the decoder frame, but its M-RoPE
+        position ids do, and every frame of a video repeats the same (height, width) positions (the
+        temporal axis alone moves), so a video (one run of placeholders) holds as many frames as
+        times its first token's (height, width) recurs."""
+        if positions is None:
+            raise InputError(f"{self.name}: the decoder frame gave no position ids to tell video frames apart")
+        positions = positions[-2:]                       # (height, width) of each prompt token
+        blocks = []
+        for j, video in enumerate(runs_of(pos)):
+            grid = positions[:, video]
+            frames = int((grid == grid[:, :1]).all(0).sum())
+            chunks = video.chunk(frames)
+            size = chunks[0].numel()
+            if video.numel() != frames * size or any(not torch.equal(positions[:, c], grid[:, :size]) for c in chunks):
+                raise InputError(f"sample {sample}: video {j}'s {video.numel()} position ids do not repeat one "
+                                 f"(height, width) grid per frame")
+            blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(chunks)]
+        return blocks
 
     def image_token_counts(self, pixel_values, image_grid_thw=None):
         vc = self.model.config.vision_config

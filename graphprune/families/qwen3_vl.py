@@ -19,7 +19,12 @@ from graphprune.families.qwen2_vl import Qwen2VLFamily
 class Qwen3VLFamily(Qwen2VLFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
-    compile_refused = Qwen2VLFamily.compile_refused + ", nor the DeepStack features its first layers add"
+    # DeepStack adds features with hidden_states[visual_pos_masks, :] (a data-dependent nonzero) after
+    # each of the first layers: dynamo cannot trace its language model's forward and runs it eagerly,
+    # compiling each decoder layer as a frame of its own
+    compile_refused = ("dynamo runs its language model split into one frame per decoder layer (DeepStack's "
+                       "boolean-mask write into the hidden states after the first layers breaks the graph), so no "
+                       "frame holds the decoder layers the backend would replace by the pruned prefill")
 
     def deepstack_layers(self) -> list[nn.Module]:
         return list(self.language_model().layers[:len(self.config().vision_config.deepstack_visual_indexes)])
