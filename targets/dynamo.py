@@ -35,6 +35,7 @@ a model, for inspection.
 """
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 import warnings
@@ -164,40 +165,67 @@ def _sdpa_operands(gm: fx.GraphModule) -> dict[int, tuple[set, set]]:
     return out
 
 
-def _ancestors(node: fx.Node) -> set:
+def _ancestors(node: fx.Node, through: bool = False) -> set:
+    """`node` and the nodes it is computed from, short of the frame's inputs (with them: `through`)."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
-        if n in seen or n.op == "placeholder":
+        if n in seen or (n.op == "placeholder" and not through):
             continue
         seen.add(n)
         todo += n.all_input_nodes
     return seen
 
 
-def _output_roles(gm: fx.GraphModule, layers: int, merge: fx.Node | None) -> list[str]:
+def _output_roles(gm: fx.GraphModule, layers: int, merge: fx.Node | None, embeds: int) -> list[str]:
     """Name every frame output by what the rewritten prefill graph returns: k_i, v_i or logits
     (the final hidden state: the captured body has an identity head), or the merged image features
-    (Gemma 3 and PaliGemma return them as image_hidden_states)."""
+    (Gemma 3 and PaliGemma return them as image_hidden_states). A sliding-window cache layer (Gemma 3)
+    hands back a slice of its keys / values (the window's last tokens: prompts stay inside the window,
+    so all of them) and its window size as a tensor: a constant_j, not computed from the prompt
+    embeddings (frame input `embeds`)."""
     operands = _sdpa_operands(gm)
+    prompt = list(gm.graph.find_nodes(op="placeholder"))[embeds]
     roles = []
     for o in gm.graph.find_nodes(op="output")[0].args[0]:
         role = "image_features" if merge is not None and o is merge.args[2] else None
         if role is None and isinstance(o, fx.Node):
             i = layer_of(o)
+            kv = o.args[0] if o.target is operator.getitem and isinstance(o.args[0], fx.Node) else o
             if i is not None and i in operands:
-                role = f"k_{i}" if o in operands[i][0] else f"v_{i}" if o in operands[i][1] else None
+                role = f"k_{i}" if kv in operands[i][0] else f"v_{i}" if kv in operands[i][1] else None
             elif i is None and "language_model" in module_path(o):
                 role = "logits"
+            if role is None and prompt not in _ancestors(o, through=True):
+                role = f"constant_{sum(r.startswith('constant_') for r in roles)}"
         if role is None:
             raise UnsupportedModelError("torch.compile frame", "outputs of the decoder frame",
                                         f"cannot tell what output {getattr(o, 'name', o)!r} is "
                                         "(expected per-layer keys/values and the final hidden state)")
         roles.append(role)
-    cache = sorted(r for r in roles if r not in ("logits", "image_features"))
+    cache = sorted(r for r in roles if r not in ("logits", "image_features") and not r.startswith("constant_"))
     if cache != sorted(f"{kv}_{i}" for i in range(layers) for kv in "kv"):
         raise UnsupportedModelError("torch.compile frame", "KV-cache outputs", f"frame outputs {roles}")
     return roles
+
+
+def _constants(gm: fx.GraphModule, roles: list[str]) -> fx.GraphModule | None:
+    """A graph computing the frame's constant_j outputs (in order), run beside the pruned prefill."""
+    outputs = gm.graph.find_nodes(op="output")[0].args[0]
+    wanted = [o for o, r in zip(outputs, roles) if r.startswith("constant_")]
+    if not wanted:
+        return None
+    graph, copied = fx.Graph(), {}
+    graph.graph_copy(gm.graph, copied)
+    graph.output(tuple(copied[o] for o in wanted))
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)
+
+
+def _frame_outputs(named: dict, roles: list[str], constants: fx.GraphModule | None, args) -> tuple:
+    if constants is not None:
+        named.update((f"constant_{j}", value) for j, value in enumerate(constants(*args)))
+    return tuple(named[r] for r in roles)
 
 
 def _owner(what: str):
@@ -269,6 +297,7 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     rw = _rewritten(owner, opts)
     family = rw.program.family
     b, s = embeds.shape[:2]
+    family.check_run_length(s)           # a sliding window (Gemma 3) must not bind: decode steps check on
     if attention_mask is None:
         attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
     elif bool((attention_mask == 0).any()):
@@ -308,6 +337,7 @@ class PrunedFrame:
     inputs: dict[str, int]          # embeds / image_mask / image_features / attention_mask / token_type_ids /
     #                                 positions (M-RoPE position ids, where the frame takes them) -> arg index
     modality: str = "image"         # what the merge writes: images or videos
+    constants: fx.GraphModule | None = None      # computes the frame's constant_j outputs
 
     def __call__(self, *args):
         embeds, mask = args[self.inputs["embeds"]], args[self.inputs["image_mask"]]
@@ -318,7 +348,7 @@ class PrunedFrame:
         named = _prefill(self.owner, self.opts, embeds, merges, _arg(args, self.inputs, "attention_mask"),
                          _arg(args, self.inputs, "positions"), _arg(args, self.inputs, "token_type_ids"))
         named["image_features"] = args[self.inputs["image_features"]].to(embeds.dtype)
-        return tuple(named[r] for r in self.roles)
+        return _frame_outputs(named, self.roles, self.constants, args)
 
 
 def _arg(args, inputs: dict[str, int], name: str):
@@ -355,7 +385,7 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
         _not_applied(opts, f"the frame merging image features holds decoder layers {sorted(held)} "
                            f"of 0..{layers - 1}: a graph break splits the language model")
         return None
-    roles = _output_roles(gm, layers, merge)
+    roles = _output_roles(gm, layers, merge, _placeholder_index(gm, merge.args[0], "prompt embeddings"))
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     merged = placeholders[_placeholder_index(gm, merge.args[2], "merged features")].name
     videos, positions = _video_inputs(gm), _positions_input(gm)
@@ -370,7 +400,7 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
             inputs[name] = _input_index(gm, name)
     if positions is not None:
         inputs["positions"] = positions
-    return PrunedFrame(owner, opts, roles, inputs, "video" if videos else "image")
+    return PrunedFrame(owner, opts, roles, inputs, "video" if videos else "image", _constants(gm, roles))
 
 
 def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOptions):
@@ -612,8 +642,10 @@ class DecodeFrame:
                                     "positions (its cache length), which Hugging Face's decode cannot; use "
                                     "graphprune.prune(model, ...).generate(...)")
         mask = _arg(args, self.inputs, "attention_mask")
-        if pruned and mask is not None and bool((mask == 0).any()):
-            raise InputError(_PADDED)
+        if pruned and mask is not None:
+            if bool((mask == 0).any()):
+                raise InputError(_PADDED)
+            family_of(self.owner).check_run_length(mask.shape[-1])    # prompt + tokens so far, this one
         return self.fn(*args)
 
     def _prefill(self, merges: list, args):
@@ -625,7 +657,8 @@ class DecodeFrame:
             return self.fn(*args)
         named = _prefill(self.owner, self.opts, args[self.inputs["embeds"]], merges,
                          _arg(args, self.inputs, "attention_mask"), _arg(args, self.inputs, "positions"))
-        return tuple(named[r] for r in _output_roles(self.gm, layers, None))
+        roles = _output_roles(self.gm, layers, None, self.inputs["embeds"])
+        return _frame_outputs(named, roles, _constants(self.gm, roles), args)
 
 
 def pruned_graphs(model: torch.nn.Module) -> list[fx.GraphModule]:

@@ -29,7 +29,6 @@ class Gemma3Family(Family):
     attention_groups_input = True
     window_limits_runs = True
     eager_vision = "SigLIP features average-pooled to mm_tokens_per_image by the projector"
-    compile_refused = SLIDING_CACHE_FRAME
 
     def attention_groups(self, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
         types = token_types(attention_mask, token_type_ids)
