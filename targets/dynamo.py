@@ -50,7 +50,9 @@ from graphprune.errors import InputError, PassConfigError, PassNotApplicable, Un
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
-           "if_not_applied": '"raise" (default) or "warn"'}
+           "if_not_applied": '"raise" (default) or "warn"',
+           "video_unit": 'what a video\'s keep counts, as graphprune.prune\'s video_unit: "frame" (default) or '
+                         '"video" (the default for a videos-only pass such as evs)'}
 
 
 @dataclass
@@ -58,9 +60,12 @@ class BackendOptions:
     passes: list
     compiler: str = "inductor"
     if_not_applied: str = "raise"
+    video_unit: str = "frame"
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
+        from graphprune.families.base import check_video_unit
+        from graphprune.lower.runtime import resolve_video_unit
         from graphprune.rewrite.pipeline import as_passes, load_builtin_methods
         accepted = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
         if not isinstance(options, dict) or "pipeline" not in options:
@@ -76,6 +81,9 @@ class BackendOptions:
         mode = options.get("if_not_applied", "raise")
         if mode not in ("raise", "warn"):
             raise PassConfigError(f'if_not_applied must be "raise" or "warn", got {mode!r}')
+        video_unit = options.get("video_unit")
+        if video_unit is not None:
+            check_video_unit(video_unit)
         load_builtin_methods()
         passes = as_passes(options["pipeline"])
         if not passes:
@@ -89,7 +97,7 @@ class BackendOptions:
             if getattr(p.config, "mode", "static") == "exact":
                 raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens; "
                                       "compiled graphs need mode='static'")
-        return cls(passes, compiler, mode)
+        return cls(passes, compiler, mode, resolve_video_unit(passes, video_unit))
 
 
 # -- what a frame holds ------------------------------------------------------------------------
@@ -292,6 +300,7 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     units out from the frames' merges (Family.frame_layout); positions are the frame's own where it
     takes them (M-RoPE), else the family's for the attention mask. Outputs by name."""
     from graphprune import tokenops
+    from graphprune.families.base import MODALITIES
     from graphprune.lower.runtime import _call, _Prompt, check_budgets
     # captured and rewritten on first use, outside dynamo's trace (export must not run inside it)
     rw = _rewritten(owner, opts)
@@ -304,7 +313,8 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
         warnings.warn(_PADDED, stacklevel=3)
     if positions is not None:
         positions = positions[-family.position_axes:]      # (4, B, S) leads with text positions
-    layout = family.frame_layout(merges, positions)
+    videos_only = any(p.units == "videos" for p in opts.passes)       # the images stay whole, as in gp.prune
+    layout = family.frame_layout(merges, positions, opts.video_unit, ("video",) if videos_only else MODALITIES)
     if layout is None:
         raise InputError("the prefill frame merges vision features but the prompt has no vision tokens")
     check_budgets(rw.program.results, layout.pos.shape[-1])
@@ -363,7 +373,7 @@ class MergeFrame:
     those embeddings reach."""
     fn: object
     inputs: dict[str, int]          # embeds / mask / features -> arg index
-    merged: int                     # which output is the merged embeddings
+    merged: int | None              # which output is the merged embeddings (None: the only one)
     modality: str
 
     def __call__(self, *args):
@@ -372,7 +382,7 @@ class MergeFrame:
         b, s = embeds.shape[:2]
         mask = args[self.inputs["mask"]].reshape(b, s, -1)[..., 0]
         feats = args[self.inputs["features"]].reshape(-1, embeds.shape[-1])
-        _PENDING.record(self.modality, mask, feats, onto=embeds, merged=out[self.merged])
+        _PENDING.record(self.modality, mask, feats, onto=embeds, merged=out if self.merged is None else out[self.merged])
         return out
 
 
@@ -406,7 +416,8 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
 def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOptions):
     """A frame merging vision features with no decoder layer: a MergeFrame, when the merged
     embeddings leave it as they are (the decoder frame they reach is then told by identity)."""
-    outputs = list(gm.graph.find_nodes(op="output")[0].args[0])
+    outputs = gm.graph.find_nodes(op="output")[0].args[0]
+    outputs = [outputs] if isinstance(outputs, fx.Node) else list(outputs)      # a bare graph's single output
     if merge not in outputs:
         _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers, and the merged "
                            "embeddings leave the merge frame through another op")
@@ -416,20 +427,22 @@ def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOpti
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
               "mask": _placeholder_index(gm, merge.args[1], "vision-token mask"), "features": features}
     modality = "video" if "video" in placeholders[features].name else "image"
-    return MergeFrame(compiled, inputs, outputs.index(merge), modality)
+    single = not isinstance(gm.graph.find_nodes(op="output")[0].args[0], (tuple, list))
+    return MergeFrame(compiled, inputs, None if single else outputs.index(merge), modality)
 
 
-def _family_supported(opts: BackendOptions) -> bool:
-    """The frame merging image features belongs to a family graphprune reads and this backend can
-    prune; else say so (unknown, refused and compile-refused families), before any diagnosis of the
-    frame's graph."""
+def _family_supported(opts: BackendOptions, owner=None) -> bool:
+    """The frame merging image features (or the decoder frame `owner` runs, taking merges of frames
+    with no module behind them) belongs to a family graphprune reads and this backend can prune; else
+    say so (unknown, refused and compile-refused families), before any diagnosis of the frame's graph."""
     from graphprune.families import family_of
-    try:
-        owner = _owner("the module merging image features")
-    except (UnsupportedModelError, AttributeError):
-        # no module behind the frame (the backend called on a bare graph, outside dynamo's trace,
-        # where dynamo has no current translator): no family to read, the graph is diagnosed as is
-        return True
+    if owner is None:
+        try:
+            owner = _owner("the module merging image features")
+        except (UnsupportedModelError, AttributeError):
+            # no module behind the frame (a resumed function, or the backend called on a bare graph,
+            # outside dynamo's trace): no family to read here; the decoder frame taking its merge checks
+            return True
     try:
         family = family_of(owner)
     except UnsupportedModelError as e:
@@ -650,6 +663,8 @@ class DecodeFrame:
 
     def _prefill(self, merges: list, args):
         from graphprune.families import family_of
+        if not _family_supported(self.opts, self.owner):
+            return self.fn(*args)
         layers = family_of(self.owner).language_model().config.num_hidden_layers
         if self.held != set(range(layers)):
             _not_applied(self.opts, f"the frame the merged embeddings reach holds decoder layers {sorted(self.held)} "

@@ -1,10 +1,11 @@
 """The README's family support matrix, generated from test results (never written by hand).
 
-    python tests/support_matrix.py                  # runs tests/test_families*.py, writes docs/support.md
+    python tests/support_matrix.py                  # runs tests/test_{dynamo_,}families*.py, writes docs/support.md
     python tests/support_matrix.py --junit r.xml    # from earlier `pytest --junitxml=r.xml` runs
 
-Rows are the CASES of tests/test_families.py and tests/test_families_tier2.py (family x prompt kind), columns the checks run on
-each; a cell is "pass", "FAIL" or "-" (not run).
+Rows are the CASES of tests/test_families.py and tests/test_families_tier2.py (family x prompt kind; the
+torch.compile column of tests/test_dynamo_families.py adds LLaVA-1.5's `llava-image`), columns the checks
+run on each; a cell is "pass", "FAIL" or "-" (not run).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ CHECKS = {  # test function (+ method parameter) -> column
         "beam search (2 beams, 2 sequences) = HF",
     ("test_mustdrop_filter_and_cache_equal_reference", None): "mustdrop_filter + mustdrop_cache = reference",
     ("test_visiontrim_llm_equals_reference_on_unit_grids", None): "visiontrim_llm = reference",
+    ("test_compiled_equals_prune", None): "torch.compile backend = gp.prune",
 }
 
 
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
     if junits is None:
         junits = [os.path.join(tempfile.mkdtemp(), "families.xml")]
         subprocess.run([sys.executable, "-m", "pytest", "-q", os.path.join(HERE, "test_families.py"),
-                        os.path.join(HERE, "test_families_tier2.py"), f"--junitxml={junits[0]}"], check=False)
+                        os.path.join(HERE, "test_families_tier2.py"), os.path.join(HERE, "test_dynamo_families.py"),
+                        f"--junitxml={junits[0]}"], check=False)
     table = results(*junits)
     if not table:
         print(f"no test_families results in {' '.join(junits)}", file=sys.stderr)

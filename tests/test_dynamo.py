@@ -5,9 +5,9 @@ forward dynamo splits at the `.item()` of the image-token check: the logits of t
 equal eager `graphprune.prune` (exactly with compiler="eager", to 1e-4 through CPU Inductor), the
 rewritten graph holds the selection, a second call with the same shapes compiles nothing, Hugging
 Face's generate() over the compiled forward decodes the same greedy tokens through the shrunk
-caches, and what the backend cannot do (a split anchor, static-capacity decode, bad options) fails
-loudly. The LLaVA-NeXT family (anyres images, image_newline slots; OneVision video-only prompts) the
-same, against gp.prune.
+caches, and what the backend cannot do (a merge no decoder frame takes, static-capacity decode, bad
+options) fails loudly. The LLaVA-NeXT family's frame layouts (anyres images, image_newline slots,
+video frames) equal gp.prune's; every family's compiled runs: tests/test_dynamo_families.py.
 """
 import subprocess
 import sys
@@ -126,15 +126,30 @@ def _split_merge_frame() -> fx.GraphModule:
     return fx.symbolic_trace(Merge())
 
 
-def test_split_anchor_raises_or_warns():
+def test_split_merge_is_taken_only_by_the_decoder_frame_its_tensor_reaches(model):
+    """A merge in a frame of its own (Qwen2-VL's) runs as captured and records the very tensor it
+    returns; a decoder frame whose inputs_embeds is not that tensor (the embeddings changed on the
+    way) is a prefill the backend did not see merged: it raises, or warns and runs unpruned."""
+    from graphprune.targets.dynamo import _PENDING, DecodeFrame, MergeFrame
     gm = _split_merge_frame()
-    ex = [torch.zeros(1, 4, 2), torch.ones(1, 4, 2, dtype=torch.bool), torch.ones(8)]
-    with pytest.raises(PassNotApplicable, match="graph break separates the image-feature merge"):
-        graphprune_backend(gm, ex, options={"pipeline": "fastv(layer=1, keep=2)", "compiler": "eager"})
-    with pytest.warns(UserWarning, match="would run unpruned"):
-        fn = graphprune_backend(gm, ex, options={"pipeline": "fastv(layer=1, keep=2)", "compiler": "eager",
-                                                 "if_not_applied": "warn"})
-    assert torch.equal(fn(*ex), torch.ones(1, 4, 2))     # ran as captured, after saying so
+    ex = [torch.zeros(1, 4, 2), torch.tensor([[0, 1, 1, 0]]).bool()[..., None].expand(1, 4, 2), torch.ones(4)]
+    options = {"pipeline": "fastv(layer=1, keep=2)", "compiler": "eager"}
+    fn = graphprune_backend(gm, ex, options=options)
+    assert isinstance(fn, MergeFrame)
+    merged = fn(*ex)
+    assert torch.equal(merged, ex[0].masked_scatter(ex[1], ex[2]))        # ran as captured
+    assert _PENDING.take(merged.clone()) is None and _PENDING.take(merged) == []    # equal is not enough
+    for mode in ("raise", "warn"):
+        opts = BackendOptions.parse({**options, "if_not_applied": mode})
+        decoder = DecodeFrame(model.model, lambda *args: "unpruned", {"embeds": 0}, opts, None, set())
+        merged = fn(*ex)
+        if mode == "raise":
+            with pytest.raises(PassNotApplicable, match="without the masked_scatter merge"):
+                decoder(merged.clone())
+        else:
+            with pytest.warns(UserWarning, match="would run unpruned"):
+                assert decoder(merged.clone()) == "unpruned"
+    assert _PENDING.take(merged) == []               # reported: nothing left pending
 
 
 def test_static_capacity_decode_is_refused(model):
@@ -185,16 +200,6 @@ def test_new_shapes_reuse_the_dynamic_rewrite(model):
         compiled(**kw)                               # the last shape again: nothing to compile
     assert torch._dynamo.utils.counters["frames"]["total"] == frames[-1]
     assert len(pruned_graphs(fresh)) == 1
-
-
-def test_qwen2vl_split_merge_is_refused_loudly():
-    # Qwen2-VL merges image embeddings in a frame of its own (a graph break before the decoder layers),
-    # but the backend names the cause that holds whatever the frames: its M-RoPE grids are not in the frame
-    model = zoo.tiny_qwen2vl()
-    kw = zoo.qwen2vl_example(model).as_kwargs()
-    with pytest.raises(Exception, match="unsupported family for the torch.compile backend: .*image_grid_thw"):
-        with torch.no_grad():
-            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
 
 
 def test_image_merge_by_another_op_is_refused_not_run_unpruned(monkeypatch):
@@ -261,7 +266,7 @@ def test_anyres_frame_layout_is_prunes_layout(anyres, family):
             merged = fam.merged_embeds(**kw)
         token = fam.image_token_id() if modality == "image" else fam.video_token_id()
         is_vision = kw["input_ids"] == token
-        got = fam.frame_layout(is_vision, merged[is_vision], modality)
+        got = fam.frame_layout([(modality, is_vision, merged[is_vision])])
         assert got.units == want.units and torch.equal(got.pos, want.pos)
         assert torch.equal(got.separators, want.separators)
         newlines = modality == "image" or family == "llava_onevision"     # NeXT-Video's videos have none
@@ -273,38 +278,6 @@ def test_anyres_frame_layout_is_prunes_layout(anyres, family):
         ex = family_zoo.example(model, batch=2, items=("image", "image"), seed=1)
         patches = torch.zeros_like(ex.input_ids, dtype=torch.bool).scatter(1, got.pos.reshape(2, -1), True)
         assert torch.equal(patches, RF._llava_next_prunable(model, ex))
-
-
-@pytest.mark.parametrize("family", ANYRES)
-def test_anyres_compiled_forward_and_generate_equal_prune(anyres, family):
-    """A batch of 2 (for LLaVA-NeXT also batch 1; for OneVision also a video prompt, a unit per frame
-    as gp.prune's default video_unit): the kept tokens' logits and per-layer cache lengths equal
-    graphprune.prune's, and Hugging Face's generate over the compiled forward decodes its greedy tokens."""
-    model = anyres[family]
-    pipeline = "dart(layer=2, keep=8)"
-    pruned = gp.prune(model, pipeline)
-    prompts = [_anyres_example(model, batch=2, items=("image", "image"))]
-    prompts.append(_anyres_example(model, seed=1) if family == "llava_next" else
-                   _anyres_example(model, batch=2, items=("video",), seed=3))
-    forward = model.forward
-    try:
-        for k, kw in enumerate(prompts):
-            torch._dynamo.reset()     # a fresh compile per shape: HF's shared forward wrapper would
-            model.forward = torch.compile(forward, backend="graphprune",      # exhaust the recompile limit
-                                          options={"pipeline": pipeline, "compiler": "eager"})
-            want = pruned(**kw)
-            with torch.no_grad():
-                got = model(**kw)
-            assert got.logits.shape == want.logits.shape            # the kept tokens only
-            torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
-            assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
-            if k == 0:                 # decoding the batch of 2 through HF's cache of kept tokens
-                n = kw["input_ids"].shape[1]
-                with torch.no_grad():
-                    ids = model.generate(**kw, max_new_tokens=12, do_sample=False)[:, n:]
-                assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=12)[:, n:])
-    finally:
-        model.forward = forward
 
 
 def test_next_video_video_prompt_compiled_equals_prune():
@@ -332,14 +305,6 @@ def test_next_video_video_prompt_compiled_equals_prune():
     assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=12)[:, n:])
 
 
-def test_onevision_image_and_video_prompt_is_refused_not_run_unpruned(anyres):
-    model = anyres["llava_onevision"]
-    kw = _anyres_example(model, items=("image", "video"))     # the video tower splits merge and layers
-    with pytest.raises(Exception, match=r"the prompt has videos \(frame inputs \[.*video"):
-        with torch.no_grad():
-            _compiled(model, "fastv(layer=2, keep=8)")(**kw)
-
-
 def test_adjacent_anyres_images_are_refused(anyres):
     """Two images with no text between them make one run of image tokens; without image_sizes the
     frame cannot split it, so it is refused rather than pruned as one image."""
@@ -356,4 +321,4 @@ def test_adjacent_anyres_images_are_refused(anyres):
         merged = fam.merged_embeds(glued, pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"])
     is_image = glued == fam.image_token_id()
     with pytest.raises(gp.InputError, match="not exactly one LLaVA-NeXT image"):
-        fam.frame_layout(is_image, merged[is_image])
+        fam.frame_layout([("image", is_image, merged[is_image])])

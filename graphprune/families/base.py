@@ -162,15 +162,16 @@ class Family:
             raise InputError(f"the prompt has image tokens but no {needs} were given")
         return is_image
 
-    def frame_layout(self, merges, positions: torch.Tensor | None = None) -> VisionLayout | None:
+    def frame_layout(self, merges, positions: torch.Tensor | None = None, video_unit: str = "frame",
+                     modalities=MODALITIES) -> VisionLayout | None:
         """The prompt's images and videos as the torch.compile backend sees them, from the merges
         dynamo's frames run: (modality, (B, S) placeholder mask, (N, D) features merged there in
         order) each (no processor input reaches those frames), and the decoder frame's own position
         ids `positions` (axes, B, S) where it takes them. Images: each run of consecutive image tokens
         is one image (processors write text between images; check_frame_image refuses a run that is
-        not one). Videos: a unit per frame (video_unit="frame", graphprune.prune's default), told by
-        _frame_videos. Feature rows that are separators (feature_separators) are protected and never
-        counted. None when there are no vision tokens."""
+        not one). Videos: a unit per frame, told by _frame_videos, or per video (video_unit="video").
+        Feature rows that are separators (feature_separators) are protected and never counted. Of
+        these, the units of `modalities`; None when there are none."""
         per_sample, separators = None, None
         for modality, is_vision, features in merges:
             if not bool(is_vision.any()):
@@ -186,14 +187,14 @@ class Family:
             for i, row in enumerate(is_vision):
                 pos = row.nonzero()[:, 0]
                 if modality == "video":
-                    per_sample[i] += self._frame_videos(i, pos, separators[i, pos],
-                                                        None if positions is None else positions[:, i])
+                    frames = self._frame_videos(i, pos, separators[i, pos], None if positions is None else positions[:, i])
+                    per_sample[i] += frames if video_unit == "frame" else whole_videos(frames)
                     continue
                 runs = runs_of(pos)
                 for run in runs:
                     self.check_frame_image(i, separators[i, run])
                 per_sample[i] += [(f"image {j}", run[~separators[i, run]]) for j, run in enumerate(runs)]
-        return None if per_sample is None else blocks_layout(per_sample, separators)
+        return None if per_sample is None else blocks_layout(per_sample, separators, modalities)
 
     def _frame_videos(self, sample: int, pos: torch.Tensor, closing: torch.Tensor,
                       positions: torch.Tensor | None) -> list[tuple]:
@@ -421,6 +422,14 @@ def blocks_layout(per_sample: list[list[tuple]], separators: torch.Tensor,
     pos = torch.stack([torch.stack([blk[1] for blk in blocks]) for blocks in ordered])
     frames = torch.tensor([[blk[2] if len(blk) > 2 else 1 for blk in blocks] for blocks in ordered], device=pos.device)
     return VisionLayout(pos, units, separators, frames)
+
+
+def whole_videos(frames: list[tuple]) -> list[tuple]:
+    """("video j frame f", positions) blocks regrouped as one ("video j", positions, frames) per video."""
+    videos: dict[str, list] = {}
+    for label, pos in frames:
+        videos.setdefault(label.split(" frame ")[0], []).append(pos)
+    return [(label, torch.cat(parts), len(parts)) for label, parts in videos.items()]
 
 
 def runs_of(pos: torch.Tensor, joined: int = 1) -> tuple[torch.Tensor, ...]:

@@ -16,9 +16,6 @@ import torch
 
 from graphprune.families.base import Family, token_types
 
-SLIDING_CACHE_FRAME = ("its compile frame holds Hugging Face's sliding-window cache layers, whose token counters and "
-                       "key/value slices the torch.compile backend does not rewrite to the pruned sequence")
-
 
 class Gemma3Family(Family):
     name = "gemma3"

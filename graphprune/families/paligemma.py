@@ -12,7 +12,6 @@ import torch
 
 from graphprune.compat import paligemma_prefix
 from graphprune.families.base import Family, token_types
-from graphprune.families.gemma3 import SLIDING_CACHE_FRAME
 
 
 class PaliGemmaFamily(Family):
@@ -27,7 +26,8 @@ class PaliGemmaFamily(Family):
     def __init__(self, model):
         super().__init__(model)
         if getattr(self.text_config(), "sliding_window", None) is not None:      # PaliGemma 2
-            self.compile_refused = SLIDING_CACHE_FRAME
+            self.compile_refused = ("PaliGemma 2's sliding-window Gemma 2 cache layers in the compile frame are "
+                                    "not verified against graphprune.prune (Gemma 3's are)")
 
     def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
         return super().positions(input_ids, attention_mask) + 1

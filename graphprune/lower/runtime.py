@@ -710,7 +710,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     _check_linear(model, linear)
     load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
-    video_unit = _video_unit(passes, video_unit)
+    video_unit = resolve_video_unit(passes, video_unit)
     forget_dead_graph_sources()
     if program is None:
         program = _CapturedProgram.of(model)
@@ -728,7 +728,7 @@ def from_pretrained(directory, *, attention: str = "auto", **model_kwargs) -> Pr
     return prune(model, pipeline, attention=attention, linear=spec.get("linear", "aten"))
 
 
-def _video_unit(passes, video_unit: str | None) -> str:
+def resolve_video_unit(passes, video_unit: str | None) -> str:
     """What a video's keep counts: as asked, else "video" for a videos-only pass, else "frame"."""
     whole = [repr(p) for p in passes if p.units == "videos"]
     if whole and video_unit == "frame":

@@ -1,0 +1,72 @@
+"""The torch.compile backend on the families of tests/test_families.py (the same case ids, models and
+prompts): `torch.compile(model.forward, backend="graphprune", compiler="eager")` on a batch of 2
+prunes the prefill exactly as graphprune.prune does (kept tokens' logits, per-layer cache lengths),
+and Hugging Face's generate over the compiled forward decodes gp.prune's 16 greedy tokens. Whatever
+the backend cannot prune is refused loudly (never run unpruned). Videos are counted per frame or
+per video as each case asks (the backend's video_unit option, as gp.prune's).
+
+Unpadded batches: a padded prefill is pruned exactly too, but Hugging Face's decode over the shrunk
+caches cannot take padding, which the backend refuses (tests/test_dynamo.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import CASES, _example, _model
+
+import graphprune as gp
+from graphprune.errors import PassNotApplicable
+
+STEPS = 16
+PIPELINE = "fastv(layer=2, keep=3)"
+# case id -> what the backend says of the families whose frames it cannot prune
+REFUSED = {"qwen3_vl-image+video": "unsupported family for the torch.compile backend: dynamo runs its language "
+                                   "model split into one frame per decoder layer"}
+PRUNED = [c for c in CASES if c[0] not in REFUSED]      # (LLaVA-1.5: tests/test_dynamo.py)
+
+
+def _compiled_forward(model, video_unit="frame"):
+    torch._dynamo.reset()            # a fresh compile per model: HF's shared forward wrapper would
+    return torch.compile(model.forward, backend="graphprune",          # exhaust the recompile limit
+                         options={"pipeline": PIPELINE, "compiler": "eager", "video_unit": video_unit})
+
+
+def _prompt(model, items):
+    return _example(model, items, pad=(0, 0)).as_kwargs()
+
+
+@pytest.mark.parametrize("case", PRUNED, ids=[c[0] for c in PRUNED])
+def test_compiled_equals_prune(case):
+    _, family, items, unit = case
+    model, program = _model(family)
+    kw = _prompt(model, items)
+    n = kw["input_ids"].shape[1]
+    pruned = gp.prune(model, PIPELINE, program=program, video_unit=unit)
+    want = pruned(**kw)
+    forward, model.forward = model.forward, _compiled_forward(model, unit)
+    try:
+        with torch.no_grad():
+            got = model(**kw)
+            ids = model.generate(**kw, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                                 eos_token_id=None)[:, n:]
+    finally:
+        model.forward = forward
+    assert got.logits.shape == want.logits.shape != kw["input_ids"].shape + (want.logits.shape[-1],)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
+    assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=STEPS, eos_token_id=[])[:, n:])
+
+
+REFUSED_CASES = [c for c in CASES if c[0] in REFUSED]
+
+
+@pytest.mark.parametrize("case", REFUSED_CASES, ids=[c[0] for c in REFUSED_CASES])
+def test_compile_refusal(case):
+    name, family, items, _unit = case
+    model, _ = _model(family)
+    kw = _prompt(model, items)
+    forward, model.forward = model.forward, _compiled_forward(model)
+    try:
+        with pytest.raises(Exception, match=f"{PassNotApplicable.__name__}: .*{REFUSED[name]}"), torch.no_grad():
+            model(**kw)
+    finally:
+        model.forward = forward
