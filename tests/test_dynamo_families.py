@@ -1,9 +1,10 @@
-"""The torch.compile backend on the families of tests/test_families.py (the same case ids, models and
-prompts): `torch.compile(model.forward, backend="graphprune", compiler="eager")` on a batch of 2
+"""The torch.compile backend on the families of tests/test_families.py and two of
+tests/test_families_tier2.py (the same case ids, models and prompts): `torch.compile(model.forward, backend="graphprune", compiler="eager")` on a batch of 2
 prunes the prefill exactly as graphprune.prune does (kept tokens' logits, per-layer cache lengths),
-and Hugging Face's generate over the compiled forward decodes gp.prune's 16 greedy tokens. Whatever
-the backend cannot prune is refused loudly (never run unpruned). Videos are counted per frame or
-per video as each case asks (the backend's video_unit option, as gp.prune's).
+and Hugging Face's generate over the compiled forward decodes gp.prune's 16 greedy tokens. Videos are
+counted per frame or per video as each case asks (the backend's video_unit option, as gp.prune's).
+Whatever the backend cannot prune is refused loudly, never run unpruned (Qwen3-VL's refusal:
+tests/test_families_tier2.py).
 
 Unpadded batches: a padded prefill is pruned exactly too, but Hugging Face's decode over the shrunk
 caches cannot take padding, which the backend refuses (tests/test_dynamo.py)."""
@@ -12,16 +13,18 @@ from __future__ import annotations
 import pytest
 import torch
 from test_families import CASES, _example, _model
+from test_families_tier2 import CASES as TIER2
 
 import graphprune as gp
-from graphprune.errors import PassNotApplicable
 
 STEPS = 16
 PIPELINE = "fastv(layer=2, keep=3)"
-# case id -> what the backend says of the families whose frames it cannot prune
-REFUSED = {"qwen3_vl-image+video": "unsupported family for the torch.compile backend: dynamo runs its language "
-                                   "model split into one frame per decoder layer"}
-PRUNED = [c for c in CASES if c[0] not in REFUSED]      # (LLaVA-1.5: tests/test_dynamo.py)
+# families whose frames the backend cannot prune; their refusals are tested in tests/test_families_tier2.py
+# (test_compile_backend_refuses_with_the_reason). LLaVA-1.5: tests/test_dynamo.py
+REFUSED = ("qwen3_vl",)
+# and the tier-2 cases whose merges run in frames of their own (the others: tests/test_families_tier2.py)
+SPLIT_TIER2 = ("glm4v-2images", "llava_next_video-image+video-per-video")
+PRUNED = [c for c in CASES if c[1] not in REFUSED] + [c for c in TIER2 if c[0] in SPLIT_TIER2]
 
 
 def _compiled_forward(model, video_unit="frame"):
@@ -30,15 +33,11 @@ def _compiled_forward(model, video_unit="frame"):
                          options={"pipeline": PIPELINE, "compiler": "eager", "video_unit": video_unit})
 
 
-def _prompt(model, items):
-    return _example(model, items, pad=(0, 0)).as_kwargs()
-
-
 @pytest.mark.parametrize("case", PRUNED, ids=[c[0] for c in PRUNED])
 def test_compiled_equals_prune(case):
     _, family, items, unit = case
     model, program = _model(family)
-    kw = _prompt(model, items)
+    kw = _example(model, items, pad=(0, 0)).as_kwargs()
     n = kw["input_ids"].shape[1]
     pruned = gp.prune(model, PIPELINE, program=program, video_unit=unit)
     want = pruned(**kw)
@@ -54,19 +53,3 @@ def test_compiled_equals_prune(case):
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
     assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
     assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=STEPS, eos_token_id=[])[:, n:])
-
-
-REFUSED_CASES = [c for c in CASES if c[0] in REFUSED]
-
-
-@pytest.mark.parametrize("case", REFUSED_CASES, ids=[c[0] for c in REFUSED_CASES])
-def test_compile_refusal(case):
-    name, family, items, _unit = case
-    model, _ = _model(family)
-    kw = _prompt(model, items)
-    forward, model.forward = model.forward, _compiled_forward(model)
-    try:
-        with pytest.raises(Exception, match=f"{PassNotApplicable.__name__}: .*{REFUSED[name]}"), torch.no_grad():
-            model(**kw)
-    finally:
-        model.forward = forward
