@@ -416,8 +416,9 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
 def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOptions):
     """A frame merging vision features with no decoder layer: a MergeFrame, when the merged
     embeddings leave it as they are (the decoder frame they reach is then told by identity)."""
-    outputs = gm.graph.find_nodes(op="output")[0].args[0]
-    outputs = [outputs] if isinstance(outputs, fx.Node) else list(outputs)      # a bare graph's single output
+    result = gm.graph.find_nodes(op="output")[0].args[0]
+    single = isinstance(result, fx.Node)          # a bare graph's single output (dynamo's frames return tuples)
+    outputs = [result] if single else list(result)
     if merge not in outputs:
         _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers, and the merged "
                            "embeddings leave the merge frame through another op")
@@ -427,7 +428,6 @@ def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOpti
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
               "mask": _placeholder_index(gm, merge.args[1], "vision-token mask"), "features": features}
     modality = "video" if "video" in placeholders[features].name else "image"
-    single = not isinstance(gm.graph.find_nodes(op="output")[0].args[0], (tuple, list))
     return MergeFrame(compiled, inputs, None if single else outputs.index(merge), modality)
 
 
