@@ -64,7 +64,7 @@ class BackendOptions:
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
-        from graphprune.families.base import check_video_unit
+        from graphprune.families.base import VIDEO_UNITS
         from graphprune.lower.runtime import resolve_video_unit
         from graphprune.rewrite.pipeline import as_passes, load_builtin_methods
         accepted = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
@@ -82,8 +82,8 @@ class BackendOptions:
         if mode not in ("raise", "warn"):
             raise PassConfigError(f'if_not_applied must be "raise" or "warn", got {mode!r}')
         video_unit = options.get("video_unit")
-        if video_unit is not None:
-            check_video_unit(video_unit)
+        if video_unit not in (None, *VIDEO_UNITS):
+            raise PassConfigError(f'video_unit must be "frame" or "video", got {video_unit!r}')
         load_builtin_methods()
         passes = as_passes(options["pipeline"])
         if not passes:

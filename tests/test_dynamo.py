@@ -106,6 +106,8 @@ def test_backend_is_found_by_name_without_importing_graphprune():
     ({"pipeline": "cls_topk(keep=8)"}, "vision-stage pass"),
     ({"pipeline": "mustdrop_filter(layers=(1,), gamma=0.1, alpha=0.1, mode='exact')"}, "mode='exact'"),
     ({"pipeline": []}, "empty"),
+    ({"pipeline": "fastv", "video_unit": "clip"}, 'video_unit must be "frame" or "video", got \'clip\''),
+    ({"pipeline": "evs(rate=0.5)", "video_unit": "frame"}, 'give video_unit="video"'),
 ])
 def test_bad_options_fail_before_work(options, match):
     with pytest.raises(PassConfigError, match=match):
