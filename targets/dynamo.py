@@ -132,22 +132,24 @@ class _Pending(threading.local):
     def __init__(self):
         self.clear()
 
-    def record(self, modality: str, mask, features, onto, merged) -> None:
+    def record(self, model, modality: str, mask, features, onto, merged) -> None:
         if onto is not self.merged:              # merged into fresh embeddings: a new prompt's first merge
             self.merges = []
         self.merges.append((modality, mask, features))
-        self.image, self.merged = True, merged
+        self.image, self.model, self.merged = True, model, merged
 
-    def take(self, embeds) -> list | None:
+    def take(self, embeds, model) -> list | None:
         """The pending merges when `embeds` IS the tensor the last one returned (identity: the same
-        prompt's embeddings, handed on unchanged); [] when none are pending; None when some are and
-        `embeds` is not theirs. Clears everything pending."""
-        taken = [] if not self.merges else self.merges if embeds is self.merged else None
+        prompt's embeddings, handed on unchanged); [] when none are pending, or only another model's
+        (left by a run that failed on the way); None when this model's are and `embeds` is not theirs.
+        Clears everything pending."""
+        mine = self.merges if self.model is model else []     # `model`: the language model
+        taken = [] if not mine else mine if embeds is self.merged else None
         self.clear()
         return taken
 
     def clear(self) -> None:
-        self.image, self.merges, self.merged = False, [], None
+        self.image, self.merges, self.model, self.merged = False, [], None, None
 
 
 _PENDING = _Pending()
@@ -328,9 +330,9 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     return _call(rw.fn, **prompt.prefill_inputs())
 
 
-def _taken(opts: BackendOptions, embeds) -> list:
+def _taken(opts: BackendOptions, embeds, owner) -> list:
     """The merges earlier frames ran into `embeds`; a pending merge that did not reach it fails."""
-    taken = _PENDING.take(embeds)
+    taken = _PENDING.take(embeds, _language_model(owner))
     if taken is None:
         raise PassNotApplicable(f"graphprune could not apply {', '.join(map(repr, opts.passes))}: {_UNSEEN_MERGE}")
     return taken
@@ -353,12 +355,18 @@ class PrunedFrame:
         embeds, mask = args[self.inputs["embeds"]], args[self.inputs["image_mask"]]
         feats = args[self.inputs["image_features"]].reshape(-1, embeds.shape[-1])
         b, s = embeds.shape[:2]
-        merges = _taken(self.opts, embeds) + [(self.modality, mask.reshape(b, s, -1)[..., 0], feats)]
+        merges = _taken(self.opts, embeds, self.owner) + [(self.modality, mask.reshape(b, s, -1)[..., 0], feats)]
         embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))      # the model's own merge
         named = _prefill(self.owner, self.opts, embeds, merges, _arg(args, self.inputs, "attention_mask"),
                          _arg(args, self.inputs, "positions"), _arg(args, self.inputs, "token_type_ids"))
         named["image_features"] = args[self.inputs["image_features"]].to(embeds.dtype)
         return _frame_outputs(named, self.roles, self.constants, args)
+
+
+def _language_model(owner) -> torch.nn.Module:
+    """What merge and decoder frames of one model share, whichever module (model or body) runs them."""
+    from graphprune.families import family_of
+    return family_of(owner).language_model()
 
 
 def _arg(args, inputs: dict[str, int], name: str):
@@ -371,6 +379,7 @@ class MergeFrame:
     (Qwen2-VL's image and video merges, LLaVA-OneVision's image merge before its video tower): run
     as compiled, it records what it merged and the very tensor it returned, for the decoder frame
     those embeddings reach."""
+    owner: torch.nn.Module
     fn: object
     inputs: dict[str, int]          # embeds / mask / features -> arg index
     merged: int | None              # which output is the merged embeddings (None: the only one)
@@ -382,7 +391,8 @@ class MergeFrame:
         b, s = embeds.shape[:2]
         mask = args[self.inputs["mask"]].reshape(b, s, -1)[..., 0]
         feats = args[self.inputs["features"]].reshape(-1, embeds.shape[-1])
-        _PENDING.record(self.modality, mask, feats, onto=embeds, merged=out if self.merged is None else out[self.merged])
+        _PENDING.record(_language_model(self.owner), self.modality, mask, feats, onto=embeds,
+                        merged=out if self.merged is None else out[self.merged])
         return out
 
 
@@ -414,8 +424,17 @@ def _prune_frame(gm: fx.GraphModule, merge: fx.Node, held: set[int], opts: Backe
 
 
 def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOptions):
-    """A frame merging vision features with no decoder layer: a MergeFrame, when the merged
-    embeddings leave it as they are (the decoder frame they reach is then told by identity)."""
+    """A frame merging vision features with no decoder layer: a MergeFrame, when the frame's module
+    is known (the model whose decoder frame may take the merge) and the merged embeddings leave it as
+    they are (that decoder frame is then told by identity)."""
+    try:
+        owner = _owner("the module merging image features")
+    except (UnsupportedModelError, AttributeError):
+        # a resumed function (Idefics3's merge, transformers 5) or a bare graph: no model to hand the
+        # merge to, and the decoder frame it reaches may not show itself as one
+        _not_applied(opts, "a graph break separates the image-feature merge from the decoder layers, in a frame "
+                           "with no module to tell which model's decoder frame takes it")
+        return compiled
     result = gm.graph.find_nodes(op="output")[0].args[0]
     single = isinstance(result, fx.Node)          # a bare graph's single output (dynamo's frames return tuples)
     outputs = [result] if single else list(result)
@@ -428,7 +447,7 @@ def _merge_frame(gm: fx.GraphModule, merge: fx.Node, compiled, opts: BackendOpti
     inputs = {"embeds": _placeholder_index(gm, merge.args[0], "prompt embeddings"),
               "mask": _placeholder_index(gm, merge.args[1], "vision-token mask"), "features": features}
     modality = "video" if "video" in placeholders[features].name else "image"
-    return MergeFrame(compiled, inputs, None if single else outputs.index(merge), modality)
+    return MergeFrame(owner, compiled, inputs, None if single else outputs.index(merge), modality)
 
 
 def _family_supported(opts: BackendOptions, owner=None) -> bool:
@@ -639,7 +658,7 @@ class DecodeFrame:
 
     def __call__(self, *args):
         image = _PENDING.image
-        merges = _PENDING.take(_arg(args, self.inputs, "embeds"))
+        merges = _PENDING.take(_arg(args, self.inputs, "embeds"), _language_model(self.owner))
         if merges:
             return self._prefill(merges, args)
         if image or merges is None:      # an encoded image, and this prefill did not merge it pruned

@@ -130,17 +130,25 @@ def _split_merge_frame() -> fx.GraphModule:
 
 def test_split_merge_is_taken_only_by_the_decoder_frame_its_tensor_reaches(model):
     """A merge in a frame of its own (Qwen2-VL's) runs as captured and records the very tensor it
-    returns; a decoder frame whose inputs_embeds is not that tensor (the embeddings changed on the
-    way) is a prefill the backend did not see merged: it raises, or warns and runs unpruned."""
+    returns; a decoder frame of the same model whose inputs_embeds is not that tensor (the embeddings
+    changed on the way) is a prefill the backend did not see merged: it raises, or warns and runs
+    unpruned. Without a module behind it (a resumed function), a split merge is refused at once."""
     from graphprune.targets.dynamo import _PENDING, DecodeFrame, MergeFrame
     gm = _split_merge_frame()
     ex = [torch.zeros(1, 4, 2), torch.tensor([[0, 1, 1, 0]]).bool()[..., None].expand(1, 4, 2), torch.ones(4)]
     options = {"pipeline": "fastv(layer=1, keep=2)", "compiler": "eager"}
-    fn = graphprune_backend(gm, ex, options=options)
-    assert isinstance(fn, MergeFrame)
+    with pytest.raises(PassNotApplicable, match="graph break separates the image-feature merge"):
+        graphprune_backend(gm, ex, options=options)                # a bare graph: no module
+    fn = MergeFrame(model.model, gm.forward, {"embeds": 0, "mask": 1, "features": 2}, None, "image")
     merged = fn(*ex)
     assert torch.equal(merged, ex[0].masked_scatter(ex[1], ex[2]))        # ran as captured
-    assert _PENDING.take(merged.clone()) is None and _PENDING.take(merged) == []    # equal is not enough
+    lm = model.model.language_model
+    assert _PENDING.take(merged.clone(), lm) is None                # equal is not enough: the same tensor
+    fn(*ex)
+    assert _PENDING.take(merged, torch.nn.Linear(1, 1)) == []        # another model's: left by a failed run
+    merged = fn(*ex)
+    (modality, mask, features), = _PENDING.take(merged, lm)          # what the decoder frame lays out
+    assert modality == "image" and torch.equal(mask, ex[1][..., 0]) and torch.equal(features, ex[2].reshape(2, 2))
     for mode in ("raise", "warn"):
         opts = BackendOptions.parse({**options, "if_not_applied": mode})
         decoder = DecodeFrame(model.model, lambda *args: "unpruned", {"embeds": 0}, opts, None, set())
@@ -151,7 +159,7 @@ def test_split_merge_is_taken_only_by_the_decoder_frame_its_tensor_reaches(model
         else:
             with pytest.warns(UserWarning, match="would run unpruned"):
                 assert decoder(merged.clone()) == "unpruned"
-    assert _PENDING.take(merged) == []               # reported: nothing left pending
+    assert _PENDING.take(merged, lm) == []             # reported: nothing left pending
 
 
 def test_static_capacity_decode_is_refused(model):
