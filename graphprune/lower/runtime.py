@@ -707,7 +707,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     if video_unit is not None:
         check_video_unit(video_unit)
     attention = _attention_kind(model, attention)
-    _check_linear(model, linear)
+    check_linear(model, linear)
     load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
     video_unit = _video_unit(passes, video_unit)
@@ -754,7 +754,7 @@ def _attention_kind(model, attention: str) -> str:
 LINEAR_KINDS = ("aten", "packed")        # prune(linear=...): how the lowered graphs run their linears
 
 
-def _check_linear(model, linear: str) -> None:
+def check_linear(model, linear: str) -> None:
     from graphprune.targets.packed_linear import packing_available
     if linear not in LINEAR_KINDS:
         raise InputError(f'linear must be "aten" or "packed", got {linear!r}')
