@@ -101,6 +101,12 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
         text_mask = layout_input(gm, anat, "text_mask")
     keys = (at.vision_pos if earlier is None else earlier) if tokens == "vision" else text_pos
+    if isinstance(sig, AttentionRows) and sig.query == "all":
+        if anat.stage != "vision" or tokens != "vision":
+            raise PassConfigError(f"{p.name}: AttentionRows query 'all' (attention received) is a vision-encoder "
+                                  f"signal of the vision tokens, got {sig!r} in the {anat.stage} stage")
+        return g.call_function(tokenops.attention_received, (att.q, att.k, sdpa_mask(att.node), att.scale, keys,
+                                                             int(bool(anat.has_cls)), anat.patches_per_token))
     if isinstance(sig, AttentionRows):
         pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
         if sig.query == "cls" and not anat.has_cls:
@@ -109,7 +115,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         if sig.query == "text":
             queries = text_pos
         elif pick is None:
-            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls' or 'text', got {sig.query!r}")
+            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls', 'text' or 'all', "
+                                  f"got {sig.query!r}")
         else:
             seq_ref = at.seq_index if anat.stage != "vision" else g.call_function(_encoder_index, (att.q,))
             queries = g.call_function(pick, (seq_ref,))
