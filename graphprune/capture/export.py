@@ -340,7 +340,8 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     check = None
     if device.type != "meta":
         check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
-    return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
+    eager = None if bucket is None else family.vision_eager_module(bucket)
+    return Stage("vision", gm, ["pixel_values"], module=eager or module, check_inputs=check)
 
 
 def capture(model: nn.Module, stages=STAGES) -> dict[str, Stage]:

@@ -97,6 +97,11 @@ class Family:
         captured graph (a pass reads the last layer). bucket: the shape bucket (vision_buckets > 0)."""
         return None
 
+    def vision_eager_module(self, bucket) -> nn.Module | None:
+        """The model's own computation of a bucket's features (its get_image_features), for checking the
+        capture; None: the captured module itself is that."""
+        return None
+
     def vision_example(self, bucket, images: int) -> torch.Tensor:
         """pixel_values (zeros) of `images` images of a shape bucket, as vision_stage_inputs lays them
         out: the capture example of that bucket."""

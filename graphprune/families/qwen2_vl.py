@@ -11,7 +11,7 @@ import torch
 from graphprune.compat import qwen2vl_rope_index
 from graphprune.errors import InputError, PassNotApplicable
 from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
-from graphprune.families.qwen_vision import QwenVisionStage
+from graphprune.families.qwen_vision import QwenImageFeatures, QwenVisionStage
 
 
 class Qwen2VLFamily(Family):
@@ -43,6 +43,9 @@ class Qwen2VLFamily(Family):
             raise PassNotApplicable(f"{self.model_class}: its features come from the vision encoder's last block; "
                                     "no signal reads a layer past it")
         return QwenVisionStage(self.body().visual, *bucket)
+
+    def vision_eager_module(self, bucket):
+        return QwenImageFeatures(self.body(), *bucket)
 
     def vision_example(self, bucket, images: int):
         vc = self.config().vision_config

@@ -119,3 +119,18 @@ class QwenVisionStage(nn.Module):
             x = blk(x, self.cos, self.sin, None if self.masks[i] is None else getattr(self, f"mask_{i}"))
         feats = self.merge_norm(x).reshape(n, p // self.group, -1)      # each LLM token's merge group
         return self.multi_modal_projector(feats)
+
+
+class QwenImageFeatures(nn.Module):
+    """The model's own get_image_features on images of one grid (1, h, w), laid out as QwenVisionStage
+    takes them: what its capture is checked against."""
+
+    def __init__(self, body: nn.Module, h: int, w: int):
+        super().__init__()
+        self.body, self.grid = body, (1, h, w)
+
+    def forward(self, pixel_values):
+        n, p, dim = pixel_values.shape
+        grid = torch.tensor([self.grid] * n, device=pixel_values.device)
+        out = self.body.get_image_features(pixel_values.reshape(n * p, dim), grid)
+        return torch.stack(list(getattr(out, "pooler_output", out)))       # transformers 4.x: the split features
