@@ -58,7 +58,7 @@ def test_captured_encoder_equals_get_image_features(family):
 
 def test_buckets_captured_once_and_bounded(qwen25):
     model, program = qwen25
-    with pytest.warns(ShapeBucketWarning, match=r"patch grid \(4, 4\) \(shape bucket 1 of at most 8\)"):
+    with pytest.warns(ShapeBucketWarning, match=r"patch grid \(16, 16\) \(shape bucket 1 of at most 8\)"):
         pruned = gp.prune(model, "vision_topk(keep=3)", program=program)   # the prune-time check bucket
     rewritten = pruned.program
     for grid in [(8, 8), (4, 8)]:
@@ -68,7 +68,7 @@ def test_buckets_captured_once_and_bounded(qwen25):
         with warnings.catch_warnings():
             warnings.simplefilter("error", ShapeBucketWarning)         # a second call reuses the bucket
             pruned(**ex.as_kwargs())
-    assert list(rewritten.buckets) == [(4, 4), (8, 8), (4, 8)]
+    assert list(rewritten.buckets) == [(16, 16), (8, 8), (4, 8)]
     rewritten.family.vision_buckets = 3                             # this model's family object only
     try:
         with pytest.raises(InputError, match=r"patch grid \(8, 12\) would be shape bucket 4.*at most 3"):

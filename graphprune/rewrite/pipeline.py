@@ -230,7 +230,10 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
     """Apply passes to a copy of the program; the captured original is never modified."""
     out = program.copy()
     vision = out.stages.get("vision")
-    bucketed = bool(out.family.vision_buckets) and vision is not None and vision.gm is None
+    # a bucketed family captures its encoder when a vision pass needs more than the projected tokens
+    # (those passes alone run at LLM layer 0, on the eager encoder's output: no capture needed)
+    bucketed = bool(out.family.vision_buckets) and vision is not None and vision.gm is None and any(
+        _stage_of(p) == "vision" and not _runs_at_layer_zero(p) for p in passes)
     eager = (vision is None or vision.gm is None) and not bucketed
     order = sorted(passes, key=lambda p: _position(p, eager_vision=eager))
     if bucketed:
@@ -260,6 +263,9 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
     return out
 
 
+PROBE_SIDE = 8      # tokens per side of the bucket vision passes are first applied to
+
+
 def _bucket_now(program: Program) -> None:
     """Vision passes of a bucketed family, applied once at prune time to a small square bucket that
     holds their budgets, so that a pass that cannot apply stops before any prompt runs; its results
@@ -267,16 +273,26 @@ def _bucket_now(program: Program) -> None:
     from graphprune.rewrite.positions import check_one_axis
     for p in program.vision_passes:
         p.requires(Anatomy("vision", program.family.model_class, [], {}, [], has_cls=program.family.vision_has_cls))
+    keeps = [s.keep for s in BudgetStep.of_passes(program.vision_passes) if isinstance(s.keep, int)]
+    # side^2 tokens: more than any count budget, and room for a pass's windows (mustdrop_merge's 3 x 3)
+    side = max(PROBE_SIDE, math.isqrt(max(keeps, default=1)) + 1)
+    program.vision_stage(program.family.vision_bucket(side, side))
+    program.results += program.buckets[next(iter(program.buckets))][1]
+    for p in program.vision_passes:     # the runtime renumbers compact vision tokens along one axis only
         plans = p.plan()
         if any(plan.positions == "compact" for plan in (plans if isinstance(plans, list) else [plans])):
             check_one_axis(program.anatomy["prefill"], p)
-    keeps = [s.keep for s in BudgetStep.of_passes(program.vision_passes) if isinstance(s.keep, int)]
-    side = max(2, math.isqrt(max(keeps, default=1)) + 1)     # side^2 tokens: more than any count budget
-    program.vision_stage(program.family.vision_bucket(side, side))
-    program.results += program.buckets[next(iter(program.buckets))][1]
 
 
 LAYER_ZERO_SIGNALS = (Projected, TextEmbeds, TextMask)     # what a vision pass may read at LLM layer 0
+
+
+def _runs_at_layer_zero(p: TokenPass) -> bool:
+    """Whether a vision pass reads only what exists at LLM layer 0 and acts on the projected tokens."""
+    plans = p.plan()
+    plans = plans if isinstance(plans, list) else [plans]
+    return all(plan.after_projector and all(isinstance(sig, LAYER_ZERO_SIGNALS) for sig in plan.signals.values())
+               for plan in plans)
 
 
 def _at_layer_zero(p: TokenPass, vision: Stage, model_class: str) -> list[Plan]:
@@ -288,7 +304,7 @@ def _at_layer_zero(p: TokenPass, vision: Stage, model_class: str) -> list[Plan]:
     plans = plans if isinstance(plans, list) else [plans]
     encoder = sorted(f"{name}={sig!r}" for plan in plans for name, sig in plan.signals.items()
                      if not isinstance(sig, LAYER_ZERO_SIGNALS))
-    if not encoder and all(plan.after_projector for plan in plans):
+    if _runs_at_layer_zero(p):
         return [dataclasses.replace(plan, layer=0, after_projector=False) for plan in plans]
     reads = f"reads {', '.join(encoder)} from the vision encoder" if encoder else \
         "selects among the vision encoder's features before the projector"
