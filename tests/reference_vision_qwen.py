@@ -35,20 +35,27 @@ def _window_index(visual, grid: Tensor) -> Tensor | None:
 
 
 @torch.no_grad()
-def received(model, pixels: Tensor, grid: Tensor, layer: int) -> Tensor:
-    """(all tokens,) attention received per LLM token of every image / frame of `grid`, in order."""
+def encoder_tokens(model, pixels: Tensor, grid: Tensor, layer: int) -> dict:
+    """Per LLM token of every image / frame of `grid`, in order: `score` the attention it receives in vision
+    block `layer`, `keys` its patches' mean post-RoPE key there (heads concatenated) and, for the last block,
+    `hidden` what enters the merger's MLP (its patches' block outputs through the merger's norm, concatenated)."""
     visual = model.model.visual
     block = visual.blocks[layer]
     seen = {}
 
-    def hook(module, args, kwargs):
+    def before(module, args, kwargs):
         seen.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    def after(module, args, kwargs, out):
+        seen["out"] = out[0] if isinstance(out, tuple) else out
+
+    handles = [block.register_forward_pre_hook(before, with_kwargs=True),
+               block.register_forward_hook(after, with_kwargs=True)]
     try:
         visual(pixels, grid_thw=grid)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     x = block.norm1(seen["hidden"]).float()
     s, heads = x.shape[0], block.attn.num_heads
     qkv = (x @ block.attn.qkv.weight.float().T + block.attn.qkv.bias.float()).reshape(s, 3, heads, -1)
@@ -64,12 +71,16 @@ def received(model, pixels: Tensor, grid: Tensor, layer: int) -> Tensor:
     for a, b in zip(cu[:-1], cu[1:]):
         probs = (q[:, a:b] @ k[:, a:b].transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
         score[a:b] = probs.mean(0).mean(0)
+    per_patch = {"score": score[:, None], "keys": k.transpose(0, 1).reshape(s, -1),
+                 "hidden": visual.merger.ln_q(seen["out"]).float()}
     group = visual.spatial_merge_size ** 2
     window = _window_index(visual, grid)
     if window is not None:                        # window order -> the processor's patch order
         place = (window[:, None] * group + torch.arange(group)).flatten()
-        score = torch.zeros(s).index_copy(0, place, score)
-    return score.reshape(-1, group).mean(-1)
+        per_patch = {name: torch.zeros_like(t).index_copy(0, place, t) for name, t in per_patch.items()}
+    return {"score": per_patch["score"].reshape(-1, group).mean(-1),
+            "keys": per_patch["keys"].reshape(-1, group, per_patch["keys"].shape[-1]).mean(1),
+            "hidden": per_patch["hidden"].reshape(-1, group * per_patch["hidden"].shape[-1])}
 
 
 def units(model, example) -> list[list[Tensor]]:
@@ -91,29 +102,30 @@ def units(model, example) -> list[list[Tensor]]:
     return out
 
 
-def unit_scores(model, example, layer: int) -> list[list[Tensor]]:
-    """Per sample, per unit (prompt order), the attention-received score of each of its tokens."""
+def unit_tokens(model, example, layer: int) -> list[list[dict]]:
+    """Per sample, per unit (prompt order), encoder_tokens' tensors of its tokens."""
     cfg, kw = model.config, example.as_kwargs()
     by_token = {}
     for token, pixels, grid in ((cfg.image_token_id, "pixel_values", "image_grid_thw"),
                                 (cfg.video_token_id, "pixel_values_videos", "video_grid_thw")):
         if kw.get(pixels) is not None:
-            by_token[token] = list(received(model, kw[pixels], kw[grid], layer))
-    scores = []
+            by_token[token] = encoder_tokens(model, kw[pixels], kw[grid], layer)
+    out = []
     for i, blocks in enumerate(units(model, example)):
         row = []
         for blk in blocks:
-            token = int(example.input_ids[i, blk[0]])
-            row.append(torch.stack([by_token[token].pop(0) for _ in range(blk.numel())]))
-        scores.append(row)
-    return scores
+            tensors = by_token[int(example.input_ids[i, blk[0]])]
+            row.append({name: t[:blk.numel()] for name, t in tensors.items()})
+            tensors.update({name: t[blk.numel():] for name, t in tensors.items()})
+        out.append(row)
+    return out
 
 
 def kept_positions(model, example, keep: int, how: str = "attention", layer: int = -1, seed: int = 0) -> Tensor:
     """(B, S') sorted prompt indices kept: every non-prunable token, and each unit's chosen tokens."""
     blocks = units(model, example)
     if how == "attention":
-        picks = [[s.topk(keep).indices for s in row] for row in unit_scores(model, example, layer)]
+        picks = [[unit["score"].topk(keep).indices for unit in row] for row in unit_tokens(model, example, layer)]
     else:
         n, v = len(blocks[0]), blocks[0][0].numel()
         u = torch.rand((len(blocks) * n, 1, v), generator=torch.Generator().manual_seed(seed))
@@ -129,10 +141,11 @@ def kept_positions(model, example, keep: int, how: str = "attention", layer: int
 
 
 @torch.no_grad()
-def hf_generate(model, example, keep_index: Tensor, steps: int) -> dict:
-    """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt."""
+def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None) -> dict:
+    """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt (its
+    embeddings `embeds`, else the full prompt's at the kept tokens)."""
     emb, am, pos, _ = family_inputs(model, example)
-    emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1]))
+    emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1])) if embeds is None else embeds
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
     out = model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True)
     logits, cache = out.logits, out.past_key_values
@@ -149,3 +162,37 @@ def hf_generate(model, example, keep_index: Tensor, steps: int) -> dict:
                          use_cache=True)
         cache, tok = step_out.past_key_values, step_out.logits[:, -1].argmax(-1)
     return {"prefill_logits": logits, "tokens": torch.stack(tokens, 1), "keep": keep_index}
+
+
+@torch.no_grad()
+def visionzip(model, example, keep: int, contextual: int) -> tuple[Tensor, Tensor]:
+    """VisionZip with attention-received dominance, positions kept: per unit the top keep - contextual tokens
+    by score (last block), the rest (ascending) grouped around `contextual` targets taken every (rest //
+    contextual)-th, each other token joining the target whose key is most cosine-similar; a contextual token
+    is its target's hidden plus its members' mean, at the target's place. Returns the kept prompt indices
+    (B, S') and the pruned prompt's embeddings (B, S', D): the merger's MLP of each kept token's hidden."""
+    emb, _, _, _ = family_inputs(model, example)
+    rows, embeds = [], []
+    for i, (blocks, tokens) in enumerate(zip(units(model, example), unit_tokens(model, example, -1))):
+        drop = torch.zeros(example.input_ids.shape[1], dtype=torch.bool)
+        row = emb[i].clone()
+        for blk, unit in zip(blocks, tokens):
+            dom = unit["score"].topk(keep - contextual).indices
+            rest = torch.tensor([j for j in range(blk.numel()) if j not in set(dom.tolist())])
+            targets = rest[torch.arange(0, rest.numel(), max(1, rest.numel() // contextual))[:contextual]]
+            members = torch.tensor([j for j in rest.tolist() if j not in set(targets.tolist())])
+            metric = torch.nn.functional.normalize(unit["keys"], dim=-1)
+            owner = (metric[members] @ metric[targets].T).argmax(-1)
+            values = unit["hidden"].clone()
+            for t, target in enumerate(targets.tolist()):
+                group = members[owner == t]
+                if group.numel():
+                    values[target] = values[target] + unit["hidden"][group].mean(0)
+            chosen = torch.cat([dom, targets])
+            drop[blk] = True
+            drop[blk[chosen]] = False
+            row[blk[chosen]] = model.model.visual.merger.mlp(values[chosen]).float()
+        keep_index = (~drop).nonzero()[:, 0]
+        rows.append(keep_index)
+        embeds.append(row[keep_index])
+    return torch.stack(rows), torch.stack(embeds)

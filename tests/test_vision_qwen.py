@@ -1,5 +1,6 @@
 """Vision-stage pruning on Qwen2.5-VL (and Qwen2-VL's encoder): the encoder captured per patch-grid bucket,
-vision_topk (attention received, no CLS) and random at the vision stage, on images and video frames.
+vision_topk (attention received, no CLS), random at the vision stage and VisionZip with attention-received
+dominance, on images and video frames.
 
 Against tests/reference_vision_qwen.py (independent: scores recomputed by hand from the block's weights,
 the pruned prompt run through the model's own forward with the original M-RoPE positions): kept tokens,
@@ -97,6 +98,23 @@ def test_matches_reference(qwen25, pruned, spec, keep, how, batch, pad, items):
     assert torch.equal(ids[:, -STEPS:], ref["tokens"])
 
 
+def test_visionzip_attention_matches_reference(qwen25):
+    """VisionZip with attention-received dominance (the CLS-free variant): kept tokens, merged contextual
+    tokens through the merger's MLP, logits and 16 greedy tokens; batch of 2 with left padding."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=44)
+    kept, embeds = RQ.visionzip(model, ex, keep=8, contextual=3)
+    ref = RQ.hf_generate(model, ex, kept, STEPS, embeds)
+    pruned = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention', positions='keep')",
+                      program=program)
+    out = pruned(**ex.as_kwargs())
+    assert torch.equal(out.kept, kept)
+    real = out.cache[-1].mask.bool()
+    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
+    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+
+
 def test_batch_equals_alone(qwen25, pruned):
     model, _ = qwen25
     ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image", "video"), seed=47)
@@ -119,6 +137,10 @@ def test_bad_options_refused_before_work(qwen25, pruned):
         gp.prune(model, "vision_topk(score='norm', layer=0)", program=program)
     with pytest.raises(PassNotApplicable, match="vision_topk"):        # cls_topk names what scores a CLS-free tower
         gp.prune(model, "cls_topk(keep=4)", program=program)
+    with pytest.raises(PassNotApplicable, match="dominant='attention'"):
+        gp.prune(model, "visionzip(keep=8, positions='keep')", program=program)
+    with pytest.raises(PassConfigError, match="dominant must be"):
+        gp.prune(model, "visionzip(keep=8, dominant='cls_free')", program=program)
     with pytest.raises(PassNotApplicable, match="positions='compact'.*M-RoPE"):
         gp.prune(model, "vision_topk(keep=4, positions='compact')", program=program)
     image = family_zoo.example(model, grid=(4, 16), seed=5)               # 16 tokens, as an 8 x 8 video frame has

@@ -87,6 +87,7 @@ class Anatomy:
     patches_per_token: int = 1           # vision: encoder patches merged into each feature token (Qwen's 2x2: 4)
     has_cls: bool | None = None
     features: fx.Node | None = None      # vision: per-patch features entering the projector
+    captured_features: fx.Node | None = None  # vision: the same as captured, before any pass reduced them
     post_layers: list = field(default_factory=list)     # vision: layers past the feature layer, captured only
                                                         # when a pass reads them (they feed no features)
     attention_kind: str = "sdpa"
@@ -190,7 +191,7 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
     ins = {a for n in proj for a in n.all_input_nodes if "projector" not in module_path(a) and a.op != "get_attr"}
     if len(ins) != 1:
         raise UnsupportedModelError(model_class, "projector input (per-patch vision features)")
-    anat.features = ins.pop()
+    anat.features = anat.captured_features = ins.pop()
     anat.token_dims[anat.features.name] = (0, (1,))
     # layers past the feature layer (kept in the graph only when a pass reads one) are not layers of the
     # feature encoder: selections and `layer=-1` count the layers that feed the features
