@@ -17,7 +17,7 @@ from graphprune.capture.export import capture_vision
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, ShapeBucketWarning
 from graphprune.families import family_of
 from graphprune.rewrite.pipeline import Program
-from graphprune.tools import family_zoo
+from graphprune.tools import family_zoo, zoo
 from graphprune.verify.eager import check_against_eager
 
 STEPS = 16
@@ -111,6 +111,27 @@ def test_visionzip_attention_matches_reference(qwen25):
     assert torch.equal(out.kept, kept)
     real = out.cache[-1].mask.bool()
     torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
+    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
+    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+
+
+def test_vision_topk_on_llava_clip():
+    """The same score on a tower with CLS (LLaVA-1.5's CLIP, CLS among the queries, not the keys):
+    reference.llava_vision's feature-layer attention, positions kept."""
+    import reference as R
+    model = zoo.tiny_llava()
+    ex = zoo.llava_example(model, batch=2, pad=(0, 3), seed=2)
+    vis = R.llava_vision(model, ex.pixel_values)
+    patches = vis["received"].topk(9, dim=-1).indices.sort(-1).values
+    feats = vis["features"].gather(1, patches[..., None].expand(-1, -1, vis["features"].shape[-1]))
+    emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, {"features": feats, "patch_index": patches},
+                                                     positions="keep")
+    ref = R.lm_generate(model, emb, am, pos, max_new_tokens=STEPS, vision_mask=vm)
+    pruned = gp.prune(model, "vision_topk(keep=9)")
+    out = pruned(**ex.as_kwargs())
+    assert pruned.report.patches_kept == patches.tolist()
+    torch.testing.assert_close(out.logits[out.cache[-1].mask.bool()], ref["prefill_logits"][am.bool()],
+                               atol=1e-5, rtol=1e-5)
     ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
     assert torch.equal(ids[:, -STEPS:], ref["tokens"])
 
