@@ -40,10 +40,10 @@ def pruned(qwen25):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_captured_encoder_equals_get_image_features(family):
+def test_captured_encoder_equals_get_image_features(request, family):
     """Per bucket: the captured graph gives get_image_features' features, image by image, for two grids
     (Qwen2.5-VL's windowed blocks included); the capture checks itself against get_image_features."""
-    model = family_zoo.build(family)
+    model = request.getfixturevalue("qwen25" if family == "qwen2_5_vl" else "qwen")[0]
     fam = family_of(model)
     dim = 3 * 2 * 14 * 14
     for h, w in [(8, 8), (4, 12)]:
@@ -80,7 +80,6 @@ def test_buckets_captured_once_and_bounded(qwen25):
 
 
 @pytest.mark.parametrize("spec,keep,how,batch,pad,items", [
-    (TOPK, 6, "attention", 1, (), ("image",)),
     (TOPK, 6, "attention", 2, (0, 2), ("image", "video")),    # units: the image, the video's 2 frames
     (RANDOM, 7, "random", 2, (0, 3), ("video", "image")),
 ])
@@ -115,11 +114,11 @@ def test_visionzip_attention_matches_reference(qwen25):
     assert torch.equal(ids[:, -STEPS:], ref["tokens"])
 
 
-def test_vision_topk_on_llava_clip():
+def test_vision_topk_on_llava_clip(llava):
     """The same score on a tower with CLS (LLaVA-1.5's CLIP, CLS among the queries, not the keys):
     reference.llava_vision's feature-layer attention, positions kept."""
     import reference as R
-    model = zoo.tiny_llava()
+    model, program = llava
     ex = zoo.llava_example(model, batch=2, pad=(0, 3), seed=2)
     vis = R.llava_vision(model, ex.pixel_values)
     patches = vis["received"].topk(9, dim=-1).indices.sort(-1).values
@@ -127,7 +126,7 @@ def test_vision_topk_on_llava_clip():
     emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, {"features": feats, "patch_index": patches},
                                                      positions="keep")
     ref = R.lm_generate(model, emb, am, pos, max_new_tokens=STEPS, vision_mask=vm)
-    pruned = gp.prune(model, "vision_topk(keep=9)")
+    pruned = gp.prune(model, "vision_topk(keep=9)", program=program)
     out = pruned(**ex.as_kwargs())
     assert pruned.report.patches_kept == patches.tolist()
     torch.testing.assert_close(out.logits[out.cache[-1].mask.bool()], ref["prefill_logits"][am.bool()],
