@@ -210,3 +210,20 @@ NOT_GRIDS = [  # case, why its units are not one square patch grid
 @pytest.mark.parametrize("case, why", NOT_GRIDS, ids=[c[0] for c in NOT_GRIDS])
 def test_visiontrim_llm_refuses_units_that_are_not_one_grid(case, why):
     tier1.check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == case), why)
+
+
+def test_paligemma2_is_refused_up_front():
+    """PaliGemma 2 (model_type paligemma, a Gemma 2 LM) while transformers runs Gemma 2 in eager
+    attention only: refused when the family is read, naming why, not after a capture that finds no
+    attention to prune."""
+    from transformers import Gemma2Model
+    if getattr(Gemma2Model, "_supports_sdpa", False):
+        pytest.skip("this transformers runs Gemma 2 with SDPA: PaliGemma 2 wants a case of its own")
+    text = dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                num_attention_heads=2, num_key_value_heads=1, vocab_size=160, sliding_window=128)
+    model = tier1._tiny("PaliGemmaForConditionalGeneration", "PaliGemmaConfig", text_config=text, image_token_index=150,
+                        vision_config=dict(family_zoo._siglip(56), projection_dim=32), projection_dim=32)
+    with pytest.raises(gp.UnsupportedModelError, match=r"PaliGemmaForConditionalGeneration: could not find the "
+                                                       r"paligemma family support\. its Gemma2Model language model "
+                                                       r"\(gemma2: PaliGemma 2\) runs eager attention only"):
+        gp.prune(model, "fastv", layer=2, keep=4)
