@@ -289,15 +289,20 @@ def check_visiontrim_llm_refuses(case, why, **example):
     assert pruned.report is None                      # no prefill ran
 
 
-@pytest.mark.parametrize("case, why, example", [
+@pytest.mark.parametrize("case, why", [
     ("llava_next-anyres", "LlavaNextForConditionalGeneration's image 0 is its base view's patch grid followed by "
-                          "its anyres crops' rows", {}),
+                          "its anyres crops' rows"),
+    ("qwen2_5_vl-video-per-video", r"video 0 is 2 frames' grids one after another \(video_unit='video'\)")],
+    ids=["llava_next-anyres", "qwen2_5_vl-video-per-video"])
+def test_visiontrim_llm_refuses_units_that_are_not_one_grid(case, why):
+    check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == case), why)
+
+
+def test_visiontrim_llm_refuses_a_square_count_of_a_non_square_grid():
     # a 4 x 16 patch image merges to 2 x 8 = 16 tokens: a square count, not a square grid
-    ("qwen2_5_vl-image", "Qwen2_5_VLForConditionalGeneration's image 0 is a 2 x 8 token grid", {"grid": (4, 16)}),
-    ("qwen2_5_vl-video-per-video", r"video 0 is 2 frames' grids one after another \(video_unit='video'\)", {})],
-    ids=["llava_next-anyres", "qwen2_5_vl-image", "qwen2_5_vl-video-per-video"])
-def test_visiontrim_llm_refuses_units_that_are_not_one_grid(case, why, example):
-    check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == case), why, **example)
+    check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == "qwen2_5_vl-image"),
+                                 "Qwen2_5_VLForConditionalGeneration's image 0 is a 2 x 8 token grid",
+                                 grid=(4, 16))
 
 
 def _mm(ex):
