@@ -49,6 +49,7 @@ import torch
 from torch import fx
 
 from graphprune.errors import GraphpruneError, InputError, PassConfigError, UnsupportedModelError
+from graphprune.families.llava_next import LlavaNextFamily
 
 from .lint import check_static_onnx
 from .manifest import EMBED_FILE, FORMAT, MANIFEST, STAGE_FILES, Manifest
@@ -78,10 +79,13 @@ def check_opset(opset) -> None:
 
 # -- checks made before anything is written ----------------------------------------------------
 
+def image_bucket_family(pruned) -> bool:
+    """Whether the vision stage exports per shape bucket: an anyres family (LLaVA-NeXT, OneVision)
+    whose vision encoder runs eagerly, its crop count and packing depending on the image size."""
+    return pruned.program.stages["vision"].gm is None and isinstance(pruned.family, LlavaNextFamily)
+
+
 def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
-    if not getattr(pruned, "pipeline", None):
-        raise PassConfigError("nothing to export: this model is unpruned (its pipeline is empty); pass a method, "
-                              "e.g. gp.prune(model, 'fastv', layer=2, keep=64), then export that")
     for p in pruned.pipeline:
         if getattr(getattr(p, "config", None), "mode", None) == "exact":
             raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens, which ONNX "
@@ -92,7 +96,7 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
             raise PassConfigError(f"{r.info.get('pass')}: keeps a data-dependent number of tokens; "
                                   "use mode='static' to export")
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
-               or pruned.program.stages[k].gm is None]
+               or (pruned.program.stages[k].gm is None and not (k == "vision" and image_bucket_family(pruned)))]
     if "decode" in missing:
         missing.remove("decode")
     if missing or getattr(pruned, "decode_gm", None) is None:
@@ -356,6 +360,17 @@ def _example_inputs(pruned, example):
     if kw["input_ids"].shape[0] < 2:
         raise InputError("export_onnx: the example needs batch >= 2 (a batch of 1 would fix the batch size "
                          "of the exported graphs)")
+    if image_bucket_family(pruned):
+        if kw.get("pixel_values_videos") is not None:
+            raise InputError(f"export_onnx: the example holds videos; a {pruned.family.model_class} export holds "
+                             "images only (give an example of images)")
+        sizes = kw.get("image_sizes")
+        if kw.get("pixel_values") is None or sizes is None:
+            raise InputError(f"export_onnx: a {pruned.family.model_class} export is traced for the image size of "
+                             "its example: give an example with pixel_values and image_sizes")
+        if len({tuple(s) for s in torch.as_tensor(sizes).tolist()}) != 1:
+            raise InputError(f"export_onnx: the example's image_sizes {torch.as_tensor(sizes).tolist()} differ; an "
+                             "export holds one shape bucket (one image size): give images of the size you serve")
     return kw
 
 
@@ -412,21 +427,24 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     b = kw["input_ids"].shape[0]
     n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
 
-    stages = {}
-    # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
-    vgm = pruned.program.stages["vision"].gm
-    vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
-    vin = {"pixel_values": kw["pixel_values"]}
-    if "text_embeds" in vnames:
-        from graphprune.lower.runtime import text_layout
-        vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"]).pos
-        ti, tm = text_layout(vp, kw["input_ids"].shape[1])
-        vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
-        vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
-    images = kw["pixel_values"].shape[0]
-    stages["vision"] = _export_stage(
-        "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
-        tmp, opset, None, optimize)
+    stages, bucket = {}, None
+    if image_bucket_family(pruned):
+        stages["vision"], bucket = _export_image_bucket(pruned, kw, tmp, opset, optimize)
+    else:
+        # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
+        vgm = pruned.program.stages["vision"].gm
+        vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
+        vin = {"pixel_values": kw["pixel_values"]}
+        if "text_embeds" in vnames:
+            from graphprune.lower.runtime import text_layout
+            vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"]).pos
+            ti, tm = text_layout(vp, kw["input_ids"].shape[1])
+            vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
+            vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
+        images = kw["pixel_values"].shape[0]
+        stages["vision"] = _export_stage(
+            "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
+            tmp, opset, None, optimize)
 
     # prefill: the rewritten graph, selection nodes inside
     pin = prompt.prefill_inputs()
@@ -459,6 +477,7 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
         "static": True,
         "model_class": pruned.family.model_class, "family": pruned.family.name,
         "image_token_id": int(pruned.family.image_token_id()),
+        "video_token_id": _jsonable(pruned.family.video_token_id()),
         "num_layers": pruned.num_layers, "vocab_size": int(emb.shape[0]), "hidden_size": int(emb.shape[1]),
         "num_key_value_heads": getattr(tc, "num_key_value_heads", None),
         "eos_token_id": _jsonable(getattr(gen, "eos_token_id", None)),
@@ -470,6 +489,7 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
         "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
                       "note": "the embedding lookup (row gather of input_ids) runs on the host"},
         "stages": stages,
+        **({} if bucket is None else {"image_bucket": bucket}),
         "reference_prompt": {
             "source": ("example" if example is not None
                        else "graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3))"),
@@ -590,6 +610,25 @@ def _export_stage(stage, gm, inputs, axes_of, mins, tmp, opset, rename, optimize
         with open(path, "rb") as f:
             _STAGE_CACHE[key] = (f.read(), copy.deepcopy(spec))
     return spec
+
+
+def _export_image_bucket(pruned, kw, tmp, opset, optimize) -> tuple[dict, dict]:
+    """vision.onnx of an anyres family for the example's shape bucket: one image of its size
+    (pixel_values (1, crops, C, H, W)) -> its placeholder features (tokens, D), image_newline rows
+    included; captured from the model's own get_image_features with the size baked in and checked
+    against it. Returns the stage spec and the bucket the manifest states."""
+    from graphprune.capture.export import capture_image_bucket
+    from graphprune.verify.eager import check_against_eager
+    pixels, size = kw["pixel_values"][:1], torch.as_tensor(kw["image_sizes"])[0]
+    stage = capture_image_bucket(pruned.family, pixels, size.tolist())
+    check_against_eager(stage, pruned.family.model_class)
+    spec = _export_stage("vision", stage.gm, {"pixel_values": pixels}, lambda name, val: {}, {}, tmp, opset, None,
+                         optimize)
+    newline = pruned.family.newline_slots(size)
+    bucket = {"image_size": [int(x) for x in size], "pixel_values": list(pixels.shape),
+              "features_per_image": int(newline.numel()), "newline_slots": newline.nonzero()[:, 0].tolist(),
+              "note": "vision.onnx takes one image of this size at a time; other sizes need another export"}
+    return spec, bucket
 
 
 def _decode_example(pruned, ref, b):

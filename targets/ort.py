@@ -25,6 +25,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.families import Family
+from graphprune.families.llava_next import LlavaNextFamily
 from graphprune.lower.runtime import PrunedModel
 from graphprune.rewrite.positions import LAYER_POSITIONS
 
@@ -61,6 +62,52 @@ class _HostFamily(Family):
 
     def embed_rows(self):
         return self._embed.shape[0]
+
+
+class _BucketHostFamily(_HostFamily, LlavaNextFamily):
+    """An anyres family (LLaVA-NeXT, OneVision) exported for one shape bucket (manifest
+    "image_bucket"): LlavaNextFamily's prompt layout over the bucket's newline slots, the images'
+    features from vision.onnx, one image per call. Images of another size are refused."""
+
+    vision_inputs = ("pixel_values", "image_sizes")
+    image_feature_inputs = ("image_sizes",)
+
+    def __init__(self, manifest: Manifest, embed: torch.Tensor, vision: "OrtGraph"):
+        super().__init__(manifest, embed)
+        self.bucket, self.vision = manifest["image_bucket"], vision
+        self._video_token = manifest.get("video_token_id")
+
+    def body(self):
+        return None                       # no Hugging Face model: image_features runs vision.onnx
+
+    def video_token_id(self):
+        return self._video_token
+
+    def _check_size(self, image_size) -> None:
+        size = [int(x) for x in torch.as_tensor(image_size).tolist()]
+        if size != self.bucket["image_size"]:
+            h, w = self.bucket["image_size"]
+            raise InputError(f"image_sizes {size}: this export holds one shape bucket, images of {h}x{w} "
+                             f"(pixel_values {tuple(self.bucket['pixel_values'][1:])} per image); export again "
+                             "with an example of the size you serve")
+
+    def newline_slots(self, image_size: torch.Tensor) -> torch.Tensor:
+        self._check_size(image_size)
+        slots = torch.zeros(self.bucket["features_per_image"], dtype=torch.bool, device=image_size.device)
+        slots[self.bucket["newline_slots"]] = True
+        return slots
+
+    def image_features(self, body, pixel_values, image_sizes=None, **kw):
+        if image_sizes is None:
+            raise InputError("the prompt has image tokens but no image_sizes were given")
+        for size in image_sizes:
+            self._check_size(size)
+        per_image = tuple(self.bucket["pixel_values"][1:])
+        if tuple(pixel_values.shape[1:]) != per_image:
+            h, w = self.bucket["image_size"]
+            raise InputError(f"pixel_values {tuple(pixel_values.shape)}: this export's shape bucket takes images "
+                             f"of {h}x{w} as (images, {', '.join(map(str, per_image))})")
+        return torch.cat([self.vision(image[None])[0] for image in pixel_values])
 
 
 class _Node:
@@ -165,13 +212,16 @@ class OrtPrunedModel(PrunedModel):
         dev = device_id if on_cuda else None
         graphs = {k: OrtGraph(k, s, m.stage(k), dev) for k, s in sessions.items()}
 
-        # the state PrunedModel's host-side code reads (see graphprune.lower.runtime)
-        self.family = _HostFamily(m, embed)
-        self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
+        # the state PrunedModel's host-side code reads (see graphprune.lower.runtime); a shape-bucket
+        # vision stage runs inside the family, where the model's get_image_features would
+        bucket = "image_bucket" in m
+        self.family = _BucketHostFamily(m, embed, graphs["vision"]) if bucket else _HostFamily(m, embed)
+        staged = {"vision": None if bucket else graphs["vision"], "prefill": graphs["prefill"]}
+        self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=g) for k, g in staged.items()},
                                        family=self.family)
-        self.executables = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
+        self.executables = staged                  # what PrunedModel runs per stage
         self.attention, self.linear = "onnxruntime", "onnxruntime"
-        self.video_unit = "frame"                 # exports hold images only (LLaVA-1.5)
+        self.video_unit = "frame"                 # exports hold images only
         # compact positions between layers: the decode graph takes each layer's new position
         self.layer_positions = any(io["name"] == LAYER_POSITIONS for io in m["stages"]["decode"]["inputs"])
         self.decode_gm = self.decode_exec = graphs["decode"]

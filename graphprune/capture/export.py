@@ -331,6 +331,36 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
 
 
+class _ImageBucket(nn.Module):
+    """pixel_values of images of one size -> their features, the family's own get_image_features
+    (anyres crops, packing, unpadding, image_newline) with the image size baked in as Python ints,
+    so the crop count, grid and unpadding are constants of the graph."""
+
+    def __init__(self, family: Family, image_size: tuple[int, int]):
+        super().__init__()
+        self.family, self.body = family, family.body()
+        self.image_size = [int(image_size[0]), int(image_size[1])]
+
+    def forward(self, pixel_values):
+        sizes = [list(self.image_size)] * pixel_values.shape[0]
+        return self.family.image_feature_rows(pixel_values, image_sizes=sizes)
+
+
+def capture_image_bucket(family: Family, pixel_values: torch.Tensor, image_size) -> Stage:
+    """The vision stage of a family whose crop count and packing depend on the image size
+    (LLaVA-NeXT / OneVision anyres), captured for one shape bucket: images of `image_size` (H, W),
+    pixel_values shaped like `pixel_values` (images, crops, C, H, W), every size static. Outputs
+    `features` (images x tokens, D): the rows the images' placeholders take, image_newline rows
+    included. check_inputs: other pixels of the same shape (graphprune.verify.eager)."""
+    module = _ImageBucket(family, image_size)
+    with torch.no_grad():
+        ep = torch.export.export(module, (pixel_values,), strict=False)
+    gm = plain_graph_module(ep)
+    gm.meta["graphprune_outputs"] = ["features"]
+    check = (torch.randn(*pixel_values.shape, generator=_check_generator()).to(pixel_values),)
+    return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
+
+
 def capture(model: nn.Module, stages=STAGES) -> dict[str, Stage]:
     """Capture the named stages of a Hugging Face VLM."""
     family = family_of(model)
