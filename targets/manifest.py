@@ -110,6 +110,8 @@ def _validate(data: dict, path: str) -> None:
                 or (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))):
             raise InputError(f"{path}: {k!r} must be an integer, a list of them or null")
     need(data["reference_prompt"], _REFERENCE, "reference_prompt.")
+    if "image_bucket" in data:
+        _validate_bucket(data["image_bucket"], path)
     emb = data["embedding"]
     need(emb, {"file": _STR, "shape": _LIST, "dtype": _STR}, "embedding.")
     if len(emb["shape"]) != 2 or not all(isinstance(x, int) and x > 0 for x in emb["shape"]):
@@ -142,3 +144,24 @@ def _validate(data: dict, path: str) -> None:
             raise InputError(f"{path}: {where}graph_inputs name inputs {missing} that {where}inputs lacks")
         if len(st["graph_outputs"]) != len(st["outputs"]):
             raise InputError(f"{path}: {where}graph_outputs and {where}outputs differ in length")
+
+
+def _validate_bucket(bucket, path: str) -> None:
+    """The shape bucket of an anyres export: image_size [H, W], pixel_values [1, crops, C, H, W] (one
+    image per vision.onnx call), features_per_image placeholder rows, newline_slots among them."""
+    def sizes(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+    if not isinstance(bucket, dict):
+        raise InputError(f"{path}: 'image_bucket' must be an object")
+    for key, ok in (("image_size", lambda v: sizes(v, 2)), ("pixel_values", lambda v: sizes(v, 5) and v[0] == 1),
+                    ("features_per_image", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                    ("newline_slots", sizes)):
+        if key not in bucket:
+            raise InputError(f"{path}: missing key image_bucket.{key!r}")
+        if not ok(bucket[key]):
+            raise InputError(f"{path}: image_bucket.{key!r} is malformed: {bucket[key]!r}")
+    if any(x >= bucket["features_per_image"] for x in bucket["newline_slots"]):
+        raise InputError(f"{path}: image_bucket.newline_slots reach past its {bucket['features_per_image']} "
+                         "features_per_image")

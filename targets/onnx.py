@@ -22,6 +22,14 @@ writes into `out/fastv/`:
                       opset and versions, and the host-side facts a runner needs (image token id,
                       vision positions mode, eos/pad ids)
 
+LLaVA-NeXT and LLaVA-OneVision (anyres: the crop count, grid and unpadding follow the image size)
+export one shape bucket per export, the image size of the example: vision.onnx is the model's own
+get_image_features for one image of that size (pixel_values (1, crops, C, H, W) -> its placeholder
+rows (tokens, D), image_newline rows included), run once per image; the manifest's "image_bucket"
+states the size, the pixel shape, the rows per image and which of them are newlines, and the
+runner refuses images of another size naming the bucket. Their prompts hold images only (no
+videos). An unpruned model (empty pipeline) exports too: the captured graphs as they are.
+
 The host side (where the vision tokens are, text layout, compacting after a vision-stage
 selection, merging image features into the embeddings) is graphprune.lower.runtime's, run by
 `graphprune.targets.ort.OrtPrunedModel` around ONNX Runtime sessions.
@@ -396,7 +404,8 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
     `example`: HF-style inputs (a dict or a graphprune.tools.zoo.Example, batch >= 2) used to trace the
     graphs; default: graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3)). Dynamic axes:
     batch, seq (prompt length), text (instruction tokens), images, past_<l> (layer l's cache).
-    Checks (unpruned model, exact-mode passes, a non-empty out_dir without overwrite) run before
+    Checks (exact-mode passes, a non-empty out_dir without overwrite, an anyres example of more
+    than one image size) run before
     anything is written; the files are written into a temporary directory next to out_dir and
     renamed into place, so a failed (or SIGTERM-ed) export leaves nothing behind, and the temporary
     directories of killed processes are removed by the next export next to them. `opset`: 18 up

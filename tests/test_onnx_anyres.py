@@ -1,0 +1,146 @@
+"""ONNX export + ONNX Runtime for the anyres families (LLaVA-NeXT, LLaVA-OneVision images), one
+shape bucket per export (graphprune.targets.onnx): vision.onnx runs the model's own anyres
+encoding (crops, packing, unpadding, image_newline) for images of the example's size.
+
+One export per (family, pipeline), shared by the module: FastV on both families against eager
+graphprune, the unpruned LLaVA-NeXT pipeline against Hugging Face itself. Parity on the ORT CPU
+execution provider: prefill logits of the real tokens to 1e-4, identical kept tokens, 16 identical
+greedy tokens, batch 2 with left padding (the traced example) and batch 1. vision.onnx is checked
+directly against the model's get_image_features, and images outside the bucket are refused.
+"""
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'graphprune[onnx]')")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'graphprune[onnx]')")
+
+import onnxruntime  # noqa: E402
+import torch  # noqa: E402
+from graphprune.targets.lint import check_static_onnx  # noqa: E402
+from graphprune.targets.manifest import Manifest  # noqa: E402
+from graphprune.targets.onnx import export_onnx  # noqa: E402
+from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
+
+import graphprune as gp  # noqa: E402
+from graphprune.errors import InputError  # noqa: E402
+from graphprune.tools import family_zoo  # noqa: E402
+
+STEPS = 16
+EXPORTS = {"llava_next-fastv": ("llava_next", "fastv(layer=2, keep=9)"),
+           "llava_next-unpruned": ("llava_next", None),
+           "llava_onevision-fastv": ("llava_onevision", "fastv(layer=2, keep=9)")}
+_MODELS: dict = {}
+
+
+def _model(family):
+    if family not in _MODELS:
+        model = family_zoo.build(family)
+        _MODELS[family] = (model, {"batch2": family_zoo.example(model, batch=2, pad=(0, 3)).as_kwargs(),
+                                   "batch1": family_zoo.example(model, batch=1, seed=1).as_kwargs()})
+    return _MODELS[family]
+
+
+@pytest.fixture(scope="module", params=list(EXPORTS))
+def exported(request, tmp_path_factory):
+    family, method = EXPORTS[request.param]
+    model, examples = _model(family)
+    pruned = gp.prune(model, method)
+    out = tmp_path_factory.mktemp("onnx") / request.param
+    export_onnx(pruned, out, example=examples["batch2"])
+    return request.param, model, examples, pruned, out, OrtPrunedModel(out)
+
+
+def _reference(name, model, pruned, kw):
+    """(kept prompt indices, logits, greedy ids): eager graphprune, or Hugging Face for the unpruned export."""
+    if not name.endswith("unpruned"):
+        ref = pruned(**kw)
+        return ref.kept, ref.logits, pruned.generate(**kw, max_new_tokens=STEPS, eos_token_id=[])
+    mask = kw["attention_mask"]
+    with torch.no_grad():                  # generate()'s positions for left padding
+        logits = model(**kw, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        ids = model.generate(**kw, max_new_tokens=STEPS, do_sample=False, eos_token_id=None, min_new_tokens=STEPS)
+    return torch.arange(mask.shape[1]).expand_as(mask), logits, ids
+
+
+@pytest.mark.parametrize("which", ["batch2", "batch1"])
+def test_prefill_and_greedy_tokens_match(exported, which):
+    name, model, examples, pruned, out, ort_model = exported
+    kw = examples[which]
+    kept, logits, ids = _reference(name, model, pruned, kw)
+    got = ort_model(**kw)
+    assert ort_model.provider == "CPUExecutionProvider"
+    assert torch.equal(got.kept, kept)
+    real = kw["attention_mask"].gather(1, kept) == 1
+    torch.testing.assert_close(got.logits[real], logits[real], atol=1e-4, rtol=0)
+    got_ids = ort_model.generate(**kw, max_new_tokens=STEPS, eos_token_id=[])
+    assert torch.equal(got_ids[:, -STEPS:], ids[:, -STEPS:])
+
+
+def test_vision_onnx_is_the_models_anyres_encoding(exported):
+    """vision.onnx on one image of the bucket = the model's get_image_features (Hugging Face's own
+    call), image_newline rows at the manifest's newline slots; the bucket is stated in the manifest."""
+    name, model, examples, pruned, out, _ = exported
+    kw = examples["batch2"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    bucket = manifest["image_bucket"]
+    assert bucket["image_size"] == kw["image_sizes"][0].tolist()
+    assert bucket["pixel_values"] == [1, *kw["pixel_values"].shape[1:]]
+    assert all(isinstance(d, int) for i in manifest["stages"]["vision"]["inputs"] for d in i["shape"])
+    cfg = model.config
+    with torch.no_grad():
+        hf = model.model.get_image_features(kw["pixel_values"][1:], kw["image_sizes"][1:],
+                                            vision_feature_layer=cfg.vision_feature_layer,
+                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    hf = getattr(hf, "pooler_output", hf)
+    hf = torch.cat(list(hf)) if isinstance(hf, (list, tuple)) else hf.reshape(-1, hf.shape[-1])
+    session = onnxruntime.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"pixel_values": kw["pixel_values"][1:].numpy()})[0])
+    torch.testing.assert_close(got, hf, atol=1e-5, rtol=0)
+    newline = torch.zeros(hf.shape[0], dtype=torch.bool)
+    newline[bucket["newline_slots"]] = True
+    assert bucket["features_per_image"] == hf.shape[0] == int((kw["input_ids"][0] == cfg.image_token_id).sum())
+    assert newline.any() and bool((got[newline] == model.model.image_newline).all())
+    assert not (got[~newline] == model.model.image_newline).all(-1).any()
+    assert check_static_onnx(out) == [str(out / f) for f in ("vision.onnx", "prefill.onnx", "decode.onnx")]
+
+
+def test_images_outside_the_bucket_are_refused(exported):
+    name, model, examples, pruned, out, ort_model = exported
+    if name != "llava_next-fastv":
+        pytest.skip("once")
+    other = family_zoo.example(model, batch=1, image_size=(90, 50)).as_kwargs()
+    with pytest.raises(InputError, match=r"image_sizes \[90, 50\]: this export holds one shape bucket, images of "
+                                         r"50x90"):
+        ort_model(**other)
+    kw = dict(examples["batch1"], pixel_values=examples["batch1"]["pixel_values"][:, :2])
+    with pytest.raises(InputError, match=r"pixel_values \(1, 2, 3, 56, 56\): this export's shape bucket takes "
+                                         r"images of 50x90 as \(images, 3, 3, 56, 56\)"):
+        ort_model(**kw)
+
+
+def test_export_needs_one_image_size_and_no_videos(tmp_path):
+    model, examples = _model("llava_next")
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)")
+    mixed = dict(examples["batch2"], image_sizes=torch.tensor([[50, 90], [60, 90]]))
+    with pytest.raises(InputError, match=r"image_sizes \[\[50, 90\], \[60, 90\]\] differ.*one shape bucket"):
+        export_onnx(pruned, tmp_path / "out", example=mixed)
+    with pytest.raises(InputError, match="give an example with pixel_values and image_sizes"):
+        export_onnx(pruned, tmp_path / "out", example={k: v for k, v in examples["batch2"].items()
+                                                       if k != "image_sizes"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_bucket_is_validated(exported, tmp_path):
+    name, model, examples, pruned, out, _ = exported
+    if name != "llava_next-fastv":
+        pytest.skip("once")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key, value, why in (("pixel_values", [2, 3, 3, 56, 56], "malformed"), ("newline_slots", [10 ** 6], "reach past"),
+                            ("image_size", None, "missing key image_bucket.'image_size'")):
+        bucket = dict(manifest["image_bucket"], **{key: value})
+        if value is None:
+            del bucket[key]
+        (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, image_bucket=bucket)))
+        with pytest.raises(InputError, match=why):
+            Manifest.load(tmp_path)
