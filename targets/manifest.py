@@ -12,6 +12,9 @@ FORMAT = "graphprune-onnx/1"
 STAGE_FILES = {"vision": "vision.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
 EMBED_FILE = "embed_tokens.npy"
 MANIFEST = "manifest.json"
+# the manifest's "host_vision" entry: no vision.onnx, the runner needs the model
+HOST_VISION_NOTE = ("the vision encoder (get_image_features / get_video_features) and the M-RoPE positions "
+                    "(get_rope_index) run on the host in torch: OrtPrunedModel(out_dir, model=model)")
 
 
 
@@ -116,8 +119,9 @@ def _validate(data: dict, path: str) -> None:
     need(emb, {"file": _STR, "shape": _LIST, "dtype": _STR}, "embedding.")
     if len(emb["shape"]) != 2 or not all(isinstance(x, int) and x > 0 for x in emb["shape"]):
         raise InputError(f"{path}: embedding.shape must be [vocab, hidden], got {emb['shape']!r}")
-    if set(data["stages"]) != set(STAGE_FILES):
-        raise InputError(f"{path}: 'stages' must name {', '.join(STAGE_FILES)}, got {sorted(data['stages'])}")
+    want = set(STAGE_FILES) - ({"vision"} if "host_vision" in data else set())
+    if set(data["stages"]) != want:
+        raise InputError(f"{path}: 'stages' must name {', '.join(sorted(want))}, got {sorted(data['stages'])}")
     for name, st in data["stages"].items():
         where = f"stages.{name}."
         if not isinstance(st, dict):

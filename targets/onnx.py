@@ -58,9 +58,10 @@ from torch import fx
 
 from graphprune.errors import GraphpruneError, InputError, PassConfigError, UnsupportedModelError
 from graphprune.families.llava_next import LlavaNextFamily
+from graphprune.families.qwen2_vl import Qwen2VLFamily
 
 from .lint import check_static_onnx
-from .manifest import EMBED_FILE, FORMAT, MANIFEST, STAGE_FILES, Manifest
+from .manifest import EMBED_FILE, FORMAT, HOST_VISION_NOTE, MANIFEST, STAGE_FILES, Manifest
 
 
 class ExportError(GraphpruneError):
@@ -93,6 +94,13 @@ def image_bucket_family(pruned) -> bool:
     return pruned.program.stages["vision"].gm is None and isinstance(pruned.family, LlavaNextFamily)
 
 
+def host_vision(pruned) -> bool:
+    """Whether the vision encoder and the M-RoPE positions stay on the host, in torch (Qwen2-VL,
+    Qwen2.5-VL: a data-dependent patch grid per image, positions from the model's get_rope_index):
+    only prefill.onnx and decode.onnx are written, and the runner needs the model."""
+    return pruned.program.stages["vision"].gm is None and isinstance(pruned.family, Qwen2VLFamily)
+
+
 def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
     for p in pruned.pipeline:
         if getattr(getattr(p, "config", None), "mode", None) == "exact":
@@ -103,8 +111,18 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
         if any(i.get("keep") == "data-dependent" for i in infos):
             raise PassConfigError(f"{r.info.get('pass')}: keeps a data-dependent number of tokens; "
                                   "use mode='static' to export")
+    if isinstance(pruned.family, Qwen2VLFamily) and pruned.family.deepstack_layers():
+        raise UnsupportedModelError(pruned.family.model_class, "ONNX export",
+                                    "its DeepStack features (added at the first LM layers) are not exported; "
+                                    "Qwen2-VL and Qwen2.5-VL are")
+    if pruned.family.position_axes != 1 and getattr(pruned, "layer_positions", False):
+        raise UnsupportedModelError(pruned.family.model_class, "ONNX export of compact positions",
+                                    "a pass renumbering positions per layer runs on 1-D positions only in ONNX; "
+                                    "use the pass's default positions")
+    host = host_vision(pruned)
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
-               or (pruned.program.stages[k].gm is None and not (k == "vision" and image_bucket_family(pruned)))]
+               or (pruned.program.stages[k].gm is None and not (k == "vision" and (image_bucket_family(pruned)
+                                                                                   or host)))]
     if "decode" in missing:
         missing.remove("decode")
     if missing or getattr(pruned, "decode_gm", None) is None:
@@ -112,10 +130,6 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
                         if pruned.program.stages.get(k) is not None) or "not captured"
         raise UnsupportedModelError(pruned.family.model_class, f"captured {', '.join(missing or ['decode'])} stage",
                                     f"ONNX export needs the vision, prefill and decode graphs ({why})")
-    if getattr(pruned.family, "position_axes", 1) != 1:
-        raise UnsupportedModelError(pruned.family.model_class, "1-D position ids",
-                                    "ONNX export supports LLaVA-style models (M-RoPE positions are host-computed "
-                                    "from the model and are not exported)")
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise InputError(f"{out_dir} exists and is not a directory")
@@ -294,6 +308,8 @@ def _translations() -> dict:
 # -- dynamic axes ---------------------------------------------------------------------------------
 
 def _axes_prefill(name: str, value: torch.Tensor, batch: int) -> dict[int, str]:
+    if name == "position_ids" and value.dim() == 3:          # M-RoPE: (3, batch, seq)
+        return {1: "batch", 2: "seq"}
     if name in ("inputs_embeds", "position_ids", "attention_mask"):
         return {0: "batch", 1: "seq"}
     if name in ("text_index", "text_mask"):
@@ -437,7 +453,9 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
 
     stages, bucket = {}, None
-    if image_bucket_family(pruned):
+    if host_vision(pruned):
+        pass
+    elif image_bucket_family(pruned):
         stages["vision"], bucket = _export_image_bucket(pruned, kw, tmp, opset, optimize)
     else:
         # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
@@ -499,6 +517,7 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
                       "note": "the embedding lookup (row gather of input_ids) runs on the host"},
         "stages": stages,
         **({} if bucket is None else {"image_bucket": bucket}),
+        **({"host_vision": HOST_VISION_NOTE} if host_vision(pruned) else {}),
         "reference_prompt": {
             "source": ("example" if example is not None
                        else "graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3))"),
@@ -654,9 +673,10 @@ def _decode_example(pruned, ref, b):
             d = pruned.family.text_config().hidden_size
             inputs[name] = torch.randn(b, 1, d, generator=g, dtype=cache[0].keys.dtype)
             axes[name] = {0: "batch"}
-        elif name == "position_ids":
-            inputs[name] = torch.full((b, 1), base + 3, dtype=torch.long)
-            axes[name] = {0: "batch"}
+        elif name == "position_ids":            # M-RoPE: (3, batch, 1), every axis alike
+            axes_first = pruned.family.position_axes != 1
+            inputs[name] = torch.full((3, b, 1) if axes_first else (b, 1), base + 3, dtype=torch.long)
+            axes[name] = {1: "batch"} if axes_first else {0: "batch"}
         elif name.startswith("past_"):
             j = int(name.split("_")[1])
             layer, kind = divmod(j, 2)

@@ -52,10 +52,14 @@ class _HostFamily(Family):
         self.name = manifest["family"]
         self.position_axes = 1
         self._image_token = manifest["image_token_id"]
+        self._video_token = manifest.get("video_token_id")
         self._embed = embed
 
     def image_token_id(self):
         return self._image_token
+
+    def video_token_id(self):
+        return self._video_token
 
     def embed(self, input_ids):
         return torch.nn.functional.embedding(input_ids, self._embed)
@@ -75,13 +79,9 @@ class _BucketHostFamily(_HostFamily, LlavaNextFamily):
     def __init__(self, manifest: Manifest, embed: torch.Tensor, vision: "OrtGraph"):
         super().__init__(manifest, embed)
         self.bucket, self.vision = manifest["image_bucket"], vision
-        self._video_token = manifest.get("video_token_id")
 
     def body(self):
         return None                       # no Hugging Face model: image_features runs vision.onnx
-
-    def video_token_id(self):
-        return self._video_token
 
     def _check_size(self, image_size) -> None:
         size = [int(x) for x in torch.as_tensor(image_size).tolist()]
@@ -189,11 +189,12 @@ class OrtPrunedModel(PrunedModel):
     runs, `fallback` why CUDA was not used (None if it was not asked for or it loaded).
     """
 
-    def __init__(self, out_dir, providers=None, *, device_id: int = 0, session_options=None):
+    def __init__(self, out_dir, providers=None, *, model=None, device_id: int = 0, session_options=None):
         ort = _onnxruntime()
         torch.nn.Module.__init__(self)         # no Hugging Face model: PrunedModel.__init__ does not apply
         self.manifest = Manifest.load(out_dir)
         m = self.manifest
+        host = _host_family(m, model)          # Qwen2(.5)-VL: vision and M-RoPE positions in torch
         embed = _embedding(m)
         want = list(providers) if providers is not None else (
             [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
@@ -215,8 +216,9 @@ class OrtPrunedModel(PrunedModel):
         # the state PrunedModel's host-side code reads (see graphprune.lower.runtime); a shape-bucket
         # vision stage runs inside the family, where the model's get_image_features would
         bucket = "image_bucket" in m
-        self.family = _BucketHostFamily(m, embed, graphs["vision"]) if bucket else _HostFamily(m, embed)
-        staged = {"vision": None if bucket else graphs["vision"], "prefill": graphs["prefill"]}
+        self.family = host or (_BucketHostFamily(m, embed, graphs["vision"]) if bucket else _HostFamily(m, embed))
+        staged = {"vision": graphs.get("vision") if host is None and not bucket else None,
+                  "prefill": graphs["prefill"]}
         self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=g) for k, g in staged.items()},
                                        family=self.family)
         self.executables = staged                  # what PrunedModel runs per stage
@@ -250,7 +252,7 @@ class OrtPrunedModel(PrunedModel):
 
     def _sessions(self, ort, providers, session_options) -> dict:
         sessions = {}
-        for k in ("vision", "prefill", "decode"):
+        for k in self.manifest["stages"]:
             path = self.manifest.path(k)
             try:
                 sessions[k] = ort.InferenceSession(path, sess_options=session_options, providers=providers)
@@ -285,7 +287,9 @@ class OrtPrunedModel(PrunedModel):
         if past_key_values is not None and past_key_values.layers:       # decode: decode.onnx
             return super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
                                    past_key_values, **unused)
-        if not bool((input_ids == self.family.image_token_id()).any()):
+        video = self.family.video_token_id()
+        if not bool(((input_ids == self.family.image_token_id()) | (input_ids == video if video is not None
+                                                                    else False)).any()):
             raise InputError("text-only prompt: the ONNX export holds the pruned prefill, which needs image tokens "
                              "(run text-only prompts on the unpruned model)")
         out = super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
@@ -300,6 +304,24 @@ class OrtPrunedModel(PrunedModel):
             raise InputError("static_cache=True decodes torch graphs in place; an ONNX export decodes with "
                              "decode.onnx over per-layer caches (leave static_cache unset)")
         return super().generate(*args, **kwargs)
+
+
+def _host_family(m: Manifest, model):
+    """The model's own family, for an export whose vision encoder and positions run on the host
+    (manifest "host_vision"); None for the others, which take no model."""
+    if "host_vision" not in m:
+        if model is not None:
+            raise InputError(f"{m.out_dir}: this export runs without the model (its vision stage is vision.onnx); "
+                             "leave model= unset")
+        return None
+    if model is None:
+        raise InputError(f"{m.out_dir}: {m['host_vision']}; pass model= ({m['model_class']}, the model it was "
+                         "exported from)")
+    from graphprune.families import family_of
+    family = family_of(model)
+    if family.model_class != m["model_class"]:
+        raise InputError(f"model= is a {family.model_class}; this export is of a {m['model_class']}")
+    return family
 
 
 def _embedding(m: Manifest) -> torch.Tensor:
