@@ -19,8 +19,10 @@ writes into `out/fastv/`:
                       gather) stays on the host, as in graphprune's runtime
     manifest.json     inputs/outputs of each graph (dtype, shape with named dynamic axes), the
                       pipeline and its budgets, per-layer KV lengths of the reference prompt,
-                      opset and versions, and the host-side facts a runner needs (image token id,
-                      vision positions mode, eos/pad ids)
+                      opset and versions, and the host-side facts a runner needs (image / video
+                      token ids, vision positions mode, eos/pad ids); for an anyres export its
+                      "image_bucket" (image_size [H, W], pixel_values [1, crops, C, H, W],
+                      features_per_image, newline_slots), for Qwen "host_vision" (no vision.onnx)
 
 LLaVA-NeXT and LLaVA-OneVision (anyres: the crop count, grid and unpadding follow the image size)
 export one shape bucket per export, the image size of the example: vision.onnx is the model's own
@@ -28,7 +30,11 @@ get_image_features for one image of that size (pixel_values (1, crops, C, H, W) 
 rows (tokens, D), image_newline rows included), run once per image; the manifest's "image_bucket"
 states the size, the pixel shape, the rows per image and which of them are newlines, and the
 runner refuses images of another size naming the bucket. Their prompts hold images only (no
-videos). An unpruned model (empty pipeline) exports too: the captured graphs as they are.
+videos). Qwen2-VL / Qwen2.5-VL export prefill.onnx and decode.onnx with (3, batch, seq) M-RoPE
+position_ids (decode: (3, batch, 1), the rope delta + step the host computes); their vision encoder
+and get_rope_index run on the host in torch, so the runner takes the model
+(`OrtPrunedModel(out, model=model)`). An unpruned model (empty pipeline) exports too: the captured
+graphs as they are.
 
 The host side (where the vision tokens are, text layout, compacting after a vision-stage
 selection, merging image features into the embeddings) is graphprune.lower.runtime's, run by
@@ -115,10 +121,6 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
         raise UnsupportedModelError(pruned.family.model_class, "ONNX export",
                                     "its DeepStack features (added at the first LM layers) are not exported; "
                                     "Qwen2-VL and Qwen2.5-VL are")
-    if pruned.family.position_axes != 1 and getattr(pruned, "layer_positions", False):
-        raise UnsupportedModelError(pruned.family.model_class, "ONNX export of compact positions",
-                                    "a pass renumbering positions per layer runs on 1-D positions only in ONNX; "
-                                    "use the pass's default positions")
     host = host_vision(pruned)
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
                or (pruned.program.stages[k].gm is None and not (k == "vision" and (image_bucket_family(pruned)

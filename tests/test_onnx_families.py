@@ -1,8 +1,10 @@
-"""ONNX export + ONNX Runtime for the anyres families (LLaVA-NeXT, LLaVA-OneVision images), one
-shape bucket per export (graphprune.targets.onnx): vision.onnx runs the model's own anyres
-encoding (crops, packing, unpadding, image_newline) for images of the example's size.
+"""ONNX export + ONNX Runtime beyond LLaVA-1.5 (graphprune.targets.onnx): the anyres families
+(LLaVA-NeXT, LLaVA-OneVision images), one shape bucket per export, vision.onnx running the model's
+own anyres encoding (crops, packing, unpadding, image_newline) for images of the example's size;
+and Qwen2.5-VL, whose prefill and decode graphs take 3-D M-RoPE positions while its vision encoder
+and get_rope_index stay on the host in torch.
 
-One export per (family, pipeline), shared by the module: FastV on both families against eager
+One export per (family, pipeline), shared by the module: FastV on each family against eager
 graphprune, the unpruned LLaVA-NeXT pipeline against Hugging Face itself. Parity on the ORT CPU
 execution provider: prefill logits of the real tokens to 1e-4, identical kept tokens, 16 identical
 greedy tokens, batch 2 with left padding (the traced example) and batch 1. vision.onnx is checked
@@ -23,19 +25,21 @@ from graphprune.targets.onnx import export_onnx  # noqa: E402
 from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
 
 import graphprune as gp  # noqa: E402
-from graphprune.errors import InputError  # noqa: E402
+from graphprune.errors import InputError, UnsupportedModelError  # noqa: E402
 from graphprune.tools import family_zoo  # noqa: E402
 
 STEPS = 16
 EXPORTS = {"llava_next-fastv": ("llava_next", "fastv(layer=2, keep=9)"),
            "llava_next-unpruned": ("llava_next", None),
-           "llava_onevision-fastv": ("llava_onevision", "fastv(layer=2, keep=9)")}
+           "llava_onevision-fastv": ("llava_onevision", "fastv(layer=2, keep=9)"),
+           "qwen2_5_vl-fastv": ("qwen2_5_vl", "fastv(layer=2, keep=9)")}
+HOST_VISION = ("qwen2_5_vl",)
 _MODELS: dict = {}
 
 
 def _model(family):
     if family not in _MODELS:
-        model = family_zoo.build(family)
+        model = family_zoo.build(family, layers=3)       # FastV at layer 2 of 3: cheaper exports
         _MODELS[family] = (model, {"batch2": family_zoo.example(model, batch=2, pad=(0, 3)).as_kwargs(),
                                    "batch1": family_zoo.example(model, batch=1, seed=1).as_kwargs()})
     return _MODELS[family]
@@ -47,8 +51,11 @@ def exported(request, tmp_path_factory):
     model, examples = _model(family)
     pruned = gp.prune(model, method)
     out = tmp_path_factory.mktemp("onnx") / request.param
-    export_onnx(pruned, out, example=examples["batch2"])
-    return request.param, model, examples, pruned, out, OrtPrunedModel(out)
+    # optimize=False: the onnxscript optimizer's pass costs a fifth of the export time; ONNX Runtime
+    # optimizes the graphs when it loads them (test_onnx.py covers the optimized export)
+    export_onnx(pruned, out, example=examples["batch2"], optimize=False)
+    return request.param, model, examples, pruned, out, OrtPrunedModel(out, model=model if family in HOST_VISION
+                                                                         else None)
 
 
 def _reference(name, model, pruned, kw):
@@ -81,6 +88,8 @@ def test_vision_onnx_is_the_models_anyres_encoding(exported):
     """vision.onnx on one image of the bucket = the model's get_image_features (Hugging Face's own
     call), image_newline rows at the manifest's newline slots; the bucket is stated in the manifest."""
     name, model, examples, pruned, out, _ = exported
+    if name.startswith(HOST_VISION):
+        pytest.skip("its vision encoder runs on the host")
     kw = examples["batch2"]
     manifest = json.loads((out / "manifest.json").read_text())
     bucket = manifest["image_bucket"]
@@ -144,3 +153,33 @@ def test_manifest_bucket_is_validated(exported, tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, image_bucket=bucket)))
         with pytest.raises(InputError, match=why):
             Manifest.load(tmp_path)
+
+
+def test_qwen_exports_mrope_positions_and_needs_the_model(exported):
+    """Qwen2.5-VL: no vision.onnx; prefill and decode take (3, batch, ...) M-RoPE positions; the
+    runner needs the model (its vision encoder and get_rope_index) and refuses to run without it."""
+    name, model, examples, pruned, out, _ = exported
+    if not name.startswith(HOST_VISION):
+        pytest.skip("Qwen only")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["stages"]) == ["decode", "prefill"] and "host_vision" in manifest
+    shapes = {stage: {i["name"]: i["shape"] for i in manifest["stages"][stage]["inputs"]}
+              for stage in ("prefill", "decode")}
+    assert shapes["prefill"]["position_ids"] == [3, "batch", "seq"]
+    assert shapes["decode"]["position_ids"] == [3, "batch", 1]
+    assert check_static_onnx(out) == [str(out / f) for f in ("prefill.onnx", "decode.onnx")]
+    with pytest.raises(InputError, match=r"run on the host in torch.*pass model= \(Qwen2_5_VLForConditionalGeneration"):
+        OrtPrunedModel(out)
+    with pytest.raises(InputError, match="model= is a LlavaNextForConditionalGeneration; this export is of a Qwen2_5"):
+        OrtPrunedModel(out, model=_model("llava_next")[0])
+
+
+def test_qwen3_vl_deepstack_is_refused(tmp_path):
+    import transformers
+    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+        pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
+    model = family_zoo.build("qwen3_vl", layers=2)
+    ex = family_zoo.example(model, batch=2).as_kwargs()
+    with pytest.raises(UnsupportedModelError, match="DeepStack features"):
+        export_onnx(gp.prune(model), tmp_path / "out", example=ex)
+    assert list(tmp_path.iterdir()) == []
