@@ -115,6 +115,8 @@ def _validate(data: dict, path: str) -> None:
     need(data["reference_prompt"], _REFERENCE, "reference_prompt.")
     if "image_bucket" in data:
         _validate_bucket(data["image_bucket"], path)
+    if "video_bucket" in data:
+        _validate_video_bucket(data["video_bucket"], path)
     emb = data["embedding"]
     need(emb, {"file": _STR, "shape": _LIST, "dtype": _STR}, "embedding.")
     if len(emb["shape"]) != 2 or not all(isinstance(x, int) and x > 0 for x in emb["shape"]):
@@ -169,3 +171,20 @@ def _validate_bucket(bucket, path: str) -> None:
     if any(x >= bucket["features_per_image"] for x in bucket["newline_slots"]):
         raise InputError(f"{path}: image_bucket.newline_slots reach past its {bucket['features_per_image']} "
                          "features_per_image")
+
+
+def _validate_video_bucket(bucket, path: str) -> None:
+    """The shape bucket of an anyres video export: pixel_values_videos [1, frames, C, H, W] (one video
+    per vision.onnx call), features_per_video placeholder rows, closing_newlines among them."""
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(bucket, dict):
+        raise InputError(f"{path}: 'video_bucket' must be an object")
+    for key, ok in (("pixel_values_videos", lambda v: isinstance(v, list) and len(v) == 5 and v[0] == 1
+                     and all(count(x, 1) for x in v)),
+                    ("features_per_video", lambda v: count(v, 1)), ("closing_newlines", lambda v: count(v, 0))):
+        if key not in bucket:
+            raise InputError(f"{path}: missing key video_bucket.{key!r}")
+        if not ok(bucket[key]):
+            raise InputError(f"{path}: video_bucket.{key!r} is malformed: {bucket[key]!r}")

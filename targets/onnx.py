@@ -22,15 +22,19 @@ writes into `out/fastv/`:
                       opset and versions, and the host-side facts a runner needs (image / video
                       token ids, vision positions mode, eos/pad ids); for an anyres export its
                       "image_bucket" (image_size [H, W], pixel_values [1, crops, C, H, W],
-                      features_per_image, newline_slots), for Qwen "host_vision" (no vision.onnx)
+                      features_per_image, newline_slots) or "video_bucket" (pixel_values_videos
+                      [1, frames, C, H, W], features_per_video, closing_newlines), for Qwen
+                      "host_vision" (no vision.onnx)
 
 LLaVA-NeXT and LLaVA-OneVision (anyres: the crop count, grid and unpadding follow the image size)
 export one shape bucket per export, the image size of the example: vision.onnx is the model's own
 get_image_features for one image of that size (pixel_values (1, crops, C, H, W) -> its placeholder
 rows (tokens, D), image_newline rows included), run once per image; the manifest's "image_bucket"
 states the size, the pixel shape, the rows per image and which of them are newlines, and the
-runner refuses images of another size naming the bucket. Their prompts hold images only (no
-videos). Qwen2-VL / Qwen2.5-VL export prefill.onnx and decode.onnx with (3, batch, seq) M-RoPE
+runner refuses images of another size naming the bucket. An example of videos only (OneVision)
+exports a video bucket instead: vision.onnx is get_video_features for one video of the example's
+shape (pixel_values_videos (1, frames, C, H, W)), the manifest's "video_bucket" states it; an
+export holds images or videos, not both. Qwen2-VL / Qwen2.5-VL export prefill.onnx and decode.onnx with (3, batch, seq) M-RoPE
 position_ids (decode: (3, batch, 1), the rope delta + step the host computes); their vision encoder
 and get_rope_index run on the host in torch, so the runner takes the model
 (`OrtPrunedModel(out, model=model)`). An unpruned model (empty pipeline) exports too: the captured
@@ -94,7 +98,7 @@ def check_opset(opset) -> None:
 
 # -- checks made before anything is written ----------------------------------------------------
 
-def image_bucket_family(pruned) -> bool:
+def vision_bucket_family(pruned) -> bool:
     """Whether the vision stage exports per shape bucket: an anyres family (LLaVA-NeXT, OneVision)
     whose vision encoder runs eagerly, its crop count and packing depending on the image size."""
     return pruned.program.stages["vision"].gm is None and isinstance(pruned.family, LlavaNextFamily)
@@ -123,7 +127,7 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
                                     "Qwen2-VL and Qwen2.5-VL are")
     host = host_vision(pruned)
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
-               or (pruned.program.stages[k].gm is None and not (k == "vision" and (image_bucket_family(pruned)
+               or (pruned.program.stages[k].gm is None and not (k == "vision" and (vision_bucket_family(pruned)
                                                                                    or host)))]
     if "decode" in missing:
         missing.remove("decode")
@@ -386,10 +390,13 @@ def _example_inputs(pruned, example):
     if kw["input_ids"].shape[0] < 2:
         raise InputError("export_onnx: the example needs batch >= 2 (a batch of 1 would fix the batch size "
                          "of the exported graphs)")
-    if image_bucket_family(pruned):
-        if kw.get("pixel_values_videos") is not None:
-            raise InputError(f"export_onnx: the example holds videos; a {pruned.family.model_class} export holds "
-                             "images only (give an example of images)")
+    if vision_bucket_family(pruned):
+        videos = kw.get("pixel_values_videos") is not None
+        if videos and kw.get("pixel_values") is not None:
+            raise InputError(f"export_onnx: the example holds images and videos; a {pruned.family.model_class} "
+                             "export holds one shape bucket, of images or of videos: give an example of one kind")
+        if videos:
+            return kw
         sizes = kw.get("image_sizes")
         if kw.get("pixel_values") is None or sizes is None:
             raise InputError(f"export_onnx: a {pruned.family.model_class} export is traced for the image size of "
@@ -454,11 +461,12 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     b = kw["input_ids"].shape[0]
     n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
 
-    stages, bucket = {}, None
+    stages, bucket = {}, {}
     if host_vision(pruned):
         pass
-    elif image_bucket_family(pruned):
-        stages["vision"], bucket = _export_image_bucket(pruned, kw, tmp, opset, optimize)
+    elif vision_bucket_family(pruned):
+        stages["vision"], kind, spec = _export_vision_bucket(pruned, kw, tmp, opset, optimize)
+        bucket = {kind: spec}
     else:
         # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
         vgm = pruned.program.stages["vision"].gm
@@ -515,10 +523,11 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
         "pipeline_repr": " | ".join(repr(p) for p in pruned.pipeline),
         "budgets": _budgets(pruned),
         "vision_positions": pruned._vision_positions(),
+        "video_unit": pruned.video_unit,
         "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
                       "note": "the embedding lookup (row gather of input_ids) runs on the host"},
         "stages": stages,
-        **({} if bucket is None else {"image_bucket": bucket}),
+        **bucket,
         **({"host_vision": HOST_VISION_NOTE} if host_vision(pruned) else {}),
         "reference_prompt": {
             "source": ("example" if example is not None
@@ -642,23 +651,34 @@ def _export_stage(stage, gm, inputs, axes_of, mins, tmp, opset, rename, optimize
     return spec
 
 
-def _export_image_bucket(pruned, kw, tmp, opset, optimize) -> tuple[dict, dict]:
-    """vision.onnx of an anyres family for the example's shape bucket: one image of its size
-    (pixel_values (1, crops, C, H, W)) -> its placeholder features (tokens, D), image_newline rows
-    included; captured from the model's own get_image_features with the size baked in and checked
-    against it. Returns the stage spec and the bucket the manifest states."""
-    from graphprune.capture.export import capture_image_bucket
+def _export_vision_bucket(pruned, kw, tmp, opset, optimize) -> tuple[dict, str, dict]:
+    """vision.onnx of an anyres family for the example's shape bucket, captured from the model's own
+    get_image_features (the image size baked in) or get_video_features and checked against it: one
+    image of the example's size (pixel_values (1, crops, C, H, W)), or one video of its shape
+    (pixel_values_videos (1, frames, C, H, W)) -> its placeholder rows (rows, D), image_newline rows
+    included. Returns the stage spec, the manifest key ("image_bucket" / "video_bucket") and the bucket."""
+    from graphprune.capture.export import capture_vision_bucket
     from graphprune.verify.eager import check_against_eager
-    pixels, size = kw["pixel_values"][:1], torch.as_tensor(kw["image_sizes"])[0]
-    stage = capture_image_bucket(pruned.family, pixels, size.tolist())
-    check_against_eager(stage, pruned.family.model_class)
-    spec = _export_stage("vision", stage.gm, {"pixel_values": pixels}, lambda name, val: {}, {}, tmp, opset, None,
-                         optimize)
-    newline = pruned.family.newline_slots(size)
-    bucket = {"image_size": [int(x) for x in size], "pixel_values": list(pixels.shape),
-              "features_per_image": int(newline.numel()), "newline_slots": newline.nonzero()[:, 0].tolist(),
-              "note": "vision.onnx takes one image of this size at a time; other sizes need another export"}
-    return spec, bucket
+    family = pruned.family
+    if kw.get("pixel_values_videos") is not None:
+        pixels, size = kw["pixel_values_videos"][:1], None
+    else:
+        pixels, size = kw["pixel_values"][:1], torch.as_tensor(kw["image_sizes"])[0]
+    stage = capture_vision_bucket(family, pixels, None if size is None else size.tolist())
+    check_against_eager(stage, family.model_class)
+    spec = _export_stage("vision", stage.gm, {"pixels": pixels}, lambda name, val: {}, {}, tmp, opset,
+                         {"pixels": stage.inputs[0]}, optimize)
+    rows = spec["outputs"][0]["shape"][0]
+    if size is None:
+        return spec, "video_bucket", {
+            "pixel_values_videos": list(pixels.shape), "features_per_video": rows,
+            "closing_newlines": family.video_newline,
+            "note": "vision.onnx takes one video of this shape at a time; other frame counts need another export"}
+    newline = family.newline_slots(size)
+    return spec, "image_bucket", {
+        "image_size": [int(x) for x in size], "pixel_values": list(pixels.shape), "features_per_image": rows,
+        "newline_slots": newline.nonzero()[:, 0].tolist(),
+        "note": "vision.onnx takes one image of this size at a time; other sizes need another export"}
 
 
 def _decode_example(pruned, ref, b):

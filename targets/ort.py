@@ -25,6 +25,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.families import Family
+from graphprune.families.base import MODALITIES, check_video_unit
 from graphprune.families.llava_next import LlavaNextFamily
 from graphprune.lower.runtime import PrunedModel
 from graphprune.rewrite.positions import LAYER_POSITIONS
@@ -70,15 +71,20 @@ class _HostFamily(Family):
 
 class _BucketHostFamily(_HostFamily, LlavaNextFamily):
     """An anyres family (LLaVA-NeXT, OneVision) exported for one shape bucket (manifest
-    "image_bucket"): LlavaNextFamily's prompt layout over the bucket's newline slots, the images'
-    features from vision.onnx, one image per call. Images of another size are refused."""
-
-    vision_inputs = ("pixel_values", "image_sizes")
-    image_feature_inputs = ("image_sizes",)
+    "image_bucket" or "video_bucket"): LlavaNextFamily's prompt layout over the bucket's newline
+    slots (Family.with_videos for videos), the features from vision.onnx, one image or video per
+    call. Images of another size, videos of another shape, and the other kind are refused."""
 
     def __init__(self, manifest: Manifest, embed: torch.Tensor, vision: "OrtGraph"):
         super().__init__(manifest, embed)
-        self.bucket, self.vision = manifest["image_bucket"], vision
+        self.vision = vision
+        self.bucket = manifest.get("image_bucket")
+        self.video_bucket = manifest.get("video_bucket")
+        if self.video_bucket is not None:        # (pixel_values / image_sizes given: "unexpected inputs")
+            self.vision_inputs, self.image_feature_inputs = ("pixel_values_videos",), ()
+            self.video_newline = self.video_bucket["closing_newlines"]
+        else:
+            self.vision_inputs, self.image_feature_inputs = ("pixel_values", "image_sizes"), ("image_sizes",)
 
     def body(self):
         return None                       # no Hugging Face model: image_features runs vision.onnx
@@ -108,6 +114,22 @@ class _BucketHostFamily(_HostFamily, LlavaNextFamily):
             raise InputError(f"pixel_values {tuple(pixel_values.shape)}: this export's shape bucket takes images "
                              f"of {h}x{w} as (images, {', '.join(map(str, per_image))})")
         return torch.cat([self.vision(image[None])[0] for image in pixel_values])
+
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES, **inputs):
+        if inputs.get("pixel_values_videos") is not None:       # before the layout counts its frames
+            self._check_videos(inputs["pixel_values_videos"])
+        return super().vision_layout(input_ids, video_unit, modalities, **inputs)
+
+    def _check_videos(self, pixel_values_videos) -> None:
+        per_video = tuple(self.video_bucket["pixel_values_videos"][1:])
+        if tuple(pixel_values_videos.shape[1:]) != per_video:
+            raise InputError(f"pixel_values_videos {tuple(pixel_values_videos.shape)}: this export holds one shape "
+                             f"bucket, videos of (videos, {', '.join(map(str, per_video))}) (frames, channels, height, "
+                             "width); export again with an example of the videos you serve")
+
+    def video_features(self, body, pixel_values_videos, **kw):
+        self._check_videos(pixel_values_videos)
+        return torch.cat([self.vision(video[None])[0] for video in pixel_values_videos])
 
 
 class _Node:
@@ -215,7 +237,7 @@ class OrtPrunedModel(PrunedModel):
 
         # the state PrunedModel's host-side code reads (see graphprune.lower.runtime); a shape-bucket
         # vision stage runs inside the family, where the model's get_image_features would
-        bucket = "image_bucket" in m
+        bucket = "image_bucket" in m or "video_bucket" in m
         self.family = host or (_BucketHostFamily(m, embed, graphs["vision"]) if bucket else _HostFamily(m, embed))
         staged = {"vision": graphs.get("vision") if host is None and not bucket else None,
                   "prefill": graphs["prefill"]}
@@ -223,7 +245,7 @@ class OrtPrunedModel(PrunedModel):
                                        family=self.family)
         self.executables = staged                  # what PrunedModel runs per stage
         self.attention, self.linear = "onnxruntime", "onnxruntime"
-        self.video_unit = "frame"                 # exports hold images only
+        self.video_unit = check_video_unit(m.get("video_unit", "frame"))     # what a video's keep counts
         # compact positions between layers: the decode graph takes each layer's new position
         self.layer_positions = any(io["name"] == LAYER_POSITIONS for io in m["stages"]["decode"]["inputs"])
         self.decode_gm = self.decode_exec = graphs["decode"]

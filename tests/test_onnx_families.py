@@ -29,26 +29,31 @@ from graphprune.errors import InputError, UnsupportedModelError  # noqa: E402
 from graphprune.tools import family_zoo  # noqa: E402
 
 STEPS = 16
-EXPORTS = {"llava_next-fastv": ("llava_next", "fastv(layer=2, keep=9)"),
-           "llava_next-unpruned": ("llava_next", None),
-           "llava_onevision-fastv": ("llava_onevision", "fastv(layer=2, keep=9)"),
-           "qwen2_5_vl-fastv": ("qwen2_5_vl", "fastv(layer=2, keep=9)")}
+EXPORTS = {"llava_next-fastv": ("llava_next", "fastv(layer=2, keep=9)", "image"),
+           "llava_next-unpruned": ("llava_next", None, "image"),
+           "llava_onevision-fastv": ("llava_onevision", "fastv(layer=2, keep=9)", "image"),
+           "llava_onevision-video-fastv": ("llava_onevision", "fastv(layer=2, keep=9)", "video"),
+           "qwen2_5_vl-fastv": ("qwen2_5_vl", "fastv(layer=2, keep=9)", "image")}
 HOST_VISION = ("qwen2_5_vl",)
 _MODELS: dict = {}
 
 
 def _model(family):
     if family not in _MODELS:
-        model = family_zoo.build(family, layers=3)       # FastV at layer 2 of 3: cheaper exports
-        _MODELS[family] = (model, {"batch2": family_zoo.example(model, batch=2, pad=(0, 3)).as_kwargs(),
-                                   "batch1": family_zoo.example(model, batch=1, seed=1).as_kwargs()})
+        _MODELS[family] = family_zoo.build(family, layers=3)       # FastV at layer 2 of 3: cheaper exports
     return _MODELS[family]
+
+
+def _examples(model, item):
+    return {"batch2": family_zoo.example(model, batch=2, pad=(0, 3), items=(item,)).as_kwargs(),
+            "batch1": family_zoo.example(model, batch=1, seed=1, items=(item,)).as_kwargs()}
 
 
 @pytest.fixture(scope="module", params=list(EXPORTS))
 def exported(request, tmp_path_factory):
-    family, method = EXPORTS[request.param]
-    model, examples = _model(family)
+    family, method, item = EXPORTS[request.param]
+    model = _model(family)
+    examples = _examples(model, item)
     pruned = gp.prune(model, method)
     out = tmp_path_factory.mktemp("onnx") / request.param
     # optimize=False: the onnxscript optimizer's pass costs a fifth of the export time; ONNX Runtime
@@ -88,8 +93,8 @@ def test_vision_onnx_is_the_models_anyres_encoding(exported):
     """vision.onnx on one image of the bucket = the model's get_image_features (Hugging Face's own
     call), image_newline rows at the manifest's newline slots; the bucket is stated in the manifest."""
     name, model, examples, pruned, out, _ = exported
-    if name.startswith(HOST_VISION):
-        pytest.skip("its vision encoder runs on the host")
+    if name.startswith(HOST_VISION) or "video" in name:
+        pytest.skip("images only; its vision encoder runs on the host (Qwen)")
     kw = examples["batch2"]
     manifest = json.loads((out / "manifest.json").read_text())
     bucket = manifest["image_bucket"]
@@ -129,7 +134,8 @@ def test_images_outside_the_bucket_are_refused(exported):
 
 
 def test_export_needs_one_image_size_and_no_videos(tmp_path):
-    model, examples = _model("llava_next")
+    model = _model("llava_next")
+    examples = _examples(model, "image")
     pruned = gp.prune(model, "fastv(layer=2, keep=9)")
     mixed = dict(examples["batch2"], image_sizes=torch.tensor([[50, 90], [60, 90]]))
     with pytest.raises(InputError, match=r"image_sizes \[\[50, 90\], \[60, 90\]\] differ.*one shape bucket"):
@@ -171,7 +177,7 @@ def test_qwen_exports_mrope_positions_and_needs_the_model(exported):
     with pytest.raises(InputError, match=r"run on the host in torch.*pass model= \(Qwen2_5_VLForConditionalGeneration"):
         OrtPrunedModel(out)
     with pytest.raises(InputError, match="model= is a LlavaNextForConditionalGeneration; this export is of a Qwen2_5"):
-        OrtPrunedModel(out, model=_model("llava_next")[0])
+        OrtPrunedModel(out, model=_model("llava_next"))
 
 
 def test_qwen3_vl_deepstack_is_refused(tmp_path):
@@ -183,3 +189,33 @@ def test_qwen3_vl_deepstack_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="DeepStack features"):
         export_onnx(gp.prune(model), tmp_path / "out", example=ex)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onevision_video_bucket(exported):
+    """A video-only OneVision export: vision.onnx = the model's get_video_features for one video of
+    the bucket's shape (pooled frames, then the image_newline closing the video); other frame
+    counts and images are refused."""
+    name, model, examples, pruned, out, ort_model = exported
+    if name != "llava_onevision-video-fastv":
+        pytest.skip("OneVision video only")
+    kw = examples["batch2"]
+    bucket = json.loads((out / "manifest.json").read_text())["video_bucket"]
+    assert bucket["pixel_values_videos"] == [1, *kw["pixel_values_videos"].shape[1:]] and bucket["closing_newlines"] == 1
+    cfg = model.config
+    with torch.no_grad():
+        hf = model.model.get_video_features(kw["pixel_values_videos"][1:], vision_feature_layer=cfg.vision_feature_layer,
+                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    hf = getattr(hf, "pooler_output", hf)
+    hf = hf.reshape(-1, hf.shape[-1])
+    session = onnxruntime.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"pixel_values_videos": kw["pixel_values_videos"][1:].numpy()})[0])
+    torch.testing.assert_close(got[:hf.shape[0]], hf, atol=1e-5, rtol=0)      # 4.x: the newline comes after
+    assert bucket["features_per_video"] == got.shape[0] == int((kw["input_ids"][0] == cfg.video_token_id).sum())
+    assert torch.equal(got[-1], model.model.image_newline)
+    assert check_static_onnx(out) == [str(out / f) for f in ("vision.onnx", "prefill.onnx", "decode.onnx")]
+    fewer = family_zoo.example(model, batch=1, items=("video",), frames=2).as_kwargs()
+    with pytest.raises(InputError, match=r"pixel_values_videos \(1, 2, 3, 112, 112\): this export holds one shape "
+                                         r"bucket, videos of \(videos, 4, 3, 112, 112\)"):
+        ort_model(**fewer)
+    with pytest.raises(InputError, match=r"unexpected inputs \['image_sizes', 'pixel_values'\]"):
+        ort_model(**family_zoo.example(model, batch=1).as_kwargs())

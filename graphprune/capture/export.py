@@ -331,34 +331,38 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
 
 
-class _ImageBucket(nn.Module):
-    """pixel_values of images of one size -> their features, the family's own get_image_features
-    (anyres crops, packing, unpadding, image_newline) with the image size baked in as Python ints,
-    so the crop count, grid and unpadding are constants of the graph."""
+class _VisionBucket(nn.Module):
+    """Images of one size (or videos of one shape) -> their features, the family's own
+    get_image_features (anyres crops, packing, unpadding, image_newline; the image size baked in as
+    Python ints, so the crop count, grid and unpadding are constants of the graph) or
+    get_video_features."""
 
-    def __init__(self, family: Family, image_size: tuple[int, int]):
+    def __init__(self, family: Family, image_size: tuple[int, int] | None):
         super().__init__()
         self.family, self.body = family, family.body()
-        self.image_size = [int(image_size[0]), int(image_size[1])]
+        self.image_size = None if image_size is None else [int(image_size[0]), int(image_size[1])]
 
-    def forward(self, pixel_values):
-        sizes = [list(self.image_size)] * pixel_values.shape[0]
-        return self.family.image_feature_rows(pixel_values, image_sizes=sizes)
+    def forward(self, pixels):
+        if self.image_size is None:
+            return self.family.vision_feature_rows(pixel_values_videos=pixels)
+        return self.family.vision_feature_rows(pixel_values=pixels, image_sizes=[list(self.image_size)] * pixels.shape[0])
 
 
-def capture_image_bucket(family: Family, pixel_values: torch.Tensor, image_size) -> Stage:
+def capture_vision_bucket(family: Family, pixels: torch.Tensor, image_size=None) -> Stage:
     """The vision stage of a family whose crop count and packing depend on the image size
     (LLaVA-NeXT / OneVision anyres), captured for one shape bucket: images of `image_size` (H, W),
-    pixel_values shaped like `pixel_values` (images, crops, C, H, W), every size static. Outputs
-    `features` (images x tokens, D): the rows the images' placeholders take, image_newline rows
-    included. check_inputs: other pixels of the same shape (graphprune.verify.eager)."""
-    module = _ImageBucket(family, image_size)
+    `pixels` the pixel_values (images, crops, C, H, W), every size static; image_size None: videos,
+    `pixels` the pixel_values_videos (videos, frames, C, H, W). Outputs `features` (rows, D): the
+    rows the placeholders take, image_newline rows included. check_inputs: other pixels of the same
+    shape (graphprune.verify.eager)."""
+    module = _VisionBucket(family, image_size)
     with torch.no_grad():
-        ep = torch.export.export(module, (pixel_values,), strict=False)
+        ep = torch.export.export(module, (pixels,), strict=False)
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["features"]
-    check = (torch.randn(*pixel_values.shape, generator=_check_generator()).to(pixel_values),)
-    return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
+    check = (torch.randn(*pixels.shape, generator=_check_generator()).to(pixels),)
+    return Stage("vision", gm, ["pixel_values" if image_size is not None else "pixel_values_videos"], module=module,
+                 check_inputs=check)
 
 
 def capture(model: nn.Module, stages=STAGES) -> dict[str, Stage]:
