@@ -25,7 +25,7 @@ from graphprune.targets.onnx import export_onnx  # noqa: E402
 from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
 
 import graphprune as gp  # noqa: E402
-from graphprune.errors import InputError, UnsupportedModelError  # noqa: E402
+from graphprune.errors import InputError  # noqa: E402
 from graphprune.tools import family_zoo  # noqa: E402
 
 STEPS = 16
@@ -133,7 +133,7 @@ def test_images_outside_the_bucket_are_refused(exported):
         ort_model(**kw)
 
 
-def test_export_needs_one_image_size_and_no_videos(tmp_path):
+def test_export_needs_one_shape_bucket(tmp_path):
     model = _model("llava_next")
     examples = _examples(model, "image")
     pruned = gp.prune(model, "fastv(layer=2, keep=9)")
@@ -143,6 +143,10 @@ def test_export_needs_one_image_size_and_no_videos(tmp_path):
     with pytest.raises(InputError, match="give an example with pixel_values and image_sizes"):
         export_onnx(pruned, tmp_path / "out", example={k: v for k, v in examples["batch2"].items()
                                                        if k != "image_sizes"})
+    onevision = _model("llava_onevision")
+    both = family_zoo.example(onevision, batch=2, items=("image", "video"))
+    with pytest.raises(InputError, match="holds images and videos.*of images or of videos"):
+        export_onnx(gp.prune(onevision, "fastv(layer=2, keep=9)"), tmp_path / "out", example=both)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -178,17 +182,6 @@ def test_qwen_exports_mrope_positions_and_needs_the_model(exported):
         OrtPrunedModel(out)
     with pytest.raises(InputError, match="model= is a LlavaNextForConditionalGeneration; this export is of a Qwen2_5"):
         OrtPrunedModel(out, model=_model("llava_next"))
-
-
-def test_qwen3_vl_deepstack_is_refused(tmp_path):
-    import transformers
-    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
-        pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
-    model = family_zoo.build("qwen3_vl", layers=2)
-    ex = family_zoo.example(model, batch=2).as_kwargs()
-    with pytest.raises(UnsupportedModelError, match="DeepStack features"):
-        export_onnx(gp.prune(model), tmp_path / "out", example=ex)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_onevision_video_bucket(exported):
