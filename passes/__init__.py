@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     cls_topk,
     dart,
     divprune,
+    dycoke,
     evs,
     fastv,
     mustdrop,

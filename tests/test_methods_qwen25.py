@@ -107,6 +107,20 @@ def test_projected_token_methods_match_reference(qwen25, method, batch, pad, ite
     assert vm.gather(1, out.kept).sum(1).tolist() == [units * count] * batch
 
 
+@pytest.mark.parametrize("method", sorted(PICKS))
+def test_projected_token_methods_over_whole_videos(qwen25, method):
+    """video_unit="video": a video's frames are one unit, so `keep` counts over the whole video and the
+    choice runs over all its tokens at once (here 12 of its 2 x 16)."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=48)
+    kept, emb, am, pos = N.choose_on_input_embeds(model, ex, 1, PICKS[method](12))
+    ref = R.lm_generate(model, emb, am, pos, max_new_tokens=STEPS)
+    pruned = gp.prune(model, method, keep=12, positions="keep", program=program, video_unit="video")
+    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
+    per_frame = N.choose_on_input_embeds(model, ex, 2, PICKS[method](6))[0]
+    assert not torch.equal(kept, per_frame)          # the unit matters on this video
+
+
 def test_projected_token_methods_chain_and_batch_equals_alone(qwen25):
     """cdpruner then divprune, both at layer 0: divprune chooses among cdpruner's kept tokens. A
     left-padded batch (instructions of different lengths) equals the reference and each sample alone."""
