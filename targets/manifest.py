@@ -117,6 +117,12 @@ def _validate(data: dict, path: str) -> None:
         _validate_bucket(data["image_bucket"], path)
     if "video_bucket" in data:
         _validate_video_bucket(data["video_bucket"], path)
+    grids = data.get("grid_bucket")
+    if grids is not None and not (isinstance(grids, dict) and all(
+            isinstance(grids.get(k), int) and not isinstance(grids.get(k), bool) and grids[k] > 0
+            for k in ("units_per_sample", "tokens_per_unit"))):
+        raise InputError(f"{path}: 'grid_bucket' must state units_per_sample and tokens_per_unit (positive "
+                         f"integers), got {grids!r}")
     emb = data["embedding"]
     need(emb, {"file": _STR, "shape": _LIST, "dtype": _STR}, "embedding.")
     if len(emb["shape"]) != 2 or not all(isinstance(x, int) and x > 0 for x in emb["shape"]):

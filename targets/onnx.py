@@ -24,7 +24,7 @@ writes into `out/fastv/`:
                       "image_bucket" (image_size [H, W], pixel_values [1, crops, C, H, W],
                       features_per_image, newline_slots) or "video_bucket" (pixel_values_videos
                       [1, frames, C, H, W], features_per_video, closing_newlines), for Qwen
-                      "host_vision" (no vision.onnx)
+                      "host_vision" (no vision.onnx) and "grid_bucket"
 
 LLaVA-NeXT and LLaVA-OneVision (anyres: the crop count, grid and unpadding follow the image size)
 export one shape bucket per export, the image size of the example: vision.onnx is the model's own
@@ -34,11 +34,14 @@ states the size, the pixel shape, the rows per image and which of them are newli
 runner refuses images of another size naming the bucket. An example of videos only (OneVision)
 exports a video bucket instead: vision.onnx is get_video_features for one video of the example's
 shape (pixel_values_videos (1, frames, C, H, W)), the manifest's "video_bucket" states it; an
-export holds images or videos, not both. Qwen2-VL / Qwen2.5-VL export prefill.onnx and decode.onnx with (3, batch, seq) M-RoPE
-position_ids (decode: (3, batch, 1), the rope delta + step the host computes); their vision encoder
-and get_rope_index run on the host in torch, so the runner takes the model
-(`OrtPrunedModel(out, model=model)`). An unpruned model (empty pipeline) exports too: the captured
-graphs as they are.
+export holds images or videos, not both.
+
+Qwen2-VL / Qwen2.5-VL export prefill.onnx and decode.onnx with (3, batch, seq) M-RoPE position_ids
+(decode: (3, batch, 1), the rope delta + step the host computes); their vision encoder and
+get_rope_index run on the host in torch, so the runner takes the model (`OrtPrunedModel(out,
+model=model)`). Their shape bucket is the example's patch grids: the manifest's "grid_bucket"
+states the vision units per sample and tokens per unit the prefill takes, and the runner refuses
+other grids naming it. An unpruned model (empty pipeline) exports too: the captured graphs as they are.
 
 The host side (where the vision tokens are, text layout, compacting after a vision-stage
 selection, merging image features into the embeddings) is graphprune.lower.runtime's, run by
@@ -462,11 +465,13 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
 
     stages, bucket = {}, {}
-    if host_vision(pruned):
-        pass
-    elif vision_bucket_family(pruned):
+    if vision_bucket_family(pruned):
         stages["vision"], kind, spec = _export_vision_bucket(pruned, kw, tmp, opset, optimize)
         bucket = {kind: spec}
+    elif host_vision(pruned):          # no vision.onnx; the prefill's vision_pos fixes the tokens per unit
+        grids = {k: sorted({tuple(g) for g in kw[k].tolist()}) for k in ("image_grid_thw", "video_grid_thw")
+                 if kw.get(k) is not None}
+        bucket = {"grid_bucket": {"units_per_sample": n, "tokens_per_unit": v, **grids}}
     else:
         # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
         vgm = pruned.program.stages["vision"].gm

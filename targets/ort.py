@@ -296,6 +296,13 @@ class OrtPrunedModel(PrunedModel):
         if layout is not None and layout.pos.shape[1] != want:
             raise InputError(f"the prompt has {layout.pos.shape[1]} image(s) per sample; this export takes {want} "
                              "(export again with an example of the layout you serve)")
+        grids = self.manifest.get("grid_bucket")
+        if layout is not None and grids is not None and layout.pos.shape[2] != grids["tokens_per_unit"]:
+            given = {k: inputs[k].tolist() for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
+            stated = {k: v for k, v in grids.items() if k.endswith("grid_thw")}
+            raise InputError(f"the prompt's vision units hold {layout.pos.shape[2]} tokens each ({given}); this export "
+                             f"holds one shape bucket, {grids['tokens_per_unit']} tokens per unit ({stated}): export "
+                             "again with an example of the grids you serve")
         return layout
 
     def __repr__(self):

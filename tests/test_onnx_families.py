@@ -167,8 +167,9 @@ def test_manifest_bucket_is_validated(exported, tmp_path):
 
 def test_qwen_exports_mrope_positions_and_needs_the_model(exported):
     """Qwen2.5-VL: no vision.onnx; prefill and decode take (3, batch, ...) M-RoPE positions; the
-    runner needs the model (its vision encoder and get_rope_index) and refuses to run without it."""
-    name, model, examples, pruned, out, _ = exported
+    runner needs the model (its vision encoder and get_rope_index) and refuses to run without it,
+    and refuses patch grids outside the bucket."""
+    name, model, examples, pruned, out, ort_model = exported
     if not name.startswith(HOST_VISION):
         pytest.skip("Qwen only")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -178,6 +179,10 @@ def test_qwen_exports_mrope_positions_and_needs_the_model(exported):
     assert shapes["prefill"]["position_ids"] == [3, "batch", "seq"]
     assert shapes["decode"]["position_ids"] == [3, "batch", 1]
     assert check_static_onnx(out) == [str(out / f) for f in ("prefill.onnx", "decode.onnx")]
+    assert manifest["grid_bucket"] == {"units_per_sample": 1, "tokens_per_unit": 16, "image_grid_thw": [[1, 8, 8]]}
+    other = family_zoo.example(model, batch=1, grid=(4, 8)).as_kwargs()
+    with pytest.raises(InputError, match=r"hold 8 tokens each.*one shape bucket, 16 tokens per unit"):
+        ort_model(**other)
     with pytest.raises(InputError, match=r"run on the host in torch.*pass model= \(Qwen2_5_VLForConditionalGeneration"):
         OrtPrunedModel(out)
     with pytest.raises(InputError, match="model= is a LlavaNextForConditionalGeneration; this export is of a Qwen2_5"):
