@@ -1,14 +1,16 @@
-"""ONNX export + ONNX Runtime beyond LLaVA-1.5 (graphprune.targets.onnx): the anyres families
-(LLaVA-NeXT, LLaVA-OneVision images), one shape bucket per export, vision.onnx running the model's
-own anyres encoding (crops, packing, unpadding, image_newline) for images of the example's size;
-and Qwen2.5-VL, whose prefill and decode graphs take 3-D M-RoPE positions while its vision encoder
-and get_rope_index stay on the host in torch.
+"""ONNX export + ONNX Runtime beyond LLaVA-1.5 (graphprune.targets.onnx), one shape bucket per
+export: LLaVA-NeXT and LLaVA-OneVision images (vision.onnx = the model's own anyres encoding, crops,
+packing, unpadding, image_newline, for images of the example's size), OneVision video-only prompts
+(vision.onnx = get_video_features for videos of the example's shape), and Qwen2.5-VL, whose prefill
+and decode graphs take 3-D M-RoPE positions while its vision encoder and get_rope_index stay on the
+host in torch (its bucket: the example's patch grids).
 
 One export per (family, pipeline), shared by the module: FastV on each family against eager
 graphprune, the unpruned LLaVA-NeXT pipeline against Hugging Face itself. Parity on the ORT CPU
 execution provider: prefill logits of the real tokens to 1e-4, identical kept tokens, 16 identical
 greedy tokens, batch 2 with left padding (the traced example) and batch 1. vision.onnx is checked
-directly against the model's get_image_features, and images outside the bucket are refused.
+directly against the model's get_image_features / get_video_features, and inputs outside the
+bucket are refused naming it.
 """
 import json
 
