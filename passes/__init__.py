@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     random,
     sparsevlm,
     tome,
+    vision_topk,
     visiontrim,
     visionzip,
     vispruner,

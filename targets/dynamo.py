@@ -41,7 +41,9 @@ from graphprune.errors import InputError, PassConfigError, PassNotApplicable, Un
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
-           "if_not_applied": '"raise" (default) or "warn"'}
+           "if_not_applied": '"raise" (default) or "warn"',
+           "linear": '"aten" (default) or "packed" (float32 CPU models: the rewritten prefill\'s linear weights packed '
+                     'once for oneDNN, as graphprune.prune(linear="packed"); Inductor runs them as opaque kernels)'}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class BackendOptions:
     passes: list
     compiler: str = "inductor"
     if_not_applied: str = "raise"
+    linear: str = "aten"
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -67,6 +70,9 @@ class BackendOptions:
         mode = options.get("if_not_applied", "raise")
         if mode not in ("raise", "warn"):
             raise PassConfigError(f'if_not_applied must be "raise" or "warn", got {mode!r}')
+        linear = options.get("linear", "aten")
+        if linear not in ("aten", "packed"):
+            raise PassConfigError(f'linear must be "aten" or "packed", got {linear!r}')
         load_builtin_methods()
         passes = as_passes(options["pipeline"])
         if not passes:
@@ -80,7 +86,7 @@ class BackendOptions:
             if getattr(p.config, "mode", "static") == "exact":
                 raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens; "
                                       "compiled graphs need mode='static'")
-        return cls(passes, compiler, mode)
+        return cls(passes, compiler, mode, linear)
 
 
 # -- what a frame holds ------------------------------------------------------------------------
@@ -210,13 +216,17 @@ def _rewritten(owner, opts: BackendOptions) -> Rewritten:
     # one capture and rewrite per model and pipeline: the graph has dynamic batch and sequence,
     # so a dynamo recompile for new shapes reuses it
     from graphprune.families import family_of
-    from graphprune.lower.runtime import StageCall
+    from graphprune.lower.runtime import StageCall, check_linear
     from graphprune.rewrite.pipeline import Program, run_pipeline
-    key = (repr(opts.passes), opts.compiler)
+    key = (repr(opts.passes), opts.compiler, opts.linear)
     per_model = _PROGRAMS.setdefault(family_of(owner).language_model(), {})
     if key not in per_model:
         program = run_pipeline(Program.capture(owner, stages=("prefill",)), opts.passes)
         gm = program.stages["prefill"].gm
+        if opts.linear == "packed":
+            from graphprune.targets.packed_linear import pack_linear_weights
+            check_linear(owner, "packed")
+            pack_linear_weights(gm, for_inductor=opts.compiler == "inductor")
         fn = gm if opts.compiler == "eager" else StageCall(gm, torch.compile(gm, backend="inductor", dynamic=True))
         masked = any(t.masked for t in program.anatomy["prefill"].tokens)
         per_model[key] = Rewritten(program, opts.passes, fn, masked)

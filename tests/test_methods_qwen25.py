@@ -5,7 +5,8 @@ atol 1e-5) and 16 greedy tokens equal the independent reference (tests/reference
 by hand; tests/reference_families.py lays out Qwen's prompt and M-RoPE positions), images and video
 frames alike; a left-padded batch of 2 equals each sample alone.
 
-graphprune runs Qwen's vision stage eagerly (its patch grid is data dependent). DivPrune and CDPruner
+graphprune runs Qwen's vision stage eagerly unless a vision pass needs the encoder (then it captures it
+per patch grid: tests/test_vision_qwen.py). DivPrune and CDPruner
 read only the projected tokens (and CDPruner the instruction), which are the LLM's input embeddings at
 the vision positions, so the pipeline runs them at LLM layer 0: the same checks against
 reference_new_methods.choose_on_input_embeds, with positions='keep' (compact renumbering of M-RoPE
@@ -179,8 +180,9 @@ def test_divprune_compact_on_llava_next():
     ("divprune(keep=0, positions='keep')", PassConfigError, ["keep=0"]),
     ("cdpruner(keep=1.5, positions='keep')", PassConfigError, ["keep=1.5"]),
     ("cdpruner(keep=8, positions='shift')", PassConfigError, ["positions", "'shift'"]),
-    ("random(stage='vision', keep=8, positions='keep')", PassNotApplicable, ["random", "before the projector",
-                                                                            "eagerly"]),
+    # random at the vision stage runs on Qwen's encoder captured per grid (test_vision_qwen); compact M-RoPE is refused
+    ("random(stage='vision', keep=8, positions='compact')", PassNotApplicable, ["random", "positions='compact'",
+                                                                               "M-RoPE"]),
 ])
 def test_bad_options_refused_before_work(qwen25, spec, error, words):
     model, program = qwen25

@@ -313,22 +313,35 @@ def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
     return Stage("decode", gm, names, module=_Decode(lm, family.lm_head()), check_inputs=check)
 
 
-def capture_vision(family: Family, *, device=None, dtype=None, through_last: bool = False) -> Stage:
-    """through_last: keep the encoder's layers past the feature layer (returned as `vision_last_hidden`)."""
-    module = family.vision_module(through_last=through_last)
+def capture_vision(family: Family, *, device=None, dtype=None, through_last: bool = False, bucket=None) -> Stage:
+    """through_last: keep the encoder's layers past the feature layer (returned as `vision_last_hidden`).
+    bucket: the shape bucket of a family whose vision stage is captured per bucket (Family.vision_buckets);
+    without one such a family's vision stage runs eagerly until a vision pass asks for a bucket."""
+    if family.vision_buckets and bucket is None:
+        return Stage("vision", None, ["pixel_values"], eager=f"{family.eager_vision}: the vision encoder is "
+                     "captured per shape bucket when a vision-stage pass runs, else it runs eagerly")
+    module = family.vision_module(through_last=through_last, **({"bucket": bucket} if bucket is not None else {}))
     if module is None:
         return Stage("vision", None, ["pixel_values"], eager=f"{family.eager_vision}: the vision encoder runs "
                      "eagerly (the model's own get_image_features) and vision-stage passes are not available")
-    vc = family.model.config.vision_config
     p = next(module.parameters())
     device, dtype = device or p.device, dtype or p.dtype
-    px = torch.zeros(2, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    if bucket is None:
+        vc = family.model.config.vision_config
+        px = torch.zeros(2, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    else:
+        px = family.vision_example(bucket, 2).to(device, dtype)
     with torch.no_grad():
         ep = torch.export.export(module, (px,), strict=False, dynamic_shapes=({0: Dim("images", min=1)},))
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["features"] + (["vision_last_hidden"] if through_last else [])
-    check = None if device.type == "meta" else (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
-    return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
+    if bucket is not None:          # the token grid the features come in (the encoder's patches are grouped)
+        gm.meta["graphprune_token_grid"] = tuple(module.grid)
+    check = None
+    if device.type != "meta":
+        check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
+    eager = None if bucket is None else family.vision_eager_module(bucket)
+    return Stage("vision", gm, ["pixel_values"], module=eager or module, check_inputs=check)
 
 
 class _VisionBucket(nn.Module):

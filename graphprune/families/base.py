@@ -45,6 +45,9 @@ class Family:
     vision_has_cls: bool = True
     refused: str = ""                   # why models of this family cannot be pruned (checked up front)
     eager_vision: str = "no capturable vision stage declared"     # why vision_module() is None
+    # > 0: the vision stage is captured per shape bucket (one patch grid each, vision_stage_inputs),
+    # at most this many per pruned model, when a vision-stage pass needs it (else it runs eagerly)
+    vision_buckets: int = 0
     compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
     # processor outputs the family consumes besides input_ids / attention_mask
     vision_inputs: tuple[str, ...] = ("pixel_values",)
@@ -87,12 +90,31 @@ class Family:
             return nn.Identity()
         return self._require(getattr(self.model, "lm_head", None), "lm_head")
 
-    def vision_module(self, through_last: bool = False) -> nn.Module | None:
+    def vision_module(self, through_last: bool = False, bucket=None) -> nn.Module | None:
         """A module capturing pixel_values -> projected features, for vision-stage passes; None runs
         the vision encoder eagerly through the model's own get_image_features. through_last: it also
         returns the encoder's last hidden state, so the layers past the feature layer stay in the
-        captured graph (a pass reads the last layer)."""
+        captured graph (a pass reads the last layer). bucket: the shape bucket (vision_buckets > 0)."""
         return None
+
+    def vision_eager_module(self, bucket) -> nn.Module | None:
+        """The model's own computation of a bucket's features (its get_image_features), for checking the
+        capture; None: the captured module itself is that."""
+        return None
+
+    def vision_example(self, bucket, images: int) -> torch.Tensor:
+        """pixel_values (zeros) of `images` images of a shape bucket, as vision_stage_inputs lays them
+        out: the capture example of that bucket."""
+        raise NotImplementedError(f"{self.name}: no shape buckets")
+
+    def vision_bucket(self, rows: int, cols: int):
+        """The shape bucket of an image of rows x cols feature tokens."""
+        raise NotImplementedError(f"{self.name}: no shape buckets")
+
+    def vision_stage_inputs(self, layout: VisionLayout, **inputs) -> tuple[object, torch.Tensor]:
+        """(bucket, pixel_values) for the vision stage of a bucketed family: one row per vision unit
+        of `layout`, samples in order, each sample's units in layout order."""
+        raise NotImplementedError(f"{self.name}: no shape buckets")
 
     def config(self):
         return self.model.config

@@ -20,6 +20,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     compile_refused = Qwen2VLFamily.compile_refused + ", nor the DeepStack features its first layers add"
+    vision_buckets = 0      # its encoder (learned position grid, DeepStack taps) is not QwenVisionStage's
 
     def deepstack_layers(self) -> list[nn.Module]:
         return list(self.language_model().layers[:len(self.config().vision_config.deepstack_visual_indexes)])
