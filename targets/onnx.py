@@ -125,10 +125,13 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
             raise PassConfigError(f"{r.info.get('pass')}: keeps a data-dependent number of tokens; "
                                   "use mode='static' to export")
     if isinstance(pruned.family, Qwen2VLFamily) and pruned.family.deepstack_layers():
-        raise UnsupportedModelError(pruned.family.model_class, "ONNX export",
-                                    "its DeepStack features (added at the first LM layers) are not exported; "
-                                    "Qwen2-VL and Qwen2.5-VL are")
+        raise UnsupportedModelError(pruned.family.model_class, "ONNX export of its DeepStack features",
+                                    "(added at the first LM layers); Qwen2-VL and Qwen2.5-VL export")
     host = host_vision(pruned)
+    if host and pruned.program.vision_passes:
+        raise PassConfigError(f"{', '.join(map(repr, pruned.program.vision_passes))}: runs in "
+                              f"{pruned.family.model_class}'s vision encoder (captured per patch grid), which an ONNX "
+                              "export keeps on the host in torch, unpruned; export an LLM-stage pipeline (e.g. fastv)")
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
                or (pruned.program.stages[k].gm is None and not (k == "vision" and (vision_bucket_family(pruned)
                                                                                    or host)))]

@@ -241,8 +241,9 @@ class OrtPrunedModel(PrunedModel):
         self.family = host or (_BucketHostFamily(m, embed, graphs["vision"]) if bucket else _HostFamily(m, embed))
         staged = {"vision": graphs.get("vision") if host is None and not bucket else None,
                   "prefill": graphs["prefill"]}
+        # (vision_passes: none run per shape bucket here; an export's vision passes are inside its graphs)
         self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=g) for k, g in staged.items()},
-                                       family=self.family)
+                                       family=self.family, vision_passes=[])
         self.executables = staged                  # what PrunedModel runs per stage
         self.attention, self.linear = "onnxruntime", "onnxruntime"
         self.video_unit = check_video_unit(m.get("video_unit", "frame"))     # what a video's keep counts

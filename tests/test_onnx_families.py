@@ -27,7 +27,7 @@ from graphprune.targets.onnx import export_onnx  # noqa: E402
 from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
 
 import graphprune as gp  # noqa: E402
-from graphprune.errors import InputError  # noqa: E402
+from graphprune.errors import InputError, PassConfigError, ShapeBucketWarning  # noqa: E402
 from graphprune.tools import family_zoo  # noqa: E402
 
 STEPS = 16
@@ -189,6 +189,11 @@ def test_qwen_exports_mrope_positions_and_needs_the_model(exported):
         OrtPrunedModel(out)
     with pytest.raises(InputError, match="model= is a LlavaNextForConditionalGeneration; this export is of a Qwen2_5"):
         OrtPrunedModel(out, model=_model("llava_next"))
+    with pytest.warns(ShapeBucketWarning):       # a vision-stage pass: its encoder is captured per grid
+        vision_pass = gp.prune(model, "vision_topk(keep=8)")
+    with pytest.raises(PassConfigError, match=r"vision_topk\(keep=8.*keeps on the host in torch, unpruned"):
+        export_onnx(vision_pass, out.parent / "vision_pass", example=examples["batch2"])
+    assert not (out.parent / "vision_pass").exists()
 
 
 def test_onevision_video_bucket(exported):
