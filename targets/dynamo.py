@@ -276,7 +276,8 @@ class PrunedFrame:
         groups = family.attention_groups(attention_mask, token_type_ids=args[i] if i is not None else None)
         prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
                                   layout.pos, index, rw.passes, unit_frames=layout.frames,
-                                  lm_inputs={} if groups is None else {"attention_groups": groups})
+                                  lm_inputs={} if groups is None else {"attention_groups": groups},
+                                  grid_free=family.grid_free(layout))
         named = _call(rw.fn, **prompt.prefill_inputs())
         named["image_features"] = args[self.inputs["image_features"]].to(embeds.dtype)
         return tuple(named[r] for r in self.roles)

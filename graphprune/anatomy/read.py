@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from graphprune import tokenops
 from graphprune.errors import UnsupportedModelError
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -58,6 +59,30 @@ class Attention:
 def sdpa_mask(sdpa: fx.Node):
     """The mask an SDPA node reads now (after rerouting), not the one it was captured with."""
     return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def captured_mask(mask) -> fx.Node | None:
+    """The captured mask node `mask` takes kept tokens of (itself, through tokenops.take_tokens), or
+    None when a pass built it (key masks, biases) or there is none."""
+    while isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target is tokenops.take_tokens:
+        mask = mask.args[0]
+    if isinstance(mask, fx.Node) and mask.op == "call_function" and isinstance(mask.target, torch._ops.OpOverload):
+        return mask
+    return None
+
+
+def attends_causally(sdpa: fx.Node) -> bool:
+    """Whether an SDPA node's attention is causal: is_causal=True, or, in a prefill (a graph with an
+    `attention_mask` input) without bidirectional attention groups (no `attention_groups` input, as
+    Gemma 3's and PaliGemma's have), a mask that is the captured causal-and-padding mask or kept
+    tokens of it (passes keep tokens in prompt order). A mask a pass built (static-capacity key
+    masks) or a vision encoder's attention is not."""
+    att = Attention.of(layer_of(sdpa), sdpa)
+    if att.is_causal:
+        return True
+    inputs = {n.name for n in sdpa.graph.find_nodes(op="placeholder")}
+    return ("attention_mask" in inputs and "attention_groups" not in inputs
+            and captured_mask(sdpa_mask(sdpa)) is not None)
 
 
 @dataclass

@@ -65,6 +65,9 @@ class Family:
     # an LM sliding window shorter than the context is accepted, and runs that could reach it refused
     # (check_run_length); otherwise such a model is refused (refuse_sliding_window)
     window_limits_runs: bool = False
+    # why an image of this family is not one patch grid in raster order ("": it is one, or tiles of
+    # tokens_per_tile() each), for methods that place a unit's tokens on its grid (visiontrim_llm)
+    image_not_grid: str = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -148,6 +151,27 @@ class Family:
         """How many image tokens each image of pixel_values fills in the prompt (None: this family
         cannot tell); raises InputError when the images have a shape the vision encoder cannot take."""
         return None
+
+    def tokens_per_tile(self) -> int | None:
+        """Tokens of one tile, for a family whose images are tiles of patch grids (None: not tiled)."""
+        return None
+
+    def grid_free(self, layout: VisionLayout, **inputs) -> str:
+        """Why some unit of `layout` is not one square patch grid in raster order, "" when each is:
+        grid-based LLM-stage methods (visiontrim_llm's LTAM) refuse such prompts before any work,
+        where a token count that happens to be square would silently lay them on a wrong grid."""
+        tile = self.tokens_per_tile()
+        for unit, frames in zip(layout.units, layout.frames[0].tolist()):
+            why = ""
+            if frames > 1:
+                why = f"{frames} frames' grids one after another (video_unit='video')"
+            elif unit.startswith("image") and self.image_not_grid:
+                why = self.image_not_grid
+            elif tile and layout.pos.shape[-1] > tile:
+                why = f"{layout.pos.shape[-1] // tile} tiles' grids one after another"
+            if why:
+                return f"{self.model_class}'s {unit} is {why}"
+        return ""
 
     def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
         """Position ids as Hugging Face's generate() builds them for left-padded batches."""

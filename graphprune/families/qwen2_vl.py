@@ -135,6 +135,20 @@ class Qwen2VLFamily(Family):
                         per_sample[i].append((f"{kind} {j}", blk, t))
         return blocks_layout(per_sample, self.separators(input_ids), modalities)
 
+    def grid_free(self, layout, image_grid_thw=None, video_grid_thw=None, **inputs) -> str:
+        """Also each image's / frame's merged grid (grid_thw) must be square."""
+        why = super().grid_free(layout)
+        kinds = {unit.split()[0] for unit in layout.units}
+        m, b = self.merge(), layout.pos.shape[0]
+        for kind, grid in (("image", image_grid_thw), ("video", video_grid_thw)):
+            if kind not in kinds or grid is None or why:
+                continue
+            for j, (_, h, w) in enumerate(grid[:grid.shape[0] // b].tolist()):
+                if h != w:
+                    why = f"{self.model_class}'s {kind} {j} is a {h // m} x {w // m} token grid, not a square one"
+                    break
+        return why
+
     def image_token_counts(self, pixel_values, image_grid_thw=None):
         vc = self.model.config.vision_config
         grid = image_grid_thw

@@ -77,17 +77,18 @@ class _Prompt:
     unit_frames: torch.Tensor | None = None   # (B, images) frames each unit holds (None: 1 each)
     lm_inputs: dict = field(default_factory=dict)   # other LM inputs by name (deepstack_embeds, attention_groups)
     notes: list = field(default_factory=list)
+    grid_free: str = ""            # why some unit is not one square patch grid (Family.grid_free); "" if each is
 
     @classmethod
     def assemble(cls, embeds, feats, positions, attention_mask, vision_pos, index, passes,
-                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None) -> "_Prompt":
+                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None, grid_free="") -> "_Prompt":
         """Write the image features at the vision positions, lay out the instruction, and let every
         pass check the prompt it will see."""
         text_index, text_mask = text_layout(vision_pos, embeds.shape[1])
         if unit_frames is None:
             unit_frames = torch.ones(vision_pos.shape[:2], dtype=torch.long, device=vision_pos.device)
         prompt = cls(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos, index,
-                     text_index, text_mask, protected, patches_kept, unit_frames, lm_inputs or {})
+                     text_index, text_mask, protected, patches_kept, unit_frames, lm_inputs or {}, grid_free=grid_free)
         for p in passes:
             p.check_prompt(prompt)
         return prompt
@@ -311,7 +312,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         embeds = self.family.embed(input_ids) if embeds is None else embeds
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
                                 self.pipeline, protected, kept, layout.frames,
-                                lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups})
+                                lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups},
+                                self.family.grid_free(layout, **inputs))
 
     def _vision_inputs(self, **inputs) -> dict:
         """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
