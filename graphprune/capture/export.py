@@ -344,6 +344,40 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     return Stage("vision", gm, ["pixel_values"], module=eager or module, check_inputs=check)
 
 
+class _VisionBucket(nn.Module):
+    """Images of one size (or videos of one shape) -> their features, the family's own
+    get_image_features (anyres crops, packing, unpadding, image_newline; the image size baked in as
+    Python ints, so the crop count, grid and unpadding are constants of the graph) or
+    get_video_features."""
+
+    def __init__(self, family: Family, image_size: tuple[int, int] | None):
+        super().__init__()
+        self.family, self.body = family, family.body()
+        self.image_size = None if image_size is None else [int(image_size[0]), int(image_size[1])]
+
+    def forward(self, pixels):
+        if self.image_size is None:
+            return self.family.vision_feature_rows(pixel_values_videos=pixels)
+        return self.family.vision_feature_rows(pixel_values=pixels, image_sizes=[list(self.image_size)] * pixels.shape[0])
+
+
+def capture_vision_bucket(family: Family, pixels: torch.Tensor, image_size=None) -> Stage:
+    """The vision stage of a family whose crop count and packing depend on the image size
+    (LLaVA-NeXT / OneVision anyres), captured for one shape bucket: images of `image_size` (H, W),
+    `pixels` the pixel_values (images, crops, C, H, W), every size static; image_size None: videos,
+    `pixels` the pixel_values_videos (videos, frames, C, H, W). Outputs `features` (rows, D): the
+    rows the placeholders take, image_newline rows included. check_inputs: other pixels of the same
+    shape (graphprune.verify.eager)."""
+    module = _VisionBucket(family, image_size)
+    with torch.no_grad():
+        ep = torch.export.export(module, (pixels,), strict=False)
+    gm = plain_graph_module(ep)
+    gm.meta["graphprune_outputs"] = ["features"]
+    check = (torch.randn(*pixels.shape, generator=_check_generator()).to(pixels),)
+    return Stage("vision", gm, ["pixel_values" if image_size is not None else "pixel_values_videos"], module=module,
+                 check_inputs=check)
+
+
 def capture(model: nn.Module, stages=STAGES) -> dict[str, Stage]:
     """Capture the named stages of a Hugging Face VLM."""
     family = family_of(model)

@@ -373,14 +373,27 @@ class Family:
         present, images first."""
         out = []
         if inputs.get("pixel_values") is not None:
-            kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
-            kw.update(feature_selection_kwargs(body.get_image_features, self.config()))
-            out.append((self.image_token_id(), body.get_image_features(inputs["pixel_values"], **kw)))
+            kw = self._feature_kwargs(body, "get_image_features", self.image_feature_inputs, inputs)
+            out.append((self.image_token_id(), self.image_features(body, inputs["pixel_values"], **kw)))
         if inputs.get("pixel_values_videos") is not None:
-            kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
-            kw.update(feature_selection_kwargs(body.get_video_features, self.config()))
+            kw = self._feature_kwargs(body, "get_video_features", self.video_feature_inputs, inputs)
             out.append((self.video_token_id(), self.video_features(body, inputs["pixel_values_videos"], **kw)))
         return out
+
+    def _feature_kwargs(self, body, method: str, names, inputs) -> dict:
+        kw = {k: inputs[k] for k in names if inputs.get(k) is not None}
+        if body is not None:        # None: a runner without the model (graphprune.targets.ort's exports)
+            kw.update(feature_selection_kwargs(getattr(body, method), self.config()))
+        return kw
+
+    def image_features(self, body, pixel_values, **kw):
+        """The features the images' placeholders take, in order (the model's own get_image_features)."""
+        return body.get_image_features(pixel_values, **kw)
+
+    def vision_feature_rows(self, **inputs) -> torch.Tensor:
+        """(N, D) the features of the processor's vision `inputs` (pixel_values with image_sizes, ...,
+        then pixel_values_videos), flattened in placeholder order, as merged_embeds writes them."""
+        return torch.cat([_flat(out) for _, out in self._outputs(self.body(), **inputs)])
 
     def video_features(self, body, pixel_values_videos, **kw):
         """The features a video's placeholders take, in order (the model's own get_video_features)."""
