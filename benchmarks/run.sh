@@ -19,3 +19,8 @@ graphprune bench --speed --linear aten,packed --repeats "${REPEATS:-11}" --json 
 # video-length case: random-weight Qwen2.5-VL, one 32-frame video (3136 vision tokens), evs / fastv / dart /
 # random keeping a fifth; LLM-prefill and end-to-end speed-ups against graphprune's unpruned model and transformers
 graphprune bench --speed --video --repeats "${REPEATS:-11}" --json "$out/speed_video.json" | tee "$out/speed_video.txt"
+
+# compile backend against graphprune's eager lowering (FastV, both linear lowerings), and graphprune's
+# unpruned decode step against transformers' generate, on the speed model
+graphprune bench --speed --compiled --linear aten,packed --repeats "${REPEATS:-11}" --json "$out/speed_compiled.json" \
+    | tee "$out/speed_compiled.txt"

@@ -163,6 +163,8 @@ def _vqa_parsers(sub) -> None:
     b.add_argument("--video", action="store_true", help="with --speed: the video-length case instead (a random-weight "
                    "Qwen2.5-VL, one video of 3136 vision tokens; evs, fastv, dart, random keeping a fifth; LLM-prefill "
                    "and end-to-end speed-ups against graphprune's unpruned model and plain transformers)")
+    b.add_argument("--compiled", action="store_true", help="with --speed: the torch.compile backend (Inductor) against "
+                   "graphprune's eager lowering, per --linear, and graphprune's decode step against transformers' generate")
     b.add_argument("--decode-steps", type=int, default=16, help="speed mode: decode steps timed (default 16)")
     b.add_argument("--linear", help=LINEAR_HELP + "; --speed takes a comma list and "
                    "times them side by side (default: aten; --speed: aten,packed)")
@@ -580,7 +582,7 @@ def _probe(folder: str, what: str) -> None:
 
 def cmd_bench(args) -> int:
     from graphprune.rewrite.pipeline import as_passes
-    from graphprune.tools import bench, speed, speed_video, timing, vqa_model
+    from graphprune.tools import bench, speed, speed_compiled, speed_video, timing, vqa_model
     _positive(args, "n", "batch", "time_batch", "repeats", "decode_tokens", "decode_steps")
     _threads(args)
     timing.keep_freed_memory()
@@ -593,19 +595,28 @@ def cmd_bench(args) -> int:
         except ImportError:
             raise _Failure("--plot needs matplotlib: pip install 'graphprune[plot]'") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    if args.video and not args.speed:
-        raise _Failure("--video is a case of the speed mode: give --speed --video")
+    for case in ("video", "compiled"):
+        if getattr(args, case) and not args.speed:
+            raise _Failure(f"--{case} is a case of the speed mode: give --speed --{case}")
+    if args.video and args.compiled:
+        raise _Failure("--video and --compiled are two cases of the speed mode: give one")
     if args.speed:
         if args.model or args.data or args.pipeline:
             raise _Failure("--speed builds its own random-weight model; --model, --data and --pipeline do not apply")
         linear = [x.strip() for x in (args.linear or "aten,packed").split(",") if x.strip()]
         if args.video:
             res = speed_video.run_video_speed(methods, repeats=args.repeats, linear=linear, quiet=args.quiet)
+        elif args.compiled:
+            if methods:
+                raise _Failure(f"--compiled times {speed_compiled.PIPELINE} only; --methods does not apply")
+            res = speed_compiled.run_compiled_speed(repeats=args.repeats, decode_steps=args.decode_steps, linear=linear,
+                                                    quiet=args.quiet)
         else:
             res = speed.run_speed(methods, repeats=args.repeats, decode_steps=args.decode_steps, linear=linear,
                                   quiet=args.quiet)
         res["machine"] = timing.machine()
-        text = (speed_video.format_video_speed if args.video else speed.format_speed)(res)
+        text = (speed_video.format_video_speed if args.video else speed_compiled.format_compiled_speed
+                if args.compiled else speed.format_speed)(res)
     else:
         if args.linear and args.linear not in LINEAR_KINDS:
             raise _Failure(f"--linear {args.linear!r}: the grid runs one lowering, aten or packed")

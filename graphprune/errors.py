@@ -33,3 +33,8 @@ class InputError(GraphpruneError, ValueError):
 class NothingPrunedWarning(UserWarning):
     """A pruned model that will not (or did not) remove any token: budgets at or above the vision
     tokens there are, or a pipeline of passes that only mark or cut caches."""
+
+
+class ShapeBucketWarning(UserWarning):
+    """A vision encoder captured for a new shape bucket (patch grid): once per bucket, at most
+    Family.vision_buckets of them per pruned model."""

@@ -48,6 +48,30 @@ def attention_rows(q, k, mask, scale, is_causal: bool, queries, keys):
     return cols.reshape(b, probs.shape[1], n, v)
 
 
+def attention_received(q, k, mask, scale, keys, offset: int, group: int):
+    """Head- and query-averaged attention each vision token receives in an encoder layer, recomputed
+    from its q and k (B, H, S, d): (B, 1, n, V) at the token positions `keys` (B, n, V). The encoder's
+    sequence is `offset` leading tokens (CLS), then each token's `group` patches in a row; a token
+    receives the mean of its patches' columns. Every S x S logit is formed, in query chunks."""
+    b, h, s, d = q.shape
+    if k.shape[1] != h:
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    received = torch.zeros(b, s, device=q.device, dtype=torch.float32)
+    for start in range(0, s, RECEIVED_CHUNK):
+        rows = slice(start, min(s, start + RECEIVED_CHUNK))
+        logits = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            part = mask.expand(b, h, s, s)[:, :, rows]
+            logits = logits.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else logits + part.float()
+        received += logits.softmax(-1).sum(2).mean(1)                       # (B, S): summed over these queries
+    per_token = (received[:, offset:] / s).reshape(b, -1, group).mean(-1)
+    return per_token[:, None].expand(b, keys.shape[1], -1).gather(2, keys - offset)[:, None]
+
+
+RECEIVED_CHUNK = 1024      # query rows per chunk of attention_received: its (B, H, chunk, S) logits bound memory
+
+
 def token_features(x, keys, batch_dim: int = 0, seq_dim: int = 1):
     """Rows of x (B, S, ...) at the vision positions `keys` (B, n, V): (B, n, V, ...)."""
     b, n, v = keys.shape

@@ -7,7 +7,8 @@ projector. The language model then sees `keep` tokens per image. Positions: "com
 LLM simply sees a shorter prompt, as in FasterVLM) or "keep" (kept tokens keep the position
 ids they had in the full prompt).
 
-Vision encoders without CLS (Qwen2-VL) cannot run this pass.
+Vision encoders without CLS (Qwen2-VL, Qwen2.5-VL) cannot run this pass; vision_topk scores them by
+the attention each token receives.
 """
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ class ClsTopK(TokenPass):
     def requires(self, anatomy):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"cls_topk needs a [CLS] token in the vision encoder; "
-                                    f"{anatomy.model_class} has none (use an LLM-stage method such as fastv)")
+                                    f"{anatomy.model_class} has none; vision_topk(score='attention') scores a "
+                                    "tower without CLS by the attention each token receives")
 
     def plan(self) -> Plan:
         return Plan(select=TopK(self.config.keep), positions=self.config.positions,

@@ -20,7 +20,7 @@ import torch
 
 from graphprune import tokenops
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.rewrite.blocks import ltam_scores, tgvc, variance_weighting
+from graphprune.rewrite.blocks import grid_side, ltam_scores, tgvc, variance_weighting
 from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, Plan, Projected, TextEmbeds, TextMask, TokenPass
 from graphprune.rewrite.registry import register_pass, register_pipeline
 
@@ -153,6 +153,11 @@ class VisionTrimLLM(_VisionTrimBase):
             raise InputError("visiontrim_llm: LTAM needs each image's full patch grid, and a vision-stage pass "
                              "already reduced it; run VisionTrim in one stage, or prune the vision stage with "
                              "a grid-free method")
+        if prompt.grid_free:
+            raise InputError(f"visiontrim_llm: LTAM lays each vision unit's tokens on one square patch grid, but "
+                             f"{prompt.grid_free}; prune this prompt with a grid-free method (fastv, dart, random, "
+                             "mustdrop_filter)")
+        grid_side(prompt.vision_pos.shape[-1])
 
     def plan(self) -> Plan:
         src = self.config.layer - 1

@@ -11,6 +11,12 @@ The LLM sees `keep` = dominant + contextual tokens per image, by default with th
 raster order, then the contextual ones in target order, compactly numbered (positions="compact").
 positions="keep" puts every token at its own patch slot with that slot's position id instead.
 Where graphprune departs from the authors' code (their CLS token, key heads): docs/methods.md.
+
+dominant="attention" scores the dominant patches by the attention each receives in that layer (averaged
+over queries and heads) instead, for towers without CLS: on Qwen2-VL / Qwen2.5-VL a token is a 2x2 merge
+group, its score and key the means over its patches, its hidden state what enters the merger's MLP (the
+normed, concatenated group), and positions="keep" (M-RoPE has no compact numbering). Not the authors'
+rule: their released code reads CLIP's CLS.
 """
 from dataclasses import dataclass
 
@@ -29,7 +35,8 @@ def contextual_count(keep: int, contextual: int | None) -> int:
 
 
 def zip_tokens(*, k, protected, valid, vision_pos, cls, keys, hidden, contextual, heads, authors_order):
-    """Dominant + contextual tokens of each image: hidden (B, n, V, D), keys (B, n, V, H*d), cls (B, 1, n, V)."""
+    """Dominant + contextual tokens of each image: hidden (B, n, V, D), keys (B, n, V, H*d), cls (B, 1, n, V)
+    the dominant score (CLS attention, or attention received)."""
     if valid is not None:
         raise InputError("visionzip: an earlier vision pass left masked slots; VisionZip needs every patch "
                          "(run it as the only vision pass)")
@@ -76,6 +83,7 @@ class VisionZip(TokenPass):
         positions: str = "compact"     # compact: the authors' sequence; keep: each token at its own slot
         heads: int | None = None       # split the keys into this many heads and average them (the authors'
                                        # metric; the pass API gives keys with heads concatenated)
+        dominant: str = "cls"          # dominant score: CLS attention, or "attention" each patch receives
 
     def validate(self):
         super().validate()
@@ -89,11 +97,14 @@ class VisionZip(TokenPass):
             raise PassConfigError(f"visionzip: positions must be 'compact' or 'keep', got {c.positions!r}")
         if c.heads is not None and (isinstance(c.heads, bool) or not isinstance(c.heads, int) or c.heads < 1):
             raise PassConfigError(f"visionzip: heads must be a positive int or None, got {c.heads!r}")
+        if c.dominant not in ("cls", "attention"):
+            raise PassConfigError(f"visionzip: dominant must be 'cls' or 'attention', got {c.dominant!r}")
 
     def requires(self, anatomy):
-        if not anatomy.has_cls:
+        if not anatomy.has_cls and self.config.dominant == "cls":
             raise PassNotApplicable(f"visionzip needs the CLS token of the vision encoder; {anatomy.model_class} "
-                                    "has none (use an LLM-stage method such as fastv)")
+                                    "has none: dominant='attention' scores its patches by the attention they "
+                                    "receive (or use an LLM-stage method such as fastv)")
         if self.config.heads is not None and anatomy.layers:
             q = anatomy.layers[-1].attention.q.meta.get("val")
             if q is not None and q.shape[1] != self.config.heads:
@@ -104,4 +115,5 @@ class VisionZip(TokenPass):
         c = self.config
         options = (("contextual", c.contextual), ("heads", c.heads), ("authors_order", c.positions == "compact"))
         return Plan(positions=c.positions, select=Choose(c.keep, zip_tokens, options, merges=True),
-                    signals={"cls": AttentionRows(-1, "cls"), "keys": Keys(-1), "hidden": Hidden(-1)})
+                    signals={"cls": AttentionRows(-1, "cls" if c.dominant == "cls" else "all"), "keys": Keys(-1),
+                             "hidden": Hidden(-1)})

@@ -51,6 +51,8 @@ from graphprune.errors import InputError, PassConfigError, PassNotApplicable, Un
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
            "if_not_applied": '"raise" (default) or "warn"',
+           "linear": '"aten" (default) or "packed" (float32 CPU models: the rewritten prefill\'s linear weights packed '
+                     'once for oneDNN, as graphprune.prune(linear="packed"); Inductor runs them as opaque kernels)',
            "video_unit": 'what a video\'s keep counts, as graphprune.prune\'s video_unit: "frame" (default) or '
                          '"video" (the default for a videos-only pass such as evs)'}
 
@@ -60,6 +62,7 @@ class BackendOptions:
     passes: list
     compiler: str = "inductor"
     if_not_applied: str = "raise"
+    linear: str = "aten"
     video_unit: str = "frame"
 
     @classmethod
@@ -84,6 +87,9 @@ class BackendOptions:
         video_unit = options.get("video_unit")
         if video_unit not in (None, *VIDEO_UNITS):
             raise PassConfigError(f'video_unit must be "frame" or "video", got {video_unit!r}')
+        linear = options.get("linear", "aten")
+        if linear not in ("aten", "packed"):
+            raise PassConfigError(f'linear must be "aten" or "packed", got {linear!r}')
         load_builtin_methods()
         passes = as_passes(options["pipeline"])
         if not passes:
@@ -97,7 +103,7 @@ class BackendOptions:
             if getattr(p.config, "mode", "static") == "exact":
                 raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens; "
                                       "compiled graphs need mode='static'")
-        return cls(passes, compiler, mode, resolve_video_unit(passes, video_unit))
+        return cls(passes, compiler, mode, linear, resolve_video_unit(passes, video_unit))
 
 
 # -- what a frame holds ------------------------------------------------------------------------
@@ -278,13 +284,17 @@ def _rewritten(owner, opts: BackendOptions) -> Rewritten:
     # one capture and rewrite per model and pipeline: the graph has dynamic batch and sequence,
     # so a dynamo recompile for new shapes reuses it
     from graphprune.families import family_of
-    from graphprune.lower.runtime import StageCall
+    from graphprune.lower.runtime import StageCall, check_linear
     from graphprune.rewrite.pipeline import Program, run_pipeline
-    key = (repr(opts.passes), opts.compiler)
+    key = (repr(opts.passes), opts.compiler, opts.linear)
     per_model = _PROGRAMS.setdefault(family_of(owner).language_model(), {})
     if key not in per_model:
         program = run_pipeline(Program.capture(owner, stages=("prefill",)), opts.passes)
         gm = program.stages["prefill"].gm
+        if opts.linear == "packed":
+            from graphprune.targets.packed_linear import pack_linear_weights
+            check_linear(owner, "packed")
+            pack_linear_weights(gm, for_inductor=opts.compiler == "inductor")
         fn = gm if opts.compiler == "eager" else StageCall(gm, torch.compile(gm, backend="inductor", dynamic=True))
         masked = any(t.masked for t in program.anatomy["prefill"].tokens)
         per_model[key] = Rewritten(program, opts.passes, fn, masked)
@@ -324,9 +334,13 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
         positions = family.positions(None, attention_mask)
     index = torch.arange(s, device=embeds.device).expand(b, s)
     groups = family.attention_groups(attention_mask, token_type_ids=token_type_ids)
+    # M-RoPE families tell a unit's grid by image_grid_thw / video_grid_thw, which no frame shows
+    grid_free = family.grid_free(layout) or ("" if family.position_axes == 1 else
+                                             f"{family.model_class}'s units: the torch.compile frames show no "
+                                             "image_grid_thw / video_grid_thw to tell their grids")
     prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
                               layout.pos, index, rw.passes, unit_frames=layout.frames,
-                              lm_inputs={} if groups is None else {"attention_groups": groups})
+                              lm_inputs={} if groups is None else {"attention_groups": groups}, grid_free=grid_free)
     return _call(rw.fn, **prompt.prefill_inputs())
 
 

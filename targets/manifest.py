@@ -12,6 +12,9 @@ FORMAT = "graphprune-onnx/1"
 STAGE_FILES = {"vision": "vision.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
 EMBED_FILE = "embed_tokens.npy"
 MANIFEST = "manifest.json"
+# the manifest's "host_vision" entry: no vision.onnx, the runner needs the model
+HOST_VISION_NOTE = ("the vision encoder (get_image_features / get_video_features) and the M-RoPE positions "
+                    "(get_rope_index) run on the host in torch: OrtPrunedModel(out_dir, model=model)")
 
 
 
@@ -110,12 +113,23 @@ def _validate(data: dict, path: str) -> None:
                 or (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))):
             raise InputError(f"{path}: {k!r} must be an integer, a list of them or null")
     need(data["reference_prompt"], _REFERENCE, "reference_prompt.")
+    if "image_bucket" in data:
+        _validate_bucket(data["image_bucket"], path)
+    if "video_bucket" in data:
+        _validate_video_bucket(data["video_bucket"], path)
+    grids = data.get("grid_bucket")
+    if grids is not None and not (isinstance(grids, dict) and all(
+            isinstance(grids.get(k), int) and not isinstance(grids.get(k), bool) and grids[k] > 0
+            for k in ("units_per_sample", "tokens_per_unit"))):
+        raise InputError(f"{path}: 'grid_bucket' must state units_per_sample and tokens_per_unit (positive "
+                         f"integers), got {grids!r}")
     emb = data["embedding"]
     need(emb, {"file": _STR, "shape": _LIST, "dtype": _STR}, "embedding.")
     if len(emb["shape"]) != 2 or not all(isinstance(x, int) and x > 0 for x in emb["shape"]):
         raise InputError(f"{path}: embedding.shape must be [vocab, hidden], got {emb['shape']!r}")
-    if set(data["stages"]) != set(STAGE_FILES):
-        raise InputError(f"{path}: 'stages' must name {', '.join(STAGE_FILES)}, got {sorted(data['stages'])}")
+    want = set(STAGE_FILES) - ({"vision"} if "host_vision" in data else set())
+    if set(data["stages"]) != want:
+        raise InputError(f"{path}: 'stages' must name {', '.join(sorted(want))}, got {sorted(data['stages'])}")
     for name, st in data["stages"].items():
         where = f"stages.{name}."
         if not isinstance(st, dict):
@@ -142,3 +156,41 @@ def _validate(data: dict, path: str) -> None:
             raise InputError(f"{path}: {where}graph_inputs name inputs {missing} that {where}inputs lacks")
         if len(st["graph_outputs"]) != len(st["outputs"]):
             raise InputError(f"{path}: {where}graph_outputs and {where}outputs differ in length")
+
+
+def _validate_bucket(bucket, path: str) -> None:
+    """The shape bucket of an anyres export: image_size [H, W], pixel_values [1, crops, C, H, W] (one
+    image per vision.onnx call), features_per_image placeholder rows, newline_slots among them."""
+    def sizes(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+    if not isinstance(bucket, dict):
+        raise InputError(f"{path}: 'image_bucket' must be an object")
+    for key, ok in (("image_size", lambda v: sizes(v, 2)), ("pixel_values", lambda v: sizes(v, 5) and v[0] == 1),
+                    ("features_per_image", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                    ("newline_slots", sizes)):
+        if key not in bucket:
+            raise InputError(f"{path}: missing key image_bucket.{key!r}")
+        if not ok(bucket[key]):
+            raise InputError(f"{path}: image_bucket.{key!r} is malformed: {bucket[key]!r}")
+    if any(x >= bucket["features_per_image"] for x in bucket["newline_slots"]):
+        raise InputError(f"{path}: image_bucket.newline_slots reach past its {bucket['features_per_image']} "
+                         "features_per_image")
+
+
+def _validate_video_bucket(bucket, path: str) -> None:
+    """The shape bucket of an anyres video export: pixel_values_videos [1, frames, C, H, W] (one video
+    per vision.onnx call), features_per_video placeholder rows, closing_newlines among them."""
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(bucket, dict):
+        raise InputError(f"{path}: 'video_bucket' must be an object")
+    for key, ok in (("pixel_values_videos", lambda v: isinstance(v, list) and len(v) == 5 and v[0] == 1
+                     and all(count(x, 1) for x in v)),
+                    ("features_per_video", lambda v: count(v, 1)), ("closing_newlines", lambda v: count(v, 0))):
+        if key not in bucket:
+            raise InputError(f"{path}: missing key video_bucket.{key!r}")
+        if not ok(bucket[key]):
+            raise InputError(f"{path}: video_bucket.{key!r} is malformed: {bucket[key]!r}")

@@ -19,8 +19,29 @@ writes into `out/fastv/`:
                       gather) stays on the host, as in graphprune's runtime
     manifest.json     inputs/outputs of each graph (dtype, shape with named dynamic axes), the
                       pipeline and its budgets, per-layer KV lengths of the reference prompt,
-                      opset and versions, and the host-side facts a runner needs (image token id,
-                      vision positions mode, eos/pad ids)
+                      opset and versions, and the host-side facts a runner needs (image / video
+                      token ids, vision positions mode, eos/pad ids); for an anyres export its
+                      "image_bucket" (image_size [H, W], pixel_values [1, crops, C, H, W],
+                      features_per_image, newline_slots) or "video_bucket" (pixel_values_videos
+                      [1, frames, C, H, W], features_per_video, closing_newlines), for Qwen
+                      "host_vision" (no vision.onnx) and "grid_bucket"
+
+LLaVA-NeXT and LLaVA-OneVision (anyres: the crop count, grid and unpadding follow the image size)
+export one shape bucket per export, the image size of the example: vision.onnx is the model's own
+get_image_features for one image of that size (pixel_values (1, crops, C, H, W) -> its placeholder
+rows (tokens, D), image_newline rows included), run once per image; the manifest's "image_bucket"
+states the size, the pixel shape, the rows per image and which of them are newlines, and the
+runner refuses images of another size naming the bucket. An example of videos only (OneVision)
+exports a video bucket instead: vision.onnx is get_video_features for one video of the example's
+shape (pixel_values_videos (1, frames, C, H, W)), the manifest's "video_bucket" states it; an
+export holds images or videos, not both.
+
+Qwen2-VL / Qwen2.5-VL export prefill.onnx and decode.onnx with (3, batch, seq) M-RoPE position_ids
+(decode: (3, batch, 1), the rope delta + step the host computes); their vision encoder and
+get_rope_index run on the host in torch, so the runner takes the model (`OrtPrunedModel(out,
+model=model)`). Their shape bucket is the example's patch grids: the manifest's "grid_bucket"
+states the vision units per sample and tokens per unit the prefill takes, and the runner refuses
+other grids naming it. An unpruned model (empty pipeline) exports too: the captured graphs as they are.
 
 The host side (where the vision tokens are, text layout, compacting after a vision-stage
 selection, merging image features into the embeddings) is graphprune.lower.runtime's, run by
@@ -49,9 +70,11 @@ import torch
 from torch import fx
 
 from graphprune.errors import GraphpruneError, InputError, PassConfigError, UnsupportedModelError
+from graphprune.families.llava_next import LlavaNextFamily
+from graphprune.families.qwen2_vl import Qwen2VLFamily
 
 from .lint import check_static_onnx
-from .manifest import EMBED_FILE, FORMAT, MANIFEST, STAGE_FILES, Manifest
+from .manifest import EMBED_FILE, FORMAT, HOST_VISION_NOTE, MANIFEST, STAGE_FILES, Manifest
 
 
 class ExportError(GraphpruneError):
@@ -78,10 +101,20 @@ def check_opset(opset) -> None:
 
 # -- checks made before anything is written ----------------------------------------------------
 
+def vision_bucket_family(pruned) -> bool:
+    """Whether the vision stage exports per shape bucket: an anyres family (LLaVA-NeXT, OneVision)
+    whose vision encoder runs eagerly, its crop count and packing depending on the image size."""
+    return pruned.program.stages["vision"].gm is None and isinstance(pruned.family, LlavaNextFamily)
+
+
+def host_vision(pruned) -> bool:
+    """Whether the vision encoder and the M-RoPE positions stay on the host, in torch (Qwen2-VL,
+    Qwen2.5-VL: a data-dependent patch grid per image, positions from the model's get_rope_index):
+    only prefill.onnx and decode.onnx are written, and the runner needs the model."""
+    return pruned.program.stages["vision"].gm is None and isinstance(pruned.family, Qwen2VLFamily)
+
+
 def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
-    if not getattr(pruned, "pipeline", None):
-        raise PassConfigError("nothing to export: this model is unpruned (its pipeline is empty); pass a method, "
-                              "e.g. gp.prune(model, 'fastv', layer=2, keep=64), then export that")
     for p in pruned.pipeline:
         if getattr(getattr(p, "config", None), "mode", None) == "exact":
             raise PassConfigError(f"{p!r}: mode='exact' keeps a data-dependent number of tokens, which ONNX "
@@ -91,8 +124,17 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
         if any(i.get("keep") == "data-dependent" for i in infos):
             raise PassConfigError(f"{r.info.get('pass')}: keeps a data-dependent number of tokens; "
                                   "use mode='static' to export")
+    if isinstance(pruned.family, Qwen2VLFamily) and pruned.family.deepstack_layers():
+        raise UnsupportedModelError(pruned.family.model_class, "ONNX export of its DeepStack features",
+                                    "(added at the first LM layers); Qwen2-VL and Qwen2.5-VL export")
+    host = host_vision(pruned)
+    if host and pruned.program.vision_passes:
+        raise PassConfigError(f"{', '.join(map(repr, pruned.program.vision_passes))}: runs in "
+                              f"{pruned.family.model_class}'s vision encoder (captured per patch grid), which an ONNX "
+                              "export keeps on the host in torch, unpruned; export an LLM-stage pipeline (e.g. fastv)")
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
-               or pruned.program.stages[k].gm is None]
+               or (pruned.program.stages[k].gm is None and not (k == "vision" and (vision_bucket_family(pruned)
+                                                                                   or host)))]
     if "decode" in missing:
         missing.remove("decode")
     if missing or getattr(pruned, "decode_gm", None) is None:
@@ -100,10 +142,6 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
                         if pruned.program.stages.get(k) is not None) or "not captured"
         raise UnsupportedModelError(pruned.family.model_class, f"captured {', '.join(missing or ['decode'])} stage",
                                     f"ONNX export needs the vision, prefill and decode graphs ({why})")
-    if getattr(pruned.family, "position_axes", 1) != 1:
-        raise UnsupportedModelError(pruned.family.model_class, "1-D position ids",
-                                    "ONNX export supports LLaVA-style models (M-RoPE positions are host-computed "
-                                    "from the model and are not exported)")
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise InputError(f"{out_dir} exists and is not a directory")
@@ -282,6 +320,8 @@ def _translations() -> dict:
 # -- dynamic axes ---------------------------------------------------------------------------------
 
 def _axes_prefill(name: str, value: torch.Tensor, batch: int) -> dict[int, str]:
+    if name == "position_ids" and value.dim() == 3:          # M-RoPE: (3, batch, seq)
+        return {1: "batch", 2: "seq"}
     if name in ("inputs_embeds", "position_ids", "attention_mask"):
         return {0: "batch", 1: "seq"}
     if name in ("text_index", "text_mask"):
@@ -356,6 +396,20 @@ def _example_inputs(pruned, example):
     if kw["input_ids"].shape[0] < 2:
         raise InputError("export_onnx: the example needs batch >= 2 (a batch of 1 would fix the batch size "
                          "of the exported graphs)")
+    if vision_bucket_family(pruned):
+        videos = kw.get("pixel_values_videos") is not None
+        if videos and kw.get("pixel_values") is not None:
+            raise InputError(f"export_onnx: the example holds images and videos; a {pruned.family.model_class} "
+                             "export holds one shape bucket, of images or of videos: give an example of one kind")
+        if videos:
+            return kw
+        sizes = kw.get("image_sizes")
+        if kw.get("pixel_values") is None or sizes is None:
+            raise InputError(f"export_onnx: a {pruned.family.model_class} export is traced for the image size of "
+                             "its example: give an example with pixel_values and image_sizes")
+        if len({tuple(s) for s in torch.as_tensor(sizes).tolist()}) != 1:
+            raise InputError(f"export_onnx: the example's image_sizes {torch.as_tensor(sizes).tolist()} differ; an "
+                             "export holds one shape bucket (one image size): give images of the size you serve")
     return kw
 
 
@@ -381,7 +435,8 @@ def export_onnx(pruned, out_dir, *, overwrite: bool = False, opset: int | None =
     `example`: HF-style inputs (a dict or a graphprune.tools.zoo.Example, batch >= 2) used to trace the
     graphs; default: graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3)). Dynamic axes:
     batch, seq (prompt length), text (instruction tokens), images, past_<l> (layer l's cache).
-    Checks (unpruned model, exact-mode passes, a non-empty out_dir without overwrite) run before
+    Checks (exact-mode passes, a non-empty out_dir without overwrite, an anyres example of more
+    than one image size) run before
     anything is written; the files are written into a temporary directory next to out_dir and
     renamed into place, so a failed (or SIGTERM-ed) export leaves nothing behind, and the temporary
     directories of killed processes are removed by the next export next to them. `opset`: 18 up
@@ -412,21 +467,29 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
     b = kw["input_ids"].shape[0]
     n, v = prompt.vision_pos.shape[1], prompt.vision_pos.shape[2]
 
-    stages = {}
-    # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
-    vgm = pruned.program.stages["vision"].gm
-    vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
-    vin = {"pixel_values": kw["pixel_values"]}
-    if "text_embeds" in vnames:
-        from graphprune.lower.runtime import text_layout
-        vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"]).pos
-        ti, tm = text_layout(vp, kw["input_ids"].shape[1])
-        vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
-        vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
-    images = kw["pixel_values"].shape[0]
-    stages["vision"] = _export_stage(
-        "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
-        tmp, opset, None, optimize)
+    stages, bucket = {}, {}
+    if vision_bucket_family(pruned):
+        stages["vision"], kind, spec = _export_vision_bucket(pruned, kw, tmp, opset, optimize)
+        bucket = {kind: spec}
+    elif host_vision(pruned):          # no vision.onnx; the prefill's vision_pos fixes the tokens per unit
+        grids = {k: sorted({tuple(g) for g in kw[k].tolist()}) for k in ("image_grid_thw", "video_grid_thw")
+                 if kw.get(k) is not None}
+        bucket = {"grid_bucket": {"units_per_sample": n, "tokens_per_unit": v, **grids}}
+    else:
+        # vision: pixel_values (+ text for text-guided passes) -> features and selection outputs
+        vgm = pruned.program.stages["vision"].gm
+        vnames = {p.name for p in vgm.graph.find_nodes(op="placeholder")}
+        vin = {"pixel_values": kw["pixel_values"]}
+        if "text_embeds" in vnames:
+            from graphprune.lower.runtime import text_layout
+            vp = pruned._layout(kw["input_ids"], pixel_values=kw["pixel_values"]).pos
+            ti, tm = text_layout(vp, kw["input_ids"].shape[1])
+            vin["text_embeds"] = pruned.family.embed(kw["input_ids"].gather(1, ti)).repeat_interleave(vp.shape[1], 0)
+            vin["text_mask"] = tm.repeat_interleave(vp.shape[1], 0)
+        images = kw["pixel_values"].shape[0]
+        stages["vision"] = _export_stage(
+            "vision", vgm, vin, lambda name, val: _axes_vision(name, val, images), {"images": 1, "text": 1},
+            tmp, opset, None, optimize)
 
     # prefill: the rewritten graph, selection nodes inside
     pin = prompt.prefill_inputs()
@@ -459,6 +522,7 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
         "static": True,
         "model_class": pruned.family.model_class, "family": pruned.family.name,
         "image_token_id": int(pruned.family.image_token_id()),
+        "video_token_id": _jsonable(pruned.family.video_token_id()),
         "num_layers": pruned.num_layers, "vocab_size": int(emb.shape[0]), "hidden_size": int(emb.shape[1]),
         "num_key_value_heads": getattr(tc, "num_key_value_heads", None),
         "eos_token_id": _jsonable(getattr(gen, "eos_token_id", None)),
@@ -467,9 +531,12 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
         "pipeline_repr": " | ".join(repr(p) for p in pruned.pipeline),
         "budgets": _budgets(pruned),
         "vision_positions": pruned._vision_positions(),
+        "video_unit": pruned.video_unit,
         "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
                       "note": "the embedding lookup (row gather of input_ids) runs on the host"},
         "stages": stages,
+        **bucket,
+        **({"host_vision": HOST_VISION_NOTE} if host_vision(pruned) else {}),
         "reference_prompt": {
             "source": ("example" if example is not None
                        else "graphprune.tools.zoo.llava_example(model, batch=2, pad=(0, 3))"),
@@ -592,6 +659,36 @@ def _export_stage(stage, gm, inputs, axes_of, mins, tmp, opset, rename, optimize
     return spec
 
 
+def _export_vision_bucket(pruned, kw, tmp, opset, optimize) -> tuple[dict, str, dict]:
+    """vision.onnx of an anyres family for the example's shape bucket, captured from the model's own
+    get_image_features (the image size baked in) or get_video_features and checked against it: one
+    image of the example's size (pixel_values (1, crops, C, H, W)), or one video of its shape
+    (pixel_values_videos (1, frames, C, H, W)) -> its placeholder rows (rows, D), image_newline rows
+    included. Returns the stage spec, the manifest key ("image_bucket" / "video_bucket") and the bucket."""
+    from graphprune.capture.export import capture_vision_bucket
+    from graphprune.verify.eager import check_against_eager
+    family = pruned.family
+    if kw.get("pixel_values_videos") is not None:
+        pixels, size = kw["pixel_values_videos"][:1], None
+    else:
+        pixels, size = kw["pixel_values"][:1], torch.as_tensor(kw["image_sizes"])[0]
+    stage = capture_vision_bucket(family, pixels, None if size is None else size.tolist())
+    check_against_eager(stage, family.model_class)
+    spec = _export_stage("vision", stage.gm, {"pixels": pixels}, lambda name, val: {}, {}, tmp, opset,
+                         {"pixels": stage.inputs[0]}, optimize)
+    rows = spec["outputs"][0]["shape"][0]
+    if size is None:
+        return spec, "video_bucket", {
+            "pixel_values_videos": list(pixels.shape), "features_per_video": rows,
+            "closing_newlines": family.video_newline,
+            "note": "vision.onnx takes one video of this shape at a time; other frame counts need another export"}
+    newline = family.newline_slots(size)
+    return spec, "image_bucket", {
+        "image_size": [int(x) for x in size], "pixel_values": list(pixels.shape), "features_per_image": rows,
+        "newline_slots": newline.nonzero()[:, 0].tolist(),
+        "note": "vision.onnx takes one image of this size at a time; other sizes need another export"}
+
+
 def _decode_example(pruned, ref, b):
     """Decode-step inputs with a different cache length per layer, the ONNX names of the past
     inputs (past_k_<l>, past_v_<l>) and their dynamic axes."""
@@ -606,9 +703,10 @@ def _decode_example(pruned, ref, b):
             d = pruned.family.text_config().hidden_size
             inputs[name] = torch.randn(b, 1, d, generator=g, dtype=cache[0].keys.dtype)
             axes[name] = {0: "batch"}
-        elif name == "position_ids":
-            inputs[name] = torch.full((b, 1), base + 3, dtype=torch.long)
-            axes[name] = {0: "batch"}
+        elif name == "position_ids":            # M-RoPE: (3, batch, 1), every axis alike
+            axes_first = pruned.family.position_axes != 1
+            inputs[name] = torch.full((3, b, 1) if axes_first else (b, 1), base + 3, dtype=torch.long)
+            axes[name] = {1: "batch"} if axes_first else {0: "batch"}
         elif name.startswith("past_"):
             j = int(name.split("_")[1])
             layer, kind = divmod(j, 2)

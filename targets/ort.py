@@ -25,6 +25,8 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.families import Family
+from graphprune.families.base import MODALITIES, check_video_unit
+from graphprune.families.llava_next import LlavaNextFamily
 from graphprune.lower.runtime import PrunedModel
 from graphprune.rewrite.positions import LAYER_POSITIONS
 
@@ -51,16 +53,83 @@ class _HostFamily(Family):
         self.name = manifest["family"]
         self.position_axes = 1
         self._image_token = manifest["image_token_id"]
+        self._video_token = manifest.get("video_token_id")
         self._embed = embed
 
     def image_token_id(self):
         return self._image_token
+
+    def video_token_id(self):
+        return self._video_token
 
     def embed(self, input_ids):
         return torch.nn.functional.embedding(input_ids, self._embed)
 
     def embed_rows(self):
         return self._embed.shape[0]
+
+
+class _BucketHostFamily(_HostFamily, LlavaNextFamily):
+    """An anyres family (LLaVA-NeXT, OneVision) exported for one shape bucket (manifest
+    "image_bucket" or "video_bucket"): LlavaNextFamily's prompt layout over the bucket's newline
+    slots (Family.with_videos for videos), the features from vision.onnx, one image or video per
+    call. Images of another size, videos of another shape, and the other kind are refused."""
+
+    def __init__(self, manifest: Manifest, embed: torch.Tensor, vision: "OrtGraph"):
+        super().__init__(manifest, embed)
+        self.vision = vision
+        self.bucket = manifest.get("image_bucket")
+        self.video_bucket = manifest.get("video_bucket")
+        if self.video_bucket is not None:        # (pixel_values / image_sizes given: "unexpected inputs")
+            self.vision_inputs, self.image_feature_inputs = ("pixel_values_videos",), ()
+            self.video_newline = self.video_bucket["closing_newlines"]
+        else:
+            self.vision_inputs, self.image_feature_inputs = ("pixel_values", "image_sizes"), ("image_sizes",)
+
+    def body(self):
+        return None                       # no Hugging Face model: image_features runs vision.onnx
+
+    def _check_size(self, image_size) -> None:
+        size = [int(x) for x in torch.as_tensor(image_size).tolist()]
+        if size != self.bucket["image_size"]:
+            h, w = self.bucket["image_size"]
+            raise InputError(f"image_sizes {size}: this export holds one shape bucket, images of {h}x{w} "
+                             f"(pixel_values {tuple(self.bucket['pixel_values'][1:])} per image); export again "
+                             "with an example of the size you serve")
+
+    def newline_slots(self, image_size: torch.Tensor) -> torch.Tensor:
+        self._check_size(image_size)
+        slots = torch.zeros(self.bucket["features_per_image"], dtype=torch.bool, device=image_size.device)
+        slots[self.bucket["newline_slots"]] = True
+        return slots
+
+    def image_features(self, body, pixel_values, image_sizes=None, **kw):
+        if image_sizes is None:
+            raise InputError("the prompt has image tokens but no image_sizes were given")
+        for size in image_sizes:
+            self._check_size(size)
+        per_image = tuple(self.bucket["pixel_values"][1:])
+        if tuple(pixel_values.shape[1:]) != per_image:
+            h, w = self.bucket["image_size"]
+            raise InputError(f"pixel_values {tuple(pixel_values.shape)}: this export's shape bucket takes images "
+                             f"of {h}x{w} as (images, {', '.join(map(str, per_image))})")
+        return torch.cat([self.vision(image[None])[0] for image in pixel_values])
+
+    def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES, **inputs):
+        if inputs.get("pixel_values_videos") is not None:       # before the layout counts its frames
+            self._check_videos(inputs["pixel_values_videos"])
+        return super().vision_layout(input_ids, video_unit, modalities, **inputs)
+
+    def _check_videos(self, pixel_values_videos) -> None:
+        per_video = tuple(self.video_bucket["pixel_values_videos"][1:])
+        if tuple(pixel_values_videos.shape[1:]) != per_video:
+            raise InputError(f"pixel_values_videos {tuple(pixel_values_videos.shape)}: this export holds one shape "
+                             f"bucket, videos of (videos, {', '.join(map(str, per_video))}) (frames, channels, height, "
+                             "width); export again with an example of the videos you serve")
+
+    def video_features(self, body, pixel_values_videos, **kw):
+        self._check_videos(pixel_values_videos)
+        return torch.cat([self.vision(video[None])[0] for video in pixel_values_videos])
 
 
 class _Node:
@@ -142,11 +211,12 @@ class OrtPrunedModel(PrunedModel):
     runs, `fallback` why CUDA was not used (None if it was not asked for or it loaded).
     """
 
-    def __init__(self, out_dir, providers=None, *, device_id: int = 0, session_options=None):
+    def __init__(self, out_dir, providers=None, *, model=None, device_id: int = 0, session_options=None):
         ort = _onnxruntime()
         torch.nn.Module.__init__(self)         # no Hugging Face model: PrunedModel.__init__ does not apply
         self.manifest = Manifest.load(out_dir)
         m = self.manifest
+        host = _host_family(m, model)          # Qwen2(.5)-VL: vision and M-RoPE positions in torch
         embed = _embedding(m)
         want = list(providers) if providers is not None else (
             [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
@@ -165,13 +235,18 @@ class OrtPrunedModel(PrunedModel):
         dev = device_id if on_cuda else None
         graphs = {k: OrtGraph(k, s, m.stage(k), dev) for k, s in sessions.items()}
 
-        # the state PrunedModel's host-side code reads (see graphprune.lower.runtime)
-        self.family = _HostFamily(m, embed)
-        self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=graphs[k]) for k in ("vision", "prefill")},
-                                       family=self.family)
-        self.executables = {k: graphs[k] for k in ("vision", "prefill")}      # what PrunedModel runs per stage
+        # the state PrunedModel's host-side code reads (see graphprune.lower.runtime); a shape-bucket
+        # vision stage runs inside the family, where the model's get_image_features would
+        bucket = "image_bucket" in m or "video_bucket" in m
+        self.family = host or (_BucketHostFamily(m, embed, graphs["vision"]) if bucket else _HostFamily(m, embed))
+        staged = {"vision": graphs.get("vision") if host is None and not bucket else None,
+                  "prefill": graphs["prefill"]}
+        # (vision_passes: none run per shape bucket here; an export's vision passes are inside its graphs)
+        self.program = SimpleNamespace(stages={k: SimpleNamespace(gm=g) for k, g in staged.items()},
+                                       family=self.family, vision_passes=[])
+        self.executables = staged                  # what PrunedModel runs per stage
         self.attention, self.linear = "onnxruntime", "onnxruntime"
-        self.video_unit = "frame"                 # exports hold images only (LLaVA-1.5)
+        self.video_unit = check_video_unit(m.get("video_unit", "frame"))     # what a video's keep counts
         # compact positions between layers: the decode graph takes each layer's new position
         self.layer_positions = any(io["name"] == LAYER_POSITIONS for io in m["stages"]["decode"]["inputs"])
         self.decode_gm = self.decode_exec = graphs["decode"]
@@ -200,7 +275,7 @@ class OrtPrunedModel(PrunedModel):
 
     def _sessions(self, ort, providers, session_options) -> dict:
         sessions = {}
-        for k in ("vision", "prefill", "decode"):
+        for k in self.manifest["stages"]:
             path = self.manifest.path(k)
             try:
                 sessions[k] = ort.InferenceSession(path, sess_options=session_options, providers=providers)
@@ -222,6 +297,13 @@ class OrtPrunedModel(PrunedModel):
         if layout is not None and layout.pos.shape[1] != want:
             raise InputError(f"the prompt has {layout.pos.shape[1]} image(s) per sample; this export takes {want} "
                              "(export again with an example of the layout you serve)")
+        grids = self.manifest.get("grid_bucket")
+        if layout is not None and grids is not None and layout.pos.shape[2] != grids["tokens_per_unit"]:
+            given = {k: inputs[k].tolist() for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
+            stated = {k: v for k, v in grids.items() if k.endswith("grid_thw")}
+            raise InputError(f"the prompt's vision units hold {layout.pos.shape[2]} tokens each ({given}); this export "
+                             f"holds one shape bucket, {grids['tokens_per_unit']} tokens per unit ({stated}): export "
+                             "again with an example of the grids you serve")
         return layout
 
     def __repr__(self):
@@ -235,7 +317,9 @@ class OrtPrunedModel(PrunedModel):
         if past_key_values is not None and past_key_values.layers:       # decode: decode.onnx
             return super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
                                    past_key_values, **unused)
-        if not bool((input_ids == self.family.image_token_id()).any()):
+        video = self.family.video_token_id()
+        if not bool(((input_ids == self.family.image_token_id()) | (input_ids == video if video is not None
+                                                                    else False)).any()):
             raise InputError("text-only prompt: the ONNX export holds the pruned prefill, which needs image tokens "
                              "(run text-only prompts on the unpruned model)")
         out = super().forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
@@ -250,6 +334,24 @@ class OrtPrunedModel(PrunedModel):
             raise InputError("static_cache=True decodes torch graphs in place; an ONNX export decodes with "
                              "decode.onnx over per-layer caches (leave static_cache unset)")
         return super().generate(*args, **kwargs)
+
+
+def _host_family(m: Manifest, model):
+    """The model's own family, for an export whose vision encoder and positions run on the host
+    (manifest "host_vision"); None for the others, which take no model."""
+    if "host_vision" not in m:
+        if model is not None:
+            raise InputError(f"{m.out_dir}: this export runs without the model (its vision stage is vision.onnx); "
+                             "leave model= unset")
+        return None
+    if model is None:
+        raise InputError(f"{m.out_dir}: {m['host_vision']}; pass model= ({m['model_class']}, the model it was "
+                         "exported from)")
+    from graphprune.families import family_of
+    family = family_of(model)
+    if family.model_class != m["model_class"]:
+        raise InputError(f"model= is a {family.model_class}; this export is of a {m['model_class']}")
+    return family
 
 
 def _embedding(m: Manifest) -> torch.Tensor:

@@ -15,9 +15,18 @@ weight memory twice), which is why it is opt-in: `graphprune.prune(..., linear="
 graph lowered from one model shares one packed copy per weight while any of them is alive (a model
 pruned several ways, as `graphprune bench` does, holds it once). Weights are packed when a model is
 pruned: one whose weights change afterwards (in place or not) must be pruned again.
+
+Graphs handed to Inductor (the torch.compile backend's rewritten prefill, `for_inductor=True`) get
+the same packing through an opaque kernel, `graphprune::packed_linear`: Inductor cannot lower
+`mkldnn._linear_pointwise` on a pre-packed weight constant, and with dynamic shapes its own freezing
+does not pre-pack float32 linears (it wants a static row count), so left to itself it runs them
+on the BLAS that re-packs per call (measured on the speed model's FastV prefill, loaded 2-core
+machine, medians of 7: aten graph 933 ms, Inductor 1167 ms in an earlier run with aten at 1175,
+packed graph 474 ms, packed kernel inside Inductor 460 ms).
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -58,9 +67,27 @@ def packed_weight(weight: torch.Tensor, rows_hint: int = 128) -> torch.Tensor:
     return packed
 
 
-def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128) -> int:
+# key -> packed copy, for graphprune::packed_linear; a key lives as long as the graph calling it
+_TWINS: dict[int, torch.Tensor] = {}
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("graphprune::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: int) -> torch.Tensor:
+    """x @ weight.T + bias on the packed copy of `weight` registered under `key` (the plain weight
+    is an argument so that compilers see its shape and keep it alive, never read here)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _TWINS[key], bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, bias, key):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128, for_inductor: bool = False) -> int:
     """Rewrite gm in place: linears with float32 CPU constant weights of at least MIN_ELEMENTS run
-    on oneDNN-packed copies.
+    on oneDNN-packed copies (`for_inductor`: through graphprune::packed_linear, which Inductor keeps
+    as an opaque kernel).
     Returns how many were rewritten. `rows_hint` is the token count oneDNN tunes the layout for
     (any count runs; measured here it barely matters above a few rows)."""
     packed = 0
@@ -72,12 +99,20 @@ def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128) -> int:
             continue
         if bias_node is not None and _constant(gm, bias_node) is None:
             continue                                 # a computed bias: leave this one to aten
-        name = f"_packed_linear_{packed}"
-        gm.register_buffer(name, packed_weight(weight, rows_hint), persistent=False)
-        with gm.graph.inserting_before(node):
-            w = gm.graph.get_attr(name)
-            new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
-                                         (node.args[0], w, bias_node, "none", [], ""))
+        if for_inductor:
+            key = next(_KEYS)
+            _TWINS[key] = packed_weight(weight, rows_hint)
+            weakref.finalize(gm, _TWINS.pop, key, None)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.graphprune.packed_linear.default,
+                                             (node.args[0], node.args[1], bias_node, key))
+        else:
+            name = f"_packed_linear_{packed}"
+            gm.register_buffer(name, packed_weight(weight, rows_hint), persistent=False)
+            with gm.graph.inserting_before(node):
+                w = gm.graph.get_attr(name)
+                new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
+                                             (node.args[0], w, bias_node, "none", [], ""))
         new.meta.update(node.meta)
         plain = node.args[1]
         node.replace_all_uses_with(new)

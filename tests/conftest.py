@@ -5,7 +5,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))   # the independent reference lives beside the tests
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist (CI runs `-n 2`, one worker per core) each worker runs one thread: the tiny
+# graphs gain nothing from a second one, and two workers of two threads would oversubscribe the cores
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,8 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)          # after -k / -m deselection: only tests that will run
 def pytest_collection_modifyitems(config, items):
+    if WORKER:            # every worker collects every test: each starts its own when it runs them
+        return
     for item in items:
         marker = item.get_closest_marker("background")
         if marker is not None and item.nodeid not in _STARTED:

@@ -106,6 +106,7 @@ def llava_vision(model, pixel_values: Tensor, after_layer: dict | None = None) -
     Returns dict: ``features`` (n, V', D_text) after the projector, ``pre_features`` (n, V', d) entering it,
     ``hidden`` (n, 1 + V', d) the feature layer's output with the CLS row,
     ``cls_attn`` (n, V') head-averaged CLS attention to the patch tokens in the layer producing the features,
+    ``received`` (n, V') the attention each patch receives there, averaged over heads and every query (CLS too),
     ``patch_index`` (n, V') original patch index (0..V-1) of each feature row, ``valid`` (n, V') key validity.
     """
     cfg = model.config
@@ -168,8 +169,9 @@ def llava_vision(model, pixel_values: Tensor, after_layer: dict | None = None) -
     pact = _act(cfg.projector_hidden_act)
     feats = _linear(pact(_linear(pre, w, "model.multi_modal_projector.linear_1")), w,
                     "model.multi_modal_projector.linear_2")
+    received = probs.mean(dim=1).mean(dim=1)[:, 1:]  # (n, V') attention each patch receives, over heads and queries
     return {"features": feats, "pre_features": pre, "cls_attn": cls_attn, "patch_index": index[:, 1:] - 1,
-            "valid": key_valid[:, 1:], "hidden": h}
+            "valid": key_valid[:, 1:], "hidden": h, "received": received}
 
 
 @torch.no_grad()

@@ -33,6 +33,26 @@ def retention_mask(video: Tensor, frames: int, rate: float) -> Tensor:
     return mask
 
 
+def ttm_mask(video: Tensor, frames: int, rate: float) -> Tensor:
+    """(T*N,) bool: the tokens DyCoke's temporal token merging keeps of one video's embeddings (T*N, D):
+    in each window of 4 frames the first stays whole, the second and fourth are compared with the frame
+    just before them and the third with the window's first; a compared frame keeps its
+    int((1 - rate) N) tokens least cosine-similar to the same token of that frame (stable: ties to the
+    earlier token)."""
+    x = video.reshape(frames, -1, video.shape[-1])
+    per_frame = x.shape[1]
+    mask = torch.zeros(frames, per_frame, dtype=torch.bool)
+    for f in range(frames):
+        step = f % 4
+        if step == 0:
+            mask[f] = True
+            continue
+        ref = f - 2 if step == 2 else f - 1
+        similarity = F.cosine_similarity(x[f], x[ref], dim=-1)
+        mask[f, similarity.argsort(stable=True)[: int((1 - rate) * per_frame)]] = True
+    return mask.flatten()
+
+
 def video_blocks(model, example, b: int) -> list[tuple[Tensor, int]]:
     """Sample b's videos: (prompt positions of the video's tokens, its frame count) each."""
     cfg = model.config
@@ -48,24 +68,25 @@ def video_blocks(model, example, b: int) -> list[tuple[Tensor, int]]:
 
 
 @torch.no_grad()
-def evs_inputs(model, example, rate: float):
-    """The reduced prompt: (keep (B, S') prompt indices kept, embeds, attention mask, positions) at them."""
+def evs_inputs(model, example, rate: float, rule=retention_mask):
+    """The reduced prompt: (keep (B, S') prompt indices kept, embeds, attention mask, positions) at them;
+    `rule`: a video's kept tokens (EVS's retention_mask, or DyCoke's ttm_mask)."""
     emb, am, pos, _ = RF.family_inputs(model, example)
     rows = []
     for b in range(emb.shape[0]):
         kept = torch.ones(emb.shape[1], dtype=torch.bool)
         for at, frames in video_blocks(model, example, b):
-            kept[at] = retention_mask(emb[b, at], frames, rate)
+            kept[at] = rule(emb[b, at], frames, rate)
         rows.append(kept.nonzero(as_tuple=True)[0])
     keep = torch.stack(rows)
     kept_pos = pos.gather(-1, keep if pos.dim() == 2 else keep[None].expand(pos.shape[0], -1, -1))   # M-RoPE: (3, B, S)
     return keep, emb.gather(1, keep[..., None].expand(-1, -1, emb.shape[-1])), am.gather(1, keep), kept_pos
 
 
-def evs_generate(model, example, rate: float, max_new_tokens: int = 16) -> dict:
+def evs_generate(model, example, rate: float, max_new_tokens: int = 16, rule=retention_mask) -> dict:
     """reference.lm_generate on the reduced prompt (the decoder run by hand; Qwen3-VL's DeepStack
     features of the kept tokens only); `keep`: prompt indices."""
-    keep, emb, am, pos = evs_inputs(model, example, rate)
+    keep, emb, am, pos = evs_inputs(model, example, rate, rule)
     deepstack = RF.deepstack(model, example)
     if deepstack is not None:
         deepstack = deepstack.gather(2, keep[None, ..., None].expand(deepstack.shape[0], -1, -1, deepstack.shape[-1]))

@@ -7,6 +7,8 @@ test happens in the language model) and Qwen's 3-D M-RoPE position ids (``get_ro
 rest is written here from the processors' layouts:
   * Qwen: the prunable vision tokens are the ``<|image_pad|>`` / ``<|video_pad|>`` placeholders; a unit
     is an image, or one temporal patch (frame) of a video (``video_unit="video"``: the whole video).
+  * LLaVA-1.5: the prunable tokens are the ``<image>`` placeholders (patches, no CLS), positions
+    ``cumsum(mask) - 1``; an image is a unit.
   * Mistral 3: the prunable tokens are the ``[IMG]`` placeholders; ``[IMG_BREAK]`` / ``[IMG_END]`` are
     other ids, text to the language model. Positions are ``cumsum(mask) - 1``. The same for Aya Vision
     (``<|IMG_PATCH|>`` placeholders; start, tile and end markers are text); a unit is an image: the
@@ -130,7 +132,7 @@ def _llava_next_prunable(model, example) -> Tensor:
 
 # families whose prunable tokens are exactly their image placeholders (markers around and between
 # them are other token ids), with 1-D positions cumsum(mask) - 1
-PLACEHOLDER_FAMILIES = ("mistral3", "aya_vision", "video_llava", "internvl", "idefics3", "smolvlm", "gemma3",
+PLACEHOLDER_FAMILIES = ("llava", "mistral3", "aya_vision", "video_llava", "internvl", "idefics3", "smolvlm", "gemma3",
                         "paligemma")
 
 

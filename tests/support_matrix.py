@@ -3,9 +3,9 @@
     python tests/support_matrix.py                  # runs tests/test_{dynamo_,}families*.py, writes docs/support.md
     python tests/support_matrix.py --junit r.xml    # from earlier `pytest --junitxml=r.xml` runs
 
-Rows are the CASES of tests/test_families.py and tests/test_families_tier2.py (family x prompt kind; the
-torch.compile column of tests/test_dynamo_families.py adds LLaVA-1.5's `llava-image`), columns the checks
-run on each; a cell is "pass", "FAIL" or "-" (not run).
+Rows are the CASES of tests/test_families.py and tests/test_families_tier2.py (family x prompt kind), columns the
+checks run on each (the torch.compile column from tests/test_dynamo_families.py); a cell is "pass", "FAIL",
+"refused" (the method stops up front with its reason, tested) or "-" (not run).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ CHECKS = {  # test function (+ method parameter) -> column
     ("test_visiontrim_llm_equals_reference_on_unit_grids", None): "visiontrim_llm = reference",
     ("test_compiled_equals_prune", None): "torch.compile backend = gp.prune",
 }
+# tests that a method is refused up front on a case (its column then reads "refused" when they pass)
+REFUSALS = {"test_visiontrim_llm_refuses_units_that_are_not_one_grid": "visiontrim_llm = reference"}
 
 
 def results(*junits: str) -> dict[str, dict[str, str]]:
@@ -45,12 +47,13 @@ def results(*junits: str) -> dict[str, dict[str, str]]:
         func, params = m.groups()
         method = next((meth for meth in ("fastv", "dart", "random", "vtw") if params.endswith("-" + meth)), None)
         row = params[: -len(method) - 1] if method else params
-        column = CHECKS.get((func, method))
+        column = CHECKS.get((func, method), REFUSALS.get(func))
         if column is None:
             continue
         failed = any(child.tag in ("failure", "error") for child in case)
         skipped = any(child.tag == "skipped" for child in case)
-        table.setdefault(row, {})[column] = "FAIL" if failed else "-" if skipped else "pass"
+        passed = "refused" if func in REFUSALS else "pass"
+        table.setdefault(row, {})[column] = "FAIL" if failed else "-" if skipped else passed
     return table
 
 

@@ -66,6 +66,10 @@ def test_grid_specs_and_errors():
     (["--speed", "--model", "random"], "--speed"),
     (["--linear", "mkl"], "--linear 'mkl'"),
     (["--speed", "--linear", "aten,mkl"], "unknown linear lowering 'mkl'"),
+    (["--compiled"], "--speed --compiled"),
+    (["--speed", "--video", "--compiled"], "give one"),
+    (["--speed", "--compiled", "--methods", "dart"], "--methods does not apply"),
+    (["--speed", "--compiled", "--linear", "mkl"], "unknown linear lowering 'mkl'"),
 ])
 def test_cli_bad_input_fails_before_work(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

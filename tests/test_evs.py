@@ -12,7 +12,7 @@ import pytest
 import reference_evs as E
 import reference_families as RF
 import torch
-from checks import assert_same_run
+from checks import assert_batch_equals_samples, assert_same_run
 from graphprune.passes.evs import evs_keep
 from test_families import _model
 
@@ -83,17 +83,7 @@ def test_batch_equals_samples_alone(case):
     _, family, items = case
     model, program = _model(family)
     ex = _example(model, items)
-    pruned = gp.prune(model, "evs", rate=0.6, program=program)
-    batch = pruned(**ex.as_kwargs())
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=8, eos_token_id=[])
-    pad = (ex.attention_mask == 0).sum(1)
-    for b in range(2):
-        one = ex.sample(b)
-        alone = pruned(**one.as_kwargs())
-        real = batch.cache[-1].mask[b].bool()
-        torch.testing.assert_close(batch.logits[b][real], alone.logits[0], atol=1e-5, rtol=1e-5)
-        assert torch.equal(batch.kept[b][real] - pad[b], alone.kept[0])
-        assert torch.equal(ids[b, -8:], pruned.generate(**one.as_kwargs(), max_new_tokens=8, eos_token_id=[])[0, -8:])
+    assert_batch_equals_samples(gp.prune(model, "evs", rate=0.6, program=program), ex)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])

@@ -5,6 +5,8 @@ padding equal each sample alone, separators are never dropped. One row per (fami
 adding a family adds a row to CASES."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import reference as R
 import reference_dart as D
@@ -25,6 +27,7 @@ STEPS = 16
 
 # (id, family, items each sample shows in prompt order, video_unit)
 CASES = [
+    ("llava-2images", "llava", ("image", "image"), "frame"),         # 6x6 patches each, captured vision stage
     ("qwen2_vl-video", "qwen2_vl", ("video",), "frame"),
     ("qwen2_5_vl-image", "qwen2_5_vl", ("image",), "frame"),
     ("qwen2_5_vl-image+video", "qwen2_5_vl", ("image", "video"), "frame"),
@@ -40,7 +43,7 @@ CASES = [
     ("gemma3-2images", "gemma3", ("image", "image"), "frame"),
 ]
 IDS = [c[0] for c in CASES]
-NO_SEPARATORS = ("video_llava", "paligemma")     # their processors write placeholders only
+NO_SEPARATORS = ("llava", "video_llava", "paligemma")     # their processors write placeholders only
 
 _MODELS: dict = {}
 
@@ -226,7 +229,7 @@ def test_gemma3_runs_reaching_the_sliding_window_are_refused():
         pruned(input_ids=torch.randint(3, 140, (1, 130)))
 
 
-MUSTDROP_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres", "llava_onevision-video",
+MUSTDROP_CASES = ["llava-2images", "qwen2_vl-video", "qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_next-anyres", "llava_onevision-video",
                   "gemma3-2images"]
 
 
@@ -253,8 +256,9 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     assert not bool(out.cache[3].mask.bool().all())                          # the rule invalidated some
 
 
-# units that are 4 x 4 grids (Gemma 3: its 8 x 8 patches average-pooled)
-VISIONTRIM_CASES = ["qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_onevision-video", "gemma3-2images"]
+# units that are square patch grids: LLaVA-1.5's 6 x 6, the others 4 x 4 (Gemma 3: its 8 x 8 patches
+# average-pooled)
+VISIONTRIM_CASES = ["llava-2images", "qwen2_vl-video", "qwen2_5_vl-image+video", "qwen3_vl-image+video", "llava_onevision-video", "gemma3-2images"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in VISIONTRIM_CASES], ids=VISIONTRIM_CASES)
@@ -266,10 +270,39 @@ def test_visiontrim_llm_equals_reference_on_unit_grids(case):
     model, program = _model(family)
     ex = _example(model, items)
     emb, am, pos, vm = RF.family_inputs(model, ex)
-    ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=4)}, vision_mask=vm,
+    grid = math.isqrt(int(vm[0].sum()) // RF.units_of(model, ex, unit))
+    ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=grid)}, vision_mask=vm,
                         max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
     pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+
+
+def check_visiontrim_llm_refuses(case, why, **example):
+    """visiontrim_llm on a prompt whose units are not one square patch grid each stops before any work,
+    saying why, rather than laying their tokens on a wrong grid."""
+    _, family, items, unit = case
+    model, program = _model(family)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=items, **example) if example else _example(model, items)
+    pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
+    with pytest.raises(InputError, match=why):
+        pruned(**ex.as_kwargs())
+    assert pruned.report is None                      # no prefill ran
+
+
+@pytest.mark.parametrize("case, why", [
+    ("llava_next-anyres", "LlavaNextForConditionalGeneration's image 0 is its base view's patch grid followed by "
+                          "its anyres crops' rows"),
+    ("qwen2_5_vl-video-per-video", r"video 0 is 2 frames' grids one after another \(video_unit='video'\)")],
+    ids=["llava_next-anyres", "qwen2_5_vl-video-per-video"])
+def test_visiontrim_llm_refuses_units_that_are_not_one_grid(case, why):
+    check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == case), why)
+
+
+def test_visiontrim_llm_refuses_a_square_count_of_a_non_square_grid():
+    # a 4 x 16 patch image merges to 2 x 8 = 16 tokens: a square count, not a square grid
+    check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == "qwen2_5_vl-image"),
+                                 "Qwen2_5_VLForConditionalGeneration's image 0 is a 2 x 8 token grid",
+                                 grid=(4, 16))
 
 
 def _mm(ex):
@@ -442,10 +475,11 @@ def test_support_matrix_reads_junit(tmp_path):
                    '<testcase name="test_keep_everything_equals_hf[llava_next-anyres]"/>'
                    '<testcase name="test_llm_methods_equal_reference[llava_next-anyres-dart]"><failure/></testcase>'
                    '<testcase name="test_llm_methods_equal_reference[qwen2_vl-video-fastv]"/>'
+                   '<testcase name="test_visiontrim_llm_refuses_units_that_are_not_one_grid[llava_next-anyres]"/>'
                    '<testcase name="test_layout_units_and_separators"/></testsuite></testsuites>')
     table = support_matrix.results(str(xml))
     assert table == {"llava_next-anyres": {"keep-everything = HF (logits, 16 greedy tokens)": "pass",
-                                           "dart = reference": "FAIL"},
+                                           "dart = reference": "FAIL", "visiontrim_llm = reference": "refused"},
                      "qwen2_vl-video": {"fastv = reference": "pass"}}
     md = support_matrix.markdown(table)
     assert "| llava_next-anyres | pass | - | FAIL | - | - | - |" in md and "generated by" in md

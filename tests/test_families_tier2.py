@@ -179,3 +179,50 @@ def test_paligemma_text_only_prompt_attends_over_its_prefix():
         hf = model(**kw, position_ids=(kw["attention_mask"].cumsum(-1) - 1).clamp(min=0) + 1).logits
     out = gp.prune(model, "fastv", layer=2, keep=5, program=program)(**kw)
     torch.testing.assert_close(out.logits[real], hf[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_mustdrop_filter_and_cache_equal_reference(case):
+    tier1.test_mustdrop_filter_and_cache_equal_reference(case)
+
+
+# units that are one square patch grid: a GLM-4.1V image (8x8 patches merged 2x2), a PaliGemma image
+VISIONTRIM_CASES = ["glm4v-2images", "paligemma-image"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in VISIONTRIM_CASES], ids=VISIONTRIM_CASES)
+def test_visiontrim_llm_equals_reference_on_unit_grids(case):
+    tier1.test_visiontrim_llm_equals_reference_on_unit_grids(case)
+
+
+NOT_GRIDS = [  # case, why its units are not one square patch grid
+    ("mistral3-2images", r"Mistral3ForConditionalGeneration's image 0 is a 3 x 4 token grid, not a square one"),
+    ("aya_vision-2images", r"AyaVisionForConditionalGeneration's image 0 is 2 tiles' grids one after another"),
+    ("llava_next_video-image+video-per-video", r"image 0 is its base view's patch grid followed by its anyres"),
+    ("video_llava-image+video", r"17 vision tokens per image do not form a square patch grid"),    # CLS + 4x4
+    ("internvl-2images", r"InternVLForConditionalGeneration's image 0 is 2 tiles' grids one after another"),
+    ("idefics3-2images", r"Idefics3ForConditionalGeneration's image 0 is 3 tiles' grids one after another"),
+    ("smolvlm-2images", r"SmolVLMForConditionalGeneration's image 0 is 3 tiles' grids one after another"),
+]
+
+
+@pytest.mark.parametrize("case, why", NOT_GRIDS, ids=[c[0] for c in NOT_GRIDS])
+def test_visiontrim_llm_refuses_units_that_are_not_one_grid(case, why):
+    tier1.check_visiontrim_llm_refuses(next(c for c in CASES if c[0] == case), why)
+
+
+def test_paligemma2_is_refused_up_front():
+    """PaliGemma 2 (model_type paligemma, a Gemma 2 LM) while transformers runs Gemma 2 in eager
+    attention only: refused when the family is read, naming why, not after a capture that finds no
+    attention to prune."""
+    from transformers import Gemma2Model
+    if getattr(Gemma2Model, "_supports_sdpa", False):
+        pytest.skip("this transformers runs Gemma 2 with SDPA: PaliGemma 2 wants a case of its own")
+    text = dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                num_attention_heads=2, num_key_value_heads=1, vocab_size=160, sliding_window=128)
+    model = tier1._tiny("PaliGemmaForConditionalGeneration", "PaliGemmaConfig", text_config=text, image_token_index=150,
+                        vision_config=dict(family_zoo._siglip(56), projection_dim=32), projection_dim=32)
+    with pytest.raises(gp.UnsupportedModelError, match=r"PaliGemmaForConditionalGeneration: could not find the "
+                                                       r"paligemma family support\. its Gemma2Model language model "
+                                                       r"\(gemma2: PaliGemma 2\) runs eager attention only"):
+        gp.prune(model, "fastv", layer=2, keep=4)

@@ -5,7 +5,8 @@ atol 1e-5) and 16 greedy tokens equal the independent reference (tests/reference
 by hand; tests/reference_families.py lays out Qwen's prompt and M-RoPE positions), images and video
 frames alike; a left-padded batch of 2 equals each sample alone.
 
-graphprune runs Qwen's vision stage eagerly (its patch grid is data dependent). DivPrune and CDPruner
+graphprune runs Qwen's vision stage eagerly unless a vision pass needs the encoder (then it captures it
+per patch grid: tests/test_vision_qwen.py). DivPrune and CDPruner
 read only the projected tokens (and CDPruner the instruction), which are the LLM's input embeddings at
 the vision positions, so the pipeline runs them at LLM layer 0: the same checks against
 reference_new_methods.choose_on_input_embeds, with positions='keep' (compact renumbering of M-RoPE
@@ -107,6 +108,20 @@ def test_projected_token_methods_match_reference(qwen25, method, batch, pad, ite
     assert vm.gather(1, out.kept).sum(1).tolist() == [units * count] * batch
 
 
+@pytest.mark.parametrize("method", sorted(PICKS))
+def test_projected_token_methods_over_whole_videos(qwen25, method):
+    """video_unit="video": a video's frames are one unit, so `keep` counts over the whole video and the
+    choice runs over all its tokens at once (here 12 of its 2 x 16)."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=48)
+    kept, emb, am, pos = N.choose_on_input_embeds(model, ex, 1, PICKS[method](12))
+    ref = R.lm_generate(model, emb, am, pos, max_new_tokens=STEPS)
+    pruned = gp.prune(model, method, keep=12, positions="keep", program=program, video_unit="video")
+    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
+    per_frame = N.choose_on_input_embeds(model, ex, 2, PICKS[method](6))[0]
+    assert not torch.equal(kept, per_frame)          # the unit matters on this video
+
+
 def test_projected_token_methods_chain_and_batch_equals_alone(qwen25):
     """cdpruner then divprune, both at layer 0: divprune chooses among cdpruner's kept tokens. A
     left-padded batch (instructions of different lengths) equals the reference and each sample alone."""
@@ -165,8 +180,9 @@ def test_divprune_compact_on_llava_next():
     ("divprune(keep=0, positions='keep')", PassConfigError, ["keep=0"]),
     ("cdpruner(keep=1.5, positions='keep')", PassConfigError, ["keep=1.5"]),
     ("cdpruner(keep=8, positions='shift')", PassConfigError, ["positions", "'shift'"]),
-    ("random(stage='vision', keep=8, positions='keep')", PassNotApplicable, ["random", "before the projector",
-                                                                            "eagerly"]),
+    # random at the vision stage runs on Qwen's encoder captured per grid (test_vision_qwen); compact M-RoPE is refused
+    ("random(stage='vision', keep=8, positions='compact')", PassNotApplicable, ["random", "positions='compact'",
+                                                                               "M-RoPE"]),
 ])
 def test_bad_options_refused_before_work(qwen25, spec, error, words):
     model, program = qwen25

@@ -152,13 +152,6 @@ def test_static_lint_rejects_dynamic_ops(tmp_path):
 
 # -- bad input: clear errors, nothing written -------------------------------------------------------
 
-def test_unpruned_model_is_refused(model, tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(PassConfigError, match="unpruned.*pass a method"):
-        export_onnx(gp.prune(model), out)
-    assert not out.exists() and os.listdir(tmp_path) == []
-
-
 def test_exact_mode_is_refused(model, tmp_path):
     out = tmp_path / "out"
     pruned = gp.prune(model, "mustdrop_filter(layers=(2,), gamma=0.0278, alpha=0.0235, mode='exact')")

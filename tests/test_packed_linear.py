@@ -169,3 +169,40 @@ def test_a_model_too_small_to_pack_says_so(llava, monkeypatch):
     with pytest.warns(RuntimeWarning, match="no linear weight of this model"):
         pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program, linear="packed")
     assert pruned.packed_linears == 0
+
+
+def test_inductor_kernel_equals_aten_linear_at_any_row_count():
+    """for_inductor: the packed weights behind graphprune::packed_linear, compiled by Inductor with
+    dynamic shapes; every row count (a new one does not recompile the kernel choice) equals aten."""
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False)).eval()
+    x = torch.randn(2, 5, 16)
+    gm = torch.export.export(lin, (x,), dynamic_shapes=({1: torch.export.Dim("s")},)).module()
+    gm = torch.fx.GraphModule(gm, gm.graph)
+    assert pack_linear_weights(gm, for_inductor=True) == 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.graphprune.packed_linear.default in targets and torch.ops.aten.linear.default not in targets
+    compiled = torch.compile(gm, backend="inductor", dynamic=True)
+    with torch.no_grad():
+        for rows in (5, 1, 9):
+            xs = torch.randn(2, rows, 16)
+            torch.testing.assert_close(compiled(xs), lin(xs), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_backend_with_packed_linears_equals_prune(llava):
+    """torch.compile(..., options={"linear": "packed"}): the rewritten prefill's linears packed, as opaque
+    kernels under Inductor, logits as graphprune.prune's."""
+    model, _ = llava
+    batch = llava_example(model, batch=2).as_kwargs()
+    pipeline = "fastv(layer=2, keep=8)"
+    want = gp.prune(model, pipeline)(**batch).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="graphprune",
+                             options={"pipeline": pipeline, "compiler": "inductor", "linear": "packed"})
+    with torch.no_grad():
+        got = compiled(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    from graphprune.targets.dynamo import pruned_graphs
+    kernel = torch.ops.graphprune.packed_linear.default
+    assert any(n.target is kernel for gm in pruned_graphs(model) for n in gm.graph.nodes)
+    torch._dynamo.reset()
+

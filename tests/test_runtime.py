@@ -112,6 +112,34 @@ def test_report_counts(llava):
     assert "vtw(layer=2)" in rep.table() and rep.to_dict()["kv_bytes"] == sum(rep.kv_bytes_per_layer)
 
 
+def test_report_counts_causal_attention_over_the_lower_triangle(llava):
+    """FLOPs per layer by hand from the tiny LLaVA's config: 2 per multiply-add of the layer's linear
+    weights at each token, and QK^T + PV over the scores its attention computes: the S(S+1)/2 entries
+    at or below the diagonal per head where it is causal (the captured causal mask, kept tokens of
+    it after FastV), the full S x S square behind MustDrop's static-capacity key mask."""
+    model, program = llava
+    tc = model.config.text_config
+    h, heads, kv_heads, mlp = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.intermediate_size
+    weights = 2 * h * h + 2 * h * (h // heads * kv_heads) + 3 * h * mlp     # q, o; k, v; gate, up, down
+    ex = llava_example(model, batch=2, pad=(0, 3))
+    b, s = ex.input_ids.shape
+
+    def layer(n, causal):
+        scores = n * (n + 1) // 2 if causal else n * n
+        return b * (2 * n * weights + 2 * 2 * heads * scores * (h // heads))
+
+    fastv = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    fastv(**ex.as_kwargs())
+    assert fastv.report.tokens_per_layer == [s, s, s - 27, s - 27]
+    assert fastv.report.flops_per_layer == [layer(n, True) for n in (s, s, s - 27, s - 27)]
+    static = gp.prune(model, "mustdrop_filter(layers=(2,), gamma=0.03, alpha=0.02, mode='static', capacity=9, "
+                             "placement='before')", program=program)
+    static(**ex.as_kwargs())
+    assert static.report.tokens_per_layer == [s, s, s - 27, s - 27]
+    assert static.report.flops_per_layer == [layer(s, True), layer(s, True), layer(s - 27, False),
+                                             layer(s - 27, False)]
+
+
 def test_report_after_inference_mode_call(llava):
     # a report read outside inference_mode after a call inside it (what every benchmark does) used to
     # raise "Inference tensors cannot be saved for backward" while counting FLOPs

@@ -3,8 +3,8 @@
 The tokens each LLM layer runs on follow from the methods' definitions (EVS: max(h*w, int(T*h*w*(1 -
 rate))) per video before layer 0; FastV / DART / random: `keep` per frame from layer 2 on), and the
 FLOPs-ideal speed-up is recounted by hand from the config: per layer 2 x tokens x the linear weights'
-multiply-adds plus SDPA's 4 x tokens^2 x hidden (QK^T and PV over the full square, the accountant's
-convention), and the LM head over the last layer's tokens."""
+multiply-adds plus SDPA's 4 x tokens (tokens + 1) / 2 x hidden (QK^T and PV over the scores at or
+below the diagonal, which causal attention computes), and the LM head over the last layer's tokens."""
 import json
 
 import pytest
@@ -33,7 +33,7 @@ def _flops(tokens_per_layer):
     h, mlp = TINY["hidden"], TINY["mlp"]
     kv = h // HEADS * KV_HEADS
     weights = 2 * h * h + 2 * h * kv + 3 * h * mlp               # q, o; k, v; gate, up, down
-    layers = sum(2 * n * weights + 4 * n * n * h for n in tokens_per_layer)
+    layers = sum(2 * n * weights + 4 * n * (n + 1) // 2 * h for n in tokens_per_layer)
     return layers + 2 * tokens_per_layer[-1] * h * VOCAB
 
 

@@ -5,6 +5,13 @@ and full-size models built on the meta device work too. Every linear / matmul / 
 node adds 2 FLOPs per multiply-add, attributed to the layer in its nn_module_stack
 ("head" for the lm_head / projector, "other" for the rest). Token-op nodes (scoring,
 selection) are not counted: their matmuls cover a few query rows (nq x S), not S x S.
+
+Attention counts the score entries a kernel computes (QK^T and PV alike): causal attention
+(anatomy.read.attends_causally: a prefill's captured causal mask or kept tokens of it, or
+is_causal) the entries at or below the diagonal, S(S+1)/2 per head for a prefill of S tokens, as
+the mask-free causal kernel (graphprune.lower.causal) and flash kernels skip the blocks above it;
+attention whose mask is not causal (a bidirectional attention group, a pass's static-capacity key
+mask, a vision encoder) the full S x S square, which a masked kernel computes.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
-from graphprune.anatomy.read import SDPA, layer_of, module_path
+from graphprune.anatomy.read import SDPA, attends_causally, layer_of, module_path
 
 aten = torch.ops.aten
 
@@ -24,19 +31,22 @@ def _numel(shape) -> int:
     return math.prod(int(s) for s in shape)
 
 
-def node_flops(target, args, kwargs, out) -> int:
+def node_flops(target, args, kwargs, out, causal: bool = False) -> int:
+    """FLOPs of one node's call; causal: an SDPA node attends causally (see the module docstring)."""
     if target == aten.linear.default:
         x, w = args[0], args[1]
         return 2 * _numel(x.shape[:-1]) * w.shape[0] * w.shape[1]
     if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, torch.matmul):
-        a, b = args[0], args[1]
+        a = args[0]
         return 2 * _numel(out.shape) * a.shape[-1]
     if target == aten.addmm.default:
         return 2 * _numel(out.shape) * args[1].shape[-1]
     if target == SDPA:
         q, k = args[0], args[1]
-        b, h, sq, d = q.shape
-        return 2 * 2 * _numel(q.shape[:-2]) * sq * k.shape[-2] * d      # QK^T and PV
+        sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+        # causal: query i (of the last sq) attends to the keys up to its own position sk - sq + i
+        scores = sq * (sk - sq) + sq * (sq + 1) // 2 if causal and sq <= sk else sq * sk
+        return 2 * 2 * _numel(q.shape[:-2]) * scores * d      # QK^T and PV
     if target in (aten.convolution.default, aten.conv2d.default):
         w = args[1]
         return 2 * _numel(out.shape) * _numel(w.shape[1:])
@@ -53,7 +63,7 @@ class _Counter(fx.Interpreter):
         if n.op != "call_function":
             return out
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        f = node_flops(n.target, args, kwargs, out)
+        f = node_flops(n.target, args, kwargs, out, n.target == SDPA and attends_causally(n))
         if f:
             layer = layer_of(n)
             path = module_path(n)

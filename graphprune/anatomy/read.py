@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from graphprune import tokenops
 from graphprune.errors import UnsupportedModelError
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -60,6 +61,30 @@ def sdpa_mask(sdpa: fx.Node):
     return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
 
 
+def captured_mask(mask) -> fx.Node | None:
+    """The captured mask node `mask` takes kept tokens of (itself, through tokenops.take_tokens), or
+    None when a pass built it (key masks, biases) or there is none."""
+    while isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target is tokenops.take_tokens:
+        mask = mask.args[0]
+    if isinstance(mask, fx.Node) and mask.op == "call_function" and isinstance(mask.target, torch._ops.OpOverload):
+        return mask
+    return None
+
+
+def attends_causally(sdpa: fx.Node) -> bool:
+    """Whether an SDPA node's attention is causal: is_causal=True, or, in a prefill (a graph with an
+    `attention_mask` input) without bidirectional attention groups (no `attention_groups` input, as
+    Gemma 3's and PaliGemma's have), a mask that is the captured causal-and-padding mask or kept
+    tokens of it (passes keep tokens in prompt order). A mask a pass built (static-capacity key
+    masks) or a vision encoder's attention is not."""
+    att = Attention.of(layer_of(sdpa), sdpa)
+    if att.is_causal:
+        return True
+    inputs = {n.name for n in sdpa.graph.find_nodes(op="placeholder")}
+    return ("attention_mask" in inputs and "attention_groups" not in inputs
+            and captured_mask(sdpa_mask(sdpa)) is not None)
+
+
 @dataclass
 class Layer:
     index: int
@@ -83,9 +108,11 @@ class Anatomy:
     outputs: list[fx.Node]
     batch: object = None                 # sympy symbol of the batch dimension
     seq: object = None                   # sympy symbol of the token dimension
-    grid: tuple[int, int] | None = None  # patch grid (H, W) of the vision encoder
+    grid: tuple[int, int] | None = None  # patch grid (H, W) of the vision encoder, in LLM tokens
+    patches_per_token: int = 1           # vision: encoder patches merged into each feature token (Qwen's 2x2: 4)
     has_cls: bool | None = None
     features: fx.Node | None = None      # vision: per-patch features entering the projector
+    captured_features: fx.Node | None = None  # vision: the same as captured, before any pass reduced them
     post_layers: list = field(default_factory=list)     # vision: layers past the feature layer, captured only
                                                         # when a pass reads them (they feed no features)
     attention_kind: str = "sdpa"
@@ -173,11 +200,14 @@ def _read_lm(anat: Anatomy, model_class: str) -> None:
 
 
 def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
+    # a graph captured for one shape bucket states its token grid; a fixed encoder's is its conv's output
+    anat.grid = gm.meta.get("graphprune_token_grid")
     conv = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)]
-    if not conv:
+    if anat.grid is None and not conv:
         raise UnsupportedModelError(model_class, "patch embedding (conv2d) of the vision encoder")
-    shape = _val(conv[0]).shape
-    anat.grid = (int(shape[-2]), int(shape[-1]))
+    if anat.grid is None:
+        shape = _val(conv[0]).shape
+        anat.grid = (int(shape[-2]), int(shape[-1]))
     params = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     anat.has_cls = any(p.endswith("class_embedding") for p in params)
     anat.batch = _expr(_val(anat.inputs["pixel_values"]).shape[0])
@@ -186,7 +216,7 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
     ins = {a for n in proj for a in n.all_input_nodes if "projector" not in module_path(a) and a.op != "get_attr"}
     if len(ins) != 1:
         raise UnsupportedModelError(model_class, "projector input (per-patch vision features)")
-    anat.features = ins.pop()
+    anat.features = anat.captured_features = ins.pop()
     anat.token_dims[anat.features.name] = (0, (1,))
     # layers past the feature layer (kept in the graph only when a pass reads one) are not layers of the
     # feature encoder: selections and `layer=-1` count the layers that feed the features
@@ -197,6 +227,12 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
     if tokens != anat.grid[0] * anat.grid[1]:
         raise UnsupportedModelError(model_class, "patch grid matching the feature tokens",
                                     f"grid {anat.grid} vs {tokens} feature tokens")
+    # the encoder's sequence: CLS, then each feature token's patches in a row
+    encoder = int(_val(anat.layers[0].attention.q).shape[2]) - int(anat.has_cls)
+    if encoder % tokens:
+        raise UnsupportedModelError(model_class, "feature tokens made of whole groups of encoder patches",
+                                    f"{encoder} encoder patches for {tokens} feature tokens")
+    anat.patches_per_token = encoder // tokens
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:

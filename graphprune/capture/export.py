@@ -313,22 +313,69 @@ def capture_decode(family: Family, *, device=None, dtype=None) -> Stage:
     return Stage("decode", gm, names, module=_Decode(lm, family.lm_head()), check_inputs=check)
 
 
-def capture_vision(family: Family, *, device=None, dtype=None, through_last: bool = False) -> Stage:
-    """through_last: keep the encoder's layers past the feature layer (returned as `vision_last_hidden`)."""
-    module = family.vision_module(through_last=through_last)
+def capture_vision(family: Family, *, device=None, dtype=None, through_last: bool = False, bucket=None) -> Stage:
+    """through_last: keep the encoder's layers past the feature layer (returned as `vision_last_hidden`).
+    bucket: the shape bucket of a family whose vision stage is captured per bucket (Family.vision_buckets);
+    without one such a family's vision stage runs eagerly until a vision pass asks for a bucket."""
+    if family.vision_buckets and bucket is None:
+        return Stage("vision", None, ["pixel_values"], eager=f"{family.eager_vision}: the vision encoder is "
+                     "captured per shape bucket when a vision-stage pass runs, else it runs eagerly")
+    module = family.vision_module(through_last=through_last, **({"bucket": bucket} if bucket is not None else {}))
     if module is None:
         return Stage("vision", None, ["pixel_values"], eager=f"{family.eager_vision}: the vision encoder runs "
                      "eagerly (the model's own get_image_features) and vision-stage passes are not available")
-    vc = family.model.config.vision_config
     p = next(module.parameters())
     device, dtype = device or p.device, dtype or p.dtype
-    px = torch.zeros(2, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    if bucket is None:
+        vc = family.model.config.vision_config
+        px = torch.zeros(2, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    else:
+        px = family.vision_example(bucket, 2).to(device, dtype)
     with torch.no_grad():
         ep = torch.export.export(module, (px,), strict=False, dynamic_shapes=({0: Dim("images", min=1)},))
     gm = plain_graph_module(ep)
     gm.meta["graphprune_outputs"] = ["features"] + (["vision_last_hidden"] if through_last else [])
-    check = None if device.type == "meta" else (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
-    return Stage("vision", gm, ["pixel_values"], module=module, check_inputs=check)
+    if bucket is not None:          # the token grid the features come in (the encoder's patches are grouped)
+        gm.meta["graphprune_token_grid"] = tuple(module.grid)
+    check = None
+    if device.type != "meta":
+        check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
+    eager = None if bucket is None else family.vision_eager_module(bucket)
+    return Stage("vision", gm, ["pixel_values"], module=eager or module, check_inputs=check)
+
+
+class _VisionBucket(nn.Module):
+    """Images of one size (or videos of one shape) -> their features, the family's own
+    get_image_features (anyres crops, packing, unpadding, image_newline; the image size baked in as
+    Python ints, so the crop count, grid and unpadding are constants of the graph) or
+    get_video_features."""
+
+    def __init__(self, family: Family, image_size: tuple[int, int] | None):
+        super().__init__()
+        self.family, self.body = family, family.body()
+        self.image_size = None if image_size is None else [int(image_size[0]), int(image_size[1])]
+
+    def forward(self, pixels):
+        if self.image_size is None:
+            return self.family.vision_feature_rows(pixel_values_videos=pixels)
+        return self.family.vision_feature_rows(pixel_values=pixels, image_sizes=[list(self.image_size)] * pixels.shape[0])
+
+
+def capture_vision_bucket(family: Family, pixels: torch.Tensor, image_size=None) -> Stage:
+    """The vision stage of a family whose crop count and packing depend on the image size
+    (LLaVA-NeXT / OneVision anyres), captured for one shape bucket: images of `image_size` (H, W),
+    `pixels` the pixel_values (images, crops, C, H, W), every size static; image_size None: videos,
+    `pixels` the pixel_values_videos (videos, frames, C, H, W). Outputs `features` (rows, D): the
+    rows the placeholders take, image_newline rows included. check_inputs: other pixels of the same
+    shape (graphprune.verify.eager)."""
+    module = _VisionBucket(family, image_size)
+    with torch.no_grad():
+        ep = torch.export.export(module, (pixels,), strict=False)
+    gm = plain_graph_module(ep)
+    gm.meta["graphprune_outputs"] = ["features"]
+    check = (torch.randn(*pixels.shape, generator=_check_generator()).to(pixels),)
+    return Stage("vision", gm, ["pixel_values" if image_size is not None else "pixel_values_videos"], module=module,
+                 check_inputs=check)
 
 
 def capture(model: nn.Module, stages=STAGES) -> dict[str, Stage]:

@@ -45,6 +45,9 @@ class Family:
     vision_has_cls: bool = True
     refused: str = ""                   # why models of this family cannot be pruned (checked up front)
     eager_vision: str = "no capturable vision stage declared"     # why vision_module() is None
+    # > 0: the vision stage is captured per shape bucket (one patch grid each, vision_stage_inputs),
+    # at most this many per pruned model, when a vision-stage pass needs it (else it runs eagerly)
+    vision_buckets: int = 0
     compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
     # processor outputs the family consumes besides input_ids / attention_mask
     vision_inputs: tuple[str, ...] = ("pixel_values",)
@@ -62,6 +65,9 @@ class Family:
     # an LM sliding window shorter than the context is accepted, and runs that could reach it refused
     # (check_run_length); otherwise such a model is refused (refuse_sliding_window)
     window_limits_runs: bool = False
+    # why an image of this family is not one patch grid in raster order ("": it is one, or tiles of
+    # tokens_per_tile() each), for methods that place a unit's tokens on its grid (visiontrim_llm)
+    image_not_grid: str = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -87,12 +93,31 @@ class Family:
             return nn.Identity()
         return self._require(getattr(self.model, "lm_head", None), "lm_head")
 
-    def vision_module(self, through_last: bool = False) -> nn.Module | None:
+    def vision_module(self, through_last: bool = False, bucket=None) -> nn.Module | None:
         """A module capturing pixel_values -> projected features, for vision-stage passes; None runs
         the vision encoder eagerly through the model's own get_image_features. through_last: it also
         returns the encoder's last hidden state, so the layers past the feature layer stay in the
-        captured graph (a pass reads the last layer)."""
+        captured graph (a pass reads the last layer). bucket: the shape bucket (vision_buckets > 0)."""
         return None
+
+    def vision_eager_module(self, bucket) -> nn.Module | None:
+        """The model's own computation of a bucket's features (its get_image_features), for checking the
+        capture; None: the captured module itself is that."""
+        return None
+
+    def vision_example(self, bucket, images: int) -> torch.Tensor:
+        """pixel_values (zeros) of `images` images of a shape bucket, as vision_stage_inputs lays them
+        out: the capture example of that bucket."""
+        raise NotImplementedError(f"{self.name}: no shape buckets")
+
+    def vision_bucket(self, rows: int, cols: int):
+        """The shape bucket of an image of rows x cols feature tokens."""
+        raise NotImplementedError(f"{self.name}: no shape buckets")
+
+    def vision_stage_inputs(self, layout: VisionLayout, **inputs) -> tuple[object, torch.Tensor]:
+        """(bucket, pixel_values) for the vision stage of a bucketed family: one row per vision unit
+        of `layout`, samples in order, each sample's units in layout order."""
+        raise NotImplementedError(f"{self.name}: no shape buckets")
 
     def config(self):
         return self.model.config
@@ -126,6 +151,27 @@ class Family:
         """How many image tokens each image of pixel_values fills in the prompt (None: this family
         cannot tell); raises InputError when the images have a shape the vision encoder cannot take."""
         return None
+
+    def tokens_per_tile(self) -> int | None:
+        """Tokens of one tile, for a family whose images are tiles of patch grids (None: not tiled)."""
+        return None
+
+    def grid_free(self, layout: VisionLayout, **inputs) -> str:
+        """Why some unit of `layout` is not one square patch grid in raster order, "" when each is:
+        grid-based LLM-stage methods (visiontrim_llm's LTAM) refuse such prompts before any work,
+        where a token count that happens to be square would silently lay them on a wrong grid."""
+        tile = self.tokens_per_tile()
+        for unit, frames in zip(layout.units, layout.frames[0].tolist()):
+            why = ""
+            if frames > 1:
+                why = f"{frames} frames' grids one after another (video_unit='video')"
+            elif unit.startswith("image") and self.image_not_grid:
+                why = self.image_not_grid
+            elif tile and layout.pos.shape[-1] > tile:
+                why = f"{layout.pos.shape[-1] // tile} tiles' grids one after another"
+            if why:
+                return f"{self.model_class}'s {unit} is {why}"
+        return ""
 
     def positions(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
         """Position ids as Hugging Face's generate() builds them for left-padded batches."""
@@ -336,14 +382,27 @@ class Family:
         present, images first."""
         out = []
         if inputs.get("pixel_values") is not None:
-            kw = {k: inputs[k] for k in self.image_feature_inputs if inputs.get(k) is not None}
-            kw.update(feature_selection_kwargs(body.get_image_features, self.config()))
-            out.append((self.image_token_id(), body.get_image_features(inputs["pixel_values"], **kw)))
+            kw = self._feature_kwargs(body, "get_image_features", self.image_feature_inputs, inputs)
+            out.append((self.image_token_id(), self.image_features(body, inputs["pixel_values"], **kw)))
         if inputs.get("pixel_values_videos") is not None:
-            kw = {k: inputs[k] for k in self.video_feature_inputs if inputs.get(k) is not None}
-            kw.update(feature_selection_kwargs(body.get_video_features, self.config()))
+            kw = self._feature_kwargs(body, "get_video_features", self.video_feature_inputs, inputs)
             out.append((self.video_token_id(), self.video_features(body, inputs["pixel_values_videos"], **kw)))
         return out
+
+    def _feature_kwargs(self, body, method: str, names, inputs) -> dict:
+        kw = {k: inputs[k] for k in names if inputs.get(k) is not None}
+        if body is not None:        # None: a runner without the model (graphprune.targets.ort's exports)
+            kw.update(feature_selection_kwargs(getattr(body, method), self.config()))
+        return kw
+
+    def image_features(self, body, pixel_values, **kw):
+        """The features the images' placeholders take, in order (the model's own get_image_features)."""
+        return body.get_image_features(pixel_values, **kw)
+
+    def vision_feature_rows(self, **inputs) -> torch.Tensor:
+        """(N, D) the features of the processor's vision `inputs` (pixel_values with image_sizes, ...,
+        then pixel_values_videos), flattened in placeholder order, as merged_embeds writes them."""
+        return torch.cat([_flat(out) for _, out in self._outputs(self.body(), **inputs)])
 
     def video_features(self, body, pixel_values_videos, **kw):
         """The features a video's placeholders take, in order (the model's own get_video_features)."""

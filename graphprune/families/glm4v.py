@@ -15,4 +15,5 @@ class Glm4vFamily(Qwen2VLFamily):
     name = "glm4v"
     model_types = ("glm4v",)
     vision_inputs = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+    vision_buckets = 0      # its encoder (learned position embeddings, downsampling conv) is not QwenVisionStage's
     separator_tokens = ("image_start_token_id", "image_end_token_id")

@@ -22,6 +22,7 @@ class LlavaNextFamily(Family):
     vision_inputs = ("pixel_values", "image_sizes")
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
+    image_not_grid = "its base view's patch grid followed by its anyres crops' rows"
 
     def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
                       **inputs) -> VisionLayout | None:

@@ -33,6 +33,14 @@ class Mistral3Family(Family):
         side = self.config().vision_config.patch_size * self.config().spatial_merge_size
         return (h // side) * (w // side)
 
+    def grid_free(self, layout, image_sizes=None, **inputs) -> str:
+        """Each image is its own rows x cols grid (image_sizes): square ones only."""
+        side = self.config().vision_config.patch_size * self.config().spatial_merge_size
+        for j, (h, w) in enumerate([] if image_sizes is None else image_sizes[:len(layout.units)].tolist()):
+            if h // side != w // side:
+                return f"{self.model_class}'s image {j} is a {h // side} x {w // side} token grid, not a square one"
+        return super().grid_free(layout)
+
     def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES, image_sizes=None,
                       **inputs) -> VisionLayout | None:
         if "image" not in modalities:

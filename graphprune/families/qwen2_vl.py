@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from graphprune.compat import qwen2vl_rope_index
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PassNotApplicable
 from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit, runs_of
+from graphprune.families.qwen_vision import QwenImageFeatures, QwenVisionStage
 
 
 class Qwen2VLFamily(Family):
@@ -22,7 +23,56 @@ class Qwen2VLFamily(Family):
     image_feature_inputs = ("image_grid_thw",)
     video_feature_inputs = ("video_grid_thw",)
     eager_vision = "data-dependent patch grid (grid_thw)"
+    # the encoder is captured per patch grid (h, w) of one image or video frame (QwenVisionStage)
+    vision_buckets = 8
     separator_tokens = ("vision_start_token_id", "vision_end_token_id")
+
+    def vision_module(self, through_last: bool = False, bucket=None):
+        if bucket is None or self.is_body():
+            return None
+        if through_last:        # the merger reads the last block: no layer lies past the feature layer
+            raise PassNotApplicable(f"{self.model_class}: its features come from the vision encoder's last block; "
+                                    "no signal reads a layer past it")
+        return QwenVisionStage(self.body().visual, *bucket)
+
+    def vision_eager_module(self, bucket):
+        return QwenImageFeatures(self.body(), *bucket)
+
+    def vision_example(self, bucket, images: int):
+        vc = self.config().vision_config
+        shape = (images, bucket[0] * bucket[1], vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
+        param = next(self.body().visual.parameters())
+        return torch.zeros(shape, device=param.device, dtype=param.dtype)
+
+    def vision_bucket(self, rows: int, cols: int) -> tuple[int, int]:
+        """The patch grid (h, w) of an image of rows x cols LLM tokens."""
+        return rows * self.merge(), cols * self.merge()
+
+    def vision_stage_inputs(self, layout: VisionLayout, video_unit: str = "frame", image_grid_thw=None,
+                            video_grid_thw=None, **inputs):
+        """Each unit's patch rows: an image's, or a video frame's (temporal patch: the model encodes each
+        on its own), all of one grid (h, w): the bucket."""
+        if video_unit != "frame":
+            raise InputError('a vision-stage pass on Qwen video selects per frame: use video_unit="frame" '
+                             f"(graphprune.prune's default), got {video_unit!r}")
+        b = layout.pos.shape[0]
+        sources = {"image": (image_grid_thw, inputs.get("pixel_values")),
+                   "video": (video_grid_thw, inputs.get("pixel_values_videos"))}
+        rows, grids = [], set()
+        for i in range(b):
+            for unit in layout.units:
+                kind, j = unit.split()[0], int(unit.split()[1])
+                grid, pixels = sources[kind]
+                per = grid.shape[0] // b
+                start = int(grid[:i * per + j].prod(-1).sum())
+                t, h, w = grid[i * per + j].tolist()
+                frame = int(unit.split()[3]) if kind == "video" else 0
+                grids.add((h, w))
+                rows.append(pixels[start + frame * h * w:start + (frame + 1) * h * w])
+        if len(grids) != 1:
+            raise InputError(f"vision units of patch grids {sorted(grids)}: a vision-stage pass runs one encoder "
+                             "graph per call, so a prompt's images and video frames must share one (h, w) grid")
+        return grids.pop(), torch.stack(rows)
 
     def merge(self) -> int:
         return self.config().vision_config.spatial_merge_size
@@ -96,6 +146,20 @@ class Qwen2VLFamily(Family):
                                  f"(height, width) grid per frame")
             blocks += [(f"video {j} frame {f}", fr) for f, fr in enumerate(chunks)]
         return blocks
+
+    def grid_free(self, layout, image_grid_thw=None, video_grid_thw=None, **inputs) -> str:
+        """Also each image's / frame's merged grid (grid_thw) must be square."""
+        why = super().grid_free(layout)
+        kinds = {unit.split()[0] for unit in layout.units}
+        m, b = self.merge(), layout.pos.shape[0]
+        for kind, grid in (("image", image_grid_thw), ("video", video_grid_thw)):
+            if kind not in kinds or grid is None or why:
+                continue
+            for j, (_, h, w) in enumerate(grid[:grid.shape[0] // b].tolist()):
+                if h != w:
+                    why = f"{self.model_class}'s {kind} {j} is a {h // m} x {w // m} token grid, not a square one"
+                    break
+        return why
 
     def image_token_counts(self, pixel_values, image_grid_thw=None):
         vc = self.model.config.vision_config

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from graphprune import tokenops
-from graphprune.anatomy.read import SDPA, Attention, layer_of
+from graphprune.anatomy.read import SDPA, Attention, captured_mask, layer_of
 
 
 def causal_or_masked_attention(q, k, v, mask, plain: bool, scale=None, enable_gqa: bool = False):
@@ -60,16 +59,6 @@ def sliding_window(text_config) -> int | None:
     return int(window) if window else 0        # a window we cannot read: never mask-free
 
 
-def _captured_mask(mask) -> fx.Node | None:
-    """The captured mask node `mask` takes kept tokens of (itself, through take_tokens), or None
-    when a pass built it (key masks, biases) or there is none."""
-    while isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target is tokenops.take_tokens:
-        mask = mask.args[0]
-    if isinstance(mask, fx.Node) and mask.op == "call_function" and isinstance(mask.target, torch._ops.OpOverload):
-        return mask
-    return None
-
-
 def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
     """Rewrite a prefill graph in place: SDPA nodes over the captured causal mask choose the
     mask-free causal kernel per call (see the module docstring). Returns how many."""
@@ -84,7 +73,7 @@ def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
     for node in list(g.find_nodes(op="call_function", target=SDPA)):
         att = Attention.of(layer_of(node), node)
         dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-        if att.is_causal or dropout or _captured_mask(att.mask) is None:
+        if att.is_causal or dropout or captured_mask(att.mask) is None:
             continue
         if plain is None:                   # decided once per call, before the first attention
             with g.inserting_before(node):

@@ -77,17 +77,18 @@ class _Prompt:
     unit_frames: torch.Tensor | None = None   # (B, images) frames each unit holds (None: 1 each)
     lm_inputs: dict = field(default_factory=dict)   # other LM inputs by name (deepstack_embeds, attention_groups)
     notes: list = field(default_factory=list)
+    grid_free: str = ""            # why some unit is not one square patch grid (Family.grid_free); "" if each is
 
     @classmethod
     def assemble(cls, embeds, feats, positions, attention_mask, vision_pos, index, passes,
-                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None) -> "_Prompt":
+                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None, grid_free="") -> "_Prompt":
         """Write the image features at the vision positions, lay out the instruction, and let every
         pass check the prompt it will see."""
         text_index, text_mask = text_layout(vision_pos, embeds.shape[1])
         if unit_frames is None:
             unit_frames = torch.ones(vision_pos.shape[:2], dtype=torch.long, device=vision_pos.device)
         prompt = cls(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos, index,
-                     text_index, text_mask, protected, patches_kept, unit_frames, lm_inputs or {})
+                     text_index, text_mask, protected, patches_kept, unit_frames, lm_inputs or {}, grid_free=grid_free)
         for p in passes:
             p.check_prompt(prompt)
         return prompt
@@ -162,6 +163,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         self.decode_exec = self._lower(self.decode_gm, attention="sdpa")
         self._maskless_decode = key_masks_optional(self.decode_exec)     # all-real keys: no key masks built
         self._text_exec = None             # the unpruned prefill lowered, for text-only prompts (on first use)
+        self._bucket_execs = {}            # shape bucket -> its vision stage lowered (bucketed families)
         if linear == "packed" and not self.packed_linears:
             from graphprune.targets.packed_linear import MIN_ELEMENTS
             warnings.warn(f'linear="packed": no linear weight of this model has {MIN_ELEMENTS} elements or more, '
@@ -240,29 +242,36 @@ class PrunedModel(nn.Module, GenerationMixin):
     def _videos_only(self) -> bool:
         return any(p.units == "videos" for p in self.pipeline)
 
-    def _image_features(self, inputs, vision_pos, input_ids):
+    def _image_features(self, inputs, layout: VisionLayout, input_ids):
         """Prompt embeddings (None: plain token embeddings), features (B, n, k, D), what the vision
         stage kept: original patch indices, validity and key set (images, k) each, or None when it
         kept every patch, and the family's other LM inputs by name."""
+        vision_pos = layout.pos
         b, n, v = vision_pos.shape
         vision = self.program.stages["vision"]
-        if vision.gm is None:              # the model's own get_image_features / get_video_features
+        if self.program.vision_passes:     # captured per shape bucket: each unit's pixels, of one bucket
+            bucket, pixel_values = self.family.vision_stage_inputs(layout, video_unit=self.video_unit, **inputs)
+            if bucket not in self._bucket_execs:
+                self._bucket_execs[bucket] = self._lower(self.program.vision_stage(bucket).gm, stage="vision")
+            executable = self._bucket_execs[bucket]
+        elif vision.gm is None:              # the model's own get_image_features / get_video_features
             lm_inputs = self.family.merged_inputs(input_ids, **inputs)
             embeds = lm_inputs.pop("inputs_embeds")
             return embeds, tokenops.token_features(embeds, vision_pos), None, None, None, lm_inputs
-        pixel_values = inputs.get("pixel_values")
+        else:
+            pixel_values, executable = inputs.get("pixel_values"), self.executables["vision"]
         if pixel_values is None:
             raise InputError("the prompt has image tokens but no pixel_values were given")
         if pixel_values.shape[0] != b * n:
             raise InputError(f"{pixel_values.shape[0]} images for {b} samples x {n} image blocks")
         inputs = {"pixel_values": pixel_values}
-        names = {p.name for p in vision.gm.graph.find_nodes(op="placeholder")}
+        names = {p.name for p in executable.graph.find_nodes(op="placeholder")}
         if "text_embeds" in names:     # text-guided vision passes: each image sees its sample's instruction
             text_index, text_mask = text_layout(vision_pos, input_ids.shape[1])
             emb = self.family.embed(input_ids.gather(1, text_index))
             inputs["text_embeds"] = emb.repeat_interleave(n, 0)
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
-        outs = _call(self.executables["vision"], **inputs)
+        outs = _call(executable, **inputs)
         feats = outs["features"]
         return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
                 outs.get("patches_protected"), {})
@@ -278,7 +287,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         check_budgets(self.results, v)
         positions = self.family.positions(input_ids, attention_mask, **inputs)
         groups = self.family.attention_groups(attention_mask, **inputs)
-        embeds, feats, kept, valid, protected, lm_inputs = self._image_features(inputs, vision_pos, input_ids)
+        embeds, feats, kept, valid, protected, lm_inputs = self._image_features(inputs, layout, input_ids)
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if kept is not None:                     # a vision-stage pass kept (or merged into) k of v patches
             k = kept.shape[-1]
@@ -303,7 +312,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         embeds = self.family.embed(input_ids) if embeds is None else embeds
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
                                 self.pipeline, protected, kept, layout.frames,
-                                lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups})
+                                lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups},
+                                self.family.grid_free(layout, **inputs))
 
     def _vision_inputs(self, **inputs) -> dict:
         """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
@@ -707,7 +717,7 @@ def prune(model, method=None, *, program: Program | None = None, debug: bool = F
     if video_unit is not None:
         check_video_unit(video_unit)
     attention = _attention_kind(model, attention)
-    _check_linear(model, linear)
+    check_linear(model, linear)
     load_builtin_methods()
     passes = [] if method is None else as_passes(method, **options)
     video_unit = resolve_video_unit(passes, video_unit)
@@ -754,7 +764,7 @@ def _attention_kind(model, attention: str) -> str:
 LINEAR_KINDS = ("aten", "packed")        # prune(linear=...): how the lowered graphs run their linears
 
 
-def _check_linear(model, linear: str) -> None:
+def check_linear(model, linear: str) -> None:
     from graphprune.targets.packed_linear import packing_available
     if linear not in LINEAR_KINDS:
         raise InputError(f'linear must be "aten" or "packed", got {linear!r}')

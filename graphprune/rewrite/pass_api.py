@@ -46,8 +46,11 @@ LAST_VISION_LAYER = "last"   # a vision signal's layer: the encoder's last layer
 class AttentionRows:
     """Head-averaged attention that chosen queries pay the vision (or text) tokens in `layer`.
 
-    query: "last" (last prompt token, FastV), "cls" (vision encoder CLS token) or "text" (every
-    instruction token; padded rows are zero). keys: "vision" -> (B, n_queries, images, tokens),
+    query: "last" (last prompt token, FastV), "cls" (vision encoder CLS token), "text" (every
+    instruction token; padded rows are zero) or, in the vision encoder, "all": the attention each
+    token receives, averaged over every encoder query (CLS included) as well as over heads, one row;
+    where a feature token merges several encoder patches (Qwen's 2x2 merge) it is the mean over its
+    patches (VisionZip's score for towers without CLS). keys: "vision" -> (B, n_queries, images, tokens),
     "text" -> (B, n_queries, T). Recomputed from that layer's post-RoPE q and k for the chosen
     rows only; the layer's own attention stays fused SDPA. Vision passes on the features may give
     layer=LAST_VISION_LAYER: the encoder's last layer, which LLaVA (features from layer -2) never uses;

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, read_anatomy
 from graphprune.capture.export import Stage
-from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable, ShapeBucketWarning
 from graphprune.rewrite.apply import apply_pass
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
@@ -169,6 +171,10 @@ class Program:
     family: object
     results: list[PassResult] = field(default_factory=list)
     through_last: Stage | None = None   # the vision stage captured through its last layer, once a pass read it
+    # a family whose vision stage is captured per shape bucket (Family.vision_buckets): the vision passes,
+    # and each bucket's vision stage captured, checked and rewritten by them (vision_stage())
+    vision_passes: list[TokenPass] = field(default_factory=list)
+    buckets: dict = field(default_factory=dict)
 
     @classmethod
     def capture(cls, model, stages=("vision", "prefill", "decode")) -> "Program":
@@ -186,6 +192,29 @@ class Program:
         anat = {k: read_anatomy(s.gm, k, self.family.model_class) for k, s in stages.items() if s.gm is not None}
         return Program(stages, anat, self.family, through_last=self.through_last)
 
+    def vision_stage(self, bucket) -> Stage:
+        """The vision stage of one shape bucket (a patch grid), rewritten by the vision passes: captured,
+        checked against the model's own encoder and rewritten on first use (with a warning naming the
+        bucket), then reused; a bucket past the family's limit is refused, naming the ones there are."""
+        if bucket in self.buckets:
+            return self.buckets[bucket][0]
+        from graphprune.capture.export import capture_vision
+        limit, model_class = self.family.vision_buckets, self.family.model_class
+        if len(self.buckets) >= limit:
+            raise InputError(f"{model_class}: vision units of patch grid {bucket} would be shape bucket {limit + 1}, "
+                             f"and a pruned model captures its vision encoder for at most {limit} "
+                             f"(captured: {', '.join(map(str, self.buckets))}); resize the images to one of those "
+                             "grids, or prune a new model for other sizes")
+        warnings.warn(f"{model_class}: capturing the vision encoder for patch grid {bucket} (shape bucket "
+                      f"{len(self.buckets) + 1} of at most {limit}); later images of this grid reuse it",
+                      ShapeBucketWarning, stacklevel=3)
+        stage = capture_vision(self.family, bucket=bucket)
+        check_against_eager(stage, model_class)
+        anat = read_anatomy(stage.gm, "vision", model_class)
+        results = [apply_pass(p, stage, anat) for p in self.vision_passes]
+        self.buckets[bucket] = (stage, results)
+        return stage
+
     def vision_through_last(self) -> Stage:
         """The vision stage with the encoder's layers past the feature layer kept (captured and checked
         against the eager module on first use, then reused)."""
@@ -201,8 +230,17 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
     """Apply passes to a copy of the program; the captured original is never modified."""
     out = program.copy()
     vision = out.stages.get("vision")
-    eager = vision is None or vision.gm is None
+    # a bucketed family captures its encoder when a vision pass needs more than the projected tokens
+    # (those passes alone run at LLM layer 0, on the eager encoder's output: no capture needed)
+    bucketed = bool(out.family.vision_buckets) and vision is not None and vision.gm is None and any(
+        _stage_of(p) == "vision" and not _runs_at_layer_zero(p) for p in passes)
+    eager = (vision is None or vision.gm is None) and not bucketed
     order = sorted(passes, key=lambda p: _position(p, eager_vision=eager))
+    if bucketed:
+        out.vision_passes = [p for p in order if _stage_of(p) == "vision"]
+        order = [p for p in order if _stage_of(p) != "vision"]
+        if out.vision_passes:
+            _bucket_now(out)
     if vision is not None and vision.gm is not None and any(_reads_last_vision_layer(p) for p in order):
         out.stages["vision"] = program.vision_through_last().copy()
         out.anatomy["vision"] = read_anatomy(out.stages["vision"].gm, "vision", out.family.model_class)
@@ -225,7 +263,36 @@ def run_pipeline(program: Program, passes: list[TokenPass], *, debug: bool = Fal
     return out
 
 
+PROBE_SIDE = 8      # tokens per side of the bucket vision passes are first applied to
+
+
+def _bucket_now(program: Program) -> None:
+    """Vision passes of a bucketed family, applied once at prune time to a small square bucket that
+    holds their budgets, so that a pass that cannot apply stops before any prompt runs; its results
+    stand for every bucket (they hold the same rules)."""
+    from graphprune.rewrite.positions import check_one_axis
+    for p in program.vision_passes:
+        p.requires(Anatomy("vision", program.family.model_class, [], {}, [], has_cls=program.family.vision_has_cls))
+    keeps = [s.keep for s in BudgetStep.of_passes(program.vision_passes) if isinstance(s.keep, int)]
+    # side^2 tokens: more than any count budget, and room for a pass's windows (mustdrop_merge's 3 x 3)
+    side = max(PROBE_SIDE, math.isqrt(max(keeps, default=1)) + 1)
+    program.vision_stage(program.family.vision_bucket(side, side))
+    program.results += program.buckets[next(iter(program.buckets))][1]
+    for p in program.vision_passes:     # the runtime renumbers compact vision tokens along one axis only
+        plans = p.plan()
+        if any(plan.positions == "compact" for plan in (plans if isinstance(plans, list) else [plans])):
+            check_one_axis(program.anatomy["prefill"], p)
+
+
 LAYER_ZERO_SIGNALS = (Projected, TextEmbeds, TextMask)     # what a vision pass may read at LLM layer 0
+
+
+def _runs_at_layer_zero(p: TokenPass) -> bool:
+    """Whether a vision pass reads only what exists at LLM layer 0 and acts on the projected tokens."""
+    plans = p.plan()
+    plans = plans if isinstance(plans, list) else [plans]
+    return all(plan.after_projector and all(isinstance(sig, LAYER_ZERO_SIGNALS) for sig in plan.signals.values())
+               for plan in plans)
 
 
 def _at_layer_zero(p: TokenPass, vision: Stage, model_class: str) -> list[Plan]:
@@ -237,7 +304,7 @@ def _at_layer_zero(p: TokenPass, vision: Stage, model_class: str) -> list[Plan]:
     plans = plans if isinstance(plans, list) else [plans]
     encoder = sorted(f"{name}={sig!r}" for plan in plans for name, sig in plan.signals.items()
                      if not isinstance(sig, LAYER_ZERO_SIGNALS))
-    if not encoder and all(plan.after_projector for plan in plans):
+    if _runs_at_layer_zero(p):
         return [dataclasses.replace(plan, layer=0, after_projector=False) for plan in plans]
     reads = f"reads {', '.join(encoder)} from the vision encoder" if encoder else \
         "selects among the vision encoder's features before the projector"

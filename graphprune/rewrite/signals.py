@@ -101,6 +101,12 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
         text_mask = layout_input(gm, anat, "text_mask")
     keys = (at.vision_pos if earlier is None else earlier) if tokens == "vision" else text_pos
+    if isinstance(sig, AttentionRows) and sig.query == "all":
+        if anat.stage != "vision" or tokens != "vision":
+            raise PassConfigError(f"{p.name}: AttentionRows query 'all' (attention received) is a vision-encoder "
+                                  f"signal of the vision tokens, got {sig!r} in the {anat.stage} stage")
+        return g.call_function(tokenops.attention_received, (att.q, att.k, sdpa_mask(att.node), att.scale, keys,
+                                                             int(bool(anat.has_cls)), anat.patches_per_token))
     if isinstance(sig, AttentionRows):
         pick = {"last": tokenops.last_position, "cls": tokenops.first_position}.get(sig.query)
         if sig.query == "cls" and not anat.has_cls:
@@ -109,7 +115,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         if sig.query == "text":
             queries = text_pos
         elif pick is None:
-            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls' or 'text', got {sig.query!r}")
+            raise PassConfigError(f"{p.name}: AttentionRows query must be 'last', 'cls', 'text' or 'all', "
+                                  f"got {sig.query!r}")
         else:
             seq_ref = at.seq_index if anat.stage != "vision" else g.call_function(_encoder_index, (att.q,))
             queries = g.call_function(pick, (seq_ref,))
@@ -121,11 +128,22 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         if sig.query == "text":
             rows = g.call_function(tokenops.zero_rows, (rows, text_mask))
         return rows
+    grouped = anat.stage == "vision" and anat.patches_per_token > 1
     if isinstance(sig, (Keys, Values)):
         kv = anat.layer(src).kv_write
         node = (kv[0] if isinstance(sig, Keys) else kv[1]) if kv else (att.k if isinstance(sig, Keys) else att.v)
         flat = g.call_function(_heads_to_features, (node,))
+        if grouped:             # a feature token's key / value: the mean over its encoder patches
+            flat = g.call_function(_group_mean, (flat, int(bool(anat.has_cls)), anat.patches_per_token))
         return _features_at(g, flat, keys, tokens, 0, 1)
+    if isinstance(sig, Hidden) and grouped:
+        # the encoder's patches become feature tokens only where they enter the projector (Qwen's merger
+        # norms each patch and concatenates its 2x2 group): the features as captured, at the tokens
+        if src != anat.num_layers - 1 or sig.norm:
+            raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: {anat.model_class} merges "
+                                    f"{anat.patches_per_token} encoder patches into each feature token after its last "
+                                    "layer, so hidden states exist per token only there: read Hidden(-1)")
+        return _features_at(g, anat.captured_features, keys, tokens, 0, 1)
     if isinstance(sig, Hidden):
         out = anat.layer(src).output
         if sig.norm:
@@ -206,6 +224,12 @@ def _final_norm(gm, anat: Anatomy, x: fx.Node, p: TokenPass) -> fx.Node:
 
 def _encoder_index(q):
     return torch.zeros(q.shape[0], q.shape[2], dtype=torch.long, device=q.device)
+
+
+def _group_mean(x, offset: int, group: int):
+    """(B, offset + V * group, D) encoder values -> (B, V, D): each token's patches averaged (CLS dropped)."""
+    b, _, d = x.shape
+    return x[:, offset:].reshape(b, -1, group, d).mean(2)
 
 
 def _heads_to_features(k):

@@ -16,8 +16,10 @@ bytes; plus the vision stage (LLaVA) and the unpruned baseline for ratios. Nothi
 computed for real, so a 7B model costs seconds (most of it the export).
 
 FLOPs are 2 per multiply-add of linear / matmul / SDPA / conv nodes (graphprune.anatomy.cost):
-attention is counted over the full S x S score matrix (no causal halving); norms,
-activations, RoPE, softmax and the small token-selection ops are not counted.
+causal attention is counted over the S(S+1)/2 scores a causal kernel computes, bidirectional or
+key-masked attention (the vision encoder, Gemma 3 / PaliGemma groups, static-capacity slots) over
+the full S x S square; norms, activations, RoPE, softmax and the small token-selection ops are not
+counted.
 """
 from __future__ import annotations
 
@@ -352,8 +354,9 @@ def _measure(model, pruned, layout: Layout, plan: dict, kv_dtype) -> dict:
     totals = {"llm_flops": llm, "head_flops": head, "other_flops": other, "prefill_flops": prefill,
               "vision_flops": vision["flops"], "flops": prefill + vision["flops"], "kv_bytes": kv_total,
               "tokens_in": s, "tokens_out": rows[-1]["tokens"] if rows else s}
-    notes.append("FLOPs: 2 per multiply-add of linear/matmul/SDPA/conv; attention over the full S x S "
-                 "scores (no causal halving); norms, activations, RoPE and token selection not counted")
+    notes.append("FLOPs: 2 per multiply-add of linear/matmul/SDPA/conv; causal attention over the S(S+1)/2 "
+                 "scores a causal kernel computes, other attention over the full S x S square; norms, activations, "
+                 "RoPE and token selection not counted")
     notes.append("head_flops: lm_head over every kept prompt position, as HF prefill computes it")
     notes.append(f"KV bytes: 2 (k, v) x kv_heads x head_dim x tokens x {_bytes(kv_dtype)} bytes "
                  f"({str(kv_dtype).replace('torch.', '')}), batch 1")

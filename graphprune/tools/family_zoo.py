@@ -275,7 +275,7 @@ def example(model, *, batch: int = 1, items=("image",), prefix: int = 5, suffix:
     kind = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     pad = tuple(pad) + (0,) * (batch - len(pad))
-    layout = {"qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT,
+    layout = {"llava": _LLAVA, "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN, "glm4v": _QWEN, "llava_next": _LLAVA_NEXT,
               "llava_onevision": _LLAVA_NEXT,
               "llava_next_video": _LLAVA_NEXT, "video_llava": _VIDEO_LLAVA, "internvl": _INTERNVL,
               "mistral3": _MISTRAL3, "aya_vision": _AYA_VISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
@@ -383,6 +383,16 @@ def _LLAVA_NEXT(model, g, batch, items, *, image_size, frames, **_):
     if n_vid:
         inputs["pixel_values_videos"] = torch.randn(batch * n_vid, frames, 3, crop, crop, generator=g)
     return {"blocks": blocks, "inputs": inputs}
+
+
+def _LLAVA(model, g, batch, items, **_):
+    """<image> x patches per image (LlavaProcessor, the "default" strategy: no CLS), images only."""
+    if "video" in items:
+        raise ValueError("LLaVA-1.5 prompts hold images only")
+    vc = model.config.vision_config
+    blocks = [[model.config.image_token_id] * (vc.image_size // vc.patch_size) ** 2 for _ in items]
+    return {"blocks": blocks, "inputs": {"pixel_values": torch.randn(batch * len(items), 3, vc.image_size,
+                                                                     vc.image_size, generator=g)}}
 
 
 def _VIDEO_LLAVA(model, g, batch, items, *, frames, **_):
