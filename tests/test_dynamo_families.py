@@ -20,7 +20,7 @@ import graphprune as gp
 STEPS = 16
 PIPELINE = "fastv(layer=2, keep=3)"
 # families whose frames the backend cannot prune; their refusals are tested in tests/test_families_tier2.py
-# (test_compile_backend_refuses_with_the_reason). LLaVA-1.5: tests/test_dynamo.py
+# (test_compile_backend_refuses_with_the_reason)
 REFUSED = ("qwen3_vl",)
 # and the tier-2 cases whose merges run in frames of their own (the others: tests/test_families_tier2.py)
 SPLIT_TIER2 = ("glm4v-2images", "llava_next_video-image+video-per-video")
