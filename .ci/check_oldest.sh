@@ -32,7 +32,7 @@ done
 echo "pip install .[test] kept ${STACK[*]}"
 pip install -q --no-deps -e .      # run the tests against this checkout
 
-python -m pytest -q -p no:cacheprovider \
+python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider \
     tests/test_reference.py::test_unpruned_matches_hf \
     tests/test_reference.py::test_step_logits_match_hf_forward \
     tests/test_runtime.py \
