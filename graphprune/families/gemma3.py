@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.compat import transformers_major
 from graphprune.families.base import Family, token_types
+
+# transformers 4.x gives Gemma 3 a HybridCache: static tensors written in place, which the decoder
+# frame does not return, so the backend cannot tell which outputs are each layer's keys and values
+HYBRID_CACHE = ("on transformers 4.x its HybridCache (static, written in place) is not among the decoder frame's "
+                "outputs, so the backend cannot give each layer the keys and values it kept; transformers 5 returns "
+                "them")
 
 
 class Gemma3Family(Family):
@@ -26,6 +33,11 @@ class Gemma3Family(Family):
     attention_groups_input = True
     window_limits_runs = True
     eager_vision = "SigLIP features average-pooled to mm_tokens_per_image by the projector"
+
+    def __init__(self, model):
+        super().__init__(model)
+        if transformers_major() < 5:
+            self.compile_refused = HYBRID_CACHE
 
     def attention_groups(self, attention_mask, token_type_ids=None, **inputs) -> torch.Tensor:
         types = token_types(attention_mask, token_type_ids)
