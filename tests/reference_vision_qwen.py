@@ -149,6 +149,7 @@ def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor |
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
     out = model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True)
     logits, cache = out.logits, out.past_key_values
+    kv_lens = [cache.get_seq_length(i) for i in range(len(cache))]
     nxt = pos.amax(0).masked_fill(am == 0, -1).amax(-1, keepdim=True) + 1         # (B, 1)
     tokens, embed = [], model.get_input_embeddings()
     tok = logits[:, -1].argmax(-1)
@@ -161,7 +162,7 @@ def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor |
         step_out = model(inputs_embeds=embed(tok[:, None]), position_ids=p, attention_mask=am, past_key_values=cache,
                          use_cache=True)
         cache, tok = step_out.past_key_values, step_out.logits[:, -1].argmax(-1)
-    return {"prefill_logits": logits, "tokens": torch.stack(tokens, 1), "keep": keep_index}
+    return {"prefill_logits": logits, "tokens": torch.stack(tokens, 1), "keep": keep_index, "kv_lens": kv_lens}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import reference_vision_qwen as RQ
 import torch
+from checks import assert_batch_equals_samples, assert_same_run
 
 import graphprune as gp
 from graphprune.capture.export import capture_vision
@@ -88,13 +89,7 @@ def test_matches_reference(qwen25, pruned, spec, keep, how, batch, pad, items):
     ex = family_zoo.example(model, batch=batch, pad=pad, items=items, seed=batch + 40)
     kept = RQ.kept_positions(model, ex, keep, how, seed=3)
     ref = RQ.hf_generate(model, ex, kept, STEPS)
-    pruned = pruned[spec]
-    out = pruned(**ex.as_kwargs())
-    assert torch.equal(out.kept, kept)
-    real = out.cache[-1].mask.bool()
-    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+    assert_same_run(pruned[spec], ex, ref, STEPS, kept=kept)
 
 
 def test_visionzip_attention_matches_reference(qwen25):
@@ -106,12 +101,7 @@ def test_visionzip_attention_matches_reference(qwen25):
     ref = RQ.hf_generate(model, ex, kept, STEPS, embeds)
     pruned = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention', positions='keep')",
                       program=program)
-    out = pruned(**ex.as_kwargs())
-    assert torch.equal(out.kept, kept)
-    real = out.cache[-1].mask.bool()
-    torch.testing.assert_close(out.logits[real], ref["prefill_logits"][real], atol=1e-5, rtol=1e-5)
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    assert torch.equal(ids[:, -STEPS:], ref["tokens"])
+    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
 
 
 def test_vision_topk_on_llava_clip(llava):
@@ -138,15 +128,7 @@ def test_vision_topk_on_llava_clip(llava):
 def test_batch_equals_alone(qwen25, pruned):
     model, _ = qwen25
     ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image", "video"), seed=47)
-    pruned = pruned[TOPK]
-    both = pruned(**ex.as_kwargs())
-    ids = pruned.generate(**ex.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])
-    for i in range(2):
-        one = ex.sample(i)
-        alone = pruned(**one.as_kwargs())
-        torch.testing.assert_close(both.logits[i][both.cache[-1].mask[i].bool()], alone.logits[0], atol=1e-5, rtol=1e-5)
-        assert torch.equal(pruned.generate(**one.as_kwargs(), max_new_tokens=STEPS, eos_token_id=[])[0, -STEPS:],
-                           ids[i, -STEPS:])
+    assert_batch_equals_samples(pruned[TOPK], ex, STEPS)
 
 
 def test_bad_options_refused_before_work(qwen25, pruned):
