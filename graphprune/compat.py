@@ -21,6 +21,22 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
+def sliding_window(text_config) -> int | None:
+    """The smallest attention window of a text config, None when every layer attends to all earlier
+    tokens; 0 for a window the config does not state. transformers 5 (and 4.5x for newer models) lists
+    each layer's kind in `layer_types`; older configs say `sliding_window` (with Qwen2's
+    `use_sliding_window` switch)."""
+    kinds = getattr(text_config, "layer_types", None)
+    window = getattr(text_config, "sliding_window", None)
+    if kinds is not None:
+        windowed = any(kind != "full_attention" for kind in kinds)
+    else:
+        windowed = window is not None and getattr(text_config, "use_sliding_window", True) is not False
+    if not windowed:
+        return None
+    return int(window) if window else 0
+
+
 @functools.cache
 def generate_cache_name() -> str:
     """The name generate() gives the cache: in the kwargs it passes forward and the output field it

@@ -12,6 +12,7 @@ import torch
 
 import graphprune as gp
 from graphprune.families import family_of
+from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 
 # (id, family, items each sample shows in prompt order, video_unit)
@@ -136,13 +137,40 @@ def test_compile_backend_equals_prune(family, items, pipeline):
     assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
 
 
-def test_mistral3_sliding_window_is_refused():
-    from transformers import Mistral3ForConditionalGeneration
-    model, _ = tier1._model("mistral3")
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.text_config.sliding_window = 32
-    with pytest.raises(gp.UnsupportedModelError, match="sliding window of 32"):
-        gp.prune(Mistral3ForConditionalGeneration(config), "fastv")
+def _windowed(family: str, window: int):
+    """The tier-1/2 tiny `family` model with its LM's sliding window set to `window` tokens (LLaVA's
+    Llama LM becomes the same weights as a Mistral LM, which has the window)."""
+    model, _ = tier1._model(family)
+    config = model.config.to_dict()
+    if family == "llava":
+        config["text_config"]["model_type"] = "mistral"
+    config["text_config"]["sliding_window"] = window
+    windowed = type(model)(model.config.__class__.from_dict(config)).eval()
+    windowed.load_state_dict(model.state_dict())
+    return windowed
+
+
+@pytest.mark.parametrize("family", ["llava", "mistral3"])
+def test_a_binding_sliding_window_accepts_runs_inside_it_and_refuses_longer_ones(family):
+    """A window shorter than the context is accepted: inside it the model equals HF's windowed one
+    (keep everything), and a run that could reach it is refused before any work, naming both lengths
+    (a pruned prefill would window over original positions, a decode step over cache slots)."""
+    model, _ = tier1._model(family)
+    ex = family_zoo.example(model, items=("image",))
+    s = ex.input_ids.shape[1]
+    windowed = _windowed(family, s + 4)
+    assert family_of(windowed).binding_window() == s + 4
+    program = Program.capture(windowed)
+    torch.testing.assert_close(gp.prune(windowed, None, program=program)(**ex.as_kwargs()).logits,
+                               tier1._hf_logits(windowed, ex), atol=1e-5, rtol=0)
+    pruned = gp.prune(windowed, "fastv", layer=2, keep=5, program=program)
+    assert pruned.generate(**ex.as_kwargs(), max_new_tokens=3, do_sample=False).shape[1] == s + 3
+    with pytest.raises(gp.InputError, match=f"spans {s + 4} tokens .* attend within {s + 4}"):
+        pruned.generate(**ex.as_kwargs(), max_new_tokens=4, do_sample=False)
+    # unpruned, past the window: Hugging Face's own windowed masks, captured, so its greedy tokens
+    unpruned = gp.prune(windowed, None, program=program)
+    want = windowed.generate(**ex.as_kwargs(), max_new_tokens=12, do_sample=False)
+    assert torch.equal(unpruned.generate(**ex.as_kwargs(), max_new_tokens=12, do_sample=False), want)
 
 
 def test_glm4v_videos_are_refused_up_front():

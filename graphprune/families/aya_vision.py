@@ -21,10 +21,6 @@ class AyaVisionFamily(Family):
     compile_refused = ("the compile frame sees only the image-token mask, whose runs are tiles: which tiles make "
                        "one image only the tile markers tell")
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.refuse_sliding_window()
-
     def tokens_per_tile(self) -> int:
         vc = self.config().vision_config
         return (vc.image_size // (vc.patch_size * self.config().downsample_factor)) ** 2

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graphprune.compat import feature_selection_kwargs, vlm_body
+from graphprune.compat import feature_selection_kwargs, sliding_window, vlm_body
 from graphprune.errors import InputError, UnsupportedModelError
 
 VIDEO_UNITS = ("frame", "video")     # what a video's `keep` counts: each frame, or the whole video
@@ -62,9 +62,6 @@ class Family:
     # group g >= 0 attends to every token of group g as well as causally (Gemma 3's image blocks,
     # PaliGemma's prefix); -1: causally only
     attention_groups_input: bool = False
-    # an LM sliding window shorter than the context is accepted, and runs that could reach it refused
-    # (check_run_length); otherwise such a model is refused (refuse_sliding_window)
-    window_limits_runs: bool = False
     # why an image of this family is not one patch grid in raster order ("": it is one, or tiles of
     # tokens_per_tile() each), for methods that place a unit's tokens on its grid (visiontrim_llm)
     image_not_grid: str = ""
@@ -417,30 +414,25 @@ class Family:
     def binding_window(self) -> int | None:
         """The LM's sliding window where it is shorter than the context (it can bind), else None."""
         text = self.text_config()
-        window = getattr(text, "sliding_window", None)
-        kinds = getattr(text, "layer_types", None) or ["sliding_attention"]
-        if window is not None and window < text.max_position_embeddings and "sliding_attention" in kinds:
-            return int(window)
+        window = sliding_window(text)
+        if window is not None and window < text.max_position_embeddings:
+            return window
         return None
 
-    def refuse_sliding_window(self) -> None:
-        """For a family whose LM may attend within a sliding window: refuse a model where that window
-        binds (shorter than its context), since it counts sequence slots, which pruning removes."""
+    def check_run_length(self, tokens: int, prunes: bool = True) -> None:
+        """Refuse a run of `tokens` sequence slots (padded prompt + generated tokens) that could reach
+        the LM's sliding window, when the program prunes (`prunes`) or its prefill builds its own mask
+        (`attention_groups_input`, which leaves the window out). Below the window it never binds, so
+        pruned slots cannot move it. Past it, a pruned prefill windows over original positions and a
+        decode step over cache slots, which pruning has shifted (measured on a LLaVA with a 16-token
+        window: a decode step 0.61 from its own prefill's logits). An unpruned program whose prefill
+        holds Hugging Face's windowed masks runs as Hugging Face does at any length."""
         window = self.binding_window()
-        if window is not None and not self.window_limits_runs:
-            raise UnsupportedModelError(self.model_class, f"{self.name} family support",
-                                        f"its language model attends within a sliding window of {window} tokens, "
-                                        "counted over the sequence: a pruned sequence would move that window")
-
-    def check_run_length(self, tokens: int) -> None:
-        """For a family with `window_limits_runs`: refuse a run of `tokens` sequence slots (padded
-        prompt + generated tokens) that could reach the LM's sliding window; below it the window never
-        binds, so pruned slots cannot move it (and its grouped prefill mask leaves the window out)."""
-        window = self.binding_window() if self.window_limits_runs else None
-        if window is not None and tokens >= window:
-            raise InputError(f"this run spans {tokens} tokens (padded prompt + new tokens) and {self.model_class}'s "
-                             f"sliding-window layers attend within {window}: a pruned sequence would move that "
-                             f"window, so runs must stay under {window} tokens; shorten the prompt or max_new_tokens")
+        if window is None or tokens < window or not (prunes or self.attention_groups_input):
+            return
+        raise InputError(f"this run spans {tokens} tokens (padded prompt + new tokens) and {self.model_class}'s "
+                         f"sliding-window layers attend within {window}: a pruned sequence would move that "
+                         f"window, so runs must stay under {window} tokens; shorten the prompt or max_new_tokens")
 
     def _require(self, obj, element: str, hint: str = ""):
         if obj is None:

@@ -31,7 +31,6 @@ class Gemma3Family(Family):
     vision_inputs = ("pixel_values", "token_type_ids")
     separator_tokens = ("boi_token_id", "eoi_token_id")     # <start_of_image>, <end_of_image>
     attention_groups_input = True
-    window_limits_runs = True
     eager_vision = "SigLIP features average-pooled to mm_tokens_per_image by the projector"
 
     def __init__(self, model):

@@ -24,10 +24,6 @@ class Mistral3Family(Family):
     compile_refused = ("the compile frame sees only the image-token mask, which [IMG_BREAK] cuts into rows: "
                        "it cannot tell where one image ends and the next begins")
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.refuse_sliding_window()
-
     def tokens_per_image(self, image_size) -> int:
         h, w = (int(x) for x in image_size)
         side = self.config().vision_config.patch_size * self.config().spatial_merge_size

@@ -23,7 +23,6 @@ class PaliGemmaFamily(Family):
     vision_has_cls = False
     vision_inputs = ("pixel_values", "token_type_ids")
     attention_groups_input = True
-    window_limits_runs = True            # PaliGemma 2's Gemma 2 LM has sliding-window layers
     eager_vision = "SigLIP features through the model's own get_image_features"
 
     def __init__(self, model):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphprune.anatomy.read import SDPA, Attention, captured_mask, layer_of
+from graphprune.compat import sliding_window
 
 
 def causal_or_masked_attention(q, k, v, mask, plain: bool, scale=None, enable_gqa: bool = False):
@@ -44,19 +45,6 @@ def plain_causal(attention_mask: torch.Tensor, window: int | None, groups: torch
     group (Family.attention_groups), and the prompt fits the sliding window (if the model has one)."""
     return (bool(attention_mask.all()) and (groups is None or not bool((groups >= 0).any()))
             and (window is None or attention_mask.shape[-1] <= window))
-
-
-def sliding_window(text_config) -> int | None:
-    """The smallest attention window of a text config, None when every layer attends to all earlier tokens."""
-    kinds = getattr(text_config, "layer_types", None)
-    window = getattr(text_config, "sliding_window", None)
-    if kinds is not None:
-        windowed = any(kind != "full_attention" for kind in kinds)
-    else:
-        windowed = window is not None and getattr(text_config, "use_sliding_window", True) is not False
-    if not windowed:
-        return None
-    return int(window) if window else 0        # a window we cannot read: never mask-free
 
 
 def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
