@@ -37,7 +37,7 @@ def attention_rows(q, k, mask, scale, is_causal: bool, queries, keys):
     logits = torch.matmul(q.gather(2, qi).float(), k.float().transpose(-1, -2))
     logits = logits * (scale if scale is not None else 1.0 / math.sqrt(d))
     if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))   # SDPA broadcasts (S, S) and (B, S, S)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))   # SDPA broadcasts (S, S) and (H, S, S) too
         rows = mask.expand(b, -1, s, s).gather(2, queries[:, None, :, None].expand(b, mask.shape[1], queries.shape[1], s))
         logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.float()
     elif is_causal:

@@ -361,7 +361,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             return self._continue(cache, input_ids, attention_mask, pixel_values)
         input_ids, attention_mask = check_model_inputs(self.family, input_ids, attention_mask, pixel_values,
                                                        image_grid_thw, mm_token_type_ids)
-        self.family.check_run_length(input_ids.shape[1], prunes=bool(self.pipeline))
+        self._check_run_length(input_ids.shape[1])
         prompt = self._prompt(input_ids, attention_mask, **inputs)
         if prompt is None:                      # text-only prompt (or images and a videos-only pipeline)
             gm = self._text_prefill()
@@ -422,10 +422,13 @@ class PrunedModel(nn.Module, GenerationMixin):
         if pixel_values is not None and bool((input_ids == self.family.image_token_id()).any()):
             raise InputError("the tokens fed after a cached prompt hold a new image; a PrunedCache holds one pruned "
                              "prompt with its images: start a new conversation (no past_key_values) for a new image")
-        self.family.check_run_length(cache.seen + t, prunes=bool(self.pipeline))
+        self._check_run_length(cache.seen + t)
         cache.room(t)
         logits = [self.decode_step(cache, input_ids[:, j], mask=fed[:, j])[0] for j in range(t)]
         return PrunedOutput(logits=torch.stack(logits, 1), **_cache_fields(cache))
+
+    def _check_run_length(self, tokens: int) -> None:
+        self.family.check_run_length(tokens, prunes=bool(self.pipeline))
 
     def decode_step(self, cache: PrunedCache, token: torch.Tensor, position: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None):
@@ -518,8 +521,7 @@ class PrunedModel(nn.Module, GenerationMixin):
             raise InputError(f"eos_token_id=[] with num_beams={beams}: transformers' beam search needs an end "
                              "token (it fails inside); give one (or leave eos_token_id unset), or use num_beams=1")
         if input_ids is not None:
-            self.family.check_run_length(input_ids.shape[1] + self._new_tokens(input_ids, kwargs),
-                                          prunes=bool(self.pipeline))
+            self._check_run_length(input_ids.shape[1] + self._new_tokens(input_ids, kwargs))
         cache = kwargs.pop("past_key_values", None)
         if kwargs.get("cache") is not None:        # its name from transformers 5.24
             cache = kwargs.pop("cache")
