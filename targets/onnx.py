@@ -532,6 +532,7 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
         "budgets": _budgets(pruned),
         "vision_positions": pruned._vision_positions(),
         "video_unit": pruned.video_unit,
+        "sliding_window": pruned.family.binding_window(),       # pruned runs must stay under it
         "embedding": {"file": EMBED_FILE, "shape": list(emb.shape), "dtype": str(emb.dtype).replace("torch.", ""),
                       "note": "the embedding lookup (row gather of input_ids) runs on the host"},
         "stages": stages,

@@ -55,6 +55,10 @@ class _HostFamily(Family):
         self._image_token = manifest["image_token_id"]
         self._video_token = manifest.get("video_token_id")
         self._embed = embed
+        self._window = manifest.get("sliding_window")
+
+    def binding_window(self):
+        return self._window
 
     def image_token_id(self):
         return self._image_token
