@@ -45,6 +45,21 @@ def generate_cache_name() -> str:
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
+def cache_holding(past):
+    """A DynamicCache whose layer i holds past[2i], past[2i + 1] (keys, values) as they are.
+    DynamicCache.update on an empty layer concatenates onto an empty tensor, a full copy of every
+    layer's cache per decode step; the first update at zero length here sets dtype and device
+    (and whatever a version initialises), then the layer takes the tensors without a copy (4.56
+    and 5.x both keep them in layer.keys / layer.values)."""
+    from transformers.cache_utils import DynamicCache
+    cache = DynamicCache()
+    for i in range(len(past) // 2):
+        keys, values = past[2 * i], past[2 * i + 1]
+        cache.update(keys[..., :0, :], values[..., :0, :], i)
+        cache.layers[i].keys, cache.layers[i].values = keys, values
+    return cache
+
+
 def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:
     """Text-config keyword arguments for default RoPE (with Qwen2-VL's M-RoPE sections if given).
 

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from graphprune.compat import traceable_masks
+from graphprune.compat import cache_holding, traceable_masks
 from graphprune.errors import UnsupportedModelError
 from graphprune.families import Family, family_of
 
@@ -87,10 +87,7 @@ class _Decode(nn.Module):
         self.lm, self.head = lm, head
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        from transformers.cache_utils import DynamicCache
-        cache = DynamicCache()
-        for i in range(len(past) // 2):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        cache = cache_holding(past)
         out = self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                       past_key_values=cache, use_cache=True)
         return (self.head(out.last_hidden_state), *_flat_kv(cache))
