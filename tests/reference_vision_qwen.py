@@ -1,4 +1,4 @@
-"""Independent reference for vision-stage pruning on Qwen2-VL / Qwen2.5-VL. Nothing here imports graphprune.
+"""Independent reference for vision-stage pruning on Qwen2-VL / Qwen2.5-VL / Qwen3-VL. Nothing here imports graphprune.
 
 * Scores: the attention each LLM token receives in a vision block, recomputed by hand: the block's input
   is read off the model's own encoder run (a forward pre-hook on that block: hidden states, rotary (cos,
@@ -13,14 +13,30 @@
   get_video_features at the placeholders) and M-RoPE positions (get_rope_index) gathered at the kept
   tokens, original (t, h, w) positions kept; the model's own forward runs it (inputs_embeds,
   position_ids, attention_mask), prefill and greedy decoding through its cache.
+* Qwen3-VL: its merger is norm, linear_fc1, act_fn, linear_fc2 (Qwen2's: ln_q, mlp). Its DeepStack
+  features (reference_families.deepstack: get_image_features' deepstack_features at the placeholders)
+  are gathered at the kept tokens like the embeddings (a merged token carries its place's rows) and
+  the prefill runs the model's own language model with them (visual_pos_masks: the kept vision tokens,
+  deepstack_visual_embeds: their rows), then lm_head; decoding as above.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from reference_families import family_inputs
+from reference_families import deepstack, family_inputs
 from torch import Tensor
+
+
+def merger_norm(visual):
+    """The norm the merger applies to each patch before the 2x2 concatenation."""
+    return visual.merger.ln_q if hasattr(visual.merger, "ln_q") else visual.merger.norm
+
+
+def merger_mlp(visual, x: Tensor) -> Tensor:
+    """The merger after its norm, on concatenated 2x2 groups x (..., 4 * D)."""
+    m = visual.merger
+    return m.mlp(x) if hasattr(m, "mlp") else m.linear_fc2(m.act_fn(m.linear_fc1(x)))
 
 
 def _window_index(visual, grid: Tensor) -> Tensor | None:
@@ -72,7 +88,7 @@ def encoder_tokens(model, pixels: Tensor, grid: Tensor, layer: int) -> dict:
         probs = (q[:, a:b] @ k[:, a:b].transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
         score[a:b] = probs.mean(0).mean(0)
     per_patch = {"score": score[:, None], "keys": k.transpose(0, 1).reshape(s, -1),
-                 "hidden": visual.merger.ln_q(seen["out"]).float()}
+                 "hidden": merger_norm(visual)(seen["out"]).float()}
     group = visual.spatial_merge_size ** 2
     window = _window_index(visual, grid)
     if window is not None:                        # window order -> the processor's patch order
@@ -144,11 +160,19 @@ def kept_positions(model, example, keep: int, how: str = "attention", layer: int
 def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None) -> dict:
     """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt (its
     embeddings `embeds`, else the full prompt's at the kept tokens)."""
-    emb, am, pos, _ = family_inputs(model, example)
+    emb, am, pos, vm = family_inputs(model, example)
     emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1])) if embeds is None else embeds
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
-    out = model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True)
-    logits, cache = out.logits, out.past_key_values
+    rows = deepstack(model, example)
+    if rows is None:
+        out = model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True)
+        logits, cache = out.logits, out.past_key_values
+    else:                   # Qwen3-VL: the kept vision tokens' DeepStack rows, through its own language model
+        at = vm.gather(1, keep_index)
+        rows = rows.gather(2, keep_index[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
+        out = model.model.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True,
+                                          visual_pos_masks=at, deepstack_visual_embeds=[level[at] for level in rows])
+        logits, cache = model.lm_head(out.last_hidden_state), out.past_key_values
     kv_lens = [cache.get_seq_length(i) for i in range(len(cache))]
     nxt = pos.amax(0).masked_fill(am == 0, -1).amax(-1, keepdim=True) + 1         # (B, 1)
     tokens, embed = [], model.get_input_embeddings()
@@ -192,7 +216,7 @@ def visionzip(model, example, keep: int, contextual: int) -> tuple[Tensor, Tenso
             chosen = torch.cat([dom, targets])
             drop[blk] = True
             drop[blk[chosen]] = False
-            row[blk[chosen]] = model.model.visual.merger.mlp(values[chosen]).float()
+            row[blk[chosen]] = merger_mlp(model.model.visual, values[chosen]).float()
         keep_index = (~drop).nonzero()[:, 0]
         rows.append(keep_index)
         embeds.append(row[keep_index])

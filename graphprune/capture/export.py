@@ -331,7 +331,9 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     with torch.no_grad():
         ep = torch.export.export(module, (px,), strict=False, dynamic_shapes=({0: Dim("images", min=1)},))
     gm = plain_graph_module(ep)
-    gm.meta["graphprune_outputs"] = ["features"] + (["vision_last_hidden"] if through_last else [])
+    # a bucketed encoder may return more than the features (Qwen3-VL's deepstack_features): it names them
+    names = list(getattr(module, "output_names", ["features"]))
+    gm.meta["graphprune_outputs"] = names + (["vision_last_hidden"] if through_last else [])
     if bucket is not None:          # the token grid the features come in (the encoder's patches are grouped)
         gm.meta["graphprune_token_grid"] = tuple(module.grid)
     check = None

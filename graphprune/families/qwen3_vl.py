@@ -25,7 +25,6 @@ class Qwen3VLFamily(Qwen2VLFamily):
     compile_refused = ("dynamo runs its language model split into one frame per decoder layer (DeepStack's "
                        "boolean-mask write into the hidden states after the first layers breaks the graph), so no "
                        "frame holds the decoder layers the backend would replace by the pruned prefill")
-    vision_buckets = 0      # its encoder (learned position grid, DeepStack taps) is not QwenVisionStage's
 
     def deepstack_layers(self) -> list[nn.Module]:
         return list(self.language_model().layers[:len(self.config().vision_config.deepstack_visual_indexes)])

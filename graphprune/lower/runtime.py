@@ -112,6 +112,14 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, t
     return index, mask
 
 
+def deepstack_embeds(rows: torch.Tensor, vision_pos: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """The prefill's deepstack_embeds (levels, B, S, D): each vision token's DeepStack rows (B, n, k, levels,
+    D), in the order of its features, written at its slot in vision_pos (B, n, k); zero at every other
+    token, which the model adds nothing to."""
+    zeros = embeds.new_zeros(embeds.shape)
+    return torch.stack([tokenops.put_tokens(zeros, vision_pos, rows[..., level, :]) for level in range(rows.shape[-2])])
+
+
 def check_budgets(results, tokens_per_image: int) -> None:
     """Integer budgets larger than the vision tokens an image has at that point fail, before work."""
     follow_budgets(BudgetStep.of_results(results), tokens_per_image, "of this prompt")
@@ -273,8 +281,14 @@ class PrunedModel(nn.Module, GenerationMixin):
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
         outs = _call(executable, **inputs)
         feats = outs["features"]
+        lm_inputs = {}
+        if "deepstack_features" in outs:        # Qwen3-VL: every token's DeepStack rows; the LM adds the kept ones'
+            rows, kept = outs["deepstack_features"], outs.get("patches_kept")
+            if kept is not None:
+                rows = rows.gather(1, kept[..., None, None].expand(-1, -1, *rows.shape[2:]))
+            lm_inputs["deepstack_rows"] = rows.reshape(b, n, -1, *rows.shape[2:])
         return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
-                outs.get("patches_protected"), {})
+                outs.get("patches_protected"), lm_inputs)
 
     def _prompt(self, input_ids, attention_mask, **inputs) -> _Prompt | None:
         if attention_mask is None:
@@ -310,6 +324,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if protected is not None:
             protected = protected.reshape(b, n, -1)
         embeds = self.family.embed(input_ids) if embeds is None else embeds
+        if "deepstack_rows" in lm_inputs:
+            lm_inputs["deepstack_embeds"] = deepstack_embeds(lm_inputs.pop("deepstack_rows"), vision_pos, embeds)
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
                                 self.pipeline, protected, kept, layout.frames,
                                 lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups},

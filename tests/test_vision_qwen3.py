@@ -1,0 +1,154 @@
+"""Vision-stage pruning on Qwen3-VL: its encoder (learned position grid interpolated per grid, DeepStack
+taps through their own mergers) captured per patch-grid bucket, then vision_topk (attention received),
+random (vision), VisionZip (attention-received dominance) and DivPrune, on images and video frames.
+
+Against tests/reference_vision_qwen.py (independent: scores by hand from the block's weights, the pruned
+prompt and the kept tokens' DeepStack rows run through the model's own language model): kept tokens,
+prefill logits (fp32, atol 1e-5) and 16 greedy tokens; a left-padded batch of 2 equals each sample alone.
+The captured encoder returns get_image_features' features and DeepStack features, in fp32 and bf16."""
+import copy
+
+import pytest
+import reference_families as RF
+import reference_new_methods as N
+import reference_vision_qwen as RQ
+import torch
+from checks import assert_batch_equals_samples, assert_same_run
+
+import graphprune as gp
+from graphprune.capture.export import capture_vision
+from graphprune.families import family_of
+from graphprune.families.qwen_vision import probe_grid
+from graphprune.rewrite.pipeline import Program
+from graphprune.tools import family_zoo
+from graphprune.verify.eager import check_against_eager
+
+STEPS = 16
+TOPK = "vision_topk(keep=6)"
+RANDOM = "random(stage='vision', keep=7, seed=3)"
+pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    import transformers
+    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+        pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
+    model = family_zoo.build("qwen3_vl")
+    return model, Program.capture(model, stages=("vision", "prefill", "decode"))
+
+
+@pytest.fixture(scope="module")
+def pruned(qwen3):
+    model, program = qwen3
+    return {spec: gp.prune(model, spec, program=program) for spec in (TOPK, RANDOM)}
+
+
+def test_captured_encoder_equals_get_image_features(qwen3):
+    """Per bucket (two grids): the features and each DeepStack level's features, image by image, equal
+    get_image_features'; the position grid the encoder adds is interpolated for each grid."""
+    model, _ = qwen3
+    fam, vc = family_of(model), model.config.vision_config
+    dim = 3 * 2 * vc.patch_size ** 2
+    for h, w in [(8, 8), (4, 12)]:
+        stage = capture_vision(fam, bucket=(h, w))
+        assert stage.gm.meta["graphprune_outputs"] == ["features", "deepstack_features"]
+        pixels = torch.randn(3 * h * w, dim, generator=torch.Generator().manual_seed(h * w))
+        with torch.no_grad():
+            want = model.model.get_image_features(pixels, torch.tensor([[1, h, w]] * 3))
+            feats, deep = stage.gm(pixels.reshape(3, h * w, dim))
+        assert feats.shape == (3, h * w // 4, model.config.text_config.hidden_size)
+        assert deep.shape == (3, h * w // 4, len(vc.deepstack_visual_indexes), feats.shape[-1])
+        assert check_against_eager(stage) < 1e-5
+        torch.testing.assert_close(feats.reshape(-1, feats.shape[-1]), torch.cat(want.pooler_output), atol=1e-5, rtol=1e-5)
+        for level, rows in enumerate(want.deepstack_features):
+            torch.testing.assert_close(deep[:, :, level].reshape(-1, feats.shape[-1]), torch.cat(rows), atol=1e-5, rtol=1e-5)
+
+
+def test_probe_exact_in_bf16(qwen3):
+    """In bf16 the probe's index digits ride on the added position grid: decoded in fp32 they give the
+    processor's order back (Qwen3-VL permutes nothing) and the grid as the bf16 encoder adds it."""
+    model, _ = qwen3
+    visual = copy.deepcopy(model.model.visual).to(torch.bfloat16)
+    visual.pos_embed.weight.data.mul_(40)          # position rows far larger than the digits' spacing
+    tables = probe_grid(visual, 8, 8)
+    seen = {}
+    hook = visual.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]),
+                                                      with_kwargs=True)
+    zero = visual.patch_embed.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    with torch.no_grad():
+        visual(torch.zeros(64, 3 * 2 * 16 * 16, dtype=torch.bfloat16), grid_thw=torch.tensor([[1, 8, 8]]))
+    hook.remove()
+    zero.remove()
+    assert tables["added"].dtype == torch.bfloat16 and torch.equal(tables["added"], seen["h"])
+    assert tables["added"].abs().max() > 1         # rounding hidden states alone would misread the digits
+
+
+@pytest.mark.parametrize("spec,keep,how,pad,items", [
+    (TOPK, 6, "attention", (0, 2), ("image", "video")),    # units: the image, each of the video's 2 frames
+    (RANDOM, 7, "random", (0, 3), ("video", "image")),
+])
+def test_matches_reference(qwen3, pruned, spec, keep, how, pad, items):
+    model, _ = qwen3
+    ex = family_zoo.example(model, batch=2, pad=pad, items=items, seed=50)
+    kept = RQ.kept_positions(model, ex, keep, how, seed=3)
+    ref = RQ.hf_generate(model, ex, kept, STEPS)
+    out = assert_same_run(pruned[spec], ex, ref, STEPS, kept=kept)
+    assert out.logits.shape[1] == kept.shape[1]
+
+
+def test_deepstack_rows_follow_the_kept_tokens(qwen3, pruned):
+    """The reference with every DeepStack row zeroed differs: the kept tokens' rows reach the LM."""
+    model, _ = qwen3
+    ex = family_zoo.example(model, items=("image",), seed=51)
+    kept = RQ.kept_positions(model, ex, 6, "attention")
+    ref = RQ.hf_generate(model, ex, kept, 1)
+    out = pruned[TOPK](**ex.as_kwargs())
+    torch.testing.assert_close(out.logits, ref["prefill_logits"], atol=1e-5, rtol=1e-5)
+    level_0 = model.model.visual.deepstack_merger_list[0].linear_fc2
+    saved = level_0.bias.data.clone(), level_0.weight.data.clone()
+    level_0.bias.data.zero_(), level_0.weight.data.zero_()
+    try:
+        without = RQ.hf_generate(model, ex, kept, 1)["prefill_logits"]
+    finally:
+        level_0.bias.data.copy_(saved[0]), level_0.weight.data.copy_(saved[1])
+    assert (without - out.logits).abs().max() > 1e-3
+
+
+def test_visionzip_attention_matches_reference(qwen3):
+    """VisionZip with attention-received dominance: kept and merged tokens (a contextual token carries its
+    target's DeepStack rows), logits and 16 greedy tokens; batch of 2 with left padding."""
+    model, program = qwen3
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=54)
+    kept, embeds = RQ.visionzip(model, ex, keep=8, contextual=3)
+    ref = RQ.hf_generate(model, ex, kept, STEPS, embeds)
+    pruned = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention', positions='keep')",
+                      program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
+
+
+def test_divprune_after_vision_topk_matches_reference(qwen3):
+    """divprune on the projected tokens of the captured vision stage, after vision_topk: the greedy
+    max-min cosine choice among each unit's 10 top tokens (images and video frames)."""
+    model, program = qwen3
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image", "video"), seed=55)
+    first = RQ.kept_positions(model, ex, 10, "attention")
+    emb = RF.family_inputs(model, ex)[0]
+    rows = []
+    for i, blocks in enumerate(RQ.units(model, ex)):
+        drop = torch.zeros(ex.input_ids.shape[1], dtype=torch.bool)
+        for blk in blocks:
+            top = blk[torch.isin(blk, first[i])]
+            drop[blk] = True
+            drop[top[N.divprune_indices(emb[i, top], 5)]] = False
+        rows.append((~drop).nonzero()[:, 0])
+    kept = torch.stack(rows)
+    ref = RQ.hf_generate(model, ex, kept, STEPS)
+    pruned = gp.prune(model, "vision_topk(keep=10) | divprune(keep=5, positions='keep')", program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
+
+
+def test_batch_equals_alone(qwen3, pruned):
+    model, _ = qwen3
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image", "video"), seed=57)
+    assert_batch_equals_samples(pruned[TOPK], ex, STEPS)
