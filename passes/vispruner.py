@@ -11,6 +11,12 @@ Method, on the features entering the projector (the vision layer LLaVA reads), `
 The LLM sees the kept patches in raster order, compactly numbered (positions="compact", as the
 authors' LLaVA) or with their own position ids ("keep"). Departures from the authors' code:
 docs/methods.md.
+
+important="attention" ranks by the attention each token receives in the encoder's last block (averaged
+over queries and heads) instead of CLS attention, the authors' answer for CLS-free towers (VisPruner
+GitHub issue #1: Qwen2.5-VL's 2x2 merge applied to the attention, then VisPruner on the merged tokens):
+a Qwen token's score is its 4 patches' mean (their sum / 4: the same order), its diversity features
+what enters the merger's MLP, and positions="keep" (M-RoPE has no compact numbering).
 """
 from dataclasses import dataclass
 
@@ -60,6 +66,7 @@ class VisPruner(TokenPass):
         keep: int = 64
         important_ratio: float = 0.5    # the authors' default split
         positions: str = "compact"
+        important: str = "cls"          # importance: CLS attention (the authors'), or "attention" received
 
     def validate(self):
         super().validate()
@@ -71,15 +78,17 @@ class VisPruner(TokenPass):
             raise PassConfigError(f"vispruner: important_ratio must lie in [0, 1], got {c.important_ratio!r}")
         if c.positions not in ("compact", "keep"):
             raise PassConfigError(f"vispruner: positions must be 'compact' or 'keep', got {c.positions!r}")
+        if c.important not in ("cls", "attention"):
+            raise PassConfigError(f"vispruner: important must be 'cls' or 'attention', got {c.important!r}")
 
     def requires(self, anatomy):
-        if not anatomy.has_cls:
+        if not anatomy.has_cls and self.config.important == "cls":
             raise PassNotApplicable(f"vispruner needs the CLS token of the vision encoder; {anatomy.model_class} "
-                                    "has none (divprune needs no CLS where graphprune captures the vision stage; "
-                                    "otherwise use an LLM-stage method such as fastv or pyramiddrop)")
+                                    "has none: important='attention' ranks its tokens by the attention they "
+                                    "receive (the authors' answer for CLS-free towers)")
 
     def plan(self) -> Plan:
         return Plan(positions=self.config.positions,
-                    signals={"cls": AttentionRows(-1, "cls"), "hidden": Hidden(-1)},
+                    signals={"cls": AttentionRows(-1, "cls" if self.config.important == "cls" else "all"), "hidden": Hidden(-1)},
                     select=Choose(self.config.keep, important_diverse,
                                   (("important_ratio", float(self.config.important_ratio)),)))

@@ -146,8 +146,13 @@ def kept_positions(model, example, keep: int, how: str = "attention", layer: int
         n, v = len(blocks[0]), blocks[0][0].numel()
         u = torch.rand((len(blocks) * n, 1, v), generator=torch.Generator().manual_seed(seed))
         picks = [[u[i * n + j, 0].topk(keep).indices for j in range(n)] for i in range(len(blocks))]
+    return keep_index(model, example, picks)
+
+
+def keep_index(model, example, picks: list[list[Tensor]]) -> Tensor:
+    """(B, S') sorted prompt indices: every non-prunable token and each unit's chosen local indices."""
     rows = []
-    for row, pick in zip(blocks, picks):
+    for row, pick in zip(units(model, example), picks):
         drop = torch.zeros(example.input_ids.shape[1], dtype=torch.bool)
         for blk, chosen in zip(row, pick):
             drop[blk] = True
