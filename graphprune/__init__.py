@@ -12,6 +12,7 @@ from graphprune.errors import (
 )
 from graphprune.lower.runtime import PrunedModel, from_pretrained, prune
 from graphprune.rewrite.pass_api import (
+    AttendTogether,
     AttentionRows,
     Choose,
     Frames,
@@ -35,8 +36,9 @@ from graphprune.rewrite.registry import register_pass, register_pipeline
 from graphprune.targets.onnx import export_onnx  # imports onnx / onnxscript only when called
 from graphprune.version import __version__
 
-__all__ = ["AttentionRows", "Choose", "Frames", "GraphVerificationError", "GraphpruneError", "Hidden", "InputEmbeds",
-           "InputError", "KeepCache", "Keys", "PassConfigError", "PassNotApplicable", "PassResult", "Plan",
-           "Program", "Projected", "Protect", "PrunedModel", "TextEmbeds", "TextMask", "TokenPass", "TopK",
-           "UnsupportedModelError", "Values", "WithdrawAll", "__version__", "as_passes", "export_onnx",
-           "from_pretrained", "get_pass", "parse_pipeline", "prune", "register_pass", "register_pipeline"]
+__all__ = ["AttendTogether", "AttentionRows", "Choose", "Frames", "GraphVerificationError", "GraphpruneError",
+           "Hidden", "InputEmbeds", "InputError", "KeepCache", "Keys", "PassConfigError", "PassNotApplicable",
+           "PassResult", "Plan", "Program", "Projected", "Protect", "PrunedModel", "TextEmbeds", "TextMask",
+           "TokenPass", "TopK", "UnsupportedModelError", "Values", "WithdrawAll", "__version__", "as_passes",
+           "export_onnx", "from_pretrained", "get_pass", "parse_pipeline", "prune", "register_pass",
+           "register_pipeline"]

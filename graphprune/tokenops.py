@@ -200,12 +200,17 @@ def seq_positions(attention_mask):
     return torch.arange(s, device=attention_mask.device).expand(b, s)
 
 
-def put_tokens(x, vision_pos, values):
+def put_tokens(x, vision_pos, values, group: int = 1):
     """Overwrite x (B, S, D) at the vision slots vision_pos (B, n, k) with values (B, n, k, D), as a
     fixed-shape scatter: image features into the prompt (LLaVA's masked_scatter at <image> tokens),
-    or merged tokens into the residual stream. values=None leaves x as it is."""
+    or merged tokens into the residual stream. values=None leaves x as it is. group > 1: each token is
+    `group` consecutive rows of x (an encoder's patches merged after its last layer, Qwen's 2x2) and its
+    values (B, n, k, group x D) hold them concatenated."""
     if values is None:
         return x
+    if group > 1:
+        b, s, d = x.shape
+        return put_tokens(x.reshape(b, s // group, group * d), vision_pos, values).reshape(b, s, d)
     b, n, k = vision_pos.shape
     idx = vision_pos.reshape(b, n * k, 1).expand(b, n * k, x.shape[-1])
     return x.scatter(1, idx, values.reshape(b, n * k, -1).to(x.dtype))
@@ -238,16 +243,55 @@ def mask_keys(mask, key_valid, q, is_causal: bool):
     return mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
 
 
-def key_log_sizes(seq_index, new_pos, sizes):
-    """(B, S) log of each vision token's size at its slot, 0 elsewhere (size 1): proportional attention."""
+def key_log_sizes(seq_index, new_pos, sizes, group: int = 1):
+    """(B, S) log of each vision token's size at its slot, 0 elsewhere (size 1): proportional attention.
+    group > 1: tokens of `group` encoder patches each (B, S x group), every patch with its token's size."""
     b, n, k = new_pos.shape
     out = torch.zeros(seq_index.shape, dtype=sizes.dtype, device=sizes.device)
-    return out.scatter(1, new_pos.reshape(b, n * k), sizes.log().reshape(b, n * k))
+    out = out.scatter(1, new_pos.reshape(b, n * k), sizes.log().reshape(b, n * k))
+    return out.repeat_interleave(group, dim=1) if group > 1 else out
 
 
-def bias_keys(log_size, q):
-    """An additive SDPA mask (B, 1, 1, S) adding log_size (B, S) to every query's logit of each key."""
-    return log_size[:, None, None, :].to(q.dtype)
+def bias_keys(log_size, q, mask=None):
+    """An additive SDPA mask (B, 1, 1, S) adding log_size (B, S) to every query's logit of each key; with
+    the attention's own mask (bool: True = attend, or additive), that mask with the bias added."""
+    bias = log_size[:, None, None, :].to(q.dtype)
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask.to(q.dtype)
+
+
+def group_patches(keep, group: int):
+    """Encoder positions (B, S' x group) of the patches of the kept tokens keep (B, S'), where token t is
+    the `group` patches t x group .. t x group + group - 1 (an encoder without leading tokens, Qwen's)."""
+    b, s = keep.shape
+    return (keep[..., None] * group + torch.arange(group, device=keep.device)).reshape(b, s * group)
+
+
+def take_shared(x, keep, dims: tuple[int, ...]):
+    """take_tokens for a value every image shares, without a batch dim (an encoder's rotary tables (S, d),
+    its window mask (S, S)): (B, ...) each image's kept tokens along `dims`; a mask (two token dims)
+    gets a head dim, (B, 1, S', S'), so that attention broadcasts it over heads."""
+    out = take_tokens(x[None], keep, 0, tuple(d + 1 for d in dims))
+    return out[:, None] if len(dims) == 2 else out
+
+
+def attend_together(mask, keys, offset: int, group: int):
+    """(B, n, V, V) bool: whether the tokens at encoder positions keys (B, n, V) attend to one another
+    under an attention's mask ((S, S), or (B or 1, 1, S or 1, S), bool or additive; None: all do). The
+    sequence is `offset` leading tokens then each token's `group` patches; a token pair attends together
+    when every patch of one may attend to every patch of the other."""
+    b, n, v = keys.shape
+    if mask is None:
+        return torch.ones(b, n, v, v, dtype=torch.bool, device=keys.device)
+    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+    s = allowed.shape[-1]
+    allowed = allowed.expand(*allowed.shape[:-2], s, s).reshape(-1, s, s)[:, offset:, offset:]
+    t = (s - offset) // group
+    tokens = allowed.reshape(-1, t, group, t, group).all(4).all(2).expand(b, t, t)
+    idx = (keys - offset).reshape(b, n * v)
+    rows = tokens.gather(1, idx[..., None].expand(b, n * v, t)).reshape(b, n, v, t)
+    return rows.gather(3, (keys - offset)[:, :, None, :].expand(b, n, v, v))
 
 
 def zero_rows(rows, row_mask):

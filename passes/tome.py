@@ -18,6 +18,13 @@ later merge replaces the earlier one). proportional_attention=False merges witho
 What the pass API cannot express: ToMe merges between a block's attention and its MLP; a plan acts
 between blocks, so the MLP of block l still runs on the unmerged tokens (merge after the block, with
 the same keys and pairs).
+
+positions="keep" merges in place: the kept tokens stay at their own slots in raster order (a merged
+token at its B token's slot), so each keeps its own position ids in the encoder (rotary tables) and in
+the LLM. It is for encoders without CLS (Qwen2-VL / Qwen2.5-VL), which take it only: the split alternates from the first
+token (A = even places), a token is a 2x2 merge group (its 4 patches merged with those of the group it
+joins, patch by patch; its key the mean of theirs), and two tokens may merge only where they attend
+together in the layer whose keys match them (AttendTogether: the same window in a windowed block).
 Departures and their effect: docs/methods.md.
 """
 import math
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.rewrite.pass_api import Choose, Hidden, Keys, Plan, TokenPass, layer_tuple
+from graphprune.rewrite.pass_api import AttendTogether, Choose, Hidden, Keys, Plan, TokenPass, layer_tuple
 from graphprune.rewrite.registry import register_pass
 
 FEATURE_LAYERS = tuple(range(23))      # CLIP ViT-L/14 blocks 0..22 feed LLaVA-1.5's features (layer -2)
@@ -38,8 +45,11 @@ def merge_count(v: int, r: int | None, keep: int | None, layers_left: int) -> in
     return min(want, v // 2)
 
 
-def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, keep, layers_left, heads):
-    """One ToMe step on each image's patches (B, n, V, ...): picked (the new order), values, sizes."""
+def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, together, sizes, r, keep, layers_left, heads,
+                    cls, in_place):
+    """One ToMe step on each image's tokens (B, n, V, ...): picked (the new order; in_place: ascending),
+    values, sizes. cls: the sequence starts with a CLS token (A then holds the odd patches); together
+    (B, n, V, V): which tokens may merge (attend together)."""
     if valid is not None:
         raise InputError("tome: an earlier vision pass left masked slots; ToMe needs every patch (run it as the "
                          "only vision pass)")
@@ -52,11 +62,15 @@ def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, 
     if heads is not None:
         metric = metric.reshape(*metric.shape[:-1], heads, -1).mean(-2)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    # the sequence is [CLS, patches]: patch i sits at place i + 1, so A (even places) holds the odd patches
-    a_idx = torch.arange(1, v, 2, device=hidden.device)
-    b_idx = torch.arange(0, v, 2, device=hidden.device)
+    # [CLS, patches]: patch i sits at place i + 1, so A (even places) holds the odd patches; without CLS the even
+    a_idx = torch.arange(int(cls), v, 2, device=hidden.device)
+    b_idx = torch.arange(1 - int(cls), v, 2, device=hidden.device)
     scores = metric[:, :, a_idx] @ metric[:, :, b_idx].transpose(-1, -2)          # (B, n, |A|, |B|)
+    scores = scores.masked_fill(~together[:, :, a_idx][:, :, :, b_idx], float("-inf"))
     best, match = scores.max(-1)
+    if bool((torch.isinf(best).sum(-1) > a_idx.numel() - count).any()):
+        raise InputError(f"tome: {count} merges at this layer, but fewer tokens of A have a token of B in their "
+                         "attention window; merge less (a smaller r or a larger keep)")
     ranked = best.argsort(dim=-1, descending=True, stable=True)
     src, unmerged = ranked[..., :count], ranked[..., count:].sort(-1).values      # places in A
     size = torch.ones(b, n, v, 1, dtype=hidden.dtype, device=hidden.device) if sizes is None else sizes[..., None]
@@ -69,8 +83,12 @@ def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, 
     a_x = weighted.gather(2, a_keep[..., None].expand(b, n, a_keep.shape[-1], d))
     a_size = size.gather(2, a_keep[..., None])
     new_size = torch.cat([a_size, b_size], 2)
-    return {"picked": torch.cat([a_keep, b_idx.expand(b, n, -1)], -1), "values": torch.cat([a_x, b_x], 2) / new_size,
-            "sizes": new_size[..., 0]}
+    picked, values = torch.cat([a_keep, b_idx.expand(b, n, -1)], -1), torch.cat([a_x, b_x], 2) / new_size
+    if in_place:
+        order = picked.argsort(-1)
+        picked, values = picked.gather(-1, order), values.gather(2, order[..., None].expand(-1, -1, -1, d))
+        new_size = new_size.gather(2, order[..., None])
+    return {"picked": picked, "values": values, "sizes": new_size[..., 0]}
 
 
 @register_pass
@@ -86,6 +104,9 @@ class ToMe(TokenPass):
         heads: int | None = None         # attention heads the keys are averaged over (the authors' metric);
         #                                  None: cosine of the keys with heads concatenated
         proportional_attention: bool = True   # the authors' prop_attn: later layers add log(size) to key logits
+        positions: str = "compact"       # compact: ToMe's order, renumbered; keep: merged in place (no CLS: only)
+
+    whole_groups = True                  # on Qwen a token is a 2x2 merge group, merged whole
 
     def validate(self):
         c = self.config
@@ -102,13 +123,22 @@ class ToMe(TokenPass):
         c.layers = layer_tuple(self.name, c.layers, what="encoder layer indices")
         if c.heads is not None and c.heads < 1:
             raise PassConfigError(f"tome: heads must be a positive int or None, got {c.heads!r}")
+        if c.positions not in ("compact", "keep"):
+            raise PassConfigError(f"tome: positions must be 'compact' or 'keep', got {c.positions!r}")
 
     def requires(self, anatomy):
         c = self.config
-        if not anatomy.has_cls:
-            raise PassNotApplicable(f"tome: the bipartite split protects the CLS token of the vision encoder; "
-                                    f"{anatomy.model_class} has none")
+        if not anatomy.has_cls and c.positions != "keep":
+            raise PassNotApplicable(f"tome: {anatomy.model_class} has no CLS token of the vision encoder, whose "
+                                    "tokens ToMe then merges in place: give positions='keep'")
+        if anatomy.has_cls and c.positions == "keep":      # in place, the split would start at CLS's place
+            raise PassNotApplicable(f"tome: positions='keep' merges in place on encoders without CLS; "
+                                    f"{anatomy.model_class}'s has one: use positions='compact' (ToMe's order)")
         n = anatomy.num_layers
+        if n and anatomy.patches_per_token > 1 and c.layers[-1] >= n - 1:
+            raise PassConfigError(f"tome: layers={c.layers!r}: {anatomy.model_class}'s last encoder layer ({n - 1}) "
+                                  "feeds the merger's norm, where patches are no longer merged as states; use layers "
+                                  f"in 0..{n - 2}, e.g. layers={tuple(range(n - 1))}")
         if n and c.layers[-1] >= n:
             raise PassConfigError(f"tome: layers={c.layers!r} do not fit the {n} encoder layers feeding the features; "
                                   f"use layers in 0..{n - 1}, e.g. layers={tuple(range(n))}")
@@ -122,8 +152,12 @@ class ToMe(TokenPass):
 
     def plan(self) -> list[Plan]:
         c = self.config
-        return [Plan(layer=l + 1, positions="compact", signals={"keys": Keys(l), "hidden": Hidden(l)},
+        in_place = c.positions == "keep"
+        return [Plan(layer=l + 1, positions=c.positions,
+                     signals={"keys": Keys(l), "hidden": Hidden(l), "together": AttendTogether(l)},
                      select=Choose(None, bipartite_merge, (("r", c.r), ("keep", c.keep),
-                                                          ("layers_left", len(c.layers) - i), ("heads", c.heads)),
-                                   merges=True, ordered=True, sized=True, proportional=c.proportional_attention))
+                                                          ("layers_left", len(c.layers) - i), ("heads", c.heads),
+                                                          ("cls", not in_place), ("in_place", in_place)),
+                                   merges=True, ordered=not in_place, sized=True,
+                                   proportional=c.proportional_attention))
                 for i, l in enumerate(c.layers)]

@@ -11,7 +11,8 @@ read only the projected tokens (and CDPruner the instruction), which are the LLM
 the vision positions, so the pipeline runs them at LLM layer 0: the same checks against
 reference_new_methods.choose_on_input_embeds, with positions='keep' (compact renumbering of M-RoPE
 positions is refused, naming the option); on LLaVA-NeXT (eager anyres vision, 1-D positions) compact
-numbering runs too. VisionZip, VisPruner and ToMe read the encoder's CLS attention: refused, naming it."""
+numbering runs too. VisionZip, VisPruner and ToMe by default read the encoder's CLS token: refused, naming it
+and the option that runs on Qwen (those variants: tests/test_vision_qwen.py, tests/test_vision_qwen_methods.py)."""
 import pytest
 import reference as R
 import reference_evs as E
@@ -67,13 +68,16 @@ def test_pyramiddrop_batch_equals_alone(qwen25):
                            ids[b, -STEPS:])
 
 
-@pytest.mark.parametrize("spec", ["visionzip(keep=8)", "vispruner(keep=8)", "tome(keep=8)"])
-def test_encoder_methods_refused_naming_the_missing_signal(qwen25, spec):
+@pytest.mark.parametrize("spec,option", [("visionzip(keep=8)", "dominant='attention'"),
+                                         ("vispruner(keep=8)", "important='attention'"),
+                                         ("tome(keep=8)", "positions='keep'")])
+def test_encoder_methods_refused_naming_the_missing_signal(qwen25, spec, option):
     model, program = qwen25
     with pytest.raises(PassNotApplicable) as err:
         gp.prune(model, spec, program=program)
     msg = str(err.value)
     assert spec.split("(")[0] in msg and "Qwen2_5_VL" in msg and "CLS token of the vision encoder" in msg
+    assert option in msg
 
 
 

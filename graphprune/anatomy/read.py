@@ -254,8 +254,9 @@ def seq_dims(node: fx.Node, anat: Anatomy) -> tuple[int | None, tuple[int, ...]]
         return None, ()
     if anat.stage == "vision" and anat.grid is not None:
         # the encoder is exported with a static token count: (images, tokens[, ...]), CLS included or not
-        patches = anat.grid[0] * anat.grid[1]
-        ok = v.dim() >= 2 and int(v.shape[1]) in (patches, patches + int(bool(anat.has_cls)))
+        patches, cls = anat.grid[0] * anat.grid[1], int(bool(anat.has_cls))
+        # inside an encoder whose patches merge in groups (Qwen's 2x2) its sequence is longer than the grid
+        ok = v.dim() >= 2 and int(v.shape[1]) in (patches, patches + cls, patches * anat.patches_per_token + cls)
         return (0, (1,)) if ok else (0, ())
     exprs = [_expr(d) for d in v.shape]
     toks = tuple(i for i, e in enumerate(exprs) if e is not None and e == anat.seq)

@@ -121,15 +121,17 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         sizes = g.call_function(tokenops.kept_sizes, (choice if sized else None, state.sizes, picked)) \
             if sized or state.sizes is not None else None
     hidden = _stream(anat, layer)
-    rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector)
+    # inside an encoder whose patches merge in groups after its last layer, a token is its group's patches
+    group = anat.patches_per_token if anat.stage == "vision" and layer < anat.num_layers else 1
+    rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector, group)
     stream = _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
-                         plan.after_projector)
+                         plan.after_projector, group)
     if anat.stage == "vision" and layer == anat.num_layers and not plan.after_projector:
         anat.features = stream          # what now enters the projector: a later pass reduces this
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
     key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
     if isinstance(rule, Choose) and rule.proportional:
-        _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes)
+        _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes, group)
     if plan.positions == "compact" and anat.stage != "vision":
         renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
     rewrites = isinstance(rule, Choose) and (rule.merges or rule.ordered)
@@ -185,7 +187,7 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
         if not 1 <= layer <= anat.num_layers:
             raise PassConfigError(f"{p.name}: vision layer={layer}: the encoder has layers 0..{anat.num_layers - 1} "
                                   f"feeding the features; use 1..{anat.num_layers - 1}, or none for the features")
-        if layer < anat.num_layers and anat.patches_per_token > 1:
+        if layer < anat.num_layers and anat.patches_per_token > 1 and not p.whole_groups:
             raise PassNotApplicable(f"{p.name}: vision layer={layer} selects inside the encoder, whose tokens there are "
                                     f"patches that {anat.model_class} merges {anat.patches_per_token} to a feature "
                                     "token only after its last layer; select at the features (no layer)")
@@ -259,9 +261,17 @@ def _squeeze_queries(x):
     return x[:, 0] if x.dim() == 4 else x
 
 
-def _reroute(gm, anat: Anatomy, anchor: fx.Node, layer: int, keep: fx.Node, after_projector: bool = False):
+def _reroute(gm, anat: Anatomy, anchor: fx.Node, layer: int, keep: fx.Node, after_projector: bool = False,
+             group: int = 1):
+    """group > 1: keep holds tokens of `group` encoder patches each; the encoder's values are reduced to
+    their patches, and so are the buffers every image shares (rotary tables, window masks)."""
     g = gm.graph
     nodes = list(g.nodes)
+    tokens = keep
+    if group > 1:
+        with g.inserting_before(anchor):
+            keep = g.call_function(tokenops.group_patches, (tokens, group))
+    buffers = {name for name, _ in gm.named_buffers()} if group > 1 else set()
     if after_projector:
         region = [anchor]                       # only the graph output reads the projected tokens
     else:
@@ -271,33 +281,54 @@ def _reroute(gm, anat: Anatomy, anchor: fx.Node, layer: int, keep: fx.Node, afte
     replaced: dict[fx.Node, fx.Node | None] = {}
     for n in region:
         for a in list(n.all_input_nodes):
-            if a in inside or a.op == "get_attr":
+            if a in inside or (a.op == "get_attr" and a.target not in buffers):
                 continue
             if after_projector and not (a is n.args[0][0]):
                 continue                        # only the features output, not the bookkeeping outputs
             if a not in replaced:
-                replaced[a] = _reduced(g, anat, a, anchor, keep)
+                replaced[a] = _reduced(g, anat, a, anchor, keep, tokens)
             if replaced[a] is not None:
                 n.replace_input_with(a, replaced[a])
     if anat.stage == "vision" and not after_projector and layer < anat.num_layers:
-        _resize_static(g, region, anat, anchor, keep)
+        _resize_static(g, region, anat, anchor, keep, tokens)
     return sorted(a.name for a, r in replaced.items() if r is not None), replaced
 
 
-def _resize_static(g, region, anat: Anatomy, anchor: fx.Node, keep: fx.Node) -> None:
-    # The vision encoder is exported with a static token count, baked into view/reshape sizes.
-    n_tok = anat.grid[0] * anat.grid[1] + int(bool(anat.has_cls))
+def _resize_static(g, region, anat: Anatomy, anchor: fx.Node, keep: fx.Node, tokens: fx.Node) -> None:
+    # The vision encoder is exported with a static token count, baked into view/reshape sizes: its sequence
+    # length, and where patches merge in groups (keep: their patches) the token count of the merger's input.
+    cls = int(bool(anat.has_cls))
+    n_tok = anat.grid[0] * anat.grid[1] * anat.patches_per_token + cls
     shape_ops = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default}
     with g.inserting_before(anchor):
         size = g.call_function(SYM_SIZE, (keep, 1))
+        sizes = {n_tok: size}
+        if keep is not tokens:
+            sizes[anat.grid[0] * anat.grid[1]] = g.call_function(SYM_SIZE, (tokens, 1))
+            anat.token_dims[sizes[anat.grid[0] * anat.grid[1]].name] = "token_size"
     anat.token_dims[size.name] = "seq_size"     # a later selection in the encoder resizes it again
     for n in region:
-        if n.target in shape_ops and n_tok in list(n.args[1]):
-            n.args = (n.args[0], [size if d == n_tok else d for d in n.args[1]]) + tuple(n.args[2:])
+        if n.target in shape_ops and any(d in sizes for d in n.args[1] if isinstance(d, int)):
+            n.args = (n.args[0], [sizes.get(d, d) if isinstance(d, int) else d for d in n.args[1]]) + tuple(n.args[2:])
 
 
-def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node) -> fx.Node | None:
+def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node, tokens: fx.Node) -> fx.Node | None:
+    """The kept tokens of a value flowing into the reduced region (keep: positions in the current sequence;
+    tokens: the kept tokens themselves where keep lists their patches), or None if it has no token dim."""
     val = a.meta.get("val")
+    if anat.token_dims.get(a.name) == "token_size":
+        with g.inserting_before(anchor):
+            size = g.call_function(SYM_SIZE, (tokens, 1))
+        anat.token_dims[size.name] = "token_size"
+        return size
+    if a.op == "get_attr":        # a buffer the images share: the dims as long as the encoder's sequence
+        dims = tuple(i for i, d in enumerate(val.shape) if d == anat.grid[0] * anat.grid[1] * anat.patches_per_token)
+        if not dims:
+            return None
+        with g.inserting_before(anchor):
+            node = g.call_function(tokenops.take_shared, (a, keep, dims))
+        anat.token_dims[node.name] = (0, tuple(d + 1 + (len(dims) == 2) for d in dims))
+        return node
     if anat.token_dims.get(a.name) == "seq_size" or (
             isinstance(val, torch.SymInt) and anat.seq is not None and val.node.expr == anat.seq):
         with g.inserting_before(anchor):
@@ -317,7 +348,7 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node) -> fx
 
 
 def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_pos, values,
-                after_projector) -> fx.Node:
+                after_projector, group: int = 1) -> fx.Node:
     """Merged tokens: overwrite the reduced residual stream at the kept vision slots with `values`.
     Returns the new stream, which the reduced region now reads."""
     g = gm.graph
@@ -332,7 +363,7 @@ def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_
     if stream is None:
         raise GraphVerificationError("no residual stream enters the reduced region to merge values into")
     with g.inserting_before(anchor):
-        put = g.call_function(tokenops.put_tokens, (stream, new_pos, values))
+        put = g.call_function(tokenops.put_tokens, (stream, new_pos, values, group))
     anat.token_dims[put.name] = seq_dims(stream, anat)
     for u in list(stream.users):
         if u is not put:
@@ -368,27 +399,29 @@ def _set_mask(att, mask: fx.Node) -> None:
     att.mask, att.is_causal = mask, False
 
 
-def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, sizes) -> None:
+def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, sizes,
+                       group: int = 1) -> None:
     """Proportional attention (ToMe): every later encoder attention adds log(size) of each key to its
-    logits. A later sized choice replaces the bias (sizes are cumulative), it does not add to it."""
+    logits, inside the attention's own mask (windows) where it has one. A later sized choice replaces the
+    bias (sizes are cumulative), it does not add to it."""
     g = gm.graph
     if anat.stage != "vision":
         raise PassConfigError(f"{p.name}: proportional attention is defined in the vision encoder only")
     if not anat.layers[layer:]:
         return                                        # merged after the last encoder layer: no attention follows
     with g.inserting_before(anchor):
-        log_size = g.call_function(tokenops.key_log_sizes, (new_index, new_pos, sizes))
+        log_size = g.call_function(tokenops.key_log_sizes, (new_index, new_pos, sizes, group))
     anat.token_dims[log_size.name] = (0, (1,))       # a later selection gathers it like any token value
     for l in anat.layers[layer:]:
         att = l.attention
         old = sdpa_mask(att.node)
-        base = None if isinstance(old, fx.Node) and old.target is tokenops.bias_keys else old
-        if base is not None or att.is_causal:
-            raise PassNotApplicable(f"{p.name}: proportional attention needs the encoder's attention unmasked and "
-                                    f"non-causal; layer {l.index} has {'a causal' if att.is_causal else 'a'} mask "
-                                    "(set proportional_attention=False)")
+        earlier = isinstance(old, fx.Node) and old.target is tokenops.bias_keys
+        base = (old.args[2] if len(old.args) > 2 else None) if earlier else old
+        if att.is_causal:
+            raise PassNotApplicable(f"{p.name}: proportional attention needs the encoder's attention non-causal; "
+                                    f"layer {l.index} is causal (set proportional_attention=False)")
         with g.inserting_before(att.node):
-            _set_mask(att, g.call_function(tokenops.bias_keys, (log_size, att.node.args[0])))
+            _set_mask(att, g.call_function(tokenops.bias_keys, (log_size, att.node.args[0], base)))
         while isinstance(old, fx.Node) and not old.users:        # the replaced bias and what fed only it
             feeds = [a for a in old.all_input_nodes if a.op == "call_function"]
             g.erase_node(old)

@@ -5,7 +5,7 @@ A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()
                reduced sequence (prefill; 0: the selection acts on the LLM's input embeddings, from
                signals that exist before layer 0); vision passes act on the features entering the projector
   signals      what it looks at: AttentionRows, Keys, Values, Hidden, InputEmbeds, Projected, TextMask,
-               TextEmbeds, SequenceIndex, Frames
+               TextEmbeds, SequenceIndex, Frames, AttendTogether
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -69,6 +69,15 @@ class Keys:
 
 
 @dataclass(frozen=True)
+class AttendTogether:
+    """Vision encoder: (B, images, tokens, tokens) bool, whether two vision tokens attend to each other in
+    encoder layer `layer`: all True in a full-attention block, the same window in a windowed one
+    (Qwen2.5-VL); where a token is a group of patches (Qwen's 2x2 merge), whether all their patches do.
+    For rules that combine tokens (ToMe) and must not join tokens the encoder keeps apart."""
+    layer: int
+
+
+@dataclass(frozen=True)
 class Values:
     """Values (cache entries) in `layer`, heads concatenated, like Keys."""
     layer: int
@@ -79,7 +88,9 @@ class Values:
 class Hidden:
     """Output hidden states of `layer`: vision (B, images, tokens, D) or text (B, T, D).
 
-    norm=True applies the model's final norm (the one before the LM head) to them.
+    norm=True applies the model's final norm (the one before the LM head) to them. Where a vision token
+    is a group of encoder patches (Qwen's 2x2 merge): inside the encoder its patches' states concatenated
+    (B, images, tokens, group x D); at the last layer what enters the merger's MLP.
     """
     layer: int
     tokens: str = "vision"
@@ -204,6 +215,10 @@ class TokenPass:
     """Base class of token passes. Subclasses set name, stage, Config and implement plan()."""
     name: ClassVar[str]
     stage: ClassVar[str] = "prefill"
+    # vision passes selecting inside an encoder whose patches merge in groups after its last layer (Qwen's
+    # 2x2): True when the pass keeps or merges whole groups (its tokens there are the groups; values it
+    # returns hold a group's patches concatenated), so that every patch of a group stays with it
+    whole_groups: ClassVar[bool] = False
     Config: ClassVar[type]
     # what a unit (one `keep` budget) is: "any" (images, and video frames or whole videos as
     # prune(video_unit=...) says) or "videos" (whole videos only: the prompt's images are not units,

@@ -17,6 +17,7 @@ from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
+    AttendTogether,
     AttentionRows,
     Frames,
     Hidden,
@@ -101,6 +102,11 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
         text_mask = layout_input(gm, anat, "text_mask")
     keys = (at.vision_pos if earlier is None else earlier) if tokens == "vision" else text_pos
+    if isinstance(sig, AttendTogether):
+        if anat.stage != "vision":
+            raise PassConfigError(f"{p.name}: AttendTogether is a vision-encoder signal, got it in the {anat.stage} stage")
+        return g.call_function(tokenops.attend_together, (sdpa_mask(att.node), keys, int(bool(anat.has_cls)),
+                                                          anat.patches_per_token))
     if isinstance(sig, AttentionRows) and sig.query == "all":
         if anat.stage != "vision" or tokens != "vision":
             raise PassConfigError(f"{p.name}: AttentionRows query 'all' (attention received) is a vision-encoder "
@@ -137,12 +143,14 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
             flat = g.call_function(_group_mean, (flat, int(bool(anat.has_cls)), anat.patches_per_token))
         return _features_at(g, flat, keys, tokens, 0, 1)
     if isinstance(sig, Hidden) and grouped:
+        if sig.norm:
+            raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: the vision encoder has no final norm to apply")
+        if src < anat.num_layers - 1:          # inside the encoder: the token's patches, concatenated
+            flat = g.call_function(_group_concat, (anat.layer(src).output, int(bool(anat.has_cls)),
+                                                   anat.patches_per_token))
+            return _features_at(g, flat, keys, tokens, 0, 1)
         # the encoder's patches become feature tokens only where they enter the projector (Qwen's merger
         # norms each patch and concatenates its 2x2 group): the features as captured, at the tokens
-        if src != anat.num_layers - 1 or sig.norm:
-            raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: {anat.model_class} merges "
-                                    f"{anat.patches_per_token} encoder patches into each feature token after its last "
-                                    "layer, so hidden states exist per token only there: read Hidden(-1)")
         return _features_at(g, anat.captured_features, keys, tokens, 0, 1)
     if isinstance(sig, Hidden):
         out = anat.layer(src).output
@@ -230,6 +238,12 @@ def _group_mean(x, offset: int, group: int):
     """(B, offset + V * group, D) encoder values -> (B, V, D): each token's patches averaged (CLS dropped)."""
     b, _, d = x.shape
     return x[:, offset:].reshape(b, -1, group, d).mean(2)
+
+
+def _group_concat(x, offset: int, group: int):
+    """(B, offset + V * group, D) encoder states -> (B, offset + V, group * D): each token's patches in a row."""
+    b, s, d = x.shape
+    return torch.cat([x[:, :offset].repeat(1, 1, group), x[:, offset:].reshape(b, -1, group * d)], 1)
 
 
 def _heads_to_features(k):
