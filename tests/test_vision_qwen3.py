@@ -52,19 +52,19 @@ def test_captured_encoder_equals_get_image_features(qwen3):
     model, _ = qwen3
     fam, vc = family_of(model), model.config.vision_config
     dim = 3 * 2 * vc.patch_size ** 2
-    for h, w in [(4, 12)]:          # (8, 8): each pruned run checks its bucket against the model too
-        stage = capture_vision(fam, bucket=(h, w))
-        assert stage.gm.meta["graphprune_outputs"] == ["features", "deepstack_features"]
-        pixels = torch.randn(3 * h * w, dim, generator=torch.Generator().manual_seed(h * w))
-        with torch.no_grad():
-            want = model.model.get_image_features(pixels, torch.tensor([[1, h, w]] * 3))
-            feats, deep = stage.gm(pixels.reshape(3, h * w, dim))
-        assert feats.shape == (3, h * w // 4, model.config.text_config.hidden_size)
-        assert deep.shape == (3, h * w // 4, len(vc.deepstack_visual_indexes), feats.shape[-1])
-        assert check_against_eager(stage) < 1e-5
-        torch.testing.assert_close(feats.reshape(-1, feats.shape[-1]), torch.cat(want.pooler_output), atol=1e-5, rtol=1e-5)
-        for level, rows in enumerate(want.deepstack_features):
-            torch.testing.assert_close(deep[:, :, level].reshape(-1, feats.shape[-1]), torch.cat(rows), atol=1e-5, rtol=1e-5)
+    h, w = 4, 12          # (8, 8): each pruned run below checks its bucket against the model too
+    stage = capture_vision(fam, bucket=(h, w))
+    assert stage.gm.meta["graphprune_outputs"] == ["features", "deepstack_features"]
+    pixels = torch.randn(3 * h * w, dim, generator=torch.Generator().manual_seed(h * w))
+    with torch.no_grad():
+        want = model.model.get_image_features(pixels, torch.tensor([[1, h, w]] * 3))
+        feats, deep = stage.gm(pixels.reshape(3, h * w, dim))
+    assert feats.shape == (3, h * w // 4, model.config.text_config.hidden_size)
+    assert deep.shape == (3, h * w // 4, len(vc.deepstack_visual_indexes), feats.shape[-1])
+    assert check_against_eager(stage) < 1e-5
+    torch.testing.assert_close(feats.reshape(-1, feats.shape[-1]), torch.cat(want.pooler_output), atol=1e-5, rtol=1e-5)
+    for level, rows in enumerate(want.deepstack_features):
+        torch.testing.assert_close(deep[:, :, level].reshape(-1, feats.shape[-1]), torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 
 def test_probe_exact_in_bf16(qwen3):
