@@ -17,6 +17,7 @@ from checks import assert_batch_equals_samples, assert_same_run
 
 import graphprune as gp
 from graphprune.capture.export import capture_vision
+from graphprune.errors import InputError
 from graphprune.families import family_of
 from graphprune.families.qwen_vision import probe_grid
 from graphprune.rewrite.pipeline import Program
@@ -26,6 +27,7 @@ from graphprune.verify.eager import check_against_eager
 STEPS = 16
 TOPK = "vision_topk(keep=6)"
 RANDOM = "random(stage='vision', keep=7, seed=3)"
+VISIONZIP = "visionzip(keep=8, contextual=3, dominant='attention', positions='keep')"
 pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
 
 
@@ -41,28 +43,28 @@ def qwen3():
 @pytest.fixture(scope="module")
 def pruned(qwen3):
     model, program = qwen3
-    return {spec: gp.prune(model, spec, program=program) for spec in (TOPK, RANDOM)}
+    return {spec: gp.prune(model, spec, program=program) for spec in (TOPK, RANDOM, VISIONZIP)}
 
 
 def test_captured_encoder_equals_get_image_features(qwen3):
-    """Per bucket (two grids): the features and each DeepStack level's features, image by image, equal
+    """Per bucket (a non-square grid): the features and each DeepStack level's features, image by image, equal
     get_image_features'; the position grid the encoder adds is interpolated for each grid."""
     model, _ = qwen3
     fam, vc = family_of(model), model.config.vision_config
     dim = 3 * 2 * vc.patch_size ** 2
-    for h, w in [(8, 8), (4, 12)]:
-        stage = capture_vision(fam, bucket=(h, w))
-        assert stage.gm.meta["graphprune_outputs"] == ["features", "deepstack_features"]
-        pixels = torch.randn(3 * h * w, dim, generator=torch.Generator().manual_seed(h * w))
-        with torch.no_grad():
-            want = model.model.get_image_features(pixels, torch.tensor([[1, h, w]] * 3))
-            feats, deep = stage.gm(pixels.reshape(3, h * w, dim))
-        assert feats.shape == (3, h * w // 4, model.config.text_config.hidden_size)
-        assert deep.shape == (3, h * w // 4, len(vc.deepstack_visual_indexes), feats.shape[-1])
-        assert check_against_eager(stage) < 1e-5
-        torch.testing.assert_close(feats.reshape(-1, feats.shape[-1]), torch.cat(want.pooler_output), atol=1e-5, rtol=1e-5)
-        for level, rows in enumerate(want.deepstack_features):
-            torch.testing.assert_close(deep[:, :, level].reshape(-1, feats.shape[-1]), torch.cat(rows), atol=1e-5, rtol=1e-5)
+    h, w = 4, 12          # (8, 8): each pruned run below checks its bucket against the model too
+    stage = capture_vision(fam, bucket=(h, w))
+    assert stage.gm.meta["graphprune_outputs"] == ["features", "deepstack_features"]
+    pixels = torch.randn(3 * h * w, dim, generator=torch.Generator().manual_seed(h * w))
+    with torch.no_grad():
+        want = model.model.get_image_features(pixels, torch.tensor([[1, h, w]] * 3))
+        feats, deep = stage.gm(pixels.reshape(3, h * w, dim))
+    assert feats.shape == (3, h * w // 4, model.config.text_config.hidden_size)
+    assert deep.shape == (3, h * w // 4, len(vc.deepstack_visual_indexes), feats.shape[-1])
+    assert check_against_eager(stage) < 1e-5
+    torch.testing.assert_close(feats.reshape(-1, feats.shape[-1]), torch.cat(want.pooler_output), atol=1e-5, rtol=1e-5)
+    for level, rows in enumerate(want.deepstack_features):
+        torch.testing.assert_close(deep[:, :, level].reshape(-1, feats.shape[-1]), torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 
 def test_probe_exact_in_bf16(qwen3):
@@ -87,14 +89,17 @@ def test_probe_exact_in_bf16(qwen3):
 @pytest.mark.parametrize("spec,keep,how,pad,items", [
     (TOPK, 6, "attention", (0, 2), ("image", "video")),    # units: the image, each of the video's 2 frames
     (RANDOM, 7, "random", (0, 3), ("video", "image")),
+    # VisionZip: kept and merged tokens; a contextual token carries its target's DeepStack rows
+    (VISIONZIP, 8, "visionzip", (0, 2), ("image", "video")),
 ])
 def test_matches_reference(qwen3, pruned, spec, keep, how, pad, items):
     model, _ = qwen3
     ex = family_zoo.example(model, batch=2, pad=pad, items=items, seed=50)
-    kept = RQ.kept_positions(model, ex, keep, how, seed=3)
-    ref = RQ.hf_generate(model, ex, kept, STEPS)
-    out = assert_same_run(pruned[spec], ex, ref, STEPS, kept=kept)
-    assert out.logits.shape[1] == kept.shape[1]
+    if how == "visionzip":
+        kept, embeds = RQ.visionzip(model, ex, keep=keep, contextual=3)
+    else:
+        kept, embeds = RQ.kept_positions(model, ex, keep, how, seed=3), None
+    assert_same_run(pruned[spec], ex, RQ.hf_generate(model, ex, kept, STEPS, embeds), STEPS, kept=kept)
 
 
 def test_deepstack_rows_follow_the_kept_tokens(qwen3, pruned):
@@ -113,18 +118,6 @@ def test_deepstack_rows_follow_the_kept_tokens(qwen3, pruned):
     finally:
         level_0.bias.data.copy_(saved[0]), level_0.weight.data.copy_(saved[1])
     assert (without - out.logits).abs().max() > 1e-3
-
-
-def test_visionzip_attention_matches_reference(qwen3):
-    """VisionZip with attention-received dominance: kept and merged tokens (a contextual token carries its
-    target's DeepStack rows), logits and 16 greedy tokens; batch of 2 with left padding."""
-    model, program = qwen3
-    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=54)
-    kept, embeds = RQ.visionzip(model, ex, keep=8, contextual=3)
-    ref = RQ.hf_generate(model, ex, kept, STEPS, embeds)
-    pruned = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention', positions='keep')",
-                      program=program)
-    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
 
 
 def test_divprune_after_vision_topk_matches_reference(qwen3):
@@ -152,3 +145,11 @@ def test_batch_equals_alone(qwen3, pruned):
     model, _ = qwen3
     ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image", "video"), seed=57)
     assert_batch_equals_samples(pruned[TOPK], ex, STEPS)
+
+
+def test_whole_video_budgets_refused_before_work(qwen3, pruned):
+    """A vision-stage pass selects per video frame (the encoder's unit); video_unit="video" is refused."""
+    model, program = qwen3
+    video = family_zoo.example(model, items=("video",), seed=5)
+    with pytest.raises(InputError, match='video_unit="frame"'):
+        gp.prune(model, TOPK, program=program, video_unit="video")(**video.as_kwargs())
