@@ -307,10 +307,11 @@ _PADDED = ("padded batch: its prefill is pruned exactly, but decoding it needs g
 
 
 def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, positions=None,
-             token_type_ids=None) -> dict:
+             token_type_ids=None, lm_inputs=None) -> dict:
     """Run the rewritten prefill on merged prompt embeddings: the family lays the prompt's vision
     units out from the frames' merges (Family.frame_layout); positions are the frame's own where it
-    takes them (M-RoPE), else the family's for the attention mask. Outputs by name."""
+    takes them (M-RoPE), else the family's for the attention mask; `lm_inputs`: other prefill inputs
+    by name (Qwen3-VL's deepstack_embeds). Outputs by name."""
     from graphprune import tokenops
     from graphprune.families.base import MODALITIES
     from graphprune.lower.runtime import _call, _Prompt, check_budgets
@@ -334,13 +335,14 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
         positions = family.positions(None, attention_mask)
     index = torch.arange(s, device=embeds.device).expand(b, s)
     groups = family.attention_groups(attention_mask, token_type_ids=token_type_ids)
+    lm_inputs = dict(lm_inputs or {}, **({} if groups is None else {"attention_groups": groups}))
     # M-RoPE families tell a unit's grid by image_grid_thw / video_grid_thw, which no frame shows
     grid_free = family.grid_free(layout) or ("" if family.position_axes == 1 else
                                              f"{family.model_class}'s units: the torch.compile frames show no "
                                              "image_grid_thw / video_grid_thw to tell their grids")
     prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
                               layout.pos, index, rw.passes, unit_frames=layout.frames,
-                              lm_inputs={} if groups is None else {"attention_groups": groups}, grid_free=grid_free)
+                              lm_inputs=lm_inputs, grid_free=grid_free)
     return _call(rw.fn, **prompt.prefill_inputs())
 
 
@@ -533,6 +535,11 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     compiled = _compile(gm, example_inputs, opts.compiler)
     if vision and not layers:
         return VisionFrame(compiled)
+    if not layers and merge is None:      # a decoder layer or final norm run as a frame of its own?
+        from graphprune.targets.dynamo_layers import layer_frame
+        frame = layer_frame(gm, compiled, opts)
+        if frame is not None:
+            return frame
     if layers:            # a decode step, a text-only prompt, or the prefill of merges made by earlier frames
         # the frame's module is the whole model (no graph break without an image) or its body
         owner = _owner("the module running the decoder layers")
@@ -603,14 +610,32 @@ def _watch_fallbacks() -> bool:
         return decide is not None
 
     def exceeds_recompile_limit(*args, **kwargs):
-        exceeded, limit = decide(*args, **kwargs)
-        if exceeded and _compiling_for_graphprune():
+        compiling = _compiling_for_graphprune()
+        exceeded, limit = _decide_raised(decide, compiling, *args, **kwargs)
+        if exceeded and compiling:
             _refuse_fallback(str(limit))
         return exceeded, limit
 
     exceeds_recompile_limit.graphprune_watch = True
     convert_frame.exceeds_recompile_limit = exceeds_recompile_limit
     return True
+
+
+def _decide_raised(decide, compiling: bool, *args, **kwargs):
+    """dynamo's decision, with recompile_limit raised for this one frame where a model dynamo runs
+    layer by layer calls it from its language model (each decoder layer's frame compiles for prefill
+    and decode: targets/dynamo_layers.py)."""
+    from graphprune.targets.dynamo_layers import recompile_limit
+    raised = recompile_limit() if compiling else None
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    if raised is None or raised <= before:
+        return decide(*args, **kwargs)
+    config.recompile_limit = raised
+    try:
+        return decide(*args, **kwargs)
+    finally:
+        config.recompile_limit = before
 
 
 _UNSEEN_MERGE = ("the image features reach the decoder layers without the masked_scatter merge the "
@@ -677,21 +702,7 @@ class DecodeFrame:
             return self._prefill(merges, args)
         if image or merges is None:      # an encoded image, and this prefill did not merge it pruned
             _not_applied(self.opts, _UNSEEN_MERGE)
-        from graphprune.families import family_of
-        pruned = list(_PROGRAMS.get(family_of(self.owner).language_model(), {}).values())
-        if any(rw.masked for rw in pruned):
-            raise PassNotApplicable("decoding after a static-capacity pass (masked slots) needs graphprune's "
-                                    "per-layer key masks, which Hugging Face's cache cannot carry; use "
-                                    "graphprune.prune(model, ...).generate(...)")
-        if any(rw.graph_module.meta.get("graphprune_decode_positions") for rw in pruned):
-            raise PassNotApplicable("decoding after positions='compact' between LLM layers gives each layer its own "
-                                    "positions (its cache length), which Hugging Face's decode cannot; use "
-                                    "graphprune.prune(model, ...).generate(...)")
-        mask = _arg(args, self.inputs, "attention_mask")
-        if pruned and mask is not None:
-            if bool((mask == 0).any()):
-                raise InputError(_PADDED)
-            family_of(self.owner).check_run_length(mask.shape[-1])    # prompt + tokens so far, this one
+        check_decode(self.owner, _arg(args, self.inputs, "attention_mask"))
         return self.fn(*args)
 
     def _prefill(self, merges: list, args):
@@ -707,6 +718,25 @@ class DecodeFrame:
                          _arg(args, self.inputs, "attention_mask"), _arg(args, self.inputs, "positions"))
         roles = _output_roles(self.gm, layers, None, self.inputs["embeds"])
         return _frame_outputs(named, roles, _constants(self.gm, roles), args)
+
+
+def check_decode(owner, mask) -> None:
+    """Refuse a decode step (or text-only prompt) of a model the backend pruned that Hugging Face's
+    cache cannot run as graphprune would: `mask` (B, keys) its padding mask, where the frame has one."""
+    from graphprune.families import family_of
+    pruned = list(_PROGRAMS.get(family_of(owner).language_model(), {}).values())
+    if any(rw.masked for rw in pruned):
+        raise PassNotApplicable("decoding after a static-capacity pass (masked slots) needs graphprune's "
+                                "per-layer key masks, which Hugging Face's cache cannot carry; use "
+                                "graphprune.prune(model, ...).generate(...)")
+    if any(rw.graph_module.meta.get("graphprune_decode_positions") for rw in pruned):
+        raise PassNotApplicable("decoding after positions='compact' between LLM layers gives each layer its own "
+                                "positions (its cache length), which Hugging Face's decode cannot; use "
+                                "graphprune.prune(model, ...).generate(...)")
+    if pruned and mask is not None:
+        if bool((mask == 0).any()):
+            raise InputError(_PADDED)
+        family_of(owner).check_run_length(mask.shape[-1])    # prompt + tokens so far, this one
 
 
 def pruned_graphs(model: torch.nn.Module) -> list[fx.GraphModule]:

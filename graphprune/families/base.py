@@ -49,6 +49,9 @@ class Family:
     # at most this many per pruned model, when a vision-stage pass needs it (else it runs eagerly)
     vision_buckets: int = 0
     compile_refused: str = ""           # why the torch.compile backend cannot prune it (prune() can)
+    # dynamo runs the language model's forward eagerly and compiles each decoder layer (and the final
+    # norm) as a frame of its own: the backend prunes through those frames (targets/dynamo_layers.py)
+    layer_frames: bool = False
     # processor outputs the family consumes besides input_ids / attention_mask
     vision_inputs: tuple[str, ...] = ("pixel_values",)
     video_newline: int = 0              # slots closing each video block (LLaVA-OneVision's image_newline: 1)
