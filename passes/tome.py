@@ -45,11 +45,11 @@ def merge_count(v: int, r: int | None, keep: int | None, layers_left: int) -> in
     return min(want, v // 2)
 
 
-def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, together, sizes, r, keep, layers_left, heads,
-                    cls, in_place):
+def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, keep, layers_left, heads,
+                    together=None, cls=True, in_place=False):
     """One ToMe step on each image's tokens (B, n, V, ...): picked (the new order; in_place: ascending),
     values, sizes. cls: the sequence starts with a CLS token (A then holds the odd patches); together
-    (B, n, V, V): which tokens may merge (attend together)."""
+    (B, n, V, V): which tokens may merge (attend together; None: any two)."""
     if valid is not None:
         raise InputError("tome: an earlier vision pass left masked slots; ToMe needs every patch (run it as the "
                          "only vision pass)")
@@ -66,9 +66,10 @@ def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, together, 
     a_idx = torch.arange(int(cls), v, 2, device=hidden.device)
     b_idx = torch.arange(1 - int(cls), v, 2, device=hidden.device)
     scores = metric[:, :, a_idx] @ metric[:, :, b_idx].transpose(-1, -2)          # (B, n, |A|, |B|)
-    scores = scores.masked_fill(~together[:, :, a_idx][:, :, :, b_idx], float("-inf"))
+    if together is not None:
+        scores = scores.masked_fill(~together[:, :, a_idx][:, :, :, b_idx], float("-inf"))
     best, match = scores.max(-1)
-    if bool((torch.isinf(best).sum(-1) > a_idx.numel() - count).any()):
+    if together is not None and bool((torch.isinf(best).sum(-1) > a_idx.numel() - count).any()):
         raise InputError(f"tome: {count} merges at this layer, but fewer tokens of A have a token of B in their "
                          "attention window; merge less (a smaller r or a larger keep)")
     ranked = best.argsort(dim=-1, descending=True, stable=True)

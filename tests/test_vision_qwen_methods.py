@@ -14,7 +14,7 @@ from reference_families import family_inputs
 import graphprune as gp
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
 from graphprune.rewrite.pipeline import Program
-from graphprune.tools import family_zoo
+from graphprune.tools import family_zoo, zoo
 
 STEPS = 16
 VISPRUNER = "vispruner(keep={keep}, important='attention', positions='keep')"
@@ -39,6 +39,24 @@ def test_vispruner_attention_matches_reference(qwen25, keep, ratio, batch, pad, 
     ref = RQ.hf_generate(model, ex, kept, STEPS)
     pruned = gp.prune(model, VISPRUNER.format(keep=keep)[:-1] + f", important_ratio={ratio})", program=program)
     assert_same_run(pruned, ex, ref, STEPS, kept=kept)
+
+
+def test_vispruner_attention_on_llava_clip(llava):
+    """The same option on a tower with CLS (LLaVA-1.5's CLIP: CLS among the queries, not the tokens ranked):
+    the feature layer's attention received, the diversity on the features entering the projector, compact."""
+    import reference as R
+    model, program = llava
+    ex = zoo.llava_example(model, batch=2, pad=(0, 3), seed=2)
+    vis = R.llava_vision(model, ex.pixel_values)
+    patches = torch.stack([RM.vispruner_choice(vis["received"][i], vis["pre_features"][i], 9, 0.5)
+                           for i in range(vis["received"].shape[0])])
+    assert not torch.equal(patches, vis["received"].topk(9, dim=-1).indices.sort(-1).values)
+    feats = vis["features"].gather(1, patches[..., None].expand(-1, -1, vis["features"].shape[-1]))
+    emb, am, pos, vm, _ = R.llava_inputs_from_vision(model, ex, {"features": feats, "patch_index": patches})
+    ref = R.lm_generate(model, emb, am, pos, max_new_tokens=STEPS, vision_mask=vm)
+    pruned = gp.prune(model, "vispruner(keep=9, important='attention')", program=program)
+    assert_same_run(pruned, ex, ref, STEPS)
+    assert pruned.report.patches_kept == patches.tolist()
 
 
 def test_vispruner_batch_equals_alone(qwen25):
