@@ -486,6 +486,9 @@ def _family_supported(opts: BackendOptions, owner=None) -> bool:
     if family.compile_refused:          # the real cause, before any graph break the frame shows
         _not_applied(opts, f"unsupported family for the torch.compile backend: {family.compile_refused}")
         return False
+    if family.layer_frames:
+        from graphprune.targets.dynamo_layers import check_compiler
+        check_compiler(family, opts)
     return True
 
 

@@ -129,6 +129,17 @@ def _layer_roles(gm: fx.GraphModule) -> list[str]:
                                 f"attention calls, outputs {[getattr(o, 'name', o) for o in outputs]}")
 
 
+def check_compiler(family, opts) -> None:
+    """Only compiler="eager" runs these frames: with Inductor each decoder layer's frame would be compiled
+    beside the prefill it never runs for a prompt (layer 0's frame runs the whole pruned prefill), and that
+    combination is untested; refused before any frame runs."""
+    if opts.compiler != "eager":
+        raise PassConfigError(f"{family.model_class}: dynamo runs its language model one decoder layer per frame "
+                              "(DeepStack), which the graphprune backend prunes with compiler=\"eager\" only "
+                              "(Inductor on those frames is not supported); pass options={..., \"compiler\": \"eager\"} "
+                              "or use graphprune.prune(model, ...)")
+
+
 def layer_frame(gm: fx.GraphModule, compiled, opts):
     """The callable for a frame of a layered model's decoder layer or final norm; None when the
     frame is neither (or not of such a model)."""
@@ -138,11 +149,9 @@ def layer_frame(gm: fx.GraphModule, compiled, opts):
     found = layered_model(module) if isinstance(module, nn.Module) else None
     if found is None:
         return None
-    if opts.compiler == "inductor":
-        raise PassConfigError(f"{type(found.body).__name__}: compiler=\"inductor\" is not supported for a model whose "
-                              "language model dynamo runs one decoder layer per frame (the pruned prefill runs "
-                              "inside the first layer's frame); pass options={..., \"compiler\": \"eager\"}")
+    from graphprune.families import family_of
     from graphprune.targets.dynamo import _owner
+    check_compiler(family_of(found.body), opts)
     _owner("the decoder layer")                  # guards the frame on this module: another model recompiles
     if module is found.lm.norm:
         return NormFrame(found, compiled)

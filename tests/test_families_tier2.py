@@ -83,7 +83,7 @@ def test_tiles_that_do_not_match_the_placeholders_are_refused(family):
 
 
 @pytest.mark.parametrize("family, reason", [("mistral3", "IMG_BREAK"), ("aya_vision", "tiles"),
-                                            ("video_llava", "two masked_scatters"), ("qwen3_vl", "DeepStack")])
+                                            ("video_llava", "two masked_scatters")])
 def test_compile_backend_refuses_with_the_reason(family, reason):
     from test_dynamo import _compiled
     model, _ = tier1._model(family)
