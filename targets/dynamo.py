@@ -21,6 +21,8 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
   the prefill: the layout comes from every recorded merge (and its own), M-RoPE positions are the
   frame's own position_ids, and a Qwen video's frames are told by those positions (each frame
   repeats one height x width grid);
+* a family whose language model dynamo runs one decoder layer per frame (`Family.layer_frames`:
+  Qwen3-VL) is pruned through those frames: targets/dynamo_layers.py;
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
   captured.
 
@@ -486,9 +488,6 @@ def _family_supported(opts: BackendOptions, owner=None) -> bool:
     if family.compile_refused:          # the real cause, before any graph break the frame shows
         _not_applied(opts, f"unsupported family for the torch.compile backend: {family.compile_refused}")
         return False
-    if family.layer_frames:
-        from graphprune.targets.dynamo_layers import check_compiler
-        check_compiler(family, opts)
     return True
 
 
@@ -524,6 +523,14 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     opts = BackendOptions.parse(options)
     if not _WATCHING:
         raise PassNotApplicable(_UNWATCHED)
+    if opts.compiler != "eager":          # a model pruned through per-layer frames: eager only, say so at once
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        from graphprune.targets.dynamo_layers import check_compiler, layered_family
+        tx = InstructionTranslator.current_tx()
+        family = layered_family(tx.f_locals.get("self") if tx is not None else None)
+        if family is not None:
+            check_compiler(family, opts)
     merge, layers, vision = _image_merge(gm), _lm_layers(gm), _encodes_image(gm)
     if merge is None and layers and vision:
         _not_applied(opts, _UNSEEN_MERGE)

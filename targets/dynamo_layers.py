@@ -37,14 +37,11 @@ class LayeredModel:
     layers: int
 
 
-def layered_model(module=None) -> LayeredModel | None:
+def layered_model(module: nn.Module) -> LayeredModel | None:
     """The model of a `layer_frames` family whose language model's eager forward is on the Python
-    stack (dynamo compiles and runs a layer's frame while that forward, and the model's forward
-    above it, are being run) and holds `module` as a decoder layer or its final norm (None: any frame
-    it calls); None when there is none."""
+    stack (dynamo compiles a layer's frame while that forward, and the model's forward above it, are
+    being run) and holds `module` as a decoder layer or its final norm; None when there is none."""
     from graphprune.families import family_of
-    if module is not None and not isinstance(module, nn.Module):
-        return None
     frame, lm = sys._getframe(1), None
     while frame is not None:
         owner = frame.f_locals.get("self") if frame.f_code.co_name == "forward" or lm is not None else None
@@ -62,33 +59,39 @@ def layered_model(module=None) -> LayeredModel | None:
     return None
 
 
-def _holds(lm: nn.Module, module) -> bool:
-    """`lm` is a language model (decoder layers and a final norm) holding `module` as one of those
-    (any module: None)."""
-    layers, norm = getattr(lm, "layers", None), getattr(lm, "norm", None)
-    if not isinstance(layers, nn.ModuleList) or norm is None:
+def _holds(lm: nn.Module, module: nn.Module) -> bool:
+    """`lm` is a language model (decoder layers and a final norm) holding `module` as one of those."""
+    layers = getattr(lm, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
         return False
-    return module is None or norm is module or any(layer is module for layer in layers)
+    return getattr(lm, "norm", None) is module or any(layer is module for layer in layers)
 
 
-def recompile_limit() -> int | None:
-    """The recompile limit a frame run under a layered model (a method of it on the Python stack:
-    its forward, generate) needs: each decoder layer's frame compiles for the prefill and again for
-    decode steps, and the code Hugging Face's decorators share (deprecate_kwarg's wrapper) compiles
-    once per decorated function and shape, so 2 x layers plus dynamo's usual margin."""
+def layered_family(frame_self=None):
+    """The family of a `layer_frames` model that is running: `frame_self` (the module of the frame
+    dynamo compiles) or the module of a method on the Python stack (its forward, generate); None."""
     from graphprune.families import family_of
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
+    frame, owner = sys._getframe(1), frame_self
+    while True:
         if isinstance(owner, nn.Module) and getattr(owner, "config", None) is not None:
             try:
                 family = family_of(owner)
                 if family.layer_frames:
-                    return 2 * len(family.language_model().layers) + 8
+                    return family
             except (UnsupportedModelError, AttributeError):
                 pass
-        frame = frame.f_back
-    return None
+        if frame is None:
+            return None
+        owner, frame = frame.f_locals.get("self"), frame.f_back
+
+
+def recompile_limit() -> int | None:
+    """The recompile limit a frame run under a layered model needs: each decoder layer's frame
+    compiles for the prefill and again for decode steps, and the code Hugging Face's decorators share
+    (deprecate_kwarg's wrapper) compiles once per decorated function and shape, so 2 x layers plus
+    dynamo's usual margin."""
+    family = layered_family()
+    return None if family is None else 2 * len(family.language_model().layers) + 8
 
 
 class _Prefilled(threading.local):
@@ -132,7 +135,7 @@ def _layer_roles(gm: fx.GraphModule) -> list[str]:
 def check_compiler(family, opts) -> None:
     """Only compiler="eager" runs these frames: with Inductor each decoder layer's frame would be compiled
     beside the prefill it never runs for a prompt (layer 0's frame runs the whole pruned prefill), and that
-    combination is untested; refused before any frame runs."""
+    combination is untested; refused at the model's first frame, before any work."""
     if opts.compiler != "eager":
         raise PassConfigError(f"{family.model_class}: dynamo runs its language model one decoder layer per frame "
                               "(DeepStack), which the graphprune backend prunes with compiler=\"eager\" only "
@@ -149,9 +152,7 @@ def layer_frame(gm: fx.GraphModule, compiled, opts):
     found = layered_model(module) if isinstance(module, nn.Module) else None
     if found is None:
         return None
-    from graphprune.families import family_of
     from graphprune.targets.dynamo import _owner
-    check_compiler(family_of(found.body), opts)
     _owner("the decoder layer")                  # guards the frame on this module: another model recompiles
     if module is found.lm.norm:
         return NormFrame(found, compiled)
