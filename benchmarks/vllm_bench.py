@@ -207,6 +207,22 @@ def median_of(turns, key):
     return statistics.median(t[key] for t in turns)
 
 
+def summarize(turns: dict, concurrency) -> dict:
+    """Medians over rounds per engine and concurrency, and pruned / unpruned ratios: of those medians, and the
+    median of each round's own ratio (the two turns of a round ran back to back, under about the same load)."""
+    keys = ("requests_per_s", "ttft_ms_median", "ttft_ms_p90", "prefill_ms_median", "first_token_accuracy")
+    summary = {name: {c: {k: median_of(ts, k) for k in keys} for c, ts in turns[name].items()}
+               for name in ("unpruned", "pruned")}
+    summary["ratio"] = {}
+    for c in concurrency:
+        ratio = {k: summary["pruned"][c][k] / summary["unpruned"][c][k] for k in keys[:4]}
+        per_round = [p["requests_per_s"] / u["requests_per_s"] for p, u in zip(turns["pruned"][c], turns["unpruned"][c])]
+        ratio["requests_per_s_per_round"] = per_round
+        ratio["requests_per_s_paired_median"] = statistics.median(per_round)
+        summary["ratio"][c] = ratio
+    return summary
+
+
 def table(res) -> str:
     f = res["flops"]
     lines = [f"vLLM {res['vllm_version']} CPU, model {res['model']}, {res['questions']} questions x {res['rounds']} rounds, "
@@ -226,9 +242,23 @@ def table(res) -> str:
                          f"{r['ttft_ms_p90']:>12.1f} {r['prefill_ms_median']:>11.1f} {100 * r['first_token_accuracy']:>6.1f}")
     lines.append("")
     for c, r in res["summary"]["ratio"].items():
-        lines.append(f"concurrency {c:>2}: req/s pruned/unpruned {r['requests_per_s']:.2f}x, "
-                     f"TTFT median {100 * (r['ttft_ms_median'] - 1):+.0f}%")
+        rounds = ", ".join(f"{x:.2f}" for x in r["requests_per_s_per_round"])
+        lines.append(f"concurrency {c:>2}: req/s pruned/unpruned {r['requests_per_s']:.2f}x (medians), per round "
+                     f"{rounds} (median {r['requests_per_s_paired_median']:.2f}x); TTFT median "
+                     f"{100 * (r['ttft_ms_median'] - 1):+.0f}%, prefill {100 * (r['prefill_ms_median'] - 1):+.0f}%")
     return "\n".join(lines) + "\n"
+
+
+def rewrite_summary(path: str) -> None:
+    with open(path) as f:
+        res = json.load(f)
+    res["summary"] = summarize(res["turns"], [str(c) for c in res["concurrency"]])
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    text = table(res)
+    with open(path[:-len(".json")] + ".txt", "w") as f:
+        f.write(text)
+    print(text)
 
 
 def main():
@@ -239,11 +269,14 @@ def main():
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated, e.g. 1,4,16")
     ap.add_argument("--pipeline", default="cls_topk:64", help="METHOD:KEEP or a graphprune pipeline string")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--summarize", metavar="JSON", help="recompute the summary and .txt of a results json")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.engine:
         return engine(a.engine, a.questions, a.max_concurrency)
+    if a.summarize:
+        return rewrite_summary(a.summarize)
     try:
         concurrency = [int(c) for c in a.concurrency.split(",")]
     except ValueError:
@@ -289,9 +322,7 @@ def main():
     for e in engines.values():
         e.close()
 
-    keys = ("requests_per_s", "ttft_ms_median", "ttft_ms_p90", "prefill_ms_median", "first_token_accuracy")
-    summary = {name: {c: {k: median_of(ts, k) for k in keys} for c, ts in per_c.items()} for name, per_c in turns.items()}
-    summary["ratio"] = {c: {k: summary["pruned"][c][k] / summary["unpruned"][c][k] for k in keys[:4]} for c in concurrency}
+    summary = summarize(turns, concurrency)
     loads = [x for per_c in turns.values() for ts in per_c.values() for t in ts for x in t["load_avg_1min"]]
     llava_7b = request_flops(LLAVA_7B, int(text_tokens), 576)
     res = {"model": a.model, "model_dir": os.path.relpath(folder, ROOT), "vllm_version": vllm.__version__,
