@@ -524,9 +524,8 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if not _WATCHING:
         raise PassNotApplicable(_UNWATCHED)
     if opts.compiler != "eager":          # a model pruned through per-layer frames: eager only, say so at once
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
         from graphprune.targets.dynamo_layers import check_compiler, layered_family
+        from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
         family = layered_family(tx.f_locals.get("self") if tx is not None else None)
         if family is not None:
