@@ -546,7 +546,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         return VisionFrame(compiled)
     if not layers and merge is None:      # a decoder layer or final norm run as a frame of its own?
         from graphprune.targets.dynamo_layers import layer_frame
-        frame = layer_frame(gm, compiled, opts)
+        frame = layer_frame(gm, compiled, opts, _layers_backend())
         if frame is not None:
             return frame
     if layers:            # a decode step, a text-only prompt, or the prefill of merges made by earlier frames
@@ -628,6 +628,13 @@ def _watch_fallbacks() -> bool:
     exceeds_recompile_limit.graphprune_watch = True
     convert_frame.exceeds_recompile_limit = exceeds_recompile_limit
     return True
+
+
+def _layers_backend():
+    """What targets/dynamo_layers.py's frames use of this module, handed in (it does not import it)."""
+    from graphprune.targets.dynamo_layers import Backend
+    return Backend(pending=_PENDING, prefill=_prefill, unseen_merge=lambda opts: _not_applied(opts, _UNSEEN_MERGE),
+                   check_decode=check_decode, owner=_owner, ancestors=_ancestors)
 
 
 def _decide_raised(decide, compiling: bool, *args, **kwargs):

@@ -23,11 +23,24 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from graphprune.errors import InputError, PassConfigError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the layer frames use of the backend's state and helpers. targets/dynamo.py hands it to
+    `layer_frame`, so this module does not import it (it imports this one)."""
+    pending: object                 # the recorded image / video merges (dynamo._PENDING)
+    prefill: Callable               # runs the pruned prefill for recorded merges (dynamo._prefill)
+    unseen_merge: Callable          # (opts): an encoded image this prefill did not merge, refused or warned
+    check_decode: Callable          # (body, key mask): the checks every decode step gets
+    owner: Callable                 # (what): the frame's module, guarded on its identity
+    ancestors: Callable             # (node): the nodes it is computed from
 
 
 @dataclass(frozen=True)
@@ -115,15 +128,14 @@ def _input(gm: fx.GraphModule, *names: str) -> int | None:
     return None
 
 
-def _layer_roles(gm: fx.GraphModule) -> list[str]:
+def _layer_roles(gm: fx.GraphModule, ancestors: Callable) -> list[str]:
     """Each output of a decoder layer's frame: "k" / "v" (the cache's keys / values, feeding its
     attention's keys / values; dynamo writes them back into Hugging Face's cache after the frame) or
     "hidden" (the layer's output)."""
-    from graphprune.targets.dynamo import _ancestors
     sdpa = [n for n in gm.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
     outputs = gm.graph.find_nodes(op="output")[0].args[0]
     if len(sdpa) == 1:
-        keys, values = _ancestors(sdpa[0].args[1]), _ancestors(sdpa[0].args[2])
+        keys, values = ancestors(sdpa[0].args[1]), ancestors(sdpa[0].args[2])
         roles = ["k" if o in keys else "v" if o in values else "hidden" for o in outputs]
         if sorted(roles) == ["hidden", "k", "v"]:
             return roles
@@ -143,7 +155,7 @@ def check_compiler(family, opts) -> None:
                               "or use graphprune.prune(model, ...)")
 
 
-def layer_frame(gm: fx.GraphModule, compiled, opts):
+def layer_frame(gm: fx.GraphModule, compiled, opts, backend: Backend):
     """The callable for a frame of a layered model's decoder layer or final norm; None when the
     frame is neither (or not of such a model)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -152,8 +164,7 @@ def layer_frame(gm: fx.GraphModule, compiled, opts):
     found = layered_model(module) if isinstance(module, nn.Module) else None
     if found is None:
         return None
-    from graphprune.targets.dynamo import _owner
-    _owner("the decoder layer")                  # guards the frame on this module: another model recompiles
+    backend.owner("the decoder layer")                  # guards the frame on this module: another model recompiles
     if module is found.lm.norm:
         return NormFrame(found, compiled)
     index = next(i for i, layer in enumerate(found.lm.layers) if layer is module)
@@ -162,7 +173,7 @@ def layer_frame(gm: fx.GraphModule, compiled, opts):
         raise UnsupportedModelError(type(found.body).__name__, "decoder layer frame input",
                                     "no hidden-states input among " +
                                     str([p.name for p in gm.graph.find_nodes(op="placeholder")]))
-    return LayerFrame(found, index, compiled, opts, _layer_roles(gm), hidden,
+    return LayerFrame(found, index, compiled, opts, backend, _layer_roles(gm, backend.ancestors), hidden,
                       _input(gm, "kwargs_attention_mask_", "attention_mask_"))
 
 
@@ -209,6 +220,7 @@ class LayerFrame:
     index: int                      # which decoder layer
     fn: object
     opts: object
+    backend: Backend
     roles: list[str]                # "hidden" / "k" / "v" per output
     hidden: int                     # arg index of the layer's hidden states
     mask: int | None                # arg index of its 4-D attention mask (None: the frame takes none)
@@ -228,25 +240,25 @@ class LayerFrame:
 
     def _first(self, args):
         from graphprune.families import family_of
-        from graphprune.targets import dynamo as D
+        backend = self.backend
         _PREFILLED.clear()
         embeds = args[self.hidden]
         mask = None if self.mask is None else args[self.mask]
-        image = D._PENDING.image
-        merges = D._PENDING.take(embeds, self.model.lm)
+        image = backend.pending.image
+        merges = backend.pending.take(embeds, self.model.lm)
         if merges:
             b, s = embeds.shape[:2]
             local = _lm_locals(self.model.lm)
             family = family_of(self.model.body)
             lm_inputs = {"deepstack_embeds": _deepstack(local, embeds, len(family.deepstack_layers()))}
-            named = D._prefill(self.model.body, self.opts, embeds, merges, _key_mask(mask, b, s, embeds.device),
+            named = backend.prefill(self.model.body, self.opts, embeds, merges, _key_mask(mask, b, s, embeds.device),
                                local.get("position_ids"), lm_inputs=lm_inputs)
             _PREFILLED.lm, _PREFILLED.named, _PREFILLED.next = self.model.lm, named, 1
             return self._outputs(args)
         if image or merges is None:       # an encoded image, and this prefill did not merge it pruned
-            D._not_applied(self.opts, D._UNSEEN_MERGE)
+            backend.unseen_merge(self.opts)
         if mask is not None:
-            D.check_decode(self.model.body, _key_mask(mask, *embeds.shape[:2], embeds.device))
+            backend.check_decode(self.model.body, _key_mask(mask, *embeds.shape[:2], embeds.device))
         return self.fn(*args)
 
 
