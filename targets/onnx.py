@@ -573,15 +573,17 @@ def _temporary_folder(out_dir: str):
         signal.signal(signal.SIGTERM, terminated)
     try:
         parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+        tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        # the removal covers the mkdir itself: a SIGTERM handled the moment mkdir returns (the process
+        # descheduled right after it, under load) raises there, before any later `try` is entered
         try:
-            os.makedirs(parent, exist_ok=True)
-            _remove_stale(parent, base)
-            tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-            os.mkdir(tmp)
-        except OSError as e:
-            raise InputError(f"cannot write the export to {out_dir}: {e.strerror or e} "
-                             f"({e.filename or parent})") from None
-        try:
+            try:
+                os.makedirs(parent, exist_ok=True)
+                _remove_stale(parent, base)
+                os.mkdir(tmp)
+            except OSError as e:
+                raise InputError(f"cannot write the export to {out_dir}: {e.strerror or e} "
+                                 f"({e.filename or parent})") from None
             yield tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
