@@ -191,9 +191,9 @@ class QwenImageFeatures(nn.Module):
         n, p, dim = pixel_values.shape
         grid = torch.tensor([self.grid] * n, device=pixel_values.device)
         out = self.body.get_image_features(pixel_values.reshape(n * p, dim), grid)
-        if isinstance(out, tuple):          # transformers 4.57's Qwen3-VL: (features, deepstack features)
-            feats, deepstack = out
-        else:                               # transformers 4.x Qwen2(.5)-VL: the split features
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)):
+            feats, deepstack = out          # transformers 4.57's Qwen3-VL: (features, deepstack features)
+        else:                               # transformers 4.x Qwen2(.5)-VL: the split features (a tuple)
             feats, deepstack = getattr(out, "pooler_output", out), getattr(out, "deepstack_features", None)
         feats = torch.stack(list(feats))
         if not deepstack:
