@@ -45,18 +45,23 @@ def test_compiled_equals_prune(case):
         return
     pruned = gp.prune(model, PIPELINE, program=program, video_unit=unit)
     want = pruned(**kw)
-    forward, model.forward = model.forward, _compiled_forward(model, unit)
-    try:
-        with torch.no_grad():
-            got = model(**kw)
-            ids = model.generate(**kw, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 eos_token_id=None)[:, n:]
-    finally:
-        model.forward = forward
+    got, ids = _forward_and_generate(model, _compiled_forward(model, unit), kw)
     assert got.logits.shape == want.logits.shape != kw["input_ids"].shape + (want.logits.shape[-1],)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
     assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
     assert torch.equal(ids, pruned.generate(**kw, max_new_tokens=STEPS, eos_token_id=[])[:, n:])
+
+
+def _forward_and_generate(model, compiled_forward, kw):
+    """The model's output and its STEPS greedy tokens with `compiled_forward` as its forward."""
+    n = kw["input_ids"].shape[1]
+    forward, model.forward = model.forward, compiled_forward
+    try:
+        with torch.no_grad():
+            return model(**kw), model.generate(**kw, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                                               eos_token_id=None)[:, n:]
+    finally:
+        model.forward = forward
 
 
 # Qwen3-VL's per-layer frames with the other LLM-stage methods (fastv: test_compiled_equals_prune)
@@ -72,14 +77,7 @@ def test_qwen3_vl_layer_frames_equal_prune(pipeline):
     n = kw["input_ids"].shape[1]
     pruned = gp.prune(model, pipeline, program=program)
     want = pruned(**kw)
-    forward, model.forward = model.forward, _compiled_forward(model, pipeline=pipeline)
-    try:
-        with torch.no_grad():
-            got = model(**kw)
-            ids = model.generate(**kw, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 eos_token_id=None)[:, n:]
-    finally:
-        model.forward = forward
+    got, ids = _forward_and_generate(model, _compiled_forward(model, pipeline=pipeline), kw)
     assert got.logits.shape == want.logits.shape
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
     assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
