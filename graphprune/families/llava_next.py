@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PassNotApplicable
+from graphprune.families.anyres_vision import AnyresImageFeatures, AnyresVisionStage, crop_count
 from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
 
 
@@ -23,6 +24,55 @@ class LlavaNextFamily(Family):
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
     image_not_grid = "its base view's patch grid followed by its anyres crops' rows"
+    # the tower is captured per image size (AnyresVisionStage: crop count, unpadding and newline rows constant)
+    vision_buckets = 8
+
+    # -- the vision stage, per image size (H, W): a shape bucket ---------------------------------
+    def vision_module(self, through_last: bool = False, bucket=None):
+        if bucket is None or self.is_body():
+            return None
+        if through_last:
+            raise PassNotApplicable(f"{self.model_class}: a vision-stage pass reading the vision tower's last "
+                                    "layer past the feature layer is not supported on anyres images")
+        return AnyresVisionStage(self, bucket)
+
+    def vision_eager_module(self, bucket):
+        return AnyresImageFeatures(self, bucket)
+
+    def vision_example(self, bucket, images: int):
+        vc = self.config().vision_config
+        param = next(self.body().vision_tower.parameters())
+        crops = crop_count(self, bucket)
+        return torch.zeros(images, crops, vc.num_channels, vc.image_size, vc.image_size,
+                           device=param.device, dtype=param.dtype)
+
+    def vision_bucket(self, rows: int, cols: int) -> tuple[int, int]:
+        """The prune-time probe bucket: the largest crop grid's resolution, the image size with the most
+        tokens (an anyres image is no rows x cols grid)."""
+        return tuple(max(self.config().image_grid_pinpoints, key=lambda hw: hw[0] * hw[1]))
+
+    def vision_stage_inputs(self, layout: VisionLayout, video_unit: str = "frame", image_sizes=None,
+                            pixel_values=None, **inputs):
+        """Each image's crops (pixel_values less the processor's padding crops), all of one image size:
+        the bucket."""
+        kinds = {unit.split()[0] for unit in layout.units}
+        if kinds != {"image"}:
+            raise InputError(f"{self.model_class}: a vision-stage pass prunes images here, and the prompt's vision "
+                             f"units are {list(layout.units)}")
+        sizes = {tuple(int(s) for s in size) for size in image_sizes.tolist()}
+        if len(sizes) != 1:
+            raise InputError(f"images of sizes {sorted(sizes)}: a vision-stage pass runs one encoder graph per call, "
+                             "so a prompt's images (and a batch's) must share one size (H, W); resize them to one")
+        size = sizes.pop()
+        crops = crop_count(self, size)
+        b, per = layout.pos.shape[0], image_sizes.shape[0] // layout.pos.shape[0]
+        rows = [pixel_values[i * per + int(unit.split()[1]), :crops] for i in range(b) for unit in layout.units]
+        return size, torch.stack(rows)
+
+    def separator_embeds(self, embeds, input_ids, separators):
+        """The image_newline rows at an image's newline slots (separators holding the image token)."""
+        at = separators & (input_ids == self.image_token_id())
+        return torch.where(at[..., None], self.body().image_newline.to(embeds.dtype), embeds)
 
     def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
                       **inputs) -> VisionLayout | None:
