@@ -110,7 +110,7 @@ def keep_index(model, example, chosen: list[list[Tensor]]) -> Tensor:
 
 
 @torch.no_grad()
-def visionzip(model, example, keep: int, contextual: int) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+def visionzip(model, example, keep: int, contextual: int, dominant: str = "cls") -> tuple[list, list]:
     """Per sample, per image: kept token indices (ascending) and the projected values their slots take."""
     tokens = iter(image_tokens(model, example))
     chosen, values = [], []
@@ -118,7 +118,7 @@ def visionzip(model, example, keep: int, contextual: int) -> tuple[list[list[Ten
         c_row, v_row = [], []
         for _ in row:
             tok = next(tokens)
-            dom, targets, hidden = zip_unit(tok["cls"], tok["keys"], tok["hidden"], keep, contextual)
+            dom, targets, hidden = zip_unit(tok[dominant], tok["keys"], tok["hidden"], keep, contextual)
             # the kept slots in raster order take the authors' sequence: dominant (raster order), then contextual
             c_row.append(torch.cat([dom, targets]).sort().values)
             v_row.append(model.model.multi_modal_projector(hidden[torch.cat([dom.sort().values, targets])]))

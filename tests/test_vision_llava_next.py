@@ -1,6 +1,6 @@
-"""Vision-stage pruning on LLaVA-NeXT anyres images (CLIP with CLS): the tower captured per image size (its
-crops, unpadding and newline rows constant), vision_topk (attention received), cls_topk, random at the vision
-stage and VisionZip, `keep` counting per image.
+"""Vision-stage pruning on LLaVA-NeXT (CLIP, with CLS) and LLaVA-OneVision (SigLIP, no CLS) anyres images: the
+tower captured per image size (its crops, unpadding and newline rows constant), vision_topk (attention
+received), cls_topk, random at the vision stage and VisionZip, `keep` counting per image.
 
 Against tests/reference_vision_llava_next.py (independent: the feature layer's attention by hand per crop, laid
 in prompt order by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept
@@ -15,6 +15,7 @@ import graphprune as gp
 from graphprune.capture.export import capture_vision
 from graphprune.errors import InputError, PassNotApplicable
 from graphprune.families import family_of
+from graphprune.families.anyres_vision import packed_index
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 from graphprune.verify.eager import check_against_eager
@@ -23,27 +24,43 @@ STEPS = 16
 pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
 
 
+_BUILT = {}
+
+
+def _built(family):
+    """One tiny model and its captured program per family, for the module."""
+    if family not in _BUILT:
+        model = family_zoo.build(family)
+        _BUILT[family] = model, Program.capture(model, stages=("vision", "prefill", "decode"))
+    return _BUILT[family]
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+def anyres(request):
+    return _built(request.param)
+
+
 @pytest.fixture(scope="module")
 def llava_next():
-    model = family_zoo.build("llava_next")
-    return model, Program.capture(model, stages=("vision", "prefill", "decode"))
+    return _built("llava_next")
 
 
 def _example(model, size=(50, 90), seed=40, **kw):
     return family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"), image_size=size, seed=seed, **kw)
 
 
-@pytest.mark.parametrize("size", [(50, 90), (112, 56)])
-def test_captured_stage_equals_get_image_features(llava_next, size):
-    """Per image size: the captured graph gives the model's get_image_features rows, newline rows left out
+def test_captured_stage_equals_get_image_features(anyres):
+    """The captured graph of an image size gives the model's get_image_features rows, newline rows left out
     (those equal to image_newline), image by image; the capture checks itself against that."""
-    model, _ = llava_next
+    model, _ = anyres
+    cfg, size = model.config, (50, 90)
     stage = capture_vision(family_of(model), bucket=size)
     ex = _example(model, size)
     crops = RN.crops_of(model, torch.tensor(size))
+    extra = {"vision_aspect_ratio": cfg.vision_aspect_ratio} if cfg.model_type == "llava_onevision" else {}
     with torch.no_grad():
-        want = model.model.get_image_features(ex.pixel_values, ex.image_sizes,
-                                              vision_feature_layer=-2, vision_feature_select_strategy="default")
+        want = model.model.get_image_features(ex.pixel_values, ex.image_sizes, vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy, **extra)
         got = stage.gm(ex.pixel_values[:, :crops])[0]
     for image, rows in enumerate(want.pooler_output):
         rows = rows[~(rows == model.model.image_newline).all(-1)]
@@ -51,28 +68,32 @@ def test_captured_stage_equals_get_image_features(llava_next, size):
     assert check_against_eager(stage) < 1e-5
 
 
-@pytest.mark.parametrize("spec,how,keep,positions,size", [
-    ("vision_topk(keep=6)", "received", 6, "keep", (50, 90)),
-    ("vision_topk(keep=6)", "received", 6, "keep", (112, 56)),          # a second bucket, tall image
-    ("cls_topk(keep=5)", "cls", 5, "compact", (50, 90)),
-    ("random(stage='vision', keep=7, seed=3)", "random", 7, "keep", (50, 90)),
-])
-def test_matches_reference(llava_next, spec, how, keep, positions, size):
-    model, program = llava_next
+CASES = {"llava_next": [("vision_topk(keep=6)", "received", 6, "keep", (112, 56)),      # a second bucket, tall image
+                        ("cls_topk(keep=5)", "cls", 5, "compact", (50, 90))],
+         "llava_onevision": [("vision_topk(keep=6)", "received", 6, "keep", (50, 90)),
+                             ("random(stage='vision', keep=7, seed=3)", "random", 7, "keep", (50, 90))]}
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_matches_reference(anyres, case):
+    model, program = anyres
+    spec, how, keep, positions, size = CASES[model.config.model_type][case]
     ex = _example(model, size)
     chosen = RN.picks(model, ex, keep, how, seed=3)
     ref = RN.generate(model, ex, chosen, STEPS, positions)
     assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
 
 
-def test_visionzip_matches_reference(llava_next):
-    """VisionZip (CLS dominance, contextual merging by key similarity, the authors' compact sequence)."""
-    model, program = llava_next
+def test_visionzip_matches_reference(anyres):
+    """VisionZip: contextual merging by key similarity, the authors' compact sequence; dominance by CLS
+    attention (LLaVA-NeXT's CLIP) or, on SigLIP (no CLS), by the attention each token receives."""
+    model, program = anyres
     ex = _example(model, seed=44)
-    chosen, values = RN.visionzip(model, ex, keep=8, contextual=3)
+    dominant = "cls" if model.config.model_type == "llava_next" else "received"
+    chosen, values = RN.visionzip(model, ex, keep=8, contextual=3, dominant=dominant)
     ref = RN.generate(model, ex, chosen, STEPS, "compact", values)
-    assert_same_run(gp.prune(model, "visionzip(keep=8, contextual=3)", program=program), ex, ref, STEPS,
-                    kept=ref["keep"])
+    spec = f"visionzip(keep=8, contextual=3, dominant={'cls' if dominant == 'cls' else 'attention'!r})"
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
 
 
 def test_batch_equals_alone(llava_next):
@@ -88,3 +109,24 @@ def test_refused_before_work(llava_next):
     ex.image_sizes = torch.tensor([[50, 90], [50, 90], [50, 90], [48, 90]])   # the same tokens, another size
     with pytest.raises(InputError, match=r"images of sizes \[\(48, 90\), \(50, 90\)\].*must share one size"):
         pruned(**ex.as_kwargs())
+
+
+def test_onevision_cls_and_interpolated_packing_refused(anyres):
+    """SigLIP has no CLS: cls_topk is refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
+    interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size."""
+    model, program = anyres
+    if model.config.model_type != "llava_onevision":
+        pytest.skip("LLaVA-OneVision only")
+    with pytest.raises(PassNotApplicable, match="cls_topk needs a \\[CLS\\] token.*vision_topk"):
+        gp.prune(model, "cls_topk(keep=5)", program=program)
+    fam = family_of(model)
+    model.config.vision_aspect_ratio = "anyres_max_2"           # at most 2 x 8 x 8 tokens: a 2 x 2 crop grid's 256 are pooled
+    try:
+        assert packed_index(fam, (112, 224)).numel() == 64 + 128
+        with pytest.raises(InputError, match=r"size \(224, 224\) is packed by interpolating"):
+            packed_index(fam, (224, 224))
+        model.config.vision_aspect_ratio = "anyres_max_1"
+        with pytest.raises(PassNotApplicable, match="every crop grid of image_grid_pinpoints is packed by interpolation"):
+            gp.prune(model, "vision_topk(keep=6)", program=program)
+    finally:
+        model.config.vision_aspect_ratio = "anyres_max_9"

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from graphprune.errors import InputError, PassNotApplicable
-from graphprune.families.anyres_vision import AnyresImageFeatures, AnyresVisionStage, crop_count
+from graphprune.families.anyres_vision import AnyresImageFeatures, AnyresVisionStage, crop_count, packed_index
 from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
 
 
@@ -47,9 +47,17 @@ class LlavaNextFamily(Family):
                            device=param.device, dtype=param.dtype)
 
     def vision_bucket(self, rows: int, cols: int) -> tuple[int, int]:
-        """The prune-time probe bucket: the largest crop grid's resolution, the image size with the most
-        tokens (an anyres image is no rows x cols grid)."""
-        return tuple(max(self.config().image_grid_pinpoints, key=lambda hw: hw[0] * hw[1]))
+        """The prune-time probe bucket (an anyres image is no rows x cols grid): the largest crop grid's
+        resolution whose packing is a gather (LLaVA-OneVision interpolates the largest ones)."""
+        for size in sorted(self.config().image_grid_pinpoints, key=lambda hw: -hw[0] * hw[1]):
+            try:
+                packed_index(self, size)
+            except InputError:
+                continue
+            return tuple(size)
+        raise PassNotApplicable(f"{self.model_class}: every crop grid of image_grid_pinpoints is packed by "
+                                "interpolation, so no image's feature tokens are encoder patches a vision-stage pass "
+                                "could score; use a feature-level or an LLM-stage pass")
 
     def vision_stage_inputs(self, layout: VisionLayout, video_unit: str = "frame", image_sizes=None,
                             pixel_values=None, **inputs):

@@ -16,6 +16,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     model_types = ("llava_onevision",)
     vision_inputs = ("pixel_values", "image_sizes", "pixel_values_videos")
     video_newline = 1         # the image_newline closing each video
+    vision_has_cls = False    # SigLIP
 
     def pack_markers(self, body, marker, image_size) -> torch.Tensor:
         packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1, device=marker.device),
