@@ -71,13 +71,17 @@ def attention_received(q, k, mask, scale, keys, offset: int, group: int):
 
 
 def crop_tokens(x, offset: int, crops: int, token_patches):
-    """Per-crop encoder rows x (images x crops, offset + P, ...) -> (images, offset + T, ...): the first crop's
-    `offset` leading rows (its CLS), then each feature token's patch row, token_patches (T,) indexing the
-    image's crops' patches (crop x P + patch), as an anyres vision stage gathers its features."""
+    """Per-crop encoder rows x (units x crops, offset + P, ...) -> (units, offset + T, ...): the first crop's
+    `offset` leading rows (its CLS), then each feature token's row, token_patches (T, G) indexing the unit's
+    crops' patches (crop x P + patch), as an anyres vision stage gathers its features: the mean of a token's
+    G patches (LLaVA-OneVision's 2 x 2 pooled video tokens; an image's token is one patch)."""
     nc, s = x.shape[:2]
-    x = x.reshape(nc // crops, crops, s, *x.shape[2:])
-    patches = x[:, :, offset:].reshape(nc // crops, crops * (s - offset), *x.shape[3:])
-    return torch.cat([x[:, 0, :offset], patches.index_select(1, token_patches)], 1)
+    n = nc // crops
+    x = x.reshape(n, crops, s, *x.shape[2:])
+    patches = x[:, :, offset:].reshape(n, crops * (s - offset), *x.shape[3:])
+    t, group = token_patches.shape
+    tokens = patches.index_select(1, token_patches.flatten()).reshape(n, t, group, *x.shape[3:]).mean(2)
+    return torch.cat([x[:, 0, :offset], tokens.to(x.dtype)], 1)
 
 
 def crop_attention(q, k, mask, scale, offset: int, query: str):

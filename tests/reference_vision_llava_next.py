@@ -9,7 +9,10 @@ here imports graphprune.
 * Per crop patch (CLS dropped): score, key (heads concatenated), hidden (the layer's output) are laid in
   prompt order by the model's own pack_image_features with an image_newline of NaN, whose rows are then
   dropped: the image's feature tokens without the newline slots.
-* Selection per image: top-k scores (ties: lower index), or the top-k of torch.rand((images, 1, tokens),
+* Video (LLaVA-OneVision): each frame is one crop; its per-patch scores are pooled by the model's own
+  apply_pooling (bilinear to half the side: for an even side each 2 x 2 block's mean), a unit being a frame's
+  pooled tokens or the whole video's (video_unit), its closing newline slot left out.
+* Selection per unit (image, frame or video): top-k scores (ties: lower index), or the top-k of torch.rand((images, 1, tokens),
   generator=manual_seed(seed)); VisionZip: dominant top keep - contextual, the rest (ascending) grouped
   around `contextual` targets taken every (rest // contextual)-th, each member joining the target whose
   key is most cosine-similar; a contextual token is its target's hidden plus its members' mean, through
@@ -86,27 +89,44 @@ def image_tokens(model, example) -> list[dict]:
     return out
 
 
-def units(model, example) -> list[list[Tensor]]:
-    """Per sample, each image's prompt positions of its feature tokens (newline slots left out)."""
+def video_scores(model, example, video_unit: str) -> list[Tensor]:
+    """Per unit (samples, videos, frames in order): the attention each of its tokens receives, each frame's
+    per-patch scores pooled by the model's own apply_pooling (a 2 x 2 mean for an even side)."""
+    out = []
+    for video in example.pixel_values_videos:
+        pooled = model.model.apply_pooling(crop_signals(model, video)["received"][..., None])[..., 0]
+        out += list(pooled) if video_unit == "frame" else [pooled.reshape(-1)]
+    return out
+
+
+def units(model, example, video_unit: str = "frame") -> list[list[Tensor]]:
+    """Per sample, each unit's prompt positions: an image's feature tokens (newline slots left out), a video's
+    frame's or the whole video's (its closing newline left out)."""
     _, _, _, vm = family_inputs(model, example)
-    per = example.image_sizes.shape[0] // vm.shape[0]
-    return [list(row.nonzero()[:, 0].chunk(per)) for row in vm]
+    videos = example.pixel_values_videos
+    if videos is None:
+        return [list(row.nonzero()[:, 0].chunk(example.image_sizes.shape[0] // vm.shape[0])) for row in vm]
+    per, frames = videos.shape[0] // vm.shape[0], videos.shape[1]
+    return [[u for video in row.nonzero()[:, 0].chunk(per) for u in (video.chunk(frames) if video_unit == "frame"
+                                                                       else [video])] for row in vm]
 
 
-def picks(model, example, keep: int, how: str, seed: int = 0) -> list[list[Tensor]]:
-    """Per sample, per image: the kept token indices (ascending)."""
-    blocks = units(model, example)
+def picks(model, example, keep: int, how: str, seed: int = 0, video_unit: str = "frame") -> list[list[Tensor]]:
+    """Per sample, per unit: the kept token indices (ascending)."""
+    blocks = units(model, example, video_unit)
     n, v = len(blocks[0]), blocks[0][0].numel()
     if how == "random":
         u = torch.rand((len(blocks) * n, 1, v), generator=torch.Generator().manual_seed(seed))
         chosen = [u[i, 0].topk(keep).indices for i in range(len(blocks) * n)]
+    elif example.pixel_values_videos is not None:
+        chosen = [score.topk(keep).indices for score in video_scores(model, example, video_unit)]
     else:
         chosen = [tok[how].topk(keep).indices for tok in image_tokens(model, example)]
     return [[chosen[i * n + j].sort().values for j in range(n)] for i in range(len(blocks))]
 
 
-def keep_index(model, example, chosen: list[list[Tensor]]) -> Tensor:
-    return keep_of_units(units(model, example), example.input_ids.shape[1], chosen)
+def keep_index(model, example, chosen: list[list[Tensor]], video_unit: str = "frame") -> Tensor:
+    return keep_of_units(units(model, example, video_unit), example.input_ids.shape[1], chosen)
 
 
 @torch.no_grad()
@@ -128,11 +148,11 @@ def visionzip(model, example, keep: int, contextual: int, dominant: str = "cls")
 
 
 @torch.no_grad()
-def generate(model, example, chosen, steps: int, positions: str = "keep", values=None) -> dict:
+def generate(model, example, chosen, steps: int, positions: str = "keep", values=None, video_unit: str = "frame") -> dict:
     """reference.lm_generate on the pruned prompt: the kept tokens' embeddings (merged ones: `values`, in
     the order `dominant, contextual` when compact, as VisionZip's authors lay them out)."""
     emb, am, pos, vm = family_inputs(model, example)
-    keep = keep_index(model, example, chosen)
+    keep = keep_index(model, example, chosen, video_unit)
     emb = emb.clone()
     if values is not None:
         for i, row in enumerate(units(model, example)):

@@ -130,3 +130,29 @@ def test_onevision_cls_and_interpolated_packing_refused(anyres):
             gp.prune(model, "vision_topk(keep=6)", program=program)
     finally:
         model.config.vision_aspect_ratio = "anyres_max_9"
+
+
+@pytest.mark.parametrize("spec,how,keep,unit", [("vision_topk(keep=5)", "received", 5, "frame"),
+                                                ("random(stage='vision', keep=9, seed=3)", "random", 9, "video")])
+def test_onevision_video_matches_reference(spec, how, keep, unit):
+    """LLaVA-OneVision videos: each frame through SigLIP, its tokens 2 x 2 pools of patches (a token's score the
+    mean over its 4 patches); `keep` per frame (video_unit='frame') or per video ('video')."""
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("video",), frames=3, seed=41)
+    chosen = RN.picks(model, ex, keep, how, seed=3, video_unit=unit)
+    ref = RN.generate(model, ex, chosen, STEPS, "keep", video_unit=unit)
+    assert_same_run(gp.prune(model, spec, program=program, video_unit=unit), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_onevision_video_refusals():
+    """A pass that needs a pooled video token's hidden state (visionzip) and a prompt of images and videos (two
+    encoder graphs) are refused before the prefill, naming why."""
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    zipped = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention')", program=program)
+    with pytest.raises(PassNotApplicable, match="pooled from 4 encoder patches.*no hidden state"):
+        zipped(**ex.as_kwargs())
+    # 11 frames of 16 tokens: a video of the image's 176, so that the units' budgets line up
+    both = family_zoo.example(model, batch=1, items=("image", "video"), frames=11, seed=41)
+    with pytest.raises(InputError, match="holds images and videos"):
+        gp.prune(model, "vision_topk(keep=5)", program=program, video_unit="video")(**both.as_kwargs())

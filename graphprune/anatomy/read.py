@@ -111,8 +111,9 @@ class Anatomy:
     grid: tuple[int, int] | None = None  # patch grid (H, W) of the vision encoder, in LLM tokens
     patches_per_token: int = 1           # vision: encoder patches merged into each feature token (Qwen's 2x2: 4)
     crops: int = 1                       # vision: encoder sequences per image (LLaVA-NeXT's anyres crops)
-    token_patches: fx.Node | None = None  # vision, crops: the (tokens,) crop patch (crop x patches + patch) of each
-                                          # feature token, the gather the graph makes (None: patches in order)
+    token_patches: fx.Node | None = None  # vision, crops: the (tokens, patches_per_token) crop patches (crop x
+                                          # patches + patch) of each feature token, the gather the graph makes
+                                          # (None: patches in order)
     has_cls: bool | None = None
     features: fx.Node | None = None      # vision: per-patch features entering the projector
     captured_features: fx.Node | None = None  # vision: the same as captured, before any pass reduced them
@@ -238,6 +239,7 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
         if len(found) != 1:
             raise UnsupportedModelError(model_class, "the anyres token gather (token_patches)")
         anat.token_patches = found[0]
+        anat.patches_per_token = int(_val(found[0]).shape[1])
         return
     if encoder % tokens:
         raise UnsupportedModelError(model_class, "feature tokens made of whole groups of encoder patches",

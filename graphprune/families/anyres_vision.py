@@ -15,6 +15,10 @@ gathers the image's tokens in prompt order and runs the projector: (images, toke
 states the gather (`graphprune_token_patches`, `graphprune_crops`), so that signals computed per crop
 patch (CLS attention, attention received, keys, hidden states) are gathered to the tokens the same way.
 The capture is checked against `AnyresImageFeatures`, the model's own get_image_features.
+
+LLaVA-OneVision's video frames are one crop each, their projected patch features pooled 2 x 2 (apply_pooling:
+bilinear to half the side, for an even side exactly each 2 x 2 block's mean): a token is then a group of 4
+patches (`token_patches` (tokens, 4)), its signals the means over them. Bucket ("video", frames a unit).
 """
 from __future__ import annotations
 
@@ -56,12 +60,32 @@ def packed_index(family, image_size) -> torch.Tensor:
     return index.long() - 1
 
 
-class AnyresVisionStage(nn.Module):
-    """pixel_values (images, crops, C, h, w) of one image size -> projected features (images, tokens, D): the
-    model's tower on every crop, its feature layer, the tokens gathered in prompt order (no newline rows),
-    the projector."""
+def pooled_index(family) -> torch.Tensor:
+    """(tokens, 4) for a LLaVA-OneVision video frame: the patches of each pooled token (apply_pooling's bilinear
+    halving of an even patch grid is the mean of each 2 x 2 block), checked on the model's own apply_pooling; an
+    odd side (pooled by true interpolation) is refused."""
+    vc = family.config().vision_config
+    side = vc.image_size // vc.patch_size
+    rows = torch.arange(0, side, 2)
+    corner = (rows[:, None] * side + rows[None, :]).reshape(-1, 1)
+    index = corner + torch.tensor([0, 1, side, side + 1])
+    probe = torch.randn(1, side * side, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pooled = family.body().apply_pooling(probe) if side % 2 == 0 else None
+    if pooled is None or not torch.allclose(pooled[0], probe[0, index].mean(1)):
+        raise InputError(f"{family.model_class}: its video frames' {side} x {side} patch grid is pooled by "
+                         "interpolation, not 2 x 2 averages, so the pooled tokens are no groups of encoder patches a "
+                         "vision-stage pass could score; prune its videos with a feature-level pass (divprune, evs) "
+                         "or an LLM-stage one")
+    return index
 
-    def __init__(self, family, image_size):
+
+class AnyresVisionStage(nn.Module):
+    """pixel_values (units, crops, C, h, w) of one bucket -> projected features (units, tokens, D): the model's
+    tower on every crop, its feature layer, the tokens gathered in prompt order (no newline rows), the projector.
+    An anyres image (image_size (H, W)): its crops, one patch a token. LLaVA-OneVision video units (image_size
+    None, `crops` frames a unit): each token the mean of its 2 x 2 patch block's projected features."""
+
+    def __init__(self, family, image_size, crops: int | None = None):
         super().__init__()
         body, cfg = family.body(), family.config()
         self.vision_tower, self.multi_modal_projector = body.vision_tower, body.multi_modal_projector
@@ -75,11 +99,15 @@ class AnyresVisionStage(nn.Module):
             raise UnsupportedModelError(family.model_class, "anyres vision features of whole patch grids",
                                         f"vision_feature_select_strategy={self.strategy!r} on a tower "
                                         f"{'with' if has_cls else 'without'} CLS")
-        self.crops = crop_count(family, image_size)
-        self.register_buffer("token_patches", packed_index(family, image_size), persistent=False)
-        # anatomy's token "grid": one row of the image's tokens (they are several crop grids, no one grid)
-        self.grid = (1, int(self.token_patches.numel()))
         self.patches = (vc.image_size // vc.patch_size) ** 2
+        if image_size is None:              # video: each frame's pooled tokens, frame after frame
+            self.crops, frame = crops, pooled_index(family)
+            index = torch.cat([frame + f * self.patches for f in range(crops)])
+        else:
+            self.crops, index = crop_count(family, image_size), packed_index(family, image_size)[:, None]
+        self.register_buffer("token_patches", index, persistent=False)      # (tokens, patches a token)
+        # anatomy's token "grid": one row of the unit's tokens (several crop grids, or frames)
+        self.grid = (1, int(index.shape[0]))
 
     def forward(self, pixel_values):
         n, c = pixel_values.shape[:2]
@@ -87,21 +115,28 @@ class AnyresVisionStage(nn.Module):
         feats = out.hidden_states[self.feature_layer]
         if self.strategy == "default":
             feats = feats[:, 1:]
-        feats = feats.reshape(n, c * self.patches, feats.shape[-1]).index_select(1, self.token_patches)
-        return self.multi_modal_projector(feats)
+        t, group = self.token_patches.shape
+        feats = feats.reshape(n, c * self.patches, feats.shape[-1]).index_select(1, self.token_patches.flatten())
+        if group == 1:
+            return self.multi_modal_projector(feats)
+        # the model pools after its projector: each token's patches projected, then averaged
+        return self.multi_modal_projector(feats.reshape(n, t, group, -1)).mean(2)
 
 
 class AnyresImageFeatures(nn.Module):
-    """The model's own get_image_features on images of one size, their newline rows dropped: what the
-    capture of that size is checked against."""
+    """The model's own get_image_features on images of one size (get_video_features on video units of `crops`
+    frames), their newline rows dropped: what the capture of that bucket is checked against."""
 
     def __init__(self, family, image_size):
         super().__init__()
-        self.family, self.image_size = family, [int(s) for s in image_size]
-        self.newline = family.newline_slots(torch.as_tensor(image_size))
+        self.family, self.image_size = family, None if image_size is None else [int(s) for s in image_size]
+        self.newline = None if image_size is None else family.newline_slots(torch.as_tensor(image_size))
 
     def forward(self, pixel_values):
         n = pixel_values.shape[0]
+        if self.image_size is None:          # each unit a video of its frames, closed by one newline row
+            rows = self.family.vision_feature_rows(pixel_values_videos=pixel_values)
+            return rows.reshape(n, -1, rows.shape[-1])[:, :-1]
         rows = self.family.vision_feature_rows(pixel_values=pixel_values,
                                                image_sizes=torch.tensor([self.image_size] * n))
         return rows.reshape(n, self.newline.numel(), -1)[:, ~self.newline]

@@ -23,6 +23,11 @@ class LlavaOnevisionFamily(LlavaNextFamily):
                                              vision_aspect_ratio=self.config().vision_aspect_ratio)
         return packed[0]
 
+    def separator_embeds(self, embeds, input_ids, separators):
+        """image_newline at an image's newline slots and at the slot closing each video."""
+        at = separators & ((input_ids == self.image_token_id()) | (input_ids == self.video_token_id()))
+        return torch.where(at[..., None], self.body().image_newline.to(embeds.dtype), embeds)
+
     def video_features(self, body, pixel_values_videos, **kw):
         return onevision_video_features(body, pixel_values_videos, **kw)
 
