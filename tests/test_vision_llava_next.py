@@ -111,6 +111,16 @@ def test_refused_before_work(llava_next):
         pruned(**ex.as_kwargs())
 
 
+@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)",
+                                  "visiontrim_vision(keep=8)"])
+def test_grid_passes_refused_on_anyres_images(llava_next, spec):
+    """A pass that lays an image's tokens on one patch grid (or merges inside the encoder) is refused at prune
+    time: an anyres image is a base view and crops' unpadded rows, several encoder sequences."""
+    model, program = llava_next
+    with pytest.raises(PassNotApplicable, match=r"gathered from 5 encoder sequence\(s\).*not one patch grid"):
+        gp.prune(model, spec, program=program)
+
+
 def test_onevision_cls_and_interpolated_packing_refused(anyres):
     """SigLIP has no CLS: cls_topk is refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
     interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size."""
