@@ -13,10 +13,11 @@ from checks import assert_batch_equals_samples, assert_same_run
 
 import graphprune as gp
 from graphprune.capture.export import capture_vision
-from graphprune.errors import InputError, PassNotApplicable
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable
 from graphprune.families import family_of
 from graphprune.families.anyres_vision import packed_index
 from graphprune.rewrite.pipeline import Program
+from graphprune.targets.onnx import export_onnx
 from graphprune.tools import family_zoo
 from graphprune.verify.eager import check_against_eager
 
@@ -102,10 +103,16 @@ def test_batch_equals_alone(llava_next):
     assert_batch_equals_samples(gp.prune(model, "cls_topk(keep=6)", program=program), ex, STEPS)
 
 
-def test_refused_before_work(llava_next):
+def test_refused_before_work(llava_next, tmp_path):
+    """Images of two sizes in one call (two encoder graphs) are refused naming the sizes; an ONNX export, whose
+    vision.onnx is the model's own unpruned encoding, refuses a vision-stage pass."""
     model, program = llava_next
     pruned = gp.prune(model, "vision_topk(keep=6)", program=program)
     ex = _example(model)
+    with pytest.raises(PassConfigError, match=r"vision_topk\(keep=6.*writes as the model's own encoding of one shape "
+                                              r"bucket, unpruned"):
+        export_onnx(pruned, tmp_path / "out", example=ex)
+    assert not (tmp_path / "out").exists()
     ex.image_sizes = torch.tensor([[50, 90], [50, 90], [50, 90], [48, 90]])   # the same tokens, another size
     with pytest.raises(InputError, match=r"images of sizes \[\(48, 90\), \(50, 90\)\].*must share one size"):
         pruned(**ex.as_kwargs())
