@@ -63,7 +63,9 @@ def test_captured_stage_equals_get_image_features(anyres):
         want = model.model.get_image_features(ex.pixel_values, ex.image_sizes, vision_feature_layer=cfg.vision_feature_layer,
                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy, **extra)
         got = stage.gm(ex.pixel_values[:, :crops])[0]
-    for image, rows in enumerate(want.pooler_output):
+    want = getattr(want, "pooler_output", want)            # transformers 4.x: the features themselves
+    want = want.chunk(ex.pixel_values.shape[0]) if isinstance(want, torch.Tensor) else want     # concatenated
+    for image, rows in enumerate(want):
         rows = rows[~(rows == model.model.image_newline).all(-1)]
         torch.testing.assert_close(got[image], rows, atol=1e-5, rtol=1e-5)
     assert check_against_eager(stage) < 1e-5
@@ -173,3 +175,15 @@ def test_onevision_video_refusals():
     both = family_zoo.example(model, batch=1, items=("image", "video"), frames=11, seed=41)
     with pytest.raises(InputError, match="holds images and videos"):
         gp.prune(model, "vision_topk(keep=5)", program=program, video_unit="video")(**both.as_kwargs())
+
+
+def test_llava_next_video_images_pruned_videos_refused():
+    """LLaVA-NeXT-Video: its anyres images run the same vision stage (kept sets equal the reference's); its
+    videos, pooled by vision_resampler before the projector, are refused before the prefill, naming why."""
+    model, program = _built("llava_next_video")
+    pruned = gp.prune(model, "vision_topk(keep=3)", program=program)     # a video frame here: 2 x 2 tokens
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image",), seed=40)
+    assert torch.equal(pruned(**ex.as_kwargs()).kept, RN.keep_index(model, ex, RN.picks(model, ex, 3, "received")))
+    video = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    with pytest.raises(PassNotApplicable, match="vision_resampler pools each frame's patches before the projector"):
+        pruned(**video.as_kwargs())

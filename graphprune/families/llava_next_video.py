@@ -10,6 +10,7 @@ class LlavaNextVideoFamily(LlavaNextFamily):
     name = "llava_next_video"
     model_types = ("llava_next_video",)
     vision_inputs = ("pixel_values", "image_sizes", "pixel_values_videos")
+    video_stage_refused = "its vision_resampler pools each frame's patches before the projector (not captured)"
 
     def frame_video_tokens(self) -> int:
         """Its vision_resampler pools each frame's patch grid with kernel = stride = spatial_pool_stride."""
