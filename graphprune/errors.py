@@ -36,5 +36,5 @@ class NothingPrunedWarning(UserWarning):
 
 
 class ShapeBucketWarning(UserWarning):
-    """A vision encoder captured for a new shape bucket (patch grid): once per bucket, at most
+    """A vision encoder captured for a new shape bucket (patch grid, image size): once per bucket, at most
     Family.vision_buckets of them per pruned model."""

@@ -13,7 +13,7 @@ from checks import assert_batch_equals_samples, assert_same_run
 
 import graphprune as gp
 from graphprune.capture.export import capture_vision
-from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable, ShapeBucketWarning
 from graphprune.families import family_of
 from graphprune.families.anyres_vision import packed_index
 from graphprune.rewrite.pipeline import Program
@@ -109,7 +109,8 @@ def test_refused_before_work(llava_next, tmp_path):
     """Images of two sizes in one call (two encoder graphs) are refused naming the sizes; an ONNX export, whose
     vision.onnx is the model's own unpruned encoding, refuses a vision-stage pass."""
     model, program = llava_next
-    pruned = gp.prune(model, "vision_topk(keep=6)", program=program)
+    with pytest.warns(ShapeBucketWarning, match=r"image size \(112, 112\) \(shape bucket 1 of at most 8\)"):
+        pruned = gp.prune(model, "vision_topk(keep=6)", program=program)   # the prune-time probe: the largest grid
     ex = _example(model)
     with pytest.raises(PassConfigError, match=r"vision_topk\(keep=6.*writes as the model's own encoding of one shape "
                                               r"bucket, unpruned"):

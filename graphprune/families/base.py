@@ -114,6 +114,10 @@ class Family:
         """The shape bucket of an image of rows x cols feature tokens."""
         raise NotImplementedError(f"{self.name}: no shape buckets")
 
+    def bucket_name(self, bucket) -> str:
+        """What a shape bucket is, for messages."""
+        return f"patch grid {bucket}"
+
     def vision_stage_inputs(self, layout: VisionLayout, **inputs) -> tuple[object, torch.Tensor]:
         """(bucket, pixel_values) for the vision stage of a bucketed family: one row per vision unit
         of `layout`, samples in order, each sample's units in layout order."""

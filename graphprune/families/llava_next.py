@@ -50,6 +50,11 @@ class LlavaNextFamily(Family):
         return torch.zeros(images, crops, vc.num_channels, vc.image_size, vc.image_size,
                            device=param.device, dtype=param.dtype)
 
+    def bucket_name(self, bucket) -> str:
+        if bucket[0] == "video":
+            return f"video units of {bucket[1]} frame(s)"
+        return f"image size {tuple(bucket)}"
+
     def vision_bucket(self, rows: int, cols: int) -> tuple[int, int]:
         """The prune-time probe bucket (an anyres image is no rows x cols grid): the largest crop grid's
         resolution whose packing is a gather (LLaVA-OneVision interpolates the largest ones)."""

@@ -193,7 +193,7 @@ class Program:
         return Program(stages, anat, self.family, through_last=self.through_last)
 
     def vision_stage(self, bucket) -> Stage:
-        """The vision stage of one shape bucket (a patch grid), rewritten by the vision passes: captured,
+        """The vision stage of one shape bucket (a patch grid, an image size), rewritten by the vision passes: captured,
         checked against the model's own encoder and rewritten on first use (with a warning naming the
         bucket), then reused; a bucket past the family's limit is refused, naming the ones there are."""
         if bucket in self.buckets:
@@ -201,11 +201,11 @@ class Program:
         from graphprune.capture.export import capture_vision
         limit, model_class = self.family.vision_buckets, self.family.model_class
         if len(self.buckets) >= limit:
-            raise InputError(f"{model_class}: vision units of patch grid {bucket} would be shape bucket {limit + 1}, "
+            raise InputError(f"{model_class}: vision units of {self.family.bucket_name(bucket)} would be shape bucket {limit + 1}, "
                              f"and a pruned model captures its vision encoder for at most {limit} "
                              f"(captured: {', '.join(map(str, self.buckets))}); resize the images to one of those "
                              "grids, or prune a new model for other sizes")
-        warnings.warn(f"{model_class}: capturing the vision encoder for patch grid {bucket} (shape bucket "
+        warnings.warn(f"{model_class}: capturing the vision encoder for {self.family.bucket_name(bucket)} (shape bucket "
                       f"{len(self.buckets) + 1} of at most {limit}); later images of this grid reuse it",
                       ShapeBucketWarning, stacklevel=3)
         stage = capture_vision(self.family, bucket=bucket)
