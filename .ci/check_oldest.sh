@@ -5,7 +5,8 @@
 #  2. a subset of the suite: capture, anatomy, rewrite and the main methods against the
 #     independent reference, the runtime, generation through transformers (GenerationConfig,
 #     beams, streamers, multi-turn, save / load, the pipeline), every family (through graphprune.prune and the torch.compile backend), EVS and DyCoke on video,
-#     Qwen's captured vision stage (with VisPruner / ToMe inside it), and ONNX export +
+#     Qwen's captured vision stage (with VisPruner / ToMe inside it), LLaVA-NeXT / OneVision's per image size,
+#     and ONNX export +
 #     ONNX Runtime (about 12 minutes on 2 cores).
 # Usage: bash .ci/check_oldest.sh   (VENV, TORCH, TRANSFORMERS override the defaults)
 # torch 2.12 is not supported: its torch.export cannot prove the min(...) stride guard transformers'
@@ -49,5 +50,6 @@ python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider \
     tests/test_dycoke.py \
     tests/test_vision_qwen.py \
     tests/test_vision_qwen_methods.py \
+    tests/test_vision_llava_next.py \
     tests/test_onnx.py \
     tests/test_onnx_families.py
