@@ -42,8 +42,9 @@ def _selects(gm: fx.GraphModule, fn) -> bool:
     return any(n.target is fn for n in gm.graph.nodes)
 
 
-@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)", "vtw(layer=2)",
-                                      "random(layer=1, keep=0.5, seed=3)"])
+@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)",
+                                      pytest.param("vtw(layer=2)", marks=pytest.mark.slow),
+                                      pytest.param("random(layer=1, keep=0.5, seed=3)", marks=pytest.mark.slow)])
 def test_eager_compiler_matches_graphprune(model, batch, pipeline):
     want = gp.prune(model, pipeline)(**batch)
     with torch.no_grad():
@@ -290,6 +291,7 @@ def test_anyres_frame_layout_is_prunes_layout(anyres, family):
         assert torch.equal(patches, RF._llava_next_prunable(model, ex))
 
 
+@pytest.mark.slow
 def test_next_video_video_prompt_compiled_equals_prune():
     """LLaVA-NeXT-Video's videos (no closing slot: a video is a run, a unit each pooled frame):
     logits, cache lengths and HF greedy decoding over the compiled forward equal gp.prune's."""

@@ -188,6 +188,7 @@ def test_inductor_kernel_equals_aten_linear_at_any_row_count():
             torch.testing.assert_close(compiled(xs), lin(xs), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_backend_with_packed_linears_equals_prune(llava):
     """torch.compile(..., options={"linear": "packed"}): the rewritten prefill's linears packed, as opaque
     kernels under Inductor, logits as graphprune.prune's."""
