@@ -70,6 +70,35 @@ def attention_received(q, k, mask, scale, keys, offset: int, group: int):
     return per_token[:, None].expand(b, keys.shape[1], -1).gather(2, keys - offset)[:, None]
 
 
+def crop_tokens(x, offset: int, crops: int, token_patches):
+    """Per-crop encoder rows x (units x crops, offset + P, ...) -> (units, offset + T, ...): the first crop's
+    `offset` leading rows (its CLS), then each feature token's row, token_patches (T, G) indexing the unit's
+    crops' patches (crop x P + patch), as an anyres vision stage gathers its features: the mean of a token's
+    G patches (LLaVA-OneVision's 2 x 2 pooled video tokens; an image's token is one patch)."""
+    nc, s = x.shape[:2]
+    n = nc // crops
+    x = x.reshape(n, crops, s, *x.shape[2:])
+    patches = x[:, :, offset:].reshape(n, crops * (s - offset), *x.shape[3:])
+    t, group = token_patches.shape
+    tokens = patches.index_select(1, token_patches.flatten()).reshape(n, t, group, *x.shape[3:]).mean(2)
+    return torch.cat([x[:, 0, :offset], tokens.to(x.dtype)], 1)
+
+
+def crop_attention(q, k, mask, scale, offset: int, query: str):
+    """(images x crops, offset + P) attention scores within each crop's own sequence (q, k (B, H, S, d)):
+    query "cls", the head-averaged attention of its CLS (position 0) to each of its positions; "all", the
+    attention each patch receives averaged over the crop's queries and heads (attention_received), its
+    `offset` leading positions 0."""
+    b, s = q.shape[0], q.shape[2]
+    if query == "cls":
+        every = torch.arange(s, device=q.device).expand(b, 1, s)
+        first = torch.zeros(b, 1, dtype=torch.long, device=q.device)
+        return attention_rows(q, k, mask, scale, False, first, every)[:, 0, 0]
+    patches = torch.arange(offset, s, device=q.device).expand(b, 1, s - offset)
+    received = attention_received(q, k, mask, scale, patches, offset, 1)[:, 0, 0]
+    return torch.cat([received.new_zeros(b, offset), received], 1)
+
+
 RECEIVED_CHUNK = 1024      # query rows per chunk of attention_received: its (B, H, chunk, S) logits bound memory
 
 

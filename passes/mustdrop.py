@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import InputError, PassConfigError
-from graphprune.rewrite.blocks import grid_side, tile_members, tile_scores
+from graphprune.rewrite.blocks import grid_side, require_one_grid, tile_members, tile_scores
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttentionRows,
@@ -141,6 +141,7 @@ class MustDropMerge(TokenPass):
 
     def requires(self, anatomy):
         g, c = anatomy.grid, self.config
+        require_one_grid(self.name, anatomy)
         if g is None:
             return
         if c.window > min(g):

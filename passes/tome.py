@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.rewrite.blocks import require_one_grid
 from graphprune.rewrite.pass_api import AttendTogether, Choose, Hidden, Keys, Plan, TokenPass, layer_tuple
 from graphprune.rewrite.registry import register_pass
 
@@ -129,6 +130,7 @@ class ToMe(TokenPass):
 
     def requires(self, anatomy):
         c = self.config
+        require_one_grid(self.name, anatomy)
         if not anatomy.has_cls and c.positions != "keep":
             raise PassNotApplicable(f"tome: {anatomy.model_class} has no CLS token of the vision encoder, whose "
                                     "tokens ToMe then merges in place: give positions='keep'")

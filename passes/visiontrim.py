@@ -20,7 +20,7 @@ import torch
 
 from graphprune import tokenops
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.rewrite.blocks import grid_side, ltam_scores, tgvc, variance_weighting
+from graphprune.rewrite.blocks import grid_side, ltam_scores, require_one_grid, tgvc, variance_weighting
 from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, Plan, Projected, TextEmbeds, TextMask, TokenPass
 from graphprune.rewrite.registry import register_pass, register_pipeline
 
@@ -125,6 +125,7 @@ class VisionTrimVision(_VisionTrimBase):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"visiontrim_vision needs the CLS token of the vision encoder; "
                                     f"{anatomy.model_class} has none (use visiontrim_llm)")
+        require_one_grid(self.name, anatomy)
         if anatomy.grid is not None:
             v = anatomy.grid[0] * anatomy.grid[1]
             k, r = split_budget(self.config.keep, self.config.dominant)

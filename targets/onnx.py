@@ -128,10 +128,11 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
         raise UnsupportedModelError(pruned.family.model_class, "ONNX export of its DeepStack features",
                                     "(added at the first LM layers); Qwen2-VL and Qwen2.5-VL export")
     host = host_vision(pruned)
-    if host and pruned.program.vision_passes:
+    if pruned.program.vision_passes:         # (LLaVA-NeXT / OneVision: vision.onnx is the model's own encoding)
+        kept = "keeps on the host in torch" if host else "writes as the model's own encoding of one shape bucket"
         raise PassConfigError(f"{', '.join(map(repr, pruned.program.vision_passes))}: runs in "
-                              f"{pruned.family.model_class}'s vision encoder (captured per patch grid), which an ONNX "
-                              "export keeps on the host in torch, unpruned; export an LLM-stage pipeline (e.g. fastv)")
+                              f"{pruned.family.model_class}'s vision encoder (captured per shape bucket), which an ONNX "
+                              f"export {kept}, unpruned; export an LLM-stage pipeline (e.g. fastv)")
     missing = [k for k in ("vision", "prefill", "decode") if pruned.program.stages.get(k) is None
                or (pruned.program.stages[k].gm is None and not (k == "vision" and (vision_bucket_family(pruned)
                                                                                    or host)))]

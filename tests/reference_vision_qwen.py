@@ -151,9 +151,15 @@ def kept_positions(model, example, keep: int, how: str = "attention", layer: int
 
 def keep_index(model, example, picks: list[list[Tensor]]) -> Tensor:
     """(B, S') sorted prompt indices: every non-prunable token and each unit's chosen local indices."""
+    return keep_of_units(units(model, example), example.input_ids.shape[1], picks)
+
+
+def keep_of_units(blocks: list[list[Tensor]], length: int, picks: list[list[Tensor]]) -> Tensor:
+    """(B, S') sorted prompt indices of prompts of `length` tokens: all but the units' `blocks` (per sample,
+    each unit's prompt positions), and of each unit its chosen local indices `picks`."""
     rows = []
-    for row, pick in zip(units(model, example), picks):
-        drop = torch.zeros(example.input_ids.shape[1], dtype=torch.bool)
+    for row, pick in zip(blocks, picks):
+        drop = torch.zeros(length, dtype=torch.bool)
         for blk, chosen in zip(row, pick):
             drop[blk] = True
             drop[blk[chosen]] = False
@@ -194,6 +200,23 @@ def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor |
     return {"prefill_logits": logits, "tokens": torch.stack(tokens, 1), "keep": keep_index, "kv_lens": kv_lens}
 
 
+def zip_unit(score: Tensor, keys: Tensor, hidden: Tensor, keep: int, contextual: int):
+    """VisionZip on one unit's tokens: (dominant indices (top keep - contextual by score), contextual target
+    indices (ascending), every token's hidden with each target's members' mean added)."""
+    dom = score.topk(keep - contextual).indices
+    rest = torch.tensor([j for j in range(score.numel()) if j not in set(dom.tolist())])
+    targets = rest[torch.arange(0, rest.numel(), max(1, rest.numel() // contextual))[:contextual]]
+    members = torch.tensor([j for j in rest.tolist() if j not in set(targets.tolist())])
+    metric = torch.nn.functional.normalize(keys, dim=-1)
+    owner = (metric[members] @ metric[targets].T).argmax(-1)
+    values = hidden.clone()
+    for t, target in enumerate(targets.tolist()):
+        group = members[owner == t]
+        if group.numel():
+            values[target] = values[target] + hidden[group].mean(0)
+    return dom, targets, values
+
+
 @torch.no_grad()
 def visionzip(model, example, keep: int, contextual: int) -> tuple[Tensor, Tensor]:
     """VisionZip with attention-received dominance, positions kept: per unit the top keep - contextual tokens
@@ -207,17 +230,7 @@ def visionzip(model, example, keep: int, contextual: int) -> tuple[Tensor, Tenso
         drop = torch.zeros(example.input_ids.shape[1], dtype=torch.bool)
         row = emb[i].clone()
         for blk, unit in zip(blocks, tokens):
-            dom = unit["score"].topk(keep - contextual).indices
-            rest = torch.tensor([j for j in range(blk.numel()) if j not in set(dom.tolist())])
-            targets = rest[torch.arange(0, rest.numel(), max(1, rest.numel() // contextual))[:contextual]]
-            members = torch.tensor([j for j in rest.tolist() if j not in set(targets.tolist())])
-            metric = torch.nn.functional.normalize(unit["keys"], dim=-1)
-            owner = (metric[members] @ metric[targets].T).argmax(-1)
-            values = unit["hidden"].clone()
-            for t, target in enumerate(targets.tolist()):
-                group = members[owner == t]
-                if group.numel():
-                    values[target] = values[target] + unit["hidden"][group].mean(0)
+            dom, targets, values = zip_unit(unit["score"], unit["keys"], unit["hidden"], keep, contextual)
             chosen = torch.cat([dom, targets])
             drop[blk] = True
             drop[blk[chosen]] = False

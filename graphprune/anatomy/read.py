@@ -110,6 +110,10 @@ class Anatomy:
     seq: object = None                   # sympy symbol of the token dimension
     grid: tuple[int, int] | None = None  # patch grid (H, W) of the vision encoder, in LLM tokens
     patches_per_token: int = 1           # vision: encoder patches merged into each feature token (Qwen's 2x2: 4)
+    crops: int = 1                       # vision: encoder sequences per image (LLaVA-NeXT's anyres crops)
+    token_patches: fx.Node | None = None  # vision, crops: the (tokens, patches_per_token) crop patches (crop x
+                                          # patches + patch) of each feature token, the gather the graph makes
+                                          # (None: patches in order)
     has_cls: bool | None = None
     features: fx.Node | None = None      # vision: per-patch features entering the projector
     captured_features: fx.Node | None = None  # vision: the same as captured, before any pass reduced them
@@ -229,6 +233,14 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
                                     f"grid {anat.grid} vs {tokens} feature tokens")
     # the encoder's sequence: CLS, then each feature token's patches in a row
     encoder = int(_val(anat.layers[0].attention.q).shape[2]) - int(anat.has_cls)
+    anat.crops = int(gm.meta.get("graphprune_crops", 1))
+    if "graphprune_crops" in gm.meta:     # anyres: each image is `crops` encoder sequences, its tokens a gather
+        found = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "token_patches"]
+        if len(found) != 1:
+            raise UnsupportedModelError(model_class, "the anyres token gather (token_patches)")
+        anat.token_patches = found[0]
+        anat.patches_per_token = int(_val(found[0]).shape[1])
+        return
     if encoder % tokens:
         raise UnsupportedModelError(model_class, "feature tokens made of whole groups of encoder patches",
                                     f"{encoder} encoder patches for {tokens} feature tokens")

@@ -336,6 +336,8 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     gm.meta["graphprune_outputs"] = names + (["vision_last_hidden"] if through_last else [])
     if bucket is not None:          # the token grid the features come in (the encoder's patches are grouped)
         gm.meta["graphprune_token_grid"] = tuple(module.grid)
+        if hasattr(module, "token_patches"):    # anyres: tokens gathered from several crops' patches
+            gm.meta["graphprune_crops"] = module.crops
     check = None
     if device.type != "meta":
         check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)

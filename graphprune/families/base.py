@@ -119,6 +119,12 @@ class Family:
         of `layout`, samples in order, each sample's units in layout order."""
         raise NotImplementedError(f"{self.name}: no shape buckets")
 
+    def separator_embeds(self, embeds, input_ids, separators) -> torch.Tensor:
+        """embeds (B, S, D) of the token ids, with what a bucketed vision stage leaves out written at the
+        vision blocks' separator slots `separators` (B, S) (LLaVA-NeXT's image_newline rows); as they
+        are here where separators are tokens of their own (Qwen's vision_start / vision_end)."""
+        return embeds
+
     def config(self):
         return self.model.config
 

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PassNotApplicable
+from graphprune.families.anyres_vision import AnyresImageFeatures, AnyresVisionStage, crop_count, packed_index
 from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
 
 
@@ -23,6 +24,76 @@ class LlavaNextFamily(Family):
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
     image_not_grid = "its base view's patch grid followed by its anyres crops' rows"
+    # the tower is captured per image size (AnyresVisionStage: crop count, unpadding and newline rows constant)
+    vision_buckets = 8
+
+    # -- the vision stage, per bucket: an image size (H, W), or ("video", frames a unit) ----------------
+    def vision_module(self, through_last: bool = False, bucket=None):
+        if bucket is None or self.is_body():
+            return None
+        if through_last:
+            raise PassNotApplicable(f"{self.model_class}: a vision-stage pass reading the vision tower's last "
+                                    "layer past the feature layer is not supported on anyres images")
+        if bucket[0] == "video":
+            return AnyresVisionStage(self, None, crops=bucket[1])
+        return AnyresVisionStage(self, bucket)
+
+    def vision_eager_module(self, bucket):
+        return AnyresImageFeatures(self, None if bucket[0] == "video" else bucket)
+
+    def vision_example(self, bucket, images: int):
+        vc = self.config().vision_config
+        param = next(self.body().vision_tower.parameters())
+        crops = bucket[1] if bucket[0] == "video" else crop_count(self, bucket)
+        return torch.zeros(images, crops, vc.num_channels, vc.image_size, vc.image_size,
+                           device=param.device, dtype=param.dtype)
+
+    def vision_bucket(self, rows: int, cols: int) -> tuple[int, int]:
+        """The prune-time probe bucket (an anyres image is no rows x cols grid): the largest crop grid's
+        resolution whose packing is a gather (LLaVA-OneVision interpolates the largest ones)."""
+        for size in sorted(self.config().image_grid_pinpoints, key=lambda hw: -hw[0] * hw[1]):
+            try:
+                packed_index(self, size)
+            except InputError:
+                continue
+            return tuple(size)
+        raise PassNotApplicable(f"{self.model_class}: every crop grid of image_grid_pinpoints is packed by "
+                                "interpolation, so no image's feature tokens are encoder patches a vision-stage pass "
+                                "could score; use a feature-level or an LLM-stage pass")
+
+    def vision_stage_inputs(self, layout: VisionLayout, video_unit: str = "frame", image_sizes=None,
+                            pixel_values=None, pixel_values_videos=None, **inputs):
+        """Each unit's crops: an image's (pixel_values less the processor's padding crops), all of one image size
+        (the bucket); or a video frame (bucket ("video", 1)) or whole video (("video", frames)), one frame a crop."""
+        kinds = {unit.split()[0] for unit in layout.units}
+        if len(kinds) != 1:
+            raise InputError(f"{self.model_class}: a vision-stage pass runs one encoder graph per call, and the "
+                             f"prompt holds images and videos ({list(layout.units)}); prune them in separate prompts")
+        b = layout.pos.shape[0]
+        if kinds == {"video"}:
+            per = pixel_values_videos.shape[0] // b
+            frames = 1 if video_unit == "frame" else pixel_values_videos.shape[1]
+            rows = []
+            for i in range(b):
+                for unit in layout.units:
+                    words = unit.split()
+                    video = pixel_values_videos[i * per + int(words[1])]
+                    rows.append(video[int(words[3]):int(words[3]) + 1] if video_unit == "frame" else video)
+            return ("video", frames), torch.stack(rows)
+        sizes = {tuple(int(s) for s in size) for size in image_sizes.tolist()}
+        if len(sizes) != 1:
+            raise InputError(f"images of sizes {sorted(sizes)}: a vision-stage pass runs one encoder graph per call, "
+                             "so a prompt's images (and a batch's) must share one size (H, W); resize them to one")
+        size = sizes.pop()
+        crops = crop_count(self, size)
+        per = image_sizes.shape[0] // b
+        rows = [pixel_values[i * per + int(unit.split()[1]), :crops] for i in range(b) for unit in layout.units]
+        return size, torch.stack(rows)
+
+    def separator_embeds(self, embeds, input_ids, separators):
+        """The image_newline rows at an image's newline slots (separators holding the image token)."""
+        at = separators & (input_ids == self.image_token_id())
+        return torch.where(at[..., None], self.body().image_newline.to(embeds.dtype), embeds)
 
     def vision_layout(self, input_ids, video_unit: str = "frame", modalities=MODALITIES,
                       **inputs) -> VisionLayout | None:

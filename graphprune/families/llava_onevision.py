@@ -16,11 +16,17 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     model_types = ("llava_onevision",)
     vision_inputs = ("pixel_values", "image_sizes", "pixel_values_videos")
     video_newline = 1         # the image_newline closing each video
+    vision_has_cls = False    # SigLIP
 
     def pack_markers(self, body, marker, image_size) -> torch.Tensor:
         packed, _ = body.pack_image_features([marker], image_size[None], image_newline=torch.zeros(1, device=marker.device),
                                              vision_aspect_ratio=self.config().vision_aspect_ratio)
         return packed[0]
+
+    def separator_embeds(self, embeds, input_ids, separators):
+        """image_newline at an image's newline slots and at the slot closing each video."""
+        at = separators & ((input_ids == self.image_token_id()) | (input_ids == self.video_token_id()))
+        return torch.where(at[..., None], self.body().image_newline.to(embeds.dtype), embeds)
 
     def video_features(self, body, pixel_values_videos, **kw):
         return onevision_video_features(body, pixel_values_videos, **kw)

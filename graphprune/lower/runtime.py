@@ -323,7 +323,11 @@ class PrunedModel(nn.Module, GenerationMixin):
             vision_pos = new_pos
         if protected is not None:
             protected = protected.reshape(b, n, -1)
-        embeds = self.family.embed(input_ids) if embeds is None else embeds
+        if embeds is None:
+            embeds = self.family.embed(input_ids)
+            if self.program.vision_passes:      # the vision graph gave the units' tokens; separators are the family's
+                separators = layout.separators if kept is None else layout.separators.gather(1, keep)
+                embeds = self.family.separator_embeds(embeds, input_ids, separators)
         if "deepstack_rows" in lm_inputs:
             lm_inputs["deepstack_embeds"] = deepstack_embeds(lm_inputs.pop("deepstack_rows"), vision_pos, embeds)
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PassNotApplicable
 
 
 def grid_side(v: int) -> int:
@@ -22,6 +22,16 @@ def grid_side(v: int) -> int:
         raise InputError(f"{v} vision tokens per image do not form a square patch grid; grid-based methods "
                          "need the full grid (run them before any pass that drops tokens)")
     return g
+
+
+def require_one_grid(name: str, anatomy) -> None:
+    """Refuse a grid-based vision-stage pass where a unit's tokens are gathered from several encoder sequences
+    (anatomy.token_patches: LLaVA-NeXT / OneVision anyres crops, OneVision's pooled video frames)."""
+    if anatomy.token_patches is not None:
+        raise PassNotApplicable(f"{name}: {anatomy.model_class}'s vision units here are gathered from {anatomy.crops} "
+                                "encoder sequence(s) (an anyres image's base view then its crops' unpadded rows, or "
+                                f"2 x 2 pooled video frames), not one patch grid {name} could lay its tokens on; use "
+                                "vision_topk, cls_topk, random(stage='vision') or visionzip")
 
 
 def cosine_matrix(x, y=None):

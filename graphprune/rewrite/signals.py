@@ -102,6 +102,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         text_pos = g.call_function(tokenops.positions_of, (at.seq_index, layout_input(gm, anat, "text_index")))
         text_mask = layout_input(gm, anat, "text_mask")
     keys = (at.vision_pos if earlier is None else earlier) if tokens == "vision" else text_pos
+    if anat.token_patches is not None:
+        return _crop_signal(g, anat, sig, name, src, keys, p)
     if isinstance(sig, AttendTogether):
         if anat.stage != "vision":
             raise PassConfigError(f"{p.name}: AttendTogether is a vision-encoder signal, got it in the {anat.stage} stage")
@@ -159,6 +161,40 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         b, toks = seq_dims(out, anat)
         return _features_at(g, out, keys, tokens, b or 0, toks[0] if toks else 1)
     raise PassConfigError(f"{p.name}: unknown signal {sig!r}")
+
+
+def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: TokenPass) -> fx.Node:
+    """A signal of an anyres vision stage (images of several crops, each its own encoder sequence): computed
+    per crop, then gathered to the feature tokens as the graph gathers the features (tokenops.crop_tokens)."""
+    att, offset = anat.layer(src).attention, int(bool(anat.has_cls))
+    gather = (offset, anat.crops, anat.token_patches)
+    if isinstance(sig, AttentionRows) and sig.query in ("cls", "all"):
+        if sig.query == "cls" and not anat.has_cls:
+            raise PassNotApplicable(f"{p.name} needs the CLS token of the vision encoder, and {anat.model_class} "
+                                    "has none")
+        scores = g.call_function(tokenops.crop_attention, (att.q, att.k, sdpa_mask(att.node), att.scale, offset,
+                                                           sig.query))
+        rows = g.call_function(tokenops.token_features, (g.call_function(tokenops.crop_tokens, (scores, *gather)),
+                                                         keys))
+        return g.call_function(_one_query, (rows,))
+    if isinstance(sig, (Keys, Values)):
+        flat = g.call_function(_heads_to_features, (att.k if isinstance(sig, Keys) else att.v,))
+        return _features_at(g, g.call_function(tokenops.crop_tokens, (flat, *gather)), keys, "vision", 0, 1)
+    if isinstance(sig, Hidden) and anat.patches_per_token > 1:
+        raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: {anat.model_class}'s video tokens are pooled "
+                                f"from {anat.patches_per_token} encoder patches after its projector, so a token has no "
+                                "hidden state of its own; prune these videos by scores (vision_topk, random)")
+    if isinstance(sig, Hidden) and not sig.norm:
+        rows = g.call_function(tokenops.crop_tokens, (anat.layer(src).output, *gather))
+        return _features_at(g, rows, keys, "vision", 0, 1)
+    raise PassNotApplicable(f"{p.name}: signal {name}={sig!r} is not available on {anat.model_class}'s anyres "
+                            "images (several crops, each its own encoder sequence): their vision-stage signals are "
+                            "CLS attention, attention received, keys, values and hidden states")
+
+
+def _one_query(rows):
+    # (B, n, V) scores of one query -> AttentionRows' (B, 1, n, V)
+    return rows[:, None]
 
 
 def _sequence_index(gm, anat: Anatomy, sig: SequenceIndex, state: TokenState, p: TokenPass) -> fx.Node:

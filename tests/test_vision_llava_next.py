@@ -1,0 +1,175 @@
+"""Vision-stage pruning on LLaVA-NeXT (CLIP, with CLS) and LLaVA-OneVision (SigLIP, no CLS) anyres images: the
+tower captured per image size (its crops, unpadding and newline rows constant), vision_topk (attention
+received), cls_topk, random at the vision stage and VisionZip, `keep` counting per image.
+
+Against tests/reference_vision_llava_next.py (independent: the feature layer's attention by hand per crop, laid
+in prompt order by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept
+tokens, prefill logits (fp32, atol 1e-5) and 16 greedy tokens, two images per prompt and two image sizes (two
+buckets); a left-padded batch of 2 equals each sample alone; what cannot apply is refused before any work."""
+import pytest
+import reference_vision_llava_next as RN
+import torch
+from checks import assert_batch_equals_samples, assert_same_run
+
+import graphprune as gp
+from graphprune.capture.export import capture_vision
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.families import family_of
+from graphprune.families.anyres_vision import packed_index
+from graphprune.rewrite.pipeline import Program
+from graphprune.targets.onnx import export_onnx
+from graphprune.tools import family_zoo
+from graphprune.verify.eager import check_against_eager
+
+STEPS = 16
+pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
+
+
+_BUILT = {}
+
+
+def _built(family):
+    """One tiny model and its captured program per family, for the module."""
+    if family not in _BUILT:
+        model = family_zoo.build(family)
+        _BUILT[family] = model, Program.capture(model, stages=("vision", "prefill", "decode"))
+    return _BUILT[family]
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+def anyres(request):
+    return _built(request.param)
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    return _built("llava_next")
+
+
+def _example(model, size=(50, 90), seed=40, **kw):
+    return family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "image"), image_size=size, seed=seed, **kw)
+
+
+def test_captured_stage_equals_get_image_features(anyres):
+    """The captured graph of an image size gives the model's get_image_features rows, newline rows left out
+    (those equal to image_newline), image by image; the capture checks itself against that."""
+    model, _ = anyres
+    cfg, size = model.config, (50, 90)
+    stage = capture_vision(family_of(model), bucket=size)
+    ex = _example(model, size)
+    crops = RN.crops_of(model, torch.tensor(size))
+    extra = {"vision_aspect_ratio": cfg.vision_aspect_ratio} if cfg.model_type == "llava_onevision" else {}
+    with torch.no_grad():
+        want = model.model.get_image_features(ex.pixel_values, ex.image_sizes, vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy, **extra)
+        got = stage.gm(ex.pixel_values[:, :crops])[0]
+    for image, rows in enumerate(want.pooler_output):
+        rows = rows[~(rows == model.model.image_newline).all(-1)]
+        torch.testing.assert_close(got[image], rows, atol=1e-5, rtol=1e-5)
+    assert check_against_eager(stage) < 1e-5
+
+
+CASES = {"llava_next": [("vision_topk(keep=6)", "received", 6, "keep", (112, 56)),      # a second bucket, tall image
+                        ("cls_topk(keep=5)", "cls", 5, "compact", (50, 90))],
+         "llava_onevision": [("vision_topk(keep=6)", "received", 6, "keep", (50, 90)),
+                             ("random(stage='vision', keep=7, seed=3)", "random", 7, "keep", (50, 90))]}
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_matches_reference(anyres, case):
+    model, program = anyres
+    spec, how, keep, positions, size = CASES[model.config.model_type][case]
+    ex = _example(model, size)
+    chosen = RN.picks(model, ex, keep, how, seed=3)
+    ref = RN.generate(model, ex, chosen, STEPS, positions)
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_visionzip_matches_reference(anyres):
+    """VisionZip: contextual merging by key similarity, the authors' compact sequence; dominance by CLS
+    attention (LLaVA-NeXT's CLIP) or, on SigLIP (no CLS), by the attention each token receives."""
+    model, program = anyres
+    ex = _example(model, seed=44)
+    dominant = "cls" if model.config.model_type == "llava_next" else "received"
+    chosen, values = RN.visionzip(model, ex, keep=8, contextual=3, dominant=dominant)
+    ref = RN.generate(model, ex, chosen, STEPS, "compact", values)
+    spec = f"visionzip(keep=8, contextual=3, dominant={'cls' if dominant == 'cls' else 'attention'!r})"
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_batch_equals_alone(llava_next):
+    model, program = llava_next
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=47)
+    assert_batch_equals_samples(gp.prune(model, "cls_topk(keep=6)", program=program), ex, STEPS)
+
+
+def test_refused_before_work(llava_next, tmp_path):
+    """Images of two sizes in one call (two encoder graphs) are refused naming the sizes; an ONNX export, whose
+    vision.onnx is the model's own unpruned encoding, refuses a vision-stage pass."""
+    model, program = llava_next
+    pruned = gp.prune(model, "vision_topk(keep=6)", program=program)
+    ex = _example(model)
+    with pytest.raises(PassConfigError, match=r"vision_topk\(keep=6.*writes as the model's own encoding of one shape "
+                                              r"bucket, unpruned"):
+        export_onnx(pruned, tmp_path / "out", example=ex)
+    assert not (tmp_path / "out").exists()
+    ex.image_sizes = torch.tensor([[50, 90], [50, 90], [50, 90], [48, 90]])   # the same tokens, another size
+    with pytest.raises(InputError, match=r"images of sizes \[\(48, 90\), \(50, 90\)\].*must share one size"):
+        pruned(**ex.as_kwargs())
+
+
+@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)",
+                                  "visiontrim_vision(keep=8)"])
+def test_grid_passes_refused_on_anyres_images(llava_next, spec):
+    """A pass that lays an image's tokens on one patch grid (or merges inside the encoder) is refused at prune
+    time: an anyres image is a base view and crops' unpadded rows, several encoder sequences."""
+    model, program = llava_next
+    with pytest.raises(PassNotApplicable, match=r"gathered from 5 encoder sequence\(s\).*not one patch grid"):
+        gp.prune(model, spec, program=program)
+
+
+def test_onevision_cls_and_interpolated_packing_refused(anyres):
+    """SigLIP has no CLS: cls_topk is refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
+    interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size."""
+    model, program = anyres
+    if model.config.model_type != "llava_onevision":
+        pytest.skip("LLaVA-OneVision only")
+    with pytest.raises(PassNotApplicable, match="cls_topk needs a \\[CLS\\] token.*vision_topk"):
+        gp.prune(model, "cls_topk(keep=5)", program=program)
+    fam = family_of(model)
+    model.config.vision_aspect_ratio = "anyres_max_2"           # at most 2 x 8 x 8 tokens: a 2 x 2 crop grid's 256 are pooled
+    try:
+        assert packed_index(fam, (112, 224)).numel() == 64 + 128
+        with pytest.raises(InputError, match=r"size \(224, 224\) is packed by interpolating"):
+            packed_index(fam, (224, 224))
+        model.config.vision_aspect_ratio = "anyres_max_1"
+        with pytest.raises(PassNotApplicable, match="every crop grid of image_grid_pinpoints is packed by interpolation"):
+            gp.prune(model, "vision_topk(keep=6)", program=program)
+    finally:
+        model.config.vision_aspect_ratio = "anyres_max_9"
+
+
+@pytest.mark.parametrize("spec,how,keep,unit", [("vision_topk(keep=5)", "received", 5, "frame"),
+                                                ("random(stage='vision', keep=9, seed=3)", "random", 9, "video")])
+def test_onevision_video_matches_reference(spec, how, keep, unit):
+    """LLaVA-OneVision videos: each frame through SigLIP, its tokens 2 x 2 pools of patches (a token's score the
+    mean over its 4 patches); `keep` per frame (video_unit='frame') or per video ('video')."""
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("video",), frames=3, seed=41)
+    chosen = RN.picks(model, ex, keep, how, seed=3, video_unit=unit)
+    ref = RN.generate(model, ex, chosen, STEPS, "keep", video_unit=unit)
+    assert_same_run(gp.prune(model, spec, program=program, video_unit=unit), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_onevision_video_refusals():
+    """A pass that needs a pooled video token's hidden state (visionzip) and a prompt of images and videos (two
+    encoder graphs) are refused before the prefill, naming why."""
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    zipped = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention')", program=program)
+    with pytest.raises(PassNotApplicable, match="pooled from 4 encoder patches.*no hidden state"):
+        zipped(**ex.as_kwargs())
+    # 11 frames of 16 tokens: a video of the image's 176, so that the units' budgets line up
+    both = family_zoo.example(model, batch=1, items=("image", "video"), frames=11, seed=41)
+    with pytest.raises(InputError, match="holds images and videos"):
+        gp.prune(model, "vision_topk(keep=5)", program=program, video_unit="video")(**both.as_kwargs())
