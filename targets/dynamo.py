@@ -49,6 +49,7 @@ from torch import fx
 
 from graphprune.anatomy.read import layer_of, module_path
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, UnsupportedModelError
+from graphprune.targets.dynamo_padding import watch_decodes
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
@@ -322,6 +323,9 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     family = rw.program.family
     b, s = embeds.shape[:2]
     family.check_run_length(s)           # a sliding window (Gemma 3) must not bind: decode steps check on
+    # Hugging Face's padded decode steps over the pruned caches are refused before dynamo traces them
+    lm = family.language_model()
+    watch_decodes(lm, lm.config.num_hidden_layers, _PADDED)
     if attention_mask is None:
         attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
     elif bool((attention_mask == 0).any()):
