@@ -11,6 +11,7 @@ video frames) equal gp.prune's; every family's compiled runs: tests/test_dynamo_
 """
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -203,6 +204,37 @@ def test_padded_batch_prefills_exactly_and_warns_that_hf_decode_cannot():
     finally:
         model.forward = forward
     assert torch.equal(ids[:, n:], pruned.generate(**plain, max_new_tokens=6, eos_token_id=[])[:, n:])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_runs_mask_free_where_the_prompt_is_plain_causal(padded):
+    """As graphprune.prune lowers it, the backend's prefill attends mask-free (is_causal=True) when
+    the prompt is plain causal; the mask's values pick, per call, between two compiled graphs: a
+    batch-1 prompt runs the mask-free one, a left-padded batch the masked one; logits as gp.prune's."""
+    import torch.nn.functional as F
+    from graphprune.targets.dynamo import _PROGRAMS
+
+    from graphprune.families import family_of
+    model = zoo.tiny_llava()            # its own instance: one rewritten program to look at
+    kw = zoo.llava_example(model, batch=2 if padded else 1, pad=(0, 3) if padded else (), seed=4).as_kwargs()
+    pipeline = "fastv(layer=2, keep=8)"
+    want = gp.prune(model, pipeline)(**kw).logits
+    compiled = _compiled(model, pipeline)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "padded batch")
+        with torch.no_grad():
+            compiled(**kw)                  # builds the rewritten prefill
+        (rewritten,) = _PROGRAMS[family_of(model).language_model()].values()
+        choice = rewritten.fn.call
+        sdpa = [n for n in choice.plain.graph.nodes if n.target is F.scaled_dot_product_attention]
+        assert len(sdpa) == 4 and all(n.kwargs["is_causal"] and len(n.args) == 3 for n in sdpa)
+        ran = []
+        for name in ("plain", "masked"):
+            getattr(choice, name).register_forward_pre_hook(lambda *_, name=name: ran.append(name))
+        with torch.no_grad():
+            got = compiled(**kw).logits
+    assert ran == ["masked" if padded else "plain"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_new_shapes_reuse_the_dynamic_rewrite(model):
