@@ -49,6 +49,7 @@ from torch import fx
 
 from graphprune.anatomy.read import layer_of, module_path
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, UnsupportedModelError
+from graphprune.targets.dynamo_padding import watch_decodes
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
@@ -297,10 +298,49 @@ def _rewritten(owner, opts: BackendOptions) -> Rewritten:
             from graphprune.targets.packed_linear import pack_linear_weights
             check_linear(owner, "packed")
             pack_linear_weights(gm, for_inductor=opts.compiler == "inductor")
-        fn = gm if opts.compiler == "eager" else StageCall(gm, torch.compile(gm, backend="inductor", dynamic=True))
+        fn = StageCall(gm, CausalChoice.of(gm, program.family.text_config(), opts.compiler))
         masked = any(t.masked for t in program.anatomy["prefill"].tokens)
         per_model[key] = Rewritten(program, opts.passes, fn, masked)
     return per_model[key]
+
+
+@dataclass
+class CausalChoice:
+    """The rewritten prefill compiled twice, as graphprune.prune lowers it (graphprune.lower.causal):
+    its attention over the captured causal mask reading that mask (`masked`), and mask-free with
+    is_causal=True (`plain`: SDPA's faster kernels, the mask's construction gone). Which one runs
+    depends on the mask's values, which no dynamo guard sees, so it is chosen per call on the host
+    (`plain_causal`: no padding, no invalid slot, no bidirectional group, within any sliding window).
+    Each compiles on its first call (a padded batch compiles the masked one)."""
+    masked: object
+    plain: object | None            # None: no attention reads the captured mask
+    mask_at: int                    # the attention_mask input's index
+    groups_at: int | None           # the attention_groups input's index (Gemma 3, PaliGemma)
+    window: int | None
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, text_config, compiler: str) -> "CausalChoice":
+        from graphprune.compat import sliding_window
+        from graphprune.lower.causal import use_causal_kernel
+        plain = fx.GraphModule(gm, gm.graph.__deepcopy__())
+        plain.meta.update(gm.meta)
+        names = [p.name for p in gm.graph.find_nodes(op="placeholder")]
+        if not use_causal_kernel(plain, text_config, always=True):
+            plain = None
+        at = {n: i for i, n in enumerate(names)}
+        return cls(_compiled_graph(gm, compiler), None if plain is None else _compiled_graph(plain, compiler),
+                   at.get("attention_mask"), at.get("attention_groups"), sliding_window(text_config))
+
+    def __call__(self, *args):
+        from graphprune.lower.causal import plain_causal
+        if self.plain is not None and plain_causal(args[self.mask_at], self.window,
+                                                   None if self.groups_at is None else args[self.groups_at]):
+            return self.plain(*args)
+        return self.masked(*args)
+
+
+def _compiled_graph(gm: fx.GraphModule, compiler: str):
+    return gm if compiler == "eager" else torch.compile(gm, backend="inductor", dynamic=True)
 
 
 _PADDED = ("padded batch: its prefill is pruned exactly, but decoding it needs graphprune's per-layer "
@@ -322,6 +362,9 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     family = rw.program.family
     b, s = embeds.shape[:2]
     family.check_run_length(s)           # a sliding window (Gemma 3) must not bind: decode steps check on
+    # Hugging Face's padded decode steps over the pruned caches are refused before dynamo traces them
+    lm = family.language_model()
+    watch_decodes(lm, lm.config.num_hidden_layers, _PADDED)
     if attention_mask is None:
         attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
     elif bool((attention_mask == 0).any()):
@@ -508,8 +551,13 @@ def _not_applied(opts: BackendOptions, why: str) -> None:
     warnings.warn(msg, stacklevel=3)
 
 
-def _compile(gm: fx.GraphModule, example_inputs, compiler: str):
-    if compiler == "eager":
+def _compile(gm: fx.GraphModule, example_inputs, opts: BackendOptions):
+    """A frame as captured (no pass applies to it), lowered as graphprune.prune lowers its graphs:
+    with linear="packed", its linears on oneDNN-packed weights (the vision tower's too)."""
+    if opts.linear == "packed":
+        from graphprune.targets.packed_linear import pack_frame_linears
+        pack_frame_linears(gm, example_inputs)
+    if opts.compiler == "eager":
         return gm.forward
     from torch._dynamo.backends.registry import lookup_backend
     return lookup_backend("inductor")(gm, example_inputs)
@@ -535,13 +583,13 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         _not_applied(opts, _UNSEEN_MERGE)
     if merge is not None:
         if not _family_supported(opts):
-            return _compile(gm, example_inputs, opts.compiler)
+            return _compile(gm, example_inputs, opts)
         if not layers:
-            return _merge_frame(gm, merge, _compile(gm, example_inputs, opts.compiler), opts)
+            return _merge_frame(gm, merge, _compile(gm, example_inputs, opts), opts)
         frame = _prune_frame(gm, merge, layers, opts)
         if frame is not None:
             return frame
-    compiled = _compile(gm, example_inputs, opts.compiler)
+    compiled = _compile(gm, example_inputs, opts)
     if vision and not layers:
         return VisionFrame(compiled)
     if not layers and merge is None:      # a decoder layer or final norm run as a frame of its own?

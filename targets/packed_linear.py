@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -67,16 +68,36 @@ def packed_weight(weight: torch.Tensor, rows_hint: int = 128) -> torch.Tensor:
     return packed
 
 
-# key -> packed copy, for graphprune::packed_linear; a key lives as long as the graph calling it
-_TWINS: dict[int, torch.Tensor] = {}
+@dataclass
+class _Twin:
+    """The packed copy registered under a key of graphprune::packed_linear. `follows`: the weight
+    reaches the kernel as a graph input (a dynamo frame's lifted parameter), which may be another
+    tensor on a later call, so the kernel checks each call that it is the one packed (its storage
+    and version) and packs the one it is handed otherwise."""
+    packed: torch.Tensor
+    follows: bool = False
+    storage: int = 0
+    version: int = 0
+
+
+# key -> its _Twin; a key lives as long as the graph calling it
+_TWINS: dict[int, _Twin] = {}
 _KEYS = itertools.count()
 
 
 @torch.library.custom_op("graphprune::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: int) -> torch.Tensor:
     """x @ weight.T + bias on the packed copy of `weight` registered under `key` (the plain weight
-    is an argument so that compilers see its shape and keep it alive, never read here)."""
-    return torch.ops.mkldnn._linear_pointwise(x, _TWINS[key], bias, "none", [], "")
+    is an argument so that compilers see its shape and keep it alive; read only by a key that
+    follows its weight, to tell whether it is still the one packed)."""
+    twin = _TWINS[key]
+    if twin.follows and (weight.data_ptr() != twin.storage or weight._version != twin.version):
+        twin = _TWINS[key] = _follow(weight)
+    return torch.ops.mkldnn._linear_pointwise(x, twin.packed, bias, "none", [], "")
+
+
+def _follow(weight: torch.Tensor) -> _Twin:
+    return _Twin(packed_weight(weight), True, weight.data_ptr(), weight._version)
 
 
 @packed_linear.register_fake
@@ -101,7 +122,7 @@ def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128, for_inductor: 
             continue                                 # a computed bias: leave this one to aten
         if for_inductor:
             key = next(_KEYS)
-            _TWINS[key] = packed_weight(weight, rows_hint)
+            _TWINS[key] = _Twin(packed_weight(weight, rows_hint))
             weakref.finalize(gm, _TWINS.pop, key, None)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(torch.ops.graphprune.packed_linear.default,
@@ -119,6 +140,43 @@ def pack_linear_weights(gm: fx.GraphModule, rows_hint: int = 128, for_inductor: 
         gm.graph.erase_node(node)
         if not plain.users:                          # the plain weight is no longer read
             gm.graph.erase_node(plain)
+        packed += 1
+    if packed:
+        gm.recompile()
+    return packed
+
+
+def _packable(weight) -> bool:
+    return (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.numel() >= MIN_ELEMENTS)
+
+
+def pack_frame_linears(gm: fx.GraphModule, example_inputs) -> int:
+    """Rewrite a dynamo frame's graph in place (the torch.compile backend's vision, projector, head
+    and decode frames, with linear="packed"): F.linear calls whose weight is a frame input holding
+    a float32 CPU parameter of at least MIN_ELEMENTS run graphprune::packed_linear on a packed copy.
+    Dynamo lifts parameters to frame inputs and reuses a frame for every module of the same class
+    without guarding on which, and weights may change in place: the kernel follows the weight it is
+    handed (_Twin.follows). Returns how many were rewritten."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    packed = 0
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]:
+        args = dict(zip(("input", "weight", "bias"), node.args), **node.kwargs)
+        weight, bias = args.get("weight"), args.get("bias")
+        if not isinstance(weight, fx.Node) or weight.op != "placeholder":
+            continue
+        value = example_inputs[placeholders.index(weight)]
+        if not isinstance(value, torch.nn.Parameter) or not _packable(value):
+            continue
+        key = next(_KEYS)
+        _TWINS[key] = _follow(value)
+        weakref.finalize(gm, _TWINS.pop, key, None)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.graphprune.packed_linear.default,
+                                         (args["input"], weight, bias, key))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
         packed += 1
     if packed:
         gm.recompile()

@@ -49,6 +49,7 @@ def test_inspect_tiny_qwen2vl_with_method(capsys):
     assert cost["totals"]["flops"] < cost["baseline"]["flops"]
 
 
+@pytest.mark.slow
 def test_inspect_llava_7b_on_meta(capsys):
     out = run_cli(capsys, "inspect", "--config", "llava-1.5-7b", "--method", "vtw(layer=16)", "--text-tokens", "64")
     assert "patch grid 24x24" in out and "layers  32" in out and "vs unpruned" in out

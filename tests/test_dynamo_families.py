@@ -24,6 +24,11 @@ PIPELINE = "fastv(layer=2, keep=3)"
 # the tier-2 cases whose merges run in frames of their own (the others: tests/test_families_tier2.py)
 SPLIT_TIER2 = ("glm4v-2images", "llava_next_video-image+video-per-video")
 PRUNED = list(CASES) + [c for c in TIER2 if c[0] in SPLIT_TIER2]
+# covered in the fast set by a case of the same code path (qwen2_5_vl-image+video, the LLaVA compile tests
+# of test_dynamo.py, llava_onevision-image+video-per-video; qwen2_vl's video frames: qwen2_5_vl-image+video):
+# `-m slow` runs them
+SLOW_CASES = ("qwen2_5_vl-image", "qwen2_vl-video", "qwen2_5_vl-video-per-video", "llava-2images",
+              "llava_onevision-video")
 
 
 def _compiled_forward(model, video_unit="frame", pipeline=PIPELINE):
@@ -32,7 +37,8 @@ def _compiled_forward(model, video_unit="frame", pipeline=PIPELINE):
                          options={"pipeline": pipeline, "compiler": "eager", "video_unit": video_unit})
 
 
-@pytest.mark.parametrize("case", PRUNED, ids=[c[0] for c in PRUNED])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else [])
+                                  for c in PRUNED])
 def test_compiled_equals_prune(case):
     _, family, items, unit = case
     model, program = _model(family)
@@ -64,8 +70,10 @@ def _forward_and_generate(model, compiled_forward, kw):
         model.forward = forward
 
 
-# Qwen3-VL's per-layer frames with the other LLM-stage methods (fastv: test_compiled_equals_prune)
-QWEN3_PIPELINES = ["dart(layer=2, keep=6)", "vtw(layer=2)", "random(layer=1, keep=0.5, seed=3)"]
+# Qwen3-VL's per-layer frames with the other LLM-stage methods, `-m slow` (fastv runs through the same frames
+# in the fast set: test_compiled_equals_prune[qwen3_vl-image+video])
+QWEN3_PIPELINES = [pytest.param(p, marks=pytest.mark.slow)
+                   for p in ("dart(layer=2, keep=6)", "vtw(layer=2)", "random(layer=1, keep=0.5, seed=3)")]
 
 
 @pytest.mark.parametrize("pipeline", QWEN3_PIPELINES)

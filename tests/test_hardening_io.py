@@ -172,7 +172,8 @@ def test_two_compiled_models_of_one_architecture_each_run_their_own_weights():
     assert not torch.allclose(got[0], got[1])
 
 
-@pytest.mark.parametrize("mode,quiet", [("raise", False), ("warn", False), ("raise", True)])
+@pytest.mark.parametrize("mode,quiet", [pytest.param("raise", False, marks=pytest.mark.slow), ("warn", False),
+                                        ("raise", True)])
 def test_recompile_limit_never_runs_unpruned_silently(mode, quiet):
     """Every torch.compile of the same model with other options adds cache entries to the same
     frames; past recompile_limit dynamo would run the call eagerly. Each call is pruned or raises,

@@ -87,6 +87,7 @@ def test_key_layer_option_is_checked(llava):
         gp.prune(model, "mustdrop", keep=64, key_layer=23, program=program)
 
 
+@pytest.mark.slow
 def test_last_layer_key_set_exports_to_onnx(llava, tmp_path):
     """The vision stage captured through its last layer exports and runs on ONNX Runtime as eagerly."""
     pytest.importorskip("onnxruntime")

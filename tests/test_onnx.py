@@ -48,7 +48,9 @@ def examples(model):
             "batch1": zoo.llava_example(model, batch=1, seed=1).as_kwargs()}
 
 
-@pytest.fixture(scope="module", params=list(METHODS))
+# fastv (the CLI export) and mustdrop (vision-stage merge + LLM stage) in the fast set; `-m slow` exports the rest
+@pytest.fixture(scope="module", params=[pytest.param(m, marks=[] if m in ("fastv", "mustdrop") else [pytest.mark.slow])
+                                        for m in METHODS])
 def exported(request, model, tmp_path_factory):
     name = request.param
     out = tmp_path_factory.mktemp("onnx") / name

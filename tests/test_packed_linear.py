@@ -188,6 +188,7 @@ def test_inductor_kernel_equals_aten_linear_at_any_row_count():
             torch.testing.assert_close(compiled(xs), lin(xs), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_backend_with_packed_linears_equals_prune(llava):
     """torch.compile(..., options={"linear": "packed"}): the rewritten prefill's linears packed, as opaque
     kernels under Inductor, logits as graphprune.prune's."""
@@ -206,3 +207,33 @@ def test_compile_backend_with_packed_linears_equals_prune(llava):
     assert any(n.target is kernel for gm in pruned_graphs(model) for n in gm.graph.nodes)
     torch._dynamo.reset()
 
+
+
+def test_compile_backend_packs_every_frame_and_follows_the_weights_it_is_handed():
+    """linear="packed" packs the linears of every frame the backend compiles (vision tower, projector,
+    head), as graphprune.prune packs every stage. Dynamo lifts parameters to frame inputs and reuses a
+    frame for another model of the same class, and weights change in place: each call runs the
+    weights it is handed. Logits as graphprune.prune's for two models through the same frames, and
+    after an in-place update."""
+    from graphprune.tools.zoo import tiny_llava
+    pipeline = "fastv(layer=2, keep=8)"
+    first, second = tiny_llava(seed=0), tiny_llava(seed=1)
+    batch = llava_example(first, batch=1, seed=5).as_kwargs()
+    torch._dynamo.reset()
+    before = set(packed_linear._TWINS)
+    # compiler="eager": the frames' graphs run as rewritten (Inductor runs the same kernel:
+    # test_compile_backend_with_packed_linears_equals_prune)
+    options = {"pipeline": pipeline, "compiler": "eager", "linear": "packed"}
+    with torch.no_grad():
+        for model in (first, second):
+            got = torch.compile(model, backend="graphprune", options=options)(**batch).logits
+            torch.testing.assert_close(got, gp.prune(model, pipeline)(**batch).logits, atol=1e-5, rtol=1e-5)
+        frames = [packed_linear._TWINS[k] for k in set(packed_linear._TWINS) - before]
+        # the tiny vision tower's 3 layers x 6 linears, the projector's 2, the head
+        assert sum(t.follows for t in frames) >= 3 * 6 + 2 + 1
+        fc1 = next(m for name, m in first.named_modules() if "vision_tower" in name and name.endswith("mlp.fc1"))
+        fc1.weight.mul_(1.5)
+        got = torch.compile(first, backend="graphprune", options=options)(**batch).logits
+        want = gp.prune(copy.deepcopy(first), pipeline)(**batch).logits     # a copy captures the new weights
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

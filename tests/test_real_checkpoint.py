@@ -158,6 +158,7 @@ def _cli(args, hub):
                            *args], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_hub_id_from_local_cache(ckpt, tmp_path):
     hub = _hub_cache(tmp_path / "hub", ckpt["model"])
     out = tmp_path / "bench.json"

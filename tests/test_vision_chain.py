@@ -80,6 +80,7 @@ def test_chains_that_cannot_compose_are_refused(llava, spec, words):
         assert w in str(err.value)
 
 
+@pytest.mark.slow
 def test_chain_exports_to_onnx(llava, tmp_path):
     """Chained vision passes keep static shapes: the rewritten stages export, and ONNX Runtime runs them
     as eager graphprune does."""

@@ -19,8 +19,11 @@ tokens stay causal among themselves because every LLM-stage selection keeps them
 sequence with its own causal mask). Attention behind a static-capacity key mask
 (`tokenops.mask_keys`) or any other mask a pass built keeps its mask.
 
-This is a lowering: the program's graphs (ONNX export, reports, the torch.compile backend) keep
-the masked attention.
+This is a lowering: the program's graphs (ONNX export, reports) keep the masked attention. The
+torch.compile backend cannot branch on the mask's content inside a graph Inductor compiles (a
+guard sees shapes, not values), so it compiles two graphs, the masked one and `always=True`'s
+copy whose attention is mask-free unconditionally (the mask's construction then dead and dropped),
+and picks one per call on the host with `plain_causal` (targets/dynamo.py, CausalChoice).
 """
 from __future__ import annotations
 
@@ -47,9 +50,11 @@ def plain_causal(attention_mask: torch.Tensor, window: int | None, groups: torch
             and (window is None or attention_mask.shape[-1] <= window))
 
 
-def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
+def use_causal_kernel(gm: fx.GraphModule, text_config, always: bool = False) -> int:
     """Rewrite a prefill graph in place: SDPA nodes over the captured causal mask choose the
-    mask-free causal kernel per call (see the module docstring). Returns how many."""
+    mask-free causal kernel per call (see the module docstring), or, `always`, run it on every call
+    (the graph is then valid for plain-causal prompts only: the caller checks `plain_causal`).
+    Returns how many."""
     g = gm.graph
     attention_mask = next((n for n in g.find_nodes(op="placeholder") if n.name == "attention_mask"), None)
     groups = next((n for n in g.find_nodes(op="placeholder") if n.name == "attention_groups"), None)
@@ -63,16 +68,22 @@ def use_causal_kernel(gm: fx.GraphModule, text_config) -> int:
         dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         if att.is_causal or dropout or captured_mask(att.mask) is None:
             continue
-        if plain is None:                   # decided once per call, before the first attention
+        if plain is None and not always:    # decided once per call, before the first attention
             with g.inserting_before(node):
                 plain = g.call_function(plain_causal, (attention_mask, window, groups))
         with g.inserting_before(node):
-            new = g.call_function(causal_or_masked_attention, (att.q, att.k, att.v, att.mask, plain),
-                                  {"scale": att.scale, "enable_gqa": att.enable_gqa})
+            if always:
+                new = g.call_function(F.scaled_dot_product_attention, (att.q, att.k, att.v),
+                                      {"is_causal": True, "scale": att.scale, "enable_gqa": att.enable_gqa})
+            else:
+                new = g.call_function(causal_or_masked_attention, (att.q, att.k, att.v, att.mask, plain),
+                                      {"scale": att.scale, "enable_gqa": att.enable_gqa})
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)
         n += 1
     if n:
+        if always:                          # the mask's construction, now read by nothing (a functional graph)
+            g.eliminate_dead_code()
         gm.recompile()
     return n
