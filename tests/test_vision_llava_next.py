@@ -165,26 +165,28 @@ def test_onevision_video_matches_reference(spec, how, keep, unit):
 
 
 def test_onevision_video_refusals():
-    """A pass that needs a pooled video token's hidden state (visionzip) and a prompt of images and videos (two
-    encoder graphs) are refused before the prefill, naming why."""
+    """A pass that needs a pooled video token's hidden state (visionzip) is refused before the prefill, and so is
+    a prompt of images and videos (two encoder graphs) by the vision stage's inputs, naming why."""
     model, program = _built("llava_onevision")
     ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
     zipped = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention')", program=program)
     with pytest.raises(PassNotApplicable, match="pooled from 4 encoder patches.*no hidden state"):
         zipped(**ex.as_kwargs())
     # 11 frames of 16 tokens: a video of the image's 176, so that the units' budgets line up
-    both = family_zoo.example(model, batch=1, items=("image", "video"), frames=11, seed=41)
+    both = family_zoo.example(model, batch=1, items=("image", "video"), frames=11, seed=41).as_kwargs()
+    ids = both.pop("input_ids")
+    layout = family_of(model).vision_layout(ids, video_unit="video",
+                                            **{k: v for k, v in both.items() if k != "attention_mask"})
     with pytest.raises(InputError, match="holds images and videos"):
-        gp.prune(model, "vision_topk(keep=5)", program=program, video_unit="video")(**both.as_kwargs())
+        family_of(model).vision_stage_inputs(layout, video_unit="video", **both)
 
 
-def test_llava_next_video_images_pruned_videos_refused():
-    """LLaVA-NeXT-Video: its anyres images run the same vision stage (kept sets equal the reference's); its
-    videos, pooled by vision_resampler before the projector, are refused before the prefill, naming why."""
-    model, program = _built("llava_next_video")
-    pruned = gp.prune(model, "vision_topk(keep=3)", program=program)     # a video frame here: 2 x 2 tokens
-    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image",), seed=40)
-    assert torch.equal(pruned(**ex.as_kwargs()).kept, RN.keep_index(model, ex, RN.picks(model, ex, 3, "received")))
-    video = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+def test_llava_next_video_videos_refused():
+    """LLaVA-NeXT-Video (LLaVA-NeXT's anyres images, the same vision stage): its videos, pooled by
+    vision_resampler before the projector, are refused by the vision stage's inputs, naming why."""
+    model = family_zoo.build("llava_next_video")
+    fam, video = family_of(model), family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    kw = video.as_kwargs()
+    layout = fam.vision_layout(kw.pop("input_ids"), **{k: v for k, v in kw.items() if k != "attention_mask"})
     with pytest.raises(PassNotApplicable, match="vision_resampler pools each frame's patches before the projector"):
-        pruned(**video.as_kwargs())
+        fam.vision_stage_inputs(layout, **kw)
