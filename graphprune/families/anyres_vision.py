@@ -12,8 +12,9 @@ grids) is no gather, and is refused for a vision-stage pass.
 `AnyresVisionStage` then runs the model's own tower on every crop of a batch of images of that size
 (images x crops encoder sequences), takes the feature layer (CLS dropped by the "default" strategy),
 gathers the image's tokens in prompt order and runs the projector: (images, tokens, D). The graph
-states the gather (`graphprune_token_patches`, `graphprune_crops`), so that signals computed per crop
-patch (CLS attention, attention received, keys, hidden states) are gathered to the tokens the same way.
+holds the gather (its `token_patches` buffer; `graphprune_crops` in its meta), so that anatomy finds it and
+signals computed per crop patch (CLS attention, attention received, keys, hidden states) are gathered to
+the tokens the same way (tokenops.crop_tokens).
 The capture is checked against `AnyresImageFeatures`, the model's own get_image_features.
 
 LLaVA-OneVision's video frames are one crop each, their projected patch features pooled 2 x 2 (apply_pooling:
