@@ -15,7 +15,7 @@ import graphprune as gp
 from graphprune.capture.export import capture_vision
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, ShapeBucketWarning
 from graphprune.families import family_of
-from graphprune.families.anyres_vision import packed_index
+from graphprune.families.anyres_vision import packed_index, pooled_index
 from graphprune.rewrite.pipeline import Program
 from graphprune.targets.onnx import export_onnx
 from graphprune.tools import family_zoo
@@ -133,7 +133,8 @@ def test_grid_passes_refused_on_anyres_images(llava_next, spec):
 
 def test_onevision_cls_and_interpolated_packing_refused(anyres):
     """SigLIP has no CLS: cls_topk is refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
-    interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size."""
+    interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size; so
+    is a video frame grid of odd side, which apply_pooling interpolates."""
     model, program = anyres
     if model.config.model_type != "llava_onevision":
         pytest.skip("LLaVA-OneVision only")
@@ -150,6 +151,13 @@ def test_onevision_cls_and_interpolated_packing_refused(anyres):
             gp.prune(model, "vision_topk(keep=6)", program=program)
     finally:
         model.config.vision_aspect_ratio = "anyres_max_9"
+    assert pooled_index(fam).tolist()[:2] == [[0, 1, 8, 9], [2, 3, 10, 11]]     # 2 x 2 blocks of the 8 x 8 grid
+    model.config.vision_config.image_size = 98                  # a 7 x 7 frame grid: bilinear pooling interpolates
+    try:
+        with pytest.raises(InputError, match="7 x 7 patch grid is pooled by interpolation, not 2 x 2 averages"):
+            pooled_index(fam)
+    finally:
+        model.config.vision_config.image_size = 112
 
 
 @pytest.mark.parametrize("spec,how,keep,unit", [("vision_topk(keep=5)", "received", 5, "frame"),
