@@ -106,7 +106,8 @@ class AnyresVisionStage(nn.Module):
             index = torch.cat([frame + f * self.patches for f in range(crops)])
         else:
             self.crops, index = crop_count(family, image_size), packed_index(family, image_size)[:, None]
-        self.register_buffer("token_patches", index, persistent=False)      # (tokens, patches a token)
+        device = next(self.vision_tower.parameters()).device
+        self.register_buffer("token_patches", index.to(device), persistent=False)      # (tokens, patches a token)
         # anatomy's token "grid": one row of the unit's tokens (several crop grids, or frames)
         self.grid = (1, int(index.shape[0]))
 
@@ -139,5 +140,5 @@ class AnyresImageFeatures(nn.Module):
             rows = self.family.vision_feature_rows(pixel_values_videos=pixel_values)
             return rows.reshape(n, -1, rows.shape[-1])[:, :-1]
         rows = self.family.vision_feature_rows(pixel_values=pixel_values,
-                                               image_sizes=torch.tensor([self.image_size] * n))
+                                               image_sizes=torch.tensor([self.image_size] * n, device=pixel_values.device))
         return rows.reshape(n, self.newline.numel(), -1)[:, ~self.newline]
