@@ -193,6 +193,38 @@ def test_decode_builds_key_masks_only_when_a_key_is_padding(llava):
         assert cache.keys_all_real is False
 
 
+def test_decode_step_frees_each_layers_old_cache_as_it_goes(llava):
+    # as transformers' cache does layer by layer: a layer's old keys / values die once the step has
+    # concatenated the new token onto them, not when the step ends (a cache the caller still holds,
+    # out.cache here, keeps its own); the logits are the step's on a cache copy that frees nothing
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model, program = llava
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    out = pruned(**llava_example(model, batch=1, seed=4).as_kwargs())
+    token = out.logits[:, -1].argmax(-1)
+    want, _ = pruned.decode_step(out.cache.copy(), token)
+    cache = out.cache.copy()
+    for layer in cache:                       # the step's cache alone holds these
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    old = [weakref.ref(t) for layer in cache for t in (layer.keys, layer.values)]
+
+    class AliveAtEachCat(TorchDispatchMode):
+        alive = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default and args[1:2] in ((2,), (-2,)):      # a key / value cat
+                self.alive.append(sum(r() is not None for r in old))
+            return func(*args, **(kwargs or {}))
+
+    with AliveAtEachCat() as seen:
+        got, cache = pruned.decode_step(cache, token)
+    assert len(seen.alive) == len(old) and seen.alive[-1] == 1, seen.alive    # only the last cat's own input
+    assert all(r() is None for r in old)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # -- errors, all raised before any graph runs -------------------------------------------------
 
 
