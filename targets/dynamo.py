@@ -45,11 +45,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from graphprune.targets.dynamo_padding import watch_decodes
 from torch import fx
 
 from graphprune.anatomy.read import layer_of, module_path
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, UnsupportedModelError
-from graphprune.targets.dynamo_padding import watch_decodes
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',

@@ -10,6 +10,7 @@ import pytest
 import reference_vision_llava_next as RN
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
+from graphprune.targets.onnx import export_onnx
 
 import graphprune as gp
 from graphprune.capture.export import capture_vision
@@ -17,7 +18,6 @@ from graphprune.errors import InputError, PassConfigError, PassNotApplicable, Sh
 from graphprune.families import family_of
 from graphprune.families.anyres_vision import packed_index, pooled_index
 from graphprune.rewrite.pipeline import Program
-from graphprune.targets.onnx import export_onnx
 from graphprune.tools import family_zoo
 from graphprune.verify.eager import check_against_eager
 
