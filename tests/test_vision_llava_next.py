@@ -1,6 +1,7 @@
 """Vision-stage pruning on LLaVA-NeXT (CLIP, with CLS) and LLaVA-OneVision (SigLIP, no CLS) anyres images: the
 tower captured per image size (its crops, unpadding and newline rows constant), vision_topk (attention
-received), cls_topk, random at the vision stage and VisionZip, `keep` counting per image.
+received), cls_topk, random at the vision stage, VisionZip and VisionTrim's vision stage (LTAM per crop grid),
+`keep` counting per image.
 
 Against tests/reference_vision_llava_next.py (independent: the feature layer's attention by hand per crop, laid
 in prompt order by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept
@@ -99,6 +100,16 @@ def test_visionzip_matches_reference(anyres):
     assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
 
 
+def test_visiontrim_vision_matches_reference(llava_next):
+    """VisionTrim's DVTS + TGVC on LLaVA-NeXT's anyres images: LTAM on each crop's own patch grid (patches unpadded
+    away are no tokens: never neighbours, never kept), the K + R budget over the image's tokens as a whole."""
+    model, program = llava_next
+    ex = _example(model, seed=45)
+    chosen, values = RN.visiontrim(model, ex, keep=8)
+    ref = RN.generate(model, ex, chosen, STEPS, "keep", values)
+    assert_same_run(gp.prune(model, "visiontrim_vision(keep=8)", program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
 def test_batch_equals_alone(llava_next):
     model, program = llava_next
     ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=47)
@@ -121,8 +132,7 @@ def test_refused_before_work(llava_next, tmp_path):
         pruned(**ex.as_kwargs())
 
 
-@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)",
-                                  "visiontrim_vision(keep=8)"])
+@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)"])
 def test_grid_passes_refused_on_anyres_images(llava_next, spec):
     """A pass that lays an image's tokens on one patch grid (or merges inside the encoder) is refused at prune
     time: an anyres image is a base view and crops' unpadded rows, several encoder sequences."""
