@@ -9,14 +9,17 @@ tokens, prefill logits (fp32, atol 1e-5) and 16 greedy tokens, two images per pr
 buckets); a left-padded batch of 2 equals each sample alone; what cannot apply is refused before any work."""
 import pytest
 import reference_vision_llava_next as RN
+import reference_visiontrim as VT
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
 
 import graphprune as gp
+from graphprune import tokenops
 from graphprune.capture.export import capture_vision
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, ShapeBucketWarning
 from graphprune.families import family_of
 from graphprune.families.anyres_vision import packed_index, pooled_index
+from graphprune.rewrite.blocks import table_ltam_scores
 from graphprune.rewrite.pipeline import Program
 from graphprune.targets.onnx import export_onnx
 from graphprune.tools import family_zoo
@@ -108,6 +111,22 @@ def test_visiontrim_vision_matches_reference(llava_next):
     chosen, values = RN.visiontrim(model, ex, keep=8)
     ref = RN.generate(model, ex, chosen, STEPS, "keep", values)
     assert_same_run(gp.prune(model, "visiontrim_vision(keep=8)", program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_crop_ltam_matches_reference_on_sparse_crops():
+    """LTAM per crop grid against reference_visiontrim's LTAM of present tokens: two 4 x 4 crops, tokens in a
+    shuffled order, some patches absent (unpadded away) so that one token has no neighbour (it scores 0)."""
+    side, gen = 4, torch.Generator().manual_seed(5)
+    present = [p for p in range(32) if p not in (1, 4, 5, 17, 18, 20, 21, 22, 24, 25, 26)]   # patch 16: isolated
+    patches = torch.tensor(present)[torch.randperm(len(present), generator=gen)]
+    feats = torch.randn(2, 1, len(present), 6, generator=gen)
+    table = tokenops.crop_neighbours(patches[:, None], torch.arange(len(present)).expand(2, 1, -1), 0, side, 2, 3)
+    got = table_ltam_scores(feats, table, 3, 1.0, 0.7, 0.5)
+    crop, cell = patches // 16, patches % 16              # crops one under the other, a row apart: no shared window
+    slots = (crop * (side + 1) + cell // side) * side + cell % side
+    want = VT.ltam_scores(feats[:, 0], side, 3, 1.0, 0.7, 0.5, patch_index=slots.expand(2, -1))
+    torch.testing.assert_close(got[:, 0], want, atol=1e-6, rtol=1e-5)
+    assert got[0, 0, (patches == 16).nonzero()[0, 0]] == 0
 
 
 def test_batch_equals_alone(llava_next):
