@@ -146,7 +146,8 @@ class VisionTrimVision(_VisionTrimBase):
     def requires(self, anatomy):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"visiontrim_vision needs the CLS token of the vision encoder; "
-                                    f"{anatomy.model_class} has none (use visiontrim_llm)")
+                                    f"{anatomy.model_class} has none (use visiontrim_llm where each image is one "
+                                    "patch grid; on anyres crops vision_topk or visionzip(dominant='attention'))")
         if anatomy.grid is not None:
             v = anatomy.grid[0] * anatomy.grid[1]
             k, r = split_budget(self.config.keep, self.config.dominant)

@@ -161,7 +161,7 @@ def test_grid_passes_refused_on_anyres_images(llava_next, spec):
 
 
 def test_onevision_cls_and_interpolated_packing_refused(anyres):
-    """SigLIP has no CLS: cls_topk is refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
+    """SigLIP has no CLS: cls_topk and visiontrim_vision are refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
     interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size; so
     is a video frame grid of odd side, which apply_pooling interpolates."""
     model, program = anyres
@@ -169,6 +169,8 @@ def test_onevision_cls_and_interpolated_packing_refused(anyres):
         pytest.skip("LLaVA-OneVision only")
     with pytest.raises(PassNotApplicable, match="cls_topk needs a \\[CLS\\] token.*vision_topk"):
         gp.prune(model, "cls_topk(keep=5)", program=program)
+    with pytest.raises(PassNotApplicable, match="visiontrim_vision needs the CLS token.*anyres crops vision_topk"):
+        gp.prune(model, "visiontrim_vision(keep=8)", program=program)
     fam = family_of(model)
     model.config.vision_aspect_ratio = "anyres_max_2"           # at most 2 x 8 x 8 tokens: a 2 x 2 crop grid's 256 are pooled
     try:
