@@ -343,3 +343,27 @@ def positions_in_earlier(earlier_index, seq_index, vision_pos):
     b, n, v = vision_pos.shape
     original = token_features(seq_index, vision_pos).reshape(b, n * v)
     return positions_of(earlier_index, original).reshape(b, n, v)
+
+
+def crop_neighbours(token_patches, vision_pos, offset: int, side: int, crops: int, window: int):
+    """(B, n, V, window^2 - 1): for each vision token (vision_pos (B, n, V) indexing the offset + T rows of
+    crop_tokens), the token at each neighbour offset on its own crop's side x side patch grid (offsets in
+    raster order, as blocks.grid_neighbours), -1 where that cell is off the crop or holds no token (a patch
+    unpadded away, or a token pruned before). Windows never cross crops: each crop is its own image."""
+    b, n, v = vision_pos.shape
+    patch = token_patches[:, 0].index_select(0, (vision_pos - offset).reshape(-1)).reshape(b * n, v)
+    crop, cell = patch // (side * side), patch % (side * side)
+    row, col = cell // side, cell % side
+    owner = torch.full((b * n, crops * side * side), -1, dtype=torch.long, device=patch.device)
+    owner.scatter_(1, patch, torch.arange(v, device=patch.device).expand(b * n, v))
+    h = window // 2
+    found = []
+    for dr in range(-h, h + 1):
+        for dc in range(-h, h + 1):
+            if not (dr or dc):
+                continue
+            r, c = row + dr, col + dc
+            inside = (r >= 0) & (r < side) & (c >= 0) & (c < side)
+            at = crop * side * side + r.clamp(0, side - 1) * side + c.clamp(0, side - 1)
+            found.append(torch.where(inside, owner.gather(1, at), -1))
+    return torch.stack(found, -1).reshape(b, n, v, -1)

@@ -12,6 +12,14 @@ Output: the K dominant and R complement tokens per image, each at its own slot (
 Budget: keep = K + R, K:R = 3:1 by default (Tables 9-10). LLaVA has no CLIP text encoder, so the
 vision stage's text features are the LLM's input embeddings of the instruction tokens (the space
 the projected vision tokens live in). Exact readings of the equations: docs/methods.md.
+
+Anyres images (LLaVA-NeXT): an image is a base view and high-resolution crops, each its own square patch
+grid of the CLIP tower, then unpadded. LTAM (the one grid-bound part) runs per crop: a token's neighbours are
+the tokens of its window on its own crop (CropNeighbours), a patch unpadded away is no token, so never a
+neighbour and never kept; sigma_f / sigma_p pool the image's neighbour pairs. The global score is each token's
+own crop's CLS attention, softmaxed over the image. The K + R budget is the image's, as the paper's LLaVA-NeXT
+budgets (280 + 40 of 2880) are: DVTS's top K and TGVC's R centres are taken over all the image's tokens, with
+no per-crop quota, so a crop holding more dominant tokens keeps more.
 """
 import math
 from dataclasses import dataclass
@@ -20,8 +28,18 @@ import torch
 
 from graphprune import tokenops
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.rewrite.blocks import grid_side, ltam_scores, require_one_grid, tgvc, variance_weighting
-from graphprune.rewrite.pass_api import AttentionRows, Choose, Hidden, Plan, Projected, TextEmbeds, TextMask, TokenPass
+from graphprune.rewrite.blocks import grid_side, ltam_scores, table_ltam_scores, tgvc, variance_weighting
+from graphprune.rewrite.pass_api import (
+    AttentionRows,
+    Choose,
+    CropNeighbours,
+    Hidden,
+    Plan,
+    Projected,
+    TextEmbeds,
+    TextMask,
+    TokenPass,
+)
 from graphprune.rewrite.registry import register_pass, register_pipeline
 
 
@@ -31,14 +49,18 @@ def split_budget(keep: int, dominant: int | None) -> tuple[int, int]:
     return k, keep - k
 
 
-def trim(*, k, protected, valid, vision_pos, feats, global_score, text, text_mask, dominant, window, w1, w2, w3, iterations):
-    """DVTS + TGVC on each image's tokens feats (B, n, V, D); text (B, n, T, D)."""
+def trim(*, k, protected, valid, vision_pos, feats, global_score, text, text_mask, dominant, window, w1, w2, w3, iterations,
+         neighbours=None):
+    """DVTS + TGVC on each image's tokens feats (B, n, V, D); text (B, n, T, D). neighbours (B, n, V, M): an
+    anyres image's LTAM neighbourhoods on its crops' grids (None: the tokens are one square grid)."""
     b, n, v, d = feats.shape
     k_dom, r = split_budget(k, dominant)
     if r > v - k_dom:
         raise InputError(f"visiontrim: {r} complement tokens but only {v - k_dom} tokens remain after the "
                          f"{k_dom} dominant ones")
-    score = variance_weighting(global_score, ltam_scores(feats, window, w1, w2, w3))
+    local = ltam_scores(feats, window, w1, w2, w3) if neighbours is None else \
+        table_ltam_scores(feats, neighbours, window, w1, w2, w3)
+    score = variance_weighting(global_score, local)
     dom = tokenops.rank_scores(score, protected, valid).topk(k_dom, dim=-1).indices
     rest_mask = torch.ones(b, n, v, dtype=torch.bool, device=feats.device).scatter(-1, dom, False)
     rest = tokenops.true_positions(rest_mask, v - k_dom)
@@ -124,8 +146,8 @@ class VisionTrimVision(_VisionTrimBase):
     def requires(self, anatomy):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"visiontrim_vision needs the CLS token of the vision encoder; "
-                                    f"{anatomy.model_class} has none (use visiontrim_llm)")
-        require_one_grid(self.name, anatomy)
+                                    f"{anatomy.model_class} has none (use visiontrim_llm where each image is one "
+                                    "patch grid; on anyres crops vision_topk or visionzip(dominant='attention'))")
         if anatomy.grid is not None:
             v = anatomy.grid[0] * anatomy.grid[1]
             k, r = split_budget(self.config.keep, self.config.dominant)
@@ -136,7 +158,7 @@ class VisionTrimVision(_VisionTrimBase):
     def plan(self) -> Plan:
         return Plan(after_projector=True, positions="keep",
                     signals={"cls": AttentionRows(-1, "cls"), "feats": Projected(), "text": TextEmbeds(),
-                             "text_mask": TextMask()},
+                             "text_mask": TextMask(), "neighbours": CropNeighbours(self.config.window)},
                     select=Choose(self.config.keep, trim_vision, self._options(), merges=True))
 
 

@@ -163,3 +163,47 @@ def generate(model, example, chosen, steps: int, positions: str = "keep", values
     ref = R.lm_generate(model, emb, am, pos, max_new_tokens=steps)
     ref["keep"] = keep
     return ref
+
+
+@torch.no_grad()
+def visiontrim(model, example, keep: int, dominant: int | None = None, window: int = 3) -> tuple[list, list]:
+    """VisionTrim's vision stage per anyres image (reference_visiontrim's DVTS + TGVC): S_g the softmax over the
+    image's tokens of each token's own crop's CLS attention; S_l LTAM with each crop its own patch grid, the
+    neighbours of a token the tokens of its crop's window (patches unpadded away are no tokens, so no
+    neighbours), sigma_f / sigma_p over all the image's neighbour pairs: the crops are laid one under the other
+    on one grid, `window // 2` empty rows apart, so no window spans two. Top K of the image, then TGVC over the
+    image's other tokens with the instruction's input embeddings. Per sample, per image: kept token indices
+    (ascending) and the values their slots take (a centre: its merge)."""
+    import reference_visiontrim as VT
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    k, r = VT.split_budget(keep, dominant)
+    emb = family_inputs(model, example)[0].float()
+    ids = example.input_ids
+    text = R.text_after_image(ids == cfg.image_token_id, example.attention_mask)
+    embed = model.get_input_embeddings().weight.float()
+    sizes = iter(zip(example.pixel_values, example.image_sizes))
+    chosen, values = [], []
+    for s, row in enumerate(units(model, example)):
+        c_row, v_row = [], []
+        for blk in row:
+            pixels, size = next(sizes)
+            crops = crops_of(model, size)
+            cls = packed(model, crop_signals(model, pixels[:crops])["cls"][..., None], size)[:, 0]
+            patch = torch.arange(side * side)
+            slot = torch.stack([(c * (side + window // 2) + patch // side) * side + patch % side for c in range(crops)])
+            slots = packed(model, slot[..., None].float(), size)[:, 0].long()
+            feats = emb[s, blk]
+            score = VT.dvts_scores(cls[None], feats[None], side, window, patch_index=slots[None])[0]
+            dom = score.topk(k).indices
+            rest = torch.ones(blk.numel(), dtype=torch.bool)
+            rest[dom] = False
+            rest = rest.nonzero()[:, 0]
+            centres, merged = VT.tgvc(feats[rest], embed[ids[s][text[s]]], None, r)
+            picked = torch.cat([dom, rest[centres]])
+            order = picked.argsort()
+            c_row.append(picked[order])
+            v_row.append(torch.cat([feats[dom], merged])[order])
+        chosen.append(c_row)
+        values.append(v_row)
+    return chosen, values

@@ -1,6 +1,7 @@
 """Vision-stage pruning on LLaVA-NeXT (CLIP, with CLS) and LLaVA-OneVision (SigLIP, no CLS) anyres images: the
 tower captured per image size (its crops, unpadding and newline rows constant), vision_topk (attention
-received), cls_topk, random at the vision stage and VisionZip, `keep` counting per image.
+received), cls_topk, random at the vision stage, VisionZip and VisionTrim's vision stage (LTAM per crop grid),
+`keep` counting per image.
 
 Against tests/reference_vision_llava_next.py (independent: the feature layer's attention by hand per crop, laid
 in prompt order by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept
@@ -8,15 +9,18 @@ tokens, prefill logits (fp32, atol 1e-5) and 16 greedy tokens, two images per pr
 buckets); a left-padded batch of 2 equals each sample alone; what cannot apply is refused before any work."""
 import pytest
 import reference_vision_llava_next as RN
+import reference_visiontrim as VT
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
 from graphprune.targets.onnx import export_onnx
 
 import graphprune as gp
+from graphprune import tokenops
 from graphprune.capture.export import capture_vision
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, ShapeBucketWarning
 from graphprune.families import family_of
 from graphprune.families.anyres_vision import packed_index, pooled_index
+from graphprune.rewrite.blocks import table_ltam_scores
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 from graphprune.verify.eager import check_against_eager
@@ -99,6 +103,32 @@ def test_visionzip_matches_reference(anyres):
     assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
 
 
+def test_visiontrim_vision_matches_reference(llava_next):
+    """VisionTrim's DVTS + TGVC on LLaVA-NeXT's anyres images: LTAM on each crop's own patch grid (patches unpadded
+    away are no tokens: never neighbours, never kept), the K + R budget over the image's tokens as a whole."""
+    model, program = llava_next
+    ex = _example(model, seed=45)
+    chosen, values = RN.visiontrim(model, ex, keep=8)
+    ref = RN.generate(model, ex, chosen, STEPS, "keep", values)
+    assert_same_run(gp.prune(model, "visiontrim_vision(keep=8)", program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_crop_ltam_matches_reference_on_sparse_crops():
+    """LTAM per crop grid against reference_visiontrim's LTAM of present tokens: two 4 x 4 crops, tokens in a
+    shuffled order, some patches absent (unpadded away) so that one token has no neighbour (it scores 0)."""
+    side, gen = 4, torch.Generator().manual_seed(5)
+    present = [p for p in range(32) if p not in (1, 4, 5, 17, 18, 20, 21, 22, 24, 25, 26)]   # patch 16: isolated
+    patches = torch.tensor(present)[torch.randperm(len(present), generator=gen)]
+    feats = torch.randn(2, 1, len(present), 6, generator=gen)
+    table = tokenops.crop_neighbours(patches[:, None], torch.arange(len(present)).expand(2, 1, -1), 0, side, 2, 3)
+    got = table_ltam_scores(feats, table, 3, 1.0, 0.7, 0.5)
+    crop, cell = patches // 16, patches % 16              # crops one under the other, a row apart: no shared window
+    slots = (crop * (side + 1) + cell // side) * side + cell % side
+    want = VT.ltam_scores(feats[:, 0], side, 3, 1.0, 0.7, 0.5, patch_index=slots.expand(2, -1))
+    torch.testing.assert_close(got[:, 0], want, atol=1e-6, rtol=1e-5)
+    assert got[0, 0, (patches == 16).nonzero()[0, 0]] == 0
+
+
 def test_batch_equals_alone(llava_next):
     model, program = llava_next
     ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=47)
@@ -121,8 +151,7 @@ def test_refused_before_work(llava_next, tmp_path):
         pruned(**ex.as_kwargs())
 
 
-@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)",
-                                  "visiontrim_vision(keep=8)"])
+@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)"])
 def test_grid_passes_refused_on_anyres_images(llava_next, spec):
     """A pass that lays an image's tokens on one patch grid (or merges inside the encoder) is refused at prune
     time: an anyres image is a base view and crops' unpadded rows, several encoder sequences."""
@@ -132,7 +161,7 @@ def test_grid_passes_refused_on_anyres_images(llava_next, spec):
 
 
 def test_onevision_cls_and_interpolated_packing_refused(anyres):
-    """SigLIP has no CLS: cls_topk is refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
+    """SigLIP has no CLS: cls_topk and visiontrim_vision are refused naming vision_topk. A crop grid that vision_aspect_ratio packs by
     interpolation (anyres_max_N caps its tokens) has no encoder patch per token: refused, naming the size; so
     is a video frame grid of odd side, which apply_pooling interpolates."""
     model, program = anyres
@@ -140,6 +169,8 @@ def test_onevision_cls_and_interpolated_packing_refused(anyres):
         pytest.skip("LLaVA-OneVision only")
     with pytest.raises(PassNotApplicable, match="cls_topk needs a \\[CLS\\] token.*vision_topk"):
         gp.prune(model, "cls_topk(keep=5)", program=program)
+    with pytest.raises(PassNotApplicable, match="visiontrim_vision needs the CLS token.*anyres crops vision_topk"):
+        gp.prune(model, "visiontrim_vision(keep=8)", program=program)
     fam = family_of(model)
     model.config.vision_aspect_ratio = "anyres_max_2"           # at most 2 x 8 x 8 tokens: a 2 x 2 crop grid's 256 are pooled
     try:

@@ -100,10 +100,14 @@ class _Prompt:
                     text_mask=self.text_mask, unit_frames=self.unit_frames, **self.lm_inputs)
 
 
-def text_layout(vision_pos: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) positions of the tokens after each sample's last vision token, left-aligned, and a
-    mask of the real ones (left padding puts every sample's end at seq_len - 1)."""
+def text_layout(vision_pos: torch.Tensor, seq_len: int, block_end: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) positions of the tokens after each sample's last vision token (and after block_end (B,), the
+    last slot of its vision blocks, where given), left-aligned, and a mask of the real ones (left padding
+    puts every sample's end at seq_len - 1)."""
     start = vision_pos.reshape(vision_pos.shape[0], -1).amax(1) + 1          # (B,)
+    if block_end is not None:
+        start = torch.maximum(start, block_end + 1)
     count = seq_len - start
     t = max(int(count.max()), 1)
     ar = torch.arange(t, device=vision_pos.device)
@@ -276,7 +280,13 @@ class PrunedModel(nn.Module, GenerationMixin):
         inputs = {"pixel_values": pixel_values}
         names = {p.name for p in executable.graph.find_nodes(op="placeholder")}
         if "text_embeds" in names:     # text-guided vision passes: each image sees its sample's instruction
-            text_index, text_mask = text_layout(vision_pos, input_ids.shape[1])
+            # the instruction starts after the vision block: a placeholder slot that is no prunable token
+            # (LLaVA-NeXT's image_newline closing an image) is no instruction text
+            ids = [t for t in (self.family.token_id("image_token_id"), self.family.video_token_id()) if t is not None]
+            ar = torch.arange(input_ids.shape[1], device=input_ids.device)
+            placeholder = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+            block_end = torch.where(placeholder, ar, -1).amax(1)
+            text_index, text_mask = text_layout(vision_pos, input_ids.shape[1], block_end)
             emb = self.family.embed(input_ids.gather(1, text_index))
             inputs["text_embeds"] = emb.repeat_interleave(n, 0)
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)

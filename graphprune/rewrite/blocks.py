@@ -31,7 +31,8 @@ def require_one_grid(name: str, anatomy) -> None:
         raise PassNotApplicable(f"{name}: {anatomy.model_class}'s vision units here are gathered from {anatomy.crops} "
                                 "encoder sequence(s) (an anyres image's base view then its crops' unpadded rows, or "
                                 f"2 x 2 pooled video frames), not one patch grid {name} could lay its tokens on; use "
-                                "vision_topk, cls_topk, random(stage='vision') or visionzip")
+                                "vision_topk, cls_topk, random(stage='vision'), visionzip, or visiontrim_vision (its LTAM "
+                                "runs per crop grid; CLS towers)")
 
 
 def cosine_matrix(x, y=None):
@@ -117,6 +118,39 @@ def ltam_scores(feats, window: int = 3, w1: float = 1.0, w2: float = 1.0, w3: fl
     received = kappa.flatten(-2)[..., index * m + (m - 1 - torch.arange(m, device=feats.device))]
     received = (received * valid).sum(-1)
     return received / valid.sum(-1).clamp(min=1)
+
+
+def table_ltam_scores(feats, neighbours, window: int = 3, w1: float = 1.0, w2: float = 1.0, w3: float = 1.0):
+    """ltam_scores on tokens whose neighbourhoods are given as a table: neighbours (..., V, M) the token at
+    each of grid_neighbours' M offsets, -1 where there is none (tokenops.crop_neighbours: an anyres image's
+    crops, each its own grid, some patches unpadded away). sigma_f, sigma_p pool every neighbour pair of the
+    unit; a token without neighbours scores 0. Distances are computed per offset on gathered rows, so a pair
+    gets the same value at both of its ends ((a - b)^2 == (b - a)^2)."""
+    f = feats.float()
+    valid = neighbours >= 0
+    m, v = neighbours.shape[-1], neighbours.shape[-2]
+    at = torch.where(valid, neighbours, torch.arange(v, device=f.device)[:, None])
+    df = torch.stack([(f.gather(-2, at[..., k, None].expand_as(f)) - f).pow(2).sum(-1).sqrt() for k in range(m)], -1)
+    h = window // 2
+    step = torch.tensor([math.hypot(dr, dc) for dr in range(-h, h + 1) for dc in range(-h, h + 1) if dr or dc],
+                        device=f.device)
+    dp = step.expand_as(df)
+    kf = -(df / (w1 * _pooled_std(df, valid))) ** 2
+    kp = -(dp / (w2 * _pooled_std(dp, valid))) ** 2
+    kappa = (kf.masked_fill(~valid, float("-inf")).softmax(-1)
+             + w3 * kp.masked_fill(~valid, float("-inf")).softmax(-1))
+    # what j receives from neighbour i = at[j, k]: kappa_ij, in row i at the reverse offset M - 1 - k
+    reverse = at * m + (m - 1 - torch.arange(m, device=f.device))
+    received = kappa.flatten(-2).gather(-1, reverse.flatten(-2)).reshape(kappa.shape)
+    received = torch.where(valid, received, 0.0).sum(-1)
+    return received / valid.sum(-1).clamp(min=1)
+
+
+def _pooled_std(x, valid):
+    # unbiased std of x (..., V, M) over each unit's valid entries (valid batched like x)
+    n = valid.sum((-1, -2), keepdim=True)
+    mean = torch.where(valid, x, 0.0).sum((-1, -2), keepdim=True) / n
+    return (torch.where(valid, x - mean, 0.0).pow(2).sum((-1, -2), keepdim=True) / (n - 1)).sqrt()
 
 
 def _neighbour_distances(f, g: int, window: int):

@@ -121,6 +121,14 @@ class Frames:
 
 
 @dataclass(frozen=True)
+class CropNeighbours:
+    """Vision stage: each current vision token's window x window neighbours on its own crop's patch grid,
+    (images, 1, tokens, window^2 - 1) token indices in grid_neighbours' offset order, -1 where that patch is
+    off the crop or no token (unpadded away, or pruned). None where a unit is one patch grid (no crops)."""
+    window: int = 3
+
+
+@dataclass(frozen=True)
 class Projected:
     """The projector's output at each image's tokens, (images, 1, tokens, D) (the LLM-space vision
     tokens). Plans reading it act after the projector (Plan.after_projector). Where the vision stage runs

@@ -6,6 +6,7 @@ chosen queries only (the layer keeps its fused SDPA), post-RoPE keys/values, hid
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -19,6 +20,7 @@ from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttendTogether,
     AttentionRows,
+    CropNeighbours,
     Frames,
     Hidden,
     InputEmbeds,
@@ -55,6 +57,17 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
                                   "after_projector=True")
         out = g.find_nodes(op="output")[0].args[0][0]
         return g.call_function(tokenops.token_features, (out, state.vision_pos))
+    if isinstance(sig, CropNeighbours):
+        if anat.stage != "vision" or anat.token_patches is None:
+            return None
+        if anat.patches_per_token != 1:
+            raise PassNotApplicable(f"{p.name}: {anat.model_class}'s video tokens are pooled from "
+                                    f"{anat.patches_per_token} encoder patches, no cells of one crop grid")
+        cls = int(bool(anat.has_cls))
+        side = math.isqrt(int(anat.layer(0).attention.q.meta["val"].shape[2]) - cls)
+        offset = 0 if layer == anat.num_layers else cls      # after the projector the tokens have no CLS row
+        return g.call_function(tokenops.crop_neighbours, (anat.token_patches, state.vision_pos, offset, side,
+                                                          anat.crops, sig.window))
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
     if isinstance(sig, InputEmbeds):
