@@ -24,7 +24,10 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
 * a family whose language model dynamo runs one decoder layer per frame (`Family.layer_frames`:
   Qwen3-VL) is pruned through those frames: targets/dynamo_layers.py;
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
-  captured.
+  captured (with linear="packed", its linears on oneDNN-packed weights, as gp.prune lowers them).
+
+The rewritten prefill is lowered as gp.prune lowers it too: compiled masked and mask-free, one
+picked per call by the prompt's mask (CausalChoice).
 
 A pass that cannot apply never degrades silently: a model of a family the backend cannot prune
 ("unsupported family": unknown to graphprune, refused up front, or laid out in a way the merge frame

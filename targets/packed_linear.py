@@ -22,7 +22,9 @@ the same packing through an opaque kernel, `graphprune::packed_linear`: Inductor
 does not pre-pack float32 linears (it wants a static row count), so left to itself it runs them
 on the BLAS that re-packs per call (measured on the speed model's FastV prefill, loaded 2-core
 machine, medians of 7: aten graph 933 ms, Inductor 1167 ms in an earlier run with aten at 1175,
-packed graph 474 ms, packed kernel inside Inductor 460 ms).
+packed graph 474 ms, packed kernel inside Inductor 460 ms). The backend's other frames (vision
+tower, projector, head, decode steps) get the same kernel on the parameters dynamo lifts to frame
+inputs (`pack_frame_linears`), as graphprune.prune packs every stage.
 """
 from __future__ import annotations
 
