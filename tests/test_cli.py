@@ -69,6 +69,7 @@ def test_inspect_llava_7b_on_meta(capsys):
     assert cost["vision"]["captured"] and cost["vision"]["flops"] > 0
 
 
+@pytest.mark.slow
 def test_accountant_fastv_and_cls_topk():
     from graphprune.tools.accountant import account
     r = account("llava-1.5-7b", "fastv(layer=2, keep=144)", text_tokens=64)

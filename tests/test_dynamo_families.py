@@ -25,10 +25,11 @@ PIPELINE = "fastv(layer=2, keep=3)"
 SPLIT_TIER2 = ("glm4v-2images", "llava_next_video-image+video-per-video")
 PRUNED = list(CASES) + [c for c in TIER2 if c[0] in SPLIT_TIER2]
 # covered in the fast set by a case of the same code path (qwen2_5_vl-image+video, the LLaVA compile tests
-# of test_dynamo.py, llava_onevision-image+video-per-video; qwen2_vl's video frames: qwen2_5_vl-image+video):
+# of test_dynamo.py, llava_onevision-image+video-per-video; qwen2_vl's video frames: qwen2_5_vl-image+video;
+# GLM-4.1V's M-RoPE merge frames: qwen2_5_vl's):
 # `-m slow` runs them
 SLOW_CASES = ("qwen2_5_vl-image", "qwen2_vl-video", "qwen2_5_vl-video-per-video", "llava-2images",
-              "llava_onevision-video")
+              "llava_onevision-video", "glm4v-2images")
 
 
 def _compiled_forward(model, video_unit="frame", pipeline=PIPELINE):

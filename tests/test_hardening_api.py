@@ -117,7 +117,7 @@ def cycle():
 for _ in range(10):                     # warm-up: allocator pools, lazily built kernels
     cycle()
 start = rss()
-for _ in range(100):
+for _ in range(40):
     cycle()
 print(json.dumps({"grew": rss() - start}))
 """
@@ -137,12 +137,12 @@ def _last_json(proc) -> dict:
 
 
 @pytest.mark.background.with_args(lambda: _python_process(ONE_MODEL))
-def test_rss_flat_over_100_prune_generate_cycles(background):
-    """100 cycles of prune / generate / drop on one model keep RSS flat (in a process of its own,
+def test_rss_flat_over_40_prune_generate_cycles(background):
+    """40 cycles of prune / generate / drop on one model keep RSS flat (in a process of its own,
     run beside the suite: see conftest.py). Before, each prune() kept ~0.2 MiB of generated graph
-    source (torch.fx's linecache loader)."""
+    source (torch.fx's linecache loader): 8 MiB over these cycles, above the 6 MiB allowed."""
     grew = _last_json(background)["grew"]
-    assert grew < 6, f"RSS grew {grew:.1f} MiB over 100 prune/generate cycles"
+    assert grew < 6, f"RSS grew {grew:.1f} MiB over 40 prune/generate cycles"
 
 
 FRESH_MODELS = """

@@ -259,6 +259,7 @@ def vqa_export(tmp_path_factory):
     return model, pruned, root / "fastv", manifest
 
 
+@pytest.mark.slow
 def test_small_vocabulary_inference_mode_model_exports_and_runs(vqa_export):
     from graphprune.targets.ort import OrtPrunedModel
     model, pruned, out, manifest = vqa_export
@@ -277,6 +278,7 @@ def test_small_vocabulary_inference_mode_model_exports_and_runs(vqa_export):
         ort_model(**dict(kw, pixel_values=kw["pixel_values"].to(torch.int32)))
 
 
+@pytest.mark.slow
 def test_export_folder_permissions_and_stale_temp_folders(vqa_export):
     _, _, out, _ = vqa_export
     umask = os.umask(0)
@@ -342,6 +344,7 @@ def _tamper_cases():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(_tamper_cases()))
 def test_tampered_export_folders_give_input_errors(vqa_export, tmp_path, case):
     from graphprune.targets.lint import check_static_onnx

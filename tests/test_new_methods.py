@@ -214,9 +214,9 @@ def test_vision_methods_on_qwen2vl_say_why_not(qwen, method, why):
     assert why in str(err.value) and (why != "M-RoPE" or "use positions='keep'" in str(err.value))
 
 
-@pytest.mark.parametrize("spec", ["vispruner(keep=9)"] + [
+@pytest.mark.parametrize("spec", [
     pytest.param(s, marks=pytest.mark.slow)
-    for s in ("visionzip(keep=12)", "divprune(keep=9)", "cdpruner(keep=9)", "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))")])
+    for s in ("vispruner(keep=9)", "visionzip(keep=12)", "divprune(keep=9)", "cdpruner(keep=9)", "pyramiddrop(layers=(1, 3), ratios=(0.5, 0.25))")])
 def test_new_methods_export_to_onnx(llava, spec, tmp_path):
     """The selection functions trace with static shapes (no data-dependent branch): ONNX export succeeds."""
     model, program = llava

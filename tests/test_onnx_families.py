@@ -51,7 +51,9 @@ def _examples(model, item):
             "batch1": family_zoo.example(model, batch=1, seed=1, items=(item,)).as_kwargs()}
 
 
-@pytest.fixture(scope="module", params=list(EXPORTS))
+# OneVision images export like LLaVA-NeXT's (its video export stays in the fast set): `-m slow`
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=[pytest.mark.slow] if k == "llava_onevision-fastv" else [])
+                                        for k in EXPORTS])
 def exported(request, tmp_path_factory):
     family, method, item = EXPORTS[request.param]
     model = _model(family)

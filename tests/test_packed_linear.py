@@ -209,6 +209,7 @@ def test_compile_backend_with_packed_linears_equals_prune(llava):
 
 
 
+@pytest.mark.slow
 def test_compile_backend_packs_every_frame_and_follows_the_weights_it_is_handed():
     """linear="packed" packs the linears of every frame the backend compiles (vision tower, projector,
     head), as graphprune.prune packs every stage. Dynamo lifts parameters to frame inputs and reuses a
