@@ -9,12 +9,29 @@ own pack_image_features run on marker features, so the layout follows the model'
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from graphprune.errors import InputError, PassNotApplicable
 from graphprune.families.anyres_vision import AnyresImageFeatures, AnyresVisionStage, crop_count, packed_index
 from graphprune.families.base import MODALITIES, Family, VisionLayout, blocks_layout, check_video_unit
+
+
+@dataclass(frozen=True)
+class AnyresPacking:
+    """The shape bucket of an anyres image: what its captured vision stage depends on. The crop grid (rows x
+    columns of crops after the base view) and the patch rows x columns unpadding leaves of it fix the crop
+    count, the patch behind every token (unpad_image cuts equal margins off one side pair, so the shape fixes
+    them) and the newline rows; images of any size packed alike share one bucket. `image_size`, the first
+    size seen of this packing, is what the stage is captured and checked with: no part of the key."""
+    grid: tuple[int, int]
+    unpadded: tuple[int, int]
+    image_size: tuple[int, int] = field(compare=False)
+
+    def __str__(self) -> str:
+        return (f"crop grid {self.grid[0]} x {self.grid[1]} unpadded to {self.unpadded[0]} x {self.unpadded[1]} "
+                f"patches, first seen at image size {self.image_size}")
 
 
 class LlavaNextFamily(Family):
@@ -24,38 +41,54 @@ class LlavaNextFamily(Family):
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"
     image_not_grid = "its base view's patch grid followed by its anyres crops' rows"
-    # the tower is captured per image size (AnyresVisionStage: crop count, unpadding and newline rows constant)
+    # the tower is captured per image packing (AnyresVisionStage: crop count, unpadding and newline rows constant)
     vision_buckets = 8
     # why the vision stage of its videos is not captured ("": it is, LLaVA-OneVision's)
     video_stage_refused = ""
 
-    # -- the vision stage, per bucket: an image size (H, W), or ("video", frames a unit) ----------------
+    # -- the vision stage, per bucket: an image packing (AnyresPacking), or ("video", frames a unit) ------
     def vision_module(self, through_last: bool = False, bucket=None):
         if bucket is None or self.is_body():
             return None
         if through_last:
             raise PassNotApplicable(f"{self.model_class}: a vision-stage pass reading the vision tower's last "
                                     "layer past the feature layer is not supported on anyres images")
-        if bucket[0] == "video":
-            return AnyresVisionStage(self, None, crops=bucket[1])
-        return AnyresVisionStage(self, bucket)
+        image = self.image_bucket(bucket)
+        return AnyresVisionStage(self, None, crops=bucket[1]) if image is None else AnyresVisionStage(self, image.image_size)
 
     def vision_eager_module(self, bucket):
-        return AnyresImageFeatures(self, None if bucket[0] == "video" else bucket)
+        image = self.image_bucket(bucket)
+        return AnyresImageFeatures(self, None if image is None else image.image_size)
 
     def vision_example(self, bucket, images: int):
         vc = self.config().vision_config
         param = next(self.body().vision_tower.parameters())
-        crops = bucket[1] if bucket[0] == "video" else crop_count(self, bucket)
+        image = self.image_bucket(bucket)
+        crops = bucket[1] if image is None else crop_count(self, image.image_size)
         return torch.zeros(images, crops, vc.num_channels, vc.image_size, vc.image_size,
                            device=param.device, dtype=param.dtype)
 
     def bucket_name(self, bucket) -> str:
-        if bucket[0] == "video":
-            return f"video units of {bucket[1]} frame(s)"
-        return f"image size {tuple(bucket)}"
+        image = self.image_bucket(bucket)
+        return f"video units of {bucket[1]} frame(s)" if image is None else f"images packed as {image}"
 
-    def vision_bucket(self, rows: int, cols: int) -> tuple[int, int]:
+    def image_bucket(self, bucket) -> AnyresPacking | None:
+        """An image bucket as its packing (an image size (H, W) stands for its own); None for a video bucket."""
+        if isinstance(bucket, AnyresPacking):
+            return bucket
+        return None if bucket[0] == "video" else self.image_packing(bucket)
+
+    def image_packing(self, image_size) -> AnyresPacking:
+        """The bucket of an image of image_size (H, W): its crop grid and unpadded patch grid, by the model's
+        own get_anyres_image_grid_shape and unpad_image (on an empty tensor of the crops' patch grid)."""
+        module, cfg = sys.modules[type(self.body()).__module__], self.config()
+        size = [int(s) for s in image_size]
+        grid = module.get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        unpadded = module.unpad_image(torch.empty(0, grid[0] * side, grid[1] * side), size).shape[1:]
+        return AnyresPacking(tuple(int(g) for g in grid), tuple(int(u) for u in unpadded), tuple(size))
+
+    def vision_bucket(self, rows: int, cols: int) -> AnyresPacking:
         """The prune-time probe bucket (an anyres image is no rows x cols grid): the largest crop grid's
         resolution whose packing is a gather (LLaVA-OneVision interpolates the largest ones)."""
         for size in sorted(self.config().image_grid_pinpoints, key=lambda hw: -hw[0] * hw[1]):
@@ -63,7 +96,7 @@ class LlavaNextFamily(Family):
                 packed_index(self, size)
             except InputError:
                 continue
-            return tuple(size)
+            return self.image_packing(size)
         raise PassNotApplicable(f"{self.model_class}: every crop grid of image_grid_pinpoints is packed by "
                                 "interpolation, so no image's feature tokens are encoder patches a vision-stage pass "
                                 "could score; use a feature-level or an LLM-stage pass")
@@ -71,7 +104,7 @@ class LlavaNextFamily(Family):
     def vision_stage_inputs(self, layout: VisionLayout, video_unit: str = "frame", image_sizes=None,
                             pixel_values=None, pixel_values_videos=None, **inputs):
         """Each unit's crops: an image's (pixel_values less the processor's padding crops), all of one image size
-        (the bucket); or a video frame (bucket ("video", 1)) or whole video (("video", frames)), one frame a crop."""
+        (the bucket: its packing, image_packing); or a video frame (bucket ("video", 1)) or whole video (("video", frames)), one frame a crop."""
         kinds = {unit.split()[0] for unit in layout.units}
         if len(kinds) != 1:
             raise InputError(f"{self.model_class}: a vision-stage pass runs one encoder graph per call, and the "
@@ -98,7 +131,7 @@ class LlavaNextFamily(Family):
         crops = crop_count(self, size)
         per = image_sizes.shape[0] // b
         rows = [pixel_values[i * per + int(unit.split()[1]), :crops] for i in range(b) for unit in layout.units]
-        return size, torch.stack(rows)
+        return self.image_packing(size), torch.stack(rows)
 
     def separator_embeds(self, embeds, input_ids, separators):
         """The image_newline rows at an image's newline slots (separators holding the image token)."""
