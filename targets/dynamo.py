@@ -388,9 +388,11 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     grid_free = family.grid_free(layout) or ("" if family.position_axes == 1 else
                                              f"{family.model_class}'s units: the torch.compile frames show no "
                                              "image_grid_thw / video_grid_thw to tell their grids")
+    # the instruction starts after the last slot any merge wrote (image_newline rows included), as in gp.prune
+    placeholders = torch.stack([is_vision for _, is_vision, _ in merges]).any(0)
     prompt = _Prompt.assemble(embeds, tokenops.token_features(embeds, layout.pos), positions, attention_mask,
                               layout.pos, index, rw.passes, unit_frames=layout.frames,
-                              lm_inputs=lm_inputs, grid_free=grid_free)
+                              lm_inputs=lm_inputs, grid_free=grid_free, placeholders=placeholders)
     return _call(rw.fn, **prompt.prefill_inputs())
 
 

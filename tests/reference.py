@@ -656,7 +656,8 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
                 selects: dict | None = None, protected: Tensor | None = None,
                 cut_to_final: tuple[int, int] | None = None,
                 max_new_tokens: int = 16, vision_mask: Tensor | None = None, positions: str = "keep",
-                deepstack: Tensor | None = None, groups: Tensor | None = None) -> dict:
+                deepstack: Tensor | None = None, groups: Tensor | None = None,
+                text_mask: Tensor | None = None) -> dict:
     """Prefill + greedy decoding of the language model by hand, optionally pruning before some layers.
 
     ``selects={K: fn}`` (or ``select`` + ``select_layer``): layers ``0..K-1`` see every token; after layer
@@ -667,7 +668,9 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
 
     ctx: ``attn`` (B,H,S,S) probabilities of layer K-1, ``hidden`` its output, ``keys``/``values``
     (B,KV,S,hd) its post-RoPE cache entries, ``norm`` (the model's final RMSNorm), ``vision_mask``,
-    ``text_mask`` (instruction tokens after the last image), ``attention_mask`` (key validity as 0/1),
+    ``text_mask`` (instruction tokens after the last image: the argument ``text_mask`` (B,S) where given, for
+    prompts whose vision blocks end in slots that are no vision token, such as LLaVA-NeXT's closing
+    image_newline), ``attention_mask`` (key validity as 0/1),
     ``protected`` (B,S) bool, ``index`` (B,S) original prompt index, ``position_ids``, ``layer``.
 
     ``groups`` (B,S) int: bidirectional attention groups of the prompt (Gemma 3's image blocks,
@@ -696,7 +699,7 @@ def lm_generate(model, inputs_embeds: Tensor, attention_mask: Tensor, position_i
     valid = attention_mask.bool()  # key validity (B,S)
     pos = position_ids
     vmask = vision_mask.bool() if vision_mask is not None else torch.zeros(b, s, dtype=torch.bool)
-    tmask = text_after_image(vmask, attention_mask)
+    tmask = text_after_image(vmask, attention_mask) if text_mask is None else text_mask.bool()
     prot = protected.bool() if protected is not None else torch.zeros(b, s, dtype=torch.bool)
     index = torch.arange(s).expand(b, s)
     # decode positions: max prompt position (over all axes) + 1 + step, from the unpruned prompt

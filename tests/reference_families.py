@@ -161,6 +161,17 @@ def family_inputs(model, example):
     return emb, am, pos, vm
 
 
+def instruction_mask(model, example) -> Tensor:
+    """(B, S) bool: the real tokens after each sample's last image or video placeholder, whether it holds a
+    patch feature or not (LLaVA-NeXT's image_newline closing an image, OneVision's closing a video): the
+    instruction the text-guided methods read."""
+    cfg, ids = model.config, example.input_ids
+    placeholders = (ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))
+    ar = torch.arange(ids.shape[1]).expand_as(ids)
+    last = torch.where(placeholders, ar, -1).amax(1, keepdim=True)
+    return (ar > last) & example.attention_mask.bool() & (last >= 0)
+
+
 @torch.no_grad()
 def deepstack(model, example) -> Tensor | None:
     """Qwen3-VL's DeepStack features (levels, B, S, D) in prompt coordinates: level l of each image's

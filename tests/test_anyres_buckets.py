@@ -8,14 +8,19 @@ logits (fp32, atol 1e-5) on every size when the vision-stage pass keeps every to
 import warnings
 
 import pytest
+import reference as R
+import reference_dart as D
+import reference_families as RF
 import reference_vision_llava_next as RN
 import torch
+from checks import assert_same_run
 
 import graphprune as gp
 from graphprune.errors import InputError, ShapeBucketWarning
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 
+STEPS = 16
 pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.NothingPrunedWarning")
 # the tiny LLaVA-NeXT's crops are 56 px (4 x 4 patches); these sizes all take the 56 x 112 crop grid (1 x 2)
 SHARED = [(50, 90), (48, 90)]        # 90 / h * 4 rounds to 7 or 8: no column unpadded away, 4 x 8 patches each
@@ -24,12 +29,17 @@ OTHER_GRID = (112, 56)               # the 112 x 56 crop grid (2 x 1)
 
 
 @pytest.fixture(scope="module")
-def every():
-    """The tiny LLaVA-NeXT pruned by a vision-stage pass that keeps every token (its buckets shared by the tests)."""
+def llava_next():
     model = family_zoo.build("llava_next")
+    return model, Program.capture(model, stages=("vision", "prefill", "decode"))
+
+
+@pytest.fixture(scope="module")
+def every(llava_next):
+    """The tiny LLaVA-NeXT pruned by a vision-stage pass that keeps every token (its buckets shared by the tests)."""
+    model, program = llava_next
     with pytest.warns(ShapeBucketWarning):                     # the prune-time probe bucket
-        return model, gp.prune(model, "random(stage='vision', keep=1.0, seed=1)",
-                               program=Program.capture(model, stages=("vision", "prefill", "decode")))
+        return model, gp.prune(model, "random(stage='vision', keep=1.0, seed=1)", program=program)
 
 
 def _example(model, size, seed=40):
@@ -100,3 +110,21 @@ def test_packings_differ_get_buckets(every):
         assert _new_buckets(pruned, _example(model, SHARED[1])) == 0     # a packing captured: still served
     finally:
         pruned.program.family.vision_buckets = type(pruned.program.family).vision_buckets
+
+
+def test_instruction_starts_after_the_closing_newline(llava_next):
+    """The prefill's instruction (what DART's text pivots, MustDrop's text attention, visiontrim_llm's TGVC
+    read) starts after the image_newline slot closing the last image, as the vision stage's does: that slot
+    holds the image placeholder, it is image features. DART with random scores draws one per instruction token
+    in order, so a newline slot counted as text shifts every draw: kept tokens, logits, 16 greedy tokens
+    against tests/reference_dart.py with the instruction after the last placeholder."""
+    model, program = llava_next
+    ex = _example(model, (50, 90), seed=43)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    text = RF.instruction_mask(model, ex)
+    ids = ex.input_ids
+    assert not bool((text & (ids == model.config.image_token_id)).any())        # no placeholder is text
+    ref = R.lm_generate(model, emb, am, pos, selects={2: D.dart_select(8, 1, 3, criterion="random", seed=5, images=2)},
+                        vision_mask=vm, text_mask=text, max_new_tokens=STEPS)
+    pruned = gp.prune(model, "dart(layer=2, keep=8, vision_pivots=1, text_pivots=3, criterion='random', seed=5)", program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])

@@ -117,7 +117,8 @@ def test_beam_search_repeats_each_sample_with_its_images_and_videos(case):
 def _reference(model, ex, unit, selects):
     emb, am, pos, vm = RF.family_inputs(model, ex)
     return R.lm_generate(model, emb, am, pos, selects=selects, vision_mask=vm, max_new_tokens=STEPS,
-                         deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex)), vm
+                         deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex),
+                         text_mask=RF.instruction_mask(model, ex)), vm
 
 
 def _methods(units):
@@ -245,7 +246,8 @@ def test_mustdrop_filter_and_cache_equal_reference(case):
     sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=units)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     ref = R.lm_generate(model, emb, am, pos, selects={2: sel, 3: sel}, cut_to_final=(1, 3), vision_mask=vm,
-                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
+                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex),
+                        text_mask=RF.instruction_mask(model, ex))
     pruned = gp.prune(model, "mustdrop_filter(layers=(2, 3), gamma=0.0625, alpha=1.0, mode='static', capacity=4, "
                              "placement='before', positions='keep') | mustdrop_cache(layers=(1, 3), placement='before')",
                       program=program, video_unit=unit)
@@ -272,7 +274,8 @@ def test_visiontrim_llm_equals_reference_on_unit_grids(case):
     emb, am, pos, vm = RF.family_inputs(model, ex)
     grid = math.isqrt(int(vm[0].sum()) // RF.units_of(model, ex, unit))
     ref = R.lm_generate(model, emb, am, pos, selects={2: RV.visiontrim_llm_select(5, grid=grid)}, vision_mask=vm,
-                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex))
+                        max_new_tokens=STEPS, deepstack=RF.deepstack(model, ex), groups=RF.attention_groups(model, ex),
+                        text_mask=RF.instruction_mask(model, ex))
     pruned = gp.prune(model, "visiontrim", program=program, keep=5, stage="llm", layer=2, video_unit=unit)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 

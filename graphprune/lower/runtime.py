@@ -81,10 +81,12 @@ class _Prompt:
 
     @classmethod
     def assemble(cls, embeds, feats, positions, attention_mask, vision_pos, index, passes,
-                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None, grid_free="") -> "_Prompt":
-        """Write the image features at the vision positions, lay out the instruction, and let every
-        pass check the prompt it will see."""
-        text_index, text_mask = text_layout(vision_pos, embeds.shape[1])
+                 protected=None, patches_kept=None, unit_frames=None, lm_inputs=None, grid_free="",
+                 placeholders=None) -> "_Prompt":
+        """Write the image features at the vision positions, lay out the instruction (after the vision
+        blocks' last placeholder slot: `placeholders` (B, S) bool, those slots), and let every pass check
+        the prompt it will see."""
+        text_index, text_mask = text_layout(vision_pos, embeds.shape[1], block_end(placeholders))
         if unit_frames is None:
             unit_frames = torch.ones(vision_pos.shape[:2], dtype=torch.long, device=vision_pos.device)
         prompt = cls(tokenops.put_tokens(embeds, vision_pos, feats), positions, attention_mask, vision_pos, index,
@@ -114,6 +116,21 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int, block_end: torch.Tensor 
     mask = ar[None] < count[:, None]
     index = torch.where(mask, start[:, None] + ar[None], torch.full_like(mask, seq_len - 1, dtype=torch.long))
     return index, mask
+
+
+def placeholder_slots(family, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: the slots holding the image or video placeholder token, prunable or not (LLaVA-NeXT's
+    image_newline slots hold the image token too)."""
+    ids = [t for t in (family.token_id("image_token_id"), family.video_token_id()) if t is not None]
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+
+def block_end(placeholders: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) the last placeholder slot of each sample (-1: none); None without placeholders."""
+    if placeholders is None:
+        return None
+    ar = torch.arange(placeholders.shape[1], device=placeholders.device)
+    return torch.where(placeholders, ar, -1).amax(1)
 
 
 def deepstack_embeds(rows: torch.Tensor, vision_pos: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
@@ -281,12 +298,9 @@ class PrunedModel(nn.Module, GenerationMixin):
         names = {p.name for p in executable.graph.find_nodes(op="placeholder")}
         if "text_embeds" in names:     # text-guided vision passes: each image sees its sample's instruction
             # the instruction starts after the vision block: a placeholder slot that is no prunable token
-            # (LLaVA-NeXT's image_newline closing an image) is no instruction text
-            ids = [t for t in (self.family.token_id("image_token_id"), self.family.video_token_id()) if t is not None]
-            ar = torch.arange(input_ids.shape[1], device=input_ids.device)
-            placeholder = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
-            block_end = torch.where(placeholder, ar, -1).amax(1)
-            text_index, text_mask = text_layout(vision_pos, input_ids.shape[1], block_end)
+            # (LLaVA-NeXT's image_newline closing an image) is no instruction text (as in the prefill)
+            text_index, text_mask = text_layout(vision_pos, input_ids.shape[1],
+                                                block_end(placeholder_slots(self.family, input_ids)))
             emb = self.family.embed(input_ids.gather(1, text_index))
             inputs["text_embeds"] = emb.repeat_interleave(n, 0)
             inputs["text_mask"] = text_mask.repeat_interleave(n, 0)
@@ -344,7 +358,7 @@ class PrunedModel(nn.Module, GenerationMixin):
         return _Prompt.assemble(embeds, feats, positions, attention_mask, vision_pos, index,
                                 self.pipeline, protected, kept, layout.frames,
                                 lm_inputs if groups is None else {**lm_inputs, "attention_groups": groups},
-                                self.family.grid_free(layout, **inputs))
+                                self.family.grid_free(layout, **inputs), placeholder_slots(self.family, input_ids))
 
     def _vision_inputs(self, **inputs) -> dict:
         """The processor outputs this family reads (the rest is refused, naming what it accepts)."""
