@@ -128,3 +128,19 @@ def test_instruction_starts_after_the_closing_newline(llava_next):
                         vision_mask=vm, text_mask=text, max_new_tokens=STEPS)
     pruned = gp.prune(model, "dart(layer=2, keep=8, vision_pivots=1, text_pivots=3, criterion='random', seed=5)", program=program)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+
+
+@pytest.mark.slow
+def test_compile_backend_reads_the_same_instruction(llava_next):
+    """The torch.compile backend (no input_ids: the merges' placeholder masks) starts the instruction where
+    gp.prune does: DART's text pivots give the same logits and caches."""
+    model, program = llava_next
+    spec = "dart(layer=2, keep=8, vision_pivots=1, text_pivots=3, criterion='random', seed=5)"
+    kw = family_zoo.example(model, batch=1, items=("image", "image"), image_size=(50, 90), seed=43).as_kwargs()
+    want = gp.prune(model, spec, program=program)(**kw)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="graphprune", options={"pipeline": spec, "compiler": "eager"})
+    with torch.no_grad():
+        got = compiled(**kw)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [layer.keys.shape[2] for layer in got.past_key_values.layers] == want.cache.lengths()
