@@ -1,0 +1,130 @@
+"""Vision-stage cells of docs/vision_stage_matrix.md that no other file checks against a reference: vision_topk
+(score='norm') on LLaVA-NeXT, LLaVA-OneVision (images, videos per frame and per video), Qwen2.5-VL and Qwen3-VL
+(images and video frames); VisPruner on LLaVA-NeXT (CLS importance) and LLaVA-OneVision (attention received) anyres
+images and on Qwen3-VL; a left-padded batch of 2 equals each sample alone on LLaVA-OneVision's vision stage.
+
+Against tests/reference_vision_coverage.py (independent: projected norms from the model's own features, VisPruner's
+rule on the feature layer's attention written by hand): kept tokens, prefill logits (fp32, atol 1e-5) and 16 greedy
+tokens. vision_topk(score='norm') reads only the projected tokens, so alone it runs at LLM layer 0 on the eager
+encoder's output; after an encoder pass it runs in the captured vision stage: both are checked."""
+import pytest
+import reference_vision_coverage as RC
+import reference_vision_llava_next as RN
+import reference_vision_qwen as RQ
+import reference_vision_qwen_methods as RM
+import torch
+from checks import assert_batch_equals_samples, assert_same_run
+from reference_families import family_inputs
+
+import graphprune as gp
+from graphprune.rewrite.pipeline import Program
+from graphprune.tools import family_zoo
+
+STEPS = 16
+NORM = "vision_topk(keep={keep}, score='norm')"
+pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
+
+_BUILT = {}
+
+
+def _built(family):
+    """One tiny model and its captured program per family, for the module."""
+    if family not in _BUILT:
+        if family == "qwen3_vl":
+            import transformers
+            if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+                pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
+        model = family_zoo.build(family)
+        _BUILT[family] = model, Program.capture(model, stages=("vision", "prefill", "decode"))
+    return _BUILT[family]
+
+
+def _anyres_example(model, items=("image", "image"), seed=60, **kw):
+    return family_zoo.example(model, batch=2, pad=(0, 2), items=items, image_size=(50, 90), seed=seed, **kw)
+
+
+# ------------------------------------------------------------------- vision_topk(score='norm'), anyres families
+
+@pytest.mark.parametrize("family,items,unit,keep", [
+    ("llava_next", ("image", "image"), "frame", 6),
+    ("llava_onevision", ("image", "image"), "frame", 7),
+    ("llava_onevision", ("video",), "frame", 5),          # keep counts per frame's pooled tokens
+    ("llava_onevision", ("video",), "video", 9),          # ... or over the whole video
+])
+def test_norm_topk_on_anyres_matches_reference(family, items, unit, keep):
+    model, program = _built(family)
+    ex = _anyres_example(model, items, frames=3)
+    chosen = RC.norm_picks_anyres(model, ex, keep, video_unit=unit)
+    ref = RN.generate(model, ex, chosen, STEPS, "keep", video_unit=unit)
+    pruned = gp.prune(model, NORM.format(keep=keep), program=program, video_unit=unit)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+
+
+@pytest.mark.slow
+def test_norm_topk_in_the_captured_vision_stage_on_llava_next():
+    """After an encoder pass the norm runs inside the captured vision stage (no longer at LLM layer 0): the norms
+    of cls_topk's 12 kept tokens pick 6, the LLM sees them compactly numbered."""
+    model, program = _built("llava_next")
+    ex = _anyres_example(model, seed=61)
+    first = RN.picks(model, ex, 12, "cls")
+    emb = family_inputs(model, ex)[0]
+    chosen = [[top[emb[i, blk[top]].norm(dim=-1).topk(6).indices].sort().values for blk, top in zip(row, first[i])]
+              for i, row in enumerate(RN.units(model, ex))]
+    ref = RN.generate(model, ex, chosen, STEPS, "compact")
+    pruned = gp.prune(model, "cls_topk(keep=12) | " + NORM.format(keep=6)[:-1] + ", positions='compact')",
+                      program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+
+
+# ------------------------------------------------------------------------------------------ Qwen families
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_norm_topk_on_qwen_matches_reference(family):
+    """Units: the image and each of the video's 2 frames; kept tokens keep their M-RoPE positions (and on
+    Qwen3-VL their DeepStack rows)."""
+    model, program = _built(family)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=62)
+    kept = RC.norm_kept_qwen(model, ex, 6)
+    ref = RQ.hf_generate(model, ex, kept, STEPS)
+    assert_same_run(gp.prune(model, NORM.format(keep=6), program=program), ex, ref, STEPS, kept=kept)
+
+
+def test_vispruner_attention_on_qwen3_matches_reference():
+    """VisPruner with attention-received importance on Qwen3-VL (learned position grid, DeepStack taps): 1 important
+    and 4 diverse tokens per unit (the image, each video frame), the diverse ones what enters the merger's MLP."""
+    model, program = _built("qwen3_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=63)
+    kept = RM.vispruner(model, ex, 5, 0.25)
+    assert not torch.equal(kept, RQ.kept_positions(model, ex, 5, "attention"))    # the diverse tokens matter
+    pruned = gp.prune(model, "vispruner(keep=5, important='attention', important_ratio=0.25, positions='keep')",
+                      program=program)
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS), STEPS, kept=kept)
+
+
+# ------------------------------------------------------------------------------- VisPruner, anyres images
+
+@pytest.mark.parametrize("family,spec,importance", [
+    ("llava_next", "vispruner(keep=8, important_ratio=0.25)", "cls"),
+    ("llava_onevision", "vispruner(keep=8, important='attention', important_ratio=0.25)", "received"),
+])
+def test_vispruner_on_anyres_matches_reference(family, spec, importance):
+    """Per anyres image (base view and unpadded crop rows, newline slots not tokens): 2 important tokens, 6 diverse
+    ones after the matching rounds, compactly numbered as the authors' LLaVA."""
+    model, program = _built(family)
+    ex = _anyres_example(model, seed=64)
+    chosen = RC.vispruner_anyres(model, ex, 8, 0.25, importance)
+    assert chosen != RN.picks(model, ex, 8, importance)              # the diverse tokens matter
+    ref = RN.generate(model, ex, chosen, STEPS, "compact")
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+# --------------------------------------------------------------------------- batch of 2 = samples alone
+
+def test_onevision_batch_equals_alone():
+    """LLaVA-OneVision's captured vision stage (SigLIP, no CLS) on a left-padded batch of 2 equals each sample run
+    alone: anyres images, then pooled video frames (a prompt holds one or the other)."""
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image",), seed=65)
+    assert_batch_equals_samples(gp.prune(model, "vision_topk(keep=6)", program=program), ex, STEPS)
+    video = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), frames=3, seed=66)
+    assert_batch_equals_samples(gp.prune(model, "vision_topk(keep=5)", program=program), video, STEPS)
