@@ -6,7 +6,8 @@ images and on Qwen3-VL; a left-padded batch of 2 equals each sample alone on LLa
 Against tests/reference_vision_coverage.py (independent: projected norms from the model's own features, VisPruner's
 rule on the feature layer's attention written by hand): kept tokens, prefill logits (fp32, atol 1e-5) and 16 greedy
 tokens. vision_topk(score='norm') reads only the projected tokens, so alone it runs at LLM layer 0 on the eager
-encoder's output; after an encoder pass it runs in the captured vision stage: both are checked."""
+encoder's output; after an encoder pass it runs in the captured vision stage: both are checked. The fast set keeps
+one case per capability (the norm and VisPruner on LLaVA-NeXT's anyres images); the rest is marked slow."""
 import pytest
 import reference_vision_coverage as RC
 import reference_vision_llava_next as RN
@@ -15,28 +16,15 @@ import reference_vision_qwen_methods as RM
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
 from reference_families import family_inputs
+from test_families import _model
 
 import graphprune as gp
-from graphprune.rewrite.pipeline import Program
+from graphprune.errors import PassNotApplicable
 from graphprune.tools import family_zoo
 
 STEPS = 16
 NORM = "vision_topk(keep={keep}, score='norm')"
 pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
-
-_BUILT = {}
-
-
-def _built(family):
-    """One tiny model and its captured program per family, for the module."""
-    if family not in _BUILT:
-        if family == "qwen3_vl":
-            import transformers
-            if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
-                pytest.skip(f"Qwen3-VL is newer than transformers {transformers.__version__}")
-        model = family_zoo.build(family)
-        _BUILT[family] = model, Program.capture(model, stages=("vision", "prefill", "decode"))
-    return _BUILT[family]
 
 
 def _anyres_example(model, items=("image", "image"), seed=60, **kw):
@@ -47,12 +35,12 @@ def _anyres_example(model, items=("image", "image"), seed=60, **kw):
 
 @pytest.mark.parametrize("family,items,unit,keep", [
     ("llava_next", ("image", "image"), "frame", 6),
-    ("llava_onevision", ("image", "image"), "frame", 7),
-    ("llava_onevision", ("video",), "frame", 5),          # keep counts per frame's pooled tokens
-    ("llava_onevision", ("video",), "video", 9),          # ... or over the whole video
+    pytest.param("llava_onevision", ("image", "image"), "frame", 7, marks=pytest.mark.slow),
+    pytest.param("llava_onevision", ("video",), "frame", 5, marks=pytest.mark.slow),   # keep counts per frame
+    pytest.param("llava_onevision", ("video",), "video", 9, marks=pytest.mark.slow),   # or over the whole video
 ])
 def test_norm_topk_on_anyres_matches_reference(family, items, unit, keep):
-    model, program = _built(family)
+    model, program = _model(family)
     ex = _anyres_example(model, items, frames=3)
     chosen = RC.norm_picks_anyres(model, ex, keep, video_unit=unit)
     ref = RN.generate(model, ex, chosen, STEPS, "keep", video_unit=unit)
@@ -64,7 +52,7 @@ def test_norm_topk_on_anyres_matches_reference(family, items, unit, keep):
 def test_norm_topk_in_the_captured_vision_stage_on_llava_next():
     """After an encoder pass the norm runs inside the captured vision stage (no longer at LLM layer 0): the norms
     of cls_topk's 12 kept tokens pick 6, the LLM sees them compactly numbered."""
-    model, program = _built("llava_next")
+    model, program = _model("llava_next")
     ex = _anyres_example(model, seed=61)
     first = RN.picks(model, ex, 12, "cls")
     emb = family_inputs(model, ex)[0]
@@ -76,23 +64,53 @@ def test_norm_topk_in_the_captured_vision_stage_on_llava_next():
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
 
 
+@pytest.mark.parametrize("family,spec,how,keep,items,unit", [
+    pytest.param("llava_next", "random(stage='vision', keep=7, seed=3)", "random", 7, ("image", "image"), "frame",
+                 marks=pytest.mark.slow),
+    pytest.param("llava_onevision", "vision_topk(keep=9)", "received", 9, ("video",), "video", marks=pytest.mark.slow),
+    pytest.param("llava_onevision", "random(stage='vision', keep=5, seed=3)", "random", 5, ("video",), "frame",
+                 marks=pytest.mark.slow),
+])
+def test_encoder_rules_on_anyres_match_reference(family, spec, how, keep, items, unit):
+    """The cells tests/test_vision_llava_next.py leaves out: random on LLaVA-NeXT's anyres images, the attention
+    received over a whole OneVision video, random per OneVision video frame (reference_vision_llava_next.picks)."""
+    model, program = _model(family)
+    ex = _anyres_example(model, items, frames=3, seed=67)
+    chosen = RN.picks(model, ex, keep, how, seed=3, video_unit=unit)
+    ref = RN.generate(model, ex, chosen, STEPS, "keep", video_unit=unit)
+    assert_same_run(gp.prune(model, spec, program=program, video_unit=unit), ex, ref, STEPS, kept=ref["keep"])
+
+
+@pytest.mark.slow
+def test_vispruner_refused_on_onevision_video():
+    """A pooled OneVision video token (2 x 2 encoder patches pooled after the projector) has no hidden state for
+    VisPruner's diversity: refused before the prefill, naming why."""
+    model, program = _model("llava_onevision")
+    ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    pruned = gp.prune(model, "vispruner(keep=6, important='attention')", program=program)
+    with pytest.raises(PassNotApplicable, match="vispruner.*pooled from 4 encoder patches.*no hidden state"):
+        pruned(**ex.as_kwargs())
+
+
 # ------------------------------------------------------------------------------------------ Qwen families
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_norm_topk_on_qwen_matches_reference(family):
     """Units: the image and each of the video's 2 frames; kept tokens keep their M-RoPE positions (and on
     Qwen3-VL their DeepStack rows)."""
-    model, program = _built(family)
+    model, program = _model(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=62)
     kept = RC.norm_kept_qwen(model, ex, 6)
     ref = RQ.hf_generate(model, ex, kept, STEPS)
     assert_same_run(gp.prune(model, NORM.format(keep=6), program=program), ex, ref, STEPS, kept=kept)
 
 
+@pytest.mark.slow
 def test_vispruner_attention_on_qwen3_matches_reference():
     """VisPruner with attention-received importance on Qwen3-VL (learned position grid, DeepStack taps): 1 important
     and 4 diverse tokens per unit (the image, each video frame), the diverse ones what enters the merger's MLP."""
-    model, program = _built("qwen3_vl")
+    model, program = _model("qwen3_vl")
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=63)
     kept = RM.vispruner(model, ex, 5, 0.25)
     assert not torch.equal(kept, RQ.kept_positions(model, ex, 5, "attention"))    # the diverse tokens matter
@@ -105,12 +123,13 @@ def test_vispruner_attention_on_qwen3_matches_reference():
 
 @pytest.mark.parametrize("family,spec,importance", [
     ("llava_next", "vispruner(keep=8, important_ratio=0.25)", "cls"),
-    ("llava_onevision", "vispruner(keep=8, important='attention', important_ratio=0.25)", "received"),
+    pytest.param("llava_onevision", "vispruner(keep=8, important='attention', important_ratio=0.25)", "received",
+                 marks=pytest.mark.slow),
 ])
 def test_vispruner_on_anyres_matches_reference(family, spec, importance):
     """Per anyres image (base view and unpadded crop rows, newline slots not tokens): 2 important tokens, 6 diverse
     ones after the matching rounds, compactly numbered as the authors' LLaVA."""
-    model, program = _built(family)
+    model, program = _model(family)
     ex = _anyres_example(model, seed=64)
     chosen = RC.vispruner_anyres(model, ex, 8, 0.25, importance)
     ref = RN.generate(model, ex, chosen, STEPS, "compact")
@@ -120,11 +139,11 @@ def test_vispruner_on_anyres_matches_reference(family, spec, importance):
 
 # --------------------------------------------------------------------------- batch of 2 = samples alone
 
-def test_onevision_batch_equals_alone():
+@pytest.mark.slow
+@pytest.mark.parametrize("items,keep", [(("image",), 6), (("video",), 5)])
+def test_onevision_batch_equals_alone(items, keep):
     """LLaVA-OneVision's captured vision stage (SigLIP, no CLS) on a left-padded batch of 2 equals each sample run
-    alone: anyres images, then pooled video frames (a prompt holds one or the other)."""
-    model, program = _built("llava_onevision")
-    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image",), seed=65)
-    assert_batch_equals_samples(gp.prune(model, "vision_topk(keep=6)", program=program), ex, STEPS)
-    video = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), frames=3, seed=66)
-    assert_batch_equals_samples(gp.prune(model, "vision_topk(keep=5)", program=program), video, STEPS)
+    alone: anyres images, pooled video frames (a prompt holds one or the other)."""
+    model, program = _model("llava_onevision")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=items, frames=3, seed=65)
+    assert_batch_equals_samples(gp.prune(model, f"vision_topk(keep={keep})", program=program), ex, STEPS)
