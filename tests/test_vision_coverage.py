@@ -1,7 +1,9 @@
 """Vision-stage cells of docs/vision_stage_matrix.md that no other file checks against a reference: vision_topk
 (score='norm') on LLaVA-NeXT, LLaVA-OneVision (images, videos per frame and per video), Qwen2.5-VL and Qwen3-VL
 (images and video frames); VisPruner on LLaVA-NeXT (CLS importance) and LLaVA-OneVision (attention received) anyres
-images and on Qwen3-VL; a left-padded batch of 2 equals each sample alone on LLaVA-OneVision's vision stage.
+images and on Qwen3-VL; DivPrune / CDPruner (at LLM layer 0) on LLaVA-NeXT, LLaVA-OneVision and Qwen3-VL; random and
+the whole-video attention on the anyres families; a left-padded batch of 2 equals each sample alone on
+LLaVA-OneVision's vision stage.
 
 Against tests/reference_vision_coverage.py (independent: projected norms from the model's own features, VisPruner's
 rule on the feature layer's attention written by hand): kept tokens, prefill logits (fp32, atol 1e-5) and 16 greedy
@@ -9,6 +11,8 @@ tokens. vision_topk(score='norm') reads only the projected tokens, so alone it r
 encoder's output; after an encoder pass it runs in the captured vision stage: both are checked. The fast set keeps
 one case per capability (the norm and VisPruner on LLaVA-NeXT's anyres images); the rest is marked slow."""
 import pytest
+import reference as R
+import reference_new_methods as N
 import reference_vision_coverage as RC
 import reference_vision_llava_next as RN
 import reference_vision_qwen as RQ
@@ -135,6 +139,37 @@ def test_vispruner_on_anyres_matches_reference(family, spec, importance):
     ref = RN.generate(model, ex, chosen, STEPS, "compact")
     assert not torch.equal(ref["keep"], RN.keep_index(model, ex, RN.picks(model, ex, 8, importance)))  # diversity matters
     assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+# ------------------------------------------------- DivPrune / CDPruner at LLM layer 0 on the other families
+
+PICKS = {"divprune": lambda count: lambda feats, text: N.divprune_indices(feats, count),
+         "cdpruner": lambda count: lambda feats, text: N.cdpruner_indices(feats, text, count)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,method,items,units,positions", [
+    ("llava_next", "cdpruner", ("image",), 1, "compact"),
+    ("llava_onevision", "divprune", ("image",), 1, "compact"),
+    ("llava_onevision", "cdpruner", ("video",), 3, "keep"),          # units: the video's 3 frames
+    ("qwen3_vl", "divprune", ("image", "video"), 3, "keep"),         # the image and the video's 2 frames
+    ("qwen3_vl", "cdpruner", ("image", "video"), 3, "keep"),
+])
+def test_projected_token_methods_match_reference(family, method, items, units, positions):
+    """The projected-token methods alone run at LLM layer 0 on the eager encoder's output (as
+    tests/test_methods_qwen25.py checks on Qwen2.5-VL): reference_new_methods' greedy choices per unit on the
+    model's own features, 5 tokens each, compact or original positions."""
+    model, program = _model(family)
+    frames = 4 if family == "qwen3_vl" else 3          # Qwen: 2 temporal patches of 2 frames
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=items, frames=frames, seed=68)
+    kept, emb, am, pos = N.choose_on_input_embeds(model, ex, units, PICKS[method](5))
+    if positions == "compact":
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    # Qwen3-VL: the model's own forward on the pruned prompt carries the kept tokens' DeepStack rows
+    ref = RQ.hf_generate(model, ex, kept, STEPS) if family == "qwen3_vl" else \
+        R.lm_generate(model, emb, am, pos, max_new_tokens=STEPS)
+    pruned = gp.prune(model, f"{method}(keep=5, positions={positions!r})", program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=kept)
 
 
 # --------------------------------------------------------------------------- batch of 2 = samples alone
