@@ -121,7 +121,8 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int, block_end: torch.Tensor 
 def placeholder_slots(family, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, S) bool: the slots holding the image or video placeholder token, prunable or not (LLaVA-NeXT's
     image_newline slots hold the image token too)."""
-    ids = [t for t in (family.token_id("image_token_id"), family.video_token_id()) if t is not None]
+    # the accessors, not config reads: a model-less runner's family (ONNX Runtime) knows them from its manifest
+    ids = [t for t in (family.image_token_id(), family.video_token_id()) if t is not None]
     return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
