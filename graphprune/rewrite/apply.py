@@ -345,8 +345,14 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node, token
     batch, toks = seq_dims(a, anat)
     if not toks:
         return None
+    # where patches merge in groups, a value with one row per token (Qwen3-VL's DeepStack features, tapped
+    # before the selection) takes the kept tokens themselves, not their patches
+    per_token = keep is not tokens and (a.meta.get("graphprune_per_token", False) or (
+        isinstance(val, torch.Tensor) and anat.grid is not None
+        and val.shape[toks[0]] == anat.grid[0] * anat.grid[1] + int(bool(anat.has_cls))))
     with g.inserting_before(anchor):
-        node = g.call_function(tokenops.take_tokens, (a, keep, batch, toks))
+        node = g.call_function(tokenops.take_tokens, (a, tokens if per_token else keep, batch, toks))
+    node.meta["graphprune_per_token"] = per_token
     anat.token_dims[node.name] = (batch if batch is not None else 0, toks)
     return node
 
