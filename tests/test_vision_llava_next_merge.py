@@ -1,0 +1,80 @@
+"""MustDrop on LLaVA-NeXT / LLaVA-OneVision anyres images: the window merge per crop grid (windows never cross
+crops, patches unpadded away are no tokens), at the features: each crop runs as its own encoder sequence, so
+mustdrop_merge(layer=None) merges the feature layer's states, not layer 0's as in the paper (layer=1 is refused
+naming this); the whole pipeline (key set first, merge, filters, cache) on LLaVA-NeXT.
+
+Against tests/reference_vision_llava_next_merge.py (independent: tiles by hand on each crop's grid, the tokens
+laid out by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept slots,
+prefill logits (fp32, atol 1e-5) and 16 greedy tokens; a left-padded batch of 2 equals each sample alone."""
+import pytest
+import reference_vision_llava_next_merge as RM
+import torch
+from checks import assert_batch_equals_samples, assert_same_run
+from test_vision_llava_next import _built, _example
+
+import graphprune as gp
+from graphprune.errors import PassNotApplicable
+from graphprune.tools import family_zoo
+
+STEPS = 16
+pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
+
+
+def _tau(model, ex, window):
+    """A threshold between two tile scores near the middle: some tiles merge, some do not."""
+    scores = RM.all_tile_scores(model, ex, window).sort().values
+    mid = len(scores) // 2
+    return round(float(scores[mid - 1] + scores[mid]) / 2, 6)
+
+
+# family, image size (a second NeXT bucket: a tall image), window, order
+CASES = [("llava_next", (50, 90), 2, "raster"), ("llava_next", (112, 56), 3, "authors"),
+         ("llava_onevision", (50, 90), 2, "authors")]
+
+
+@pytest.mark.parametrize("family,size,window,order", CASES)
+def test_merge_matches_reference(family, size, window, order):
+    model, program = _built(family)
+    ex = _example(model, size, seed=50)
+    tau = _tau(model, ex, window)
+    ref = RM.mustdrop_run(model, ex, window=window, tau=tau, order=order, steps=STEPS)
+    ref["keep"] = ref["vision_keep"]
+    spec = f"mustdrop_merge(layer=None, window={window}, tau={tau!r}, order={order!r})"
+    out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+    assert int((out.cache[-1].mask == 0).sum()) > int((ex.attention_mask == 0).sum())   # some tokens merged away
+
+
+def test_mustdrop_pipeline_matches_reference():
+    """mustdrop(merge_layer=None) on LLaVA-NeXT: key set off the unmerged tokens' CLS attention, the merge (a
+    merged-away key hands its protection to its tile's token), static filters after LLM layers 1 and 2, the
+    caches of layers 1..2 cut to the final set."""
+    model, program = _built("llava_next")
+    ex = _example(model, seed=51)
+    tau = _tau(model, ex, 2)
+    filters = {1: (0.01, 0.05, 20), 2: (0.01, 0.05, 20)}
+    ref = RM.mustdrop_run(model, ex, window=2, tau=tau, order="authors", keys=0.08, filters=filters, steps=STEPS)
+    ref["keep"] = ref["vision_keep"].gather(1, ref["keep"])          # the filters' last set, in prompt indices
+    spec = f"mustdrop(keep=20, merge_layer=None, window=2, tau={tau!r}, layers=(1, 2), gamma=0.01, alpha=0.05)"
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+def test_batch_equals_alone():
+    model, program = _built("llava_next")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=52)
+    pruned = gp.prune(model, "mustdrop(keep=20, merge_layer=None, window=2, tau=0.05, layers=(1, 2), gamma=0.01, alpha=0.05)", program=program)
+    assert_batch_equals_samples(pruned, ex, STEPS)
+
+
+def test_inside_the_encoder_refused_naming_the_features():
+    """layer=1 (the paper's place, the default) on anyres images is refused before any work, naming layer=None
+    and that it then merges at the features; LLaVA-OneVision's pooled video tokens are no crop cells."""
+    model, program = _built("llava_next")
+    with pytest.raises(PassNotApplicable, match=r"layer=1 merges inside the vision encoder.*5 crops.*layer=None "
+                                                r"\(mustdrop\(merge_layer=None\)\).*merge at the features"):
+        gp.prune(model, "mustdrop(keep=20, layers=(1, 2), gamma=0.01, alpha=0.05)", program=program)
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    pruned = gp.prune(model, "mustdrop_merge(layer=None, window=2)", program=program)
+    with pytest.raises(PassNotApplicable, match="video tokens are pooled from 4 encoder patches"):
+        pruned(**ex.as_kwargs())
+    assert torch.is_tensor(ex.input_ids)
