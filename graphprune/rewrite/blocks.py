@@ -31,8 +31,8 @@ def require_one_grid(name: str, anatomy) -> None:
         raise PassNotApplicable(f"{name}: {anatomy.model_class}'s vision units here are gathered from {anatomy.crops} "
                                 "encoder sequence(s) (an anyres image's base view then its crops' unpadded rows, or "
                                 f"2 x 2 pooled video frames), not one patch grid {name} could lay its tokens on; use "
-                                "vision_topk, cls_topk, random(stage='vision'), visionzip, or visiontrim_vision (its LTAM "
-                                "runs per crop grid; CLS towers)")
+                                "vision_topk, cls_topk, random(stage='vision'), visionzip, visiontrim_vision (its LTAM "
+                                "runs per crop grid; CLS towers) or mustdrop_merge(layer=None) (per crop grid)")
 
 
 def cosine_matrix(x, y=None):
