@@ -7,13 +7,16 @@ Against tests/reference_vision_llava_next_merge.py (independent: tiles by hand o
 laid out by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept slots,
 prefill logits (fp32, atol 1e-5) and 16 greedy tokens; a left-padded batch of 2 equals each sample alone."""
 import pytest
+import reference_mustdrop as M
 import reference_vision_llava_next_merge as RM
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
 from test_vision_llava_next import _built, _example
 
 import graphprune as gp
+from graphprune import tokenops
 from graphprune.errors import PassNotApplicable
+from graphprune.passes.mustdrop import merge_windows
 from graphprune.tools import family_zoo
 
 STEPS = 16
@@ -56,6 +59,33 @@ def test_mustdrop_pipeline_matches_reference():
     ref["keep"] = ref["vision_keep"].gather(1, ref["keep"])          # the filters' last set, in prompt indices
     spec = f"mustdrop(keep=20, merge_layer=None, window=2, tau={tau!r}, layers=(1, 2), gamma=0.01, alpha=0.05)"
     assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+@pytest.mark.parametrize("order", ["raster", "authors"])
+def test_crop_tiles_merge_and_keys_on_sparse_crops(order):
+    """The merge rule on two 4 x 4 crops of 2 x 2 windows, tokens in a shuffled order, some patches absent
+    (unpadded away: a tile of fewer tokens, one of a single token that never merges), against
+    reference_vision_llava_next_merge.merge_image: emitted order, merged values, validity, and the key set
+    (a merged-away key hands its protection to its tile's merged token)."""
+    side, gen = 4, torch.Generator().manual_seed(7)
+    present = [p for p in range(32) if p not in (1, 4, 5, 17, 18, 21, 27, 30, 31)]     # patch 26: alone in its tile
+    patches = torch.tensor(present)[torch.randperm(len(present), generator=gen)]
+    v = len(present)
+    hidden = torch.randn(1, 1, v, 6, generator=gen) + torch.randn(6, generator=gen)   # alike: scores spread
+    protected = torch.rand(1, 1, v, generator=gen) < 0.4
+    cells = torch.stack([patches // 16, patches % 16 // side, patches % side], -1)
+    tiles = RM.crop_tiles(cells, 2)
+    scores = M.tile_scores(hidden[0, 0], tiles)
+    scores = scores[~scores.isnan()].sort().values
+    tau = float(scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2     # between two tiles' scores
+    want = RM.merge_image(hidden[0, 0], tiles, tau, order, "static", protected[0, 0])
+    table = tokenops.crop_tiles(patches[:, None], torch.arange(v).expand(1, 1, v), 0, side, 2, 2)
+    got = merge_windows(k=v, protected=protected, valid=None, vision_pos=torch.arange(v).expand(1, 1, v),
+                        hidden=hidden, window=2, tau=tau, mode="static", order=order, tiles=table)
+    assert torch.equal(got["picked"][0, 0], want["emitted"])
+    assert torch.equal(got["valid"][0, 0], want["valid"]) and torch.equal(got["protected"][0, 0], want["protected"])
+    torch.testing.assert_close(got["values"][0, 0], want["states"], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(want["protected"], protected[0, 0, want["emitted"]] & want["valid"])   # a key moved
 
 
 def test_batch_equals_alone():
