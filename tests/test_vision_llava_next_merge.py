@@ -59,7 +59,10 @@ def test_mustdrop_pipeline_matches_reference():
     ref = RM.mustdrop_run(model, ex, window=2, tau=tau, order="authors", keys=0.08, filters=filters, steps=STEPS)
     ref["keep"] = ref["vision_keep"].gather(1, ref["keep"])          # the filters' last set, in prompt indices
     spec = f"mustdrop(keep=20, merge_layer=None, window=2, tau={tau!r}, layers=(1, 2), gamma=0.01, alpha=0.05)"
-    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+    pruned = gp.prune(model, spec, program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+    merged = next(r.info for r in pruned.program.results if r.info["pass"].startswith("mustdrop_merge"))
+    assert merged["at"] == "features, per crop grid (5 crops)"           # where it ran, in the pass's record
 
 
 @pytest.mark.parametrize("order", ["raster", "authors"])

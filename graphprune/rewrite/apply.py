@@ -176,6 +176,9 @@ def _info(p, plan, anat, layer, keep, rerouted) -> dict:
             "keep": keep, "positions": plan.positions, "rerouted": rerouted, "rule": type(plan.select).__name__,
             "capacity": isinstance(plan.select, Choose) and plan.select.static_mask,
             "signals": {k: repr(v) for k, v in plan.signals.items()}}
+    if anat.stage == "vision":      # where a vision pass acted: an anyres image's crops merge at the features only
+        info["at"] = ("features" + (f", per crop grid ({anat.crops} crops)" if anat.token_patches is not None else "")
+                      if layer == anat.num_layers else f"encoder layer {layer}")
     anat.selections.append(info)
     return info
 
