@@ -169,7 +169,7 @@ def withdraw_all(vision_pos, seq_index):
 
 
 def apply_choice(choice, vision_pos, seq_index, protected=None, valid=None):
-    """Turn a pass's choice (picked local indices, or a dict with picked/values/valid) into the
+    """Turn a pass's choice (picked local indices, or a dict with picked/values/valid/protected) into the
     new token layout: (keep, new_vision_pos, picked, values, valid, protected)."""
     if isinstance(choice, dict):
         picked, values, chosen_valid = choice["picked"], choice.get("values"), choice.get("valid")
@@ -182,6 +182,8 @@ def apply_choice(choice, vision_pos, seq_index, protected=None, valid=None):
     if chosen_valid is not None:
         new_valid = chosen_valid if new_valid is None else new_valid & chosen_valid
     new_prot = None if protected is None else protected.gather(2, picked)
+    if isinstance(choice, dict) and choice.get("protected") is not None:
+        new_prot = choice["protected"]          # a merge hands its members' protection to the merged token
     return keep, new_pos, picked, values, new_valid, new_prot
 
 
@@ -367,3 +369,21 @@ def crop_neighbours(token_patches, vision_pos, offset: int, side: int, crops: in
             at = crop * side * side + r.clamp(0, side - 1) * side + c.clamp(0, side - 1)
             found.append(torch.where(inside, owner.gather(1, at), -1))
     return torch.stack(found, -1).reshape(b, n, v, -1)
+
+
+def crop_tiles(token_patches, vision_pos, offset: int, side: int, crops: int, window: int):
+    """(B, n, tiles, window^2): the vision tokens (vision_pos (B, n, V) indexing the offset + T rows of
+    crop_tokens) of each window x window tile of each crop's side x side patch grid (tiles crop after crop, in
+    raster order; the last row / column of a crop's tiles may be smaller), each tile's tokens in raster order
+    first, then -1 (a patch unpadded away or pruned before is no token). Tiles never cross crops."""
+    b, n, v = vision_pos.shape
+    patch = token_patches[:, 0].index_select(0, (vision_pos - offset).reshape(-1)).reshape(b * n, v)
+    crop, cell = patch // (side * side), patch % (side * side)
+    row, col = cell // side, cell % side
+    across, area = -(-side // window), window * window
+    tile = (crop * across + row // window) * across + col // window
+    slot = tile * area + (row % window) * window + col % window
+    table = torch.full((b * n, crops * across * across * area), -1, dtype=torch.long, device=patch.device)
+    table = table.scatter(1, slot, torch.arange(v, device=patch.device).expand(b * n, v)).reshape(b * n, -1, area)
+    present_first = (table < 0).to(torch.int8).argsort(dim=-1, stable=True)
+    return table.gather(-1, present_first).reshape(b, n, -1, area)

@@ -3,6 +3,12 @@
 1. mustdrop_merge (vision encoder, after layer 0): tile the patch grid into window x window
    tiles; a tile whose tokens are alike (mean pairwise cosine >= tau) becomes one token, the
    mean of its members, at its first member's slot. CLS is never merged.
+   ANYRES IMAGES (LLaVA-NeXT, LLaVA-OneVision) MERGE AT THE FEATURES, NOT INSIDE THE ENCODER: each crop runs
+   as its own encoder sequence and an image's tokens exist only after the packing gather that follows the
+   encoder, so mustdrop_merge(layer=None) (mustdrop(merge_layer=None)) tiles each crop's patch grid (windows
+   never cross crops; patches unpadded away are no tokens) and merges the feature layer's states there; the
+   encoder runs unmerged. The key set then comes first, off the unmerged tokens (a key merged away hands its
+   protection to its tile's merged token). layer=1 is refused there, naming this.
 2. mustdrop_keys (vision encoder, feature layer): the patches the CLS token attends to most
    (top ceil(8%)) become a protected key set that no later pass drops.
 3. mustdrop_filter (prefill, layers 2, 6, 10, 14): with A the attention the instruction tokens
@@ -21,12 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.errors import InputError, PassConfigError
-from graphprune.rewrite.blocks import grid_side, require_one_grid, tile_members, tile_scores
+from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.rewrite.blocks import grid_side, tile_members, tile_rows, tile_scores
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttentionRows,
     Choose,
+    CropTiles,
     Hidden,
     KeepCache,
     Plan,
@@ -61,33 +68,38 @@ def _same_count(name, counts):
     return int(counts.reshape(-1)[0])
 
 
-def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode, order):
+def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode, order, tiles=None):
     b, n, v = vision_pos.shape
-    members, real = tile_members(grid_side(v), window, hidden.device)            # (tiles, w*w)
+    d = hidden.shape[-1]
+    if tiles is None:               # one square patch grid: its tiles, the same for every image
+        members, real = tile_members(grid_side(v), window, hidden.device)             # (tiles, w*w)
+        members, real = members.expand(b, n, *members.shape), real.expand(b, n, *real.shape)
+    else:                           # an anyres image's crops: each image's own tiles, tokens first then -1
+        members, real = tiles.clamp(min=0), tiles >= 0
     score = tile_scores(hidden, members, real)                                    # (B, n, tiles)
     by_score = score.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(by_score).scatter(-1, by_score, torch.arange(by_score.shape[-1], device=score.device)
                                               .expand_as(by_score))               # each tile's place by score
     merge = score >= tau
+    size = real.sum(-1)                                                           # (B, n, tiles); 0: no token
     if mode == "static":
         # below tau too, most similar first, until at most `k` (the capacity) tokens survive; requires()
         # checked that merging every tile reaches it
-        shrink = (real.sum(-1) - 1).expand_as(score).gather(-1, by_score).cumsum(-1)
+        shrink = (size - 1).clamp(min=0).gather(-1, by_score).cumsum(-1)
         needed = ((v - shrink) > k).sum(-1, keepdim=True) + int(v > k)
         merge = merge | (rank < needed) & (score > float("-inf"))
-    size = real.sum(-1)
     # a tile's representative: its first member in raster order, or (the authors') its last
-    rep_slot = torch.zeros_like(size) if order == "raster" else size - 1
-    rep = members.gather(1, rep_slot[:, None])[:, 0]                              # (tiles,)
-    d = hidden.shape[-1]
-    others = real & (torch.arange(members.shape[1], device=real.device) != rep_slot[:, None])
-    gone = torch.zeros(b, n, v, dtype=torch.bool, device=hidden.device)
-    gone = gone.scatter(-1, members.reshape(-1).expand(b, n, -1), (merge[..., None] & others).reshape(b, n, -1))
+    rep_slot = torch.zeros_like(size) if order == "raster" else (size - 1).clamp(min=0)
+    rep = members.gather(-1, rep_slot[..., None])[..., 0]
+    rep = torch.where(size > 0, rep, v)              # a tile without tokens writes to a spare slot, dropped
+    others = real & (torch.arange(members.shape[-1], device=real.device) != rep_slot[..., None])
+    gone = torch.zeros(b, n, v, dtype=torch.long, device=hidden.device).scatter_add(
+        -1, members.flatten(-2), (merge[..., None] & others).flatten(-2).long()) > 0
     survive = ~gone
-    tiles = hidden[..., members.reshape(-1), :].reshape(b, n, *members.shape, d)
-    means = (tiles * real[..., None]).sum(-2) / size[:, None]                     # (B, n, tiles, D)
-    values = hidden.scatter(2, rep[:, None].expand(-1, d).expand(b, n, -1, -1),
-                            torch.where(merge[..., None], means, hidden[..., rep, :]))
+    means = (tile_rows(hidden, members) * real[..., None]).sum(-2) / size.clamp(min=1)[..., None]
+    spare = torch.cat([hidden, hidden[..., :1, :]], -2)
+    own = spare.gather(-2, rep[..., None].expand(*rep.shape, d))
+    values = spare.scatter(-2, rep[..., None].expand(*rep.shape, d), torch.where(merge[..., None], means, own))[..., :v, :]
     count = survive.sum(-1)
     if mode == "exact":
         count = _same_count("mustdrop_merge", count)
@@ -96,8 +108,8 @@ def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode,
     slot = torch.arange(v, device=hidden.device).expand(b, n, v)
     key = torch.where(survive, slot, slot + 2 * v)
     if order == "authors":
-        merged_rep = torch.zeros(b, n, v, dtype=torch.long, device=hidden.device).scatter(
-            -1, rep.expand(b, n, -1), torch.where(merge, rank - v, 0))
+        merged_rep = torch.zeros(b, n, v + 1, dtype=torch.long, device=hidden.device).scatter(
+            -1, rep, torch.where(merge, rank - v, 0))[..., :v]
         key = torch.where(survive & (merged_rep < 0), merged_rep, key)
     emitted = key.argsort(dim=-1, stable=True)
     picked = emitted[..., :count if mode == "exact" else k]
@@ -106,6 +118,11 @@ def merge_windows(*, k, protected, valid, vision_pos, hidden, window, tau, mode,
     out = {"picked": picked, "values": values.gather(2, picked[..., None].expand(*picked.shape, d))}
     if mode == "static":
         out["valid"] = survive.gather(-1, picked)
+    if protected is not None:       # a key token merged away hands its protection to its tile's merged token
+        held = (tile_rows(protected[..., None], members)[..., 0] & real).any(-1)
+        spare_prot = torch.cat([protected, protected[..., :1]], -1)
+        at_rep = spare_prot.scatter(-1, rep, torch.where(merge, held, spare_prot.gather(-1, rep)))[..., :v]
+        out["protected"] = (at_rep & survive).gather(-1, picked)
     return out
 
 
@@ -116,7 +133,8 @@ class MustDropMerge(TokenPass):
 
     @dataclass
     class Config:
-        layer: int = 1                  # the encoder layer that first sees the merged tokens
+        layer: int | None = 1           # the encoder layer that first sees the merged tokens; None: merged at
+        #                                 the features (the feature layer's states), the only place on anyres images
         window: int = 3
         tau: float = 0.8
         mode: str = "static"
@@ -141,7 +159,8 @@ class MustDropMerge(TokenPass):
 
     def requires(self, anatomy):
         g, c = anatomy.grid, self.config
-        require_one_grid(self.name, anatomy)
+        if anatomy.token_patches is not None:
+            return _require_crop_grids(c, anatomy)
         if g is None:
             return
         if c.window > min(g):
@@ -154,10 +173,30 @@ class MustDropMerge(TokenPass):
     def plan(self) -> Plan:
         c = self.config
         capacity = None if c.mode == "exact" else (1.0 if c.capacity is None else c.capacity)
-        return Plan(layer=c.layer, signals={"hidden": Hidden(c.layer - 1)}, positions="compact",
+        # tiles: an anyres image's crop tiles (None on one patch grid)
+        signals = {"hidden": Hidden(-1 if c.layer is None else c.layer - 1), "tiles": CropTiles(c.window)}
+        return Plan(layer=c.layer, signals=signals, positions="compact",
                     select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode),
                                                             ("order", c.order)),
                                   static_mask=c.mode == "static", ordered=c.order == "authors", merges=True))
+
+
+def _require_crop_grids(c, anatomy):
+    """mustdrop_merge on anyres images (several crops, each its own encoder sequence): at the features only."""
+    if anatomy.patches_per_token > 1:
+        raise PassNotApplicable(f"mustdrop_merge: {anatomy.model_class}'s video tokens are pooled from "
+                                f"{anatomy.patches_per_token} encoder patches after its projector, no cells of a crop grid "
+                                "to tile; prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass")
+    if c.layer is not None and c.layer < anatomy.num_layers:
+        raise PassNotApplicable(
+            f"mustdrop_merge: layer={c.layer} merges inside the vision encoder, where an anyres image of "
+            f"{anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder sequence, and its tokens "
+            "exist only after the packing gather that follows the encoder; give layer=None (mustdrop(merge_layer="
+            "None)): each crop's windows then merge at the features, on the feature layer's states, not after "
+            "encoder layer 0 as in the paper")
+    if c.capacity is not None:
+        raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} on {anatomy.model_class}'s anyres images: "
+                              "static mode keeps every token's slot there (capacity=None), merged-away slots masked")
 
 
 @register_pass
@@ -179,9 +218,10 @@ class MustDropKeys(TokenPass):
 
     def requires(self, anatomy):
         if not anatomy.has_cls:
-            from graphprune.errors import PassNotApplicable
             raise PassNotApplicable(f"mustdrop_keys needs the CLS token of the vision encoder; {anatomy.model_class} "
                                     "has none (run mustdrop_filter alone)")
+        if not anatomy.num_layers:          # a model-level check before any encoder is captured (bucketed families)
+            return
         changed = anatomy.tokens[-1].layer if len(anatomy.tokens) > 1 else 0
         last = anatomy.num_layers - 1 + (len(anatomy.post_layers) if self.config.key_layer == "last" else 0)
         if changed > last:
@@ -303,10 +343,15 @@ def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), win
              ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
              merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True,
              merge: bool = True, keys: bool = True, order: str = "authors", placement: str = "authors",
-             positions: str = "compact", key_layer: str = "feature"):
-    """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache."""
-    passes = [MustDropMerge(window=window, tau=tau, mode=mode, capacity=merge_capacity, order=order)] if merge else []
-    passes += [MustDropKeys(ratio=ratio, key_layer=key_layer)] if keys else []
+             positions: str = "compact", key_layer: str = "feature", merge_layer: int | None = 1):
+    """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache.
+
+    merge_layer=None (anyres images: LLaVA-NeXT, LLaVA-OneVision) merges at the features, after the key set
+    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge)."""
+    merging = [MustDropMerge(layer=merge_layer, window=window, tau=tau, mode=mode, capacity=merge_capacity,
+                             order=order)] if merge else []
+    keying = [MustDropKeys(ratio=ratio, key_layer=key_layer)] if keys else []
+    passes = keying + merging if merge_layer is None else merging + keying
     passes.append(MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode,
                                  capacity=capacity, placement=placement, positions=positions))
     if cache and len(layers) > 1:

@@ -145,8 +145,7 @@ def tome_frame(model, frame: dict, keep: int, layers: tuple, windows: bool = Tru
             kept, states, sizes = tome_bipartite(k.reshape(-1, group, k.shape[-1]).mean(1), x.reshape(-1, group * x.shape[-1]),
                                                  sizes, (seg_group[:, None] == seg_group[None, :]) | (not windows), count)
             slots, x = slots[kept], states.reshape(-1, x.shape[-1])
-    merged = visual.merger.ln_q(x).reshape(-1, group * x.shape[-1])
-    return slots, visual.merger.mlp(merged).float()
+    return slots, visual.merger(x).float()        # the model's own merger: norm, 2x2 concatenation, MLP
 
 
 def frames(model, example) -> dict:

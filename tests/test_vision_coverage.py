@@ -1,9 +1,9 @@
 """Vision-stage cells of docs/vision_stage_matrix.md that no other file checks against a reference: vision_topk
 (score='norm') on LLaVA-NeXT, LLaVA-OneVision (images, videos per frame and per video), Qwen2.5-VL and Qwen3-VL
 (images and video frames); VisPruner on LLaVA-NeXT (CLS importance) and LLaVA-OneVision (attention received) anyres
-images and on Qwen3-VL; DivPrune / CDPruner (at LLM layer 0) on LLaVA-NeXT, LLaVA-OneVision and Qwen3-VL; random and
-the whole-video attention on the anyres families; a left-padded batch of 2 equals each sample alone on
-LLaVA-OneVision's vision stage.
+images and on Qwen3-VL; ToMe in place on Qwen3-VL (DeepStack); DivPrune / CDPruner (at LLM layer 0) on LLaVA-NeXT,
+LLaVA-OneVision and Qwen3-VL; random and the whole-video attention on the anyres families; a left-padded batch of 2
+equals each sample alone on LLaVA-OneVision's vision stage.
 
 Against tests/reference_vision_coverage.py (independent: projected norms from the model's own features, VisPruner's
 rule on the feature layer's attention written by hand): kept tokens, prefill logits (fp32, atol 1e-5) and 16 greedy
@@ -121,6 +121,25 @@ def test_vispruner_attention_on_qwen3_matches_reference():
     pruned = gp.prune(model, "vispruner(keep=5, important='attention', important_ratio=0.25, positions='keep')",
                       program=program)
     assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS), STEPS, kept=kept)
+
+
+@pytest.mark.slow
+def test_tome_in_place_on_qwen3_matches_reference():
+    """ToMe in place on Qwen3-VL (learned position grid, DeepStack taps at blocks 0 and 1): 16 -> 7 tokens after
+    block 1 (the last the taps read, so each kept token's DeepStack rows are its own, unmerged), per image and
+    video frame, the merged states through the merger; the encoder by hand in reference_vision_qwen_methods.tome.
+    Merging after block 0 as well is refused at the call (the rows tapped between the merges are of neither count)."""
+    model, program = _model("qwen3_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=69)
+    kept, embeds = RM.tome(model, ex, 7, (1,))
+    unmerged = family_inputs(model, ex)[0].gather(1, kept[..., None].expand(-1, -1, embeds.shape[-1]))
+    assert not torch.allclose(embeds, unmerged, atol=1e-3)                   # the merges change the kept tokens
+    pruned = gp.prune(model, "tome(keep=7, layers=(1,), positions='keep')", program=program)
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS, embeds), STEPS, kept=kept)
+    # merges after a DeepStack tap and again later leave the tap's rows of neither count: refused, naming why
+    twice = gp.prune(model, "tome(keep=7, layers=(0, 1), positions='keep')", program=program)
+    with pytest.raises(PassNotApplicable, match="DeepStack rows for 11 tokens per unit.*select \\(merge\\) at one"):
+        twice(**ex.as_kwargs())
 
 
 # ------------------------------------------------------------------------------- VisPruner, anyres images

@@ -151,12 +151,14 @@ def test_refused_before_work(llava_next, tmp_path):
         pruned(**ex.as_kwargs())
 
 
-@pytest.mark.parametrize("spec", ["tome(keep=6, layers=(0,))", "mustdrop_merge(layer=1, window=2)"])
-def test_grid_passes_refused_on_anyres_images(llava_next, spec):
-    """A pass that lays an image's tokens on one patch grid (or merges inside the encoder) is refused at prune
-    time: an anyres image is a base view and crops' unpadded rows, several encoder sequences."""
+@pytest.mark.parametrize("spec,why", [("tome(keep=6, layers=(0,))", r"tome: merges between vision encoder layers"),
+                                      ("mustdrop_merge(layer=1, window=2)", r"layer=1 merges inside the vision encoder")])
+def test_encoder_merges_refused_on_anyres_images(llava_next, spec, why):
+    """A pass that merges inside the encoder is refused at prune time, naming why: an anyres image is a base
+    view and crops, several encoder sequences, its tokens gathered after the encoder (mustdrop_merge(layer=None)
+    merges per crop grid at the features: tests/test_vision_llava_next_merge.py)."""
     model, program = llava_next
-    with pytest.raises(PassNotApplicable, match=r"gathered from 5 encoder sequence\(s\).*not one patch grid"):
+    with pytest.raises(PassNotApplicable, match=why + r".* 5 crops, each run as its own encoder sequence"):
         gp.prune(model, spec, program=program)
 
 

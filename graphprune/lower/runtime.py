@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.compat import generate_cache_name, is_later_generate_step
-from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError
+from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError, PassNotApplicable
 from graphprune.families.base import MODALITIES, VisionLayout, check_video_unit
 from graphprune.lower.cache import PrunedCache
 from graphprune.lower.causal import use_causal_kernel
@@ -121,7 +121,8 @@ def text_layout(vision_pos: torch.Tensor, seq_len: int, block_end: torch.Tensor 
 def placeholder_slots(family, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, S) bool: the slots holding the image or video placeholder token, prunable or not (LLaVA-NeXT's
     image_newline slots hold the image token too)."""
-    ids = [t for t in (family.token_id("image_token_id"), family.video_token_id()) if t is not None]
+    # the accessors, not config reads: a model-less runner's family (ONNX Runtime) knows them from its manifest
+    ids = [t for t in (family.image_token_id(), family.video_token_id()) if t is not None]
     return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
@@ -309,7 +310,12 @@ class PrunedModel(nn.Module, GenerationMixin):
         lm_inputs = {}
         if "deepstack_features" in outs:        # Qwen3-VL: every token's DeepStack rows; the LM adds the kept ones'
             rows, kept = outs["deepstack_features"], outs.get("patches_kept")
-            if kept is not None:
+            if kept is not None and rows.shape[1] != feats.shape[1]:    # else a selection in the encoder took them
+                if rows.shape[1] != v:
+                    raise PassNotApplicable(
+                        f"the vision stage returns DeepStack rows for {rows.shape[1]} tokens per unit, neither its {v} "
+                        f"tokens nor the {feats.shape[1]} it keeps: a selection inside the encoder after a DeepStack "
+                        "tap, followed by another one, is not supported; select (merge) at one encoder layer")
                 rows = rows.gather(1, kept[..., None, None].expand(-1, -1, *rows.shape[2:]))
             lm_inputs["deepstack_rows"] = rows.reshape(b, n, -1, *rows.shape[2:])
         return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),

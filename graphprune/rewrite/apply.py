@@ -176,6 +176,9 @@ def _info(p, plan, anat, layer, keep, rerouted) -> dict:
             "keep": keep, "positions": plan.positions, "rerouted": rerouted, "rule": type(plan.select).__name__,
             "capacity": isinstance(plan.select, Choose) and plan.select.static_mask,
             "signals": {k: repr(v) for k, v in plan.signals.items()}}
+    if anat.stage == "vision":      # where a vision pass acted: an anyres image's crops merge at the features only
+        info["at"] = ("features" + (f", per crop grid ({anat.crops} crops)" if anat.token_patches is not None else "")
+                      if layer == anat.num_layers else f"encoder layer {layer}")
     anat.selections.append(info)
     return info
 
@@ -345,8 +348,14 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node, token
     batch, toks = seq_dims(a, anat)
     if not toks:
         return None
+    # where patches merge in groups, a value with one row per token (Qwen3-VL's DeepStack features, tapped
+    # before the selection) takes the kept tokens themselves, not their patches
+    per_token = keep is not tokens and (a.meta.get("graphprune_per_token", False) or (
+        isinstance(val, torch.Tensor) and anat.grid is not None
+        and val.shape[toks[0]] == anat.grid[0] * anat.grid[1] + int(bool(anat.has_cls))))
     with g.inserting_before(anchor):
-        node = g.call_function(tokenops.take_tokens, (a, keep, batch, toks))
+        node = g.call_function(tokenops.take_tokens, (a, tokens if per_token else keep, batch, toks))
+    node.meta["graphprune_per_token"] = per_token
     anat.token_dims[node.name] = (batch if batch is not None else 0, toks)
     return node
 

@@ -31,8 +31,8 @@ def require_one_grid(name: str, anatomy) -> None:
         raise PassNotApplicable(f"{name}: {anatomy.model_class}'s vision units here are gathered from {anatomy.crops} "
                                 "encoder sequence(s) (an anyres image's base view then its crops' unpadded rows, or "
                                 f"2 x 2 pooled video frames), not one patch grid {name} could lay its tokens on; use "
-                                "vision_topk, cls_topk, random(stage='vision'), visionzip, or visiontrim_vision (its LTAM "
-                                "runs per crop grid; CLS towers)")
+                                "vision_topk, cls_topk, random(stage='vision'), visionzip, visiontrim_vision (its LTAM "
+                                "runs per crop grid; CLS towers) or mustdrop_merge(layer=None) (per crop grid)")
 
 
 def cosine_matrix(x, y=None):
@@ -60,15 +60,26 @@ def tile_members(g: int, window: int, device=None) -> tuple[torch.Tensor, torch.
 def tile_scores(x, members, mask):
     """Mean pairwise cosine similarity (ordered pairs, self excluded) of each tile: (..., tiles).
 
+    members, mask: (tiles, w^2) shared by every image, or (..., tiles, w^2) each image's own (crop tiles).
     Tiles of one token get -inf: they never merge.
     """
-    t = x[..., members.reshape(-1), :].reshape(*x.shape[:-2], *members.shape, x.shape[-1])
+    t = tile_rows(x, members)                                           # (..., tiles, w, D)
     sim = cosine_matrix(t)                                              # (..., tiles, w, w)
-    pair = (mask[:, :, None] & mask[:, None, :]).float()
-    pair = pair * (1 - torch.eye(mask.shape[1], device=pair.device))
+    pair = (mask[..., :, None] & mask[..., None, :]).float()
+    pair = pair * (1 - torch.eye(mask.shape[-1], device=pair.device))
     n_pairs = pair.sum((-1, -2))
     score = (sim * pair).sum((-1, -2)) / n_pairs.clamp(min=1)
     return score.masked_fill(n_pairs == 0, float("-inf"))
+
+
+def tile_rows(x, members):
+    """The rows of x (..., V, D) at each tile's members: (..., tiles, w^2, D); members (tiles, w^2) shared, or
+    (..., tiles, w^2) per image."""
+    if members.dim() == 2:
+        return x[..., members.reshape(-1), :].reshape(*x.shape[:-2], *members.shape, x.shape[-1])
+    flat = members.flatten(-2)
+    rows = x.gather(-2, flat[..., None].expand(*flat.shape, x.shape[-1]))
+    return rows.reshape(*members.shape, x.shape[-1])
 
 
 def grid_neighbours(g: int, window: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,6 +129,14 @@ class CropNeighbours:
 
 
 @dataclass(frozen=True)
+class CropTiles:
+    """Vision stage: each image's window x window tiles of its crops' patch grids, (images, 1, tiles, window^2)
+    token indices, each tile's tokens in raster order first, then -1 (a patch unpadded away, or pruned, is no
+    token); tiles crop after crop, raster order within a crop. None where a unit is one patch grid (no crops)."""
+    window: int = 3
+
+
+@dataclass(frozen=True)
 class Projected:
     """The projector's output at each image's tokens, (images, 1, tokens, D) (the LLM-space vision
     tokens). Plans reading it act after the projector (Plan.after_projector). Where the vision stage runs

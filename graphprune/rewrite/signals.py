@@ -21,6 +21,7 @@ from graphprune.rewrite.pass_api import (
     AttendTogether,
     AttentionRows,
     CropNeighbours,
+    CropTiles,
     Frames,
     Hidden,
     InputEmbeds,
@@ -57,7 +58,7 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
                                   "after_projector=True")
         out = g.find_nodes(op="output")[0].args[0][0]
         return g.call_function(tokenops.token_features, (out, state.vision_pos))
-    if isinstance(sig, CropNeighbours):
+    if isinstance(sig, (CropNeighbours, CropTiles)):
         if anat.stage != "vision" or anat.token_patches is None:
             return None
         if anat.patches_per_token != 1:
@@ -66,8 +67,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         cls = int(bool(anat.has_cls))
         side = math.isqrt(int(anat.layer(0).attention.q.meta["val"].shape[2]) - cls)
         offset = 0 if layer == anat.num_layers else cls      # after the projector the tokens have no CLS row
-        return g.call_function(tokenops.crop_neighbours, (anat.token_patches, state.vision_pos, offset, side,
-                                                          anat.crops, sig.window))
+        op = tokenops.crop_neighbours if isinstance(sig, CropNeighbours) else tokenops.crop_tiles
+        return g.call_function(op, (anat.token_patches, state.vision_pos, offset, side, anat.crops, sig.window))
     if isinstance(sig, SequenceIndex):
         return _sequence_index(gm, anat, sig, state, p)
     if isinstance(sig, InputEmbeds):

@@ -1,0 +1,145 @@
+"""Independent reference for MustDrop's window merge on LLaVA-NeXT / LLaVA-OneVision anyres images, and for the
+whole MustDrop pipeline (key set -> merge -> dual-attention filters -> output-aware cache) on LLaVA-NeXT.
+Nothing here imports graphprune.
+
+* Per image: its crops through the model's own tower (reference_vision_llava_next.crop_signals: the feature
+  layer's output per crop patch, CLS dropped, and its CLS attention by hand), laid in prompt order by the
+  model's own pack_image_features (reference_vision_llava_next.packed), newline rows left out. The same
+  packing of each patch's code (crop x P + patch) tells each token's crop, row and column.
+* Tiles: each crop's side x side grid cut into window x window tiles (the last row / column smaller); a
+  tile's members are the tokens on it (a patch unpadded away is no token), in raster order; tiles crop
+  after crop, raster order within a crop. Windows never cross crops.
+* Merge (reference_mustdrop.tile_scores: mean cosine over ordered pairs, a one-token tile never merges):
+  every tile scoring >= tau becomes the mean of its members' states at its representative (first member,
+  order="raster"; last, "authors"). Static mode keeps every token's slot, merged-away ones invalid. Emitted
+  order: raster, or the authors' (merged tokens by descending score, then the unmerged in prompt order, then
+  the merged-away fillers). The image's kept slots (ascending) take the emitted tokens in that order, through
+  the model's own projector.
+* Key set (before the merge): the top ceil(ratio x T) tokens by the feature layer's CLS attention
+  (reference_mustdrop.key_set); a merged tile's token is a key when any member was one, a merged-away token
+  none.
+* The pruned prompt: the model's own merged embeddings (reference_families.family_inputs) at the kept slots,
+  invalid slots masked like padding, positions renumbered over the valid tokens (compact), run by
+  reference.lm_generate, with reference_mustdrop.filter_select at the filter layers and the cache cut.
+"""
+from __future__ import annotations
+
+import reference as R
+import reference_mustdrop as M
+import reference_vision_llava_next as RN
+import torch
+from reference_families import family_inputs
+from reference_vision_qwen import keep_of_units
+from torch import Tensor
+
+
+def token_cells(model, size: Tensor) -> Tensor:
+    """(tokens, 3): the crop, row and column of each feature token of an image of `size`, in prompt order."""
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    code = torch.arange(RN.crops_of(model, size) * side * side, dtype=torch.float32)
+    patch = RN.packed(model, code.reshape(-1, side * side, 1), size)[:, 0].round().long()
+    crop, cell = patch // (side * side), patch % (side * side)
+    return torch.stack([crop, cell // side, cell % side], -1)
+
+
+def crop_tiles(cells: Tensor, window: int) -> list[Tensor]:
+    """Token indices of each non-empty window x window tile of each crop grid (members in raster order; tiles
+    crop after crop, raster order within one)."""
+    big = int(cells.max()) + 1
+    tile = (cells[:, 0] * big + cells[:, 1] // window) * big + cells[:, 2] // window
+    tiles = []
+    for t in tile.unique().tolist():                  # ascending: crop, then tile row, then tile column
+        idx = (tile == t).nonzero()[:, 0]
+        tiles.append(idx[(cells[idx, 1] * big + cells[idx, 2]).argsort()])
+    return tiles
+
+
+def image_states(model, example) -> list[dict]:
+    """Per image (samples in order): its tokens' feature-layer states 'hidden' (T, D), CLS attention 'cls'
+    (T,), and cells (T, 3)."""
+    out = []
+    for pixels, size in zip(example.pixel_values, example.image_sizes):
+        sig = RN.crop_signals(model, pixels[:RN.crops_of(model, size)])
+        out.append({"hidden": RN.packed(model, sig["hidden"], size), "cls": RN.packed(model, sig["cls"][..., None], size)[:, 0],
+                    "cells": token_cells(model, size)})
+    return out
+
+
+def all_tile_scores(model, example, window: int) -> Tensor:
+    """Every multi-token tile's score over the example's images (to place tau between two of them)."""
+    scores = [M.tile_scores(s["hidden"], crop_tiles(s["cells"], window)) for s in image_states(model, example)]
+    scores = torch.cat(scores)
+    return scores[~scores.isnan()]
+
+
+def merge_image(hidden: Tensor, tiles: list[Tensor], tau: float, order: str, mode: str,
+                protected: Tensor | None = None) -> dict:
+    """One image's merge: 'slots' (ascending kept token indices), 'states' (their states in slot order),
+    'valid' and 'protected' in slot order."""
+    t = hidden.shape[0]
+    score = M.tile_scores(hidden, tiles)
+    ranked = sorted((j for j in range(len(tiles)) if not score[j].isnan()), key=lambda j: -float(score[j]))
+    merged = [j for j in ranked if score[j] >= tau]
+    states, survive = hidden.clone(), torch.ones(t, dtype=torch.bool)
+    prot = torch.zeros(t, dtype=torch.bool) if protected is None else protected.clone()
+    reps = []
+    for j in merged:
+        m = tiles[j]
+        rep = int(m[0] if order == "raster" else m[-1])
+        states[rep] = hidden[m].mean(0)
+        prot[rep] = bool(prot[m].any())
+        gone = m[m != rep]
+        survive[gone], prot[gone] = False, False
+        reps.append(rep)
+    rest = [i for i in range(t) if survive[i] and (order == "raster" or i not in reps)]
+    emitted = (reps if order == "authors" else []) + rest
+    if mode == "static":
+        emitted += [i for i in range(t) if not survive[i]]
+    emitted = torch.tensor(sorted(emitted) if order == "raster" else emitted)
+    return {"slots": emitted.sort().values, "emitted": emitted, "states": states[emitted],
+            "valid": survive[emitted], "protected": prot[emitted]}
+
+
+@torch.no_grad()
+def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raster", mode: str = "static",
+                 keys: float | None = None, filters: dict | None = None, steps: int = 16) -> dict:
+    """The pruned run: window merge per crop grid at the features (key set first when `keys` is a ratio), then
+    the LLM with `filters` {layer: (gamma, alpha, capacity)} (graphprune's filter layers: a filter at L reads
+    layer L's attention, L + 1 runs reduced; the caches of the first..last filter layers cut to the final set).
+    Returns lm_generate's output plus 'vision_keep': per kept prompt slot, the prompt index of the token whose
+    value it holds (the authors' order moves an image's tokens among its kept slots)."""
+    emb, am, _, vm = family_inputs(model, example)
+    emb, am = emb.clone(), am.clone()
+    prot = torch.zeros_like(vm)
+    source = torch.arange(example.input_ids.shape[1]).repeat(vm.shape[0], 1)    # the token each slot holds
+    blocks = RN.units(model, example)
+    states = iter(image_states(model, example))
+    chosen = []
+    for s, row in enumerate(blocks):
+        picks = []
+        for blk in row:
+            image = next(states)
+            key = None if keys is None else M.key_set(image["cls"][None], keys)[0]
+            out = merge_image(image["hidden"], crop_tiles(image["cells"], window), tau, order, mode, key)
+            at = blk[out["slots"]]
+            emb[s, at] = model.model.multi_modal_projector(out["states"]).to(emb.dtype)
+            am[s, at] = am[s, at] * out["valid"].to(am.dtype)
+            prot[s, at] = out["protected"]
+            source[s, at] = blk[out["emitted"]]
+            picks.append(out["slots"])
+        chosen.append(picks)
+    keep = keep_of_units(blocks, example.input_ids.shape[1], chosen)
+    emb, am, vm, prot = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
+                         for x in (emb, am, vm, prot))
+    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    selects, cut = {}, None
+    if filters:
+        per = len(blocks[0])
+        selects = {layer + 1: M.filter_select(gamma, alpha, mode, capacity, images=per)
+                   for layer, (gamma, alpha, capacity) in filters.items()}
+        cut = (min(filters), max(filters) + 1) if len(filters) > 1 else None
+    ref = R.lm_generate(model, emb, am, pos, selects=selects, protected=prot if keys is not None else None,
+                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions="compact")
+    ref["vision_keep"] = source.gather(1, keep)
+    return ref
