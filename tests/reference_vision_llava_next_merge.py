@@ -28,7 +28,7 @@ import reference as R
 import reference_mustdrop as M
 import reference_vision_llava_next as RN
 import torch
-from reference_families import family_inputs
+from reference_families import family_inputs, instruction_mask
 from reference_vision_qwen import keep_of_units
 from torch import Tensor
 
@@ -130,8 +130,9 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
             picks.append(out["slots"])
         chosen.append(picks)
     keep = keep_of_units(blocks, example.input_ids.shape[1], chosen)
-    emb, am, vm, prot = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
-                         for x in (emb, am, vm, prot))
+    text = instruction_mask(model, example)        # after the closing image_newline slot
+    emb, am, vm, prot, text = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
+                               for x in (emb, am, vm, prot, text))
     pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
     selects, cut = {}, None
     if filters:
@@ -140,6 +141,7 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
                    for layer, (gamma, alpha, capacity) in filters.items()}
         cut = (min(filters), max(filters) + 1) if len(filters) > 1 else None
     ref = R.lm_generate(model, emb, am, pos, selects=selects, protected=prot if keys is not None else None,
-                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions="compact")
+                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions="compact",
+                        text_mask=text)
     ref["vision_keep"] = source.gather(1, keep)
     return ref
