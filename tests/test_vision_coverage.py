@@ -96,6 +96,18 @@ def test_vispruner_refused_on_onevision_video():
         pruned(**ex.as_kwargs())
 
 
+@pytest.mark.slow
+def test_visionzip_attention_on_llava_next_matches_reference():
+    """VisionZip's CLS-free dominance on a tower with CLS (LLaVA-NeXT's CLIP: CLS among the queries, not the tokens
+    ranked), anyres images, the authors' compact sequence."""
+    model, program = _model("llava_next")
+    ex = _anyres_example(model, seed=70)
+    chosen, values = RN.visionzip(model, ex, keep=8, contextual=3, dominant="received")
+    ref = RN.generate(model, ex, chosen, STEPS, "compact", values)
+    pruned = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention')", program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+
+
 # ------------------------------------------------------------------------------------------ Qwen families
 
 @pytest.mark.slow
@@ -170,7 +182,9 @@ PICKS = {"divprune": lambda count: lambda feats, text: N.divprune_indices(feats,
 @pytest.mark.parametrize("family,method,items,units,positions", [
     ("llava_next", "cdpruner", ("image",), 1, "compact"),
     ("llava_onevision", "divprune", ("image",), 1, "compact"),
-    ("llava_onevision", "cdpruner", ("video",), 3, "keep"),          # units: the video's 3 frames
+    ("llava_onevision", "cdpruner", ("image",), 1, "keep"),
+    ("llava_onevision", "divprune", ("video",), 3, "compact"),       # units: the video's 3 frames
+    ("llava_onevision", "cdpruner", ("video",), 3, "keep"),
     ("qwen3_vl", "divprune", ("image", "video"), 3, "keep"),         # the image and the video's 2 frames
     ("qwen3_vl", "cdpruner", ("image", "video"), 3, "keep"),
 ])
