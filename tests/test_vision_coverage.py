@@ -123,6 +123,21 @@ def test_norm_topk_on_qwen_matches_reference(family):
 
 
 @pytest.mark.slow
+def test_norm_topk_over_whole_qwen_videos_matches_reference():
+    """Alone, the norm runs at LLM layer 0, so on Qwen it takes video_unit='video' (an encoder pass refuses it):
+    `keep` counts over the video's 2 frames at once (12 of its 2 x 16 tokens)."""
+    model, program = _model("qwen2_5_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=71)
+    emb = family_inputs(model, ex)[0]
+    videos = [[torch.cat(row)] for row in RQ.units(model, ex)]
+    picks = [[emb[i, video].norm(dim=-1).topk(12).indices] for i, (video,) in enumerate(videos)]
+    kept = RQ.keep_of_units(videos, ex.input_ids.shape[1], picks)
+    assert not torch.equal(kept, RC.norm_kept_qwen(model, ex, 6))          # the unit matters on this video
+    pruned = gp.prune(model, NORM.format(keep=12), program=program, video_unit="video")
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS), STEPS, kept=kept)
+
+
+@pytest.mark.slow
 def test_vispruner_attention_on_qwen3_matches_reference():
     """VisPruner with attention-received importance on Qwen3-VL (learned position grid, DeepStack taps): 1 important
     and 4 diverse tokens per unit (the image, each video frame), the diverse ones what enters the merger's MLP."""
