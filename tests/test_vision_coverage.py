@@ -96,6 +96,18 @@ def test_vispruner_refused_on_onevision_video():
         pruned(**ex.as_kwargs())
 
 
+@pytest.mark.slow
+def test_visionzip_attention_on_llava_next_matches_reference():
+    """VisionZip's CLS-free dominance on a tower with CLS (LLaVA-NeXT's CLIP: CLS among the queries, not the tokens
+    ranked), anyres images, the authors' compact sequence."""
+    model, program = _model("llava_next")
+    ex = _anyres_example(model, seed=70)
+    chosen, values = RN.visionzip(model, ex, keep=8, contextual=3, dominant="received")
+    ref = RN.generate(model, ex, chosen, STEPS, "compact", values)
+    pruned = gp.prune(model, "visionzip(keep=8, contextual=3, dominant='attention')", program=program)
+    assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+
+
 # ------------------------------------------------------------------------------------------ Qwen families
 
 @pytest.mark.slow
@@ -108,6 +120,21 @@ def test_norm_topk_on_qwen_matches_reference(family):
     kept = RC.norm_kept_qwen(model, ex, 6)
     ref = RQ.hf_generate(model, ex, kept, STEPS)
     assert_same_run(gp.prune(model, NORM.format(keep=6), program=program), ex, ref, STEPS, kept=kept)
+
+
+@pytest.mark.slow
+def test_norm_topk_over_whole_qwen_videos_matches_reference():
+    """Alone, the norm runs at LLM layer 0, so on Qwen it takes video_unit='video' (an encoder pass refuses it):
+    `keep` counts over the video's 2 frames at once (12 of its 2 x 16 tokens)."""
+    model, program = _model("qwen2_5_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=71)
+    emb = family_inputs(model, ex)[0]
+    videos = [[torch.cat(row)] for row in RQ.units(model, ex)]
+    picks = [[emb[i, video].norm(dim=-1).topk(12).indices] for i, (video,) in enumerate(videos)]
+    kept = RQ.keep_of_units(videos, ex.input_ids.shape[1], picks)
+    assert not torch.equal(kept, RC.norm_kept_qwen(model, ex, 6))          # the unit matters on this video
+    pruned = gp.prune(model, NORM.format(keep=12), program=program, video_unit="video")
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS), STEPS, kept=kept)
 
 
 @pytest.mark.slow
@@ -170,7 +197,9 @@ PICKS = {"divprune": lambda count: lambda feats, text: N.divprune_indices(feats,
 @pytest.mark.parametrize("family,method,items,units,positions", [
     ("llava_next", "cdpruner", ("image",), 1, "compact"),
     ("llava_onevision", "divprune", ("image",), 1, "compact"),
-    ("llava_onevision", "cdpruner", ("video",), 3, "keep"),          # units: the video's 3 frames
+    ("llava_onevision", "cdpruner", ("image",), 1, "keep"),
+    ("llava_onevision", "divprune", ("video",), 3, "compact"),       # units: the video's 3 frames
+    ("llava_onevision", "cdpruner", ("video",), 3, "keep"),
     ("qwen3_vl", "divprune", ("image", "video"), 3, "keep"),         # the image and the video's 2 frames
     ("qwen3_vl", "cdpruner", ("image", "video"), 3, "keep"),
 ])
