@@ -43,7 +43,8 @@ def _selects(gm: fx.GraphModule, fn) -> bool:
     return any(n.target is fn for n in gm.graph.nodes)
 
 
-@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)", "dart(layer=2, keep=8)",
+@pytest.mark.parametrize("pipeline", ["fastv(layer=2, keep=8)",
+                                      pytest.param("dart(layer=2, keep=8)", marks=pytest.mark.slow),
                                       pytest.param("vtw(layer=2)", marks=pytest.mark.slow),
                                       pytest.param("random(layer=1, keep=0.5, seed=3)", marks=pytest.mark.slow)])
 def test_eager_compiler_matches_graphprune(model, batch, pipeline):
@@ -206,7 +207,7 @@ def test_padded_batch_prefills_exactly_and_warns_that_hf_decode_cannot():
     assert torch.equal(ids[:, n:], pruned.generate(**plain, max_new_tokens=6, eos_token_id=[])[:, n:])
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_prefill_runs_mask_free_where_the_prompt_is_plain_causal(padded):
     """As graphprune.prune lowers it, the backend's prefill attends mask-free (is_causal=True) when
     the prompt is plain causal; the mask's values pick, per call, between two compiled graphs: a

@@ -121,7 +121,8 @@ def test_idefics3_compile_backend_refuses():
 
 
 @pytest.mark.parametrize("family, items, pipeline", [("internvl", ("image", "image"), "fastv(layer=2, keep=8)"),
-                                                     ("internvl", ("image", "image"), "dart(layer=2, keep=8)"),
+                                                     pytest.param("internvl", ("image", "image"), "dart(layer=2, keep=8)",
+                                                                  marks=pytest.mark.slow),
                                                      ("paligemma", ("image",), "fastv(layer=2, keep=8)")])
 def test_compile_backend_equals_prune(family, items, pipeline):
     """Their merge frame holds every decoder layer and their image runs are their images: the
@@ -150,7 +151,7 @@ def _windowed(family: str, window: int):
     return windowed
 
 
-@pytest.mark.parametrize("family", ["llava", "mistral3"])
+@pytest.mark.parametrize("family", [pytest.param("llava", marks=pytest.mark.slow), "mistral3"])
 def test_a_binding_sliding_window_accepts_runs_inside_it_and_refuses_longer_ones(family):
     """A window shorter than the context is accepted: inside it the model equals HF's windowed one
     (keep everything), and a run that could reach it is refused before any work, naming both lengths

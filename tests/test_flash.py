@@ -81,8 +81,8 @@ def test_attention_op_passes_opcheck():
 
 
 @pytest.mark.parametrize("pipeline, pad", [("fastv(layer=2, keep=8)", (0, 3)), ("dart(layer=2, keep=8)", ()),
-                                           ("mustdrop_filter(layers=(1, 2), gamma=0.01, alpha=0.02, capacity=24)",
-                                            (0, 2))])
+                                           pytest.param("mustdrop_filter(layers=(1, 2), gamma=0.01, alpha=0.02, "
+                                                        "capacity=24)", (0, 2), marks=pytest.mark.slow)])
 def test_pruned_model_with_flash_attention_matches_sdpa(on_cpu, pipeline, pad):
     model = zoo.tiny_llava()
     kw = zoo.llava_example(model, batch=2, pad=pad).as_kwargs()

@@ -159,6 +159,7 @@ def _compile(model, **extra):
     return torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": "eager", **extra})
 
 
+@pytest.mark.slow
 def test_two_compiled_models_of_one_architecture_each_run_their_own_weights():
     torch._dynamo.reset()
     models = [zoo.tiny_llava(seed) for seed in (0, 1)]
@@ -172,7 +173,8 @@ def test_two_compiled_models_of_one_architecture_each_run_their_own_weights():
     assert not torch.allclose(got[0], got[1])
 
 
-@pytest.mark.parametrize("mode,quiet", [pytest.param("raise", False, marks=pytest.mark.slow), ("warn", False),
+@pytest.mark.parametrize("mode,quiet", [pytest.param("raise", False, marks=pytest.mark.slow),
+                                        pytest.param("warn", False, marks=pytest.mark.slow),
                                         ("raise", True)])
 def test_recompile_limit_never_runs_unpruned_silently(mode, quiet):
     """Every torch.compile of the same model with other options adds cache entries to the same

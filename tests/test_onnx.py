@@ -48,8 +48,8 @@ def examples(model):
             "batch1": zoo.llava_example(model, batch=1, seed=1).as_kwargs()}
 
 
-# fastv (the CLI export) and mustdrop (vision-stage merge + LLM stage) in the fast set; `-m slow` exports the rest
-@pytest.fixture(scope="module", params=[pytest.param(m, marks=[] if m in ("fastv", "mustdrop") else [pytest.mark.slow])
+# fastv (the CLI export) in the fast set; `-m slow` exports the rest (mustdrop: vision-stage merge + LLM stage)
+@pytest.fixture(scope="module", params=[pytest.param(m, marks=[] if m == "fastv" else [pytest.mark.slow])
                                         for m in METHODS])
 def exported(request, model, tmp_path_factory):
     name = request.param
