@@ -476,6 +476,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if cache.static:
             logits = self._static_step(cache, embeds, position, mask, layer_positions)
         else:
+            if any(layer.keys is None for layer in cache):
+                raise InputError(_LOST_CACHE)
             # every cached key and the new one real (no padding): attend without masks, as transformers does
             maskless = self._maskless_decode and cache.keys_all_real and (fed_all_real or bool(mask.all()))
             cache.keys_all_real = maskless
@@ -485,7 +487,12 @@ class PrunedModel(nn.Module, GenerationMixin):
                 args[f"kv_mask_{i}"] = (None if maskless else
                                         torch.cat([layer.mask, mask[:, None].to(layer.mask.dtype)], 1))
                 layer.keys = layer.values = None        # handed to the step, which frees them as it goes
-            outs = self._consuming_decode(args)
+            try:
+                outs = self._consuming_decode(args)
+            except Exception as e:
+                if hasattr(e, "add_note"):         # Python >= 3.11
+                    e.add_note(_LOST_CACHE)
+                raise
             names = self.decode_gm.meta["graphprune_outputs"]
             for i, layer in enumerate(cache):
                 layer.append(outs[names[1 + 2 * i]], outs[names[2 + 2 * i]], mask)
@@ -500,7 +507,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         concatenated the new token onto them, as transformers' cache does layer by layer. Holding every
         layer's old cache until the step ends made each concatenation ~1.4x slower on the speed model
         (the new buffers land on memory untouched for a whole step), the 5-6% by which graphprune's
-        step trailed transformers'. A step that fails part-way leaves the cache without keys."""
+        step trailed transformers'. A step that fails part-way has freed some layers' keys / values and
+        not written the new ones: the cache holds none (see decode_step), and says so when used again."""
         exe = self.decode_exec
         if not isinstance(exe, torch.fx.GraphModule) or _BOXED is None:
             return _call(exe, **args)              # a runner of another kind (ONNX Runtime, a proxy)
@@ -680,6 +688,10 @@ def _sampling_rng(generator: torch.Generator | None, device: torch.device):
         torch.manual_seed(seed)
         yield
 
+
+_LOST_CACHE = ("this cache lost its keys / values: a decode step over it failed part-way, after it had "
+               "consumed them (each layer's old cache is freed as the step goes); it cannot be decoded from "
+               "again. Run the prompt again (or decode from a copy: cache.copy() before the step)")
 
 # fx's code generator for a graph that takes one list of inputs and clears it (torch >= 2.5; private)
 _BOXED = getattr(torch.fx.graph, "_BoxedCodeGen", None)
