@@ -244,6 +244,28 @@ def test_decode_step_failing_part_way_leaves_a_cache_that_says_it_is_lost(llava)
     assert logits.shape == out.logits[:, -1].shape
 
 
+def test_decode_step_without_fx_boxed_codegen_runs_the_same(llava, monkeypatch):
+    # the boxed calling convention is fx's private API: where it is missing or fails to build, the step
+    # warns and holds its inputs to the end instead, with the same logits, and the cache stays whole
+    from graphprune.lower import runtime
+    model, program = llava
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    out = pruned(**llava_example(model, batch=1, seed=4).as_kwargs())
+    token = out.logits[:, -1].argmax(-1)
+    want, _ = pruned.decode_step(out.cache.copy(), token)
+
+    class Changed:
+        def __init__(self):
+            raise TypeError("takes other arguments now")
+    monkeypatch.setattr(runtime, "_BOXED", Changed)
+    fresh = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    with pytest.warns(RuntimeWarning, match="boxed calling convention failed"):
+        got, cache = fresh.decode_step(out.cache.copy(), token)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    got, _ = fresh.decode_step(cache, got.argmax(-1))            # the cache it returned decodes on
+    assert got.shape == want.shape
+
+
 # -- errors, all raised before any graph runs -------------------------------------------------
 
 

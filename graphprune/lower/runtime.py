@@ -510,14 +510,11 @@ class PrunedModel(nn.Module, GenerationMixin):
         step trailed transformers'. A step that fails part-way has freed some layers' keys / values and
         not written the new ones: the cache holds none (see decode_step), and says so when used again."""
         exe = self.decode_exec
-        if not isinstance(exe, torch.fx.GraphModule) or _BOXED is None:
-            return _call(exe, **args)              # a runner of another kind (ONNX Runtime, a proxy)
         if self._boxed_decode is None or self._boxed_decode[0] is not exe:
-            boxed = torch.fx.GraphModule(exe, exe.graph.__deepcopy__())
-            boxed.graph.set_codegen(_BOXED())
-            boxed.recompile()
-            self._boxed_decode = (exe, boxed)
+            self._boxed_decode = (exe, _boxed_copy(exe))
         gm = self._boxed_decode[1]
+        if gm is None:          # a runner of another kind (ONNX Runtime, a proxy), or no boxed codegen here
+            return _call(exe, **args)
         box = [args.pop(n.name) for n in gm.graph.find_nodes(op="placeholder")]
         return dict(zip(exe.meta["graphprune_outputs"], _as_tuple(gm(box))))
 
@@ -695,6 +692,24 @@ _LOST_CACHE = ("this cache lost its keys / values: a decode step over it failed 
 
 # fx's code generator for a graph that takes one list of inputs and clears it (torch >= 2.5; private)
 _BOXED = getattr(torch.fx.graph, "_BoxedCodeGen", None)
+
+
+def _boxed_copy(exe) -> torch.fx.GraphModule | None:
+    """A copy of the graph module `exe` taking one list of inputs that it clears as it goes (fx's
+    private _BoxedCodeGen); None for a runner that is no graph module, or where this torch's fx has
+    no such code generator or builds it otherwise (the step then holds its inputs to the end, as
+    before: slower, the same results)."""
+    if not isinstance(exe, torch.fx.GraphModule) or _BOXED is None:
+        return None
+    try:
+        boxed = torch.fx.GraphModule(exe, exe.graph.__deepcopy__())
+        boxed.graph.set_codegen(_BOXED())
+        boxed.recompile()
+    except Exception as e:         # a private API: its absence or change costs speed, never a wrong step
+        warnings.warn(f"decode steps keep each layer's old cache until the step ends: fx's boxed calling "
+                      f"convention failed here ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=4)
+        return None
+    return boxed
 
 
 def _as_tuple(x):
