@@ -48,7 +48,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from graphprune.targets.dynamo_padding import watch_decodes
+from graphprune.targets.dynamo_padding import PADDED, refuse_padded, watch_decodes
 from torch import fx
 
 from graphprune.anatomy.read import layer_of, module_path
@@ -346,11 +346,6 @@ def _compiled_graph(gm: fx.GraphModule, compiler: str):
     return gm if compiler == "eager" else torch.compile(gm, backend="inductor", dynamic=True)
 
 
-_PADDED = ("padded batch: its prefill is pruned exactly, but decoding it needs graphprune's per-layer "
-           "key masks (Hugging Face's mask has one column per prompt token, the shrunk caches fewer); "
-           "use graphprune.prune(model, ...).generate(...) for padded batches")
-
-
 def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, positions=None,
              token_type_ids=None, lm_inputs=None) -> dict:
     """Run the rewritten prefill on merged prompt embeddings: the family lays the prompt's vision
@@ -365,13 +360,12 @@ def _prefill(owner, opts: BackendOptions, embeds, merges: list, attention_mask, 
     family = rw.program.family
     b, s = embeds.shape[:2]
     family.check_run_length(s)           # a sliding window (Gemma 3) must not bind: decode steps check on
-    # Hugging Face's padded decode steps over the pruned caches are refused before dynamo traces them
-    lm = family.language_model()
-    watch_decodes(lm, lm.config.num_hidden_layers, _PADDED)
+    # Hugging Face's padded decode steps over the pruned caches are refused (targets/dynamo_padding.py)
+    watch_decodes(family.language_model())
     if attention_mask is None:
         attention_mask = torch.ones(b, s, dtype=torch.long, device=embeds.device)
     elif bool((attention_mask == 0).any()):
-        warnings.warn(_PADDED, stacklevel=3)
+        warnings.warn(PADDED, stacklevel=3)
     if positions is not None:
         positions = positions[-family.position_axes:]      # (4, B, S) leads with text positions
     videos_only = any(p.units == "videos" for p in opts.passes)       # the images stay whole, as in gp.prune
@@ -803,8 +797,7 @@ def check_decode(owner, mask) -> None:
                                 "positions (its cache length), which Hugging Face's decode cannot; use "
                                 "graphprune.prune(model, ...).generate(...)")
     if pruned and mask is not None:
-        if bool((mask == 0).any()):
-            raise InputError(_PADDED)
+        refuse_padded(mask)
         family_of(owner).check_run_length(mask.shape[-1])    # prompt + tokens so far, this one
 
 

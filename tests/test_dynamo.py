@@ -183,9 +183,13 @@ def test_static_capacity_decode_is_refused(model):
 
 def test_padded_batch_prefills_exactly_and_warns_that_hf_decode_cannot():
     """A padded prefill is pruned exactly (with a warning); Hugging Face's decode step after it is refused
-    with an InputError before dynamo traces it (its fake-tensor pass would fail on the mask / cache
-    mismatch), while unpadded prompts of the same model still decode through the compiled forward.
-    A model of its own: the backend's decode checks read every pipeline compiled for a model."""
+    with an InputError, not the TorchRuntimeError of dynamo's fake-tensor pass on the mask / cache
+    mismatch, while unpadded prompts of the same model still decode through the compiled forward.
+    A caller's own decode loop passes an all-ones 2-D mask, one column per prompt token and token so
+    far (as older transformers' generate does), longer than the pruned caches: each step is one
+    compiled frame, no graph break (the padding check is an op in it), with gp.prune's logits; a
+    padded mask is refused there too. A model of its own: the backend's decode checks read every
+    pipeline compiled for a model."""
     model = zoo.tiny_llava()
     kw = zoo.llava_example(model, batch=2, pad=(0, 3)).as_kwargs()
     plain = zoo.llava_example(model, batch=2, seed=5).as_kwargs()
@@ -201,10 +205,28 @@ def test_padded_batch_prefills_exactly_and_warns_that_hf_decode_cannot():
             with pytest.warns(UserWarning, match="padded batch"), pytest.raises(InputError, match="padded batch"):
                 model.generate(**kw, max_new_tokens=3, do_sample=False)
             model.forward = _compiled(forward, pipeline)          # a fresh compile (HF's shared wrappers count)
-            ids = model.generate(**plain, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None)
+            got = model.generate(**plain, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None,
+                                 return_dict_in_generate=True)
+            want = pruned.generate(**plain, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True)
+            assert torch.equal(got.sequences[:, n:], want.sequences[:, n:])
+            ids, hf_cache, our_cache = got.sequences, got.past_key_values, want.past_key_values
+            for _ in range(2):                  # a caller's own loop: all-ones 2-D masks
+                mask = torch.ones_like(ids)
+                torch._dynamo.utils.counters.clear()
+                with torch.profiler.profile() as prof:
+                    step = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=hf_cache)
+                assert not torch._dynamo.utils.counters["graph_break"]
+                regions = [e.name for e in prof.events() if e.name.startswith("Torch-Compiled Region")]
+                assert len(regions) == 1, regions           # the whole step in one compiled frame
+                ref = pruned(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=our_cache)
+                torch.testing.assert_close(step.logits[:, -1], ref.logits[:, -1], atol=1e-5, rtol=0)
+                ids = torch.cat([ids, ref.logits[:, -1:].argmax(-1)], 1)
+                hf_cache, our_cache = step.past_key_values, ref.cache
+            with pytest.raises(InputError, match="padded batch"):
+                model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0),
+                      past_key_values=hf_cache)
     finally:
         model.forward = forward
-    assert torch.equal(ids[:, n:], pruned.generate(**plain, max_new_tokens=6, eos_token_id=[])[:, n:])
 
 
 @pytest.mark.parametrize("padded", [False, pytest.param(True, marks=pytest.mark.slow)])

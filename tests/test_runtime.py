@@ -225,6 +225,47 @@ def test_decode_step_frees_each_layers_old_cache_as_it_goes(llava):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_decode_step_failing_part_way_leaves_a_cache_that_says_it_is_lost(llava):
+    # the step frees each layer's old keys / values as it goes: a step failing at the last layer has
+    # freed the others', so a later step over that cache must refuse clearly, not run on half a cache
+    model, program = llava
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    out = pruned(**llava_example(model, batch=1, seed=4).as_kwargs())
+    token = out.logits[:, -1].argmax(-1)
+    spare = out.cache.copy()
+    broken = out.cache
+    broken[len(broken.layers) - 1].keys = broken[len(broken.layers) - 1].keys[..., :-1]    # fails at the last cat
+    with pytest.raises(RuntimeError) as failed:
+        pruned.decode_step(broken, token)
+    assert not isinstance(failed.value, gp.errors.InputError)       # the step's own error, as it came
+    with pytest.raises(gp.errors.InputError, match="lost its keys / values"):
+        pruned.decode_step(broken, token)
+    logits, _ = pruned.decode_step(spare, token)                  # a copy taken before is whole
+    assert logits.shape == out.logits[:, -1].shape
+
+
+def test_decode_step_without_fx_boxed_codegen_runs_the_same(llava, monkeypatch):
+    # the boxed calling convention is fx's private API: where it is missing or fails to build, the step
+    # warns and holds its inputs to the end instead, with the same logits, and the cache stays whole
+    from graphprune.lower import runtime
+    model, program = llava
+    pruned = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    out = pruned(**llava_example(model, batch=1, seed=4).as_kwargs())
+    token = out.logits[:, -1].argmax(-1)
+    want, _ = pruned.decode_step(out.cache.copy(), token)
+
+    class Changed:
+        def __init__(self):
+            raise TypeError("takes other arguments now")
+    monkeypatch.setattr(runtime, "_BOXED", Changed)
+    fresh = gp.prune(model, "fastv(layer=2, keep=9)", program=program)
+    with pytest.warns(RuntimeWarning, match="boxed calling convention failed"):
+        got, cache = fresh.decode_step(out.cache.copy(), token)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    got, _ = fresh.decode_step(cache, got.argmax(-1))            # the cache it returned decodes on
+    assert got.shape == want.shape
+
+
 # -- errors, all raised before any graph runs -------------------------------------------------
 
 

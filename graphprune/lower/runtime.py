@@ -496,6 +496,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if cache.static:
             logits = self._static_step(cache, embeds, position, mask, layer_positions)
         else:
+            if any(layer.keys is None for layer in cache):
+                raise InputError(_LOST_CACHE)
             # every cached key and the new one real (no padding): attend without masks, as transformers does
             maskless = self._maskless_decode and cache.keys_all_real and (fed_all_real or bool(mask.all()))
             cache.keys_all_real = maskless
@@ -505,7 +507,12 @@ class PrunedModel(nn.Module, GenerationMixin):
                 args[f"kv_mask_{i}"] = (None if maskless else
                                         torch.cat([layer.mask, mask[:, None].to(layer.mask.dtype)], 1))
                 layer.keys = layer.values = None        # handed to the step, which frees them as it goes
-            outs = self._consuming_decode(args)
+            try:
+                outs = self._consuming_decode(args)
+            except Exception as e:
+                if hasattr(e, "add_note"):         # Python >= 3.11
+                    e.add_note(_LOST_CACHE)
+                raise
             names = self.decode_gm.meta["graphprune_outputs"]
             for i, layer in enumerate(cache):
                 layer.append(outs[names[1 + 2 * i]], outs[names[2 + 2 * i]], mask)
@@ -520,16 +527,14 @@ class PrunedModel(nn.Module, GenerationMixin):
         concatenated the new token onto them, as transformers' cache does layer by layer. Holding every
         layer's old cache until the step ends made each concatenation ~1.4x slower on the speed model
         (the new buffers land on memory untouched for a whole step), the 5-6% by which graphprune's
-        step trailed transformers'. A step that fails part-way leaves the cache without keys."""
+        step trailed transformers'. A step that fails part-way has freed some layers' keys / values and
+        not written the new ones: the cache holds none (see decode_step), and says so when used again."""
         exe = self.decode_exec
-        if not isinstance(exe, torch.fx.GraphModule) or _BOXED is None:
-            return _call(exe, **args)              # a runner of another kind (ONNX Runtime, a proxy)
         if self._boxed_decode is None or self._boxed_decode[0] is not exe:
-            boxed = torch.fx.GraphModule(exe, exe.graph.__deepcopy__())
-            boxed.graph.set_codegen(_BOXED())
-            boxed.recompile()
-            self._boxed_decode = (exe, boxed)
+            self._boxed_decode = (exe, _boxed_copy(exe))
         gm = self._boxed_decode[1]
+        if gm is None:          # a runner of another kind (ONNX Runtime, a proxy), or no boxed codegen here
+            return _call(exe, **args)
         box = [args.pop(n.name) for n in gm.graph.find_nodes(op="placeholder")]
         return dict(zip(exe.meta["graphprune_outputs"], _as_tuple(gm(box))))
 
@@ -701,8 +706,30 @@ def _sampling_rng(generator: torch.Generator | None, device: torch.device):
         yield
 
 
+_LOST_CACHE = ("this cache lost its keys / values: a decode step over it failed part-way, after it had "
+               "consumed them (each layer's old cache is freed as the step goes); it cannot be decoded from "
+               "again. Run the prompt again (or decode from a copy: cache.copy() before the step)")
+
 # fx's code generator for a graph that takes one list of inputs and clears it (torch >= 2.5; private)
 _BOXED = getattr(torch.fx.graph, "_BoxedCodeGen", None)
+
+
+def _boxed_copy(exe) -> torch.fx.GraphModule | None:
+    """A copy of the graph module `exe` taking one list of inputs that it clears as it goes (fx's
+    private _BoxedCodeGen); None for a runner that is no graph module, or where this torch's fx has
+    no such code generator or builds it otherwise (the step then holds its inputs to the end, as
+    before: slower, the same results)."""
+    if not isinstance(exe, torch.fx.GraphModule) or _BOXED is None:
+        return None
+    try:
+        boxed = torch.fx.GraphModule(exe, exe.graph.__deepcopy__())
+        boxed.graph.set_codegen(_BOXED())
+        boxed.recompile()
+    except Exception as e:         # a private API: its absence or change costs speed, never a wrong step
+        warnings.warn(f"decode steps keep each layer's old cache until the step ends: fx's boxed calling "
+                      f"convention failed here ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=4)
+        return None
+    return boxed
 
 
 def _as_tuple(x):
