@@ -23,6 +23,7 @@ from graphprune.families.anyres_vision import packed_index, pooled_index
 from graphprune.rewrite.blocks import table_ltam_scores
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
+from graphprune.tools.zoo import Example, left_pad
 from graphprune.verify.eager import check_against_eager
 
 STEPS = 16
@@ -136,8 +137,9 @@ def test_batch_equals_alone(llava_next):
 
 
 def test_refused_before_work(llava_next, tmp_path):
-    """Images of two sizes in one call (two encoder graphs) are refused naming the sizes; an ONNX export, whose
-    vision.onnx is the model's own unpruned encoding, refuses a vision-stage pass."""
+    """Images of two packings in one call (two encoder graphs) are refused naming the sizes, while sizes packed
+    alike run as one; an ONNX export, whose vision.onnx is the model's own unpruned encoding, refuses a
+    vision-stage pass."""
     model, program = llava_next
     with pytest.warns(ShapeBucketWarning, match=r"image size \(112, 112\) \(shape bucket 1 of at most 8\)"):
         pruned = gp.prune(model, "vision_topk(keep=6)", program=program)   # the prune-time probe: the largest grid
@@ -146,8 +148,14 @@ def test_refused_before_work(llava_next, tmp_path):
                                               r"bucket, unpruned"):
         export_onnx(pruned, tmp_path / "out", example=ex)
     assert not (tmp_path / "out").exists()
+    want = pruned(**ex.as_kwargs()).logits
     ex.image_sizes = torch.tensor([[50, 90], [50, 90], [50, 90], [48, 90]])   # the same tokens, another size
-    with pytest.raises(InputError, match=r"images of sizes \[\(48, 90\), \(50, 90\)\].*must share one size"):
+    torch.testing.assert_close(pruned(**ex.as_kwargs()).logits, want, atol=0, rtol=0)     # packed alike: one graph
+    wide, other = (family_zoo.example(model, image_size=size, seed=41) for size in ((50, 90), (56, 90)))
+    ids, mask = left_pad([wide.input_ids[0].tolist() + other.input_ids[0, 1:].tolist()])    # two images, two packings
+    ex = Example(ids, mask, pixel_values=torch.cat([wide.pixel_values, other.pixel_values]),
+                 image_sizes=torch.cat([wide.image_sizes, other.image_sizes]))
+    with pytest.raises(InputError, match=r"vision units of different token counts \[40, 48\].*must be of one size"):
         pruned(**ex.as_kwargs())
 
 

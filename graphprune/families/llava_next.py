@@ -123,15 +123,17 @@ class LlavaNextFamily(Family):
                     video = pixel_values_videos[i * per + int(words[1])]
                     rows.append(video[int(words[3]):int(words[3]) + 1] if video_unit == "frame" else video)
             return ("video", frames), torch.stack(rows)
-        sizes = {tuple(int(s) for s in size) for size in image_sizes.tolist()}
-        if len(sizes) != 1:
-            raise InputError(f"images of sizes {sorted(sizes)}: a vision-stage pass runs one encoder graph per call, "
-                             "so a prompt's images (and a batch's) must share one size (H, W); resize them to one")
-        size = sizes.pop()
-        crops = crop_count(self, size)
+        sizes = sorted({tuple(int(s) for s in size) for size in image_sizes.tolist()})
+        packings = {self.image_packing(size) for size in sizes}     # sizes packed alike share one graph
+        if len(packings) != 1:
+            raise InputError(f"images of sizes {sizes} pack differently ({'; '.join(sorted(map(str, packings)))}): a "
+                             "vision-stage pass runs one encoder graph per call, so a prompt's images (and a batch's) "
+                             "must share one packing (crop grid and unpadded patch grid); resize them to one size")
+        packing = packings.pop()
+        crops = crop_count(self, packing.image_size)
         per = image_sizes.shape[0] // b
         rows = [pixel_values[i * per + int(unit.split()[1]), :crops] for i in range(b) for unit in layout.units]
-        return self.image_packing(size), torch.stack(rows)
+        return packing, torch.stack(rows)
 
     def separator_embeds(self, embeds, input_ids, separators):
         """The image_newline rows at an image's newline slots (separators holding the image token)."""
