@@ -260,6 +260,7 @@ def test_prefill_runs_mask_free_where_the_prompt_is_plain_causal(padded):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow        # recompiles only cost time; the fast set keeps test_inductor_..._does_not_recompile
 def test_new_shapes_reuse_the_dynamic_rewrite(model):
     """dynamo recompiles its frames for the first new shapes (then traces them dynamically); the
     rewritten prefill is captured once with dynamic batch and sequence and serves them all."""

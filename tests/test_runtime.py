@@ -153,6 +153,7 @@ def test_report_after_inference_mode_call(llava):
     assert pruned.report.flops_per_layer == plain
 
 
+@pytest.mark.slow
 def test_model_moved_after_capture_is_captured_again():
     # the captured graphs hold copies of the model's buffers; a model moved to another dtype (or device:
     # the GPU check found it) after a first prune() must run as one built there, not on the stale copies
