@@ -211,7 +211,7 @@ def choose_on_input_embeds(model, example, units: int, pick) -> tuple[Tensor, Te
     each block's kept local indices; every other token stays. Returns keep (B, S') prompt indices and the
     embeddings, attention mask and (original) positions there."""
     emb, am, pos, vm = RF.family_inputs(model, example)
-    text = R.text_after_image(vm, am)
+    text = RF.instruction_mask(model, example)     # after each image's last slot (LLaVA-NeXT: its closing newline)
     rows = []
     for b in range(emb.shape[0]):
         blocks = vm[b].nonzero(as_tuple=True)[0].view(units, -1)
