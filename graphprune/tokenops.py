@@ -347,15 +347,22 @@ def positions_in_earlier(earlier_index, seq_index, vision_pos):
     return positions_of(earlier_index, original).reshape(b, n, v)
 
 
+def _crop_cells(token_patches, vision_pos, offset: int, side: int):
+    """Each vision token's patch (crop x side^2 + cell) and its crop, row and column on the crop's side x side
+    grid, (B x n, V) each (vision_pos (B, n, V) indexing the offset + T rows of crop_tokens)."""
+    b, n, v = vision_pos.shape
+    patch = token_patches[:, 0].index_select(0, (vision_pos - offset).reshape(-1)).reshape(b * n, v)
+    cell = patch % (side * side)
+    return patch, patch // (side * side), cell // side, cell % side
+
+
 def crop_neighbours(token_patches, vision_pos, offset: int, side: int, crops: int, window: int):
     """(B, n, V, window^2 - 1): for each vision token (vision_pos (B, n, V) indexing the offset + T rows of
     crop_tokens), the token at each neighbour offset on its own crop's side x side patch grid (offsets in
     raster order, as blocks.grid_neighbours), -1 where that cell is off the crop or holds no token (a patch
     unpadded away, or a token pruned before). Windows never cross crops: each crop is its own image."""
     b, n, v = vision_pos.shape
-    patch = token_patches[:, 0].index_select(0, (vision_pos - offset).reshape(-1)).reshape(b * n, v)
-    crop, cell = patch // (side * side), patch % (side * side)
-    row, col = cell // side, cell % side
+    patch, crop, row, col = _crop_cells(token_patches, vision_pos, offset, side)
     owner = torch.full((b * n, crops * side * side), -1, dtype=torch.long, device=patch.device)
     owner.scatter_(1, patch, torch.arange(v, device=patch.device).expand(b * n, v))
     h = window // 2
@@ -377,9 +384,7 @@ def crop_tiles(token_patches, vision_pos, offset: int, side: int, crops: int, wi
     raster order; the last row / column of a crop's tiles may be smaller), each tile's tokens in raster order
     first, then -1 (a patch unpadded away or pruned before is no token). Tiles never cross crops."""
     b, n, v = vision_pos.shape
-    patch = token_patches[:, 0].index_select(0, (vision_pos - offset).reshape(-1)).reshape(b * n, v)
-    crop, cell = patch // (side * side), patch % (side * side)
-    row, col = cell // side, cell % side
+    patch, crop, row, col = _crop_cells(token_patches, vision_pos, offset, side)
     across, area = -(-side // window), window * window
     tile = (crop * across + row // window) * across + col // window
     slot = tile * area + (row % window) * window + col % window
