@@ -177,6 +177,19 @@ def _validate_bucket(bucket, path: str) -> None:
     if any(x >= bucket["features_per_image"] for x in bucket["newline_slots"]):
         raise InputError(f"{path}: image_bucket.newline_slots reach past its {bucket['features_per_image']} "
                          "features_per_image")
+    packing = bucket.get("packing")        # absent in older exports: they take their own image size only
+    if packing is None:
+        return
+    checks = (("crop_grid", lambda v: sizes(v, 2)), ("unpadded", lambda v: sizes(v, 2)),
+              ("grid_pinpoints", lambda v: isinstance(v, list) and v and all(sizes(p, 2) for p in v)),
+              ("crop_size", lambda v: sizes([v]) and v > 0), ("patch_size", lambda v: sizes([v]) and v > 0),
+              # imported by the runner: only a transformers modeling module
+              ("modeling_module", lambda v: isinstance(v, str) and v.startswith("transformers.models.")
+               and v.replace(".", "").replace("_", "").isalnum()))
+    for key, ok in checks:
+        if not isinstance(packing, dict) or key not in packing or not ok(packing[key]):
+            raise InputError(f"{path}: image_bucket.packing.{key} is missing or malformed: "
+                             f"{packing.get(key) if isinstance(packing, dict) else packing!r}")
 
 
 def _validate_video_bucket(bucket, path: str) -> None:

@@ -22,16 +22,18 @@ writes into `out/fastv/`:
                       opset and versions, and the host-side facts a runner needs (image / video
                       token ids, vision positions mode, eos/pad ids); for an anyres export its
                       "image_bucket" (image_size [H, W], pixel_values [1, crops, C, H, W],
-                      features_per_image, newline_slots) or "video_bucket" (pixel_values_videos
+                      features_per_image, newline_slots, packing) or "video_bucket" (pixel_values_videos
                       [1, frames, C, H, W], features_per_video, closing_newlines), for Qwen
                       "host_vision" (no vision.onnx) and "grid_bucket"
 
 LLaVA-NeXT and LLaVA-OneVision (anyres: the crop count, grid and unpadding follow the image size)
-export one shape bucket per export, the image size of the example: vision.onnx is the model's own
+export one shape bucket per export, the packing of the example's image size (its crop grid and
+unpadded patch grid, as the eager vision stage buckets them): vision.onnx is the model's own
 get_image_features for one image of that size (pixel_values (1, crops, C, H, W) -> its placeholder
 rows (tokens, D), image_newline rows included), run once per image; the manifest's "image_bucket"
-states the size, the pixel shape, the rows per image and which of them are newlines, and the
-runner refuses images of another size naming the bucket. An example of videos only (OneVision)
+states the size, the pixel shape, the rows per image, which of them are newlines and the packing
+with what computes it, and the runner takes images of any size packed alike and refuses others
+naming the bucket. An example of videos only (OneVision)
 exports a video bucket instead: vision.onnx is get_video_features for one video of the example's
 shape (pixel_values_videos (1, frames, C, H, W)), the manifest's "video_bucket" states it; an
 export holds images or videos, not both.
@@ -408,9 +410,11 @@ def _example_inputs(pruned, example):
         if kw.get("pixel_values") is None or sizes is None:
             raise InputError(f"export_onnx: a {pruned.family.model_class} export is traced for the image size of "
                              "its example: give an example with pixel_values and image_sizes")
-        if len({tuple(s) for s in torch.as_tensor(sizes).tolist()}) != 1:
-            raise InputError(f"export_onnx: the example's image_sizes {torch.as_tensor(sizes).tolist()} differ; an "
-                             "export holds one shape bucket (one image size): give images of the size you serve")
+        packings = {pruned.family.image_packing(s) for s in torch.as_tensor(sizes).tolist()}
+        if len(packings) != 1:
+            raise InputError(f"export_onnx: the example's image_sizes {torch.as_tensor(sizes).tolist()} pack "
+                             f"differently ({'; '.join(sorted(map(str, packings)))}); an export holds one shape bucket "
+                             "(one crop grid and unpadded patch grid): give images of one size you serve")
     return kw
 
 
@@ -686,11 +690,17 @@ def _export_vision_bucket(pruned, kw, tmp, opset, optimize) -> tuple[dict, str, 
             "pixel_values_videos": list(pixels.shape), "features_per_video": rows,
             "closing_newlines": family.video_newline,
             "note": "vision.onnx takes one video of this shape at a time; other frame counts need another export"}
-    newline = family.newline_slots(size)
+    newline, packing, cfg = family.newline_slots(size), family.image_packing(size), family.config()
     return spec, "image_bucket", {
         "image_size": [int(x) for x in size], "pixel_values": list(pixels.shape), "features_per_image": rows,
         "newline_slots": newline.nonzero()[:, 0].tolist(),
-        "note": "vision.onnx takes one image of this size at a time; other sizes need another export"}
+        # what decides whether another image size shares this graph (AnyresPacking), and how to compute it
+        "packing": {"crop_grid": list(packing.grid), "unpadded": list(packing.unpadded),
+                    "grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
+                    "crop_size": cfg.vision_config.image_size, "patch_size": cfg.vision_config.patch_size,
+                    "modeling_module": type(family.body()).__module__},
+        "note": "vision.onnx takes one image at a time, of any size packed like image_size (the same crop grid "
+                "and unpadded patch grid); other packings need another export"}
 
 
 def _decode_example(pruned, ref, b):

@@ -16,6 +16,7 @@ copied back for the host-side bookkeeping).
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from types import SimpleNamespace
 
@@ -93,13 +94,33 @@ class _BucketHostFamily(_HostFamily, LlavaNextFamily):
     def body(self):
         return None                       # no Hugging Face model: image_features runs vision.onnx
 
+    def config(self):
+        """The anyres facts image_packing reads, from the manifest's packing."""
+        p = self.bucket["packing"]
+        return SimpleNamespace(image_grid_pinpoints=p["grid_pinpoints"],
+                               vision_config=SimpleNamespace(image_size=p["crop_size"], patch_size=p["patch_size"]))
+
+    def modeling_module(self):
+        return importlib.import_module(self.bucket["packing"]["modeling_module"])
+
     def _check_size(self, image_size) -> None:
+        """Images packed like the export's (AnyresPacking: crop grid and unpadded patch grid) share its
+        vision.onnx; an export without a packing in its manifest takes its own image size only."""
         size = [int(x) for x in torch.as_tensor(image_size).tolist()]
-        if size != self.bucket["image_size"]:
-            h, w = self.bucket["image_size"]
-            raise InputError(f"image_sizes {size}: this export holds one shape bucket, images of {h}x{w} "
-                             f"(pixel_values {tuple(self.bucket['pixel_values'][1:])} per image); export again "
-                             "with an example of the size you serve")
+        if "packing" in self.bucket:
+            packing = self.image_packing(size)
+            want = self.bucket["packing"]
+            if [list(packing.grid), list(packing.unpadded)] == [want["crop_grid"], want["unpadded"]]:
+                return
+            got = f"{packing.grid[0]} x {packing.grid[1]} crops unpadded to {packing.unpadded[0]} x {packing.unpadded[1]}"
+        elif size == self.bucket["image_size"]:
+            return
+        else:
+            got = "another size"
+        h, w = self.bucket["image_size"]
+        raise InputError(f"image_sizes {size} ({got}): this export holds one shape bucket, images packed like {h}x{w} "
+                         f"(pixel_values {tuple(self.bucket['pixel_values'][1:])} per image); export again "
+                         "with an example of the size you serve")
 
     def newline_slots(self, image_size: torch.Tensor) -> torch.Tensor:
         self._check_size(image_size)

@@ -128,8 +128,8 @@ def test_images_outside_the_bucket_are_refused(exported):
     if name != "llava_next-fastv":
         pytest.skip("once")
     other = family_zoo.example(model, batch=1, image_size=(90, 50)).as_kwargs()
-    with pytest.raises(InputError, match=r"image_sizes \[90, 50\]: this export holds one shape bucket, images of "
-                                         r"50x90"):
+    with pytest.raises(InputError, match=r"image_sizes \[90, 50\] \(2 x 1 crops unpadded to .*\): this export holds "
+                                         r"one shape bucket, images packed like 50x90"):
         ort_model(**other)
     kw = dict(examples["batch1"], pixel_values=examples["batch1"]["pixel_values"][:, :2])
     with pytest.raises(InputError, match=r"pixel_values \(1, 2, 3, 56, 56\): this export's shape bucket takes "
@@ -137,12 +137,29 @@ def test_images_outside_the_bucket_are_refused(exported):
         ort_model(**kw)
 
 
+def test_images_packed_alike_share_the_export(exported):
+    """The export's bucket is its example's packing (crop grid + unpadded patch grid), not its exact
+    size: an image of (48, 90), packed like the example's (50, 90), runs through the same vision.onnx
+    and matches eager graphprune on it (kept tokens, logits, 16 greedy tokens)."""
+    name, model, examples, pruned, out, ort_model = exported
+    if name != "llava_next-fastv":
+        pytest.skip("once")
+    family = pruned.family
+    assert family.image_packing((48, 90)) == family.image_packing((50, 90))     # the premise
+    kw = family_zoo.example(model, batch=1, image_size=(48, 90), seed=5).as_kwargs()
+    kept, logits, ids = _reference(name, model, pruned, kw)
+    got = ort_model(**kw)
+    assert torch.equal(got.kept, kept)
+    torch.testing.assert_close(got.logits, logits, atol=1e-4, rtol=0)
+    assert torch.equal(ort_model.generate(**kw, max_new_tokens=STEPS, eos_token_id=[])[:, -STEPS:], ids[:, -STEPS:])
+
+
 def test_export_needs_one_shape_bucket(tmp_path):
     model = _model("llava_next")
     examples = _examples(model, "image")
     pruned = gp.prune(model, "fastv(layer=2, keep=9)")
     mixed = dict(examples["batch2"], image_sizes=torch.tensor([[50, 90], [60, 90]]))
-    with pytest.raises(InputError, match=r"image_sizes \[\[50, 90\], \[60, 90\]\] differ.*one shape bucket"):
+    with pytest.raises(InputError, match=r"image_sizes \[\[50, 90\], \[60, 90\]\] pack differently.*one shape bucket"):
         export_onnx(pruned, tmp_path / "out", example=mixed)
     with pytest.raises(InputError, match="give an example with pixel_values and image_sizes"):
         export_onnx(pruned, tmp_path / "out", example={k: v for k, v in examples["batch2"].items()
@@ -160,7 +177,9 @@ def test_manifest_bucket_is_validated(exported, tmp_path):
         pytest.skip("once")
     manifest = json.loads((out / "manifest.json").read_text())
     for key, value, why in (("pixel_values", [2, 3, 3, 56, 56], "malformed"), ("newline_slots", [10 ** 6], "reach past"),
-                            ("image_size", None, "missing key image_bucket.'image_size'")):
+                            ("image_size", None, "missing key image_bucket.'image_size'"),
+                            ("packing", dict(manifest["image_bucket"]["packing"], modeling_module="os"),
+                             "packing.modeling_module is missing or malformed")):
         bucket = dict(manifest["image_bucket"], **{key: value})
         if value is None:
             del bucket[key]

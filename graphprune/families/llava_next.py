@@ -78,10 +78,14 @@ class LlavaNextFamily(Family):
             return bucket
         return None if bucket[0] == "video" else self.image_packing(bucket)
 
+    def modeling_module(self):
+        """The transformers modeling module of the model (its anyres helper functions live there)."""
+        return sys.modules[type(self.body()).__module__]
+
     def image_packing(self, image_size) -> AnyresPacking:
         """The bucket of an image of image_size (H, W): its crop grid and unpadded patch grid, by the model's
         own get_anyres_image_grid_shape and unpad_image (on an empty tensor of the crops' patch grid)."""
-        module, cfg = sys.modules[type(self.body()).__module__], self.config()
+        module, cfg = self.modeling_module(), self.config()
         size = [int(s) for s in image_size]
         grid = module.get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
@@ -170,7 +174,7 @@ class LlavaNextFamily(Family):
         body, cfg = self.body(), self.config()
         vc = cfg.vision_config
         side = vc.image_size // vc.patch_size
-        crops = sys.modules[type(body).__module__].image_size_to_num_patches(
+        crops = self.modeling_module().image_size_to_num_patches(
             image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=vc.image_size)
         packed = self.pack_markers(body, torch.ones(crops, side * side, 1, device=image_size.device), image_size)
         return packed[:, 0] == 0
