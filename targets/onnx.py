@@ -567,18 +567,21 @@ def _export_into(tmp, pruned, kw, out_dir, opset, optimize, example) -> dict:
 @contextlib.contextmanager
 def _temporary_folder(out_dir: str):
     """Yield a new temporary folder next to `out_dir`; remove it if the block fails or the process
-    gets SIGTERM meanwhile (the handler, installed before the folder exists, raises SystemExit in
-    the main thread, so the removal below runs)."""
+    gets SIGTERM meanwhile. The handler, installed before the folder exists, removes the folder
+    itself and then raises SystemExit in the main thread (so the removal below runs too): a
+    SystemExit swallowed on its way up (raised inside a finalizer, or caught by library code) still
+    leaves no folder behind, and the export then fails writing into it."""
+    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
 
         def terminated(signum, frame):
+            shutil.rmtree(tmp, ignore_errors=True)
             raise SystemExit(128 + signum)
         signal.signal(signal.SIGTERM, terminated)
     try:
-        parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
-        tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         # the removal covers the mkdir itself: a SIGTERM handled the moment mkdir returns (the process
         # descheduled right after it, under load) raises there, before any later `try` is entered
         try:

@@ -389,6 +389,7 @@ def test_sigterm_mid_export_leaves_no_temp_folder(tmp_path):
             pytest.fail(f"export ended before it was signalled: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
-    assert list(tmp_path.iterdir()) == []
+    proc.wait(timeout=240)
+    err = proc.stderr.read().decode()[-2000:]
+    assert proc.returncode != 0, err
+    assert list(tmp_path.iterdir()) == [], err
