@@ -588,6 +588,11 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
         frame = _prune_frame(gm, merge, layers, opts)
         if frame is not None:
             return frame
+    if not layers and merge is None:      # a vision tower's frame: its layers past the feature layer deferred
+        from graphprune.targets.dynamo_vision import deferring_frame
+        frame = deferring_frame(gm, lambda head: _compile(head, example_inputs, opts))
+        if frame is not None:
+            return VisionFrame(frame) if vision else frame
     compiled = _compile(gm, example_inputs, opts)
     if vision and not layers:
         return VisionFrame(compiled)

@@ -68,6 +68,9 @@ class Family:
     # why an image of this family is not one patch grid in raster order ("": it is one, or tiles of
     # tokens_per_tile() each), for methods that place a unit's tokens on its grid (visiontrim_llm)
     image_not_grid: str = ""
+    # get_image_features reads the vision tower's hidden_states[vision_feature_layer] and nothing else of
+    # it (vision_tower_read)
+    reads_feature_layer: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -99,6 +102,14 @@ class Family:
         returns the encoder's last hidden state, so the layers past the feature layer stay in the
         captured graph (a pass reads the last layer). bucket: the shape bucket (vision_buckets > 0)."""
         return None
+
+    def vision_tower_read(self) -> tuple[nn.Module, int] | None:
+        """The vision tower and how many of its encoder layers the model's own code reads, when its
+        features are hidden_states[vision_feature_layer] and nothing else of the tower (the later layers
+        feed only what the tower hands back to the caller: last_hidden_state, pooler_output). None: not
+        known for this family (the torch.compile backend then runs the tower's frame whole)."""
+        read = feature_layers(self.config()) if self.reads_feature_layer else None
+        return None if read is None else (self.body().vision_tower, read)
 
     def vision_eager_module(self, bucket) -> nn.Module | None:
         """The model's own computation of a bucket's features (its get_image_features), for checking the
@@ -526,3 +537,11 @@ def check_video_unit(video_unit: str) -> str:
     if video_unit not in VIDEO_UNITS:
         raise InputError(f'video_unit must be "frame" or "video", got {video_unit!r}')
     return video_unit
+
+
+def feature_layers(config) -> int | None:
+    """Vision encoder layers that feed a LLaVA-style model's features (its vision_feature_layer), or None."""
+    layer, vc = getattr(config, "vision_feature_layer", None), getattr(config, "vision_config", None)
+    if not isinstance(layer, int) or vc is None:
+        return None
+    return layer % (vc.num_hidden_layers + 1)

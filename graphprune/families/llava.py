@@ -11,6 +11,7 @@ from graphprune.families.base import Family
 class LlavaFamily(Family):
     name = "llava"
     model_types = ("llava",)
+    reads_feature_layer = True
 
     def vision_module(self, through_last: bool = False):
         return None if self.is_body() else LlavaVisionStage(self.model, through_last)

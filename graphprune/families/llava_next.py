@@ -37,6 +37,7 @@ class AnyresPacking:
 class LlavaNextFamily(Family):
     name = "llava_next"
     model_types = ("llava_next",)
+    reads_feature_layer = True
     vision_inputs = ("pixel_values", "image_sizes")
     image_feature_inputs = ("image_sizes",)
     eager_vision = "a data-dependent number of anyres crops per image (image_sizes)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from graphprune.families.base import feature_layers  # noqa: F401  (bench.feature_layers: the grid's vision layers)
 from graphprune.tools.timing import Progress, interleaved
 from graphprune.tools.vqa_model import BenchError, VQAModel
 
@@ -42,14 +43,6 @@ METHODS = {
 
 
 # -- the grid --------------------------------------------------------------------------------------
-
-def feature_layers(config) -> int | None:
-    """Vision encoder layers that feed a LLaVA-style model's features (its vision_feature_layer), or None."""
-    layer, vc = getattr(config, "vision_feature_layer", None), getattr(config, "vision_config", None)
-    if not isinstance(layer, int) or vc is None:
-        return None
-    return layer % (vc.num_hidden_layers + 1)
-
 
 def grid_specs(methods, budgets, num_layers: int, tokens: int, vision_layers: int | None = None
                ) -> list[tuple[str, str, str]]:

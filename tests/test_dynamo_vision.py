@@ -1,0 +1,81 @@
+"""The torch.compile backend runs the vision tower's layers the model's own code reads, no more.
+
+LLaVA reads hidden_states[vision_feature_layer] (-2: every CLIP layer but the last); the tower's frame
+also returns last_hidden_state, which LLaVA hands back as out.image_outputs. The compiled forward makes
+exactly the linear calls graphprune's eager lowering makes, counted from the config by hand (CLIP
+layers read x 6, projector 2, LM layers x 7, head 1), whether dynamo hands the backend the tower as a
+frame of its own (a fresh model: transformers' output capturing breaks the graph at the tower's call)
+or inside the body's frame (its hooks installed by an earlier call). last_hidden_state is computed on
+first use (one CLIP layer's 6 linears, once) and equals the tower's own (its Hugging Face module)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.tools import zoo
+
+PIPELINE = "fastv(layer=2, keep=8)"
+
+
+def _matmuls(fn) -> tuple[int, object]:
+    """Linear calls made by fn() (aten addmm / mm, as eager aten, fx and Inductor graphs all run them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    counts = collections.Counter(e.name for e in prof.events())
+    return counts["aten::addmm"] + counts["aten::mm"], out
+
+
+def _linears_read(model) -> int:
+    cfg = model.config
+    read = cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1)      # CLIP layers feeding features
+    return 6 * read + 2 + 7 * cfg.text_config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("compiler,frame", [
+    ("eager", "tower"),
+    pytest.param("eager", "body", marks=pytest.mark.slow),
+    pytest.param("inductor", "body", marks=pytest.mark.slow)])
+def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler, frame):
+    model = zoo.tiny_llava()
+    kw = zoo.llava_example(model, batch=1).as_kwargs()
+    with torch.no_grad():
+        if frame == "body":
+            model(**kw)                 # installs transformers' output-capturing hooks: no graph break at the tower
+        eager = gp.prune(model, PIPELINE)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": compiler})
+        compiled(**kw)
+        eager_calls, want = _matmuls(lambda: eager(**kw))
+        compiled_calls, got = _matmuls(lambda: compiled(**kw))
+    assert compiled_calls == eager_calls == _linears_read(model)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5 if compiler == "eager" else 1e-4, rtol=0)
+
+    with torch.no_grad():
+        tower = model.model.vision_tower(kw["pixel_values"]).last_hidden_state
+    last = got.image_outputs.last_hidden_state
+    assert last.shape == tower.shape and last.dtype == tower.dtype
+    first_use, value = _matmuls(lambda: last + 0)
+    assert first_use == 6                                  # the last CLIP layer, run now
+    again, _ = _matmuls(lambda: last * 1)
+    assert again == 0
+    torch.testing.assert_close(value, tower, atol=1e-5, rtol=0)
+    assert type(value) is torch.Tensor
+
+
+def test_with_grad_the_last_layer_runs_in_the_forward():
+    """Autograd needs real tensors: with grad enabled the deferred layers run with the rest."""
+    model = zoo.tiny_llava()
+    kw = zoo.llava_example(model, batch=1).as_kwargs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": "eager"})
+    compiled(**kw)
+    calls, got = _matmuls(lambda: compiled(**kw))
+    assert calls == _linears_read(model) + 6
+    last = got.image_outputs.last_hidden_state
+    assert type(last) is torch.Tensor and last.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(last, model.model.vision_tower(kw["pixel_values"]).last_hidden_state,
+                                   atol=1e-5, rtol=0)
