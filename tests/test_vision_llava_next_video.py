@@ -50,8 +50,8 @@ def _video(model, frames=3, seed=70, items=("video",), **kw):
 
 def test_captured_video_stage_equals_the_model():
     """The captured stage of a 3-frame video unit gives the model's get_video_features and the hand-run tower,
-    resampler and projector; each token's patches are its 2 x 2 block; a max-pooling resampler (no token a mean
-    of patches) is refused naming spatial_pool_mode."""
+    resampler and projector; each token's patches are its 2 x 2 block (a stride of 3: the one 3 x 3 block the
+    pooling reads); a max-pooling resampler (no token a mean of patches) is refused naming spatial_pool_mode."""
     model = family_zoo.build("llava_next_video")
     fam = family_of(model)
     assert resampled_index(fam).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
@@ -72,6 +72,20 @@ def test_captured_video_stage_equals_the_model():
             resampled_index(fam)
     finally:
         model.config.spatial_pool_mode = "average"
+    # a stride that does not divide the 4 x 4 grid: one 3 x 3 block, the last patch row and column left out
+    resampler = model.model.vision_resampler
+    model.config.spatial_pool_stride = 3
+    model.model.vision_resampler = type(resampler)(model.config)
+    try:
+        assert resampled_index(fam).tolist() == [[0, 1, 2, 4, 5, 6, 8, 9, 10]]
+        stage = capture_vision(fam, bucket=("video", 2))
+        with torch.no_grad():
+            got = stage.gm(ex.pixel_values_videos[:, :2])[0]
+        for video in range(ex.pixel_values_videos.shape[0]):
+            torch.testing.assert_close(got[video], RV.features(model, ex.pixel_values_videos[video, :2]),
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        model.config.spatial_pool_stride, model.model.vision_resampler = 2, resampler
 
 
 # (spec, how the reference picks, keep, video_unit, positions)
