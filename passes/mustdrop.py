@@ -185,7 +185,7 @@ def _require_crop_grids(c, anatomy):
     """mustdrop_merge on anyres images (several crops, each its own encoder sequence): at the features only."""
     if anatomy.patches_per_token > 1:
         raise PassNotApplicable(f"mustdrop_merge: {anatomy.model_class}'s video tokens are pooled from "
-                                f"{anatomy.patches_per_token} encoder patches after its projector, no cells of a crop grid "
+                                f"{anatomy.patches_per_token} encoder patches each (a frame's patch block), no cells of a crop grid "
                                 "to tile; prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass")
     if c.layer is not None and c.layer < anatomy.num_layers:
         raise PassNotApplicable(

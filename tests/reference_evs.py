@@ -10,7 +10,7 @@ Which placeholders are a video's tokens comes from the processors' layouts: Qwen
 write `<|video_pad|>` x t*h*w/merge^2 per video (frames: video_grid_thw's t, temporal patches), Qwen3-VL
 the same tokens as t blocks of h*w/merge^2, one per frame, with time stamps and markers between;
 LLaVA-OneVision writes `<video>` x frames*pooled^2 + 1 per video, the last slot image_newline (frames:
-pixel_values_videos' second dimension).
+pixel_values_videos' second dimension); LLaVA-NeXT-Video `<video>` x frames*pooled^2, no closing slot.
 """
 from __future__ import annotations
 
@@ -58,10 +58,11 @@ def video_blocks(model, example, b: int) -> list[tuple[Tensor, int]]:
     cfg = model.config
     at = (example.input_ids[b] == cfg.video_token_id).nonzero(as_tuple=True)[0]
     batch = example.input_ids.shape[0]
-    if cfg.model_type == "llava_onevision":
+    if cfg.model_type in ("llava_onevision", "llava_next_video"):
         videos = example.pixel_values_videos.shape[0] // batch
         frames = example.pixel_values_videos.shape[1]
-        return [(blk[:-1], frames) for blk in at.view(videos, -1)]
+        newline = int(cfg.model_type == "llava_onevision")      # OneVision closes each video with one slot
+        return [(blk[:blk.numel() - newline], frames) for blk in at.view(videos, -1)]
     grids = example.video_grid_thw.view(batch, -1, 3)[b]
     sizes = (grids.prod(-1) // cfg.vision_config.spatial_merge_size ** 2).tolist()
     return [(blk, int(t)) for blk, t in zip(at.split(sizes), grids[:, 0].tolist())]

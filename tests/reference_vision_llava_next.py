@@ -155,7 +155,7 @@ def generate(model, example, chosen, steps: int, positions: str = "keep", values
     keep = keep_index(model, example, chosen, video_unit)
     emb = emb.clone()
     if values is not None:
-        for i, row in enumerate(units(model, example)):
+        for i, row in enumerate(units(model, example, video_unit)):
             for blk, c, v in zip(row, chosen[i], values[i]):
                 emb[i, blk[c]] = v.to(emb.dtype)
     emb, am = emb.gather(1, keep[..., None].expand(-1, -1, emb.shape[-1])), am.gather(1, keep)

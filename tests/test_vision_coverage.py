@@ -92,7 +92,7 @@ def test_vispruner_refused_on_onevision_video():
     model, program = _model("llava_onevision")
     ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
     pruned = gp.prune(model, "vispruner(keep=6, important='attention')", program=program)
-    with pytest.raises(PassNotApplicable, match="vispruner.*pooled from 4 encoder patches.*no hidden state"):
+    with pytest.raises(PassNotApplicable, match="vispruner.*pooled from 4 encoder patches.*no pooled token a hidden state"):
         pruned(**ex.as_kwargs())
 
 

@@ -115,6 +115,8 @@ class Anatomy:
                                           # patches + patch) of each feature token, the gather the graph makes
                                           # (None: patches in order)
     has_cls: bool | None = None
+    pooled_hidden: bool = False          # vision, crops: a token of several patches enters the projector as the
+                                         # mean of their hidden states (LLaVA-NeXT-Video), so that is its hidden state
     features: fx.Node | None = None      # vision: per-patch features entering the projector
     captured_features: fx.Node | None = None  # vision: the same as captured, before any pass reduced them
     post_layers: list = field(default_factory=list)     # vision: layers past the feature layer, captured only
@@ -240,6 +242,7 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
             raise UnsupportedModelError(model_class, "the anyres token gather (token_patches)")
         anat.token_patches = found[0]
         anat.patches_per_token = int(_val(found[0]).shape[1])
+        anat.pooled_hidden = bool(gm.meta.get("graphprune_pooled_hidden", False))
         return
     if encoder % tokens:
         raise UnsupportedModelError(model_class, "feature tokens made of whole groups of encoder patches",

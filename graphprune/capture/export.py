@@ -338,6 +338,9 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
         gm.meta["graphprune_token_grid"] = tuple(module.grid)
         if hasattr(module, "token_patches"):    # anyres: tokens gathered from several crops' patches
             gm.meta["graphprune_crops"] = module.crops
+            # LLaVA-NeXT-Video: a pooled token's patches are averaged before the projector, so the mean of their
+            # hidden states is what the projector maps (OneVision pools after it: no such state)
+            gm.meta["graphprune_pooled_hidden"] = bool(getattr(module, "pool_before_projector", False))
     check = None
     if device.type != "meta":
         check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)

@@ -17,9 +17,12 @@ signals computed per crop patch (CLS attention, attention received, keys, hidden
 the tokens the same way (tokenops.crop_tokens).
 The capture is checked against `AnyresImageFeatures`, the model's own get_image_features.
 
-LLaVA-OneVision's video frames are one crop each, their projected patch features pooled 2 x 2 (apply_pooling:
-bilinear to half the side, for an even side exactly each 2 x 2 block's mean): a token is then a group of 4
-patches (`token_patches` (tokens, 4)), its signals the means over them. Bucket ("video", frames a unit).
+Video frames are one crop each, a token a group of patches (`token_patches` (tokens, G)), its signals the means
+over them. Bucket ("video", frames a unit). LLaVA-OneVision pools each frame's *projected* patch features 2 x 2
+(apply_pooling: bilinear to half the side, for an even side exactly each 2 x 2 block's mean; pooled_index);
+LLaVA-NeXT-Video's vision_resampler average-pools the feature layer's patches (kernel = stride =
+spatial_pool_stride) *before* the projector (resampled_index). The family says which (video_token_patches,
+video_pooled_before_projector).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import sys
 import torch
 from torch import nn
 
-from graphprune.errors import InputError, UnsupportedModelError
+from graphprune.errors import InputError, PassNotApplicable, UnsupportedModelError
 
 
 def crop_count(family, image_size) -> int:
@@ -80,11 +83,37 @@ def pooled_index(family) -> torch.Tensor:
     return index
 
 
+def resampled_index(family) -> torch.Tensor:
+    """(tokens, stride^2) for a LLaVA-NeXT-Video frame: the patches each token of its vision_resampler averages
+    (AvgPool2d, kernel = stride = spatial_pool_stride; a side the stride does not divide leaves its last patch rows
+    and columns out, as the pooling does), checked on the model's own vision_resampler. A max or conv resampler
+    makes no token a mean of patches, and is refused."""
+    cfg = family.config()
+    vc, stride = cfg.vision_config, cfg.spatial_pool_stride
+    if cfg.spatial_pool_mode != "average":
+        raise PassNotApplicable(f"{family.model_class}: spatial_pool_mode={cfg.spatial_pool_mode!r} pools each video "
+                                "frame's patches by a max or a learned convolution, so a pooled token is no mean of "
+                                "encoder patches a vision-stage pass could score; prune its videos with a feature-level "
+                                "pass (divprune, evs) or an LLM-stage one")
+    side = vc.image_size // vc.patch_size
+    starts = torch.arange(0, side - stride + 1, stride)
+    corner = (starts[:, None] * side + starts[None, :]).reshape(-1, 1)
+    index = corner + (torch.arange(stride)[:, None] * side + torch.arange(stride)[None, :]).reshape(1, -1)
+    probe = torch.randn(1, side * side, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pooled = family.body().vision_resampler(probe)
+    if pooled.shape[1:] != (index.shape[0], 3) or not torch.allclose(pooled[0], probe[0, index].mean(1)):
+        raise PassNotApplicable(f"{family.model_class}: its vision_resampler does not average {stride} x {stride} "
+                                f"blocks of the {side} x {side} patch grid; prune its videos with a feature-level pass "
+                                "(divprune, evs) or an LLM-stage one")
+    return index
+
+
 class AnyresVisionStage(nn.Module):
     """pixel_values (units, crops, C, h, w) of one bucket -> projected features (units, tokens, D): the model's
     tower on every crop, its feature layer, the tokens gathered in prompt order (no newline rows), the projector.
-    An anyres image (image_size (H, W)): its crops, one patch a token. LLaVA-OneVision video units (image_size
-    None, `crops` frames a unit): each token the mean of its 2 x 2 patch block's projected features."""
+    An anyres image (image_size (H, W)): its crops, one patch a token. Video units (image_size None, `crops`
+    frames a unit): each token the mean of its patch block, before the projector (LLaVA-NeXT-Video's
+    vision_resampler) or of the block's projected features (LLaVA-OneVision's apply_pooling)."""
 
     def __init__(self, family, image_size, crops: int | None = None):
         super().__init__()
@@ -101,8 +130,9 @@ class AnyresVisionStage(nn.Module):
                                         f"vision_feature_select_strategy={self.strategy!r} on a tower "
                                         f"{'with' if has_cls else 'without'} CLS")
         self.patches = (vc.image_size // vc.patch_size) ** 2
+        self.pool_before_projector = family.video_pooled_before_projector
         if image_size is None:              # video: each frame's pooled tokens, frame after frame
-            self.crops, frame = crops, pooled_index(family)
+            self.crops, frame = crops, family.video_token_patches()
             index = torch.cat([frame + f * self.patches for f in range(crops)])
         else:
             self.crops, index = crop_count(family, image_size), packed_index(family, image_size)[:, None]
@@ -121,8 +151,10 @@ class AnyresVisionStage(nn.Module):
         feats = feats.reshape(n, c * self.patches, feats.shape[-1]).index_select(1, self.token_patches.flatten())
         if group == 1:
             return self.multi_modal_projector(feats)
-        # the model pools after its projector: each token's patches projected, then averaged
-        return self.multi_modal_projector(feats.reshape(n, t, group, -1)).mean(2)
+        grouped = feats.reshape(n, t, group, -1)
+        if self.pool_before_projector:      # the resampler averages the patches, the projector maps the mean
+            return self.multi_modal_projector(grouped.mean(2))
+        return self.multi_modal_projector(grouped).mean(2)      # each patch projected, then averaged
 
 
 class AnyresImageFeatures(nn.Module):
@@ -136,9 +168,10 @@ class AnyresImageFeatures(nn.Module):
 
     def forward(self, pixel_values):
         n = pixel_values.shape[0]
-        if self.image_size is None:          # each unit a video of its frames, closed by one newline row
+        if self.image_size is None:          # each unit a video of its frames, closed by video_newline rows
             rows = self.family.vision_feature_rows(pixel_values_videos=pixel_values)
-            return rows.reshape(n, -1, rows.shape[-1])[:, :-1]
+            rows = rows.reshape(n, -1, rows.shape[-1])
+            return rows[:, :rows.shape[1] - self.family.video_newline]
         rows = self.family.vision_feature_rows(pixel_values=pixel_values,
                                                image_sizes=torch.tensor([self.image_size] * n, device=pixel_values.device))
         return rows.reshape(n, self.newline.numel(), -1)[:, ~self.newline]

@@ -44,8 +44,9 @@ class LlavaNextFamily(Family):
     image_not_grid = "its base view's patch grid followed by its anyres crops' rows"
     # the tower is captured per image packing (AnyresVisionStage: crop count, unpadding and newline rows constant)
     vision_buckets = 8
-    # why the vision stage of its videos is not captured ("": it is, LLaVA-OneVision's)
-    video_stage_refused = ""
+    # videos (LLaVA-OneVision, LLaVA-NeXT-Video): each pooled token's patches (video_token_patches), pooled
+    # before the projector or after it
+    video_pooled_before_projector = False
 
     # -- the vision stage, per bucket: an image packing (AnyresPacking), or ("video", frames a unit) ------
     def vision_module(self, through_last: bool = False, bucket=None):
@@ -116,9 +117,6 @@ class LlavaNextFamily(Family):
                              f"prompt holds images and videos ({list(layout.units)}); prune them in separate prompts")
         b = layout.pos.shape[0]
         if kinds == {"video"}:
-            if self.video_stage_refused:
-                raise PassNotApplicable(f"{self.model_class}: a vision-stage pass on its videos: "
-                                        f"{self.video_stage_refused}; prune them with evs, divprune or an LLM-stage pass")
             per = pixel_values_videos.shape[0] // b
             frames = 1 if video_unit == "frame" else pixel_values_videos.shape[1]
             rows = []

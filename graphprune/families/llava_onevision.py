@@ -8,6 +8,7 @@ import math
 import torch
 
 from graphprune.compat import onevision_video_features
+from graphprune.families.anyres_vision import pooled_index
 from graphprune.families.llava_next import LlavaNextFamily
 
 
@@ -30,6 +31,10 @@ class LlavaOnevisionFamily(LlavaNextFamily):
 
     def video_features(self, body, pixel_values_videos, **kw):
         return onevision_video_features(body, pixel_values_videos, **kw)
+
+    def video_token_patches(self) -> torch.Tensor:
+        """Each pooled frame token's 2 x 2 patch block (apply_pooling after the projector)."""
+        return pooled_index(self)
 
     def frame_video_tokens(self) -> int:
         """apply_pooling interpolates each frame's patch grid to ceil(side / 2) a side."""

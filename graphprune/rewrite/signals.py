@@ -194,10 +194,13 @@ def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: T
     if isinstance(sig, (Keys, Values)):
         flat = g.call_function(_heads_to_features, (att.k if isinstance(sig, Keys) else att.v,))
         return _features_at(g, g.call_function(tokenops.crop_tokens, (flat, *gather)), keys, "vision", 0, 1)
-    if isinstance(sig, Hidden) and anat.patches_per_token > 1:
+    if isinstance(sig, Hidden) and anat.patches_per_token > 1 and not anat.pooled_hidden:
+        # LLaVA-OneVision pools after its projector: no pooled token has a hidden state (LLaVA-NeXT-Video pools
+        # before it, and the mean of its patches' hidden states is the token's: crop_tokens below)
         raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: {anat.model_class}'s video tokens are pooled "
-                                f"from {anat.patches_per_token} encoder patches after its projector, so a token has no "
-                                "hidden state of its own; prune these videos by scores (vision_topk, random)")
+                                f"from {anat.patches_per_token} encoder patches, and its vision stage gives no pooled "
+                                "token a hidden state of its own; prune these videos by scores (vision_topk, cls_topk, "
+                                "random) or by their projected features (divprune, cdpruner)")
     if isinstance(sig, Hidden) and not sig.norm:
         rows = g.call_function(tokenops.crop_tokens, (anat.layer(src).output, *gather))
         return _features_at(g, rows, keys, "vision", 0, 1)
