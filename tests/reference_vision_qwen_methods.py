@@ -46,11 +46,11 @@ def vispruner_choice(score: Tensor, feats: Tensor, keep: int, important_ratio: f
 
 
 @torch.no_grad()
-def vispruner(model, example, keep: int, important_ratio: float = 0.5) -> Tensor:
+def vispruner(model, example, keep: int, important_ratio: float = 0.5, video_unit: str = "frame") -> Tensor:
     """VisPruner with attention-received importance on each unit: the kept prompt indices (B, S')."""
     choices = [[vispruner_choice(unit["score"], unit["hidden"], keep, important_ratio) for unit in row]
-               for row in unit_tokens(model, example, -1)]
-    return keep_index(model, example, choices)
+               for row in unit_tokens(model, example, -1, video_unit)]
+    return keep_index(model, example, choices, video_unit)
 
 
 @torch.no_grad()
