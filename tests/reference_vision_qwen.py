@@ -173,9 +173,11 @@ def keep_of_units(blocks: list[list[Tensor]], length: int, picks: list[list[Tens
 
 
 @torch.no_grad()
-def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None) -> dict:
+def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None,
+                deepstack_rows: Tensor | None = None) -> dict:
     """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt (its
-    embeddings `embeds`, else the full prompt's at the kept tokens)."""
+    embeddings `embeds`, else the full prompt's at the kept tokens; on Qwen3-VL its DeepStack rows
+    `deepstack_rows` (levels, B, S', D), else the full prompt's at the kept tokens)."""
     emb, am, pos, vm = family_inputs(model, example)
     emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1])) if embeds is None else embeds
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
@@ -185,7 +187,10 @@ def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor |
         logits, cache = out.logits, out.past_key_values
     else:                   # Qwen3-VL: the kept vision tokens' DeepStack rows, through its own language model
         at = vm.gather(1, keep_index)
-        rows = rows.gather(2, keep_index[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
+        if deepstack_rows is None:
+            rows = rows.gather(2, keep_index[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
+        else:
+            rows = deepstack_rows
         out = model.model.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True,
                                           visual_pos_masks=at, deepstack_visual_embeds=[level[at] for level in rows])
         logits, cache = model.lm_head(out.last_hidden_state), out.past_key_values
