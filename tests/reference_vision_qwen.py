@@ -7,8 +7,9 @@
   and the segment's queries. The encoder runs in Qwen2.5-VL's window order: Hugging Face's window index
   (merge groups) maps it back to the processor's patch order, and a token's score is the mean over its
   2x2 merge group's patches.
-* Selection: each unit (an image, or a video's temporal patch) keeps its top-k tokens (ties: lower index),
-  or, for random, the top-k of torch.rand((units, 1, tokens), generator=manual_seed(seed)).
+* Selection: each unit (an image, or a video's temporal patch; with video_unit="video" a whole video, its
+  frames' tokens in order) keeps its top-k tokens (ties: lower index), or, for random, the top-k of
+  torch.rand((units, 1, tokens), generator=manual_seed(seed)).
 * The pruned prompt: the full merged embeddings (reference_families: the model's get_image_features /
   get_video_features at the placeholders) and M-RoPE positions (get_rope_index) gathered at the kept
   tokens, original (t, h, w) positions kept; the model's own forward runs it (inputs_embeds,
@@ -99,8 +100,9 @@ def encoder_tokens(model, pixels: Tensor, grid: Tensor, layer: int) -> dict:
             "hidden": per_patch["hidden"].reshape(-1, group * per_patch["hidden"].shape[-1])}
 
 
-def units(model, example) -> list[list[Tensor]]:
-    """Per sample, each unit's prompt positions (images; a video's frames), in prompt order."""
+def units(model, example, video_unit: str = "frame") -> list[list[Tensor]]:
+    """Per sample, each unit's prompt positions (images; a video's frames, or with video_unit="video" each whole
+    video), in prompt order."""
     cfg = model.config
     out = []
     for row in example.input_ids:
@@ -112,14 +114,15 @@ def units(model, example) -> list[list[Tensor]]:
             per = grid.shape[0] // example.input_ids.shape[0]
             for t, h, w in grid[:per].tolist():
                 n = h * w // cfg.vision_config.spatial_merge_size ** 2
-                blocks += list(at[:t * n].split(n))
+                whole = token == cfg.video_token_id and video_unit == "video"
+                blocks += [at[:t * n]] if whole else list(at[:t * n].split(n))
                 at = at[t * n:]
         out.append(sorted(blocks, key=lambda blk: int(blk[0])))
     return out
 
 
-def unit_tokens(model, example, layer: int) -> list[list[dict]]:
-    """Per sample, per unit (prompt order), encoder_tokens' tensors of its tokens."""
+def unit_tokens(model, example, layer: int, video_unit: str = "frame") -> list[list[dict]]:
+    """Per sample, per unit (prompt order), encoder_tokens' tensors of its tokens (a whole video's: its frames')."""
     cfg, kw = model.config, example.as_kwargs()
     by_token = {}
     for token, pixels, grid in ((cfg.image_token_id, "pixel_values", "image_grid_thw"),
@@ -127,7 +130,7 @@ def unit_tokens(model, example, layer: int) -> list[list[dict]]:
         if kw.get(pixels) is not None:
             by_token[token] = encoder_tokens(model, kw[pixels], kw[grid], layer)
     out = []
-    for i, blocks in enumerate(units(model, example)):
+    for i, blocks in enumerate(units(model, example, video_unit)):
         row = []
         for blk in blocks:
             tensors = by_token[int(example.input_ids[i, blk[0]])]
@@ -137,21 +140,23 @@ def unit_tokens(model, example, layer: int) -> list[list[dict]]:
     return out
 
 
-def kept_positions(model, example, keep: int, how: str = "attention", layer: int = -1, seed: int = 0) -> Tensor:
+def kept_positions(model, example, keep: int, how: str = "attention", layer: int = -1, seed: int = 0,
+                   video_unit: str = "frame") -> Tensor:
     """(B, S') sorted prompt indices kept: every non-prunable token, and each unit's chosen tokens."""
-    blocks = units(model, example)
+    blocks = units(model, example, video_unit)
     if how == "attention":
-        picks = [[unit["score"].topk(keep).indices for unit in row] for row in unit_tokens(model, example, layer)]
+        picks = [[unit["score"].topk(keep).indices for unit in row]
+                 for row in unit_tokens(model, example, layer, video_unit)]
     else:
         n, v = len(blocks[0]), blocks[0][0].numel()
         u = torch.rand((len(blocks) * n, 1, v), generator=torch.Generator().manual_seed(seed))
         picks = [[u[i * n + j, 0].topk(keep).indices for j in range(n)] for i in range(len(blocks))]
-    return keep_index(model, example, picks)
+    return keep_index(model, example, picks, video_unit)
 
 
-def keep_index(model, example, picks: list[list[Tensor]]) -> Tensor:
+def keep_index(model, example, picks: list[list[Tensor]], video_unit: str = "frame") -> Tensor:
     """(B, S') sorted prompt indices: every non-prunable token and each unit's chosen local indices."""
-    return keep_of_units(units(model, example), example.input_ids.shape[1], picks)
+    return keep_of_units(units(model, example, video_unit), example.input_ids.shape[1], picks)
 
 
 def keep_of_units(blocks: list[list[Tensor]], length: int, picks: list[list[Tensor]]) -> Tensor:
@@ -168,9 +173,11 @@ def keep_of_units(blocks: list[list[Tensor]], length: int, picks: list[list[Tens
 
 
 @torch.no_grad()
-def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None) -> dict:
+def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None,
+                deepstack_rows: Tensor | None = None) -> dict:
     """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt (its
-    embeddings `embeds`, else the full prompt's at the kept tokens)."""
+    embeddings `embeds`, else the full prompt's at the kept tokens; on Qwen3-VL its DeepStack rows
+    `deepstack_rows` (levels, B, S', D), else the full prompt's at the kept tokens)."""
     emb, am, pos, vm = family_inputs(model, example)
     emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1])) if embeds is None else embeds
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
@@ -180,7 +187,10 @@ def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor |
         logits, cache = out.logits, out.past_key_values
     else:                   # Qwen3-VL: the kept vision tokens' DeepStack rows, through its own language model
         at = vm.gather(1, keep_index)
-        rows = rows.gather(2, keep_index[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
+        if deepstack_rows is None:
+            rows = rows.gather(2, keep_index[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
+        else:
+            rows = deepstack_rows
         out = model.model.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True,
                                           visual_pos_masks=at, deepstack_visual_embeds=[level[at] for level in rows])
         logits, cache = model.lm_head(out.last_hidden_state), out.past_key_values
@@ -218,7 +228,7 @@ def zip_unit(score: Tensor, keys: Tensor, hidden: Tensor, keep: int, contextual:
 
 
 @torch.no_grad()
-def visionzip(model, example, keep: int, contextual: int) -> tuple[Tensor, Tensor]:
+def visionzip(model, example, keep: int, contextual: int, video_unit: str = "frame") -> tuple[Tensor, Tensor]:
     """VisionZip with attention-received dominance, positions kept: per unit the top keep - contextual tokens
     by score (last block), the rest (ascending) grouped around `contextual` targets taken every (rest //
     contextual)-th, each other token joining the target whose key is most cosine-similar; a contextual token
@@ -226,7 +236,8 @@ def visionzip(model, example, keep: int, contextual: int) -> tuple[Tensor, Tenso
     (B, S') and the pruned prompt's embeddings (B, S', D): the merger's MLP of each kept token's hidden."""
     emb, _, _, _ = family_inputs(model, example)
     rows, embeds = [], []
-    for i, (blocks, tokens) in enumerate(zip(units(model, example), unit_tokens(model, example, -1))):
+    for i, (blocks, tokens) in enumerate(zip(units(model, example, video_unit),
+                                             unit_tokens(model, example, -1, video_unit))):
         drop = torch.zeros(example.input_ids.shape[1], dtype=torch.bool)
         row = emb[i].clone()
         for blk, unit in zip(blocks, tokens):

@@ -17,6 +17,9 @@ by hand per attention segment); the selection rules are written here from the au
   mean keys (that block's post-RoPE keys, heads concatenated), only within the same segment; the r A groups
   with the best matches (r = ceil(rest / layers left), at most half) join their B group, patch by patch,
   size-weighted; the groups left stay in raster order, each at its own slot, with its own rotary angles.
+  Qwen3-VL's DeepStack taps read the output of their block, before a merge after that block: each kept group
+  takes its row of every tap, through that level's own merger (deepstack_merger_list), from the groups as they
+  were there (merged states where a merge came before the tap).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from reference_families import family_inputs
+from reference_families import deepstack, family_inputs
 from reference_vision_qwen import _window_index, keep_index, unit_tokens, units
 from torch import Tensor
 
@@ -46,11 +49,11 @@ def vispruner_choice(score: Tensor, feats: Tensor, keep: int, important_ratio: f
 
 
 @torch.no_grad()
-def vispruner(model, example, keep: int, important_ratio: float = 0.5) -> Tensor:
+def vispruner(model, example, keep: int, important_ratio: float = 0.5, video_unit: str = "frame") -> Tensor:
     """VisPruner with attention-received importance on each unit: the kept prompt indices (B, S')."""
     choices = [[vispruner_choice(unit["score"], unit["hidden"], keep, important_ratio) for unit in row]
-               for row in unit_tokens(model, example, -1)]
-    return keep_index(model, example, choices)
+               for row in unit_tokens(model, example, -1, video_unit)]
+    return keep_index(model, example, choices, video_unit)
 
 
 @torch.no_grad()
@@ -122,15 +125,16 @@ def tome_bipartite(keys: Tensor, states: Tensor, sizes: Tensor, together: Tensor
 
 
 @torch.no_grad()
-def tome_frame(model, frame: dict, keep: int, layers: tuple, windows: bool = True) -> tuple[Tensor, Tensor]:
+def tome_frame(model, frame: dict, keep: int, layers: tuple, windows: bool = True) -> tuple[Tensor, Tensor, list]:
     """One frame (pixels (h*w, dim), thw (1, 3)) through the encoder with ToMe after each of `layers`:
-    the kept groups (ascending local indices) and their merger outputs (k, D). windows=False lets groups
-    of different segments merge (to show that the rule matters)."""
+    the kept groups (ascending local indices), their merger outputs (k, D) and, per DeepStack level, their
+    rows (k, D). windows=False lets groups of different segments merge (to show that the rule matters)."""
     visual = model.model.visual
     t = encoder_tables(visual, frame)
     group = visual.spatial_merge_size ** 2
     x, v = t["x"], t["x"].shape[0] // group
     slots, sizes = torch.arange(v), torch.ones(v)                 # each group's original index and size
+    taps, tapped = list(getattr(visual, "deepstack_visual_indexes", None) or []), []      # (slots there, rows)
     for i, block in enumerate(visual.blocks):
         patches = (slots[:, None] * group + torch.arange(group)).flatten()
         seg = t["segments"][i][patches]
@@ -138,6 +142,8 @@ def tome_frame(model, frame: dict, keep: int, layers: tuple, windows: bool = Tru
         out, k = _attention(block, x, t["cos"][patches], t["sin"][patches], seg[:, None] == seg[None, :], log_size)
         x = x + out
         x = x + block.mlp(block.norm2(x))
+        if i in taps:
+            tapped.append((slots, visual.deepstack_merger_list[taps.index(i)](x).float()))
         if i in layers:
             left = len(layers) - layers.index(i)
             count = min(math.ceil(max(slots.numel() - keep, 0) / left), slots.numel() // 2)
@@ -145,7 +151,8 @@ def tome_frame(model, frame: dict, keep: int, layers: tuple, windows: bool = Tru
             kept, states, sizes = tome_bipartite(k.reshape(-1, group, k.shape[-1]).mean(1), x.reshape(-1, group * x.shape[-1]),
                                                  sizes, (seg_group[:, None] == seg_group[None, :]) | (not windows), count)
             slots, x = slots[kept], states.reshape(-1, x.shape[-1])
-    return slots, visual.merger(x).float()        # the model's own merger: norm, 2x2 concatenation, MLP
+    rows = [level[torch.searchsorted(there, slots)] for there, level in tapped]    # slots stay ascending
+    return slots, visual.merger(x).float(), rows      # the model's own merger: norm, 2x2 concatenation, MLP
 
 
 def frames(model, example) -> dict:
@@ -167,17 +174,28 @@ def frames(model, example) -> dict:
 @torch.no_grad()
 def tome(model, example, keep: int, layers: tuple, windows: bool = True) -> tuple[Tensor, Tensor]:
     """ToMe in place on every unit: the kept prompt indices (B, S') and the pruned prompt's embeddings (B, S', D)."""
-    emb = family_inputs(model, example)[0]
+    return tome_deepstack(model, example, keep, layers, windows)[:2]
+
+
+@torch.no_grad()
+def tome_deepstack(model, example, keep: int, layers: tuple, windows: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """tome, and the kept tokens' DeepStack rows (levels, B, S', D) (zero at text; None off Qwen3-VL)."""
+    emb, deep = family_inputs(model, example)[0], deepstack(model, example)
     per_type = {token: [tome_frame(model, f, keep, layers, windows) for f in fs]
                 for token, fs in frames(model, example).items()}
     picks, rows = [], []
     for i, blocks in enumerate(units(model, example)):
         row, chosen = emb[i].clone(), []
         for blk in blocks:
-            kept, values = per_type[int(example.input_ids[i, blk[0]])].pop(0)
+            kept, values, levels = per_type[int(example.input_ids[i, blk[0]])].pop(0)
             row[blk[kept]] = values
+            for level, tap in enumerate(levels):
+                deep[level, i, blk[kept]] = tap
             chosen.append(kept)
         picks.append(chosen)
         rows.append(row)
     index = keep_index(model, example, picks)
-    return index, torch.stack(rows).gather(1, index[..., None].expand(-1, -1, emb.shape[-1]))
+    embeds = torch.stack(rows).gather(1, index[..., None].expand(-1, -1, emb.shape[-1]))
+    if deep is not None:
+        deep = deep.gather(2, index[None, ..., None].expand(deep.shape[0], -1, -1, deep.shape[-1]))
+    return index, embeds, deep

@@ -12,6 +12,7 @@ encoder's output; after an encoder pass it runs in the captured vision stage: bo
 one case per capability (the norm and VisPruner on LLaVA-NeXT's anyres images); the rest is marked slow."""
 import pytest
 import reference as R
+import reference_families as RF
 import reference_new_methods as N
 import reference_vision_coverage as RC
 import reference_vision_llava_next as RN
@@ -123,13 +124,15 @@ def test_norm_topk_on_qwen_matches_reference(family):
 
 
 @pytest.mark.slow
-def test_norm_topk_over_whole_qwen_videos_matches_reference():
-    """Alone, the norm runs at LLM layer 0, so on Qwen it takes video_unit='video' (an encoder pass refuses it):
-    `keep` counts over the video's 2 frames at once (12 of its 2 x 16 tokens)."""
-    model, program = _model("qwen2_5_vl")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_norm_topk_over_whole_qwen_videos_matches_reference(family):
+    """Alone, the norm runs at LLM layer 0 on whole videos (video_unit='video'): `keep` counts over the video's
+    2 frames at once (12 of its 2 x 16 tokens; on Qwen3-VL each frame its own block behind a time stamp, the kept
+    tokens' DeepStack rows reaching the LM)."""
+    model, program = _model(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=71)
     emb = family_inputs(model, ex)[0]
-    videos = [[torch.cat(row)] for row in RQ.units(model, ex)]
+    videos = RQ.units(model, ex, "video")
     picks = [[emb[i, video].norm(dim=-1).topk(12).indices] for i, (video,) in enumerate(videos)]
     kept = RQ.keep_of_units(videos, ex.input_ids.shape[1], picks)
     assert not torch.equal(kept, RC.norm_kept_qwen(model, ex, 6))          # the unit matters on this video
@@ -167,6 +170,21 @@ def test_tome_in_place_on_qwen3_matches_reference():
     twice = gp.prune(model, "tome(keep=7, layers=(0, 1), positions='keep')", program=program)
     with pytest.raises(PassNotApplicable, match="DeepStack rows for 11 tokens per unit.*select \\(merge\\) at one"):
         twice(**ex.as_kwargs())
+
+
+@pytest.mark.slow
+def test_tome_after_block_0_on_qwen3_matches_reference():
+    """ToMe in place on Qwen3-VL merging after block 0 only: the tap of block 0 reads the groups before the merge
+    (a kept token its own row), the tap of block 1 the merged ones (a kept token the merged state's row), each
+    through its level's own merger; 16 -> 7 tokens per image and video frame."""
+    model, program = _model("qwen3_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=69)
+    kept, embeds, rows = RM.tome_deepstack(model, ex, 7, (0,))
+    unmerged = RF.deepstack(model, ex).gather(2, kept[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
+    torch.testing.assert_close(rows[0], unmerged[0])                          # block 0's tap: before the merge
+    assert not torch.allclose(rows[1], unmerged[1], atol=1e-3)                # block 1's: the merged tokens
+    pruned = gp.prune(model, "tome(keep=7, layers=(0,), positions='keep')", program=program)
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS, embeds, rows), STEPS, kept=kept)
 
 
 # ------------------------------------------------------------------------------- VisPruner, anyres images

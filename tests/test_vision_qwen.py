@@ -150,6 +150,41 @@ def test_bad_options_refused_before_work(qwen25, pruned):
     ex.pixel_values, ex.image_grid_thw = image.pixel_values, image.image_grid_thw
     with pytest.raises(InputError, match=r"patch grids \[\(4, 16\), \(8, 8\)\]"):
         pruned[TOPK](**ex.as_kwargs())
-    video = family_zoo.example(model, items=("video",), seed=5)
-    with pytest.raises(InputError, match='video_unit="frame"'):
-        gp.prune(model, TOPK, program=program, video_unit="video")(**video.as_kwargs())
+    # whole videos (video_unit="video") run one graph of the videos' frames: a prompt with images too is refused
+    ex = family_zoo.example(model, items=("image", "video"), frames=2, seed=5)     # a 1-frame video: 16 tokens
+    with pytest.raises(InputError, match=r"whole videos \(video_unit='video'\).*also holds images"):
+        gp.prune(model, TOPK, program=program, video_unit="video")(**ex.as_kwargs())
+
+
+WHOLE_VIDEO = [("vision_topk(keep=12)", "attention"),
+               pytest.param("random(stage='vision', keep=12, seed=3)", "random", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("spec,how", WHOLE_VIDEO)
+def test_whole_videos_match_reference(qwen25, spec, how):
+    """video_unit="video": one budget over every frame of a video (12 of its 2 x 16 tokens), each frame encoded
+    on its own (the captured bucket checked against get_video_features), positions kept; batch 2, left-padded."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=71)
+    kept = RQ.kept_positions(model, ex, 12, how, seed=3, video_unit="video")
+    assert not torch.equal(kept, RQ.kept_positions(model, ex, 6, how, seed=3))      # the unit matters here
+    pruned = gp.prune(model, spec, program=program, video_unit="video")
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS), STEPS, kept=kept)
+    assert ("video", 2, 8, 8) in pruned.program.buckets
+
+
+@pytest.mark.slow
+def test_visionzip_and_vispruner_over_whole_videos_match_reference(qwen25):
+    """The passes reading hidden states (what enters the merger's MLP) and keys over a whole video: VisionZip's
+    contextual tokens merge across frames, VisPruner's diverse tokens are chosen among every frame's."""
+    import reference_vision_qwen_methods as RM
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=72)
+    kept, embeds = RQ.visionzip(model, ex, keep=12, contextual=3, video_unit="video")
+    pruned = gp.prune(model, "visionzip(keep=12, contextual=3, dominant='attention', positions='keep')",
+                      program=program, video_unit="video")
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS, embeds), STEPS, kept=kept)
+    kept = RM.vispruner(model, ex, 12, 0.25, video_unit="video")
+    pruned = gp.prune(model, "vispruner(keep=12, important='attention', important_ratio=0.25, positions='keep')",
+                      program=program, video_unit="video")
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS), STEPS, kept=kept)

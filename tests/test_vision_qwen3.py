@@ -12,12 +12,13 @@ import pytest
 import reference_families as RF
 import reference_new_methods as N
 import reference_vision_qwen as RQ
+import reference_vision_qwen_methods as RM
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
 
 import graphprune as gp
 from graphprune.capture.export import capture_vision
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PassNotApplicable
 from graphprune.families import family_of
 from graphprune.families.qwen_vision import probe_grid
 from graphprune.rewrite.pipeline import Program
@@ -147,9 +148,48 @@ def test_batch_equals_alone(qwen3, pruned):
     assert_batch_equals_samples(pruned[TOPK], ex, STEPS)
 
 
-def test_whole_video_budgets_refused_before_work(qwen3, pruned):
-    """A vision-stage pass selects per video frame (the encoder's unit); video_unit="video" is refused."""
+WHOLE_VIDEO = [pytest.param(TOPK.replace("6", "12"), "attention", marks=pytest.mark.slow),
+               (RANDOM.replace("7", "12"), "random"),
+               pytest.param(VISIONZIP.replace("8", "12"), "visionzip", marks=pytest.mark.slow),
+               pytest.param("vispruner(keep=12, important='attention', important_ratio=0.25, positions='keep')",
+                            "vispruner", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("spec,how", WHOLE_VIDEO)
+def test_whole_videos_match_reference(qwen3, spec, how):
+    """video_unit="video": one budget over every frame of a video (12 of its 2 x 16 tokens; each frame its own block
+    behind a time stamp), each frame encoded on its own (the bucket checked against get_video_features), the kept
+    tokens' DeepStack rows (a contextual token: its target's) reaching the LM; batch 2, left-padded."""
+    model, program = qwen3
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=73)
+    if how == "visionzip":
+        kept, embeds = RQ.visionzip(model, ex, keep=12, contextual=3, video_unit="video")
+    elif how == "vispruner":
+        kept, embeds = RM.vispruner(model, ex, 12, 0.25, video_unit="video"), None
+    else:
+        kept, embeds = RQ.kept_positions(model, ex, 12, how, seed=3, video_unit="video"), None
+    assert not torch.equal(kept, RQ.kept_positions(model, ex, 6, "random" if how == "random" else "attention", seed=3))
+    pruned = gp.prune(model, spec, program=program, video_unit="video")
+    assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS, embeds), STEPS, kept=kept)
+
+
+@pytest.mark.slow
+def test_whole_videos_batch_equals_alone(qwen3):
+    model, program = qwen3
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=74)
+    assert_batch_equals_samples(gp.prune(model, TOPK.replace("6", "12"), program=program, video_unit="video"), ex, STEPS)
+
+
+def test_whole_video_refusals_before_the_prefill(qwen3):
+    """Over whole videos the encoder runs each frame as its own sequence and gathers the video's tokens after it:
+    a selection inside the encoder (ToMe) is refused at the call naming video_unit='frame', and so is a prompt of
+    images and whole videos (two encoder graphs)."""
     model, program = qwen3
     video = family_zoo.example(model, items=("video",), seed=5)
-    with pytest.raises(InputError, match='video_unit="frame"'):
-        gp.prune(model, TOPK, program=program, video_unit="video")(**video.as_kwargs())
+    tome = gp.prune(model, "tome(keep=7, layers=(1,), positions='keep')", program=program, video_unit="video")
+    why = "tome: merges between vision encoder layers.* 2 crops.*whole video's frames: on video use video_unit='frame'"
+    with pytest.raises(PassNotApplicable, match=why):
+        tome(**video.as_kwargs())
+    both = family_zoo.example(model, items=("image", "video"), frames=2, seed=5)     # a 1-frame video: 16 tokens
+    with pytest.raises(InputError, match=r"whole videos \(video_unit='video'\).*also holds images"):
+        gp.prune(model, TOPK, program=program, video_unit="video")(**both.as_kwargs())

@@ -27,20 +27,25 @@ class Qwen2VLFamily(Family):
     vision_buckets = 8
     separator_tokens = ("vision_start_token_id", "vision_end_token_id")
 
+    # -- the vision stage, per bucket: a patch grid (h, w) of an image or video frame, or ("video", frames, h, w)
+    # for whole videos (video_unit="video"), each frame its own encoder sequence -------------------------------
     def vision_module(self, through_last: bool = False, bucket=None):
         if bucket is None or self.is_body():
             return None
         if through_last:        # the merger reads the last block: no layer lies past the feature layer
             raise PassNotApplicable(f"{self.model_class}: its features come from the vision encoder's last block; "
                                     "no signal reads a layer past it")
-        return QwenVisionStage(self.body().visual, *bucket)
+        frames, h, w = _frames_and_grid(bucket)
+        return QwenVisionStage(self.body().visual, h, w, frames)
 
     def vision_eager_module(self, bucket):
-        return QwenImageFeatures(self.body(), *bucket)
+        frames, h, w = _frames_and_grid(bucket)
+        return QwenImageFeatures(self.body(), h, w, frames)
 
     def vision_example(self, bucket, images: int):
         vc = self.config().vision_config
-        shape = (images, bucket[0] * bucket[1], vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
+        frames, h, w = _frames_and_grid(bucket)
+        shape = (images, (frames or 1) * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
         param = next(self.body().visual.parameters())
         return torch.zeros(shape, device=param.device, dtype=param.dtype)
 
@@ -48,17 +53,25 @@ class Qwen2VLFamily(Family):
         """The patch grid (h, w) of an image of rows x cols LLM tokens."""
         return rows * self.merge(), cols * self.merge()
 
+    def bucket_name(self, bucket) -> str:
+        frames, h, w = _frames_and_grid(bucket)
+        return f"patch grid {(h, w)}" if frames is None else f"whole videos of {frames} frame(s) of patch grid {(h, w)}"
+
     def vision_stage_inputs(self, layout: VisionLayout, video_unit: str = "frame", image_grid_thw=None,
                             video_grid_thw=None, **inputs):
         """Each unit's patch rows: an image's, or a video frame's (temporal patch: the model encodes each
-        on its own), all of one grid (h, w): the bucket."""
-        if video_unit != "frame":
-            raise InputError('a vision-stage pass on Qwen video selects per frame: use video_unit="frame" '
-                             f"(graphprune.prune's default), got {video_unit!r}")
+        on its own), all of one grid (h, w): the bucket. video_unit="video": each whole video's frames
+        (bucket ("video", frames, h, w)), every unit a video of one shape."""
+        kinds = {unit.split()[0] for unit in layout.units}
+        whole = video_unit == "video" and "video" in kinds
+        if whole and kinds != {"video"}:
+            raise InputError(f"{self.model_class}: a vision-stage pass over whole videos (video_unit='video') runs "
+                             f"one encoder graph of the videos' frames per call, and the prompt also holds images "
+                             f"({list(layout.units)}); prune them in separate prompts, or use video_unit='frame'")
         b = layout.pos.shape[0]
         sources = {"image": (image_grid_thw, inputs.get("pixel_values")),
                    "video": (video_grid_thw, inputs.get("pixel_values_videos"))}
-        rows, grids = [], set()
+        rows, buckets = [], set()
         for i in range(b):
             for unit in layout.units:
                 kind, j = unit.split()[0], int(unit.split()[1])
@@ -66,13 +79,21 @@ class Qwen2VLFamily(Family):
                 per = grid.shape[0] // b
                 start = int(grid[:i * per + j].prod(-1).sum())
                 t, h, w = grid[i * per + j].tolist()
+                if whole:               # the video's every frame (temporal patch), in order
+                    buckets.add(("video", t, h, w))
+                    rows.append(pixels[start:start + t * h * w])
+                    continue
                 frame = int(unit.split()[3]) if kind == "video" else 0
-                grids.add((h, w))
+                buckets.add((h, w))
                 rows.append(pixels[start + frame * h * w:start + (frame + 1) * h * w])
-        if len(grids) != 1:
-            raise InputError(f"vision units of patch grids {sorted(grids)}: a vision-stage pass runs one encoder "
+        if len(buckets) != 1 and whole:
+            raise InputError(f"whole videos of (frames, h, w) grids {sorted(bucket[1:] for bucket in buckets)}: a "
+                             "vision-stage pass runs one encoder graph per call, so with video_unit='video' a prompt's "
+                             "videos (and a batch's) must share one frame count and grid; use video_unit='frame'")
+        if len(buckets) != 1:
+            raise InputError(f"vision units of patch grids {sorted(buckets)}: a vision-stage pass runs one encoder "
                              "graph per call, so a prompt's images and video frames must share one (h, w) grid")
-        return grids.pop(), torch.stack(rows)
+        return buckets.pop(), torch.stack(rows)
 
     def merge(self) -> int:
         return self.config().vision_config.spatial_merge_size
@@ -177,3 +198,9 @@ class Qwen2VLFamily(Family):
             raise InputError(f"pixel_values of shape {tuple(pixel_values.shape)}: image_grid_thw {grid.tolist()} "
                              f"needs ({rows}, {patch}) flattened patches, as the processor returns them")
         return (grid.prod(-1) // m ** 2).tolist()
+
+
+def _frames_and_grid(bucket) -> tuple[int | None, int, int]:
+    """(frames, h, w) of a Qwen vision bucket: frames None for an image or video frame's grid (h, w), else the
+    frame count of a whole-video bucket ("video", frames, h, w)."""
+    return (None, *bucket) if bucket[0] != "video" else tuple(bucket[1:])

@@ -20,6 +20,11 @@ output, `deepstack_features` (images, tokens, levels, D), one row per feature to
 
 A video's temporal patches are encoded independently by the model (cu_seqlens splits them, window and
 rotary tables repeat per temporal patch), so a video frame is encoded here as an image of grid (1, h, w).
+A whole video (prune(video_unit="video")) is a unit of `frames` such encoder sequences: the graph encodes
+them as a batch of frames and lays each video's tokens out frame after frame, through a constant gather
+(`token_patches` (tokens, 4): each token's patches, frame x h*w + patch; `graphprune_crops` = frames in
+its meta), as the anyres stage gathers crops, so that signals computed per frame are gathered to the
+video's tokens the same way (tokenops.crop_tokens) and one top-k runs over every frame's tokens.
 """
 from __future__ import annotations
 
@@ -128,9 +133,10 @@ class MergerMLP(nn.Module):
 class QwenVisionStage(nn.Module):
     """pixel_values (images, h*w, patch_dim) of one grid (1, h, w) -> projected features
     (images, h*w / merge^2, D), as get_image_features returns them per image, and for Qwen3-VL its
-    DeepStack features (images, h*w / merge^2, levels, D)."""
+    DeepStack features (images, h*w / merge^2, levels, D). frames: whole videos of that many frames of
+    the grid, (videos, frames*h*w, patch_dim) -> (videos, frames*h*w / merge^2, D), as get_video_features."""
 
-    def __init__(self, visual: nn.Module, h: int, w: int):
+    def __init__(self, visual: nn.Module, h: int, w: int, frames: int | None = None):
         super().__init__()
         tables = probe_grid(visual, h, w)
         rotary = sys.modules[type(visual.blocks[0].attn).__module__].apply_rotary_pos_emb_vision
@@ -145,6 +151,12 @@ class QwenVisionStage(nn.Module):
         self.deepstack_mergers = visual.deepstack_merger_list if self.deepstack_at else None
         self.group = visual.spatial_merge_size ** 2
         self.grid = (h // visual.spatial_merge_size, w // visual.spatial_merge_size)
+        self.frames, self.whole_video = frames or 1, frames is not None
+        if self.whole_video:      # a video's tokens: each frame's merge groups in order, frame after frame
+            self.crops = frames
+            self.grid = (frames * self.grid[0], self.grid[1])
+            patches = torch.arange(frames * h * w, device=tables["cos"].device)
+            self.register_buffer("token_patches", patches.reshape(-1, self.group), persistent=False)
         self.register_buffer("cos", tables["cos"], persistent=False)
         self.register_buffer("sin", tables["sin"], persistent=False)
         self.register_buffer("added", tables["added"], persistent=False)    # None: nothing is added
@@ -160,8 +172,9 @@ class QwenVisionStage(nn.Module):
         return ["features"] + (["deepstack_features"] if self.deepstack_at else [])
 
     def forward(self, pixel_values):
-        n, p, _ = pixel_values.shape
-        x = self.patch_embed(pixel_values.reshape(n * p, -1)).reshape(n, p, -1)
+        n, f = pixel_values.shape[0], self.frames
+        p = pixel_values.shape[1] // f          # each frame is its own encoder sequence
+        x = self.patch_embed(pixel_values.reshape(n * f * p, -1)).reshape(n * f, p, -1)
         if self.added is not None:
             x = x + self.added
         deepstack, levels = None, []
@@ -169,28 +182,32 @@ class QwenVisionStage(nn.Module):
             x = blk(x, self.cos, self.sin, None if self.masks[i] is None else getattr(self, f"mask_{i}"))
             if i in self.deepstack_at:          # the model's merger of that level (its norm after the 2x2 shuffle)
                 merger = self.deepstack_mergers[self.deepstack_at.index(i)]
-                levels.append(merger(x.reshape(n * p, -1)).reshape(n, p // self.group, -1))
+                levels.append(merger(x.reshape(n * f * p, -1)).reshape(n, f * p // self.group, -1))
                 if len(levels) == len(self.deepstack_at):
                     # stacked here, among the encoder's layers: a vision pass reroutes what follows the
                     # features, and the runtime, not the graph, takes these rows at the kept tokens
                     deepstack = torch.stack(levels, 2)
-        feats = self.merge_norm(x).reshape(n, p // self.group, -1)      # each LLM token's merge group
+        feats = self.merge_norm(x)
+        if self.whole_video:        # a video's frames: its tokens gathered frame after frame
+            feats = feats.reshape(n, f * p, -1).index_select(1, self.token_patches.flatten())
+        feats = feats.reshape(n, f * p // self.group, -1)      # each LLM token's merge group
         feats = self.multi_modal_projector(feats)
         return feats if deepstack is None else (feats, deepstack)
 
 
 class QwenImageFeatures(nn.Module):
-    """The model's own get_image_features on images of one grid (1, h, w), laid out as QwenVisionStage
-    takes them: what its capture is checked against."""
+    """The model's own get_image_features on images of one grid (1, h, w) (get_video_features on videos of
+    grid (frames, h, w)), laid out as QwenVisionStage takes them: what its capture is checked against."""
 
-    def __init__(self, body: nn.Module, h: int, w: int):
+    def __init__(self, body: nn.Module, h: int, w: int, frames: int | None = None):
         super().__init__()
-        self.body, self.grid = body, (1, h, w)
+        self.body, self.grid, self.video = body, (frames or 1, h, w), frames is not None
 
     def forward(self, pixel_values):
         n, p, dim = pixel_values.shape
         grid = torch.tensor([self.grid] * n, device=pixel_values.device)
-        out = self.body.get_image_features(pixel_values.reshape(n * p, dim), grid)
+        features = self.body.get_video_features if self.video else self.body.get_image_features
+        out = features(pixel_values.reshape(n * p, dim), grid)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)):
             feats, deepstack = out          # transformers 4.57's Qwen3-VL: (features, deepstack features)
         else:                               # transformers 4.x Qwen2(.5)-VL: the split features (a tuple)

@@ -191,9 +191,10 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
             raise PassConfigError(f"{p.name}: vision layer={layer}: the encoder has layers 0..{anat.num_layers - 1} "
                                   f"feeding the features; use 1..{anat.num_layers - 1}, or none for the features")
         if layer < anat.num_layers and anat.token_patches is not None:
-            raise PassNotApplicable(f"{p.name}: vision layer={layer} selects inside the encoder, where an anyres image "
-                                    f"of {anat.model_class} is {anat.crops} crops, each its own sequence; select at "
-                                    "the features (no layer)")
+            raise PassNotApplicable(f"{p.name}: vision layer={layer} selects inside the encoder, where a vision unit "
+                                    f"of {anat.model_class} is {anat.crops} encoder sequences (an anyres image's crops, "
+                                    "a whole video's frames); select at the features (no layer), or, for a video, per "
+                                    "frame (video_unit='frame')")
         if layer < anat.num_layers and anat.patches_per_token > 1 and not p.whole_groups:
             raise PassNotApplicable(f"{p.name}: vision layer={layer} selects inside the encoder, whose tokens there are "
                                     f"patches that {anat.model_class} merges {anat.patches_per_token} to a feature "

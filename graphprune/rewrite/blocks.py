@@ -29,8 +29,9 @@ def require_one_grid(name: str, anatomy) -> None:
     (anatomy.token_patches: LLaVA-NeXT / OneVision anyres crops, OneVision's pooled video frames)."""
     if anatomy.token_patches is not None:
         raise PassNotApplicable(f"{name}: {anatomy.model_class}'s vision units here are gathered from {anatomy.crops} "
-                                "encoder sequence(s) (an anyres image's base view then its crops' unpadded rows, or "
-                                f"2 x 2 pooled video frames), not one patch grid {name} could lay its tokens on; use "
+                                "encoder sequence(s) (an anyres image's base view then its crops' unpadded rows, "
+                                "2 x 2 pooled video frames, or a whole Qwen video's frames), not one patch grid "
+                                f"{name} could lay its tokens on (on a video: video_unit='frame'); use "
                                 "vision_topk, cls_topk, random(stage='vision'), visionzip, visiontrim_vision (its LTAM "
                                 "runs per crop grid; CLS towers) or mustdrop_merge(layer=None) (per crop grid)")
 
