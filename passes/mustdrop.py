@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from graphprune.anatomy.read import attention_windows
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.rewrite.blocks import grid_side, tile_members, tile_rows, tile_scores
+from graphprune.rewrite.blocks import grid_side, grid_tile_table, tile_members, tile_rows, tile_scores
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttentionRows,
@@ -141,12 +142,21 @@ class MustDropMerge(TokenPass):
         capacity: int | None = None     # static mode: patch slots kept per image (default: all, masked)
         order: str = "authors"          # "authors": merged token at the window's last member, merged tokens
         #                                 first (descending similarity); "raster": first member, raster order
+        positions: str = "compact"      # "compact" (the authors'): renumbered; "keep": each kept token keeps its
+        #                                 position ids (order="raster"; Qwen's M-RoPE takes this only)
+
+    whole_groups = True                 # on Qwen a token is a 2x2 merge group: a tile merges whole groups
 
     def validate(self):
         super().validate()
         c = self.config
         _check_mode(self.name, c.mode)
         _check_choice(self.name, "order", c.order, MERGE_ORDERS)
+        _check_choice(self.name, "positions", c.positions, POSITIONS)
+        if c.positions == "keep" and c.order == "authors":
+            raise PassConfigError("mustdrop_merge: order='authors' moves the merged tokens first, but positions='keep' "
+                                  "leaves every kept token at its own slot; give order='raster' (a merged token at "
+                                  "its tile's first member)")
         if c.window < 2:
             raise PassConfigError(f"mustdrop_merge: window={c.window}: a window needs at least 2x2 patches")
         if not -1.0 <= c.tau <= 1.0:       # a mean cosine similarity: tau > 1 would never merge a tile
@@ -166,6 +176,10 @@ class MustDropMerge(TokenPass):
         if c.window > min(g):
             raise PassConfigError(f"mustdrop_merge: window={c.window} is larger than the {g[0]}x{g[1]} patch grid")
         tiles = math.ceil(g[0] / c.window) * math.ceil(g[1] / c.window)
+        if anatomy.patches_per_token > 1:       # Qwen: tokens are 2x2 groups, tiles within attention windows
+            layer = anatomy.num_layers if c.layer is None else c.layer
+            windows = attention_windows(anatomy, layer) if layer < anatomy.num_layers else None
+            tiles = grid_tile_table(g[0], g[1], c.window, windows)[2]
         if c.capacity is not None and not tiles <= c.capacity <= g[0] * g[1]:
             raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} must lie in {tiles}..{g[0] * g[1]} "
                                   f"(merging all {tiles} tiles of the {g[0]}x{g[1]} grid leaves {tiles} tokens)")
@@ -173,9 +187,9 @@ class MustDropMerge(TokenPass):
     def plan(self) -> Plan:
         c = self.config
         capacity = None if c.mode == "exact" else (1.0 if c.capacity is None else c.capacity)
-        # tiles: an anyres image's crop tiles (None on one patch grid)
+        # tiles: an anyres image's crop tiles, or on Qwen its grid of 2x2 groups (None on one patch grid)
         signals = {"hidden": Hidden(-1 if c.layer is None else c.layer - 1), "tiles": CropTiles(c.window)}
-        return Plan(layer=c.layer, signals=signals, positions="compact",
+        return Plan(layer=c.layer, signals=signals, positions=c.positions,
                     select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode),
                                                             ("order", c.order)),
                                   static_mask=c.mode == "static", ordered=c.order == "authors", merges=True))
@@ -342,14 +356,18 @@ class MustDropCache(TokenPass):
 def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), window: int = 3, tau: float = 0.8,
              ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
              merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True,
-             merge: bool = True, keys: bool = True, order: str = "authors", placement: str = "authors",
+             merge: bool = True, keys: bool = True, order: str | None = None, placement: str = "authors",
              positions: str = "compact", key_layer: str = "feature", merge_layer: int | None = 1):
     """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache.
 
     merge_layer=None (anyres images: LLaVA-NeXT, LLaVA-OneVision) merges at the features, after the key set
-    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge)."""
+    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge).
+    positions numbers the vision tokens of the merge and of the filters alike; order (the merge's) defaults to
+    the authors' with positions='compact' and to "raster" with positions='keep'. Qwen2.5-VL / Qwen3-VL (no CLS,
+    M-RoPE): mustdrop(keys=False, positions='keep'): merge, filters and cache."""
+    order = order if order is not None else "raster" if positions == "keep" else "authors"
     merging = [MustDropMerge(layer=merge_layer, window=window, tau=tau, mode=mode, capacity=merge_capacity,
-                             order=order)] if merge else []
+                             order=order, positions=positions)] if merge else []
     keying = [MustDropKeys(ratio=ratio, key_layer=key_layer)] if keys else []
     passes = keying + merging if merge_layer is None else merging + keying
     passes.append(MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode,

@@ -168,13 +168,18 @@ def keep_of_units(blocks: list[list[Tensor]], length: int, picks: list[list[Tens
 
 
 @torch.no_grad()
-def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None) -> dict:
+def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None,
+                valid: Tensor | None = None, rows: Tensor | None = None) -> dict:
     """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt (its
-    embeddings `embeds`, else the full prompt's at the kept tokens)."""
+    embeddings `embeds`, else the full prompt's at the kept tokens). valid (B, S) bool: kept slots that no
+    token may attend to (attention mask 0: a static capacity's empty slots); rows (levels, B, S, D): Qwen3-VL's
+    DeepStack rows in prompt coordinates (default: the unpruned run's)."""
     emb, am, pos, vm = family_inputs(model, example)
     emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1])) if embeds is None else embeds
+    if valid is not None:
+        am = am * valid.to(am.dtype)
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
-    rows = deepstack(model, example)
+    rows = deepstack(model, example) if rows is None else rows
     if rows is None:
         out = model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True)
         logits, cache = out.logits, out.past_key_values
