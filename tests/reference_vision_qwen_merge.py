@@ -103,7 +103,8 @@ def merge_frame(model, frame: dict, layer: int, window: int, tau: float, windows
 @torch.no_grad()
 def mustdrop_merge(model, example, layer: int, window: int, tau: float, steps: int, windows: bool = True) -> dict:
     """The merge on every unit, then the model's own forward on the pruned prompt: reference_vision_qwen.hf_generate's
-    result, with `survive` (B, S) bool (False at merged-away vision slots) and `keep` (every slot)."""
+    result, with `survive` (B, S) bool (False at merged-away vision slots), `keep` (every slot), `embeds` (B, S, D)
+    and `deepstack` (levels, B, S, D; Qwen3-VL) the pruned prompt's embeddings and DeepStack rows."""
     from reference_vision_qwen import hf_generate
     emb = family_inputs(model, example)[0].clone()
     rows = deepstack(model, example)
@@ -120,7 +121,7 @@ def mustdrop_merge(model, example, layer: int, window: int, tau: float, steps: i
                 rows[:, i, at] = merged["deepstack"][:, merged["survive"]]
     keep = torch.arange(example.input_ids.shape[1]).expand(example.input_ids.shape[0], -1)
     out = hf_generate(model, example, keep, steps, emb, valid=survive, rows=rows)
-    return {**out, "survive": survive}
+    return {**out, "survive": survive, "embeds": emb, "deepstack": rows}
 
 
 def all_tile_scores(model, example, layer: int, window: int) -> list[float]:

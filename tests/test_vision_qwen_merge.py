@@ -93,7 +93,7 @@ def test_keep_positions_need_raster_order():
 @pytest.mark.parametrize("spec,error,words", [
     ("mustdrop_merge(layer=1)", PassNotApplicable, ["M-RoPE", "order='raster'"]),
     ("mustdrop(keep=8, layers=(1, 2), gamma=0.01, alpha=0.05, positions='keep')", PassNotApplicable,
-     ["mustdrop_keys", "CLS"]),
+     ["mustdrop_keys", "CLS", "mustdrop(keys=False)"]),
     ("mustdrop_merge(layer=1, window=5, order='raster', positions='keep')", PassConfigError, ["window=5", "4x4"]),
     ("mustdrop_merge(layer=1, capacity=3, order='raster', positions='keep')", PassConfigError, ["capacity=3", "tiles"]),
 ])
@@ -102,3 +102,27 @@ def test_bad_options_refused_before_work(spec, error, words):
     with pytest.raises(error) as err:
         gp.prune(model, spec, program=program)(**family_zoo.example(model, items=("image",)).as_kwargs())
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.slow
+def test_mustdrop_pipeline_matches_reference():
+    """mustdrop(keys=False, positions='keep') on Qwen2.5-VL (no CLS, so no key set): the merge after block 0, the
+    dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay masked)
+    and the output-aware cache over layers 1..2, against the merge reference then the filter run by hand
+    (reference_mustdrop.filter_select in reference.lm_generate)."""
+    import reference as R
+    import reference_families as RF
+    import reference_mustdrop as RM
+    model, program = _built("qwen2_5_vl")
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
+    tau = _tau(model, ex, 1, 3)
+    merged = RMG.mustdrop_merge(model, ex, 1, 3, tau, 1)
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=RF.units_of(model, ex))
+    ref = R.lm_generate(model, merged["embeds"], am * merged["survive"], pos, selects={2: sel, 3: sel},
+                        cut_to_final=(1, 3), vision_mask=vm, max_new_tokens=STEPS,
+                        text_mask=RF.instruction_mask(model, ex))
+    spec = f"mustdrop(keep=4, keys=False, positions='keep', layers=(1, 2), gamma=0.0625, alpha=1.0, tau={tau!r})"
+    out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+    for i, c in enumerate(out.cache):
+        assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
