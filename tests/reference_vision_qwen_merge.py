@@ -10,6 +10,8 @@ whole frame). After block `layer - 1`, on the grid_h/2 x grid_w/2 grid of 2x2 me
   merge    a tile scoring >= tau becomes one group: the mean of its members, patch by patch, at its first member's
            slot (raster); the other members leave the sequence. Tiles of one group never merge.
 The surviving groups run the later blocks (each keeps its own rotary angles), then the model's own merger.
+layer = depth (mustdrop_merge(layer=None): at the features) merges the groups entering the merger's MLP (after its
+norm, concatenated) instead, then runs the MLP.
 Qwen3-VL's DeepStack taps (deepstack_visual_indexes): a tap before the merge gives each surviving group its own
 row, a tap after it the model's tap merger on the merged states.
 The pruned prompt keeps every vision slot (static capacity): a merged-away slot stays with attention mask 0, the
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from reference_families import deepstack, family_inputs
-from reference_vision_qwen import units
+from reference_vision_qwen import merger_mlp, merger_norm, units
 from reference_vision_qwen_methods import _attention, encoder_tables, frames
 from torch import Tensor
 
@@ -68,21 +70,24 @@ def merge_frame(model, frame: dict, layer: int, window: int, tau: float, windows
     taps = list(getattr(visual, "deepstack_visual_indexes", None) or [])
     tapped = [None] * len(taps)
     slots = torch.arange(v)                          # the original group index of each group in the sequence
+    def merge(states):
+        # the tiles of the groups' states (V, group x d): merged tiles at their first group; which groups go
+        segment = (_blocks_from(t, visual, layer, group) if windows else None) or [0] * v
+        gone = torch.zeros(v, dtype=torch.bool)
+        for tile in window_tiles(rows, cols, window, segment):
+            if len(tile) < 2:
+                continue
+            score = tile_score(states[tile])
+            if scores is not None:
+                scores.append(score)
+            if score >= tau:
+                states[tile[0]] = states[tile].mean(0)
+                gone[tile[1:]] = True
+        return states, gone
+
     for i, block in enumerate(visual.blocks):
         if i == layer:
-            segment = _blocks_from(t, visual, layer, group) if windows else None
-            segment = segment or [0] * v
-            states = x.reshape(v, group * d)
-            gone = torch.zeros(v, dtype=torch.bool)
-            for tile in window_tiles(rows, cols, window, segment):
-                if len(tile) < 2:
-                    continue
-                score = tile_score(states[tile])
-                if scores is not None:
-                    scores.append(score)
-                if score >= tau:
-                    states[tile[0]] = states[tile].mean(0)
-                    gone[tile[1:]] = True
+            states, gone = merge(x.reshape(v, group * d))
             slots, x = slots[~gone], states[~gone].reshape(-1, d)
         patches = (slots[:, None] * group + torch.arange(group)).flatten()
         seg = t["segments"][i][patches]
@@ -93,10 +98,15 @@ def merge_frame(model, frame: dict, layer: int, window: int, tau: float, windows
             level = torch.zeros(v, model.config.text_config.hidden_size)
             level[slots] = visual.deepstack_merger_list[taps.index(i)](x).float()
             tapped[taps.index(i)] = level
+    values = torch.zeros(v, model.config.text_config.hidden_size)
+    if layer < len(visual.blocks):
+        values[slots] = visual.merger(x).float()
+    else:                   # at the features: the merger's normed, concatenated groups merge, then its MLP
+        states, gone = merge(merger_norm(visual)(x).reshape(v, -1))
+        slots = slots[~gone]
+        values[slots] = merger_mlp(visual, states[~gone]).float()
     survive = torch.zeros(v, dtype=torch.bool)
     survive[slots] = True
-    values = torch.zeros(v, model.config.text_config.hidden_size)
-    values[slots] = visual.merger(x).float()
     return {"survive": survive, "values": values, "deepstack": torch.stack(tapped) if taps else None}
 
 

@@ -60,14 +60,16 @@ def test_tile_table_matches_reference(rows, cols, window, windows):
     ("qwen2_5_vl", 1, 3),    # after block 0 (the paper's place); tiles of 3 cut to the 2 x 2 windows of block 1
     ("qwen3_vl", 1, 3),      # between the DeepStack taps of blocks 0 (own rows) and 1 (merged states)
     ("qwen3_vl", 2, 2),      # after both taps
+    ("qwen2_5_vl", None, 2),  # at the features (layer=None): the groups entering the merger's MLP
 ])
 def test_merge_matches_reference(family, layer, window):
     model, program = _built(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
-    tau = _tau(model, ex, layer, window)
-    ref = RMG.mustdrop_merge(model, ex, layer, window, tau, STEPS)
-    if family == "qwen2_5_vl":                                            # the windows matter
-        assert not torch.equal(ref["survive"], RMG.mustdrop_merge(model, ex, layer, window, tau, 1, False)["survive"])
+    at = model.config.vision_config.depth if layer is None else layer      # the reference's block index
+    tau = _tau(model, ex, at, window)
+    ref = RMG.mustdrop_merge(model, ex, at, window, tau, STEPS)
+    if family == "qwen2_5_vl" and layer == 1:                             # the windows matter
+        assert not torch.equal(ref["survive"], RMG.mustdrop_merge(model, ex, at, window, tau, 1, False)["survive"])
     out = assert_same_run(gp.prune(model, MERGE.format(layer=layer, window=window, tau=tau), program=program), ex,
                           ref, STEPS, kept=ref["keep"])
     assert torch.equal(out.cache[-1].mask.bool(), ref["survive"] & ex.attention_mask.bool())
