@@ -358,17 +358,19 @@ def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), win
              ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
              merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True,
              merge: bool = True, keys: bool = True, order: str | None = None, placement: str = "authors",
-             positions: str = "compact", key_layer: str = "feature", merge_layer: int | None = 1):
+             positions: str = "compact", key_layer: str = "feature", merge_layer: int | None = 1,
+             merge_positions: str = "compact"):
     """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache.
 
     merge_layer=None (anyres images: LLaVA-NeXT, LLaVA-OneVision) merges at the features, after the key set
     has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge).
-    positions numbers the vision tokens of the merge and of the filters alike; order (the merge's) defaults to
-    the authors' with positions='compact' and to "raster" with positions='keep'. Qwen2.5-VL / Qwen3-VL (no CLS,
-    M-RoPE): mustdrop(keys=False, positions='keep'): merge, filters and cache."""
-    order = order if order is not None else "raster" if positions == "keep" else "authors"
+    positions numbers the tokens the filters keep, merge_positions those the merge keeps; order (the merge's)
+    defaults to the authors' with merge_positions='compact' and to "raster" with 'keep'. Qwen2-VL / Qwen2.5-VL /
+    Qwen3-VL (no CLS, M-RoPE): mustdrop(keys=False, positions='keep', merge_positions='keep'): merge inside the
+    encoder on 2x2 groups, filters and cache."""
+    order = order if order is not None else "raster" if merge_positions == "keep" else "authors"
     merging = [MustDropMerge(layer=merge_layer, window=window, tau=tau, mode=mode, capacity=merge_capacity,
-                             order=order, positions=positions)] if merge else []
+                             order=order, positions=merge_positions)] if merge else []
     keying = [MustDropKeys(ratio=ratio, key_layer=key_layer)] if keys else []
     passes = keying + merging if merge_layer is None else merging + keying
     passes.append(MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode,

@@ -88,13 +88,14 @@ def test_keep_positions_need_raster_order():
     """positions='keep' leaves each kept token at its slot: the authors' order (merged tokens first) is refused."""
     with pytest.raises(PassConfigError, match="order='raster'"):
         MustDropMerge(layer=1, positions="keep")
-    assert mustdrop(keep=64, keys=False, positions="keep")[0].config.order == "raster"
+    assert mustdrop(keep=64, keys=False, merge_positions="keep")[0].config.order == "raster"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,error,words", [
     ("mustdrop_merge(layer=1)", PassNotApplicable, ["M-RoPE", "order='raster'"]),
-    ("mustdrop(keep=8, layers=(1, 2), gamma=0.01, alpha=0.05, positions='keep')", PassNotApplicable,
+    ("mustdrop(keep=8, layers=(1, 2), gamma=0.01, alpha=0.05, positions='keep', merge_positions='keep')",
+     PassNotApplicable,
      ["mustdrop_keys", "CLS", "mustdrop(keys=False)"]),
     ("mustdrop_merge(layer=1, window=5, order='raster', positions='keep')", PassConfigError, ["window=5", "4x4"]),
     ("mustdrop_merge(layer=1, capacity=3, order='raster', positions='keep')", PassConfigError, ["capacity=3", "tiles"]),
@@ -108,7 +109,7 @@ def test_bad_options_refused_before_work(spec, error, words):
 
 @pytest.mark.slow
 def test_mustdrop_pipeline_matches_reference():
-    """mustdrop(keys=False, positions='keep') on Qwen2.5-VL (no CLS, so no key set): the merge after block 0, the
+    """mustdrop(keys=False, positions='keep', merge_positions='keep') on Qwen2.5-VL (no CLS, so no key set): the merge after block 0, the
     dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay masked)
     and the output-aware cache over layers 1..2, against the merge reference then the filter run by hand
     (reference_mustdrop.filter_select in reference.lm_generate)."""
@@ -124,7 +125,8 @@ def test_mustdrop_pipeline_matches_reference():
     ref = R.lm_generate(model, merged["embeds"], am * merged["survive"], pos, selects={2: sel, 3: sel},
                         cut_to_final=(1, 3), vision_mask=vm, max_new_tokens=STEPS,
                         text_mask=RF.instruction_mask(model, ex))
-    spec = f"mustdrop(keep=4, keys=False, positions='keep', layers=(1, 2), gamma=0.0625, alpha=1.0, tau={tau!r})"
+    spec = (f"mustdrop(keep=4, keys=False, positions='keep', merge_positions='keep', layers=(1, 2), gamma=0.0625, "
+            f"alpha=1.0, tau={tau!r})")
     out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
     for i, c in enumerate(out.cache):
         assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
