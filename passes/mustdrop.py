@@ -9,6 +9,11 @@
    never cross crops; patches unpadded away are no tokens) and merges the feature layer's states there; the
    encoder runs unmerged. The key set then comes first, off the unmerged tokens (a key merged away hands its
    protection to its tile's merged token). layer=1 is refused there, naming this.
+   QWEN2-VL / QWEN2.5-VL / QWEN3-VL MERGE WHOLE 2x2 GROUPS INSIDE THE ENCODER (positions="keep", order="raster",
+   required with M-RoPE): a token is a merge group, a group's state its 4 patches' states concatenated (score:
+   the mean pairwise cosine of those; merged patch by patch), tiles of the group grid never cross an attention
+   window of the blocks that follow (CropTiles there). DeepStack taps before the merge keep each kept group's
+   own rows. Details: docs/methods.md.
 2. mustdrop_keys (vision encoder, feature layer): the patches the CLS token attends to most
    (top ceil(8%)) become a protected key set that no later pass drops.
 3. mustdrop_filter (prefill, layers 2, 6, 10, 14): with A the attention the instruction tokens
@@ -20,7 +25,7 @@
 Threshold rules keep a data-dependent number of tokens. mode="exact" does exactly that (eager,
 one count per batch); mode="static" (the default) keeps a fixed capacity per image, masks the
 slots the rule would have dropped, and so exports and batches. Exact semantics and how the
-modes differ: docs/methods.md. The vision stage compacts positions, as the authors' code does.
+modes differ: docs/methods.md. The vision stage compacts positions by default, as the authors' code does.
 """
 import math
 from dataclasses import dataclass
