@@ -32,9 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.anatomy.read import attention_windows
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
-from graphprune.rewrite.blocks import grid_side, grid_tile_table, tile_members, tile_rows, tile_scores
+from graphprune.rewrite.blocks import grid_side, tile_members, tile_rows, tile_scores
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
     AttentionRows,
@@ -181,10 +180,11 @@ class MustDropMerge(TokenPass):
         if c.window > min(g):
             raise PassConfigError(f"mustdrop_merge: window={c.window} is larger than the {g[0]}x{g[1]} patch grid")
         tiles = math.ceil(g[0] / c.window) * math.ceil(g[1] / c.window)
-        if anatomy.patches_per_token > 1:       # Qwen: tokens are 2x2 groups, tiles within attention windows
-            layer = anatomy.num_layers if c.layer is None else c.layer
-            windows = attention_windows(anatomy, layer) if layer < anatomy.num_layers else None
-            tiles = grid_tile_table(g[0], g[1], c.window, windows)[2]
+        if anatomy.patches_per_token > 1 and c.capacity is not None:
+            # Qwen: each image or frame is its own grid, captured per grid; one slot count cannot suit them all
+            raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} on {anatomy.model_class}, whose images and "
+                                  "video frames come in grids of many sizes: static mode keeps every token's slot "
+                                  "there (capacity=None), merged-away slots masked")
         if c.capacity is not None and not tiles <= c.capacity <= g[0] * g[1]:
             raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} must lie in {tiles}..{g[0] * g[1]} "
                                   f"(merging all {tiles} tiles of the {g[0]}x{g[1]} grid leaves {tiles} tokens)")
