@@ -247,13 +247,15 @@ def put_tokens(x, vision_pos, values, group: int = 1):
     return x.scatter(1, idx, values.reshape(b, n * k, -1).to(x.dtype))
 
 
-def key_validity(seq_index, new_pos, valid):
-    """(B, S) bool: False at the invalid vision slots of a static-capacity selection (None: all valid)."""
+def key_validity(seq_index, new_pos, valid, group: int = 1):
+    """(B, S) bool: False at the invalid vision slots of a static-capacity selection (None: all valid).
+    group > 1: tokens of `group` encoder patches each (B, S x group), every patch with its token's validity."""
     if valid is None:
         return None
     b, n, k = new_pos.shape
     ones = torch.ones(seq_index.shape, dtype=torch.bool, device=seq_index.device)
-    return ones.scatter(1, new_pos.reshape(b, n * k), valid.reshape(b, n * k))
+    out = ones.scatter(1, new_pos.reshape(b, n * k), valid.reshape(b, n * k))
+    return out.repeat_interleave(group, dim=1) if group > 1 else out
 
 
 def mask_keys(mask, key_valid, q, is_causal: bool):
@@ -388,7 +390,25 @@ def crop_tiles(token_patches, vision_pos, offset: int, side: int, crops: int, wi
     across, area = -(-side // window), window * window
     tile = (crop * across + row // window) * across + col // window
     slot = tile * area + (row % window) * window + col % window
-    table = torch.full((b * n, crops * across * across * area), -1, dtype=torch.long, device=patch.device)
-    table = table.scatter(1, slot, torch.arange(v, device=patch.device).expand(b * n, v)).reshape(b * n, -1, area)
+    return _tile_table(slot, crops * across * across, area, b, n)
+
+
+def grid_tiles(seq_index, vision_pos, tile_of: tuple, place_of: tuple, tiles: int, area: int):
+    """(B, n, tiles, area): the vision tokens (vision_pos (B, n, V) into a sequence whose original token indices
+    are seq_index) of each tile of one token grid, tile_of / place_of (per original token) its tile and its place
+    in the tile (blocks.grid_tile_table); each tile's tokens in raster order first, then -1 (a token pruned
+    before is no token)."""
+    b, n, v = vision_pos.shape
+    original = token_features(seq_index, vision_pos).reshape(b * n, v)
+    tile = torch.tensor(tile_of, device=original.device)[original]
+    place = torch.tensor(place_of, device=original.device)[original]
+    return _tile_table(tile * area + place, tiles, area, b, n)
+
+
+def _tile_table(slot, tiles: int, area: int, b: int, n: int):
+    # (B x n, V) each token's slot (tile x area + place) -> (B, n, tiles, area) local token indices, present first
+    v = slot.shape[-1]
+    table = torch.full((b * n, tiles * area), -1, dtype=torch.long, device=slot.device)
+    table = table.scatter(1, slot, torch.arange(v, device=slot.device).expand(b * n, v)).reshape(b * n, -1, area)
     present_first = (table < 0).to(torch.int8).argsort(dim=-1, stable=True)
     return table.gather(-1, present_first).reshape(b, n, -1, area)

@@ -9,6 +9,11 @@
    never cross crops; patches unpadded away are no tokens) and merges the feature layer's states there; the
    encoder runs unmerged. The key set then comes first, off the unmerged tokens (a key merged away hands its
    protection to its tile's merged token). layer=1 is refused there, naming this.
+   QWEN2-VL / QWEN2.5-VL / QWEN3-VL MERGE WHOLE 2x2 GROUPS INSIDE THE ENCODER (positions="keep", order="raster",
+   required with M-RoPE): a token is a merge group, a group's state its 4 patches' states concatenated (score:
+   the mean pairwise cosine of those; merged patch by patch), tiles of the group grid never cross an attention
+   window of the blocks that follow (CropTiles there). DeepStack taps before the merge keep each kept group's
+   own rows. Details: docs/methods.md.
 2. mustdrop_keys (vision encoder, feature layer): the patches the CLS token attends to most
    (top ceil(8%)) become a protected key set that no later pass drops.
 3. mustdrop_filter (prefill, layers 2, 6, 10, 14): with A the attention the instruction tokens
@@ -20,7 +25,7 @@
 Threshold rules keep a data-dependent number of tokens. mode="exact" does exactly that (eager,
 one count per batch); mode="static" (the default) keeps a fixed capacity per image, masks the
 slots the rule would have dropped, and so exports and batches. Exact semantics and how the
-modes differ: docs/methods.md. The vision stage compacts positions, as the authors' code does.
+modes differ: docs/methods.md. The vision stage compacts positions by default, as the authors' code does.
 """
 import math
 from dataclasses import dataclass
@@ -141,12 +146,21 @@ class MustDropMerge(TokenPass):
         capacity: int | None = None     # static mode: patch slots kept per image (default: all, masked)
         order: str = "authors"          # "authors": merged token at the window's last member, merged tokens
         #                                 first (descending similarity); "raster": first member, raster order
+        positions: str = "compact"      # "compact" (the authors'): renumbered; "keep": each kept token keeps its
+        #                                 position ids (order="raster"; Qwen's M-RoPE takes this only)
+
+    whole_groups = True                 # on Qwen a token is a 2x2 merge group: a tile merges whole groups
 
     def validate(self):
         super().validate()
         c = self.config
         _check_mode(self.name, c.mode)
         _check_choice(self.name, "order", c.order, MERGE_ORDERS)
+        _check_choice(self.name, "positions", c.positions, POSITIONS)
+        if c.positions == "keep" and c.order == "authors":
+            raise PassConfigError("mustdrop_merge: order='authors' moves the merged tokens first, but positions='keep' "
+                                  "leaves every kept token at its own slot; give order='raster' (a merged token at "
+                                  "its tile's first member)")
         if c.window < 2:
             raise PassConfigError(f"mustdrop_merge: window={c.window}: a window needs at least 2x2 patches")
         if not -1.0 <= c.tau <= 1.0:       # a mean cosine similarity: tau > 1 would never merge a tile
@@ -166,6 +180,11 @@ class MustDropMerge(TokenPass):
         if c.window > min(g):
             raise PassConfigError(f"mustdrop_merge: window={c.window} is larger than the {g[0]}x{g[1]} patch grid")
         tiles = math.ceil(g[0] / c.window) * math.ceil(g[1] / c.window)
+        if anatomy.patches_per_token > 1 and c.capacity is not None:
+            # Qwen: each image or frame is its own grid, captured per grid; one slot count cannot suit them all
+            raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} on {anatomy.model_class}, whose images and "
+                                  "video frames come in grids of many sizes: static mode keeps every token's slot "
+                                  "there (capacity=None), merged-away slots masked")
         if c.capacity is not None and not tiles <= c.capacity <= g[0] * g[1]:
             raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} must lie in {tiles}..{g[0] * g[1]} "
                                   f"(merging all {tiles} tiles of the {g[0]}x{g[1]} grid leaves {tiles} tokens)")
@@ -173,9 +192,9 @@ class MustDropMerge(TokenPass):
     def plan(self) -> Plan:
         c = self.config
         capacity = None if c.mode == "exact" else (1.0 if c.capacity is None else c.capacity)
-        # tiles: an anyres image's crop tiles (None on one patch grid)
+        # tiles: an anyres image's crop tiles, or on Qwen its grid of 2x2 groups (None on one patch grid)
         signals = {"hidden": Hidden(-1 if c.layer is None else c.layer - 1), "tiles": CropTiles(c.window)}
-        return Plan(layer=c.layer, signals=signals, positions="compact",
+        return Plan(layer=c.layer, signals=signals, positions=c.positions,
                     select=Choose(capacity, merge_windows, (("window", c.window), ("tau", c.tau), ("mode", c.mode),
                                                             ("order", c.order)),
                                   static_mask=c.mode == "static", ordered=c.order == "authors", merges=True))
@@ -219,7 +238,8 @@ class MustDropKeys(TokenPass):
     def requires(self, anatomy):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"mustdrop_keys needs the CLS token of the vision encoder; {anatomy.model_class} "
-                                    "has none (run mustdrop_filter alone)")
+                                    "has none: use mustdrop(keys=False) (merge, filters and cache; positions='keep' "
+                                    "on M-RoPE models such as Qwen2.5-VL / Qwen3-VL) or mustdrop_filter alone")
         if not anatomy.num_layers:          # a model-level check before any encoder is captured (bucketed families)
             return
         changed = anatomy.tokens[-1].layer if len(anatomy.tokens) > 1 else 0
@@ -342,14 +362,20 @@ class MustDropCache(TokenPass):
 def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), window: int = 3, tau: float = 0.8,
              ratio: float = 0.08, gamma: float | None = None, alpha: float | None = None,
              merge_capacity: int | None = None, capacity: int | None = None, cache: bool = True,
-             merge: bool = True, keys: bool = True, order: str = "authors", placement: str = "authors",
-             positions: str = "compact", key_layer: str = "feature", merge_layer: int | None = 1):
+             merge: bool = True, keys: bool = True, order: str | None = None, placement: str = "authors",
+             positions: str = "compact", key_layer: str = "feature", merge_layer: int | None = 1,
+             merge_positions: str = "compact"):
     """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache.
 
     merge_layer=None (anyres images: LLaVA-NeXT, LLaVA-OneVision) merges at the features, after the key set
-    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge)."""
+    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge).
+    positions numbers the tokens the filters keep, merge_positions those the merge keeps; order (the merge's)
+    defaults to the authors' with merge_positions='compact' and to "raster" with 'keep'. Qwen2-VL / Qwen2.5-VL /
+    Qwen3-VL (no CLS, M-RoPE): mustdrop(keys=False, positions='keep', merge_positions='keep'): merge inside the
+    encoder on 2x2 groups, filters and cache."""
+    order = order if order is not None else "raster" if merge_positions == "keep" else "authors"
     merging = [MustDropMerge(layer=merge_layer, window=window, tau=tau, mode=mode, capacity=merge_capacity,
-                             order=order)] if merge else []
+                             order=order, positions=merge_positions)] if merge else []
     keying = [MustDropKeys(ratio=ratio, key_layer=key_layer)] if keys else []
     passes = keying + merging if merge_layer is None else merging + keying
     passes.append(MustDropFilter(layers=tuple(layers), keep=keep, gamma=gamma, alpha=alpha, mode=mode,

@@ -20,16 +20,17 @@ def assert_same_run(pruned, example, ref: dict, steps: int, kept=None):
 
 def assert_batch_equals_samples(pruned, example, steps: int = 8):
     """`pruned` on the left-padded batch `example` equals each sample run alone: logits at the real
-    tokens (fp32, atol 1e-5), the kept prompt indices (less the padding) and `steps` greedy tokens."""
+    tokens (fp32, atol 1e-5), the kept prompt indices (less the padding) and `steps` greedy tokens. Real:
+    neither padding nor a slot a static capacity masked (its cache mask), in the batch and alone alike."""
     batch = pruned(**example.as_kwargs())
     ids = pruned.generate(**example.as_kwargs(), max_new_tokens=steps, eos_token_id=[])
     pad = (example.attention_mask == 0).sum(1)
     for b in range(example.input_ids.shape[0]):
         one = example.sample(b)
         alone = pruned(**one.as_kwargs())
-        real = batch.cache[-1].mask[b].bool()
-        torch.testing.assert_close(batch.logits[b][real], alone.logits[0], atol=1e-5, rtol=1e-5)
-        assert torch.equal(batch.kept[b][real] - pad[b], alone.kept[0])
+        real, alone_real = batch.cache[-1].mask[b].bool(), alone.cache[-1].mask[0].bool()
+        torch.testing.assert_close(batch.logits[b][real], alone.logits[0][alone_real], atol=1e-5, rtol=1e-5)
+        assert torch.equal(batch.kept[b][real] - pad[b], alone.kept[0][alone_real])
         alone_ids = pruned.generate(**one.as_kwargs(), max_new_tokens=steps, eos_token_id=[])
         assert torch.equal(ids[b, -steps:], alone_ids[0, -steps:])
 

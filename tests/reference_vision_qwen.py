@@ -174,14 +174,19 @@ def keep_of_units(blocks: list[list[Tensor]], length: int, picks: list[list[Tens
 
 @torch.no_grad()
 def hf_generate(model, example, keep_index: Tensor, steps: int, embeds: Tensor | None = None,
-                deepstack_rows: Tensor | None = None) -> dict:
+                deepstack_rows: Tensor | None = None, valid: Tensor | None = None,
+                prompt_rows: Tensor | None = None) -> dict:
     """Prefill logits and `steps` greedy tokens of the model's own forward on the pruned prompt (its
-    embeddings `embeds`, else the full prompt's at the kept tokens; on Qwen3-VL its DeepStack rows
-    `deepstack_rows` (levels, B, S', D), else the full prompt's at the kept tokens)."""
+    embeddings `embeds`, else the full prompt's at the kept tokens). On Qwen3-VL its DeepStack rows:
+    `deepstack_rows` (levels, B, S', D) at the kept tokens, else `prompt_rows` (levels, B, S, D) in prompt
+    coordinates taken at the kept tokens, else the unpruned run's there. valid (B, S) bool: kept slots that
+    no token may attend to (attention mask 0: a static capacity's empty slots)."""
     emb, am, pos, vm = family_inputs(model, example)
     emb = emb.gather(1, keep_index[..., None].expand(-1, -1, emb.shape[-1])) if embeds is None else embeds
+    if valid is not None:
+        am = am * valid.to(am.dtype)
     am, pos = am.gather(1, keep_index), pos.gather(2, keep_index[None].expand(pos.shape[0], -1, -1))
-    rows = deepstack(model, example)
+    rows = deepstack(model, example) if prompt_rows is None else prompt_rows
     if rows is None:
         out = model(inputs_embeds=emb, position_ids=pos, attention_mask=am, use_cache=True)
         logits, cache = out.logits, out.past_key_values

@@ -385,7 +385,7 @@ def test_qwen2vl(qwen, method, opts, selects):
 
 @pytest.mark.parametrize("method,why", [
     ("mustdrop_keys", "CLS"),
-    ("mustdrop_merge(tau=0.5)", "vision"),
+    ("mustdrop_merge(tau=0.5)", "order='raster'"),     # runs with positions='keep', order='raster' (2x2 groups)
     ("cls_topk(keep=4)", "CLS"),
     ("mustdrop(keep=64)", "vision"),
 ])

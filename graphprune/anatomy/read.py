@@ -277,3 +277,36 @@ def seq_dims(node: fx.Node, anat: Anatomy) -> tuple[int | None, tuple[int, ...]]
     toks = tuple(i for i, e in enumerate(exprs) if e is not None and e == anat.seq)
     batch = next((i for i, e in enumerate(exprs) if e is not None and e == anat.batch), None)
     return batch, toks
+
+
+def attention_windows(anat: Anatomy, first: int) -> tuple | None:
+    """Vision encoder whose tokens are groups of patches (Qwen): each token's attention window in the encoder
+    layers first.. (raster order of the token grid; a key per token, the same for two tokens exactly when they
+    attend together in every one of those layers), read off the captured window masks (constant buffers the
+    masks of those layers derive from); None where those layers all attend over the whole image."""
+    tokens, group = anat.grid[0] * anat.grid[1], anat.patches_per_token
+    per_layer = []
+    for layer in anat.layers[first:]:
+        mask = _captured_buffer(layer.attention.node, tokens * group)
+        if mask is not None:        # token t's window: the first token its first patch attends to
+            per_layer.append(mask.reshape(tokens, group, tokens, group)[:, 0, :, 0].int().argmax(-1).tolist())
+    return tuple(zip(*per_layer)) if per_layer else None
+
+
+def _captured_buffer(sdpa: fx.Node, size: int) -> torch.Tensor | None:
+    """The (size, size) boolean buffer an attention's mask derives from (a window mask as captured, before passes
+    took kept tokens of it, added key masks or size biases), None if there is none."""
+    node = sdpa_mask(sdpa)
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in (tokenops.take_shared, tokenops.take_tokens, tokenops.mask_keys):
+            node = node.args[0]
+        elif node.target is tokenops.bias_keys:
+            node = node.args[2] if len(node.args) > 2 else None
+        else:
+            return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = node.graph.owning_module
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value if value.dtype == torch.bool and tuple(value.shape) == (size, size) else None

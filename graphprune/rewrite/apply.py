@@ -129,7 +129,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     if anat.stage == "vision" and layer == anat.num_layers and not plan.after_projector:
         anat.features = stream          # what now enters the projector: a later pass reduces this
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
-    key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid) if masked else None
+    key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid, group) if masked else None
     if isinstance(rule, Choose) and rule.proportional:
         _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes, group)
     if plan.positions == "compact" and anat.stage != "vision":
@@ -385,11 +385,12 @@ def _put_values(gm, anat: Anatomy, anchor: fx.Node, stream: fx.Node | None, new_
     return put
 
 
-def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, valid) -> fx.Node:
-    """Static capacity: invalid slots stay in the tensors but no later attention may read them."""
+def _mask_invalid_keys(gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, valid, group: int = 1) -> fx.Node:
+    """Static capacity: invalid slots stay in the tensors but no later attention may read them (group > 1: inside
+    an encoder whose tokens are patch groups, every patch of an invalid token)."""
     g = gm.graph
     with g.inserting_before(anchor):
-        key_valid = g.call_function(tokenops.key_validity, (new_index, new_pos, valid))
+        key_valid = g.call_function(tokenops.key_validity, (new_index, new_pos, valid, group))
     anat.token_dims[key_valid.name] = (0, (1,))
     for l in anat.layers[layer:]:
         sdpa, att = l.attention.node, l.attention

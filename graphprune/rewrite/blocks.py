@@ -58,6 +58,26 @@ def tile_members(g: int, window: int, device=None) -> tuple[torch.Tensor, torch.
     return members, mask
 
 
+def grid_tile_table(rows: int, cols: int, window: int, windows=None) -> tuple[tuple, tuple, int]:
+    """Window x window tiles of a rows x cols raster grid of tokens, as a table per token: (tile_of, place_of,
+    tiles), each token's tile (tiles in raster order of their top-left token) and its place in it (raster order
+    within the tile). windows (rows x cols,): each token's attention window (None: one), rectangles of the grid;
+    then tiles never cross a window: each window is tiled on its own from its top-left token (the last tiles of
+    a window may be smaller), as each anyres crop is."""
+    windows = [0] * (rows * cols) if windows is None else list(windows)
+    corner = {}
+    for t, w in enumerate(windows):                   # each window's top-left row and column
+        r0, c0 = corner.get(w, (rows, cols))
+        corner[w] = (min(r0, t // cols), min(c0, t % cols))
+    tops, places = [], []
+    for t, w in enumerate(windows):
+        (r0, c0), dr, dc = corner[w], t // cols - corner[w][0], t % cols - corner[w][1]
+        tops.append((r0 + dr // window * window) * cols + c0 + dc // window * window)
+        places.append(dr % window * window + dc % window)
+    rank = {top: i for i, top in enumerate(sorted(set(tops)))}
+    return tuple(rank[top] for top in tops), tuple(places), len(rank)
+
+
 def tile_scores(x, members, mask):
     """Mean pairwise cosine similarity (ordered pairs, self excluded) of each tile: (..., tiles).
 

@@ -132,7 +132,10 @@ class CropNeighbours:
 class CropTiles:
     """Vision stage: each image's window x window tiles of its crops' patch grids, (images, 1, tiles, window^2)
     token indices, each tile's tokens in raster order first, then -1 (a patch unpadded away, or pruned, is no
-    token); tiles crop after crop, raster order within a crop. None where a unit is one patch grid (no crops)."""
+    token); tiles crop after crop, raster order within a crop. Where a unit is one grid of tokens that are patch
+    groups (Qwen's 2 x 2): that grid's tiles (it may be oblong), none crossing an attention window of the encoder
+    layers from the selection on (each window tiled on its own). None where a unit is one patch grid of single
+    patches (the pass tiles it itself)."""
     window: int = 3
 
 

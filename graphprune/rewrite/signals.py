@@ -13,8 +13,9 @@ import torch
 from torch import fx
 
 from graphprune import tokenops
-from graphprune.anatomy.read import Anatomy, layer_of, module_path, sdpa_mask, seq_dims
+from graphprune.anatomy.read import Anatomy, attention_windows, layer_of, module_path, sdpa_mask, seq_dims
 from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.rewrite.blocks import grid_tile_table
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
@@ -58,6 +59,9 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
                                   "after_projector=True")
         out = g.find_nodes(op="output")[0].args[0][0]
         return g.call_function(tokenops.token_features, (out, state.vision_pos))
+    if isinstance(sig, CropTiles) and anat.stage == "vision" and anat.token_patches is None \
+            and anat.patches_per_token > 1:
+        return _group_grid_tiles(g, anat, sig, layer, state)
     if isinstance(sig, (CropNeighbours, CropTiles)):
         if anat.stage != "vision" or anat.token_patches is None:
             return None
@@ -175,6 +179,15 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         b, toks = seq_dims(out, anat)
         return _features_at(g, out, keys, tokens, b or 0, toks[0] if toks else 1)
     raise PassConfigError(f"{p.name}: unknown signal {sig!r}")
+
+
+def _group_grid_tiles(g, anat: Anatomy, sig: CropTiles, layer: int, state: TokenState) -> fx.Node:
+    """CropTiles where each image is one grid of tokens that are patch groups (Qwen's 2 x 2): the tiles of that
+    grid (grid_h x grid_w), none crossing an attention window of the encoder layers that run on them."""
+    windows = attention_windows(anat, layer) if layer < anat.num_layers else None
+    tile_of, place_of, tiles = grid_tile_table(anat.grid[0], anat.grid[1], sig.window, windows)
+    return g.call_function(tokenops.grid_tiles, (state.seq_index, state.vision_pos, tile_of, place_of, tiles,
+                                                 sig.window ** 2))
 
 
 def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: TokenPass) -> fx.Node:
