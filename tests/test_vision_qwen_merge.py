@@ -109,22 +109,23 @@ def test_bad_options_refused_before_work(spec, error, words):
 
 
 @pytest.mark.slow
-def test_mustdrop_pipeline_matches_reference():
-    """mustdrop(keys=False, positions='keep', merge_positions='keep') on Qwen2.5-VL (no CLS, so no key set): the merge after block 0, the
-    dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay masked)
-    and the output-aware cache over layers 1..2, against the merge reference then the filter run by hand
-    (reference_mustdrop.filter_select in reference.lm_generate)."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_mustdrop_pipeline_matches_reference(family):
+    """mustdrop(keys=False, positions='keep', merge_positions='keep') (no CLS, so no key set): the merge after block 0,
+    the dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay
+    masked) and the output-aware cache over layers 1..2, against the merge reference then the filter run by hand
+    (reference_mustdrop.filter_select in reference.lm_generate; Qwen3-VL: with the merge's DeepStack rows)."""
     import reference as R
     import reference_families as RF
     import reference_mustdrop as RM
-    model, program = _built("qwen2_5_vl")
+    model, program = _built(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
     tau = _tau(model, ex, 1, 3)
     merged = RMG.mustdrop_merge(model, ex, 1, 3, tau, 1)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=RF.units_of(model, ex))
     ref = R.lm_generate(model, merged["embeds"], am * merged["survive"], pos, selects={2: sel, 3: sel},
-                        cut_to_final=(1, 3), vision_mask=vm, max_new_tokens=STEPS,
+                        cut_to_final=(1, 3), vision_mask=vm, max_new_tokens=STEPS, deepstack=merged["deepstack"],
                         text_mask=RF.instruction_mask(model, ex))
     spec = (f"mustdrop(keep=4, keys=False, positions='keep', merge_positions='keep', layers=(1, 2), gamma=0.0625, "
             f"alpha=1.0, tau={tau!r})")
