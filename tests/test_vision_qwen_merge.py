@@ -132,3 +132,20 @@ def test_mustdrop_pipeline_matches_reference(family):
     out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
     for i, c in enumerate(out.cache):
         assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_exact_mode_drops_merged_slots(family):
+    """mode='exact': the merged-away slots leave the prompt (no masked slots). tau=-1 merges every tile, so every
+    unit keeps one token per tile and the batch has one count (exact mode needs that)."""
+    import reference_vision_qwen as RQ
+    model, program = _built(family)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
+    merged = RMG.mustdrop_merge(model, ex, 1, 2, -1.0, 1)
+    keep = torch.stack([row.nonzero()[:, 0] for row in merged["survive"]])
+    embeds = merged["embeds"].gather(1, keep[..., None].expand(-1, -1, merged["embeds"].shape[-1]))
+    ref = RQ.hf_generate(model, ex, keep, STEPS, embeds, rows=merged["deepstack"])
+    spec = "mustdrop_merge(layer=1, window=2, tau=-1.0, mode='exact', order='raster', positions='keep')"
+    out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=keep)
+    assert bool(out.cache[-1].mask.bool().eq(ex.attention_mask.bool().gather(1, keep)).all())    # nothing masked
