@@ -56,19 +56,22 @@ def test_tile_table_matches_reference(rows, cols, window, windows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,layer,window", [
-    ("qwen2_5_vl", 1, 3),    # after block 0 (the paper's place); tiles of 3 cut to the 2 x 2 windows of block 1
-    ("qwen3_vl", 1, 3),      # between the DeepStack taps of blocks 0 (own rows) and 1 (merged states)
-    ("qwen3_vl", 2, 2),      # after both taps
-    ("qwen2_5_vl", None, 2),  # at the features (layer=None): the groups entering the merger's MLP
-])
-def test_merge_matches_reference(family, layer, window):
+@pytest.mark.parametrize("family,layer,window,grid", [
+    ("qwen2_5_vl", 1, 3, (8, 8)),    # after block 0 (the paper's place); tiles of 3 cut to block 1's 2 x 2 windows
+    ("qwen2_5_vl", 1, 2, (8, 12)),   # an oblong 4 x 6 group grid
+    ("qwen3_vl", 1, 3, (8, 8)),      # between the DeepStack taps of blocks 0 (own rows) and 1 (merged states)
+    ("qwen3_vl", 2, 2, (8, 12)),     # after both taps; oblong
+    ("qwen2_5_vl", None, 2, (8, 8)),  # at the features (layer=None): the groups entering the merger's MLP
+    ("qwen3_vl", None, 3, (8, 8)),
+], ids=["qwen2_5_vl-1-3", "qwen2_5_vl-1-2-oblong", "qwen3_vl-1-3", "qwen3_vl-2-2-oblong", "qwen2_5_vl-features",
+        "qwen3_vl-features"])
+def test_merge_matches_reference(family, layer, window, grid):
     model, program = _built(family)
-    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46, grid=grid)
     at = model.config.vision_config.depth if layer is None else layer      # the reference's block index
     tau = _tau(model, ex, at, window)
     ref = RMG.mustdrop_merge(model, ex, at, window, tau, STEPS)
-    if family == "qwen2_5_vl" and layer == 1:                             # the windows matter
+    if family == "qwen2_5_vl" and window == 3:                            # the windows matter
         assert not torch.equal(ref["survive"], RMG.mustdrop_merge(model, ex, at, window, tau, 1, False)["survive"])
     out = assert_same_run(gp.prune(model, MERGE.format(layer=layer, window=window, tau=tau), program=program), ex,
                           ref, STEPS, kept=ref["keep"])
