@@ -238,8 +238,9 @@ class MustDropKeys(TokenPass):
     def requires(self, anatomy):
         if not anatomy.has_cls:
             raise PassNotApplicable(f"mustdrop_keys needs the CLS token of the vision encoder; {anatomy.model_class} "
-                                    "has none: use mustdrop(keys=False) (merge, filters and cache; positions='keep' "
-                                    "on M-RoPE models such as Qwen2.5-VL / Qwen3-VL) or mustdrop_filter alone")
+                                    "has none: use mustdrop(keys=False) (merge, filters and cache; on M-RoPE models "
+                                    "such as Qwen2.5-VL / Qwen3-VL with positions='keep', merge_positions='keep') or "
+                                    "mustdrop_filter alone")
         if not anatomy.num_layers:          # a model-level check before any encoder is captured (bucketed families)
             return
         changed = anatomy.tokens[-1].layer if len(anatomy.tokens) > 1 else 0

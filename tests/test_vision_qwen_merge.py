@@ -56,19 +56,22 @@ def test_tile_table_matches_reference(rows, cols, window, windows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,layer,window", [
-    ("qwen2_5_vl", 1, 3),    # after block 0 (the paper's place); tiles of 3 cut to the 2 x 2 windows of block 1
-    ("qwen3_vl", 1, 3),      # between the DeepStack taps of blocks 0 (own rows) and 1 (merged states)
-    ("qwen3_vl", 2, 2),      # after both taps
-    ("qwen2_5_vl", None, 2),  # at the features (layer=None): the groups entering the merger's MLP
-])
-def test_merge_matches_reference(family, layer, window):
+@pytest.mark.parametrize("family,layer,window,grid", [
+    ("qwen2_5_vl", 1, 3, (8, 8)),    # after block 0 (the paper's place); tiles of 3 cut to block 1's 2 x 2 windows
+    ("qwen2_5_vl", 1, 2, (8, 12)),   # an oblong 4 x 6 group grid
+    ("qwen3_vl", 1, 3, (8, 8)),      # between the DeepStack taps of blocks 0 (own rows) and 1 (merged states)
+    ("qwen3_vl", 2, 2, (8, 12)),     # after both taps; oblong
+    ("qwen2_5_vl", None, 2, (8, 8)),  # at the features (layer=None): the groups entering the merger's MLP
+    ("qwen3_vl", None, 3, (8, 8)),
+], ids=["qwen2_5_vl-1-3", "qwen2_5_vl-1-2-oblong", "qwen3_vl-1-3", "qwen3_vl-2-2-oblong", "qwen2_5_vl-features",
+        "qwen3_vl-features"])
+def test_merge_matches_reference(family, layer, window, grid):
     model, program = _built(family)
-    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46, grid=grid)
     at = model.config.vision_config.depth if layer is None else layer      # the reference's block index
     tau = _tau(model, ex, at, window)
     ref = RMG.mustdrop_merge(model, ex, at, window, tau, STEPS)
-    if family == "qwen2_5_vl" and layer == 1:                             # the windows matter
+    if family == "qwen2_5_vl" and window == 3:                            # the windows matter
         assert not torch.equal(ref["survive"], RMG.mustdrop_merge(model, ex, at, window, tau, 1, False)["survive"])
     out = assert_same_run(gp.prune(model, MERGE.format(layer=layer, window=window, tau=tau), program=program), ex,
                           ref, STEPS, kept=ref["keep"])
@@ -109,25 +112,43 @@ def test_bad_options_refused_before_work(spec, error, words):
 
 
 @pytest.mark.slow
-def test_mustdrop_pipeline_matches_reference():
-    """mustdrop(keys=False, positions='keep', merge_positions='keep') on Qwen2.5-VL (no CLS, so no key set): the merge after block 0, the
-    dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay masked)
-    and the output-aware cache over layers 1..2, against the merge reference then the filter run by hand
-    (reference_mustdrop.filter_select in reference.lm_generate)."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_mustdrop_pipeline_matches_reference(family):
+    """mustdrop(keys=False, positions='keep', merge_positions='keep') (no CLS, so no key set): the merge after block 0,
+    the dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay
+    masked) and the output-aware cache over layers 1..2, against the merge reference then the filter run by hand
+    (reference_mustdrop.filter_select in reference.lm_generate; Qwen3-VL: with the merge's DeepStack rows)."""
     import reference as R
     import reference_families as RF
     import reference_mustdrop as RM
-    model, program = _built("qwen2_5_vl")
+    model, program = _built(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
     tau = _tau(model, ex, 1, 3)
     merged = RMG.mustdrop_merge(model, ex, 1, 3, tau, 1)
     emb, am, pos, vm = RF.family_inputs(model, ex)
     sel = RM.filter_select(1 / 16, 1.0, "static", 4, images=RF.units_of(model, ex))
     ref = R.lm_generate(model, merged["embeds"], am * merged["survive"], pos, selects={2: sel, 3: sel},
-                        cut_to_final=(1, 3), vision_mask=vm, max_new_tokens=STEPS,
+                        cut_to_final=(1, 3), vision_mask=vm, max_new_tokens=STEPS, deepstack=merged["deepstack"],
                         text_mask=RF.instruction_mask(model, ex))
     spec = (f"mustdrop(keep=4, keys=False, positions='keep', merge_positions='keep', layers=(1, 2), gamma=0.0625, "
             f"alpha=1.0, tau={tau!r})")
     out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
     for i, c in enumerate(out.cache):
         assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_exact_mode_drops_merged_slots(family):
+    """mode='exact': the merged-away slots leave the prompt (no masked slots). tau=-1 merges every tile, so every
+    unit keeps one token per tile and the batch has one count (exact mode needs that)."""
+    import reference_vision_qwen as RQ
+    model, program = _built(family)
+    ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46)
+    merged = RMG.mustdrop_merge(model, ex, 1, 2, -1.0, 1)
+    keep = torch.stack([row.nonzero()[:, 0] for row in merged["survive"]])
+    embeds = merged["embeds"].gather(1, keep[..., None].expand(-1, -1, merged["embeds"].shape[-1]))
+    ref = RQ.hf_generate(model, ex, keep, STEPS, embeds, rows=merged["deepstack"])
+    spec = "mustdrop_merge(layer=1, window=2, tau=-1.0, mode='exact', order='raster', positions='keep')"
+    out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=keep)
+    assert bool(out.cache[-1].mask.bool().eq(ex.attention_mask.bool().gather(1, keep)).all())    # nothing masked
