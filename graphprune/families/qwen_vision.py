@@ -187,7 +187,8 @@ class QwenVisionStage(nn.Module):
             x = blk(x, self.cos, self.sin, None if self.masks[i] is None else getattr(self, f"mask_{i}"))
             if i in self.deepstack_at:          # the model's merger of that level (its norm after the 2x2 shuffle)
                 merger = self.deepstack_mergers[self.deepstack_at.index(i)]
-                levels.append(merger(x.reshape(n * f * p, -1)).reshape(n, f * p // self.group, -1))
+                # rows of x as they are (no n x patches size: a merge before this tap has fewer patches)
+                levels.append(merger(x.reshape(-1, x.shape[-1])).reshape(n, f * p // self.group, -1))
                 if len(levels) == len(self.deepstack_at):
                     # stacked here, among the encoder's layers: each selection, in the encoder or at the
                     # features, takes these rows (a per-token output) at its kept tokens
