@@ -157,8 +157,7 @@ def test_vispruner_attention_on_qwen3_matches_reference():
 def test_tome_in_place_on_qwen3_matches_reference():
     """ToMe in place on Qwen3-VL (learned position grid, DeepStack taps at blocks 0 and 1): 16 -> 7 tokens after
     block 1 (the last the taps read, so each kept token's DeepStack rows are its own, unmerged), per image and
-    video frame, the merged states through the merger; the encoder by hand in reference_vision_qwen_methods.tome.
-    Merging after block 0 as well is refused at the call (the rows tapped between the merges are of neither count)."""
+    video frame, the merged states through the merger; the encoder by hand in reference_vision_qwen_methods.tome."""
     model, program = _model("qwen3_vl")
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=69)
     kept, embeds = RM.tome(model, ex, 7, (1,))
@@ -166,24 +165,22 @@ def test_tome_in_place_on_qwen3_matches_reference():
     assert not torch.allclose(embeds, unmerged, atol=1e-3)                   # the merges change the kept tokens
     pruned = gp.prune(model, "tome(keep=7, layers=(1,), positions='keep')", program=program)
     assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS, embeds), STEPS, kept=kept)
-    # merges after a DeepStack tap and again later leave the tap's rows of neither count: refused, naming why
-    twice = gp.prune(model, "tome(keep=7, layers=(0, 1), positions='keep')", program=program)
-    with pytest.raises(PassNotApplicable, match="DeepStack rows for 11 tokens per unit.*select \\(merge\\) at one"):
-        twice(**ex.as_kwargs())
 
 
 @pytest.mark.slow
-def test_tome_after_block_0_on_qwen3_matches_reference():
-    """ToMe in place on Qwen3-VL merging after block 0 only: the tap of block 0 reads the groups before the merge
-    (a kept token its own row), the tap of block 1 the merged ones (a kept token the merged state's row), each
-    through its level's own merger; 16 -> 7 tokens per image and video frame."""
+@pytest.mark.parametrize("layers", [(0,), (0, 1)])
+def test_tome_after_block_0_on_qwen3_matches_reference(layers):
+    """ToMe in place on Qwen3-VL merging after block 0 (and 1): the tap of block 0 reads the groups before any
+    merge (a kept token its own row), the tap of block 1 the merged ones, each through its level's own merger;
+    a later merge takes the rows tapped before it at its kept tokens, as it takes the features. 16 -> 7 tokens per
+    image and video frame (after (0, 1): 16 -> 11 -> 7)."""
     model, program = _model("qwen3_vl")
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=69)
-    kept, embeds, rows = RM.tome_deepstack(model, ex, 7, (0,))
+    kept, embeds, rows = RM.tome_deepstack(model, ex, 7, layers)
     unmerged = RF.deepstack(model, ex).gather(2, kept[None, ..., None].expand(rows.shape[0], -1, -1, rows.shape[-1]))
     torch.testing.assert_close(rows[0], unmerged[0])                          # block 0's tap: before the merge
     assert not torch.allclose(rows[1], unmerged[1], atol=1e-3)                # block 1's: the merged tokens
-    pruned = gp.prune(model, "tome(keep=7, layers=(0,), positions='keep')", program=program)
+    pruned = gp.prune(model, f"tome(keep=7, layers={layers}, positions='keep')", program=program)
     assert_same_run(pruned, ex, RQ.hf_generate(model, ex, kept, STEPS, embeds, rows), STEPS, kept=kept)
 
 

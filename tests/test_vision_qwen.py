@@ -174,6 +174,13 @@ def test_whole_videos_match_reference(qwen25, spec, how):
 
 
 @pytest.mark.slow
+def test_whole_videos_batch_equals_alone(qwen25):
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), seed=48)
+    assert_batch_equals_samples(gp.prune(model, "vision_topk(keep=12)", program=program, video_unit="video"), ex, STEPS)
+
+
+@pytest.mark.slow
 def test_visionzip_and_vispruner_over_whole_videos_match_reference(qwen25):
     """The passes reading hidden states (what enters the merger's MLP) and keys over a whole video: VisionZip's
     contextual tokens merge across frames, VisPruner's diverse tokens are chosen among every frame's."""

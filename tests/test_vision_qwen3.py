@@ -148,6 +148,23 @@ def test_batch_equals_alone(qwen3, pruned):
     assert_batch_equals_samples(pruned[TOPK], ex, STEPS)
 
 
+def test_deepstack_rows_follow_merges_around_the_taps(qwen3):
+    """ToMe merging after blocks 0 and 1 (taps at both): the rewritten graph returns the DeepStack rows at the
+    features' count (the rows tapped at block 0 taken by both merges), and the first level's rows are the kept
+    tokens' own, unmerged ones (the cheap check; the reference: VC::test_tome_after_block_0_on_qwen3_matches_reference)."""
+    model, program = qwen3
+    pruned = gp.prune(model, "tome(keep=7, layers=(0, 1), positions='keep')", program=program)
+    (bucket, (stage, _)), = pruned.program.buckets.items()
+    shape = family_of(model).vision_example(bucket, 2).shape
+    pixels = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    outs = dict(zip(stage.gm.meta["graphprune_outputs"], stage.gm(pixels)))
+    assert outs["deepstack_features"].shape[:2] == outs["features"].shape[:2] == (2, 18)     # 64 -> 35 -> 18 tokens
+    full = capture_vision(family_of(model), bucket=bucket).gm(pixels)[1]
+    kept = outs["patches_kept"]
+    torch.testing.assert_close(outs["deepstack_features"][:, :, 0],
+                               full[:, :, 0].gather(1, kept[..., None].expand(-1, -1, full.shape[-1])))
+
+
 WHOLE_VIDEO = [pytest.param(TOPK.replace("6", "12"), "attention", marks=pytest.mark.slow),
                (RANDOM.replace("7", "12"), "random"),
                pytest.param(VISIONZIP.replace("8", "12"), "visionzip", marks=pytest.mark.slow),

@@ -334,6 +334,7 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     # a bucketed encoder may return more than the features (Qwen3-VL's deepstack_features): it names them
     names = list(getattr(module, "output_names", ["features"]))
     gm.meta["graphprune_outputs"] = names + (["vision_last_hidden"] if through_last else [])
+    mark_per_token_outputs(gm, names, getattr(module, "per_token_outputs", ()))
     if bucket is not None:          # the token grid the features come in (the encoder's patches are grouped)
         gm.meta["graphprune_token_grid"] = tuple(module.grid)
         if hasattr(module, "token_patches"):    # anyres: tokens gathered from several crops' patches
@@ -346,6 +347,18 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
         check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
     eager = None if bucket is None else family.vision_eager_module(bucket)
     return Stage("vision", gm, ["pixel_values"], module=eager or module, check_inputs=check)
+
+
+def mark_per_token_outputs(gm: fx.GraphModule, names: list[str], per_token) -> None:
+    """Mark the outputs named in per_token (one row per feature token, as Qwen3-VL's DeepStack rows: the module's
+    `per_token_outputs`) and, for a stack of them, the values stacked: a selection takes such a value by its kept
+    tokens, not by their encoder patches, and reduces it wherever it was computed (apply._reroute)."""
+    out = gm.graph.find_nodes(op="output")[0].args[0]
+    for name in per_token:
+        node = out[names.index(name)]
+        stacked = node.args[0] if node.target == torch.ops.aten.stack.default else []
+        for value in [node, *stacked]:
+            value.meta["graphprune_per_token"] = True
 
 
 class _VisionBucket(nn.Module):

@@ -167,6 +167,11 @@ class QwenVisionStage(nn.Module):
                 self.register_buffer(f"mask_{i}", mask, persistent=False)
 
     @property
+    def per_token_outputs(self) -> tuple[str, ...]:
+        """Outputs of one row per feature token, which a selection takes at its kept tokens (capture marks them)."""
+        return ("deepstack_features",) if self.deepstack_at else ()
+
+    @property
     def output_names(self) -> list[str]:
         """The captured graph's outputs (graphprune_outputs), in the order forward returns them."""
         return ["features"] + (["deepstack_features"] if self.deepstack_at else [])
@@ -182,10 +187,11 @@ class QwenVisionStage(nn.Module):
             x = blk(x, self.cos, self.sin, None if self.masks[i] is None else getattr(self, f"mask_{i}"))
             if i in self.deepstack_at:          # the model's merger of that level (its norm after the 2x2 shuffle)
                 merger = self.deepstack_mergers[self.deepstack_at.index(i)]
-                levels.append(merger(x.reshape(n * f * p, -1)).reshape(n, f * p // self.group, -1))
+                # rows of x as they are (no n x patches size: a merge before this tap has fewer patches)
+                levels.append(merger(x.reshape(-1, x.shape[-1])).reshape(n, f * p // self.group, -1))
                 if len(levels) == len(self.deepstack_at):
-                    # stacked here, among the encoder's layers: a vision pass reroutes what follows the
-                    # features, and the runtime, not the graph, takes these rows at the kept tokens
+                    # stacked here, among the encoder's layers: each selection, in the encoder or at the
+                    # features, takes these rows (a per-token output) at its kept tokens
                     deepstack = torch.stack(levels, 2)
         feats = self.merge_norm(x)
         if self.whole_video:        # a video's frames: its tokens gathered frame after frame

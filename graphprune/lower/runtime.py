@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from graphprune import tokenops
 from graphprune.anatomy.read import read_anatomy
 from graphprune.compat import generate_cache_name, is_later_generate_step
-from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError, PassNotApplicable
+from graphprune.errors import GraphVerificationError, InputError, NothingPrunedWarning, PassConfigError
 from graphprune.families.base import MODALITIES, VisionLayout, check_video_unit
 from graphprune.lower.cache import PrunedCache
 from graphprune.lower.causal import use_causal_kernel
@@ -308,15 +308,11 @@ class PrunedModel(nn.Module, GenerationMixin):
         outs = _call(executable, **inputs)
         feats = outs["features"]
         lm_inputs = {}
-        if "deepstack_features" in outs:        # Qwen3-VL: every token's DeepStack rows; the LM adds the kept ones'
-            rows, kept = outs["deepstack_features"], outs.get("patches_kept")
-            if kept is not None and rows.shape[1] != feats.shape[1]:    # else a selection in the encoder took them
-                if rows.shape[1] != v:
-                    raise PassNotApplicable(
-                        f"the vision stage returns DeepStack rows for {rows.shape[1]} tokens per unit, neither its {v} "
-                        f"tokens nor the {feats.shape[1]} it keeps: a selection inside the encoder after a DeepStack "
-                        "tap, followed by another one, is not supported; select (merge) at one encoder layer")
-                rows = rows.gather(1, kept[..., None, None].expand(-1, -1, *rows.shape[2:]))
+        if "deepstack_features" in outs:        # Qwen3-VL: the kept tokens' DeepStack rows (each selection took them)
+            rows = outs["deepstack_features"]
+            if rows.shape[1] != feats.shape[1]:
+                raise GraphVerificationError(f"the vision stage returns DeepStack rows for {rows.shape[1]} tokens per "
+                                             f"unit and features for {feats.shape[1]}")
             lm_inputs["deepstack_rows"] = rows.reshape(b, n, -1, *rows.shape[2:])
         return (None, feats.reshape(b, n, -1, feats.shape[-1]), outs.get("patches_kept"), outs.get("patches_valid"),
                 outs.get("patches_protected"), lm_inputs)

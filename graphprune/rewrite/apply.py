@@ -299,6 +299,15 @@ def _reroute(gm, anat: Anatomy, anchor: fx.Node, layer: int, keep: fx.Node, afte
                 n.replace_input_with(a, replaced[a])
     if anat.stage == "vision" and not after_projector and layer < anat.num_layers:
         _resize_static(g, region, anat, anchor, keep, tokens)
+    if anat.stage == "vision":
+        # per-token outputs computed before this selection (Qwen3-VL's DeepStack rows, tapped at earlier blocks)
+        # follow the kept tokens, as the features do: the graph returns them at the features' count
+        out = g.find_nodes(op="output")[0]
+        for a in out.all_input_nodes:
+            if a.meta.get("graphprune_per_token") and a not in inside:
+                if replaced.get(a) is None:
+                    replaced[a] = _reduced(g, anat, a, anchor, keep, tokens)
+                out.replace_input_with(a, replaced[a])
     return sorted(a.name for a, r in replaced.items() if r is not None), replaced
 
 
@@ -349,11 +358,9 @@ def _reduced(g, anat: Anatomy, a: fx.Node, anchor: fx.Node, keep: fx.Node, token
     batch, toks = seq_dims(a, anat)
     if not toks:
         return None
-    # where patches merge in groups, a value with one row per token (Qwen3-VL's DeepStack features, tapped
-    # before the selection) takes the kept tokens themselves, not their patches
-    per_token = keep is not tokens and (a.meta.get("graphprune_per_token", False) or (
-        isinstance(val, torch.Tensor) and anat.grid is not None
-        and val.shape[toks[0]] == anat.grid[0] * anat.grid[1] + int(bool(anat.has_cls))))
+    # where patches merge in groups, a value with one row per token (Qwen3-VL's DeepStack features, marked
+    # per-token where captured) takes the kept tokens themselves, not their patches
+    per_token = bool(a.meta.get("graphprune_per_token", False))
     with g.inserting_before(anchor):
         node = g.call_function(tokenops.take_tokens, (a, tokens if per_token else keep, batch, toks))
     node.meta["graphprune_per_token"] = per_token
