@@ -49,13 +49,18 @@ class PrunedLayer(CacheLayerMixin):
         k, v = self.filled()[:2]
         return k.numel() * k.element_size() + v.numel() * v.element_size()
 
-    def append(self, keys, values, mask):
-        """Dynamic layers: the decode graph returns the whole cache with the new token at the end."""
-        one = torch.full_like(self.index[:, :1], -1)
+    def append(self, keys, values, mask_column, index_column):
+        """Dynamic layers: the decode graph returns the whole cache with the new token at the end;
+        mask_column / index_column (B, 1): the token's key mask and index (-1), built once a step for
+        every layer (new_columns)."""
         self.keys, self.values = keys, values
-        self.mask = torch.cat([self.mask, mask[:, None].to(self.mask.dtype)], 1)
-        self.index = torch.cat([self.index, one], 1)
+        self.mask = torch.cat([self.mask, mask_column], 1)
+        self.index = torch.cat([self.index, index_column], 1)
         self.length += 1
+
+    def new_columns(self, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask column, index column) of a token fed with key mask `mask` (B,), for append."""
+        return mask[:, None].to(self.mask.dtype), torch.full_like(self.index[:, :1], -1)
 
     # -- what transformers calls ---------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):

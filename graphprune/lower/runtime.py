@@ -510,8 +510,9 @@ class PrunedModel(nn.Module, GenerationMixin):
                     e.add_note(_LOST_CACHE)
                 raise
             names = self.decode_gm.meta["graphprune_outputs"]
+            columns = cache[0].new_columns(mask)      # the same for every layer: built once, not per layer
             for i, layer in enumerate(cache):
-                layer.append(outs[names[1 + 2 * i]], outs[names[2 + 2 * i]], mask)
+                layer.append(outs[names[1 + 2 * i]], outs[names[2 + 2 * i]], *columns)
             logits = outs["logits"][:, -1]
         cache.seen += 1
         cache.next_position = cache.next_position + mask.to(cache.next_position.dtype)
