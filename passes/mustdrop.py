@@ -206,13 +206,16 @@ def _require_crop_grids(c, anatomy):
         raise PassNotApplicable(f"mustdrop_merge: {anatomy.model_class}'s video tokens are pooled from "
                                 f"{anatomy.patches_per_token} encoder patches each (a frame's patch block), no cells of a crop grid "
                                 "to tile; prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass")
-    if c.layer is not None and c.layer < anatomy.num_layers:
+    inside = c.layer is not None and c.layer < anatomy.num_layers
+    if inside and (c.positions != "keep" or c.mode != "static"):
         raise PassNotApplicable(
             f"mustdrop_merge: layer={c.layer} merges inside the vision encoder, where an anyres image of "
             f"{anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder sequence, and its tokens "
-            "exist only after the packing gather that follows the encoder; give layer=None (mustdrop(merge_layer="
-            "None)): each crop's windows then merge at the features, on the feature layer's states, not after "
-            "encoder layer 0 as in the paper")
+            "exist only after the packing gather that follows the encoder, so a merge there keeps every slot in "
+            f"place and masks the merged-away ones (got positions={c.positions!r}, mode={c.mode!r}): give "
+            "positions='keep', order='raster', mode='static' (mustdrop(merge_positions='keep')), or layer=None "
+            "(mustdrop(merge_layer=None)): each crop's windows then merge at the features, on the feature layer's "
+            "states, not after encoder layer 0 as in the paper")
     if c.capacity is not None:
         raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} on {anatomy.model_class}'s anyres images: "
                               "static mode keeps every token's slot there (capacity=None), merged-away slots masked")

@@ -145,3 +145,106 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
                         text_mask=text)
     ref["vision_keep"] = source.gather(1, keep)
     return ref
+
+
+# -- mustdrop_merge(layer=L, positions='keep') inside the encoder, crop by crop ---------------------------------
+# Each crop's sequence runs the model's own encoder layers 0..L-1 (from the tower's layer-0 input, read by a
+# hook); the image's tokens (the crops' patches laid out by pack_image_features, newline rows out) are tiled and
+# merged as at the features (merge_image, raster order, static: every slot stays); each token's state goes back
+# to its own crop patch row, merged-away tokens' patches are masked as keys (additive -inf, CLS and patches
+# unpadded away stay visible) in layers L..feature layer, run as the model's own layers with that mask. The
+# feature layer's rows (CLS dropped where the strategy drops it) are laid out again, projected by the model's
+# projector; merged-away slots get attention mask 0, every token keeps its position.
+
+def _encoder(model):
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    return layers, model.config.vision_feature_layer % (len(layers) + 1) - 1
+
+
+def token_patches(model, size: Tensor) -> Tensor:
+    """(tokens,) the crop patch (crop x P + patch) of each feature token of an image of `size`, prompt order."""
+    cells, side = token_cells(model, size), _side(model)
+    return cells[:, 0] * side * side + cells[:, 1] * side + cells[:, 2]
+
+
+def _side(model) -> int:
+    vc = model.config.vision_config
+    return vc.image_size // vc.patch_size
+
+
+def _cls(model) -> int:
+    return int(model.config.vision_feature_select_strategy == "default")
+
+
+@torch.no_grad()
+def states_before(model, crops: Tensor, layer: int) -> Tensor:
+    """(crops, S, D): each crop's encoder states entering layer `layer` (the model's own layers from the
+    tower's layer-0 input)."""
+    layers, _ = _encoder(model)
+    seen = {}
+    handle = layers[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    try:
+        model.model.vision_tower(crops, output_hidden_states=True)
+    finally:
+        handle.remove()
+    x = seen["x"]
+    for blk in layers[:layer]:
+        out = blk(x, None)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def encoder_tile_scores(model, example, layer: int, window: int) -> Tensor:
+    """Every multi-token tile's score on the states entering encoder layer `layer` (to place tau)."""
+    scores = []
+    for pixels, size in zip(example.pixel_values, example.image_sizes):
+        x = states_before(model, pixels[:RN.crops_of(model, size)], layer)
+        hidden = RN.packed(model, x[:, _cls(model):], size)
+        scores.append(M.tile_scores(hidden, crop_tiles(token_cells(model, size), window)))
+    scores = torch.cat(scores)
+    return scores[~scores.isnan()]
+
+
+@torch.no_grad()
+def encoder_merge_image(model, crops: Tensor, size: Tensor, layer: int, window: int, tau: float) -> dict:
+    """One image merged after encoder layer `layer - 1`: its projected tokens 'projected' (T, D') and 'valid'."""
+    layers, last = _encoder(model)
+    cls, side = _cls(model), _side(model)
+    x = states_before(model, crops, layer)
+    c, s, d = x.shape
+    out = merge_image(RN.packed(model, x[:, cls:], size), crop_tiles(token_cells(model, size), window), tau,
+                      "raster", "static")
+    patch = token_patches(model, size)
+    rows = x[:, cls:].reshape(c * side * side, d).clone()
+    rows[patch] = out["states"].to(x.dtype)
+    x = torch.cat([x[:, :cls], rows.reshape(c, side * side, d)], 1)
+    visible = torch.ones(c * side * side, dtype=torch.bool)
+    visible[patch[~out["valid"]]] = False
+    visible = torch.cat([torch.ones(c, cls, dtype=torch.bool), visible.reshape(c, side * side)], 1)
+    mask = torch.zeros(c, 1, s, s, dtype=x.dtype).masked_fill(~visible[:, None, None, :], torch.finfo(x.dtype).min)
+    for blk in layers[layer:last + 1]:
+        y = blk(x, mask)
+        x = y[0] if isinstance(y, tuple) else y
+    feats = x[:, cls:] if model.config.vision_feature_select_strategy == "default" else x
+    tokens = RN.packed(model, feats, size)
+    return {"projected": model.model.multi_modal_projector(tokens.to(x.dtype)), "valid": out["valid"]}
+
+
+@torch.no_grad()
+def encoder_merge_run(model, example, *, layer: int, window: int, tau: float, steps: int = 16) -> dict:
+    """The pruned run of mustdrop_merge(layer=layer, positions='keep', order='raster') on anyres images:
+    every image slot kept (merged-away ones masked), positions as in the unpruned prompt."""
+    emb, am, pos, vm = family_inputs(model, example)
+    emb, am = emb.clone(), am.clone()
+    images = iter(zip(example.pixel_values, example.image_sizes))
+    for s, row in enumerate(RN.units(model, example)):
+        for blk in row:
+            pixels, size = next(images)
+            out = encoder_merge_image(model, pixels[:RN.crops_of(model, size)], size, layer, window, tau)
+            emb[s, blk] = out["projected"].to(emb.dtype)
+            am[s, blk] = am[s, blk] * out["valid"].to(am.dtype)
+    ref = R.lm_generate(model, emb, am, pos, max_new_tokens=steps)
+    ref["keep"] = torch.arange(example.input_ids.shape[1]).repeat(am.shape[0], 1)
+    return ref
