@@ -24,6 +24,8 @@ Nothing here imports graphprune.
 """
 from __future__ import annotations
 
+import math
+
 import reference as R
 import reference_mustdrop as M
 import reference_vision_llava_next as RN
@@ -103,27 +105,41 @@ def merge_image(hidden: Tensor, tiles: list[Tensor], tau: float, order: str, mod
 
 @torch.no_grad()
 def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raster", mode: str = "static",
-                 keys: float | None = None, filters: dict | None = None, steps: int = 16) -> dict:
-    """The pruned run: window merge per crop grid at the features (key set first when `keys` is a ratio), then
-    the LLM with `filters` {layer: (gamma, alpha, capacity)} (graphprune's filter layers: a filter at L reads
-    layer L's attention, L + 1 runs reduced; the caches of the first..last filter layers cut to the final set).
-    Returns lm_generate's output plus 'vision_keep': per kept prompt slot, the prompt index of the token whose
-    value it holds (the authors' order moves an image's tokens among its kept slots)."""
-    emb, am, _, vm = family_inputs(model, example)
+                 keys: float | None = None, filters: dict | None = None, steps: int = 16,
+                 encoder_layer: int | None = None, positions: str = "compact") -> dict:
+    """The pruned run: window merge per crop grid at the features (key set first when `keys` is a ratio), or
+    with `encoder_layer` L inside the encoder in place (encoder_merge_image; the key set after it, off the
+    merged tokens' CLS attention, as in the paper; every token keeps its position), then the LLM with `filters`
+    {layer: (gamma, alpha, capacity)} (graphprune's filter layers: a filter at L reads layer L's attention,
+    L + 1 runs reduced; the caches of the first..last filter layers cut to the final set), numbering tokens
+    after a filter by `positions`. Returns lm_generate's output plus 'vision_keep': per kept prompt slot, the
+    prompt index of the token whose value it holds (the authors' order moves an image's tokens among its kept
+    slots)."""
+    emb, am, pos, vm = family_inputs(model, example)
     emb, am = emb.clone(), am.clone()
     prot = torch.zeros_like(vm)
     source = torch.arange(example.input_ids.shape[1]).repeat(vm.shape[0], 1)    # the token each slot holds
     blocks = RN.units(model, example)
-    states = iter(image_states(model, example))
+    states = iter(image_states(model, example)) if encoder_layer is None else None
+    images = iter(zip(example.pixel_values, example.image_sizes))
     chosen = []
     for s, row in enumerate(blocks):
         picks = []
         for blk in row:
-            image = next(states)
-            key = None if keys is None else M.key_set(image["cls"][None], keys)[0]
-            out = merge_image(image["hidden"], crop_tiles(image["cells"], window), tau, order, mode, key)
+            if encoder_layer is None:
+                image = next(states)
+                key = None if keys is None else M.key_set(image["cls"][None], keys)[0]
+                out = merge_image(image["hidden"], crop_tiles(image["cells"], window), tau, order, mode, key)
+                projected = model.model.multi_modal_projector(out["states"])
+            else:
+                pixels, size = next(images)
+                out = encoder_merge_image(model, pixels[:RN.crops_of(model, size)], size, encoder_layer, window, tau)
+                out["slots"] = out["emitted"] = torch.arange(out["valid"].shape[0])
+                out["protected"] = torch.zeros_like(out["valid"]) if keys is None else \
+                    M.key_set(out["cls"][None], keys, out["valid"][None])[0]
+                projected = out["projected"]
             at = blk[out["slots"]]
-            emb[s, at] = model.model.multi_modal_projector(out["states"]).to(emb.dtype)
+            emb[s, at] = projected.to(emb.dtype)
             am[s, at] = am[s, at] * out["valid"].to(am.dtype)
             prot[s, at] = out["protected"]
             source[s, at] = blk[out["emitted"]]
@@ -131,9 +147,10 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
         chosen.append(picks)
     keep = keep_of_units(blocks, example.input_ids.shape[1], chosen)
     text = instruction_mask(model, example)        # after the closing image_newline slot
-    emb, am, vm, prot, text = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
-                               for x in (emb, am, vm, prot, text))
-    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    emb, am, pos, vm, prot, text = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
+                                    for x in (emb, am, pos, vm, prot, text))
+    if encoder_layer is None:                      # the authors' compact numbering after the merge
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
     selects, cut = {}, None
     if filters:
         per = len(blocks[0])
@@ -141,7 +158,7 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
                    for layer, (gamma, alpha, capacity) in filters.items()}
         cut = (min(filters), max(filters) + 1) if len(filters) > 1 else None
     ref = R.lm_generate(model, emb, am, pos, selects=selects, protected=prot if keys is not None else None,
-                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions="compact",
+                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions=positions,
                         text_mask=text)
     ref["vision_keep"] = source.gather(1, keep)
     return ref
@@ -225,26 +242,23 @@ def encoder_merge_image(model, crops: Tensor, size: Tensor, layer: int, window: 
     visible = torch.cat([torch.ones(c, cls, dtype=torch.bool), visible.reshape(c, side * side)], 1)
     mask = torch.zeros(c, 1, s, s, dtype=x.dtype).masked_fill(~visible[:, None, None, :], torch.finfo(x.dtype).min)
     for blk in layers[layer:last + 1]:
+        feature_in = x
         y = blk(x, mask)
         x = y[0] if isinstance(y, tuple) else y
     feats = x[:, cls:] if model.config.vision_feature_select_strategy == "default" else x
     tokens = RN.packed(model, feats, size)
-    return {"projected": model.model.multi_modal_projector(tokens.to(x.dtype)), "valid": out["valid"]}
+    found = {"projected": model.model.multi_modal_projector(tokens.to(x.dtype)), "valid": out["valid"]}
+    if cls:         # the feature layer's CLS attention by hand (heads averaged), the masked keys left out
+        attn, h = layers[last].self_attn, layers[last].layer_norm1(feature_in)
+        q, k = (proj(h).reshape(c, s, attn.num_heads, -1).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+        logits = q[:, :, :1] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+        found["cls"] = RN.packed(model, logits.softmax(-1).mean(1)[:, 0, cls:, None], size)[:, 0]
+    return found
 
 
-@torch.no_grad()
 def encoder_merge_run(model, example, *, layer: int, window: int, tau: float, steps: int = 16) -> dict:
     """The pruned run of mustdrop_merge(layer=layer, positions='keep', order='raster') on anyres images:
     every image slot kept (merged-away ones masked), positions as in the unpruned prompt."""
-    emb, am, pos, vm = family_inputs(model, example)
-    emb, am = emb.clone(), am.clone()
-    images = iter(zip(example.pixel_values, example.image_sizes))
-    for s, row in enumerate(RN.units(model, example)):
-        for blk in row:
-            pixels, size = next(images)
-            out = encoder_merge_image(model, pixels[:RN.crops_of(model, size)], size, layer, window, tau)
-            emb[s, blk] = out["projected"].to(emb.dtype)
-            am[s, blk] = am[s, blk] * out["valid"].to(am.dtype)
-    ref = R.lm_generate(model, emb, am, pos, max_new_tokens=steps)
-    ref["keep"] = torch.arange(example.input_ids.shape[1]).repeat(am.shape[0], 1)
+    ref = mustdrop_run(model, example, window=window, tau=tau, steps=steps, encoder_layer=layer, positions="keep")
+    ref["keep"] = ref["vision_keep"]
     return ref

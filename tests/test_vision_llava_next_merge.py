@@ -140,6 +140,26 @@ def test_merge_inside_the_encoder_matches_reference(family, size, layer, window)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("positions", ["compact", "keep"])
+def test_mustdrop_pipeline_inside_the_encoder_matches_reference(positions):
+    """mustdrop(merge_positions='keep') on LLaVA-NeXT, in the paper's order: the merge after encoder layer 0 in
+    place, the key set off the merged tokens' CLS attention at the feature layer (merged-away tokens masked,
+    never keys), static filters after LLM layers 1 and 2 numbering what they keep by `positions`, the caches
+    of layers 1..2 cut to the final set."""
+    model, program = _built("llava_next")
+    ex = _example(model, seed=55)
+    scores = RM.encoder_tile_scores(model, ex, 1, 2).sort().values
+    tau = round(float(scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2, 6)
+    filters = {1: (0.01, 0.05, 20), 2: (0.01, 0.05, 20)}
+    ref = RM.mustdrop_run(model, ex, window=2, tau=tau, keys=0.08, filters=filters, steps=STEPS, encoder_layer=1,
+                          positions=positions)
+    ref["keep"] = ref["vision_keep"].gather(1, ref["keep"])
+    spec = (f"mustdrop(keep=20, merge_positions='keep', positions={positions!r}, window=2, tau={tau!r}, "
+            "layers=(1, 2), gamma=0.01, alpha=0.05)")
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+@pytest.mark.slow
 def test_merge_inside_the_encoder_batch_equals_alone():
     model, program = _built("llava_next")
     ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=54)
