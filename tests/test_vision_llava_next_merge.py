@@ -1,7 +1,9 @@
 """MustDrop on LLaVA-NeXT / LLaVA-OneVision anyres images: the window merge per crop grid (windows never cross
-crops, patches unpadded away are no tokens), at the features: each crop runs as its own encoder sequence, so
-mustdrop_merge(layer=None) merges the feature layer's states, not layer 0's as in the paper (layer=1 is refused
-naming this); the whole pipeline (key set first, merge, filters, cache) on LLaVA-NeXT.
+crops, patches unpadded away are no tokens). Each crop runs as its own encoder sequence, so either
+mustdrop_merge(layer=None) merges the feature layer's states at the features (the whole pipeline: key set first,
+merge, filters, cache, on LLaVA-NeXT), or mustdrop_merge(layer=1, positions='keep', order='raster') merges after
+encoder layer 0 as in the paper, in place: merged-away patches masked as keys crop by crop (the pipeline then in
+the paper's order: merge, key set, filters, cache). layer=1 with compact positions or exact mode is refused.
 
 Against tests/reference_vision_llava_next_merge.py (independent: tiles by hand on each crop's grid, the tokens
 laid out by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept slots,
