@@ -84,6 +84,36 @@ def crop_tokens(x, offset: int, crops: int, token_patches):
     return torch.cat([x[:, 0, :offset], tokens.to(x.dtype)], 1)
 
 
+def uncrop_tokens(rows, x, offset: int, crops: int, token_patches):
+    """crop_tokens' inverse where each token is one patch: x (units x crops, offset + P, ...) with each feature
+    token's patch row replaced by its row of rows (units, offset + T, ...); CLS rows and patches that are no
+    token (unpadded away) keep x's."""
+    nc, s = x.shape[:2]
+    n = nc // crops
+    per_crop = x.reshape(n, crops, s, *x.shape[2:])
+    patches = per_crop[:, :, offset:].reshape(n, crops * (s - offset), *x.shape[2:])
+    patches = patches.index_copy(1, token_patches[:, 0], rows[:, offset:].to(x.dtype))
+    out = torch.cat([per_crop[:, :, :offset], patches.reshape(n, crops, s - offset, *x.shape[2:])], 2)
+    return out.reshape(nc, s, *x.shape[2:])
+
+
+def put_crop_tokens(x, vision_pos, values, offset: int, crops: int, token_patches):
+    """put_tokens into per-crop encoder rows x (units x crops, offset + P, D): values (units, n, k, D) at the
+    tokens vision_pos (indexing the offset + T rows of crop_tokens), each written to its own crop's patch row."""
+    tokens = put_tokens(crop_tokens(x, offset, crops, token_patches), vision_pos, values)
+    return uncrop_tokens(tokens, x, offset, crops, token_patches)
+
+
+def crop_key_validity(key_valid, x, offset: int, crops: int, token_patches):
+    """key_validity over the offset + T rows of crop_tokens (units, offset + T) -> per-crop encoder keys
+    (units x crops, offset + P) of x: a token's validity at its patch, every other key (CLS, a patch that is
+    no token) valid. None stays None."""
+    if key_valid is None:
+        return None
+    ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return uncrop_tokens(key_valid, ones, offset, crops, token_patches)
+
+
 def crop_attention(q, k, mask, scale, offset: int, query: str):
     """(images x crops, offset + P) attention scores within each crop's own sequence (q, k (B, H, S, d)):
     query "cls", the head-averaged attention of its CLS (position 0) to each of its positions; "all", the

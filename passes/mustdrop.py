@@ -8,7 +8,10 @@
    encoder, so mustdrop_merge(layer=None) (mustdrop(merge_layer=None)) tiles each crop's patch grid (windows
    never cross crops; patches unpadded away are no tokens) and merges the feature layer's states there; the
    encoder runs unmerged. The key set then comes first, off the unmerged tokens (a key merged away hands its
-   protection to its tile's merged token). layer=1 is refused there, naming this.
+   protection to its tile's merged token). Or in place inside the encoder (layer=1, positions="keep",
+   order="raster", static): the same tiles merge after encoder layer 0, each token written back to its crop's
+   patch row, merged-away patches masked as keys in the later layers of their crop (no encoder compute saved:
+   the paper's semantics only) and as padding in the LLM; compact / exact there are refused naming both.
    QWEN2-VL / QWEN2.5-VL / QWEN3-VL MERGE WHOLE 2x2 GROUPS INSIDE THE ENCODER (positions="keep", order="raster",
    required with M-RoPE): a token is a merge group, a group's state its 4 patches' states concatenated (score:
    the mean pairwise cosine of those; merged patch by patch), tiles of the group grid never cross an attention
@@ -139,7 +142,7 @@ class MustDropMerge(TokenPass):
     @dataclass
     class Config:
         layer: int | None = 1           # the encoder layer that first sees the merged tokens; None: merged at
-        #                                 the features (the feature layer's states), the only place on anyres images
+        #                                 the features (the feature layer's states; anyres images: or in place)
         window: int = 3
         tau: float = 0.8
         mode: str = "static"
@@ -201,18 +204,22 @@ class MustDropMerge(TokenPass):
 
 
 def _require_crop_grids(c, anatomy):
-    """mustdrop_merge on anyres images (several crops, each its own encoder sequence): at the features only."""
+    """mustdrop_merge on anyres images (several crops, each its own encoder sequence): at the features, or in
+    place inside the encoder (every slot kept, merged-away ones masked crop by crop)."""
     if anatomy.patches_per_token > 1:
         raise PassNotApplicable(f"mustdrop_merge: {anatomy.model_class}'s video tokens are pooled from "
                                 f"{anatomy.patches_per_token} encoder patches each (a frame's patch block), no cells of a crop grid "
                                 "to tile; prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass")
-    if c.layer is not None and c.layer < anatomy.num_layers:
+    inside = c.layer is not None and c.layer < anatomy.num_layers
+    if inside and (c.positions != "keep" or c.mode != "static"):
         raise PassNotApplicable(
             f"mustdrop_merge: layer={c.layer} merges inside the vision encoder, where an anyres image of "
             f"{anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder sequence, and its tokens "
-            "exist only after the packing gather that follows the encoder; give layer=None (mustdrop(merge_layer="
-            "None)): each crop's windows then merge at the features, on the feature layer's states, not after "
-            "encoder layer 0 as in the paper")
+            "exist only after the packing gather that follows the encoder, so a merge there keeps every slot in "
+            f"place and masks the merged-away ones (got positions={c.positions!r}, mode={c.mode!r}): give "
+            "positions='keep', order='raster', mode='static' (mustdrop(merge_positions='keep')), or layer=None "
+            "(mustdrop(merge_layer=None)): each crop's windows then merge at the features, on the feature layer's "
+            "states, not after encoder layer 0 as in the paper")
     if c.capacity is not None:
         raise PassConfigError(f"mustdrop_merge: capacity={c.capacity} on {anatomy.model_class}'s anyres images: "
                               "static mode keeps every token's slot there (capacity=None), merged-away slots masked")
@@ -369,7 +376,8 @@ def mustdrop(keep: int = 64, *, mode: str = "static", layers=(2, 6, 10, 14), win
     """The whole MustDrop pipeline: merge -> key set -> dual-attention filters -> output-aware cache.
 
     merge_layer=None (anyres images: LLaVA-NeXT, LLaVA-OneVision) merges at the features, after the key set
-    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge).
+    has been read off the unmerged tokens: key set -> merge -> filters -> cache (see mustdrop_merge); there
+    merge_positions='keep' merges inside the encoder in place instead (merged-away patches masked per crop).
     positions numbers the tokens the filters keep, merge_positions those the merge keeps; order (the merge's)
     defaults to the authors' with merge_positions='compact' and to "raster" with 'keep'. Qwen2-VL / Qwen2.5-VL /
     Qwen3-VL (no CLS, M-RoPE): mustdrop(keys=False, positions='keep', merge_positions='keep'): merge inside the

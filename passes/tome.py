@@ -135,10 +135,12 @@ class ToMe(TokenPass):
                 f"tome: merges between vision encoder layers (layers={c.layers!r}), where a vision unit of "
                 f"{anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder sequence (an anyres "
                 "image's crops, or a whole video's frames: on video use video_unit='frame'), and the unit's tokens "
-                "exist only after the gather that follows the encoder: graphprune cannot place a merge inside it, and "
-                "one bipartite step at the features would be another method (no encoder merging, no proportional "
-                "attention); use mustdrop_merge(layer=None) (window merges per crop grid at the features), visionzip "
-                "or vision_topk")
+                "exist only after the gather that follows the encoder: ToMe's merges remove tokens there, which "
+                "graphprune cannot place (no masked per-crop ToMe is built), and one bipartite step at the features "
+                "would be another method (no encoder merging, no proportional attention); on anyres images use "
+                "mustdrop_merge(layer=None) (window merges per crop grid at the features), mustdrop_merge("
+                "positions='keep', order='raster') (the same merges inside the encoder, in place, merged-away "
+                "patches masked per crop), visionzip or vision_topk")
         require_one_grid(self.name, anatomy)
         if not anatomy.has_cls and c.positions != "keep":
             raise PassNotApplicable(f"tome: {anatomy.model_class} has no CLS token of the vision encoder, whose "

@@ -24,6 +24,8 @@ Nothing here imports graphprune.
 """
 from __future__ import annotations
 
+import math
+
 import reference as R
 import reference_mustdrop as M
 import reference_vision_llava_next as RN
@@ -103,27 +105,41 @@ def merge_image(hidden: Tensor, tiles: list[Tensor], tau: float, order: str, mod
 
 @torch.no_grad()
 def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raster", mode: str = "static",
-                 keys: float | None = None, filters: dict | None = None, steps: int = 16) -> dict:
-    """The pruned run: window merge per crop grid at the features (key set first when `keys` is a ratio), then
-    the LLM with `filters` {layer: (gamma, alpha, capacity)} (graphprune's filter layers: a filter at L reads
-    layer L's attention, L + 1 runs reduced; the caches of the first..last filter layers cut to the final set).
-    Returns lm_generate's output plus 'vision_keep': per kept prompt slot, the prompt index of the token whose
-    value it holds (the authors' order moves an image's tokens among its kept slots)."""
-    emb, am, _, vm = family_inputs(model, example)
+                 keys: float | None = None, filters: dict | None = None, steps: int = 16,
+                 encoder_layer: int | None = None, positions: str = "compact") -> dict:
+    """The pruned run: window merge per crop grid at the features (key set first when `keys` is a ratio), or
+    with `encoder_layer` L inside the encoder in place (encoder_merge_image; the key set after it, off the
+    merged tokens' CLS attention, as in the paper; every token keeps its position), then the LLM with `filters`
+    {layer: (gamma, alpha, capacity)} (graphprune's filter layers: a filter at L reads layer L's attention,
+    L + 1 runs reduced; the caches of the first..last filter layers cut to the final set), numbering tokens
+    after a filter by `positions`. Returns lm_generate's output plus 'vision_keep': per kept prompt slot, the
+    prompt index of the token whose value it holds (the authors' order moves an image's tokens among its kept
+    slots)."""
+    emb, am, pos, vm = family_inputs(model, example)
     emb, am = emb.clone(), am.clone()
     prot = torch.zeros_like(vm)
     source = torch.arange(example.input_ids.shape[1]).repeat(vm.shape[0], 1)    # the token each slot holds
     blocks = RN.units(model, example)
-    states = iter(image_states(model, example))
+    states = iter(image_states(model, example)) if encoder_layer is None else None
+    images = iter(zip(example.pixel_values, example.image_sizes))
     chosen = []
     for s, row in enumerate(blocks):
         picks = []
         for blk in row:
-            image = next(states)
-            key = None if keys is None else M.key_set(image["cls"][None], keys)[0]
-            out = merge_image(image["hidden"], crop_tiles(image["cells"], window), tau, order, mode, key)
+            if encoder_layer is None:
+                image = next(states)
+                key = None if keys is None else M.key_set(image["cls"][None], keys)[0]
+                out = merge_image(image["hidden"], crop_tiles(image["cells"], window), tau, order, mode, key)
+                projected = model.model.multi_modal_projector(out["states"])
+            else:
+                pixels, size = next(images)
+                out = encoder_merge_image(model, pixels[:RN.crops_of(model, size)], size, encoder_layer, window, tau)
+                out["slots"] = out["emitted"] = torch.arange(out["valid"].shape[0])
+                out["protected"] = torch.zeros_like(out["valid"]) if keys is None else \
+                    M.key_set(out["cls"][None], keys, out["valid"][None])[0]
+                projected = out["projected"]
             at = blk[out["slots"]]
-            emb[s, at] = model.model.multi_modal_projector(out["states"]).to(emb.dtype)
+            emb[s, at] = projected.to(emb.dtype)
             am[s, at] = am[s, at] * out["valid"].to(am.dtype)
             prot[s, at] = out["protected"]
             source[s, at] = blk[out["emitted"]]
@@ -131,9 +147,10 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
         chosen.append(picks)
     keep = keep_of_units(blocks, example.input_ids.shape[1], chosen)
     text = instruction_mask(model, example)        # after the closing image_newline slot
-    emb, am, vm, prot, text = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
-                               for x in (emb, am, vm, prot, text))
-    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    emb, am, pos, vm, prot, text = (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]) if x.dim() == 3 else keep)
+                                    for x in (emb, am, pos, vm, prot, text))
+    if encoder_layer is None:                      # the authors' compact numbering after the merge
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
     selects, cut = {}, None
     if filters:
         per = len(blocks[0])
@@ -141,7 +158,107 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
                    for layer, (gamma, alpha, capacity) in filters.items()}
         cut = (min(filters), max(filters) + 1) if len(filters) > 1 else None
     ref = R.lm_generate(model, emb, am, pos, selects=selects, protected=prot if keys is not None else None,
-                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions="compact",
+                        cut_to_final=cut, max_new_tokens=steps, vision_mask=vm, positions=positions,
                         text_mask=text)
     ref["vision_keep"] = source.gather(1, keep)
+    return ref
+
+
+# -- mustdrop_merge(layer=L, positions='keep') inside the encoder, crop by crop ---------------------------------
+# Each crop's sequence runs the model's own encoder layers 0..L-1 (from the tower's layer-0 input, read by a
+# hook); the image's tokens (the crops' patches laid out by pack_image_features, newline rows out) are tiled and
+# merged as at the features (merge_image, raster order, static: every slot stays); each token's state goes back
+# to its own crop patch row, merged-away tokens' patches are masked as keys (additive -inf, CLS and patches
+# unpadded away stay visible) in layers L..feature layer, run as the model's own layers with that mask. The
+# feature layer's rows (CLS dropped where the strategy drops it) are laid out again, projected by the model's
+# projector; merged-away slots get attention mask 0, every token keeps its position.
+
+def _encoder(model):
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    return layers, model.config.vision_feature_layer % (len(layers) + 1) - 1
+
+
+def token_patches(model, size: Tensor) -> Tensor:
+    """(tokens,) the crop patch (crop x P + patch) of each feature token of an image of `size`, prompt order."""
+    cells, side = token_cells(model, size), _side(model)
+    return cells[:, 0] * side * side + cells[:, 1] * side + cells[:, 2]
+
+
+def _side(model) -> int:
+    vc = model.config.vision_config
+    return vc.image_size // vc.patch_size
+
+
+def _cls(model) -> int:
+    return int(model.config.vision_feature_select_strategy == "default")
+
+
+@torch.no_grad()
+def states_before(model, crops: Tensor, layer: int) -> Tensor:
+    """(crops, S, D): each crop's encoder states entering layer `layer` (the model's own layers from the
+    tower's layer-0 input)."""
+    layers, _ = _encoder(model)
+    seen = {}
+    handle = layers[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    try:
+        model.model.vision_tower(crops, output_hidden_states=True)
+    finally:
+        handle.remove()
+    x = seen["x"]
+    for blk in layers[:layer]:
+        out = blk(x, None)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def encoder_tile_scores(model, example, layer: int, window: int) -> Tensor:
+    """Every multi-token tile's score on the states entering encoder layer `layer` (to place tau)."""
+    scores = []
+    for pixels, size in zip(example.pixel_values, example.image_sizes):
+        x = states_before(model, pixels[:RN.crops_of(model, size)], layer)
+        hidden = RN.packed(model, x[:, _cls(model):], size)
+        scores.append(M.tile_scores(hidden, crop_tiles(token_cells(model, size), window)))
+    scores = torch.cat(scores)
+    return scores[~scores.isnan()]
+
+
+@torch.no_grad()
+def encoder_merge_image(model, crops: Tensor, size: Tensor, layer: int, window: int, tau: float) -> dict:
+    """One image merged after encoder layer `layer - 1`: its projected tokens 'projected' (T, D') and 'valid'."""
+    layers, last = _encoder(model)
+    cls, side = _cls(model), _side(model)
+    x = states_before(model, crops, layer)
+    c, s, d = x.shape
+    out = merge_image(RN.packed(model, x[:, cls:], size), crop_tiles(token_cells(model, size), window), tau,
+                      "raster", "static")
+    patch = token_patches(model, size)
+    rows = x[:, cls:].reshape(c * side * side, d).clone()
+    rows[patch] = out["states"].to(x.dtype)
+    x = torch.cat([x[:, :cls], rows.reshape(c, side * side, d)], 1)
+    visible = torch.ones(c * side * side, dtype=torch.bool)
+    visible[patch[~out["valid"]]] = False
+    visible = torch.cat([torch.ones(c, cls, dtype=torch.bool), visible.reshape(c, side * side)], 1)
+    mask = torch.zeros(c, 1, s, s, dtype=x.dtype).masked_fill(~visible[:, None, None, :], torch.finfo(x.dtype).min)
+    for blk in layers[layer:last + 1]:
+        feature_in = x
+        y = blk(x, mask)
+        x = y[0] if isinstance(y, tuple) else y
+    feats = x[:, cls:] if model.config.vision_feature_select_strategy == "default" else x
+    tokens = RN.packed(model, feats, size)
+    found = {"projected": model.model.multi_modal_projector(tokens.to(x.dtype)), "valid": out["valid"]}
+    if cls:         # the feature layer's CLS attention by hand (heads averaged), the masked keys left out
+        attn, h = layers[last].self_attn, layers[last].layer_norm1(feature_in)
+        q, k = (proj(h).reshape(c, s, attn.num_heads, -1).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+        logits = q[:, :, :1] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+        found["cls"] = RN.packed(model, logits.softmax(-1).mean(1)[:, 0, cls:, None], size)[:, 0]
+    return found
+
+
+def encoder_merge_run(model, example, *, layer: int, window: int, tau: float, steps: int = 16) -> dict:
+    """The pruned run of mustdrop_merge(layer=layer, positions='keep', order='raster') on anyres images:
+    every image slot kept (merged-away ones masked), positions as in the unpruned prompt."""
+    ref = mustdrop_run(model, example, window=window, tau=tau, steps=steps, encoder_layer=layer, positions="keep")
+    ref["keep"] = ref["vision_keep"]
     return ref

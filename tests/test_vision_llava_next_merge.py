@@ -1,7 +1,9 @@
 """MustDrop on LLaVA-NeXT / LLaVA-OneVision anyres images: the window merge per crop grid (windows never cross
-crops, patches unpadded away are no tokens), at the features: each crop runs as its own encoder sequence, so
-mustdrop_merge(layer=None) merges the feature layer's states, not layer 0's as in the paper (layer=1 is refused
-naming this); the whole pipeline (key set first, merge, filters, cache) on LLaVA-NeXT.
+crops, patches unpadded away are no tokens). Each crop runs as its own encoder sequence, so either
+mustdrop_merge(layer=None) merges the feature layer's states at the features (the whole pipeline: key set first,
+merge, filters, cache, on LLaVA-NeXT), or mustdrop_merge(layer=1, positions='keep', order='raster') merges after
+encoder layer 0 as in the paper, in place: merged-away patches masked as keys crop by crop (the pipeline then in
+the paper's order: merge, key set, filters, cache). layer=1 with compact positions or exact mode is refused.
 
 Against tests/reference_vision_llava_next_merge.py (independent: tiles by hand on each crop's grid, the tokens
 laid out by the model's own pack_image_features, the pruned prompt run by reference.lm_generate): kept slots,
@@ -101,12 +103,71 @@ def test_batch_equals_alone():
 
 
 def test_inside_the_encoder_refused_naming_the_features():
-    """layer=1 (the paper's place, the default) on anyres images is refused before any work, naming layer=None
-    and that it then merges at the features."""
+    """layer=1 (the paper's place, the default) on anyres images with the authors' compact positions (or exact
+    mode) is refused before any work, naming positions='keep' (in place, masked) and layer=None (the features)."""
     model, program = _built("llava_next")
-    with pytest.raises(PassNotApplicable, match=r"layer=1 merges inside the vision encoder.*5 crops.*layer=None "
-                                                r"\(mustdrop\(merge_layer=None\)\).*merge at the features"):
+    with pytest.raises(PassNotApplicable, match=r"layer=1 merges inside the vision encoder.*5 crops.*"
+                                                r"positions='compact', mode='static'.*positions='keep', "
+                                                r"order='raster'.*layer=None \(mustdrop\(merge_layer=None\)\).*"
+                                                r"merge at the features"):
         gp.prune(model, "mustdrop(keep=20, layers=(1, 2), gamma=0.01, alpha=0.05)", program=program)
+    with pytest.raises(PassNotApplicable, match=r"positions='keep', mode='exact'"):
+        gp.prune(model, "mustdrop_merge(layer=1, window=2, positions='keep', order='raster', mode='exact')",
+                 program=program)
+
+
+# family, image size, encoder layer that first sees the merged tokens, window
+ENCODER_CASES = [("llava_next", (50, 90), 1, 2), ("llava_next", (112, 56), 1, 3), ("llava_onevision", (50, 90), 2, 2)]
+
+
+@pytest.mark.parametrize("family,size,layer,window", [
+    pytest.param(*case, marks=() if i == 0 else pytest.mark.slow) for i, case in enumerate(ENCODER_CASES)])
+def test_merge_inside_the_encoder_matches_reference(family, size, layer, window):
+    """mustdrop_merge(layer=L, positions='keep', order='raster') on anyres images: each crop's tiles merge
+    after encoder layer L - 1 (the paper's place for L = 1), merged tokens at their tile's first slot,
+    merged-away patches masked as keys in layers L.. of their crop, their slots masked in the LLM; against
+    reference_vision_llava_next_merge.encoder_merge_run (the model's own encoder layers crop by crop, the merge
+    and mask applied by hand): slots, logits, 16 greedy tokens on a left-padded batch of 2."""
+    model, program = _built(family)
+    ex = _example(model, size, seed=53)
+    scores = RM.encoder_tile_scores(model, ex, layer, window).sort().values
+    tau = round(float(scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2, 6)
+    ref = RM.encoder_merge_run(model, ex, layer=layer, window=window, tau=tau, steps=STEPS)
+    spec = f"mustdrop_merge(layer={layer}, window={window}, tau={tau!r}, order='raster', positions='keep')"
+    pruned = gp.prune(model, spec, program=program)
+    out = assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+    assert int((out.cache[-1].mask == 0).sum()) > int((ex.attention_mask == 0).sum())   # some tokens merged away
+    # recorded at prune time, on the probe bucket's crops
+    assert pruned.program.results[0].info["at"].startswith(f"encoder layer {layer}, per crop grid (")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("positions", ["compact", "keep"])
+def test_mustdrop_pipeline_inside_the_encoder_matches_reference(positions):
+    """mustdrop(merge_positions='keep') on LLaVA-NeXT, in the paper's order: the merge after encoder layer 0 in
+    place, the key set off the merged tokens' CLS attention at the feature layer (merged-away tokens masked,
+    never keys), static filters after LLM layers 1 and 2 numbering what they keep by `positions`, the caches
+    of layers 1..2 cut to the final set."""
+    model, program = _built("llava_next")
+    ex = _example(model, seed=55)
+    scores = RM.encoder_tile_scores(model, ex, 1, 2).sort().values
+    tau = round(float(scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2, 6)
+    filters = {1: (0.01, 0.05, 20), 2: (0.01, 0.05, 20)}
+    ref = RM.mustdrop_run(model, ex, window=2, tau=tau, keys=0.08, filters=filters, steps=STEPS, encoder_layer=1,
+                          positions=positions)
+    ref["keep"] = ref["vision_keep"].gather(1, ref["keep"])
+    spec = (f"mustdrop(keep=20, merge_positions='keep', positions={positions!r}, window=2, tau={tau!r}, "
+            "layers=(1, 2), gamma=0.01, alpha=0.05)")
+    assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=ref["keep"])
+
+
+@pytest.mark.slow
+def test_merge_inside_the_encoder_batch_equals_alone():
+    model, program = _built("llava_next")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=54)
+    pruned = gp.prune(model, "mustdrop_merge(layer=1, window=2, tau=0.05, order='raster', positions='keep')",
+                      program=program)
+    assert_batch_equals_samples(pruned, ex, STEPS)
 
 
 @pytest.mark.slow

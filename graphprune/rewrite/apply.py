@@ -121,15 +121,20 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         sizes = g.call_function(tokenops.kept_sizes, (choice if sized else None, state.sizes, picked)) \
             if sized or state.sizes is not None else None
     hidden = _stream(anat, layer)
-    # inside an encoder whose patches merge in groups after its last layer, a token is its group's patches
-    group = anat.patches_per_token if anat.stage == "vision" and layer < anat.num_layers else 1
-    rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector, group)
-    stream = _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos, values,
-                         plan.after_projector, group)
-    if anat.stage == "vision" and layer == anat.num_layers and not plan.after_projector:
-        anat.features = stream          # what now enters the projector: a later pass reduces this
     masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
-    key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid, group) if masked else None
+    if anat.stage == "vision" and layer < anat.num_layers and anat.token_patches is not None:
+        # anyres crops (_in_place_on_crops): every slot stays, merged-away ones masked crop by crop
+        rerouted, group = [], 1
+        stream, key_valid = _merge_in_crops(gm, anat, anchor, layer, hidden, new_pos, new_index, values, valid)
+    else:
+        # inside an encoder whose patches merge in groups after its last layer, a token is its group's patches
+        group = anat.patches_per_token if anat.stage == "vision" and layer < anat.num_layers else 1
+        rerouted, replaced = _reroute(gm, anat, anchor, layer, keep, plan.after_projector, group)
+        stream = _put_values(gm, anat, anchor, replaced.get(hidden) if hidden is not None else None, new_pos,
+                             values, plan.after_projector, group)
+        if anat.stage == "vision" and layer == anat.num_layers and not plan.after_projector:
+            anat.features = stream          # what now enters the projector: a later pass reduces this
+        key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid, group) if masked else None
     if isinstance(rule, Choose) and rule.proportional:
         _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes, group)
     if plan.positions == "compact" and anat.stage != "vision":
@@ -177,8 +182,8 @@ def _info(p, plan, anat, layer, keep, rerouted) -> dict:
             "capacity": isinstance(plan.select, Choose) and plan.select.static_mask,
             "signals": {k: repr(v) for k, v in plan.signals.items()}}
     if anat.stage == "vision":      # where a vision pass acted: an anyres image's crops merge at the features only
-        info["at"] = ("features" + (f", per crop grid ({anat.crops} crops)" if anat.token_patches is not None else "")
-                      if layer == anat.num_layers else f"encoder layer {layer}")
+        crops = f", per crop grid ({anat.crops} crops)" if anat.token_patches is not None else ""
+        info["at"] = "features" + crops if layer == anat.num_layers else f"encoder layer {layer}" + crops
     anat.selections.append(info)
     return info
 
@@ -190,7 +195,7 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
         if not 1 <= layer <= anat.num_layers:
             raise PassConfigError(f"{p.name}: vision layer={layer}: the encoder has layers 0..{anat.num_layers - 1} "
                                   f"feeding the features; use 1..{anat.num_layers - 1}, or none for the features")
-        if layer < anat.num_layers and anat.token_patches is not None:
+        if layer < anat.num_layers and anat.token_patches is not None and not _in_place_on_crops(plan, anat):
             raise PassNotApplicable(f"{p.name}: vision layer={layer} selects inside the encoder, where a vision unit "
                                     f"of {anat.model_class} is {anat.crops} encoder sequences (an anyres image's crops, "
                                     "a whole video's frames); select at the features (no layer), or, for a video, per "
@@ -224,6 +229,43 @@ def _where(p: TokenPass, plan: Plan, anat: Anatomy) -> tuple[int, fx.Node]:
         raise PassConfigError(f"{p.name}: passes in one stage must act at increasing layers; "
                               f"layer {layer} comes after a selection at layer {prev}")
     return layer, anchor
+
+
+def _in_place_on_crops(plan: Plan, anat: Anatomy) -> bool:
+    """A selection inside the encoder of an anyres image (its crops separate encoder sequences, its tokens a
+    gather after the encoder) that keeps every slot where it is (positions='keep', a static choice of every
+    slot, only masking some): it needs no gather before the features, so it runs crop by crop."""
+    rule = plan.select
+    return (plan.positions == "keep" and isinstance(rule, Choose) and rule.static_mask and rule.keep == 1.0
+            and not rule.ordered and anat.patches_per_token == 1)
+
+
+def _merge_in_crops(gm, anat: Anatomy, anchor, layer: int, stream, new_pos, new_index, values, valid):
+    """Anyres crops inside the encoder: the chosen values written to each token's own crop patch row of the
+    residual stream entering `layer`, and the invalid (merged-away) tokens' patches masked as keys in every
+    encoder layer from `layer` on. The sequence keeps its length (the masked patches still run as queries):
+    this changes what later layers see, it saves no encoder compute. Returns (stream, key validity over the
+    tokens)."""
+    g = gm.graph
+    crops = (int(bool(anat.has_cls)), anat.crops, anat.token_patches)
+    nodes = list(g.nodes)
+    later = set(nodes[nodes.index(anchor):])        # the signals read before the anchor keep the unmerged states
+    with g.inserting_before(anchor):
+        put = g.call_function(tokenops.put_crop_tokens, (stream, new_pos, values, *crops))
+    for u in list(stream.users):
+        if u in later:
+            u.replace_input_with(stream, put)
+    if valid is None:
+        return put, None
+    with g.inserting_before(anchor):
+        key_valid = g.call_function(tokenops.key_validity, (new_index, new_pos, valid))
+        per_crop = g.call_function(tokenops.crop_key_validity, (key_valid, put, *crops))
+    for l in anat.layers[layer:]:
+        sdpa, att = l.attention.node, l.attention
+        with g.inserting_before(sdpa):
+            _set_mask(att, g.call_function(tokenops.mask_keys, (sdpa_mask(sdpa), per_crop, sdpa.args[0],
+                                                                 att.is_causal)))
+    return put, key_valid
 
 
 def _output_node(anat: Anatomy) -> fx.Node:
