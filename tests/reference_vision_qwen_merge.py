@@ -1,4 +1,5 @@
-"""Independent reference for MustDrop's merge stage on Qwen2.5-VL / Qwen3-VL. Nothing here imports graphprune.
+"""Independent reference for MustDrop's merge stage on Qwen2-VL / Qwen2.5-VL / Qwen3-VL (Qwen2-VL: no attention
+windows, every block attends over the whole frame). Nothing here imports graphprune.
 
 Per unit (an image, a video frame) the encoder runs by hand from the model's own modules, in the processor's patch
 order (reference_vision_qwen_methods.encoder_tables / _attention: softmax within each block's segment, window or

@@ -1,6 +1,7 @@
-"""MustDrop's merge stage inside the Qwen2.5-VL / Qwen3-VL vision encoder (issue 19): a token is a 2x2 merge group,
-tiles of the group grid never cross an attention window (Qwen2.5-VL), a merged group is the mean of its tile's groups
-patch by patch at the tile's first group, positions kept (M-RoPE), merged-away slots masked (static capacity).
+"""MustDrop's merge stage inside the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision encoder (issue 19): a token is a 2x2
+merge group, tiles of the group grid never cross an attention window (Qwen2.5-VL; Qwen2-VL has none: its tiles
+cover the whole group grid), a merged group is the mean of its tile's groups patch by patch at the tile's first
+group, positions kept (M-RoPE), merged-away slots masked (static capacity).
 
 Against tests/reference_vision_qwen_merge.py (the encoder run by hand from the model's own modules, tiles and the
 merge written from the paper, the pruned prompt through the model's own forward): kept slots and which are masked,
@@ -63,8 +64,10 @@ def test_tile_table_matches_reference(rows, cols, window, windows):
     ("qwen3_vl", 2, 2, (8, 12)),     # after both taps; oblong
     ("qwen2_5_vl", None, 2, (8, 8)),  # at the features (layer=None): the groups entering the merger's MLP
     ("qwen3_vl", None, 3, (8, 8)),
+    ("qwen2_vl", 1, 3, (8, 8)),      # Qwen2-VL: no attention windows, tiles of the whole group grid
+    ("qwen2_vl", None, 2, (8, 12)),  # at the features, oblong
 ], ids=["qwen2_5_vl-1-3", "qwen2_5_vl-1-2-oblong", "qwen3_vl-1-3", "qwen3_vl-2-2-oblong", "qwen2_5_vl-features",
-        "qwen3_vl-features"])
+        "qwen3_vl-features", "qwen2_vl-1-3", "qwen2_vl-features-oblong"])
 def test_merge_matches_reference(family, layer, window, grid):
     model, program = _built(family)
     ex = family_zoo.example(model, batch=2, pad=(0, 2), items=("image", "video"), seed=46, grid=grid)
@@ -112,7 +115,7 @@ def test_bad_options_refused_before_work(spec, error, words):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen2_vl"])
 def test_mustdrop_pipeline_matches_reference(family):
     """mustdrop(keys=False, positions='keep', merge_positions='keep') (no CLS, so no key set): the merge after block 0,
     the dual-attention filters at LLM layers 1 and 2 (static capacity 4 per unit; the merged-away slots stay
