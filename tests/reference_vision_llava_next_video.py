@@ -11,6 +11,8 @@
 * VisionZip / VisPruner per unit on those pooled tokens (reference_vision_qwen.zip_unit,
   reference_vision_qwen_methods.vispruner_choice), a merged token's value its merged hidden state through the
   model's projector.
+* MustDrop without its merge (mustdrop_filters): per unit the key set, the pooled tokens of highest CLS attention
+  (reference_mustdrop.key_set), then reference_mustdrop.filter_select per unit in reference.lm_generate.
 * `features` runs that pooling and the projector by hand on the feature layer (hidden_states[vision_feature_layer]
   of the tower, CLS dropped), the pixels a video of frames: what the placeholders take.
 * Units, the kept prompt and its run: reference_vision_llava_next (units: a frame's pooled tokens or the whole
@@ -19,8 +21,11 @@
 """
 from __future__ import annotations
 
+import reference as R
+import reference_mustdrop as M
 import reference_vision_llava_next as RN
 import torch
+from reference_families import family_inputs, instruction_mask
 from reference_vision_qwen import zip_unit
 from reference_vision_qwen_methods import vispruner_choice
 from torch import Tensor
@@ -90,3 +95,25 @@ def picks(model, example, keep: int, how: str, seed: int = 0, video_unit: str = 
         return RN.picks(model, example, keep, how, seed, video_unit)
     return _per_sample(model, example, video_unit, [score.topk(keep).indices.sort().values
                                                     for score in video_scores(model, example, how, video_unit)])
+
+
+@torch.no_grad()
+def mustdrop_filters(model, example, *, ratio: float | None, filters: dict, video_unit: str, steps: int) -> dict:
+    """MustDrop without its merge (mustdrop(merge=False)) on videos: per unit the key set, the top
+    ceil(ratio x tokens) pooled tokens by CLS attention (reference_mustdrop.key_set; ratio None: no key set),
+    then the dual-attention filters {layer: (gamma, alpha, capacity)} per unit (a filter at L reads layer L's
+    attention, L + 1 runs reduced; static: protected first, then the rule's by column sum), compact positions
+    after each, the caches of the first..last filter layers cut to the final set; run by reference.lm_generate."""
+    emb, am, pos, vm = family_inputs(model, example)
+    blocks = RN.units(model, example, video_unit)
+    protected = torch.zeros_like(vm, dtype=torch.bool)
+    if ratio is not None:
+        scores = iter(video_scores(model, example, "cls", video_unit))
+        for s, row in enumerate(blocks):
+            for blk in row:
+                protected[s, blk] = M.key_set(next(scores)[None], ratio)[0]
+    selects = {layer + 1: M.filter_select(gamma, alpha, "static", capacity, images=len(blocks[0]))
+               for layer, (gamma, alpha, capacity) in filters.items()}
+    return R.lm_generate(model, emb, am, pos, selects=selects, protected=protected, positions="compact",
+                         cut_to_final=(min(filters), max(filters) + 1), max_new_tokens=steps, vision_mask=vm,
+                         text_mask=instruction_mask(model, example))

@@ -5,7 +5,8 @@ signals are the means over its patches. `keep` counts per frame (video_unit='fra
 ('video'). Checked: vision_topk (attention received, projected norm: alone at LLM layer 0 and after cls_topk in
 the captured stage), cls_topk (a pooled token's CLS attention: the mean of its frame's CLS attention to its
 patches), random(stage='vision'), divprune (alone, image + video, and after vision_topk in the captured stage),
-cdpruner, evs, dycoke; images (LLaVA-NeXT's anyres stage) in the same model; a left-padded batch of 2 equals
+cdpruner, evs, dycoke, mustdrop_keys (in mustdrop(merge=False): a pooled token's key score the same mean, then the
+filters); images (LLaVA-NeXT's anyres stage) in the same model; a left-padded batch of 2 equals
 each sample alone; what has no signal is refused naming it.
 
 Against tests/reference_vision_llava_next_video.py (independent: the tower's feature layer by hand per frame,
@@ -237,6 +238,25 @@ def test_batch_equals_alone(spec):
     model, program = _built()
     ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("video",), frames=3, seed=77)
     assert_batch_equals_samples(gp.prune(model, spec, program=program, video_unit="video"), ex, STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unit,capacity", [("frame", 2), ("video", 6)])
+def test_mustdrop_keys_protect_pooled_tokens(unit, capacity):
+    """mustdrop(merge=False): the key set, a pooled token's key score the mean of its frame's CLS attention to its
+    patches (the top ceil(0.25 x tokens) per unit), then static filters after LLM layers 1 and 2 (capacity per
+    unit; protected tokens first) and the caches of layers 1..2 cut to the final set. The keys change what the
+    filters keep (the reference without a key set keeps other tokens)."""
+    model, program = _built()
+    ex = _video(model, seed=83)
+    filters = {1: (0.01, 0.05, capacity), 2: (0.01, 0.05, capacity)}
+    ref = RV.mustdrop_filters(model, ex, ratio=0.25, filters=filters, video_unit=unit, steps=STEPS)
+    unprotected = RV.mustdrop_filters(model, ex, ratio=None, filters=filters, video_unit=unit, steps=1)
+    assert not torch.equal(ref["keep"], unprotected["keep"])               # the key set is observable
+    spec = f"mustdrop(keep={capacity}, merge=False, ratio=0.25, layers=(1, 2), gamma=0.01, alpha=0.05)"
+    out = assert_same_run(gp.prune(model, spec, program=program, video_unit=unit), ex, ref, STEPS, kept=ref["keep"])
+    for i, c in enumerate(out.cache):
+        assert torch.equal(c.mask.bool(), ref["kv_valid"][i]), f"layer {i} cache validity"
 
 
 @pytest.mark.slow
