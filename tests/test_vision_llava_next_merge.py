@@ -64,7 +64,7 @@ def test_mustdrop_pipeline_matches_reference():
     pruned = gp.prune(model, spec, program=program)
     assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
     merged = next(r.info for r in pruned.program.results if r.info["pass"].startswith("mustdrop_merge"))
-    assert merged["at"] == "features, per crop grid (5 crops)"           # where it ran, in the pass's record
+    assert merged["at"] == "features, per crop grid"           # where it ran, in the pass's record
 
 
 @pytest.mark.parametrize("order", ["raster", "authors"])
@@ -138,7 +138,7 @@ def test_merge_inside_the_encoder_matches_reference(family, size, layer, window)
     out = assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
     assert int((out.cache[-1].mask == 0).sum()) > int((ex.attention_mask == 0).sum())   # some tokens merged away
     # recorded at prune time, on the probe bucket's crops
-    assert pruned.program.results[0].info["at"].startswith(f"encoder layer {layer}, per crop grid (")
+    assert pruned.program.results[0].info["at"]== f"encoder layer {layer}, per crop grid"
 
 
 @pytest.mark.slow

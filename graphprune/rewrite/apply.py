@@ -182,7 +182,8 @@ def _info(p, plan, anat, layer, keep, rerouted) -> dict:
             "capacity": isinstance(plan.select, Choose) and plan.select.static_mask,
             "signals": {k: repr(v) for k, v in plan.signals.items()}}
     if anat.stage == "vision":      # where a vision pass acted: an anyres image's crops merge at the features only
-        crops = f", per crop grid ({anat.crops} crops)" if anat.token_patches is not None else ""
+        # no crop count: it is the prune-time probe bucket's, not that of the images a call brings
+        crops = ", per crop grid" if anat.token_patches is not None else ""
         info["at"] = "features" + crops if layer == anat.num_layers else f"encoder layer {layer}" + crops
     anat.selections.append(info)
     return info
