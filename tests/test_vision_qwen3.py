@@ -121,24 +121,27 @@ def test_deepstack_rows_follow_the_kept_tokens(qwen3, pruned):
     assert (without - out.logits).abs().max() > 1e-3
 
 
-def test_divprune_after_vision_topk_matches_reference(qwen3):
+@pytest.mark.parametrize("unit,items,top,keep", [("frame", ("image", "video"), 10, 5),
+                                                  pytest.param("video", ("video",), 20, 10, marks=pytest.mark.slow)])
+def test_divprune_after_vision_topk_matches_reference(qwen3, unit, items, top, keep):
     """divprune on the projected tokens of the captured vision stage, after vision_topk: the greedy
-    max-min cosine choice among each unit's 10 top tokens (images and video frames)."""
+    max-min cosine choice among each unit's `top` top tokens (images and video frames, or whole videos)."""
     model, program = qwen3
-    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image", "video"), seed=55)
-    first = RQ.kept_positions(model, ex, 10, "attention")
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=items, seed=55)
+    first = RQ.kept_positions(model, ex, top, "attention", video_unit=unit)
     emb = RF.family_inputs(model, ex)[0]
     rows = []
-    for i, blocks in enumerate(RQ.units(model, ex)):
+    for i, blocks in enumerate(RQ.units(model, ex, unit)):
         drop = torch.zeros(ex.input_ids.shape[1], dtype=torch.bool)
         for blk in blocks:
-            top = blk[torch.isin(blk, first[i])]
+            chosen = blk[torch.isin(blk, first[i])]
             drop[blk] = True
-            drop[top[N.divprune_indices(emb[i, top], 5)]] = False
+            drop[chosen[N.divprune_indices(emb[i, chosen], keep)]] = False
         rows.append((~drop).nonzero()[:, 0])
     kept = torch.stack(rows)
     ref = RQ.hf_generate(model, ex, kept, STEPS)
-    pruned = gp.prune(model, "vision_topk(keep=10) | divprune(keep=5, positions='keep')", program=program)
+    pruned = gp.prune(model, f"vision_topk(keep={top}) | divprune(keep={keep}, positions='keep')", program=program,
+                      video_unit=unit)
     assert_same_run(pruned, ex, ref, STEPS, kept=kept)
 
 
