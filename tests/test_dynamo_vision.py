@@ -34,11 +34,8 @@ def _linears_read(model) -> int:
     return 6 * read + 2 + 7 * cfg.text_config.num_hidden_layers + 1
 
 
-@pytest.mark.parametrize("compiler,frame", [
-    ("eager", "tower"),
-    pytest.param("eager", "body", marks=pytest.mark.slow),
-    pytest.param("inductor", "body", marks=pytest.mark.slow)])
-def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler, frame):
+def _run(compiler: str, frame: str):
+    """(model, inputs, the eager lowering, the compiled model), each run once (compiled outside the counts)."""
     model = zoo.tiny_llava()
     kw = zoo.llava_example(model, batch=1).as_kwargs()
     with torch.no_grad():
@@ -48,6 +45,21 @@ def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler,
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": compiler})
         compiled(**kw)
+    return model, kw, eager, compiled
+
+
+@pytest.fixture(scope="module")
+def tower_frame():
+    return _run("eager", "tower")
+
+
+@pytest.mark.parametrize("compiler,frame", [
+    ("eager", "tower"),
+    pytest.param("eager", "body", marks=pytest.mark.slow),
+    pytest.param("inductor", "body", marks=pytest.mark.slow)])
+def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler, frame, request):
+    model, kw, eager, compiled = request.getfixturevalue("tower_frame") if frame == "tower" else _run(compiler, frame)
+    with torch.no_grad():
         eager_calls, want = _matmuls(lambda: eager(**kw))
         compiled_calls, got = _matmuls(lambda: compiled(**kw))
     assert compiled_calls == eager_calls == _linears_read(model)
@@ -65,12 +77,9 @@ def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler,
     assert type(value) is torch.Tensor
 
 
-def test_with_grad_the_last_layer_runs_in_the_forward():
+def test_with_grad_the_last_layer_runs_in_the_forward(tower_frame):
     """Autograd needs real tensors: with grad enabled the deferred layers run with the rest."""
-    model = zoo.tiny_llava()
-    kw = zoo.llava_example(model, batch=1).as_kwargs()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": "eager"})
+    model, kw, _, compiled = tower_frame
     compiled(**kw)
     calls, got = _matmuls(lambda: compiled(**kw))
     assert calls == _linears_read(model) + 6
