@@ -88,3 +88,21 @@ def test_with_grad_the_last_layer_runs_in_the_forward(tower_frame):
     with torch.no_grad():
         torch.testing.assert_close(last, model.model.vision_tower(kw["pixel_values"]).last_hidden_state,
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_llava_next_compiled_forward_runs_the_tower_layers_it_reads():
+    """LLaVA-NeXT (anyres crops through the same CLIP tower, feature layer -2): the compiled forward's
+    linear calls are the hand count; its logits are gp.prune's."""
+    from graphprune.tools import family_zoo
+    model = family_zoo.build("llava_next")
+    kw = family_zoo.example(model, batch=1, pad=(0,), items=("image",), frames=4).as_kwargs()
+    pipeline = "fastv(layer=2, keep=3)"
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
+    with torch.no_grad():
+        compiled(**kw)
+        calls, got = _matmuls(lambda: compiled(**kw))
+        want = gp.prune(model, pipeline)(**kw)
+    assert calls == _linears_read(model)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
