@@ -594,7 +594,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
             return frame
     if not layers and merge is None:      # a vision tower's frame: its layers past the feature layer deferred
         from graphprune.targets.dynamo_vision import deferring_frame
-        frame = deferring_frame(gm, lambda head: _compile(head, example_inputs, opts))
+        frame = deferring_frame(gm, lambda head: _compile(head, example_inputs, opts), _ancestors)
         if frame is not None:
             return VisionFrame(frame) if vision else frame
     compiled = _compile(gm, example_inputs, opts)

@@ -106,3 +106,24 @@ def test_llava_next_compiled_forward_runs_the_tower_layers_it_reads():
         want = gp.prune(model, pipeline)(**kw)
     assert calls == _linears_read(model)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frame", ["tower", "body"])
+def test_a_feature_layer_given_to_the_call_is_read_whole(frame):
+    """vision_feature_layer=-1 given to the call reads the last CLIP layer, which the config's -2 would
+    defer: nothing is deferred, the logits are those of the model configured with -1."""
+    model = zoo.tiny_llava()
+    kw = zoo.llava_example(model, batch=1).as_kwargs()
+    with torch.no_grad():
+        if frame == "body":
+            model(**kw)
+        model.config.vision_feature_layer = -1
+        want = gp.prune(model, PIPELINE)(**kw).logits
+        model.config.vision_feature_layer = -2
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": "eager"})
+        compiled(**kw, vision_feature_layer=-1)
+        calls, got = _matmuls(lambda: compiled(**kw, vision_feature_layer=-1))
+    assert calls == _linears_read(model) + 6
+    torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
