@@ -23,6 +23,10 @@ merge and every decoder layer, then the LM head). The backend reads each frame's
   repeats one height x width grid);
 * a family whose language model dynamo runs one decoder layer per frame (`Family.layer_frames`:
   Qwen3-VL) is pruned through those frames: targets/dynamo_layers.py;
+* a frame running a vision tower whose family knows which encoder layers the model's own code
+  reads (Family.vision_tower_read: LLaVA's hidden_states[-2]) runs those; the later layers, which
+  feed only what the tower hands back to the caller (last_hidden_state), run on first use of those
+  outputs: targets/dynamo_vision.py;
 * every other frame (vision tower, head, decode steps, text-only prompts) goes to the compiler as
   captured (with linear="packed", its linears on oneDNN-packed weights, as gp.prune lowers them).
 
@@ -590,7 +594,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
             return frame
     if not layers and merge is None:      # a vision tower's frame: its layers past the feature layer deferred
         from graphprune.targets.dynamo_vision import deferring_frame
-        frame = deferring_frame(gm, lambda head: _compile(head, example_inputs, opts))
+        frame = deferring_frame(gm, lambda head: _compile(head, example_inputs, opts), _ancestors)
         if frame is not None:
             return VisionFrame(frame) if vision else frame
     compiled = _compile(gm, example_inputs, opts)

@@ -112,21 +112,30 @@ class DeferringFrame:
         return self.shapes[key]
 
 
-def deferring_frame(gm: fx.GraphModule, compile_head) -> DeferringFrame | None:
+def deferring_frame(gm: fx.GraphModule, compile_head, ancestors) -> DeferringFrame | None:
     """The frame split at the vision encoder layers the model's own code does not read, when it runs a
     vision tower whose family knows them (None: run the frame as captured).
-    compile_head(gm): the frame's compiler, applied to the head."""
+    compile_head(gm): the frame's compiler, applied to the head; ancestors(node, through=True): a node
+    and every node it is computed from (targets/dynamo.py's, handed in: this module does not import it)."""
+    def upstream(node):
+        return ancestors(node, through=True)
+
     tower = _tower_read()
     if tower is None:
         return None
     within, read = tower
     outputs = list(gm.graph.find_nodes(op="output")[0].args[0])
-    deferred_at = [i for i, o in enumerate(outputs) if isinstance(o, fx.Node) and _past(o, within, read)]
+    depth = [_depth(upstream(o), within) if isinstance(o, fx.Node) else -1 for o in outputs]
+    deferred_at = [i for i, d in enumerate(depth) if d >= read]
     kept_at = [i for i in range(len(outputs)) if i not in deferred_at]
-    if not deferred_at or not kept_at:
+    # the call reads what the family says (the frame returns the feature layer's output, or features
+    # made from it): a vision_feature_layer given to this call reads another layer, maybe a deferred one
+    if not deferred_at or read - 1 not in (depth[i] for i in kept_at):
         return None
-    early = set().union(*(_upstream(outputs[i]) for i in kept_at if isinstance(outputs[i], fx.Node)))
-    late = {n for i in deferred_at for n in _upstream(outputs[i]) if n not in early and n.op != "placeholder"}
+    early = set().union(*(upstream(outputs[i]) for i in kept_at if isinstance(outputs[i], fx.Node)))
+    late = {n for i in deferred_at for n in upstream(outputs[i]) if n not in early and n.op != "placeholder"}
+    if any(module_path(n) and not module_path(n).startswith(within) for n in late):
+        return None              # the later layers feed more than the tower's outputs (a projector): read
     crossing = [n for n in gm.graph.nodes if n not in late and any(u in late for u in n.users)]
     handed = [n for n in crossing if n.op != "placeholder"]
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -148,21 +157,11 @@ def deferring_frame(gm: fx.GraphModule, compile_head) -> DeferringFrame | None:
                           tail_inputs, {})
 
 
-def _upstream(node: fx.Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo += n.all_input_nodes
-    return seen
-
-
-def _past(output: fx.Node, within: str, read: int) -> bool:
-    """The output is computed through an encoder layer at or after `read` (one the model does not read)
-    of the tower at module path `within` in the frame."""
-    return any(n.op != "placeholder" and (layer_of(n) or 0) >= read and module_path(n).startswith(within)
-               for n in _upstream(output))
+def _depth(upstream: set, within: str) -> int:
+    """The last encoder layer of the tower at module path `within` that the nodes `upstream` (an output
+    and what it is computed from) pass through (-1: none)."""
+    return max((layer_of(n) for n in upstream
+                if n.op != "placeholder" and layer_of(n) is not None and module_path(n).startswith(within)), default=-1)
 
 
 def _tower_read() -> tuple[str, int] | None:

@@ -34,11 +34,8 @@ def _linears_read(model) -> int:
     return 6 * read + 2 + 7 * cfg.text_config.num_hidden_layers + 1
 
 
-@pytest.mark.parametrize("compiler,frame", [
-    ("eager", "tower"),
-    pytest.param("eager", "body", marks=pytest.mark.slow),
-    pytest.param("inductor", "body", marks=pytest.mark.slow)])
-def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler, frame):
+def _run(compiler: str, frame: str):
+    """(model, inputs, the eager lowering, the compiled model), each run once (compiled outside the counts)."""
     model = zoo.tiny_llava()
     kw = zoo.llava_example(model, batch=1).as_kwargs()
     with torch.no_grad():
@@ -48,6 +45,21 @@ def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler,
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": compiler})
         compiled(**kw)
+    return model, kw, eager, compiled
+
+
+@pytest.fixture(scope="module")
+def tower_frame():
+    return _run("eager", "tower")
+
+
+@pytest.mark.parametrize("compiler,frame", [
+    ("eager", "tower"),
+    pytest.param("eager", "body", marks=pytest.mark.slow),
+    pytest.param("inductor", "body", marks=pytest.mark.slow)])
+def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler, frame, request):
+    model, kw, eager, compiled = request.getfixturevalue("tower_frame") if frame == "tower" else _run(compiler, frame)
+    with torch.no_grad():
         eager_calls, want = _matmuls(lambda: eager(**kw))
         compiled_calls, got = _matmuls(lambda: compiled(**kw))
     assert compiled_calls == eager_calls == _linears_read(model)
@@ -65,12 +77,9 @@ def test_compiled_forward_makes_the_linear_calls_of_the_eager_lowering(compiler,
     assert type(value) is torch.Tensor
 
 
-def test_with_grad_the_last_layer_runs_in_the_forward():
+def test_with_grad_the_last_layer_runs_in_the_forward(tower_frame):
     """Autograd needs real tensors: with grad enabled the deferred layers run with the rest."""
-    model = zoo.tiny_llava()
-    kw = zoo.llava_example(model, batch=1).as_kwargs()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": "eager"})
+    model, kw, _, compiled = tower_frame
     compiled(**kw)
     calls, got = _matmuls(lambda: compiled(**kw))
     assert calls == _linears_read(model) + 6
@@ -79,3 +88,42 @@ def test_with_grad_the_last_layer_runs_in_the_forward():
     with torch.no_grad():
         torch.testing.assert_close(last, model.model.vision_tower(kw["pixel_values"]).last_hidden_state,
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_llava_next_compiled_forward_runs_the_tower_layers_it_reads():
+    """LLaVA-NeXT (anyres crops through the same CLIP tower, feature layer -2): the compiled forward's
+    linear calls are the hand count; its logits are gp.prune's."""
+    from graphprune.tools import family_zoo
+    model = family_zoo.build("llava_next")
+    kw = family_zoo.example(model, batch=1, pad=(0,), items=("image",), frames=4).as_kwargs()
+    pipeline = "fastv(layer=2, keep=3)"
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="graphprune", options={"pipeline": pipeline, "compiler": "eager"})
+    with torch.no_grad():
+        compiled(**kw)
+        calls, got = _matmuls(lambda: compiled(**kw))
+        want = gp.prune(model, pipeline)(**kw)
+    assert calls == _linears_read(model)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frame", ["tower", "body"])
+def test_a_feature_layer_given_to_the_call_is_read_whole(frame):
+    """vision_feature_layer=-1 given to the call reads the last CLIP layer, which the config's -2 would
+    defer: nothing is deferred, the logits are those of the model configured with -1."""
+    model = zoo.tiny_llava()
+    kw = zoo.llava_example(model, batch=1).as_kwargs()
+    with torch.no_grad():
+        if frame == "body":
+            model(**kw)
+        model.config.vision_feature_layer = -1
+        want = gp.prune(model, PIPELINE)(**kw).logits
+        model.config.vision_feature_layer = -2
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="graphprune", options={"pipeline": PIPELINE, "compiler": "eager"})
+        compiled(**kw, vision_feature_layer=-1)
+        calls, got = _matmuls(lambda: compiled(**kw, vision_feature_layer=-1))
+    assert calls == _linears_read(model) + 6
+    torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
