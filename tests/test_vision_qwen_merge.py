@@ -151,7 +151,7 @@ def test_exact_mode_drops_merged_slots(family):
     merged = RMG.mustdrop_merge(model, ex, 1, 2, -1.0, 1)
     keep = torch.stack([row.nonzero()[:, 0] for row in merged["survive"]])
     embeds = merged["embeds"].gather(1, keep[..., None].expand(-1, -1, merged["embeds"].shape[-1]))
-    ref = RQ.hf_generate(model, ex, keep, STEPS, embeds, rows=merged["deepstack"])
+    ref = RQ.hf_generate(model, ex, keep, STEPS, embeds, prompt_rows=merged["deepstack"])
     spec = "mustdrop_merge(layer=1, window=2, tau=-1.0, mode='exact', order='raster', positions='keep')"
     out = assert_same_run(gp.prune(model, spec, program=program), ex, ref, STEPS, kept=keep)
     assert bool(out.cache[-1].mask.bool().eq(ex.attention_mask.bool().gather(1, keep)).all())    # nothing masked
