@@ -47,10 +47,17 @@ def merge_count(v: int, r: int | None, keep: int | None, layers_left: int) -> in
 
 
 def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, keep, layers_left, heads,
-                    together=None, cls=True, in_place=False):
+                    together=None, cls=True, in_place=False, crops=None):
     """One ToMe step on each image's tokens (B, n, V, ...): picked (the new order; in_place: ascending),
     values, sizes. cls: the sequence starts with a CLS token (A then holds the odd patches); together
-    (B, n, V, V): which tokens may merge (attend together; None: any two)."""
+    (B, n, V, V): which tokens may merge (attend together; None: any two). crops (B, n, V, 2) (CropOf: an
+    anyres image's crops): one step per crop, in place, every slot kept (merge_in_crops)."""
+    metric = keys.float()
+    if heads is not None:
+        metric = metric.reshape(*metric.shape[:-1], heads, -1).mean(-2)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    if crops is not None:
+        return merge_in_crops(metric, hidden, sizes, valid, crops, r, keep, layers_left)
     if valid is not None:
         raise InputError("tome: an earlier vision pass left masked slots; ToMe needs every patch (run it as the "
                          "only vision pass)")
@@ -59,10 +66,6 @@ def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, 
     slots = torch.arange(v, device=hidden.device).expand(b, n, v)
     if count == 0:
         return {"picked": slots}
-    metric = keys.float()
-    if heads is not None:
-        metric = metric.reshape(*metric.shape[:-1], heads, -1).mean(-2)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
     # [CLS, patches]: patch i sits at place i + 1, so A (even places) holds the odd patches; without CLS the even
     a_idx = torch.arange(int(cls), v, 2, device=hidden.device)
     b_idx = torch.arange(1 - int(cls), v, 2, device=hidden.device)
@@ -91,6 +94,45 @@ def bipartite_merge(*, k, protected, valid, vision_pos, keys, hidden, sizes, r, 
         picked, values = picked.gather(-1, order), values.gather(2, order[..., None].expand(-1, -1, -1, d))
         new_size = new_size.gather(2, order[..., None])
     return {"picked": picked, "values": values, "sizes": new_size[..., 0]}
+
+
+def merge_in_crops(metric, hidden, sizes, valid, crops, r, keep, layers_left):
+    """ToMe on each crop of an anyres image (metric (B, n, V, d) unit-norm keys; crops (B, n, V, 2): each token's
+    crop and its sequence's leading tokens), in place: every slot kept, merged-away ones marked invalid.
+    A crop's survivors (valid tokens, in its raster order) split as ToMe splits the sequence [leading tokens,
+    survivors]: A the even places, B the odd; its r (or keep's share of) best A -> B matches merge,
+    size-weighted, into their B token's slot; nothing matches across crops. An A token merged away keeps its
+    own state (masked from now on); a token nothing merged into keeps its own exactly."""
+    b, n, v, d = hidden.shape
+    crop, leading = crops[..., 0], crops[..., 1]
+    live = torch.ones_like(crop, dtype=torch.bool) if valid is None else valid
+    slot = torch.arange(v, device=hidden.device)
+    # (B, n, V, V) token pairs of one crop, the second a survivor (static shapes: no per-crop loop)
+    same = (crop[..., :, None] == crop[..., None, :]) & live[..., None, :]
+    rank = (same & (slot[None, :] < slot[:, None])).sum(-1)                    # place among the crop's survivors
+    in_a = live & ((leading + rank) % 2 == 0)
+    in_b = live & ((leading + rank) % 2 == 1)
+    alive = same.sum(-1)                                                         # the token's crop's survivors
+    want = torch.full_like(alive, r) if r is not None else (alive - keep).clamp(min=0).add(layers_left - 1) \
+        .div(layers_left, rounding_mode="floor")                                 # ceil(max(alive - keep, 0) / left)
+    count = torch.minimum(want, alive // 2)                                      # the token's crop's merges
+    best, match = (metric @ metric.transpose(-1, -2)).masked_fill(~(same & in_a[..., :, None] & in_b[..., None, :]),
+                                                                   float("-inf")).max(-1)
+    # an A token's place among its crop's A tokens by best match (ties: the earlier token first)
+    ahead = (best[..., None, :] > best[..., :, None]) | ((best[..., None, :] == best[..., :, None])
+                                                          & (slot[None, :] < slot[:, None]))
+    a_rank = (ahead & same & in_a[..., None, :]).sum(-1)
+    merged = in_a & (a_rank < count)
+    size = torch.ones(b, n, v, dtype=hidden.dtype, device=hidden.device) if sizes is None else sizes
+    into = torch.where(merged, match, slot)   # a token not merged adds 0 to itself
+    got_x = torch.zeros_like(hidden).scatter_add(2, into[..., None].expand(b, n, v, d),
+                                                 hidden * (size * merged)[..., None])
+    got_size = torch.zeros_like(size).scatter_add(2, into, size * merged)
+    joined = got_size > 0
+    new_size = torch.where(joined, size + got_size, size)
+    values = torch.where(joined[..., None], (hidden * size[..., None] + got_x) / new_size[..., None], hidden)
+    return {"picked": slot.expand(b, n, v), "values": values, "sizes": new_size,
+            "valid": live & ~merged}
 
 
 @register_pass

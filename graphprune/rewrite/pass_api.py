@@ -5,7 +5,7 @@ A method is a `TokenPass` subclass with a typed `Config` dataclass and a `plan()
                reduced sequence (prefill; 0: the selection acts on the LLM's input embeddings, from
                signals that exist before layer 0); vision passes act on the features entering the projector
   signals      what it looks at: AttentionRows, Keys, Values, Hidden, InputEmbeds, Projected, TextMask,
-               TextEmbeds, SequenceIndex, Frames, AttendTogether
+               TextEmbeds, SequenceIndex, Frames, AttendTogether, CropNeighbours, CropTiles, CropOf
                (extracted from the graph by graphprune)
   score        a plain torch function of the signals -> (B, images, tokens) scores; recorded
                into the graph as nodes
@@ -73,7 +73,9 @@ class AttendTogether:
     """Vision encoder: (B, images, tokens, tokens) bool, whether two vision tokens attend to each other in
     encoder layer `layer`: all True in a full-attention block, the same window in a windowed one
     (Qwen2.5-VL); where a token is a group of patches (Qwen's 2x2 merge), whether all their patches do.
-    For rules that combine tokens (ToMe) and must not join tokens the encoder keeps apart."""
+    For rules that combine tokens (ToMe) and must not join tokens the encoder keeps apart. None on anyres
+    images (several crops, each its own encoder sequence): two tokens attend together exactly when they are
+    patches of one crop, which CropOf says in O(tokens)."""
     layer: int
 
 
@@ -140,6 +142,14 @@ class CropTiles:
 
 
 @dataclass(frozen=True)
+class CropOf:
+    """Vision stage, anyres images (a unit of several crops, each its own encoder sequence): (images, 1, tokens,
+    2) long, each vision token's crop (its encoder sequence, in the unit's crop order) and that sequence's leading
+    tokens before its patches (1: CLS, 0: none). A crop's tokens come in its raster order (the packing lays each
+    crop's unpadded rows out in order). None where a unit is one encoder sequence."""
+
+
+@dataclass(frozen=True)
 class Projected:
     """The projector's output at each image's tokens, (images, 1, tokens, D) (the LLM-space vision
     tokens). Plans reading it act after the projector (Plan.after_projector). Where the vision stage runs
@@ -195,6 +205,9 @@ class Choose:
                                    # each token stands for (None: all 1), and may return `sizes` of its picks
     proportional: bool = False     # sized, vision stage: later encoder attention adds log(size) of each key to
                                    # its logits (ToMe's proportional attention)
+    masks_on_crops: bool = False   # vision stage, anyres images inside the encoder (positions='keep'): fn keeps
+                                   # every slot where it is and returns `valid` (False: merged away), as a static
+                                   # choice of keep=1.0 does; elsewhere its picks shrink the sequence as usual
 
 
 @dataclass(frozen=True)
