@@ -114,6 +114,22 @@ def crop_key_validity(key_valid, x, offset: int, crops: int, token_patches):
     return uncrop_tokens(key_valid, ones, offset, crops, token_patches)
 
 
+def crop_key_log_sizes(log_size, x, offset: int, crops: int, token_patches):
+    """key_log_sizes over the offset + T rows of crop_tokens (units, offset + T) -> per-crop encoder keys
+    (units x crops, offset + P) of x: a token's log size at its patch, every other key (CLS, a patch that is no
+    token) 0."""
+    zeros = torch.zeros(x.shape[:2], dtype=log_size.dtype, device=x.device)
+    return uncrop_tokens(log_size, zeros, offset, crops, token_patches)
+
+
+def token_crops(token_patches, vision_pos, offset: int, side: int, leading: int):
+    """(B, n, V, 2): each vision token's crop (vision_pos (B, n, V) indexing the offset + T rows of crop_tokens)
+    and the `leading` tokens (CLS) its crop's encoder sequence has before its side x side patches."""
+    b, n, v = vision_pos.shape
+    crop = _crop_cells(token_patches, vision_pos, offset, side)[1].reshape(b, n, v)
+    return torch.stack([crop, torch.full_like(crop, leading)], -1)
+
+
 def crop_attention(q, k, mask, scale, offset: int, query: str):
     """(images x crops, offset + P) attention scores within each crop's own sequence (q, k (B, H, S, d)):
     query "cls", the head-averaged attention of its CLS (position 0) to each of its positions; "all", the

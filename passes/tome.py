@@ -34,7 +34,7 @@ import torch
 
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
 from graphprune.rewrite.blocks import require_one_grid
-from graphprune.rewrite.pass_api import AttendTogether, Choose, Hidden, Keys, Plan, TokenPass, layer_tuple
+from graphprune.rewrite.pass_api import AttendTogether, Choose, CropOf, Hidden, Keys, Plan, TokenPass, layer_tuple
 from graphprune.rewrite.registry import register_pass
 
 FEATURE_LAYERS = tuple(range(23))      # CLIP ViT-L/14 blocks 0..22 feed LLaVA-1.5's features (layer -2)
@@ -173,23 +173,18 @@ class ToMe(TokenPass):
     def requires(self, anatomy):
         c = self.config
         if anatomy.token_patches is not None:
-            raise PassNotApplicable(
-                f"tome: merges between vision encoder layers (layers={c.layers!r}), where a vision unit of "
-                f"{anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder sequence (an anyres "
-                "image's crops, or a whole video's frames: on video use video_unit='frame'), and the unit's tokens "
-                "exist only after the gather that follows the encoder: ToMe's merges remove tokens there, which "
-                "graphprune cannot place (no masked per-crop ToMe is built), and one bipartite step at the features "
-                "would be another method (no encoder merging, no proportional attention); on anyres images use "
-                "mustdrop_merge(layer=None) (window merges per crop grid at the features), mustdrop_merge("
-                "positions='keep', order='raster') (the same merges inside the encoder, in place, merged-away "
-                "patches masked per crop), visionzip or vision_topk")
-        require_one_grid(self.name, anatomy)
+            _require_crops(c, anatomy)
+        else:
+            require_one_grid(self.name, anatomy)
         if not anatomy.has_cls and c.positions != "keep":
             raise PassNotApplicable(f"tome: {anatomy.model_class} has no CLS token of the vision encoder, whose "
                                     "tokens ToMe then merges in place: give positions='keep'")
-        if anatomy.has_cls and c.positions == "keep":      # in place, the split would start at CLS's place
-            raise PassNotApplicable(f"tome: positions='keep' merges in place on encoders without CLS; "
-                                    f"{anatomy.model_class}'s has one: use positions='compact' (ToMe's order)")
+        # in place on one sequence the split would start at CLS's place (anyres crops split their survivors as
+        # [CLS, survivors]); a model-level check (no encoder read yet) cannot tell the two apart
+        if anatomy.has_cls and c.positions == "keep" and anatomy.num_layers and anatomy.token_patches is None:
+            raise PassNotApplicable(f"tome: positions='keep' merges in place on encoders without CLS and on anyres "
+                                    f"images; {anatomy.model_class}'s encoder has one and runs each image as one "
+                                    "sequence: use positions='compact' (ToMe's order)")
         n = anatomy.num_layers
         if n and anatomy.patches_per_token > 1 and c.layers[-1] >= n - 1:
             raise PassConfigError(f"tome: layers={c.layers!r}: {anatomy.model_class}'s last encoder layer ({n - 1}) "
@@ -198,7 +193,8 @@ class ToMe(TokenPass):
         if n and c.layers[-1] >= n:
             raise PassConfigError(f"tome: layers={c.layers!r} do not fit the {n} encoder layers feeding the features; "
                                   f"use layers in 0..{n - 1}, e.g. layers={tuple(range(n))}")
-        if anatomy.grid is not None and c.keep is not None and c.keep > anatomy.grid[0] * anatomy.grid[1]:
+        if anatomy.token_patches is None and anatomy.grid is not None and c.keep is not None \
+                and c.keep > anatomy.grid[0] * anatomy.grid[1]:
             raise PassConfigError(f"tome: keep={c.keep} exceeds the {anatomy.grid[0] * anatomy.grid[1]} patches")
         if c.heads is not None and anatomy.layers:
             q = anatomy.layers[-1].attention.q.meta.get("val")
@@ -210,10 +206,40 @@ class ToMe(TokenPass):
         c = self.config
         in_place = c.positions == "keep"
         return [Plan(layer=l + 1, positions=c.positions,
-                     signals={"keys": Keys(l), "hidden": Hidden(l), "together": AttendTogether(l)},
+                     signals={"keys": Keys(l), "hidden": Hidden(l), "together": AttendTogether(l), "crops": CropOf()},
                      select=Choose(None, bipartite_merge, (("r", c.r), ("keep", c.keep),
                                                           ("layers_left", len(c.layers) - i), ("heads", c.heads),
                                                           ("cls", not in_place), ("in_place", in_place)),
                                    merges=True, ordered=not in_place, sized=True,
-                                   proportional=c.proportional_attention))
+                                   proportional=c.proportional_attention, masks_on_crops=in_place))
                 for i, l in enumerate(c.layers)]
+
+
+def _require_crops(c, anatomy):
+    """tome where a vision unit is several encoder sequences (anyres images, video frames): in place on an anyres
+    image's crops (positions='keep'); refused on videos, whose tokens are pooled or gathered after the encoder."""
+    crops = (f"where a vision unit of {anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder "
+             "sequence")
+    if anatomy.patches_per_token > 1 and not anatomy.pooled_hidden \
+            and anatomy.captured_features.meta["val"].dim() == 3:
+        raise PassNotApplicable(
+            f"tome: merges between vision encoder layers (layers={c.layers!r}), {crops} (a whole video's frames: on "
+            "video use video_unit='frame'), and the unit's tokens exist only after the gather that follows the "
+            "encoder: ToMe's merges remove tokens there, which graphprune cannot place")
+    if anatomy.patches_per_token > 1:
+        raise PassNotApplicable(
+            f"tome: merges between vision encoder layers (layers={c.layers!r}), but {anatomy.model_class}'s video "
+            f"tokens are each pooled from {anatomy.patches_per_token} encoder patches after the encoder, so a patch "
+            "ToMe merged away inside it (masked, still in its frame's sequence) would have no value for the pool; "
+            "prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass (anyres images take "
+            "tome(positions='keep'))")
+    if c.positions != "keep":
+        raise PassNotApplicable(
+            f"tome: merges between vision encoder layers (layers={c.layers!r}), {crops}, and an image's tokens exist "
+            "only after the packing gather that follows the encoder, so ToMe's compact order cannot place them: "
+            "give positions='keep' (each crop merged in place, merged-away patches masked as keys in the later "
+            "layers of their crop and as padding in the LLM; keep / r count per crop)")
+    patches = int(anatomy.layers[0].attention.q.meta["val"].shape[2]) - int(bool(anatomy.has_cls))
+    if c.keep is not None and c.keep > patches:
+        raise PassConfigError(f"tome: keep={c.keep} exceeds the {patches} patches of a crop ({anatomy.model_class}'s "
+                              "anyres images merge crop by crop: keep counts per crop)")

@@ -106,7 +106,7 @@ def merge_image(hidden: Tensor, tiles: list[Tensor], tau: float, order: str, mod
 @torch.no_grad()
 def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raster", mode: str = "static",
                  keys: float | None = None, filters: dict | None = None, steps: int = 16,
-                 encoder_layer: int | None = None, positions: str = "compact") -> dict:
+                 encoder_layer: int | None = None, positions: str = "compact", encoder_image=None) -> dict:
     """The pruned run: window merge per crop grid at the features (key set first when `keys` is a ratio), or
     with `encoder_layer` L inside the encoder in place (encoder_merge_image; the key set after it, off the
     merged tokens' CLS attention, as in the paper; every token keeps its position), then the LLM with `filters`
@@ -114,7 +114,8 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
     L + 1 runs reduced; the caches of the first..last filter layers cut to the final set), numbering tokens
     after a filter by `positions`. Returns lm_generate's output plus 'vision_keep': per kept prompt slot, the
     prompt index of the token whose value it holds (the authors' order moves an image's tokens among its kept
-    slots)."""
+    slots). encoder_image(crops, size) -> {'projected', 'valid'}: another in-place encoder merge (with
+    encoder_layer given) instead of the window merge (tests/reference_vision_llava_next_tome.py)."""
     emb, am, pos, vm = family_inputs(model, example)
     emb, am = emb.clone(), am.clone()
     prot = torch.zeros_like(vm)
@@ -133,7 +134,9 @@ def mustdrop_run(model, example, *, window: int, tau: float, order: str = "raste
                 projected = model.model.multi_modal_projector(out["states"])
             else:
                 pixels, size = next(images)
-                out = encoder_merge_image(model, pixels[:RN.crops_of(model, size)], size, encoder_layer, window, tau)
+                crops = pixels[:RN.crops_of(model, size)]
+                out = encoder_merge_image(model, crops, size, encoder_layer, window, tau) if encoder_image is None \
+                    else encoder_image(crops, size)
                 out["slots"] = out["emitted"] = torch.arange(out["valid"].shape[0])
                 out["protected"] = torch.zeros_like(out["valid"]) if keys is None else \
                     M.key_set(out["cls"][None], keys, out["valid"][None])[0]

@@ -108,3 +108,21 @@ def tome_image(model, crops: Tensor, size: Tensor, layers, r: int | None, keep: 
     feats = x[:, cls:] if model.config.vision_feature_select_strategy == "default" else x
     tokens = RN.packed(model, feats, size)
     return {"projected": model.model.multi_modal_projector(tokens.to(x.dtype)), "valid": valid, "merges": merges}
+
+
+def tome_run(model, example, *, layers, r: int | None = None, keep: int | None = None, proportional: bool = True,
+             heads: int | None = None, steps: int = 16) -> dict:
+    """The pruned run of tome(positions='keep') on anyres images: every image slot kept (merged-away ones
+    masked), positions as in the unpruned prompt. 'keep': the kept prompt indices; 'merges': per image (samples
+    in order), per merge layer, {token: token it joined} (prompt-order token indices of the image)."""
+    merges = []
+
+    def image(crops, size):
+        out = tome_image(model, crops, size, tuple(layers), r, keep, proportional, heads)
+        merges.append(out["merges"])
+        return out
+
+    ref = RM.mustdrop_run(model, example, window=0, tau=0.0, steps=steps, encoder_layer=min(layers) + 1,
+                          positions="keep", encoder_image=image)
+    ref["keep"], ref["merges"] = ref["vision_keep"], merges
+    return ref

@@ -159,17 +159,22 @@ def test_refused_before_work(llava_next, tmp_path):
         pruned(**ex.as_kwargs())
 
 
-@pytest.mark.parametrize("spec,why", [("tome(keep=6, layers=(0,))", r"tome: merges between vision encoder layers"),
-                                      ("mustdrop_merge(layer=1, window=2)", r"layer=1 merges inside the vision encoder")])
-def test_encoder_merges_refused_on_anyres_images(llava_next, spec, why):
-    """A pass that merges inside the encoder is refused at prune time, naming why: an anyres image is a base
-    view and crops, several encoder sequences, its tokens gathered after the encoder (mustdrop_merge(layer=None)
-    merges per crop grid at the features, mustdrop_merge(positions='keep', order='raster') in place inside the
-    encoder: tests/test_vision_llava_next_merge.py)."""
+def test_encoder_merges_refused_on_anyres_images(llava_next):
+    """A pass that merges inside the encoder out of place is refused at prune time, naming why: an anyres image is
+    a base view and crops, several encoder sequences, its tokens gathered after the encoder (mustdrop_merge(
+    layer=None) merges per crop grid at the features, mustdrop_merge(positions='keep', order='raster') in place
+    inside the encoder: tests/test_vision_llava_next_merge.py); tome's default compact order is refused naming
+    positions='keep' (in place, per crop: tests/test_vision_llava_next_tome.py)."""
     model, program = llava_next
-    with pytest.raises(PassNotApplicable, match=why + r".* 5 crops, each run as its own encoder sequence.*"
-                                                      r"positions='keep', order='raster'"):
-        gp.prune(model, spec, program=program)
+    with pytest.raises(PassNotApplicable, match=r"layer=1 merges inside the vision encoder.* 5 crops, each run as "
+                                                r"its own encoder sequence.*positions='keep', order='raster'"):
+        gp.prune(model, "mustdrop_merge(layer=1, window=2)", program=program)
+    with pytest.raises(PassNotApplicable, match=r"tome: merges between vision encoder layers.* 5 crops, each run as "
+                                                r"its own encoder sequence.*compact order.*give positions='keep'.*"
+                                                r"keep / r count per crop"):
+        gp.prune(model, "tome(keep=6, layers=(0,))", program=program)
+    with pytest.raises(PassConfigError, match=r"tome: keep=17 exceeds the 16 patches of a crop.*keep counts per crop"):
+        gp.prune(model, "tome(keep=17, layers=(0,), positions='keep')", program=program)
 
 
 def test_onevision_cls_and_interpolated_packing_refused(anyres):

@@ -9,10 +9,17 @@ merge and masks by hand, the tokens laid out by the model's own pack_image_featu
 reference.lm_generate): which token merged into which, prefill logits (fp32, atol 1e-5) and 16 greedy tokens on
 a left-padded batch of 2; a batch equals each sample alone."""
 import pytest
+import reference_vision_llava_next as RN
 import reference_vision_llava_next_tome as RT
 import torch
+from checks import assert_batch_equals_samples, assert_same_run
+from test_vision_llava_next import _built, _example
 
+import graphprune as gp
+from graphprune.errors import PassNotApplicable
 from graphprune.passes.tome import bipartite_merge
+from graphprune.rewrite.pipeline import Program
+from graphprune.tools import family_zoo
 
 STEPS = 16
 pytestmark = pytest.mark.filterwarnings("ignore::graphprune.errors.ShapeBucketWarning")
@@ -50,3 +57,70 @@ def test_crop_merge_on_a_toy_tensor(cls, r, keep):
     torch.testing.assert_close(out["sizes"][0, 0], want_s)
     torch.testing.assert_close(out["values"][0, 0], want_x, atol=1e-6, rtol=1e-6)
     assert float(out["sizes"][0, 0][out["valid"][0, 0]].sum()) == float(sizes[0, 0][valid].sum())
+
+
+# family, image size (a second NeXT bucket: a tall image), options; the first case of each family is fast
+CASES = [("llava_next", (50, 90), dict(keep=10, layers=(0,))),
+         ("llava_onevision", (50, 90), dict(r=5, layers=(0, 1))),
+         ("llava_next", (112, 56), dict(r=3, layers=(0, 1))),
+         ("llava_next", (50, 90), dict(keep=9, layers=(0,), heads=4, proportional_attention=False)),
+         ("llava_onevision", (112, 56), dict(keep=30, layers=(0, 1, 2), heads=4))]
+FAST = {0, 1}
+
+
+def _expected_mask(model, ex, ref):
+    """The LLM attention mask of the pruned prompt: the example's, with every merged-away token's slot 0."""
+    mask = ex.attention_mask.clone()
+    merges = iter(ref["merges"])
+    for s, row in enumerate(RN.units(model, ex)):
+        for blk in row:
+            for into in next(merges):
+                mask[s, blk[list(into)]] = 0
+    return mask.gather(1, ref["keep"])
+
+
+@pytest.mark.parametrize("family,size,opts", [
+    pytest.param(*case, marks=() if i in FAST else pytest.mark.slow) for i, case in enumerate(CASES)])
+def test_tome_in_place_on_crops_matches_reference(family, size, opts):
+    """tome(positions='keep') on anyres images against reference_vision_llava_next_tome.tome_run (the model's own
+    encoder layers crop by crop, each crop's merges by hand): the merged-away tokens of each image (masked in
+    the LLM; which token each joined is in the merged values the logits carry), every slot kept, prefill logits
+    and 16 greedy tokens on a left-padded batch of 2 images per prompt."""
+    model, program = _built(family)
+    ex = _example(model, size, seed=61)
+    ref = RT.tome_run(model, ex, layers=opts["layers"], r=opts.get("r"), keep=opts.get("keep"),
+                      proportional=opts.get("proportional_attention", True), heads=opts.get("heads"), steps=STEPS)
+    assert all(any(step for step in image) for image in ref["merges"])        # every image merged something
+    spec = "tome(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ", positions='keep')"
+    pruned = gp.prune(model, spec, program=program)
+    out = assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
+    assert torch.equal(out.cache[-1].mask.bool(), _expected_mask(model, ex, ref).bool())
+    info = pruned.program.results[0].info
+    assert info["at"] == ("encoder layer 1, per crop grid" if len(opts["layers"]) == 1 else None) or \
+        info["plans"][0]["at"] == "encoder layer 1, per crop grid"
+
+
+def test_onevision_video_and_one_sequence_cls_refused():
+    """LLaVA-OneVision's video tokens are pooled from 2 x 2 patches after the encoder: a patch ToMe merged away
+    inside it would have no value for the pool, refused at the call naming why (LLaVA-NeXT-Video alike:
+    tests/test_vision_llava_next_video.py::test_refusals); on a CLS tower that runs an image as one sequence
+    (LLaVA-1.5) positions='keep' is refused naming positions='compact'."""
+    model, program = _built("llava_onevision")
+    ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
+    pruned = gp.prune(model, "tome(keep=8, layers=(0,), positions='keep')", program=program)
+    with pytest.raises(PassNotApplicable, match=r"tome: merges between vision encoder layers.*video tokens are each "
+                                                r"pooled from 4 encoder patches after the encoder.*no value for the pool"):
+        pruned(**ex.as_kwargs())
+    llava = family_zoo.build("llava")
+    with pytest.raises(PassNotApplicable, match=r"positions='keep' merges in place on encoders without CLS and on "
+                                                r"anyres images.*use positions='compact'"):
+        gp.prune(llava, "tome(keep=8, layers=(0,), positions='keep')", program=Program.capture(llava, stages=("vision",)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_tome_in_place_batch_equals_alone(family):
+    model, program = _built(family)
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), seed=62)
+    pruned = gp.prune(model, "tome(r=3, layers=(0, 1), positions='keep')", program=program)
+    assert_batch_equals_samples(pruned, ex, STEPS)

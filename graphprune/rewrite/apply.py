@@ -121,11 +121,14 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
         sizes = g.call_function(tokenops.kept_sizes, (choice if sized else None, state.sizes, picked)) \
             if sized or state.sizes is not None else None
     hidden = _stream(anat, layer)
-    masked = (isinstance(rule, Choose) and rule.static_mask) or state.masked
-    if anat.stage == "vision" and layer < anat.num_layers and anat.token_patches is not None:
+    on_crops = anat.stage == "vision" and anat.token_patches is not None
+    masked = (isinstance(rule, Choose) and (rule.static_mask or rule.masks_on_crops and on_crops)) or state.masked
+    crop_rows = None
+    if on_crops and layer < anat.num_layers:
         # anyres crops (_in_place_on_crops): every slot stays, merged-away ones masked crop by crop
         rerouted, group = [], 1
         stream, key_valid = _merge_in_crops(gm, anat, anchor, layer, hidden, new_pos, new_index, values, valid)
+        crop_rows = stream
     else:
         # inside an encoder whose patches merge in groups after its last layer, a token is its group's patches
         group = anat.patches_per_token if anat.stage == "vision" and layer < anat.num_layers else 1
@@ -136,7 +139,7 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             anat.features = stream          # what now enters the projector: a later pass reduces this
         key_valid = _mask_invalid_keys(gm, anat, anchor, layer, new_pos, new_index, valid, group) if masked else None
     if isinstance(rule, Choose) and rule.proportional:
-        _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes, group)
+        _bias_keys_by_size(p, gm, anat, anchor, layer, new_pos, new_index, sizes, group, crop_rows)
     if plan.positions == "compact" and anat.stage != "vision":
         renumber(gm, anat, anchor, layer, new_index, key_valid, replaced)
     rewrites = isinstance(rule, Choose) and (rule.merges or rule.ordered)
@@ -237,7 +240,8 @@ def _in_place_on_crops(plan: Plan, anat: Anatomy) -> bool:
     gather after the encoder) that keeps every slot where it is (positions='keep', a static choice of every
     slot, only masking some): it needs no gather before the features, so it runs crop by crop."""
     rule = plan.select
-    return (plan.positions == "keep" and isinstance(rule, Choose) and rule.static_mask and rule.keep == 1.0
+    return (plan.positions == "keep" and isinstance(rule, Choose)
+            and (rule.static_mask and rule.keep == 1.0 or rule.masks_on_crops)
             and not rule.ordered and anat.patches_per_token == 1)
 
 
@@ -263,9 +267,16 @@ def _merge_in_crops(gm, anat: Anatomy, anchor, layer: int, stream, new_pos, new_
         per_crop = g.call_function(tokenops.crop_key_validity, (key_valid, put, *crops))
     for l in anat.layers[layer:]:
         sdpa, att = l.attention.node, l.attention
+        old = sdpa_mask(sdpa)
+        if isinstance(old, fx.Node) and old.target is tokenops.bias_keys:
+            # an earlier sized merge's proportional attention: mask under its bias, which a later one replaces
+            base = old.args[2] if len(old.args) > 2 else None
+            with g.inserting_before(old):
+                masked = g.call_function(tokenops.mask_keys, (base, per_crop, sdpa.args[0], att.is_causal))
+            old.args = (*old.args[:2], masked)
+            continue
         with g.inserting_before(sdpa):
-            _set_mask(att, g.call_function(tokenops.mask_keys, (sdpa_mask(sdpa), per_crop, sdpa.args[0],
-                                                                 att.is_causal)))
+            _set_mask(att, g.call_function(tokenops.mask_keys, (old, per_crop, sdpa.args[0], att.is_causal)))
     return put, key_valid
 
 
@@ -465,10 +476,11 @@ def _set_mask(att, mask: fx.Node) -> None:
 
 
 def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_pos, new_index, sizes,
-                       group: int = 1) -> None:
+                       group: int = 1, crop_rows=None) -> None:
     """Proportional attention (ToMe): every later encoder attention adds log(size) of each key to its
     logits, inside the attention's own mask (windows) where it has one. A later sized choice replaces the
-    bias (sizes are cumulative), it does not add to it."""
+    bias (sizes are cumulative), it does not add to it. crop_rows: the per-crop encoder rows of anyres images
+    (units x crops, S), which the log sizes are laid on (a token's at its patch, CLS and patches no token 0)."""
     g = gm.graph
     if anat.stage != "vision":
         raise PassConfigError(f"{p.name}: proportional attention is defined in the vision encoder only")
@@ -476,7 +488,11 @@ def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_
         return                                        # merged after the last encoder layer: no attention follows
     with g.inserting_before(anchor):
         log_size = g.call_function(tokenops.key_log_sizes, (new_index, new_pos, sizes, group))
-    anat.token_dims[log_size.name] = (0, (1,))       # a later selection gathers it like any token value
+        if crop_rows is not None:
+            log_size = g.call_function(tokenops.crop_key_log_sizes, (log_size, crop_rows, int(bool(anat.has_cls)),
+                                                                     anat.crops, anat.token_patches))
+        else:
+            anat.token_dims[log_size.name] = (0, (1,))       # a later selection gathers it like any token value
     for l in anat.layers[layer:]:
         att = l.attention
         old = sdpa_mask(att.node)

@@ -22,6 +22,7 @@ from graphprune.rewrite.pass_api import (
     AttendTogether,
     AttentionRows,
     CropNeighbours,
+    CropOf,
     CropTiles,
     Frames,
     Hidden,
@@ -62,7 +63,7 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
     if isinstance(sig, CropTiles) and anat.stage == "vision" and anat.token_patches is None \
             and anat.patches_per_token > 1:
         return _group_grid_tiles(g, anat, sig, layer, state)
-    if isinstance(sig, (CropNeighbours, CropTiles)):
+    if isinstance(sig, (CropNeighbours, CropTiles, CropOf)):
         if anat.stage != "vision" or anat.token_patches is None:
             return None
         if anat.patches_per_token != 1:
@@ -71,6 +72,8 @@ def extract_signal(gm, anat: Anatomy, sig, layer: int, state: TokenState, name: 
         cls = int(bool(anat.has_cls))
         side = math.isqrt(int(anat.layer(0).attention.q.meta["val"].shape[2]) - cls)
         offset = 0 if layer == anat.num_layers else cls      # after the projector the tokens have no CLS row
+        if isinstance(sig, CropOf):
+            return g.call_function(tokenops.token_crops, (anat.token_patches, state.vision_pos, offset, side, cls))
         op = tokenops.crop_neighbours if isinstance(sig, CropNeighbours) else tokenops.crop_tiles
         return g.call_function(op, (anat.token_patches, state.vision_pos, offset, side, anat.crops, sig.window))
     if isinstance(sig, SequenceIndex):
@@ -195,6 +198,8 @@ def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: T
     per crop, then gathered to the feature tokens as the graph gathers the features (tokenops.crop_tokens)."""
     att, offset = anat.layer(src).attention, int(bool(anat.has_cls))
     gather = (offset, anat.crops, anat.token_patches)
+    if isinstance(sig, AttendTogether):
+        return None                 # two tokens attend together exactly within one crop: CropOf says which
     if isinstance(sig, AttentionRows) and sig.query in ("cls", "all"):
         if sig.query == "cls" and not anat.has_cls:
             raise PassNotApplicable(f"{p.name} needs the CLS token of the vision encoder, and {anat.model_class} "
