@@ -187,6 +187,8 @@ def _info(p, plan, anat, layer, keep, rerouted) -> dict:
     if anat.stage == "vision":      # where a vision pass acted: an anyres image's crops merge at the features only
         # no crop count: it is the prune-time probe bucket's, not that of the images a call brings
         crops = ", per crop grid" if anat.token_patches is not None else ""
+        if crops and isinstance(plan.select, Choose) and plan.select.masks_on_crops:
+            crops += " (its counts per crop)"          # a rule run on each crop's sequence (ToMe's keep / r)
         info["at"] = "features" + crops if layer == anat.num_layers else f"encoder layer {layer}" + crops
     anat.selections.append(info)
     return info
