@@ -17,6 +17,7 @@ from test_vision_llava_next import _built, _example
 
 import graphprune as gp
 from graphprune.errors import PassNotApplicable
+from graphprune.passes import tome
 from graphprune.passes.tome import bipartite_merge
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
@@ -68,6 +69,38 @@ CASES = [("llava_next", (50, 90), dict(keep=10, layers=(0,))),
 FAST = {0, 1}
 
 
+def _merges_seen(pruned, ex, monkeypatch):
+    """Each merge step's output as the pruned vision stage computes it: per merge layer, (images, V) validity and
+    sizes, recorded off graphprune's per-crop merge rule."""
+    seen, rule = [], tome.merge_in_crops
+
+    def recording(*args):
+        out = rule(*args)
+        seen.append({k: out[k][:, 0].clone() for k in ("valid", "sizes")})
+        return out
+
+    monkeypatch.setattr(tome, "merge_in_crops", recording)
+    pruned(**ex.as_kwargs())
+    monkeypatch.undo()
+    return seen
+
+
+def _expected_merges(model, ex, ref):
+    """The same from the reference's merges ({token: token it joined} per image and layer): a merged-away token
+    invalid from then on (keeping its size), the token it joined taking its size."""
+    counts = [len(blk) for row in RN.units(model, ex) for blk in row]
+    valid = [torch.ones(t, dtype=torch.bool) for t in counts]
+    sizes = [torch.ones(t) for t in counts]
+    steps = []
+    for layer in range(len(ref["merges"][0])):
+        for i, image in enumerate(ref["merges"]):
+            for src, dst in image[layer].items():
+                valid[i][src] = False
+                sizes[i][dst] += sizes[i][src]
+        steps.append({"valid": torch.stack(valid), "sizes": torch.stack(sizes)})
+    return steps
+
+
 def _expected_mask(model, ex, ref):
     """The LLM attention mask of the pruned prompt: the example's, with every merged-away token's slot 0."""
     mask = ex.attention_mask.clone()
@@ -81,11 +114,12 @@ def _expected_mask(model, ex, ref):
 
 @pytest.mark.parametrize("family,size,opts", [
     pytest.param(*case, marks=() if i in FAST else pytest.mark.slow) for i, case in enumerate(CASES)])
-def test_tome_in_place_on_crops_matches_reference(family, size, opts):
+def test_tome_in_place_on_crops_matches_reference(family, size, opts, monkeypatch):
     """tome(positions='keep') on anyres images against reference_vision_llava_next_tome.tome_run (the model's own
-    encoder layers crop by crop, each crop's merges by hand): the merged-away tokens of each image (masked in
-    the LLM; which token each joined is in the merged values the logits carry), every slot kept, prefill logits
-    and 16 greedy tokens on a left-padded batch of 2 images per prompt."""
+    encoder layers crop by crop, each crop's merges by hand): per merge layer the merged-away tokens of each image
+    and the sizes of the tokens they joined (which token joined which is then in the merged values the logits
+    carry), the merged-away slots masked in the LLM, every slot kept, prefill logits and 16 greedy tokens on a
+    left-padded batch of 2 two-image prompts."""
     model, program = _built(family)
     ex = _example(model, size, seed=61)
     ref = RT.tome_run(model, ex, layers=opts["layers"], r=opts.get("r"), keep=opts.get("keep"),
@@ -95,6 +129,10 @@ def test_tome_in_place_on_crops_matches_reference(family, size, opts):
     pruned = gp.prune(model, spec, program=program)
     out = assert_same_run(pruned, ex, ref, STEPS, kept=ref["keep"])
     assert torch.equal(out.cache[-1].mask.bool(), _expected_mask(model, ex, ref).bool())
+    # which token merged into which: the merged-away tokens and the sizes the tokens they joined took
+    for got, want in zip(_merges_seen(pruned, ex, monkeypatch), _expected_merges(model, ex, ref), strict=True):
+        assert torch.equal(got["valid"], want["valid"])
+        torch.testing.assert_close(got["sizes"].float(), want["sizes"])
     info = pruned.program.results[0].info           # recorded at prune time, on the probe bucket's crops
     assert info.get("plans", [info])[0]["at"] == "encoder layer 1, per crop grid (its counts per crop)"
 
