@@ -21,16 +21,18 @@ the same keys and pairs).
 
 positions="keep" merges in place: the kept tokens stay at their own slots in raster order (a merged
 token at its B token's slot), so each keeps its own position ids in the encoder (rotary tables) and in
-the LLM. On one sequence it is for encoders without CLS (Qwen2-VL / Qwen2.5-VL), which take it only: the split alternates from the first
-token (A = even places), a token is a 2x2 merge group (its 4 patches merged with those of the group it
-joins, patch by patch; its key the mean of theirs), and two tokens may merge only where they attend
-together in the layer whose keys match them (AttendTogether: the same window in a windowed block).
+the LLM. On one sequence it is for encoders without CLS (Qwen2-VL / Qwen2.5-VL), which take it only: the
+split alternates from the first token (A = even places), a token is a 2x2 merge group (its 4 patches
+merged with those of the group it joins, patch by patch; its key the mean of theirs), and two tokens may
+merge only where they attend together in the layer whose keys match them (AttendTogether: the same window
+in a windowed block).
 On anyres images (LLaVA-NeXT with CLS, LLaVA-OneVision without) positions="keep" merges each crop (one ViT
 sequence) in place: an image's tokens exist only after the gather that follows the encoder, so every slot
 stays, merged-away patches masked as keys in the later layers of their crop and as padding in the LLM. A
 crop's surviving tokens (valid, raster order; patches unpadded away are none) split as ToMe splits [CLS,
 survivors] (CropOf), its r best matches merge, never across crops. keep and r count PER CROP there (the
-pass's info['at'] says "per crop grid (its counts per crop)"). Videos pooled after the encoder (OneVision, NeXT-Video) are refused.
+pass's info['at'] says "per crop grid (its counts per crop)"). Videos pooled after the encoder (OneVision,
+NeXT-Video) are refused.
 Departures and their effect: docs/methods.md.
 """
 import math

@@ -262,13 +262,15 @@ def test_mustdrop_keys_protect_pooled_tokens(unit, capacity):
 @pytest.mark.slow
 def test_refusals():
     """A pass that reads a pooled token's crop-grid cells (visiontrim_vision, mustdrop_merge) or merges inside the
-    encoder (tome) is refused naming why; so is a prompt of images and videos in the vision stage (one encoder
-    graph a call)."""
+    encoder (tome in place: a patch merged away would have no value for the pool after the encoder) is refused
+    naming why; so is a prompt of images and videos in the vision stage (one encoder graph a call)."""
     model, program = _built()
     ex = _video(model, seed=78)
     for spec, why in [("visiontrim_vision(keep=3)", "pooled from 4 encoder patches, no cells of one crop grid"),
                       ("mustdrop_merge(layer=None, window=2)", "pooled from 4 encoder patches each.*no cells of a crop"),
-                      ("tome(keep=2, layers=(0,))", "tome: merges between vision encoder layers")]:
+                      ("tome(keep=2, layers=(0,), positions='keep')",
+                       "tome: merges between vision encoder layers.*pooled from 4 encoder patches after the encoder.*"
+                       "no value for the pool")]:
         with pytest.raises(PassNotApplicable, match=why):
             gp.prune(model, spec, program=program, video_unit="video")(**ex.as_kwargs())
     both = family_zoo.example(model, batch=1, items=("image", "video"), frames=12, image_size=(50, 90), seed=78)
