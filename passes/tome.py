@@ -180,6 +180,13 @@ class ToMe(TokenPass):
 
     def requires(self, anatomy):
         c = self.config
+        if anatomy.token_patches is not None and anatomy.crops == 1 and anatomy.patches_per_token > 1:
+            raise PassNotApplicable(
+                f"tome: merges between vision encoder layers (layers={c.layers!r}), and {anatomy.model_class}'s "
+                f"feature tokens are pooled from {anatomy.patches_per_token} encoder patches each after the encoder "
+                "(the mean of a patch block, Gemma 3's projector pooling): a patch merged into another one inside "
+                "the encoder leaves no value of its own for its block's mean; prune these tokens with vision_topk, "
+                "random(stage='vision'), visionzip or vispruner (at the features)")
         if anatomy.token_patches is not None:
             _require_crops(c, anatomy)
         else:
