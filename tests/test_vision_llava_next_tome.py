@@ -13,11 +13,11 @@ import reference_vision_llava_next as RN
 import reference_vision_llava_next_tome as RT
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
+from graphprune.passes.tome import bipartite_merge
 from test_vision_llava_next import _built, _example
 
 import graphprune as gp
 from graphprune.errors import PassNotApplicable
-from graphprune.passes.tome import bipartite_merge
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 
@@ -107,8 +107,10 @@ def test_onevision_video_and_one_sequence_cls_refused():
     model, program = _built("llava_onevision")
     ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
     pruned = gp.prune(model, "tome(keep=8, layers=(0,), positions='keep')", program=program)
-    with pytest.raises(PassNotApplicable, match=r"tome: merges between vision encoder layers.*video tokens are each "
-                                                r"pooled from 4 encoder patches after the encoder.*no value for the pool"):
+    with pytest.raises(PassNotApplicable, match=r"tome: merges between vision encoder layers.*tokens here are each "
+                                                r"pooled from 4 encoder patches after the encoder.*no value of its own "
+                                                r"for the pool; prune these tokens with vision_topk, random\(stage='vision'\) "
+                                                r"or an LLM-stage pass"):
         pruned(**ex.as_kwargs())
     llava = family_zoo.build("llava")
     with pytest.raises(PassNotApplicable, match=r"positions='keep' merges in place on encoders without CLS and on "
