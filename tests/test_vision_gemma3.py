@@ -135,3 +135,16 @@ def test_refusals():
                       ("mustdrop_merge(layer=None, window=2)", "mustdrop_merge: .*pooled from 4 encoder patches")]:
         with pytest.raises(PassNotApplicable, match=why):
             gp.prune(model, spec, program=program)
+
+
+@pytest.mark.slow
+def test_onnx_export_refused_before_work(tmp_path):
+    """The captured vision stage gives Gemma 3 every graph, but its prefill's attention groups do not export: the
+    export is refused naming them, before anything is written."""
+    pytest.importorskip("onnx")
+    from graphprune.targets.onnx import export_onnx
+    model, program = _built()
+    pruned = gp.prune(model, "vision_topk(keep=5)", program=program)
+    with pytest.raises(UnsupportedModelError, match="bidirectional attention groups"):
+        export_onnx(pruned, tmp_path / "out", example=_images(model).as_kwargs())
+    assert not (tmp_path / "out").exists()

@@ -124,8 +124,9 @@ class Gemma3VisionStage(nn.Module):
     def forward(self, pixel_values):
         hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state
         t, group = self.token_patches.shape
-        pooled = hidden.index_select(1, self.token_patches.flatten()).reshape(hidden.shape[0], t, group, -1).mean(2)
-        return self.multi_modal_projector(pooled)
+        blocks = hidden.index_select(1, self.token_patches.flatten()).reshape(hidden.shape[0], t, group, -1)
+        # accumulated in fp32, as AvgPool2d accumulates low-precision inputs
+        return self.multi_modal_projector(blocks.mean(2, dtype=torch.float32).to(hidden.dtype))
 
 
 class Gemma3ImageFeatures(nn.Module):
