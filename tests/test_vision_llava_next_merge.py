@@ -13,12 +13,12 @@ import reference_mustdrop as M
 import reference_vision_llava_next_merge as RM
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
-from graphprune.passes.mustdrop import merge_windows
 from test_vision_llava_next import _built, _example
 
 import graphprune as gp
 from graphprune import tokenops
 from graphprune.errors import PassNotApplicable
+from graphprune.passes.mustdrop import merge_windows
 from graphprune.tools import family_zoo
 
 STEPS = 16

@@ -13,11 +13,11 @@ import reference_vision_llava_next as RN
 import reference_vision_llava_next_tome as RT
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
-from graphprune.passes.tome import bipartite_merge
 from test_vision_llava_next import _built, _example
 
 import graphprune as gp
 from graphprune.errors import PassNotApplicable
+from graphprune.passes.tome import bipartite_merge
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo
 
