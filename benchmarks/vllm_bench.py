@@ -286,8 +286,8 @@ def main():
     pipeline = pipeline_string(a.pipeline)
 
     import vllm
-    from graphprune.targets.vllm_plugin import vision_tokens_kept
 
+    from graphprune.targets.vllm_plugin import vision_tokens_kept
     from graphprune.tools import vqa
     from graphprune.tools.vqa_model import load_items
 

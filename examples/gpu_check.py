@@ -179,9 +179,8 @@ def graphs(ctx):
 
 
 def onnx(ctx):
-    from graphprune.targets.ort import OrtPrunedModel
-
     import graphprune as gp
+    from graphprune.targets.ort import OrtPrunedModel
 
     gen = ctx["gen"]
     with tempfile.TemporaryDirectory() as d:
@@ -199,9 +198,8 @@ def onnx(ctx):
 
 
 def flash(ctx):
-    from graphprune.targets.flash import flash_kernel
-
     import graphprune as gp
+    from graphprune.targets.flash import flash_kernel
 
     if flash_kernel() is None:
         print("[flash] flash-attn not importable (pip install 'graphprune[gpu]'): the layers use SDPA")

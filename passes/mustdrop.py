@@ -207,9 +207,10 @@ def _require_crop_grids(c, anatomy):
     """mustdrop_merge on anyres images (several crops, each its own encoder sequence): at the features, or in
     place inside the encoder (every slot kept, merged-away ones masked crop by crop)."""
     if anatomy.patches_per_token > 1:
-        raise PassNotApplicable(f"mustdrop_merge: {anatomy.model_class}'s video tokens are pooled from "
-                                f"{anatomy.patches_per_token} encoder patches each (a frame's patch block), no cells of a crop grid "
-                                "to tile; prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass")
+        raise PassNotApplicable(f"mustdrop_merge: {anatomy.model_class}'s tokens here are pooled from "
+                                f"{anatomy.patches_per_token} encoder patches each (a video frame's or, on Gemma 3, an "
+                                "image's patch block), no cells of a crop grid to tile; prune them with vision_topk, "
+                                "random(stage='vision') or an LLM-stage pass")
     inside = c.layer is not None and c.layer < anatomy.num_layers
     if inside and (c.positions != "keep" or c.mode != "static"):
         raise PassNotApplicable(

@@ -182,6 +182,8 @@ class ToMe(TokenPass):
 
     def requires(self, anatomy):
         c = self.config
+        if anatomy.token_patches is not None and anatomy.crops == 1 and anatomy.patches_per_token > 1:
+            raise _pooled_after_the_encoder(c, anatomy)
         if anatomy.token_patches is not None:
             _require_crops(c, anatomy)
         else:
@@ -237,12 +239,7 @@ def _require_crops(c, anatomy):
             "video use video_unit='frame'), and the unit's tokens exist only after the gather that follows the "
             "encoder: ToMe's merges remove tokens there, which graphprune cannot place")
     if anatomy.patches_per_token > 1:
-        raise PassNotApplicable(
-            f"tome: merges between vision encoder layers (layers={c.layers!r}), but {anatomy.model_class}'s video "
-            f"tokens are each pooled from {anatomy.patches_per_token} encoder patches after the encoder, so a patch "
-            "ToMe merged away inside it (masked, still in its frame's sequence) would have no value for the pool; "
-            "prune these videos with vision_topk, random(stage='vision') or an LLM-stage pass (anyres images take "
-            "tome(positions='keep'))")
+        raise _pooled_after_the_encoder(c, anatomy)
     if c.positions != "keep":
         raise PassNotApplicable(
             f"tome: merges between vision encoder layers (layers={c.layers!r}), {crops}, and an image's tokens exist "
@@ -253,3 +250,14 @@ def _require_crops(c, anatomy):
     if c.keep is not None and c.keep > patches:
         raise PassConfigError(f"tome: keep={c.keep} exceeds the {patches} patches of a crop ({anatomy.model_class}'s "
                               "anyres images merge crop by crop: keep counts per crop)")
+
+
+def _pooled_after_the_encoder(c, anatomy) -> PassNotApplicable:
+    """Tokens pooled from patch blocks after the encoder (Gemma 3's projector, video frames): no ToMe inside it."""
+    alternatives = ("vision_topk, random(stage='vision'), visionzip or vispruner (at the features)"
+                    if anatomy.pooled_hidden else "vision_topk, random(stage='vision') or an LLM-stage pass")
+    return PassNotApplicable(
+        f"tome: merges between vision encoder layers (layers={c.layers!r}), but {anatomy.model_class}'s tokens here "
+        f"are each pooled from {anatomy.patches_per_token} encoder patches after the encoder (the mean of a patch "
+        "block), so a patch ToMe merged away inside the encoder would have no value of its own for the pool; prune "
+        f"these tokens with {alternatives} (anyres images take tome(positions='keep'))")

@@ -52,11 +52,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from graphprune.targets.dynamo_padding import PADDED, refuse_padded, watch_decodes
 from torch import fx
 
 from graphprune.anatomy.read import layer_of, module_path
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable, UnsupportedModelError
+from graphprune.targets.dynamo_padding import PADDED, refuse_padded, watch_decodes
 
 OPTIONS = {"pipeline": "a method or pipeline string, a TOML path, or a list of passes (required)",
            "compiler": '"inductor" (default) or "eager" (the rewritten graphs run uncompiled)',
@@ -575,8 +575,9 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, options=None, **unuse
     if not _WATCHING:
         raise PassNotApplicable(_UNWATCHED)
     if opts.compiler != "eager":          # a model pruned through per-layer frames: eager only, say so at once
-        from graphprune.targets.dynamo_layers import check_compiler, layered_family
         from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        from graphprune.targets.dynamo_layers import check_compiler, layered_family
         tx = InstructionTranslator.current_tx()
         family = layered_family(tx.f_locals.get("self") if tx is not None else None)
         if family is not None:

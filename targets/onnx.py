@@ -129,6 +129,11 @@ def _check_exportable(pruned, out_dir: str, overwrite: bool) -> None:
     if isinstance(pruned.family, Qwen2VLFamily) and pruned.family.deepstack_layers():
         raise UnsupportedModelError(pruned.family.model_class, "ONNX export of its DeepStack features",
                                     "(added at the first LM layers); Qwen2-VL and Qwen2.5-VL export")
+    if pruned.family.attention_groups_input:
+        raise UnsupportedModelError(pruned.family.model_class, "ONNX export",
+                                    "its prefill takes bidirectional attention groups (token_type_ids: Gemma 3's "
+                                    "image blocks, PaliGemma's prefix), which no exported graph carries yet (its "
+                                    "sequence length specialises there); use graphprune.prune(model, ...) in torch")
     host = host_vision(pruned)
     if pruned.program.vision_passes:         # (LLaVA-NeXT / OneVision: vision.onnx is the model's own encoding)
         kept = "keeps on the host in torch" if host else "writes as the model's own encoding of one shape bucket"

@@ -14,10 +14,10 @@ import authors_reference as A
 import pytest
 import reference as R
 import torch
-from graphprune.passes.dart import set_iteration_order
 
 import graphprune as gp
 from graphprune.errors import PassConfigError
+from graphprune.passes.dart import set_iteration_order
 from graphprune.tools import vqa, zoo
 from graphprune.tools.instrument import record_selections
 from graphprune.tools.zoo import llava_example, tiny_llava

@@ -9,11 +9,11 @@ import pytest
 import reference_evs as E
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
-from graphprune.passes.dycoke import dycoke_keep
 from test_families import _model
 
 import graphprune as gp
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.passes.dycoke import dycoke_keep
 from graphprune.tools import family_zoo
 
 STEPS = 16

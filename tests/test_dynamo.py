@@ -15,12 +15,12 @@ import warnings
 
 import pytest
 import torch
-from graphprune.targets.dynamo import BackendOptions, graphprune_backend, pruned_graphs
 from torch import fx
 
 import graphprune as gp
 from graphprune import tokenops
 from graphprune.errors import InputError, PassConfigError, PassNotApplicable
+from graphprune.targets.dynamo import BackendOptions, graphprune_backend, pruned_graphs
 from graphprune.tools import zoo
 
 
@@ -235,9 +235,9 @@ def test_prefill_runs_mask_free_where_the_prompt_is_plain_causal(padded):
     the prompt is plain causal; the mask's values pick, per call, between two compiled graphs: a
     batch-1 prompt runs the mask-free one, a left-padded batch the masked one; logits as gp.prune's."""
     import torch.nn.functional as F
-    from graphprune.targets.dynamo import _PROGRAMS
 
     from graphprune.families import family_of
+    from graphprune.targets.dynamo import _PROGRAMS
     model = zoo.tiny_llava()            # its own instance: one rewritten program to look at
     kw = zoo.llava_example(model, batch=2 if padded else 1, pad=(0, 3) if padded else (), seed=4).as_kwargs()
     pipeline = "fastv(layer=2, keep=8)"

@@ -13,11 +13,11 @@ import reference_evs as E
 import reference_families as RF
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
-from graphprune.passes.evs import evs_keep
 from test_families import _model
 
 import graphprune as gp
 from graphprune.errors import InputError, NothingPrunedWarning, PassConfigError, PassNotApplicable
+from graphprune.passes.evs import evs_keep
 from graphprune.tools import family_zoo
 
 STEPS = 16

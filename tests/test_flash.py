@@ -7,10 +7,10 @@ graphprune. The real kernel runs in examples/gpu_check.py and the GPU-marked tes
 """
 import pytest
 import torch
-from graphprune.targets import flash
 
 import graphprune as gp
 from graphprune.errors import InputError
+from graphprune.targets import flash
 from graphprune.tools import zoo
 
 

@@ -12,14 +12,14 @@ import reference as R
 import reference_mustdrop as RM
 import torch
 import torch.nn.functional as F
-from graphprune.passes.dart import dart_keep
-from graphprune.passes.mustdrop import filter_tokens, merge_windows
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
 from graphprune import tokenops
 from graphprune.errors import InputError
+from graphprune.passes.dart import dart_keep
+from graphprune.passes.mustdrop import filter_tokens, merge_windows
 from graphprune.rewrite import blocks
 from graphprune.tools.zoo import llava_example
 

@@ -17,13 +17,13 @@ pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip insta
 
 import onnx  # noqa: E402
 import torch  # noqa: E402
+
+import graphprune as gp  # noqa: E402
+from graphprune.errors import GraphVerificationError, InputError, PassConfigError  # noqa: E402
 from graphprune.targets import onnx as gonnx  # noqa: E402
 from graphprune.targets.lint import check_static_onnx  # noqa: E402
 from graphprune.targets.onnx import export_onnx  # noqa: E402
 from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
-
-import graphprune as gp  # noqa: E402
-from graphprune.errors import GraphVerificationError, InputError, PassConfigError  # noqa: E402
 from graphprune.tools import zoo  # noqa: E402
 
 METHODS = {

@@ -21,13 +21,13 @@ pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip insta
 
 import onnxruntime  # noqa: E402
 import torch  # noqa: E402
+
+import graphprune as gp  # noqa: E402
+from graphprune.errors import InputError, PassConfigError, ShapeBucketWarning  # noqa: E402
 from graphprune.targets.lint import check_static_onnx  # noqa: E402
 from graphprune.targets.manifest import Manifest  # noqa: E402
 from graphprune.targets.onnx import export_onnx  # noqa: E402
 from graphprune.targets.ort import OrtPrunedModel  # noqa: E402
-
-import graphprune as gp  # noqa: E402
-from graphprune.errors import InputError, PassConfigError, ShapeBucketWarning  # noqa: E402
 from graphprune.tools import family_zoo  # noqa: E402
 
 STEPS = 16

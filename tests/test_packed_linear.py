@@ -7,13 +7,13 @@ import pytest
 import reference as R
 import reference_dart as D
 import torch
-from graphprune.targets import packed_linear
-from graphprune.targets.packed_linear import pack_linear_weights, packed_weight, packing_available
 from test_methods import _check as check_cache
 from test_passes import STEPS, _after_cls, _check
 
 import graphprune as gp
 from graphprune.errors import InputError
+from graphprune.targets import packed_linear
+from graphprune.targets.packed_linear import pack_linear_weights, packed_weight, packing_available
 from graphprune.tools.zoo import llava_example, qwen2vl_example
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")

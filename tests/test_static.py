@@ -1,11 +1,11 @@
 """Static shapes: the static-cache decode step, its compilation, and the CUDA-graph lint."""
 import pytest
 import torch
-from graphprune.targets.lint import check_static
 
 import graphprune as gp
 from graphprune.errors import GraphVerificationError
 from graphprune.rewrite.positions import layer_lengths
+from graphprune.targets.lint import check_static
 from graphprune.tools.zoo import llava_example
 
 MUSTDROP = "mustdrop(keep=12, layers=(1, 2), gamma=0.0278, alpha=0.0235, tau=0.01, mode='{}'{})"

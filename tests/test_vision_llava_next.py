@@ -12,7 +12,6 @@ import reference_vision_llava_next as RN
 import reference_visiontrim as VT
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
-from graphprune.targets.onnx import export_onnx
 
 import graphprune as gp
 from graphprune import tokenops
@@ -22,6 +21,7 @@ from graphprune.families import family_of
 from graphprune.families.anyres_vision import packed_index, pooled_index
 from graphprune.rewrite.blocks import table_ltam_scores
 from graphprune.rewrite.pipeline import Program
+from graphprune.targets.onnx import export_onnx
 from graphprune.tools import family_zoo
 from graphprune.tools.zoo import Example, left_pad
 from graphprune.verify.eager import check_against_eager

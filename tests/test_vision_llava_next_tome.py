@@ -145,8 +145,10 @@ def test_onevision_video_and_one_sequence_cls_refused():
     model, program = _built("llava_onevision")
     ex = family_zoo.example(model, batch=1, items=("video",), frames=2, seed=41)
     pruned = gp.prune(model, "tome(keep=8, layers=(0,), positions='keep')", program=program)
-    why = r"tome: merges between vision encoder layers.*video tokens are each pooled from 4 encoder patches after"
-    with pytest.raises(PassNotApplicable, match=why + r" the encoder.*no value for the pool"):
+    why = r"tome: merges between vision encoder layers.*tokens here are each pooled from 4 encoder patches after"
+    with pytest.raises(PassNotApplicable, match=why + r" the encoder.*no value of its own for the pool; prune these "
+                                                      r"tokens with vision_topk, random\(stage='vision'\) or an "
+                                                      r"LLM-stage pass"):
         pruned(**ex.as_kwargs())
     llava = family_zoo.build("llava")
     with pytest.raises(PassNotApplicable, match=r"positions='keep' merges in place on encoders without CLS and on "

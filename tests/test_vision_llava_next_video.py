@@ -270,7 +270,7 @@ def test_refusals():
                       ("mustdrop_merge(layer=None, window=2)", "pooled from 4 encoder patches each.*no cells of a crop"),
                       ("tome(keep=2, layers=(0,), positions='keep')",
                        "tome: merges between vision encoder layers.*pooled from 4 encoder patches after the encoder.*"
-                       "no value for the pool")]:
+                       "no value of its own for the pool")]:
         with pytest.raises(PassNotApplicable, match=why):
             gp.prune(model, spec, program=program, video_unit="video")(**ex.as_kwargs())
     both = family_zoo.example(model, batch=1, items=("image", "video"), frames=12, image_size=(50, 90), seed=78)

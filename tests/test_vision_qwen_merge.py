@@ -13,10 +13,10 @@ import pytest
 import reference_vision_qwen_merge as RMG
 import torch
 from checks import assert_batch_equals_samples, assert_same_run
-from graphprune.passes.mustdrop import MustDropMerge, mustdrop
 
 import graphprune as gp
 from graphprune.errors import PassConfigError, PassNotApplicable
+from graphprune.passes.mustdrop import MustDropMerge, mustdrop
 from graphprune.rewrite.blocks import grid_tile_table
 from graphprune.rewrite.pipeline import Program
 from graphprune.tools import family_zoo

@@ -187,8 +187,9 @@ def test_register_refuses_what_vllm_cannot_serve(monkeypatch, pipeline, says):
 
 
 def test_register_without_pipeline_leaves_vllm_alone(monkeypatch):
-    from graphprune.targets import vllm_plugin as plugin
     from vllm import ModelRegistry
+
+    from graphprune.targets import vllm_plugin as plugin
     monkeypatch.delenv(plugin.PIPELINE_ENV, raising=False)
     before = ModelRegistry.models["LlavaForConditionalGeneration"]
     plugin.register()

@@ -335,17 +335,17 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
     names = list(getattr(module, "output_names", ["features"]))
     gm.meta["graphprune_outputs"] = names + (["vision_last_hidden"] if through_last else [])
     mark_per_token_outputs(gm, names, getattr(module, "per_token_outputs", ()))
-    if bucket is not None:          # the token grid the features come in (the encoder's patches are grouped)
+    if hasattr(module, "grid"):     # the token grid the features come in (the encoder's patches are grouped)
         gm.meta["graphprune_token_grid"] = tuple(module.grid)
-        if hasattr(module, "token_patches"):    # anyres: tokens gathered from several crops' patches
-            gm.meta["graphprune_crops"] = module.crops
-            # LLaVA-NeXT-Video: a pooled token's patches are averaged before the projector, so the mean of their
-            # hidden states is what the projector maps (OneVision pools after it: no such state)
-            gm.meta["graphprune_pooled_hidden"] = bool(getattr(module, "pool_before_projector", False))
+    if hasattr(module, "token_patches"):    # tokens gathered from (several crops') patches: anyres, pooled grids
+        gm.meta["graphprune_crops"] = module.crops
+        # LLaVA-NeXT-Video: a pooled token's patches are averaged before the projector, so the mean of their
+        # hidden states is what the projector maps (OneVision pools after it, Gemma 3 after a post-layernorm)
+        gm.meta["graphprune_pooled_hidden"] = bool(getattr(module, "pool_before_projector", False))
     check = None
     if device.type != "meta":
         check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)
-    eager = None if bucket is None else family.vision_eager_module(bucket)
+    eager = family.vision_eager_module(bucket)
     return Stage("vision", gm, ["pixel_values"], module=eager or module, check_inputs=check)
 
 

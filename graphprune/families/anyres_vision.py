@@ -83,6 +83,15 @@ def pooled_index(family) -> torch.Tensor:
     return index
 
 
+def block_index(side: int, stride: int) -> torch.Tensor:
+    """(tokens, stride^2) the raster patches (of a side x side grid) each token of an average pooling with
+    kernel = stride reads, tokens in raster order; a side the stride does not divide leaves its last patch rows
+    and columns out, as the pooling does."""
+    starts = torch.arange(0, side - stride + 1, stride)
+    corner = (starts[:, None] * side + starts[None, :]).reshape(-1, 1)
+    return corner + (torch.arange(stride)[:, None] * side + torch.arange(stride)[None, :]).reshape(1, -1)
+
+
 def resampled_index(family) -> torch.Tensor:
     """(tokens, stride^2) for a LLaVA-NeXT-Video frame: the patches each token of its vision_resampler averages
     (AvgPool2d, kernel = stride = spatial_pool_stride; a side the stride does not divide leaves its last patch rows
@@ -96,9 +105,7 @@ def resampled_index(family) -> torch.Tensor:
                                 "encoder patches a vision-stage pass could score; prune its videos with a feature-level "
                                 "pass (divprune, evs) or an LLM-stage one")
     side = vc.image_size // vc.patch_size
-    starts = torch.arange(0, side - stride + 1, stride)
-    corner = (starts[:, None] * side + starts[None, :]).reshape(-1, 1)
-    index = corner + (torch.arange(stride)[:, None] * side + torch.arange(stride)[None, :]).reshape(1, -1)
+    index = block_index(side, stride)
     probe = torch.randn(1, side * side, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     pooled = family.body().vision_resampler(probe)
     if pooled.shape[1:] != (index.shape[0], 3) or not torch.allclose(pooled[0], probe[0, index].mean(1)):

@@ -112,8 +112,8 @@ class Family:
         return None if read is None else (self.body().vision_tower, read)
 
     def vision_eager_module(self, bucket) -> nn.Module | None:
-        """The model's own computation of a bucket's features (its get_image_features), for checking the
-        capture; None: the captured module itself is that."""
+        """The model's own computation of a bucket's features (its get_image_features; bucket None: of a
+        vision stage captured once), for checking the capture; None: the captured module itself is that."""
         return None
 
     def vision_example(self, bucket, images: int) -> torch.Tensor:

@@ -215,12 +215,15 @@ def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: T
     if (isinstance(sig, Hidden) and anat.patches_per_token > 1 and not anat.pooled_hidden
             and anat.captured_features.meta["val"].dim() == 3):
         # a token that enters the projector as one row (a whole Qwen video: its frame's 2x2 merge group, normed
-        # and concatenated) has that row as its last-layer hidden state, as on a single frame
+        # and concatenated; a Gemma 3 image token: its block's mean of the post-layernormed patches) has that row
+        # as its last-layer hidden state, as on a single frame
         if sig.norm or src != anat.num_layers - 1:
+            where = (f"of {anat.crops} encoder sequences (a whole video's frames)" if anat.crops > 1
+                     else "pooled after the encoder")
             raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: {anat.model_class}'s tokens are groups of "
-                                    f"{anat.patches_per_token} patches of {anat.crops} encoder sequences (a whole "
-                                    "video's frames), with a hidden state of their own at the last layer only, where "
-                                    "they enter the merger; read Hidden(-1), or use video_unit='frame'")
+                                    f"{anat.patches_per_token} patches {where}, with a hidden state of their own at "
+                                    "the last layer only, where they enter the projector; read Hidden(-1)"
+                                    + (", or use video_unit='frame'" if anat.crops > 1 else ""))
         return _features_at(g, anat.captured_features, keys, "vision", 0, 1)
     if isinstance(sig, Hidden) and anat.patches_per_token > 1 and not anat.pooled_hidden:
         # LLaVA-OneVision pools after its projector: no pooled token has a hidden state (LLaVA-NeXT-Video pools

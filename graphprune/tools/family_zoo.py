@@ -205,16 +205,22 @@ def tiny_smolvlm(seed: int = 0, **kw):
 
 
 def tiny_gemma3(seed: int = 0, *, layers: int = 4, hidden: int = 64):
-    """Gemma 3 architecture: SigLIP tower (8x8 patches per 112-pixel image, average-pooled to 4x4),
-    Gemma 3 LM (sliding and full attention layers, 128-token window, QK norms, scaled embeddings)."""
+    """Gemma 3 architecture: SigLIP tower (8x8 patches per 112-pixel image, average-pooled to 4x4; no head,
+    as in the released models), Gemma 3 LM (sliding and full attention layers, 128-token window, QK norms,
+    scaled embeddings). transformers initialises the projector's mm_input_projection_weight to zeros (every
+    image feature 0): it is drawn at random here, so that the images matter."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     cfg = Gemma3Config(text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                         head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
                                         layer_types=["sliding_attention", "full_attention"] * (layers // 2), **TEXT),
-                       vision_config=_siglip(112), mm_tokens_per_image=16,
+                       vision_config=dict(_siglip(112), vision_use_head=False), mm_tokens_per_image=16,
                        image_token_index=150, boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI)
-    return _unit_gemma_norms(_finish(Gemma3ForConditionalGeneration, cfg, seed))
+    model = _unit_gemma_norms(_finish(Gemma3ForConditionalGeneration, cfg, seed))
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
+    return model
 
 
 def tiny_paligemma(seed: int = 0, *, layers: int = 4, hidden: int = 64):
