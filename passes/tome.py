@@ -182,7 +182,7 @@ class ToMe(TokenPass):
 
     def requires(self, anatomy):
         c = self.config
-        if anatomy.token_patches is not None and anatomy.crops == 1 and anatomy.patches_per_token > 1:
+        if anatomy.pooled_tokens:
             raise _pooled_after_the_encoder(c, anatomy)
         if anatomy.token_patches is not None:
             _require_crops(c, anatomy)
@@ -229,17 +229,15 @@ class ToMe(TokenPass):
 
 def _require_crops(c, anatomy):
     """tome where a vision unit is several encoder sequences (anyres images, video frames): in place on an anyres
-    image's crops (positions='keep'); refused on videos, whose tokens are pooled or gathered after the encoder."""
-    crops = (f"where a vision unit of {anatomy.model_class} is {anatomy.crops} crops, each run as its own encoder "
-             "sequence")
-    if anatomy.patches_per_token > 1 and not anatomy.pooled_hidden \
-            and anatomy.captured_features.meta["val"].dim() == 3:
+    image's crops (positions='keep'); refused on Qwen's whole videos, whose tokens are gathered after the encoder
+    (pooled tokens are refused before: _pooled_after_the_encoder)."""
+    crops = (f"where a vision unit of {anatomy.model_class} is {anatomy.crops} crop{'s' * (anatomy.crops != 1)}, each "
+             "run as its own encoder sequence")
+    if anatomy.patches_per_token > 1:       # Qwen's whole videos: merged 2 x 2 groups, gathered frame after frame
         raise PassNotApplicable(
             f"tome: merges between vision encoder layers (layers={c.layers!r}), {crops} (a whole video's frames: on "
             "video use video_unit='frame'), and the unit's tokens exist only after the gather that follows the "
             "encoder: ToMe's merges remove tokens there, which graphprune cannot place")
-    if anatomy.patches_per_token > 1:
-        raise _pooled_after_the_encoder(c, anatomy)
     if c.positions != "keep":
         raise PassNotApplicable(
             f"tome: merges between vision encoder layers (layers={c.layers!r}), {crops}, and an image's tokens exist "

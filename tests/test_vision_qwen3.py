@@ -210,6 +210,9 @@ def test_whole_video_refusals_before_the_prefill(qwen3):
     why = "tome: merges between vision encoder layers.* 2 crops.*whole video's frames: on video use video_unit='frame'"
     with pytest.raises(PassNotApplicable, match=why):
         tome(**video.as_kwargs())
+    one_frame = family_zoo.example(model, items=("video",), frames=2, seed=5)          # one grid frame: 1 sequence
+    with pytest.raises(PassNotApplicable, match=r"tome: .* 1 crop, .*on video use video_unit='frame'"):
+        tome(**one_frame.as_kwargs())       # gathered merger groups, not pooled ones (Gemma 3's refusal)
     both = family_zoo.example(model, items=("image", "video"), frames=2, seed=5)     # a 1-frame video: 16 tokens
     with pytest.raises(InputError, match=r"whole videos \(video_unit='video'\).*also holds images"):
         gp.prune(model, TOPK, program=program, video_unit="video")(**both.as_kwargs())

@@ -117,6 +117,8 @@ class Anatomy:
     has_cls: bool | None = None
     pooled_hidden: bool = False          # vision, crops: a token of several patches enters the projector as the
                                          # mean of their hidden states (LLaVA-NeXT-Video), so that is its hidden state
+    pooled_tokens: bool = False          # vision, crops: a token of several patches is their mean, pooled after the
+                                         # encoder (video frames, Gemma 3's projector), not a merger's map of them
     features: fx.Node | None = None      # vision: per-patch features entering the projector
     captured_features: fx.Node | None = None  # vision: the same as captured, before any pass reduced them
     post_layers: list = field(default_factory=list)     # vision: layers past the feature layer, captured only
@@ -243,6 +245,7 @@ def _read_vision(anat: Anatomy, gm: fx.GraphModule, model_class: str) -> None:
         anat.token_patches = found[0]
         anat.patches_per_token = int(_val(found[0]).shape[1])
         anat.pooled_hidden = bool(gm.meta.get("graphprune_pooled_hidden", False))
+        anat.pooled_tokens = bool(gm.meta.get("graphprune_pooled_tokens", False)) and anat.patches_per_token > 1
         return
     if encoder % tokens:
         raise UnsupportedModelError(model_class, "feature tokens made of whole groups of encoder patches",

@@ -342,6 +342,8 @@ def capture_vision(family: Family, *, device=None, dtype=None, through_last: boo
         # LLaVA-NeXT-Video: a pooled token's patches are averaged before the projector, so the mean of their
         # hidden states is what the projector maps (OneVision pools after it, Gemma 3 after a post-layernorm)
         gm.meta["graphprune_pooled_hidden"] = bool(getattr(module, "pool_before_projector", False))
+        # a token of several patches is their mean (a pooling), not a merger's map of the group (Qwen's videos)
+        gm.meta["graphprune_pooled_tokens"] = bool(getattr(module, "pooled_tokens", False))
     check = None
     if device.type != "meta":
         check = (torch.randn(3, *px.shape[1:], generator=_check_generator()).to(device, dtype),)

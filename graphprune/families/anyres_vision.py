@@ -121,6 +121,7 @@ class AnyresVisionStage(nn.Module):
     An anyres image (image_size (H, W)): its crops, one patch a token. Video units (image_size None, `crops`
     frames a unit): each token the mean of its patch block, before the projector (LLaVA-NeXT-Video's
     vision_resampler) or of the block's projected features (LLaVA-OneVision's apply_pooling)."""
+    pooled_tokens = True        # a token of several patches (video) is their mean
 
     def __init__(self, family, image_size, crops: int | None = None):
         super().__init__()

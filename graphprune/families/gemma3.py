@@ -109,6 +109,7 @@ class Gemma3VisionStage(nn.Module):
     layer's outputs, which the tower's post_layernorm follows."""
     crops = 1
     pool_before_projector = False
+    pooled_tokens = True
 
     def __init__(self, family):
         super().__init__()

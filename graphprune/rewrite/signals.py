@@ -218,12 +218,12 @@ def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: T
         # and concatenated; a Gemma 3 image token: its block's mean of the post-layernormed patches) has that row
         # as its last-layer hidden state, as on a single frame
         if sig.norm or src != anat.num_layers - 1:
-            where = (f"of {anat.crops} encoder sequences (a whole video's frames)" if anat.crops > 1
-                     else "pooled after the encoder")
+            where = ("pooled after the encoder" if anat.pooled_tokens
+                     else f"of {anat.crops} encoder sequence(s) (a whole video's frames)")
             raise PassNotApplicable(f"{p.name}: signal {name}={sig!r}: {anat.model_class}'s tokens are groups of "
                                     f"{anat.patches_per_token} patches {where}, with a hidden state of their own at "
                                     "the last layer only, where they enter the projector; read Hidden(-1)"
-                                    + (", or use video_unit='frame'" if anat.crops > 1 else ""))
+                                    + ("" if anat.pooled_tokens else ", or use video_unit='frame'"))
         return _features_at(g, anat.captured_features, keys, "vision", 0, 1)
     if isinstance(sig, Hidden) and anat.patches_per_token > 1 and not anat.pooled_hidden:
         # LLaVA-OneVision pools after its projector: no pooled token has a hidden state (LLaVA-NeXT-Video pools
