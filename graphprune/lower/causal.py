@@ -19,6 +19,15 @@ tokens stay causal among themselves because every LLM-stage selection keeps them
 sequence with its own causal mask). Attention behind a static-capacity key mask
 (`tokenops.mask_keys`) or any other mask a pass built keeps its mask.
 
+Two more things transformers does on such a prompt, which the captured graph does not (issue 19: the
+unpruned Qwen2.5-VL video-length prefill ran at 0.97x transformers' speed without them). It builds no
+mask: here every node that feeds nothing but the rewritten attention's mask operand (the captured
+mask's construction, the kept rows of it) becomes `unless_plain(op)`, skipped on a plain-causal
+prompt; a mask a pass's signal reads (FastV's attention scores) is still built. And with
+grouped-query attention it reads each KV head once (SDPA's `enable_gqa`) where the graph captured
+`repeat_kv`, a copy of the keys and values per query head: the rewritten attention takes the keys
+and values before the repeat (`_repeat_kv_source`), and the repeat goes when nothing else reads it.
+
 This is a lowering: the program's graphs (ONNX export, reports) keep the masked attention. The
 torch.compile backend cannot branch on the mask's content inside a graph Inductor compiles (a
 guard sees shapes, not values), so it compiles two graphs, the masked one and `always=True`'s
