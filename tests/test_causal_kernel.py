@@ -2,7 +2,9 @@
 layer whose mask is plain causal (no padding, no invalid static-capacity slot, within any sliding
 window), and then the logits equal the masked graph's, Hugging Face's and the independent
 references' (fp32, atol 1e-5); not taken with left padding, invalid slots, behind a static-capacity
-key mask, or past a sliding window.
+key mask, or past a sliding window. On Qwen2.5-VL (grouped-query attention) the lowered prefill reads
+each layer's cached keys and values per KV head (enable_gqa) and, on a plain-causal prompt, builds no
+mask at all (its construction skipped, as transformers skips it); left padding builds it.
 
 Which kernel ran is read from the calls: the lowered prefill's choice calls
 F.scaled_dot_product_attention (is_causal=True and no mask, or the mask); the captured graphs'
@@ -11,12 +13,18 @@ own SDPA nodes are aten ops, which a TorchFunctionMode does not see.
 import pytest
 import reference as R
 import reference_dart as D
+import reference_families as RF
 import torch
 import torch.nn.functional as F
+from checks import assert_batch_equals_samples, assert_same_run
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import graphprune as gp
 from graphprune.lower.causal import causal_or_masked_attention
+from graphprune.lower.runtime import StageCall
+from graphprune.rewrite.pipeline import Program
+from graphprune.tools import family_zoo
 from graphprune.tools.instrument import with_proxies
 from graphprune.tools.zoo import llava_example, tiny_llava
 
@@ -165,3 +173,82 @@ def test_sliding_window_beyond_the_prompt_only(window, kind):
     out, kinds = run(pruned, ex)
     assert kinds == [kind] * LAYERS
     torch.testing.assert_close(out.logits, model(**ex.as_kwargs()).logits, atol=1e-5, rtol=1e-5)
+
+
+class OpShapes(TorchDispatchMode):
+    """The output shapes of every aten op run, and per CPU flash attention call: its query's and key's
+    heads, is_causal, and whether it read a mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.attention = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            causal = kwargs.get("is_causal", args[4] if len(args) > 4 else False)
+            self.attention.append((args[0].shape[1], args[1].shape[1], causal, kwargs.get("attn_mask") is not None))
+        self.outputs += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                         if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    model = family_zoo.build("qwen2_5_vl")              # 4 query heads, 2 KV heads (grouped-query attention)
+    return model, Program.capture(model)
+
+
+def prefill_ops(pruned, ex) -> tuple:
+    """(pruned's output on ex, OpShapes of its prefill graph's run)."""
+    shapes = OpShapes()
+
+    def make(stage, gm):
+        def call(*args):
+            if stage != "prefill":
+                return gm(*args)
+            with shapes:
+                return gm(*args)
+        return StageCall(gm, call)
+    return with_proxies(pruned, make)(**ex.as_kwargs()), shapes
+
+
+@pytest.mark.parametrize("spec", [None, "dart(layer=2, keep=8, order='score')"])
+def test_qwen25_prefill_attends_per_kv_head_without_building_a_mask(qwen25, spec):
+    """As transformers runs an unpadded prompt: SDPA reads each layer's cached keys and values once per KV
+    head (enable_gqa; no repeat_kv copy per query head), and nothing builds the (S, S) mask or kept rows of
+    it (DART's signals read no mask; FastV's attention scores would). Prefill logits and 16 greedy tokens
+    equal the independent reference (fp32, atol 1e-5)."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=1, items=("image",), seed=41)
+    pruned = gp.prune(model, spec, program=program)
+    gm = pruned.executables["prefill"]
+    cache = list(gm.graph.find_nodes(op="output")[0].args[0][1:])       # (k_0, v_0, k_1, ...) after the logits
+    attention = [n for n in gm.graph.nodes if n.target is causal_or_masked_attention]
+    assert [list(n.args[1:3]) for n in attention] == [cache[2 * i:2 * i + 2] for i in range(LAYERS)]
+    assert all(n.kwargs["enable_gqa"] for n in attention)
+    out, ops = prefill_ops(pruned, ex)
+    heads, kv_heads = model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads
+    assert kv_heads < heads
+    assert ops.attention == [(heads, kv_heads, True, False)] * LAYERS
+    lengths = {ex.input_ids.shape[1], out.kept.shape[1]}
+    assert not [s for s in ops.outputs if len(s) >= 2 and s[-1] == s[-2] and s[-1] in lengths]
+    emb, am, pos, vm = RF.family_inputs(model, ex)
+    select = {} if spec is None else {2: D.dart_select(8)}
+    ref = R.lm_generate(model, emb, am, pos, vision_mask=vm, selects=select, max_new_tokens=16)
+    assert_same_run(pruned, ex, ref, 16, kept=ref["keep"])
+
+
+def test_qwen25_left_padding_builds_the_mask(qwen25):
+    """With left padding the grouped-query attention reads the mask, built in the graph: each sample of the
+    batch equals itself alone (logits, 8 greedy tokens)."""
+    model, program = qwen25
+    ex = family_zoo.example(model, batch=2, pad=(0, 3), items=("image",), seed=42)
+    pruned = gp.prune(model, program=program)
+    _, ops = prefill_ops(pruned, ex)
+    s = ex.input_ids.shape[1]
+    assert (2, 1, s, s) in ops.outputs
+    cfg = model.config.text_config
+    assert ops.attention == [(cfg.num_attention_heads, cfg.num_key_value_heads, False, True)] * LAYERS
+    assert_batch_equals_samples(pruned, ex)
