@@ -112,9 +112,9 @@ def use_causal_kernel(gm: fx.GraphModule, text_config, always: bool = False) -> 
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)
-        for repeat in repeats:              # from the repeat's output down to its first node
-            for dead in (n for n in repeat if not n.users):
-                g.erase_node(dead)
+        # each repeat from its output down to its first node (once, should k and v share one)
+        for dead in (n for n in dict.fromkeys(n for repeat in repeats for n in repeat) if not n.users):
+            g.erase_node(dead)
         rewritten.add(new)
     if always:                              # the mask's construction, now read by nothing (a functional graph)
         g.eliminate_dead_code()

@@ -29,6 +29,7 @@ from graphprune.errors import GraphVerificationError, InputError, NothingPrunedW
 from graphprune.families.base import MODALITIES, VisionLayout, check_video_unit
 from graphprune.lower.cache import PrunedCache
 from graphprune.lower.causal import use_causal_kernel
+from graphprune.lower.inplace import write_in_place
 from graphprune.lower.inputs import check_generate_options, check_model_inputs
 from graphprune.lower.report import Report
 from graphprune.lower.saving import load_checkpoint, save_pruned
@@ -233,7 +234,7 @@ class PrunedModel(nn.Module, GenerationMixin):
                stage: str = "decode") -> torch.fx.GraphModule | None:
         """gm itself, or a copy with flash-attn as its attention (else, for a prefill, the mask-free
         causal kernel where the prompt allows it: graphprune.lower.causal) and/or oneDNN-packed
-        linear weights."""
+        linear weights; a prefill's elementwise ops write into dead operands (graphprune.lower.inplace)."""
         attention = attention or self.attention
         if gm is None or (attention != "flash" and self.linear != "packed" and stage != "prefill"):
             return gm
@@ -247,6 +248,8 @@ class PrunedModel(nn.Module, GenerationMixin):
         if self.linear == "packed":
             from graphprune.targets.packed_linear import pack_linear_weights
             self.packed_linears += pack_linear_weights(low)
+        if stage == "prefill":              # after packing: its linears allocate their outputs too
+            write_in_place(low)
         return low
 
     def _text_prefill(self) -> torch.fx.GraphModule:
