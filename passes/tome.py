@@ -37,6 +37,7 @@ Departures and their effect: docs/methods.md.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -223,7 +224,9 @@ class ToMe(TokenPass):
                                                           ("layers_left", len(c.layers) - i), ("heads", c.heads),
                                                           ("cls", not in_place), ("in_place", in_place)),
                                    merges=True, ordered=not in_place, sized=True,
-                                   proportional=c.proportional_attention, masks_on_crops=in_place))
+                                   proportional=c.proportional_attention, masks_on_crops=in_place,
+                                   masked_per_crop=partial(merge_count, r=c.r, keep=c.keep,
+                                                           layers_left=len(c.layers) - i)))
                 for i, l in enumerate(c.layers)]
 
 
