@@ -60,7 +60,7 @@ def drop_count(gm: fx.GraphModule, anat: Anatomy, rule, layer: int, static: bool
     count = getattr(rule, "masked_per_crop", None) if masks else None
     if rec.alive is None or count is None:
         rec.alive = None
-        return 0, "masked, not dropped: the merges per crop are not static"
+        return 0, "masked, not dropped: the rule gives no static merge count per crop"
     merged = [count(a) for a in rec.alive]
     rec.alive = [a - m for a, m in zip(rec.alive, merged)]
     rec.masked = [k + m for k, m in zip(rec.masked, merged)]
