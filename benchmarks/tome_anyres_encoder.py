@@ -1,9 +1,9 @@
 """The vision stage of LLaVA-NeXT on anyres images, unpruned against tome(positions='keep') (each crop merged in
 place inside the encoder): does ToMe save encoder compute there? Random weights, a CLIP tower larger than the
-test zoo's (224-pixel crops of 16 x 16 patches, 257 positions with CLS; hidden 256, 8 heads, 7 layers, features
-from layer -2) and a tiny LM (the vision stage alone is timed: the bucket's captured graph on one image's pixels).
+test zoo's (224-pixel crops of 16 x 16 patches, 257 positions with CLS; 7 layers, features from layer -2; `--tower`
+small: hidden 256, 8 heads, MLP 1024; vit-b: ViT-B/16's 768, 12, 3072) and a tiny LM (the vision stage alone is timed: the bucket's captured graph on one image's pixels).
 
-    PYTHONPATH=. python benchmarks/tome_anyres_encoder.py [--size 448 448] [--repeats 15] [--threads 1]
+    PYTHONPATH=. python benchmarks/tome_anyres_encoder.py [--sizes 448x448,448x300] [--tower small] [--repeats 15]
 
 Prints, per image size: the median ms of the unpruned and the pruned vision stage (interleaved rounds, one
 warm-up, graphprune.tools.timing.interleaved) and their ratio; and what the pass's info says of the crops
@@ -19,12 +19,15 @@ METHODS = {"tome r=32 x5": "tome(r=32, layers=(0, 1, 2, 3, 4), positions='keep')
            "tome keep=64": "tome(keep=64, layers=(0, 1, 2, 3, 4), positions='keep')"}
 
 
-def build():
+TOWERS = {"small": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8),
+          "vit-b": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12)}
+
+
+def build(tower: str = "small"):
     from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     from graphprune.tools.family_zoo import TEXT
-    vc = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=7, num_attention_heads=8,
-                          image_size=224, patch_size=14, projection_dim=256)
+    vc = CLIPVisionConfig(**TOWERS[tower], num_hidden_layers=7, image_size=224, patch_size=14)
     cfg = LlavaNextConfig(vision_config=vc, text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128,
                                                              num_hidden_layers=2, **TEXT),
                           image_token_id=150, vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -38,6 +41,7 @@ def main():
     ap.add_argument("--sizes", default="448x448,448x300", help="image sizes HxW, comma separated")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tower", choices=sorted(TOWERS), default="small")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -47,7 +51,7 @@ def main():
     from graphprune.tools import family_zoo
     from graphprune.tools.timing import interleaved
 
-    model = build()
+    model = build(args.tower)
     family = family_of(model)
     for size in [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]:
         ex = family_zoo.example(model, batch=1, items=("image",), image_size=size, seed=1)
