@@ -31,7 +31,9 @@ sequence) in place: an image's tokens exist only after the gather that follows t
 stays, merged-away patches masked as keys in the later layers of their crop and as padding in the LLM. A
 crop's surviving tokens (valid, raster order; patches unpadded away are none) split as ToMe splits [CLS,
 survivors] (CropOf), its r best matches merge, never across crops. keep and r count PER CROP there (the
-pass's info['at'] says "per crop grid (its counts per crop)"). Videos pooled after the encoder (OneVision,
+pass's info['at'] says "per crop grid (its counts per crop)"). A crop's merge count is static per image size
+(masked_per_crop), so after each merge the crops drop from their encoder sequences the merged-away slots every
+crop reaches (rewrite/crop_rows.py: later layers run shorter sequences; the rest stays masked; info['encoder_rows']). Videos pooled after the encoder (OneVision,
 NeXT-Video) are refused.
 Departures and their effect: docs/methods.md.
 """
