@@ -122,6 +122,45 @@ def crop_key_log_sizes(log_size, x, offset: int, crops: int, token_patches):
     return uncrop_tokens(log_size, zeros, offset, crops, token_patches)
 
 
+# Compact crop rows: per-crop encoder sequences that dropped merged-away slots (units x crops, S' < S), each
+# row remembering its slot in the crop's full sequence (rows (units x crops, S') ascending). CLIP / SigLIP add
+# their position embeddings before the first layer, so later layers need no positions, only these slots.
+
+
+def all_crop_rows(x):
+    """(units x crops, S) rows of per-crop encoder rows x (units x crops, S, ...): every slot, in order."""
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
+
+
+def take_crop_rows(x, rows, dim: int = 1):
+    """The rows `rows` (units x crops, S') of x (units x crops, ..., S, ...), the slots along `dim`."""
+    shape = [rows.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = rows.shape[1]
+    size = list(x.shape)
+    size[dim] = rows.shape[1]
+    return x.gather(dim, rows.reshape(shape).expand(size))
+
+
+def full_crop_rows(x, rows, length: int, dim: int = 1):
+    """Compact rows x (units x crops, ..., S', ...) back at their slots `rows` of full sequences of `length`
+    along `dim`; a dropped slot (a merged-away patch, masked wherever it is read) holds zeros."""
+    shape = [rows.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = rows.shape[1]
+    size = list(x.shape)
+    size[dim] = length
+    return x.new_zeros(size).scatter(dim, rows.reshape(shape).expand(x.shape), x)
+
+
+def kept_crop_rows(key_valid, rows, drop: int):
+    """The slots (units x crops, S' - drop) each crop keeps running: its rows `rows` (ascending) less the first
+    `drop` of them whose key is invalid (key_valid (units x crops, S) over the full slots; the static merge counts
+    guarantee every crop has that many)."""
+    invalid = ~key_valid.gather(1, rows)
+    gone = invalid & (invalid.cumsum(1) <= drop)
+    order = gone.to(torch.uint8).argsort(dim=1, stable=True)[:, :rows.shape[1] - drop]   # stable: kept rows in order
+    return rows.gather(1, order)
+
+
 def token_crops(token_patches, vision_pos, offset: int, side: int, leading: int):
     """(B, n, V, 2): each vision token's crop (vision_pos (B, n, V) indexing the offset + T rows of crop_tokens)
     and the `leading` tokens (CLS) its crop's encoder sequence has before its side x side patches."""

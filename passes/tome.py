@@ -31,12 +31,15 @@ sequence) in place: an image's tokens exist only after the gather that follows t
 stays, merged-away patches masked as keys in the later layers of their crop and as padding in the LLM. A
 crop's surviving tokens (valid, raster order; patches unpadded away are none) split as ToMe splits [CLS,
 survivors] (CropOf), its r best matches merge, never across crops. keep and r count PER CROP there (the
-pass's info['at'] says "per crop grid (its counts per crop)"). Videos pooled after the encoder (OneVision,
+pass's info['at'] says "per crop grid (its counts per crop)"). A crop's merge count is static per image size
+(masked_per_crop), so after each merge the crops drop from their encoder sequences the merged-away slots every
+crop reaches (rewrite/crop_rows.py: later layers run shorter sequences; the rest stays masked; info['encoder_rows']). Videos pooled after the encoder (OneVision,
 NeXT-Video) are refused.
 Departures and their effect: docs/methods.md.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -115,21 +118,18 @@ def merge_in_crops(metric, hidden, sizes, valid, crops, r, keep, layers_left):
     crop, leading = crops[..., 0], crops[..., 1]
     live = torch.ones_like(crop, dtype=torch.bool) if valid is None else valid
     slot = torch.arange(v, device=hidden.device)
-    # (B, n, V, V) token pairs of one crop, the second a survivor (static shapes: no per-crop loop)
-    same = (crop[..., :, None] == crop[..., None, :]) & live[..., None, :]
-    rank = (same & (slot[None, :] < slot[:, None])).sum(-1)                    # place among the crop's survivors
+    # places within a crop from stable sorts (O(V log V)); only the match scores are (B, n, V, V)
+    rank = _place_in_crop(crop, _sorted(crop, ~live))                           # place among the crop's survivors
     in_a = live & ((leading + rank) % 2 == 0)
     in_b = live & ((leading + rank) % 2 == 1)
-    alive = same.sum(-1)                                                         # the token's crop's survivors
+    alive = torch.zeros_like(crop).scatter_add(-1, crop, live.long()).gather(-1, crop)   # the crop's survivors
     want = torch.full_like(alive, r) if r is not None else (alive - keep).clamp(min=0).add(layers_left - 1) \
         .div(layers_left, rounding_mode="floor")                                 # ceil(max(alive - keep, 0) / left)
     count = torch.minimum(want, alive // 2)                                      # the token's crop's merges
-    best, match = (metric @ metric.transpose(-1, -2)).masked_fill(~(same & in_a[..., :, None] & in_b[..., None, :]),
-                                                                   float("-inf")).max(-1)
+    pairs = (crop[..., :, None] == crop[..., None, :]) & in_a[..., :, None] & in_b[..., None, :]
+    best, match = (metric @ metric.transpose(-1, -2)).masked_fill(~pairs, float("-inf")).max(-1)
     # an A token's place among its crop's A tokens by best match (ties: the earlier token first)
-    ahead = (best[..., None, :] > best[..., :, None]) | ((best[..., None, :] == best[..., :, None])
-                                                          & (slot[None, :] < slot[:, None]))
-    a_rank = (ahead & same & in_a[..., None, :]).sum(-1)
+    a_rank = _place_in_crop(crop, _sorted(crop, ~in_a, best.argsort(dim=-1, descending=True, stable=True)))
     merged = in_a & (a_rank < count)
     size = torch.ones(b, n, v, dtype=hidden.dtype, device=hidden.device) if sizes is None else sizes
     into = torch.where(merged, match, slot)   # a token not merged adds 0 to itself
@@ -141,6 +141,25 @@ def merge_in_crops(metric, hidden, sizes, valid, crops, r, keep, layers_left):
     values = torch.where(joined[..., None], (hidden * size[..., None] + got_x) / new_size[..., None], hidden)
     return {"picked": slot.expand(b, n, v), "values": values, "sizes": new_size,
             "valid": live & ~merged}
+
+
+def _sorted(crop, later, order=None):
+    """The tokens (B, n, V) sorted by crop, then those where `later` is False first, then in `order` (None: slot
+    order), each sort stable."""
+    order = torch.arange(crop.shape[-1], device=crop.device).expand_as(crop) if order is None else order
+    order = order.gather(-1, later.gather(-1, order).to(torch.uint8).argsort(dim=-1, stable=True))
+    return order.gather(-1, crop.gather(-1, order).argsort(dim=-1, stable=True))
+
+
+def _place_in_crop(crop, order):
+    """Each token's place among its crop's tokens in `order` (a permutation of the tokens, (B, n, V), each crop's
+    tokens together)."""
+    c = crop.gather(-1, order)
+    pos = torch.arange(c.shape[-1], device=c.device).expand_as(c)
+    start = torch.ones_like(c, dtype=torch.bool)
+    start[..., 1:] = c[..., 1:] != c[..., :-1]
+    first = torch.where(start, pos, 0).cummax(-1).values
+    return torch.empty_like(order).scatter(-1, order, pos - first)
 
 
 @register_pass
@@ -223,7 +242,9 @@ class ToMe(TokenPass):
                                                           ("layers_left", len(c.layers) - i), ("heads", c.heads),
                                                           ("cls", not in_place), ("in_place", in_place)),
                                    merges=True, ordered=not in_place, sized=True,
-                                   proportional=c.proportional_attention, masks_on_crops=in_place))
+                                   proportional=c.proportional_attention, masks_on_crops=in_place,
+                                   masked_per_crop=partial(merge_count, r=c.r, keep=c.keep,
+                                                           layers_left=len(c.layers) - i)))
                 for i, l in enumerate(c.layers)]
 
 

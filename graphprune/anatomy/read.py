@@ -127,6 +127,8 @@ class Anatomy:
     token_dims: dict = field(default_factory=dict)      # node name -> (batch dim, token dims)
     tokens: list = field(default_factory=list)          # TokenState per layer boundary (rewrite.py)
     selections: list = field(default_factory=list)      # what passes selected, in order
+    crop_rows: object = None             # vision, crops: the rows each crop runs once merges inside the encoder
+                                         # drop slots (rewrite.crop_rows.CropRows)
 
     @property
     def num_layers(self) -> int:

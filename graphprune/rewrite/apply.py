@@ -18,6 +18,7 @@ from torch import fx
 from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, layer_of, sdpa_mask, seq_dims
 from graphprune.errors import GraphVerificationError, PassConfigError, PassNotApplicable
+from graphprune.rewrite.crop_rows import drop_count, rows_at, shorten
 from graphprune.rewrite.kv_cache import keep_final_tokens
 from graphprune.rewrite.layout import TokenState, _flatten_positions, _to_features, add_output, init_tokens, state_at
 from graphprune.rewrite.pass_api import (
@@ -123,12 +124,12 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
     hidden = _stream(anat, layer)
     on_crops = anat.stage == "vision" and anat.token_patches is not None
     masked = (isinstance(rule, Choose) and (rule.static_mask or rule.masks_on_crops and on_crops)) or state.masked
-    crop_rows = None
+    crop_rows, rows_note = None, None
     if on_crops and layer < anat.num_layers:
-        # anyres crops (_in_place_on_crops): every slot stays, merged-away ones masked crop by crop
+        # anyres crops (_in_place_on_crops): merged-away slots masked crop by crop, or dropped where counts allow
         rerouted, group = [], 1
-        stream, key_valid = _merge_in_crops(gm, anat, anchor, layer, hidden, new_pos, new_index, values, valid)
-        crop_rows = stream
+        stream, key_valid, crop_rows, rows_note = _merge_in_crops(gm, anat, anchor, layer, hidden, new_pos,
+                                                                  new_index, values, valid, rule, state.valid is None)
     else:
         # inside an encoder whose patches merge in groups after its last layer, a token is its group's patches
         group = anat.patches_per_token if anat.stage == "vision" and layer < anat.num_layers else 1
@@ -158,6 +159,8 @@ def apply_plan(p: TokenPass, plan: Plan, stage, anat: Anatomy) -> dict:
             if key_valid is not None:
                 add_output(gm, key_valid, f"valid_from_layer_{layer}")
     info = _info(p, plan, anat, layer, kept_desc, rerouted)
+    if rows_note:
+        info["encoder_rows"] = rows_note
     verify(gm, anat)
     return info
 
@@ -247,29 +250,51 @@ def _in_place_on_crops(plan: Plan, anat: Anatomy) -> bool:
             and not rule.ordered and anat.patches_per_token == 1)
 
 
-def _merge_in_crops(gm, anat: Anatomy, anchor, layer: int, stream, new_pos, new_index, values, valid):
+def _merge_in_crops(gm, anat: Anatomy, anchor, layer: int, stream, new_pos, new_index, values, valid, rule,
+                    static: bool):
     """Anyres crops inside the encoder: the chosen values written to each token's own crop patch row of the
     residual stream entering `layer`, and the invalid (merged-away) tokens' patches masked as keys in every
-    encoder layer from `layer` on. The sequence keeps its length (the masked patches still run as queries):
-    this changes what later layers see, it saves no encoder compute. Returns (stream, key validity over the
-    tokens)."""
+    encoder layer from `layer` on. Where the merge counts per crop are static (crop_rows.drop_count), the crops
+    drop the merged-away slots they all reach, so later layers run shorter sequences; otherwise the masked
+    patches still run as queries. Returns (stream, key validity over the tokens, (the full crop rows, the rows
+    kept or None) for proportional attention, what happened to the merged-away slots)."""
     g = gm.graph
     crops = (int(bool(anat.has_cls)), anat.crops, anat.token_patches)
     nodes = list(g.nodes)
     later = set(nodes[nodes.index(anchor):])        # the signals read before the anchor keep the unmerged states
+    again = anat.tokens[-1].layer == layer and anat.tokens[-1].stream is stream     # a second choice at `layer`
+    rows, length = rows_at(anat, layer if again else layer - 1)
+    drop, note = drop_count(gm, anat, rule, layer, static, valid is not None)
     with g.inserting_before(anchor):
-        put = g.call_function(tokenops.put_crop_tokens, (stream, new_pos, values, *crops))
+        full = stream if rows is None else g.call_function(tokenops.full_crop_rows,
+                                                           (stream, rows, anat.crop_rows.full))
+        put = g.call_function(tokenops.put_crop_tokens, (full, new_pos, values, *crops))
+        key_valid = per_crop = None
+        if valid is not None:
+            key_valid = g.call_function(tokenops.key_validity, (new_index, new_pos, valid))
+            per_crop = g.call_function(tokenops.crop_key_validity, (key_valid, put, *crops))
+        if drop:
+            rows = g.call_function(tokenops.kept_crop_rows, (per_crop, rows if rows is not None else
+                                                             g.call_function(tokenops.all_crop_rows, (put,)), drop))
+        out = put if rows is None else g.call_function(tokenops.take_crop_rows, (put, rows))
+        if rows is not None and per_crop is not None:
+            per_crop = g.call_function(tokenops.take_crop_rows, (per_crop, rows))
     for u in list(stream.users):
         if u in later:
-            u.replace_input_with(stream, put)
-    if valid is None:
-        return put, None
-    with g.inserting_before(anchor):
-        key_valid = g.call_function(tokenops.key_validity, (new_index, new_pos, valid))
-        per_crop = g.call_function(tokenops.crop_key_validity, (key_valid, put, *crops))
+            u.replace_input_with(stream, out)
+    if drop:
+        shorten(gm, anat, layer, rows, (length or anat.crop_rows.full) - drop)
+    if per_crop is None:
+        return out, None, (put, rows), note
     for l in anat.layers[layer:]:
         sdpa, att = l.attention.node, l.attention
         old = sdpa_mask(sdpa)
+        if rows is not None:
+            # the rows changed: validity and sizes are cumulative, so the masks are made anew on these rows
+            with g.inserting_before(sdpa):
+                _set_mask(att, g.call_function(tokenops.mask_keys, (None, per_crop, sdpa.args[0], att.is_causal)))
+            _erase_unused(g, old)
+            continue
         if isinstance(old, fx.Node) and old.target is tokenops.bias_keys:
             # an earlier sized merge's proportional attention: mask under its bias, which a later one replaces
             base = old.args[2] if len(old.args) > 2 else None
@@ -279,7 +304,15 @@ def _merge_in_crops(gm, anat: Anatomy, anchor, layer: int, stream, new_pos, new_
             continue
         with g.inserting_before(sdpa):
             _set_mask(att, g.call_function(tokenops.mask_keys, (old, per_crop, sdpa.args[0], att.is_causal)))
-    return put, key_valid
+    return out, key_valid, (put, rows), note
+
+
+def _erase_unused(g, node) -> None:
+    """Erase a replaced mask node and what fed only it."""
+    while isinstance(node, fx.Node) and not node.users:
+        feeds = [a for a in node.all_input_nodes if a.op == "call_function"]
+        g.erase_node(node)
+        node = next((a for a in feeds if not a.users), None)
 
 
 def _output_node(anat: Anatomy) -> fx.Node:
@@ -491,8 +524,11 @@ def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_
     with g.inserting_before(anchor):
         log_size = g.call_function(tokenops.key_log_sizes, (new_index, new_pos, sizes, group))
         if crop_rows is not None:
-            log_size = g.call_function(tokenops.crop_key_log_sizes, (log_size, crop_rows, int(bool(anat.has_cls)),
+            full, rows = crop_rows
+            log_size = g.call_function(tokenops.crop_key_log_sizes, (log_size, full, int(bool(anat.has_cls)),
                                                                      anat.crops, anat.token_patches))
+            if rows is not None:            # the crops run fewer rows (crop_rows): their keys' sizes
+                log_size = g.call_function(tokenops.take_crop_rows, (log_size, rows))
         else:
             anat.token_dims[log_size.name] = (0, (1,))       # a later selection gathers it like any token value
     for l in anat.layers[layer:]:
@@ -505,10 +541,7 @@ def _bias_keys_by_size(p: TokenPass, gm, anat: Anatomy, anchor, layer: int, new_
                                     f"layer {l.index} is causal (set proportional_attention=False)")
         with g.inserting_before(att.node):
             _set_mask(att, g.call_function(tokenops.bias_keys, (log_size, att.node.args[0], base)))
-        while isinstance(old, fx.Node) and not old.users:        # the replaced bias and what fed only it
-            feeds = [a for a in old.all_input_nodes if a.op == "call_function"]
-            g.erase_node(old)
-            old = next((a for a in feeds if not a.users), None)
+        _erase_unused(g, old)                                    # the replaced bias and what fed only it
 
 
 def verify(gm: fx.GraphModule, anat: Anatomy) -> None:

@@ -208,6 +208,9 @@ class Choose:
     masks_on_crops: bool = False   # vision stage, anyres images inside the encoder (positions='keep'): fn keeps
                                    # every slot where it is and returns `valid` (False: merged away), as a static
                                    # choice of keep=1.0 does; elsewhere its picks shrink the sequence as usual
+    masked_per_crop: Callable | None = None   # masks_on_crops: how many of a crop's n valid tokens fn marks
+                                   # invalid, a function of n alone (ToMe's merge count); the crops' encoder
+                                   # sequences then drop the merged-away slots (rewrite.crop_rows)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from graphprune import tokenops
 from graphprune.anatomy.read import Anatomy, attention_windows, layer_of, module_path, sdpa_mask, seq_dims
 from graphprune.errors import PassConfigError, PassNotApplicable
 from graphprune.rewrite.blocks import grid_tile_table
+from graphprune.rewrite.crop_rows import full_rows
 from graphprune.rewrite.layout import TokenState, layout_input, state_at
 from graphprune.rewrite.pass_api import (
     LAST_VISION_LAYER,
@@ -206,11 +207,13 @@ def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: T
                                     "has none")
         scores = g.call_function(tokenops.crop_attention, (att.q, att.k, sdpa_mask(att.node), att.scale, offset,
                                                            sig.query))
+        scores = full_rows(g, anat, scores, src)        # a slot a merge dropped (crop_rows) scores 0
         rows = g.call_function(tokenops.token_features, (g.call_function(tokenops.crop_tokens, (scores, *gather)),
                                                          keys))
         return g.call_function(_one_query, (rows,))
     if isinstance(sig, (Keys, Values)):
-        flat = g.call_function(_heads_to_features, (att.k if isinstance(sig, Keys) else att.v,))
+        flat = g.call_function(_heads_to_features, (full_rows(g, anat, att.k if isinstance(sig, Keys) else att.v,
+                                                              src, 2),))
         return _features_at(g, g.call_function(tokenops.crop_tokens, (flat, *gather)), keys, "vision", 0, 1)
     if (isinstance(sig, Hidden) and anat.patches_per_token > 1 and not anat.pooled_hidden
             and anat.captured_features.meta["val"].dim() == 3):
@@ -233,7 +236,7 @@ def _crop_signal(g, anat: Anatomy, sig, name: str, src: int, keys: fx.Node, p: T
                                 "token a hidden state of its own; prune these videos by scores (vision_topk, cls_topk, "
                                 "random) or by their projected features (divprune, cdpruner)")
     if isinstance(sig, Hidden) and not sig.norm:
-        rows = g.call_function(tokenops.crop_tokens, (anat.layer(src).output, *gather))
+        rows = g.call_function(tokenops.crop_tokens, (full_rows(g, anat, anat.layer(src).output, src), *gather))
         return _features_at(g, rows, keys, "vision", 0, 1)
     raise PassNotApplicable(f"{p.name}: signal {name}={sig!r} is not available on {anat.model_class}'s anyres "
                             "images (several crops, each its own encoder sequence): their vision-stage signals are "
