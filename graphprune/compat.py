@@ -60,6 +60,18 @@ def cache_holding(past):
     return cache
 
 
+def plain_model_kwargs(**model_kwargs) -> dict:
+    """from_pretrained keyword arguments that load the model's own modules, not hub kernels, unless
+    the caller passes use_kernels itself.
+
+    transformers 5.25 kernelizes every from_pretrained by default (use_kernels unset means True)
+    and raises when no `kernels` package in its range is installed (none is, offline or on this
+    machine's index); 4.56-5.24 default to False. graphprune loads weights and runs its own captured
+    graph of the model's modules, so its loaders keep that default. use_kernels=False is accepted by
+    every supported version (4.56 pops it too)."""
+    return {"use_kernels": False, **model_kwargs}
+
+
 def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:
     """Text-config keyword arguments for default RoPE (with Qwen2-VL's M-RoPE sections if given).
 
