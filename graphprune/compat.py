@@ -16,9 +16,22 @@ import torch
 
 
 @functools.cache
-def transformers_major() -> int:
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers."""
     import transformers
-    return int(transformers.__version__.split(".")[0])
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def transformers_major() -> int:
+    return transformers_version()[0]
+
+
+def aya_vision_logit_scale(text_config) -> float:
+    """The factor AyaVisionForConditionalGeneration multiplies its head's logits by: its Cohere LM's
+    `logit_scale` on transformers >= 5.25 (as CohereForCausalLM always does); 4.56-5.24 return the
+    head's output unscaled."""
+    return float(text_config.logit_scale) if transformers_version() >= (5, 25) else 1.0
 
 
 def sliding_window(text_config) -> int | None:
