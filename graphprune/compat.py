@@ -16,9 +16,22 @@ import torch
 
 
 @functools.cache
-def transformers_major() -> int:
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers."""
     import transformers
-    return int(transformers.__version__.split(".")[0])
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def transformers_major() -> int:
+    return transformers_version()[0]
+
+
+def aya_vision_logit_scale(text_config) -> float:
+    """The factor AyaVisionForConditionalGeneration multiplies its head's logits by: its Cohere LM's
+    `logit_scale` on transformers >= 5.25 (as CohereForCausalLM always does); 4.56-5.24 return the
+    head's output unscaled."""
+    return float(text_config.logit_scale) if transformers_version() >= (5, 25) else 1.0
 
 
 def sliding_window(text_config) -> int | None:
@@ -58,6 +71,18 @@ def cache_holding(past):
         cache.update(keys[..., :0, :], values[..., :0, :], i)
         cache.layers[i].keys, cache.layers[i].values = keys, values
     return cache
+
+
+def plain_model_kwargs(**model_kwargs) -> dict:
+    """from_pretrained keyword arguments that load the model's own modules, not hub kernels, unless
+    the caller passes use_kernels itself.
+
+    transformers 5.25 kernelizes every from_pretrained by default (use_kernels unset means True)
+    and raises when no `kernels` package in its range is installed (none is, offline or on this
+    machine's index); 4.56-5.24 default to False. graphprune loads weights and runs its own captured
+    graph of the model's modules, so its loaders keep that default. use_kernels=False is accepted by
+    every supported version (4.56 pops it too)."""
+    return {"use_kernels": False, **model_kwargs}
 
 
 def rope_config(theta: float, mrope_section: list[int] | None = None) -> dict:

@@ -20,6 +20,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from graphprune.compat import plain_model_kwargs
 from graphprune.errors import InputError, PassConfigError
 
 from .vllm_plugin import PIPELINE_ENV, enabled_pipeline, vision_tokens_kept
@@ -75,7 +76,7 @@ class GraphpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         param = next(self.multi_modal_projector.parameters())
         hf_model = HFLlava.from_pretrained(self.graphprune_source, dtype=param.dtype, attn_implementation="sdpa",
-                                           local_files_only=True).to(param.device).eval()
+                                           **plain_model_kwargs(local_files_only=True)).to(param.device).eval()
         return PrunedVision(gp.prune(hf_model, _pipeline(), attention="sdpa"))
 
     def _process_image_input(self, image_input):

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor
 
 __all__ = [
@@ -451,7 +452,8 @@ class _CohereLM(_LM):
     """Cohere / Cohere2 decoder (Aya Vision's LM): mean-centred LayerNorm with a weight and no bias,
     attention and MLP in parallel on one normed input, RoPE on interleaved pairs (2j, 2j+1); Cohere2
     rotates only in its sliding-window layers (its full-attention layers have no positions). The
-    logits are lm_head's alone: Aya Vision's forward does not apply the LM's logit_scale."""
+    logits are lm_head's times the LM's logit_scale on transformers >= 5.25, lm_head's alone before
+    (Aya Vision's forward applied no logit_scale up to 5.24)."""
 
     parallel = True
 
@@ -463,6 +465,11 @@ class _CohereLM(_LM):
         self.rotary_layers = [k == "sliding_attention" for k in kinds] if kinds else [True] * self.n_layers
         window = getattr(tc, "sliding_window", None)
         assert window is None or window >= tc.max_position_embeddings, "sliding windows are not implemented"
+        major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+        self.logit_scale = float(tc.logit_scale) if (major, minor) >= (5, 25) else 1.0
+
+    def logits(self, h: Tensor) -> Tensor:
+        return super().logits(h) * self.logit_scale
 
     def rotary_table(self, freqs: Tensor) -> Tensor:
         return freqs.repeat_interleave(2, dim=-1)

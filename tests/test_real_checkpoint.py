@@ -91,7 +91,9 @@ def ckpt(tmp_path_factory):
 
     # independent reference: plain transformers on the saved files, one item at a time, no padding
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    ref_model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
+    # use_kernels=False: the model's own modules (transformers 5.25 swaps in hub kernels by default)
+    ref_model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True,
+                                                              use_kernels=False).eval()
     ref_proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     refs = []
     with _one_thread(), torch.no_grad():

@@ -51,7 +51,8 @@ def shipped(served_dir):
 
     from graphprune.tools import vqa
     from graphprune.tools.vqa_model import load_items
-    model = LlavaForConditionalGeneration.from_pretrained(served_dir, attn_implementation="sdpa", local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(served_dir, attn_implementation="sdpa", local_files_only=True,
+                                                          use_kernels=False)
     return model.eval(), vqa.Vocab(), load_items(None, N_QUESTIONS)
 
 

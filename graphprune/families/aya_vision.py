@@ -10,7 +10,22 @@ their ids are not in the config, so they are found by place. `keep` counts per i
 """
 from __future__ import annotations
 
+from torch import nn
+
+from graphprune.compat import aya_vision_logit_scale
 from graphprune.families.base import MODALITIES, Family, VisionLayout
+
+
+class ScaledHead(nn.Module):
+    """The LM head (its own weight), its logits times a constant, as the model's forward scales them.
+    One module, no nested head, so every node of it sits under the `head` path the rewrites look for."""
+
+    def __init__(self, head: nn.Linear, scale: float):
+        super().__init__()
+        self.weight, self.bias, self.scale = head.weight, head.bias, scale
+
+    def forward(self, hidden):
+        return nn.functional.linear(hidden, self.weight, self.bias) * self.scale
 
 
 class AyaVisionFamily(Family):
@@ -20,6 +35,11 @@ class AyaVisionFamily(Family):
     eager_vision = "tiled images whose tiles per image only the prompt's markers tell"
     compile_refused = ("the compile frame sees only the image-token mask, whose runs are tiles: which tiles make "
                        "one image only the tile markers tell")
+
+    def lm_head(self) -> nn.Module:
+        head = super().lm_head()
+        scale = aya_vision_logit_scale(self.config().text_config)
+        return head if self.is_body() or scale == 1.0 else ScaledHead(head, scale)
 
     def tokens_per_tile(self) -> int:
         vc = self.config().vision_config

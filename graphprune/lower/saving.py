@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from graphprune.compat import plain_model_kwargs
 from graphprune.errors import InputError, PassConfigError, UnsupportedModelError
 from graphprune.families import supported_model_types
 from graphprune.rewrite.pipeline import as_passes, load_builtin_methods
@@ -64,5 +65,5 @@ def load_checkpoint(directory, **model_kwargs):
                                     f"{', '.join(supported_model_types())}")
     model_kwargs.setdefault("attn_implementation", "sdpa")
     model = getattr(transformers, arch).from_pretrained(directory, config=config, use_safetensors=True,
-                                                        trust_remote_code=False, **model_kwargs)
+                                                        trust_remote_code=False, **plain_model_kwargs(**model_kwargs))
     return model.eval(), spec

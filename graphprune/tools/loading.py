@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from graphprune.compat import plain_model_kwargs
 from graphprune.errors import InputError
 
 TINY = ("tiny-llava", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-llava-next", "tiny-llava-onevision")
@@ -45,7 +46,8 @@ def load_model(name: str, *, trust_remote_code: bool = False, allow_pickle_weigh
     cls = model_class_for(cfg)
     try:
         model = cls.from_pretrained(name, local_files_only=True, attn_implementation="sdpa", dtype="auto",
-                                    trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle_weights)
+                                    **plain_model_kwargs(trust_remote_code=trust_remote_code,
+                                                         use_safetensors=not allow_pickle_weights))
     except (OSError, ValueError) as e:
         hint = "" if allow_pickle_weights else (" (graphprune reads safetensors weights only; for pickle weights you "
                                                 "trust pass --allow-pickle-weights)")

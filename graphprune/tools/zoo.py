@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from graphprune.compat import plain_model_kwargs
+
 
 @dataclass
 class Example:
@@ -273,7 +275,8 @@ def vqa_llava(path: str | None = None):
         if words is not None and words != [vocab.decode([i]) for i in range(len(vocab))]:
             raise ValueError(f"{meta_path}: the model's vocabulary differs from graphprune.tools.vqa.Vocab()")
     model = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa", local_files_only=True,
-                                                          use_safetensors=True, trust_remote_code=False)
+                                                          **plain_model_kwargs(use_safetensors=True,
+                                                                               trust_remote_code=False))
     if model.config.text_config.vocab_size != len(vocab) or model.config.image_token_id != vocab.image_id:
         raise ValueError(f"{d}: not a graphprune VQA model (vocab size / image token id differ)")
     return model.eval(), vocab
